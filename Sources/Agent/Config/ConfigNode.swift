@@ -1,0 +1,171 @@
+import Yams
+
+/// A node of a YAML configuration file with its key path, read with strict types: a wrong type,
+/// an out-of-range value or an unknown key is an error naming the file, line, key path and what
+/// was expected, never a silent default.
+struct ConfigNode {
+    let node: Node
+    let path: String
+    let file: String
+
+    static func root(yaml: String, file: String) throws(ConfigFileError) -> ConfigNode {
+        do {
+            guard let node = try Yams.compose(yaml: yaml) else {
+                throw ConfigFileError(file: file, path: "", message: "the file is empty; expected a YAML mapping")
+            }
+            return ConfigNode(node: node, path: "", file: file)
+        } catch let error as ConfigFileError {
+            throw error
+        } catch let error as YamlError {
+            throw ConfigFileError(file: file, path: "", message: "not valid YAML: \(Self.describe(error))")
+        } catch {
+            throw ConfigFileError(file: file, path: "", message: "not valid YAML: \(error)")
+        }
+    }
+
+    private static func describe(_ error: YamlError) -> String {
+        switch error {
+        case .scanner(_, let problem, let mark, _), .parser(_, let problem, let mark, _),
+            .composer(_, let problem, let mark, _):
+            return "\(problem) at line \(mark.line), column \(mark.column)"
+        case .duplicatedKeysInMapping(let duplicates, _):
+            return "duplicate keys \(duplicates)"
+        default:
+            return "\(error)"
+        }
+    }
+
+    func error(_ message: String) -> ConfigFileError {
+        ConfigFileError(file: file, position: node.mark?.description, path: path, message: message)
+    }
+
+    private func child(_ node: Node, key: String) -> ConfigNode {
+        ConfigNode(node: node, path: path.isEmpty ? key : "\(path).\(key)", file: file)
+    }
+
+    private var kind: String {
+        switch node {
+        case .scalar(let s): return "'\(s.string)'"
+        case .mapping: return "a mapping"
+        case .sequence: return "a list"
+        case .alias: return "an alias"
+        }
+    }
+
+    // MARK: Mappings
+
+    /// The entries of a mapping, after checking that every key is one of `allowed`.
+    func mapping(allowed: Set<String>) throws(ConfigFileError) -> [String: ConfigNode] {
+        guard case .mapping(let mapping) = node else { throw error("expected a mapping, got \(kind)") }
+        var result: [String: ConfigNode] = [:]
+        for (keyNode, valueNode) in mapping {
+            guard case .scalar(let key) = keyNode else { throw error("expected string keys") }
+            guard allowed.contains(key.string) else {
+                throw child(valueNode, key: key.string).error(
+                    "unknown key '\(key.string)'; expected one of \(allowed.sorted().joined(separator: ", "))"
+                )
+            }
+            result[key.string] = child(valueNode, key: key.string)
+        }
+        return result
+    }
+
+    // MARK: Scalars
+
+    private var scalar: Node.Scalar? {
+        if case .scalar(let s) = node { return s }
+        return nil
+    }
+
+    func string() throws(ConfigFileError) -> String {
+        guard let s = scalar else { throw error("expected a string, got \(kind)") }
+        if s.style == .plain && ["", "~", "null", "Null", "NULL"].contains(s.string) {
+            throw error("expected a string, got nothing (null)")
+        }
+        return s.string
+    }
+
+    func nonEmptyString() throws(ConfigFileError) -> String {
+        let s = try string()
+        if s.isEmpty { throw error("expected a non-empty string") }
+        return s
+    }
+
+    func int(in range: ClosedRange<Int>) throws(ConfigFileError) -> Int {
+        guard let s = scalar, s.style == .plain, let value = Int(s.string) else {
+            throw error("expected an integer in \(range.lowerBound)...\(range.upperBound), got \(kind)")
+        }
+        guard range.contains(value) else {
+            throw error("expected an integer in \(range.lowerBound)...\(range.upperBound), got \(value)")
+        }
+        return value
+    }
+
+    func bool() throws(ConfigFileError) -> Bool {
+        guard let s = scalar, s.style == .plain else { throw error("expected true or false, got \(kind)") }
+        switch s.string {
+        case "true": return true
+        case "false": return false
+        default: throw error("expected true or false, got '\(s.string)'")
+        }
+    }
+
+    /// `250ms`, `10s`, `1.5s`, `2m`, `1h`.
+    func duration() throws(ConfigFileError) -> Duration {
+        let expected = "expected a duration such as 250ms, 10s or 2m"
+        guard let s = scalar?.string else { throw error("\(expected), got \(kind)") }
+        let units: [(String, Double)] = [("ms", 1e-3), ("us", 1e-6), ("s", 1), ("m", 60), ("h", 3600)]
+        for (suffix, scale) in units where s.hasSuffix(suffix) {
+            guard let number = Double(s.dropLast(suffix.count)), number.isFinite, number >= 0 else { break }
+            let nanos = (number * scale * 1e9).rounded()
+            guard nanos < 1e18 else { throw error("\(expected), got '\(s)' (too long)") }
+            return .nanoseconds(Int64(nanos))
+        }
+        throw error("\(expected), got '\(s)'")
+    }
+
+    /// `host:port`, `[v6]:port`.
+    func endpoint(portRange: ClosedRange<Int> = 1...65535) throws(ConfigFileError) -> (host: String, port: Int) {
+        let expected = "expected host:port (IPv6 as [addr]:port)"
+        guard let s = scalar?.string else { throw error("\(expected), got \(kind)") }
+        let host: Substring
+        let portText: Substring
+        if s.hasPrefix("[") {
+            guard let close = s.firstIndex(of: "]"), s[s.index(after: close)...].hasPrefix(":") else {
+                throw error("\(expected), got '\(s)'")
+            }
+            host = s[s.index(after: s.startIndex)..<close]
+            portText = s[s.index(close, offsetBy: 2)...]
+        } else {
+            guard let colon = s.lastIndex(of: ":"), s.firstIndex(of: ":") == colon else {
+                throw error("\(expected), got '\(s)'")
+            }
+            host = s[..<colon]
+            portText = s[s.index(after: colon)...]
+        }
+        guard !host.isEmpty, let port = Int(portText), portRange.contains(port) else {
+            throw error("\(expected) with a port in \(portRange.lowerBound)...\(portRange.upperBound), got '\(s)'")
+        }
+        return (String(host), port)
+    }
+
+    // MARK: Sequences
+
+    func sequence() throws(ConfigFileError) -> [ConfigNode] {
+        guard case .sequence(let seq) = node else { throw error("expected a list, got \(kind)") }
+        return seq.enumerated().map { i, n in ConfigNode(node: n, path: "\(path)[\(i)]", file: file) }
+    }
+
+    func stringList() throws(ConfigFileError) -> [String] {
+        var result: [String] = []
+        for item in try sequence() { result.append(try item.nonEmptyString()) }
+        return result
+    }
+}
+
+extension Dictionary where Key == String, Value == ConfigNode {
+    func required(_ key: String, in parent: ConfigNode) throws(ConfigFileError) -> ConfigNode {
+        guard let value = self[key] else { throw parent.error("missing required key '\(key)'") }
+        return value
+    }
+}

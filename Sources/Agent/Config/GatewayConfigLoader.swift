@@ -1,0 +1,226 @@
+public import Proxy
+import Yams
+
+/// The gateway file: a ``ProxyConfig`` plus where the admin endpoint listens. See
+/// `examples/gateway.yaml` for every key, documented.
+public struct GatewayFile: Sendable {
+    public var proxy: ProxyConfig
+    public var adminAddress: SocketEndpoint
+
+    public init(proxy: ProxyConfig, adminAddress: SocketEndpoint = .init(host: "127.0.0.1", port: 15000)) {
+        self.proxy = proxy
+        self.adminAddress = adminAddress
+    }
+}
+
+/// Reads the gateway YAML format into a validated ``GatewayFile``. Parsing only: the executable
+/// reads the file and passes its text.
+public enum GatewayConfigLoader {
+    /// - Parameters:
+    ///   - yaml: the file's contents.
+    ///   - file: the file's name, for error messages.
+    ///   - version: the snapshot's version label (the executable passes a digest of the file).
+    /// - Throws: ``ConfigFileErrors`` listing every problem found.
+    public static func parse(yaml: String, file: String, version: String = "1") throws(ConfigFileErrors) -> GatewayFile {
+        let gateway: GatewayFile
+        do {
+            gateway = try load(ConfigNode.root(yaml: yaml, file: file), version: version)
+        } catch {
+            throw ConfigFileErrors([error])
+        }
+        let problems = gateway.proxy.validationErrors()
+        guard problems.isEmpty else {
+            throw ConfigFileErrors(problems.map { ConfigFileError(file: file, path: $0.path, message: $0.message) })
+        }
+        return gateway
+    }
+
+    private static func load(_ root: ConfigNode, version: String) throws(ConfigFileError) -> GatewayFile {
+        let top = try root.mapping(allowed: ["admin", "listeners", "clusters"])
+        var admin = SocketEndpoint(host: "127.0.0.1", port: 15000)
+        if let adminNode = top["admin"] {
+            let keys = try adminNode.mapping(allowed: ["address"])
+            if let address = keys["address"] {
+                let (host, port) = try address.endpoint(portRange: 0...65535)
+                admin = SocketEndpoint(host: host, port: port)
+            }
+        }
+        var listeners: [ListenerConfig] = []
+        for node in try top.required("listeners", in: root).sequence() { listeners.append(try listener(node)) }
+        var clusters: [ClusterConfig] = []
+        for node in try top.required("clusters", in: root).sequence() { clusters.append(try cluster(node)) }
+        return GatewayFile(proxy: ProxyConfig(version: version, listeners: listeners, clusters: clusters), adminAddress: admin)
+    }
+
+    private static func listener(_ node: ConfigNode) throws(ConfigFileError) -> ListenerConfig {
+        let keys = try node.mapping(allowed: ["name", "address", "virtual_hosts", "limits", "access_log"])
+        let (host, port) = try keys.required("address", in: node).endpoint(portRange: 0...65535)
+        var limits = ConnectionLimits()
+        if let limitsNode = keys["limits"] {
+            let l = try limitsNode.mapping(allowed: ["max_request_header_bytes", "request_header_timeout", "idle_timeout"])
+            if let n = l["max_request_header_bytes"] {
+                limits.maxRequestHeaderBytes = try n.int(in: 1024...ConnectionLimits.maxHeaderCeiling)
+            }
+            if let n = l["request_header_timeout"] { limits.requestHeaderTimeout = try n.duration() }
+            if let n = l["idle_timeout"] { limits.idleTimeout = try n.duration() }
+        }
+        var hosts: [VirtualHost] = []
+        for vhost in try keys.required("virtual_hosts", in: node).sequence() { hosts.append(try virtualHost(vhost)) }
+        return ListenerConfig(
+            name: try keys.required("name", in: node).nonEmptyString(),
+            address: SocketEndpoint(host: host, port: port),
+            virtualHosts: hosts,
+            limits: limits,
+            accessLog: try keys["access_log"]?.bool() ?? false
+        )
+    }
+
+    private static func virtualHost(_ node: ConfigNode) throws(ConfigFileError) -> VirtualHost {
+        let keys = try node.mapping(allowed: ["name", "domains", "routes"])
+        var routes: [Route] = []
+        for route in try keys.required("routes", in: node).sequence() { routes.append(try self.route(route)) }
+        return VirtualHost(
+            name: try keys.required("name", in: node).nonEmptyString(),
+            domains: try keys.required("domains", in: node).stringList(),
+            routes: routes
+        )
+    }
+
+    private static func route(_ node: ConfigNode) throws(ConfigFileError) -> Route {
+        let keys = try node.mapping(allowed: ["name", "match", "route"])
+        let matchNode = try keys.required("match", in: node)
+        let m = try matchNode.mapping(allowed: ["prefix", "path", "regex", "methods", "headers"])
+        let pathKeys = ["prefix", "path", "regex"].filter { m[$0] != nil }
+        guard pathKeys.count == 1 else {
+            throw matchNode.error("expected exactly one of prefix, path (exact) or regex, got \(pathKeys.count)")
+        }
+        let path: PathMatch
+        if let p = m["prefix"] {
+            path = .prefix(try p.nonEmptyString())
+        } else if let p = m["path"] {
+            path = .exact(try p.nonEmptyString())
+        } else {
+            path = .regex(try m["regex"]!.nonEmptyString())
+        }
+        var headers: [HeaderMatch] = []
+        if let list = m["headers"] {
+            for h in try list.sequence() {
+                let hk = try h.mapping(allowed: ["name", "exact", "present", "regex", "invert"])
+                let kinds = ["exact", "present", "regex"].filter { hk[$0] != nil }
+                guard kinds.count == 1 else {
+                    throw h.error("expected exactly one of exact, present or regex, got \(kinds.count)")
+                }
+                let kind: HeaderMatch.Kind
+                if let v = hk["exact"] {
+                    kind = .exact(try v.string())
+                } else if let v = hk["regex"] {
+                    kind = .regex(try v.nonEmptyString())
+                } else {
+                    guard try hk["present"]!.bool() else {
+                        throw hk["present"]!.error("expected true (use invert: true to require absence)")
+                    }
+                    kind = .present
+                }
+                headers.append(
+                    HeaderMatch(
+                        name: try hk.required("name", in: h).nonEmptyString(),
+                        kind: kind,
+                        invert: try hk["invert"]?.bool() ?? false
+                    )
+                )
+            }
+        }
+        let actionNode = try keys.required("route", in: node)
+        let a = try actionNode.mapping(allowed: ["cluster", "clusters", "timeout"])
+        var targets: [WeightedCluster] = []
+        switch (a["cluster"], a["clusters"]) {
+        case (let single?, nil):
+            targets = [WeightedCluster(name: try single.nonEmptyString())]
+        case (nil, let list?):
+            for item in try list.sequence() {
+                let ik = try item.mapping(allowed: ["name", "weight"])
+                targets.append(
+                    WeightedCluster(
+                        name: try ik.required("name", in: item).nonEmptyString(),
+                        weight: try ik.required("weight", in: item).int(in: 1...1_000_000)
+                    )
+                )
+            }
+        default:
+            throw actionNode.error("expected exactly one of cluster or clusters")
+        }
+        var timeout: Duration? = .seconds(15)
+        if let t = a["timeout"] {
+            if case .scalar(let s) = t.node, s.string == "none" {
+                timeout = nil
+            } else {
+                timeout = try t.duration()
+            }
+        }
+        return Route(
+            name: try keys.required("name", in: node).nonEmptyString(),
+            match: RouteMatch(path: path, methods: try m["methods"]?.stringList() ?? [], headers: headers),
+            action: RouteAction(clusters: targets, timeout: timeout)
+        )
+    }
+
+    private static func cluster(_ node: ConfigNode) throws(ConfigFileError) -> ClusterConfig {
+        let keys = try node.mapping(allowed: ["name", "lb_policy", "ring_hash", "endpoints", "connect_timeout", "pool"])
+        var policy = LoadBalancingPolicy.roundRobin
+        if let p = keys["lb_policy"] {
+            let name = try p.nonEmptyString()
+            switch name {
+            case "round_robin": policy = .roundRobin
+            case "least_request": policy = .leastRequest
+            case "random": policy = .random
+            case "weighted": policy = .weighted
+            case "ring_hash":
+                let ringNode = try keys.required("ring_hash", in: node)
+                let r = try ringNode.mapping(allowed: ["header", "minimum_ring_size"])
+                policy = .ringHash(
+                    header: try r.required("header", in: ringNode).nonEmptyString(),
+                    minimumRingSize: try r["minimum_ring_size"]?.int(in: 1...8_388_608) ?? 1024
+                )
+            default:
+                throw p.error("expected one of \(LoadBalancingPolicy.names.joined(separator: ", ")), got '\(name)'")
+            }
+        }
+        if let ring = keys["ring_hash"], try keys["lb_policy"]?.string() != "ring_hash" {
+            throw ring.error("ring_hash settings given but lb_policy is not ring_hash")
+        }
+        var pool = PoolSettings()
+        if let poolNode = keys["pool"] {
+            let pk = try poolNode.mapping(allowed: ["max_idle_per_endpoint", "idle_timeout", "max_requests_per_connection"])
+            if let n = pk["max_idle_per_endpoint"] { pool.maxIdlePerEndpoint = try n.int(in: 0...100_000) }
+            if let n = pk["idle_timeout"] { pool.idleTimeout = try n.duration() }
+            if let n = pk["max_requests_per_connection"] { pool.maxRequestsPerConnection = try n.int(in: 1...Int.max) }
+        }
+        var endpoints: [Endpoint] = []
+        for e in try keys.required("endpoints", in: node).sequence() {
+            let ek = try e.mapping(allowed: ["address", "weight", "health"])
+            let (host, port) = try ek.required("address", in: e).endpoint()
+            var health = Endpoint.Health.healthy
+            if let h = ek["health"] {
+                let value = try h.nonEmptyString()
+                guard let parsed = Endpoint.Health(rawValue: value) else {
+                    throw h.error("expected one of healthy, unhealthy, draining, got '\(value)'")
+                }
+                health = parsed
+            }
+            endpoints.append(
+                Endpoint(
+                    address: SocketEndpoint(host: host, port: port),
+                    weight: try ek["weight"]?.int(in: 1...1_000_000) ?? 1,
+                    health: health
+                )
+            )
+        }
+        return ClusterConfig(
+            name: try keys.required("name", in: node).nonEmptyString(),
+            loadBalancing: policy,
+            endpoints: endpoints,
+            connectTimeout: try keys["connect_timeout"]?.duration() ?? .seconds(1),
+            pool: pool
+        )
+    }
+}

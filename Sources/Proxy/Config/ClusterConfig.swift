@@ -1,0 +1,89 @@
+/// A named group of endpoints serving one service, with how to pick among them and how to
+/// connect to them.
+public struct ClusterConfig: Sendable, Hashable, Codable {
+    public var name: String
+    public var loadBalancing: LoadBalancingPolicy
+    public var endpoints: [Endpoint]
+    public var connectTimeout: Duration
+    public var pool: PoolSettings
+
+    public init(
+        name: String,
+        loadBalancing: LoadBalancingPolicy = .roundRobin,
+        endpoints: [Endpoint],
+        connectTimeout: Duration = .seconds(1),
+        pool: PoolSettings = .init()
+    ) {
+        self.name = name
+        self.loadBalancing = loadBalancing
+        self.endpoints = endpoints
+        self.connectTimeout = connectTimeout
+        self.pool = pool
+    }
+
+    enum CodingKeys: String, CodingKey {
+        case name, endpoints, pool
+        case loadBalancing = "lb_policy"
+        case connectTimeout = "connect_timeout"
+    }
+}
+
+public enum LoadBalancingPolicy: Sendable, Hashable, Codable {
+    /// Each endpoint in turn.
+    case roundRobin
+    /// Two endpoints at random; the one with fewer requests in flight (power of two choices).
+    case leastRequest
+    /// Uniformly at random.
+    case random
+    /// Smooth weighted round robin by endpoint weight.
+    case weighted
+    /// Consistent hashing of one request header's value onto a ring; requests with the same value
+    /// go to the same endpoint while it stays healthy. Requests without the header are spread at
+    /// random.
+    case ringHash(header: String, minimumRingSize: Int)
+
+    public static let names = ["round_robin", "least_request", "random", "weighted", "ring_hash"]
+}
+
+/// Keep-alive connection pooling towards a cluster's endpoints; each event loop has its own pool.
+public struct PoolSettings: Sendable, Hashable, Codable {
+    /// Idle connections kept per endpoint per event loop.
+    public var maxIdlePerEndpoint: Int
+    /// An idle pooled connection is closed after this time.
+    public var idleTimeout: Duration
+    /// A connection is closed after serving this many requests; `nil` means no limit.
+    public var maxRequestsPerConnection: Int?
+
+    public init(maxIdlePerEndpoint: Int = 64, idleTimeout: Duration = .seconds(60), maxRequestsPerConnection: Int? = nil)
+    {
+        self.maxIdlePerEndpoint = maxIdlePerEndpoint
+        self.idleTimeout = idleTimeout
+        self.maxRequestsPerConnection = maxRequestsPerConnection
+    }
+
+    enum CodingKeys: String, CodingKey {
+        case maxIdlePerEndpoint = "max_idle_per_endpoint"
+        case idleTimeout = "idle_timeout"
+        case maxRequestsPerConnection = "max_requests_per_connection"
+    }
+}
+
+/// One upstream instance.
+public struct Endpoint: Sendable, Hashable, Codable {
+    public enum Health: String, Sendable, Hashable, Codable, CaseIterable {
+        case healthy
+        case unhealthy
+        /// Finishing its work; gets no new requests.
+        case draining
+    }
+
+    public var address: SocketEndpoint
+    public var weight: Int
+    public var health: Health
+
+    public init(address: SocketEndpoint, weight: Int = 1, health: Health = .healthy) {
+        self.address = address
+        self.weight = weight
+        self.health = health
+    }
+}

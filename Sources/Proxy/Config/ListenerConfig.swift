@@ -1,0 +1,77 @@
+/// One HTTP/1.1 listener: where it binds, its limits, and the virtual hosts it routes by.
+public struct ListenerConfig: Sendable, Hashable, Codable {
+    public var name: String
+    public var address: SocketEndpoint
+    /// Virtual hosts, matched by the request's `Host`: exact names first, then the longest
+    /// `*.suffix`, then `*`.
+    public var virtualHosts: [VirtualHost]
+    public var limits: ConnectionLimits
+    /// Log one line per request (method, path, status, token, cluster, endpoint, duration).
+    public var accessLog: Bool
+
+    public init(
+        name: String,
+        address: SocketEndpoint,
+        virtualHosts: [VirtualHost],
+        limits: ConnectionLimits = .init(),
+        accessLog: Bool = false
+    ) {
+        self.name = name
+        self.address = address
+        self.virtualHosts = virtualHosts
+        self.limits = limits
+        self.accessLog = accessLog
+    }
+
+    enum CodingKeys: String, CodingKey {
+        case name, address, limits
+        case virtualHosts = "virtual_hosts"
+        case accessLog = "access_log"
+    }
+}
+
+/// Limits a listener enforces on each downstream connection.
+public struct ConnectionLimits: Sendable, Hashable, Codable {
+    /// Largest request head (request line and headers), in bytes; beyond it the client gets 431.
+    /// At most 80 KiB (the HTTP/1 parser's own ceiling).
+    public var maxRequestHeaderBytes: Int
+    /// A client that has started a request must deliver its whole head within this time, or it
+    /// gets 408 and the connection is closed.
+    public var requestHeaderTimeout: Duration
+    /// A keep-alive connection with no request in progress is closed after this time.
+    public var idleTimeout: Duration
+
+    public static let maxHeaderCeiling = 80 * 1024
+
+    public init(
+        maxRequestHeaderBytes: Int = 60 * 1024,
+        requestHeaderTimeout: Duration = .seconds(10),
+        idleTimeout: Duration = .seconds(300)
+    ) {
+        self.maxRequestHeaderBytes = maxRequestHeaderBytes
+        self.requestHeaderTimeout = requestHeaderTimeout
+        self.idleTimeout = idleTimeout
+    }
+
+    enum CodingKeys: String, CodingKey {
+        case maxRequestHeaderBytes = "max_request_header_bytes"
+        case requestHeaderTimeout = "request_header_timeout"
+        case idleTimeout = "idle_timeout"
+    }
+}
+
+/// A host and port, as written in configuration (`127.0.0.1`, `::1`, or a name resolved at
+/// connect time).
+public struct SocketEndpoint: Sendable, Hashable, Codable, CustomStringConvertible {
+    public var host: String
+    public var port: Int
+
+    public init(host: String, port: Int) {
+        self.host = host
+        self.port = port
+    }
+
+    public var description: String {
+        host.contains(":") ? "[\(host)]:\(port)" : "\(host):\(port)"
+    }
+}

@@ -1,0 +1,130 @@
+extension ProxyConfig {
+    /// Checks every invariant the data path relies on; returns all problems found, in document
+    /// order. An empty array means the snapshot can be applied.
+    public func validationErrors() -> [ProxyConfigError] {
+        var errors: [ProxyConfigError] = []
+        func fail(_ path: String, _ message: String) { errors.append(.init(path: path, message: message)) }
+
+        var clusterNames = Set<String>()
+        for (ci, cluster) in clusters.enumerated() {
+            let path = "clusters[\(ci)]"
+            if cluster.name.isEmpty { fail("\(path).name", "expected a non-empty name") }
+            if !clusterNames.insert(cluster.name).inserted {
+                fail("\(path).name", "duplicate cluster name '\(cluster.name)'")
+            }
+            if cluster.connectTimeout <= .zero { fail("\(path).connect_timeout", "expected a positive duration") }
+            if cluster.pool.maxIdlePerEndpoint < 0 {
+                fail("\(path).pool.max_idle_per_endpoint", "expected 0 or more")
+            }
+            if cluster.pool.idleTimeout <= .zero { fail("\(path).pool.idle_timeout", "expected a positive duration") }
+            if let max = cluster.pool.maxRequestsPerConnection, max < 1 {
+                fail("\(path).pool.max_requests_per_connection", "expected 1 or more")
+            }
+            if case .ringHash(let header, let size) = cluster.loadBalancing {
+                if header.isEmpty { fail("\(path).lb_policy.header", "expected a header name") }
+                if size < 1 || size > 8_388_608 {
+                    fail("\(path).lb_policy.minimum_ring_size", "expected 1...8388608, got \(size)")
+                }
+            }
+            for (ei, endpoint) in cluster.endpoints.enumerated() {
+                let epath = "\(path).endpoints[\(ei)]"
+                if endpoint.address.host.isEmpty { fail("\(epath).address", "expected a host") }
+                if !(1...65535).contains(endpoint.address.port) {
+                    fail("\(epath).address", "expected a port in 1...65535, got \(endpoint.address.port)")
+                }
+                if endpoint.weight < 1 || endpoint.weight > 1_000_000 {
+                    fail("\(epath).weight", "expected 1...1000000, got \(endpoint.weight)")
+                }
+            }
+        }
+
+        var listenerNames = Set<String>()
+        var bound = Set<SocketEndpoint>()
+        for (li, listener) in listeners.enumerated() {
+            let path = "listeners[\(li)]"
+            if listener.name.isEmpty { fail("\(path).name", "expected a non-empty name") }
+            if !listenerNames.insert(listener.name).inserted {
+                fail("\(path).name", "duplicate listener name '\(listener.name)'")
+            }
+            if !(0...65535).contains(listener.address.port) {
+                fail("\(path).address", "expected a port in 0...65535, got \(listener.address.port)")
+            }
+            if listener.address.port != 0 && !bound.insert(listener.address).inserted {
+                fail("\(path).address", "another listener already binds \(listener.address)")
+            }
+            let limits = listener.limits
+            if limits.maxRequestHeaderBytes < 1024 || limits.maxRequestHeaderBytes > ConnectionLimits.maxHeaderCeiling {
+                fail(
+                    "\(path).limits.max_request_header_bytes",
+                    "expected 1024...\(ConnectionLimits.maxHeaderCeiling), got \(limits.maxRequestHeaderBytes)"
+                )
+            }
+            if limits.requestHeaderTimeout <= .zero {
+                fail("\(path).limits.request_header_timeout", "expected a positive duration")
+            }
+            if limits.idleTimeout <= .zero { fail("\(path).limits.idle_timeout", "expected a positive duration") }
+            if listener.virtualHosts.isEmpty { fail("\(path).virtual_hosts", "expected at least one virtual host") }
+
+            var domains = Set<String>()
+            for (vi, vhost) in listener.virtualHosts.enumerated() {
+                let vpath = "\(path).virtual_hosts[\(vi)]"
+                if vhost.domains.isEmpty { fail("\(vpath).domains", "expected at least one domain") }
+                for (di, domain) in vhost.domains.enumerated() {
+                    if let problem = DomainPattern.problem(with: domain) {
+                        fail("\(vpath).domains[\(di)]", problem)
+                    } else if !domains.insert(domain.lowercased()).inserted {
+                        fail("\(vpath).domains[\(di)]", "domain '\(domain)' is already used by another virtual host")
+                    }
+                }
+                for (ri, route) in vhost.routes.enumerated() {
+                    let rpath = "\(vpath).routes[\(ri)]"
+                    switch route.match.path {
+                    case .prefix(let p), .exact(let p):
+                        if !p.hasPrefix("/") { fail("\(rpath).match.path", "expected a path starting with '/', got '\(p)'") }
+                    case .regex(let r):
+                        if let problem = CompiledRegex.problem(with: r) { fail("\(rpath).match.regex", problem) }
+                    }
+                    for (mi, method) in route.match.methods.enumerated() where !HTTPToken.isToken(method) {
+                        fail("\(rpath).match.methods[\(mi)]", "expected an HTTP method token, got '\(method)'")
+                    }
+                    for (hi, header) in route.match.headers.enumerated() {
+                        let hpath = "\(rpath).match.headers[\(hi)]"
+                        if !HTTPToken.isToken(header.name) { fail("\(hpath).name", "expected a header name, got '\(header.name)'") }
+                        if case .regex(let r) = header.kind, let problem = CompiledRegex.problem(with: r) {
+                            fail("\(hpath).regex", problem)
+                        }
+                    }
+                    if route.action.clusters.isEmpty { fail("\(rpath).route.clusters", "expected at least one cluster") }
+                    for (wi, target) in route.action.clusters.enumerated() {
+                        if !clusterNames.contains(target.name) {
+                            fail("\(rpath).route.clusters[\(wi)].name", "no cluster named '\(target.name)'")
+                        }
+                        if target.weight < 1 || target.weight > 1_000_000 {
+                            fail("\(rpath).route.clusters[\(wi)].weight", "expected 1...1000000, got \(target.weight)")
+                        }
+                    }
+                    if let timeout = route.action.timeout, timeout <= .zero {
+                        fail("\(rpath).route.timeout", "expected a positive duration")
+                    }
+                }
+            }
+        }
+        return errors
+    }
+}
+
+/// RFC 9110 `token` characters (method names, header field names).
+enum HTTPToken {
+    static func isToken(_ s: String) -> Bool {
+        guard !s.isEmpty else { return false }
+        return s.utf8.allSatisfy { c in
+            switch c {
+            case UInt8(ascii: "a")...UInt8(ascii: "z"), UInt8(ascii: "A")...UInt8(ascii: "Z"),
+                UInt8(ascii: "0")...UInt8(ascii: "9"):
+                return true
+            default:
+                return "!#$%&'*+-.^_`|~".utf8.contains(c)
+            }
+        }
+    }
+}

@@ -1,0 +1,43 @@
+public import Atomics
+
+/// A validated ``ProxyConfig`` compiled for the hot path (route tables, hash rings, cluster
+/// indexes). Immutable and shared by all event loops; a loop reads the current one with a single
+/// atomic load.
+public final class ProxySnapshot: Sendable, AtomicReference {
+    public let config: ProxyConfig
+    let routeTables: [String: RouteTable]
+    let clusters: [ClusterRuntime]
+    let clusterIndex: [String: Int]
+
+    /// Validates and compiles `config`. Throws every ``ProxyConfigError`` found; nothing is
+    /// applied from an invalid configuration.
+    public init(_ config: ProxyConfig, stats: ProxyStats) throws(ProxyConfigErrors) {
+        let errors = config.validationErrors()
+        guard errors.isEmpty else { throw ProxyConfigErrors(errors: errors) }
+        var clusterIndex: [String: Int] = [:]
+        var clusters: [ClusterRuntime] = []
+        for (i, cluster) in config.clusters.enumerated() {
+            clusterIndex[cluster.name] = i
+            clusters.append(ClusterRuntime(index: i, config: cluster, stats: stats.cluster(cluster.name)))
+        }
+        var tables: [String: RouteTable] = [:]
+        for (li, listener) in config.listeners.enumerated() {
+            do {
+                tables[listener.name] = try RouteTable(listener.virtualHosts, clusterIndex: clusterIndex)
+            } catch {
+                throw ProxyConfigErrors(errors: [.init(path: "listeners[\(li)]", message: "\(error)")])
+            }
+        }
+        self.config = config
+        self.clusters = clusters
+        self.clusterIndex = clusterIndex
+        self.routeTables = tables
+    }
+}
+
+/// All the problems found in one configuration.
+public struct ProxyConfigErrors: Error, CustomStringConvertible {
+    public var errors: [ProxyConfigError]
+    public init(errors: [ProxyConfigError]) { self.errors = errors }
+    public var description: String { errors.map(\.description).joined(separator: "\n") }
+}

@@ -1,0 +1,195 @@
+import CoreMetrics
+import Logging
+import NIOCore
+import NIOHTTP1
+
+/// The end of a downstream connection's pipeline: turns each request into a ``ProxyExchange``
+/// and writes back what the exchange produces. Holds reads (back-pressure) while the exchange
+/// cannot take more of the request body.
+final class DownstreamHandler: ChannelDuplexHandler {
+    typealias InboundIn = HTTPServerRequestPart
+    typealias OutboundIn = HTTPServerResponsePart
+    typealias OutboundOut = HTTPServerResponsePart
+
+    private let loop: LoopContext
+    private let listenerName: String
+    let accessLog: Bool
+    private var context: ChannelHandlerContext?
+    private var exchange: ProxyExchange?
+    private var readHeld = false
+    private var closing = false
+    /// Whether the connection stays open after the current response.
+    var keepAlive = true
+    var isDraining = false
+
+    init(loop: LoopContext, listenerName: String, accessLog: Bool) {
+        self.loop = loop
+        self.listenerName = listenerName
+        self.accessLog = accessLog
+    }
+
+    var isWritable: Bool { context?.channel.isWritable ?? false }
+
+    func handlerAdded(context: ChannelHandlerContext) {
+        self.context = context
+    }
+
+    func handlerRemoved(context: ChannelHandlerContext) {
+        self.context = nil
+    }
+
+    func channelActive(context: ChannelHandlerContext) {
+        loop.stats.activeConnections.increment()
+        loop.stats.totalConnections.increment()
+        context.fireChannelActive()
+    }
+
+    func channelInactive(context: ChannelHandlerContext) {
+        loop.stats.activeConnections.decrement()
+        exchange?.downstreamClosed()
+        exchange = nil
+        context.fireChannelInactive()
+    }
+
+    func channelRead(context: ChannelHandlerContext, data: NIOAny) {
+        switch unwrapInboundIn(data) {
+        case .head(let head):
+            context.triggerUserOutboundEvent(ConnectionTimeoutHandler.Event.requestHeadReceived, promise: nil)
+            loop.stats.downstreamRequests.increment()
+            keepAlive = head.isKeepAlive
+            let (_, chain) = loop.current()
+            let request = RequestContext(
+                head: head,
+                listenerName: listenerName,
+                remoteAddress: context.channel.remoteAddress,
+                startTime: .now()
+            )
+            let exchange = ProxyExchange(downstream: self, loop: loop, request: request, chain: chain)
+            self.exchange = exchange
+            exchange.start()
+        case .body(let buffer):
+            exchange?.requestBody(buffer)
+        case .end(let trailers):
+            exchange?.requestEnd(trailers)
+        }
+    }
+
+    func channelReadComplete(context: ChannelHandlerContext) {
+        exchange?.downstreamReadComplete()
+        context.fireChannelReadComplete()
+    }
+
+    func read(context: ChannelHandlerContext) {
+        if let exchange, exchange.holdsDownstreamReads {
+            readHeld = true
+        } else {
+            context.read()
+        }
+    }
+
+    func channelWritabilityChanged(context: ChannelHandlerContext) {
+        if context.channel.isWritable { exchange?.downstreamBecameWritable() }
+        context.fireChannelWritabilityChanged()
+    }
+
+    func errorCaught(context: ChannelHandlerContext, error: any Error) {
+        guard let parserError = error as? HTTPParserError else {
+            // I/O errors (reset by peer…): the connection is gone.
+            context.close(promise: nil)
+            return
+        }
+        let proxyError: ProxyError =
+            switch parserError {
+            case .headerOverflow: .headerTooLarge("\(parserError)")
+            default: .badRequest("\(parserError)")
+            }
+        if let exchange {
+            // Mid-request (a bad chunk size, say): the exchange answers if it still can.
+            exchange.respondLocally(proxyError)
+            abort()
+        } else {
+            loop.stats.record(proxyError)
+            if accessLog {
+                loop.accessLogger.info(
+                    "malformed request \(proxyError.status.code) \(proxyError.token)",
+                    metadata: [
+                        "http.status": "\(proxyError.status.code)", "trellis.token": "\(proxyError.token)",
+                        "trellis.listener": "\(listenerName)", "error": "\(parserError)",
+                    ]
+                )
+            }
+            sendError(proxyError, keepAlive: false, version: .http1_1)
+        }
+    }
+
+    // MARK: Called by the exchange
+
+    func write(_ part: HTTPServerResponsePart, flush: Bool) {
+        guard let context, !closing else { return }
+        if flush {
+            context.writeAndFlush(wrapOutboundOut(part), promise: nil)
+        } else {
+            context.write(wrapOutboundOut(part), promise: nil)
+        }
+    }
+
+    func flush() {
+        context?.flush()
+    }
+
+    func resumeReadingIfHeld() {
+        guard readHeld, let context, let exchange, !exchange.holdsDownstreamReads else { return }
+        readHeld = false
+        context.read()
+    }
+
+    /// The response is complete.
+    func responseEnded(_ trailers: HTTPHeaders?) {
+        guard let context, !closing else { return }
+        exchange = nil
+        let keepAlive = self.keepAlive
+        context.triggerUserOutboundEvent(ConnectionTimeoutHandler.Event.responseCompleted, promise: nil)
+        if keepAlive {
+            context.writeAndFlush(wrapOutboundOut(.end(trailers)), promise: nil)
+        } else {
+            closing = true
+            let bound = NIOLoopBound(context, eventLoop: context.eventLoop)
+            context.writeAndFlush(wrapOutboundOut(.end(trailers))).whenComplete { _ in
+                bound.value.close(promise: nil)
+            }
+        }
+        if readHeld {
+            readHeld = false
+            context.read()
+        }
+    }
+
+    /// Answers with a proxy error: status, `x-trellis-error`, and the token as the body.
+    func sendError(_ error: ProxyError, keepAlive: Bool, version: HTTPVersion) {
+        guard let context, !closing else { return }
+        self.keepAlive = keepAlive
+        var headers = HTTPHeaders()
+        let body = "\(error.token)\n"
+        headers.add(name: "content-type", value: "text/plain")
+        headers.add(name: "content-length", value: "\(body.utf8.count)")
+        headers.add(name: "x-trellis-error", value: error.token)
+        if !keepAlive { headers.add(name: "connection", value: "close") }
+        let head = HTTPResponseHead(version: version.major == 1 ? version : .http1_1, status: error.status, headers: headers)
+        context.write(wrapOutboundOut(.head(head)), promise: nil)
+        var buffer = context.channel.allocator.buffer(capacity: body.utf8.count)
+        buffer.writeString(body)
+        context.write(wrapOutboundOut(.body(.byteBuffer(buffer))), promise: nil)
+        responseEnded(nil)
+    }
+
+    /// Ends the connection without a further response (a response already started, or cannot).
+    func abort() {
+        guard let context, !closing else { return }
+        closing = true
+        exchange = nil
+        context.close(promise: nil)
+    }
+}
+
+@available(*, unavailable)
+extension DownstreamHandler: Sendable {}

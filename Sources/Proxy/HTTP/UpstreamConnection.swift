@@ -1,0 +1,115 @@
+import NIOCore
+import NIOHTTP1
+
+/// One keep-alive HTTP/1.1 connection to an upstream endpoint, owned by the event loop it was
+/// opened on. It relays the response parts of the exchange it serves, and otherwise sits idle in
+/// that loop's ``UpstreamPool``.
+final class UpstreamConnection: ChannelDuplexHandler {
+    typealias InboundIn = HTTPClientResponsePart
+    typealias OutboundIn = HTTPClientRequestPart
+    typealias OutboundOut = HTTPClientRequestPart
+
+    let poolKey: String
+    let maxRequests: Int?
+    private(set) var context: ChannelHandlerContext?
+    /// The exchange being served; `nil` while idle.
+    var exchange: ProxyExchange?
+    weak var pool: UpstreamPool?
+    private(set) var requestsServed = 0
+    var idleSince: NIODeadline = .now()
+    var idleLimit: TimeAmount?
+    private var readHeld = false
+    private(set) var isClosed = false
+
+    init(poolKey: String, maxRequests: Int?) {
+        self.poolKey = poolKey
+        self.maxRequests = maxRequests
+    }
+
+    var isActive: Bool { !isClosed && (context?.channel.isActive ?? false) }
+    var isWritable: Bool { context?.channel.isWritable ?? false }
+
+    /// Whether it may go back to the pool after the current exchange.
+    var canBeReused: Bool {
+        guard isActive else { return false }
+        if let maxRequests, requestsServed >= maxRequests { return false }
+        return true
+    }
+
+    func handlerAdded(context: ChannelHandlerContext) {
+        self.context = context
+    }
+
+    func handlerRemoved(context: ChannelHandlerContext) {
+        self.context = nil
+    }
+
+    func send(_ part: HTTPClientRequestPart, flush: Bool) {
+        guard let context else { return }
+        if case .head = part { requestsServed += 1 }
+        if flush {
+            context.writeAndFlush(wrapOutboundOut(part), promise: nil)
+        } else {
+            context.write(wrapOutboundOut(part), promise: nil)
+        }
+    }
+
+    func flush() {
+        context?.flush()
+    }
+
+    func close() {
+        guard !isClosed else { return }
+        isClosed = true
+        context?.close(promise: nil)
+    }
+
+    /// Lets reads through again (after the downstream became writable).
+    func resumeReading() {
+        guard readHeld, let context else { return }
+        readHeld = false
+        context.read()
+    }
+
+    func channelRead(context: ChannelHandlerContext, data: NIOAny) {
+        let part = unwrapInboundIn(data)
+        guard let exchange else {
+            // An idle connection must not speak; whatever it sent cannot be framed.
+            close()
+            return
+        }
+        exchange.upstreamResponse(part)
+    }
+
+    func channelReadComplete(context: ChannelHandlerContext) {
+        exchange?.upstreamReadComplete()
+    }
+
+    func read(context: ChannelHandlerContext) {
+        if let exchange, !exchange.downstreamWritable {
+            readHeld = true
+        } else {
+            context.read()
+        }
+    }
+
+    func channelWritabilityChanged(context: ChannelHandlerContext) {
+        if context.channel.isWritable { exchange?.upstreamBecameWritable() }
+        context.fireChannelWritabilityChanged()
+    }
+
+    func channelInactive(context: ChannelHandlerContext) {
+        isClosed = true
+        pool?.remove(self)
+        exchange?.upstreamClosed(error: nil)
+        context.fireChannelInactive()
+    }
+
+    func errorCaught(context: ChannelHandlerContext, error: any Error) {
+        exchange?.upstreamClosed(error: error)
+        close()
+    }
+}
+
+@available(*, unavailable)
+extension UpstreamConnection: Sendable {}

@@ -1,0 +1,134 @@
+import NIOCore
+import NIOHTTP1
+import NIOPosix
+
+/// The keep-alive connections of one event loop towards every upstream endpoint. Only that loop
+/// touches it; requests never wait for another loop.
+final class UpstreamPool {
+    private let eventLoop: any EventLoop
+    private var idle: [String: [UpstreamConnection]] = [:]
+    private var sweeper: RepeatedTask?
+
+    init(eventLoop: any EventLoop) {
+        self.eventLoop = eventLoop
+    }
+
+    var idleCount: Int { idle.values.reduce(0) { $0 + $1.count } }
+
+    /// Starts the sweeper that closes connections idle for longer than their cluster allows.
+    func startSweeping(every interval: TimeAmount = .seconds(1)) {
+        let bound = NIOLoopBound(self, eventLoop: eventLoop)
+        sweeper = eventLoop.scheduleRepeatedTask(initialDelay: interval, delay: interval) { _ in
+            bound.value.sweep()
+        }
+    }
+
+    func shutdown() {
+        sweeper?.cancel()
+        for connections in idle.values { for c in connections { c.close() } }
+        idle.removeAll()
+    }
+
+    /// An idle connection to the endpoint, or a new one; `callback` runs on this loop.
+    func acquire(
+        endpoint: ClusterRuntime.EndpointRuntime,
+        cluster: ClusterRuntime,
+        callback: @escaping (Result<UpstreamConnection, any Error>) -> Void
+    ) {
+        let idleTimeout = TimeAmount(cluster.config.pool.idleTimeout)
+        let now = NIODeadline.now()
+        while var stack = idle[endpoint.key], let candidate = stack.popLast() {
+            idle[endpoint.key] = stack
+            if candidate.isActive && now - candidate.idleSince < idleTimeout {
+                callback(.success(candidate))
+                return
+            }
+            candidate.close()
+        }
+        connect(endpoint: endpoint, cluster: cluster, callback: callback)
+    }
+
+    private func connect(
+        endpoint: ClusterRuntime.EndpointRuntime,
+        cluster: ClusterRuntime,
+        callback: @escaping (Result<UpstreamConnection, any Error>) -> Void
+    ) {
+        let connection = UpstreamConnection(poolKey: endpoint.key, maxRequests: cluster.config.pool.maxRequestsPerConnection)
+        connection.pool = self
+        let handlerBox = NIOLoopBound(connection, eventLoop: eventLoop)
+        let bootstrap = ClientBootstrap(group: eventLoop)
+            .connectTimeout(TimeAmount(cluster.config.connectTimeout))
+            .channelOption(.socketOption(.tcp_nodelay), value: 1)
+            .channelInitializer { channel in
+                channel.eventLoop.makeCompletedFuture {
+                    // The decoder sits after the encoder so that it sees each request head (a
+                    // response to HEAD has no body); 1xx responses are relayed, not dropped.
+                    try channel.pipeline.syncOperations.addHandlers([
+                        HTTPRequestEncoder(),
+                        ByteToMessageHandler(
+                            HTTPResponseDecoder(leftOverBytesStrategy: .forwardBytes, informationalResponseStrategy: .forward)
+                        ),
+                        handlerBox.value,
+                    ])
+                }
+            }
+        let future: EventLoopFuture<any Channel>
+        if let address = endpoint.socketAddress {
+            future = bootstrap.connect(to: address)
+        } else {
+            future = bootstrap.connect(host: endpoint.config.address.host, port: endpoint.config.address.port)
+        }
+        future.assumeIsolated().whenComplete { result in
+            switch result {
+            case .success:
+                callback(.success(connection))
+            case .failure(let error):
+                callback(.failure(error))
+            }
+        }
+    }
+
+    /// Takes a connection back after an exchange; closes it instead when it cannot be reused or
+    /// the endpoint already has its fill of idle connections.
+    func release(_ connection: UpstreamConnection, maxIdle: Int, idleTimeout: TimeAmount) {
+        connection.exchange = nil
+        guard connection.canBeReused else {
+            connection.close()
+            return
+        }
+        var stack = idle[connection.poolKey, default: []]
+        guard stack.count < maxIdle else {
+            connection.close()
+            return
+        }
+        connection.idleSince = .now()
+        connection.idleLimit = idleTimeout
+        stack.append(connection)
+        idle[connection.poolKey] = stack
+    }
+
+    /// Forgets a connection that closed.
+    func remove(_ connection: UpstreamConnection) {
+        guard var stack = idle[connection.poolKey], let i = stack.firstIndex(where: { $0 === connection }) else { return }
+        stack.remove(at: i)
+        idle[connection.poolKey] = stack
+    }
+
+    private func sweep() {
+        let now = NIODeadline.now()
+        for (key, stack) in idle {
+            let keep = stack.filter { c in
+                if !c.isActive { return false }
+                if let limit = c.idleLimit, now - c.idleSince >= limit {
+                    c.close()
+                    return false
+                }
+                return true
+            }
+            idle[key] = keep.isEmpty ? nil : keep
+        }
+    }
+}
+
+@available(*, unavailable)
+extension UpstreamPool: Sendable {}

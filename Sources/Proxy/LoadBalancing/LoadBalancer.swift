@@ -1,0 +1,60 @@
+import NIOHTTP1
+
+/// The per-event-loop state of one cluster's load balancer. It lives on one event loop and is
+/// touched only there, so it needs no lock; it is rebuilt when a new snapshot arrives.
+final class LoadBalancer {
+    let cluster: ClusterRuntime
+    private var cursor: Int
+    /// Smooth weighted round robin: current weight per healthy endpoint.
+    private var currentWeights: [Int]
+    /// Requests in flight from this loop, per endpoint index.
+    private(set) var active: [Int]
+
+    init<G: RandomNumberGenerator>(cluster: ClusterRuntime, rng: inout G) {
+        self.cluster = cluster
+        // Start each loop at a different place so that loops do not march in step.
+        self.cursor = cluster.healthy.isEmpty ? 0 : Int.random(in: 0..<cluster.healthy.count, using: &rng)
+        self.currentWeights = Array(repeating: 0, count: cluster.healthy.count)
+        self.active = Array(repeating: 0, count: cluster.endpoints.count)
+    }
+
+    /// Picks an endpoint index for a request, or `nil` when no endpoint is healthy.
+    func pick<G: RandomNumberGenerator>(headers: HTTPHeaders, rng: inout G) -> Int? {
+        let healthy = cluster.healthy
+        guard !healthy.isEmpty else { return nil }
+        if healthy.count == 1 { return healthy[0] }
+        switch cluster.config.loadBalancing {
+        case .roundRobin:
+            cursor = cursor &+ 1
+            if cursor >= healthy.count { cursor = 0 }
+            return healthy[cursor]
+        case .random:
+            return healthy[Int.random(in: 0..<healthy.count, using: &rng)]
+        case .leastRequest:
+            let a = Int.random(in: 0..<healthy.count, using: &rng)
+            var b = Int.random(in: 0..<(healthy.count - 1), using: &rng)
+            if b >= a { b += 1 }
+            return active[healthy[a]] <= active[healthy[b]] ? healthy[a] : healthy[b]
+        case .weighted:
+            var best = 0
+            var total = 0
+            for i in 0..<healthy.count {
+                let w = cluster.endpoints[healthy[i]].config.weight
+                currentWeights[i] += w
+                total += w
+                if currentWeights[i] > currentWeights[best] { best = i }
+            }
+            currentWeights[best] -= total
+            return healthy[best]
+        case .ringHash(let header, _):
+            guard let value = headers.first(name: header), let ring = cluster.ring else {
+                return healthy[Int.random(in: 0..<healthy.count, using: &rng)]
+            }
+            let endpoints = cluster.endpoints
+            return ring.lookup(StableHash.hash(value.utf8)) { endpoints[$0].config.health == .healthy }
+        }
+    }
+
+    func requestStarted(endpoint: Int) { active[endpoint] += 1 }
+    func requestFinished(endpoint: Int) { active[endpoint] -= 1 }
+}

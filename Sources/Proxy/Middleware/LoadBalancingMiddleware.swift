@@ -1,0 +1,37 @@
+import NIOHTTP1
+
+/// Picks a healthy endpoint of the routed cluster with the cluster's policy. None healthy: 503
+/// `no_healthy_upstream`.
+public final class LoadBalancingMiddleware: ProxyMiddleware {
+    public struct Factory: ProxyMiddlewareFactory {
+        public init() {}
+        public func makeMiddleware(_ snapshot: ProxySnapshot, _ loop: LoopResources) -> any ProxyMiddleware {
+            LoadBalancingMiddleware(loop: loop)
+        }
+    }
+
+    private let loop: LoopResources
+
+    init(loop: LoopResources) {
+        self.loop = loop
+    }
+
+    public func onRequest(_ request: RequestContext) -> ProxyError? {
+        guard let cluster = request.cluster else { return nil }
+        let balancer = loop.balancers[cluster.index]
+        guard let index = balancer.pick(headers: request.head.headers, rng: &loop.rng) else {
+            return .noHealthyUpstream("cluster '\(cluster.config.name)'")
+        }
+        request.balancer = balancer
+        request.endpointIndex = index
+        request.endpoint = cluster.endpoints[index].config.address
+        balancer.requestStarted(endpoint: index)
+        return nil
+    }
+
+    public func onComplete(_ request: RequestContext) {
+        if let balancer = request.balancer, let index = request.endpointIndex {
+            balancer.requestFinished(endpoint: index)
+        }
+    }
+}

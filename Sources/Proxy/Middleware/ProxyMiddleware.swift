@@ -1,0 +1,41 @@
+public import NIOHTTP1
+
+/// One step of the request path (routing, load balancing, rate limiting, …).
+///
+/// A middleware is built by its ``ProxyMiddlewareFactory`` for each configuration snapshot and
+/// each event loop, so it may keep per-loop mutable state without locks; it is replaced whole
+/// when a new snapshot arrives (the seed's `Reload`). The listener code knows only this protocol.
+public protocol ProxyMiddleware: AnyObject {
+    /// Called in chain order when a request head arrives. Return an error to answer the request
+    /// with it and stop the chain.
+    func onRequest(_ request: RequestContext) -> ProxyError?
+    /// Called in chain order for every request that started, however it ended (also after an
+    /// earlier middleware rejected it).
+    func onComplete(_ request: RequestContext)
+}
+
+extension ProxyMiddleware {
+    public func onComplete(_ request: RequestContext) {}
+}
+
+/// Builds a middleware from a snapshot, once per event loop.
+public protocol ProxyMiddlewareFactory: Sendable {
+    func makeMiddleware(_ snapshot: ProxySnapshot, _ loop: LoopResources) -> any ProxyMiddleware
+}
+
+/// The per-event-loop resources a middleware may use.
+public final class LoopResources {
+    var rng = FastRandom()
+    /// The load balancers of the current snapshot, by cluster index.
+    var balancers: [LoadBalancer] = []
+
+    init() {}
+}
+
+@available(*, unavailable)
+extension LoopResources: Sendable {}
+
+/// The standard chain: routing, then load balancing.
+public enum StandardMiddleware {
+    public static let chain: [any ProxyMiddlewareFactory] = [RoutingMiddleware.Factory(), LoadBalancingMiddleware.Factory()]
+}

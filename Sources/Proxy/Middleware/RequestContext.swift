@@ -1,0 +1,40 @@
+public import NIOCore
+public import NIOHTTP1
+
+/// Everything the middleware chain knows about one request. It lives on the event loop that
+/// accepted the request and is never shared with another.
+public final class RequestContext {
+    /// The request head as it will be sent upstream; middleware may edit it.
+    public var head: HTTPRequestHead
+    public let listenerName: String
+    public let remoteAddress: SocketAddress?
+    public let startTime: NIODeadline
+
+    /// Set by routing.
+    public internal(set) var routeName: String?
+    public internal(set) var timeout: Duration?
+    /// Set by routing: the cluster picked among the route's weighted clusters.
+    public internal(set) var clusterName: String?
+    var cluster: ClusterRuntime?
+    var balancer: LoadBalancer?
+    /// Set by load balancing.
+    public internal(set) var endpoint: SocketEndpoint?
+    var endpointIndex: Int?
+
+    /// The final status sent (or 499 when the client went away).
+    public internal(set) var responseStatus: HTTPResponseStatus?
+    /// The error token when the proxy, not the upstream, decided the outcome.
+    public internal(set) var error: ProxyError?
+    public internal(set) var requestBytes = 0
+    public internal(set) var responseBytes = 0
+
+    init(head: HTTPRequestHead, listenerName: String, remoteAddress: SocketAddress?, startTime: NIODeadline) {
+        self.head = head
+        self.listenerName = listenerName
+        self.remoteAddress = remoteAddress
+        self.startTime = startTime
+    }
+}
+
+@available(*, unavailable)
+extension RequestContext: Sendable {}

@@ -1,0 +1,36 @@
+import NIOHTTP1
+
+/// Matches the request to a virtual host and route, and picks one of the route's clusters by
+/// weight. No match: 404 `no_route`.
+public final class RoutingMiddleware: ProxyMiddleware {
+    public struct Factory: ProxyMiddlewareFactory {
+        public init() {}
+        public func makeMiddleware(_ snapshot: ProxySnapshot, _ loop: LoopResources) -> any ProxyMiddleware {
+            RoutingMiddleware(snapshot: snapshot, loop: loop)
+        }
+    }
+
+    private let snapshot: ProxySnapshot
+    private let loop: LoopResources
+
+    init(snapshot: ProxySnapshot, loop: LoopResources) {
+        self.snapshot = snapshot
+        self.loop = loop
+    }
+
+    public func onRequest(_ request: RequestContext) -> ProxyError? {
+        guard let table = snapshot.routeTables[request.listenerName] else {
+            return .noRoute("listener '\(request.listenerName)' has no routes")
+        }
+        guard let route = table.route(for: request.head) else {
+            return .noRoute("host '\(request.head.headers.first(name: "host") ?? "")' path '\(request.head.uri)'")
+        }
+        request.routeName = route.name
+        request.timeout = route.target.timeout
+        let clusterIndex = route.target.pickCluster(using: &loop.rng)
+        let cluster = snapshot.clusters[clusterIndex]
+        request.cluster = cluster
+        request.clusterName = cluster.config.name
+        return nil
+    }
+}

@@ -1,0 +1,78 @@
+public import CoreMetrics
+import NIOConcurrencyHelpers
+import NIOHTTP1
+
+/// The data path's metrics, created once with bounded label sets (cluster, response class, token).
+///
+/// Names (Prometheus): `trellis_upstream_requests_total{cluster,class}`,
+/// `trellis_upstream_connect_failures_total{cluster}`,
+/// `trellis_upstream_request_duration_seconds{cluster}` (histogram),
+/// `trellis_downstream_connections_active`, `trellis_downstream_connections_total`,
+/// `trellis_downstream_requests_total`, `trellis_errors_total{token}`.
+public final class ProxyStats: Sendable {
+    private let factory: any MetricsFactory
+    private let clusters = NIOLockedValueBox<[String: ClusterStats]>([:])
+    let activeConnections: Meter
+    let totalConnections: Counter
+    let downstreamRequests: Counter
+    private let errors: [String: Counter]
+
+    public init(factory: any MetricsFactory = MetricsSystem.factory) {
+        self.factory = factory
+        self.activeConnections = Meter(label: "trellis_downstream_connections_active", factory: factory)
+        self.totalConnections = Counter(label: "trellis_downstream_connections_total", factory: factory)
+        self.downstreamRequests = Counter(label: "trellis_downstream_requests_total", factory: factory)
+        var errors: [String: Counter] = [:]
+        for token in ProxyError.allTokens {
+            errors[token] = Counter(label: "trellis_errors_total", dimensions: [("token", token)], factory: factory)
+        }
+        self.errors = errors
+    }
+
+    func record(_ error: ProxyError) {
+        errors[error.token]?.increment()
+    }
+
+    /// The stats of one cluster, created on first use and kept across snapshots.
+    func cluster(_ name: String) -> ClusterStats {
+        clusters.withLockedValue { all in
+            if let existing = all[name] { return existing }
+            let stats = ClusterStats(name: name, factory: factory)
+            all[name] = stats
+            return stats
+        }
+    }
+}
+
+final class ClusterStats: Sendable {
+    /// Indexed by status class: 1xx…5xx at 0…4.
+    private let requests: [Counter]
+    let connectFailures: Counter
+    let duration: Timer
+
+    init(name: String, factory: any MetricsFactory) {
+        requests = (1...5).map { c in
+            Counter(
+                label: "trellis_upstream_requests_total",
+                dimensions: [("cluster", name), ("class", "\(c)xx")],
+                factory: factory
+            )
+        }
+        connectFailures = Counter(
+            label: "trellis_upstream_connect_failures_total",
+            dimensions: [("cluster", name)],
+            factory: factory
+        )
+        duration = Timer(
+            label: "trellis_upstream_request_duration_seconds",
+            dimensions: [("cluster", name)],
+            preferredDisplayUnit: .seconds,
+            factory: factory
+        )
+    }
+
+    func recordResponse(_ status: HTTPResponseStatus) {
+        let cls = Int(status.code / 100)
+        if (1...5).contains(cls) { requests[cls - 1].increment() }
+    }
+}

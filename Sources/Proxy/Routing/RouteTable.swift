@@ -1,0 +1,182 @@
+import NIOHTTP1
+
+/// A listener's virtual hosts and routes, compiled for matching on the hot path.
+final class RouteTable: Sendable {
+    struct CompiledRoute: Sendable {
+        enum Path: Sendable {
+            case prefix(String)
+            case exact(String)
+            case regex(CompiledRegex)
+        }
+        enum Header: Sendable {
+            case exact(String)
+            case present
+            case regex(CompiledRegex)
+        }
+
+        let name: String
+        let path: Path
+        let methods: [String]
+        let headers: [(name: String, kind: Header, invert: Bool)]
+        let target: RouteTarget
+    }
+
+    struct CompiledVirtualHost: Sendable {
+        let name: String
+        let routes: [CompiledRoute]
+    }
+
+    private let exact: [String: Int]
+    /// Longest suffix first.
+    private let suffixes: [(suffix: String, host: Int)]
+    private let wildcard: Int?
+    let virtualHosts: [CompiledVirtualHost]
+
+    init(_ virtualHosts: [VirtualHost], clusterIndex: [String: Int]) throws {
+        var exact: [String: Int] = [:]
+        var suffixes: [(String, Int)] = []
+        var wildcard: Int?
+        var compiled: [CompiledVirtualHost] = []
+        for (vi, vhost) in virtualHosts.enumerated() {
+            for domain in vhost.domains {
+                switch DomainPattern(domain) {
+                case .exact(let name): exact[name] = vi
+                case .suffix(let suffix): suffixes.append((suffix, vi))
+                case .any: wildcard = vi
+                }
+            }
+            let routes = try vhost.routes.map { route in
+                let path: CompiledRoute.Path =
+                    switch route.match.path {
+                    case .prefix(let p): .prefix(p)
+                    case .exact(let p): .exact(p)
+                    case .regex(let r): .regex(try CompiledRegex(r))
+                    }
+                let headers = try route.match.headers.map { header in
+                    let kind: CompiledRoute.Header =
+                        switch header.kind {
+                        case .exact(let v): .exact(v)
+                        case .present: .present
+                        case .regex(let r): .regex(try CompiledRegex(r))
+                        }
+                    return (name: header.name, kind: kind, invert: header.invert)
+                }
+                return CompiledRoute(
+                    name: route.name,
+                    path: path,
+                    methods: route.match.methods.map { $0.uppercased() },
+                    headers: headers,
+                    target: RouteTarget(route: route, clusterIndex: clusterIndex)
+                )
+            }
+            compiled.append(CompiledVirtualHost(name: vhost.name, routes: routes))
+        }
+        self.exact = exact
+        self.suffixes = suffixes.sorted { $0.0.count > $1.0.count }
+        self.wildcard = wildcard
+        self.virtualHosts = compiled
+    }
+
+    /// The virtual host for a `Host` header value (port and case ignored), or `nil`.
+    func virtualHost(for hostHeader: String?) -> CompiledVirtualHost? {
+        let host = Self.normalizedHost(hostHeader ?? "")
+        if let index = exact[host] { return virtualHosts[index] }
+        for (suffix, index) in suffixes where host.count > suffix.count && host.hasSuffix(suffix) {
+            return virtualHosts[index]
+        }
+        if let wildcard { return virtualHosts[wildcard] }
+        return nil
+    }
+
+    /// The first route of the matching virtual host that accepts this request, or `nil`.
+    func route(for head: HTTPRequestHead) -> CompiledRoute? {
+        guard let vhost = virtualHost(for: head.headers.first(name: "host")) else { return nil }
+        let path = Self.path(of: head.uri)
+        let method = head.method.rawValue
+        for route in vhost.routes where Self.matches(route, path: path, method: method, headers: head.headers) {
+            return route
+        }
+        return nil
+    }
+
+    private static func matches(_ route: CompiledRoute, path: Substring, method: String, headers: HTTPHeaders) -> Bool {
+        switch route.path {
+        case .prefix(let p): if !path.hasPrefix(p) { return false }
+        case .exact(let p): if path != p { return false }
+        case .regex(let r): if !r.wholeMatch(path) { return false }
+        }
+        if !route.methods.isEmpty && !route.methods.contains(method) { return false }
+        for condition in route.headers {
+            let values = headers[condition.name]
+            let holds: Bool
+            switch condition.kind {
+            case .present: holds = !values.isEmpty
+            case .exact(let expected): holds = values.contains(expected)
+            case .regex(let r): holds = values.contains { r.wholeMatch(Substring($0)) }
+            }
+            if holds == condition.invert { return false }
+        }
+        return true
+    }
+
+    /// The path of a request target: origin-form up to `?`/`#`; for absolute-form
+    /// (`http://host/path`), the path part.
+    static func path(of uri: String) -> Substring {
+        var target = Substring(uri)
+        if !target.hasPrefix("/"), let scheme = target.firstRange(of: "://") {
+            let afterScheme = target[scheme.upperBound...]
+            target = afterScheme.firstIndex(of: "/").map { afterScheme[$0...] } ?? "/"
+        }
+        if let end = target.firstIndex(where: { $0 == "?" || $0 == "#" }) {
+            target = target[..<end]
+        }
+        return target
+    }
+
+    /// Path and query of an absolute-form target (`http://host/p?q` → `/p?q`).
+    static func pathAndQuery(of uri: String) -> Substring {
+        guard let scheme = uri.firstRange(of: "://") else { return Substring(uri) }
+        let afterScheme = uri[scheme.upperBound...]
+        return afterScheme.firstIndex(of: "/").map { afterScheme[$0...] } ?? "/"
+    }
+
+    static func normalizedHost(_ host: String) -> String {
+        var h = Substring(host)
+        if h.hasPrefix("[") {
+            // [v6]:port
+            if let close = h.firstIndex(of: "]") { h = h[h.startIndex...close] }
+        } else if let colon = h.lastIndex(of: ":"), h.firstIndex(of: ":") == colon {
+            h = h[..<colon]
+        }
+        if h.hasSuffix(".") { h = h.dropLast() }
+        return h.lowercased()
+    }
+}
+
+/// Where a matched route sends the request: one of its clusters, chosen by weight.
+struct RouteTarget: Sendable {
+    let clusters: [(index: Int, weight: Int)]
+    let totalWeight: Int
+    let timeout: Duration?
+    let routeName: String
+
+    init(route: Route, clusterIndex: [String: Int]) {
+        self.clusters = route.action.clusters.compactMap { target in
+            clusterIndex[target.name].map { (index: $0, weight: target.weight) }
+        }
+        self.totalWeight = clusters.reduce(0) { $0 + $1.weight }
+        self.timeout = route.action.timeout
+        self.routeName = route.name
+    }
+
+    /// Picks a cluster index in proportion to the weights.
+    func pickCluster<G: RandomNumberGenerator>(using rng: inout G) -> Int {
+        if clusters.count == 1 { return clusters[0].index }
+        var r = Int.random(in: 0..<totalWeight, using: &rng)
+        for c in clusters {
+            if r < c.weight { return c.index }
+            r -= c.weight
+        }
+        return clusters[clusters.count - 1].index
+    }
+}

@@ -1,0 +1,119 @@
+public import Logging
+public import NIOCore
+import NIOHTTP1
+import NIOPosix
+public import ServiceLifecycle
+import FoundationEssentials
+
+/// The admin endpoint (loopback only, `127.0.0.1:15000` by default):
+/// `/ready`, `/stats/prometheus`, `/config_dump`.
+public final class AdminServer: Service, Sendable {
+    public typealias MetricsRenderer = @Sendable () -> String
+
+    private let host: String
+    private let port: Int
+    private let group: any EventLoopGroup
+    private let proxy: ProxyServer
+    private let renderMetrics: MetricsRenderer
+    private let logger: Logger
+
+    /// - Parameter renderMetrics: renders the process's metrics in the Prometheus text format;
+    ///   the executable owns the metrics backend and passes it in.
+    public init(
+        host: String = "127.0.0.1",
+        port: Int = 15000,
+        group: any EventLoopGroup,
+        proxy: ProxyServer,
+        renderMetrics: @escaping MetricsRenderer,
+        logger: Logger
+    ) {
+        self.host = host
+        self.port = port
+        self.group = group
+        self.proxy = proxy
+        self.renderMetrics = renderMetrics
+        self.logger = logger
+    }
+
+    /// Binds and returns the channel (its `localAddress` tells the port when 0 was asked).
+    public func bind() async throws -> any Channel {
+        let proxy = self.proxy
+        let render = self.renderMetrics
+        return try await ServerBootstrap(group: group)
+            .serverChannelOption(.socketOption(.so_reuseaddr), value: 1)
+            .childChannelInitializer { channel in
+                channel.eventLoop.makeCompletedFuture {
+                    try channel.pipeline.syncOperations.configureHTTPServerPipeline()
+                    try channel.pipeline.syncOperations.addHandler(AdminHandler(proxy: proxy, renderMetrics: render))
+                }
+            }
+            .bind(host: host, port: port).get()
+    }
+
+    public func run() async throws {
+        let channel = try await bind()
+        logger.info("admin listening", metadata: ["admin.address": "\(channel.localAddress.map { "\($0)" } ?? "-")"])
+        try? await gracefulShutdown()
+        try? await channel.close()
+    }
+}
+
+final class AdminHandler: ChannelInboundHandler {
+    typealias InboundIn = HTTPServerRequestPart
+    typealias OutboundOut = HTTPServerResponsePart
+
+    private let proxy: ProxyServer
+    private let renderMetrics: AdminServer.MetricsRenderer
+    private var head: HTTPRequestHead?
+
+    init(proxy: ProxyServer, renderMetrics: @escaping AdminServer.MetricsRenderer) {
+        self.proxy = proxy
+        self.renderMetrics = renderMetrics
+    }
+
+    func channelRead(context: ChannelHandlerContext, data: NIOAny) {
+        switch unwrapInboundIn(data) {
+        case .head(let head): self.head = head
+        case .body: break
+        case .end:
+            guard let head else { return }
+            self.head = nil
+            let (status, contentType, body) = respond(to: head)
+            var headers = HTTPHeaders()
+            headers.add(name: "content-type", value: contentType)
+            headers.add(name: "content-length", value: "\(body.utf8.count)")
+            context.write(wrapOutboundOut(.head(.init(version: head.version, status: status, headers: headers))), promise: nil)
+            if head.method != .HEAD {
+                context.write(wrapOutboundOut(.body(.byteBuffer(context.channel.allocator.buffer(string: body)))), promise: nil)
+            }
+            context.writeAndFlush(wrapOutboundOut(.end(nil)), promise: nil)
+            if !head.isKeepAlive { context.close(promise: nil) }
+        }
+    }
+
+    private func respond(to head: HTTPRequestHead) -> (HTTPResponseStatus, String, String) {
+        let path = RouteTable.path(of: head.uri)
+        switch path {
+        case "/ready":
+            let bound = proxy.boundAddresses
+            let ready = !bound.isEmpty && bound.count == proxy.store.snapshot.config.listeners.count
+            return ready ? (.ok, "text/plain", "LIVE\n") : (.serviceUnavailable, "text/plain", "NOT READY\n")
+        case "/stats/prometheus":
+            return (.ok, "text/plain; version=0.0.4", renderMetrics())
+        case "/config_dump":
+            let encoder = JSONEncoder()
+            encoder.outputFormatting = [.prettyPrinted, .sortedKeys]
+            do {
+                let data = try encoder.encode(proxy.store.snapshot.config)
+                return (.ok, "application/json", String(decoding: data, as: UTF8.self) + "\n")
+            } catch {
+                return (.internalServerError, "text/plain", "cannot encode configuration: \(error)\n")
+            }
+        default:
+            return (.notFound, "text/plain", "not found; try /ready, /stats/prometheus, /config_dump\n")
+        }
+    }
+}
+
+@available(*, unavailable)
+extension AdminHandler: Sendable {}

@@ -1,0 +1,49 @@
+import Logging
+import NIOCore
+
+/// What one event loop owns: its upstream pool, its middleware chain and load balancers for the
+/// snapshot it last saw. Touched only on that loop, so the hot path takes no lock.
+final class LoopContext {
+    let eventLoop: any EventLoop
+    let store: ProxyConfigStore
+    let factories: [any ProxyMiddlewareFactory]
+    let stats: ProxyStats
+    let logger: Logger
+    let accessLogger: Logger
+    let pool: UpstreamPool
+    let resources = LoopResources()
+    private(set) var snapshot: ProxySnapshot?
+    private(set) var chain: [any ProxyMiddleware] = []
+
+    init(
+        eventLoop: any EventLoop,
+        store: ProxyConfigStore,
+        factories: [any ProxyMiddlewareFactory],
+        stats: ProxyStats,
+        logger: Logger
+    ) {
+        self.eventLoop = eventLoop
+        self.store = store
+        self.factories = factories
+        self.stats = stats
+        self.logger = logger
+        var access = logger
+        access[metadataKey: "log"] = "access"
+        self.accessLogger = access
+        self.pool = UpstreamPool(eventLoop: eventLoop)
+    }
+
+    /// The current snapshot and the chain built from it; rebuilds the chain when the store holds
+    /// a newer snapshot than this loop last saw (one atomic load when nothing changed).
+    func current() -> (ProxySnapshot, [any ProxyMiddleware]) {
+        let latest = store.snapshot
+        if let snapshot, snapshot === latest { return (snapshot, chain) }
+        resources.balancers = latest.clusters.map { LoadBalancer(cluster: $0, rng: &resources.rng) }
+        chain = factories.map { $0.makeMiddleware(latest, resources) }
+        snapshot = latest
+        return (latest, chain)
+    }
+}
+
+@available(*, unavailable)
+extension LoopContext: Sendable {}

@@ -1,0 +1,179 @@
+public import Logging
+public import NIOCore
+import NIOConcurrencyHelpers
+import NIOHTTP1
+import NIOPosix
+
+#if canImport(Glibc)
+import Glibc
+#endif
+public import ServiceLifecycle
+
+/// The data path: binds each listener of the current ``ProxyConfig`` on every event loop of the
+/// group (one `SO_REUSEPORT` socket per loop, so a connection stays on the loop that accepted it)
+/// and serves HTTP/1.1 through the middleware chain.
+public final class ProxyServer: Service, Sendable {
+    public let store: ProxyConfigStore
+    public let stats: ProxyStats
+    private let group: any EventLoopGroup
+    private let logger: Logger
+    private let contexts: [ObjectIdentifier: NIOLoopBound<LoopContext>]
+    private let state = NIOLockedValueBox<State>(.init())
+
+    private struct State {
+        /// Bound channels per listener name.
+        var listeners: [String: (config: ListenerConfig, channels: [any Channel])] = [:]
+        var stopped = false
+    }
+
+    /// - Parameters:
+    ///   - group: one event loop per core is the intended shape.
+    ///   - middleware: the chain, in order; ``StandardMiddleware/chain`` by default.
+    public init(
+        snapshot: ProxySnapshot,
+        stats: ProxyStats,
+        group: any EventLoopGroup,
+        middleware: [any ProxyMiddlewareFactory] = StandardMiddleware.chain,
+        logger: Logger
+    ) throws {
+        self.store = ProxyConfigStore(snapshot)
+        self.stats = stats
+        self.group = group
+        self.logger = logger
+        var contexts: [ObjectIdentifier: NIOLoopBound<LoopContext>] = [:]
+        for loop in group.makeIterator() {
+            let store = self.store
+            contexts[ObjectIdentifier(loop)] = try loop.submit {
+                let context = LoopContext(
+                    eventLoop: loop,
+                    store: store,
+                    factories: middleware,
+                    stats: stats,
+                    logger: logger
+                )
+                context.pool.startSweeping()
+                return NIOLoopBound(context, eventLoop: loop)
+            }.wait()
+        }
+        self.contexts = contexts
+    }
+
+    /// Binds every listener of the current snapshot. Returns the bound addresses by listener name
+    /// (useful with port 0).
+    @discardableResult
+    public func start() async throws -> [String: SocketAddress] {
+        try await reconcileListeners(with: store.snapshot.config)
+        return boundAddresses
+    }
+
+    /// The local address of each listener's first socket.
+    public var boundAddresses: [String: SocketAddress] {
+        state.withLockedValue { state in
+            state.listeners.compactMapValues { $0.channels.first?.localAddress }
+        }
+    }
+
+    /// Swaps in a new snapshot: every loop uses it from its next request; open connections stay.
+    /// Listeners added or removed by the snapshot are bound or closed.
+    public func apply(_ snapshot: ProxySnapshot) async throws {
+        store.apply(snapshot)
+        try await reconcileListeners(with: snapshot.config)
+        logger.info("applied configuration", metadata: ["config.version": "\(snapshot.config.version)"])
+    }
+
+    public func run() async throws {
+        try await start()
+        try? await gracefulShutdown()
+        await shutdown()
+    }
+
+    /// Closes every listener and the pools' idle connections.
+    public func shutdown() async {
+        let channels = state.withLockedValue { state in
+            state.stopped = true
+            defer { state.listeners.removeAll() }
+            return state.listeners.values.flatMap(\.channels)
+        }
+        for channel in channels { try? await channel.close() }
+        for (_, bound) in contexts {
+            try? await bound.eventLoop.submit { bound.value.pool.shutdown() }.get()
+        }
+    }
+
+    private func reconcileListeners(with config: ProxyConfig) async throws {
+        let existing = state.withLockedValue { $0.listeners }
+        let wanted = Dictionary(uniqueKeysWithValues: config.listeners.map { ($0.name, $0) })
+        for (name, entry) in existing where wanted[name] != entry.config {
+            for channel in entry.channels { try? await channel.close() }
+            state.withLockedValue { _ = $0.listeners.removeValue(forKey: name) }
+        }
+        for listener in config.listeners {
+            let current = state.withLockedValue { $0.listeners[listener.name] }
+            if current != nil { continue }
+            let channels = try await bind(listener)
+            state.withLockedValue { $0.listeners[listener.name] = (listener, channels) }
+            logger.info(
+                "listening",
+                metadata: ["listener.name": "\(listener.name)", "listener.address": "\(channels.first?.localAddress.map { "\($0)" } ?? "-")"]
+            )
+        }
+    }
+
+    private func bind(_ listener: ListenerConfig) async throws -> [any Channel] {
+        var channels: [any Channel] = []
+        var port = listener.address.port
+        do {
+            for loop in group.makeIterator() {
+                let channel = try await makeBootstrap(listener, loop: loop)
+                    .bind(host: listener.address.host, port: port).get()
+                // With port 0 the first bind picks the port; the other loops share it.
+                if port == 0 { port = channel.localAddress?.port ?? 0 }
+                channels.append(channel)
+            }
+        } catch {
+            for channel in channels { try? await channel.close() }
+            throw error
+        }
+        return channels
+    }
+
+    private func makeBootstrap(_ listener: ListenerConfig, loop: any EventLoop) -> ServerBootstrap {
+        let contexts = self.contexts
+        let limits = listener.limits
+        let stats = self.stats
+        return ServerBootstrap(group: loop, childGroup: loop)
+            .serverChannelOption(.backlog, value: 1024)
+            .serverChannelOption(.socketOption(.so_reuseaddr), value: 1)
+            .serverChannelOption(.socketOption(.init(rawValue: SO_REUSEPORT)), value: 1)
+            .childChannelOption(.socketOption(.tcp_nodelay), value: 1)
+            .childChannelOption(.maxMessagesPerRead, value: 16)
+            .childChannelInitializer { channel in
+                channel.eventLoop.makeCompletedFuture {
+                    guard let loopContext = contexts[ObjectIdentifier(channel.eventLoop)]?.value else {
+                        throw ChannelError.ioOnClosedChannel
+                    }
+                    let sync = channel.pipeline.syncOperations
+                    try sync.addHandler(
+                        ConnectionTimeoutHandler(
+                            headerTimeout: limits.requestHeaderTimeout,
+                            idleTimeout: limits.idleTimeout,
+                            onTimeout: { stats.record($0) }
+                        )
+                    )
+                    var decoderLimits = NIOHTTPDecoderLimitConfiguration()
+                    decoderLimits.maxHeaderListSize = limits.maxRequestHeaderBytes
+                    decoderLimits.maxHeaderFieldSize = limits.maxRequestHeaderBytes
+                    try sync.configureHTTPServerPipeline(
+                        withPipeliningAssistance: true,
+                        withErrorHandling: false,
+                        withOutboundHeaderValidation: true,
+                        withEncoderConfiguration: .init(),
+                        withDecoderLimitConfiguration: decoderLimits
+                    )
+                    try sync.addHandler(
+                        DownstreamHandler(loop: loopContext, listenerName: listener.name, accessLog: listener.accessLog)
+                    )
+                }
+            }
+    }
+}

@@ -1,0 +1,123 @@
+import Agent
+import ArgumentParser
+import Foundation
+import Logging
+import Metrics
+import NIOCore
+import NIOPosix
+import Prometheus
+import Proxy
+import ServiceLifecycle
+import UnixSignals
+
+/// `trellis-agent gateway --config FILE`: the proxy alone, from a static YAML file.
+struct Gateway: AsyncParsableCommand {
+    static let configuration = CommandConfiguration(
+        abstract: "Run the proxy standalone as an HTTP gateway from a YAML file (SIGHUP reloads it)."
+    )
+
+    @Option(help: "The gateway configuration file (see examples/gateway.yaml).")
+    var config: String
+
+    @Option(help: "Event loops (threads); defaults to the number of cores this process may run on.")
+    var eventLoops: Int?
+
+    @Flag(help: "Check the configuration file and exit.")
+    var check = false
+
+    @OptionGroup var logging: LoggingOptions
+
+    func validate() throws {
+        if let eventLoops, eventLoops < 1 || eventLoops > 1024 {
+            throw ValidationError("--event-loops: expected 1...1024, got \(eventLoops)")
+        }
+    }
+
+    func run() async throws {
+        let logger = try logging.bootstrap(label: "trellis.gateway")
+        let gateway = try Self.load(path: config)
+        if check {
+            print("\(config): ok (\(gateway.proxy.listeners.count) listeners, \(gateway.proxy.clusters.count) clusters)")
+            return
+        }
+
+        let registry = PrometheusCollectorRegistry()
+        MetricsSystem.bootstrap(PrometheusMetricsFactory(registry: registry))
+        let stats = ProxyStats()
+
+        let threads = eventLoops ?? System.coreCount
+        let group = MultiThreadedEventLoopGroup(numberOfThreads: threads)
+        let snapshot = try ProxySnapshot(gateway.proxy, stats: stats)
+        let proxy = try ProxyServer(snapshot: snapshot, stats: stats, group: group, logger: logger)
+        let admin = AdminServer(
+            host: gateway.adminAddress.host,
+            port: gateway.adminAddress.port,
+            group: group,
+            proxy: proxy,
+            renderMetrics: {
+                var buffer: [UInt8] = []
+                registry.emit(into: &buffer)
+                return String(decoding: buffer, as: UTF8.self)
+            },
+            logger: logger
+        )
+        let reloader = Reloader(path: config, proxy: proxy, stats: stats, logger: logger)
+        logger.info("starting gateway", metadata: ["config.file": "\(config)", "event_loops": "\(threads)"])
+        let services = ServiceGroup(
+            configuration: .init(
+                services: [.init(service: proxy), .init(service: admin), .init(service: reloader)],
+                gracefulShutdownSignals: [.sigterm, .sigint],
+                logger: logger
+            )
+        )
+        try await services.run()
+        try await group.shutdownGracefully()
+    }
+
+    static func load(path: String) throws -> GatewayFile {
+        let text: String
+        do {
+            text = try String(contentsOfFile: path, encoding: .utf8)
+        } catch {
+            throw ValidationError("\(path): cannot read the file (\(error.localizedDescription))")
+        }
+        do {
+            return try GatewayConfigLoader.parse(yaml: text, file: path, version: digest(text))
+        } catch {
+            throw ValidationError("invalid configuration\n\(error)")
+        }
+    }
+
+    /// A short, stable label for a file's contents (FNV-1a, hex).
+    static func digest(_ text: String) -> String {
+        var h: UInt64 = 0xcbf2_9ce4_8422_2325
+        for b in text.utf8 {
+            h ^= UInt64(b)
+            h &*= 0x100_0000_01b3
+        }
+        return String(h, radix: 16)
+    }
+}
+
+/// Reloads the gateway file on SIGHUP; an invalid file is reported and the running configuration
+/// stays.
+struct Reloader: Service {
+    let path: String
+    let proxy: ProxyServer
+    let stats: ProxyStats
+    let logger: Logger
+
+    func run() async throws {
+        for await _ in await UnixSignalsSequence(trapping: .sighup).cancelOnGracefulShutdown() {
+            do {
+                let gateway = try Gateway.load(path: path)
+                try await proxy.apply(try ProxySnapshot(gateway.proxy, stats: stats))
+            } catch {
+                logger.error(
+                    "reload rejected; the previous configuration stays",
+                    metadata: ["config.file": "\(path)", "error": "\(error)"]
+                )
+            }
+        }
+    }
+}

@@ -1,0 +1,10 @@
+import ArgumentParser
+
+@main
+struct TrellisAgent: AsyncParsableCommand {
+    static let configuration = CommandConfiguration(
+        commandName: "trellis-agent",
+        abstract: "The Trellis node agent: captures a machine's traffic and runs it through the mesh proxy.",
+        subcommands: [Gateway.self]
+    )
+}
