@@ -19,7 +19,13 @@ final class ConnectionTimeoutHandler: ChannelDuplexHandler {
     }
 
     private var state = ConnectionTimeoutStateMachine()
+    /// When the current phase (idle or reading a head) expires; `nil` while a request is served.
+    private var deadline: NIODeadline?
+    /// The one timer of this connection and when it fires. It is not moved on every request: when
+    /// it fires early it re-arms for the current deadline, so a busy keep-alive connection costs
+    /// no timer work per request.
     private var timer: Scheduled<Void>?
+    private var timerFiresAt: NIODeadline?
     private let headerTimeout: TimeAmount
     private let idleTimeout: TimeAmount
     private let onTimeout: (ProxyError) -> Void
@@ -31,29 +37,34 @@ final class ConnectionTimeoutHandler: ChannelDuplexHandler {
     }
 
     func channelActive(context: ChannelHandlerContext) {
-        arm(context: context, for: state.connectionOpened())
+        apply(state.connectionOpened(), context: context)
+        armIfNeeded(context: context)
         context.fireChannelActive()
     }
 
     func handlerAdded(context: ChannelHandlerContext) {
-        if context.channel.isActive { arm(context: context, for: state.connectionOpened()) }
+        if context.channel.isActive {
+            apply(state.connectionOpened(), context: context)
+            armIfNeeded(context: context)
+        }
     }
 
     func handlerRemoved(context: ChannelHandlerContext) {
-        timer?.cancel()
-        timer = nil
+        cancelTimer()
     }
 
     func channelInactive(context: ChannelHandlerContext) {
-        timer?.cancel()
-        timer = nil
-        _ = state.closed()
+        cancelTimer()
+        apply(state.closed(), context: context)
         context.fireChannelInactive()
     }
 
     func channelRead(context: ChannelHandlerContext, data: NIOAny) {
-        arm(context: context, for: state.bytesReceived())
+        apply(state.bytesReceived(), context: context)
         context.fireChannelRead(data)
+        // Most heads arrive whole in one read and are parsed inside fireChannelRead; only a head
+        // still incomplete afterwards needs the (shorter) header timer.
+        armIfNeeded(context: context)
     }
 
     func triggerUserOutboundEvent(context: ChannelHandlerContext, event: Any, promise: EventLoopPromise<Void>?) {
@@ -62,35 +73,53 @@ final class ConnectionTimeoutHandler: ChannelDuplexHandler {
             return
         }
         switch event {
-        case .requestHeadReceived: arm(context: context, for: state.headReceived())
-        case .responseCompleted: arm(context: context, for: state.responseCompleted())
+        case .requestHeadReceived: apply(state.headReceived(), context: context)
+        case .responseCompleted:
+            apply(state.responseCompleted(), context: context)
+            armIfNeeded(context: context)
         }
         promise?.succeed()
     }
 
-    private func arm(context: ChannelHandlerContext, for action: ConnectionTimeoutStateMachine.TimerAction) {
+    private func apply(_ action: ConnectionTimeoutStateMachine.TimerAction, context: ChannelHandlerContext) {
         switch action {
-        case .none:
-            return
-        case .cancel:
-            timer?.cancel()
-            timer = nil
-        case .idle, .header:
-            timer?.cancel()
-            let isHeader = action == .header
-            let generation = state.generation
-            let amount = isHeader ? headerTimeout : idleTimeout
-            let loopBound = NIOLoopBound(self, eventLoop: context.eventLoop)
-            let contextBound = NIOLoopBound(context, eventLoop: context.eventLoop)
-            timer = context.eventLoop.scheduleTask(in: amount) {
-                loopBound.value.fire(context: contextBound.value, generation: generation)
-            }
+        case .none: return
+        case .cancel: deadline = nil
+        case .idle: deadline = .now() + idleTimeout
+        case .header: deadline = .now() + headerTimeout
         }
     }
 
-    private func fire(context: ChannelHandlerContext, generation: Int) {
-        guard generation == state.generation else { return }
+    private func armIfNeeded(context: ChannelHandlerContext) {
+        guard let deadline else { return }
+        if let firesAt = timerFiresAt, firesAt <= deadline { return }
+        cancelTimer()
+        schedule(at: deadline, context: context)
+    }
+
+    private func schedule(at when: NIODeadline, context: ChannelHandlerContext) {
+        let loopBound = NIOLoopBound(self, eventLoop: context.eventLoop)
+        let contextBound = NIOLoopBound(context, eventLoop: context.eventLoop)
+        timerFiresAt = when
+        timer = context.eventLoop.scheduleTask(deadline: when) {
+            loopBound.value.fire(context: contextBound.value)
+        }
+    }
+
+    private func cancelTimer() {
+        timer?.cancel()
         timer = nil
+        timerFiresAt = nil
+    }
+
+    private func fire(context: ChannelHandlerContext) {
+        timer = nil
+        timerFiresAt = nil
+        guard let deadline else { return }
+        if NIODeadline.now() < deadline {
+            schedule(at: deadline, context: context)
+            return
+        }
         switch state.timerFired() {
         case .closeIdle:
             context.close(promise: nil)
@@ -122,39 +151,32 @@ struct ConnectionTimeoutStateMachine {
     enum FireAction: Equatable { case closeIdle, respond408, ignore }
 
     private(set) var state: State = .idle
-    /// Bumped whenever a timer is (re)armed or cancelled, so a stale timer does nothing.
-    private(set) var generation = 0
 
     mutating func connectionOpened() -> TimerAction {
         state = .idle
-        generation += 1
         return .idle
     }
 
     mutating func bytesReceived() -> TimerAction {
         guard state == .idle else { return .none }
         state = .readingHead
-        generation += 1
         return .header
     }
 
     mutating func headReceived() -> TimerAction {
         guard state == .idle || state == .readingHead else { return .none }
         state = .active
-        generation += 1
         return .cancel
     }
 
     mutating func responseCompleted() -> TimerAction {
         guard state == .active else { return .none }
         state = .idle
-        generation += 1
         return .idle
     }
 
     mutating func closed() -> TimerAction {
         state = .closed
-        generation += 1
         return .cancel
     }
 

@@ -18,6 +18,12 @@ final class DownstreamHandler: ChannelDuplexHandler {
     private var exchange: ProxyExchange?
     private var readHeld = false
     private var closing = false
+    /// Whether the current exchange's request has been read whole.
+    private var currentRequestEnded = false
+    /// Parts of pipelined requests waiting for the current response to finish.
+    private var queued = CircularBuffer<HTTPServerRequestPart>()
+    /// A parse error in a pipelined request, answered once the responses before it are done.
+    private var pendingError: ProxyError?
     /// Whether the connection stays open after the current response.
     var keepAlive = true
     var isDraining = false
@@ -52,11 +58,23 @@ final class DownstreamHandler: ChannelDuplexHandler {
     }
 
     func channelRead(context: ChannelHandlerContext, data: NIOAny) {
-        switch unwrapInboundIn(data) {
+        let part = unwrapInboundIn(data)
+        // Pipelining: parts that arrive after the current request ended belong to the next
+        // request; they wait (and reads pause) until the current response is complete.
+        if !queued.isEmpty || (exchange != nil && currentRequestEnded) {
+            queued.append(part)
+            return
+        }
+        process(part, context: context)
+    }
+
+    private func process(_ part: HTTPServerRequestPart, context: ChannelHandlerContext) {
+        switch part {
         case .head(let head):
             context.triggerUserOutboundEvent(ConnectionTimeoutHandler.Event.requestHeadReceived, promise: nil)
             loop.stats.downstreamRequests.increment()
             keepAlive = head.isKeepAlive
+            currentRequestEnded = false
             let (_, chain) = loop.current()
             let request = RequestContext(
                 head: head,
@@ -70,7 +88,19 @@ final class DownstreamHandler: ChannelDuplexHandler {
         case .body(let buffer):
             exchange?.requestBody(buffer)
         case .end(let trailers):
+            currentRequestEnded = true
             exchange?.requestEnd(trailers)
+        }
+    }
+
+    /// Runs the parts of pipelined requests that waited for the previous response.
+    private func processQueued(context: ChannelHandlerContext) {
+        while !queued.isEmpty && !closing && (exchange == nil || !currentRequestEnded) {
+            process(queued.removeFirst(), context: context)
+        }
+        if queued.isEmpty, let error = pendingError, exchange == nil, !closing {
+            pendingError = nil
+            rejectMalformed(error)
         }
     }
 
@@ -80,7 +110,9 @@ final class DownstreamHandler: ChannelDuplexHandler {
     }
 
     func read(context: ChannelHandlerContext) {
-        if let exchange, exchange.holdsDownstreamReads {
+        if !queued.isEmpty || pendingError != nil {
+            readHeld = true
+        } else if let exchange, !currentRequestEnded, exchange.holdsDownstreamReads {
             readHeld = true
         } else {
             context.read()
@@ -103,23 +135,30 @@ final class DownstreamHandler: ChannelDuplexHandler {
             case .headerOverflow: .headerTooLarge("\(parserError)")
             default: .badRequest("\(parserError)")
             }
-        if let exchange {
+        if let exchange, !currentRequestEnded, queued.isEmpty {
             // Mid-request (a bad chunk size, say): the exchange answers if it still can.
             exchange.respondLocally(proxyError)
             abort()
+        } else if exchange != nil || !queued.isEmpty {
+            // A later pipelined request is malformed: answer it in its turn.
+            pendingError = pendingError ?? proxyError
         } else {
-            loop.stats.record(proxyError)
-            if accessLog {
-                loop.accessLogger.info(
-                    "malformed request \(proxyError.status.code) \(proxyError.token)",
-                    metadata: [
-                        "http.status": "\(proxyError.status.code)", "trellis.token": "\(proxyError.token)",
-                        "trellis.listener": "\(listenerName)", "error": "\(parserError)",
-                    ]
-                )
-            }
-            sendError(proxyError, keepAlive: false, version: .http1_1)
+            rejectMalformed(proxyError)
         }
+    }
+
+    private func rejectMalformed(_ proxyError: ProxyError) {
+        loop.stats.record(proxyError)
+        if accessLog {
+            loop.accessLogger.info(
+                "malformed request \(proxyError.status.code) \(proxyError.token)",
+                metadata: [
+                    "http.status": "\(proxyError.status.code)", "trellis.token": "\(proxyError.token)",
+                    "trellis.listener": "\(listenerName)", "error": "\(proxyError.detail)",
+                ]
+            )
+        }
+        sendError(proxyError, keepAlive: false, version: .http1_1)
     }
 
     // MARK: Called by the exchange
@@ -138,7 +177,8 @@ final class DownstreamHandler: ChannelDuplexHandler {
     }
 
     func resumeReadingIfHeld() {
-        guard readHeld, let context, let exchange, !exchange.holdsDownstreamReads else { return }
+        guard readHeld, queued.isEmpty, pendingError == nil, let context, let exchange, !exchange.holdsDownstreamReads
+        else { return }
         readHeld = false
         context.read()
     }
@@ -158,7 +198,8 @@ final class DownstreamHandler: ChannelDuplexHandler {
                 bound.value.close(promise: nil)
             }
         }
-        if readHeld {
+        processQueued(context: context)
+        if readHeld && queued.isEmpty && !closing && (exchange == nil || !(exchange!.holdsDownstreamReads)) {
             readHeld = false
             context.read()
         }

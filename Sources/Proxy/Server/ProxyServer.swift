@@ -164,7 +164,9 @@ public final class ProxyServer: Service, Sendable {
                     decoderLimits.maxHeaderListSize = limits.maxRequestHeaderBytes
                     decoderLimits.maxHeaderFieldSize = limits.maxRequestHeaderBytes
                     try sync.configureHTTPServerPipeline(
-                        withPipeliningAssistance: true,
+                        // DownstreamHandler queues pipelined requests itself, so reads do not
+                        // stop and restart (two epoll_ctl calls) around every request.
+                        withPipeliningAssistance: false,
                         withErrorHandling: false,
                         withOutboundHeaderValidation: true,
                         withEncoderConfiguration: .init(),

@@ -1,0 +1,120 @@
+#!/usr/bin/env bash
+# HTTP/1.1 gateway throughput: Trellis vs Envoy, HAProxy and nginx, one core each, same run.
+#
+#   bash Benchmarks/gateway-http1.sh            # builds Trellis with -c release first
+#   DURATION=10 CONNECTIONS=32 bash Benchmarks/gateway-http1.sh
+#
+# Upstream: nginx (../shared/bench/upstream-nginx.conf) on 127.0.0.1:18080. Each proxy listens on
+# its own loopback port and is driven by `wrk -t1 -cN -dS` in turn. On a 2-core machine the proxy
+# gets core 0 and wrk plus the upstream get core 1, so the load generator and the proxy never
+# share a core. Prints requests/s, p99 latency, Trellis's ratio to each peer, and Trellis's RSS.
+set -euo pipefail
+here=$(cd "$(dirname "$0")" && pwd)
+root=$(cd "$here/.." && pwd)
+shared=${SHARED:-$(cd "$root/../shared" 2>/dev/null && pwd || true)}
+bench=${BENCH_CONFIGS:-$shared/bench}
+DURATION=${DURATION:-10}
+CONNECTIONS=${CONNECTIONS:-32}
+WARMUP=${WARMUP:-2}
+ROUNDS=${ROUNDS:-1}
+out=$(mktemp -d /tmp/trellis-bench.XXXXXX)
+
+for f in upstream-nginx.conf envoy.yaml haproxy.cfg proxy-nginx.conf; do
+  [ -f "$bench/$f" ] || { echo "missing $bench/$f (set BENCH_CONFIGS)" >&2; exit 2; }
+done
+for tool in wrk nginx haproxy envoy taskset; do
+  command -v "$tool" >/dev/null || { echo "missing $tool: run scripts/bootstrap.sh" >&2; exit 2; }
+done
+
+cores=$(nproc)
+if [ "$cores" -ge 2 ]; then PROXY_CPU=0; LOAD_CPU=1; else PROXY_CPU=0; LOAD_CPU=0; fi
+
+pids=()
+cleanup() {
+  for p in "${pids[@]:-}"; do [ -n "$p" ] && kill "$p" 2>/dev/null || true; done
+  sleep 0.3
+  for p in "${pids[@]:-}"; do [ -n "$p" ] && kill -9 "$p" 2>/dev/null || true; done
+  rm -rf "$out"
+}
+trap cleanup EXIT
+
+wait_port() {
+  for _ in $(seq 1 100); do
+    curl -s -o /dev/null -m 1 "http://127.0.0.1:$1/" && return 0
+    sleep 0.1
+  done
+  echo "port $1 did not answer" >&2
+  return 1
+}
+
+if [ "${SKIP_BUILD:-0}" != 1 ]; then
+  (cd "$root" && swift build -c release --product trellis-agent >/dev/null)
+fi
+trellis="$root/.build/release/trellis-agent"
+
+taskset -c "$LOAD_CPU" nginx -p "$out" -c "$bench/upstream-nginx.conf" &
+pids+=($!)
+wait_port 18080
+
+# name port command...
+start_proxy() {
+  local name=$1 port=$2
+  shift 2
+  taskset -c "$PROXY_CPU" "$@" >"$out/$name.log" 2>&1 &
+  pids+=($!)
+  echo $! >"$out/$name.pid"
+  wait_port "$port"
+}
+
+measure() { # name port -> "rps p99ms"
+  local name=$1 port=$2
+  taskset -c "$LOAD_CPU" wrk -t1 -c"$CONNECTIONS" -d"${WARMUP}s" "http://127.0.0.1:$port/" >/dev/null 2>&1 || true
+  local best_rps=0 best_p99=0
+  for _ in $(seq 1 "$ROUNDS"); do
+    taskset -c "$LOAD_CPU" wrk -t1 -c"$CONNECTIONS" -d"${DURATION}s" --latency "http://127.0.0.1:$port/" >"$out/$name.wrk"
+    local rps p99
+    rps=$(awk '/Requests\/sec/ {print $2}' "$out/$name.wrk")
+    p99=$(awk '$1=="99%" {v=$2; if (v ~ /us$/) {sub(/us/,"",v); v=v/1000} else if (v ~ /ms$/) {sub(/ms/,"",v)} else if (v ~ /s$/) {sub(/s/,"",v); v=v*1000}; print v}' "$out/$name.wrk")
+    if awk -v a="$rps" -v b="$best_rps" 'BEGIN{exit !(a>b)}'; then best_rps=$rps; best_p99=$p99; fi
+    if grep -q "Non-2xx\|Socket errors" "$out/$name.wrk"; then grep "Non-2xx\|Socket errors" "$out/$name.wrk" >&2; fi
+  done
+  echo "$best_rps $best_p99"
+}
+
+rss_kb() { awk '/VmRSS/ {print $2}' "/proc/$1/status"; }
+
+declare -A RPS P99
+start_proxy trellis 18084 "$trellis" gateway --config "$root/examples/gateway.yaml" --event-loops 1 --log-level warning
+tpid=$(cat "$out/trellis.pid")
+idle_rss=$(rss_kb "$tpid")
+# Sample RSS while wrk runs.
+( peak=0; for _ in $(seq 1 $(( (DURATION + WARMUP) * 10 ))); do
+    r=$(rss_kb "$tpid" 2>/dev/null || echo 0); [ "$r" -gt "$peak" ] && peak=$r; sleep 0.1; done; echo "$peak" >"$out/peak" ) &
+sampler=$!
+read -r RPS[trellis] P99[trellis] < <(measure trellis 18084)
+wait "$sampler" || true
+load_rss=$(cat "$out/peak")
+kill "$tpid"
+
+start_proxy envoy 18081 envoy -c "$bench/envoy.yaml" --concurrency 1 -l error
+read -r RPS[envoy] P99[envoy] < <(measure envoy 18081)
+kill "$(cat "$out/envoy.pid")"
+
+start_proxy haproxy 18082 haproxy -f "$bench/haproxy.cfg"
+read -r RPS[haproxy] P99[haproxy] < <(measure haproxy 18082)
+kill "$(cat "$out/haproxy.pid")"
+
+start_proxy nginx 18083 nginx -p "$out" -c "$bench/proxy-nginx.conf"
+read -r RPS[nginx] P99[nginx] < <(measure nginx 18083)
+kill "$(cat "$out/nginx.pid")"
+
+echo
+echo "HTTP/1.1 gateway, 1 core per proxy, wrk -t1 -c$CONNECTIONS -d${DURATION}s, $(date -u +%Y-%m-%d), $(nproc) cores"
+printf '| %-8s | %10s | %8s | %16s |\n' proxy "requests/s" "p99 ms" "Trellis ratio"
+printf '|%s|%s|%s|%s|\n' "----------" "------------" "----------" "------------------"
+for name in trellis envoy haproxy nginx; do
+  ratio=$(awk -v t="${RPS[trellis]}" -v p="${RPS[$name]}" 'BEGIN{ if (p>0) printf "%.2fx", t/p; else print "-" }')
+  printf '| %-8s | %10.0f | %8.2f | %16s |\n' "$name" "${RPS[$name]}" "${P99[$name]}" "$ratio"
+done
+echo
+echo "Trellis RSS: idle $((idle_rss / 1024)) MiB, under load (peak) $((load_rss / 1024)) MiB"

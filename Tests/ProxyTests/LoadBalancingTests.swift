@@ -1,0 +1,139 @@
+import NIOCore
+import NIOHTTP1
+import NIOPosix
+import Testing
+
+@testable import Proxy
+
+/// Each load-balancing policy, observed through real requests to real upstreams.
+@Suite struct LoadBalancingTests {
+    let group = MultiThreadedEventLoopGroup.singleton
+
+    private func run(
+        policy: LoadBalancingPolicy,
+        weights: [Int] = [1, 1, 1],
+        health: [Endpoint.Health] = [.healthy, .healthy, .healthy],
+        requests: Int,
+        headers: @escaping (Int) -> [(String, String)] = { _ in [] }
+    ) async throws -> [String: Int] {
+        var upstreams: [TestUpstream] = []
+        for name in ["u0", "u1", "u2"] { upstreams.append(try await TestUpstream.start(name: name, group: group)) }
+        defer { Task { for u in upstreams { await u.stop() } } }
+        let endpoints = upstreams.indices.map { endpoint(upstreams[$0], weight: weights[$0], health: health[$0]) }
+        let proxy = try await ProxyHarness.start(
+            gatewayConfig(
+                virtualHosts: catchAll("c"),
+                clusters: [ClusterConfig(name: "c", loadBalancing: policy, endpoints: endpoints)]
+            ),
+            group: group
+        )
+        defer { Task { await proxy.stop() } }
+        let client = try await TestHTTPClient.connect(port: proxy.port, group: group)
+        defer { Task { await client.close() } }
+        var counts: [String: Int] = [:]
+        for i in 0..<requests {
+            let r = try await client.request(.GET, "/", headers: headers(i))
+            counts[r.status == .ok ? r.body : "\(r.status.code) \(r.headers.first(name: "x-trellis-error") ?? "")", default: 0] += 1
+        }
+        return counts
+    }
+
+    @Test func roundRobinVisitsEachEndpointInTurn() async throws {
+        let counts = try await run(policy: .roundRobin, requests: 30)
+        #expect(counts == ["u0": 10, "u1": 10, "u2": 10])
+    }
+
+    @Test func weightedFollowsEndpointWeights() async throws {
+        let counts = try await run(policy: .weighted, weights: [5, 3, 2], requests: 100)
+        #expect(counts == ["u0": 50, "u1": 30, "u2": 20])
+    }
+
+    @Test func randomSpreadsOverAllEndpoints() async throws {
+        let counts = try await run(policy: .random, requests: 300)
+        // Each expects 100 (σ ≈ 8.2); the bounds are ~6σ wide.
+        for name in ["u0", "u1", "u2"] { #expect((50...150).contains(counts[name, default: 0]), "\(counts)") }
+    }
+
+    @Test func leastRequestSpreadsOverAllEndpoints() async throws {
+        let counts = try await run(policy: .leastRequest, requests: 300)
+        for name in ["u0", "u1", "u2"] { #expect((50...150).contains(counts[name, default: 0]), "\(counts)") }
+    }
+
+    @Test func ringHashKeepsAHeaderValueOnOneEndpoint() async throws {
+        // 20 users, 10 requests each: every user sees exactly one endpoint, and users spread.
+        var perUser: [String: Set<String>] = [:]
+        var upstreams: [TestUpstream] = []
+        for name in ["u0", "u1", "u2"] { upstreams.append(try await TestUpstream.start(name: name, group: group)) }
+        defer { Task { for u in upstreams { await u.stop() } } }
+        let proxy = try await ProxyHarness.start(
+            gatewayConfig(
+                virtualHosts: catchAll("c"),
+                clusters: [
+                    ClusterConfig(
+                        name: "c",
+                        loadBalancing: .ringHash(header: "x-user", minimumRingSize: 1024),
+                        endpoints: upstreams.map { endpoint($0) }
+                    )
+                ]
+            ),
+            group: group
+        )
+        defer { Task { await proxy.stop() } }
+        let client = try await TestHTTPClient.connect(port: proxy.port, group: group)
+        defer { Task { await client.close() } }
+        for round in 0..<10 {
+            for user in 0..<20 {
+                let r = try await client.request(.GET, "/\(round)", headers: [("x-user", "user-\(user)")])
+                perUser["user-\(user)", default: []].insert(r.body)
+            }
+        }
+        #expect(perUser.values.allSatisfy { $0.count == 1 }, "\(perUser)")
+        #expect(Set(perUser.values.flatMap { $0 }).count >= 2)
+    }
+
+    @Test func unhealthyAndDrainingEndpointsGetNoRequests() async throws {
+        let counts = try await run(policy: .roundRobin, health: [.healthy, .unhealthy, .draining], requests: 12)
+        #expect(counts == ["u0": 12])
+    }
+
+    @Test func noHealthyEndpointIs503() async throws {
+        let counts = try await run(policy: .roundRobin, health: [.unhealthy, .unhealthy, .draining], requests: 3)
+        #expect(counts == ["503 no_healthy_upstream": 3])
+    }
+}
+
+/// The balancer alone, without sockets.
+@Suite struct LoadBalancerUnitTests {
+    private func cluster(_ policy: LoadBalancingPolicy, weights: [Int], health: [Endpoint.Health]? = nil) -> ClusterRuntime {
+        let endpoints = weights.indices.map { i in
+            Endpoint(address: .init(host: "127.0.0.1", port: 9000 + i), weight: weights[i], health: health?[i] ?? .healthy)
+        }
+        let config = ClusterConfig(name: "c", loadBalancing: policy, endpoints: endpoints)
+        return ClusterRuntime(index: 0, config: config, stats: ProxyStats().cluster("unit"))
+    }
+
+    @Test func leastRequestPrefersTheLessLoadedOfTwo() {
+        var rng = FastRandom(seed: 7)
+        let balancer = LoadBalancer(cluster: cluster(.leastRequest, weights: [1, 1]), rng: &rng)
+        for _ in 0..<10 { balancer.requestStarted(endpoint: 0) }
+        for _ in 0..<50 { #expect(balancer.pick(headers: [:], rng: &rng) == 1) }
+    }
+
+    @Test func ringHashMovesOnlyTheKeysOfARemovedEndpoint() {
+        var rng = FastRandom(seed: 1)
+        let all = LoadBalancer(cluster: cluster(.ringHash(header: "k", minimumRingSize: 1024), weights: [1, 1, 1, 1]), rng: &rng)
+        let oneDown = LoadBalancer(
+            cluster: cluster(.ringHash(header: "k", minimumRingSize: 1024), weights: [1, 1, 1, 1], health: [.healthy, .healthy, .healthy, .unhealthy]),
+            rng: &rng
+        )
+        var moved = 0
+        for key in 0..<1000 {
+            let headers: HTTPHeaders = [("k", "key-\(key)")]
+            let before = all.pick(headers: headers, rng: &rng)!
+            let after = oneDown.pick(headers: headers, rng: &rng)!
+            #expect(after != 3)
+            if before != 3 && before != after { moved += 1 }
+        }
+        #expect(moved == 0)
+    }
+}

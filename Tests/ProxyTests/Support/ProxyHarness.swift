@@ -1,0 +1,115 @@
+import Logging
+import NIOCore
+import NIOPosix
+import Prometheus
+@testable import Proxy
+
+/// A proxy running in the test process on loopback port 0, with its own Prometheus registry and
+/// admin endpoint.
+final class ProxyHarness: Sendable {
+    let server: ProxyServer
+    let stats: ProxyStats
+    let registry: PrometheusCollectorRegistry
+    let port: Int
+    let adminPort: Int
+    private let adminChannel: any Channel
+
+    static func start(_ config: ProxyConfig, group: any EventLoopGroup) async throws -> ProxyHarness {
+        let registry = PrometheusCollectorRegistry()
+        let stats = ProxyStats(factory: PrometheusMetricsFactory(registry: registry))
+        let snapshot = try ProxySnapshot(config, stats: stats)
+        var logger = Logger(label: "test.proxy")
+        logger.logLevel = .warning
+        let server = try ProxyServer(snapshot: snapshot, stats: stats, group: group, logger: logger)
+        let bound = try await server.start()
+        let admin = AdminServer(
+            port: 0,
+            group: group,
+            proxy: server,
+            renderMetrics: {
+                var buffer: [UInt8] = []
+                registry.emit(into: &buffer)
+                return String(decoding: buffer, as: UTF8.self)
+            },
+            logger: logger
+        )
+        let adminChannel = try await admin.bind()
+        return ProxyHarness(
+            server: server,
+            stats: stats,
+            registry: registry,
+            port: bound[config.listeners[0].name]!.port!,
+            adminPort: adminChannel.localAddress!.port!,
+            adminChannel: adminChannel
+        )
+    }
+
+    private init(
+        server: ProxyServer,
+        stats: ProxyStats,
+        registry: PrometheusCollectorRegistry,
+        port: Int,
+        adminPort: Int,
+        adminChannel: any Channel
+    ) {
+        self.server = server
+        self.stats = stats
+        self.registry = registry
+        self.port = port
+        self.adminPort = adminPort
+        self.adminChannel = adminChannel
+    }
+
+    func apply(_ config: ProxyConfig) async throws {
+        try await server.apply(try ProxySnapshot(config, stats: stats))
+    }
+
+    func stop() async {
+        try? await adminChannel.close()
+        await server.shutdown()
+    }
+
+    /// The value of one metric sample from `/stats/prometheus`, e.g.
+    /// `trellis_errors_total{token="no_route"}`; 0 when absent.
+    func metric(_ sample: String, group: any EventLoopGroup) async throws -> Double {
+        let response = try await TestHTTPClient.get(port: adminPort, "/stats/prometheus", group: group)
+        for line in response.body.split(separator: "\n") where line.hasPrefix(sample + " ") {
+            return Double(line.dropFirst(sample.count + 1)) ?? .nan
+        }
+        return 0
+    }
+}
+
+/// A one-listener gateway configuration on loopback port 0.
+func gatewayConfig(
+    virtualHosts: [VirtualHost],
+    clusters: [ClusterConfig],
+    limits: ConnectionLimits = .init()
+) -> ProxyConfig {
+    ProxyConfig(
+        version: "test",
+        listeners: [
+            ListenerConfig(
+                name: "test",
+                address: SocketEndpoint(host: "127.0.0.1", port: 0),
+                virtualHosts: virtualHosts,
+                limits: limits
+            )
+        ],
+        clusters: clusters
+    )
+}
+
+func endpoint(_ upstream: TestUpstream, weight: Int = 1, health: Endpoint.Health = .healthy) -> Endpoint {
+    Endpoint(address: SocketEndpoint(host: "127.0.0.1", port: upstream.port), weight: weight, health: health)
+}
+
+func catchAll(_ cluster: String, timeout: Duration? = .seconds(5)) -> [VirtualHost] {
+    [
+        VirtualHost(
+            name: "all",
+            domains: ["*"],
+            routes: [Route(name: "all", match: RouteMatch(), action: RouteAction(clusters: [.init(name: cluster)], timeout: timeout))]
+        )
+    ]
+}

@@ -1,0 +1,129 @@
+import NIOConcurrencyHelpers
+import NIOCore
+import NIOHTTP1
+import NIOPosix
+
+/// A real HTTP/1.1 server on loopback that the proxy forwards to in tests. It answers:
+/// - `/delay/<ms>`: 200 after the delay;
+/// - `/status/<code>`: that status;
+/// - `/close`: closes the connection without answering;
+/// - `/count`: 200 with the number of body bytes received (streamed, never buffered);
+/// - anything else: 200 with body `<name>`.
+/// Every response carries `x-upstream: <name>`; the heads it received are kept for assertions.
+final class TestUpstream: Sendable {
+    let name: String
+    let port: Int
+    private let channel: any Channel
+    private let received: NIOLockedValueBox<[HTTPRequestHead]>
+    private let aborted: NIOLockedValueBox<Int>
+    private let accepted: NIOLockedValueBox<Int>
+
+    var requests: [HTTPRequestHead] { received.withLockedValue { $0 } }
+    var requestCount: Int { received.withLockedValue { $0.count } }
+    /// Requests whose connection closed before their end arrived.
+    var abortedRequests: Int { aborted.withLockedValue { $0 } }
+    /// Connections accepted so far.
+    var connections: Int { accepted.withLockedValue { $0 } }
+
+    static func start(name: String, group: any EventLoopGroup) async throws -> TestUpstream {
+        let received = NIOLockedValueBox<[HTTPRequestHead]>([])
+        let aborted = NIOLockedValueBox<Int>(0)
+        let accepted = NIOLockedValueBox<Int>(0)
+        let channel = try await ServerBootstrap(group: group)
+            .serverChannelOption(.socketOption(.so_reuseaddr), value: 1)
+            .childChannelInitializer { channel in
+                accepted.withLockedValue { $0 += 1 }
+                return channel.eventLoop.makeCompletedFuture {
+                    try channel.pipeline.syncOperations.configureHTTPServerPipeline()
+                    try channel.pipeline.syncOperations.addHandler(
+                        Handler(name: name, received: received, aborted: aborted)
+                    )
+                }
+            }
+            .bind(host: "127.0.0.1", port: 0).get()
+        return TestUpstream(name: name, channel: channel, received: received, aborted: aborted, accepted: accepted)
+    }
+
+    private init(
+        name: String,
+        channel: any Channel,
+        received: NIOLockedValueBox<[HTTPRequestHead]>,
+        aborted: NIOLockedValueBox<Int>,
+        accepted: NIOLockedValueBox<Int>
+    ) {
+        self.name = name
+        self.channel = channel
+        self.port = channel.localAddress!.port!
+        self.received = received
+        self.aborted = aborted
+        self.accepted = accepted
+    }
+
+    func stop() async {
+        try? await channel.close()
+    }
+
+    private final class Handler: ChannelInboundHandler {
+        typealias InboundIn = HTTPServerRequestPart
+        typealias OutboundOut = HTTPServerResponsePart
+
+        let name: String
+        let received: NIOLockedValueBox<[HTTPRequestHead]>
+        let aborted: NIOLockedValueBox<Int>
+        var head: HTTPRequestHead?
+        var bodyBytes = 0
+
+        init(name: String, received: NIOLockedValueBox<[HTTPRequestHead]>, aborted: NIOLockedValueBox<Int>) {
+            self.name = name
+            self.received = received
+            self.aborted = aborted
+        }
+
+        func channelInactive(context: ChannelHandlerContext) {
+            if head != nil { aborted.withLockedValue { $0 += 1 } }
+            context.fireChannelInactive()
+        }
+
+        func channelRead(context: ChannelHandlerContext, data: NIOAny) {
+            switch unwrapInboundIn(data) {
+            case .head(let head):
+                self.head = head
+                bodyBytes = 0
+                received.withLockedValue { $0.append(head) }
+            case .body(let buffer):
+                bodyBytes += buffer.readableBytes
+            case .end:
+                guard let head else { return }
+                self.head = nil
+                let path = head.uri.split(separator: "?").first.map(String.init) ?? head.uri
+                if path == "/close" {
+                    context.close(promise: nil)
+                } else if path.hasPrefix("/delay/"), let ms = Int64(path.dropFirst("/delay/".count)) {
+                    let bound = NIOLoopBound((self, context), eventLoop: context.eventLoop)
+                    context.eventLoop.scheduleTask(in: .milliseconds(ms)) {
+                        let (handler, context) = bound.value
+                        handler.respond(context: context, head: head, status: .ok, body: handler.name)
+                    }
+                } else if path.hasPrefix("/status/"), let code = Int(path.dropFirst("/status/".count)) {
+                    respond(context: context, head: head, status: .init(statusCode: code), body: name)
+                } else if path == "/count" {
+                    respond(context: context, head: head, status: .ok, body: "\(bodyBytes)")
+                } else {
+                    respond(context: context, head: head, status: .ok, body: name)
+                }
+            }
+        }
+
+        func respond(context: ChannelHandlerContext, head: HTTPRequestHead, status: HTTPResponseStatus, body: String) {
+            guard context.channel.isActive else { return }
+            var headers = HTTPHeaders()
+            headers.add(name: "x-upstream", value: name)
+            headers.add(name: "content-length", value: "\(body.utf8.count)")
+            headers.add(name: "connection", value: "keep-alive")
+            headers.add(name: "keep-alive", value: "timeout=60")
+            context.write(wrapOutboundOut(.head(.init(version: head.version, status: status, headers: headers))), promise: nil)
+            context.write(wrapOutboundOut(.body(.byteBuffer(context.channel.allocator.buffer(string: body)))), promise: nil)
+            context.writeAndFlush(wrapOutboundOut(.end(nil)), promise: nil)
+        }
+    }
+}
