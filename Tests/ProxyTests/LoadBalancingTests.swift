@@ -16,8 +16,9 @@ import Testing
         requests: Int,
         headers: @escaping (Int) -> [(String, String)] = { _ in [] }
     ) async throws -> [String: Int] {
-        var upstreams: [TestUpstream] = []
-        for name in ["u0", "u1", "u2"] { upstreams.append(try await TestUpstream.start(name: name, group: group)) }
+        var started: [TestUpstream] = []
+        for name in ["u0", "u1", "u2"] { started.append(try await TestUpstream.start(name: name, group: group)) }
+        let upstreams = started
         defer { Task { for u in upstreams { await u.stop() } } }
         let endpoints = upstreams.indices.map { endpoint(upstreams[$0], weight: weights[$0], health: health[$0]) }
         let proxy = try await ProxyHarness.start(
@@ -62,8 +63,9 @@ import Testing
     @Test func ringHashKeepsAHeaderValueOnOneEndpoint() async throws {
         // 20 users, 10 requests each: every user sees exactly one endpoint, and users spread.
         var perUser: [String: Set<String>] = [:]
-        var upstreams: [TestUpstream] = []
-        for name in ["u0", "u1", "u2"] { upstreams.append(try await TestUpstream.start(name: name, group: group)) }
+        var started: [TestUpstream] = []
+        for name in ["u0", "u1", "u2"] { started.append(try await TestUpstream.start(name: name, group: group)) }
+        let upstreams = started
         defer { Task { for u in upstreams { await u.stop() } } }
         let proxy = try await ProxyHarness.start(
             gatewayConfig(
@@ -116,7 +118,7 @@ import Testing
         var rng = FastRandom(seed: 7)
         let balancer = LoadBalancer(cluster: cluster(.leastRequest, weights: [1, 1]), rng: &rng)
         for _ in 0..<10 { balancer.requestStarted(endpoint: 0) }
-        for _ in 0..<50 { #expect(balancer.pick(headers: [:], rng: &rng) == 1) }
+        for _ in 0..<50 { #expect(balancer.pick(headers: HTTPHeaders(), rng: &rng) == 1) }
     }
 
     @Test func ringHashMovesOnlyTheKeysOfARemovedEndpoint() {
@@ -128,7 +130,7 @@ import Testing
         )
         var moved = 0
         for key in 0..<1000 {
-            let headers: HTTPHeaders = [("k", "key-\(key)")]
+            let headers = HTTPHeaders([("k", "key-\(key)")])
             let before = all.pick(headers: headers, rng: &rng)!
             let after = oneDown.pick(headers: headers, rng: &rng)!
             #expect(after != 3)

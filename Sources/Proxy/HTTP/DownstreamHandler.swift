@@ -130,6 +130,13 @@ final class DownstreamHandler: ChannelDuplexHandler {
             context.close(promise: nil)
             return
         }
+        if parserError == .invalidEOFState || !context.channel.isActive {
+            // The client went away in the middle of a request: nobody is left to answer.
+            exchange?.downstreamClosed()
+            exchange = nil
+            context.close(promise: nil)
+            return
+        }
         let proxyError: ProxyError =
             switch parserError {
             case .headerOverflow: .headerTooLarge("\(parserError)")

@@ -39,6 +39,14 @@ final class ProxyExchange {
 
     var downstreamWritable: Bool { downstream.isWritable }
 
+    /// Whether the request announced a body (`content-length` above 0, or chunked).
+    private var requestHasBody: Bool {
+        let headers = request.head.headers
+        if headers.contains(name: "transfer-encoding") { return true }
+        if let length = headers.first(name: "content-length") { return length != "0" }
+        return false
+    }
+
     /// Whether the downstream handler should stop reading the request for now.
     var holdsDownstreamReads: Bool {
         switch state {
@@ -193,7 +201,10 @@ final class ProxyExchange {
         }
         request.responseStatus = error.status
         if let upstream { finish(upstream: upstream, reusable: false) } else { finishAccounting() }
-        let keepAlive = requestEnded && clientWantsKeepAlive && !downstream.isDraining
+        // Answering before the request ended is safe for keep-alive only when the request has no
+        // body to skip; otherwise the connection is closed rather than guessing where the next
+        // request starts.
+        let keepAlive = (requestEnded || !requestHasBody) && clientWantsKeepAlive && !downstream.isDraining
         downstream.sendError(error, keepAlive: keepAlive, version: requestVersion)
     }
 

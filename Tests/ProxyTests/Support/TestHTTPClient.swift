@@ -50,6 +50,10 @@ final class TestHTTPClient: Sendable {
         let channel = self.channel
         return try await channel.eventLoop.flatSubmit {
             let promise = channel.eventLoop.makePromise(of: TestResponse.self)
+            guard channel.isActive else {
+                promise.fail(ChannelError.ioOnClosedChannel)
+                return promise.futureResult
+            }
             handler.value.pending.append(promise)
             channel.write(HTTPClientRequestPart.head(head), promise: nil)
             if let body {
