@@ -37,7 +37,9 @@ struct Gateway: AsyncParsableCommand {
         let logger = try logging.bootstrap(label: "trellis.gateway")
         let gateway = try Self.load(path: config)
         if check {
-            print("\(config): ok (\(gateway.proxy.listeners.count) listeners, \(gateway.proxy.clusters.count) clusters)")
+            print(
+                "\(config): ok (\(gateway.proxy.listeners.count) listeners, \(gateway.proxy.clusters.count) clusters)"
+            )
             return
         }
 

@@ -7,7 +7,9 @@ struct LoggingOptions: ParsableArguments {
 
     func bootstrap(label: String) throws -> Logger {
         guard let level = Logger.Level(rawValue: logLevel) else {
-            throw ValidationError("--log-level: expected one of \(Logger.Level.allCases.map(\.rawValue).joined(separator: ", ")), got '\(logLevel)'")
+            throw ValidationError(
+                "--log-level: expected one of \(Logger.Level.allCases.map(\.rawValue).joined(separator: ", ")), got '\(logLevel)'"
+            )
         }
         LoggingSystem.bootstrap { label in
             var handler = StreamLogHandler.standardError(label: label)

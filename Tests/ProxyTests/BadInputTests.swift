@@ -38,7 +38,10 @@ import Testing
     }
 
     /// Sends `request` raw and returns the status line and whether the server closed.
-    private func exchange(_ proxy: ProxyHarness, _ request: String) async throws -> (statusLine: String, body: String, closed: Bool) {
+    private func exchange(
+        _ proxy: ProxyHarness,
+        _ request: String
+    ) async throws -> (statusLine: String, body: String, closed: Bool) {
         let raw = try await RawClient.connect(port: proxy.port, group: group)
         defer { Task { await raw.close() } }
         try await raw.send(request)
@@ -69,7 +72,10 @@ import Testing
             #expect(try await proxy.metric("trellis_errors_total{token=\"header_too_large\"}", group: group) == 1)
             // Just under the limit passes.
             let fits = String(repeating: "a", count: 3000)
-            let ok = try await exchange(proxy, "GET / HTTP/1.1\r\nhost: a\r\nx-big: \(fits)\r\nconnection: close\r\n\r\n")
+            let ok = try await exchange(
+                proxy,
+                "GET / HTTP/1.1\r\nhost: a\r\nx-big: \(fits)\r\nconnection: close\r\n\r\n"
+            )
             #expect(ok.statusLine == "HTTP/1.1 200 OK")
         }
     }
@@ -92,7 +98,10 @@ import Testing
 
     @Test func duplicateConflictingContentLengthIs400() async throws {
         try await withProxy { proxy, upstream in
-            let r = try await exchange(proxy, "POST / HTTP/1.1\r\nhost: a\r\ncontent-length: 5\r\ncontent-length: 6\r\n\r\nhello!")
+            let r = try await exchange(
+                proxy,
+                "POST / HTTP/1.1\r\nhost: a\r\ncontent-length: 5\r\ncontent-length: 6\r\n\r\nhello!"
+            )
             #expect(r.statusLine == "HTTP/1.1 400 Bad Request")
             #expect(upstream.requestCount == 0)
         }
@@ -154,9 +163,13 @@ import Testing
             try await raw.send(String(repeating: "x", count: 10_000))
             // Wait until the upstream has the request head, then vanish.
             let deadline = ContinuousClock.now + .seconds(5)
-            while upstream.requestCount == 0 && ContinuousClock.now < deadline { try await Task.sleep(for: .milliseconds(10)) }
+            while upstream.requestCount == 0 && ContinuousClock.now < deadline {
+                try await Task.sleep(for: .milliseconds(10))
+            }
             await raw.close()
-            while upstream.abortedRequests == 0 && ContinuousClock.now < deadline { try await Task.sleep(for: .milliseconds(10)) }
+            while upstream.abortedRequests == 0 && ContinuousClock.now < deadline {
+                try await Task.sleep(for: .milliseconds(10))
+            }
             #expect(upstream.abortedRequests == 1)
             #expect(try await proxy.metric("trellis_errors_total{token=\"client_disconnect\"}", group: group) == 1)
         }

@@ -13,7 +13,11 @@ import Testing
     @Test func routesByHostPathAndHeaderToTwoUpstreams() async throws {
         let a = try await TestUpstream.start(name: "alpha", group: group)
         let b = try await TestUpstream.start(name: "beta", group: group)
-        defer { Task { await a.stop(); await b.stop() } }
+        defer {
+            Task {
+                await a.stop(); await b.stop()
+            }
+        }
         let config = gatewayConfig(
             virtualHosts: [
                 VirtualHost(
@@ -22,7 +26,10 @@ import Testing
                     routes: [
                         Route(
                             name: "beta-header",
-                            match: RouteMatch(path: .prefix("/"), headers: [.init(name: "x-canary", kind: .exact("1"))]),
+                            match: RouteMatch(
+                                path: .prefix("/"),
+                                headers: [.init(name: "x-canary", kind: .exact("1"))]
+                            ),
                             action: .init(clusters: [.init(name: "beta")])
                         ),
                         Route(
@@ -35,7 +42,11 @@ import Testing
                             match: RouteMatch(path: .exact("/submit"), methods: ["POST"]),
                             action: .init(clusters: [.init(name: "beta")])
                         ),
-                        Route(name: "alpha-rest", match: RouteMatch(path: .prefix("/")), action: .init(clusters: [.init(name: "alpha")])),
+                        Route(
+                            name: "alpha-rest",
+                            match: RouteMatch(path: .prefix("/")),
+                            action: .init(clusters: [.init(name: "alpha")])
+                        ),
                     ]
                 ),
                 VirtualHost(
@@ -65,10 +76,21 @@ import Testing
         let client = try await TestHTTPClient.connect(port: proxy.port, group: group)
         defer { Task { await client.close() } }
 
-        func upstream(_ path: String, method: HTTPMethod = .GET, host: String, headers: [(String, String)] = [])
+        func upstream(
+            _ path: String,
+            method: HTTPMethod = .GET,
+            host: String,
+            headers: [(String, String)] = []
+        )
             async throws -> String
         {
-            let r = try await client.request(method, path, host: host, headers: headers, body: method == .POST ? "x" : nil)
+            let r = try await client.request(
+                method,
+                path,
+                host: host,
+                headers: headers,
+                body: method == .POST ? "x" : nil
+            )
             return r.status == .ok ? r.body : "\(r.status.code) \(r.headers.first(name: "x-trellis-error") ?? "")"
         }
 
@@ -87,13 +109,19 @@ import Testing
         #expect(try await upstream("/", host: "present.test") == "404 no_route")
         #expect(try await upstream("/", host: "unknown.example.org") == "404 no_route")
         #expect(try await proxy.metric("trellis_errors_total{token=\"no_route\"}", group: group) == 3)
-        #expect(try await proxy.metric("trellis_upstream_requests_total{cluster=\"beta\",class=\"2xx\"}", group: group) == 5)
+        #expect(
+            try await proxy.metric("trellis_upstream_requests_total{cluster=\"beta\",class=\"2xx\"}", group: group) == 5
+        )
     }
 
     @Test func weightedClustersSplitTraffic() async throws {
         let a = try await TestUpstream.start(name: "alpha", group: group)
         let b = try await TestUpstream.start(name: "beta", group: group)
-        defer { Task { await a.stop(); await b.stop() } }
+        defer {
+            Task {
+                await a.stop(); await b.stop()
+            }
+        }
         let config = gatewayConfig(
             virtualHosts: [
                 VirtualHost(
@@ -128,7 +156,10 @@ import Testing
         let a = try await TestUpstream.start(name: "alpha", group: group)
         defer { Task { await a.stop() } }
         let proxy = try await ProxyHarness.start(
-            gatewayConfig(virtualHosts: catchAll("alpha"), clusters: [ClusterConfig(name: "alpha", endpoints: [endpoint(a)])]),
+            gatewayConfig(
+                virtualHosts: catchAll("alpha"),
+                clusters: [ClusterConfig(name: "alpha", endpoints: [endpoint(a)])]
+            ),
             group: group
         )
         defer { Task { await proxy.stop() } }
@@ -163,7 +194,10 @@ import Testing
         let a = try await TestUpstream.start(name: "alpha", group: group)
         defer { Task { await a.stop() } }
         let proxy = try await ProxyHarness.start(
-            gatewayConfig(virtualHosts: catchAll("alpha"), clusters: [ClusterConfig(name: "alpha", endpoints: [endpoint(a)])]),
+            gatewayConfig(
+                virtualHosts: catchAll("alpha"),
+                clusters: [ClusterConfig(name: "alpha", endpoints: [endpoint(a)])]
+            ),
             group: group
         )
         defer { Task { await proxy.stop() } }
@@ -184,12 +218,19 @@ import Testing
     @Test func newSnapshotAppliesWithoutDroppingOpenConnections() async throws {
         let a = try await TestUpstream.start(name: "alpha", group: group)
         let b = try await TestUpstream.start(name: "beta", group: group)
-        defer { Task { await a.stop(); await b.stop() } }
+        defer {
+            Task {
+                await a.stop(); await b.stop()
+            }
+        }
         let clusters = [
             ClusterConfig(name: "alpha", endpoints: [endpoint(a)]),
             ClusterConfig(name: "beta", endpoints: [endpoint(b)]),
         ]
-        let proxy = try await ProxyHarness.start(gatewayConfig(virtualHosts: catchAll("alpha"), clusters: clusters), group: group)
+        let proxy = try await ProxyHarness.start(
+            gatewayConfig(virtualHosts: catchAll("alpha"), clusters: clusters),
+            group: group
+        )
         defer { Task { await proxy.stop() } }
         let client = try await TestHTTPClient.connect(port: proxy.port, group: group)
         defer { Task { await client.close() } }
@@ -209,7 +250,10 @@ import Testing
         let a = try await TestUpstream.start(name: "alpha", group: group)
         defer { Task { await a.stop() } }
         let proxy = try await ProxyHarness.start(
-            gatewayConfig(virtualHosts: catchAll("alpha"), clusters: [ClusterConfig(name: "alpha", endpoints: [endpoint(a)])]),
+            gatewayConfig(
+                virtualHosts: catchAll("alpha"),
+                clusters: [ClusterConfig(name: "alpha", endpoints: [endpoint(a)])]
+            ),
             group: group
         )
         defer { Task { await proxy.stop() } }
@@ -220,7 +264,10 @@ import Testing
         #expect(dump.headers.first(name: "content-type") == "application/json")
         #expect(dump.body.contains("\"alpha\""))
         _ = try await TestHTTPClient.get(port: proxy.port, "/", group: group)
-        #expect(try await proxy.metric("trellis_upstream_requests_total{cluster=\"alpha\",class=\"2xx\"}", group: group) == 1)
+        #expect(
+            try await proxy.metric("trellis_upstream_requests_total{cluster=\"alpha\",class=\"2xx\"}", group: group)
+                == 1
+        )
         #expect(try await proxy.metric("trellis_downstream_connections_total", group: group) >= 1)
         let metrics = try await TestHTTPClient.get(port: proxy.adminPort, "/stats/prometheus", group: group)
         #expect(metrics.body.contains("trellis_upstream_request_duration_seconds_bucket{cluster=\"alpha\""))

@@ -34,7 +34,10 @@ import Testing
         var counts: [String: Int] = [:]
         for i in 0..<requests {
             let r = try await client.request(.GET, "/", headers: headers(i))
-            counts[r.status == .ok ? r.body : "\(r.status.code) \(r.headers.first(name: "x-trellis-error") ?? "")", default: 0] += 1
+            counts[
+                r.status == .ok ? r.body : "\(r.status.code) \(r.headers.first(name: "x-trellis-error") ?? "")",
+                default: 0
+            ] += 1
         }
         return counts
     }
@@ -106,9 +109,17 @@ import Testing
 
 /// The balancer alone, without sockets.
 @Suite struct LoadBalancerUnitTests {
-    private func cluster(_ policy: LoadBalancingPolicy, weights: [Int], health: [Endpoint.Health]? = nil) -> ClusterRuntime {
+    private func cluster(
+        _ policy: LoadBalancingPolicy,
+        weights: [Int],
+        health: [Endpoint.Health]? = nil
+    ) -> ClusterRuntime {
         let endpoints = weights.indices.map { i in
-            Endpoint(address: .init(host: "127.0.0.1", port: 9000 + i), weight: weights[i], health: health?[i] ?? .healthy)
+            Endpoint(
+                address: .init(host: "127.0.0.1", port: 9000 + i),
+                weight: weights[i],
+                health: health?[i] ?? .healthy
+            )
         }
         let config = ClusterConfig(name: "c", loadBalancing: policy, endpoints: endpoints)
         return ClusterRuntime(index: 0, config: config, stats: ProxyStats().cluster("unit"))
@@ -123,9 +134,16 @@ import Testing
 
     @Test func ringHashMovesOnlyTheKeysOfARemovedEndpoint() {
         var rng = FastRandom(seed: 1)
-        let all = LoadBalancer(cluster: cluster(.ringHash(header: "k", minimumRingSize: 1024), weights: [1, 1, 1, 1]), rng: &rng)
+        let all = LoadBalancer(
+            cluster: cluster(.ringHash(header: "k", minimumRingSize: 1024), weights: [1, 1, 1, 1]),
+            rng: &rng
+        )
         let oneDown = LoadBalancer(
-            cluster: cluster(.ringHash(header: "k", minimumRingSize: 1024), weights: [1, 1, 1, 1], health: [.healthy, .healthy, .healthy, .unhealthy]),
+            cluster: cluster(
+                .ringHash(header: "k", minimumRingSize: 1024),
+                weights: [1, 1, 1, 1],
+                health: [.healthy, .healthy, .healthy, .unhealthy]
+            ),
             rng: &rng
         )
         var moved = 0

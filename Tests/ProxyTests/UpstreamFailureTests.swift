@@ -38,7 +38,9 @@ import Testing
         let proxy = try await ProxyHarness.start(
             gatewayConfig(
                 virtualHosts: catchAll("gone"),
-                clusters: [ClusterConfig(name: "gone", endpoints: [Endpoint(address: .init(host: "127.0.0.1", port: port))])]
+                clusters: [
+                    ClusterConfig(name: "gone", endpoints: [Endpoint(address: .init(host: "127.0.0.1", port: port))])
+                ]
             ),
             group: group
         )
@@ -54,7 +56,10 @@ import Testing
         let a = try await TestUpstream.start(name: "alpha", group: group)
         defer { Task { await a.stop() } }
         let proxy = try await ProxyHarness.start(
-            gatewayConfig(virtualHosts: catchAll("alpha"), clusters: [ClusterConfig(name: "alpha", endpoints: [endpoint(a)])]),
+            gatewayConfig(
+                virtualHosts: catchAll("alpha"),
+                clusters: [ClusterConfig(name: "alpha", endpoints: [endpoint(a)])]
+            ),
             group: group
         )
         defer { Task { await proxy.stop() } }
@@ -71,7 +76,10 @@ import Testing
         let a = try await TestUpstream.start(name: "alpha", group: group)
         defer { Task { await a.stop() } }
         let proxy = try await ProxyHarness.start(
-            gatewayConfig(virtualHosts: catchAll("alpha"), clusters: [ClusterConfig(name: "alpha", endpoints: [endpoint(a)])]),
+            gatewayConfig(
+                virtualHosts: catchAll("alpha"),
+                clusters: [ClusterConfig(name: "alpha", endpoints: [endpoint(a)])]
+            ),
             group: group
         )
         defer { Task { await proxy.stop() } }
@@ -80,9 +88,18 @@ import Testing
         #expect(try await client.request(.GET, "/status/503").status == .serviceUnavailable)
         #expect(try await client.request(.GET, "/status/404").status == .notFound)
         #expect(try await client.request(.GET, "/status/204").status == .noContent)
-        #expect(try await proxy.metric("trellis_upstream_requests_total{cluster=\"alpha\",class=\"5xx\"}", group: group) == 1)
-        #expect(try await proxy.metric("trellis_upstream_requests_total{cluster=\"alpha\",class=\"4xx\"}", group: group) == 1)
-        #expect(try await proxy.metric("trellis_upstream_requests_total{cluster=\"alpha\",class=\"2xx\"}", group: group) == 1)
+        #expect(
+            try await proxy.metric("trellis_upstream_requests_total{cluster=\"alpha\",class=\"5xx\"}", group: group)
+                == 1
+        )
+        #expect(
+            try await proxy.metric("trellis_upstream_requests_total{cluster=\"alpha\",class=\"4xx\"}", group: group)
+                == 1
+        )
+        #expect(
+            try await proxy.metric("trellis_upstream_requests_total{cluster=\"alpha\",class=\"2xx\"}", group: group)
+                == 1
+        )
         // Upstream 5xx are the upstream's answers, not proxy errors.
         #expect(try await proxy.metric("trellis_errors_total{token=\"upstream_reset\"}", group: group) == 0)
     }
@@ -91,7 +108,10 @@ import Testing
         let a = try await TestUpstream.start(name: "alpha", group: group)
         defer { Task { await a.stop() } }
         let proxy = try await ProxyHarness.start(
-            gatewayConfig(virtualHosts: catchAll("alpha"), clusters: [ClusterConfig(name: "alpha", endpoints: [endpoint(a)])]),
+            gatewayConfig(
+                virtualHosts: catchAll("alpha"),
+                clusters: [ClusterConfig(name: "alpha", endpoints: [endpoint(a)])]
+            ),
             group: group
         )
         defer { Task { await proxy.stop() } }

@@ -21,7 +21,8 @@ public enum GatewayConfigLoader {
     ///   - file: the file's name, for error messages.
     ///   - version: the snapshot's version label (the executable passes a digest of the file).
     /// - Throws: ``ConfigFileErrors`` listing every problem found.
-    public static func parse(yaml: String, file: String, version: String = "1") throws(ConfigFileErrors) -> GatewayFile {
+    public static func parse(yaml: String, file: String, version: String = "1") throws(ConfigFileErrors) -> GatewayFile
+    {
         let gateway: GatewayFile
         do {
             gateway = try load(ConfigNode.root(yaml: yaml, file: file), version: version)
@@ -49,7 +50,10 @@ public enum GatewayConfigLoader {
         for node in try top.required("listeners", in: root).sequence() { listeners.append(try listener(node)) }
         var clusters: [ClusterConfig] = []
         for node in try top.required("clusters", in: root).sequence() { clusters.append(try cluster(node)) }
-        return GatewayFile(proxy: ProxyConfig(version: version, listeners: listeners, clusters: clusters), adminAddress: admin)
+        return GatewayFile(
+            proxy: ProxyConfig(version: version, listeners: listeners, clusters: clusters),
+            adminAddress: admin
+        )
     }
 
     private static func listener(_ node: ConfigNode) throws(ConfigFileError) -> ListenerConfig {
@@ -57,7 +61,9 @@ public enum GatewayConfigLoader {
         let (host, port) = try keys.required("address", in: node).endpoint(portRange: 0...65535)
         var limits = ConnectionLimits()
         if let limitsNode = keys["limits"] {
-            let l = try limitsNode.mapping(allowed: ["max_request_header_bytes", "request_header_timeout", "idle_timeout"])
+            let l = try limitsNode.mapping(allowed: [
+                "max_request_header_bytes", "request_header_timeout", "idle_timeout",
+            ])
             if let n = l["max_request_header_bytes"] {
                 limits.maxRequestHeaderBytes = try n.int(in: 1024...ConnectionLimits.maxHeaderCeiling)
             }
@@ -190,7 +196,9 @@ public enum GatewayConfigLoader {
         }
         var pool = PoolSettings()
         if let poolNode = keys["pool"] {
-            let pk = try poolNode.mapping(allowed: ["max_idle_per_endpoint", "idle_timeout", "max_requests_per_connection"])
+            let pk = try poolNode.mapping(allowed: [
+                "max_idle_per_endpoint", "idle_timeout", "max_requests_per_connection",
+            ])
             if let n = pk["max_idle_per_endpoint"] { pool.maxIdlePerEndpoint = try n.int(in: 0...100_000) }
             if let n = pk["idle_timeout"] { pool.idleTimeout = try n.duration() }
             if let n = pk["max_requests_per_connection"] { pool.maxRequestsPerConnection = try n.int(in: 1...Int.max) }

@@ -54,8 +54,11 @@ public struct PoolSettings: Sendable, Hashable, Codable {
     /// A connection is closed after serving this many requests; `nil` means no limit.
     public var maxRequestsPerConnection: Int?
 
-    public init(maxIdlePerEndpoint: Int = 64, idleTimeout: Duration = .seconds(60), maxRequestsPerConnection: Int? = nil)
-    {
+    public init(
+        maxIdlePerEndpoint: Int = 64,
+        idleTimeout: Duration = .seconds(60),
+        maxRequestsPerConnection: Int? = nil
+    ) {
         self.maxIdlePerEndpoint = maxIdlePerEndpoint
         self.idleTimeout = idleTimeout
         self.maxRequestsPerConnection = maxRequestsPerConnection

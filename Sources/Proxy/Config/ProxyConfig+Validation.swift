@@ -80,7 +80,9 @@ extension ProxyConfig {
                     let rpath = "\(vpath).routes[\(ri)]"
                     switch route.match.path {
                     case .prefix(let p), .exact(let p):
-                        if !p.hasPrefix("/") { fail("\(rpath).match.path", "expected a path starting with '/', got '\(p)'") }
+                        if !p.hasPrefix("/") {
+                            fail("\(rpath).match.path", "expected a path starting with '/', got '\(p)'")
+                        }
                     case .regex(let r):
                         if let problem = CompiledRegex.problem(with: r) { fail("\(rpath).match.regex", problem) }
                     }
@@ -89,12 +91,16 @@ extension ProxyConfig {
                     }
                     for (hi, header) in route.match.headers.enumerated() {
                         let hpath = "\(rpath).match.headers[\(hi)]"
-                        if !HTTPToken.isToken(header.name) { fail("\(hpath).name", "expected a header name, got '\(header.name)'") }
+                        if !HTTPToken.isToken(header.name) {
+                            fail("\(hpath).name", "expected a header name, got '\(header.name)'")
+                        }
                         if case .regex(let r) = header.kind, let problem = CompiledRegex.problem(with: r) {
                             fail("\(hpath).regex", problem)
                         }
                     }
-                    if route.action.clusters.isEmpty { fail("\(rpath).route.clusters", "expected at least one cluster") }
+                    if route.action.clusters.isEmpty {
+                        fail("\(rpath).route.clusters", "expected at least one cluster")
+                    }
                     for (wi, target) in route.action.clusters.enumerated() {
                         if !clusterNames.contains(target.name) {
                             fail("\(rpath).route.clusters[\(wi)].name", "no cluster named '\(target.name)'")

@@ -222,7 +222,11 @@ final class DownstreamHandler: ChannelDuplexHandler {
         headers.add(name: "content-length", value: "\(body.utf8.count)")
         headers.add(name: "x-trellis-error", value: error.token)
         if !keepAlive { headers.add(name: "connection", value: "close") }
-        let head = HTTPResponseHead(version: version.major == 1 ? version : .http1_1, status: error.status, headers: headers)
+        let head = HTTPResponseHead(
+            version: version.major == 1 ? version : .http1_1,
+            status: error.status,
+            headers: headers
+        )
         context.write(wrapOutboundOut(.head(head)), promise: nil)
         var buffer = context.channel.allocator.buffer(capacity: body.utf8.count)
         buffer.writeString(body)

@@ -51,7 +51,11 @@ enum HeaderRewriting {
 
     /// The head sent downstream for an upstream response. `keepAlive` says whether the downstream
     /// connection stays open after it.
-    static func downstreamResponse(_ head: HTTPResponseHead, requestVersion: HTTPVersion, keepAlive: Bool)
+    static func downstreamResponse(
+        _ head: HTTPResponseHead,
+        requestVersion: HTTPVersion,
+        keepAlive: Bool
+    )
         -> HTTPResponseHead
     {
         var headers = head.headers

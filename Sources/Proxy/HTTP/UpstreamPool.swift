@@ -53,7 +53,10 @@ final class UpstreamPool {
         cluster: ClusterRuntime,
         callback: @escaping (Result<UpstreamConnection, any Error>) -> Void
     ) {
-        let connection = UpstreamConnection(poolKey: endpoint.key, maxRequests: cluster.config.pool.maxRequestsPerConnection)
+        let connection = UpstreamConnection(
+            poolKey: endpoint.key,
+            maxRequests: cluster.config.pool.maxRequestsPerConnection
+        )
         connection.pool = self
         let handlerBox = NIOLoopBound(connection, eventLoop: eventLoop)
         let bootstrap = ClientBootstrap(group: eventLoop)
@@ -66,7 +69,10 @@ final class UpstreamPool {
                     try channel.pipeline.syncOperations.addHandlers([
                         HTTPRequestEncoder(),
                         ByteToMessageHandler(
-                            HTTPResponseDecoder(leftOverBytesStrategy: .forwardBytes, informationalResponseStrategy: .forward)
+                            HTTPResponseDecoder(
+                                leftOverBytesStrategy: .forwardBytes,
+                                informationalResponseStrategy: .forward
+                            )
                         ),
                         handlerBox.value,
                     ])
@@ -109,7 +115,9 @@ final class UpstreamPool {
 
     /// Forgets a connection that closed.
     func remove(_ connection: UpstreamConnection) {
-        guard var stack = idle[connection.poolKey], let i = stack.firstIndex(where: { $0 === connection }) else { return }
+        guard var stack = idle[connection.poolKey], let i = stack.firstIndex(where: { $0 === connection }) else {
+            return
+        }
         stack.remove(at: i)
         idle[connection.poolKey] = stack
     }

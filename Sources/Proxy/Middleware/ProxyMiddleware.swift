@@ -37,5 +37,7 @@ extension LoopResources: Sendable {}
 
 /// The standard chain: routing, then load balancing.
 public enum StandardMiddleware {
-    public static let chain: [any ProxyMiddlewareFactory] = [RoutingMiddleware.Factory(), LoadBalancingMiddleware.Factory()]
+    public static let chain: [any ProxyMiddlewareFactory] = [
+        RoutingMiddleware.Factory(), LoadBalancingMiddleware.Factory(),
+    ]
 }

@@ -1,9 +1,9 @@
+import FoundationEssentials
 public import Logging
 public import NIOCore
 import NIOHTTP1
 import NIOPosix
 public import ServiceLifecycle
-import FoundationEssentials
 
 /// The admin endpoint (loopback only, `127.0.0.1:15000` by default):
 /// `/ready`, `/stats/prometheus`, `/config_dump`.
@@ -82,9 +82,15 @@ final class AdminHandler: ChannelInboundHandler {
             var headers = HTTPHeaders()
             headers.add(name: "content-type", value: contentType)
             headers.add(name: "content-length", value: "\(body.utf8.count)")
-            context.write(wrapOutboundOut(.head(.init(version: head.version, status: status, headers: headers))), promise: nil)
+            context.write(
+                wrapOutboundOut(.head(.init(version: head.version, status: status, headers: headers))),
+                promise: nil
+            )
             if head.method != .HEAD {
-                context.write(wrapOutboundOut(.body(.byteBuffer(context.channel.allocator.buffer(string: body)))), promise: nil)
+                context.write(
+                    wrapOutboundOut(.body(.byteBuffer(context.channel.allocator.buffer(string: body)))),
+                    promise: nil
+                )
             }
             context.writeAndFlush(wrapOutboundOut(.end(nil)), promise: nil)
             if !head.isKeepAlive { context.close(promise: nil) }

@@ -1,13 +1,13 @@
 public import Logging
-public import NIOCore
 import NIOConcurrencyHelpers
+public import NIOCore
 import NIOHTTP1
 import NIOPosix
+public import ServiceLifecycle
 
 #if canImport(Glibc)
 import Glibc
 #endif
-public import ServiceLifecycle
 
 /// The data path: binds each listener of the current ``ProxyConfig`` on every event loop of the
 /// group (one `SO_REUSEPORT` socket per loop, so a connection stays on the loop that accepted it)
@@ -114,7 +114,10 @@ public final class ProxyServer: Service, Sendable {
             state.withLockedValue { $0.listeners[listener.name] = (listener, channels) }
             logger.info(
                 "listening",
-                metadata: ["listener.name": "\(listener.name)", "listener.address": "\(channels.first?.localAddress.map { "\($0)" } ?? "-")"]
+                metadata: [
+                    "listener.name": "\(listener.name)",
+                    "listener.address": "\(channels.first?.localAddress.map { "\($0)" } ?? "-")",
+                ]
             )
         }
     }

@@ -2,6 +2,7 @@ import Logging
 import NIOCore
 import NIOPosix
 import Prometheus
+
 @testable import Proxy
 
 /// A proxy running in the test process on loopback port 0, with its own Prometheus registry and
@@ -109,7 +110,13 @@ func catchAll(_ cluster: String, timeout: Duration? = .seconds(5)) -> [VirtualHo
         VirtualHost(
             name: "all",
             domains: ["*"],
-            routes: [Route(name: "all", match: RouteMatch(), action: RouteAction(clusters: [.init(name: cluster)], timeout: timeout))]
+            routes: [
+                Route(
+                    name: "all",
+                    match: RouteMatch(),
+                    action: RouteAction(clusters: [.init(name: cluster)], timeout: timeout)
+                )
+            ]
         )
     ]
 }

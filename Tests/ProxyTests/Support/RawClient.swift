@@ -40,7 +40,8 @@ final class RawClient: Sendable {
     func readUntilClose(timeout: TimeAmount = .seconds(5)) async throws -> (text: String, closed: Bool) {
         let deadline = NIODeadline.now() + timeout
         while NIODeadline.now() < deadline {
-            let (text, closed) = try await channel.eventLoop.submit { (self.collector.text, self.collector.isClosed) }.get()
+            let (text, closed) = try await channel.eventLoop.submit { (self.collector.text, self.collector.isClosed) }
+                .get()
             if closed { return (text, true) }
             try await Task.sleep(for: .milliseconds(10))
         }
@@ -79,4 +80,3 @@ final class RawClient: Sendable {
         }
     }
 }
-

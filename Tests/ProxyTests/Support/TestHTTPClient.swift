@@ -57,7 +57,10 @@ final class TestHTTPClient: Sendable {
             handler.value.pending.append(promise)
             channel.write(HTTPClientRequestPart.head(head), promise: nil)
             if let body {
-                channel.write(HTTPClientRequestPart.body(.byteBuffer(channel.allocator.buffer(string: body))), promise: nil)
+                channel.write(
+                    HTTPClientRequestPart.body(.byteBuffer(channel.allocator.buffer(string: body))),
+                    promise: nil
+                )
             }
             channel.writeAndFlush(HTTPClientRequestPart.end(nil), promise: nil)
             return promise.futureResult

@@ -121,8 +121,14 @@ final class TestUpstream: Sendable {
             headers.add(name: "content-length", value: "\(body.utf8.count)")
             headers.add(name: "connection", value: "keep-alive")
             headers.add(name: "keep-alive", value: "timeout=60")
-            context.write(wrapOutboundOut(.head(.init(version: head.version, status: status, headers: headers))), promise: nil)
-            context.write(wrapOutboundOut(.body(.byteBuffer(context.channel.allocator.buffer(string: body)))), promise: nil)
+            context.write(
+                wrapOutboundOut(.head(.init(version: head.version, status: status, headers: headers))),
+                promise: nil
+            )
+            context.write(
+                wrapOutboundOut(.body(.byteBuffer(context.channel.allocator.buffer(string: body)))),
+                promise: nil
+            )
             context.writeAndFlush(wrapOutboundOut(.end(nil)), promise: nil)
         }
     }

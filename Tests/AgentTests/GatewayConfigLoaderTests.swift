@@ -1,0 +1,134 @@
+import Foundation
+import Testing
+
+@testable import Agent
+@testable import Proxy
+
+/// The gateway YAML format: the shipped examples load, and every kind of mistake is reported with
+/// the file, line and key path, never guessed around.
+@Suite struct GatewayConfigLoaderTests {
+    static let examples = URL(fileURLWithPath: #filePath)
+        .deletingLastPathComponent().deletingLastPathComponent().deletingLastPathComponent()
+        .appendingPathComponent("examples")
+
+    private func load(_ name: String) throws -> GatewayFile {
+        let url = Self.examples.appendingPathComponent(name)
+        return try GatewayConfigLoader.parse(yaml: try String(contentsOf: url, encoding: .utf8), file: name)
+    }
+
+    private func errors(_ yaml: String) -> [String] {
+        do {
+            _ = try GatewayConfigLoader.parse(yaml: yaml, file: "gw.yaml")
+            return []
+        } catch {
+            return error.errors.map(\.description)
+        }
+    }
+
+    @Test func theShippedExamplesLoadAndCompile() throws {
+        let simple = try load("gateway.yaml")
+        #expect(simple.proxy.listeners.map(\.address) == [SocketEndpoint(host: "127.0.0.1", port: 18084)])
+        #expect(simple.proxy.clusters[0].endpoints.map(\.address) == [SocketEndpoint(host: "127.0.0.1", port: 18080)])
+        #expect(simple.adminAddress == SocketEndpoint(host: "127.0.0.1", port: 15000))
+        _ = try ProxySnapshot(simple.proxy, stats: ProxyStats())
+
+        let rich = try load("gateway-routes.yaml")
+        let policies = Dictionary(uniqueKeysWithValues: rich.proxy.clusters.map { ($0.name, $0.loadBalancing) })
+        #expect(policies["users-v1"] == .roundRobin)
+        #expect(policies["users-v2"] == .leastRequest)
+        #expect(policies["auth"] == .random)
+        #expect(policies["static"] == .weighted)
+        #expect(policies["sessions"] == .ringHash(header: "x-session-id", minimumRingSize: 1024))
+        #expect(rich.proxy.clusters.first { $0.name == "sessions" }?.endpoints.last?.address.host == "::1")
+        #expect(rich.proxy.clusters.first { $0.name == "auth" }?.connectTimeout == .milliseconds(250))
+        _ = try ProxySnapshot(rich.proxy, stats: ProxyStats())
+    }
+
+    private let valid = """
+        listeners:
+          - name: l
+            address: 127.0.0.1:0
+            virtual_hosts:
+              - name: all
+                domains: ["*"]
+                routes:
+                  - name: r
+                    match: {prefix: /}
+                    route: {cluster: c}
+        clusters:
+          - name: c
+            endpoints:
+              - address: 127.0.0.1:18080
+        """
+
+    @Test func aValidMinimalFileHasNoErrors() {
+        #expect(errors(valid) == [])
+    }
+
+    @Test func unknownKeysAreRejectedWithTheirPath() {
+        let yaml = valid.replacingOccurrences(of: "    endpoints:", with: "    lb_polcy: random\n    endpoints:")
+        let found = errors(yaml)
+        #expect(found.count == 1)
+        #expect(found.first?.hasPrefix("gw.yaml:13:") == true, "\(found)")
+        #expect(found.first?.contains("clusters[0].lb_polcy: unknown key 'lb_polcy'") == true, "\(found)")
+    }
+
+    @Test func wrongValuesNameTheKeyAndWhatWasExpected() {
+        let cases: [(String, String, String)] = [
+            ("lb_policy: round_robin", "lb_policy: fastest", "clusters[0].lb_policy: expected one of round_robin"),
+            (
+                "address: 127.0.0.1:18080", "address: 127.0.0.1:99999",
+                "clusters[0].endpoints[0].address: expected host:port"
+            ),
+            ("address: 127.0.0.1:18080", "address: localhost", "clusters[0].endpoints[0].address: expected host:port"),
+            ("{cluster: c}", "{cluster: c, timeout: soon}", "route.timeout: expected a duration"),
+            ("{cluster: c}", "{cluster: missing}", "route.clusters[0].name: no cluster named 'missing'"),
+            ("{prefix: /}", "{prefix: /, regex: '/x'}", "routes[0].match: expected exactly one of prefix, path"),
+            ("{prefix: /}", "{regex: '(['}", "routes[0].match.regex: expected a regular expression"),
+            ("domains: [\"*\"]", "domains: [\"*.*\"]", "domains[0]: expected 'name', '*.suffix' or '*'"),
+        ]
+        for (from, to, expected) in cases {
+            var yaml = valid.replacingOccurrences(of: from, with: to)
+            if from == "lb_policy: round_robin" {
+                yaml = valid.replacingOccurrences(of: "    endpoints:", with: "    \(to)\n    endpoints:")
+            }
+            let found = errors(yaml)
+            #expect(found.contains { $0.contains(expected) }, "for \(to): \(found)")
+        }
+    }
+
+    @Test func headerLimitAboveTheParserCeilingIsRejected() {
+        let yaml = valid.replacingOccurrences(
+            of: "    address: 127.0.0.1:0",
+            with: "    address: 127.0.0.1:0\n    limits: {max_request_header_bytes: 100000}"
+        )
+        #expect(
+            errors(yaml).contains {
+                $0.contains("listeners[0].limits.max_request_header_bytes: expected an integer in 1024...81920")
+            }
+        )
+    }
+
+    @Test func brokenYAMLSaysWhereItBroke() {
+        let found = errors("listeners: [\n  - oops")
+        #expect(found.count == 1)
+        #expect(found[0].hasPrefix("gw.yaml: not valid YAML:"), "\(found)")
+        #expect(found[0].contains("line"), "\(found)")
+    }
+
+    @Test func anEmptyFileIsAnError() {
+        #expect(errors("") == ["gw.yaml: the file is empty; expected a YAML mapping"])
+    }
+
+    @Test func missingRequiredKeysAreNamed() {
+        let found = errors("listeners: []\n")
+        #expect(found.contains { $0.contains("missing required key 'clusters'") }, "\(found)")
+    }
+
+    @Test func allSemanticProblemsAreReportedTogether() {
+        let yaml = valid.replacingOccurrences(of: "{cluster: c}", with: "{cluster: nope}")
+            .replacingOccurrences(of: "  - name: c\n", with: "  - name: c\n    connect_timeout: 0s\n")
+        let found = errors(yaml)
+        #expect(found.count == 2, "\(found)")
+    }
+}

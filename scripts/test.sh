@@ -1,0 +1,16 @@
+#!/usr/bin/env bash
+# Sets everything up and runs every test: lint, one build of all targets and tests, then the
+# test suites. Run as root on a fresh machine: sudo bash scripts/test.sh
+set -euo pipefail
+cd "$(dirname "$0")/.."
+
+bash scripts/bootstrap.sh
+
+echo "== swift format lint"
+swift format lint --strict -r Sources Tests Package.swift
+
+echo "== swift build --build-tests"
+swift build --build-tests
+
+echo "== swift test"
+swift test --skip-build --disable-xctest
