@@ -2,51 +2,119 @@ import NIOCore
 import NIOHTTP1
 
 /// Header handling of a forwarding proxy (RFC 9110 §7.6): hop-by-hop headers removed, `Via`,
-/// `X-Forwarded-For` and `X-Forwarded-Proto` set, `Host` kept.
+/// `X-Forwarded-For` and `X-Forwarded-Proto` set, `Host` kept. Each head is rewritten in one pass.
 enum HeaderRewriting {
-    static let via = "1.1 trellis"
+    private enum Kind {
+        case endToEnd
+        case connection
+        /// Describes one connection; never forwarded (RFC 9110 §7.6.1 and the legacy ones every
+        /// proxy strips).
+        case hopByHop
+        /// Re-framed by the encoder: only whether the body is chunked is kept.
+        case transferEncoding
+        case contentLength
+        case xForwardedFor
+        case xForwardedProto
+        case via
+    }
 
-    /// Headers that describe one connection, never forwarded (RFC 9110 §7.6.1 and the legacy
-    /// ones every proxy strips). `Transfer-Encoding` is handled by the encoder, which re-frames.
-    private static let hopByHop: [String] = [
-        "connection", "keep-alive", "proxy-connection", "te", "trailer", "upgrade",
-        "proxy-authenticate", "proxy-authorization",
-    ]
-
-    /// Removes `Connection`, every header it names, and the fixed hop-by-hop set.
-    static func removeHopByHop(_ headers: inout HTTPHeaders) {
-        for value in headers["connection"] {
-            for token in value.split(separator: ",") {
-                let name = token.trimmingASCIIWhitespace().lowercased()
-                if !name.isEmpty && name != "close" && name != "keep-alive" { headers.remove(name: name) }
+    private static func kind(of name: String) -> Kind {
+        var name = name
+        return name.withUTF8 { bytes -> Kind in
+            switch bytes.count {
+            case 2: return equalsLowercase(bytes, "te") ? .hopByHop : .endToEnd
+            case 3: return equalsLowercase(bytes, "via") ? .via : .endToEnd
+            case 7:
+                return equalsLowercase(bytes, "upgrade") || equalsLowercase(bytes, "trailer") ? .hopByHop : .endToEnd
+            case 10:
+                if equalsLowercase(bytes, "connection") { return .connection }
+                return equalsLowercase(bytes, "keep-alive") ? .hopByHop : .endToEnd
+            case 14: return equalsLowercase(bytes, "content-length") ? .contentLength : .endToEnd
+            case 15:
+                if equalsLowercase(bytes, "x-forwarded-for") { return .xForwardedFor }
+                return .endToEnd
+            case 16: return equalsLowercase(bytes, "proxy-connection") ? .hopByHop : .endToEnd
+            case 17:
+                if equalsLowercase(bytes, "transfer-encoding") { return .transferEncoding }
+                return equalsLowercase(bytes, "x-forwarded-proto") ? .xForwardedProto : .endToEnd
+            case 18: return equalsLowercase(bytes, "proxy-authenticate") ? .hopByHop : .endToEnd
+            case 19: return equalsLowercase(bytes, "proxy-authorization") ? .hopByHop : .endToEnd
+            default: return .endToEnd
             }
         }
-        for name in hopByHop where headers.contains(name: name) { headers.remove(name: name) }
+    }
+
+    /// `bytes` equals `lowercase` ignoring ASCII case; `lowercase` must be lowercase ASCII.
+    private static func equalsLowercase(_ bytes: UnsafeBufferPointer<UInt8>, _ lowercase: StaticString) -> Bool {
+        guard bytes.count == lowercase.utf8CodeUnitCount else { return false }
+        let expected = lowercase.utf8Start
+        for i in 0..<bytes.count {
+            let b = bytes[i]
+            let lower = b >= UInt8(ascii: "A") && b <= UInt8(ascii: "Z") ? b | 0x20 : b
+            if lower != expected[i] { return false }
+        }
+        return true
+    }
+
+    /// What one pass over a head found.
+    private struct Scan {
+        var headers = HTTPHeaders()
+        var chunked = false
+        var hasContentLength = false
+        var forwardedFor: String?
+        var via: String?
+        /// Names listed in `Connection` (other than `close`/`keep-alive`): hop-by-hop too.
+        var connectionOptions: [Substring] = []
+    }
+
+    private static func scan(_ headers: HTTPHeaders, extra: Int) -> Scan {
+        var s = Scan()
+        s.headers.reserveCapacity(headers.count + extra)
+        for (name, value) in headers {
+            switch kind(of: name) {
+            case .endToEnd:
+                s.headers.add(name: name, value: value)
+            case .contentLength:
+                s.hasContentLength = true
+                s.headers.add(name: name, value: value)
+            case .connection:
+                for token in value.split(separator: ",") {
+                    let option = token.trimmingASCIIWhitespace()
+                    let lower = option.lowercased()
+                    if !option.isEmpty && lower != "close" && lower != "keep-alive" {
+                        s.connectionOptions.append(option)
+                    }
+                }
+            case .hopByHop, .xForwardedProto:
+                continue
+            case .transferEncoding:
+                if value.lowercased().contains("chunked") { s.chunked = true }
+            case .xForwardedFor:
+                s.forwardedFor = s.forwardedFor.map { "\($0), \(value)" } ?? value
+            case .via:
+                s.via = s.via.map { "\($0), \(value)" } ?? value
+            }
+        }
+        for option in s.connectionOptions { s.headers.remove(name: String(option)) }
+        return s
     }
 
     /// The head sent upstream for a downstream request.
     static func upstreamRequest(_ head: HTTPRequestHead, clientAddress: SocketAddress?) -> HTTPRequestHead {
-        var headers = head.headers
-        removeHopByHop(&headers)
-        let chunked = headers["transfer-encoding"].contains { $0.lowercased().contains("chunked") }
-        headers.remove(name: "transfer-encoding")
-        if chunked && !headers.contains(name: "content-length") {
-            headers.add(name: "transfer-encoding", value: "chunked")
-        }
+        var s = scan(head.headers, extra: 4)
+        if s.chunked && !s.hasContentLength { s.headers.add(name: "transfer-encoding", value: "chunked") }
         if let ip = clientAddress?.ipAddress {
-            if let existing = headers.first(name: "x-forwarded-for") {
-                headers.replaceOrAdd(name: "x-forwarded-for", value: "\(existing), \(ip)")
-            } else {
-                headers.add(name: "x-forwarded-for", value: ip)
-            }
+            s.headers.add(name: "x-forwarded-for", value: s.forwardedFor.map { "\($0), \(ip)" } ?? ip)
+        } else if let existing = s.forwardedFor {
+            s.headers.add(name: "x-forwarded-for", value: existing)
         }
-        headers.replaceOrAdd(name: "x-forwarded-proto", value: "http")
-        appendVia(&headers, version: head.version)
+        s.headers.add(name: "x-forwarded-proto", value: "http")
+        s.headers.add(name: "via", value: viaValue(existing: s.via, version: head.version))
         var uri = head.uri
         if !uri.hasPrefix("/") && uri != "*" {
             uri = String(RouteTable.pathAndQuery(of: uri))
         }
-        return HTTPRequestHead(version: .http1_1, method: head.method, uri: uri, headers: headers)
+        return HTTPRequestHead(version: .http1_1, method: head.method, uri: uri, headers: s.headers)
     }
 
     /// The head sent downstream for an upstream response. `keepAlive` says whether the downstream
@@ -58,29 +126,23 @@ enum HeaderRewriting {
     )
         -> HTTPResponseHead
     {
-        var headers = head.headers
-        removeHopByHop(&headers)
-        let chunked = headers["transfer-encoding"].contains { $0.lowercased().contains("chunked") }
-        headers.remove(name: "transfer-encoding")
-        if chunked && !headers.contains(name: "content-length") && requestVersion == .http1_1 {
-            headers.add(name: "transfer-encoding", value: "chunked")
+        var s = scan(head.headers, extra: 2)
+        if s.chunked && !s.hasContentLength && requestVersion == .http1_1 {
+            s.headers.add(name: "transfer-encoding", value: "chunked")
         }
-        appendVia(&headers, version: head.version)
+        if let forwardedFor = s.forwardedFor { s.headers.add(name: "x-forwarded-for", value: forwardedFor) }
+        s.headers.add(name: "via", value: viaValue(existing: s.via, version: head.version))
         if !keepAlive {
-            headers.add(name: "connection", value: "close")
+            s.headers.add(name: "connection", value: "close")
         } else if requestVersion == .http1_0 {
-            headers.add(name: "connection", value: "keep-alive")
+            s.headers.add(name: "connection", value: "keep-alive")
         }
-        return HTTPResponseHead(version: requestVersion, status: head.status, headers: headers)
+        return HTTPResponseHead(version: requestVersion, status: head.status, headers: s.headers)
     }
 
-    private static func appendVia(_ headers: inout HTTPHeaders, version: HTTPVersion) {
-        let entry = "\(version.major).\(version.minor) trellis"
-        if let existing = headers.first(name: "via") {
-            headers.replaceOrAdd(name: "via", value: "\(existing), \(entry)")
-        } else {
-            headers.add(name: "via", value: entry)
-        }
+    private static func viaValue(existing: String?, version: HTTPVersion) -> String {
+        let entry = version == .http1_1 ? "1.1 trellis" : "\(version.major).\(version.minor) trellis"
+        return existing.map { "\($0), \(entry)" } ?? entry
     }
 }
 

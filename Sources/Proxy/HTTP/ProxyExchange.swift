@@ -25,8 +25,8 @@ final class ProxyExchange {
     private var pending: [HTTPClientRequestPart] = []
     private var requestEnded = false
     private var responseHeadSent = false
-    private var responseHasLength = false
-    private var timeoutTask: Scheduled<Void>?
+    /// The slot of this exchange in its loop's ``RequestDeadlines``, while it has one.
+    private var deadlineSlot: Int?
 
     init(downstream: DownstreamHandler, loop: LoopContext, request: RequestContext, chain: [any ProxyMiddleware]) {
         self.downstream = downstream
@@ -70,25 +70,23 @@ final class ProxyExchange {
             return
         }
         if let timeout = request.timeout {
-            let bound = NIOLoopBound(self, eventLoop: loop.eventLoop)
-            timeoutTask = loop.eventLoop.scheduleTask(in: TimeAmount(timeout)) { bound.value.timedOut() }
+            deadlineSlot = loop.deadlines.register(self, timeout: TimeAmount(timeout), now: request.startTime)
         }
         let upstreamHead = HeaderRewriting.upstreamRequest(request.head, clientAddress: request.remoteAddress)
         pending.append(.head(upstreamHead))
         let endpoint = cluster.endpoints[endpointIndex]
-        loop.pool.acquire(endpoint: endpoint, cluster: cluster) { [self] result in
-            switch result {
-            case .success(let connection):
-                attach(connection)
-            case .failure(let error):
-                guard case .connecting = state else { return }
-                cluster.stats.connectFailures.increment()
-                respondLocally(.upstreamConnectFailure("\(endpoint.key): \(error)"))
-            }
-        }
+        loop.pool.acquire(endpoint: endpoint, cluster: cluster, for: self)
     }
 
-    private func attach(_ connection: UpstreamConnection) {
+    /// Connecting to the endpoint failed.
+    func connectFailed(_ error: any Error) {
+        guard case .connecting = state else { return }
+        request.cluster?.stats.connectFailures.increment()
+        respondLocally(.upstreamConnectFailure("\(request.endpoint.map(\.description) ?? "-"): \(error)"))
+    }
+
+    /// An upstream connection is ready for this exchange.
+    func attach(_ connection: UpstreamConnection) {
         guard case .connecting = state else {
             // Timed out or the client left while connecting: the fresh connection is still good.
             releaseOrClose(connection, reusable: true)
@@ -141,7 +139,6 @@ final class ProxyExchange {
             // 100 Continue and friends go straight through; the final head follows.
             downstream.write(.head(HTTPResponseHead(version: requestVersion, status: head.status)), flush: true)
         case .head(let head):
-            responseHasLength = head.headers.contains(name: "content-length")
             let keepAlive = downstreamKeepAlive(responseHead: head)
             let out = HeaderRewriting.downstreamResponse(head, requestVersion: requestVersion, keepAlive: keepAlive)
             request.responseStatus = head.status
@@ -208,8 +205,13 @@ final class ProxyExchange {
         downstream.sendError(error, keepAlive: keepAlive, version: requestVersion)
     }
 
-    private func timedOut() {
-        timeoutTask = nil
+    var isFinished: Bool {
+        if case .finished = state { return true }
+        return false
+    }
+
+    /// Called by ``RequestDeadlines`` when the route's timeout expired first.
+    func deadlineExpired() {
         if case .finished = state { return }
         respondLocally(.timeout("route '\(request.routeName ?? "-")' after \(request.timeout.map { "\($0)" } ?? "-")"))
     }
@@ -250,8 +252,10 @@ final class ProxyExchange {
     private func finishAccounting() {
         state = .finished
         pending.removeAll()
-        timeoutTask?.cancel()
-        timeoutTask = nil
+        if let slot = deadlineSlot {
+            deadlineSlot = nil
+            loop.deadlines.release(slot)
+        }
         let elapsed = NIODeadline.now() - request.startTime
         if let cluster = request.cluster {
             if let status = request.responseStatus, request.error == nil || request.endpointIndex != nil {

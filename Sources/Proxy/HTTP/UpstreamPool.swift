@@ -29,30 +29,24 @@ final class UpstreamPool {
         idle.removeAll()
     }
 
-    /// An idle connection to the endpoint, or a new one; `callback` runs on this loop.
-    func acquire(
-        endpoint: ClusterRuntime.EndpointRuntime,
-        cluster: ClusterRuntime,
-        callback: @escaping (Result<UpstreamConnection, any Error>) -> Void
-    ) {
+    /// Hands the exchange an idle connection to the endpoint at once, or a new one when it is
+    /// connected (`attach`), or the reason it could not connect (`connectFailed`).
+    func acquire(endpoint: ClusterRuntime.EndpointRuntime, cluster: ClusterRuntime, for exchange: ProxyExchange) {
         let idleTimeout = TimeAmount(cluster.config.pool.idleTimeout)
         let now = NIODeadline.now()
         while var stack = idle[endpoint.key], let candidate = stack.popLast() {
             idle[endpoint.key] = stack
             if candidate.isActive && now - candidate.idleSince < idleTimeout {
-                callback(.success(candidate))
+                exchange.attach(candidate)
                 return
             }
             candidate.close()
         }
-        connect(endpoint: endpoint, cluster: cluster, callback: callback)
+        connect(endpoint: endpoint, cluster: cluster, for: exchange)
     }
 
-    private func connect(
-        endpoint: ClusterRuntime.EndpointRuntime,
-        cluster: ClusterRuntime,
-        callback: @escaping (Result<UpstreamConnection, any Error>) -> Void
-    ) {
+    private func connect(endpoint: ClusterRuntime.EndpointRuntime, cluster: ClusterRuntime, for exchange: ProxyExchange)
+    {
         let connection = UpstreamConnection(
             poolKey: endpoint.key,
             maxRequests: cluster.config.pool.maxRequestsPerConnection
@@ -86,10 +80,8 @@ final class UpstreamPool {
         }
         future.assumeIsolated().whenComplete { result in
             switch result {
-            case .success:
-                callback(.success(connection))
-            case .failure(let error):
-                callback(.failure(error))
+            case .success: exchange.attach(connection)
+            case .failure(let error): exchange.connectFailed(error)
             }
         }
     }

@@ -79,6 +79,9 @@ final class RouteTable: Sendable {
 
     /// The virtual host for a `Host` header value (port and case ignored), or `nil`.
     func virtualHost(for hostHeader: String?) -> CompiledVirtualHost? {
+        if exact.isEmpty && suffixes.isEmpty {
+            return wildcard.map { virtualHosts[$0] }
+        }
         let host = Self.normalizedHost(hostHeader ?? "")
         if let index = exact[host] { return virtualHosts[index] }
         for (suffix, index) in suffixes where host.count > suffix.count && host.hasSuffix(suffix) {

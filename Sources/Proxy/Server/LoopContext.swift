@@ -11,6 +11,7 @@ final class LoopContext {
     let logger: Logger
     let accessLogger: Logger
     let pool: UpstreamPool
+    let deadlines: RequestDeadlines
     let resources = LoopResources()
     private(set) var snapshot: ProxySnapshot?
     private(set) var chain: [any ProxyMiddleware] = []
@@ -31,6 +32,7 @@ final class LoopContext {
         access[metadataKey: "log"] = "access"
         self.accessLogger = access
         self.pool = UpstreamPool(eventLoop: eventLoop)
+        self.deadlines = RequestDeadlines(eventLoop: eventLoop)
     }
 
     /// The current snapshot and the chain built from it; rebuilds the chain when the store holds

@@ -96,7 +96,10 @@ public final class ProxyServer: Service, Sendable {
         }
         for channel in channels { try? await channel.close() }
         for (_, bound) in contexts {
-            try? await bound.eventLoop.submit { bound.value.pool.shutdown() }.get()
+            try? await bound.eventLoop.submit {
+                bound.value.pool.shutdown()
+                bound.value.deadlines.shutdown()
+            }.get()
         }
     }
 
