@@ -5,18 +5,12 @@ import NIOCore
 /// - once the first byte of a request arrives, its whole head must arrive within the header
 ///   timeout, or the client gets `408` (`request_timeout`) and the connection is closed.
 ///
-/// The ``DownstreamHandler`` tells it, with outbound user events, when a head has been parsed and
-/// when a response has been completed.
-final class ConnectionTimeoutHandler: ChannelDuplexHandler {
+/// The ``DownstreamHandler`` of the same channel tells it directly (same event loop, no pipeline
+/// event) when a head has been parsed and when a response has been completed.
+final class ConnectionTimeoutHandler: ChannelInboundHandler {
     typealias InboundIn = ByteBuffer
     typealias InboundOut = ByteBuffer
-    typealias OutboundIn = ByteBuffer
     typealias OutboundOut = ByteBuffer
-
-    enum Event: Sendable {
-        case requestHeadReceived
-        case responseCompleted
-    }
 
     private var state = ConnectionTimeoutStateMachine()
     /// When the current phase (idle or reading a head) expires; `nil` while a request is served.
@@ -37,51 +31,50 @@ final class ConnectionTimeoutHandler: ChannelDuplexHandler {
     }
 
     func channelActive(context: ChannelHandlerContext) {
-        apply(state.connectionOpened(), context: context)
+        apply(state.connectionOpened())
         armIfNeeded(context: context)
         context.fireChannelActive()
     }
 
+    private var context: ChannelHandlerContext?
+
     func handlerAdded(context: ChannelHandlerContext) {
+        self.context = context
         if context.channel.isActive {
-            apply(state.connectionOpened(), context: context)
+            apply(state.connectionOpened())
             armIfNeeded(context: context)
         }
     }
 
     func handlerRemoved(context: ChannelHandlerContext) {
+        self.context = nil
         cancelTimer()
     }
 
     func channelInactive(context: ChannelHandlerContext) {
         cancelTimer()
-        apply(state.closed(), context: context)
+        apply(state.closed())
         context.fireChannelInactive()
     }
 
     func channelRead(context: ChannelHandlerContext, data: NIOAny) {
-        apply(state.bytesReceived(), context: context)
+        apply(state.bytesReceived())
         context.fireChannelRead(data)
         // Most heads arrive whole in one read and are parsed inside fireChannelRead; only a head
         // still incomplete afterwards needs the (shorter) header timer.
         armIfNeeded(context: context)
     }
 
-    func triggerUserOutboundEvent(context: ChannelHandlerContext, event: Any, promise: EventLoopPromise<Void>?) {
-        guard let event = event as? Event else {
-            context.triggerUserOutboundEvent(event, promise: promise)
-            return
-        }
-        switch event {
-        case .requestHeadReceived: apply(state.headReceived(), context: context)
-        case .responseCompleted:
-            apply(state.responseCompleted(), context: context)
-            armIfNeeded(context: context)
-        }
-        promise?.succeed()
+    func requestHeadReceived() {
+        apply(state.headReceived())
     }
 
-    private func apply(_ action: ConnectionTimeoutStateMachine.TimerAction, context: ChannelHandlerContext) {
+    func responseCompleted() {
+        apply(state.responseCompleted())
+        if let context { armIfNeeded(context: context) }
+    }
+
+    private func apply(_ action: ConnectionTimeoutStateMachine.TimerAction) {
         switch action {
         case .none: return
         case .cancel: deadline = nil

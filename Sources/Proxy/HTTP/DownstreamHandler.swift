@@ -28,8 +28,12 @@ final class DownstreamHandler: ChannelDuplexHandler {
     var keepAlive = true
     var isDraining = false
 
-    init(loop: LoopContext, listenerName: String, accessLog: Bool) {
+    /// The timers of this connection (same channel, same loop).
+    private let timeouts: ConnectionTimeoutHandler?
+
+    init(loop: LoopContext, listenerName: String, accessLog: Bool, timeouts: ConnectionTimeoutHandler?) {
         self.loop = loop
+        self.timeouts = timeouts
         self.listenerName = listenerName
         self.accessLog = accessLog
     }
@@ -44,7 +48,12 @@ final class DownstreamHandler: ChannelDuplexHandler {
         self.context = nil
     }
 
+    private var remoteAddress: SocketAddress?
+    private var clientIP: String?
+
     func channelActive(context: ChannelHandlerContext) {
+        remoteAddress = context.channel.remoteAddress
+        clientIP = remoteAddress?.ipAddress
         loop.stats.activeConnections.increment()
         loop.stats.totalConnections.increment()
         context.fireChannelActive()
@@ -71,7 +80,7 @@ final class DownstreamHandler: ChannelDuplexHandler {
     private func process(_ part: HTTPServerRequestPart, context: ChannelHandlerContext) {
         switch part {
         case .head(let head):
-            context.triggerUserOutboundEvent(ConnectionTimeoutHandler.Event.requestHeadReceived, promise: nil)
+            timeouts?.requestHeadReceived()
             loop.stats.downstreamRequests.increment()
             keepAlive = head.isKeepAlive
             currentRequestEnded = false
@@ -79,7 +88,8 @@ final class DownstreamHandler: ChannelDuplexHandler {
             let request = RequestContext(
                 head: head,
                 listenerName: listenerName,
-                remoteAddress: context.channel.remoteAddress,
+                remoteAddress: remoteAddress,
+                clientIP: clientIP,
                 startTime: .now()
             )
             let exchange = ProxyExchange(downstream: self, loop: loop, request: request, chain: chain)
@@ -195,7 +205,7 @@ final class DownstreamHandler: ChannelDuplexHandler {
         guard let context, !closing else { return }
         exchange = nil
         let keepAlive = self.keepAlive
-        context.triggerUserOutboundEvent(ConnectionTimeoutHandler.Event.responseCompleted, promise: nil)
+        timeouts?.responseCompleted()
         if keepAlive {
             context.writeAndFlush(wrapOutboundOut(.end(trailers)), promise: nil)
         } else {

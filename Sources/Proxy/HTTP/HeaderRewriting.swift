@@ -100,10 +100,10 @@ enum HeaderRewriting {
     }
 
     /// The head sent upstream for a downstream request.
-    static func upstreamRequest(_ head: HTTPRequestHead, clientAddress: SocketAddress?) -> HTTPRequestHead {
+    static func upstreamRequest(_ head: HTTPRequestHead, clientIP: String?) -> HTTPRequestHead {
         var s = scan(head.headers, extra: 4)
         if s.chunked && !s.hasContentLength { s.headers.add(name: "transfer-encoding", value: "chunked") }
-        if let ip = clientAddress?.ipAddress {
+        if let ip = clientIP {
             s.headers.add(name: "x-forwarded-for", value: s.forwardedFor.map { "\($0), \(ip)" } ?? ip)
         } else if let existing = s.forwardedFor {
             s.headers.add(name: "x-forwarded-for", value: existing)

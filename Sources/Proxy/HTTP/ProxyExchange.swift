@@ -72,7 +72,7 @@ final class ProxyExchange {
         if let timeout = request.timeout {
             deadlineSlot = loop.deadlines.register(self, timeout: TimeAmount(timeout), now: request.startTime)
         }
-        let upstreamHead = HeaderRewriting.upstreamRequest(request.head, clientAddress: request.remoteAddress)
+        let upstreamHead = HeaderRewriting.upstreamRequest(request.head, clientIP: request.clientIP)
         pending.append(.head(upstreamHead))
         let endpoint = cluster.endpoints[endpointIndex]
         loop.pool.acquire(endpoint: endpoint, cluster: cluster, for: self)

@@ -8,6 +8,8 @@ public final class RequestContext {
     public var head: HTTPRequestHead
     public let listenerName: String
     public let remoteAddress: SocketAddress?
+    /// The client's IP address as text (for `X-Forwarded-For`), computed once per connection.
+    public let clientIP: String?
     public let startTime: NIODeadline
 
     /// Set by routing.
@@ -28,8 +30,15 @@ public final class RequestContext {
     public internal(set) var requestBytes = 0
     public internal(set) var responseBytes = 0
 
-    init(head: HTTPRequestHead, listenerName: String, remoteAddress: SocketAddress?, startTime: NIODeadline) {
+    init(
+        head: HTTPRequestHead,
+        listenerName: String,
+        remoteAddress: SocketAddress?,
+        clientIP: String?,
+        startTime: NIODeadline
+    ) {
         self.head = head
+        self.clientIP = clientIP
         self.listenerName = listenerName
         self.remoteAddress = remoteAddress
         self.startTime = startTime

@@ -159,13 +159,12 @@ public final class ProxyServer: Service, Sendable {
                         throw ChannelError.ioOnClosedChannel
                     }
                     let sync = channel.pipeline.syncOperations
-                    try sync.addHandler(
-                        ConnectionTimeoutHandler(
-                            headerTimeout: limits.requestHeaderTimeout,
-                            idleTimeout: limits.idleTimeout,
-                            onTimeout: { stats.record($0) }
-                        )
+                    let timeouts = ConnectionTimeoutHandler(
+                        headerTimeout: limits.requestHeaderTimeout,
+                        idleTimeout: limits.idleTimeout,
+                        onTimeout: { stats.record($0) }
                     )
+                    try sync.addHandler(timeouts)
                     var decoderLimits = NIOHTTPDecoderLimitConfiguration()
                     decoderLimits.maxHeaderListSize = limits.maxRequestHeaderBytes
                     decoderLimits.maxHeaderFieldSize = limits.maxRequestHeaderBytes
@@ -174,12 +173,19 @@ public final class ProxyServer: Service, Sendable {
                         // stop and restart (two epoll_ctl calls) around every request.
                         withPipeliningAssistance: false,
                         withErrorHandling: false,
-                        withOutboundHeaderValidation: true,
+                        // Response heads are the upstream's, already validated by the parser,
+                        // plus headers the proxy writes itself.
+                        withOutboundHeaderValidation: false,
                         withEncoderConfiguration: .init(),
                         withDecoderLimitConfiguration: decoderLimits
                     )
                     try sync.addHandler(
-                        DownstreamHandler(loop: loopContext, listenerName: listener.name, accessLog: listener.accessLog)
+                        DownstreamHandler(
+                            loop: loopContext,
+                            listenerName: listener.name,
+                            accessLog: listener.accessLog,
+                            timeouts: timeouts
+                        )
                     )
                 }
             }
