@@ -49,6 +49,32 @@ import Testing
         await a.stop()
     }
 
+    @Test func aLargeResponseIsStreamedToASlowReaderWithFlatMemory() async throws {
+        let a = try await TestUpstream.start(name: "alpha", group: group)
+        let proxy = try await ProxyHarness.start(
+            gatewayConfig(
+                virtualHosts: catchAll("alpha", timeout: .seconds(60)),
+                clusters: [ClusterConfig(name: "alpha", endpoints: [endpoint(a)])]
+            ),
+            group: group
+        )
+        let total = 128 * 1024 * 1024
+        let before = Self.residentBytes()
+        let counter = try await ByteCounter.get(port: proxy.port, path: "/bytes/\(total)", group: group)
+        // A slow reader: the proxy must stop reading from the upstream rather than buffer.
+        var peak = before
+        let deadline = ContinuousClock.now + .seconds(60)
+        while try await counter.count() < total + 1 && ContinuousClock.now < deadline {
+            try await counter.readSome()
+            peak = max(peak, Self.residentBytes())
+        }
+        #expect(try await counter.bodyBytes() == total)
+        #expect(peak - before < 48 * 1024 * 1024, "RSS grew by \((peak - before) / 1024 / 1024) MiB")
+        await counter.close()
+        await proxy.stop()
+        await a.stop()
+    }
+
     @Test func connectionsAreRetiredAfterMaxRequests() async throws {
         let a = try await TestUpstream.start(name: "alpha", group: group)
         let proxy = try await ProxyHarness.start(

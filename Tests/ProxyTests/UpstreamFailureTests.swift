@@ -1,3 +1,4 @@
+import Logging
 import NIOCore
 import NIOHTTP1
 import NIOPosix
@@ -28,6 +29,10 @@ import Testing
         #expect(ContinuousClock.now - started < .seconds(1.5))
         #expect(try await TestHTTPClient.get(port: proxy.port, "/delay/10", group: group).status == .ok)
         #expect(try await proxy.metric("trellis_errors_total{token=\"timeout\"}", group: group) == 1)
+        // The timed-out upstream request was abandoned: its connection was closed, not pooled.
+        let deadline = ContinuousClock.now + .seconds(2)
+        while a.abortedRequests == 0 && ContinuousClock.now < deadline { try await Task.sleep(for: .milliseconds(10)) }
+        #expect(a.abortedRequests == 1)
     }
 
     @Test func refusedConnectionIs503UpstreamConnectFailure() async throws {
@@ -50,6 +55,78 @@ import Testing
         #expect(r.body == "upstream_connect_failure\n")
         #expect(try await proxy.metric("trellis_upstream_connect_failures_total{cluster=\"gone\"}", group: group) == 1)
         #expect(try await proxy.metric("trellis_errors_total{token=\"upstream_connect_failure\"}", group: group) == 1)
+    }
+
+    @Test func theErrorTokenIsTheSameInBodyHeaderAccessLogAndMetric() async throws {
+        let a = try await TestUpstream.start(name: "alpha", group: group)
+        defer { Task { await a.stop() } }
+        let capture = CapturingLogHandler.Store()
+        let proxy = try await ProxyHarness.start(
+            gatewayConfig(
+                virtualHosts: [
+                    VirtualHost(
+                        name: "only",
+                        domains: ["only.test"],
+                        routes: [
+                            Route(
+                                name: "slow",
+                                match: RouteMatch(),
+                                action: .init(clusters: [.init(name: "alpha")], timeout: .milliseconds(100))
+                            )
+                        ]
+                    )
+                ],
+                clusters: [ClusterConfig(name: "alpha", endpoints: [endpoint(a)])],
+                accessLog: true
+            ),
+            group: group,
+            logger: Logger(label: "test.access") { _ in CapturingLogHandler(store: capture) }
+        )
+        defer { Task { await proxy.stop() } }
+        let client = try await TestHTTPClient.connect(port: proxy.port, group: group)
+        defer { Task { await client.close() } }
+        let ok = try await client.request(.GET, "/fine", host: "only.test")
+        let missing = try await client.request(.GET, "/nowhere", host: "other.test")
+        let slow = try await client.request(.GET, "/delay/1000", host: "only.test")
+        #expect(ok.status == .ok)
+        for (response, token) in [(missing, "no_route"), (slow, "timeout")] {
+            #expect(response.body == "\(token)\n")
+            #expect(response.headers.first(name: "x-trellis-error") == token)
+            #expect(try await proxy.metric("trellis_errors_total{token=\"\(token)\"}", group: group) == 1)
+        }
+        let lines = capture.records.filter { $0.metadata["log"] == "access" }
+        #expect(lines.map { $0.metadata["trellis.token"] } == ["-", "no_route", "timeout"])
+        #expect(lines.map { $0.metadata["http.status"] } == ["200", "404", "504"])
+        #expect(lines[0].metadata["upstream.cluster"] == "alpha")
+        #expect(lines[0].message.hasPrefix("\"GET /fine HTTP/1.1\" 200"))
+    }
+
+    @Test func unansweredConnectIsCutAtTheConnectTimeout() async throws {
+        // A listener whose accept queue is full: further SYNs get no answer, so connect hangs.
+        let blackhole = try BlackholeListener()
+        defer { blackhole.close() }
+        let fillers = try await blackhole.fillAcceptQueue(group: group)
+        defer { Task { for f in fillers { try? await f.close() } } }
+        let proxy = try await ProxyHarness.start(
+            gatewayConfig(
+                virtualHosts: catchAll("hole"),
+                clusters: [
+                    ClusterConfig(
+                        name: "hole",
+                        endpoints: [Endpoint(address: .init(host: "127.0.0.1", port: blackhole.port))],
+                        connectTimeout: .milliseconds(250)
+                    )
+                ]
+            ),
+            group: group
+        )
+        defer { Task { await proxy.stop() } }
+        let started = ContinuousClock.now
+        let r = try await TestHTTPClient.get(port: proxy.port, "/", group: group)
+        let elapsed = ContinuousClock.now - started
+        #expect(r.status == .serviceUnavailable)
+        #expect(r.body == "upstream_connect_failure\n")
+        #expect(elapsed >= .milliseconds(200) && elapsed < .seconds(2), "took \(elapsed)")
     }
 
     @Test func upstreamClosingWithoutAnswerIs503UpstreamReset() async throws {

@@ -1,4 +1,5 @@
 import Logging
+import NIOConcurrencyHelpers
 import NIOCore
 import NIOPosix
 import Prometheus
@@ -15,12 +16,21 @@ final class ProxyHarness: Sendable {
     let adminPort: Int
     private let adminChannel: any Channel
 
-    static func start(_ config: ProxyConfig, group: any EventLoopGroup) async throws -> ProxyHarness {
+    static func start(
+        _ config: ProxyConfig,
+        group: any EventLoopGroup,
+        logger: Logger? = nil
+    ) async throws -> ProxyHarness {
         let registry = PrometheusCollectorRegistry()
         let stats = ProxyStats(factory: PrometheusMetricsFactory(registry: registry))
         let snapshot = try ProxySnapshot(config, stats: stats)
-        var logger = Logger(label: "test.proxy")
-        logger.logLevel = .warning
+        let logger =
+            logger
+            ?? {
+                var quiet = Logger(label: "test.proxy")
+                quiet.logLevel = .warning
+                return quiet
+            }()
         let server = try ProxyServer(snapshot: snapshot, stats: stats, group: group, logger: logger)
         let bound = try await server.start()
         let admin = AdminServer(
@@ -85,7 +95,8 @@ final class ProxyHarness: Sendable {
 func gatewayConfig(
     virtualHosts: [VirtualHost],
     clusters: [ClusterConfig],
-    limits: ConnectionLimits = .init()
+    limits: ConnectionLimits = .init(),
+    accessLog: Bool = false
 ) -> ProxyConfig {
     ProxyConfig(
         version: "test",
@@ -94,7 +105,8 @@ func gatewayConfig(
                 name: "test",
                 address: SocketEndpoint(host: "127.0.0.1", port: 0),
                 virtualHosts: virtualHosts,
-                limits: limits
+                limits: limits,
+                accessLog: accessLog
             )
         ],
         clusters: clusters
@@ -119,4 +131,34 @@ func catchAll(_ cluster: String, timeout: Duration? = .seconds(5)) -> [VirtualHo
             ]
         )
     ]
+}
+
+/// A log handler that keeps every record, for asserting on log lines. A value type, like real
+/// handlers, so that metadata set on one logger does not leak into another.
+struct CapturingLogHandler: LogHandler {
+    struct Record: Sendable {
+        var message: String
+        var metadata: [String: String]
+    }
+
+    final class Store: Sendable {
+        private let lock = NIOLockedValueBox<[Record]>([])
+        var records: [Record] { lock.withLockedValue { $0 } }
+        func append(_ record: Record) { lock.withLockedValue { $0.append(record) } }
+    }
+
+    let store: Store
+    var metadata: Logger.Metadata = [:]
+    var logLevel: Logger.Level = .info
+
+    subscript(metadataKey key: String) -> Logger.Metadata.Value? {
+        get { metadata[key] }
+        set { metadata[key] = newValue }
+    }
+
+    func log(event: LogEvent) {
+        var all = metadata
+        for (k, v) in event.metadata ?? [:] { all[k] = v }
+        store.append(Record(message: "\(event.message)", metadata: all.mapValues { "\($0)" }))
+    }
 }

@@ -8,6 +8,7 @@ import NIOPosix
 /// - `/status/<code>`: that status;
 /// - `/close`: closes the connection without answering;
 /// - `/count`: 200 with the number of body bytes received (streamed, never buffered);
+/// - `/bytes/<n>`: 200 with `n` bytes of `x`, chunked, written in 64 KiB pieces as the socket drains;
 /// - anything else: 200 with body `<name>`.
 /// Every response carries `x-upstream: <name>`; the heads it received are kept for assertions.
 final class TestUpstream: Sendable {
@@ -72,6 +73,8 @@ final class TestUpstream: Sendable {
         let aborted: NIOLockedValueBox<Int>
         var head: HTTPRequestHead?
         var bodyBytes = 0
+        /// A complete request whose response has not been written yet (e.g. `/delay`).
+        var awaitingResponse = false
 
         init(name: String, received: NIOLockedValueBox<[HTTPRequestHead]>, aborted: NIOLockedValueBox<Int>) {
             self.name = name
@@ -80,7 +83,7 @@ final class TestUpstream: Sendable {
         }
 
         func channelInactive(context: ChannelHandlerContext) {
-            if head != nil { aborted.withLockedValue { $0 += 1 } }
+            if head != nil || awaitingResponse { aborted.withLockedValue { $0 += 1 } }
             context.fireChannelInactive()
         }
 
@@ -95,8 +98,10 @@ final class TestUpstream: Sendable {
             case .end:
                 guard let head else { return }
                 self.head = nil
+                awaitingResponse = true
                 let path = head.uri.split(separator: "?").first.map(String.init) ?? head.uri
                 if path == "/close" {
+                    awaitingResponse = false
                     context.close(promise: nil)
                 } else if path.hasPrefix("/delay/"), let ms = Int64(path.dropFirst("/delay/".count)) {
                     let bound = NIOLoopBound((self, context), eventLoop: context.eventLoop)
@@ -106,6 +111,8 @@ final class TestUpstream: Sendable {
                     }
                 } else if path.hasPrefix("/status/"), let code = Int(path.dropFirst("/status/".count)) {
                     respond(context: context, head: head, status: .init(statusCode: code), body: name)
+                } else if path.hasPrefix("/bytes/"), let count = Int(path.dropFirst("/bytes/".count)) {
+                    streamBytes(context: context, head: head, count: count)
                 } else if path == "/count" {
                     respond(context: context, head: head, status: .ok, body: "\(bodyBytes)")
                 } else {
@@ -114,8 +121,36 @@ final class TestUpstream: Sendable {
             }
         }
 
+        /// Writes `count` bytes chunked, 64 KiB at a time, waiting for each write before the next,
+        /// so that nothing larger than one piece is ever buffered here.
+        func streamBytes(context: ChannelHandlerContext, head: HTTPRequestHead, count: Int) {
+            awaitingResponse = false
+            var headers = HTTPHeaders()
+            headers.add(name: "x-upstream", value: name)
+            headers.add(name: "transfer-encoding", value: "chunked")
+            context.write(
+                wrapOutboundOut(.head(.init(version: head.version, status: .ok, headers: headers))),
+                promise: nil
+            )
+            let piece = context.channel.allocator.buffer(repeating: UInt8(ascii: "x"), count: 64 * 1024)
+            let bound = NIOLoopBound((self, context), eventLoop: context.eventLoop)
+            func next(_ left: Int) {
+                let (handler, context) = bound.value
+                guard context.channel.isActive else { return }
+                if left == 0 {
+                    context.writeAndFlush(handler.wrapOutboundOut(.end(nil)), promise: nil)
+                    return
+                }
+                let size = min(left, piece.readableBytes)
+                context.writeAndFlush(handler.wrapOutboundOut(.body(.byteBuffer(piece.getSlice(at: 0, length: size)!))))
+                    .assumeIsolated().whenSuccess { next(left - size) }
+            }
+            next(count)
+        }
+
         func respond(context: ChannelHandlerContext, head: HTTPRequestHead, status: HTTPResponseStatus, body: String) {
             guard context.channel.isActive else { return }
+            awaitingResponse = false
             var headers = HTTPHeaders()
             headers.add(name: "x-upstream", value: name)
             headers.add(name: "content-length", value: "\(body.utf8.count)")

@@ -1,0 +1,178 @@
+import Foundation
+import NIOCore
+import NIOHTTP1
+import NIOPosix
+import Testing
+
+#if canImport(Glibc)
+import Glibc
+#endif
+
+/// `trellis-agent gateway` as an operator runs it: the real binary, its exit codes and messages,
+/// SIGHUP reloads and SIGTERM.
+@Suite(.serialized) struct GatewayCommandTests {
+    let group = MultiThreadedEventLoopGroup.singleton
+
+    /// The `trellis-agent` built next to this test bundle (`swift build --build-tests` builds both).
+    static var binary: URL {
+        URL(fileURLWithPath: CommandLine.arguments[0]).deletingLastPathComponent().appendingPathComponent(
+            "trellis-agent"
+        )
+    }
+
+    static let examples = URL(fileURLWithPath: #filePath)
+        .deletingLastPathComponent().deletingLastPathComponent().deletingLastPathComponent()
+        .appendingPathComponent("examples")
+
+    struct Result {
+        var status: Int32
+        var stdout: String
+        var stderr: String
+    }
+
+    private static func run(_ arguments: [String]) throws -> Result {
+        let process = Process()
+        process.executableURL = binary
+        process.arguments = arguments
+        let out = Pipe()
+        let err = Pipe()
+        process.standardOutput = out
+        process.standardError = err
+        try process.run()
+        process.waitUntilExit()
+        return Result(
+            status: process.terminationStatus,
+            stdout: String(decoding: out.fileHandleForReading.readDataToEndOfFile(), as: UTF8.self),
+            stderr: String(decoding: err.fileHandleForReading.readDataToEndOfFile(), as: UTF8.self)
+        )
+    }
+
+    /// A loopback port that was free a moment ago.
+    private static func freePort() throws -> Int {
+        let fd = socket(AF_INET, Int32(SOCK_STREAM.rawValue), 0)
+        defer { close(fd) }
+        var addr = sockaddr_in()
+        addr.sin_family = sa_family_t(AF_INET)
+        addr.sin_addr.s_addr = inet_addr("127.0.0.1")
+        _ = withUnsafePointer(to: &addr) {
+            $0.withMemoryRebound(to: sockaddr.self, capacity: 1) {
+                bind(fd, $0, socklen_t(MemoryLayout<sockaddr_in>.size))
+            }
+        }
+        var len = socklen_t(MemoryLayout<sockaddr_in>.size)
+        _ = withUnsafeMutablePointer(to: &addr) {
+            $0.withMemoryRebound(to: sockaddr.self, capacity: 1) { getsockname(fd, $0, &len) }
+        }
+        return Int(UInt16(bigEndian: addr.sin_port))
+    }
+
+    @Test func checkAcceptsTheShippedExamples() throws {
+        for name in ["gateway.yaml", "gateway-routes.yaml"] {
+            let path = Self.examples.appendingPathComponent(name).path
+            let r = try Self.run(["gateway", "--config", path, "--check"])
+            #expect(r.status == 0, "\(name): \(r.stderr)")
+            #expect(r.stdout.contains("\(path): ok"))
+        }
+    }
+
+    @Test func anInvalidFileFailsAtStartWithFileLineAndKeyPath() throws {
+        let file = FileManager.default.temporaryDirectory.appendingPathComponent("trellis-bad-\(getpid()).yaml")
+        defer { try? FileManager.default.removeItem(at: file) }
+        try """
+        listeners:
+          - name: l
+            address: 127.0.0.1:0
+            virtual_hosts: [{name: a, domains: ["*"], routes: [{name: r, match: {prefix: /}, route: {cluster: c}}]}]
+        clusters:
+          - name: c
+            lb_policy: fastest
+            endpoints: [{address: 127.0.0.1:1}]
+        """.write(to: file, atomically: true, encoding: .utf8)
+        let r = try Self.run(["gateway", "--config", file.path])
+        #expect(r.status != 0)
+        #expect(r.stderr.contains("\(file.path):7:"), "\(r.stderr)")
+        #expect(r.stderr.contains("clusters[0].lb_policy: expected one of round_robin"), "\(r.stderr)")
+        #expect(!r.stderr.contains("Fatal error"))
+    }
+
+    @Test func aMissingFileIsACleanError() throws {
+        let r = try Self.run(["gateway", "--config", "/nonexistent/trellis.yaml"])
+        #expect(r.status != 0)
+        #expect(r.stderr.contains("/nonexistent/trellis.yaml: cannot read the file"), "\(r.stderr)")
+    }
+
+    @Test func badEventLoopCountIsRejected() throws {
+        let path = Self.examples.appendingPathComponent("gateway.yaml").path
+        let r = try Self.run(["gateway", "--config", path, "--event-loops", "0"])
+        #expect(r.status != 0)
+        #expect(r.stderr.contains("--event-loops: expected 1...1024, got 0"), "\(r.stderr)")
+    }
+
+    @Test func sighupReloadsTheFileAndAnInvalidOneIsRefused() async throws {
+        let alpha = try await TestUpstream.start(name: "alpha", group: group)
+        let beta = try await TestUpstream.start(name: "beta", group: group)
+        let port = try Self.freePort()
+        let admin = try Self.freePort()
+        let file = FileManager.default.temporaryDirectory.appendingPathComponent("trellis-reload-\(getpid()).yaml")
+        func config(_ target: TestUpstream) -> String {
+            """
+            admin: {address: 127.0.0.1:\(admin)}
+            listeners:
+              - name: l
+                address: 127.0.0.1:\(port)
+                virtual_hosts: [{name: a, domains: ["*"], routes: [{name: r, match: {prefix: /}, route: {cluster: c}}]}]
+            clusters:
+              - {name: c, endpoints: [{address: 127.0.0.1:\(target.port)}]}
+            """
+        }
+        try config(alpha).write(to: file, atomically: true, encoding: .utf8)
+        let process = Process()
+        process.executableURL = Self.binary
+        process.arguments = ["gateway", "--config", file.path, "--event-loops", "1", "--log-level", "info"]
+        let err = Pipe()
+        process.standardError = err
+        try process.run()
+        defer {
+            if process.isRunning { process.terminate() }
+            try? FileManager.default.removeItem(at: file)
+        }
+
+        func body() async -> String {
+            (try? await TestHTTPClient.get(port: port, "/", group: group).body) ?? "down"
+        }
+        func waitFor(_ expected: String) async throws -> Bool {
+            let deadline = ContinuousClock.now + .seconds(10)
+            while ContinuousClock.now < deadline {
+                if await body() == expected { return true }
+                try await Task.sleep(for: .milliseconds(50))
+            }
+            return false
+        }
+
+        #expect(try await waitFor("alpha"))
+        let client = try await TestHTTPClient.connect(port: port, group: group)
+        #expect(try await client.request(.GET, "/").body == "alpha")
+
+        try config(beta).write(to: file, atomically: true, encoding: .utf8)
+        kill(process.processIdentifier, SIGHUP)
+        #expect(try await waitFor("beta"))
+        // The keep-alive connection opened before the reload is still served, with the new routes.
+        #expect(try await client.request(.GET, "/").body == "beta")
+
+        try "clusters: [oops".write(to: file, atomically: true, encoding: .utf8)
+        kill(process.processIdentifier, SIGHUP)
+        try await Task.sleep(for: .milliseconds(300))
+        #expect(await body() == "beta")
+        await client.close()
+
+        process.terminate()  // SIGTERM: graceful shutdown
+        let deadline = ContinuousClock.now + .seconds(10)
+        while process.isRunning && ContinuousClock.now < deadline { try await Task.sleep(for: .milliseconds(20)) }
+        #expect(!process.isRunning)
+        #expect(process.terminationStatus == 0)
+        let log = String(decoding: err.fileHandleForReading.readDataToEndOfFile(), as: UTF8.self)
+        #expect(log.contains("reload rejected; the previous configuration stays"), "\(log)")
+        await alpha.stop()
+        await beta.stop()
+    }
+}
