@@ -207,7 +207,8 @@ final class DownstreamHandler: ChannelDuplexHandler {
         let keepAlive = self.keepAlive
         timeouts?.responseCompleted()
         if keepAlive {
-            context.writeAndFlush(wrapOutboundOut(.end(trailers)), promise: nil)
+            context.write(wrapOutboundOut(.end(trailers)), promise: nil)
+            loop.flushSoon(context)
         } else {
             closing = true
             let bound = NIOLoopBound(context, eventLoop: context.eventLoop)

@@ -96,7 +96,7 @@ final class ProxyExchange {
         connection.exchange = self
         for part in pending { connection.send(part, flush: false) }
         pending.removeAll()
-        connection.flush()
+        connection.flushSoon(loop)
         downstream.resumeReadingIfHeld()
     }
 
@@ -113,7 +113,9 @@ final class ProxyExchange {
         requestEnded = true
         switch state {
         case .connecting: pending.append(.end(trailers))
-        case .streaming(let upstream): upstream.send(.end(trailers), flush: true)
+        case .streaming(let upstream):
+            upstream.send(.end(trailers), flush: false)
+            upstream.flushSoon(loop)
         case .finished: break
         }
     }

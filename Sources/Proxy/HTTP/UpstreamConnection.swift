@@ -58,6 +58,11 @@ final class UpstreamConnection: ChannelDuplexHandler {
         context?.flush()
     }
 
+    /// Flushes after the loop's current batch of I/O events.
+    func flushSoon(_ loop: LoopContext) {
+        if let context { loop.flushSoon(context) }
+    }
+
     func close() {
         guard !isClosed else { return }
         isClosed = true

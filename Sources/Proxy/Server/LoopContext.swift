@@ -35,6 +35,24 @@ final class LoopContext {
         self.deadlines = RequestDeadlines(eventLoop: eventLoop)
     }
 
+    private var pendingFlushes: [ChannelHandlerContext] = []
+
+    /// Flushes `context` once the loop has handled the I/O events at hand, so that the writes of
+    /// one busy loop iteration reach the kernel together (peers are woken once, not per write).
+    func flushSoon(_ context: ChannelHandlerContext) {
+        pendingFlushes.append(context)
+        if pendingFlushes.count == 1 {
+            let bound = NIOLoopBound(self, eventLoop: eventLoop)
+            eventLoop.execute { bound.value.flushPending() }
+        }
+    }
+
+    private func flushPending() {
+        let contexts = pendingFlushes
+        pendingFlushes.removeAll(keepingCapacity: true)
+        for context in contexts { context.flush() }
+    }
+
     /// The current snapshot and the chain built from it; rebuilds the chain when the store holds
     /// a newer snapshot than this loop last saw (one atomic load when nothing changed).
     func current() -> (ProxySnapshot, [any ProxyMiddleware]) {
