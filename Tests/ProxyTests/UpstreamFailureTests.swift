@@ -1,3 +1,4 @@
+import Foundation
 import Logging
 import NIOCore
 import NIOHTTP1
@@ -147,6 +148,77 @@ import Testing
         #expect(r.body == "upstream_reset\n")
         // The client's connection survives (the request was complete) and works again.
         #expect(try await client.request(.GET, "/").body == "alpha")
+    }
+
+    @Test func anUpstreamThatSaidConnectionCloseIsNotReused() async throws {
+        let a = try await TestUpstream.start(name: "alpha", group: group)
+        defer { Task { await a.stop() } }
+        let proxy = try await ProxyHarness.start(
+            gatewayConfig(
+                virtualHosts: catchAll("alpha"),
+                clusters: [ClusterConfig(name: "alpha", endpoints: [endpoint(a)])]
+            ),
+            group: group
+        )
+        defer { Task { await proxy.stop() } }
+        let client = try await TestHTTPClient.connect(port: proxy.port, group: group)
+        defer { Task { await client.close() } }
+        for _ in 0..<3 {
+            let r = try await client.request(.GET, "/last")
+            #expect(r.status == .ok)
+            // The client's own connection stays open: `Connection: close` was the upstream's.
+            #expect(r.headers.first(name: "connection") == nil)
+            #expect(try await client.request(.GET, "/").body == "alpha")
+        }
+        #expect(a.connections >= 4)
+        #expect(try await proxy.metric("trellis_errors_total{token=\"upstream_reset\"}", group: group) == 0)
+    }
+
+    @Test func headResponsesHaveNoBodyAndDoNotDesynchronizeTheConnection() async throws {
+        let a = try await TestUpstream.start(name: "alpha", group: group)
+        defer { Task { await a.stop() } }
+        let proxy = try await ProxyHarness.start(
+            gatewayConfig(
+                virtualHosts: catchAll("alpha"),
+                clusters: [ClusterConfig(name: "alpha", endpoints: [endpoint(a)])]
+            ),
+            group: group
+        )
+        defer { Task { await proxy.stop() } }
+        let raw = try await RawClient.connect(port: proxy.port, group: group)
+        defer { Task { await raw.close() } }
+        try await raw.send("HEAD / HTTP/1.1\r\nhost: a\r\n\r\nGET /status/202 HTTP/1.1\r\nhost: a\r\n\r\n")
+        let text = try await raw.readUntil("alpha")
+        let responses = text.components(separatedBy: "HTTP/1.1 ").dropFirst()
+        #expect(responses.count == 2, "\(text)")
+        #expect(responses.first?.hasPrefix("200 OK") == true)
+        #expect(responses.first?.lowercased().contains("content-length: 5") == true)
+        #expect(responses.first?.hasSuffix("\r\n\r\n") == true, "HEAD response carried a body: \(text)")
+        #expect(responses.last?.hasPrefix("202 Accepted") == true)
+        #expect(responses.last?.hasSuffix("alpha") == true)
+    }
+
+    @Test func http10ClientsGetHTTP10AndAClose() async throws {
+        let a = try await TestUpstream.start(name: "alpha", group: group)
+        defer { Task { await a.stop() } }
+        let proxy = try await ProxyHarness.start(
+            gatewayConfig(
+                virtualHosts: catchAll("alpha"),
+                clusters: [ClusterConfig(name: "alpha", endpoints: [endpoint(a)])]
+            ),
+            group: group
+        )
+        defer { Task { await proxy.stop() } }
+        let raw = try await RawClient.connect(port: proxy.port, group: group)
+        defer { Task { await raw.close() } }
+        try await raw.send("GET / HTTP/1.0\r\n\r\n")
+        let (text, closed) = try await raw.readUntilClose()
+        #expect(text.hasPrefix("HTTP/1.0 200 OK\r\n"), "\(text)")
+        #expect(text.lowercased().contains("connection: close"))
+        #expect(text.hasSuffix("alpha"))
+        #expect(closed)
+        // Upstream side the request went out as HTTP/1.1, keep-alive.
+        #expect(a.requests.last?.version == .http1_1)
     }
 
     @Test func upstreamStatusCodesPassThroughAndAreCountedByClass() async throws {

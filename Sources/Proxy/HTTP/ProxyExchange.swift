@@ -25,6 +25,7 @@ final class ProxyExchange {
     private var pending: [HTTPClientRequestPart] = []
     private var requestEnded = false
     private var responseHeadSent = false
+    private var upstreamKeepAlive = false
     /// The slot of this exchange in its loop's ``RequestDeadlines``, while it has one.
     private var deadlineSlot: Int?
 
@@ -141,6 +142,7 @@ final class ProxyExchange {
             // 100 Continue and friends go straight through; the final head follows.
             downstream.write(.head(HTTPResponseHead(version: requestVersion, status: head.status)), flush: true)
         case .head(let head):
+            upstreamKeepAlive = head.isKeepAlive
             let keepAlive = downstreamKeepAlive(responseHead: head)
             let out = HeaderRewriting.downstreamResponse(head, requestVersion: requestVersion, keepAlive: keepAlive)
             request.responseStatus = head.status
@@ -151,7 +153,8 @@ final class ProxyExchange {
             request.responseBytes += buffer.readableBytes
             downstream.write(.body(.byteBuffer(buffer)), flush: false)
         case .end(let trailers):
-            let reusable = requestEnded && upstream.isActive
+            // An upstream that said `Connection: close` (or spoke HTTP/1.0) is about to close.
+            let reusable = requestEnded && upstreamKeepAlive && upstream.isActive
             finish(upstream: upstream, reusable: reusable)
             downstream.responseEnded(trailers)
         }

@@ -7,6 +7,7 @@ import NIOPosix
 /// - `/delay/<ms>`: 200 after the delay;
 /// - `/status/<code>`: that status;
 /// - `/close`: closes the connection without answering;
+/// - `/last`: answers with `connection: close`, then closes 20 ms later;
 /// - `/count`: 200 with the number of body bytes received (streamed, never buffered);
 /// - `/bytes/<n>`: 200 with `n` bytes of `x`, chunked, written in 64 KiB pieces as the socket drains;
 /// - anything else: 200 with body `<name>`.
@@ -100,7 +101,25 @@ final class TestUpstream: Sendable {
                 self.head = nil
                 awaitingResponse = true
                 let path = head.uri.split(separator: "?").first.map(String.init) ?? head.uri
-                if path == "/close" {
+                if path == "/last" {
+                    // Answers, says so, and closes: the connection must not be reused.
+                    awaitingResponse = false
+                    var headers = HTTPHeaders()
+                    headers.add(name: "content-length", value: "\(name.utf8.count)")
+                    headers.add(name: "connection", value: "close")
+                    context.write(
+                        wrapOutboundOut(.head(.init(version: head.version, status: .ok, headers: headers))),
+                        promise: nil
+                    )
+                    context.write(
+                        wrapOutboundOut(.body(.byteBuffer(context.channel.allocator.buffer(string: name)))),
+                        promise: nil
+                    )
+                    let bound = NIOLoopBound(context, eventLoop: context.eventLoop)
+                    context.writeAndFlush(wrapOutboundOut(.end(nil))).whenComplete { _ in
+                        bound.value.eventLoop.scheduleTask(in: .milliseconds(20)) { bound.value.close(promise: nil) }
+                    }
+                } else if path == "/close" {
                     awaitingResponse = false
                     context.close(promise: nil)
                 } else if path.hasPrefix("/delay/"), let ms = Int64(path.dropFirst("/delay/".count)) {
