@@ -155,13 +155,7 @@ import Testing
     @Test func forwardsHeadersAsAProxyShould() async throws {
         let a = try await TestUpstream.start(name: "alpha", group: group)
         defer { Task { await a.stop() } }
-        let proxy = try await ProxyHarness.start(
-            gatewayConfig(
-                virtualHosts: catchAll("alpha"),
-                clusters: [ClusterConfig(name: "alpha", endpoints: [endpoint(a)])]
-            ),
-            group: group
-        )
+        let proxy = try await ProxyHarness.start(forwardingTo: a, group: group)
         defer { Task { await proxy.stop() } }
         let response = try await TestHTTPClient.get(
             port: proxy.port,
@@ -193,13 +187,7 @@ import Testing
     @Test func pipelinedRequestsAreAnsweredInOrder() async throws {
         let a = try await TestUpstream.start(name: "alpha", group: group)
         defer { Task { await a.stop() } }
-        let proxy = try await ProxyHarness.start(
-            gatewayConfig(
-                virtualHosts: catchAll("alpha"),
-                clusters: [ClusterConfig(name: "alpha", endpoints: [endpoint(a)])]
-            ),
-            group: group
-        )
+        let proxy = try await ProxyHarness.start(forwardingTo: a, group: group)
         defer { Task { await proxy.stop() } }
         let raw = try await RawClient.connect(port: proxy.port, group: group)
         defer { Task { await raw.close() } }
@@ -249,13 +237,7 @@ import Testing
     @Test func adminEndpointReportsReadinessAndConfig() async throws {
         let a = try await TestUpstream.start(name: "alpha", group: group)
         defer { Task { await a.stop() } }
-        let proxy = try await ProxyHarness.start(
-            gatewayConfig(
-                virtualHosts: catchAll("alpha"),
-                clusters: [ClusterConfig(name: "alpha", endpoints: [endpoint(a)])]
-            ),
-            group: group
-        )
+        let proxy = try await ProxyHarness.start(forwardingTo: a, group: group)
         defer { Task { await proxy.stop() } }
         let ready = try await TestHTTPClient.get(port: proxy.adminPort, "/ready", group: group)
         #expect(ready.status == .ok)

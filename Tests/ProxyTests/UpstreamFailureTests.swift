@@ -133,13 +133,7 @@ import Testing
     @Test func upstreamClosingWithoutAnswerIs503UpstreamReset() async throws {
         let a = try await TestUpstream.start(name: "alpha", group: group)
         defer { Task { await a.stop() } }
-        let proxy = try await ProxyHarness.start(
-            gatewayConfig(
-                virtualHosts: catchAll("alpha"),
-                clusters: [ClusterConfig(name: "alpha", endpoints: [endpoint(a)])]
-            ),
-            group: group
-        )
+        let proxy = try await ProxyHarness.start(forwardingTo: a, group: group)
         defer { Task { await proxy.stop() } }
         let client = try await TestHTTPClient.connect(port: proxy.port, group: group)
         defer { Task { await client.close() } }
@@ -153,13 +147,7 @@ import Testing
     @Test func anUpstreamThatSaidConnectionCloseIsNotReused() async throws {
         let a = try await TestUpstream.start(name: "alpha", group: group)
         defer { Task { await a.stop() } }
-        let proxy = try await ProxyHarness.start(
-            gatewayConfig(
-                virtualHosts: catchAll("alpha"),
-                clusters: [ClusterConfig(name: "alpha", endpoints: [endpoint(a)])]
-            ),
-            group: group
-        )
+        let proxy = try await ProxyHarness.start(forwardingTo: a, group: group)
         defer { Task { await proxy.stop() } }
         let client = try await TestHTTPClient.connect(port: proxy.port, group: group)
         defer { Task { await client.close() } }
@@ -177,13 +165,7 @@ import Testing
     @Test func headResponsesHaveNoBodyAndDoNotDesynchronizeTheConnection() async throws {
         let a = try await TestUpstream.start(name: "alpha", group: group)
         defer { Task { await a.stop() } }
-        let proxy = try await ProxyHarness.start(
-            gatewayConfig(
-                virtualHosts: catchAll("alpha"),
-                clusters: [ClusterConfig(name: "alpha", endpoints: [endpoint(a)])]
-            ),
-            group: group
-        )
+        let proxy = try await ProxyHarness.start(forwardingTo: a, group: group)
         defer { Task { await proxy.stop() } }
         let raw = try await RawClient.connect(port: proxy.port, group: group)
         defer { Task { await raw.close() } }
@@ -201,13 +183,7 @@ import Testing
     @Test func http10ClientsGetHTTP10AndAClose() async throws {
         let a = try await TestUpstream.start(name: "alpha", group: group)
         defer { Task { await a.stop() } }
-        let proxy = try await ProxyHarness.start(
-            gatewayConfig(
-                virtualHosts: catchAll("alpha"),
-                clusters: [ClusterConfig(name: "alpha", endpoints: [endpoint(a)])]
-            ),
-            group: group
-        )
+        let proxy = try await ProxyHarness.start(forwardingTo: a, group: group)
         defer { Task { await proxy.stop() } }
         let raw = try await RawClient.connect(port: proxy.port, group: group)
         defer { Task { await raw.close() } }
@@ -224,13 +200,7 @@ import Testing
     @Test func upstreamStatusCodesPassThroughAndAreCountedByClass() async throws {
         let a = try await TestUpstream.start(name: "alpha", group: group)
         defer { Task { await a.stop() } }
-        let proxy = try await ProxyHarness.start(
-            gatewayConfig(
-                virtualHosts: catchAll("alpha"),
-                clusters: [ClusterConfig(name: "alpha", endpoints: [endpoint(a)])]
-            ),
-            group: group
-        )
+        let proxy = try await ProxyHarness.start(forwardingTo: a, group: group)
         defer { Task { await proxy.stop() } }
         let client = try await TestHTTPClient.connect(port: proxy.port, group: group)
         defer { Task { await client.close() } }
@@ -256,13 +226,7 @@ import Testing
     @Test func keepAliveConnectionsToTheUpstreamAreReused() async throws {
         let a = try await TestUpstream.start(name: "alpha", group: group)
         defer { Task { await a.stop() } }
-        let proxy = try await ProxyHarness.start(
-            gatewayConfig(
-                virtualHosts: catchAll("alpha"),
-                clusters: [ClusterConfig(name: "alpha", endpoints: [endpoint(a)])]
-            ),
-            group: group
-        )
+        let proxy = try await ProxyHarness.start(forwardingTo: a, group: group)
         defer { Task { await proxy.stop() } }
         for _ in 0..<5 {
             // A fresh downstream connection each time: the upstream side still reuses its pool.

@@ -55,6 +55,17 @@ final class ProxyHarness: Sendable {
         )
     }
 
+    /// A proxy that sends every request to `upstream` (cluster `alpha`).
+    static func start(forwardingTo upstream: TestUpstream, group: any EventLoopGroup) async throws -> ProxyHarness {
+        try await start(
+            gatewayConfig(
+                virtualHosts: catchAll("alpha"),
+                clusters: [ClusterConfig(name: "alpha", endpoints: [endpoint(upstream)])]
+            ),
+            group: group
+        )
+    }
+
     private init(
         server: ProxyServer,
         stats: ProxyStats,
