@@ -56,6 +56,7 @@ let package = Package(
                 "CNetfilterQueue",
                 "CMnl",
                 .product(name: "Logging", package: "swift-log"),
+                .product(name: "NIOCore", package: "swift-nio"),
             ],
             swiftSettings: swiftSettings
         ),
@@ -137,6 +138,20 @@ let package = Package(
                 .product(name: "NIOEmbedded", package: "swift-nio"),
                 .product(name: "Logging", package: "swift-log"),
                 .product(name: "Prometheus", package: "swift-prometheus"),
+            ],
+            swiftSettings: swiftSettings
+        ),
+        .testTarget(
+            name: "InterceptorTests",
+            dependencies: ["Interceptor"],
+            swiftSettings: swiftSettings
+        ),
+        .testTarget(
+            name: "InterceptorNetnsTests",
+            dependencies: [
+                "Interceptor",
+                .product(name: "NIOCore", package: "swift-nio"),
+                .product(name: "NIOPosix", package: "swift-nio"),
             ],
             swiftSettings: swiftSettings
         ),
