@@ -57,24 +57,44 @@ public enum OriginalDestination {
         guard let provider = channel as? any SocketOptionProvider else {
             return channel.eventLoop.makeFailedFuture(Error.unsupportedChannel())
         }
+        // An IPv4 connection accepted on a dual-stack IPv6 socket (local address ::ffff:a.b.c.d)
+        // has an IPv4 NAT record: ask with the IPv4 option.
         let isIPv6: Bool
-        if case .v6 = channel.localAddress { isIPv6 = true } else { isIPv6 = false }
+        if case .v6 = channel.localAddress, let ip = channel.localAddress?.ipAddress,
+            !ip.lowercased().hasPrefix("::ffff:")
+        {
+            isIPv6 = true
+        } else {
+            isIPv6 = false
+        }
         if isIPv6 {
             let future: EventLoopFuture<sockaddr_in6> = provider.unsafeGetSocketOption(
                 level: SocketOptionLevel(IPPROTO_IPV6),
                 name: SocketOptionName(optionName)
             )
-            return future.map { SocketAddress($0, host: "") }.flatMapErrorThrowing { throw translate($0) }
+            return future.flatMapThrowing { try checkRedirected(SocketAddress($0, host: ""), channel) }
+                .flatMapErrorThrowing { throw translate($0) }
         } else {
             let future: EventLoopFuture<sockaddr_in> = provider.unsafeGetSocketOption(
                 level: SocketOptionLevel(IPPROTO_IP),
                 name: SocketOptionName(optionName)
             )
-            return future.map { SocketAddress($0, host: "") }.flatMapErrorThrowing { throw translate($0) }
+            return future.flatMapThrowing { try checkRedirected(SocketAddress($0, host: ""), channel) }
+                .flatMapErrorThrowing { throw translate($0) }
         }
     }
 
+    /// Conntrack answers for every tracked connection, redirected or not; a connection whose
+    /// original destination is the socket's own address was not redirected.
+    private static func checkRedirected(_ original: SocketAddress, _ channel: any Channel) throws -> SocketAddress {
+        guard let local = channel.localAddress else { return original }
+        let localIP = local.ipAddress.map { $0.lowercased().hasPrefix("::ffff:") ? String($0.dropFirst(7)) : $0 }
+        if original.port == local.port && original.ipAddress == localIP { throw Error.notRedirected() }
+        return original
+    }
+
     private static func translate(_ error: any Swift.Error) -> any Swift.Error {
+        if error is Error { return error }
         guard let io = error as? IOError else { return error }
         return io.errnoCode == ENOENT ? Error.notRedirected() : Error.system(io.errnoCode)
     }

@@ -58,7 +58,9 @@ public struct CommandRunner: Sendable {
 
     public func which(_ command: String) -> String? {
         let path = ProcessInfo.processInfo.environment["PATH"] ?? "/usr/sbin:/usr/bin:/sbin:/bin"
-        for dir in path.split(separator: ":") + ["/usr/sbin", "/sbin"] {
+        var dirs = path.split(separator: ":").map(String.init)
+        dirs += ["/usr/sbin", "/sbin"]
+        for dir in dirs {
             let candidate = "\(dir)/\(command)"
             if FileManager.default.isExecutableFile(atPath: candidate) { return candidate }
         }

@@ -55,12 +55,21 @@ public struct IPTablesState: Sendable, Hashable {
         return diffs
     }
 
+    /// Compares rule lists; order matters within a chain (`iptables-save` lists chains one after
+    /// another, so order across chains does not).
     private static func compare(_ want: [String], _ have: [String], label: String) -> [String] {
         var diffs: [String] = []
         for rule in want where !have.contains(rule) { diffs.append("missing: \(label) \(rule)") }
         for rule in have where !want.contains(rule) { diffs.append("unexpected: \(label) \(rule)") }
-        if diffs.isEmpty && want != have {
-            diffs.append("order: \(label) rules are present but in another order")
+        if diffs.isEmpty {
+            func byChain(_ rules: [String]) -> [String: [String]] {
+                Dictionary(grouping: rules) { $0.split(separator: " ").dropFirst().first.map(String.init) ?? "" }
+            }
+            let wantByChain = byChain(want)
+            let haveByChain = byChain(have)
+            for chain in wantByChain.keys.sorted() where wantByChain[chain] != haveByChain[chain] {
+                diffs.append("order: \(label) the rules of \(chain) are present but in another order")
+            }
         }
         return diffs
     }
