@@ -105,6 +105,7 @@ let package = Package(
             name: "trellis-agent",
             dependencies: [
                 "Agent",
+                "Interceptor",
                 "Proxy",
                 .product(name: "ArgumentParser", package: "swift-argument-parser"),
                 .product(name: "Logging", package: "swift-log"),

@@ -228,6 +228,42 @@ struct CaptureNetnsTests {
         try capture.remove()
     }
 
+    @Test func theRulesCommandInstallsVerifiesAndUninstalls() throws {
+        let lab = try NetnsLab(subnet: 6)
+        defer { lab.destroy() }
+        let agent = URL(fileURLWithPath: CommandLine.arguments[0]).deletingLastPathComponent()
+            .appendingPathComponent("trellis-agent").path
+        func run(_ args: String...) throws -> CommandRunner.Output { try lab.exec(lab.a, [agent, "rules"] + args) }
+        func trellisLines() throws -> Int {
+            try lab.exec(lab.a, ["iptables-save"]).stdout.split(separator: "\n").filter { $0.contains("TRELLIS") }.count
+        }
+
+        let install = try run("install")
+        #expect(install.status == 0, "\(install.stderr)")
+        #expect(try run("verify").stdout == "ok: the installed rules match\n")
+        _ = try lab.exec(
+            lab.a,
+            ["iptables", "-t", "nat", "-A", "TRELLIS_OUTPUT", "-p", "tcp", "--dport", "7", "-j", "RETURN"]
+        )
+        let tampered = try run("verify")
+        #expect(tampered.status == 1)
+        #expect(tampered.stdout.contains("unexpected: [ipv4 nat] -A TRELLIS_OUTPUT -p tcp -m tcp --dport 7 -j RETURN"))
+        #expect(try run("uninstall").status == 0)
+        #expect(try trellisLines() == 0)
+
+        // A configuration that would capture Trellis's own port: refused before any rule.
+        let file = FileManager.default.temporaryDirectory.appendingPathComponent("trellis-capture-\(getpid()).yaml")
+        defer { try? FileManager.default.removeItem(at: file) }
+        try "capture:\n  inbound_ports: [8080, 15001]\n".write(to: file, atomically: true, encoding: .utf8)
+        let refused = try run("install", "--config", file.path)
+        #expect(refused.status != 0)
+        #expect(
+            refused.stderr.contains("\(file.path): capture.inbound_ports[1]: port 15001 is Trellis's own"),
+            "\(refused.stderr)"
+        )
+        #expect(try trellisLines() == 0)
+    }
+
     final class Collector: ChannelInboundHandler, @unchecked Sendable {
         typealias InboundIn = ByteBuffer
         var text = ""

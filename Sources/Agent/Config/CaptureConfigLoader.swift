@@ -1,0 +1,109 @@
+public import Interceptor
+import Yams
+
+/// Reads the `capture:` section of agent.yaml into a ``CaptureConfig``. Keys (all optional; the
+/// defaults are ``CaptureConfig``'s):
+///
+/// ```yaml
+/// capture:
+///   inbound_ports: "*"              # or a list: [8080, 9090]
+///   inbound_exclude_ports: [22]     # with "*": ports never captured inbound
+///   outbound_include_cidrs: []      # empty: every destination
+///   outbound_exclude_cidrs: [169.254.169.254/32]
+///   exclude_ports: []               # never captured, either way
+///   capture_loopback: false
+///   agent_mark: 0x1000
+///   agent_uid: 990                  # the uid/gid the agent runs as
+///   agent_gid: 990
+///   ipv4: true
+///   ipv6: true
+///   gate: {queue: 15000, mark: 0x1} # omit to redirect without the NFQUEUE gate
+/// ```
+public enum CaptureConfigLoader {
+    public static func parse(yaml: String, file: String) throws(ConfigFileErrors) -> CaptureConfig {
+        let config: CaptureConfig
+        do {
+            let root = try ConfigNode.root(yaml: yaml, file: file)
+            let top = try root.mapping(allowed: [
+                "capture", "services", "pilot", "drain_deadline", "listeners", "admin",
+            ])
+            config = try top["capture"].map(load) ?? CaptureConfig()
+        } catch {
+            throw ConfigFileErrors([error])
+        }
+        let problems = config.validationErrors()
+        guard problems.isEmpty else {
+            throw ConfigFileErrors(
+                problems.map { ConfigFileError(file: file, path: "capture.\($0.path)", message: $0.message) }
+            )
+        }
+        return config
+    }
+
+    private static func load(_ node: ConfigNode) throws(ConfigFileError) -> CaptureConfig {
+        let keys = try node.mapping(allowed: [
+            "inbound_ports", "inbound_exclude_ports", "outbound_include_cidrs", "outbound_exclude_cidrs",
+            "exclude_ports", "capture_loopback", "agent_mark", "agent_uid", "agent_gid", "ipv4", "ipv6", "gate",
+        ])
+        var c = CaptureConfig()
+        func ports(_ n: ConfigNode) throws(ConfigFileError) -> [Int] {
+            var out: [Int] = []
+            for item in try n.sequence() { out.append(try item.int(in: 1...65535)) }
+            return out
+        }
+        func cidrs(_ n: ConfigNode) throws(ConfigFileError) -> [CIDR] {
+            var out: [CIDR] = []
+            for item in try n.sequence() {
+                do {
+                    out.append(try CIDR(try item.nonEmptyString()))
+                } catch let e as CaptureConfigError {
+                    throw item.error(e.message)
+                } catch let e as ConfigFileError {
+                    throw e
+                } catch {
+                    throw item.error("\(error)")
+                }
+            }
+            return out
+        }
+        func mark(_ n: ConfigNode) throws(ConfigFileError) -> UInt32 {
+            let text = try n.nonEmptyString()
+            let value = text.hasPrefix("0x") ? UInt32(text.dropFirst(2), radix: 16) : UInt32(text)
+            guard let value, value != 0 else {
+                throw n.error("expected a non-zero 32-bit mark such as 0x1000, got '\(text)'")
+            }
+            return value
+        }
+        let exclude = try keys["inbound_exclude_ports"].map(ports) ?? [22]
+        if let inbound = keys["inbound_ports"] {
+            if case .scalar(_) = inbound.node {
+                guard try inbound.string() == "*" else { throw inbound.error("expected \"*\" or a list of ports") }
+                c.inbound = .all(except: exclude)
+            } else {
+                if keys["inbound_exclude_ports"] != nil {
+                    throw keys["inbound_exclude_ports"]!.error("only meaningful with inbound_ports: \"*\"")
+                }
+                c.inbound = .only(try ports(inbound))
+            }
+        } else {
+            c.inbound = .all(except: exclude)
+        }
+        if let n = keys["outbound_include_cidrs"] { c.outboundIncludeCIDRs = try cidrs(n) }
+        if let n = keys["outbound_exclude_cidrs"] { c.outboundExcludeCIDRs = try cidrs(n) }
+        if let n = keys["exclude_ports"] { c.excludedPorts = try ports(n) }
+        if let n = keys["capture_loopback"] { c.captureLoopback = try n.bool() }
+        if let n = keys["agent_mark"] { c.agentMark = try mark(n) }
+        if let n = keys["agent_uid"] { c.agentUID = try n.int(in: 0...4_294_967_294) }
+        if let n = keys["agent_gid"] { c.agentGID = try n.int(in: 0...4_294_967_294) }
+        if let n = keys["ipv4"] { c.ipv4 = try n.bool() }
+        if let n = keys["ipv6"] { c.ipv6 = try n.bool() }
+        if let n = keys["gate"] {
+            let g = try n.mapping(allowed: ["queue", "mark"])
+            var gate = CaptureConfig.Gate()
+            if let q = g["queue"] { gate.queue = try q.int(in: 0...65535) }
+            if let m = g["mark"] { gate.mark = try mark(m) }
+            c.gate = gate
+        }
+        return c
+    }
+}
