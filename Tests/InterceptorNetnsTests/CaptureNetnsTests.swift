@@ -48,6 +48,7 @@ struct CaptureNetnsTests {
         return try await loop.flatSubmit {
             ServerBootstrap(group: loop)
                 .serverChannelOption(.socketOption(.so_reuseaddr), value: 1)
+                .serverChannelOption(.backlog, value: 4096)
                 .childChannelInitializer { channel in
                     channel.eventLoop.makeCompletedFuture {
                         try channel.pipeline.syncOperations.addHandler(OriginalDestinationEcho(name: name))

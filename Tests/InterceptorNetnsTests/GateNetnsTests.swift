@@ -62,4 +62,60 @@ struct GateNetnsTests {
         #expect(try curl(lab, url) == "server-b direct")
         try capture.remove()
     }
+
+    @Test func aBurstOf10000NewConnectionsIsDecidedWithoutDrops() async throws {
+        let lab = try NetnsLab(subnet: 8)
+        defer { lab.destroy() }
+        let groupA = try lab.eventLoopGroup(in: lab.a)
+        defer { groupA.shutdownGracefully { _ in } }
+        let capture = Capture(
+            backend: try IPTablesBackend.detect(runner: CommandRunner(netns: lab.a)),
+            runner: CommandRunner(netns: lab.a)
+        )
+        let outbound = try await CaptureNetnsTests.listen(groupA, host: "::", port: 15001, name: "outbound")
+        defer { outbound.close(promise: nil) }
+        try capture.apply(try RuleSet(CaptureConfig(gate: .init(queue: 6, mark: 0x1))))
+        defer { try? capture.remove() }
+        let gate = try await groupA.next().submit { try NetfilterQueueGate(queue: 6, mark: 0x1) }.get()
+        gate.start()
+        defer { gate.stop() }
+        gate.setMode(.capture)
+
+        // 10,000 connections, 500 at a time; each must be answered by the capture listener (a
+        // dropped or bypassed SYN would fail or reach nothing, since nothing listens on B).
+        let total = 10_000
+        let batch = 500
+        let target = lab.bAddress
+        let loop = groupA.next()
+        var captured = 0
+        var failures: [String] = []
+        for start in stride(from: 0, to: total, by: batch) {
+            let results = try await loop.flatSubmit { () -> EventLoopFuture<[Result<String, any Error>]> in
+                let futures = (start..<min(start + batch, total)).map { _ -> EventLoopFuture<String> in
+                    let collector = CaptureNetnsTests.Collector()
+                    return ClientBootstrap(group: loop)
+                        .connectTimeout(.seconds(10))
+                        .channelInitializer { channel in
+                            channel.eventLoop.makeCompletedFuture {
+                                try channel.pipeline.syncOperations.addHandler(collector)
+                            }
+                        }
+                        .connect(host: target, port: 8080)
+                        .flatMap { channel in channel.closeFuture.map { collector.text } }
+                }
+                return EventLoopFuture.whenAllComplete(futures, on: loop)
+            }.get()
+            for result in results {
+                switch result {
+                case .success(let text) where text.hasSuffix("outbound \(target) 8080\n"): captured += 1
+                case .success(let text): failures.append(String(text.suffix(40)))
+                case .failure(let error): failures.append("\(error)")
+                }
+            }
+        }
+        #expect(captured == total, "first failures: \(failures.prefix(3))")
+        let counters = gate.counters
+        #expect(counters.captured >= total, "\(counters)")
+        #expect(counters.bypassed == 0)
+    }
 }
