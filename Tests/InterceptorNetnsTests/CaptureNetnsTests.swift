@@ -72,8 +72,7 @@ struct CaptureNetnsTests {
             groupA.shutdownGracefully { _ in }
             groupB.shutdownGracefully { _ in }
         }
-        let backend = try IPTablesBackend.detect(runner: CommandRunner(netns: lab.a))
-        let capture = Capture(backend: backend, runner: CommandRunner(netns: lab.a))
+        let capture = try lab.capture(in: lab.a)
         // VM A captures outbound; 15001 listens on both families.
         // "::" takes IPv4 connections too (dual stack).
         let outbound = try await Self.listen(groupA, host: "::", port: 15001, name: "outbound")
@@ -101,8 +100,7 @@ struct CaptureNetnsTests {
         defer { lab.destroy() }
         let groupB = try lab.eventLoopGroup(in: lab.b)
         defer { groupB.shutdownGracefully { _ in } }
-        let backend = try IPTablesBackend.detect(runner: CommandRunner(netns: lab.b))
-        let capture = Capture(backend: backend, runner: CommandRunner(netns: lab.b))
+        let capture = try lab.capture(in: lab.b)
         let inbound = try await Self.listen(groupB, host: "::", port: 15006, name: "inbound")
         let ssh = try await Self.listen(groupB, host: "::", port: 22, name: "sshd")
         defer {
@@ -126,10 +124,7 @@ struct CaptureNetnsTests {
             groupA.shutdownGracefully { _ in }
             groupB.shutdownGracefully { _ in }
         }
-        let capture = Capture(
-            backend: try IPTablesBackend.detect(runner: CommandRunner(netns: lab.a)),
-            runner: CommandRunner(netns: lab.a)
-        )
+        let capture = try lab.capture(in: lab.a)
         let outbound = try await Self.listen(groupA, host: "0.0.0.0", port: 15001, name: "outbound")
         let server = try await Self.listen(groupB, host: "0.0.0.0", port: 8080, name: "server-b")
         defer {

@@ -25,10 +25,7 @@ struct GateNetnsTests {
             groupA.shutdownGracefully { _ in }
             groupB.shutdownGracefully { _ in }
         }
-        let capture = Capture(
-            backend: try IPTablesBackend.detect(runner: CommandRunner(netns: lab.a)),
-            runner: CommandRunner(netns: lab.a)
-        )
+        let capture = try lab.capture(in: lab.a)
         let outbound = try await CaptureNetnsTests.listen(groupA, host: "::", port: 15001, name: "outbound")
         let server = try await CaptureNetnsTests.listen(groupB, host: "::", port: 8080, name: "server-b")
         defer {
@@ -68,10 +65,7 @@ struct GateNetnsTests {
         defer { lab.destroy() }
         let groupA = try lab.eventLoopGroup(in: lab.a)
         defer { groupA.shutdownGracefully { _ in } }
-        let capture = Capture(
-            backend: try IPTablesBackend.detect(runner: CommandRunner(netns: lab.a)),
-            runner: CommandRunner(netns: lab.a)
-        )
+        let capture = try lab.capture(in: lab.a)
         let outbound = try await CaptureNetnsTests.listen(groupA, host: "::", port: 15001, name: "outbound")
         defer { outbound.close(promise: nil) }
         try capture.apply(try RuleSet(CaptureConfig(gate: .init(queue: 6, mark: 0x1))))

@@ -79,6 +79,12 @@ final class NetnsLab: Sendable {
         try CommandRunner(netns: ns).run(args[0], Array(args.dropFirst()))
     }
 
+    /// Trellis's rules in namespace `ns`, with the back end found there.
+    func capture(in ns: String) throws -> Capture {
+        let runner = CommandRunner(netns: ns)
+        return Capture(backend: try IPTablesBackend.detect(runner: runner), runner: runner)
+    }
+
     /// A one-thread event loop group whose thread has joined namespace `ns`: sockets it opens live
     /// there.
     func eventLoopGroup(in ns: String) throws -> MultiThreadedEventLoopGroup {
