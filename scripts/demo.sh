@@ -75,8 +75,8 @@ echo
 echo "== routing by host and path"
 show curl -s -H "host: shop.example.com" http://127.0.0.1:18084/cart
 show curl -s -H "host: shop.example.com" http://127.0.0.1:18084/api/items
-echo "== round robin over two endpoints"
-for i in 1 2 3 4; do curl -s -H "host: lb.example.com" http://127.0.0.1:18084/r$i; done
+echo "== round robin over two endpoints (one keep-alive connection; each event loop balances on its own)"
+curl -s -H "host: lb.example.com" http://127.0.0.1:18084/r1 http://127.0.0.1:18084/r2 http://127.0.0.1:18084/r3 http://127.0.0.1:18084/r4
 echo
 echo "== a route that does not exist (the gateway answers with a token)"
 show curl -s -i -H "host: nowhere.test" http://127.0.0.1:18084/missing
