@@ -152,11 +152,12 @@ struct CaptureNetnsTests {
         try capture.remove()
     }
 
-    @Test func removeLeavesOtherRulesAndTheSavedStateAsBefore() throws {
-        let lab = try NetnsLab(subnet: 4)
+    /// Both back ends, explicitly: nft (Debian's default) and legacy.
+    @Test(arguments: [IPTablesBackend.nft, .legacy])
+    func removeLeavesOtherRulesAndTheSavedStateAsBefore(backend: IPTablesBackend) throws {
+        let lab = try NetnsLab(subnet: backend == .nft ? 4 : 9)
         defer { lab.destroy() }
         let runner = CommandRunner(netns: lab.a)
-        let backend = try IPTablesBackend.detect(runner: runner)
         let capture = Capture(backend: backend, runner: runner)
         // A foreign tool's rules, in the same tables and built-in chains.
         let foreign =
@@ -204,11 +205,11 @@ struct CaptureNetnsTests {
         #expect(try capture.verify(plain).contains { $0.hasPrefix("missing:") })
     }
 
-    @Test func aRejectedTransactionChangesNothing() throws {
-        let lab = try NetnsLab(subnet: 5)
+    @Test(arguments: [IPTablesBackend.nft, .legacy])
+    func aRejectedTransactionChangesNothing(backend: IPTablesBackend) throws {
+        let lab = try NetnsLab(subnet: backend == .nft ? 5 : 10)
         defer { lab.destroy() }
         let runner = CommandRunner(netns: lab.a)
-        let backend = try IPTablesBackend.detect(runner: runner)
         let capture = Capture(backend: backend, runner: runner)
         let rules = try RuleSet(CaptureConfig())
         try capture.apply(rules)

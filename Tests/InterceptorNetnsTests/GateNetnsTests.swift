@@ -2,6 +2,7 @@ import Foundation
 import Interceptor
 import NIOCore
 import NIOPosix
+import Prometheus
 import Testing
 
 /// The NFQUEUE gate with real netfilter: no reader means direct traffic (fail-open); the reader
@@ -39,7 +40,10 @@ struct GateNetnsTests {
         #expect(try curl(lab, url) == "server-b direct")
 
         // The reader's socket must live in namespace A: create it on A's thread.
-        let gate = try await groupA.next().submit { try NetfilterQueueGate(queue: 5, mark: 0x1) }.get()
+        let registry = PrometheusCollectorRegistry()
+        let factory = PrometheusMetricsFactory(registry: registry)
+        let gate = try await groupA.next().submit { try NetfilterQueueGate(queue: 5, mark: 0x1, metrics: factory) }
+            .get()
         gate.start()
         defer { gate.stop() }
         // Starting in bypass: still direct, and counted.
@@ -53,6 +57,12 @@ struct GateNetnsTests {
         #expect(counters.captured == 2, "\(counters)")
         #expect(counters.bypassed == 2, "\(counters)")
         #expect(counters.gated == 4)
+        var buffer: [UInt8] = []
+        registry.emit(into: &buffer)
+        let exposition = String(decoding: buffer, as: UTF8.self)
+        #expect(exposition.contains("trellis_gate_connections_total{decision=\"captured\"} 2"), "\(exposition)")
+        #expect(exposition.contains("trellis_gate_connections_total{decision=\"bypassed\"} 2"), "\(exposition)")
+        #expect(exposition.contains("trellis_gate_queue_overflows_total 0"), "\(exposition)")
 
         // The reader goes away (a crashed agent): traffic flows directly again.
         gate.stop()

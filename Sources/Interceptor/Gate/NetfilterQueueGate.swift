@@ -1,6 +1,7 @@
 import Atomics
 import CMnl
 import CNetfilterQueue
+public import CoreMetrics
 import Foundation
 
 #if canImport(Glibc)
@@ -39,6 +40,9 @@ public final class NetfilterQueueGate: @unchecked Sendable {
     private let bypassed = ManagedAtomic<Int>(0)
     private let overflows = ManagedAtomic<Int>(0)
     private let stopping = ManagedAtomic<Bool>(false)
+    private let capturedMetric: Counter
+    private let bypassedMetric: Counter
+    private let overflowMetric: Counter
     private let socket: OpaquePointer
     private let portID: UInt32
     private var thread: Thread?
@@ -46,7 +50,15 @@ public final class NetfilterQueueGate: @unchecked Sendable {
 
     /// Opens the netlink socket (in the calling thread's network namespace) and binds the queue.
     /// Starts in `.bypass`; call ``setMode(_:)`` once the proxy is ready.
-    public init(queue: Int, mark: UInt32, maxQueueLength: UInt32 = 16384) throws(IPTablesError) {
+    ///
+    /// Metrics: `trellis_gate_connections_total{decision="captured"|"bypassed"}` and
+    /// `trellis_gate_queue_overflows_total`.
+    public init(
+        queue: Int,
+        mark: UInt32,
+        maxQueueLength: UInt32 = 16384,
+        metrics: any MetricsFactory = MetricsSystem.factory
+    ) throws(IPTablesError) {
         guard let nl = mnl_socket_open(NETLINK_NETFILTER) else {
             throw IPTablesError("NFQUEUE: cannot open a netfilter netlink socket (errno \(CNetfilterQueue_errno()))")
         }
@@ -69,6 +81,17 @@ public final class NetfilterQueueGate: @unchecked Sendable {
         _ = setsockopt(mnl_socket_get_fd(nl), SOL_SOCKET, SO_RCVBUFFORCE, &size, socklen_t(MemoryLayout<Int32>.size))
         var timeout = timeval(tv_sec: 0, tv_usec: 200_000)
         _ = setsockopt(mnl_socket_get_fd(nl), SOL_SOCKET, SO_RCVTIMEO, &timeout, socklen_t(MemoryLayout<timeval>.size))
+        self.capturedMetric = Counter(
+            label: "trellis_gate_connections_total",
+            dimensions: [("decision", "captured")],
+            factory: metrics
+        )
+        self.bypassedMetric = Counter(
+            label: "trellis_gate_connections_total",
+            dimensions: [("decision", "bypassed")],
+            factory: metrics
+        )
+        self.overflowMetric = Counter(label: "trellis_gate_queue_overflows_total", factory: metrics)
         self.socket = nl
         self.portID = mnl_socket_get_portid(nl)
         self.queue = UInt32(queue)
@@ -119,7 +142,10 @@ public final class NetfilterQueueGate: @unchecked Sendable {
             let n = mnl_socket_recvfrom(socket, receive, size)
             if n < 0 {
                 let e = CNetfilterQueue_errno()
-                if e == ENOBUFS { overflows.wrappingIncrement(ordering: .relaxed) }
+                if e == ENOBUFS {
+                    overflows.wrappingIncrement(ordering: .relaxed)
+                    overflowMetric.increment()
+                }
                 continue  // EAGAIN (timeout), EINTR, ENOBUFS: keep reading
             }
             var remaining = Int32(n)
@@ -139,6 +165,7 @@ public final class NetfilterQueueGate: @unchecked Sendable {
             _ = CNetfilterQueue_accept_batch(socket, send, queue, UInt32(maxID), capture ? 1 : 0, mark)
             gated.wrappingIncrement(by: count, ordering: .relaxed)
             (capture ? captured : bypassed).wrappingIncrement(by: count, ordering: .relaxed)
+            (capture ? capturedMetric : bypassedMetric).increment(by: count)
         }
     }
 }
