@@ -74,7 +74,12 @@ public struct RuleSet: Sendable, Hashable {
         var mangle = Table(
             name: "mangle",
             chains: ["TRELLIS_GATE_IN", "TRELLIS_GATE_OUT"],
-            jumps: ["-A PREROUTING -p tcp -j TRELLIS_GATE_IN", "-A OUTPUT -p tcp -j TRELLIS_GATE_OUT"],
+            // Only SYNs enter the gate chains: mangle is consulted for every packet, and the
+            // rest of a connection has nothing to decide.
+            jumps: [
+                "-A PREROUTING -p tcp -m tcp --tcp-flags FIN,SYN,RST,ACK SYN -j TRELLIS_GATE_IN",
+                "-A OUTPUT -p tcp -m tcp --tcp-flags FIN,SYN,RST,ACK SYN -j TRELLIS_GATE_OUT",
+            ],
             rules: []
         )
         mangle.rules += inboundSelection(c, chain: "TRELLIS_GATE_IN", capture: .queue(gate.queue))
