@@ -93,6 +93,18 @@ struct CaptureNetnsTests {
 
         try capture.remove()
         #expect(try curl(lab, from: lab.a, "http://\(lab.bAddress):8080/") == "server-b direct")
+
+        // Excluded CIDRs go direct; with an include list, only those networks are captured.
+        let excluding = try RuleSet(CaptureConfig(outboundExcludeCIDRs: [try CIDR("\(lab.bAddress)/32")]))
+        try capture.apply(excluding)
+        #expect(try curl(lab, from: lab.a, "http://\(lab.bAddress):8080/") == "server-b direct")
+        #expect(try curl(lab, from: lab.a, "http://[\(lab.bAddress6)]:8080/") == "outbound \(lab.bAddress6) 8080")
+        let including = try RuleSet(CaptureConfig(outboundIncludeCIDRs: [try CIDR("10.77.0.0/16")]))
+        try capture.apply(including)
+        #expect(try capture.verify(including) == [])
+        #expect(try curl(lab, from: lab.a, "http://\(lab.bAddress):8080/") == "outbound \(lab.bAddress) 8080")
+        #expect(try curl(lab, from: lab.a, "http://[\(lab.bAddress6)]:8080/") == "server-b direct")
+        try capture.remove()
     }
 
     @Test func inboundConnectionsReachTheInboundListener() async throws {
