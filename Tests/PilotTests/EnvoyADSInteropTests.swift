@@ -108,13 +108,13 @@ struct EnvoyADSInteropTests {
         ]
     }
 
-    static func bootstrap(adsPort: Int, adminPort: Int) -> String {
+    static func bootstrap(adsPort: Int, adminPort: Int, apiType: String) -> String {
         """
         node: {id: test-envoy, cluster: trellis-test}
         admin: {address: {socket_address: {address: 127.0.0.1, port_value: \(adminPort)}}}
         dynamic_resources:
           ads_config:
-            api_type: GRPC
+            api_type: \(apiType)
             transport_api_version: V3
             grpc_services: [{envoy_grpc: {cluster_name: xds}}]
           cds_config: {ads: {}, resource_api_version: V3}
@@ -148,9 +148,11 @@ struct EnvoyADSInteropTests {
             ? String(decoding: data, as: UTF8.self) : "curl exit \(process.terminationStatus)"
     }
 
-    @Test func stockEnvoyTakesItsConfigurationFromPilotAndNACKsABadResource() async throws {
+    /// Both ADS flavours: state of the world (`GRPC`) and incremental (`DELTA_GRPC`).
+    @Test(arguments: ["GRPC", "DELTA_GRPC"])
+    func stockEnvoyTakesItsConfigurationFromPilotAndNACKsABadResource(apiType: String) async throws {
         // A real upstream: Python's http.server serving one file.
-        let root = FileManager.default.temporaryDirectory.appendingPathComponent("trellis-ads-\(getpid())")
+        let root = FileManager.default.temporaryDirectory.appendingPathComponent("trellis-ads-\(getpid())-\(apiType)")
         try FileManager.default.createDirectory(at: root, withIntermediateDirectories: true)
         defer { try? FileManager.default.removeItem(at: root) }
         try "served by the upstream\n".write(
@@ -191,14 +193,14 @@ struct EnvoyADSInteropTests {
                 return
             }
             let bootstrap = root.appendingPathComponent("envoy.yaml")
-            try Self.bootstrap(adsPort: adsPort, adminPort: Self.freePort()).write(
+            try Self.bootstrap(adsPort: adsPort, adminPort: Self.freePort(), apiType: apiType).write(
                 to: bootstrap,
                 atomically: true,
                 encoding: .utf8
             )
             let envoy = Process()
             envoy.executableURL = URL(fileURLWithPath: "/usr/bin/env")
-            envoy.arguments = ["envoy", "-c", bootstrap.path, "--base-id", "\(getpid() % 60000)", "-l", "error"]
+            envoy.arguments = ["envoy", "-c", bootstrap.path, "--disable-hot-restart", "-l", "error"]
             envoy.standardOutput = FileHandle.nullDevice
             try envoy.run()
             defer {

@@ -1,3 +1,4 @@
+import FoundationEssentials
 public import GRPCCore
 public import Logging
 import SwiftProtobuf
@@ -145,11 +146,161 @@ public struct AggregatedDiscoveryService: Envoy_Service_Discovery_V3_AggregatedD
         await sync.sent(node: node, typeURL: typeURL, version: message.versionInfo, nonce: nonce)
     }
 
+    /// One type's subscription on an incremental (Delta) stream.
+    struct DeltaSubscription {
+        var wildcard = false
+        var names: Set<String> = []
+        /// What the node has: resource name → version.
+        var known: [String: String] = [:]
+        var pendingNonce: String?
+        var pendingVersion: String?
+    }
+
+    private enum DeltaEvent: Sendable {
+        case request(Envoy_Service_Discovery_V3_DeltaDiscoveryRequest)
+        case changed
+    }
+
+    /// The incremental ADS stream (`DeltaAggregatedResources`): only resources that changed, and
+    /// the names of those removed, are sent; each resource carries its own version (a digest of its
+    /// bytes).
     public func deltaAggregatedResources(
         request: RPCAsyncSequence<Envoy_Service_Discovery_V3_DeltaDiscoveryRequest, any Error>,
         response: RPCWriter<Envoy_Service_Discovery_V3_DeltaDiscoveryResponse>,
         context: ServerContext
     ) async throws {
-        throw RPCError(code: .unimplemented, message: "Delta ADS is not served yet; use StreamAggregatedResources")
+        let (watchID, changes) = await cache.watch()
+        let (events, sink) = AsyncStream<DeltaEvent>.makeStream()
+        var node = ""
+        do {
+            try await withThrowingTaskGroup(of: Void.self) { group in
+                group.addTask {
+                    defer { sink.finish() }
+                    for try await message in request { sink.yield(.request(message)) }
+                }
+                group.addTask {
+                    for await _ in changes { sink.yield(.changed) }
+                }
+                var subscriptions: [String: DeltaSubscription] = [:]
+                var nonce = 0
+                for await event in events {
+                    var candidates: [(typeURL: String, force: Bool)] = []
+                    switch event {
+                    case .request(let message):
+                        if node.isEmpty && message.hasNode { node = message.node.id }
+                        if let send = await handleDelta(message, node: node, subscriptions: &subscriptions) {
+                            candidates.append(send)
+                        }
+                    case .changed:
+                        candidates = subscriptions.keys.sorted().map { ($0, false) }
+                    }
+                    for (typeURL, force) in candidates {
+                        guard var subscription = subscriptions[typeURL] else { continue }
+                        let snapshot = await cache.snapshot(typeURL)
+                        let targets =
+                            subscription.wildcard
+                            ? Array(snapshot.resources.keys)
+                            : subscription.names.filter { snapshot.resources[$0] != nil }
+                        var updated: [Envoy_Service_Discovery_V3_Resource] = []
+                        for name in targets.sorted() {
+                            guard let any = snapshot.resources[name] else { continue }
+                            let version = Self.digest(any)
+                            if subscription.known[name] == version { continue }
+                            var resource = Envoy_Service_Discovery_V3_Resource()
+                            resource.name = name
+                            resource.version = version
+                            resource.resource = any
+                            updated.append(resource)
+                            subscription.known[name] = version
+                        }
+                        let removed = subscription.known.keys.filter { snapshot.resources[$0] == nil }.sorted()
+                        for name in removed { subscription.known[name] = nil }
+                        guard force || !updated.isEmpty || !removed.isEmpty else { continue }
+                        nonce += 1
+                        var message = Envoy_Service_Discovery_V3_DeltaDiscoveryResponse()
+                        message.typeURL = typeURL
+                        message.systemVersionInfo = "\(snapshot.version)"
+                        message.nonce = "\(nonce)"
+                        message.resources = updated
+                        message.removedResources = removed
+                        try await response.write(message)
+                        subscription.pendingNonce = message.nonce
+                        subscription.pendingVersion = message.systemVersionInfo
+                        subscriptions[typeURL] = subscription
+                        await sync.sent(
+                            node: node,
+                            typeURL: typeURL,
+                            version: message.systemVersionInfo,
+                            nonce: message.nonce
+                        )
+                    }
+                }
+                group.cancelAll()
+            }
+        } catch {
+            await cache.unwatch(watchID)
+            await sync.disconnected(node: node)
+            throw error
+        }
+        await cache.unwatch(watchID)
+        await sync.disconnected(node: node)
+    }
+
+    /// Applies one Delta request; returns the type to answer now (forced for a new subscription,
+    /// so that the node's initial fetch completes even when there is nothing to send).
+    func handleDelta(
+        _ message: Envoy_Service_Discovery_V3_DeltaDiscoveryRequest,
+        node: String,
+        subscriptions: inout [String: DeltaSubscription]
+    ) async -> (typeURL: String, force: Bool)? {
+        let typeURL = message.typeURL
+        guard !typeURL.isEmpty else { return nil }
+        let isNew = subscriptions[typeURL] == nil
+        var subscription = subscriptions[typeURL] ?? DeltaSubscription()
+        if !message.responseNonce.isEmpty {
+            guard message.responseNonce == subscription.pendingNonce else { return nil }  // stale
+            if message.hasErrorDetail {
+                await sync.nacked(node: node, typeURL: typeURL, error: message.errorDetail.message)
+                logger.warning(
+                    "configuration rejected (NACK)",
+                    metadata: [
+                        "xds.node": "\(node)", "xds.type": "\(typeURL)", "error": "\(message.errorDetail.message)",
+                    ]
+                )
+            } else if let version = subscription.pendingVersion {
+                await sync.acked(node: node, typeURL: typeURL, version: version)
+            }
+        }
+        if isNew {
+            // The first request with no names is a wildcard subscription (legacy form).
+            subscription.wildcard = message.resourceNamesSubscribe.isEmpty
+            for (name, version) in message.initialResourceVersions { subscription.known[name] = version }
+        }
+        for name in message.resourceNamesSubscribe {
+            if name == "*" { subscription.wildcard = true } else { subscription.names.insert(name) }
+        }
+        for name in message.resourceNamesUnsubscribe {
+            if name == "*" { subscription.wildcard = false }
+            subscription.names.remove(name)
+            subscription.known[name] = nil
+        }
+        subscriptions[typeURL] = subscription
+        if isNew { return (typeURL, true) }
+        if !message.resourceNamesSubscribe.isEmpty { return (typeURL, false) }
+        return nil
+    }
+
+    /// A resource's version: a digest of its serialized bytes (stable across restarts).
+    static func digest(_ any: Google_Protobuf_Any) -> String {
+        var h: UInt64 = 0xcbf2_9ce4_8422_2325
+        for b in any.typeURL.utf8 {
+            h ^= UInt64(b)
+            h &*= 0x100_0000_01b3
+        }
+        for b in any.value {
+            h ^= UInt64(b)
+            h &*= 0x100_0000_01b3
+        }
+        return String(h, radix: 16)
     }
 }
