@@ -107,7 +107,7 @@ import Testing
                     ClusterConfig(
                         name: "alpha",
                         endpoints: [endpoint(a)],
-                        pool: PoolSettings(idleTimeout: .milliseconds(200))
+                        pool: PoolSettings(idleTimeout: .milliseconds(1500))
                     )
                 ]
             ),
@@ -117,7 +117,7 @@ import Testing
         #expect(try await client.request(.GET, "/").status == .ok)
         #expect(try await client.request(.GET, "/").status == .ok)
         #expect(a.connections == 1)
-        try await Task.sleep(for: .milliseconds(400))
+        try await Task.sleep(for: .milliseconds(2000))
         #expect(try await client.request(.GET, "/").status == .ok)
         #expect(a.connections == 2)
         await client.close()

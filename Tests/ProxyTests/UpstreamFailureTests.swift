@@ -23,11 +23,12 @@ import Testing
         )
         defer { Task { await proxy.stop() } }
         let started = ContinuousClock.now
-        let slow = try await TestHTTPClient.get(port: proxy.port, "/delay/2000", group: group)
+        let slow = try await TestHTTPClient.get(port: proxy.port, "/delay/10000", group: group)
         #expect(slow.status == .gatewayTimeout)
         #expect(slow.body == "timeout\n")
         #expect(slow.headers.first(name: "x-trellis-error") == "timeout")
-        #expect(ContinuousClock.now - started < .seconds(1.5))
+        // Well before the upstream's 10 s answer (generous: other suites share these 2 cores).
+        #expect(ContinuousClock.now - started < .seconds(5))
         #expect(try await TestHTTPClient.get(port: proxy.port, "/delay/10", group: group).status == .ok)
         #expect(try await proxy.metric("trellis_errors_total{token=\"timeout\"}", group: group) == 1)
         // The timed-out upstream request was abandoned: its connection was closed, not pooled.
@@ -127,7 +128,7 @@ import Testing
         let elapsed = ContinuousClock.now - started
         #expect(r.status == .serviceUnavailable)
         #expect(r.body == "upstream_connect_failure\n")
-        #expect(elapsed >= .milliseconds(200) && elapsed < .seconds(2), "took \(elapsed)")
+        #expect(elapsed >= .milliseconds(200) && elapsed < .seconds(5), "took \(elapsed)")
     }
 
     @Test func upstreamClosingWithoutAnswerIs503UpstreamReset() async throws {
