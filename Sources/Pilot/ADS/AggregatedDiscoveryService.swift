@@ -20,9 +20,45 @@ public struct AggregatedDiscoveryService: Envoy_Service_Discovery_V3_AggregatedD
         self.logger = logger
     }
 
-    private enum Event: Sendable {
-        case request(Envoy_Service_Discovery_V3_DiscoveryRequest)
+    /// What wakes a stream: a message from the node, or a change in the cache.
+    enum StreamEvent<Request: Sendable>: Sendable {
+        case request(Request)
         case changed
+    }
+
+    /// The life of one ADS stream, SotW or Delta alike: watch the cache, merge the node's requests
+    /// and the cache's changes into one sequence handled by one loop (so per-stream state needs no
+    /// lock), and on the way out stop watching and forget the node.
+    private func runStream<Request: Sendable>(
+        _ requests: RPCAsyncSequence<Request, any Error>,
+        nodeID: (Request) -> String?,
+        onEvent: (StreamEvent<Request>, _ node: String) async throws -> Void
+    ) async throws {
+        let (watchID, changes) = await cache.watch()
+        let (events, sink) = AsyncStream<StreamEvent<Request>>.makeStream()
+        var node = ""
+        do {
+            try await withThrowingTaskGroup(of: Void.self) { group in
+                group.addTask {
+                    defer { sink.finish() }
+                    for try await message in requests { sink.yield(.request(message)) }
+                }
+                group.addTask {
+                    for await _ in changes { sink.yield(.changed) }
+                }
+                for await event in events {
+                    if node.isEmpty, case .request(let message) = event, let id = nodeID(message) { node = id }
+                    try await onEvent(event, node)
+                }
+                group.cancelAll()
+            }
+        } catch {
+            await cache.unwatch(watchID)
+            await sync.disconnected(node: node)
+            throw error
+        }
+        await cache.unwatch(watchID)
+        await sync.disconnected(node: node)
     }
 
     /// One type's subscription on one stream.
@@ -38,52 +74,24 @@ public struct AggregatedDiscoveryService: Envoy_Service_Discovery_V3_AggregatedD
         response: RPCWriter<Envoy_Service_Discovery_V3_DiscoveryResponse>,
         context: ServerContext
     ) async throws {
-        let (watchID, changes) = await cache.watch()
-        let (events, sink) = AsyncStream<Event>.makeStream()
-        var node = ""
-        do {
-            try await withThrowingTaskGroup(of: Void.self) { group in
-                group.addTask {
-                    defer { sink.finish() }
-                    for try await message in request { sink.yield(.request(message)) }
+        var subscriptions: [String: Subscription] = [:]
+        var nonce = 0
+        try await runStream(request, nodeID: { $0.hasNode ? $0.node.id : nil }) { event, node in
+            var toSend: [String] = []
+            switch event {
+            case .request(let message):
+                toSend = await handle(message, node: node, subscriptions: &subscriptions)
+            case .changed:
+                for (typeURL, subscription) in subscriptions
+                where await cache.snapshot(typeURL).version != subscription.sentVersion {
+                    toSend.append(typeURL)
                 }
-                group.addTask {
-                    for await _ in changes { sink.yield(.changed) }
-                }
-                var subscriptions: [String: Subscription] = [:]
-                var nonce = 0
-                for await event in events {
-                    var toSend: [String] = []
-                    switch event {
-                    case .request(let message):
-                        if node.isEmpty && message.hasNode { node = message.node.id }
-                        toSend = await handle(message, node: node, subscriptions: &subscriptions)
-                    case .changed:
-                        for (typeURL, subscription) in subscriptions
-                        where await cache.snapshot(typeURL).version != subscription.sentVersion {
-                            toSend.append(typeURL)
-                        }
-                    }
-                    for typeURL in toSend {
-                        nonce += 1
-                        try await send(
-                            typeURL,
-                            nonce: "\(nonce)",
-                            node: node,
-                            to: response,
-                            subscriptions: &subscriptions
-                        )
-                    }
-                }
-                group.cancelAll()
             }
-        } catch {
-            await cache.unwatch(watchID)
-            await sync.disconnected(node: node)
-            throw error
+            for typeURL in toSend {
+                nonce += 1
+                try await send(typeURL, nonce: "\(nonce)", node: node, to: response, subscriptions: &subscriptions)
+            }
         }
-        await cache.unwatch(watchID)
-        await sync.disconnected(node: node)
     }
 
     /// Applies one request; returns the types to send now.
@@ -156,11 +164,6 @@ public struct AggregatedDiscoveryService: Envoy_Service_Discovery_V3_AggregatedD
         var pendingVersion: String?
     }
 
-    private enum DeltaEvent: Sendable {
-        case request(Envoy_Service_Discovery_V3_DeltaDiscoveryRequest)
-        case changed
-    }
-
     /// The incremental ADS stream (`DeltaAggregatedResources`): only resources that changed, and
     /// the names of those removed, are sent; each resource carries its own version (a digest of its
     /// bytes).
@@ -169,81 +172,59 @@ public struct AggregatedDiscoveryService: Envoy_Service_Discovery_V3_AggregatedD
         response: RPCWriter<Envoy_Service_Discovery_V3_DeltaDiscoveryResponse>,
         context: ServerContext
     ) async throws {
-        let (watchID, changes) = await cache.watch()
-        let (events, sink) = AsyncStream<DeltaEvent>.makeStream()
-        var node = ""
-        do {
-            try await withThrowingTaskGroup(of: Void.self) { group in
-                group.addTask {
-                    defer { sink.finish() }
-                    for try await message in request { sink.yield(.request(message)) }
+        var subscriptions: [String: DeltaSubscription] = [:]
+        var nonce = 0
+        try await runStream(request, nodeID: { $0.hasNode ? $0.node.id : nil }) { event, node in
+            var candidates: [(typeURL: String, force: Bool)] = []
+            switch event {
+            case .request(let message):
+                if let send = await handleDelta(message, node: node, subscriptions: &subscriptions) {
+                    candidates.append(send)
                 }
-                group.addTask {
-                    for await _ in changes { sink.yield(.changed) }
-                }
-                var subscriptions: [String: DeltaSubscription] = [:]
-                var nonce = 0
-                for await event in events {
-                    var candidates: [(typeURL: String, force: Bool)] = []
-                    switch event {
-                    case .request(let message):
-                        if node.isEmpty && message.hasNode { node = message.node.id }
-                        if let send = await handleDelta(message, node: node, subscriptions: &subscriptions) {
-                            candidates.append(send)
-                        }
-                    case .changed:
-                        candidates = subscriptions.keys.sorted().map { ($0, false) }
-                    }
-                    for (typeURL, force) in candidates {
-                        guard var subscription = subscriptions[typeURL] else { continue }
-                        let snapshot = await cache.snapshot(typeURL)
-                        let targets =
-                            subscription.wildcard
-                            ? Array(snapshot.resources.keys)
-                            : subscription.names.filter { snapshot.resources[$0] != nil }
-                        var updated: [Envoy_Service_Discovery_V3_Resource] = []
-                        for name in targets.sorted() {
-                            guard let any = snapshot.resources[name] else { continue }
-                            let version = Self.digest(any)
-                            if subscription.known[name] == version { continue }
-                            var resource = Envoy_Service_Discovery_V3_Resource()
-                            resource.name = name
-                            resource.version = version
-                            resource.resource = any
-                            updated.append(resource)
-                            subscription.known[name] = version
-                        }
-                        let removed = subscription.known.keys.filter { snapshot.resources[$0] == nil }.sorted()
-                        for name in removed { subscription.known[name] = nil }
-                        guard force || !updated.isEmpty || !removed.isEmpty else { continue }
-                        nonce += 1
-                        var message = Envoy_Service_Discovery_V3_DeltaDiscoveryResponse()
-                        message.typeURL = typeURL
-                        message.systemVersionInfo = "\(snapshot.version)"
-                        message.nonce = "\(nonce)"
-                        message.resources = updated
-                        message.removedResources = removed
-                        try await response.write(message)
-                        subscription.pendingNonce = message.nonce
-                        subscription.pendingVersion = message.systemVersionInfo
-                        subscriptions[typeURL] = subscription
-                        await sync.sent(
-                            node: node,
-                            typeURL: typeURL,
-                            version: message.systemVersionInfo,
-                            nonce: message.nonce
-                        )
-                    }
-                }
-                group.cancelAll()
+            case .changed:
+                candidates = subscriptions.keys.sorted().map { ($0, false) }
             }
-        } catch {
-            await cache.unwatch(watchID)
-            await sync.disconnected(node: node)
-            throw error
+            for (typeURL, force) in candidates {
+                guard var subscription = subscriptions[typeURL] else { continue }
+                let snapshot = await cache.snapshot(typeURL)
+                let targets =
+                    subscription.wildcard
+                    ? Array(snapshot.resources.keys)
+                    : subscription.names.filter { snapshot.resources[$0] != nil }
+                var updated: [Envoy_Service_Discovery_V3_Resource] = []
+                for name in targets.sorted() {
+                    guard let any = snapshot.resources[name] else { continue }
+                    let version = Self.digest(any)
+                    if subscription.known[name] == version { continue }
+                    var resource = Envoy_Service_Discovery_V3_Resource()
+                    resource.name = name
+                    resource.version = version
+                    resource.resource = any
+                    updated.append(resource)
+                    subscription.known[name] = version
+                }
+                let removed = subscription.known.keys.filter { snapshot.resources[$0] == nil }.sorted()
+                for name in removed { subscription.known[name] = nil }
+                guard force || !updated.isEmpty || !removed.isEmpty else { continue }
+                nonce += 1
+                var message = Envoy_Service_Discovery_V3_DeltaDiscoveryResponse()
+                message.typeURL = typeURL
+                message.systemVersionInfo = "\(snapshot.version)"
+                message.nonce = "\(nonce)"
+                message.resources = updated
+                message.removedResources = removed
+                try await response.write(message)
+                subscription.pendingNonce = message.nonce
+                subscription.pendingVersion = message.systemVersionInfo
+                subscriptions[typeURL] = subscription
+                await sync.sent(
+                    node: node,
+                    typeURL: typeURL,
+                    version: message.systemVersionInfo,
+                    nonce: message.nonce
+                )
+            }
         }
-        await cache.unwatch(watchID)
-        await sync.disconnected(node: node)
     }
 
     /// Applies one Delta request; returns the type to answer now (forced for a new subscription,
