@@ -125,20 +125,17 @@ final class RouteTable: Sendable {
     /// The path of a request target: origin-form up to `?`/`#`; for absolute-form
     /// (`http://host/path`), the path part.
     static func path(of uri: String) -> Substring {
-        var target = Substring(uri)
-        if !target.hasPrefix("/"), let scheme = target.firstRange(of: "://") {
-            let afterScheme = target[scheme.upperBound...]
-            target = afterScheme.firstIndex(of: "/").map { afterScheme[$0...] } ?? "/"
-        }
+        var target = pathAndQuery(of: uri)
         if let end = target.firstIndex(where: { $0 == "?" || $0 == "#" }) {
             target = target[..<end]
         }
         return target
     }
 
-    /// Path and query of an absolute-form target (`http://host/p?q` → `/p?q`).
+    /// Path and query of an absolute-form target (`http://host/p?q` → `/p?q`); an origin-form
+    /// target is returned as it is.
     static func pathAndQuery(of uri: String) -> Substring {
-        guard let scheme = uri.firstRange(of: "://") else { return Substring(uri) }
+        guard !uri.hasPrefix("/"), let scheme = uri.firstRange(of: "://") else { return Substring(uri) }
         let afterScheme = uri[scheme.upperBound...]
         return afterScheme.firstIndex(of: "/").map { afterScheme[$0...] } ?? "/"
     }
