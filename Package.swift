@@ -34,6 +34,9 @@ let package = Package(
         .package(url: "https://github.com/grpc/grpc-swift-2.git", from: "2.4.3"),
         .package(url: "https://github.com/grpc/grpc-swift-protobuf.git", from: "2.4.1"),
         .package(url: "https://github.com/grpc/grpc-swift-nio-transport.git", from: "2.9.2"),
+        .package(url: "https://github.com/groue/GRDB.swift.git", from: "7.10.0"),
+        // Without the default traits (swift-configuration, full Foundation): pilot needs neither.
+        .package(url: "https://github.com/hummingbird-project/hummingbird.git", from: "2.28.1", traits: []),
     ],
     targets: [
         // MARK: C libraries (Debian packages, see scripts/bootstrap.sh)
@@ -54,6 +57,11 @@ let package = Package(
         ),
 
         // MARK: Libraries
+        .target(
+            name: "TrellisConfig",
+            dependencies: [.product(name: "Yams", package: "Yams")],
+            swiftSettings: swiftSettings
+        ),
         .target(
             name: "Interceptor",
             dependencies: [
@@ -97,6 +105,7 @@ let package = Package(
                 "Interceptor",
                 "Proxy",
                 "XDS",
+                "TrellisConfig",
                 .product(name: "Yams", package: "Yams"),
                 .product(name: "Logging", package: "swift-log"),
             ],
@@ -106,9 +115,19 @@ let package = Package(
             name: "Pilot",
             dependencies: [
                 "XDS",
+                "TrellisConfig",
                 .product(name: "Logging", package: "swift-log"),
+                .product(name: "CoreMetrics", package: "swift-metrics"),
                 .product(name: "GRPCCore", package: "grpc-swift-2"),
+                .product(name: "GRPCNIOTransportHTTP2", package: "grpc-swift-nio-transport"),
                 .product(name: "SwiftProtobuf", package: "swift-protobuf"),
+                .product(name: "GRDB", package: "GRDB.swift"),
+                .product(name: "Hummingbird", package: "hummingbird"),
+                .product(name: "NIOCore", package: "swift-nio"),
+                .product(name: "NIOPosix", package: "swift-nio"),
+                .product(name: "NIOHTTP1", package: "swift-nio"),
+                .product(name: "Yams", package: "Yams"),
+                .product(name: "ServiceLifecycle", package: "swift-service-lifecycle"),
             ],
             swiftSettings: swiftSettings
         ),
@@ -118,6 +137,7 @@ let package = Package(
             name: "trellis-agent",
             dependencies: [
                 "Agent",
+                "TrellisConfig",
                 "Interceptor",
                 "Proxy",
                 .product(name: "ArgumentParser", package: "swift-argument-parser"),
@@ -137,6 +157,10 @@ let package = Package(
                 "Pilot",
                 .product(name: "ArgumentParser", package: "swift-argument-parser"),
                 .product(name: "Logging", package: "swift-log"),
+                .product(name: "Metrics", package: "swift-metrics"),
+                .product(name: "Prometheus", package: "swift-prometheus"),
+                .product(name: "ServiceLifecycle", package: "swift-service-lifecycle"),
+                .product(name: "UnixSignals", package: "swift-service-lifecycle"),
             ],
             swiftSettings: swiftSettings
         ),
@@ -196,6 +220,7 @@ let package = Package(
             name: "AgentTests",
             dependencies: [
                 "Agent",
+                "TrellisConfig",
                 "Proxy",
             ],
             swiftSettings: swiftSettings

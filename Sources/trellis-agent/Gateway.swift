@@ -7,6 +7,7 @@ import NIOCore
 import NIOPosix
 import Prometheus
 import Proxy
+import TrellisConfig
 import ServiceLifecycle
 import UnixSignals
 
@@ -91,14 +92,7 @@ struct Gateway: AsyncParsableCommand {
     }
 
     /// A short, stable label for a file's contents (FNV-1a, hex).
-    static func digest(_ text: String) -> String {
-        var h: UInt64 = 0xcbf2_9ce4_8422_2325
-        for b in text.utf8 {
-            h ^= UInt64(b)
-            h &*= 0x100_0000_01b3
-        }
-        return String(h, radix: 16)
-    }
+    static func digest(_ text: String) -> String { FNV1a.hex(text.utf8) }
 }
 
 /// Reloads the gateway file on SIGHUP; an invalid file is reported and the running configuration

@@ -1,5 +1,6 @@
 import Foundation
 import Testing
+import TrellisConfig
 
 @testable import Agent
 @testable import Proxy

@@ -1,4 +1,5 @@
 public import Interceptor
+public import TrellisConfig
 import Yams
 
 /// Reads the `capture:` section of agent.yaml into a ``CaptureConfig``. Keys (all optional; the

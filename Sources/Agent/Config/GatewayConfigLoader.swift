@@ -1,4 +1,5 @@
 public import Proxy
+public import TrellisConfig
 import Yams
 
 /// The gateway file: a ``ProxyConfig`` plus where the admin endpoint listens. See

@@ -1,14 +1,14 @@
-import Yams
+public import Yams
 
 /// A node of a YAML configuration file with its key path, read with strict types: a wrong type,
 /// an out-of-range value or an unknown key is an error naming the file, line, key path and what
 /// was expected, never a silent default.
-struct ConfigNode {
-    let node: Node
-    let path: String
-    let file: String
+public struct ConfigNode {
+    public let node: Node
+    public let path: String
+    public let file: String
 
-    static func root(yaml: String, file: String) throws(ConfigFileError) -> ConfigNode {
+    public static func root(yaml: String, file: String) throws(ConfigFileError) -> ConfigNode {
         do {
             guard let node = try Yams.compose(yaml: yaml) else {
                 throw ConfigFileError(file: file, path: "", message: "the file is empty; expected a YAML mapping")
@@ -35,7 +35,7 @@ struct ConfigNode {
         }
     }
 
-    func error(_ message: String) -> ConfigFileError {
+    public func error(_ message: String) -> ConfigFileError {
         ConfigFileError(file: file, position: node.mark?.description, path: path, message: message)
     }
 
@@ -55,7 +55,7 @@ struct ConfigNode {
     // MARK: Mappings
 
     /// The entries of a mapping, after checking that every key is one of `allowed`.
-    func mapping(allowed: Set<String>) throws(ConfigFileError) -> [String: ConfigNode] {
+    public func mapping(allowed: Set<String>) throws(ConfigFileError) -> [String: ConfigNode] {
         guard case .mapping(let mapping) = node else { throw error("expected a mapping, got \(kind)") }
         var result: [String: ConfigNode] = [:]
         for (keyNode, valueNode) in mapping {
@@ -77,7 +77,7 @@ struct ConfigNode {
         return nil
     }
 
-    func string() throws(ConfigFileError) -> String {
+    public func string() throws(ConfigFileError) -> String {
         guard let s = scalar else { throw error("expected a string, got \(kind)") }
         if s.style == .plain && ["", "~", "null", "Null", "NULL"].contains(s.string) {
             throw error("expected a string, got nothing (null)")
@@ -85,13 +85,13 @@ struct ConfigNode {
         return s.string
     }
 
-    func nonEmptyString() throws(ConfigFileError) -> String {
+    public func nonEmptyString() throws(ConfigFileError) -> String {
         let s = try string()
         if s.isEmpty { throw error("expected a non-empty string") }
         return s
     }
 
-    func int(in range: ClosedRange<Int>) throws(ConfigFileError) -> Int {
+    public func int(in range: ClosedRange<Int>) throws(ConfigFileError) -> Int {
         guard let s = scalar, s.style == .plain, let value = Int(s.string) else {
             throw error("expected an integer in \(range.lowerBound)...\(range.upperBound), got \(kind)")
         }
@@ -101,7 +101,7 @@ struct ConfigNode {
         return value
     }
 
-    func bool() throws(ConfigFileError) -> Bool {
+    public func bool() throws(ConfigFileError) -> Bool {
         guard let s = scalar, s.style == .plain else { throw error("expected true or false, got \(kind)") }
         switch s.string {
         case "true": return true
@@ -111,7 +111,7 @@ struct ConfigNode {
     }
 
     /// `250ms`, `10s`, `1.5s`, `2m`, `1h`.
-    func duration() throws(ConfigFileError) -> Duration {
+    public func duration() throws(ConfigFileError) -> Duration {
         let expected = "expected a duration such as 250ms, 10s or 2m"
         guard let s = scalar?.string else { throw error("\(expected), got \(kind)") }
         let units: [(String, Double)] = [("ms", 1e-3), ("us", 1e-6), ("s", 1), ("m", 60), ("h", 3600)]
@@ -125,7 +125,7 @@ struct ConfigNode {
     }
 
     /// `host:port`, `[v6]:port`.
-    func endpoint(portRange: ClosedRange<Int> = 1...65535) throws(ConfigFileError) -> (host: String, port: Int) {
+    public func endpoint(portRange: ClosedRange<Int> = 1...65535) throws(ConfigFileError) -> (host: String, port: Int) {
         let expected = "expected host:port (IPv6 as [addr]:port)"
         guard let s = scalar?.string else { throw error("\(expected), got \(kind)") }
         let host: Substring
@@ -151,12 +151,23 @@ struct ConfigNode {
 
     // MARK: Sequences
 
-    func sequence() throws(ConfigFileError) -> [ConfigNode] {
+    public func sequence() throws(ConfigFileError) -> [ConfigNode] {
         guard case .sequence(let seq) = node else { throw error("expected a list, got \(kind)") }
         return seq.enumerated().map { i, n in ConfigNode(node: n, path: "\(path)[\(i)]", file: file) }
     }
 
-    func stringList() throws(ConfigFileError) -> [String] {
+    /// A mapping of strings to strings (labels, metadata).
+    public func stringMap() throws(ConfigFileError) -> [String: String] {
+        guard case .mapping(let mapping) = node else { throw error("expected a mapping of strings, got \(kind)") }
+        var result: [String: String] = [:]
+        for (keyNode, valueNode) in mapping {
+            guard case .scalar(let key) = keyNode, !key.string.isEmpty else { throw error("expected non-empty string keys") }
+            result[key.string] = try child(valueNode, key: key.string).string()
+        }
+        return result
+    }
+
+    public func stringList() throws(ConfigFileError) -> [String] {
         var result: [String] = []
         for item in try sequence() { result.append(try item.nonEmptyString()) }
         return result
@@ -164,7 +175,7 @@ struct ConfigNode {
 }
 
 extension Dictionary where Key == String, Value == ConfigNode {
-    func required(_ key: String, in parent: ConfigNode) throws(ConfigFileError) -> ConfigNode {
+    public func required(_ key: String, in parent: ConfigNode) throws(ConfigFileError) -> ConfigNode {
         guard let value = self[key] else { throw parent.error("missing required key '\(key)'") }
         return value
     }
