@@ -161,7 +161,9 @@ public struct ConfigNode {
         guard case .mapping(let mapping) = node else { throw error("expected a mapping of strings, got \(kind)") }
         var result: [String: String] = [:]
         for (keyNode, valueNode) in mapping {
-            guard case .scalar(let key) = keyNode, !key.string.isEmpty else { throw error("expected non-empty string keys") }
+            guard case .scalar(let key) = keyNode, !key.string.isEmpty else {
+                throw error("expected non-empty string keys")
+            }
             result[key.string] = try child(valueNode, key: key.string).string()
         }
         return result

@@ -7,8 +7,8 @@ import NIOCore
 import NIOPosix
 import Prometheus
 import Proxy
-import TrellisConfig
 import ServiceLifecycle
+import TrellisConfig
 import UnixSignals
 
 /// `trellis-agent gateway --config FILE`: the proxy alone, from a static YAML file.
