@@ -155,6 +155,7 @@ let package = Package(
             name: "trellis-pilot",
             dependencies: [
                 "Pilot",
+                "TrellisConfig",
                 .product(name: "ArgumentParser", package: "swift-argument-parser"),
                 .product(name: "Logging", package: "swift-log"),
                 .product(name: "Metrics", package: "swift-metrics"),

@@ -6,6 +6,6 @@ struct TrellisPilot: AsyncParsableCommand {
     static let configuration = CommandConfiguration(
         commandName: "trellis-pilot",
         abstract: "The Trellis control plane (xDS on :\(PilotPorts.xds), HTTP API on :\(PilotPorts.http)).",
-        discussion: "The control plane is not built yet; this binary has no subcommands so far."
+        subcommands: [Serve.self, CheckMesh.self]
     )
 }

@@ -1,0 +1,110 @@
+/// `/etc/trellis/mesh.yaml`: static services (with or without instances), the mesh's gateways and
+/// the routing rules sidecars apply per destination service. See `examples/mesh.yaml`.
+public struct MeshConfig: Sendable, Hashable {
+    public var services: [StaticService]
+    public var gateways: [Gateway]
+    /// Routing rules for traffic to a service from inside the mesh, by destination service.
+    public var serviceRoutes: [ServiceKey: [RouteRule]]
+
+    public init(services: [StaticService] = [], gateways: [Gateway] = [], serviceRoutes: [ServiceKey: [RouteRule]] = [:]) {
+        self.services = services
+        self.gateways = gateways
+        self.serviceRoutes = serviceRoutes
+    }
+
+    public static let empty = MeshConfig()
+
+    /// A service declared in the file; agents may add instances to it.
+    public struct StaticService: Sendable, Hashable {
+        public var key: ServiceKey
+        public var serviceProtocol: ServiceProtocol
+        /// Extra Host names (besides `name` and `name:port`) its virtual host answers to.
+        public var hosts: [String]
+        public var instances: [Instance]
+
+        public init(key: ServiceKey, serviceProtocol: ServiceProtocol = .http, hosts: [String] = [], instances: [Instance] = []) {
+            self.key = key
+            self.serviceProtocol = serviceProtocol
+            self.hosts = hosts
+            self.instances = instances
+        }
+    }
+
+    /// A gateway: listeners bound on ports of the gateway machines, routing to services.
+    public struct Gateway: Sendable, Hashable {
+        public var name: String
+        public var listeners: [GatewayListener]
+
+        public init(name: String, listeners: [GatewayListener]) {
+            self.name = name
+            self.listeners = listeners
+        }
+    }
+
+    public struct GatewayListener: Sendable, Hashable {
+        public var port: Int
+        public var routes: [RouteRule]
+
+        public init(port: Int, routes: [RouteRule]) {
+            self.port = port
+            self.routes = routes
+        }
+    }
+}
+
+/// One routing rule: what it matches and where it sends.
+public struct RouteRule: Sendable, Hashable {
+    public enum PathMatch: Sendable, Hashable {
+        case prefix(String)
+        case exact(String)
+        case regex(String)
+    }
+
+    public struct HeaderMatch: Sendable, Hashable {
+        public enum Kind: Sendable, Hashable {
+            case exact(String)
+            case regex(String)
+            case present
+        }
+        public var name: String
+        public var kind: Kind
+        public var invert: Bool
+
+        public init(name: String, kind: Kind, invert: Bool = false) {
+            self.name = name
+            self.kind = kind
+            self.invert = invert
+        }
+    }
+
+    public struct WeightedDestination: Sendable, Hashable {
+        public var service: ServiceKey
+        public var weight: Int
+
+        public init(service: ServiceKey, weight: Int) {
+            self.service = service
+            self.weight = weight
+        }
+    }
+
+    /// Host names (gateways only; `*` or `*.suffix` allowed). Empty: any host.
+    public var hosts: [String]
+    public var path: PathMatch
+    public var headers: [HeaderMatch]
+    public var destinations: [WeightedDestination]
+    public var timeout: Duration?
+
+    public init(
+        hosts: [String] = [],
+        path: PathMatch = .prefix("/"),
+        headers: [HeaderMatch] = [],
+        destinations: [WeightedDestination],
+        timeout: Duration? = nil
+    ) {
+        self.hosts = hosts
+        self.path = path
+        self.headers = headers
+        self.destinations = destinations
+        self.timeout = timeout
+    }
+}

@@ -1,0 +1,235 @@
+import FoundationEssentials
+public import TrellisConfig
+import Yams
+
+/// Reads `mesh.yaml` text into a validated ``MeshConfig``. Parsing only: the executable reads the
+/// file. Every service a route names must be declared under `services:` (with or without static
+/// instances; agents add theirs), so a dangling reference is an error at load time, not a 503 later.
+public enum MeshConfigLoader {
+    /// - Throws: ``ConfigFileErrors`` with file, line, key path and what was expected.
+    public static func parse(yaml: String, file: String) throws(ConfigFileErrors) -> MeshConfig {
+        let mesh: MeshConfig
+        var routeRefs: [(ConfigNode, ServiceKey)] = []
+        do {
+            mesh = try load(ConfigNode.root(yaml: yaml, file: file), refs: &routeRefs)
+        } catch {
+            throw ConfigFileErrors([error])
+        }
+        var problems: [ConfigFileError] = []
+        let declared = Set(mesh.services.map(\.key))
+        for (node, key) in routeRefs where !declared.contains(key) {
+            problems.append(node.error("service '\(key)' is not declared under services:"))
+        }
+        guard problems.isEmpty else { throw ConfigFileErrors(problems) }
+        return mesh
+    }
+
+    private static func load(_ root: ConfigNode, refs: inout [(ConfigNode, ServiceKey)]) throws(ConfigFileError) -> MeshConfig {
+        let top = try root.mapping(allowed: ["services", "gateways", "routes"])
+        var mesh = MeshConfig()
+        var seenServices: [ServiceKey: String] = [:]
+        var seenInstances: [InstanceKey: String] = [:]
+        for node in try top["services"]?.sequence() ?? [] {
+            let service = try self.service(node, seenInstances: &seenInstances)
+            if let first = seenServices[service.key] {
+                throw node.error("service '\(service.key)' is declared twice (first at \(first))")
+            }
+            seenServices[service.key] = node.path
+            mesh.services.append(service)
+        }
+        var gatewayNames: Set<String> = []
+        for node in try top["gateways"]?.sequence() ?? [] {
+            let keys = try node.mapping(allowed: ["name", "listeners"])
+            let nameNode = try keys.required("name", in: node)
+            let name = try nameNode.nonEmptyString()
+            guard Names.isValidServiceName(name) else {
+                throw nameNode.error("expected a name of lowercase letters, digits, '-' and '.', got '\(name)'")
+            }
+            guard gatewayNames.insert(name).inserted else { throw nameNode.error("gateway '\(name)' is declared twice") }
+            var listeners: [MeshConfig.GatewayListener] = []
+            var ports: Set<Int> = []
+            for listener in try keys.required("listeners", in: node).sequence() {
+                let l = try listener.mapping(allowed: ["port", "routes"])
+                let portNode = try l.required("port", in: listener)
+                let port = try portNode.int(in: 1...65535)
+                guard ports.insert(port).inserted else { throw portNode.error("port \(port) is used twice in this gateway") }
+                var routes: [RouteRule] = []
+                for r in try l.required("routes", in: listener).sequence() {
+                    routes.append(try route(r, allowHosts: true, refs: &refs))
+                }
+                if routes.isEmpty { throw listener.error("expected at least one route") }
+                listeners.append(.init(port: port, routes: routes))
+            }
+            mesh.gateways.append(.init(name: name, listeners: listeners))
+        }
+        for node in try top["routes"]?.sequence() ?? [] {
+            let keys = try node.mapping(allowed: ["service", "rules"])
+            let serviceNode = try keys.required("service", in: node)
+            let key = try serviceKey(serviceNode)
+            refs.append((serviceNode, key))
+            guard mesh.serviceRoutes[key] == nil else { throw serviceNode.error("routes for '\(key)' are given twice") }
+            var rules: [RouteRule] = []
+            for r in try keys.required("rules", in: node).sequence() {
+                rules.append(try route(r, allowHosts: false, refs: &refs))
+            }
+            mesh.serviceRoutes[key] = rules
+        }
+        return mesh
+    }
+
+    private static func service(
+        _ node: ConfigNode,
+        seenInstances: inout [InstanceKey: String]
+    ) throws(ConfigFileError) -> MeshConfig.StaticService {
+        let keys = try node.mapping(allowed: ["name", "port", "protocol", "hosts", "instances"])
+        let nameNode = try keys.required("name", in: node)
+        let name = try nameNode.nonEmptyString()
+        guard Names.isValidServiceName(name) else {
+            throw nameNode.error("expected a service name of lowercase letters, digits, '-' and '.' (at most 63), got '\(name)'")
+        }
+        let port = try keys.required("port", in: node).int(in: 1...65535)
+        var serviceProtocol = ServiceProtocol.http
+        if let p = keys["protocol"] {
+            let text = try p.nonEmptyString()
+            guard let value = ServiceProtocol(rawValue: text) else {
+                throw p.error("expected one of \(ServiceProtocol.allCases.map(\.rawValue).joined(separator: ", ")), got '\(text)'")
+            }
+            serviceProtocol = value
+        }
+        let hosts = try keys["hosts"]?.stringList() ?? []
+        var instances: [Instance] = []
+        for item in try keys["instances"]?.sequence() ?? [] {
+            let i = try item.mapping(allowed: ["address", "port", "node", "region", "zone", "subzone", "labels", "weight"])
+            let addressNode = try i.required("address", in: item)
+            let address = try addressNode.nonEmptyString()
+            guard Names.isIPAddress(address) else { throw addressNode.error("expected an IPv4 or IPv6 address, got '\(address)'") }
+            let instancePort = try i["port"]?.int(in: 1...65535) ?? port
+            let key = InstanceKey(service: name, address: address, port: instancePort)
+            if let first = seenInstances[key] { throw item.error("instance \(key) is listed twice (first at \(first))") }
+            seenInstances[key] = item.path
+            let labels = try i["labels"]?.stringMap() ?? [:]
+            for label in labels.keys where !Names.isValidLabelKey(label) {
+                throw item.error("label key '\(label)' is not valid (letters, digits, '-', '_', '.', '/')")
+            }
+            instances.append(
+                Instance(
+                    key: key,
+                    servicePort: port,
+                    serviceProtocol: serviceProtocol,
+                    node: try i["node"]?.nonEmptyString() ?? "",
+                    locality: Locality(
+                        region: try i["region"]?.string() ?? "",
+                        zone: try i["zone"]?.string() ?? "",
+                        subzone: try i["subzone"]?.string() ?? ""
+                    ),
+                    labels: labels,
+                    weight: try i["weight"]?.int(in: 1...128) ?? 1,
+                    source: .meshFile
+                )
+            )
+        }
+        return .init(key: ServiceKey(name: name, port: port), serviceProtocol: serviceProtocol, hosts: hosts, instances: instances)
+    }
+
+    /// `name:port`.
+    private static func serviceKey(_ node: ConfigNode) throws(ConfigFileError) -> ServiceKey {
+        let text = try node.nonEmptyString()
+        let parts = text.split(separator: ":", omittingEmptySubsequences: false)
+        guard parts.count == 2, let port = Int(parts[1]), (1...65535).contains(port), Names.isValidServiceName(String(parts[0]))
+        else {
+            throw node.error("expected a service as name:port (e.g. orders:8080), got '\(text)'")
+        }
+        return ServiceKey(name: String(parts[0]), port: port)
+    }
+
+    private static func route(
+        _ node: ConfigNode,
+        allowHosts: Bool,
+        refs: inout [(ConfigNode, ServiceKey)]
+    ) throws(ConfigFileError) -> RouteRule {
+        let allowed: Set<String> = allowHosts ? ["hosts", "match", "to", "timeout"] : ["match", "to", "timeout"]
+        let keys = try node.mapping(allowed: allowed)
+        var rule = RouteRule(destinations: [])
+        if let h = keys["hosts"] {
+            rule.hosts = try h.stringList()
+            for host in rule.hosts where host.dropFirst(host.hasPrefix("*") ? 1 : 0).contains("*") {
+                throw h.error("'*' is allowed only as a whole host or a leading '*.' wildcard, got '\(host)'")
+            }
+        }
+        if let m = keys["match"] {
+            let mk = try m.mapping(allowed: ["prefix", "path", "regex", "headers"])
+            let pathKeys = ["prefix", "path", "regex"].filter { mk[$0] != nil }
+            guard pathKeys.count <= 1 else {
+                throw m.error("expected at most one of prefix, path (exact) or regex, got \(pathKeys.count)")
+            }
+            if let p = mk["prefix"] {
+                rule.path = .prefix(try startsWithSlash(p))
+            } else if let p = mk["path"] {
+                rule.path = .exact(try startsWithSlash(p))
+            } else if let p = mk["regex"] {
+                let pattern = try p.nonEmptyString()
+                try checkRegex(pattern, p)
+                rule.path = .regex(pattern)
+            }
+            for h in try mk["headers"]?.sequence() ?? [] {
+                let hk = try h.mapping(allowed: ["name", "exact", "present", "regex", "invert"])
+                let kinds = ["exact", "present", "regex"].filter { hk[$0] != nil }
+                guard kinds.count == 1 else { throw h.error("expected exactly one of exact, present or regex, got \(kinds.count)") }
+                let kind: RouteRule.HeaderMatch.Kind
+                if let e = hk["exact"] {
+                    kind = .exact(try e.string())
+                } else if let r = hk["regex"] {
+                    let pattern = try r.nonEmptyString()
+                    try checkRegex(pattern, r)
+                    kind = .regex(pattern)
+                } else {
+                    guard try hk["present"]!.bool() else { throw hk["present"]!.error("expected true (use invert: true for absence)") }
+                    kind = .present
+                }
+                rule.headers.append(
+                    .init(name: try hk.required("name", in: h).nonEmptyString().lowercased(), kind: kind, invert: try hk["invert"]?.bool() ?? false)
+                )
+            }
+        }
+        let to = try keys.required("to", in: node)
+        if case .scalar = to.node {
+            let key = try serviceKey(to)
+            refs.append((to, key))
+            rule.destinations = [.init(service: key, weight: 1)]
+        } else {
+            for d in try to.sequence() {
+                let dk = try d.mapping(allowed: ["service", "weight"])
+                let serviceNode = try dk.required("service", in: d)
+                let key = try serviceKey(serviceNode)
+                refs.append((serviceNode, key))
+                rule.destinations.append(.init(service: key, weight: try dk.required("weight", in: d).int(in: 1...10000)))
+            }
+            if rule.destinations.isEmpty { throw to.error("expected at least one destination") }
+        }
+        if let t = keys["timeout"] {
+            let timeout = try t.duration()
+            guard timeout > .zero else { throw t.error("expected a timeout above 0") }
+            rule.timeout = timeout
+        }
+        return rule
+    }
+
+    private static func startsWithSlash(_ node: ConfigNode) throws(ConfigFileError) -> String {
+        let path = try node.nonEmptyString()
+        guard path.hasPrefix("/") else { throw node.error("expected a path starting with '/', got '\(path)'") }
+        return path
+    }
+
+    /// Envoy and gRPC use RE2; Swift's Regex accepts a superset, so this catches malformed
+    /// patterns, and backreferences/lookaround (which RE2 refuses) are rejected by hand.
+    private static func checkRegex(_ pattern: String, _ node: ConfigNode) throws(ConfigFileError) {
+        do {
+            _ = try Regex(pattern)
+        } catch {
+            throw node.error("not a valid regular expression: \(error)")
+        }
+        for unsupported in ["(?=", "(?!", "(?<=", "(?<!", "\\1", "\\2"] where pattern.contains(unsupported) {
+            throw node.error("'\(unsupported)' is not supported (RE2 syntax: no lookaround or backreferences)")
+        }
+    }
+}

@@ -1,0 +1,104 @@
+import GRPCCore
+import GRPCNIOTransportHTTP2
+public import Hummingbird
+public import Logging
+public import ServiceLifecycle
+
+/// The whole control plane in one `Service`: the registry over its store, the snapshot generator,
+/// the xDS server (gRPC, :15010), the HTTP API (:15014) and the lease sweeper. The executable adds
+/// what reads files (mesh.yaml) and polls (the CMDB) and feeds them to ``registry``.
+public struct PilotServer: Service {
+    public struct Configuration: Sendable {
+        public var xdsHost = "0.0.0.0"
+        public var xdsPort = PilotPorts.xds
+        public var httpHost = "0.0.0.0"
+        public var httpPort = PilotPorts.http
+        /// Registry changes within this window are pushed together.
+        public var debounce: Duration = .milliseconds(100)
+        /// How often expired leases are looked for.
+        public var leaseSweepInterval: Duration = .seconds(1)
+
+        public init() {}
+    }
+
+    public let registry: Registry
+    public let cache = SnapshotCache()
+    public let sync = SyncStatus()
+    public let generator: SnapshotGenerator
+    let configuration: Configuration
+    let logger: Logger
+    let metricsText: @Sendable () -> String
+
+    public init(
+        configuration: Configuration,
+        store: any RegistryStore,
+        logger: Logger,
+        metricsText: @escaping @Sendable () -> String = { "" }
+    ) throws {
+        self.configuration = configuration
+        self.logger = logger
+        self.metricsText = metricsText
+        registry = try Registry(store: store, logger: logger)
+        generator = SnapshotGenerator(registry: registry, cache: cache, logger: logger, debounce: configuration.debounce)
+    }
+
+    public func run() async throws {
+        let ads = AggregatedDiscoveryService(cache: cache, sync: sync, source: generator, logger: logger)
+        let grpc = GRPCServer(
+            transport: .http2NIOPosix(
+                address: .ipv4(host: configuration.xdsHost, port: configuration.xdsPort),
+                transportSecurity: .plaintext
+            ),
+            services: ads.services
+        )
+        let api = PilotHTTPAPI(
+            registry: registry,
+            cache: cache,
+            sync: sync,
+            generator: generator,
+            logger: logger,
+            metricsText: metricsText
+        )
+        let app = Application(
+            router: api.router(),
+            configuration: .init(address: .hostname(configuration.httpHost, port: configuration.httpPort), serverName: "trellis-pilot"),
+            logger: logger
+        )
+        let instances = await registry.instances().count
+        logger.info(
+            "pilot starting",
+            metadata: [
+                "xds": "\(configuration.xdsHost):\(configuration.xdsPort)",
+                "http": "\(configuration.httpHost):\(configuration.httpPort)", "instances": "\(instances)",
+            ]
+        )
+        try await withThrowingDiscardingTaskGroup { outer in
+            // The HTTP server ends by itself on a graceful shutdown (answering what is in flight).
+            outer.addTask { try await Self.untilCancelled { try await app.run() } }
+            // xDS streams never end by themselves: on shutdown they are cancelled.
+            try await withThrowingDiscardingTaskGroup { group in
+                group.addTask { try await Self.untilCancelled { try await grpc.serve() } }
+                group.addTask { await generator.run() }
+                group.addTask {
+                    while !Task.isCancelled {
+                        try? await Task.sleep(for: configuration.leaseSweepInterval)
+                        let expired = await registry.expireLeases()
+                        if !expired.isEmpty { PilotMetrics.leasesExpired(expired.count) }
+                    }
+                }
+                try? await gracefulShutdown()  // returns on shutdown, throws when cancelled
+                logger.info("pilot stopping")
+                grpc.beginGracefulShutdown()
+                group.cancelAll()
+            }
+        }
+    }
+
+    private static func untilCancelled(_ body: () async throws -> Void) async throws {
+        do {
+            try await body()
+        } catch {
+            if !Task.isCancelled { throw error }
+        }
+    }
+}

@@ -1,0 +1,171 @@
+#if canImport(Glibc)
+import Glibc
+#elseif canImport(Darwin)
+import Darwin
+#endif
+
+/// What a service speaks on one port; it decides how the port is translated (HTTP routes, gRPC
+/// API listeners with HTTP/2 upstreams, or plain TCP proxying).
+public enum ServiceProtocol: String, Sendable, Codable, CaseIterable, Hashable {
+    case http
+    case http2
+    case grpc
+    case tcp
+
+    var isHTTP: Bool { self != .tcp }
+    var usesHTTP2Upstream: Bool { self == .http2 || self == .grpc }
+}
+
+/// The health an instance is served with in EDS. Only `healthy` instances take new requests;
+/// `draining` ones finish what they have (Envoy: `DRAINING`), `unhealthy` ones are skipped.
+public enum InstanceStatus: String, Sendable, Codable, CaseIterable, Hashable {
+    case healthy
+    case unhealthy
+    case draining
+}
+
+/// Where an instance runs, as xDS localities have it.
+public struct Locality: Sendable, Codable, Hashable {
+    public var region: String
+    public var zone: String
+    public var subzone: String
+
+    public init(region: String = "", zone: String = "", subzone: String = "") {
+        self.region = region
+        self.zone = zone
+        self.subzone = subzone
+    }
+}
+
+/// A service is known by its name and the port its clients dial (one cluster per pair).
+public struct ServiceKey: Sendable, Hashable, Comparable, CustomStringConvertible {
+    public var name: String
+    public var port: Int
+
+    public init(name: String, port: Int) {
+        self.name = name
+        self.port = port
+    }
+
+    public static func < (a: Self, b: Self) -> Bool { (a.name, a.port) < (b.name, b.port) }
+    public var description: String { "\(name):\(port)" }
+}
+
+/// An instance is known by its service, its address and the port it listens on.
+public struct InstanceKey: Sendable, Hashable, Comparable, CustomStringConvertible {
+    public var service: String
+    public var address: String
+    public var port: Int
+
+    public init(service: String, address: String, port: Int) {
+        self.service = service
+        self.address = address
+        self.port = port
+    }
+
+    public static func < (a: Self, b: Self) -> Bool {
+        (a.service, a.address, a.port) < (b.service, b.address, b.port)
+    }
+
+    public var description: String {
+        address.contains(":") ? "\(service)/[\(address)]:\(port)" : "\(service)/\(address):\(port)"
+    }
+}
+
+/// Where an instance came from. Agent registrations hold a lease; static ones (mesh.yaml) live as
+/// long as the file lists them.
+public enum InstanceSource: String, Sendable, Codable, Hashable {
+    case agent
+    case meshFile = "mesh.yaml"
+}
+
+/// One instance of a service in the registry.
+public struct Instance: Sendable, Hashable {
+    public var key: InstanceKey
+    /// The port clients dial for this service (the cluster's port); often the instance's own.
+    public var servicePort: Int
+    public var serviceProtocol: ServiceProtocol
+    /// The node (machine) that registered it; its sidecar serves it inbound.
+    public var node: String
+    public var locality: Locality
+    public var labels: [String: String]
+    public var weight: Int
+    public var status: InstanceStatus
+    public var source: InstanceSource
+    /// Agent registrations: the lease length and when it runs out (wall clock, so a restarted
+    /// pilot can resume it).
+    public var leaseTTL: Duration?
+    public var leaseExpiresAt: Double?
+
+    public init(
+        key: InstanceKey,
+        servicePort: Int? = nil,
+        serviceProtocol: ServiceProtocol = .http,
+        node: String = "",
+        locality: Locality = .init(),
+        labels: [String: String] = [:],
+        weight: Int = 1,
+        status: InstanceStatus = .healthy,
+        source: InstanceSource = .agent,
+        leaseTTL: Duration? = nil,
+        leaseExpiresAt: Double? = nil
+    ) {
+        self.key = key
+        self.servicePort = servicePort ?? key.port
+        self.serviceProtocol = serviceProtocol
+        self.node = node
+        self.locality = locality
+        self.labels = labels
+        self.weight = weight
+        self.status = status
+        self.source = source
+        self.leaseTTL = leaseTTL
+        self.leaseExpiresAt = leaseExpiresAt
+    }
+
+    public var service: ServiceKey { ServiceKey(name: key.service, port: servicePort) }
+}
+
+/// Machine metadata from the CMDB, merged into the instances of that machine.
+public struct MachineMetadata: Sendable, Hashable {
+    public var locality: Locality
+    public var labels: [String: String]
+
+    public init(locality: Locality = .init(), labels: [String: String] = [:]) {
+        self.locality = locality
+        self.labels = labels
+    }
+}
+
+/// Names the registry accepts for services, nodes and label keys: what DNS labels and xDS
+/// resource names both take.
+enum Names {
+    static func isValidServiceName(_ name: String) -> Bool {
+        guard (1...63).contains(name.utf8.count), let first = name.utf8.first, let last = name.utf8.last else {
+            return false
+        }
+        func alnum(_ c: UInt8) -> Bool { (c >= 97 && c <= 122) || (c >= 48 && c <= 57) }
+        return alnum(first) && alnum(last) && name.utf8.allSatisfy { alnum($0) || $0 == 45 || $0 == 46 }
+    }
+
+    /// Node ids: printable ASCII without spaces or `/`, up to 253 bytes.
+    static func isValidNodeID(_ id: String) -> Bool {
+        (1...253).contains(id.utf8.count) && id.utf8.allSatisfy { $0 > 32 && $0 < 127 && $0 != 47 }
+    }
+
+    static func isValidLabelKey(_ key: String) -> Bool {
+        (1...63).contains(key.utf8.count)
+            && key.utf8.allSatisfy { c in
+                (c >= 97 && c <= 122) || (c >= 65 && c <= 90) || (c >= 48 && c <= 57) || c == 45 || c == 95
+                    || c == 46 || c == 47
+            }
+    }
+
+    /// An IPv4 or IPv6 address literal (instances are addressed by IP; no DNS names).
+    static func isIPAddress(_ text: String) -> Bool {
+        var buffer = (UInt64(0), UInt64(0))
+        return withUnsafeMutableBytes(of: &buffer) { raw in
+            inet_pton(text.contains(":") ? AF_INET6 : AF_INET, text, raw.baseAddress) == 1
+        }
+    }
+}

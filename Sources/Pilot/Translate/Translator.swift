@@ -1,0 +1,521 @@
+import SwiftProtobuf
+public import XDS
+
+/// Registry → xDS resources, per node role (docs/architecture.md, "xDS roles"). The parts that do
+/// not depend on the node are built once per registry version (``Shared``); a node's snapshot
+/// picks from them and adds its own (a sidecar's inbound listener).
+public enum Translator {
+    public static let outboundPort = 15001
+    public static let inboundPort = 15006
+    public static let passthroughCluster = "PassthroughCluster"
+    public static let inboundPassthroughCluster = "InboundPassthroughCluster"
+    /// Inbound traffic is forwarded to the local app from this address (docs/architecture.md).
+    public static let inboundSourceAddress = "127.0.0.6"
+
+    public static func clusterName(_ service: ServiceKey) -> String { "outbound|\(service.port)||\(service.name)" }
+    static func inboundClusterName(port: Int) -> String { "inbound|\(port)||" }
+    static func gatewayRouteName(_ gateway: String, port: Int) -> String { "gateway|\(gateway)|\(port)" }
+
+    typealias HCM = Envoy_Extensions_Filters_Network_HttpConnectionManager_V3_HttpConnectionManager
+    typealias Ref = XDSResource.Reference
+
+    /// What every node of a role shares, for one registry version.
+    public struct Shared: Sendable {
+        public var view: RegistryView
+        var clusters: [XDSResource] = []
+        var proxylessClusters: [XDSResource] = []
+        var assignments: [XDSResource] = []
+        var sidecarListeners: [XDSResource] = []
+        var sidecarRoutes: [XDSResource] = []
+        var passthrough: [XDSResource] = []
+        var proxylessListeners: [XDSResource] = []
+        var proxylessRoutes: [XDSResource] = []
+        var gateways: [String: (listeners: [XDSResource], routes: [XDSResource])] = [:]
+        /// Problems met while translating (e.g. a Host name used by two services); the resources
+        /// were built without the offending part.
+        public var warnings: [String] = []
+    }
+
+    public static func shared(_ view: RegistryView) throws -> Shared {
+        var shared = Shared(view: view)
+        for service in view.services {
+            shared.clusters.append(try edsCluster(service, proxyless: false))
+            shared.assignments.append(try assignment(service))
+            if service.serviceProtocol == .grpc {
+                shared.proxylessClusters.append(try edsCluster(service, proxyless: true))
+                let (listener, routes) = try proxylessListener(service, view: view)
+                shared.proxylessListeners.append(listener)
+                shared.proxylessRoutes.append(routes)
+            }
+        }
+        shared.passthrough = try passthroughClusters()
+        try sidecarOutbound(view, into: &shared)
+        for gateway in view.mesh.gateways {
+            shared.gateways[gateway.name] = try gatewayResources(gateway)
+        }
+        return shared
+    }
+
+    /// The node's snapshot. Gateways whose name mesh.yaml does not (yet) declare get no listeners.
+    public static func snapshot(for node: NodeInfo, shared: Shared) throws -> NodeSnapshot {
+        switch node.role {
+        case .sidecar:
+            let own = shared.view.services.flatMap(\.instances).filter { $0.node == node.id }
+            let (listener, inboundClusters) = try inbound(own)
+            return NodeSnapshot([
+                TypeURL.listener: shared.sidecarListeners + [listener],
+                TypeURL.routeConfiguration: shared.sidecarRoutes,
+                TypeURL.cluster: shared.clusters + shared.passthrough + inboundClusters,
+                TypeURL.clusterLoadAssignment: shared.assignments,
+            ])
+        case .gateway(let name):
+            let gateway = shared.gateways[name]
+            return NodeSnapshot([
+                TypeURL.listener: gateway?.listeners ?? [],
+                TypeURL.routeConfiguration: gateway?.routes ?? [],
+                TypeURL.cluster: shared.clusters,
+                TypeURL.clusterLoadAssignment: shared.assignments,
+            ])
+        case .proxyless:
+            return NodeSnapshot([
+                TypeURL.listener: shared.proxylessListeners,
+                TypeURL.routeConfiguration: shared.proxylessRoutes,
+                TypeURL.cluster: shared.proxylessClusters,
+                TypeURL.clusterLoadAssignment: shared.assignments.filter { a in
+                    shared.proxylessClusters.contains { $0.name == a.name }
+                },
+            ])
+        }
+    }
+
+    // MARK: Clusters and endpoints
+
+    static func adsSource() -> Envoy_Config_Core_V3_ConfigSource {
+        var source = Envoy_Config_Core_V3_ConfigSource()
+        source.ads = Envoy_Config_Core_V3_AggregatedConfigSource()
+        source.resourceApiVersion = .v3
+        return source
+    }
+
+    static func edsCluster(_ service: RegistryView.Service, proxyless: Bool) throws -> XDSResource {
+        let name = clusterName(service.key)
+        var cluster = Envoy_Config_Cluster_V3_Cluster()
+        cluster.name = name
+        cluster.type = .eds
+        cluster.edsClusterConfig.edsConfig = adsSource()
+        cluster.lbPolicy = .roundRobin
+        if !proxyless {
+            cluster.connectTimeout = .init(seconds: 1)
+            if service.serviceProtocol.usesHTTP2Upstream {
+                var options = Envoy_Extensions_Upstreams_Http_V3_HttpProtocolOptions()
+                options.explicitHTTPConfig.http2ProtocolOptions = Envoy_Config_Core_V3_Http2ProtocolOptions()
+                cluster.typedExtensionProtocolOptions["envoy.extensions.upstreams.http.v3.HttpProtocolOptions"] =
+                    try Google_Protobuf_Any(message: options)
+            }
+        }
+        return try XDSResource(name: name, message: cluster, references: [Ref(TypeURL.clusterLoadAssignment, name)])
+    }
+
+    static func socketAddress(_ host: String, _ port: Int) -> Envoy_Config_Core_V3_Address {
+        var address = Envoy_Config_Core_V3_Address()
+        address.socketAddress.address = host
+        address.socketAddress.portValue = UInt32(port)
+        return address
+    }
+
+    /// Endpoints grouped by locality (gRPC ignores endpoints without one, and localities of
+    /// weight 0), with health: only `healthy` instances take new traffic.
+    static func assignment(_ service: RegistryView.Service) throws -> XDSResource {
+        let name = clusterName(service.key)
+        var groups: [Locality: [Instance]] = [:]
+        for instance in service.instances { groups[instance.locality, default: []].append(instance) }
+        var assignment = Envoy_Config_Endpoint_V3_ClusterLoadAssignment()
+        assignment.clusterName = name
+        for locality in groups.keys.sorted(by: { ($0.region, $0.zone, $0.subzone) < ($1.region, $1.zone, $1.subzone) }) {
+            var group = Envoy_Config_Endpoint_V3_LocalityLbEndpoints()
+            group.locality.region = locality.region
+            group.locality.zone = locality.zone
+            group.locality.subZone = locality.subzone
+            var weight = 0
+            for instance in groups[locality]! {
+                var endpoint = Envoy_Config_Endpoint_V3_LbEndpoint()
+                endpoint.endpoint.address = socketAddress(instance.key.address, instance.key.port)
+                endpoint.healthStatus =
+                    switch instance.status {
+                    case .healthy: .healthy
+                    case .unhealthy: .unhealthy
+                    case .draining: .draining
+                    }
+                endpoint.loadBalancingWeight = .init(UInt32(instance.weight))
+                weight += instance.weight
+                group.lbEndpoints.append(endpoint)
+            }
+            group.loadBalancingWeight = .init(UInt32(weight))
+            assignment.endpoints.append(group)
+        }
+        return try XDSResource(name: name, message: assignment)
+    }
+
+    static func passthroughClusters() throws -> [XDSResource] {
+        var outbound = Envoy_Config_Cluster_V3_Cluster()
+        outbound.name = passthroughCluster
+        outbound.type = .originalDst
+        outbound.lbPolicy = .clusterProvided
+        outbound.connectTimeout = .init(seconds: 1)
+        var inbound = outbound
+        inbound.name = inboundPassthroughCluster
+        inbound.upstreamBindConfig.sourceAddress = socketAddress(inboundSourceAddress, 0).socketAddress
+        return [try XDSResource(name: passthroughCluster, message: outbound), try XDSResource(name: inboundPassthroughCluster, message: inbound)]
+    }
+
+    // MARK: Filters
+
+    static func router() throws -> Envoy_Extensions_Filters_Network_HttpConnectionManager_V3_HttpFilter {
+        var filter = Envoy_Extensions_Filters_Network_HttpConnectionManager_V3_HttpFilter()
+        filter.name = "envoy.filters.http.router"
+        filter.typedConfig = try Google_Protobuf_Any(message: Envoy_Extensions_Filters_Http_Router_V3_Router())
+        return filter
+    }
+
+    static func hcm(statPrefix: String, rds: String) throws -> HCM {
+        var hcm = HCM()
+        hcm.statPrefix = statPrefix
+        hcm.rds.configSource = adsSource()
+        hcm.rds.routeConfigName = rds
+        hcm.httpFilters = [try router()]
+        return hcm
+    }
+
+    static func networkFilter(_ name: String, _ message: some SwiftProtobuf.Message) throws -> Envoy_Config_Listener_V3_Filter {
+        var filter = Envoy_Config_Listener_V3_Filter()
+        filter.name = name
+        filter.typedConfig = try Google_Protobuf_Any(message: message)
+        return filter
+    }
+
+    static func hcmFilter(_ hcm: HCM) throws -> Envoy_Config_Listener_V3_Filter {
+        try networkFilter("envoy.filters.network.http_connection_manager", hcm)
+    }
+
+    static func tcpProxyFilter(cluster: String, statPrefix: String) throws -> Envoy_Config_Listener_V3_Filter {
+        var tcp = Envoy_Extensions_Filters_Network_TcpProxy_V3_TcpProxy()
+        tcp.statPrefix = statPrefix
+        tcp.cluster = cluster
+        return try networkFilter("envoy.filters.network.tcp_proxy", tcp)
+    }
+
+    // MARK: Routes
+
+    static func routeMatch(_ rule: RouteRule) -> Envoy_Config_Route_V3_RouteMatch {
+        var match = Envoy_Config_Route_V3_RouteMatch()
+        switch rule.path {
+        case .prefix(let p): match.prefix = p
+        case .exact(let p): match.path = p
+        case .regex(let r): match.safeRegex.regex = r
+        }
+        for header in rule.headers {
+            var m = Envoy_Config_Route_V3_HeaderMatcher()
+            m.name = header.name
+            m.invertMatch = header.invert
+            switch header.kind {
+            case .exact(let v): m.stringMatch.exact = v
+            case .regex(let r): m.stringMatch.safeRegex.regex = r
+            case .present: m.presentMatch = true
+            }
+            match.headers.append(m)
+        }
+        return match
+    }
+
+    static func route(_ rule: RouteRule, name: String) -> (Envoy_Config_Route_V3_Route, [Ref]) {
+        var route = Envoy_Config_Route_V3_Route()
+        route.name = name
+        route.match = routeMatch(rule)
+        if rule.destinations.count == 1 {
+            route.route.cluster = clusterName(rule.destinations[0].service)
+        } else {
+            var weighted = Envoy_Config_Route_V3_WeightedCluster()
+            for destination in rule.destinations {
+                var w = Envoy_Config_Route_V3_WeightedCluster.ClusterWeight()
+                w.name = clusterName(destination.service)
+                w.weight = .init(UInt32(destination.weight))
+                weighted.clusters.append(w)
+            }
+            route.route.weightedClusters = weighted
+        }
+        if let timeout = rule.timeout { route.route.timeout = protobufDuration(timeout) }
+        return (route, rule.destinations.map { Ref(TypeURL.cluster, clusterName($0.service)) })
+    }
+
+    static func protobufDuration(_ d: Duration) -> Google_Protobuf_Duration {
+        let (seconds, attoseconds) = d.components
+        return .init(seconds: seconds, nanos: Int32(attoseconds / 1_000_000_000))
+    }
+
+    static func defaultRoute(to service: ServiceKey) -> (Envoy_Config_Route_V3_Route, [Ref]) {
+        route(RouteRule(destinations: [.init(service: service, weight: 1)]), name: "default")
+    }
+
+    // MARK: Sidecar outbound
+
+    /// The virtual outbound listener (15001, `use_original_dst`, passthrough by default), one
+    /// listener per service port (`bind_to_port: false`): HTTP ports route by Host through RDS
+    /// (unknown hosts pass through to the original destination); TCP ports match the
+    /// destination address against the service's instances.
+    static func sidecarOutbound(_ view: RegistryView, into shared: inout Shared) throws {
+        var byPort: [Int: [RegistryView.Service]] = [:]
+        for service in view.services { byPort[service.key.port, default: []].append(service) }
+        var listeners: [XDSResource] = []
+        for port in byPort.keys.sorted() {
+            let services = byPort[port]!
+            let listenerName = "0.0.0.0_\(port)"
+            var listener = Envoy_Config_Listener_V3_Listener()
+            listener.name = listenerName
+            listener.address = socketAddress("0.0.0.0", port)
+            listener.bindToPort = .init(false)
+            var refs: [Ref] = [Ref(TypeURL.cluster, passthroughCluster)]
+            let http = services.filter { $0.serviceProtocol.isHTTP }
+            let tcp = services.filter { !$0.serviceProtocol.isHTTP }
+            for service in tcp {
+                let addresses = service.instances.map(\.key.address)
+                guard !addresses.isEmpty else { continue }
+                var chain = Envoy_Config_Listener_V3_FilterChain()
+                chain.name = clusterName(service.key)
+                for address in Set(addresses).sorted() {
+                    var range = Envoy_Config_Core_V3_CidrRange()
+                    range.addressPrefix = address
+                    range.prefixLen = .init(address.contains(":") ? 128 : 32)
+                    chain.filterChainMatch.prefixRanges.append(range)
+                }
+                chain.filters = [try tcpProxyFilter(cluster: clusterName(service.key), statPrefix: clusterName(service.key))]
+                listener.filterChains.append(chain)
+                refs.append(Ref(TypeURL.cluster, clusterName(service.key)))
+            }
+            var fallback = Envoy_Config_Listener_V3_FilterChain()
+            fallback.name = "passthrough"
+            if !http.isEmpty {
+                let routeName = "\(port)"
+                fallback.name = "http"
+                fallback.filters = [try hcmFilter(try hcm(statPrefix: "outbound_\(listenerName)", rds: routeName))]
+                refs.append(Ref(TypeURL.routeConfiguration, routeName))
+                shared.sidecarRoutes.append(try sidecarRoutes(port: port, http, view: view, warnings: &shared.warnings))
+            } else {
+                fallback.filters = [try tcpProxyFilter(cluster: passthroughCluster, statPrefix: passthroughCluster)]
+            }
+            listener.defaultFilterChain = fallback
+            listeners.append(try XDSResource(name: listenerName, message: listener, references: refs))
+        }
+        var virtual = Envoy_Config_Listener_V3_Listener()
+        virtual.name = "virtualOutbound"
+        virtual.address = socketAddress("0.0.0.0", outboundPort)
+        virtual.useOriginalDst = .init(true)
+        var passthrough = Envoy_Config_Listener_V3_FilterChain()
+        passthrough.name = "passthrough"
+        passthrough.filters = [try tcpProxyFilter(cluster: passthroughCluster, statPrefix: passthroughCluster)]
+        virtual.defaultFilterChain = passthrough
+        listeners.append(try XDSResource(name: "virtualOutbound", message: virtual, references: [Ref(TypeURL.cluster, passthroughCluster)]))
+        shared.sidecarListeners = listeners
+    }
+
+    static func sidecarRoutes(
+        port: Int,
+        _ services: [RegistryView.Service],
+        view: RegistryView,
+        warnings: inout [String]
+    ) throws -> XDSResource {
+        var config = Envoy_Config_Route_V3_RouteConfiguration()
+        config.name = "\(port)"
+        var refs: [Ref] = []
+        var taken: Set<String> = []
+        for service in services {
+            var vhost = Envoy_Config_Route_V3_VirtualHost()
+            vhost.name = "\(service.key)"
+            let names = [service.key.name] + service.hosts
+            for domain in names.flatMap({ [$0, "\($0):\(port)"] }) {
+                if taken.insert(domain.lowercased()).inserted {
+                    vhost.domains.append(domain)
+                } else {
+                    warnings.append("host '\(domain)' of \(service.key) is already a host of another service on port \(port); ignored")
+                }
+            }
+            guard !vhost.domains.isEmpty else { continue }
+            if let rules = view.mesh.serviceRoutes[service.key] {
+                for (i, rule) in rules.enumerated() {
+                    let (route, r) = route(rule, name: "rule-\(i)")
+                    vhost.routes.append(route)
+                    refs += r
+                }
+            }
+            let (fallback, r) = defaultRoute(to: service.key)
+            vhost.routes.append(fallback)
+            refs += r
+            config.virtualHosts.append(vhost)
+        }
+        var any = Envoy_Config_Route_V3_VirtualHost()
+        any.name = "allow_any"
+        any.domains = ["*"]
+        var passthrough = Envoy_Config_Route_V3_Route()
+        passthrough.name = "passthrough"
+        passthrough.match.prefix = "/"
+        passthrough.route.cluster = passthroughCluster
+        any.routes = [passthrough]
+        config.virtualHosts.append(any)
+        refs.append(Ref(TypeURL.cluster, passthroughCluster))
+        return try XDSResource(name: config.name, message: config, references: refs)
+    }
+
+    // MARK: Sidecar inbound
+
+    /// The inbound listener (15006): the original destination is restored by the `original_dst`
+    /// listener filter, a filter chain per local instance port sends to 127.0.0.1:port from
+    /// 127.0.0.6, anything else passes through to its original destination.
+    static func inbound(_ own: [Instance]) throws -> (XDSResource, [XDSResource]) {
+        var listener = Envoy_Config_Listener_V3_Listener()
+        listener.name = "virtualInbound"
+        listener.address = socketAddress("0.0.0.0", inboundPort)
+        var originalDst = Envoy_Config_Listener_V3_ListenerFilter()
+        originalDst.name = "envoy.filters.listener.original_dst"
+        originalDst.typedConfig = try Google_Protobuf_Any(message: Envoy_Extensions_Filters_Listener_OriginalDst_V3_OriginalDst())
+        listener.listenerFilters = [originalDst]
+        var clusters: [XDSResource] = []
+        var refs: [Ref] = [Ref(TypeURL.cluster, inboundPassthroughCluster)]
+        var ports: Set<Int> = []
+        for instance in own.sorted(by: { $0.key < $1.key }) where ports.insert(instance.key.port).inserted {
+            let port = instance.key.port
+            let name = inboundClusterName(port: port)
+            var cluster = Envoy_Config_Cluster_V3_Cluster()
+            cluster.name = name
+            cluster.type = .static
+            cluster.connectTimeout = .init(seconds: 1)
+            cluster.upstreamBindConfig.sourceAddress = socketAddress(inboundSourceAddress, 0).socketAddress
+            var endpoint = Envoy_Config_Endpoint_V3_LbEndpoint()
+            endpoint.endpoint.address = socketAddress("127.0.0.1", port)
+            var group = Envoy_Config_Endpoint_V3_LocalityLbEndpoints()
+            group.lbEndpoints = [endpoint]
+            cluster.loadAssignment.clusterName = name
+            cluster.loadAssignment.endpoints = [group]
+            if instance.serviceProtocol.usesHTTP2Upstream {
+                var options = Envoy_Extensions_Upstreams_Http_V3_HttpProtocolOptions()
+                options.explicitHTTPConfig.http2ProtocolOptions = Envoy_Config_Core_V3_Http2ProtocolOptions()
+                cluster.typedExtensionProtocolOptions["envoy.extensions.upstreams.http.v3.HttpProtocolOptions"] =
+                    try Google_Protobuf_Any(message: options)
+            }
+            clusters.append(try XDSResource(name: name, message: cluster))
+            refs.append(Ref(TypeURL.cluster, name))
+
+            var chain = Envoy_Config_Listener_V3_FilterChain()
+            chain.name = name
+            chain.filterChainMatch.destinationPort = .init(UInt32(port))
+            if instance.serviceProtocol.isHTTP {
+                var hcm = HCM()
+                hcm.statPrefix = name
+                hcm.httpFilters = [try router()]
+                var vhost = Envoy_Config_Route_V3_VirtualHost()
+                vhost.name = name
+                vhost.domains = ["*"]
+                var route = Envoy_Config_Route_V3_Route()
+                route.match.prefix = "/"
+                route.route.cluster = name
+                vhost.routes = [route]
+                hcm.routeConfig.name = name
+                hcm.routeConfig.virtualHosts = [vhost]
+                chain.filters = [try hcmFilter(hcm)]
+            } else {
+                chain.filters = [try tcpProxyFilter(cluster: name, statPrefix: name)]
+            }
+            listener.filterChains.append(chain)
+        }
+        var passthrough = Envoy_Config_Listener_V3_FilterChain()
+        passthrough.name = "inbound-passthrough"
+        passthrough.filters = [try tcpProxyFilter(cluster: inboundPassthroughCluster, statPrefix: inboundPassthroughCluster)]
+        listener.defaultFilterChain = passthrough
+        return (try XDSResource(name: listener.name, message: listener, references: refs), clusters)
+    }
+
+    // MARK: Proxyless gRPC
+
+    /// `name:port` API listener (HTTP connection manager with RDS and the router) and its route
+    /// configuration.
+    static func proxylessListener(_ service: RegistryView.Service, view: RegistryView) throws -> (XDSResource, XDSResource) {
+        let name = "\(service.key)"
+        var listener = Envoy_Config_Listener_V3_Listener()
+        listener.name = name
+        listener.apiListener.apiListener = try Google_Protobuf_Any(message: try hcm(statPrefix: name, rds: name))
+        var config = Envoy_Config_Route_V3_RouteConfiguration()
+        config.name = name
+        var vhost = Envoy_Config_Route_V3_VirtualHost()
+        vhost.name = name
+        vhost.domains = [name, service.key.name]
+        var refs: [Ref] = []
+        for (i, rule) in (view.mesh.serviceRoutes[service.key] ?? []).enumerated() {
+            let (route, r) = route(rule, name: "rule-\(i)")
+            vhost.routes.append(route)
+            refs += r
+        }
+        var (fallback, r) = defaultRoute(to: service.key)
+        fallback.match.prefix = ""
+        vhost.routes.append(fallback)
+        refs += r
+        config.virtualHosts = [vhost]
+        return (
+            try XDSResource(name: name, message: listener, references: [Ref(TypeURL.routeConfiguration, name)]),
+            try XDSResource(name: name, message: config, references: refs)
+        )
+    }
+
+    // MARK: Gateways
+
+    /// A bound listener per gateway port with its route configuration: a virtual host per Host
+    /// name; a rule applies to every host it matches (exactly, by `*.suffix`, or all hosts), in
+    /// file order.
+    static func gatewayResources(_ gateway: MeshConfig.Gateway) throws -> (listeners: [XDSResource], routes: [XDSResource]) {
+        var listeners: [XDSResource] = []
+        var routes: [XDSResource] = []
+        for l in gateway.listeners {
+            let routeName = gatewayRouteName(gateway.name, port: l.port)
+            var listener = Envoy_Config_Listener_V3_Listener()
+            listener.name = "gateway_\(gateway.name)_\(l.port)"
+            listener.address = socketAddress("0.0.0.0", l.port)
+            var chain = Envoy_Config_Listener_V3_FilterChain()
+            chain.filters = [try hcmFilter(try hcm(statPrefix: listener.name, rds: routeName))]
+            listener.filterChains = [chain]
+            listeners.append(try XDSResource(name: listener.name, message: listener, references: [Ref(TypeURL.routeConfiguration, routeName)]))
+
+            var domains: [String] = []
+            for host in l.routes.flatMap(\.hosts) where !domains.contains(host.lowercased()) {
+                domains.append(host.lowercased())
+            }
+            if !domains.contains("*") { domains.append("*") }
+            var config = Envoy_Config_Route_V3_RouteConfiguration()
+            config.name = routeName
+            var refs: [Ref] = []
+            for domain in domains {
+                var vhost = Envoy_Config_Route_V3_VirtualHost()
+                vhost.name = domain
+                vhost.domains = [domain]
+                for (i, rule) in l.routes.enumerated() where applies(rule, to: domain) {
+                    let (route, r) = route(rule, name: "route-\(i)")
+                    vhost.routes.append(route)
+                    refs += r
+                }
+                config.virtualHosts.append(vhost)
+            }
+            routes.append(try XDSResource(name: routeName, message: config, references: refs))
+        }
+        return (listeners, routes)
+    }
+
+    /// Whether a rule's hosts cover every request a virtual host for `domain` receives.
+    static func applies(_ rule: RouteRule, to domain: String) -> Bool {
+        if rule.hosts.isEmpty { return true }
+        return rule.hosts.contains { host in
+            let host = host.lowercased()
+            if host == "*" || host == domain { return true }
+            if host.hasPrefix("*.") {
+                let suffix = host.dropFirst(1)
+                return domain.hasSuffix(suffix) && domain != "*"
+            }
+            return false
+        }
+    }
+}
