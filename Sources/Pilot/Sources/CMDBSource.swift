@@ -17,7 +17,13 @@ public struct CMDBSource: Service {
     let registry: Registry
     let logger: Logger
 
-    public init(url: String, interval: Duration, timeout: Duration = .seconds(5), registry: Registry, logger: Logger) throws {
+    public init(
+        url: String,
+        interval: Duration,
+        timeout: Duration = .seconds(5),
+        registry: Registry,
+        logger: Logger
+    ) throws {
         _ = try HTTPGet.URL(url)
         self.url = url
         self.interval = interval
@@ -45,7 +51,10 @@ public struct CMDBSource: Service {
             return true
         } catch {
             PilotMetrics.cmdbPoll(ok: false)
-            logger.warning("CMDB poll failed; keeping the last metadata", metadata: ["url": "\(url)", "error": "\(error)"])
+            logger.warning(
+                "CMDB poll failed; keeping the last metadata",
+                metadata: ["url": "\(url)", "error": "\(error)"]
+            )
             return false
         }
     }
@@ -64,16 +73,28 @@ public struct CMDBSource: Service {
         var result: [String: MachineMetadata] = [:]
         for (i, item) in list.enumerated() {
             do throws(APIError) {
-                let f = try JSONFields(item, path: "machines[\(i)]", allowed: ["hostname", "region", "zone", "subzone", "labels"])
+                let f = try JSONFields(
+                    item,
+                    path: "machines[\(i)]",
+                    allowed: ["hostname", "region", "zone", "subzone", "labels"]
+                )
                 let hostname = try f.string("hostname", required: true)!
-                guard Names.isValidNodeID(hostname) else { throw APIError.invalid("machines[\(i)].hostname", "not a valid node id") }
-                guard result[hostname] == nil else { throw APIError.invalid("machines[\(i)].hostname", "'\(hostname)' is listed twice") }
+                guard Names.isValidNodeID(hostname) else {
+                    throw APIError.invalid("machines[\(i)].hostname", "not a valid node id")
+                }
+                guard result[hostname] == nil else {
+                    throw APIError.invalid("machines[\(i)].hostname", "'\(hostname)' is listed twice")
+                }
                 let labels = try f.stringMap("labels") ?? [:]
                 for key in labels.keys where !Names.isValidLabelKey(key) {
                     throw APIError.invalid("machines[\(i)].labels.\(key)", "not a valid label key")
                 }
                 result[hostname] = MachineMetadata(
-                    locality: Locality(region: try f.string("region") ?? "", zone: try f.string("zone") ?? "", subzone: try f.string("subzone") ?? ""),
+                    locality: Locality(
+                        region: try f.string("region") ?? "",
+                        zone: try f.string("zone") ?? "",
+                        subzone: try f.string("subzone") ?? ""
+                    ),
                     labels: labels
                 )
             } catch {

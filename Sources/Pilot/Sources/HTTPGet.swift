@@ -16,13 +16,17 @@ enum HTTPGet {
 
         /// `http://host[:port][/path]`; IPv6 hosts in brackets.
         init(_ text: String) throws(Failure) {
-            guard text.hasPrefix("http://") else { throw Failure(description: "only http:// URLs are supported, got '\(text)'") }
+            guard text.hasPrefix("http://") else {
+                throw Failure(description: "only http:// URLs are supported, got '\(text)'")
+            }
             let rest = text.dropFirst("http://".count)
             let slash = rest.firstIndex(of: "/") ?? rest.endIndex
             let authority = rest[..<slash]
             path = slash == rest.endIndex ? "/" : String(rest[slash...])
             if authority.hasPrefix("[") {
-                guard let close = authority.firstIndex(of: "]") else { throw Failure(description: "bad IPv6 host in '\(text)'") }
+                guard let close = authority.firstIndex(of: "]") else {
+                    throw Failure(description: "bad IPv6 host in '\(text)'")
+                }
                 host = String(authority[authority.index(after: authority.startIndex)..<close])
                 let after = authority[authority.index(after: close)...]
                 port = after.hasPrefix(":") ? Int(after.dropFirst()) ?? -1 : 80
@@ -33,17 +37,22 @@ enum HTTPGet {
                 host = String(authority)
                 port = 80
             }
-            guard !host.isEmpty, (1...65535).contains(port) else { throw Failure(description: "bad host or port in '\(text)'") }
+            guard !host.isEmpty, (1...65535).contains(port) else {
+                throw Failure(description: "bad host or port in '\(text)'")
+            }
         }
     }
 
-    static func get(_ url: URL, timeout: Duration, maxBody: Int = 16 << 20) async throws -> (status: Int, body: [UInt8]) {
+    static func get(_ url: URL, timeout: Duration, maxBody: Int = 16 << 20) async throws -> (status: Int, body: [UInt8])
+    {
         let channel = try await ClientBootstrap(group: MultiThreadedEventLoopGroup.singleton)
             .connectTimeout(.milliseconds(Int64(timeout.components.seconds * 1000)))
             .connect(host: url.host, port: url.port) { channel in
                 channel.eventLoop.makeCompletedFuture {
                     try channel.pipeline.syncOperations.addHTTPClientHandlers()
-                    return try NIOAsyncChannel<HTTPClientResponsePart, HTTPClientRequestPart>(wrappingChannelSynchronously: channel)
+                    return try NIOAsyncChannel<HTTPClientResponsePart, HTTPClientRequestPart>(
+                        wrappingChannelSynchronously: channel
+                    )
                 }
             }
         return try await withThrowingTaskGroup(of: (status: Int, body: [UInt8])?.self) { group in
@@ -54,7 +63,10 @@ enum HTTPGet {
             group.addTask {
                 try await channel.executeThenClose { inbound, outbound in
                     var head = HTTPRequestHead(version: .http1_1, method: .GET, uri: url.path)
-                    head.headers.add(name: "Host", value: url.host.contains(":") ? "[\(url.host)]:\(url.port)" : "\(url.host):\(url.port)")
+                    head.headers.add(
+                        name: "Host",
+                        value: url.host.contains(":") ? "[\(url.host)]:\(url.port)" : "\(url.host):\(url.port)"
+                    )
                     head.headers.add(name: "Accept", value: "application/json")
                     head.headers.add(name: "Connection", value: "close")
                     try await outbound.write(.head(head))
@@ -66,7 +78,9 @@ enum HTTPGet {
                         case .head(let response): status = Int(response.status.code)
                         case .body(let buffer):
                             body += buffer.readableBytesView
-                            guard body.count <= maxBody else { throw Failure(description: "answer larger than \(maxBody) bytes") }
+                            guard body.count <= maxBody else {
+                                throw Failure(description: "answer larger than \(maxBody) bytes")
+                            }
                         case .end: return (status, body)
                         }
                     }

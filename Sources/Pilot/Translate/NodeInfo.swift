@@ -42,7 +42,10 @@ public struct NodeInfo: Sendable, Hashable {
     public init(_ node: Envoy_Config_Core_V3_Node) throws(Invalid) {
         guard !node.id.isEmpty else { throw Invalid(description: "node.id is required") }
         guard Names.isValidNodeID(node.id) else {
-            throw Invalid(description: "node.id '\(node.id.prefix(80))' must be printable ASCII without spaces or '/', at most 253 bytes")
+            throw Invalid(
+                description:
+                    "node.id '\(node.id.prefix(80))' must be printable ASCII without spaces or '/', at most 253 bytes"
+            )
         }
         let fields = node.metadata.fields
         let roleName: String
@@ -59,12 +62,16 @@ public struct NodeInfo: Sendable, Hashable {
         case "proxyless": role = .proxyless
         case "gateway":
             guard let kind = fields[Self.gatewayKey]?.kind, case .stringValue(let name) = kind, !name.isEmpty else {
-                throw Invalid(description: "a gateway node needs node.metadata[\"\(Self.gatewayKey)\"]: the gateway's name in mesh.yaml")
+                throw Invalid(
+                    description:
+                        "a gateway node needs node.metadata[\"\(Self.gatewayKey)\"]: the gateway's name in mesh.yaml"
+                )
             }
             role = .gateway(name)
         default:
             throw Invalid(
-                description: "node.metadata[\"\(Self.roleKey)\"] is '\(roleName)'; expected sidecar, gateway or proxyless"
+                description:
+                    "node.metadata[\"\(Self.roleKey)\"] is '\(roleName)'; expected sidecar, gateway or proxyless"
             )
         }
         id = node.id

@@ -87,7 +87,9 @@ public struct NodeSnapshot: Sendable, Equatable {
         for (typeURL, snapshot) in types {
             for resource in snapshot.resources.values {
                 for reference in resource.references where self[reference.typeURL].resources[reference.name] == nil {
-                    problems.append("\(Self.kind(typeURL)) \(resource.name) names missing \(Self.kind(reference.typeURL)) \(reference.name)")
+                    problems.append(
+                        "\(Self.kind(typeURL)) \(resource.name) names missing \(Self.kind(reference.typeURL)) \(reference.name)"
+                    )
                 }
             }
         }
@@ -120,13 +122,21 @@ public struct NodeSnapshot: Sendable, Equatable {
             var chains = listener.filterChains
             if listener.hasDefaultFilterChain { chains.append(listener.defaultFilterChain) }
             var managers: [Envoy_Extensions_Filters_Network_HttpConnectionManager_V3_HttpConnectionManager] = []
-            if listener.hasApiListener, let hcm = try? Envoy_Extensions_Filters_Network_HttpConnectionManager_V3_HttpConnectionManager(unpackingAny: listener.apiListener.apiListener) {
+            if listener.hasApiListener,
+                let hcm = try? Envoy_Extensions_Filters_Network_HttpConnectionManager_V3_HttpConnectionManager(
+                    unpackingAny: listener.apiListener.apiListener
+                )
+            {
                 managers.append(hcm)
             }
             for filter in chains.flatMap(\.filters) {
-                if let hcm = try? Envoy_Extensions_Filters_Network_HttpConnectionManager_V3_HttpConnectionManager(unpackingAny: filter.typedConfig) {
+                if let hcm = try? Envoy_Extensions_Filters_Network_HttpConnectionManager_V3_HttpConnectionManager(
+                    unpackingAny: filter.typedConfig
+                ) {
                     managers.append(hcm)
-                } else if let tcp = try? Envoy_Extensions_Filters_Network_TcpProxy_V3_TcpProxy(unpackingAny: filter.typedConfig),
+                } else if let tcp = try? Envoy_Extensions_Filters_Network_TcpProxy_V3_TcpProxy(
+                    unpackingAny: filter.typedConfig
+                ),
                     clusters[tcp.cluster] == nil
                 {
                     problems.append("listener \(name): TCP proxy to missing cluster \(tcp.cluster)")

@@ -35,7 +35,10 @@ public actor SnapshotGenerator: NodeSnapshotSource {
 
     public func nodeConnected(_ node: NodeInfo) async {
         if let known = nodes[node.id], known.info != node {
-            logger.notice("node reconnected with another role", metadata: ["xds.node": "\(node.id)", "role": "\(node.role)"])
+            logger.notice(
+                "node reconnected with another role",
+                metadata: ["xds.node": "\(node.id)", "role": "\(node.role)"]
+            )
         }
         nodes[node.id] = (node, (nodes[node.id]?.streams ?? 0) + 1)
         if shared == nil { await translateShared() }
@@ -69,7 +72,10 @@ public actor SnapshotGenerator: NodeSnapshotSource {
         PilotMetrics.translated(seconds: elapsed.seconds, nodes: nodes.count)
         logger.debug(
             "pushed registry version",
-            metadata: ["version": "\(shared.view.version)", "nodes": "\(nodes.count)", "changed": "\(changed)", "elapsed": "\(elapsed)"]
+            metadata: [
+                "version": "\(shared.view.version)", "nodes": "\(nodes.count)", "changed": "\(changed)",
+                "elapsed": "\(elapsed)",
+            ]
         )
     }
 

@@ -131,7 +131,8 @@ public enum Translator {
         for instance in service.instances { groups[instance.locality, default: []].append(instance) }
         var assignment = Envoy_Config_Endpoint_V3_ClusterLoadAssignment()
         assignment.clusterName = name
-        for locality in groups.keys.sorted(by: { ($0.region, $0.zone, $0.subzone) < ($1.region, $1.zone, $1.subzone) }) {
+        for locality in groups.keys.sorted(by: { ($0.region, $0.zone, $0.subzone) < ($1.region, $1.zone, $1.subzone) })
+        {
             var group = Envoy_Config_Endpoint_V3_LocalityLbEndpoints()
             group.locality.region = locality.region
             group.locality.zone = locality.zone
@@ -165,7 +166,10 @@ public enum Translator {
         var inbound = outbound
         inbound.name = inboundPassthroughCluster
         inbound.upstreamBindConfig.sourceAddress = socketAddress(inboundSourceAddress, 0).socketAddress
-        return [try XDSResource(name: passthroughCluster, message: outbound), try XDSResource(name: inboundPassthroughCluster, message: inbound)]
+        return [
+            try XDSResource(name: passthroughCluster, message: outbound),
+            try XDSResource(name: inboundPassthroughCluster, message: inbound),
+        ]
     }
 
     // MARK: Filters
@@ -186,7 +190,10 @@ public enum Translator {
         return hcm
     }
 
-    static func networkFilter(_ name: String, _ message: some SwiftProtobuf.Message) throws -> Envoy_Config_Listener_V3_Filter {
+    static func networkFilter(
+        _ name: String,
+        _ message: some SwiftProtobuf.Message
+    ) throws -> Envoy_Config_Listener_V3_Filter {
         var filter = Envoy_Config_Listener_V3_Filter()
         filter.name = name
         filter.typedConfig = try Google_Protobuf_Any(message: message)
@@ -287,7 +294,9 @@ public enum Translator {
                     range.prefixLen = .init(address.contains(":") ? 128 : 32)
                     chain.filterChainMatch.prefixRanges.append(range)
                 }
-                chain.filters = [try tcpProxyFilter(cluster: clusterName(service.key), statPrefix: clusterName(service.key))]
+                chain.filters = [
+                    try tcpProxyFilter(cluster: clusterName(service.key), statPrefix: clusterName(service.key))
+                ]
                 listener.filterChains.append(chain)
                 refs.append(Ref(TypeURL.cluster, clusterName(service.key)))
             }
@@ -313,7 +322,13 @@ public enum Translator {
         passthrough.name = "passthrough"
         passthrough.filters = [try tcpProxyFilter(cluster: passthroughCluster, statPrefix: passthroughCluster)]
         virtual.defaultFilterChain = passthrough
-        listeners.append(try XDSResource(name: "virtualOutbound", message: virtual, references: [Ref(TypeURL.cluster, passthroughCluster)]))
+        listeners.append(
+            try XDSResource(
+                name: "virtualOutbound",
+                message: virtual,
+                references: [Ref(TypeURL.cluster, passthroughCluster)]
+            )
+        )
         shared.sidecarListeners = listeners
     }
 
@@ -335,7 +350,9 @@ public enum Translator {
                 if taken.insert(domain.lowercased()).inserted {
                     vhost.domains.append(domain)
                 } else {
-                    warnings.append("host '\(domain)' of \(service.key) is already a host of another service on port \(port); ignored")
+                    warnings.append(
+                        "host '\(domain)' of \(service.key) is already a host of another service on port \(port); ignored"
+                    )
                 }
             }
             guard !vhost.domains.isEmpty else { continue }
@@ -375,7 +392,9 @@ public enum Translator {
         listener.address = socketAddress("0.0.0.0", inboundPort)
         var originalDst = Envoy_Config_Listener_V3_ListenerFilter()
         originalDst.name = "envoy.filters.listener.original_dst"
-        originalDst.typedConfig = try Google_Protobuf_Any(message: Envoy_Extensions_Filters_Listener_OriginalDst_V3_OriginalDst())
+        originalDst.typedConfig = try Google_Protobuf_Any(
+            message: Envoy_Extensions_Filters_Listener_OriginalDst_V3_OriginalDst()
+        )
         listener.listenerFilters = [originalDst]
         var clusters: [XDSResource] = []
         var refs: [Ref] = [Ref(TypeURL.cluster, inboundPassthroughCluster)]
@@ -427,7 +446,9 @@ public enum Translator {
         }
         var passthrough = Envoy_Config_Listener_V3_FilterChain()
         passthrough.name = "inbound-passthrough"
-        passthrough.filters = [try tcpProxyFilter(cluster: inboundPassthroughCluster, statPrefix: inboundPassthroughCluster)]
+        passthrough.filters = [
+            try tcpProxyFilter(cluster: inboundPassthroughCluster, statPrefix: inboundPassthroughCluster)
+        ]
         listener.defaultFilterChain = passthrough
         return (try XDSResource(name: listener.name, message: listener, references: refs), clusters)
     }
@@ -436,7 +457,10 @@ public enum Translator {
 
     /// `name:port` API listener (HTTP connection manager with RDS and the router) and its route
     /// configuration.
-    static func proxylessListener(_ service: RegistryView.Service, view: RegistryView) throws -> (XDSResource, XDSResource) {
+    static func proxylessListener(
+        _ service: RegistryView.Service,
+        view: RegistryView
+    ) throws -> (XDSResource, XDSResource) {
         let name = "\(service.key)"
         var listener = Envoy_Config_Listener_V3_Listener()
         listener.name = name
@@ -468,7 +492,9 @@ public enum Translator {
     /// A bound listener per gateway port with its route configuration: a virtual host per Host
     /// name; a rule applies to every host it matches (exactly, by `*.suffix`, or all hosts), in
     /// file order.
-    static func gatewayResources(_ gateway: MeshConfig.Gateway) throws -> (listeners: [XDSResource], routes: [XDSResource]) {
+    static func gatewayResources(
+        _ gateway: MeshConfig.Gateway
+    ) throws -> (listeners: [XDSResource], routes: [XDSResource]) {
         var listeners: [XDSResource] = []
         var routes: [XDSResource] = []
         for l in gateway.listeners {
@@ -479,7 +505,13 @@ public enum Translator {
             var chain = Envoy_Config_Listener_V3_FilterChain()
             chain.filters = [try hcmFilter(try hcm(statPrefix: listener.name, rds: routeName))]
             listener.filterChains = [chain]
-            listeners.append(try XDSResource(name: listener.name, message: listener, references: [Ref(TypeURL.routeConfiguration, routeName)]))
+            listeners.append(
+                try XDSResource(
+                    name: listener.name,
+                    message: listener,
+                    references: [Ref(TypeURL.routeConfiguration, routeName)]
+                )
+            )
 
             var domains: [String] = []
             for host in l.routes.flatMap(\.hosts) where !domains.contains(host.lowercased()) {

