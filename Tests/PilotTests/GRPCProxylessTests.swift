@@ -1,0 +1,126 @@
+import Foundation
+import Testing
+
+@testable import Pilot
+
+/// A stock gRPC proxyless client (PyPI grpcio, `xds:///` target, GRPC_XDS_BOOTSTRAP pointing at
+/// pilot) calls a real grpcio health server registered through pilot's HTTP API.
+@Suite(
+    .serialized,
+    .disabled(if: Peers.grpcioMissing, "needs PyPI grpcio and grpcio-health-checking: run scripts/bootstrap.sh")
+)
+struct GRPCProxylessTests {
+    static let fixtures = URL(fileURLWithPath: #filePath).deletingLastPathComponent().deletingLastPathComponent()
+        .appendingPathComponent("Fixtures/grpc")
+
+    static func bootstrap(xdsPort: Int) -> String {
+        """
+        {"xds_servers": [{"server_uri": "127.0.0.1:\(xdsPort)", "channel_creds": [{"type": "insecure"}],
+                          "server_features": ["xds_v3"]}],
+         "node": {"id": "grpc-client-1", "locality": {"zone": "z1"}, "metadata": {"trellis.role": "proxyless"}}}
+        """
+    }
+
+    /// The client's last answer line.
+    static func lastLine(_ file: URL) -> String { transitions(file).last ?? "" }
+
+    /// The answers without repeats (`OK SERVING`, `ERR UNAVAILABLE`, ...).
+    static func transitions(_ file: URL) -> [String] {
+        let text = (try? String(contentsOf: file, encoding: .utf8)) ?? ""
+        var result: [String] = []
+        for line in text.split(separator: "\n").map(String.init) where line.hasPrefix("OK") || line.hasPrefix("ERR") {
+            if result.last != line { result.append(line) }
+        }
+        return result
+    }
+
+    @Test func grpcClientFollowsRegistrationsAndSurvivesAPilotRestart() async throws {
+        let dir = try Peers.temporaryDirectory("grpc-xds")
+        defer { try? FileManager.default.removeItem(at: dir) }
+        let serverPort = Peers.freePort()
+        let server = try Peers.Child(
+            ["python3", Self.fixtures.appendingPathComponent("health_server.py").path, "\(serverPort)"],
+            output: dir.appendingPathComponent("server.log")
+        )
+        defer { server.stop() }
+        let registration = """
+            {"service": "greeter", "address": "127.0.0.1", "port": \(serverPort), "service_port": 50051,
+             "protocol": "grpc", "node": "vm-grpc", "zone": "z1"}
+            """
+
+        let database = dir.appendingPathComponent("pilot.db").path
+        let xdsPort = Peers.freePort()
+        let httpPort = Peers.freePort()
+        let bootstrap = dir.appendingPathComponent("xds-bootstrap.json")
+        try Self.bootstrap(xdsPort: xdsPort).write(to: bootstrap, atomically: true, encoding: .utf8)
+        let output = dir.appendingPathComponent("client.log")
+        var client: Peers.Child?
+        defer {
+            client?.stop()
+            print("grpcio client answers, in order:", Self.transitions(output))
+        }
+
+        try await PilotHarness.run(store: try SQLiteRegistryStore(path: database), xdsPort: xdsPort, httpPort: httpPort)
+        { pilot in
+            #expect(pilot.register(registration) == 201)
+            client = try Peers.Child(
+                ["python3", Self.fixtures.appendingPathComponent("xds_health_client.py").path, "greeter:50051", "90"],
+                environment: ["GRPC_XDS_BOOTSTRAP": bootstrap.path],
+                output: output
+            )
+            #expect(
+                await Peers.eventually(within: .seconds(20)) { Self.lastLine(output) == "OK SERVING" },
+                "\(Self.lastLine(output))"
+            )
+            let status = await pilot.server.sync.status(node: "grpc-client-1")
+            #expect(
+                status.count == 4 && status.values.allSatisfy { $0.lastNack == nil && $0.ackedVersion != nil },
+                "\(status)"
+            )
+
+            // The instance is removed: calls fail.
+            #expect(pilot.deregister(service: "greeter", address: "127.0.0.1", port: serverPort) == 204)
+            #expect(
+                await Peers.eventually(within: .seconds(5)) { Self.lastLine(output).hasPrefix("ERR") },
+                "\(Self.lastLine(output))"
+            )
+
+            // It comes back: calls succeed again.
+            #expect(pilot.register(registration) == 201)
+            #expect(
+                await Peers.eventually(within: .seconds(5)) { Self.lastLine(output) == "OK SERVING" },
+                "\(Self.lastLine(output))"
+            )
+        }
+        // Pilot is down: the client keeps calling with what it has.
+        try await Task.sleep(for: .milliseconds(500))
+        #expect(Self.lastLine(output) == "OK SERVING")
+
+        // Pilot restarts on the same store: the registration is there, the client reconnects and
+        // follows changes again.
+        try await PilotHarness.run(store: try SQLiteRegistryStore(path: database), xdsPort: xdsPort, httpPort: httpPort)
+        { pilot in
+            #expect(
+                await Peers.eventually(within: .seconds(20)) {
+                    await pilot.server.sync.connectedNodes.contains("grpc-client-1")
+                }
+            )
+            #expect(Self.lastLine(output) == "OK SERVING")
+            #expect(pilot.deregister(service: "greeter", address: "127.0.0.1", port: serverPort) == 204)
+            #expect(
+                await Peers.eventually(within: .seconds(5)) { Self.lastLine(output).hasPrefix("ERR") },
+                "\(Self.lastLine(output))"
+            )
+            #expect(pilot.register(registration) == 201)
+            #expect(
+                await Peers.eventually(within: .seconds(5)) { Self.lastLine(output) == "OK SERVING" },
+                "\(Self.lastLine(output))"
+            )
+        }
+        #expect(
+            Self.transitions(output) == [
+                "OK SERVING", "ERR UNAVAILABLE", "OK SERVING", "ERR UNAVAILABLE", "OK SERVING",
+            ]
+        )
+    }
+}
