@@ -184,6 +184,8 @@ let package = Package(
             name: "PilotTests",
             dependencies: [
                 "Pilot",
+                "TrellisConfig",
+                .product(name: "Prometheus", package: "swift-prometheus"),
                 "XDS",
                 .product(name: "GRPCCore", package: "grpc-swift-2"),
                 .product(name: "GRPCNIOTransportHTTP2", package: "grpc-swift-nio-transport"),

@@ -27,14 +27,17 @@ public struct PilotServer: Service {
     public let generator: SnapshotGenerator
     let configuration: Configuration
     let logger: Logger
+    let metrics: PilotMetrics
     let metricsText: @Sendable () -> String
 
     public init(
         configuration: Configuration,
         store: any RegistryStore,
         logger: Logger,
+        metrics: PilotMetrics = .init(),
         metricsText: @escaping @Sendable () -> String = { "" }
     ) throws {
+        self.metrics = metrics
         self.configuration = configuration
         self.logger = logger
         self.metricsText = metricsText
@@ -48,7 +51,7 @@ public struct PilotServer: Service {
     }
 
     public func run() async throws {
-        let ads = AggregatedDiscoveryService(cache: cache, sync: sync, source: generator, logger: logger)
+        let ads = AggregatedDiscoveryService(cache: cache, sync: sync, source: generator, logger: logger, metrics: metrics)
         let grpc = GRPCServer(
             transport: .http2NIOPosix(
                 address: .ipv4(host: configuration.xdsHost, port: configuration.xdsPort),
@@ -62,6 +65,7 @@ public struct PilotServer: Service {
             sync: sync,
             generator: generator,
             logger: logger,
+            metrics: metrics,
             metricsText: metricsText
         )
         let app = Application(
@@ -91,7 +95,7 @@ public struct PilotServer: Service {
                     while !Task.isCancelled {
                         try? await Task.sleep(for: configuration.leaseSweepInterval)
                         let expired = await registry.expireLeases()
-                        if !expired.isEmpty { PilotMetrics.leasesExpired(expired.count) }
+                        if !expired.isEmpty { metrics.leasesExpired(expired.count) }
                     }
                 }
                 try? await gracefulShutdown()  // returns on shutdown, throws when cancelled

@@ -19,11 +19,19 @@ public struct AggregatedDiscoveryService: Sendable {
     let sync: SyncStatus
     let source: any NodeSnapshotSource
     let logger: Logger
+    let metrics: PilotMetrics
 
     /// A stream subscribing to more names than this (of one type) is closed (resource exhausted).
     public static let maxNamesPerType = 65_536
 
-    public init(cache: SnapshotCache, sync: SyncStatus, source: any NodeSnapshotSource, logger: Logger) {
+    public init(
+        cache: SnapshotCache,
+        sync: SyncStatus,
+        source: any NodeSnapshotSource,
+        logger: Logger,
+        metrics: PilotMetrics = .init()
+    ) {
+        self.metrics = metrics
         self.cache = cache
         self.sync = sync
         self.source = source
@@ -55,8 +63,8 @@ public struct AggregatedDiscoveryService: Sendable {
         let (events, sink) = AsyncStream<StreamEvent<Request>>.makeStream()
         var node: NodeInfo?
         var watchID: Int?
-        PilotMetrics.connectedStreams(1)
-        defer { PilotMetrics.connectedStreams(-1) }
+        metrics.connectedStreams(1)
+        defer { metrics.connectedStreams(-1) }
         do {
             try await withThrowingTaskGroup(of: Void.self) { group in
                 group.addTask {
@@ -66,7 +74,7 @@ public struct AggregatedDiscoveryService: Sendable {
                 for await event in events {
                     if node == nil {
                         guard case .request(let message) = event else { continue }
-                        let info = try Self.identify(nodeOf(message))
+                        let info = try identify(nodeOf(message))
                         node = info
                         await source.nodeConnected(info)
                         let (id, changes) = await cache.watch(info.id)
@@ -98,22 +106,22 @@ public struct AggregatedDiscoveryService: Sendable {
         await source.nodeDisconnected(node)
     }
 
-    static func identify(_ node: Envoy_Config_Core_V3_Node?) throws -> NodeInfo {
+    func identify(_ node: Envoy_Config_Core_V3_Node?) throws -> NodeInfo {
         guard let node, !node.id.isEmpty else {
-            PilotMetrics.rejected("no_node")
+            metrics.rejected("no_node")
             throw RPCError(code: .invalidArgument, message: "the first request of a stream must carry node.id")
         }
         do {
             return try NodeInfo(node)
         } catch {
-            PilotMetrics.rejected("invalid_node")
+            metrics.rejected("invalid_node")
             throw RPCError(code: .invalidArgument, message: "invalid node: \(error)")
         }
     }
 
     private func recordReply(node: String, typeURL: String, version: String?, error: Google_Rpc_Status?) async {
         if let error {
-            PilotMetrics.nacked(typeURL)
+            metrics.nacked(typeURL)
             await sync.nacked(node: node, typeURL: typeURL, error: error.message)
             logger.warning(
                 "configuration rejected (NACK)",
@@ -126,7 +134,7 @@ public struct AggregatedDiscoveryService: Sendable {
 
     private func checkType(_ typeURL: String, node: String) -> Bool {
         guard Self.servedTypes.contains(typeURL) else {
-            PilotMetrics.rejected("unknown_type")
+            metrics.rejected("unknown_type")
             logger.notice(
                 "request for a type pilot does not serve; ignored",
                 metadata: ["xds.node": "\(node)", "xds.type": "\(typeURL)"]
@@ -136,12 +144,12 @@ public struct AggregatedDiscoveryService: Sendable {
         return true
     }
 
-    private static func checkCount(_ count: Int, _ typeURL: String) throws {
-        guard count <= maxNamesPerType else {
-            PilotMetrics.rejected("too_many_names")
+    private func checkCount(_ count: Int, _ typeURL: String) throws {
+        guard count <= Self.maxNamesPerType else {
+            metrics.rejected("too_many_names")
             throw RPCError(
                 code: .resourceExhausted,
-                message: "\(count) names subscribed for \(typeURL); at most \(maxNamesPerType) per type"
+                message: "\(count) names subscribed for \(typeURL); at most \(Self.maxNamesPerType) per type"
             )
         }
     }
@@ -175,7 +183,7 @@ public struct AggregatedDiscoveryService: Sendable {
                 if let fixedType {
                     if message.typeURL.isEmpty { message.typeURL = fixedType }
                     guard message.typeURL == fixedType else {
-                        PilotMetrics.rejected("unknown_type")
+                        metrics.rejected("unknown_type")
                         throw RPCError(
                             code: .invalidArgument,
                             message: "this service serves \(fixedType) only, not \(message.typeURL)"
@@ -222,7 +230,7 @@ public struct AggregatedDiscoveryService: Sendable {
                 message.nonce = "\(nonce)"
                 message.resources = resources
                 try await response.write(message)
-                PilotMetrics.pushed(typeURL)
+                metrics.pushed(typeURL)
                 subscription.sentTypeVersion = typeSnapshot.version
                 subscription.pendingNonce = message.nonce
                 subscription.pendingVersion = message.versionInfo
@@ -241,7 +249,7 @@ public struct AggregatedDiscoveryService: Sendable {
     ) async throws -> String? {
         let typeURL = message.typeURL
         guard !typeURL.isEmpty, checkType(typeURL, node: node) else { return nil }
-        try Self.checkCount(message.resourceNames.count, typeURL)
+        try checkCount(message.resourceNames.count, typeURL)
         let isNew = subscriptions[typeURL] == nil
         var subscription = subscriptions[typeURL] ?? Subscription()
         if !message.responseNonce.isEmpty {
@@ -292,7 +300,7 @@ public struct AggregatedDiscoveryService: Sendable {
                 if let fixedType {
                     if message.typeURL.isEmpty { message.typeURL = fixedType }
                     guard message.typeURL == fixedType else {
-                        PilotMetrics.rejected("unknown_type")
+                        metrics.rejected("unknown_type")
                         throw RPCError(
                             code: .invalidArgument,
                             message: "this service serves \(fixedType) only, not \(message.typeURL)"
@@ -336,7 +344,7 @@ public struct AggregatedDiscoveryService: Sendable {
                 message.resources = updated
                 message.removedResources = removed
                 try await response.write(message)
-                PilotMetrics.pushed(typeURL)
+                metrics.pushed(typeURL)
                 subscription.pendingNonce = message.nonce
                 subscription.pendingVersion = message.systemVersionInfo
                 subscriptions[typeURL] = subscription
@@ -383,7 +391,7 @@ public struct AggregatedDiscoveryService: Sendable {
             subscription.names.remove(name)
             subscription.known[name] = nil
         }
-        try Self.checkCount(subscription.names.count, typeURL)
+        try checkCount(subscription.names.count, typeURL)
         subscriptions[typeURL] = subscription
         if isNew { return (typeURL, true) }
         if !message.resourceNamesSubscribe.isEmpty { return (typeURL, false) }
@@ -398,7 +406,7 @@ public struct AggregatedDiscoveryService: Sendable {
     ) async throws
         -> Envoy_Service_Discovery_V3_DiscoveryResponse
     {
-        let node = try Self.identify(request.hasNode ? request.node : nil)
+        let node = try identify(request.hasNode ? request.node : nil)
         await source.nodeConnected(node)
         let snapshot = (await cache.snapshot(node.id) ?? .empty)[typeURL]
         await source.nodeDisconnected(node)

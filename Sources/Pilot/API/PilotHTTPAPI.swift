@@ -16,6 +16,7 @@ public struct PilotHTTPAPI: Sendable {
     let generator: SnapshotGenerator?
     let metricsText: @Sendable () -> String
     let logger: Logger
+    let metrics: PilotMetrics
 
     /// Default lease when a registration names none, and the allowed range.
     public static let defaultTTL = 30
@@ -28,8 +29,10 @@ public struct PilotHTTPAPI: Sendable {
         sync: SyncStatus,
         generator: SnapshotGenerator?,
         logger: Logger,
+        metrics: PilotMetrics = .init(),
         metricsText: @escaping @Sendable () -> String = { "" }
     ) {
+        self.metrics = metrics
         self.registry = registry
         self.cache = cache
         self.sync = sync
@@ -132,14 +135,14 @@ public struct PilotHTTPAPI: Sendable {
         do {
             return try await body()
         } catch let error as APIError {
-            PilotMetrics.apiError(error.status)
+            metrics.apiError(error.status)
             return Self.json(error.status, error)
         } catch let error as RegistryError {
             let apiError = APIError(error)
-            PilotMetrics.apiError(apiError.status)
+            metrics.apiError(apiError.status)
             return Self.json(apiError.status, apiError)
         } catch {
-            PilotMetrics.apiError(500)
+            metrics.apiError(500)
             logger.error("API handler failed", metadata: ["error": "\(error)"])
             return Self.json(500, APIError(500, "internal", "\(error)"))
         }

@@ -1,53 +1,59 @@
-import CoreMetrics
+public import CoreMetrics
 
-/// Pilot's metrics (swift-metrics; the executable bootstraps the Prometheus backend). Names are
-/// part of the user contract: dashboards and alerts use them.
-enum PilotMetrics {
+/// Pilot's metrics (swift-metrics; the executable bootstraps the Prometheus backend and tests pass
+/// their own factory). Names are part of the user contract: dashboards and alerts use them.
+public struct PilotMetrics: Sendable {
+    let factory: any MetricsFactory
+
+    public init(factory: any MetricsFactory = MetricsSystem.factory) {
+        self.factory = factory
+    }
+
     /// xDS responses sent, by type.
-    static func pushed(_ typeURL: String) {
-        Counter(label: "trellis_pilot_xds_pushes_total", dimensions: [("type", shortType(typeURL))]).increment()
+    func pushed(_ typeURL: String) {
+        Counter(label: "trellis_pilot_xds_pushes_total", dimensions: [("type", Self.shortType(typeURL))], factory: factory).increment()
     }
 
     /// Configurations a node rejected (NACK), by type.
-    static func nacked(_ typeURL: String) {
-        Counter(label: "trellis_pilot_xds_nacks_total", dimensions: [("type", shortType(typeURL))]).increment()
+    func nacked(_ typeURL: String) {
+        Counter(label: "trellis_pilot_xds_nacks_total", dimensions: [("type", Self.shortType(typeURL))], factory: factory).increment()
     }
 
     /// Requests or streams refused, by reason (`no_node`, `invalid_node`, `unknown_type`,
     /// `too_many_names`, `decode`).
-    static func rejected(_ reason: String) {
-        Counter(label: "trellis_pilot_xds_rejected_total", dimensions: [("reason", reason)]).increment()
+    func rejected(_ reason: String) {
+        Counter(label: "trellis_pilot_xds_rejected_total", dimensions: [("reason", reason)], factory: factory).increment()
     }
 
-    static func connectedStreams(_ delta: Int) {
-        Meter(label: "trellis_pilot_xds_connected_streams").increment(by: Double(delta))
+    func connectedStreams(_ delta: Int) {
+        Meter(label: "trellis_pilot_xds_connected_streams", factory: factory).increment(by: Double(delta))
     }
 
     /// A node snapshot refused because it was not consistent (a dangling reference).
-    static func inconsistent() {
-        Counter(label: "trellis_pilot_xds_inconsistent_snapshots_total").increment()
+    func inconsistent() {
+        Counter(label: "trellis_pilot_xds_inconsistent_snapshots_total", factory: factory).increment()
     }
 
-    static func translated(seconds: Double, nodes: Int) {
-        Timer(label: "trellis_pilot_xds_translate_seconds").recordNanoseconds(Int64(seconds * 1e9))
-        Gauge(label: "trellis_pilot_xds_nodes").record(nodes)
+    func translated(seconds: Double, nodes: Int) {
+        Timer(label: "trellis_pilot_xds_translate_seconds", factory: factory).recordNanoseconds(Int64(seconds * 1e9))
+        Gauge(label: "trellis_pilot_xds_nodes", factory: factory).record(nodes)
     }
 
-    static func instances(_ count: Int) {
-        Gauge(label: "trellis_pilot_registry_instances").record(count)
+    func instances(_ count: Int) {
+        Gauge(label: "trellis_pilot_registry_instances", factory: factory).record(count)
     }
 
-    static func leasesExpired(_ count: Int) {
-        Counter(label: "trellis_pilot_registry_leases_expired_total").increment(by: count)
+    func leasesExpired(_ count: Int) {
+        Counter(label: "trellis_pilot_registry_leases_expired_total", factory: factory).increment(by: count)
     }
 
     /// HTTP API requests refused, by status.
-    static func apiError(_ status: Int) {
-        Counter(label: "trellis_pilot_api_errors_total", dimensions: [("status", "\(status)")]).increment()
+    func apiError(_ status: Int) {
+        Counter(label: "trellis_pilot_api_errors_total", dimensions: [("status", "\(status)")], factory: factory).increment()
     }
 
-    static func cmdbPoll(ok: Bool) {
-        Counter(label: "trellis_pilot_cmdb_polls_total", dimensions: [("result", ok ? "ok" : "failed")]).increment()
+    func cmdbPoll(ok: Bool) {
+        Counter(label: "trellis_pilot_cmdb_polls_total", dimensions: [("result", ok ? "ok" : "failed")], factory: factory).increment()
     }
 
     static func shortType(_ typeURL: String) -> String {

@@ -16,14 +16,17 @@ public struct CMDBSource: Service {
     let timeout: Duration
     let registry: Registry
     let logger: Logger
+    let metrics: PilotMetrics
 
     public init(
         url: String,
         interval: Duration,
         timeout: Duration = .seconds(5),
         registry: Registry,
-        logger: Logger
+        logger: Logger,
+        metrics: PilotMetrics = .init()
     ) throws {
+        self.metrics = metrics
         _ = try HTTPGet.URL(url)
         self.url = url
         self.interval = interval
@@ -47,10 +50,10 @@ public struct CMDBSource: Service {
             guard status == 200 else { throw HTTPGet.Failure(description: "HTTP status \(status)") }
             let machines = try Self.parse(body)
             await registry.setMachines(machines)
-            PilotMetrics.cmdbPoll(ok: true)
+            metrics.cmdbPoll(ok: true)
             return true
         } catch {
-            PilotMetrics.cmdbPoll(ok: false)
+            metrics.cmdbPoll(ok: false)
             logger.warning(
                 "CMDB poll failed; keeping the last metadata",
                 metadata: ["url": "\(url)", "error": "\(error)"]

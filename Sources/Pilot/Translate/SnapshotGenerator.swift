@@ -10,12 +10,20 @@ public actor SnapshotGenerator: NodeSnapshotSource {
     private let cache: SnapshotCache
     private let logger: Logger
     private let debounce: Duration
+    private let metrics: PilotMetrics
     private var shared: Translator.Shared?
     private var nodes: [String: (info: NodeInfo, streams: Int)] = [:]
     /// The last translation problems, shown in `/debug/configz`.
     public private(set) var warnings: [String] = []
 
-    public init(registry: Registry, cache: SnapshotCache, logger: Logger, debounce: Duration = .milliseconds(100)) {
+    public init(
+        registry: Registry,
+        cache: SnapshotCache,
+        logger: Logger,
+        debounce: Duration = .milliseconds(100),
+        metrics: PilotMetrics = .init()
+    ) {
+        self.metrics = metrics
         self.registry = registry
         self.cache = cache
         self.logger = logger
@@ -54,7 +62,7 @@ public actor SnapshotGenerator: NodeSnapshotSource {
         } else {
             nodes[node.id] = (entry.info, entry.streams - 1)
         }
-        PilotMetrics.translated(seconds: 0, nodes: nodes.count)
+        metrics.translated(seconds: 0, nodes: nodes.count)
     }
 
     /// Translates the current view and updates every connected node.
@@ -69,7 +77,7 @@ public actor SnapshotGenerator: NodeSnapshotSource {
         }
         let changed = await cache.set(batch)
         let elapsed = ContinuousClock.now - start
-        PilotMetrics.translated(seconds: elapsed.seconds, nodes: nodes.count)
+        metrics.translated(seconds: elapsed.seconds, nodes: nodes.count)
         logger.debug(
             "pushed registry version",
             metadata: [
@@ -81,7 +89,7 @@ public actor SnapshotGenerator: NodeSnapshotSource {
 
     private func translateShared() async {
         let view = await registry.view()
-        PilotMetrics.instances(view.services.reduce(0) { $0 + $1.instances.count })
+        metrics.instances(view.services.reduce(0) { $0 + $1.instances.count })
         do {
             let new = try Translator.shared(view)
             if new.warnings != warnings {
@@ -100,7 +108,7 @@ public actor SnapshotGenerator: NodeSnapshotSource {
             let snapshot = try Translator.snapshot(for: node, shared: shared)
             let dangling = snapshot.danglingReferences()
             guard dangling.isEmpty else {
-                PilotMetrics.inconsistent()
+                metrics.inconsistent()
                 logger.error(
                     "inconsistent snapshot not sent; the node keeps its configuration",
                     metadata: ["xds.node": "\(node.id)", "problems": "\(dangling.joined(separator: "; "))"]

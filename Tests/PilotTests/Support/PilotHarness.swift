@@ -1,5 +1,6 @@
 import Foundation
 import Logging
+import Prometheus
 import Testing
 
 @testable import Pilot
@@ -10,6 +11,8 @@ struct PilotHarness {
     let server: PilotServer
     let xdsPort: Int
     let httpPort: Int
+    /// This pilot's own metrics (also served on its /metrics).
+    let prometheus: PrometheusCollectorRegistry
 
     var api: String { "http://127.0.0.1:\(httpPort)" }
 
@@ -31,9 +34,20 @@ struct PilotHarness {
         configuration.leaseSweepInterval = leaseSweepInterval
         var logger = Logger(label: "test.pilot")
         logger.logLevel = .critical
-        let server = try PilotServer(configuration: configuration, store: store, logger: logger)
+        let prometheus = PrometheusCollectorRegistry()
+        let server = try PilotServer(
+            configuration: configuration,
+            store: store,
+            logger: logger,
+            metrics: PilotMetrics(factory: PrometheusMetricsFactory(registry: prometheus)),
+            metricsText: {
+                var buffer: [UInt8] = []
+                prometheus.emit(into: &buffer)
+                return String(decoding: buffer, as: UTF8.self)
+            }
+        )
         try await server.registry.applyMesh(mesh)
-        let harness = PilotHarness(server: server, xdsPort: xdsPort, httpPort: httpPort)
+        let harness = PilotHarness(server: server, xdsPort: xdsPort, httpPort: httpPort, prometheus: prometheus)
         let task = Task { try await server.run() }
         defer { task.cancel() }
         let up = await Peers.eventually(within: .seconds(10)) {
@@ -54,6 +68,15 @@ struct PilotHarness {
             _ = try? await task.value
             throw error
         }
+    }
+
+    /// The value of one sample line of /metrics (`name{labels}`), or nil.
+    func metric(_ sample: String) -> Double? {
+        let text = Peers.http("GET", "\(api)/metrics").body
+        for line in text.split(separator: "\n") where line.hasPrefix(sample + " ") {
+            return Double(line.split(separator: " ").last ?? "")
+        }
+        return nil
     }
 
     struct HarnessError: Error, CustomStringConvertible {
@@ -127,5 +150,14 @@ enum EnvoyBootstrap {
             output: dir.appendingPathComponent("envoy-\(nodeID).log")
         )
         return (child, adminPort)
+    }
+}
+
+extension Logger {
+    /// A logger for tests: only critical messages.
+    static var quiet: Logger {
+        var logger = Logger(label: "test.pilot")
+        logger.logLevel = .critical
+        return logger
     }
 }
