@@ -23,17 +23,29 @@ struct MeshConfigTests {
     }
 
     @Test(arguments: [
-        ("services:\n  - name: a\n    port: 80\nroutes:\n  - service: b:80\n    rules: []\n",
-         "mesh.yaml:5:14: routes[0].service: service 'b:80' is not declared under services:"),
+        (
+            "services:\n  - name: a\n    port: 80\nroutes:\n  - service: b:80\n    rules: []\n",
+            "mesh.yaml:5:14: routes[0].service: service 'b:80' is not declared under services:"
+        ),
         ("services:\n  - name: A_b\n    port: 80\n", "services[0].name: expected a service name"),
         ("services:\n  - name: a\n    port: 70000\n", "services[0].port: expected an integer in 1...65535, got 70000"),
-        ("services:\n  - name: a\n    port: 80\n    protocol: udp\n", "services[0].protocol: expected one of http, http2, grpc, tcp, got 'udp'"),
-        ("services:\n  - name: a\n    port: 80\n    instances: [{address: db.local}]\n", "services[0].instances[0].address: expected an IPv4 or IPv6 address"),
+        (
+            "services:\n  - name: a\n    port: 80\n    protocol: udp\n",
+            "services[0].protocol: expected one of http, http2, grpc, tcp, got 'udp'"
+        ),
+        (
+            "services:\n  - name: a\n    port: 80\n    instances: [{address: db.local}]\n",
+            "services[0].instances[0].address: expected an IPv4 or IPv6 address"
+        ),
         ("services:\n  - {name: a, port: 80}\n  - {name: a, port: 80}\n", "service 'a:80' is declared twice"),
-        ("services:\n  - {name: a, port: 80}\ngateways:\n  - name: g\n    listeners:\n      - port: 81\n        routes:\n          - {to: a:80, match: {regex: \"(?=x)\"}}\n",
-         "match.regex: '(?=' is not supported"),
-        ("services:\n  - {name: a, port: 80}\ngateways:\n  - name: g\n    listeners:\n      - port: 81\n        routes:\n          - {to: a:80, match: {prefix: nope}}\n",
-         "match.prefix: expected a path starting with '/'"),
+        (
+            "services:\n  - {name: a, port: 80}\ngateways:\n  - name: g\n    listeners:\n      - port: 81\n        routes:\n          - {to: a:80, match: {regex: \"(?=x)\"}}\n",
+            "match.regex: '(?=' is not supported"
+        ),
+        (
+            "services:\n  - {name: a, port: 80}\ngateways:\n  - name: g\n    listeners:\n      - port: 81\n        routes:\n          - {to: a:80, match: {prefix: nope}}\n",
+            "match.prefix: expected a path starting with '/'"
+        ),
         ("servics: []\n", "servics: unknown key 'servics'"),
     ])
     func badFilesAreRefusedWithWhereAndWhat(yaml: String, expected: String) {

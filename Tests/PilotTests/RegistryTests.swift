@@ -14,9 +14,18 @@ struct RegistryTests {
         var now: @Sendable () -> Double { { self.seconds.withLock { $0 } } }
     }
 
-    static func registration(_ port: Int, node: String = "vm-a", ttl: Int = 10, protocol p: ServiceProtocol = .http) -> Registry.Registration {
+    static func registration(
+        _ port: Int,
+        node: String = "vm-a",
+        ttl: Int = 10,
+        protocol p: ServiceProtocol = .http
+    ) -> Registry.Registration {
         .init(
-            instance: Instance(key: InstanceKey(service: "orders", address: "10.0.0.1", port: port), serviceProtocol: p, node: node),
+            instance: Instance(
+                key: InstanceKey(service: "orders", address: "10.0.0.1", port: port),
+                serviceProtocol: p,
+                node: node
+            ),
             ttl: .seconds(ttl)
         )
     }
@@ -37,7 +46,12 @@ struct RegistryTests {
         #expect(await registry.instances().isEmpty)
         #expect(try store.loadInstances().isEmpty)
         // Renewing what expired tells the agent to register again.
-        await #expect(throws: RegistryError(.notFound, "instance orders/10.0.0.1:8080 is not registered (its lease may have run out); register it again")) {
+        await #expect(
+            throws: RegistryError(
+                .notFound,
+                "instance orders/10.0.0.1:8080 is not registered (its lease may have run out); register it again"
+            )
+        ) {
             _ = try await registry.renew(InstanceKey(service: "orders", address: "10.0.0.1", port: 8080))
         }
     }
@@ -61,7 +75,9 @@ struct RegistryTests {
         let registry = try Registry(store: try SQLiteRegistryStore(path: path), logger: .quiet, now: clock.now)
         let instances = await registry.instances()
         #expect(instances.map(\.key.port) == [8080, 8081])
-        #expect(instances[1].status == .draining && instances[1].labels == ["version": "v2"] && instances[1].node == "vm-b")
+        #expect(
+            instances[1].status == .draining && instances[1].labels == ["version": "v2"] && instances[1].node == "vm-b"
+        )
         #expect(await registry.expireLeases().isEmpty)
         clock.advance(11)
         #expect(await registry.expireLeases().count == 2)
@@ -72,7 +88,9 @@ struct RegistryTests {
         _ = try await registry.register(Self.registration(8080, node: "vm-a"))
         let version = await registry.version
         // The same instance from another node.
-        await #expect(throws: RegistryError.self) { _ = try await registry.register(Self.registration(8080, node: "vm-b")) }
+        await #expect(throws: RegistryError.self) {
+            _ = try await registry.register(Self.registration(8080, node: "vm-b"))
+        }
         // The same service:port with another protocol.
         var grpc = Self.registration(8081, protocol: .grpc)
         grpc.instance.servicePort = 8080
@@ -113,7 +131,10 @@ struct RegistryTests {
         own.instance.labels = ["team": "orders-team"]
         _ = try await registry.register(own)
         let machines = try CMDBSource.parse(
-            Array(#"{"machines": [{"hostname": "vm-a", "region": "eu", "zone": "eu-1a", "labels": {"team": "ops", "rack": "r7"}}]}"#.utf8)
+            Array(
+                #"{"machines": [{"hostname": "vm-a", "region": "eu", "zone": "eu-1a", "labels": {"team": "ops", "rack": "r7"}}]}"#
+                    .utf8
+            )
         )
         await registry.setMachines(machines)
         let instance = try #require(await registry.instances().first)
