@@ -51,7 +51,13 @@ public struct PilotServer: Service {
     }
 
     public func run() async throws {
-        let ads = AggregatedDiscoveryService(cache: cache, sync: sync, source: generator, logger: logger, metrics: metrics)
+        let ads = AggregatedDiscoveryService(
+            cache: cache,
+            sync: sync,
+            source: generator,
+            logger: logger,
+            metrics: metrics
+        )
         let grpc = GRPCServer(
             transport: .http2NIOPosix(
                 address: .ipv4(host: configuration.xdsHost, port: configuration.xdsPort),

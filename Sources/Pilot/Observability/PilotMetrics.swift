@@ -11,18 +11,27 @@ public struct PilotMetrics: Sendable {
 
     /// xDS responses sent, by type.
     func pushed(_ typeURL: String) {
-        Counter(label: "trellis_pilot_xds_pushes_total", dimensions: [("type", Self.shortType(typeURL))], factory: factory).increment()
+        Counter(
+            label: "trellis_pilot_xds_pushes_total",
+            dimensions: [("type", Self.shortType(typeURL))],
+            factory: factory
+        ).increment()
     }
 
     /// Configurations a node rejected (NACK), by type.
     func nacked(_ typeURL: String) {
-        Counter(label: "trellis_pilot_xds_nacks_total", dimensions: [("type", Self.shortType(typeURL))], factory: factory).increment()
+        Counter(
+            label: "trellis_pilot_xds_nacks_total",
+            dimensions: [("type", Self.shortType(typeURL))],
+            factory: factory
+        ).increment()
     }
 
     /// Requests or streams refused, by reason (`no_node`, `invalid_node`, `unknown_type`,
     /// `too_many_names`, `decode`).
     func rejected(_ reason: String) {
-        Counter(label: "trellis_pilot_xds_rejected_total", dimensions: [("reason", reason)], factory: factory).increment()
+        Counter(label: "trellis_pilot_xds_rejected_total", dimensions: [("reason", reason)], factory: factory)
+            .increment()
     }
 
     func connectedStreams(_ delta: Int) {
@@ -49,11 +58,16 @@ public struct PilotMetrics: Sendable {
 
     /// HTTP API requests refused, by status.
     func apiError(_ status: Int) {
-        Counter(label: "trellis_pilot_api_errors_total", dimensions: [("status", "\(status)")], factory: factory).increment()
+        Counter(label: "trellis_pilot_api_errors_total", dimensions: [("status", "\(status)")], factory: factory)
+            .increment()
     }
 
     func cmdbPoll(ok: Bool) {
-        Counter(label: "trellis_pilot_cmdb_polls_total", dimensions: [("result", ok ? "ok" : "failed")], factory: factory).increment()
+        Counter(
+            label: "trellis_pilot_cmdb_polls_total",
+            dimensions: [("result", ok ? "ok" : "failed")],
+            factory: factory
+        ).increment()
     }
 
     static func shortType(_ typeURL: String) -> String {
