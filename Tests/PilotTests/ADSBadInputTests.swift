@@ -13,7 +13,7 @@ struct ADSBadInputTests {
 
     @Test func badStreamsAreRefusedAndCountedWhileOthersAreServed() async throws {
         try await PilotHarness.run(store: try SQLiteRegistryStore()) { pilot in
-            #expect(pilot.register(Self.http) == 201)
+            #expect(await pilot.register(Self.http) == 201)
             let good = try ADSProbe(port: pilot.xdsPort)
             good.send(ADSProbe.request(node: "vm-good", type: TypeURL.cluster))
             #expect(await Peers.eventually(within: .seconds(5)) { good.responses(of: TypeURL.cluster).count == 1 })
@@ -54,21 +54,21 @@ struct ADSBadInputTests {
             #expect((flood.error as? RPCError)?.code == .resourceExhausted)
 
             // The good stream is still served: a new instance reaches it.
-            #expect(pilot.register(Self.http.replacingOccurrences(of: "8080", with: "8081")) == 201)
+            #expect(await pilot.register(Self.http.replacingOccurrences(of: "8080", with: "8081")) == 201)
             #expect(await Peers.eventually(within: .seconds(5)) { good.responses(of: TypeURL.cluster).count == 2 })
             #expect(!good.isFinished)
 
-            #expect(pilot.metric(#"trellis_pilot_xds_rejected_total{reason="no_node"}"#) == 1)
-            #expect(pilot.metric(#"trellis_pilot_xds_rejected_total{reason="invalid_node"}"#) == 2)
-            #expect(pilot.metric(#"trellis_pilot_xds_rejected_total{reason="unknown_type"}"#) == 1)
-            #expect(pilot.metric(#"trellis_pilot_xds_rejected_total{reason="too_many_names"}"#) == 1)
+            #expect(await pilot.metric(#"trellis_pilot_xds_rejected_total{reason="no_node"}"#) == 1)
+            #expect(await pilot.metric(#"trellis_pilot_xds_rejected_total{reason="invalid_node"}"#) == 2)
+            #expect(await pilot.metric(#"trellis_pilot_xds_rejected_total{reason="unknown_type"}"#) == 1)
+            #expect(await pilot.metric(#"trellis_pilot_xds_rejected_total{reason="too_many_names"}"#) == 1)
             for probe in [good, anonymous, spaced, roleless, curious, flood] { await probe.close() }
         }
     }
 
     @Test func aNACKIsRecordedCountedAndNotResent() async throws {
         try await PilotHarness.run(store: try SQLiteRegistryStore()) { pilot in
-            #expect(pilot.register(Self.http) == 201)
+            #expect(await pilot.register(Self.http) == 201)
             let probe = try ADSProbe(port: pilot.xdsPort)
             probe.send(ADSProbe.request(node: "vm-nack", type: TypeURL.cluster))
             #expect(await Peers.eventually(within: .seconds(5)) { probe.responses(of: TypeURL.cluster).count == 1 })
@@ -84,20 +84,20 @@ struct ADSBadInputTests {
             )
             #expect(
                 await Peers.eventually(within: .seconds(5)) {
-                    pilot.metric(#"trellis_pilot_xds_nacks_total{type="cds"}"#) == 1
+                    await pilot.metric(#"trellis_pilot_xds_nacks_total{type="cds"}"#) == 1
                 }
             )
-            let syncz = Peers.http("GET", "\(pilot.api)/debug/syncz").body
+            let syncz = await Peers.http("GET", "\(pilot.api)/debug/syncz").body
             #expect(syncz.contains("\"last_nack\":\"cluster web: bad thing\""), "\(syncz)")
             try await Task.sleep(for: .milliseconds(300))
             #expect(probe.responses(of: TypeURL.cluster).count == 1)  // the same version is not pushed again
             // The next change is pushed; its ACK clears the NACK.
-            #expect(pilot.register(Self.http.replacingOccurrences(of: "8080", with: "8081")) == 201)
+            #expect(await pilot.register(Self.http.replacingOccurrences(of: "8080", with: "8081")) == 201)
             #expect(await Peers.eventually(within: .seconds(5)) { probe.responses(of: TypeURL.cluster).count == 2 })
             probe.ack(TypeURL.cluster)
             #expect(
                 await Peers.eventually(within: .seconds(5)) {
-                    !Peers.http("GET", "\(pilot.api)/debug/syncz").body.contains("last_nack")
+                    await !Peers.http("GET", "\(pilot.api)/debug/syncz").body.contains("last_nack")
                 }
             )
             await probe.close()
@@ -120,7 +120,7 @@ struct ADSBadInputTests {
 
             // Fifty HTTP instances registered as fast as the API takes them.
             for i in 0..<50 {
-                pilot.register(Self.http.replacingOccurrences(of: "127.0.0.1", with: "127.0.1.\(i + 1)"))
+                await pilot.register(Self.http.replacingOccurrences(of: "127.0.0.1", with: "127.0.1.\(i + 1)"))
             }
             #expect(
                 await Peers.eventually(within: .seconds(5)) {

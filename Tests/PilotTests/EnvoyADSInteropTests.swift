@@ -107,18 +107,10 @@ struct EnvoyADSInteropTests {
         """
     }
 
-    /// GET through curl; the body, or `curl exit N`.
-    static func get(_ url: String) -> String {
-        let process = Process()
-        process.executableURL = URL(fileURLWithPath: "/usr/bin/curl")
-        process.arguments = ["-s", "--max-time", "3", url]
-        let out = Pipe()
-        process.standardOutput = out
-        guard (try? process.run()) != nil else { return "curl failed to start" }
-        let data = out.fileHandleForReading.readDataToEndOfFile()
-        process.waitUntilExit()
-        return process.terminationStatus == 0
-            ? String(decoding: data, as: UTF8.self) : "curl exit \(process.terminationStatus)"
+    /// GET through curl; the body, or the status.
+    static func get(_ url: String) async -> String {
+        let (status, body) = await Peers.http("GET", url)
+        return status == 200 ? body : "status \(status)"
     }
 
     /// Both ADS flavours: state of the world (`GRPC`) and incremental (`DELTA_GRPC`).
@@ -189,7 +181,7 @@ struct EnvoyADSInteropTests {
             var body = ""
             let deadline = ContinuousClock.now + .seconds(20)
             while ContinuousClock.now < deadline {
-                body = Self.get("http://127.0.0.1:\(listenerPort)/hello")
+                body = await Self.get("http://127.0.0.1:\(listenerPort)/hello")
                 if body == "served by the upstream\n" { break }
                 try await Task.sleep(for: .milliseconds(100))
             }
@@ -227,7 +219,7 @@ struct EnvoyADSInteropTests {
                 await sync.status(node: "test-envoy")[TypeURL.listener]?.ackedVersion
                     == snapshot[TypeURL.listener].version
             )
-            #expect(Self.get("http://127.0.0.1:\(listenerPort)/hello") == "served by the upstream\n")
+            #expect(await Self.get("http://127.0.0.1:\(listenerPort)/hello") == "served by the upstream\n")
         }
     }
 }

@@ -62,7 +62,7 @@ struct GRPCProxylessTests {
 
         try await PilotHarness.run(store: try SQLiteRegistryStore(path: database), xdsPort: xdsPort, httpPort: httpPort)
         { pilot in
-            #expect(pilot.register(registration) == 201)
+            #expect(await pilot.register(registration) == 201)
             client = try Peers.Child(
                 ["python3", Self.fixtures.appendingPathComponent("xds_health_client.py").path, "greeter:50051", "90"],
                 environment: ["GRPC_XDS_BOOTSTRAP": bootstrap.path],
@@ -79,14 +79,14 @@ struct GRPCProxylessTests {
             )
 
             // The instance is removed: calls fail.
-            #expect(pilot.deregister(service: "greeter", address: "127.0.0.1", port: serverPort) == 204)
+            #expect(await pilot.deregister(service: "greeter", address: "127.0.0.1", port: serverPort) == 204)
             #expect(
                 await Peers.eventually(within: .seconds(5)) { Self.lastLine(output).hasPrefix("ERR") },
                 "\(Self.lastLine(output))"
             )
 
             // It comes back: calls succeed again.
-            #expect(pilot.register(registration) == 201)
+            #expect(await pilot.register(registration) == 201)
             #expect(
                 await Peers.eventually(within: .seconds(5)) { Self.lastLine(output) == "OK SERVING" },
                 "\(Self.lastLine(output))"
@@ -106,12 +106,12 @@ struct GRPCProxylessTests {
                 }
             )
             #expect(Self.lastLine(output) == "OK SERVING")
-            #expect(pilot.deregister(service: "greeter", address: "127.0.0.1", port: serverPort) == 204)
+            #expect(await pilot.deregister(service: "greeter", address: "127.0.0.1", port: serverPort) == 204)
             #expect(
                 await Peers.eventually(within: .seconds(5)) { Self.lastLine(output).hasPrefix("ERR") },
                 "\(Self.lastLine(output))"
             )
-            #expect(pilot.register(registration) == 201)
+            #expect(await pilot.register(registration) == 201)
             #expect(
                 await Peers.eventually(within: .seconds(5)) { Self.lastLine(output) == "OK SERVING" },
                 "\(Self.lastLine(output))"

@@ -53,7 +53,7 @@ struct PilotAPITests {
                 ),
             ]
             for (body, status, message) in cases {
-                let answer = Peers.http("POST", "\(pilot.api)/v1/instances", body: body)
+                let answer = await Peers.http("POST", "\(pilot.api)/v1/instances", body: body)
                 #expect(answer.status == status, "\(body) → \(answer)")
                 #expect(
                     answer.body.contains(message.replacingOccurrences(of: "\"", with: "\\\"")),
@@ -63,25 +63,25 @@ struct PilotAPITests {
             let huge =
                 #"{"service": "orders", "address": "10.0.0.1", "port": 80, "node": "a", "labels": {"x": ""#
                 + String(repeating: "y", count: 70_000) + #""}}"#
-            #expect(Peers.http("POST", "\(pilot.api)/v1/instances", body: huge).status == 413)
+            #expect(await Peers.http("POST", "\(pilot.api)/v1/instances", body: huge).status == 413)
 
             // Nothing was written; the counter saw every refusal.
-            #expect(Peers.http("GET", "\(pilot.api)/v1/instances").body == "[]")
-            #expect(pilot.metric(#"trellis_pilot_api_errors_total{status="400"}"#) == Double(cases.count))
+            #expect(await Peers.http("GET", "\(pilot.api)/v1/instances").body == "[]")
+            #expect(await pilot.metric(#"trellis_pilot_api_errors_total{status="400"}"#) == Double(cases.count))
 
             // Conflicts and unknown instances.
-            #expect(pilot.register(Self.good) == 201)
-            #expect(pilot.register(Self.good) == 200)  // the same node again: an update
-            let other = Peers.http(
+            #expect(await pilot.register(Self.good) == 201)
+            #expect(await pilot.register(Self.good) == 200)  // the same node again: an update
+            let other = await Peers.http(
                 "POST",
                 "\(pilot.api)/v1/instances",
                 body: Self.good.replacingOccurrences(of: "vm-a", with: "vm-b")
             )
             #expect(other.status == 409 && other.body.contains("already registered by node 'vm-a'"))
-            #expect(Peers.http("PUT", "\(pilot.api)/v1/instances/orders/10.0.0.1/9999/lease").status == 404)
-            #expect(Peers.http("DELETE", "\(pilot.api)/v1/instances/orders/10.0.0.1/9999").status == 404)
-            #expect(Peers.http("DELETE", "\(pilot.api)/v1/instances/orders/10.0.0.1/http").status == 400)
-            let badStatus = Peers.http(
+            #expect(await Peers.http("PUT", "\(pilot.api)/v1/instances/orders/10.0.0.1/9999/lease").status == 404)
+            #expect(await Peers.http("DELETE", "\(pilot.api)/v1/instances/orders/10.0.0.1/9999").status == 404)
+            #expect(await Peers.http("DELETE", "\(pilot.api)/v1/instances/orders/10.0.0.1/http").status == 400)
+            let badStatus = await Peers.http(
                 "PUT",
                 "\(pilot.api)/v1/instances/orders/10.0.0.1/8080/status",
                 body: #"{"status": "gone"}"#
@@ -89,7 +89,7 @@ struct PilotAPITests {
             #expect(
                 badStatus.status == 400 && badStatus.body.contains("status: expected healthy, unhealthy or draining")
             )
-            let listed = Peers.http("GET", "\(pilot.api)/v1/instances").body
+            let listed = await Peers.http("GET", "\(pilot.api)/v1/instances").body
             #expect(
                 listed.contains("\"node\":\"vm-a\"") && listed.contains("\"status\":\"healthy\"")
                     && !listed.contains("vm-b")
@@ -99,20 +99,20 @@ struct PilotAPITests {
 
     @Test func drainingANodeDrainsEachOfItsInstances() async throws {
         try await PilotHarness.run(store: try SQLiteRegistryStore()) { pilot in
-            #expect(pilot.register(Self.good) == 201)
-            #expect(pilot.register(Self.good.replacingOccurrences(of: "8080", with: "8081")) == 201)
+            #expect(await pilot.register(Self.good) == 201)
+            #expect(await pilot.register(Self.good.replacingOccurrences(of: "8080", with: "8081")) == 201)
             #expect(
-                pilot.register(
+                await pilot.register(
                     Self.good.replacingOccurrences(of: "vm-a", with: "vm-b").replacingOccurrences(
                         of: "10.0.0.1",
                         with: "10.0.0.2"
                     )
                 ) == 201
             )
-            let drained = Peers.http("PUT", "\(pilot.api)/v1/nodes/vm-a/status", body: #"{"status": "draining"}"#)
+            let drained = await Peers.http("PUT", "\(pilot.api)/v1/nodes/vm-a/status", body: #"{"status": "draining"}"#)
             #expect(drained.status == 200)
             #expect(drained.body.components(separatedBy: "\"status\":\"draining\"").count - 1 == 2)
-            let services = Peers.http("GET", "\(pilot.api)/v1/services").body
+            let services = await Peers.http("GET", "\(pilot.api)/v1/services").body
             // orders:8080 has vm-a's (draining) and vm-b's instance; orders:8081 only vm-a's.
             #expect(
                 services.contains(#""instances":{"draining":1,"healthy":1,"unhealthy":0},"name":"orders","port":8080"#),
@@ -128,20 +128,20 @@ struct PilotAPITests {
     @Test func anAgentThatStopsRenewingIsRemoved() async throws {
         try await PilotHarness.run(store: try SQLiteRegistryStore(), leaseSweepInterval: .milliseconds(100)) { pilot in
             let short = Self.good.replacingOccurrences(of: "}", with: #", "ttl_seconds": 5}"#)
-            #expect(pilot.register(short) == 201)
-            #expect(pilot.register(Self.good.replacingOccurrences(of: "8080", with: "8081")) == 201)  // 30 s
+            #expect(await pilot.register(short) == 201)
+            #expect(await pilot.register(Self.good.replacingOccurrences(of: "8080", with: "8081")) == 201)  // 30 s
             // Renewed twice, then left alone.
             for _ in 0..<2 {
                 try await Task.sleep(for: .seconds(2))
-                #expect(Peers.http("PUT", "\(pilot.api)/v1/instances/orders/10.0.0.1/8080/lease").status == 200)
+                #expect(await Peers.http("PUT", "\(pilot.api)/v1/instances/orders/10.0.0.1/8080/lease").status == 200)
             }
             #expect(
                 await Peers.eventually(within: .seconds(8)) {
-                    !Peers.http("GET", "\(pilot.api)/v1/instances").body.contains("\"port\":8080")
+                    await !Peers.http("GET", "\(pilot.api)/v1/instances").body.contains("\"port\":8080")
                 }
             )
-            #expect(Peers.http("GET", "\(pilot.api)/v1/instances").body.contains("\"port\":8081"))
-            #expect(pilot.metric("trellis_pilot_registry_leases_expired_total") == 1)
+            #expect(await Peers.http("GET", "\(pilot.api)/v1/instances").body.contains("\"port\":8081"))
+            #expect(await pilot.metric("trellis_pilot_registry_leases_expired_total") == 1)
         }
     }
 }

@@ -31,11 +31,13 @@ struct PilotEnvoyTests {
     }
 
     /// The bodies of `count` requests through the gateway (status 0 or 503 shows as "503" etc.).
-    static func sample(_ url: String, count: Int = 6) -> [String] {
-        (0..<count).map { _ in
-            let (status, body) = Peers.http("GET", url)
-            return status == 200 ? body : "\(status)"
+    static func sample(_ url: String, count: Int = 6) async -> [String] {
+        var bodies: [String] = []
+        for _ in 0..<count {
+            let (status, body) = await Peers.http("GET", url)
+            bodies.append(status == 200 ? body : "\(status)")
         }
+        return bodies
     }
 
     @Test(arguments: ["GRPC", "DELTA_GRPC"])
@@ -65,30 +67,38 @@ struct PilotEnvoyTests {
             defer { envoy.stop() }
 
             // The listener comes up with an empty cluster: 503 until an instance registers.
-            #expect(await Peers.eventually(within: .seconds(20)) { Peers.http("GET", url).status == 503 })
+            #expect(await Peers.eventually(within: .seconds(20)) { await Peers.http("GET", url).status == 503 })
 
-            #expect(pilot.register(Self.registration(port: portA, node: "vm-a")) == 201)
+            #expect(await pilot.register(Self.registration(port: portA, node: "vm-a")) == 201)
             var start = ContinuousClock.now
-            #expect(await Peers.eventually(within: .seconds(1)) { Self.sample(url) == Array(repeating: "A", count: 6) })
+            #expect(
+                await Peers.eventually(within: .seconds(1)) {
+                    await Self.sample(url) == Array(repeating: "A", count: 6)
+                }
+            )
             let firstChange = ContinuousClock.now - start
 
             // B joins, A leaves: only B answers, within a second.
-            #expect(pilot.register(Self.registration(port: portB, node: "vm-b")) == 201)
-            #expect(pilot.deregister(service: "web", address: "127.0.0.1", port: portA) == 204)
+            #expect(await pilot.register(Self.registration(port: portB, node: "vm-b")) == 201)
+            #expect(await pilot.deregister(service: "web", address: "127.0.0.1", port: portA) == 204)
             start = ContinuousClock.now
-            #expect(await Peers.eventually(within: .seconds(1)) { Self.sample(url) == Array(repeating: "B", count: 6) })
+            #expect(
+                await Peers.eventually(within: .seconds(1)) {
+                    await Self.sample(url) == Array(repeating: "B", count: 6)
+                }
+            )
             let secondChange = ContinuousClock.now - start
 
             // A comes back but draining: Envoy sends it nothing new.
-            #expect(pilot.register(Self.registration(port: portA, node: "vm-a")) == 201)
-            let drain = Peers.http(
+            #expect(await pilot.register(Self.registration(port: portA, node: "vm-a")) == 201)
+            let drain = await Peers.http(
                 "PUT",
                 "\(pilot.api)/v1/instances/web/127.0.0.1/\(portA)/status",
                 body: #"{"status": "draining"}"#
             )
             #expect(drain.status == 200 && drain.body.contains("\"status\":\"draining\""))
             try await Task.sleep(for: .milliseconds(500))
-            #expect(Self.sample(url, count: 10) == Array(repeating: "B", count: 10))
+            #expect(await Self.sample(url, count: 10) == Array(repeating: "B", count: 10))
 
             // Envoy ACKed every type and NACKed nothing; /debug/syncz and /debug/configz show it.
             let synced = await Peers.eventually(within: .seconds(5)) {
@@ -101,11 +111,11 @@ struct PilotEnvoyTests {
             #expect(synced)
             let status = await pilot.server.sync.status(node: "gw-1")
             #expect(status.values.allSatisfy { $0.lastNack == nil }, "\(status)")
-            let syncz = Peers.http("GET", "\(pilot.api)/debug/syncz")
+            let syncz = await Peers.http("GET", "\(pilot.api)/debug/syncz")
             #expect(
                 syncz.status == 200 && syncz.body.contains("\"node\":\"gw-1\"") && !syncz.body.contains("last_nack")
             )
-            let configz = Peers.http("GET", "\(pilot.api)/debug/configz?node=gw-1")
+            let configz = await Peers.http("GET", "\(pilot.api)/debug/configz?node=gw-1")
             #expect(configz.status == 200 && configz.body.contains("gateway_edge_\(gatewayPort)"))
             #expect(configz.body.contains("\"portValue\":\(portB)"))
             print(
@@ -147,13 +157,13 @@ struct PilotEnvoyTests {
                 apiType: "GRPC",
                 metadata: ["trellis.role": "gateway", "trellis.gateway": "edge"]
             )
-            #expect(pilot.register(Self.registration(port: portA, node: "vm-a")) == 201)
-            #expect(await Peers.eventually(within: .seconds(20)) { Self.sample(url, count: 2) == ["A", "A"] })
+            #expect(await pilot.register(Self.registration(port: portA, node: "vm-a")) == 201)
+            #expect(await Peers.eventually(within: .seconds(20)) { await Self.sample(url, count: 2) == ["A", "A"] })
             return envoy
         }
         defer { envoy.stop() }
         // Pilot is down: Envoy keeps its last configuration.
-        #expect(Self.sample(url, count: 3) == ["A", "A", "A"])
+        #expect(await Self.sample(url, count: 3) == ["A", "A", "A"])
 
         try await PilotHarness.run(
             store: try SQLiteRegistryStore(path: database),
@@ -161,7 +171,7 @@ struct PilotEnvoyTests {
             xdsPort: xdsPort,
             httpPort: httpPort
         ) { pilot in
-            let listed = Peers.http("GET", "\(pilot.api)/v1/instances?service=web")
+            let listed = await Peers.http("GET", "\(pilot.api)/v1/instances?service=web")
             #expect(listed.status == 200 && listed.body.contains("\"port\":\(portA)"))
             // Envoy reconnects on its own and takes changes from the new pilot.
             #expect(
@@ -169,9 +179,13 @@ struct PilotEnvoyTests {
                     await pilot.server.sync.connectedNodes.contains("gw-restart")
                 }
             )
-            #expect(pilot.register(Self.registration(port: portB, node: "vm-b")) == 201)
-            #expect(pilot.deregister(service: "web", address: "127.0.0.1", port: portA) == 204)
-            #expect(await Peers.eventually(within: .seconds(2)) { Self.sample(url) == Array(repeating: "B", count: 6) })
+            #expect(await pilot.register(Self.registration(port: portB, node: "vm-b")) == 201)
+            #expect(await pilot.deregister(service: "web", address: "127.0.0.1", port: portA) == 204)
+            #expect(
+                await Peers.eventually(within: .seconds(2)) {
+                    await Self.sample(url) == Array(repeating: "B", count: 6)
+                }
+            )
         }
     }
 }

@@ -76,6 +76,10 @@ public struct NodeSnapshot: Sendable, Equatable {
         types = resources.mapValues(TypeSnapshot.init)
     }
 
+    public init(types: [String: TypeSnapshot]) {
+        self.types = types
+    }
+
     public static let empty = NodeSnapshot([:])
 
     public subscript(typeURL: String) -> TypeSnapshot { types[typeURL] ?? .empty }

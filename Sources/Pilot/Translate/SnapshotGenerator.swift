@@ -49,7 +49,9 @@ public actor SnapshotGenerator: NodeSnapshotSource {
             )
         }
         nodes[node.id] = (node, (nodes[node.id]?.streams ?? 0) + 1)
-        if shared == nil { await translateShared() }
+        // A node that connects gets the registry as it is now, not as of the last push.
+        let current = await registry.version
+        if shared == nil || shared?.view.version != current { await translateShared() }
         guard let shared else { return }
         if let snapshot = makeSnapshot(node, shared) { await cache.set(node.id, snapshot) }
     }
@@ -96,6 +98,14 @@ public actor SnapshotGenerator: NodeSnapshotSource {
                 for warning in new.warnings { logger.warning("translation", metadata: ["problem": "\(warning)"]) }
             }
             warnings = new.warnings
+            guard new.problems.isEmpty else {
+                metrics.inconsistent()
+                logger.error(
+                    "inconsistent translation not sent; nodes keep their configuration",
+                    metadata: ["problems": "\(new.problems.joined(separator: "; "))"]
+                )
+                return
+            }
             shared = new
         } catch {
             logger.error("translation failed; nodes keep their configuration", metadata: ["error": "\(error)"])
@@ -105,19 +115,13 @@ public actor SnapshotGenerator: NodeSnapshotSource {
     /// The node's snapshot, or nil (logged, counted) when it is not consistent.
     private func makeSnapshot(_ node: NodeInfo, _ shared: Translator.Shared) -> NodeSnapshot? {
         do {
-            let snapshot = try Translator.snapshot(for: node, shared: shared)
-            let dangling = snapshot.danglingReferences()
-            guard dangling.isEmpty else {
-                metrics.inconsistent()
-                logger.error(
-                    "inconsistent snapshot not sent; the node keeps its configuration",
-                    metadata: ["xds.node": "\(node.id)", "problems": "\(dangling.joined(separator: "; "))"]
-                )
-                return nil
-            }
-            return snapshot
+            return try Translator.snapshot(for: node, shared: shared)
         } catch {
-            logger.error("translation failed for node", metadata: ["xds.node": "\(node.id)", "error": "\(error)"])
+            metrics.inconsistent()
+            logger.error(
+                "snapshot not sent; the node keeps its configuration",
+                metadata: ["xds.node": "\(node.id)", "error": "\(error)"]
+            )
             return nil
         }
     }

@@ -19,7 +19,9 @@ public enum Translator {
     typealias HCM = Envoy_Extensions_Filters_Network_HttpConnectionManager_V3_HttpConnectionManager
     typealias Ref = XDSResource.Reference
 
-    /// What every node of a role shares, for one registry version.
+    /// What every node of a role shares, for one registry version: built and checked for
+    /// consistency once, so a push to a thousand nodes costs one translation plus, per sidecar,
+    /// its inbound listener.
     public struct Shared: Sendable {
         public var view: RegistryView
         var clusters: [XDSResource] = []
@@ -30,10 +32,21 @@ public enum Translator {
         var passthrough: [XDSResource] = []
         var proxylessListeners: [XDSResource] = []
         var proxylessRoutes: [XDSResource] = []
-        var gateways: [String: (listeners: [XDSResource], routes: [XDSResource])] = [:]
+        var gatewayResources: [String: (listeners: [XDSResource], routes: [XDSResource])] = [:]
+        /// Each node's own instances (a sidecar serves them inbound).
+        var instancesByNode: [String: [Instance]] = [:]
+        /// Finished snapshots: the sidecar types every sidecar shares, each gateway's, the
+        /// proxyless one.
+        var sidecarShared: [String: TypeSnapshot] = [:]
+        var gateways: [String: NodeSnapshot] = [:]
+        var proxyless = NodeSnapshot.empty
+        var emptyGateway = NodeSnapshot.empty
         /// Problems met while translating (e.g. a Host name used by two services); the resources
         /// were built without the offending part.
         public var warnings: [String] = []
+        /// Dangling references in the shared parts (none unless the translator has a bug); nodes
+        /// are then not updated.
+        public var problems: [String] = []
     }
 
     public static func shared(_ view: RegistryView) throws -> Shared {
@@ -47,45 +60,85 @@ public enum Translator {
                 shared.proxylessListeners.append(listener)
                 shared.proxylessRoutes.append(routes)
             }
+            for instance in service.instances where !instance.node.isEmpty {
+                shared.instancesByNode[instance.node, default: []].append(instance)
+            }
         }
         shared.passthrough = try passthroughClusters()
         try sidecarOutbound(view, into: &shared)
         for gateway in view.mesh.gateways {
-            shared.gateways[gateway.name] = try gatewayResources(gateway)
+            shared.gatewayResources[gateway.name] = try gatewayResources(gateway)
         }
+
+        // Finish and check the shared snapshots once.
+        let eds = TypeSnapshot(shared.assignments)
+        shared.sidecarShared = [
+            TypeURL.routeConfiguration: TypeSnapshot(shared.sidecarRoutes), TypeURL.clusterLoadAssignment: eds,
+        ]
+        let sidecarBase = NodeSnapshot(
+            types: shared.sidecarShared.merging(
+                [
+                    TypeURL.listener: TypeSnapshot(shared.sidecarListeners),
+                    TypeURL.cluster: TypeSnapshot(shared.clusters + shared.passthrough),
+                ]
+            ) { a, _ in a }
+        )
+        shared.problems += sidecarBase.danglingReferences()
+        let cds = TypeSnapshot(shared.clusters)
+        for (name, resources) in shared.gatewayResources {
+            let snapshot = NodeSnapshot(types: [
+                TypeURL.listener: TypeSnapshot(resources.listeners),
+                TypeURL.routeConfiguration: TypeSnapshot(resources.routes),
+                TypeURL.cluster: cds,
+                TypeURL.clusterLoadAssignment: eds,
+            ])
+            shared.problems += snapshot.danglingReferences()
+            shared.gateways[name] = snapshot
+        }
+        shared.emptyGateway = NodeSnapshot(types: [
+            TypeURL.listener: .empty, TypeURL.routeConfiguration: .empty, TypeURL.cluster: cds,
+            TypeURL.clusterLoadAssignment: eds,
+        ])
+        let proxylessNames = Set(shared.proxylessClusters.map(\.name))
+        shared.proxyless = NodeSnapshot([
+            TypeURL.listener: shared.proxylessListeners,
+            TypeURL.routeConfiguration: shared.proxylessRoutes,
+            TypeURL.cluster: shared.proxylessClusters,
+            TypeURL.clusterLoadAssignment: shared.assignments.filter { proxylessNames.contains($0.name) },
+        ])
+        shared.problems += shared.proxyless.danglingReferences()
         return shared
     }
 
     /// The node's snapshot. Gateways whose name mesh.yaml does not (yet) declare get no listeners.
+    /// A sidecar's own part (its inbound listener and clusters) is checked here; the shared parts
+    /// were checked in ``shared(_:)``.
     public static func snapshot(for node: NodeInfo, shared: Shared) throws -> NodeSnapshot {
         switch node.role {
         case .sidecar:
-            let own = shared.view.services.flatMap(\.instances).filter { $0.node == node.id }
-            let (listener, inboundClusters) = try inbound(own)
-            return NodeSnapshot([
-                TypeURL.listener: shared.sidecarListeners + [listener],
-                TypeURL.routeConfiguration: shared.sidecarRoutes,
-                TypeURL.cluster: shared.clusters + shared.passthrough + inboundClusters,
-                TypeURL.clusterLoadAssignment: shared.assignments,
-            ])
+            let (listener, inboundClusters) = try inbound(shared.instancesByNode[node.id] ?? [])
+            var types = shared.sidecarShared
+            types[TypeURL.listener] = TypeSnapshot(shared.sidecarListeners + [listener])
+            types[TypeURL.cluster] = TypeSnapshot(shared.clusters + shared.passthrough + inboundClusters)
+            let snapshot = NodeSnapshot(types: types)
+            let clusters = snapshot[TypeURL.cluster].resources
+            let missing = listener.references.filter { clusters[$0.name] == nil }
+            guard missing.isEmpty else {
+                throw InconsistentSnapshot(
+                    problems: missing.map { "listener virtualInbound names missing cluster \($0.name)" }
+                )
+            }
+            return snapshot
         case .gateway(let name):
-            let gateway = shared.gateways[name]
-            return NodeSnapshot([
-                TypeURL.listener: gateway?.listeners ?? [],
-                TypeURL.routeConfiguration: gateway?.routes ?? [],
-                TypeURL.cluster: shared.clusters,
-                TypeURL.clusterLoadAssignment: shared.assignments,
-            ])
+            return shared.gateways[name] ?? shared.emptyGateway
         case .proxyless:
-            return NodeSnapshot([
-                TypeURL.listener: shared.proxylessListeners,
-                TypeURL.routeConfiguration: shared.proxylessRoutes,
-                TypeURL.cluster: shared.proxylessClusters,
-                TypeURL.clusterLoadAssignment: shared.assignments.filter { a in
-                    shared.proxylessClusters.contains { $0.name == a.name }
-                },
-            ])
+            return shared.proxyless
         }
+    }
+
+    public struct InconsistentSnapshot: Error, CustomStringConvertible {
+        public var problems: [String]
+        public var description: String { problems.joined(separator: "; ") }
     }
 
     // MARK: Clusters and endpoints

@@ -51,7 +51,7 @@ struct PilotHarness {
         let task = Task { try await server.run() }
         defer { task.cancel() }
         let up = await Peers.eventually(within: .seconds(10)) {
-            Peers.http("GET", "\(harness.api)/healthz").status == 200
+            await Peers.http("GET", "\(harness.api)/healthz").status == 200
         }
         guard up else {
             task.cancel()
@@ -71,8 +71,8 @@ struct PilotHarness {
     }
 
     /// The value of one sample line of /metrics (`name{labels}`), or nil.
-    func metric(_ sample: String) -> Double? {
-        let text = Peers.http("GET", "\(api)/metrics").body
+    func metric(_ sample: String) async -> Double? {
+        let text = await Peers.http("GET", "\(api)/metrics").body
         for line in text.split(separator: "\n") where line.hasPrefix(sample + " ") {
             return Double(line.split(separator: " ").last ?? "")
         }
@@ -85,13 +85,13 @@ struct PilotHarness {
 
     /// Registers an instance through the HTTP API; returns the status.
     @discardableResult
-    func register(_ json: String) -> Int {
-        Peers.http("POST", "\(api)/v1/instances", body: json).status
+    func register(_ json: String) async -> Int {
+        await Peers.http("POST", "\(api)/v1/instances", body: json).status
     }
 
     @discardableResult
-    func deregister(service: String, address: String, port: Int) -> Int {
-        Peers.http("DELETE", "\(api)/v1/instances/\(service)/\(address)/\(port)").status
+    func deregister(service: String, address: String, port: Int) async -> Int {
+        await Peers.http("DELETE", "\(api)/v1/instances/\(service)/\(address)/\(port)").status
     }
 }
 

@@ -88,28 +88,37 @@ enum Peers {
         return try Child(["python3", "-m", "http.server", "\(port)", "--bind", "127.0.0.1", "--directory", dir.path])
     }
 
-    /// An HTTP request through curl: the status (0 when there was no answer) and the body.
+    /// An HTTP request through curl: the status (0 when there was no answer) and the body. Waits
+    /// without blocking a thread (tests share a small cooperative pool with the servers they test).
     static func http(
         _ method: String,
         _ url: String,
         body: String? = nil,
         headers: [String] = []
-    ) -> (status: Int, body: String) {
+    ) async -> (status: Int, body: String) {
+        let bodyFile = FileManager.default.temporaryDirectory.appendingPathComponent(
+            "trellis-curl-\(UUID().uuidString)"
+        )
+        defer { try? FileManager.default.removeItem(at: bodyFile) }
         let process = Process()
         process.executableURL = URL(fileURLWithPath: "/usr/bin/curl")
-        var arguments = ["-s", "--max-time", "3", "-X", method, "-w", "\n%{http_code}", url]
+        var arguments = ["-s", "--max-time", "3", "-X", method, "-o", bodyFile.path, "-w", "%{http_code}", url]
         for header in headers { arguments += ["-H", header] }
         if let body { arguments += ["-H", "content-type: application/json", "--data-binary", body] }
         process.arguments = arguments
         let out = Pipe()
         process.standardOutput = out
         process.standardError = FileHandle.nullDevice
-        guard (try? process.run()) != nil else { return (0, "curl failed to start") }
-        let data = out.fileHandleForReading.readDataToEndOfFile()
-        process.waitUntilExit()
-        let text = String(decoding: data, as: UTF8.self)
-        guard let newline = text.lastIndex(of: "\n") else { return (0, text) }
-        return (Int(text[text.index(after: newline)...]) ?? 0, String(text[..<newline]))
+        await withCheckedContinuation { (done: CheckedContinuation<Void, Never>) in
+            process.terminationHandler = { _ in done.resume() }
+            if (try? process.run()) == nil {
+                process.terminationHandler = nil
+                done.resume()
+            }
+        }
+        let status = Int(String(decoding: out.fileHandleForReading.readDataToEndOfFile(), as: UTF8.self)) ?? 0
+        let text = (try? String(contentsOf: bodyFile, encoding: .utf8)) ?? ""
+        return (status, text)
     }
 
     /// Polls `condition` every 50 ms until it holds or `timeout` passes; returns whether it held.
