@@ -166,6 +166,23 @@ let package = Package(
             swiftSettings: swiftSettings
         ),
 
+        // MARK: Benchmark tools (Benchmarks/)
+        .executableTarget(
+            name: "trellis-xds-load",
+            dependencies: [
+                "XDS",
+                .product(name: "ArgumentParser", package: "swift-argument-parser"),
+                .product(name: "GRPCCore", package: "grpc-swift-2"),
+                .product(name: "GRPCNIOTransportHTTP2", package: "grpc-swift-nio-transport"),
+                .product(name: "SwiftProtobuf", package: "swift-protobuf"),
+                .product(name: "NIOCore", package: "swift-nio"),
+                .product(name: "NIOPosix", package: "swift-nio"),
+                .product(name: "NIOHTTP1", package: "swift-nio"),
+            ],
+            path: "Benchmarks/XDSLoad",
+            swiftSettings: swiftSettings
+        ),
+
         // MARK: Tests
         .testTarget(
             name: "ProxyTests",

@@ -1,5 +1,7 @@
 import Foundation
 import GRPCCore
+import GRPCNIOTransportHTTP2
+import SwiftProtobuf
 import Testing
 import XDS
 
@@ -53,6 +55,30 @@ struct ADSBadInputTests {
             #expect(await Peers.eventually(within: .seconds(10)) { flood.isFinished })
             #expect((flood.error as? RPCError)?.code == .resourceExhausted)
 
+            // Bytes that are not a DiscoveryRequest.
+            let transport = try HTTP2ClientTransport.Posix(
+                target: .ipv4(address: "127.0.0.1", port: pilot.xdsPort),
+                transportSecurity: .plaintext
+            )
+            let malformed = try await withGRPCClient(transport: transport) { client in
+                try await client.bidirectionalStreaming(
+                    request: StreamingClientRequest<[UInt8]>(producer: { writer in try await writer.write([0xFF, 0xFF, 0xFF, 0x0F]) }),
+                    descriptor: Envoy_Service_Discovery_V3_AggregatedDiscoveryService.Method.StreamAggregatedResources.descriptor,
+                    serializer: RawBytes(),
+                    deserializer: RawBytes(),
+                    options: .defaults,
+                    onResponse: { response in
+                        do {
+                            for try await _ in response.messages {}
+                            return RPCError.Code?.none
+                        } catch let error as RPCError {
+                            return error.code
+                        }
+                    }
+                )
+            }
+            #expect(malformed == .invalidArgument)
+
             // The good stream is still served: a new instance reaches it.
             #expect(await pilot.register(Self.http.replacingOccurrences(of: "8080", with: "8081")) == 201)
             #expect(await Peers.eventually(within: .seconds(5)) { good.responses(of: TypeURL.cluster).count == 2 })
@@ -62,6 +88,7 @@ struct ADSBadInputTests {
             #expect(await pilot.metric(#"trellis_pilot_xds_rejected_total{reason="invalid_node"}"#) == 2)
             #expect(await pilot.metric(#"trellis_pilot_xds_rejected_total{reason="unknown_type"}"#) == 1)
             #expect(await pilot.metric(#"trellis_pilot_xds_rejected_total{reason="too_many_names"}"#) == 1)
+            #expect(await pilot.metric(#"trellis_pilot_xds_rejected_total{reason="malformed"}"#) == 1)
             for probe in [good, anonymous, spaced, roleless, curious, flood] { await probe.close() }
         }
     }
@@ -138,5 +165,63 @@ struct ADSBadInputTests {
             await sidecar.close()
             await grpc.close()
         }
+    }
+
+    /// The per-type services (the seed registers CDS, EDS, LDS and RDS on their own): a stream of
+    /// clusters, and a unary fetch of endpoints; a request for another type on them is refused.
+    @Test func perTypeServicesServeTheirOwnType() async throws {
+        try await PilotHarness.run(store: try SQLiteRegistryStore()) { pilot in
+            #expect(await pilot.register(Self.http) == 201)
+            let transport = try HTTP2ClientTransport.Posix(
+                target: .ipv4(address: "127.0.0.1", port: pilot.xdsPort),
+                transportSecurity: .plaintext
+            )
+            try await withGRPCClient(transport: transport) { client in
+                var request = Envoy_Service_Discovery_V3_DiscoveryRequest()
+                request.node.id = "vm-per-type"
+                // FetchEndpoints (unary): the named assignment.
+                request.resourceNames = ["outbound|8080||web"]
+                let eds = Envoy_Service_Endpoint_V3_EndpointDiscoveryService.Client(wrapping: client)
+                let fetched = try await eds.fetchEndpoints(request)
+                #expect(fetched.typeURL == TypeURL.clusterLoadAssignment && fetched.resources.count == 1)
+                let assignment = try Envoy_Config_Endpoint_V3_ClusterLoadAssignment(unpackingAny: fetched.resources[0])
+                #expect(assignment.endpoints.flatMap(\.lbEndpoints).map(\.endpoint.address.socketAddress.portValue) == [8080])
+
+                // StreamClusters: the type URL may be left empty; the first answer has every cluster.
+                request.resourceNames = []
+                let cds = Envoy_Service_Cluster_V3_ClusterDiscoveryService.Client(wrapping: client)
+                let clusters = request
+                let first = try await cds.streamClusters(
+                    requestProducer: { writer in try await writer.write(clusters) },
+                    onResponse: { response in
+                        for try await message in response.messages { return message }
+                        return Envoy_Service_Discovery_V3_DiscoveryResponse()
+                    }
+                )
+                let names = try first.resources.map { try Envoy_Config_Cluster_V3_Cluster(unpackingAny: $0).name }
+                #expect(first.typeURL == TypeURL.cluster && names.contains("outbound|8080||web"))
+
+                // Another type on the CDS service is refused.
+                var wrongType = request
+                wrongType.typeURL = TypeURL.listener
+                let wrong = wrongType
+                await #expect(throws: RPCError.self) {
+                    try await cds.streamClusters(
+                        requestProducer: { writer in try await writer.write(wrong) },
+                        onResponse: { response in
+                            for try await _ in response.messages {}
+                        }
+                    )
+                }
+            }
+        }
+    }
+}
+
+/// Sends and receives raw bytes: a client that speaks gRPC but not protobuf.
+struct RawBytes: MessageSerializer, MessageDeserializer {
+    func serialize<Bytes: GRPCContiguousBytes>(_ message: [UInt8]) throws -> Bytes { Bytes(message) }
+    func deserialize<Bytes: GRPCContiguousBytes>(_ bytes: Bytes) throws -> [UInt8] {
+        bytes.withUnsafeBytes { Array($0) }
     }
 }

@@ -69,7 +69,12 @@ public struct AggregatedDiscoveryService: Sendable {
             try await withThrowingTaskGroup(of: Void.self) { group in
                 group.addTask {
                     defer { sink.finish() }
-                    for try await message in requests { sink.yield(.request(message)) }
+                    do {
+                        for try await message in requests { sink.yield(.request(message)) }
+                    } catch let error as RPCError where error.code == .invalidArgument {
+                        metrics.rejected("malformed")  // a message that does not decode
+                        throw error
+                    }
                 }
                 for await event in events {
                     if node == nil {
@@ -88,6 +93,7 @@ public struct AggregatedDiscoveryService: Sendable {
                     try await onEvent(event, node, snapshot)
                 }
                 group.cancelAll()
+                try await group.waitForAll()  // the reader's error, if the node's side failed
             }
         } catch {
             await leave(node, watchID)

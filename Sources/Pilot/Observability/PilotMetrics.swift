@@ -28,7 +28,7 @@ public struct PilotMetrics: Sendable {
     }
 
     /// Requests or streams refused, by reason (`no_node`, `invalid_node`, `unknown_type`,
-    /// `too_many_names`, `decode`).
+    /// `too_many_names`, `malformed`).
     func rejected(_ reason: String) {
         Counter(label: "trellis_pilot_xds_rejected_total", dimensions: [("reason", reason)], factory: factory)
             .increment()

@@ -24,7 +24,12 @@ public struct XDSResource: Sendable, Hashable {
     public init(name: String, message: some SwiftProtobuf.Message, references: [Reference] = []) throws {
         self.name = name
         self.references = references
-        self.any = try Google_Protobuf_Any(message: message, partial: false)
+        // Packed from its bytes: an `Any` made with `init(message:)` keeps the message and encodes
+        // it again each time a response carrying it is serialized (once per node per push).
+        var any = Google_Protobuf_Any()
+        any.typeURL = "type.googleapis.com/\(type(of: message).protoMessageName)"
+        any.value = try message.serializedBytes(partial: false)
+        self.any = any
         var hash = FNV1a()
         hash.combine(any.typeURL.utf8)
         hash.combine(any.value)
