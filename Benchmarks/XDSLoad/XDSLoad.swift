@@ -29,11 +29,15 @@ struct XDSLoad: AsyncParsableCommand {
     @Option(help: "Measured registration changes.") var rounds = 10
     @Option(help: "Pilot's pid, to read its RSS and CPU.") var pilotPid: Int?
     @Flag(help: "Use incremental (Delta) ADS instead of state of the world.") var delta = false
-    @Option(help: "The admin address of a real Envoy connected to the same pilot: each round also times until it has applied the change.")
+    @Option(
+        help:
+            "The admin address of a real Envoy connected to the same pilot: each round also times until it has applied the change."
+    )
     var envoyAdmin: String?
 
     func validate() throws {
-        guard (1...20_000).contains(clients), (1...10_000).contains(services), (1...10_000).contains(endpointsPerService),
+        guard (1...20_000).contains(clients), (1...10_000).contains(services),
+            (1...10_000).contains(endpointsPerService),
             (1...1000).contains(rounds)
         else { throw ValidationError("clients 1...20000, services 1...10000, endpoints 1...10000, rounds 1...1000") }
     }
@@ -50,7 +54,8 @@ struct XDSLoad: AsyncParsableCommand {
         try await http.each(0..<total) { i in
             let service = i % services
             let address = "127.\(1 + i / 65_536).\((i / 256) % 256).\(i % 256)"
-            let body = #"{"service":"svc-\#(service)","address":"\#(address)","port":8080,"node":"load-node-\#(i % clients)","zone":"z\#(i % 3)","ttl_seconds":3600}"#
+            let body =
+                #"{"service":"svc-\#(service)","address":"\#(address)","port":8080,"node":"load-node-\#(i % clients)","zone":"z\#(i % 3)","ttl_seconds":3600}"#
             return ("POST", "/v1/instances", body)
         }
         let registered = ContinuousClock.now - setupStart
@@ -62,8 +67,14 @@ struct XDSLoad: AsyncParsableCommand {
             await withTaskGroup(of: Void.self) { group in
                 for id in 0..<clients {
                     group.addTask {
-                        await SimulatedSidecar(id: id, node: "load-node-\(id)", state: state, services: services, delta: delta)
-                            .run(host: xdsHost, port: xdsPort)
+                        await SimulatedSidecar(
+                            id: id,
+                            node: "load-node-\(id)",
+                            state: state,
+                            services: services,
+                            delta: delta
+                        )
+                        .run(host: xdsHost, port: xdsPort)
                     }
                 }
             }
@@ -71,7 +82,9 @@ struct XDSLoad: AsyncParsableCommand {
         defer { clientTasks.cancel() }
         while state.synced < clients {
             guard ContinuousClock.now - connectStart < .seconds(120) else {
-                throw ValidationError("only \(state.synced) of \(clients) clients synced in 120 s (failed: \(state.failures))")
+                throw ValidationError(
+                    "only \(state.synced) of \(clients) clients synced in 120 s (failed: \(state.failures))"
+                )
             }
             try await Task.sleep(for: .milliseconds(20))
         }
@@ -90,23 +103,32 @@ struct XDSLoad: AsyncParsableCommand {
             try await Task.sleep(for: .milliseconds(300))
             let service = round % services
             let add = round % 2 == 1
-            let path = add ? "/v1/instances" : "/v1/instances/svc-\(service - 1 < 0 ? services - 1 : service - 1)/127.255.255.1/8080"
-            let body = #"{"service":"svc-\#(service)","address":"127.255.255.1","port":8080,"node":"load-extra","ttl_seconds":3600}"#
+            let path =
+                add
+                ? "/v1/instances"
+                : "/v1/instances/svc-\(service - 1 < 0 ? services - 1 : service - 1)/127.255.255.1/8080"
+            let body =
+                #"{"service":"svc-\#(service)","address":"127.255.255.1","port":8080,"node":"load-extra","ttl_seconds":3600}"#
             state.startRound(round)
             let roundStart = ContinuousClock.now
             let status = try await http.request(add ? "POST" : "DELETE", path, add ? body : nil)
-            guard status == 201 || status == 204 else { throw ValidationError("round \(round): API answered \(status)") }
+            guard status == 201 || status == 204 else {
+                throw ValidationError("round \(round): API answered \(status)")
+            }
             if let envoy {
                 // Envoy's /clusters lists each host as cluster::address:port::...; poll until the
                 // extra instance is there (added) or gone (removed).
-                let cluster = "outbound|8080||svc-\(add ? service : (service == 0 ? services - 1 : service - 1))::127.255.255.1:8080::"
+                let cluster =
+                    "outbound|8080||svc-\(add ? service : (service == 0 ? services - 1 : service - 1))::127.255.255.1:8080::"
                 var applied = false
                 while !applied && ContinuousClock.now - roundStart < .seconds(30) {
                     let text = try await envoy.get("/clusters")
                     applied = text.contains(cluster) == add
                     if !applied { try await Task.sleep(for: .milliseconds(5)) }
                 }
-                guard applied else { throw ValidationError("round \(round): Envoy did not apply the change within 30 s") }
+                guard applied else {
+                    throw ValidationError("round \(round): Envoy did not apply the change within 30 s")
+                }
                 envoyLatencies.append((ContinuousClock.now - roundStart).seconds)
             }
             let deadline = ContinuousClock.now + .seconds(30)
@@ -118,7 +140,17 @@ struct XDSLoad: AsyncParsableCommand {
                 throw ValidationError("round \(round): only \(result.count) of \(clients) clients ACKed within 30 s")
             }
             latencies.append(result.max)
-            print(String(format: "round %2d (%@ svc-%d): all %d clients ACKed after %.0f ms (median client %.0f ms)", round, add ? "add to" : "remove from", add ? service : (service == 0 ? services - 1 : service - 1), clients, result.max * 1000, result.median * 1000))
+            print(
+                String(
+                    format: "round %2d (%@ svc-%d): all %d clients ACKed after %.0f ms (median client %.0f ms)",
+                    round,
+                    add ? "add to" : "remove from",
+                    add ? service : (service == 0 ? services - 1 : service - 1),
+                    clients,
+                    result.max * 1000,
+                    result.median * 1000
+                )
+            )
         }
         let cpu2 = pilotPid.flatMap(ProcStat.cpuSeconds)
 
@@ -126,33 +158,76 @@ struct XDSLoad: AsyncParsableCommand {
         let median = latencies[latencies.count / 2]
         let worst = latencies.last!
         print("")
-        print("xDS push, \(clients) \(delta ? "Delta" : "SotW") ADS clients, \(services) services × \(endpointsPerService) = \(total) endpoints")
+        print(
+            "xDS push, \(clients) \(delta ? "Delta" : "SotW") ADS clients, \(services) services × \(endpointsPerService) = \(total) endpoints"
+        )
         print("| measure                                   | value        | target   |")
         print("|-------------------------------------------|--------------|----------|")
         print(String(format: "| registration → all clients ACKed, median  | %9.0f ms | < 1000 ms |", median * 1000))
         print(String(format: "| registration → all clients ACKed, worst   | %9.0f ms | < 1000 ms |", worst * 1000))
         if !envoyLatencies.isEmpty {
             envoyLatencies.sort()
-            print(String(format: "| registration → applied in a real Envoy, median | %4.0f ms |          |", envoyLatencies[envoyLatencies.count / 2] * 1000))
+            print(
+                String(
+                    format: "| registration → applied in a real Envoy, median | %4.0f ms |          |",
+                    envoyLatencies[envoyLatencies.count / 2] * 1000
+                )
+            )
         }
-        print(String(format: "| %d registrations through the API          | %9.1f s  |          |", total, registered.seconds))
-        print(String(format: "| %d clients connected and synced           | %9.1f s  | (%d reconnects) |", clients, initialSync.seconds, state.reconnects))
+        print(
+            String(
+                format: "| %d registrations through the API          | %9.1f s  |          |",
+                total,
+                registered.seconds
+            )
+        )
+        print(
+            String(
+                format: "| %d clients connected and synced           | %9.1f s  | (%d reconnects) |",
+                clients,
+                initialSync.seconds,
+                state.reconnects
+            )
+        )
         if let pid = pilotPid, let rss = ProcStat.memory(pid) {
-            print(String(format: "| pilot RSS now / peak                      | %4d / %4d MiB | < 300 MiB |", rss.current >> 20, rss.peak >> 20))
+            print(
+                String(
+                    format: "| pilot RSS now / peak                      | %4d / %4d MiB | < 300 MiB |",
+                    rss.current >> 20,
+                    rss.peak >> 20
+                )
+            )
         }
         if let cpu0, let cpu1, let cpu2 {
-            print(String(format: "| pilot CPU: setup+sync / %d pushes          | %5.1f s / %4.2f s |          |", rounds, cpu1 - cpu0, cpu2 - cpu1))
+            print(
+                String(
+                    format: "| pilot CPU: setup+sync / %d pushes          | %5.1f s / %4.2f s |          |",
+                    rounds,
+                    cpu1 - cpu0,
+                    cpu2 - cpu1
+                )
+            )
         }
         // Pilot's own account: time to translate and hand snapshots to the streams, per push.
         if let metrics = try? await http.getText("/metrics") {
             var sum = 0.0
             var count = 0.0
             for line in metrics.split(separator: "\n") {
-                if line.hasPrefix("trellis_pilot_xds_translate_seconds_sum ") { sum = Double(line.split(separator: " ")[1]) ?? 0 }
-                if line.hasPrefix("trellis_pilot_xds_translate_seconds_count ") { count = Double(line.split(separator: " ")[1]) ?? 0 }
+                if line.hasPrefix("trellis_pilot_xds_translate_seconds_sum ") {
+                    sum = Double(line.split(separator: " ")[1]) ?? 0
+                }
+                if line.hasPrefix("trellis_pilot_xds_translate_seconds_count ") {
+                    count = Double(line.split(separator: " ")[1]) ?? 0
+                }
             }
             if count > 0 {
-                print(String(format: "| pilot translation per push (mean of %.0f)    | %9.0f ms |          |", count, sum / count * 1000))
+                print(
+                    String(
+                        format: "| pilot translation per push (mean of %.0f)    | %9.0f ms |          |",
+                        count,
+                        sum / count * 1000
+                    )
+                )
             }
         }
         clientTasks.cancel()
@@ -246,7 +321,10 @@ struct SimulatedSidecar {
     func run(host: String, port: Int) async {
         for attempt in 1...20 {
             do {
-                let transport = try HTTP2ClientTransport.Posix(target: .ipv4(address: host, port: port), transportSecurity: .plaintext)
+                let transport = try HTTP2ClientTransport.Posix(
+                    target: .ipv4(address: host, port: port),
+                    transportSecurity: .plaintext
+                )
                 try await withGRPCClient(transport: transport) { client in
                     let ads = Envoy_Service_Discovery_V3_AggregatedDiscoveryService.Client(wrapping: client)
                     if delta {
@@ -278,9 +356,17 @@ struct SimulatedSidecar {
         return n
     }
 
-    func runSotW(_ ads: Envoy_Service_Discovery_V3_AggregatedDiscoveryService.Client<HTTP2ClientTransport.Posix>) async throws {
+    func runSotW(
+        _ ads: Envoy_Service_Discovery_V3_AggregatedDiscoveryService.Client<HTTP2ClientTransport.Posix>
+    ) async throws {
         let (requests, sink) = AsyncStream<Envoy_Service_Discovery_V3_DiscoveryRequest>.makeStream()
-        @Sendable func request(_ type: String, _ names: [String] = [], nonce: String = "", version: String = "", node: Bool = false)
+        @Sendable func request(
+            _ type: String,
+            _ names: [String] = [],
+            nonce: String = "",
+            version: String = "",
+            node: Bool = false
+        )
             -> Envoy_Service_Discovery_V3_DiscoveryRequest
         {
             var r = Envoy_Service_Discovery_V3_DiscoveryRequest()
@@ -306,7 +392,9 @@ struct SimulatedSidecar {
                     switch message.typeURL {
                     case TypeURL.cluster:
                         let names = message.resources.compactMap { any -> String? in
-                            guard let c = try? Envoy_Config_Cluster_V3_Cluster(unpackingAny: any), c.type == .eds else { return nil }
+                            guard let c = try? Envoy_Config_Cluster_V3_Cluster(unpackingAny: any), c.type == .eds else {
+                                return nil
+                            }
                             return c.name
                         }.sorted()
                         sink.yield(request(TypeURL.cluster, nonce: message.nonce, version: message.versionInfo))
@@ -319,7 +407,10 @@ struct SimulatedSidecar {
                         for any in message.resources {
                             guard let l = try? Envoy_Config_Listener_V3_Listener(unpackingAny: any) else { continue }
                             for filter in l.filterChains.flatMap(\.filters) + l.defaultFilterChain.filters {
-                                if let hcm = try? Envoy_Extensions_Filters_Network_HttpConnectionManager_V3_HttpConnectionManager(unpackingAny: filter.typedConfig),
+                                if let hcm =
+                                    try? Envoy_Extensions_Filters_Network_HttpConnectionManager_V3_HttpConnectionManager(
+                                        unpackingAny: filter.typedConfig
+                                    ),
                                     case .rds(let rds)? = hcm.routeSpecifier
                                 {
                                     names.insert(rds.routeConfigName)
@@ -332,7 +423,14 @@ struct SimulatedSidecar {
                             sink.yield(request(TypeURL.routeConfiguration, rdsNames))
                         }
                     case TypeURL.clusterLoadAssignment:
-                        sink.yield(request(TypeURL.clusterLoadAssignment, edsNames, nonce: message.nonce, version: message.versionInfo))
+                        sink.yield(
+                            request(
+                                TypeURL.clusterLoadAssignment,
+                                edsNames,
+                                nonce: message.nonce,
+                                version: message.versionInfo
+                            )
+                        )
                         if !edsSynced && edsNames.count >= services {
                             edsSynced = true
                             state.markSynced(id)
@@ -340,16 +438,25 @@ struct SimulatedSidecar {
                             state.endpointsACKed(by: id)
                         }
                     default:
-                        sink.yield(request(message.typeURL, rdsNames, nonce: message.nonce, version: message.versionInfo))
+                        sink.yield(
+                            request(message.typeURL, rdsNames, nonce: message.nonce, version: message.versionInfo)
+                        )
                     }
                 }
             }
         )
     }
 
-    func runDelta(_ ads: Envoy_Service_Discovery_V3_AggregatedDiscoveryService.Client<HTTP2ClientTransport.Posix>) async throws {
+    func runDelta(
+        _ ads: Envoy_Service_Discovery_V3_AggregatedDiscoveryService.Client<HTTP2ClientTransport.Posix>
+    ) async throws {
         let (requests, sink) = AsyncStream<Envoy_Service_Discovery_V3_DeltaDiscoveryRequest>.makeStream()
-        @Sendable func request(_ type: String, subscribe: [String] = [], nonce: String = "", node: Bool = false)
+        @Sendable func request(
+            _ type: String,
+            subscribe: [String] = [],
+            nonce: String = "",
+            node: Bool = false
+        )
             -> Envoy_Service_Discovery_V3_DeltaDiscoveryRequest
         {
             var r = Envoy_Service_Discovery_V3_DeltaDiscoveryRequest()
@@ -377,17 +484,24 @@ struct SimulatedSidecar {
                     case TypeURL.cluster:
                         var new: [String] = []
                         for r in message.resources {
-                            guard let c = try? Envoy_Config_Cluster_V3_Cluster(unpackingAny: r.resource), c.type == .eds else { continue }
+                            guard let c = try? Envoy_Config_Cluster_V3_Cluster(unpackingAny: r.resource), c.type == .eds
+                            else { continue }
                             if edsNames.insert(c.name).inserted { new.append(c.name) }
                         }
                         if !new.isEmpty { sink.yield(request(TypeURL.clusterLoadAssignment, subscribe: new)) }
                     case TypeURL.listener:
                         var new: [String] = []
                         for r in message.resources {
-                            guard let l = try? Envoy_Config_Listener_V3_Listener(unpackingAny: r.resource) else { continue }
+                            guard let l = try? Envoy_Config_Listener_V3_Listener(unpackingAny: r.resource) else {
+                                continue
+                            }
                             for filter in l.filterChains.flatMap(\.filters) + l.defaultFilterChain.filters {
-                                if let hcm = try? Envoy_Extensions_Filters_Network_HttpConnectionManager_V3_HttpConnectionManager(unpackingAny: filter.typedConfig),
-                                    case .rds(let rds)? = hcm.routeSpecifier, rdsNames.insert(rds.routeConfigName).inserted
+                                if let hcm =
+                                    try? Envoy_Extensions_Filters_Network_HttpConnectionManager_V3_HttpConnectionManager(
+                                        unpackingAny: filter.typedConfig
+                                    ),
+                                    case .rds(let rds)? = hcm.routeSpecifier,
+                                    rdsNames.insert(rds.routeConfigName).inserted
                                 {
                                     new.append(rds.routeConfigName)
                                 }
@@ -455,7 +569,8 @@ final class KeepAliveHTTP: Sendable {
         var list: [Connection] = []
         for _ in 0..<count {
             list.append(
-                try await ClientBootstrap(group: MultiThreadedEventLoopGroup.singleton).connect(host: host, port: port) { channel in
+                try await ClientBootstrap(group: MultiThreadedEventLoopGroup.singleton).connect(host: host, port: port)
+                { channel in
                     channel.eventLoop.makeCompletedFuture {
                         try channel.pipeline.syncOperations.addHTTPClientHandlers()
                         return try Connection(wrappingChannelSynchronously: channel)
@@ -476,8 +591,17 @@ final class KeepAliveHTTP: Sendable {
                         var iterator = inbound.makeAsyncIterator()
                         for i in stride(from: indices.lowerBound + c, to: indices.upperBound, by: count) {
                             let (method, path, body) = make(i)
-                            let status = try await Self.exchange(method, path, body, host: self.host, inbound: &iterator, outbound: outbound)
-                            guard (200..<300).contains(status) else { throw ValidationError("\(method) \(path): status \(status)") }
+                            let status = try await Self.exchange(
+                                method,
+                                path,
+                                body,
+                                host: self.host,
+                                inbound: &iterator,
+                                outbound: outbound
+                            )
+                            guard (200..<300).contains(status) else {
+                                throw ValidationError("\(method) \(path): status \(status)")
+                            }
                         }
                     }
                 }
@@ -490,7 +614,10 @@ final class KeepAliveHTTP: Sendable {
 
     /// GET on a fresh connection; the body.
     func get(_ path: String) async throws -> String {
-        let connection = try await ClientBootstrap(group: MultiThreadedEventLoopGroup.singleton).connect(host: host, port: port) { channel in
+        let connection = try await ClientBootstrap(group: MultiThreadedEventLoopGroup.singleton).connect(
+            host: host,
+            port: port
+        ) { channel in
             channel.eventLoop.makeCompletedFuture {
                 try channel.pipeline.syncOperations.addHTTPClientHandlers()
                 return try Connection(wrappingChannelSynchronously: channel)
@@ -515,7 +642,10 @@ final class KeepAliveHTTP: Sendable {
 
     /// One request on a fresh connection.
     func request(_ method: String, _ path: String, _ body: String?) async throws -> Int {
-        let connection = try await ClientBootstrap(group: MultiThreadedEventLoopGroup.singleton).connect(host: host, port: port) { channel in
+        let connection = try await ClientBootstrap(group: MultiThreadedEventLoopGroup.singleton).connect(
+            host: host,
+            port: port
+        ) { channel in
             channel.eventLoop.makeCompletedFuture {
                 try channel.pipeline.syncOperations.addHTTPClientHandlers()
                 return try Connection(wrappingChannelSynchronously: channel)

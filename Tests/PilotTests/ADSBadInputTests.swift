@@ -62,8 +62,11 @@ struct ADSBadInputTests {
             )
             let malformed = try await withGRPCClient(transport: transport) { client in
                 try await client.bidirectionalStreaming(
-                    request: StreamingClientRequest<[UInt8]>(producer: { writer in try await writer.write([0xFF, 0xFF, 0xFF, 0x0F]) }),
-                    descriptor: Envoy_Service_Discovery_V3_AggregatedDiscoveryService.Method.StreamAggregatedResources.descriptor,
+                    request: StreamingClientRequest<[UInt8]>(producer: { writer in
+                        try await writer.write([0xFF, 0xFF, 0xFF, 0x0F])
+                    }),
+                    descriptor: Envoy_Service_Discovery_V3_AggregatedDiscoveryService.Method.StreamAggregatedResources
+                        .descriptor,
                     serializer: RawBytes(),
                     deserializer: RawBytes(),
                     options: .defaults,
@@ -185,7 +188,11 @@ struct ADSBadInputTests {
                 let fetched = try await eds.fetchEndpoints(request)
                 #expect(fetched.typeURL == TypeURL.clusterLoadAssignment && fetched.resources.count == 1)
                 let assignment = try Envoy_Config_Endpoint_V3_ClusterLoadAssignment(unpackingAny: fetched.resources[0])
-                #expect(assignment.endpoints.flatMap(\.lbEndpoints).map(\.endpoint.address.socketAddress.portValue) == [8080])
+                #expect(
+                    assignment.endpoints.flatMap(\.lbEndpoints).map(\.endpoint.address.socketAddress.portValue) == [
+                        8080
+                    ]
+                )
 
                 // StreamClusters: the type URL may be left empty; the first answer has every cluster.
                 request.resourceNames = []

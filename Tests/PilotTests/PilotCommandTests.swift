@@ -13,7 +13,9 @@ import Glibc
 struct PilotCommandTests {
     /// The `trellis-pilot` built next to this test bundle (`swift build --build-tests` builds both).
     static var binary: String {
-        URL(fileURLWithPath: CommandLine.arguments[0]).deletingLastPathComponent().appendingPathComponent("trellis-pilot").path
+        URL(fileURLWithPath: CommandLine.arguments[0]).deletingLastPathComponent().appendingPathComponent(
+            "trellis-pilot"
+        ).path
     }
 
     static let examples = URL(fileURLWithPath: #filePath)
@@ -39,21 +41,39 @@ struct PilotCommandTests {
         let dir = try Peers.temporaryDirectory("pilot-cli-bad")
         defer { try? FileManager.default.removeItem(at: dir) }
         let bad = dir.appendingPathComponent("mesh.yaml")
-        try "services:\n  - {name: web, port: 8080}\nroutes:\n  - service: api:80\n    rules: []\n".write(to: bad, atomically: true, encoding: .utf8)
+        try "services:\n  - {name: web, port: 8080}\nroutes:\n  - service: api:80\n    rules: []\n".write(
+            to: bad,
+            atomically: true,
+            encoding: .utf8
+        )
         let refused = try await Self.run(["check-mesh", bad.path])
         #expect(refused.status == 1)
-        #expect(refused.output.contains("\(bad.path):4:14: routes[0].service: service 'api:80' is not declared under services:"), "\(refused)")
+        #expect(
+            refused.output.contains(
+                "\(bad.path):4:14: routes[0].service: service 'api:80' is not declared under services:"
+            ),
+            "\(refused)"
+        )
         // serve refuses to start on it too.
-        let serve = try await Self.run(["serve", "--store", "memory", "--mesh", bad.path, "--xds-address", "127.0.0.1:0", "--http-address", "127.0.0.1:0"])
+        let serve = try await Self.run([
+            "serve", "--store", "memory", "--mesh", bad.path, "--xds-address", "127.0.0.1:0", "--http-address",
+            "127.0.0.1:0",
+        ])
         #expect(serve.status == 1 && serve.output.contains("routes[0].service"), "\(serve)")
     }
 
     @Test func badFlagsAreRefusedWithTheFlagNamed() async throws {
         let address = try await Self.run(["serve", "--xds-address", "nowhere"])
-        #expect(address.status != 0 && address.output.contains("--xds-address: expected host:port, got 'nowhere'"), "\(address)")
+        #expect(
+            address.status != 0 && address.output.contains("--xds-address: expected host:port, got 'nowhere'"),
+            "\(address)"
+        )
         let debounce = try await Self.run(["serve", "--debounce-ms", "-5"])
         #expect(debounce.status != 0 && debounce.output.contains("--debounce-ms"), "\(debounce)")
-        let cmdb = try await Self.run(["serve", "--store", "memory", "--mesh", "/nonexistent", "--cmdb-url", "https://cmdb", "--xds-address", "127.0.0.1:0", "--http-address", "127.0.0.1:0"])
+        let cmdb = try await Self.run([
+            "serve", "--store", "memory", "--mesh", "/nonexistent", "--cmdb-url", "https://cmdb", "--xds-address",
+            "127.0.0.1:0", "--http-address", "127.0.0.1:0",
+        ])
         #expect(cmdb.status != 0 && cmdb.output.contains("only http:// URLs are supported"), "\(cmdb)")
     }
 
@@ -73,28 +93,48 @@ struct PilotCommandTests {
             output: log
         )
         defer { pilot.stop() }
-        #expect(await Peers.eventually(within: .seconds(15)) { await Peers.http("GET", "\(api)/healthz").status == 200 })
+        #expect(
+            await Peers.eventually(within: .seconds(15)) { await Peers.http("GET", "\(api)/healthz").status == 200 }
+        )
         #expect(await Peers.http("GET", "\(api)/v1/services").body.contains("\"name\":\"web\""))
 
         // A change to the file is picked up.
-        try "services:\n  - {name: web, port: 8080}\n  - {name: api, port: 9090}\n".write(to: mesh, atomically: true, encoding: .utf8)
-        #expect(await Peers.eventually(within: .seconds(5)) { await Peers.http("GET", "\(api)/v1/services").body.contains("\"name\":\"api\"") })
+        try "services:\n  - {name: web, port: 8080}\n  - {name: api, port: 9090}\n".write(
+            to: mesh,
+            atomically: true,
+            encoding: .utf8
+        )
+        #expect(
+            await Peers.eventually(within: .seconds(5)) {
+                await Peers.http("GET", "\(api)/v1/services").body.contains("\"name\":\"api\"")
+            }
+        )
 
         // A bad file is refused and logged with where and what; the running mesh stays.
         try "services:\n  - {name: web, port: 8080, colour: red}\n".write(to: mesh, atomically: true, encoding: .utf8)
-        #expect(await Peers.eventually(within: .seconds(5)) {
-            ((try? String(contentsOf: log, encoding: .utf8)) ?? "").contains("services[0].colour: unknown key 'colour'")
-        })
+        #expect(
+            await Peers.eventually(within: .seconds(5)) {
+                ((try? String(contentsOf: log, encoding: .utf8)) ?? "").contains(
+                    "services[0].colour: unknown key 'colour'"
+                )
+            }
+        )
         #expect(await Peers.http("GET", "\(api)/v1/services").body.contains("\"name\":\"api\""))
-        #expect(await Peers.http("GET", "\(api)/metrics").body.contains(#"trellis_pilot_mesh_reloads_total{result="rejected"} 1"#))
+        #expect(
+            await Peers.http("GET", "\(api)/metrics").body.contains(
+                #"trellis_pilot_mesh_reloads_total{result="rejected"} 1"#
+            )
+        )
 
         // SIGHUP re-reads it now.
         try "services:\n  - {name: only, port: 7070}\n".write(to: mesh, atomically: true, encoding: .utf8)
         kill(pilot.process.processIdentifier, SIGHUP)
-        #expect(await Peers.eventually(within: .seconds(3)) {
-            let body = await Peers.http("GET", "\(api)/v1/services").body
-            return body.contains("\"name\":\"only\"") && !body.contains("\"name\":\"api\"")
-        })
+        #expect(
+            await Peers.eventually(within: .seconds(3)) {
+                let body = await Peers.http("GET", "\(api)/v1/services").body
+                return body.contains("\"name\":\"only\"") && !body.contains("\"name\":\"api\"")
+            }
+        )
 
         // SIGTERM: a clean, prompt exit.
         kill(pilot.process.processIdentifier, SIGTERM)
@@ -112,14 +152,24 @@ struct PilotCommandTests {
         let document = cmdbDir.appendingPathComponent("machines.json")
         try #"{"machines": [{"hostname": "vm-a", "region": "eu", "zone": "eu-1b", "labels": {"rack": "r7"}}]}"#
             .write(to: document, atomically: true, encoding: .utf8)
-        let server = try Peers.Child(["python3", "-m", "http.server", "\(port)", "--bind", "127.0.0.1", "--directory", cmdbDir.path])
+        let server = try Peers.Child([
+            "python3", "-m", "http.server", "\(port)", "--bind", "127.0.0.1", "--directory", cmdbDir.path,
+        ])
         defer { server.stop() }
 
         let registry = try Registry(store: try SQLiteRegistryStore(), logger: .quiet)
         _ = try await registry.register(
-            .init(instance: Instance(key: InstanceKey(service: "web", address: "10.0.0.1", port: 80), node: "vm-a"), ttl: .seconds(30))
+            .init(
+                instance: Instance(key: InstanceKey(service: "web", address: "10.0.0.1", port: 80), node: "vm-a"),
+                ttl: .seconds(30)
+            )
         )
-        let source = try CMDBSource(url: "http://127.0.0.1:\(port)/machines.json", interval: .seconds(60), registry: registry, logger: .quiet)
+        let source = try CMDBSource(
+            url: "http://127.0.0.1:\(port)/machines.json",
+            interval: .seconds(60),
+            registry: registry,
+            logger: .quiet
+        )
         #expect(await Peers.eventually(within: .seconds(10)) { await source.pollOnce() })
         var instance = try #require(await registry.instances().first)
         #expect(instance.locality.zone == "eu-1b" && instance.labels == ["rack": "r7"])

@@ -205,13 +205,13 @@ public struct AggregatedDiscoveryService: Sendable {
                 guard var subscription = subscriptions[typeURL] else { continue }
                 let typeSnapshot = snapshot[typeURL]
                 let force = forced.contains(typeURL)
-                let targets = (subscription.wildcard ? Array(typeSnapshot.resources.keys) : Array(subscription.names))
-                    .sorted()
+                // Nothing of this type changed since the last response: nothing to look at.
+                guard force || typeSnapshot.version != subscription.sentTypeVersion else { continue }
+                let targets = subscription.wildcard ? Array(typeSnapshot.resources.keys) : Array(subscription.names)
                 var resources: [Google_Protobuf_Any] = []
                 if Self.fullStateTypes.contains(typeURL) {
-                    guard force || typeSnapshot.version != subscription.sentTypeVersion else { continue }
                     subscription.sent = [:]
-                    for name in targets {
+                    for name in targets.sorted() {
                         guard let resource = typeSnapshot.resources[name] else { continue }
                         resources.append(resource.any)
                         subscription.sent[name] = resource.version
@@ -317,7 +317,11 @@ public struct AggregatedDiscoveryService: Sendable {
                     candidates.append(send)
                 }
             case .changed:
-                candidates = subscriptions.keys.sorted().map { ($0, false) }
+                // Only the types whose version moved since the last response.
+                candidates = subscriptions.filter { snapshot[$0.key].version != $0.value.pendingVersion }.keys.sorted()
+                    .map {
+                        ($0, false)
+                    }
             }
             for (typeURL, force) in candidates {
                 guard var subscription = subscriptions[typeURL] else { continue }

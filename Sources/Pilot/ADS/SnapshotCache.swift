@@ -27,6 +27,13 @@ public actor SnapshotCache {
 
     public func snapshot(_ node: String) -> NodeSnapshot? { snapshots[node] }
 
+    /// Several nodes' snapshots in one call.
+    public func snapshots(_ nodes: some Sequence<String>) -> [String: NodeSnapshot] {
+        var result: [String: NodeSnapshot] = [:]
+        for node in nodes { result[node] = snapshots[node] }
+        return result
+    }
+
     public var nodes: [String] { snapshots.keys.sorted() }
 
     /// Forgets a node that has no stream left.

@@ -55,16 +55,34 @@ public struct TypeSnapshot: Sendable, Equatable {
 
     public init(_ resources: [XDSResource]) {
         var byName: [String: XDSResource] = [:]
+        byName.reserveCapacity(resources.count)
         for resource in resources { byName[resource.name] = resource }
         self.resources = byName
+        version = Self.digest(byName.values)
+    }
+
+    /// `base` plus a node's own resources: the version is a digest of the base's version and
+    /// what was added, so equal versions still mean equal contents, without rehashing the base.
+    public init(base: TypeSnapshot, adding extra: [XDSResource]) {
+        var byName = base.resources
+        for resource in extra { byName[resource.name] = resource }
+        resources = byName
         var hash = FNV1a()
-        for name in byName.keys.sorted() {
-            hash.combine(name.utf8)
+        hash.combine(base.version)
+        hash.combine(CollectionOfOne(1))
+        hash.combine(Self.digest(extra))
+        version = hash.hex
+    }
+
+    private static func digest(_ resources: some Collection<XDSResource>) -> String {
+        var hash = FNV1a()
+        for resource in resources.sorted(by: { $0.name < $1.name }) {
+            hash.combine(resource.name)
             hash.combine(CollectionOfOne(0))
-            hash.combine(byName[name]!.version.utf8)
+            hash.combine(resource.version)
             hash.combine(CollectionOfOne(0))
         }
-        version = hash.hex
+        return hash.hex
     }
 
     public static let empty = TypeSnapshot([])
@@ -76,6 +94,10 @@ public struct TypeSnapshot: Sendable, Equatable {
 /// assignment exists) of the four types.
 public struct NodeSnapshot: Sendable, Equatable {
     public var types: [String: TypeSnapshot]
+    /// What a sidecar's node-specific types were built from (the shared bases' versions and its
+    /// inbound listener's), so the next push can reuse them when only shared types changed. Not
+    /// part of equality.
+    var origin = ""
 
     public init(_ resources: [String: [XDSResource]]) {
         types = resources.mapValues(TypeSnapshot.init)
@@ -84,6 +106,8 @@ public struct NodeSnapshot: Sendable, Equatable {
     public init(types: [String: TypeSnapshot]) {
         self.types = types
     }
+
+    public static func == (a: Self, b: Self) -> Bool { a.types == b.types }
 
     public static let empty = NodeSnapshot([:])
 

@@ -12,6 +12,7 @@ public actor SnapshotGenerator: NodeSnapshotSource {
     private let debounce: Duration
     private let metrics: PilotMetrics
     private var shared: Translator.Shared?
+    private var translationCache = Translator.Cache()
     private var nodes: [String: (info: NodeInfo, streams: Int)] = [:]
     /// The last translation problems, shown in `/debug/configz`.
     public private(set) var warnings: [String] = []
@@ -53,13 +54,16 @@ public actor SnapshotGenerator: NodeSnapshotSource {
         let current = await registry.version
         if shared == nil || shared?.view.version != current { await translateShared() }
         guard let shared else { return }
-        if let snapshot = makeSnapshot(node, shared) { await cache.set(node.id, snapshot) }
+        if let snapshot = makeSnapshot(node, shared, previous: await cache.snapshot(node.id)) {
+            await cache.set(node.id, snapshot)
+        }
     }
 
     public func nodeDisconnected(_ node: NodeInfo) async {
         guard let entry = nodes[node.id] else { return }
         if entry.streams <= 1 {
             nodes[node.id] = nil
+            Translator.forget(node.id, cache: &translationCache)
             await cache.remove(node.id)
         } else {
             nodes[node.id] = (entry.info, entry.streams - 1)
@@ -74,8 +78,9 @@ public actor SnapshotGenerator: NodeSnapshotSource {
         guard let shared else { return }
         var batch: [(node: String, snapshot: NodeSnapshot)] = []
         batch.reserveCapacity(nodes.count)
+        let previous = await cache.snapshots(nodes.keys)
         for (id, entry) in nodes {
-            if let snapshot = makeSnapshot(entry.info, shared) { batch.append((id, snapshot)) }
+            if let snapshot = makeSnapshot(entry.info, shared, previous: previous[id]) { batch.append((id, snapshot)) }
         }
         let changed = await cache.set(batch)
         let elapsed = ContinuousClock.now - start
@@ -93,7 +98,7 @@ public actor SnapshotGenerator: NodeSnapshotSource {
         let view = await registry.view()
         metrics.instances(view.services.reduce(0) { $0 + $1.instances.count })
         do {
-            let new = try Translator.shared(view)
+            let new = try Translator.shared(view, cache: &translationCache)
             if new.warnings != warnings {
                 for warning in new.warnings { logger.warning("translation", metadata: ["problem": "\(warning)"]) }
             }
@@ -113,9 +118,9 @@ public actor SnapshotGenerator: NodeSnapshotSource {
     }
 
     /// The node's snapshot, or nil (logged, counted) when it is not consistent.
-    private func makeSnapshot(_ node: NodeInfo, _ shared: Translator.Shared) -> NodeSnapshot? {
+    private func makeSnapshot(_ node: NodeInfo, _ shared: Translator.Shared, previous: NodeSnapshot?) -> NodeSnapshot? {
         do {
-            return try Translator.snapshot(for: node, shared: shared)
+            return try Translator.snapshot(for: node, shared: shared, cache: &translationCache, previous: previous)
         } catch {
             metrics.inconsistent()
             logger.error(

@@ -38,6 +38,8 @@ public enum Translator {
         /// Finished snapshots: the sidecar types every sidecar shares, each gateway's, the
         /// proxyless one.
         var sidecarShared: [String: TypeSnapshot] = [:]
+        var sidecarListenerBase = TypeSnapshot.empty
+        var sidecarClusterBase = TypeSnapshot.empty
         var gateways: [String: NodeSnapshot] = [:]
         var proxyless = NodeSnapshot.empty
         var emptyGateway = NodeSnapshot.empty
@@ -49,11 +51,30 @@ public enum Translator {
         public var problems: [String] = []
     }
 
+    /// Per service, what was translated last time: a service whose instances did not change is not
+    /// encoded again (a push for one instance among ten thousand re-encodes one assignment).
+    public struct Cache: Sendable {
+        var services: [RegistryView.Service: (cluster: XDSResource, assignment: XDSResource)] = [:]
+        /// Per sidecar node: its own instances and the inbound parts built from them.
+        var inbound: [String: (instances: [Instance], listener: XDSResource, clusters: [XDSResource])] = [:]
+        public init() {}
+    }
+
     public static func shared(_ view: RegistryView) throws -> Shared {
+        var cache = Cache()
+        return try shared(view, cache: &cache)
+    }
+
+    public static func shared(_ view: RegistryView, cache: inout Cache) throws -> Shared {
         var shared = Shared(view: view)
+        var services: [RegistryView.Service: (cluster: XDSResource, assignment: XDSResource)] = [:]
         for service in view.services {
-            shared.clusters.append(try edsCluster(service, proxyless: false))
-            shared.assignments.append(try assignment(service))
+            let translated =
+                try cache.services[service]
+                ?? (cluster: try edsCluster(service, proxyless: false), assignment: try assignment(service))
+            services[service] = translated
+            shared.clusters.append(translated.cluster)
+            shared.assignments.append(translated.assignment)
             if service.serviceProtocol == .grpc {
                 shared.proxylessClusters.append(try edsCluster(service, proxyless: true))
                 let (listener, routes) = try proxylessListener(service, view: view)
@@ -64,6 +85,7 @@ public enum Translator {
                 shared.instancesByNode[instance.node, default: []].append(instance)
             }
         }
+        cache.services = services
         shared.passthrough = try passthroughClusters()
         try sidecarOutbound(view, into: &shared)
         for gateway in view.mesh.gateways {
@@ -75,12 +97,11 @@ public enum Translator {
         shared.sidecarShared = [
             TypeURL.routeConfiguration: TypeSnapshot(shared.sidecarRoutes), TypeURL.clusterLoadAssignment: eds,
         ]
+        shared.sidecarListenerBase = TypeSnapshot(shared.sidecarListeners)
+        shared.sidecarClusterBase = TypeSnapshot(shared.clusters + shared.passthrough)
         let sidecarBase = NodeSnapshot(
             types: shared.sidecarShared.merging(
-                [
-                    TypeURL.listener: TypeSnapshot(shared.sidecarListeners),
-                    TypeURL.cluster: TypeSnapshot(shared.clusters + shared.passthrough),
-                ]
+                [TypeURL.listener: shared.sidecarListenerBase, TypeURL.cluster: shared.sidecarClusterBase]
             ) { a, _ in a }
         )
         shared.problems += sidecarBase.danglingReferences()
@@ -114,26 +135,64 @@ public enum Translator {
     /// A sidecar's own part (its inbound listener and clusters) is checked here; the shared parts
     /// were checked in ``shared(_:)``.
     public static func snapshot(for node: NodeInfo, shared: Shared) throws -> NodeSnapshot {
+        var cache = Cache()
+        return try snapshot(for: node, shared: shared, cache: &cache, previous: nil)
+    }
+
+    /// - Parameters:
+    ///   - cache: the node's inbound parts are reused while its own instances stay the same.
+    ///   - previous: the node's last snapshot; its listener and cluster types are reused when they
+    ///     were built from the same bases and inbound listener (a push that changed only endpoints
+    ///     or routes costs a dictionary update per node).
+    public static func snapshot(
+        for node: NodeInfo,
+        shared: Shared,
+        cache: inout Cache,
+        previous: NodeSnapshot?
+    ) throws -> NodeSnapshot {
         switch node.role {
         case .sidecar:
-            let (listener, inboundClusters) = try inbound(shared.instancesByNode[node.id] ?? [])
-            var types = shared.sidecarShared
-            types[TypeURL.listener] = TypeSnapshot(shared.sidecarListeners + [listener])
-            types[TypeURL.cluster] = TypeSnapshot(shared.clusters + shared.passthrough + inboundClusters)
-            let snapshot = NodeSnapshot(types: types)
-            let clusters = snapshot[TypeURL.cluster].resources
-            let missing = listener.references.filter { clusters[$0.name] == nil }
-            guard missing.isEmpty else {
-                throw InconsistentSnapshot(
-                    problems: missing.map { "listener virtualInbound names missing cluster \($0.name)" }
-                )
+            let own = shared.instancesByNode[node.id] ?? []
+            let inbound: (instances: [Instance], listener: XDSResource, clusters: [XDSResource])
+            if let cached = cache.inbound[node.id], cached.instances == own {
+                inbound = cached
+            } else {
+                let (listener, clusters) = try self.inbound(own)
+                inbound = (own, listener, clusters)
+                cache.inbound[node.id] = inbound
             }
+            let origin =
+                "\(shared.sidecarListenerBase.version)/\(shared.sidecarClusterBase.version)/\(inbound.listener.version)"
+            var types = shared.sidecarShared
+            if let previous, previous.origin == origin, let lds = previous.types[TypeURL.listener],
+                let cds = previous.types[TypeURL.cluster]
+            {
+                types[TypeURL.listener] = lds
+                types[TypeURL.cluster] = cds
+            } else {
+                let cds = TypeSnapshot(base: shared.sidecarClusterBase, adding: inbound.clusters)
+                let missing = inbound.listener.references.filter { cds.resources[$0.name] == nil }
+                guard missing.isEmpty else {
+                    throw InconsistentSnapshot(
+                        problems: missing.map { "listener virtualInbound names missing cluster \($0.name)" }
+                    )
+                }
+                types[TypeURL.listener] = TypeSnapshot(base: shared.sidecarListenerBase, adding: [inbound.listener])
+                types[TypeURL.cluster] = cds
+            }
+            var snapshot = NodeSnapshot(types: types)
+            snapshot.origin = origin
             return snapshot
         case .gateway(let name):
             return shared.gateways[name] ?? shared.emptyGateway
         case .proxyless:
             return shared.proxyless
         }
+    }
+
+    /// Drops what was kept for nodes that are gone.
+    public static func forget(_ node: String, cache: inout Cache) {
+        cache.inbound[node] = nil
     }
 
     public struct InconsistentSnapshot: Error, CustomStringConvertible {
