@@ -348,6 +348,20 @@ struct SimulatedSidecar {
         }
     }
 
+    /// The route configurations a listener names through RDS, as Envoy would subscribe to them.
+    static func routeNames(_ any: Google_Protobuf_Any) -> [String] {
+        guard let listener = try? Envoy_Config_Listener_V3_Listener(unpackingAny: any) else { return [] }
+        return (listener.filterChains.flatMap(\.filters) + listener.defaultFilterChain.filters).compactMap { filter in
+            guard
+                let hcm = try? Envoy_Extensions_Filters_Network_HttpConnectionManager_V3_HttpConnectionManager(
+                    unpackingAny: filter.typedConfig
+                ),
+                case .rds(let rds)? = hcm.routeSpecifier
+            else { return nil }
+            return rds.routeConfigName
+        }
+    }
+
     var envoyNode: Envoy_Config_Core_V3_Node {
         var n = Envoy_Config_Core_V3_Node()
         n.id = node
@@ -403,20 +417,7 @@ struct SimulatedSidecar {
                             sink.yield(request(TypeURL.clusterLoadAssignment, names))
                         }
                     case TypeURL.listener:
-                        var names: Set<String> = []
-                        for any in message.resources {
-                            guard let l = try? Envoy_Config_Listener_V3_Listener(unpackingAny: any) else { continue }
-                            for filter in l.filterChains.flatMap(\.filters) + l.defaultFilterChain.filters {
-                                if let hcm =
-                                    try? Envoy_Extensions_Filters_Network_HttpConnectionManager_V3_HttpConnectionManager(
-                                        unpackingAny: filter.typedConfig
-                                    ),
-                                    case .rds(let rds)? = hcm.routeSpecifier
-                                {
-                                    names.insert(rds.routeConfigName)
-                                }
-                            }
-                        }
+                        let names = Set(message.resources.flatMap(SimulatedSidecar.routeNames))
                         sink.yield(request(TypeURL.listener, nonce: message.nonce, version: message.versionInfo))
                         if names.sorted() != rdsNames {
                             rdsNames = names.sorted()
@@ -490,22 +491,8 @@ struct SimulatedSidecar {
                         }
                         if !new.isEmpty { sink.yield(request(TypeURL.clusterLoadAssignment, subscribe: new)) }
                     case TypeURL.listener:
-                        var new: [String] = []
-                        for r in message.resources {
-                            guard let l = try? Envoy_Config_Listener_V3_Listener(unpackingAny: r.resource) else {
-                                continue
-                            }
-                            for filter in l.filterChains.flatMap(\.filters) + l.defaultFilterChain.filters {
-                                if let hcm =
-                                    try? Envoy_Extensions_Filters_Network_HttpConnectionManager_V3_HttpConnectionManager(
-                                        unpackingAny: filter.typedConfig
-                                    ),
-                                    case .rds(let rds)? = hcm.routeSpecifier,
-                                    rdsNames.insert(rds.routeConfigName).inserted
-                                {
-                                    new.append(rds.routeConfigName)
-                                }
-                            }
+                        let new = message.resources.flatMap { SimulatedSidecar.routeNames($0.resource) }.filter {
+                            rdsNames.insert($0).inserted
                         }
                         if !new.isEmpty { sink.yield(request(TypeURL.routeConfiguration, subscribe: new)) }
                     case TypeURL.clusterLoadAssignment:

