@@ -63,6 +63,15 @@ let package = Package(
             swiftSettings: swiftSettings
         ),
         .target(
+            name: "TrellisHTTP",
+            dependencies: [
+                .product(name: "NIOCore", package: "swift-nio"),
+                .product(name: "NIOPosix", package: "swift-nio"),
+                .product(name: "NIOHTTP1", package: "swift-nio"),
+            ],
+            swiftSettings: swiftSettings
+        ),
+        .target(
             name: "Interceptor",
             dependencies: [
                 "CNetfilterQueue",
@@ -106,6 +115,7 @@ let package = Package(
                 "Proxy",
                 "XDS",
                 "TrellisConfig",
+                "TrellisHTTP",
                 .product(name: "Yams", package: "Yams"),
                 .product(name: "Logging", package: "swift-log"),
             ],
@@ -116,6 +126,7 @@ let package = Package(
             dependencies: [
                 "XDS",
                 "TrellisConfig",
+                "TrellisHTTP",
                 .product(name: "Logging", package: "swift-log"),
                 .product(name: "CoreMetrics", package: "swift-metrics"),
                 .product(name: "GRPCCore", package: "grpc-swift-2"),
@@ -184,6 +195,17 @@ let package = Package(
         ),
 
         // MARK: Tests
+        // Helpers shared by test targets (real peers on loopback, a whole pilot in-process).
+        .target(
+            name: "TrellisTestSupport",
+            dependencies: [
+                "Pilot",
+                .product(name: "Logging", package: "swift-log"),
+                .product(name: "Prometheus", package: "swift-prometheus"),
+            ],
+            path: "Tests/TestSupport",
+            swiftSettings: swiftSettings
+        ),
         .testTarget(
             name: "ProxyTests",
             dependencies: [
@@ -201,6 +223,8 @@ let package = Package(
             name: "PilotTests",
             dependencies: [
                 "Pilot",
+                "TrellisTestSupport",
+                "TrellisHTTP",
                 "TrellisConfig",
                 .product(name: "Prometheus", package: "swift-prometheus"),
                 "XDS",
@@ -240,6 +264,9 @@ let package = Package(
             name: "AgentTests",
             dependencies: [
                 "Agent",
+                "Pilot",
+                "TrellisHTTP",
+                "TrellisTestSupport",
                 "TrellisConfig",
                 "Proxy",
             ],

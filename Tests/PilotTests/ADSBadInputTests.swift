@@ -3,6 +3,7 @@ import GRPCCore
 import GRPCNIOTransportHTTP2
 import SwiftProtobuf
 import Testing
+import TrellisTestSupport
 import XDS
 
 @testable import Pilot

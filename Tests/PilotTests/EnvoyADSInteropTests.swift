@@ -4,6 +4,7 @@ import GRPCNIOTransportHTTP2
 import Logging
 import SwiftProtobuf
 import Testing
+import TrellisTestSupport
 import XDS
 
 @testable import Pilot

@@ -1,6 +1,7 @@
 import Foundation
 import Testing
 import TrellisConfig
+import TrellisTestSupport
 
 @testable import Pilot
 

@@ -2,6 +2,8 @@ import Foundation
 import Logging
 import Synchronization
 import Testing
+import TrellisHTTP
+import TrellisTestSupport
 
 @testable import Pilot
 
@@ -141,7 +143,7 @@ struct RegistryTests {
         #expect(instance.locality == Locality(region: "eu", zone: "eu-1a"))
         #expect(instance.labels == ["team": "orders-team", "rack": "r7"])  // the registration's own label wins
         // A malformed document is refused whole, with the key that is wrong.
-        #expect(throws: HTTPGet.Failure.self) {
+        #expect(throws: HTTPClient.Failure.self) {
             try CMDBSource.parse(Array(#"{"machines": [{"hostname": "vm-b"}, {"hostname": 7}]}"#.utf8))
         }
         do {

@@ -1,6 +1,7 @@
 import Logging
 import SwiftProtobuf
 import Testing
+import TrellisTestSupport
 import XDS
 
 @testable import Pilot

@@ -25,9 +25,7 @@ public enum CaptureConfigLoader {
         let config: CaptureConfig
         do {
             let root = try ConfigNode.root(yaml: yaml, file: file)
-            let top = try root.mapping(allowed: [
-                "capture", "services", "pilot", "drain_deadline", "listeners", "admin",
-            ])
+            let top = try root.mapping(allowed: AgentConfigLoader.topLevelKeys)
             config = try top["capture"].map(load) ?? CaptureConfig()
         } catch {
             throw ConfigFileErrors([error])
@@ -41,7 +39,7 @@ public enum CaptureConfigLoader {
         return config
     }
 
-    private static func load(_ node: ConfigNode) throws(ConfigFileError) -> CaptureConfig {
+    static func load(_ node: ConfigNode) throws(ConfigFileError) -> CaptureConfig {
         let keys = try node.mapping(allowed: [
             "inbound_ports", "inbound_exclude_ports", "outbound_include_cidrs", "outbound_exclude_cidrs",
             "exclude_ports", "capture_loopback", "agent_mark", "agent_uid", "agent_gid", "ipv4", "ipv6", "gate",

@@ -1,6 +1,7 @@
 import FoundationEssentials
 public import Logging
 public import ServiceLifecycle
+import TrellisHTTP
 
 /// Polls a CMDB's HTTP JSON endpoint for machine metadata and merges it into the registry: the
 /// region, zone and labels of each machine, matched to instances by node id (= hostname). A
@@ -12,6 +13,7 @@ public import ServiceLifecycle
 /// ```
 public struct CMDBSource: Service {
     let url: String
+    let target: HTTPClient.URL
     let interval: Duration
     let timeout: Duration
     let registry: Registry
@@ -27,7 +29,7 @@ public struct CMDBSource: Service {
         metrics: PilotMetrics = .init()
     ) throws {
         self.metrics = metrics
-        _ = try HTTPGet.URL(url)
+        self.target = try HTTPClient.URL(url)
         self.url = url
         self.interval = interval
         self.timeout = timeout
@@ -46,9 +48,9 @@ public struct CMDBSource: Service {
     @discardableResult
     public func pollOnce() async -> Bool {
         do {
-            let (status, body) = try await HTTPGet.get(try HTTPGet.URL(url), timeout: timeout)
-            guard status == 200 else { throw HTTPGet.Failure(description: "HTTP status \(status)") }
-            let machines = try Self.parse(body)
+            let response = try await HTTPClient().request("GET", target, timeout: timeout)
+            guard response.status == 200 else { throw HTTPClient.Failure("HTTP status \(response.status)") }
+            let machines = try Self.parse(response.body)
             await registry.setMachines(machines)
             metrics.cmdbPoll(ok: true)
             return true
@@ -68,10 +70,10 @@ public struct CMDBSource: Service {
         do throws(APIError) {
             root = try JSONFields(try JSONValue.parse(body), allowed: ["machines"])
         } catch {
-            throw HTTPGet.Failure(description: error.message)
+            throw HTTPClient.Failure(error.message)
         }
         guard case .array(let list)? = root.fields["machines"] else {
-            throw HTTPGet.Failure(description: "machines: expected a list")
+            throw HTTPClient.Failure("machines: expected a list")
         }
         var result: [String: MachineMetadata] = [:]
         for (i, item) in list.enumerated() {
@@ -101,7 +103,7 @@ public struct CMDBSource: Service {
                     labels: labels
                 )
             } catch {
-                throw HTTPGet.Failure(description: error.message)
+                throw HTTPClient.Failure(error.message)
             }
         }
         return result

@@ -1,4 +1,4 @@
-import Foundation
+public import Foundation
 import Testing
 
 #if canImport(Glibc)
@@ -6,8 +6,8 @@ import Glibc
 #endif
 
 /// Helpers for tests that run real peers (Envoy, Python servers, curl) on loopback.
-enum Peers {
-    static func which(_ name: String) -> String? {
+public enum Peers {
+    public static func which(_ name: String) -> String? {
         let path = ProcessInfo.processInfo.environment["PATH"] ?? "/usr/bin:/bin"
         for dir in path.split(separator: ":").map(String.init)
         where FileManager.default.isExecutableFile(atPath: "\(dir)/\(name)") {
@@ -16,10 +16,10 @@ enum Peers {
         return nil
     }
 
-    static var envoyMissing: Bool { which("envoy") == nil }
+    public static var envoyMissing: Bool { which("envoy") == nil }
 
     /// Debian's python3 with PyPI grpcio importable (scripts/bootstrap.sh installs it).
-    static var grpcioMissing: Bool {
+    public static var grpcioMissing: Bool {
         let process = Process()
         process.executableURL = URL(fileURLWithPath: "/usr/bin/env")
         process.arguments = ["python3", "-c", "import grpc, grpc_health.v1.health_pb2"]
@@ -31,7 +31,7 @@ enum Peers {
     }
 
     /// Whether nothing listens on these TCP ports (any address).
-    static func portsFree(_ ports: [Int]) -> Bool {
+    public static func portsFree(_ ports: [Int]) -> Bool {
         ports.allSatisfy { port in
             let fd = socket(AF_INET, Int32(SOCK_STREAM.rawValue), 0)
             defer { close(fd) }
@@ -47,7 +47,7 @@ enum Peers {
         }
     }
 
-    static func freePort() -> Int {
+    public static func freePort() -> Int {
         let fd = socket(AF_INET, Int32(SOCK_STREAM.rawValue), 0)
         defer { close(fd) }
         var addr = sockaddr_in()
@@ -67,10 +67,10 @@ enum Peers {
 
     /// A child process killed (SIGKILL: a child of the test process may inherit a mask that blocks
     /// SIGTERM) and reaped when the value is stopped.
-    final class Child: @unchecked Sendable {
-        let process = Process()
+    public final class Child: @unchecked Sendable {
+        public let process = Process()
 
-        init(_ arguments: [String], environment: [String: String]? = nil, output: URL? = nil) throws {
+        public init(_ arguments: [String], environment: [String: String]? = nil, output: URL? = nil) throws {
             process.executableURL = URL(fileURLWithPath: "/usr/bin/env")
             process.arguments = arguments
             if let environment {
@@ -88,7 +88,7 @@ enum Peers {
             try process.run()
         }
 
-        func stop() {
+        public func stop() {
             guard process.isRunning else { return }
             kill(process.processIdentifier, SIGKILL)
             process.waitUntilExit()
@@ -98,7 +98,7 @@ enum Peers {
     }
 
     /// Python's http.server serving one file `hello` whose contents are `body`.
-    static func pythonHTTPServer(port: Int, body: String, root: URL) throws -> Child {
+    public static func pythonHTTPServer(port: Int, body: String, root: URL) throws -> Child {
         let dir = root.appendingPathComponent("upstream-\(port)")
         try FileManager.default.createDirectory(at: dir, withIntermediateDirectories: true)
         try body.write(to: dir.appendingPathComponent("hello"), atomically: true, encoding: .utf8)
@@ -107,7 +107,7 @@ enum Peers {
 
     /// An HTTP request through curl: the status (0 when there was no answer) and the body. Waits
     /// without blocking a thread (tests share a small cooperative pool with the servers they test).
-    static func http(
+    public static func http(
         _ method: String,
         _ url: String,
         body: String? = nil,
@@ -139,7 +139,8 @@ enum Peers {
     }
 
     /// Polls `condition` every 50 ms until it holds or `timeout` passes; returns whether it held.
-    static func eventually(within timeout: Duration, _ condition: () async throws -> Bool) async rethrows -> Bool {
+    public static func eventually(within timeout: Duration, _ condition: () async throws -> Bool) async rethrows -> Bool
+    {
         let deadline = ContinuousClock.now + timeout
         while ContinuousClock.now < deadline {
             if try await condition() { return true }
@@ -148,7 +149,7 @@ enum Peers {
         return try await condition()
     }
 
-    static func temporaryDirectory(_ name: String) throws -> URL {
+    public static func temporaryDirectory(_ name: String) throws -> URL {
         let dir = FileManager.default.temporaryDirectory.appendingPathComponent(
             "trellis-\(name)-\(getpid())-\(UInt32.random(in: 0...UInt32.max))"
         )

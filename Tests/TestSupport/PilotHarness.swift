@@ -1,22 +1,21 @@
-import Foundation
-import Logging
-import Prometheus
+public import Foundation
+public import Logging
+public import Pilot
+public import Prometheus
 import Testing
-
-@testable import Pilot
 
 /// A whole pilot (registry over a real SQLite store, xDS server, HTTP API) started in-process on
 /// free loopback ports, and stopped at the end of `body`, also when it throws.
-struct PilotHarness {
-    let server: PilotServer
-    let xdsPort: Int
-    let httpPort: Int
+public struct PilotHarness {
+    public let server: PilotServer
+    public let xdsPort: Int
+    public let httpPort: Int
     /// This pilot's own metrics (also served on its /metrics).
-    let prometheus: PrometheusCollectorRegistry
+    public let prometheus: PrometheusCollectorRegistry
 
-    var api: String { "http://127.0.0.1:\(httpPort)" }
+    public var api: String { "http://127.0.0.1:\(httpPort)" }
 
-    static func run<T: Sendable>(
+    public static func run<T: Sendable>(
         store: any RegistryStore,
         mesh: MeshConfig = .empty,
         xdsPort: Int = Peers.freePort(),
@@ -71,7 +70,7 @@ struct PilotHarness {
     }
 
     /// The value of one sample line of /metrics (`name{labels}`), or nil.
-    func metric(_ sample: String) async -> Double? {
+    public func metric(_ sample: String) async -> Double? {
         let text = await Peers.http("GET", "\(api)/metrics").body
         for line in text.split(separator: "\n") where line.hasPrefix(sample + " ") {
             return Double(line.split(separator: " ").last ?? "")
@@ -79,25 +78,25 @@ struct PilotHarness {
         return nil
     }
 
-    struct HarnessError: Error, CustomStringConvertible {
-        var description: String
+    public struct HarnessError: Error, CustomStringConvertible {
+        public var description: String
     }
 
     /// Registers an instance through the HTTP API; returns the status.
     @discardableResult
-    func register(_ json: String) async -> Int {
+    public func register(_ json: String) async -> Int {
         await Peers.http("POST", "\(api)/v1/instances", body: json).status
     }
 
     @discardableResult
-    func deregister(service: String, address: String, port: Int) async -> Int {
+    public func deregister(service: String, address: String, port: Int) async -> Int {
         await Peers.http("DELETE", "\(api)/v1/instances/\(service)/\(address)/\(port)").status
     }
 }
 
 /// An Envoy bootstrap with only an ADS cluster pointing at pilot.
-enum EnvoyBootstrap {
-    static func yaml(
+public enum EnvoyBootstrap {
+    public static func yaml(
         nodeID: String,
         adsPort: Int,
         adminPort: Int,
@@ -131,7 +130,7 @@ enum EnvoyBootstrap {
             """
     }
 
-    static func start(
+    public static func start(
         in dir: URL,
         nodeID: String,
         adsPort: Int,
@@ -155,7 +154,7 @@ enum EnvoyBootstrap {
 
 extension Logger {
     /// A logger for tests: only critical messages.
-    static var quiet: Logger {
+    public static var quiet: Logger {
         var logger = Logger(label: "test.pilot")
         logger.logLevel = .critical
         return logger

@@ -1,0 +1,231 @@
+public import Interceptor
+public import TrellisConfig
+
+/// `/etc/trellis/agent.yaml`: who this machine is, where pilot is, the local services to register
+/// and health-check, capture settings, and the drain deadline. See `examples/agent.yaml`.
+public struct AgentConfig: Sendable {
+    /// This machine's node id (pilot's `node`); the executable defaults it to the hostname.
+    public var node: String?
+    /// Pilot's HTTP API and xDS addresses.
+    public var pilotAPI: HostPort?
+    public var pilotXDS: HostPort?
+    /// The address peers reach this machine's services at, as registered with pilot.
+    public var registerAddress: String?
+    /// Lease length for registrations; renewed every third of it.
+    public var leaseTTL: Duration = .seconds(30)
+    public var services: [LocalService] = []
+    public var capture = CaptureConfig()
+    public var drainDeadline: Duration = .seconds(30)
+
+    public init() {}
+}
+
+public struct HostPort: Sendable, Hashable, CustomStringConvertible {
+    public var host: String
+    public var port: Int
+    public init(host: String, port: Int) {
+        self.host = host
+        self.port = port
+    }
+    public var description: String { host.contains(":") ? "[\(host)]:\(port)" : "\(host):\(port)" }
+}
+
+/// A service of this machine: the local port its (unmodified) program listens on.
+public struct LocalService: Sendable, Hashable {
+    public enum ServiceProtocol: String, Sendable, CaseIterable {
+        case http, http2, grpc, tcp
+    }
+
+    public var name: String
+    /// Where the local program listens (on 127.0.0.1 and the registered address).
+    public var port: Int
+    /// The port clients dial; defaults to `port`.
+    public var servicePort: Int
+    public var serviceProtocol: ServiceProtocol
+    public var labels: [String: String]
+    public var weight: Int
+    public var healthCheck: HealthCheck?
+
+    public init(
+        name: String,
+        port: Int,
+        servicePort: Int? = nil,
+        serviceProtocol: ServiceProtocol = .http,
+        labels: [String: String] = [:],
+        weight: Int = 1,
+        healthCheck: HealthCheck? = nil
+    ) {
+        self.name = name
+        self.port = port
+        self.servicePort = servicePort ?? port
+        self.serviceProtocol = serviceProtocol
+        self.labels = labels
+        self.weight = weight
+        self.healthCheck = healthCheck
+    }
+}
+
+/// How the agent checks a local service: an HTTP GET answered 2xx, or a TCP connect.
+public struct HealthCheck: Sendable, Hashable {
+    public enum Kind: Sendable, Hashable {
+        case http(path: String)
+        case tcp
+    }
+    public var kind: Kind
+    public var interval: Duration
+    public var timeout: Duration
+    /// Consecutive successes that make an unhealthy service healthy, and failures for the reverse.
+    public var healthyThreshold: Int
+    public var unhealthyThreshold: Int
+
+    public init(
+        kind: Kind,
+        interval: Duration = .seconds(5),
+        timeout: Duration = .seconds(1),
+        healthyThreshold: Int = 2,
+        unhealthyThreshold: Int = 3
+    ) {
+        self.kind = kind
+        self.interval = interval
+        self.timeout = timeout
+        self.healthyThreshold = healthyThreshold
+        self.unhealthyThreshold = unhealthyThreshold
+    }
+}
+
+/// Reads the whole agent.yaml. Parsing only: the executable reads the file.
+public enum AgentConfigLoader {
+    static let topLevelKeys: Set<String> = [
+        "node", "pilot", "register", "services", "capture", "drain_deadline", "listeners", "admin",
+    ]
+
+    /// - Throws: ``ConfigFileErrors`` naming file, line, key path and what was expected.
+    public static func parse(yaml: String, file: String) throws(ConfigFileErrors) -> AgentConfig {
+        var config = AgentConfig()
+        do throws(ConfigFileError) {
+            let root = try ConfigNode.root(yaml: yaml, file: file)
+            let top = try root.mapping(allowed: topLevelKeys)
+            if let n = top["node"] {
+                let id = try n.nonEmptyString()
+                guard id.utf8.count <= 253, id.utf8.allSatisfy({ $0 > 32 && $0 < 127 && $0 != 47 }) else {
+                    throw n.error("expected printable ASCII without spaces or '/', at most 253 bytes")
+                }
+                config.node = id
+            }
+            if let n = top["pilot"] {
+                let p = try n.mapping(allowed: ["api", "xds"])
+                if let a = p["api"] {
+                    let (host, port) = try a.endpoint()
+                    config.pilotAPI = HostPort(host: host, port: port)
+                }
+                if let x = p["xds"] {
+                    let (host, port) = try x.endpoint()
+                    config.pilotXDS = HostPort(host: host, port: port)
+                }
+            }
+            if let n = top["register"] {
+                let r = try n.mapping(allowed: ["address", "ttl"])
+                if let a = r["address"] { config.registerAddress = try ipAddress(a) }
+                if let t = r["ttl"] {
+                    let ttl = try t.duration()
+                    guard ttl >= .seconds(5) && ttl <= .seconds(3600) else {
+                        throw t.error("expected a lease between 5s and 1h")
+                    }
+                    config.leaseTTL = ttl
+                }
+            }
+            var names: Set<String> = []
+            for item in try top["services"]?.sequence() ?? [] {
+                let service = try self.service(item)
+                guard names.insert("\(service.name):\(service.servicePort)").inserted else {
+                    throw item.error("service '\(service.name):\(service.servicePort)' is listed twice")
+                }
+                config.services.append(service)
+            }
+            if !config.services.isEmpty {
+                guard config.pilotAPI != nil else { throw root.error("services are listed but pilot.api is missing") }
+                guard config.registerAddress != nil else {
+                    throw root.error("services are listed but register.address is missing")
+                }
+            }
+            if let c = top["capture"] { config.capture = try CaptureConfigLoader.load(c) }
+            if let d = top["drain_deadline"] {
+                let deadline = try d.duration()
+                guard deadline <= .seconds(3600) else { throw d.error("expected at most 1h") }
+                config.drainDeadline = deadline
+            }
+        } catch {
+            throw ConfigFileErrors([error])
+        }
+        let problems = config.capture.validationErrors()
+        guard problems.isEmpty else {
+            throw ConfigFileErrors(
+                problems.map { ConfigFileError(file: file, path: "capture.\($0.path)", message: $0.message) }
+            )
+        }
+        return config
+    }
+
+    private static func ipAddress(_ node: ConfigNode) throws(ConfigFileError) -> String {
+        let text = try node.nonEmptyString()
+        guard (try? CIDR(text.contains(":") ? "\(text)/128" : "\(text)/32")) != nil else {
+            throw node.error("expected an IPv4 or IPv6 address, got '\(text)'")
+        }
+        return text
+    }
+
+    private static func service(_ node: ConfigNode) throws(ConfigFileError) -> LocalService {
+        let keys = try node.mapping(allowed: [
+            "name", "port", "service_port", "protocol", "labels", "weight", "health_check",
+        ])
+        let nameNode = try keys.required("name", in: node)
+        let name = try nameNode.nonEmptyString()
+        func alnum(_ c: UInt8) -> Bool { (c >= 97 && c <= 122) || (c >= 48 && c <= 57) }
+        guard (1...63).contains(name.utf8.count), alnum(name.utf8.first!), alnum(name.utf8.last!),
+            name.utf8.allSatisfy({ alnum($0) || $0 == 45 || $0 == 46 })
+        else {
+            throw nameNode.error("expected lowercase letters, digits, '-' and '.' (1 to 63), got '\(name)'")
+        }
+        var service = LocalService(name: name, port: try keys.required("port", in: node).int(in: 1...65535))
+        if let p = keys["service_port"] { service.servicePort = try p.int(in: 1...65535) }
+        if let p = keys["protocol"] {
+            let text = try p.nonEmptyString()
+            guard let value = LocalService.ServiceProtocol(rawValue: text) else {
+                throw p.error("expected http, http2, grpc or tcp, got '\(text)'")
+            }
+            service.serviceProtocol = value
+        }
+        if let l = keys["labels"] { service.labels = try l.stringMap() }
+        if let w = keys["weight"] { service.weight = try w.int(in: 1...128) }
+        if let h = keys["health_check"] {
+            let hk = try h.mapping(allowed: [
+                "http", "tcp", "interval", "timeout", "healthy_threshold", "unhealthy_threshold",
+            ])
+            let kinds = ["http", "tcp"].filter { hk[$0] != nil }
+            guard kinds.count == 1 else { throw h.error("expected exactly one of http (a path) or tcp: true") }
+            let kind: HealthCheck.Kind
+            if let path = hk["http"] {
+                let text = try path.nonEmptyString()
+                guard text.hasPrefix("/") else { throw path.error("expected a path starting with '/', got '\(text)'") }
+                kind = .http(path: text)
+            } else {
+                guard try hk["tcp"]!.bool() else { throw hk["tcp"]!.error("expected true") }
+                kind = .tcp
+            }
+            var check = HealthCheck(kind: kind)
+            if let i = hk["interval"] {
+                check.interval = try i.duration()
+                guard check.interval >= .milliseconds(100) else { throw i.error("expected at least 100ms") }
+            }
+            if let t = hk["timeout"] {
+                check.timeout = try t.duration()
+                guard check.timeout > .zero else { throw t.error("expected a timeout above 0") }
+            }
+            if check.timeout > check.interval { throw h.error("timeout must not exceed interval") }
+            if let n = hk["healthy_threshold"] { check.healthyThreshold = try n.int(in: 1...100) }
+            if let n = hk["unhealthy_threshold"] { check.unhealthyThreshold = try n.int(in: 1...100) }
+            service.healthCheck = check
+        }
+        return service
+    }
+}

@@ -1,0 +1,227 @@
+import FoundationEssentials
+public import Logging
+public import TrellisHTTP
+
+/// Registers this machine's services with pilot's HTTP API and keeps them current: a lease renewed
+/// every third of its TTL (an instance pilot no longer knows is registered again), health checks
+/// with thresholds whose changes are reported, drain and undrain for the whole node, and
+/// deregistration on the way out. Pilot being unreachable is retried with back-off; the local
+/// services keep running whatever pilot says.
+public actor PilotRegistrar {
+    public enum ReportedStatus: String, Sendable {
+        case healthy, unhealthy, draining
+    }
+
+    /// What the agent knows of one service, for `trellis-agent status`.
+    public struct ServiceState: Sendable, Equatable {
+        public var registered = false
+        public var healthy = true
+        public var lastError: String?
+    }
+
+    let node: String
+    let api: HTTPClient.URL
+    let address: String
+    let ttl: Duration
+    let services: [LocalService]
+    let client: HTTPClient
+    let logger: Logger
+    /// Where health checks connect (the local program).
+    let checkHost: String
+    public private(set) var draining = false
+    public private(set) var states: [String: ServiceState] = [:]
+
+    public init(
+        node: String,
+        pilotAPI: HostPort,
+        registerAddress: String,
+        ttl: Duration,
+        services: [LocalService],
+        checkHost: String = "127.0.0.1",
+        client: HTTPClient = HTTPClient(),
+        logger: Logger
+    ) {
+        self.node = node
+        self.api = HTTPClient.URL(host: pilotAPI.host, port: pilotAPI.port, path: "/")
+        self.address = registerAddress
+        self.ttl = ttl
+        self.services = services
+        self.checkHost = checkHost
+        self.client = client
+        self.logger = logger
+        for service in services { states[Self.key(service)] = ServiceState() }
+    }
+
+    static func key(_ service: LocalService) -> String { "\(service.name):\(service.servicePort)" }
+
+    /// Runs every service's loop until cancelled.
+    public func run() async {
+        await withTaskGroup(of: Void.self) { group in
+            for service in services {
+                group.addTask { await self.loop(service) }
+            }
+        }
+    }
+
+    // MARK: Drain
+
+    /// Marks every instance of this node draining in pilot (peers stop sending new requests).
+    public func drain() async throws {
+        draining = true
+        let response = try await client.request(
+            "PUT",
+            api.with(path: "/v1/nodes/\(node)/status"),
+            json: #"{"status": "draining"}"#
+        )
+        guard response.status == 200 else {
+            throw HTTPClient.Failure("pilot answered \(response.status): \(response.text)")
+        }
+        logger.info("node draining", metadata: ["node": "\(node)"])
+    }
+
+    /// Reports each service's health again instead of draining.
+    public func undrain() async throws {
+        draining = false
+        for service in services {
+            try await report(service, status: (states[Self.key(service)]?.healthy ?? true) ? .healthy : .unhealthy)
+        }
+        logger.info("node no longer draining", metadata: ["node": "\(node)"])
+    }
+
+    /// Removes this node's instances from pilot (best effort; the leases would run out anyway).
+    public func deregisterAll() async {
+        for service in services {
+            let path = "/v1/instances/\(service.name)/\(address)/\(service.port)"
+            let response = try? await client.request("DELETE", api.with(path: path), timeout: .seconds(2))
+            if response?.status == 204 { states[Self.key(service)]?.registered = false }
+        }
+    }
+
+    // MARK: One service
+
+    private func status(_ service: LocalService) -> ReportedStatus {
+        draining ? .draining : ((states[Self.key(service)]?.healthy ?? true) ? .healthy : .unhealthy)
+    }
+
+    private func update(_ service: LocalService, _ change: (inout ServiceState) -> Void) {
+        change(&states[Self.key(service), default: ServiceState()])
+    }
+
+    private nonisolated func loop(_ service: LocalService) async {
+        let clock = ContinuousClock()
+        var health = HealthState(healthy: true)
+        if let check = service.healthCheck {
+            // The first answer decides the status registered with; thresholds apply afterwards.
+            health = HealthState(
+                healthy: await HealthProbe.check(check, host: checkHost, port: service.port, client: client)
+            )
+            await update(service) { $0.healthy = health.healthy }
+        }
+        var nextCheck = clock.now + (service.healthCheck?.interval ?? .seconds(3600))
+        var nextRenew = clock.now
+        var backoff: Duration = .milliseconds(500)
+        var registered = false
+        while !Task.isCancelled {
+            if !registered {
+                do {
+                    try await register(service)
+                    registered = true
+                    backoff = .milliseconds(500)
+                    nextRenew = clock.now + ttl / 3
+                } catch {
+                    await update(service) { $0.lastError = "\(error)" }
+                    try? await Task.sleep(for: backoff)
+                    backoff = min(backoff * 2, .seconds(10))
+                    continue
+                }
+            }
+            if let check = service.healthCheck, clock.now >= nextCheck {
+                let ok = await HealthProbe.check(check, host: checkHost, port: service.port, client: client)
+                nextCheck = clock.now + check.interval
+                if health.record(ok, check) {
+                    await update(service) { $0.healthy = health.healthy }
+                    logger.notice(
+                        "health changed",
+                        metadata: ["service": "\(Self.key(service))", "healthy": "\(health.healthy)"]
+                    )
+                    do {
+                        try await report(service, status: await status(service))
+                    } catch {
+                        registered = false  // registering again carries the current status
+                    }
+                }
+            }
+            if clock.now >= nextRenew {
+                do {
+                    let response = try await client.request(
+                        "PUT",
+                        api.with(path: "/v1/instances/\(service.name)/\(address)/\(service.port)/lease")
+                    )
+                    if response.status == 404 {
+                        logger.notice(
+                            "pilot does not know this instance; registering again",
+                            metadata: ["service": "\(Self.key(service))"]
+                        )
+                        registered = false
+                        continue
+                    }
+                    guard response.status == 200 else { throw HTTPClient.Failure("pilot answered \(response.status)") }
+                    nextRenew = clock.now + ttl / 3
+                } catch {
+                    await update(service) { $0.lastError = "\(error)" }
+                    nextRenew = clock.now + .seconds(1)
+                }
+            }
+            let wake = min(nextRenew, service.healthCheck == nil ? nextRenew : nextCheck)
+            try? await Task.sleep(until: wake, clock: clock)
+        }
+    }
+
+    private func register(_ service: LocalService) async throws {
+        let labels = service.labels.map { "\(Self.quote($0.key)): \(Self.quote($0.value))" }.sorted().joined(
+            separator: ", "
+        )
+        let json = """
+            {"service": \(Self.quote(service.name)), "address": \(Self.quote(address)), "port": \(service.port),
+             "service_port": \(service.servicePort), "protocol": "\(service.serviceProtocol.rawValue)",
+             "node": \(Self.quote(node)), "labels": {\(labels)}, "weight": \(service.weight),
+             "status": "\(status(service).rawValue)", "ttl_seconds": \(ttl.components.seconds)}
+            """
+        let response = try await client.request("POST", api.with(path: "/v1/instances"), json: json)
+        guard response.status == 200 || response.status == 201 else {
+            // A refusal (a conflict, a bad name) is logged with pilot's reason; it is retried, since
+            // the operator may fix the other side.
+            logger.error(
+                "pilot refused the registration",
+                metadata: [
+                    "service": "\(Self.key(service))", "status": "\(response.status)", "answer": "\(response.text)",
+                ]
+            )
+            throw HTTPClient.Failure("pilot answered \(response.status): \(response.text)")
+        }
+        update(service) {
+            $0.registered = true
+            $0.lastError = nil
+        }
+        logger.info(
+            "registered with pilot",
+            metadata: ["service": "\(Self.key(service))", "status": "\(status(service).rawValue)"]
+        )
+    }
+
+    private func report(_ service: LocalService, status: ReportedStatus) async throws {
+        let response = try await client.request(
+            "PUT",
+            api.with(path: "/v1/instances/\(service.name)/\(address)/\(service.port)/status"),
+            json: #"{"status": "\#(status.rawValue)"}"#
+        )
+        guard response.status == 200 else {
+            throw HTTPClient.Failure("pilot answered \(response.status): \(response.text)")
+        }
+    }
+
+    static func quote(_ s: String) -> String {
+        let data = (try? JSONEncoder().encode(s)) ?? Data("\"\"".utf8)
+        return String(decoding: data, as: UTF8.self)
+    }
+}

@@ -1,0 +1,165 @@
+import Agent
+import Foundation
+import Pilot
+import Testing
+import TrellisConfig
+import TrellisTestSupport
+
+/// The agent's registration with a real pilot (in-process, real HTTP) and health checks against a
+/// real local program (Python's http.server).
+@Suite(.serialized)
+struct RegistrarTests {
+    static let examples = URL(fileURLWithPath: #filePath).deletingLastPathComponent().deletingLastPathComponent()
+        .deletingLastPathComponent().appendingPathComponent("examples")
+
+    @Test func theExampleAgentFileLoads() throws {
+        let url = Self.examples.appendingPathComponent("agent.yaml")
+        let config = try AgentConfigLoader.parse(yaml: try String(contentsOf: url, encoding: .utf8), file: url.path)
+        #expect(config.node == "vm-orders-1" && config.pilotAPI == HostPort(host: "10.0.0.10", port: 15014))
+        #expect(config.services.map(\.name) == ["orders", "billing-db"])
+        #expect(config.services[0].healthCheck?.kind == .http(path: "/healthz"))
+        #expect(
+            config.services[1].healthCheck?.kind == .tcp && config.services[1].healthCheck?.interval == .seconds(10)
+        )
+        #expect(config.leaseTTL == .seconds(30) && config.drainDeadline == .seconds(30))
+    }
+
+    @Test(arguments: [
+        ("services: [{name: web, port: 80}]\n", "services are listed but pilot.api is missing"),
+        (
+            "pilot: {api: 127.0.0.1:15014}\nregister: {address: 10.0.0.1}\nservices: [{name: Web, port: 80}]\n",
+            "services[0].name: expected lowercase"
+        ),
+        (
+            "pilot: {api: 127.0.0.1:15014}\nregister: {address: 10.0.0.1}\nservices: [{name: web, port: 80, health_check: {http: /h, tcp: true}}]\n",
+            "services[0].health_check: expected exactly one of http (a path) or tcp: true"
+        ),
+        (
+            "pilot: {api: 127.0.0.1:15014}\nregister: {address: 10.0.0.1}\nservices: [{name: web, port: 80, health_check: {http: /h, interval: 1s, timeout: 2s}}]\n",
+            "timeout must not exceed interval"
+        ),
+        ("register: {address: vm-b.local}\n", "register.address: expected an IPv4 or IPv6 address"),
+        ("register: {ttl: 1s}\n", "register.ttl: expected a lease between 5s and 1h"),
+        ("pilot: {api: nowhere}\n", "pilot.api: expected host:port"),
+        ("nodes: x\n", "nodes: unknown key 'nodes'"),
+    ])
+    func badAgentFilesNameTheKeyAndWhatWasExpected(yaml: String, expected: String) {
+        do {
+            _ = try AgentConfigLoader.parse(yaml: yaml, file: "agent.yaml")
+            Issue.record("accepted: \(yaml)")
+        } catch {
+            #expect(error.description.contains(expected), "\(error)")
+        }
+    }
+
+    /// The instance pilot lists for `port`, or nil.
+    static func listed(_ pilot: PilotHarness, port: Int) async -> String? {
+        let body = await Peers.http("GET", "\(pilot.api)/v1/instances?service=web").body
+        return body.components(separatedBy: "},{").first { $0.contains("\"port\":\(port),") }
+    }
+
+    @Test func servicesAreRegisteredKeptAliveHealthCheckedDrainedAndRegisteredAgainAfterAPilotRestart() async throws {
+        let dir = try Peers.temporaryDirectory("registrar")
+        defer { try? FileManager.default.removeItem(at: dir) }
+        let appPort = Peers.freePort()
+        let app = try Peers.pythonHTTPServer(port: appPort, body: "ok", root: dir)
+        defer { app.stop() }
+        let healthz = dir.appendingPathComponent("upstream-\(appPort)/healthz")
+        try "ok".write(to: healthz, atomically: true, encoding: .utf8)
+        let check = HealthCheck(
+            kind: .http(path: "/healthz"),
+            interval: .milliseconds(200),
+            timeout: .milliseconds(150),
+            healthyThreshold: 2,
+            unhealthyThreshold: 2
+        )
+        let tcpCheck = HealthCheck(
+            kind: .tcp,
+            interval: .milliseconds(200),
+            timeout: .milliseconds(150),
+            healthyThreshold: 1,
+            unhealthyThreshold: 2
+        )
+        let xdsPort = Peers.freePort()
+        let httpPort = Peers.freePort()
+
+        let registrar = PilotRegistrar(
+            node: "vm-test",
+            pilotAPI: HostPort(host: "127.0.0.1", port: httpPort),
+            registerAddress: "127.0.0.1",
+            ttl: .seconds(5),
+            services: [
+                LocalService(
+                    name: "web",
+                    port: appPort,
+                    servicePort: 8080,
+                    labels: ["version": "v1"],
+                    healthCheck: check
+                ),
+                LocalService(name: "web-tcp", port: appPort, serviceProtocol: .tcp, healthCheck: tcpCheck),
+            ],
+            logger: .quiet
+        )
+        let running = Task { await registrar.run() }
+        defer { running.cancel() }
+
+        try await PilotHarness.run(store: try SQLiteRegistryStore(), xdsPort: xdsPort, httpPort: httpPort) { pilot in
+            #expect(
+                await Peers.eventually(within: .seconds(5)) {
+                    await Self.listed(pilot, port: appPort)?.contains("\"status\":\"healthy\"") == true
+                }
+            )
+            let listed = await Self.listed(pilot, port: appPort) ?? ""
+            #expect(
+                listed.contains("\"node\":\"vm-test\"") && listed.contains("\"service_port\":8080")
+                    && listed.contains("\"version\":\"v1\"")
+            )
+
+            // The health check fails (404): unhealthy after two failures; back after two successes.
+            try FileManager.default.removeItem(at: healthz)
+            #expect(
+                await Peers.eventually(within: .seconds(5)) {
+                    await Self.listed(pilot, port: appPort)?.contains("\"status\":\"unhealthy\"") == true
+                }
+            )
+            try "ok".write(to: healthz, atomically: true, encoding: .utf8)
+            #expect(
+                await Peers.eventually(within: .seconds(5)) {
+                    await Self.listed(pilot, port: appPort)?.contains("\"status\":\"healthy\"") == true
+                }
+            )
+
+            // Drain and undrain the node.
+            try await registrar.drain()
+            #expect(await Self.listed(pilot, port: appPort)?.contains("\"status\":\"draining\"") == true)
+            try await registrar.undrain()
+            #expect(await Self.listed(pilot, port: appPort)?.contains("\"status\":\"healthy\"") == true)
+
+            // Leases are renewed: still there after more than a TTL.
+            try await Task.sleep(for: .seconds(6))
+            #expect(await Self.listed(pilot, port: appPort) != nil)
+        }
+
+        // A new pilot that lost everything (memory store): the agent registers again.
+        try await PilotHarness.run(store: try SQLiteRegistryStore(), xdsPort: xdsPort, httpPort: httpPort) { pilot in
+            #expect(await Peers.eventually(within: .seconds(6)) { await Self.listed(pilot, port: appPort) != nil })
+            let tcp = await Peers.http("GET", "\(pilot.api)/v1/instances?service=web-tcp").body
+            #expect(tcp.contains("\"protocol\":\"tcp\"") && tcp.contains("\"status\":\"healthy\""))
+
+            // The program stops: both checks fail.
+            app.stop()
+            #expect(
+                await Peers.eventually(within: .seconds(5)) {
+                    await Peers.http("GET", "\(pilot.api)/v1/instances?service=web-tcp").body.contains(
+                        "\"status\":\"unhealthy\""
+                    )
+                }
+            )
+
+            // On the way out the agent deregisters.
+            running.cancel()
+            await registrar.deregisterAll()
+            #expect(await Peers.http("GET", "\(pilot.api)/v1/instances").body == "[]")
+        }
+    }
+}
