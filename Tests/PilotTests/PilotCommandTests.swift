@@ -184,3 +184,28 @@ struct PilotCommandTests {
         #expect(instance.locality.zone == "eu-1b")
     }
 }
+
+/// The systemd unit that installs pilot as a service passes `systemd-analyze verify` (with the
+/// binary built next to this test bundle in place of /usr/local/bin).
+@Suite(.enabled(if: Peers.which("systemd-analyze") != nil, "needs systemd-analyze (Debian systemd): run scripts/bootstrap.sh"))
+struct PilotUnitFileTests {
+    @Test func theUnitFileVerifies() async throws {
+        let unit = URL(fileURLWithPath: #filePath).deletingLastPathComponent().deletingLastPathComponent()
+            .deletingLastPathComponent().appendingPathComponent("systemd/trellis-pilot.service")
+        let dir = try Peers.temporaryDirectory("unit")
+        defer { try? FileManager.default.removeItem(at: dir) }
+        let text = try String(contentsOf: unit, encoding: .utf8)
+        #expect(text.contains("ExecStart=/usr/local/bin/trellis-pilot serve"))
+        let copy = dir.appendingPathComponent("trellis-pilot.service")
+        try text.replacingOccurrences(of: "/usr/local/bin/trellis-pilot", with: PilotCommandTests.binary)
+            .write(to: copy, atomically: true, encoding: .utf8)
+        let log = dir.appendingPathComponent("verify.log")
+        let verify = try Peers.Child(["systemd-analyze", "verify", copy.path], output: log)
+        _ = await Peers.eventually(within: .seconds(30)) { !verify.process.isRunning }
+        verify.stop()
+        let output = (try? String(contentsOf: log, encoding: .utf8)) ?? ""
+        // Only this unit's lines matter (the host's own units may warn on a container).
+        let ours = output.split(separator: "\n").filter { $0.contains("trellis-pilot.service") }
+        #expect(verify.process.terminationStatus == 0 && ours.isEmpty, "\(output)")
+    }
+}
