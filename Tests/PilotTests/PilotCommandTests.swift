@@ -187,7 +187,12 @@ struct PilotCommandTests {
 
 /// The systemd unit that installs pilot as a service passes `systemd-analyze verify` (with the
 /// binary built next to this test bundle in place of /usr/local/bin).
-@Suite(.enabled(if: Peers.which("systemd-analyze") != nil, "needs systemd-analyze (Debian systemd): run scripts/bootstrap.sh"))
+@Suite(
+    .enabled(
+        if: Peers.which("systemd-analyze") != nil,
+        "needs systemd-analyze (Debian systemd): run scripts/bootstrap.sh"
+    )
+)
 struct PilotUnitFileTests {
     @Test func theUnitFileVerifies() async throws {
         let unit = URL(fileURLWithPath: #filePath).deletingLastPathComponent().deletingLastPathComponent()
