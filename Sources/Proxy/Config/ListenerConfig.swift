@@ -8,25 +8,51 @@ public struct ListenerConfig: Sendable, Hashable, Codable {
     public var limits: ConnectionLimits
     /// Log one line per request (method, path, status, token, cluster, endpoint, duration).
     public var accessLog: Bool
+    /// Set on the agent's capture listeners: connections arrive redirected, so their protocol is
+    /// sniffed and what is not HTTP/1 is relayed as TCP to its original destination. Nil: a plain
+    /// HTTP listener (the gateway).
+    public var transparent: TransparentMode?
 
     public init(
         name: String,
         address: SocketEndpoint,
         virtualHosts: [VirtualHost],
         limits: ConnectionLimits = .init(),
-        accessLog: Bool = false
+        accessLog: Bool = false,
+        transparent: TransparentMode? = nil
     ) {
         self.name = name
         self.address = address
         self.virtualHosts = virtualHosts
         self.limits = limits
         self.accessLog = accessLog
+        self.transparent = transparent
     }
 
     enum CodingKeys: String, CodingKey {
-        case name, address, limits
+        case name, address, limits, transparent
         case virtualHosts = "virtual_hosts"
         case accessLog = "access_log"
+    }
+}
+
+/// How a capture listener treats a redirected connection.
+public struct TransparentMode: Sendable, Hashable, Codable {
+    /// How long to wait for the client's first bytes. A client that sends nothing in this time is
+    /// talking to a server-speaks-first protocol (SMTP, MySQL, SSH banners): relayed as TCP.
+    public var sniffTimeout: Duration
+    /// The mark set (`SO_MARK`) on upstream sockets, so the capture rules let the agent's own
+    /// connections through; nil sets none.
+    public var upstreamMark: UInt32?
+
+    public init(sniffTimeout: Duration = .milliseconds(300), upstreamMark: UInt32? = nil) {
+        self.sniffTimeout = sniffTimeout
+        self.upstreamMark = upstreamMark
+    }
+
+    enum CodingKeys: String, CodingKey {
+        case sniffTimeout = "sniff_timeout"
+        case upstreamMark = "upstream_mark"
     }
 }
 

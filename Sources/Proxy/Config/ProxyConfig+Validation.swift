@@ -63,6 +63,11 @@ extension ProxyConfig {
                 fail("\(path).limits.request_header_timeout", "expected a positive duration")
             }
             if limits.idleTimeout <= .zero { fail("\(path).limits.idle_timeout", "expected a positive duration") }
+            if let transparent = listener.transparent,
+                transparent.sniffTimeout <= .zero || transparent.sniffTimeout > .seconds(10)
+            {
+                fail("\(path).transparent.sniff_timeout", "expected a duration above 0 and at most 10s")
+            }
             if listener.virtualHosts.isEmpty { fail("\(path).virtual_hosts", "expected at least one virtual host") }
 
             var domains = Set<String>()

@@ -42,6 +42,8 @@ final class DownstreamHandler: ChannelDuplexHandler {
 
     func handlerAdded(context: ChannelHandlerContext) {
         self.context = context
+        // Added after the protocol was sniffed: the channel is already active.
+        if context.channel.isActive { opened(context) }
     }
 
     func handlerRemoved(context: ChannelHandlerContext) {
@@ -52,11 +54,15 @@ final class DownstreamHandler: ChannelDuplexHandler {
     private var clientIP: String?
 
     func channelActive(context: ChannelHandlerContext) {
+        opened(context)
+        context.fireChannelActive()
+    }
+
+    private func opened(_ context: ChannelHandlerContext) {
         remoteAddress = context.channel.remoteAddress
         clientIP = remoteAddress?.ipAddress
         loop.stats.activeConnections.increment()
         loop.stats.totalConnections.increment()
-        context.fireChannelActive()
     }
 
     func channelInactive(context: ChannelHandlerContext) {

@@ -8,7 +8,9 @@ import NIOHTTP1
 /// `trellis_upstream_connect_failures_total{cluster}`,
 /// `trellis_upstream_request_duration_seconds{cluster}` (histogram),
 /// `trellis_downstream_connections_active`, `trellis_downstream_connections_total`,
-/// `trellis_downstream_requests_total`, `trellis_errors_total{token}`.
+/// `trellis_downstream_requests_total`, `trellis_errors_total{token}`,
+/// `trellis_sniffed_connections_total{protocol}` (`http1`, `tcp`),
+/// `trellis_tcp_relay_failures_total{reason}` (`no_original_destination`, `connect`).
 public final class ProxyStats: Sendable {
     private let factory: any MetricsFactory
     private let clusters = NIOLockedValueBox<[String: ClusterStats]>([:])
@@ -16,6 +18,10 @@ public final class ProxyStats: Sendable {
     let totalConnections: Counter
     let downstreamRequests: Counter
     private let errors: [String: Counter]
+    let sniffedHTTP: Counter
+    let sniffedTCP: Counter
+    let relayNoDestination: Counter
+    let relayConnectFailures: Counter
 
     public init(factory: any MetricsFactory = MetricsSystem.factory) {
         self.factory = factory
@@ -27,6 +33,26 @@ public final class ProxyStats: Sendable {
             errors[token] = Counter(label: "trellis_errors_total", dimensions: [("token", token)], factory: factory)
         }
         self.errors = errors
+        sniffedHTTP = Counter(
+            label: "trellis_sniffed_connections_total",
+            dimensions: [("protocol", "http1")],
+            factory: factory
+        )
+        sniffedTCP = Counter(
+            label: "trellis_sniffed_connections_total",
+            dimensions: [("protocol", "tcp")],
+            factory: factory
+        )
+        relayNoDestination = Counter(
+            label: "trellis_tcp_relay_failures_total",
+            dimensions: [("reason", "no_original_destination")],
+            factory: factory
+        )
+        relayConnectFailures = Counter(
+            label: "trellis_tcp_relay_failures_total",
+            dimensions: [("reason", "connect")],
+            factory: factory
+        )
     }
 
     func record(_ error: ProxyError) {

@@ -18,6 +18,7 @@ public final class ProxyServer: Service, Sendable {
     private let group: any EventLoopGroup
     private let logger: Logger
     private let contexts: [ObjectIdentifier: NIOLoopBound<LoopContext>]
+    private let originalDestination: OriginalDestinationLookup?
     private let state = NIOLockedValueBox<State>(.init())
 
     private struct State {
@@ -29,13 +30,17 @@ public final class ProxyServer: Service, Sendable {
     /// - Parameters:
     ///   - group: one event loop per core is the intended shape.
     ///   - middleware: the chain, in order; ``StandardMiddleware/chain`` by default.
+    ///   - originalDestination: for ``TransparentMode`` listeners, where a redirected connection was
+    ///     going (the agent injects the capture rules' lookup).
     public init(
         snapshot: ProxySnapshot,
         stats: ProxyStats,
         group: any EventLoopGroup,
         middleware: [any ProxyMiddlewareFactory] = StandardMiddleware.chain,
+        originalDestination: OriginalDestinationLookup? = nil,
         logger: Logger
     ) throws {
+        self.originalDestination = originalDestination
         self.store = ProxyConfigStore(snapshot)
         self.stats = stats
         self.group = group
@@ -145,7 +150,6 @@ public final class ProxyServer: Service, Sendable {
 
     private func makeBootstrap(_ listener: ListenerConfig, loop: any EventLoop) -> ServerBootstrap {
         let contexts = self.contexts
-        let limits = listener.limits
         let stats = self.stats
         return ServerBootstrap(group: loop, childGroup: loop)
             .serverChannelOption(.backlog, value: 1024)
@@ -153,41 +157,69 @@ public final class ProxyServer: Service, Sendable {
             .serverChannelOption(.socketOption(.init(rawValue: SO_REUSEPORT)), value: 1)
             .childChannelOption(.socketOption(.tcp_nodelay), value: 1)
             .childChannelOption(.maxMessagesPerRead, value: 16)
-            .childChannelInitializer { channel in
+            .childChannelInitializer { [originalDestination] channel in
                 channel.eventLoop.makeCompletedFuture {
                     guard let loopContext = contexts[ObjectIdentifier(channel.eventLoop)]?.value else {
                         throw ChannelError.ioOnClosedChannel
                     }
-                    let sync = channel.pipeline.syncOperations
-                    let timeouts = ConnectionTimeoutHandler(
-                        headerTimeout: limits.requestHeaderTimeout,
-                        idleTimeout: limits.idleTimeout,
-                        onTimeout: { stats.record($0) }
-                    )
-                    try sync.addHandler(timeouts)
-                    var decoderLimits = NIOHTTPDecoderLimitConfiguration()
-                    decoderLimits.maxHeaderListSize = limits.maxRequestHeaderBytes
-                    decoderLimits.maxHeaderFieldSize = limits.maxRequestHeaderBytes
-                    try sync.configureHTTPServerPipeline(
-                        // DownstreamHandler queues pipelined requests itself, so reads do not
-                        // stop and restart (two epoll_ctl calls) around every request.
-                        withPipeliningAssistance: false,
-                        withErrorHandling: false,
-                        // Response heads are the upstream's, already validated by the parser,
-                        // plus headers the proxy writes itself.
-                        withOutboundHeaderValidation: false,
-                        withEncoderConfiguration: .init(),
-                        withDecoderLimitConfiguration: decoderLimits
-                    )
-                    try sync.addHandler(
-                        DownstreamHandler(
-                            loop: loopContext,
-                            listenerName: listener.name,
-                            accessLog: listener.accessLog,
-                            timeouts: timeouts
+                    let install = { (pipeline: ChannelPipeline.SynchronousOperations) throws in
+                        try Self.installHTTP(pipeline, listener: listener, loop: loopContext, stats: stats)
+                    }
+                    guard let transparent = listener.transparent else {
+                        try install(channel.pipeline.syncOperations)
+                        return
+                    }
+                    try channel.pipeline.syncOperations.addHandler(
+                        ProtocolSniffer(
+                            timeout: TimeAmount(transparent.sniffTimeout),
+                            installHTTP: { context in try install(context.pipeline.syncOperations) },
+                            relay: TCPRelay.Starter(
+                                lookup: originalDestination,
+                                mark: transparent.upstreamMark,
+                                stats: stats
+                            ),
+                            stats: stats
                         )
                     )
                 }
             }
+    }
+
+    /// The HTTP/1.1 pipeline: timeouts, the codec, the downstream handler (and so the middleware).
+    private static func installHTTP(
+        _ sync: ChannelPipeline.SynchronousOperations,
+        listener: ListenerConfig,
+        loop loopContext: LoopContext,
+        stats: ProxyStats
+    ) throws {
+        let limits = listener.limits
+        let timeouts = ConnectionTimeoutHandler(
+            headerTimeout: limits.requestHeaderTimeout,
+            idleTimeout: limits.idleTimeout,
+            onTimeout: { stats.record($0) }
+        )
+        try sync.addHandler(timeouts)
+        var decoderLimits = NIOHTTPDecoderLimitConfiguration()
+        decoderLimits.maxHeaderListSize = limits.maxRequestHeaderBytes
+        decoderLimits.maxHeaderFieldSize = limits.maxRequestHeaderBytes
+        try sync.configureHTTPServerPipeline(
+            // DownstreamHandler queues pipelined requests itself, so reads do not
+            // stop and restart (two epoll_ctl calls) around every request.
+            withPipeliningAssistance: false,
+            withErrorHandling: false,
+            // Response heads are the upstream's, already validated by the parser,
+            // plus headers the proxy writes itself.
+            withOutboundHeaderValidation: false,
+            withEncoderConfiguration: .init(),
+            withDecoderLimitConfiguration: decoderLimits
+        )
+        try sync.addHandler(
+            DownstreamHandler(
+                loop: loopContext,
+                listenerName: listener.name,
+                accessLog: listener.accessLog,
+                timeouts: timeouts
+            )
+        )
     }
 }

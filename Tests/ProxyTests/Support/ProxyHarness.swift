@@ -19,7 +19,8 @@ final class ProxyHarness: Sendable {
     static func start(
         _ config: ProxyConfig,
         group: any EventLoopGroup,
-        logger: Logger? = nil
+        logger: Logger? = nil,
+        originalDestination: OriginalDestinationLookup? = nil
     ) async throws -> ProxyHarness {
         let registry = PrometheusCollectorRegistry()
         let stats = ProxyStats(factory: PrometheusMetricsFactory(registry: registry))
@@ -31,7 +32,13 @@ final class ProxyHarness: Sendable {
                 quiet.logLevel = .warning
                 return quiet
             }()
-        let server = try ProxyServer(snapshot: snapshot, stats: stats, group: group, logger: logger)
+        let server = try ProxyServer(
+            snapshot: snapshot,
+            stats: stats,
+            group: group,
+            originalDestination: originalDestination,
+            logger: logger
+        )
         let bound = try await server.start()
         let admin = AdminServer(
             port: 0,

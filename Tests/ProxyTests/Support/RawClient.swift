@@ -31,6 +31,11 @@ final class RawClient: Sendable {
         try await channel.writeAndFlush(bytes)
     }
 
+    /// Half-closes: no more bytes from this side, reading goes on.
+    func shutdownOutput() async throws {
+        try await channel.close(mode: .output)
+    }
+
     func close() async {
         try? await channel.close()
     }

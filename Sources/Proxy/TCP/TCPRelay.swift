@@ -1,0 +1,163 @@
+import CoreMetrics
+import NIOCore
+import NIOPosix
+
+#if canImport(Glibc)
+import Glibc
+#endif
+
+/// Relays a downstream connection as raw bytes to its original destination: connects from the same
+/// event loop (with the agent's mark, so the capture rules do not take it again), passes on what
+/// was read while deciding and connecting, then glues the two channels with back-pressure both
+/// ways and half-closes each side when the other does.
+enum TCPRelay {
+    /// One connection's relay: created with the sniffer, started once it decides TCP.
+    final class Starter {
+        private let lookup: OriginalDestinationLookup?
+        private let mark: UInt32?
+        private let stats: ProxyStats
+        private var pendingBytes: ByteBuffer?
+        private var upstream: (any Channel)?
+        private var closed = false
+
+        init(lookup: OriginalDestinationLookup?, mark: UInt32?, stats: ProxyStats) {
+            self.lookup = lookup
+            self.mark = mark
+            self.stats = stats
+        }
+
+        func pending(_ bytes: inout ByteBuffer) {
+            if pendingBytes == nil { pendingBytes = bytes } else { pendingBytes!.writeBuffer(&bytes) }
+        }
+
+        func downstreamClosed() {
+            closed = true
+            upstream?.close(promise: nil)
+        }
+
+        func start(context: ChannelHandlerContext, sniffer: ProtocolSniffer, initial: ByteBuffer?) {
+            let downstream = context.channel
+            guard let destination = lookup?(downstream) else {
+                stats.relayNoDestination.increment()
+                context.close(promise: nil)
+                return
+            }
+            stats.sniffedTCP.increment()
+            pendingBytes = initial
+            // Hold reads until the upstream is there; what arrives meanwhile is kept.
+            downstream.setOption(.autoRead, value: false).whenComplete { _ in }
+            var bootstrap = ClientBootstrap(group: context.eventLoop)
+                .channelOption(.socketOption(.tcp_nodelay), value: 1)
+                .channelOption(.allowRemoteHalfClosure, value: true)
+                .connectTimeout(.seconds(5))
+            if let mark {
+                bootstrap = bootstrap.channelOption(
+                    .socketOption(.init(rawValue: SO_MARK)),
+                    value: SocketOptionValue(mark)
+                )
+            }
+            let loopBound = NIOLoopBound((self, context, sniffer), eventLoop: context.eventLoop)
+            bootstrap.connect(to: destination).whenComplete { result in
+                let (starter, context, sniffer) = loopBound.value
+                switch result {
+                case .failure:
+                    starter.stats.relayConnectFailures.increment()
+                    context.close(promise: nil)
+                case .success(let upstream):
+                    guard !starter.closed else {
+                        upstream.close(promise: nil)
+                        return
+                    }
+                    starter.upstream = upstream
+                    starter.glue(downstream: context, sniffer: sniffer, upstream: upstream)
+                }
+            }
+        }
+
+        private func glue(downstream context: ChannelHandlerContext, sniffer: ProtocolSniffer, upstream: any Channel) {
+            let downstream = context.channel
+            let (toUpstream, toDownstream) = GlueHandler.pair()
+            do {
+                try upstream.pipeline.syncOperations.addHandler(toDownstream)
+                try downstream.pipeline.syncOperations.addHandler(toUpstream, position: .after(sniffer))
+            } catch {
+                upstream.close(promise: nil)
+                context.close(promise: nil)
+                return
+            }
+            _ = downstream.setOption(.allowRemoteHalfClosure, value: true)
+            if var bytes = pendingBytes, bytes.readableBytes > 0 {
+                pendingBytes = nil
+                upstream.writeAndFlush(NIOAny(bytes.readSlice(length: bytes.readableBytes)!), promise: nil)
+            }
+            context.pipeline.syncOperations.removeHandler(context: context, promise: nil)
+            _ = downstream.setOption(.autoRead, value: true)
+        }
+    }
+}
+
+/// One side of a pair: what its channel reads is written to the partner's channel; when the
+/// partner cannot take more, this side stops reading; a half-close is passed on.
+final class GlueHandler: ChannelDuplexHandler, RemovableChannelHandler {
+    typealias InboundIn = NIOAny
+    typealias OutboundIn = NIOAny
+    typealias OutboundOut = NIOAny
+
+    private var partner: GlueHandler?
+    private var context: ChannelHandlerContext?
+    private var pendingRead = false
+
+    static func pair() -> (GlueHandler, GlueHandler) {
+        let a = GlueHandler()
+        let b = GlueHandler()
+        a.partner = b
+        b.partner = a
+        return (a, b)
+    }
+
+    func handlerAdded(context: ChannelHandlerContext) { self.context = context }
+
+    func handlerRemoved(context: ChannelHandlerContext) {
+        self.context = nil
+        partner = nil
+    }
+
+    private func partnerWrite(_ data: NIOAny) { context?.write(data, promise: nil) }
+    private func partnerFlush() { context?.flush() }
+    private func partnerWriteEOF() { context?.close(mode: .output, promise: nil) }
+    private func partnerCloseFull() { context?.close(promise: nil) }
+    private var partnerWritable: Bool { context?.channel.isWritable ?? false }
+
+    private func partnerBecameWritable() {
+        if pendingRead {
+            pendingRead = false
+            context?.read()
+        }
+    }
+
+    func channelRead(context: ChannelHandlerContext, data: NIOAny) { partner?.partnerWrite(data) }
+    func channelReadComplete(context: ChannelHandlerContext) { partner?.partnerFlush() }
+    func channelInactive(context: ChannelHandlerContext) { partner?.partnerCloseFull() }
+
+    func userInboundEventTriggered(context: ChannelHandlerContext, event: Any) {
+        if let event = event as? ChannelEvent, case .inputClosed = event {
+            partner?.partnerWriteEOF()
+        }
+        context.fireUserInboundEventTriggered(event)
+    }
+
+    func errorCaught(context: ChannelHandlerContext, error: any Error) { context.close(promise: nil) }
+
+    func channelWritabilityChanged(context: ChannelHandlerContext) {
+        if context.channel.isWritable { partner?.partnerBecameWritable() }
+        context.fireChannelWritabilityChanged()
+    }
+
+    func read(context: ChannelHandlerContext) {
+        if partner?.partnerWritable ?? false {
+            context.read()
+        } else {
+            pendingRead = true
+        }
+    }
+}

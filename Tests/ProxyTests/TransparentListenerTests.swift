@@ -1,0 +1,173 @@
+import NIOCore
+import NIOHTTP1
+import NIOPosix
+import Testing
+
+@testable import Proxy
+
+/// A capture listener (``TransparentMode``): the protocol of each connection is sniffed; HTTP/1
+/// goes through routing, anything else — and a client that waits for the server to speak — is
+/// relayed as TCP to the original destination the injected lookup gives.
+@Suite struct TransparentListenerTests {
+    let group = MultiThreadedEventLoopGroup.singleton
+
+    /// A real TCP server: sends `banner` on connect, answers each read with `echo:<bytes>`, and on
+    /// the client's half-close sends `bye` and closes.
+    final class EchoServer: Sendable {
+        let channel: any Channel
+        var port: Int { channel.localAddress!.port! }
+
+        init(banner: String?, group: any EventLoopGroup) async throws {
+            channel = try await ServerBootstrap(group: group)
+                .childChannelOption(.allowRemoteHalfClosure, value: true)
+                .childChannelInitializer { channel in
+                    channel.eventLoop.makeCompletedFuture {
+                        try channel.pipeline.syncOperations.addHandler(Echo(banner: banner))
+                    }
+                }
+                .bind(host: "127.0.0.1", port: 0).get()
+        }
+
+        func close() async { try? await channel.close() }
+
+        final class Echo: ChannelInboundHandler, Sendable {
+            typealias InboundIn = ByteBuffer
+            typealias OutboundOut = ByteBuffer
+            let banner: String?
+            init(banner: String?) { self.banner = banner }
+
+            func channelActive(context: ChannelHandlerContext) {
+                if let banner { context.writeAndFlush(wrapOutboundOut(ByteBuffer(string: banner)), promise: nil) }
+                context.fireChannelActive()
+            }
+
+            func channelRead(context: ChannelHandlerContext, data: NIOAny) {
+                var reply = ByteBuffer(string: "echo:")
+                var bytes = unwrapInboundIn(data)
+                reply.writeBuffer(&bytes)
+                context.writeAndFlush(wrapOutboundOut(reply), promise: nil)
+            }
+
+            func userInboundEventTriggered(context: ChannelHandlerContext, event: Any) {
+                if case ChannelEvent.inputClosed = event {
+                    context.writeAndFlush(wrapOutboundOut(ByteBuffer(string: "bye")), promise: nil)
+                    context.close(promise: nil)
+                }
+            }
+        }
+    }
+
+    /// A capture listener whose HTTP traffic goes to `http` (cluster `alpha`) and whose original
+    /// destination is `destination` for every connection.
+    func start(
+        http: TestUpstream,
+        destination: SocketAddress?,
+        sniff: Duration = .milliseconds(200)
+    ) async throws -> ProxyHarness {
+        var config = gatewayConfig(
+            virtualHosts: catchAll("alpha"),
+            clusters: [ClusterConfig(name: "alpha", endpoints: [endpoint(http)])]
+        )
+        config.listeners[0].transparent = TransparentMode(sniffTimeout: sniff)
+        return try await ProxyHarness.start(config, group: group, originalDestination: { _ in destination })
+    }
+
+    @Test func firstBytesDecideTheProtocol() {
+        func classify(_ text: String) -> ProtocolSniffer.Decision {
+            ProtocolSniffer.classify(ByteBuffer(string: text).readableBytesView)
+        }
+        #expect(classify("GET / HTTP/1.1\r\n") == .http1)
+        #expect(classify("M-SEARCH * HTTP/1.1\r\n") == .http1)
+        #expect(classify("PRI * HTTP/2.0\r\n\r\nSM\r\n\r\n") == .tcp)
+        #expect(classify("\u{16}\u{03}\u{01}\u{02}") == .tcp)  // a TLS ClientHello
+        #expect(classify("get / HTTP/1.1") == .tcp)
+        #expect(classify("GE") == .undecided)
+        #expect(classify(" GET") == .tcp)
+    }
+
+    @Test func nonHTTPBytesAreRelayedToTheOriginalDestinationBothWaysWithHalfClose() async throws {
+        let http = try await TestUpstream.start(name: "http", group: group)
+        let echo = try await EchoServer(banner: nil, group: group)
+        let proxy = try await start(http: http, destination: echo.channel.localAddress)
+        defer {
+            Task {
+                await proxy.stop(); await echo.close(); await http.stop()
+            }
+        }
+
+        let client = try await RawClient.connect(port: proxy.port, group: group)
+        try await client.send("\u{16}\u{03}\u{01}hello")
+        #expect(try await client.readUntil("hello").hasSuffix("echo:\u{16}\u{03}\u{01}hello"))
+        try await client.send("again")
+        #expect(try await client.readUntil("again").hasSuffix("echo:again"))
+        // The client half-closes: the server sees it, answers, closes; the client gets all of it.
+        try await client.shutdownOutput()
+        let (text, closed) = try await client.readUntilClose()
+        #expect(closed && text.hasSuffix("bye"))
+        #expect(try await proxy.metric(#"trellis_sniffed_connections_total{protocol="tcp"}"#, group: group) == 1)
+    }
+
+    @Test func aServerThatSpeaksFirstIsNotStalled() async throws {
+        let http = try await TestUpstream.start(name: "http", group: group)
+        let smtp = try await EchoServer(banner: "220 mail ready\r\n", group: group)
+        let proxy = try await start(http: http, destination: smtp.channel.localAddress, sniff: .milliseconds(150))
+        defer {
+            Task {
+                await proxy.stop(); await smtp.close(); await http.stop()
+            }
+        }
+
+        let client = try await RawClient.connect(port: proxy.port, group: group)
+        let start = ContinuousClock.now
+        #expect(try await client.readUntil("ready\r\n") == "220 mail ready\r\n")
+        #expect(ContinuousClock.now - start < .seconds(2))
+        try await client.send("EHLO me\r\n")
+        #expect(try await client.readUntil("EHLO").hasSuffix("echo:EHLO me\r\n"))
+        await client.close()
+    }
+
+    @Test func httpOnTheSameListenerIsRoutedNotRelayed() async throws {
+        let http = try await TestUpstream.start(name: "http", group: group)
+        let echo = try await EchoServer(banner: nil, group: group)
+        let proxy = try await start(http: http, destination: echo.channel.localAddress)
+        defer {
+            Task {
+                await proxy.stop(); await echo.close(); await http.stop()
+            }
+        }
+
+        let response = try await TestHTTPClient.get(port: proxy.port, "/hello", group: group)
+        #expect(response.status == .ok)
+        #expect(response.body.contains("http"))
+        #expect(!response.body.contains("echo:"))
+        #expect(try await proxy.metric(#"trellis_sniffed_connections_total{protocol="http1"}"#, group: group) == 1)
+        #expect(try await proxy.metric("trellis_downstream_connections_active", group: group) <= 1)
+    }
+
+    @Test func withoutAnOriginalDestinationOrWithAnUnreachableOneTheConnectionIsClosedAndCounted() async throws {
+        let http = try await TestUpstream.start(name: "http", group: group)
+        let unknown = try await start(http: http, destination: nil)
+        let client = try await RawClient.connect(port: unknown.port, group: group)
+        try await client.send("\u{0}binary")
+        #expect(try await client.readUntilClose().closed)
+        #expect(
+            try await unknown.metric(
+                #"trellis_tcp_relay_failures_total{reason="no_original_destination"}"#,
+                group: group
+            ) == 1
+        )
+        await unknown.stop()
+
+        // A port nothing listens on.
+        let closed = try await EchoServer(banner: nil, group: group)
+        let address = closed.channel.localAddress
+        await closed.close()
+        let refused = try await start(http: http, destination: address)
+        let second = try await RawClient.connect(port: refused.port, group: group)
+        try await second.send("\u{0}binary")
+        #expect(try await second.readUntilClose().closed)
+        #expect(try await refused.metric(#"trellis_tcp_relay_failures_total{reason="connect"}"#, group: group) == 1)
+        await refused.stop()
+        await http.stop()
+    }
+}
