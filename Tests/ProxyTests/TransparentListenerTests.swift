@@ -170,4 +170,58 @@ import Testing
         await refused.stop()
         await http.stop()
     }
+
+    /// HTTP for a known service is routed to its cluster; HTTP for any other host passes through to
+    /// where the client was going, so nothing a legacy client did before breaks.
+    @Test func httpToAnUnknownHostPassesThroughToTheOriginalDestination() async throws {
+        let known = try await TestUpstream.start(name: "known", group: group)
+        let origin = try await TestUpstream.start(name: "origin", group: group)
+        let route = { (cluster: String) in
+            [
+                Route(
+                    name: cluster,
+                    match: RouteMatch(),
+                    action: RouteAction(clusters: [.init(name: cluster)], timeout: .seconds(5))
+                )
+            ]
+        }
+        var config = gatewayConfig(
+            virtualHosts: [
+                VirtualHost(name: "known", domains: ["known.example"], routes: route("known")),
+                VirtualHost(name: "allow_any", domains: ["*"], routes: route("passthrough")),
+            ],
+            clusters: [
+                ClusterConfig(name: "known", endpoints: [endpoint(known)]),
+                ClusterConfig(name: "passthrough", endpoints: [], originalDestination: true),
+            ]
+        )
+        config.listeners[0].transparent = TransparentMode()
+        let destination = try SocketAddress(ipAddress: "127.0.0.1", port: origin.port)
+        let proxy = try await ProxyHarness.start(config, group: group, originalDestination: { _ in destination })
+        defer {
+            Task {
+                await proxy.stop(); await known.stop(); await origin.stop()
+            }
+        }
+
+        let toKnown = try await TestHTTPClient.get(port: proxy.port, "/", host: "known.example", group: group)
+        #expect(toKnown.status == .ok && toKnown.body == "known")
+        let elsewhere = try await TestHTTPClient.get(port: proxy.port, "/", host: "legacy.internal:8080", group: group)
+        #expect(elsewhere.status == .ok && elsewhere.body == "origin", "\(elsewhere.status) \(elsewhere.body)")
+
+        // A passthrough cluster on a listener that is not a capture listener has nowhere to go.
+        config.listeners[0].transparent = nil
+        let plain = try await ProxyHarness.start(config, group: group, originalDestination: { _ in destination })
+        let refused = try await TestHTTPClient.get(port: plain.port, "/", host: "legacy.internal", group: group)
+        #expect(
+            refused.status == .serviceUnavailable && refused.body.contains("no_healthy_upstream"),
+            "\(refused.body)"
+        )
+        await plain.stop()
+
+        // A passthrough cluster with endpoints of its own is refused.
+        var invalid = config
+        invalid.clusters[1].endpoints = [endpoint(origin)]
+        #expect(invalid.validationErrors().contains { $0.path == "clusters[1].endpoints" })
+    }
 }

@@ -6,14 +6,19 @@ public struct ClusterConfig: Sendable, Hashable, Codable {
     public var endpoints: [Endpoint]
     public var connectTimeout: Duration
     public var pool: PoolSettings
+    /// A passthrough cluster (Envoy's `ORIGINAL_DST`): no endpoints of its own; each request goes
+    /// where its connection was going before the capture rules redirected it.
+    public var originalDestination: Bool
 
     public init(
         name: String,
         loadBalancing: LoadBalancingPolicy = .roundRobin,
         endpoints: [Endpoint],
         connectTimeout: Duration = .seconds(1),
-        pool: PoolSettings = .init()
+        pool: PoolSettings = .init(),
+        originalDestination: Bool = false
     ) {
+        self.originalDestination = originalDestination
         self.name = name
         self.loadBalancing = loadBalancing
         self.endpoints = endpoints
@@ -23,6 +28,7 @@ public struct ClusterConfig: Sendable, Hashable, Codable {
 
     enum CodingKeys: String, CodingKey {
         case name, endpoints, pool
+        case originalDestination = "original_destination"
         case loadBalancing = "lb_policy"
         case connectTimeout = "connect_timeout"
     }

@@ -26,6 +26,9 @@ extension ProxyConfig {
                     fail("\(path).lb_policy.minimum_ring_size", "expected 1...8388608, got \(size)")
                 }
             }
+            if cluster.originalDestination && !cluster.endpoints.isEmpty {
+                fail("\(path).endpoints", "a passthrough (original_destination) cluster has no endpoints of its own")
+            }
             for (ei, endpoint) in cluster.endpoints.enumerated() {
                 let epath = "\(path).endpoints[\(ei)]"
                 if endpoint.address.host.isEmpty { fail("\(epath).address", "expected a host") }

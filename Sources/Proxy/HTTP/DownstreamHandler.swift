@@ -31,7 +31,18 @@ final class DownstreamHandler: ChannelDuplexHandler {
     /// The timers of this connection (same channel, same loop).
     private let timeouts: ConnectionTimeoutHandler?
 
-    init(loop: LoopContext, listenerName: String, accessLog: Bool, timeouts: ConnectionTimeoutHandler?) {
+    /// Where a captured connection was going (looked up once, when it opened).
+    private var originalDestination: SocketEndpoint?
+    private let lookup: OriginalDestinationLookup?
+
+    init(
+        loop: LoopContext,
+        listenerName: String,
+        accessLog: Bool,
+        timeouts: ConnectionTimeoutHandler?,
+        originalDestination lookup: OriginalDestinationLookup? = nil
+    ) {
+        self.lookup = lookup
         self.loop = loop
         self.timeouts = timeouts
         self.listenerName = listenerName
@@ -59,6 +70,9 @@ final class DownstreamHandler: ChannelDuplexHandler {
     }
 
     private func opened(_ context: ChannelHandlerContext) {
+        if let lookup, let address = lookup(context.channel), let ip = address.ipAddress, let port = address.port {
+            originalDestination = SocketEndpoint(host: ip, port: port)
+        }
         remoteAddress = context.channel.remoteAddress
         clientIP = remoteAddress?.ipAddress
         loop.stats.activeConnections.increment()
@@ -96,7 +110,8 @@ final class DownstreamHandler: ChannelDuplexHandler {
                 listenerName: listenerName,
                 remoteAddress: remoteAddress,
                 clientIP: clientIP,
-                startTime: .now()
+                startTime: .now(),
+                originalDestination: originalDestination
             )
             let exchange = ProxyExchange(downstream: self, loop: loop, request: request, chain: chain)
             self.exchange = exchange

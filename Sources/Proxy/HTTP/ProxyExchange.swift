@@ -66,7 +66,9 @@ final class ProxyExchange {
                 return
             }
         }
-        guard let cluster = request.cluster, let endpointIndex = request.endpointIndex else {
+        guard let cluster = request.cluster,
+            let endpoint = request.passthroughEndpoint ?? request.endpointIndex.map({ cluster.endpoints[$0] })
+        else {
             respondLocally(.noRoute("no middleware chose an upstream"))
             return
         }
@@ -75,7 +77,6 @@ final class ProxyExchange {
         }
         let upstreamHead = HeaderRewriting.upstreamRequest(request.head, clientIP: request.clientIP)
         pending.append(.head(upstreamHead))
-        let endpoint = cluster.endpoints[endpointIndex]
         loop.pool.acquire(endpoint: endpoint, cluster: cluster, for: self)
     }
 

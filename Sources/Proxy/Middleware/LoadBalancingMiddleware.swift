@@ -1,3 +1,4 @@
+import NIOCore
 import NIOHTTP1
 
 /// Picks a healthy endpoint of the routed cluster with the cluster's policy. None healthy: 503
@@ -18,6 +19,20 @@ public final class LoadBalancingMiddleware: ProxyMiddleware {
 
     public func onRequest(_ request: RequestContext) -> ProxyError? {
         guard let cluster = request.cluster else { return nil }
+        if cluster.config.originalDestination {
+            guard let destination = request.originalDestination else {
+                return .noHealthyUpstream(
+                    "cluster '\(cluster.config.name)': the connection has no original destination"
+                )
+            }
+            request.endpoint = destination
+            request.passthroughEndpoint = ClusterRuntime.EndpointRuntime(
+                config: Endpoint(address: destination),
+                socketAddress: try? SocketAddress(ipAddress: destination.host, port: destination.port),
+                key: "original|\(destination)"
+            )
+            return nil
+        }
         let balancer = loop.balancers[cluster.index]
         guard let index = balancer.pick(headers: request.head.headers, rng: &loop.rng) else {
             return .noHealthyUpstream("cluster '\(cluster.config.name)'")

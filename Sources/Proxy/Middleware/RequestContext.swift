@@ -11,6 +11,8 @@ public final class RequestContext {
     /// The client's IP address as text (for `X-Forwarded-For`), computed once per connection.
     public let clientIP: String?
     public let startTime: NIODeadline
+    /// Where the connection was going before it was captured (capture listeners only).
+    public let originalDestination: SocketEndpoint?
 
     /// Set by routing.
     public internal(set) var routeName: String?
@@ -22,6 +24,8 @@ public final class RequestContext {
     /// Set by load balancing.
     public internal(set) var endpoint: SocketEndpoint?
     var endpointIndex: Int?
+    /// For a passthrough cluster: the original destination as an endpoint of its own.
+    var passthroughEndpoint: ClusterRuntime.EndpointRuntime?
 
     /// The final status sent (or 499 when the client went away).
     public internal(set) var responseStatus: HTTPResponseStatus?
@@ -35,8 +39,10 @@ public final class RequestContext {
         listenerName: String,
         remoteAddress: SocketAddress?,
         clientIP: String?,
-        startTime: NIODeadline
+        startTime: NIODeadline,
+        originalDestination: SocketEndpoint? = nil
     ) {
+        self.originalDestination = originalDestination
         self.head = head
         self.clientIP = clientIP
         self.listenerName = listenerName

@@ -162,8 +162,15 @@ public final class ProxyServer: Service, Sendable {
                     guard let loopContext = contexts[ObjectIdentifier(channel.eventLoop)]?.value else {
                         throw ChannelError.ioOnClosedChannel
                     }
+                    let lookup = listener.transparent == nil ? nil : originalDestination
                     let install = { (pipeline: ChannelPipeline.SynchronousOperations) throws in
-                        try Self.installHTTP(pipeline, listener: listener, loop: loopContext, stats: stats)
+                        try Self.installHTTP(
+                            pipeline,
+                            listener: listener,
+                            loop: loopContext,
+                            stats: stats,
+                            lookup: lookup
+                        )
                     }
                     guard let transparent = listener.transparent else {
                         try install(channel.pipeline.syncOperations)
@@ -190,7 +197,8 @@ public final class ProxyServer: Service, Sendable {
         _ sync: ChannelPipeline.SynchronousOperations,
         listener: ListenerConfig,
         loop loopContext: LoopContext,
-        stats: ProxyStats
+        stats: ProxyStats,
+        lookup: OriginalDestinationLookup?
     ) throws {
         let limits = listener.limits
         let timeouts = ConnectionTimeoutHandler(
@@ -218,7 +226,8 @@ public final class ProxyServer: Service, Sendable {
                 loop: loopContext,
                 listenerName: listener.name,
                 accessLog: listener.accessLog,
-                timeouts: timeouts
+                timeouts: timeouts,
+                originalDestination: lookup
             )
         )
     }
