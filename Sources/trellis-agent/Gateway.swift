@@ -1,6 +1,7 @@
 import Agent
 import ArgumentParser
 import Foundation
+import Interceptor
 import Logging
 import Metrics
 import NIOCore
@@ -51,7 +52,20 @@ struct Gateway: AsyncParsableCommand {
         let threads = eventLoops ?? System.coreCount
         let group = MultiThreadedEventLoopGroup(numberOfThreads: threads)
         let snapshot = try ProxySnapshot(gateway.proxy, stats: stats)
-        let proxy = try ProxyServer(snapshot: snapshot, stats: stats, group: group, logger: logger)
+        // Capture listeners read each connection's original destination from the capture rules.
+        let transparent = gateway.proxy.listeners.contains { $0.transparent != nil }
+        var lookup: OriginalDestinationLookup?
+        if transparent {
+            lookup = { channel in OriginalDestination.now(channel) }
+        }
+        let proxy = try ProxyServer(
+            snapshot: snapshot,
+            stats: stats,
+            group: group,
+            originalDestination: lookup,
+            upstreamMark: gateway.upstreamMark,
+            logger: logger
+        )
         let admin = AdminServer(
             host: gateway.adminAddress.host,
             port: gateway.adminAddress.port,

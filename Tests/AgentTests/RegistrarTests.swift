@@ -143,8 +143,12 @@ struct RegistrarTests {
         // A new pilot that lost everything (memory store): the agent registers again.
         try await PilotHarness.run(store: try SQLiteRegistryStore(), xdsPort: xdsPort, httpPort: httpPort) { pilot in
             #expect(await Peers.eventually(within: .seconds(6)) { await Self.listed(pilot, port: appPort) != nil })
-            let tcp = await Peers.http("GET", "\(pilot.api)/v1/instances?service=web-tcp").body
-            #expect(tcp.contains("\"protocol\":\"tcp\"") && tcp.contains("\"status\":\"healthy\""))
+            #expect(
+                await Peers.eventually(within: .seconds(6)) {
+                    let tcp = await Peers.http("GET", "\(pilot.api)/v1/instances?service=web-tcp").body
+                    return tcp.contains("\"protocol\":\"tcp\"") && tcp.contains("\"status\":\"healthy\"")
+                }
+            )
 
             // The program stops: both checks fail.
             app.stop()

@@ -109,8 +109,8 @@ struct PilotEnvoyTests {
                         status[$0]?.ackedVersion != nil && status[$0]?.ackedVersion == status[$0]?.sentVersion
                     }
             }
-            #expect(synced)
             let status = await pilot.server.sync.status(node: "gw-1")
+            #expect(synced, "\(status)")
             #expect(status.values.allSatisfy { $0.lastNack == nil }, "\(status)")
             let syncz = await Peers.http("GET", "\(pilot.api)/debug/syncz")
             #expect(

@@ -1,4 +1,5 @@
 public import Foundation
+import Synchronization
 import Testing
 
 #if canImport(Glibc)
@@ -47,23 +48,23 @@ public enum Peers {
         }
     }
 
+    /// A loopback port for a server a test starts by number (pilot, Envoy, Python), that nothing
+    /// listens on now. Taken from 20000–29999, outside the kernel's range for port 0 (32768 and
+    /// up): the proxy binds port 0 with `SO_REUSEPORT`, and a later `SO_REUSEPORT` bind of the same
+    /// number (Envoy's listeners) would share it and mix two tests' connections. Each call in a
+    /// process gets a different number.
     public static func freePort() -> Int {
-        let fd = socket(AF_INET, Int32(SOCK_STREAM.rawValue), 0)
-        defer { close(fd) }
-        var addr = sockaddr_in()
-        addr.sin_family = sa_family_t(AF_INET)
-        addr.sin_addr.s_addr = inet_addr("127.0.0.1")
-        _ = withUnsafePointer(to: &addr) {
-            $0.withMemoryRebound(to: sockaddr.self, capacity: 1) {
-                bind(fd, $0, socklen_t(MemoryLayout<sockaddr_in>.size))
+        nextPort.withLock { next in
+            for _ in 0..<10_000 {
+                let port = 20_000 + next % 10_000
+                next += 1
+                if portsFree([port]) { return port }
             }
+            return 0
         }
-        var len = socklen_t(MemoryLayout<sockaddr_in>.size)
-        _ = withUnsafeMutablePointer(to: &addr) {
-            $0.withMemoryRebound(to: sockaddr.self, capacity: 1) { getsockname(fd, $0, &len) }
-        }
-        return Int(UInt16(bigEndian: addr.sin_port))
     }
+
+    private static let nextPort = Mutex(Int(getpid()) * 37 % 10_000)
 
     /// A child process killed (SIGKILL: a child of the test process may inherit a mask that blocks
     /// SIGTERM) and reaped when the value is stopped.

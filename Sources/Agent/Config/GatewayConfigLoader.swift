@@ -7,6 +7,8 @@ import Yams
 public struct GatewayFile: Sendable {
     public var proxy: ProxyConfig
     public var adminAddress: SocketEndpoint
+    /// `SO_MARK` for upstream sockets (`upstream_mark`), so capture rules let them through.
+    public var upstreamMark: UInt32?
 
     public init(proxy: ProxyConfig, adminAddress: SocketEndpoint = .init(host: "127.0.0.1", port: 15000)) {
         self.proxy = proxy
@@ -38,7 +40,7 @@ public enum GatewayConfigLoader {
     }
 
     private static func load(_ root: ConfigNode, version: String) throws(ConfigFileError) -> GatewayFile {
-        let top = try root.mapping(allowed: ["admin", "listeners", "clusters"])
+        let top = try root.mapping(allowed: ["admin", "listeners", "clusters", "upstream_mark"])
         var admin = SocketEndpoint(host: "127.0.0.1", port: 15000)
         if let adminNode = top["admin"] {
             let keys = try adminNode.mapping(allowed: ["address"])
@@ -51,14 +53,25 @@ public enum GatewayConfigLoader {
         for node in try top.required("listeners", in: root).sequence() { listeners.append(try listener(node)) }
         var clusters: [ClusterConfig] = []
         for node in try top.required("clusters", in: root).sequence() { clusters.append(try cluster(node)) }
-        return GatewayFile(
+        var file = GatewayFile(
             proxy: ProxyConfig(version: version, listeners: listeners, clusters: clusters),
             adminAddress: admin
         )
+        if let n = top["upstream_mark"] {
+            let text = try n.nonEmptyString()
+            let value = text.hasPrefix("0x") ? UInt32(text.dropFirst(2), radix: 16) : UInt32(text)
+            guard let value, value != 0 else {
+                throw n.error("expected a non-zero 32-bit mark such as 0x1000, got '\(text)'")
+            }
+            file.upstreamMark = value
+        }
+        return file
     }
 
     private static func listener(_ node: ConfigNode) throws(ConfigFileError) -> ListenerConfig {
-        let keys = try node.mapping(allowed: ["name", "address", "virtual_hosts", "limits", "access_log"])
+        let keys = try node.mapping(allowed: [
+            "name", "address", "virtual_hosts", "limits", "access_log", "transparent",
+        ])
         let (host, port) = try keys.required("address", in: node).endpoint(portRange: 0...65535)
         var limits = ConnectionLimits()
         if let limitsNode = keys["limits"] {
@@ -78,7 +91,11 @@ public enum GatewayConfigLoader {
             address: SocketEndpoint(host: host, port: port),
             virtualHosts: hosts,
             limits: limits,
-            accessLog: try keys["access_log"]?.bool() ?? false
+            accessLog: try keys["access_log"]?.bool() ?? false,
+            transparent: try keys["transparent"].map { (t) throws(ConfigFileError) -> TransparentMode in
+                let tk = try t.mapping(allowed: ["sniff_timeout"])
+                return TransparentMode(sniffTimeout: try tk["sniff_timeout"]?.duration() ?? .seconds(1))
+            }
         )
     }
 
@@ -172,7 +189,9 @@ public enum GatewayConfigLoader {
     }
 
     private static func cluster(_ node: ConfigNode) throws(ConfigFileError) -> ClusterConfig {
-        let keys = try node.mapping(allowed: ["name", "lb_policy", "ring_hash", "endpoints", "connect_timeout", "pool"])
+        let keys = try node.mapping(allowed: [
+            "name", "lb_policy", "ring_hash", "endpoints", "connect_timeout", "pool", "original_destination",
+        ])
         var policy = LoadBalancingPolicy.roundRobin
         if let p = keys["lb_policy"] {
             let name = try p.nonEmptyString()
@@ -205,7 +224,11 @@ public enum GatewayConfigLoader {
             if let n = pk["max_requests_per_connection"] { pool.maxRequestsPerConnection = try n.int(in: 1...Int.max) }
         }
         var endpoints: [Endpoint] = []
-        for e in try keys.required("endpoints", in: node).sequence() {
+        let originalDestination = try keys["original_destination"]?.bool() ?? false
+        for e in try
+            (originalDestination
+            ? keys["endpoints"]?.sequence() ?? [] : keys.required("endpoints", in: node).sequence())
+        {
             let ek = try e.mapping(allowed: ["address", "weight", "health"])
             let (host, port) = try ek.required("address", in: e).endpoint()
             var health = Endpoint.Health.healthy
@@ -229,7 +252,8 @@ public enum GatewayConfigLoader {
             loadBalancing: policy,
             endpoints: endpoints,
             connectTimeout: try keys["connect_timeout"]?.duration() ?? .seconds(1),
-            pool: pool
+            pool: pool,
+            originalDestination: originalDestination
         )
     }
 }

@@ -84,6 +84,16 @@ public enum OriginalDestination {
         }
     }
 
+    /// The original destination, read at once on the channel's event loop (where the socket option
+    /// is answered synchronously); nil when the connection was not redirected or on any error.
+    /// This is the lookup the proxy's capture listeners take.
+    public static func now(_ channel: any Channel) -> SocketAddress? {
+        guard channel.eventLoop.inEventLoop else { return nil }
+        var result: SocketAddress?
+        of(channel).whenSuccess { result = $0 }
+        return result
+    }
+
     /// Conntrack answers for every tracked connection, redirected or not; a connection whose
     /// original destination is the socket's own address was not redirected.
     private static func checkRedirected(_ original: SocketAddress, _ channel: any Channel) throws -> SocketAddress {

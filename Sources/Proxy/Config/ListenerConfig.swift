@@ -41,18 +41,13 @@ public struct TransparentMode: Sendable, Hashable, Codable {
     /// How long to wait for the client's first bytes. A client that sends nothing in this time is
     /// talking to a server-speaks-first protocol (SMTP, MySQL, SSH banners): relayed as TCP.
     public var sniffTimeout: Duration
-    /// The mark set (`SO_MARK`) on upstream sockets, so the capture rules let the agent's own
-    /// connections through; nil sets none.
-    public var upstreamMark: UInt32?
 
-    public init(sniffTimeout: Duration = .milliseconds(300), upstreamMark: UInt32? = nil) {
+    public init(sniffTimeout: Duration = .seconds(1)) {
         self.sniffTimeout = sniffTimeout
-        self.upstreamMark = upstreamMark
     }
 
     enum CodingKeys: String, CodingKey {
         case sniffTimeout = "sniff_timeout"
-        case upstreamMark = "upstream_mark"
     }
 }
 

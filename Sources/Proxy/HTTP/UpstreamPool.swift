@@ -8,9 +8,12 @@ final class UpstreamPool {
     private let eventLoop: any EventLoop
     private var idle: [String: [UpstreamConnection]] = [:]
     private var sweeper: RepeatedTask?
+    /// `SO_MARK` for every upstream socket (the agent's mark, which the capture rules let through).
+    private let mark: UInt32?
 
-    init(eventLoop: any EventLoop) {
+    init(eventLoop: any EventLoop, mark: UInt32? = nil) {
         self.eventLoop = eventLoop
+        self.mark = mark
     }
 
     var idleCount: Int { idle.values.reduce(0) { $0 + $1.count } }
@@ -53,9 +56,14 @@ final class UpstreamPool {
         )
         connection.pool = self
         let handlerBox = NIOLoopBound(connection, eventLoop: eventLoop)
-        let bootstrap = ClientBootstrap(group: eventLoop)
+        var bootstrap = ClientBootstrap(group: eventLoop)
             .connectTimeout(TimeAmount(cluster.config.connectTimeout))
             .channelOption(.socketOption(.tcp_nodelay), value: 1)
+        if let mark {
+            bootstrap = bootstrap.channelOption(.socketOption(.init(rawValue: SO_MARK)), value: SocketOptionValue(mark))
+        }
+        bootstrap =
+            bootstrap
             .channelInitializer { channel in
                 channel.eventLoop.makeCompletedFuture {
                     // The decoder sits after the encoder so that it sees each request head (a

@@ -21,7 +21,8 @@ final class LoopContext {
         store: ProxyConfigStore,
         factories: [any ProxyMiddlewareFactory],
         stats: ProxyStats,
-        logger: Logger
+        logger: Logger,
+        upstreamMark: UInt32? = nil
     ) {
         self.eventLoop = eventLoop
         self.store = store
@@ -31,7 +32,7 @@ final class LoopContext {
         var access = logger
         access[metadataKey: "log"] = "access"
         self.accessLogger = access
-        self.pool = UpstreamPool(eventLoop: eventLoop)
+        self.pool = UpstreamPool(eventLoop: eventLoop, mark: upstreamMark)
         self.deadlines = RequestDeadlines(eventLoop: eventLoop)
     }
 

@@ -19,6 +19,7 @@ public final class ProxyServer: Service, Sendable {
     private let logger: Logger
     private let contexts: [ObjectIdentifier: NIOLoopBound<LoopContext>]
     private let originalDestination: OriginalDestinationLookup?
+    private let upstreamMark: UInt32?
     private let state = NIOLockedValueBox<State>(.init())
 
     private struct State {
@@ -32,15 +33,19 @@ public final class ProxyServer: Service, Sendable {
     ///   - middleware: the chain, in order; ``StandardMiddleware/chain`` by default.
     ///   - originalDestination: for ``TransparentMode`` listeners, where a redirected connection was
     ///     going (the agent injects the capture rules' lookup).
+    ///   - upstreamMark: `SO_MARK` on every upstream socket (HTTP and relayed TCP): the agent's mark,
+    ///     so that the capture rules do not take its own connections again.
     public init(
         snapshot: ProxySnapshot,
         stats: ProxyStats,
         group: any EventLoopGroup,
         middleware: [any ProxyMiddlewareFactory] = StandardMiddleware.chain,
         originalDestination: OriginalDestinationLookup? = nil,
+        upstreamMark: UInt32? = nil,
         logger: Logger
     ) throws {
         self.originalDestination = originalDestination
+        self.upstreamMark = upstreamMark
         self.store = ProxyConfigStore(snapshot)
         self.stats = stats
         self.group = group
@@ -54,7 +59,8 @@ public final class ProxyServer: Service, Sendable {
                     store: store,
                     factories: middleware,
                     stats: stats,
-                    logger: logger
+                    logger: logger,
+                    upstreamMark: upstreamMark
                 )
                 context.pool.startSweeping()
                 return NIOLoopBound(context, eventLoop: loop)
@@ -157,7 +163,7 @@ public final class ProxyServer: Service, Sendable {
             .serverChannelOption(.socketOption(.init(rawValue: SO_REUSEPORT)), value: 1)
             .childChannelOption(.socketOption(.tcp_nodelay), value: 1)
             .childChannelOption(.maxMessagesPerRead, value: 16)
-            .childChannelInitializer { [originalDestination] channel in
+            .childChannelInitializer { [originalDestination, upstreamMark] channel in
                 channel.eventLoop.makeCompletedFuture {
                     guard let loopContext = contexts[ObjectIdentifier(channel.eventLoop)]?.value else {
                         throw ChannelError.ioOnClosedChannel
@@ -182,7 +188,7 @@ public final class ProxyServer: Service, Sendable {
                             installHTTP: { context in try install(context.pipeline.syncOperations) },
                             relay: TCPRelay.Starter(
                                 lookup: originalDestination,
-                                mark: transparent.upstreamMark,
+                                mark: upstreamMark,
                                 stats: stats
                             ),
                             stats: stats
