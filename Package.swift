@@ -182,6 +182,7 @@ let package = Package(
             name: "trellis-xds-load",
             dependencies: [
                 "XDS",
+                "TrellisHTTP",
                 .product(name: "ArgumentParser", package: "swift-argument-parser"),
                 .product(name: "GRPCCore", package: "grpc-swift-2"),
                 .product(name: "GRPCNIOTransportHTTP2", package: "grpc-swift-nio-transport"),

@@ -7,6 +7,7 @@ import NIOHTTP1
 import NIOPosix
 import SwiftProtobuf
 import Synchronization
+import TrellisHTTP
 import XDS
 
 #if canImport(Glibc)
@@ -209,7 +210,7 @@ struct XDSLoad: AsyncParsableCommand {
             )
         }
         // Pilot's own account: time to translate and hand snapshots to the streams, per push.
-        if let metrics = try? await http.getText("/metrics") {
+        if let metrics = try? await http.get("/metrics") {
             var sum = 0.0
             var count = 0.0
             for line in metrics.split(separator: "\n") {
@@ -597,51 +598,21 @@ final class KeepAliveHTTP: Sendable {
         }
     }
 
-    func getText(_ path: String) async throws -> String { try await get(path) }
-
-    /// GET on a fresh connection; the body.
+    /// GET on a fresh connection; the body (Envoy's admin, pilot's /metrics).
     func get(_ path: String) async throws -> String {
-        let connection = try await ClientBootstrap(group: MultiThreadedEventLoopGroup.singleton).connect(
-            host: host,
-            port: port
-        ) { channel in
-            channel.eventLoop.makeCompletedFuture {
-                try channel.pipeline.syncOperations.addHTTPClientHandlers()
-                return try Connection(wrappingChannelSynchronously: channel)
-            }
-        }
-        return try await connection.executeThenClose { inbound, outbound in
-            var head = HTTPRequestHead(version: .http1_1, method: .GET, uri: path)
-            head.headers.add(name: "Host", value: host)
-            try await outbound.write(.head(head))
-            try await outbound.write(.end(nil))
-            var body = ByteBuffer()
-            for try await part in inbound {
-                switch part {
-                case .head: break
-                case .body(var b): body.writeBuffer(&b)
-                case .end: return String(buffer: body)
-                }
-            }
-            return String(buffer: body)
-        }
+        try await HTTPClient().request("GET", HTTPClient.URL(host: host, port: port, path: path), timeout: .seconds(10))
+            .text
     }
 
-    /// One request on a fresh connection.
+    /// One request on a fresh connection; the status.
     func request(_ method: String, _ path: String, _ body: String?) async throws -> Int {
-        let connection = try await ClientBootstrap(group: MultiThreadedEventLoopGroup.singleton).connect(
-            host: host,
-            port: port
-        ) { channel in
-            channel.eventLoop.makeCompletedFuture {
-                try channel.pipeline.syncOperations.addHTTPClientHandlers()
-                return try Connection(wrappingChannelSynchronously: channel)
-            }
-        }
-        return try await connection.executeThenClose { inbound, outbound in
-            var iterator = inbound.makeAsyncIterator()
-            return try await Self.exchange(method, path, body, host: host, inbound: &iterator, outbound: outbound)
-        }
+        try await HTTPClient().request(
+            method,
+            HTTPClient.URL(host: host, port: port, path: path),
+            json: body,
+            timeout: .seconds(10)
+        )
+        .status
     }
 
     static func exchange(
