@@ -111,4 +111,67 @@ struct AgentPathNetnsTests {
         #expect(metrics.contains(#"trellis_sniffed_connections_total{protocol="tcp"} 1"#))
         #expect(metrics.contains(#"trellis_upstream_requests_total{cluster="passthrough",class="2xx"} 1"#))
     }
+
+    /// `trellis-agent run`: it binds its listeners, then installs the capture rules itself; a plain
+    /// client's request goes through it; SIGTERM removes every rule it installed and exits 0.
+    @Test func runInstallsItsRulesOnlyOnceListeningAndRemovesThemOnSIGTERM() async throws {
+        let lab = try NetnsLab(subnet: 10)
+        defer { lab.destroy() }
+        let groupB = try lab.eventLoopGroup(in: lab.b)
+        defer { groupB.shutdownGracefully { _ in } }
+        let http = try await CaptureNetnsTests.listen(groupB, host: "::", port: 8080, name: "server-b")
+        defer { http.close(promise: nil) }
+
+        let dir = FileManager.default.temporaryDirectory.appendingPathComponent("trellis-agent-run-\(getpid())")
+        try FileManager.default.createDirectory(at: dir, withIntermediateDirectories: true)
+        defer { try? FileManager.default.removeItem(at: dir) }
+        let config = dir.appendingPathComponent("agent.yaml")
+        try "capture: {inbound_ports: [9]}\n".write(to: config, atomically: true, encoding: .utf8)
+        let before = try lab.exec(lab.a, ["iptables-save"]).stdout
+        #expect(!before.contains("TRELLIS"))
+
+        let log = dir.appendingPathComponent("agent.log")
+        FileManager.default.createFile(atPath: log.path, contents: nil)
+        let agent = Process()
+        agent.executableURL = URL(fileURLWithPath: "/usr/bin/env")
+        agent.arguments = [
+            "ip", "netns", "exec", lab.a, Self.binary, "run", "--config", config.path, "--event-loops", "1",
+        ]
+        let handle = try FileHandle(forWritingTo: log)
+        agent.standardOutput = handle
+        agent.standardError = handle
+        try agent.run()
+        defer {
+            if agent.isRunning {
+                kill(agent.processIdentifier, SIGKILL)
+                agent.waitUntilExit()
+            }
+            _ = try? lab.capture(in: lab.a).remove()
+        }
+        var installed = false
+        for _ in 0..<100 where !installed {
+            installed = (try? lab.exec(lab.a, ["iptables-save"]).stdout.contains("TRELLIS_OUTPUT")) ?? false
+            if !installed { try await Task.sleep(for: .milliseconds(100)) }
+        }
+        #expect(installed, "\((try? String(contentsOf: log, encoding: .utf8)) ?? "")")
+        // The listeners were up before the rules: the first request is served.
+        let answer = try lab.exec(lab.a, ["curl", "-s", "--max-time", "5", "http://\(lab.bAddress):8080/"])
+        #expect(answer.stdout.trimmingCharacters(in: .whitespacesAndNewlines) == "server-b direct")
+        let metrics = try lab.exec(lab.a, ["curl", "-s", "--max-time", "2", "http://127.0.0.1:15000/stats/prometheus"])
+            .stdout
+        #expect(metrics.contains(#"trellis_sniffed_connections_total{protocol="http1"} 1"#), "\(metrics)")
+
+        kill(agent.processIdentifier, SIGTERM)
+        var exited = false
+        for _ in 0..<100 where !exited {
+            exited = !agent.isRunning
+            if !exited { try await Task.sleep(for: .milliseconds(100)) }
+        }
+        #expect(exited && agent.terminationStatus == 0, "\((try? String(contentsOf: log, encoding: .utf8)) ?? "")")
+        let after = try lab.exec(lab.a, ["iptables-save"]).stdout
+        #expect(!after.contains("TRELLIS"), "\(after)")
+        // Without the agent, traffic goes direct again.
+        let direct = try lab.exec(lab.a, ["curl", "-s", "--max-time", "5", "http://\(lab.bAddress):8080/"])
+        #expect(direct.stdout.trimmingCharacters(in: .whitespacesAndNewlines) == "server-b direct")
+    }
 }
