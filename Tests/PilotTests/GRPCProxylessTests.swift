@@ -120,8 +120,10 @@ struct GRPCProxylessTests {
                 "\(Self.lastLine(output))"
             )
         }
+        // From the first answer on (before it, the client may time out while it resolves on a
+        // loaded machine): served, removed, back, removed after the restart, back.
         #expect(
-            Self.transitions(output) == [
+            Array(Self.transitions(output).drop { $0 != "OK SERVING" }) == [
                 "OK SERVING", "ERR UNAVAILABLE", "OK SERVING", "ERR UNAVAILABLE", "OK SERVING",
             ]
         )
