@@ -160,6 +160,16 @@ public struct AggregatedDiscoveryService: Sendable {
         }
     }
 
+    /// On a per-type service the type may be left empty (it is the service's); another is refused.
+    private func serviceType(_ typeURL: inout String, servedBy fixedType: String?) throws {
+        guard let fixedType else { return }
+        if typeURL.isEmpty { typeURL = fixedType }
+        guard typeURL == fixedType else {
+            metrics.rejected("unknown_type")
+            throw RPCError(code: .invalidArgument, message: "this service serves \(fixedType) only, not \(typeURL)")
+        }
+    }
+
     // MARK: State of the world
 
     /// One type's subscription on a SotW stream.
@@ -186,16 +196,7 @@ public struct AggregatedDiscoveryService: Sendable {
             var forced: Set<String> = []
             switch event {
             case .request(var message):
-                if let fixedType {
-                    if message.typeURL.isEmpty { message.typeURL = fixedType }
-                    guard message.typeURL == fixedType else {
-                        metrics.rejected("unknown_type")
-                        throw RPCError(
-                            code: .invalidArgument,
-                            message: "this service serves \(fixedType) only, not \(message.typeURL)"
-                        )
-                    }
-                }
+                try serviceType(&message.typeURL, servedBy: fixedType)
                 guard let type = try await handle(message, node: node.id, subscriptions: &subscriptions) else { return }
                 forced.insert(type)
             case .changed:
@@ -303,16 +304,7 @@ public struct AggregatedDiscoveryService: Sendable {
             var candidates: [(typeURL: String, force: Bool)] = []
             switch event {
             case .request(var message):
-                if let fixedType {
-                    if message.typeURL.isEmpty { message.typeURL = fixedType }
-                    guard message.typeURL == fixedType else {
-                        metrics.rejected("unknown_type")
-                        throw RPCError(
-                            code: .invalidArgument,
-                            message: "this service serves \(fixedType) only, not \(message.typeURL)"
-                        )
-                    }
-                }
+                try serviceType(&message.typeURL, servedBy: fixedType)
                 if let send = try await handleDelta(message, node: node.id, subscriptions: &subscriptions) {
                     candidates.append(send)
                 }

@@ -43,9 +43,13 @@ public struct PilotMetrics: Sendable {
         Counter(label: "trellis_pilot_xds_inconsistent_snapshots_total", factory: factory).increment()
     }
 
-    func translated(seconds: Double, nodes: Int) {
+    /// One translation and push to every node.
+    func translated(seconds: Double) {
         Timer(label: "trellis_pilot_xds_translate_seconds", factory: factory).recordNanoseconds(Int64(seconds * 1e9))
-        Gauge(label: "trellis_pilot_xds_nodes", factory: factory).record(nodes)
+    }
+
+    func nodes(_ count: Int) {
+        Gauge(label: "trellis_pilot_xds_nodes", factory: factory).record(count)
     }
 
     func instances(_ count: Int) {

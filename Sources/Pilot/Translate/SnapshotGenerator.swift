@@ -68,7 +68,7 @@ public actor SnapshotGenerator: NodeSnapshotSource {
         } else {
             nodes[node.id] = (entry.info, entry.streams - 1)
         }
-        metrics.translated(seconds: 0, nodes: nodes.count)
+        metrics.nodes(nodes.count)
     }
 
     /// Translates the current view and updates every connected node.
@@ -84,7 +84,8 @@ public actor SnapshotGenerator: NodeSnapshotSource {
         }
         let changed = await cache.set(batch)
         let elapsed = ContinuousClock.now - start
-        metrics.translated(seconds: elapsed.seconds, nodes: nodes.count)
+        metrics.translated(seconds: elapsed.seconds)
+        metrics.nodes(nodes.count)
         logger.debug(
             "pushed registry version",
             metadata: [
