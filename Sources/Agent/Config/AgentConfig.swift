@@ -107,7 +107,7 @@ public enum AgentConfigLoader {
             let top = try root.mapping(allowed: topLevelKeys)
             if let n = top["node"] {
                 let id = try n.nonEmptyString()
-                guard id.utf8.count <= 253, id.utf8.allSatisfy({ $0 > 32 && $0 < 127 && $0 != 47 }) else {
+                guard Names.isValidNodeID(id) else {
                     throw n.error("expected printable ASCII without spaces or '/', at most 253 bytes")
                 }
                 config.node = id
@@ -168,7 +168,7 @@ public enum AgentConfigLoader {
 
     private static func ipAddress(_ node: ConfigNode) throws(ConfigFileError) -> String {
         let text = try node.nonEmptyString()
-        guard (try? CIDR(text.contains(":") ? "\(text)/128" : "\(text)/32")) != nil else {
+        guard Names.isIPAddress(text) else {
             throw node.error("expected an IPv4 or IPv6 address, got '\(text)'")
         }
         return text
@@ -180,10 +180,7 @@ public enum AgentConfigLoader {
         ])
         let nameNode = try keys.required("name", in: node)
         let name = try nameNode.nonEmptyString()
-        func alnum(_ c: UInt8) -> Bool { (c >= 97 && c <= 122) || (c >= 48 && c <= 57) }
-        guard (1...63).contains(name.utf8.count), alnum(name.utf8.first!), alnum(name.utf8.last!),
-            name.utf8.allSatisfy({ alnum($0) || $0 == 45 || $0 == 46 })
-        else {
+        guard Names.isValidServiceName(name) else {
             throw nameNode.error("expected lowercase letters, digits, '-' and '.' (1 to 63), got '\(name)'")
         }
         var service = LocalService(name: name, port: try keys.required("port", in: node).int(in: 1...65535))

@@ -2,6 +2,7 @@ import FoundationEssentials
 public import GRPCCore
 public import Logging
 import SwiftProtobuf
+import TrellisConfig
 public import XDS
 
 /// Pilot's xDS server: ADS (state of the world and incremental) and the per-type CDS/EDS/LDS/RDS

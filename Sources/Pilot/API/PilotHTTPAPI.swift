@@ -3,6 +3,7 @@ public import Hummingbird
 public import Logging
 import NIOCore
 import SwiftProtobuf
+import TrellisConfig
 import XDS
 
 /// Pilot's HTTP API on :15014 (Hummingbird): agent registration with leases, drain and health

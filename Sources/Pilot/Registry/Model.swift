@@ -1,9 +1,3 @@
-#if canImport(Glibc)
-import Glibc
-#elseif canImport(Darwin)
-import Darwin
-#endif
-
 /// What a service speaks on one port; it decides how the port is translated (HTTP routes, gRPC
 /// API listeners with HTTP/2 upstreams, or plain TCP proxying).
 public enum ServiceProtocol: String, Sendable, Codable, CaseIterable, Hashable {
@@ -134,38 +128,5 @@ public struct MachineMetadata: Sendable, Hashable {
     public init(locality: Locality = .init(), labels: [String: String] = [:]) {
         self.locality = locality
         self.labels = labels
-    }
-}
-
-/// Names the registry accepts for services, nodes and label keys: what DNS labels and xDS
-/// resource names both take.
-enum Names {
-    static func isValidServiceName(_ name: String) -> Bool {
-        guard (1...63).contains(name.utf8.count), let first = name.utf8.first, let last = name.utf8.last else {
-            return false
-        }
-        func alnum(_ c: UInt8) -> Bool { (c >= 97 && c <= 122) || (c >= 48 && c <= 57) }
-        return alnum(first) && alnum(last) && name.utf8.allSatisfy { alnum($0) || $0 == 45 || $0 == 46 }
-    }
-
-    /// Node ids: printable ASCII without spaces or `/`, up to 253 bytes.
-    static func isValidNodeID(_ id: String) -> Bool {
-        (1...253).contains(id.utf8.count) && id.utf8.allSatisfy { $0 > 32 && $0 < 127 && $0 != 47 }
-    }
-
-    static func isValidLabelKey(_ key: String) -> Bool {
-        (1...63).contains(key.utf8.count)
-            && key.utf8.allSatisfy { c in
-                (c >= 97 && c <= 122) || (c >= 65 && c <= 90) || (c >= 48 && c <= 57) || c == 45 || c == 95
-                    || c == 46 || c == 47
-            }
-    }
-
-    /// An IPv4 or IPv6 address literal (instances are addressed by IP; no DNS names).
-    static func isIPAddress(_ text: String) -> Bool {
-        var buffer = (UInt64(0), UInt64(0))
-        return withUnsafeMutableBytes(of: &buffer) { raw in
-            inet_pton(text.contains(":") ? AF_INET6 : AF_INET, text, raw.baseAddress) == 1
-        }
     }
 }

@@ -1,6 +1,7 @@
 import FoundationEssentials
 public import Logging
 public import ServiceLifecycle
+import TrellisConfig
 import TrellisHTTP
 
 /// Polls a CMDB's HTTP JSON endpoint for machine metadata and merges it into the registry: the

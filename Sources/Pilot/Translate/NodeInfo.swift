@@ -1,4 +1,5 @@
 import SwiftProtobuf
+import TrellisConfig
 public import XDS
 
 /// What pilot serves a node, from its xDS `Node` (docs/architecture.md, "xDS roles").
