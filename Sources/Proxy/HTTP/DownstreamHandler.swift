@@ -75,11 +75,14 @@ final class DownstreamHandler: ChannelDuplexHandler {
         }
         remoteAddress = context.channel.remoteAddress
         clientIP = remoteAddress?.ipAddress
+        isDraining = loop.draining
+        loop.opened(self)
         loop.stats.activeConnections.increment()
         loop.stats.totalConnections.increment()
     }
 
     func channelInactive(context: ChannelHandlerContext) {
+        loop.closed(self)
         loop.stats.activeConnections.decrement()
         exchange?.downstreamClosed()
         exchange = nil
@@ -199,6 +202,21 @@ final class DownstreamHandler: ChannelDuplexHandler {
         sendError(proxyError, keepAlive: false, version: .http1_1)
     }
 
+    // MARK: Drain
+
+    /// Whether a request is being served or waits its turn.
+    var isBusy: Bool { exchange != nil || !queued.isEmpty || pendingError != nil }
+
+    /// Marks the connection draining: closed now when idle (returns true), otherwise its current
+    /// response says `Connection: close` (if not sent yet) and the connection closes after it.
+    func drain() -> Bool {
+        isDraining = true
+        guard !isBusy, !closing, let context else { return false }
+        closing = true
+        context.close(promise: nil)
+        return true
+    }
+
     // MARK: Called by the exchange
 
     func write(_ part: HTTPServerResponsePart, flush: Bool) {
@@ -225,7 +243,9 @@ final class DownstreamHandler: ChannelDuplexHandler {
     func responseEnded(_ trailers: HTTPHeaders?) {
         guard let context, !closing else { return }
         exchange = nil
-        let keepAlive = self.keepAlive
+        // Draining: the connection ends with this response, even if its head said keep-alive
+        // (the drain began after the head was sent).
+        let keepAlive = self.keepAlive && !isDraining
         timeouts?.responseCompleted()
         if keepAlive {
             context.write(wrapOutboundOut(.end(trailers)), promise: nil)

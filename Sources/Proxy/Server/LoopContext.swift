@@ -36,6 +36,43 @@ final class LoopContext {
         self.deadlines = RequestDeadlines(eventLoop: eventLoop)
     }
 
+    // MARK: Drain
+
+    /// This loop's open HTTP connections (drain closes the idle ones and marks the busy ones).
+    private var downstreams: [ObjectIdentifier: DownstreamHandler] = [:]
+    /// Relayed TCP connections of this loop that are glued to their upstream.
+    var activeRelays = 0
+    /// Whether connections opened on this loop answer with `Connection: close` and close when idle.
+    private(set) var draining = false
+
+    func opened(_ handler: DownstreamHandler) {
+        downstreams[ObjectIdentifier(handler)] = handler
+    }
+
+    func closed(_ handler: DownstreamHandler) {
+        downstreams.removeValue(forKey: ObjectIdentifier(handler))
+    }
+
+    /// Starts draining: idle connections are closed now; busy ones close after their response.
+    /// Returns how many were closed.
+    func startDraining() -> Int {
+        draining = true
+        var closed = 0
+        for handler in Array(downstreams.values) where handler.drain() { closed += 1 }
+        return closed
+    }
+
+    func stopDraining() {
+        draining = false
+        for handler in downstreams.values { handler.isDraining = false }
+    }
+
+    var activity: ProxyActivity {
+        var activity = ProxyActivity(httpConnections: downstreams.count, tcpRelays: activeRelays)
+        for handler in downstreams.values where handler.isBusy { activity.requestsInFlight += 1 }
+        return activity
+    }
+
     private var pendingFlushes: [ChannelHandlerContext] = []
 
     /// Flushes `context` once the loop has handled the I/O events at hand, so that the writes of

@@ -26,6 +26,7 @@ public final class ProxyServer: Service, Sendable {
         /// Bound channels per listener name.
         var listeners: [String: (config: ListenerConfig, channels: [any Channel])] = [:]
         var stopped = false
+        var draining = false
     }
 
     /// - Parameters:
@@ -114,6 +115,47 @@ public final class ProxyServer: Service, Sendable {
         }
     }
 
+    // MARK: Drain
+
+    /// Starts draining on every loop: idle HTTP connections are closed, each busy one answers its
+    /// current request with `Connection: close` and closes, and connections accepted from now on
+    /// do the same. Listeners stay open (a captured connection must still be served). Returns the
+    /// activity right after, with the number of idle connections closed.
+    @discardableResult
+    public func startDraining() async -> ProxyActivity {
+        var closed = 0
+        for (_, bound) in contexts {
+            closed += (try? await bound.eventLoop.submit { bound.value.startDraining() }.get()) ?? 0
+        }
+        state.withLockedValue { $0.draining = true }
+        var activity = await activity()
+        activity.idleClosed = closed
+        return activity
+    }
+
+    /// Stops draining: connections accepted from now on are kept alive again.
+    public func stopDraining() async {
+        state.withLockedValue { $0.draining = false }
+        for (_, bound) in contexts {
+            try? await bound.eventLoop.submit { bound.value.stopDraining() }.get()
+        }
+    }
+
+    public var isDraining: Bool { state.withLockedValue { $0.draining } }
+
+    /// Open connections and in-flight requests, summed over the loops.
+    public func activity() async -> ProxyActivity {
+        var total = ProxyActivity()
+        for (_, bound) in contexts {
+            if let one = try? await bound.eventLoop.submit({ bound.value.activity }).get() {
+                total.httpConnections += one.httpConnections
+                total.requestsInFlight += one.requestsInFlight
+                total.tcpRelays += one.tcpRelays
+            }
+        }
+        return total
+    }
+
     private func reconcileListeners(with config: ProxyConfig) async throws {
         let existing = state.withLockedValue { $0.listeners }
         let wanted = Dictionary(uniqueKeysWithValues: config.listeners.map { ($0.name, $0) })
@@ -189,7 +231,8 @@ public final class ProxyServer: Service, Sendable {
                             relay: TCPRelay.Starter(
                                 lookup: originalDestination,
                                 mark: upstreamMark,
-                                stats: stats
+                                stats: stats,
+                                loop: loopContext
                             ),
                             stats: stats
                         )
@@ -237,4 +280,23 @@ public final class ProxyServer: Service, Sendable {
             )
         )
     }
+}
+
+/// What the data path is doing: open HTTP connections, requests being served, relayed TCP
+/// connections; `idleClosed` is set by ``ProxyServer/startDraining()``.
+public struct ProxyActivity: Sendable, Equatable, Codable {
+    public var httpConnections = 0
+    public var requestsInFlight = 0
+    public var tcpRelays = 0
+    public var idleClosed = 0
+
+    public init(httpConnections: Int = 0, requestsInFlight: Int = 0, tcpRelays: Int = 0, idleClosed: Int = 0) {
+        self.httpConnections = httpConnections
+        self.requestsInFlight = requestsInFlight
+        self.tcpRelays = tcpRelays
+        self.idleClosed = idleClosed
+    }
+
+    /// Nothing left to wait for.
+    public var isQuiet: Bool { requestsInFlight == 0 && tcpRelays == 0 }
 }

@@ -16,11 +16,13 @@ enum TCPRelay {
         private let lookup: OriginalDestinationLookup?
         private let mark: UInt32?
         private let stats: ProxyStats
+        private let loop: LoopContext?
         private var pendingBytes: ByteBuffer?
         private var upstream: (any Channel)?
         private var closed = false
 
-        init(lookup: OriginalDestinationLookup?, mark: UInt32?, stats: ProxyStats) {
+        init(lookup: OriginalDestinationLookup?, mark: UInt32?, stats: ProxyStats, loop: LoopContext? = nil) {
+            self.loop = loop
             self.lookup = lookup
             self.mark = mark
             self.stats = stats
@@ -86,6 +88,12 @@ enum TCPRelay {
                 return
             }
             _ = downstream.setOption(.allowRemoteHalfClosure, value: true)
+            if let loop {
+                // Counted while the downstream side is open (drain reports and waits for them).
+                loop.activeRelays += 1
+                let bound = NIOLoopBound(loop, eventLoop: context.eventLoop)
+                downstream.closeFuture.whenComplete { _ in bound.value.activeRelays -= 1 }
+            }
             if var bytes = pendingBytes, bytes.readableBytes > 0 {
                 pendingBytes = nil
                 upstream.writeAndFlush(NIOAny(bytes.readSlice(length: bytes.readableBytes)!), promise: nil)

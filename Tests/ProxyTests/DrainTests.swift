@@ -1,0 +1,80 @@
+import Foundation
+import NIOCore
+import NIOPosix
+import Testing
+
+@testable import Proxy
+
+/// Drain: idle keep-alive connections are closed at once, a request in flight completes and its
+/// response says `Connection: close`, connections accepted while draining are not kept alive, and
+/// undrain restores keep-alive.
+@Suite struct DrainTests {
+    let group = MultiThreadedEventLoopGroup.singleton
+
+    @Test func drainClosesIdleConnectionsAndLetsInFlightRequestsFinish() async throws {
+        let a = try await TestUpstream.start(name: "alpha", group: group)
+        let proxy = try await ProxyHarness.start(
+            gatewayConfig(
+                virtualHosts: catchAll("alpha"),
+                clusters: [ClusterConfig(name: "alpha", endpoints: [endpoint(a)])]
+            ),
+            group: group
+        )
+        // An idle keep-alive connection: one request answered, nothing more.
+        let idle = try await RawClient.connect(port: proxy.port, group: group)
+        try await idle.send("GET /one HTTP/1.1\r\nhost: a\r\n\r\n")
+        let first = try await idle.readUntil("alpha")
+        #expect(first.hasPrefix("HTTP/1.1 200 OK"))
+        #expect(!first.lowercased().contains("connection: close"))
+
+        // A busy connection: a slow request in flight.
+        let busy = try await RawClient.connect(port: proxy.port, group: group)
+        try await busy.send("GET /delay/1500 HTTP/1.1\r\nhost: a\r\n\r\n")
+        try await Task.sleep(for: .milliseconds(300))
+        let before = await proxy.server.activity()
+        #expect(before.httpConnections == 2)
+        #expect(before.requestsInFlight == 1)
+
+        let started = await proxy.server.startDraining()
+        #expect(started.idleClosed == 1)
+        #expect(started.requestsInFlight == 1)
+        #expect(proxy.server.isDraining)
+
+        let (idleText, idleClosed) = try await idle.readUntilClose(timeout: .seconds(2))
+        #expect(idleClosed, "the idle connection was closed by the drain")
+        #expect(idleText == first, "nothing more was sent on it")
+
+        // The slow request completes, says Connection: close, and the connection ends.
+        let (busyText, busyClosed) = try await busy.readUntilClose(timeout: .seconds(5))
+        #expect(busyText.hasPrefix("HTTP/1.1 200 OK"), "\(busyText)")
+        #expect(busyText.lowercased().contains("connection: close"))
+        #expect(busyClosed)
+
+        // A connection accepted while draining is served once, then closed.
+        let late = try await RawClient.connect(port: proxy.port, group: group)
+        try await late.send("GET /late HTTP/1.1\r\nhost: a\r\n\r\n")
+        let (lateText, lateClosed) = try await late.readUntilClose(timeout: .seconds(5))
+        #expect(lateText.hasPrefix("HTTP/1.1 200 OK"))
+        #expect(lateText.lowercased().contains("connection: close"))
+        #expect(lateClosed)
+
+        let after = await proxy.server.activity()
+        #expect(after.isQuiet)
+
+        // Undrain: keep-alive again.
+        await proxy.server.stopDraining()
+        #expect(!proxy.server.isDraining)
+        let again = try await RawClient.connect(port: proxy.port, group: group)
+        try await again.send("GET /again HTTP/1.1\r\nhost: a\r\n\r\n")
+        let againText = try await again.readUntil("alpha")
+        #expect(againText.hasPrefix("HTTP/1.1 200 OK"))
+        #expect(!againText.lowercased().contains("connection: close"))
+        try await again.send("GET /again2 HTTP/1.1\r\nhost: a\r\n\r\n")
+        let both = try await again.readUntil("HTTP/1.1 200 OK", count: 2)
+        #expect(both.components(separatedBy: "HTTP/1.1 200 OK").count == 3, "two answers on one connection: \(both)")
+
+        for client in [idle, busy, late, again] { await client.close() }
+        await proxy.stop()
+        await a.stop()
+    }
+}
