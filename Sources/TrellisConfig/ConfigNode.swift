@@ -112,16 +112,9 @@ public struct ConfigNode {
 
     /// `250ms`, `10s`, `1.5s`, `2m`, `1h`.
     public func duration() throws(ConfigFileError) -> Duration {
-        let expected = "expected a duration such as 250ms, 10s or 2m"
-        guard let s = scalar?.string else { throw error("\(expected), got \(kind)") }
-        let units: [(String, Double)] = [("ms", 1e-3), ("us", 1e-6), ("s", 1), ("m", 60), ("h", 3600)]
-        for (suffix, scale) in units where s.hasSuffix(suffix) {
-            guard let number = Double(s.dropLast(suffix.count)), number.isFinite, number >= 0 else { break }
-            let nanos = (number * scale * 1e9).rounded()
-            guard nanos < 1e18 else { throw error("\(expected), got '\(s)' (too long)") }
-            return .nanoseconds(Int64(nanos))
-        }
-        throw error("\(expected), got '\(s)'")
+        guard let s = scalar?.string else { throw error("\(DurationText.expected), got \(kind)") }
+        guard let duration = DurationText.parse(s) else { throw error("\(DurationText.expected), got '\(s)'") }
+        return duration
     }
 
     /// `host:port`, `[v6]:port`.

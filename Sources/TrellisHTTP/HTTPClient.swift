@@ -72,6 +72,54 @@ public struct HTTPClient: Sendable {
         json body: String? = nil,
         timeout: Duration = .seconds(5)
     ) async throws -> Response {
+        try await exchange(
+            method,
+            target: .tcp(host: url.host, port: url.port),
+            path: url.path,
+            authority: url.authority,
+            json: body,
+            timeout: timeout
+        )
+    }
+
+    /// One exchange over a Unix domain socket (an agent's control socket, say).
+    public func request(
+        _ method: String,
+        unixSocket socketPath: String,
+        path: String,
+        json body: String? = nil,
+        timeout: Duration = .seconds(5)
+    ) async throws -> Response {
+        try await exchange(
+            method,
+            target: .unix(socketPath),
+            path: path,
+            authority: "localhost",
+            json: body,
+            timeout: timeout
+        )
+    }
+
+    private enum Target: Sendable {
+        case tcp(host: String, port: Int)
+        case unix(String)
+
+        var description: String {
+            switch self {
+            case .tcp(let host, let port): host.contains(":") ? "[\(host)]:\(port)" : "\(host):\(port)"
+            case .unix(let path): path
+            }
+        }
+    }
+
+    private func exchange(
+        _ method: String,
+        target: Target,
+        path: String,
+        authority: String,
+        json body: String?,
+        timeout: Duration
+    ) async throws -> Response {
         let maxBody = self.maxBody
         return try await withThrowingTaskGroup(of: Response?.self) { group in
             group.addTask {
@@ -79,14 +127,17 @@ public struct HTTPClient: Sendable {
                 return nil
             }
             group.addTask {
-                let channel = try await ClientBootstrap(group: self.group)
+                let bootstrap = ClientBootstrap(group: self.group)
                     .connectTimeout(
                         .nanoseconds(
                             Int64(timeout.components.seconds) * 1_000_000_000 + timeout.components.attoseconds
                                 / 1_000_000_000
                         )
                     )
-                    .connect(host: url.host, port: url.port) { channel in
+                let initializer:
+                    @Sendable (any Channel) -> EventLoopFuture<
+                        NIOAsyncChannel<HTTPClientResponsePart, HTTPClientRequestPart>
+                    > = { channel in
                         channel.eventLoop.makeCompletedFuture {
                             try channel.pipeline.syncOperations.addHTTPClientHandlers()
                             return try NIOAsyncChannel<HTTPClientResponsePart, HTTPClientRequestPart>(
@@ -94,9 +145,16 @@ public struct HTTPClient: Sendable {
                             )
                         }
                     }
+                let channel =
+                    switch target {
+                    case .tcp(let host, let port):
+                        try await bootstrap.connect(host: host, port: port, channelInitializer: initializer)
+                    case .unix(let socketPath):
+                        try await bootstrap.connect(unixDomainSocketPath: socketPath, channelInitializer: initializer)
+                    }
                 return try await channel.executeThenClose { inbound, outbound in
-                    var head = HTTPRequestHead(version: .http1_1, method: HTTPMethod(rawValue: method), uri: url.path)
-                    head.headers.add(name: "Host", value: url.authority)
+                    var head = HTTPRequestHead(version: .http1_1, method: HTTPMethod(rawValue: method), uri: path)
+                    head.headers.add(name: "Host", value: authority)
                     head.headers.add(name: "Connection", value: "close")
                     let bytes = body.map { ByteBuffer(string: $0) }
                     if let bytes {
@@ -126,7 +184,7 @@ public struct HTTPClient: Sendable {
             }
             defer { group.cancelAll() }
             guard let first = try await group.next(), let response = first else {
-                throw Failure("no answer from \(url.authority) within \(timeout)")
+                throw Failure("no answer from \(target.description) within \(timeout)")
             }
             return response
         }

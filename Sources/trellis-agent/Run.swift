@@ -29,6 +29,9 @@ struct Run: AsyncParsableCommand {
     @Flag(help: "Leave the capture rules installed on exit (the gate, if any, then bypasses).")
     var keepRules = false
 
+    @Option(help: "The control socket that drain, undrain and status talk to (root only).")
+    var controlSocket = ControlServer.defaultPath
+
     @OptionGroup var logging: LoggingOptions
 
     func validate() throws {
@@ -39,6 +42,17 @@ struct Run: AsyncParsableCommand {
 
     func run() async throws {
         let logger = try logging.bootstrap(label: "trellis.agent")
+        // Signals are taken from the very start: a SIGTERM while starting ends the start cleanly
+        // (rules that were installed are removed) instead of killing the process half-way.
+        let termination = Termination()
+        let signals = await UnixSignalsSequence(trapping: .sigterm, .sigint)
+        let signalTask = Task {
+            for await signal in signals {
+                logger.info("signal received: draining, then exiting", metadata: ["signal": "\(signal)"])
+                await termination.request()
+            }
+        }
+        defer { signalTask.cancel() }
         let text: String
         do {
             text = try String(contentsOfFile: config, encoding: .utf8)
@@ -76,8 +90,57 @@ struct Run: AsyncParsableCommand {
             upstreamMark: agent.capture.agentMark,
             logger: logger
         )
-        // Listeners first: capture starts only when they can take connections.
-        try await proxy.start()
+        let node = agent.node ?? ProcessInfo.processInfo.hostName
+        var registrar: PilotRegistrar?
+        if !agent.services.isEmpty, let api = agent.pilotAPI, let address = agent.registerAddress {
+            registrar = PilotRegistrar(
+                node: node,
+                pilotAPI: api,
+                registerAddress: address,
+                ttl: agent.leaseTTL,
+                services: agent.services,
+                logger: logger
+            )
+        }
+        let controller = AgentController(
+            node: node,
+            proxy: proxy,
+            gate: nil,
+            registrar: registrar,
+            pilotAPI: agent.pilotAPI,
+            services: agent.services,
+            captureState: { [capture] in
+                do {
+                    let differences = try capture.verify(rules)
+                    return CaptureStatus(
+                        backend: capture.backend.rawValue,
+                        rules: differences.isEmpty ? "installed" : "differs",
+                        differences: differences
+                    )
+                } catch {
+                    return CaptureStatus(backend: capture.backend.rawValue, rules: "unknown: \(error)")
+                }
+            },
+            logger: logger
+        )
+        // The control socket first: a second agent on this machine stops here, before it touches
+        // a port or a rule of the running one.
+        let control = ControlServer(path: controlSocket, controller: controller, group: group, logger: logger)
+        do {
+            try await control.bind()
+        } catch {
+            try? await group.shutdownGracefully()
+            throw ValidationError("\(error); nothing was installed")
+        }
+        // Listeners next: capture starts only when they can take connections.
+        do {
+            try await proxy.start()
+        } catch {
+            await proxy.shutdown()
+            await control.close()
+            try? await group.shutdownGracefully()
+            throw ValidationError("binding the capture listeners failed; nothing was installed\n\(error)")
+        }
         let admin = AdminServer(
             host: "127.0.0.1",
             port: 15000,
@@ -94,6 +157,8 @@ struct Run: AsyncParsableCommand {
             try capture.apply(rules)
         } catch {
             await proxy.shutdown()
+            await control.close()
+            try? await group.shutdownGracefully()
             throw ValidationError("installing the capture rules failed; nothing is captured\n\(error)")
         }
         var gate: NetfilterQueueGate?
@@ -103,6 +168,7 @@ struct Run: AsyncParsableCommand {
                 g.setMode(.capture)
                 g.start()
                 gate = g
+                await controller.attach(gate: g)
             } catch {
                 // Fail open: without a reader the kernel lets new connections through directly.
                 logger.error(
@@ -117,23 +183,24 @@ struct Run: AsyncParsableCommand {
         )
 
         var services: [ServiceGroupConfiguration.ServiceConfiguration] = [.init(service: proxy), .init(service: admin)]
-        var registrar: PilotRegistrar?
-        if !agent.services.isEmpty, let api = agent.pilotAPI, let address = agent.registerAddress {
-            let r = PilotRegistrar(
-                node: agent.node ?? ProcessInfo.processInfo.hostName,
-                pilotAPI: api,
-                registerAddress: address,
-                ttl: agent.leaseTTL,
-                services: agent.services,
-                logger: logger
-            )
-            registrar = r
-            services.append(.init(service: RegistrarService(registrar: r)))
+        if let registrar { services.append(.init(service: RegistrarService(registrar: registrar))) }
+        services.append(.init(service: control))
+        // Last in the list, so the first to stop: SIGTERM drains while everything else still runs.
+        services.append(.init(service: DrainOnShutdown(controller: controller, deadline: agent.drainDeadline)))
+        let serviceGroup = ServiceGroup(configuration: .init(services: services, logger: logger))
+        await termination.attach(serviceGroup)
+        do {
+            try await serviceGroup.run()
+        } catch {
+            // A service failed (the control socket is taken, say): the rules still go.
+            logger.error("the agent stopped on an error", metadata: ["error": "\(error)"])
+            gate?.setMode(.bypass)
+            await registrar?.deregisterAll()
+            if !keepRules { try? capture.remove() }
+            gate?.stop()
+            try? await group.shutdownGracefully()
+            throw error
         }
-        let serviceGroup = ServiceGroup(
-            configuration: .init(services: services, gracefulShutdownSignals: [.sigterm, .sigint], logger: logger)
-        )
-        try await serviceGroup.run()
 
         // Stopping: no new captures, deregistration, then the rules go.
         gate?.setMode(.bypass)
@@ -150,6 +217,33 @@ struct Run: AsyncParsableCommand {
         }
         gate?.stop()
         try await group.shutdownGracefully()
+    }
+}
+
+/// Drains (pilot told, gate bypassed, idle connections closed, in-flight work waited for up to the
+/// deadline) when graceful shutdown begins, before the other services stop.
+struct DrainOnShutdown: Service {
+    let controller: AgentController
+    let deadline: Duration
+    func run() async throws {
+        try? await gracefulShutdown()
+        _ = await controller.drain(deadline: deadline)
+    }
+}
+
+/// Remembers a termination request until the service group exists, then passes it on.
+actor Termination {
+    private var requested = false
+    private var group: ServiceGroup?
+
+    func request() async {
+        requested = true
+        await group?.triggerGracefulShutdown()
+    }
+
+    func attach(_ group: ServiceGroup) async {
+        self.group = group
+        if requested { await group.triggerGracefulShutdown() }
     }
 }
 

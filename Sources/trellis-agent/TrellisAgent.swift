@@ -5,6 +5,6 @@ struct TrellisAgent: AsyncParsableCommand {
     static let configuration = CommandConfiguration(
         commandName: "trellis-agent",
         abstract: "The Trellis node agent: captures a machine's traffic and runs it through the mesh proxy.",
-        subcommands: [Run.self, Gateway.self, Rules.self, Gate.self]
+        subcommands: [Run.self, Drain.self, Undrain.self, Status.self, Gateway.self, Rules.self, Gate.self]
     )
 }

@@ -136,6 +136,7 @@ struct AgentPathNetnsTests {
         agent.executableURL = URL(fileURLWithPath: "/usr/bin/env")
         agent.arguments = [
             "ip", "netns", "exec", lab.a, Self.binary, "run", "--config", config.path, "--event-loops", "1",
+            "--control-socket", dir.appendingPathComponent("agent.sock").path,
         ]
         let handle = try FileHandle(forWritingTo: log)
         agent.standardOutput = handle

@@ -139,6 +139,45 @@ public enum Peers {
         return (status, text)
     }
 
+    /// Runs a command to its end without blocking a thread: exit status (or the terminating signal
+    /// as 128+N), standard output and standard error (through files: a pipe read would block).
+    public static func command(_ arguments: [String]) async -> (status: Int32, stdout: String, stderr: String) {
+        let base = FileManager.default.temporaryDirectory.appendingPathComponent("trellis-cmd-\(UUID().uuidString)")
+        let outURL = base.appendingPathExtension("out")
+        let errURL = base.appendingPathExtension("err")
+        defer {
+            try? FileManager.default.removeItem(at: outURL)
+            try? FileManager.default.removeItem(at: errURL)
+        }
+        FileManager.default.createFile(atPath: outURL.path, contents: nil)
+        FileManager.default.createFile(atPath: errURL.path, contents: nil)
+        let process = Process()
+        process.executableURL = URL(fileURLWithPath: "/usr/bin/env")
+        process.arguments = arguments
+        guard let out = try? FileHandle(forWritingTo: outURL), let err = try? FileHandle(forWritingTo: errURL) else {
+            return (127, "", "cannot create output files")
+        }
+        process.standardOutput = out
+        process.standardError = err
+        let started = await withCheckedContinuation { (done: CheckedContinuation<Bool, Never>) in
+            process.terminationHandler = { _ in done.resume(returning: true) }
+            do {
+                try process.run()
+            } catch {
+                process.terminationHandler = nil
+                done.resume(returning: false)
+            }
+        }
+        try? out.close()
+        try? err.close()
+        let o = (try? String(contentsOf: outURL, encoding: .utf8)) ?? ""
+        let e = (try? String(contentsOf: errURL, encoding: .utf8)) ?? ""
+        guard started else { return (127, o, "cannot start \(arguments.first ?? "")") }
+        let status =
+            process.terminationReason == .uncaughtSignal ? 128 + process.terminationStatus : process.terminationStatus
+        return (status, o, e)
+    }
+
     /// Polls `condition` every 50 ms until it holds or `timeout` passes; returns whether it held.
     public static func eventually(within timeout: Duration, _ condition: () async throws -> Bool) async rethrows -> Bool
     {

@@ -297,6 +297,11 @@ public struct ProxyActivity: Sendable, Equatable, Codable {
         self.idleClosed = idleClosed
     }
 
+    enum CodingKeys: String, CodingKey {
+        case httpConnections = "http_connections", requestsInFlight = "requests_in_flight"
+        case tcpRelays = "tcp_relays", idleClosed = "idle_closed"
+    }
+
     /// Nothing left to wait for.
     public var isQuiet: Bool { requestsInFlight == 0 && tcpRelays == 0 }
 }

@@ -1,0 +1,157 @@
+import Agent
+import ArgumentParser
+import Foundation
+import Proxy
+import TrellisConfig
+import TrellisHTTP
+
+/// Options shared by the commands that talk to a running agent over its control socket.
+struct ControlOptions: ParsableArguments {
+    @Option(help: "The running agent's control socket.")
+    var socket = ControlServer.defaultPath
+
+    @Flag(help: "Print the agent's JSON answer instead of text.")
+    var json = false
+
+    /// Sends one command; a missing agent or an error answer is a clear message and exit 1.
+    func send(_ method: String, _ path: String, timeout: Duration) async throws -> String {
+        let response: HTTPClient.Response
+        do {
+            response = try await HTTPClient().request(method, unixSocket: socket, path: path, timeout: timeout)
+        } catch {
+            let reason = FileManager.default.fileExists(atPath: socket) ? "\(error)" : "no such socket"
+            throw AgentCommandError(
+                "cannot reach the agent at \(socket) (\(reason)); is trellis-agent running, and are you root?"
+            )
+        }
+        guard response.status == 200 else {
+            let message =
+                (try? JSONDecoder().decode([String: String].self, from: Data(response.body)))?["error"] ?? response.text
+            throw AgentCommandError("the agent refused: \(message) (HTTP \(response.status))")
+        }
+        return response.text
+    }
+}
+
+struct AgentCommandError: Error, CustomStringConvertible {
+    var description: String
+    init(_ description: String) { self.description = description }
+}
+
+/// `trellis-agent drain`: stop taking new work and wait for the work in hand.
+struct Drain: AsyncParsableCommand {
+    static let configuration = CommandConfiguration(
+        abstract: "Drain the running agent: pilot stops sending it new requests, idle connections close, "
+            + "in-flight requests finish (up to the deadline); prints what it did.",
+        discussion: "Exit status 0 when everything in flight finished before the deadline, 2 when some was left."
+    )
+
+    @Option(help: "How long to wait for in-flight requests and TCP connections (e.g. 30s, 2m).")
+    var deadline = "30s"
+
+    @OptionGroup var control: ControlOptions
+
+    func validate() throws {
+        guard let parsed = DurationText.parse(deadline), parsed <= .seconds(24 * 3600) else {
+            throw ValidationError("--deadline: \(DurationText.expected) (at most 24h), got '\(deadline)'")
+        }
+    }
+
+    func run() async throws {
+        let wait = DurationText.parse(deadline)!
+        let text = try await control.send("POST", "/drain?deadline=\(deadline)", timeout: wait + .seconds(10))
+        let report = try JSONDecoder().decode(DrainReport.self, from: Data(text.utf8))
+        if control.json {
+            print(text, terminator: "")
+        } else {
+            let start = report.inFlightAtStart
+            let left = report.remaining
+            print(
+                """
+                draining (deadline \(deadline))
+                  pilot:        \(report.pilot)
+                  gate:         \(report.gate)
+                  idle closed:  \(report.idleClosed) connections
+                  in flight:    \(start.requestsInFlight) requests, \(start.tcpRelays) TCP connections at the start
+                  remaining:    \(left.requestsInFlight) requests, \(left.tcpRelays) TCP connections after \(report.waitedMilliseconds) ms
+                  result:       \(report.completed ? "drained" : "deadline reached with work in flight")
+                """
+            )
+        }
+        if !report.completed { throw ExitCode(2) }
+    }
+}
+
+/// `trellis-agent undrain`: serve normally again.
+struct Undrain: AsyncParsableCommand {
+    static let configuration = CommandConfiguration(
+        abstract: "Undo a drain: keep-alive again, the gate captures, pilot gets the services' health back."
+    )
+
+    @OptionGroup var control: ControlOptions
+
+    func run() async throws {
+        let text = try await control.send("POST", "/undrain", timeout: .seconds(10))
+        if control.json {
+            print(text, terminator: "")
+            return
+        }
+        let report = try JSONDecoder().decode(UndrainReport.self, from: Data(text.utf8))
+        print("serving\n  pilot: \(report.pilot)\n  gate:  \(report.gate)")
+    }
+}
+
+/// `trellis-agent status`: what the running agent is doing.
+struct Status: AsyncParsableCommand {
+    static let configuration = CommandConfiguration(
+        abstract: "Show the running agent: state, listeners, services, connections, configuration, pilot."
+    )
+
+    @OptionGroup var control: ControlOptions
+
+    func run() async throws {
+        let text = try await control.send("GET", "/status", timeout: .seconds(10))
+        if control.json {
+            print(text, terminator: "")
+            return
+        }
+        let s = try JSONDecoder().decode(AgentStatus.self, from: Data(text.utf8))
+        var lines = ["node \(s.node): \(s.state)" + (s.drainStarted.map { " (since \($0))" } ?? "")]
+        lines.append("listeners:")
+        for listener in s.listeners {
+            lines.append("  \(listener.name.padding(toLength: 10, withPad: " ", startingAt: 0)) \(listener.address)")
+        }
+        let differences =
+            s.capture.differences.isEmpty ? "" : " (" + s.capture.differences.joined(separator: "; ") + ")"
+        lines.append("capture: \(s.capture.rules) [\(s.capture.backend)]\(differences)")
+        if let gate = s.gate {
+            lines.append(
+                "gate: \(gate.mode) (captured \(gate.captured), bypassed \(gate.bypassed), overflows \(gate.overflows))"
+            )
+        } else {
+            lines.append("gate: not configured")
+        }
+        lines.append(
+            "connections: \(s.activity.httpConnections) HTTP (\(s.activity.requestsInFlight) requests in flight), "
+                + "\(s.activity.tcpRelays) TCP relayed"
+        )
+        lines.append("config version: \(s.configVersion)")
+        lines.append("pilot: \(s.pilot.api ?? "not configured"); \(s.pilot.registration)")
+        if s.services.isEmpty {
+            lines.append("services: none declared")
+        } else {
+            lines.append("services:")
+            for service in s.services {
+                let state =
+                    service.registered
+                    ? (service.healthy ? "registered, healthy" : "registered, unhealthy")
+                    : "not registered"
+                lines.append(
+                    "  \(service.name) port \(service.port) (service port \(service.servicePort)): \(state)"
+                        + (service.lastError.map { "; last error: \($0)" } ?? "")
+                )
+            }
+        }
+        print(lines.joined(separator: "\n"))
+    }
+}
