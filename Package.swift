@@ -258,7 +258,7 @@ let package = Package(
             swiftSettings: swiftSettings
         ),
         .testTarget(
-            name: "InterceptorNetnsTests",
+            name: "RootTests",
             dependencies: [
                 "Interceptor",
                 "TrellisTestSupport",

@@ -59,11 +59,16 @@ struct Run: AsyncParsableCommand {
         } catch {
             throw ValidationError("\(config): cannot read the file (\(error.localizedDescription))")
         }
-        let agent: AgentConfig
+        var agent: AgentConfig
         do {
             agent = try AgentConfigLoader.parse(yaml: text, file: config)
         } catch {
             throw ValidationError("invalid configuration (nothing was installed)\n\(error)")
+        }
+        if agent.capture.agentUID == nil, geteuid() != 0 {
+            // Running as a dedicated user (the packaged service): that user's own connections
+            // (registration, health checks) are never captured. Root's never are excluded this way.
+            agent.capture.agentUID = Int(geteuid())
         }
         let rules: RuleSet
         do {
@@ -177,6 +182,8 @@ struct Run: AsyncParsableCommand {
                 )
             }
         }
+        // systemd (Type=notify): `systemctl start` returns once traffic is being captured.
+        SystemdNotifier.notify("READY=1")
         logger.info(
             "agent running",
             metadata: ["config.file": "\(config)", "capture": "\(capture.backend.rawValue)", "gate": "\(gate != nil)"]
@@ -227,6 +234,7 @@ struct DrainOnShutdown: Service {
     let deadline: Duration
     func run() async throws {
         try? await gracefulShutdown()
+        SystemdNotifier.notify("STOPPING=1")
         _ = await controller.drain(deadline: deadline)
     }
 }
