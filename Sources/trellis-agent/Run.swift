@@ -88,7 +88,10 @@ struct Run: AsyncParsableCommand {
         let stats = ProxyStats()
         let group = MultiThreadedEventLoopGroup(numberOfThreads: eventLoops ?? System.coreCount)
         let proxy = try ProxyServer(
-            snapshot: try ProxySnapshot(AgentListeners.passthroughConfig(), stats: stats),
+            snapshot: try ProxySnapshot(
+                AgentListeners.passthroughConfig(inboundForwardTo: agent.inboundForwardTo),
+                stats: stats
+            ),
             stats: stats,
             group: group,
             originalDestination: { channel in OriginalDestination.now(channel) },

@@ -22,6 +22,9 @@ struct RegistrarTests {
             config.services[1].healthCheck?.kind == .tcp && config.services[1].healthCheck?.interval == .seconds(10)
         )
         #expect(config.leaseTTL == .seconds(30) && config.drainDeadline == .seconds(30))
+        #expect(config.inboundForwardTo == "127.0.0.1")
+        let original = try AgentConfigLoader.parse(yaml: "inbound_forward: original_destination\n", file: "a.yaml")
+        #expect(original.inboundForwardTo == nil)
     }
 
     @Test(arguments: [
@@ -40,6 +43,7 @@ struct RegistrarTests {
         ),
         ("register: {address: vm-b.local}\n", "register.address: expected an IPv4 or IPv6 address"),
         ("register: {ttl: 1s}\n", "register.ttl: expected a lease between 5s and 1h"),
+        ("inbound_forward: localhost\n", "inbound_forward: expected loopback or original_destination, got 'localhost'"),
         ("pilot: {api: nowhere}\n", "pilot.api: expected host:port"),
         ("nodes: x\n", "nodes: unknown key 'nodes'"),
     ])

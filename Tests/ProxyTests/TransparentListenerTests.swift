@@ -175,6 +175,59 @@ import Testing
 
     /// HTTP for a known service is routed to its cluster; HTTP for any other host passes through to
     /// where the client was going, so nothing a legacy client did before breaks.
+    /// `forward_to` (the agent's inbound listener): the original destination's address is replaced,
+    /// its port kept, for relayed TCP and passed-through HTTP alike. The lookup says 127.0.0.2,
+    /// where nothing listens; the servers listen on 127.0.0.1 only.
+    @Test func forwardToReplacesTheOriginalAddressAndKeepsThePort() async throws {
+        let echo = try await EchoServer(banner: nil, group: group)
+        let origin = try await TestUpstream.start(name: "origin", group: group)
+        func listener(port: Int, forwardTo: String?) async throws -> ProxyHarness {
+            var config = gatewayConfig(
+                virtualHosts: [
+                    VirtualHost(
+                        name: "allow_any",
+                        domains: ["*"],
+                        routes: [
+                            Route(
+                                name: "passthrough",
+                                match: RouteMatch(),
+                                action: RouteAction(clusters: [.init(name: "passthrough")], timeout: .seconds(5))
+                            )
+                        ]
+                    )
+                ],
+                clusters: [ClusterConfig(name: "passthrough", endpoints: [], originalDestination: true)]
+            )
+            config.listeners[0].transparent = TransparentMode(sniffTimeout: .seconds(5), forwardTo: forwardTo)
+            let elsewhere = try SocketAddress(ipAddress: "127.0.0.2", port: port)
+            return try await ProxyHarness.start(config, group: group, originalDestination: { _ in elsewhere })
+        }
+        let tcp = try await listener(port: echo.port, forwardTo: "127.0.0.1")
+        let http = try await listener(port: origin.port, forwardTo: "127.0.0.1")
+        let unchanged = try await listener(port: origin.port, forwardTo: nil)
+        defer {
+            Task {
+                await tcp.stop(); await http.stop(); await unchanged.stop(); await echo.close(); await origin.stop()
+            }
+        }
+        let client = try await RawClient.connect(port: tcp.port, group: group)
+        try await client.send("\u{16}\u{03}\u{01}hi")
+        #expect(try await client.readUntil("hi").hasSuffix("echo:\u{16}\u{03}\u{01}hi"))
+        await client.close()
+        let answer = try await TestHTTPClient.get(port: http.port, "/", host: "orders:8080", group: group)
+        #expect(answer.status == .ok && answer.body == "origin", "\(answer.status) \(answer.body)")
+        // Without forward_to the connection goes to 127.0.0.2, where nothing listens.
+        let refused = try await TestHTTPClient.get(port: unchanged.port, "/", host: "orders:8080", group: group)
+        #expect(refused.status == .serviceUnavailable, "\(refused.status) \(refused.body)")
+
+        var invalid = gatewayConfig(
+            virtualHosts: catchAll("alpha"),
+            clusters: [ClusterConfig(name: "alpha", endpoints: [])]
+        )
+        invalid.listeners[0].transparent = TransparentMode(forwardTo: "localhost")
+        #expect(invalid.validationErrors().contains { $0.path == "listeners[0].transparent.forward_to" })
+    }
+
     @Test func httpToAnUnknownHostPassesThroughToTheOriginalDestination() async throws {
         let known = try await TestUpstream.start(name: "known", group: group)
         let origin = try await TestUpstream.start(name: "origin", group: group)

@@ -16,6 +16,10 @@ public struct AgentConfig: Sendable {
     public var services: [LocalService] = []
     public var capture = CaptureConfig()
     public var drainDeadline: Duration = .seconds(30)
+    /// Where the inbound listener sends captured connections: the local program on `127.0.0.1`
+    /// (`inbound_forward: loopback`, the default) or, with `original_destination`, the address the
+    /// client dialed (`nil`), for programs that listen only on the machine's own address.
+    public var inboundForwardTo: String? = "127.0.0.1"
 
     public init() {}
 }
@@ -96,7 +100,7 @@ public struct HealthCheck: Sendable, Hashable {
 /// Reads the whole agent.yaml. Parsing only: the executable reads the file.
 public enum AgentConfigLoader {
     static let topLevelKeys: Set<String> = [
-        "node", "pilot", "register", "services", "capture", "drain_deadline", "listeners", "admin",
+        "node", "pilot", "register", "services", "capture", "drain_deadline", "inbound_forward", "listeners", "admin",
     ]
 
     /// - Throws: ``ConfigFileErrors`` naming file, line, key path and what was expected.
@@ -149,6 +153,13 @@ public enum AgentConfigLoader {
                 }
             }
             if let c = top["capture"] { config.capture = try CaptureConfigLoader.load(c) }
+            if let f = top["inbound_forward"] {
+                switch try f.nonEmptyString() {
+                case "loopback": config.inboundForwardTo = "127.0.0.1"
+                case "original_destination": config.inboundForwardTo = nil
+                case let other: throw f.error("expected loopback or original_destination, got '\(other)'")
+                }
+            }
             if let d = top["drain_deadline"] {
                 let deadline = try d.duration()
                 guard deadline <= .seconds(3600) else { throw d.error("expected at most 1h") }

@@ -93,8 +93,11 @@ public enum GatewayConfigLoader {
             limits: limits,
             accessLog: try keys["access_log"]?.bool() ?? false,
             transparent: try keys["transparent"].map { (t) throws(ConfigFileError) -> TransparentMode in
-                let tk = try t.mapping(allowed: ["sniff_timeout"])
-                return TransparentMode(sniffTimeout: try tk["sniff_timeout"]?.duration() ?? .seconds(1))
+                let tk = try t.mapping(allowed: ["sniff_timeout", "forward_to"])
+                return TransparentMode(
+                    sniffTimeout: try tk["sniff_timeout"]?.duration() ?? .seconds(1),
+                    forwardTo: try tk["forward_to"]?.nonEmptyString()
+                )
             }
         )
     }

@@ -41,13 +41,19 @@ public struct TransparentMode: Sendable, Hashable, Codable {
     /// How long to wait for the client's first bytes. A client that sends nothing in this time is
     /// talking to a server-speaks-first protocol (SMTP, MySQL, SSH banners): relayed as TCP.
     public var sniffTimeout: Duration
+    /// An IP literal that replaces the original destination's address (the port is kept): the
+    /// agent's inbound listener forwards to the local program on `127.0.0.1`. `nil`: the original
+    /// destination as it was.
+    public var forwardTo: String?
 
-    public init(sniffTimeout: Duration = .seconds(1)) {
+    public init(sniffTimeout: Duration = .seconds(1), forwardTo: String? = nil) {
         self.sniffTimeout = sniffTimeout
+        self.forwardTo = forwardTo
     }
 
     enum CodingKeys: String, CodingKey {
         case sniffTimeout = "sniff_timeout"
+        case forwardTo = "forward_to"
     }
 }
 

@@ -1,3 +1,5 @@
+import NIOCore
+
 extension ProxyConfig {
     /// Checks every invariant the data path relies on; returns all problems found, in document
     /// order. An empty array means the snapshot can be applied.
@@ -70,6 +72,9 @@ extension ProxyConfig {
                 transparent.sniffTimeout <= .zero || transparent.sniffTimeout > .seconds(10)
             {
                 fail("\(path).transparent.sniff_timeout", "expected a duration above 0 and at most 10s")
+            }
+            if let host = listener.transparent?.forwardTo, (try? SocketAddress(ipAddress: host, port: 0)) == nil {
+                fail("\(path).transparent.forward_to", "expected an IP address such as 127.0.0.1, got '\(host)'")
             }
             if listener.virtualHosts.isEmpty { fail("\(path).virtual_hosts", "expected at least one virtual host") }
 

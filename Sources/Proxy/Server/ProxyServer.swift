@@ -210,7 +210,15 @@ public final class ProxyServer: Service, Sendable {
                     guard let loopContext = contexts[ObjectIdentifier(channel.eventLoop)]?.value else {
                         throw ChannelError.ioOnClosedChannel
                     }
-                    let lookup = listener.transparent == nil ? nil : originalDestination
+                    var lookup = listener.transparent == nil ? nil : originalDestination
+                    if let original = lookup, let host = listener.transparent?.forwardTo {
+                        // Same port, another address (the inbound listener: the local program).
+                        lookup = { channel in
+                            original(channel).flatMap { address in
+                                address.port.flatMap { try? SocketAddress(ipAddress: host, port: $0) }
+                            }
+                        }
+                    }
                     let install = { (pipeline: ChannelPipeline.SynchronousOperations) throws in
                         try Self.installHTTP(
                             pipeline,
@@ -229,7 +237,7 @@ public final class ProxyServer: Service, Sendable {
                             timeout: TimeAmount(transparent.sniffTimeout),
                             installHTTP: { context in try install(context.pipeline.syncOperations) },
                             relay: TCPRelay.Starter(
-                                lookup: originalDestination,
+                                lookup: lookup,
                                 mark: upstreamMark,
                                 stats: stats,
                                 loop: loopContext
