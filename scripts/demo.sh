@@ -1,89 +1,131 @@
 #!/usr/bin/env bash
-# Sets everything up and runs the gateway demo: Trellis in gateway mode in front of two local
-# nginx upstreams, routing by host and path, with the admin endpoint. Run as root:
-#   sudo bash scripts/demo.sh
-# Everything it starts listens on 127.0.0.1 and is stopped when it ends.
+# The two-VM mesh demo. Sets everything up (packages, build), then: pilot with its embedded store,
+# two "VMs" as network namespaces joined by a bridge, the agent installed in each, an unmodified
+# legacy HTTP server on VM B, and plain curl on VM A reaching it through both agents. Prints the
+# answers, both agents' status and the metric lines that prove the traffic crossed both; then a
+# drain, and the agent on A killed (traffic keeps flowing: the gate fails open).
+#   sudo bash scripts/demo.sh            (RELEASE=1 builds -c release)
+# Every address is inside the namespaces it creates; all of them, and every process, are removed
+# at the end, also on failure.
 set -euo pipefail
 root=$(cd "$(dirname "$0")/.." && pwd)
 cd "$root"
+[ "$(id -u)" = 0 ] || { echo "demo: run as root (network namespaces and iptables): sudo bash scripts/demo.sh" >&2; exit 1; }
 
 bash scripts/bootstrap.sh
-echo "== building trellis-agent (release)"
-swift build -c release --product trellis-agent
+config=debug
+[ "${RELEASE:-0}" = 1 ] && config=release
+echo "== building trellis-agent and trellis-pilot ($config)"
+swift build -c "$config" --product trellis-agent
+swift build -c "$config" --product trellis-pilot
+bin="$root/.build/$config"
 
-for port in 18080 18090 18084 15000; do
-  if ss -Hltn "sport = :$port" | grep -q .; then
-    echo "demo: port $port on 127.0.0.1 is already in use; stop whatever listens there (ss -ltnp) and retry" >&2
-    exit 1
-  fi
-done
-
+tag=$$
+hub="trellis-demo-hub-$tag"
+vma="trellis-demo-a-$tag"
+vmb="trellis-demo-b-$tag"
+net=10.99.$((tag % 200 + 20))
+pilot_ip=$net.254
+a_ip=$net.1
+b_ip=$net.2
 work=$(mktemp -d /tmp/trellis-demo.XXXXXX)
 pids=()
 cleanup() {
-  for p in "${pids[@]:-}"; do [ -n "$p" ] && kill "$p" 2>/dev/null || true; done
+  for p in "${pids[@]:-}"; do [ -n "$p" ] && kill -9 "$p" 2>/dev/null || true; done
   wait 2>/dev/null || true
+  for ns in "$vma" "$vmb" "$hub"; do ip netns del "$ns" 2>/dev/null || true; done
   rm -rf "$work"
 }
 trap cleanup EXIT
 
-cat >"$work/upstreams.conf" <<NGINX
-worker_processes 1;
-daemon off;
-pid $work/nginx.pid;
-error_log $work/nginx.err;
-events { worker_connections 256; }
-http {
-  access_log off;
-  server { listen 127.0.0.1:18080; location / { return 200 "hello from upstream A (\$request_uri)\n"; } }
-  server { listen 127.0.0.1:18090; location / { return 200 "hello from upstream B (\$request_uri)\n"; } }
-}
-NGINX
+echo "== two VMs ($vma $a_ip, $vmb $b_ip) and pilot ($pilot_ip) on a bridge, all in namespaces"
+ip netns add "$hub"
+ip -n "$hub" link set lo up
+ip -n "$hub" link add br0 type bridge
+ip -n "$hub" addr add "$pilot_ip/24" dev br0
+ip -n "$hub" link set br0 up
+for pair in "a:$vma:$a_ip" "b:$vmb:$b_ip"; do
+  IFS=: read -r short ns ipaddr <<<"$pair"
+  ip netns add "$ns"
+  ip -n "$ns" link set lo up
+  ip link add "td$short$tag" netns "$ns" type veth peer name "th$short$tag" netns "$hub"
+  ip -n "$ns" link set "td$short$tag" name eth0
+  ip -n "$ns" addr add "$ipaddr/24" dev eth0
+  ip -n "$ns" link set eth0 up
+  ip -n "$hub" link set "th$short$tag" master br0 up
+done
 
-cat >"$work/gateway.yaml" <<YAML
-admin: {address: 127.0.0.1:15000}
-listeners:
-  - name: demo
-    address: 127.0.0.1:18084
-    access_log: true
-    virtual_hosts:
-      - name: shop
-        domains: ["shop.example.com"]
-        routes:
-          - {name: api, match: {prefix: /api/}, route: {cluster: b}}
-          - {name: rest, match: {prefix: /}, route: {cluster: a}}
-      - name: balanced
-        domains: ["lb.example.com"]
-        routes:
-          - {name: balanced, match: {prefix: /}, route: {cluster: both}}
-clusters:
-  - {name: a, endpoints: [{address: 127.0.0.1:18080}]}
-  - {name: b, endpoints: [{address: 127.0.0.1:18090}]}
-  - name: both
-    lb_policy: round_robin
-    endpoints: [{address: 127.0.0.1:18080}, {address: 127.0.0.1:18090}]
+echo "== pilot"
+ip netns exec "$hub" "$bin/trellis-pilot" serve --store "$work/pilot.db" --mesh "$work/mesh.yaml" \
+  --xds-address "$pilot_ip:15010" --http-address "$pilot_ip:15014" >"$work/pilot.log" 2>&1 &
+pids+=($!)
+for _ in $(seq 1 100); do ip netns exec "$hub" curl -sf -o /dev/null "http://$pilot_ip:15014/healthz" && break; sleep 0.1; done
+
+echo "== the legacy server on VM B (python http.server style, unmodified, port 8080)"
+ip netns exec "$vmb" python3 "$root/Tests/Fixtures/http/slow_server.py" --port 8080 --name "orders on vm-b" \
+  >"$work/legacy.log" 2>&1 &
+pids+=($!)
+
+write_agent() { # name ip services
+  cat >"$work/$1.yaml" <<YAML
+node: $1
+pilot: {api: $pilot_ip:15014, xds: $pilot_ip:15010}
+register: {address: $2}
+$3
+drain_deadline: 10s
+capture:
+  inbound_ports: "*"
+  inbound_exclude_ports: [22]
+  gate: {queue: 15000, mark: 0x1}
 YAML
-
-nginx -p "$work" -c "$work/upstreams.conf" &
-pids+=($!)
-"$root/.build/release/trellis-agent" gateway --config "$work/gateway.yaml" --log-level info 2>"$work/gateway.log" &
-pids+=($!)
-for _ in $(seq 1 100); do curl -sf -o /dev/null http://127.0.0.1:15000/ready && break; sleep 0.1; done
+}
+write_agent vm-a "$a_ip" "services: []"
+write_agent vm-b "$b_ip" "services: [{name: orders, port: 8080, protocol: http, health_check: {http: /, interval: 1s}}]"
+for vm in a b; do
+  ns_var="vm$vm"
+  ip netns exec "${!ns_var}" "$bin/trellis-agent" run --config "$work/vm-$vm.yaml" \
+    --control-socket "$work/vm-$vm.sock" --event-loops 1 >"$work/agent-$vm.log" 2>&1 &
+  pids+=($!)
+  eval "agent_$vm=$!"
+done
+for vm in a b; do
+  for _ in $(seq 1 150); do "$bin/trellis-agent" status --socket "$work/vm-$vm.sock" >/dev/null 2>&1 && break; sleep 0.2; done
+done
+for _ in $(seq 1 50); do
+  ip netns exec "$hub" curl -s "http://$pilot_ip:15014/v1/instances?service=orders" | grep -q '"healthy"' && break
+  sleep 0.2
+done
 
 show() { echo "\$ $*"; "$@"; echo; }
 echo
-echo "== routing by host and path"
-show curl -s -H "host: shop.example.com" http://127.0.0.1:18084/cart
-show curl -s -H "host: shop.example.com" http://127.0.0.1:18084/api/items
-echo "== round robin over two endpoints (one keep-alive connection; each event loop balances on its own)"
-curl -s -H "host: lb.example.com" http://127.0.0.1:18084/r1 http://127.0.0.1:18084/r2 http://127.0.0.1:18084/r3 http://127.0.0.1:18084/r4
+echo "== VM A's plain curl reaches VM B's unmodified server, through both agents"
+show ip netns exec "$vma" curl -s "http://$b_ip:8080/hello"
+show ip netns exec "$vma" curl -s "http://$b_ip:8080/slow?ms=200"
+echo "== pilot's registry: VM B's agent registered 'orders' and health-checks it"
+show ip netns exec "$hub" curl -s "http://$pilot_ip:15014/v1/instances?service=orders"
+echo "== the agents"
+show "$bin/trellis-agent" status --socket "$work/vm-a.sock"
+show "$bin/trellis-agent" status --socket "$work/vm-b.sock"
+echo "== metrics: the requests crossed A's outbound listener and B's inbound listener"
+for vm in a b; do
+  ns_var="vm$vm"
+  echo "-- vm-$vm"
+  ip netns exec "${!ns_var}" curl -s http://127.0.0.1:15000/stats/prometheus \
+    | grep -E '^trellis_(sniffed_connections_total|upstream_requests_total|gate_connections_total)' | grep -v ' 0$' || true
+done
 echo
-echo "== a route that does not exist (the gateway answers with a token)"
-show curl -s -i -H "host: nowhere.test" http://127.0.0.1:18084/missing
-echo "== metrics (admin endpoint)"
-curl -s http://127.0.0.1:15000/stats/prometheus | grep -E '^trellis_(upstream_requests_total|errors_total\{token="no_route"\})' | grep -v ' 0$'
-echo
-echo "== access log"
-grep 'log=access' "$work/gateway.log" | tail -3
-echo
+echo "== drain VM B while a slow request is in flight: it completes; pilot marks vm-b draining"
+ip netns exec "$vma" curl -s "http://$b_ip:8080/slow?ms=1500" >"$work/slow.out" &
+slow=$!
+sleep 0.5
+show "$bin/trellis-agent" drain --deadline 10s --socket "$work/vm-b.sock"
+wait $slow || true
+echo "in-flight request answered: $(cat "$work/slow.out")"
+ip netns exec "$hub" curl -s "http://$pilot_ip:15014/v1/instances?service=orders" | grep -o '"status":"[a-z]*"' | head -1
+show "$bin/trellis-agent" undrain --socket "$work/vm-b.sock"
+
+echo "== VM A's agent killed (SIGKILL): new connections go straight to VM B (the gate fails open)"
+kill -9 "$agent_a"
+wait "$agent_a" 2>/dev/null || true
+show ip netns exec "$vma" curl -s --max-time 5 "http://$b_ip:8080/still-there"
 echo "demo: ok"

@@ -39,11 +39,7 @@ struct ServiceInstallTests {
     }
 
     static func iptablesSave() async -> String {
-        // Counters change with traffic; rules and chains are what an install must not touch.
-        await Peers.command(["iptables-save"]).stdout.split(separator: "\n")
-            .filter { !$0.hasPrefix("#") }
-            .map { $0.replacingOccurrences(of: #"\[\d+:\d+\]"#, with: "", options: .regularExpression) }
-            .joined(separator: "\n")
+        MeshLab.meaningful(await Peers.command(["iptables-save"]).stdout)
     }
 
     /// The SysV script: start (as `nobody` with CAP_NET_ADMIN and CAP_NET_RAW only), status,
@@ -252,7 +248,10 @@ struct ServiceInstallTests {
         let version = await Self.sh("/usr/bin/trellis-agent", "--help")
         #expect(version.status == 0 && version.stdout.contains("trellis-agent"))
         #expect(await Self.iptablesSave() == rulesBefore, "installing starts nothing and adds no rule")
-        #expect(await Self.sh("pgrep", "-x", "trellis-agent").status != 0)
+        #expect(
+            await Self.sh("pgrep", "-f", "^/usr/bin/trellis-agent").status != 0,
+            "the packaged agent was not started"
+        )
 
         let purged = await Self.sh("dpkg", "--purge", "trellis")
         #expect(purged.status == 0, "\(purged)")

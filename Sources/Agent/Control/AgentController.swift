@@ -161,7 +161,7 @@ public actor AgentController {
         status.pilot = AgentStatus.Pilot(
             api: pilotAPI.map { "\($0)" },
             registration: registrar == nil
-                ? "off (no pilot.api, register.address or services in agent.yaml)"
+                ? "not registering (no services declared in agent.yaml)"
                 : "\(states.values.filter(\.registered).count)/\(services.count) services registered"
         )
         status.lastDrain = lastDrain

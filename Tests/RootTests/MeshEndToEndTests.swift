@@ -1,0 +1,198 @@
+import Foundation
+import Testing
+import TrellisTestSupport
+
+#if canImport(Glibc)
+import Glibc
+#endif
+
+/// The two-VM mesh end to end, with the real binaries: pilot in the hub namespace, an agent on
+/// each VM (with the NFQUEUE gate), unmodified Python servers on VM B and plain curl on VM A.
+@Suite(.serialized, .disabled(if: NetnsLab.unavailableReason != nil, "\(NetnsLab.unavailableReason ?? "")"))
+struct MeshEndToEndTests {
+    static var pilotBinary: String {
+        URL(fileURLWithPath: AgentPathNetnsTests.binary).deletingLastPathComponent()
+            .appendingPathComponent("trellis-pilot").path
+    }
+
+    final class Agent: Sendable {
+        let child: Peers.Child
+        let socket: String
+        let log: URL
+        init(lab: MeshLab, vm: String, dir: URL, yaml: String) throws {
+            let config = dir.appendingPathComponent("\(vm).yaml")
+            try yaml.write(to: config, atomically: true, encoding: .utf8)
+            socket = dir.appendingPathComponent("\(vm).sock").path
+            log = dir.appendingPathComponent("\(vm).log")
+            child = try Peers.Child(
+                [
+                    "ip", "netns", "exec", lab.ns(vm), AgentPathNetnsTests.binary, "run", "--config", config.path,
+                    "--event-loops", "1", "--control-socket", socket,
+                ],
+                output: log
+            )
+        }
+        var output: String { (try? String(contentsOf: log, encoding: .utf8)) ?? "" }
+        func ctl(_ arguments: String...) async -> (status: Int32, stdout: String, stderr: String) {
+            await Peers.command([AgentPathNetnsTests.binary] + arguments + ["--socket", socket])
+        }
+    }
+
+    static func agentYAML(_ lab: MeshLab, vm: String, services: String) -> String {
+        """
+        node: \(vm)
+        pilot: {api: \(lab.pilotIP):15014, xds: \(lab.pilotIP):15010}
+        register: {address: \(lab.ip(vm)), ttl: 10s}
+        services: \(services)
+        drain_deadline: 10s
+        capture:
+          inbound_ports: "*"
+          inbound_exclude_ports: [22]
+          gate: {queue: 15000, mark: 0x1}
+
+        """
+    }
+
+    @Test func aPlainClientOnVMAReachesAnUnmodifiedServerOnVMBThroughBothAgents() async throws {
+        let lab = try await MeshLab(subnet: 15, vms: ["vm-a", "vm-b"])
+        defer { lab.destroy() }
+        let dir = try Peers.temporaryDirectory("mesh-e2e")
+        defer { try? FileManager.default.removeItem(at: dir) }
+        let a = lab.ip("vm-a")
+        let b = lab.ip("vm-b")
+
+        let pilot = try Peers.Child(
+            [
+                "ip", "netns", "exec", lab.hub, Self.pilotBinary, "serve", "--store",
+                dir.appendingPathComponent("pilot.db").path,
+                "--mesh", dir.appendingPathComponent("mesh.yaml").path, "--xds-address", "\(lab.pilotIP):15010",
+                "--http-address", "\(lab.pilotIP):15014",
+            ],
+            output: dir.appendingPathComponent("pilot.log")
+        )
+        defer { pilot.stop() }
+        let instances = "http://\(lab.pilotIP):15014/v1/instances?service=orders"
+        #expect(
+            await Peers.eventually(within: .seconds(15)) {
+                await lab.exec("hub", ["curl", "-sf", "http://\(lab.pilotIP):15014/healthz"]).status == 0
+            }
+        )
+
+        let server = AgentDrainNetnsTests.server
+        var servers: [Peers.Child] = []
+        defer { servers.forEach { $0.stop() } }
+        for (port, name, host) in [
+            (8080, "orders", "0.0.0.0"), (9090, "unregistered", "0.0.0.0"), (8081, "local-only", "127.0.0.1"),
+        ] {
+            servers.append(
+                try Peers.Child([
+                    "ip", "netns", "exec", lab.ns("vm-b"), "python3", server, "--host", host, "--port", "\(port)",
+                    "--name", name,
+                ])
+            )
+        }
+        func curl(_ url: String, from vm: String = "vm-a") async -> String {
+            await lab.exec(vm, ["curl", "-s", "--max-time", "10", url]).stdout
+        }
+        #expect(
+            await Peers.eventually(within: .seconds(10)) { await curl("http://\(b):8080/") == "orders\n" },
+            "direct, before any agent"
+        )
+        #expect(
+            await curl("http://\(b):8081/").isEmpty,
+            "the local-only server is not reachable from VM A without Trellis"
+        )
+        let rulesBefore = (a: await lab.rules("vm-a"), b: await lab.rules("vm-b"))
+
+        let agentB = try Agent(
+            lab: lab,
+            vm: "vm-b",
+            dir: dir,
+            yaml: Self.agentYAML(
+                lab,
+                vm: "vm-b",
+                services: "[{name: orders, port: 8080, protocol: http, health_check: {http: /, interval: 1s}}]"
+            )
+        )
+        let agentA = try Agent(lab: lab, vm: "vm-a", dir: dir, yaml: Self.agentYAML(lab, vm: "vm-a", services: "[]"))
+        defer {
+            agentA.child.stop()
+            agentB.child.stop()
+        }
+        for agent in [agentA, agentB] {
+            #expect(
+                await Peers.eventually(within: .seconds(20)) { await agent.ctl("status").status == 0 },
+                "\(agent.output)"
+            )
+        }
+        #expect(
+            await Peers.eventually(within: .seconds(10)) {
+                await lab.exec("hub", ["curl", "-s", instances]).stdout.contains(#""status":"healthy""#)
+            }
+        )
+
+        // Through both agents: A's outbound listener, B's inbound listener, the server.
+        #expect(await curl("http://\(b):8080/hello") == "orders\n")
+        #expect(await curl("http://\(b):8080/slow?ms=100") == "orders slow 100\n")
+        let metricsA = await lab.exec("vm-a", ["curl", "-s", "http://127.0.0.1:15000/stats/prometheus"]).stdout
+        let metricsB = await lab.exec("vm-b", ["curl", "-s", "http://127.0.0.1:15000/stats/prometheus"]).stdout
+        #expect(
+            metricsA.contains(#"trellis_upstream_requests_total{cluster="passthrough",class="2xx"} 2"#),
+            "\(metricsA)"
+        )
+        #expect(metricsA.contains(#"trellis_gate_connections_total{decision="captured"}"#))
+        #expect(
+            metricsB.contains(#"trellis_upstream_requests_total{cluster="passthrough",class="2xx"} 2"#),
+            "\(metricsB)"
+        )
+        #expect(metricsB.contains(#"trellis_sniffed_connections_total{protocol="http1"}"#))
+
+        // A destination nobody registered passes through unchanged.
+        #expect(await curl("http://\(b):9090/x") == "unregistered\n")
+        // B's inbound listener forwards to the program on 127.0.0.1 (the same port).
+        #expect(await curl("http://\(b):8081/") == "local-only\n")
+
+        // Drain B with a slow request in flight: it completes; pilot marks B draining; undrain.
+        let slow = Task { await curl("http://\(b):8080/slow?ms=1500") }
+        #expect(
+            await Peers.eventually(within: .seconds(5)) {
+                await agentB.ctl("status", "--json").stdout.contains(#""requests_in_flight" : 1"#)
+            }
+        )
+        let drain = await agentB.ctl("drain", "--deadline", "10s")
+        #expect(drain.status == 0 && drain.stdout.contains("pilot:        node marked draining"), "\(drain)")
+        #expect(await slow.value == "orders slow 1500\n")
+        #expect(await lab.exec("hub", ["curl", "-s", instances]).stdout.contains(#""status":"draining""#))
+        #expect(
+            await curl("http://\(b):8080/during-drain") == "orders\n",
+            "with the gate in bypass, B is reached directly"
+        )
+        #expect(await agentB.ctl("undrain").status == 0)
+        #expect(
+            await Peers.eventually(within: .seconds(10)) {
+                await lab.exec("hub", ["curl", "-s", instances]).stdout.contains(#""status":"healthy""#)
+            }
+        )
+
+        // A's agent killed: the gate fails open, A's new connections go straight to B.
+        kill(agentA.child.process.processIdentifier, SIGKILL)
+        agentA.child.process.waitUntilExit()
+        #expect(await curl("http://\(b):8080/after-crash") == "orders\n")
+        #expect(
+            await lab.rules("vm-a") != rulesBefore.a,
+            "a killed agent leaves its rules (fail-open keeps traffic flowing)"
+        )
+        let cleanup = await lab.exec("vm-a", [AgentPathNetnsTests.binary, "rules", "uninstall"])
+        #expect(cleanup.status == 0, "\(cleanup)")
+        #expect(await lab.rules("vm-a") == rulesBefore.a, "uninstall leaves iptables-save as before")
+
+        // B's agent stopped (SIGTERM): drains, deregisters, removes its rules.
+        kill(agentB.child.process.processIdentifier, SIGTERM)
+        #expect(await Peers.eventually(within: .seconds(20)) { !agentB.child.process.isRunning })
+        #expect(agentB.child.process.terminationStatus == 0, "\(agentB.output)")
+        #expect(await lab.rules("vm-b") == rulesBefore.b)
+        #expect(await lab.exec("hub", ["curl", "-s", instances]).stdout == "[]")
+        #expect(await curl("http://\(b):8080/") == "orders\n")
+        #expect(await curl("http://\(b):8081/").isEmpty, "without B's agent the local-only server is local again")
+    }
+}
