@@ -5,7 +5,7 @@
 #
 #   sudo init/install.sh [--bin-dir DIR] [--prefix /usr/local] [--with-pilot] [--no-start]
 #
-# --bin-dir  where the built binaries are (default: .build/release, built here with the Swift
+# --bin-dir  where the built binaries are (default: .build-static/release, built here with the Swift
 #            standard library linked in if missing)
 # --no-start install and enable, but do not start (nothing is captured until it starts)
 # An existing configuration is never overwritten. Undo with init/uninstall.sh [--purge].
@@ -31,11 +31,11 @@ done
 binaries=(trellis-agent)
 [ $with_pilot = 1 ] && binaries+=(trellis-pilot)
 if [ -z "$bin_dir" ]; then
-  bin_dir="$root/.build/release"
+  bin_dir="$root/.build-static/release"
   for b in "${binaries[@]}"; do
     if [ ! -x "$bin_dir/$b" ]; then
       echo "== building $b (release, standard library linked in)"
-      (cd "$root" && swift build -c release --static-swift-stdlib --product "$b")
+      (cd "$root" && swift build -c release --static-swift-stdlib --scratch-path .build-static --product "$b")
     fi
   done
 fi

@@ -34,9 +34,9 @@ arch=$(dpkg --print-architecture)
 
 if [ -z "$bin_dir" ]; then
   echo "== building release binaries (static Swift standard library)"
-  (cd "$root" && swift build -c release --static-swift-stdlib --product trellis-agent \
-    && swift build -c release --static-swift-stdlib --product trellis-pilot)
-  bin_dir="$root/.build/release"
+  (cd "$root" && swift build -c release --static-swift-stdlib --scratch-path .build-static --product trellis-agent \
+    && swift build -c release --static-swift-stdlib --scratch-path .build-static --product trellis-pilot)
+  bin_dir="$root/.build-static/release"
 fi
 for b in trellis-agent trellis-pilot; do
   [ -x "$bin_dir/$b" ] || { echo "package-deb.sh: $bin_dir/$b is missing" >&2; exit 1; }
