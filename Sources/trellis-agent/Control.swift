@@ -137,6 +137,14 @@ struct Status: AsyncParsableCommand {
         )
         lines.append("config version: \(s.configVersion)")
         lines.append("pilot: \(s.pilot.api ?? "not configured"); \(s.pilot.registration)")
+        if let xds = s.xds {
+            lines.append(
+                "pilot xDS: \(xds.pilot) \(xds.connection); \(xds.updatesApplied) updates applied"
+                    + (xds.lastNACK.map { "; last NACK: \($0)" } ?? "")
+            )
+        } else {
+            lines.append("pilot xDS: not configured (pilot.xds in agent.yaml); passthrough only")
+        }
         if s.services.isEmpty {
             lines.append("services: none declared")
         } else {

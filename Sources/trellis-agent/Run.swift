@@ -194,6 +194,21 @@ struct Run: AsyncParsableCommand {
 
         var services: [ServiceGroupConfiguration.ServiceConfiguration] = [.init(service: proxy), .init(service: admin)]
         if let registrar { services.append(.init(service: RegistrarService(registrar: registrar))) }
+        if let xdsAddress = agent.pilotXDS {
+            // Routes, clusters and endpoints from pilot; until the first configuration arrives
+            // (or while pilot is unreachable) the listeners pass everything through.
+            let xds = XDSClient(
+                pilot: xdsAddress.host,
+                port: xdsAddress.port,
+                node: node,
+                base: AgentListeners.passthroughConfig(inboundForwardTo: agent.inboundForwardTo),
+                logger: logger
+            ) { config in
+                try await proxy.apply(try ProxySnapshot(config, stats: stats))
+            }
+            await controller.attach(xds: xds)
+            services.append(.init(service: xds))
+        }
         services.append(.init(service: control))
         // Last in the list, so the first to stop: SIGTERM drains while everything else still runs.
         services.append(.init(service: DrainOnShutdown(controller: controller, deadline: agent.drainDeadline)))

@@ -19,6 +19,7 @@ public actor AgentController {
     private let pilotAPI: HostPort?
     private let services: [LocalService]
     private let captureState: @Sendable () -> CaptureStatus
+    private var xds: XDSClient?
     private let logger: Logger
     private var drainStarted: Date?
     private var lastDrain: DrainReport?
@@ -41,6 +42,11 @@ public actor AgentController {
         self.services = services
         self.captureState = captureState
         self.logger = logger
+    }
+
+    /// The xDS client, when pilot's xDS address is configured.
+    public func attach(xds: XDSClient) {
+        self.xds = xds
     }
 
     /// The gate starts after the rules are installed, once the controller exists.
@@ -165,6 +171,7 @@ public actor AgentController {
                 : "\(states.values.filter(\.registered).count)/\(services.count) services registered"
         )
         status.lastDrain = lastDrain
+        status.xds = xds?.current
         return status
     }
 
@@ -258,6 +265,7 @@ public struct AgentStatus: Sendable, Codable, Equatable {
     public var services: [Service] = []
     public var pilot = Pilot(api: nil, registration: "")
     public var lastDrain: DrainReport?
+    public var xds: XDSClient.State?
 
     public init(node: String, state: String) {
         self.node = node
@@ -266,6 +274,6 @@ public struct AgentStatus: Sendable, Codable, Equatable {
 
     enum CodingKeys: String, CodingKey {
         case node, state, drainStarted = "drain_started", listeners, activity, configVersion = "config_version"
-        case capture, gate, services, pilot, lastDrain = "last_drain"
+        case capture, gate, services, pilot, lastDrain = "last_drain", xds
     }
 }

@@ -54,8 +54,7 @@ public final class ControlServer: Service, Sendable {
     private func makeChannel() async throws -> NIOAsyncChannel<Connection, Never> {
         let folder = String(path[..<(path.lastIndex(of: "/") ?? path.startIndex)])
         if !folder.isEmpty {
-            var info = stat()
-            if stat(folder, &info) != 0 {
+            if !FileManager.default.fileExists(atPath: folder) {
                 guard mkdir(folder, 0o755) == 0 || errno == EEXIST else {
                     throw Failure(
                         description: "\(folder): cannot create the folder for the control socket (errno \(errno))"
@@ -63,9 +62,8 @@ public final class ControlServer: Service, Sendable {
                 }
             }
         }
-        var info = stat()
-        if lstat(path, &info) == 0 {
-            guard (info.st_mode & S_IFMT) == S_IFSOCK else {
+        if let attributes = try? FileManager.default.attributesOfItem(atPath: path) {
+            guard (attributes[.type] as? FileAttributeType) == .typeSocket else {
                 throw Failure(description: "\(path) exists and is not a socket; refusing to replace it")
             }
             let answering = try? await ClientBootstrap(group: group).connect(unixDomainSocketPath: path).get()

@@ -12,6 +12,9 @@ public struct ListenerConfig: Sendable, Hashable, Codable {
     /// sniffed and what is not HTTP/1 is relayed as TCP to its original destination. Nil: a plain
     /// HTTP listener (the gateway).
     public var transparent: TransparentMode?
+    /// On a transparent listener: the virtual hosts for connections whose original destination
+    /// port is the key (xDS: the sidecar's per-port listeners); other ports use `virtualHosts`.
+    public var portVirtualHosts: [Int: [VirtualHost]]
 
     public init(
         name: String,
@@ -19,8 +22,10 @@ public struct ListenerConfig: Sendable, Hashable, Codable {
         virtualHosts: [VirtualHost],
         limits: ConnectionLimits = .init(),
         accessLog: Bool = false,
-        transparent: TransparentMode? = nil
+        transparent: TransparentMode? = nil,
+        portVirtualHosts: [Int: [VirtualHost]] = [:]
     ) {
+        self.portVirtualHosts = portVirtualHosts
         self.name = name
         self.address = address
         self.virtualHosts = virtualHosts
@@ -32,6 +37,7 @@ public struct ListenerConfig: Sendable, Hashable, Codable {
     enum CodingKeys: String, CodingKey {
         case name, address, limits, transparent
         case virtualHosts = "virtual_hosts"
+        case portVirtualHosts = "port_virtual_hosts"
         case accessLog = "access_log"
     }
 }

@@ -45,42 +45,10 @@ extension ProxyConfig {
 
         var listenerNames = Set<String>()
         var bound = Set<SocketEndpoint>()
-        for (li, listener) in listeners.enumerated() {
-            let path = "listeners[\(li)]"
-            if listener.name.isEmpty { fail("\(path).name", "expected a non-empty name") }
-            if !listenerNames.insert(listener.name).inserted {
-                fail("\(path).name", "duplicate listener name '\(listener.name)'")
-            }
-            if !(0...65535).contains(listener.address.port) {
-                fail("\(path).address", "expected a port in 0...65535, got \(listener.address.port)")
-            }
-            if listener.address.port != 0 && !bound.insert(listener.address).inserted {
-                fail("\(path).address", "another listener already binds \(listener.address)")
-            }
-            let limits = listener.limits
-            if limits.maxRequestHeaderBytes < 1024 || limits.maxRequestHeaderBytes > ConnectionLimits.maxHeaderCeiling {
-                fail(
-                    "\(path).limits.max_request_header_bytes",
-                    "expected 1024...\(ConnectionLimits.maxHeaderCeiling), got \(limits.maxRequestHeaderBytes)"
-                )
-            }
-            if limits.requestHeaderTimeout <= .zero {
-                fail("\(path).limits.request_header_timeout", "expected a positive duration")
-            }
-            if limits.idleTimeout <= .zero { fail("\(path).limits.idle_timeout", "expected a positive duration") }
-            if let transparent = listener.transparent,
-                transparent.sniffTimeout <= .zero || transparent.sniffTimeout > .seconds(10)
-            {
-                fail("\(path).transparent.sniff_timeout", "expected a duration above 0 and at most 10s")
-            }
-            if let host = listener.transparent?.forwardTo, (try? SocketAddress(ipAddress: host, port: 0)) == nil {
-                fail("\(path).transparent.forward_to", "expected an IP address such as 127.0.0.1, got '\(host)'")
-            }
-            if listener.virtualHosts.isEmpty { fail("\(path).virtual_hosts", "expected at least one virtual host") }
-
+        func checkVirtualHosts(_ virtualHosts: [VirtualHost], path: String) {
             var domains = Set<String>()
-            for (vi, vhost) in listener.virtualHosts.enumerated() {
-                let vpath = "\(path).virtual_hosts[\(vi)]"
+            for (vi, vhost) in virtualHosts.enumerated() {
+                let vpath = "\(path)[\(vi)]"
                 if vhost.domains.isEmpty { fail("\(vpath).domains", "expected at least one domain") }
                 for (di, domain) in vhost.domains.enumerated() {
                     if let problem = DomainPattern.problem(with: domain) {
@@ -126,6 +94,50 @@ extension ProxyConfig {
                         fail("\(rpath).route.timeout", "expected a positive duration")
                     }
                 }
+            }
+        }
+        for (li, listener) in listeners.enumerated() {
+            let path = "listeners[\(li)]"
+            if listener.name.isEmpty { fail("\(path).name", "expected a non-empty name") }
+            if !listenerNames.insert(listener.name).inserted {
+                fail("\(path).name", "duplicate listener name '\(listener.name)'")
+            }
+            if !(0...65535).contains(listener.address.port) {
+                fail("\(path).address", "expected a port in 0...65535, got \(listener.address.port)")
+            }
+            if listener.address.port != 0 && !bound.insert(listener.address).inserted {
+                fail("\(path).address", "another listener already binds \(listener.address)")
+            }
+            let limits = listener.limits
+            if limits.maxRequestHeaderBytes < 1024 || limits.maxRequestHeaderBytes > ConnectionLimits.maxHeaderCeiling {
+                fail(
+                    "\(path).limits.max_request_header_bytes",
+                    "expected 1024...\(ConnectionLimits.maxHeaderCeiling), got \(limits.maxRequestHeaderBytes)"
+                )
+            }
+            if limits.requestHeaderTimeout <= .zero {
+                fail("\(path).limits.request_header_timeout", "expected a positive duration")
+            }
+            if limits.idleTimeout <= .zero { fail("\(path).limits.idle_timeout", "expected a positive duration") }
+            if let transparent = listener.transparent,
+                transparent.sniffTimeout <= .zero || transparent.sniffTimeout > .seconds(10)
+            {
+                fail("\(path).transparent.sniff_timeout", "expected a duration above 0 and at most 10s")
+            }
+            if let host = listener.transparent?.forwardTo, (try? SocketAddress(ipAddress: host, port: 0)) == nil {
+                fail("\(path).transparent.forward_to", "expected an IP address such as 127.0.0.1, got '\(host)'")
+            }
+            if listener.virtualHosts.isEmpty { fail("\(path).virtual_hosts", "expected at least one virtual host") }
+
+            checkVirtualHosts(listener.virtualHosts, path: "\(path).virtual_hosts")
+            if !listener.portVirtualHosts.isEmpty && listener.transparent == nil {
+                fail("\(path).port_virtual_hosts", "only a transparent listener knows each connection's original port")
+            }
+            for port in listener.portVirtualHosts.keys.sorted() {
+                let vpath = "\(path).port_virtual_hosts[\(port)]"
+                if !(1...65535).contains(port) { fail(vpath, "expected a port in 1...65535, got \(port)") }
+                if listener.portVirtualHosts[port]!.isEmpty { fail(vpath, "expected at least one virtual host") }
+                checkVirtualHosts(listener.portVirtualHosts[port]!, path: vpath)
             }
         }
         return errors

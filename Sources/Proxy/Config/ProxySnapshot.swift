@@ -6,6 +6,8 @@ public import Atomics
 public final class ProxySnapshot: Sendable, AtomicReference {
     public let config: ProxyConfig
     let routeTables: [String: RouteTable]
+    /// Per original destination port, by listener (only listeners that have such tables).
+    let portRouteTables: [String: [Int: RouteTable]]
     let clusters: [ClusterRuntime]
     let clusterIndex: [String: Int]
 
@@ -21,9 +23,13 @@ public final class ProxySnapshot: Sendable, AtomicReference {
             clusters.append(ClusterRuntime(index: i, config: cluster, stats: stats.cluster(cluster.name)))
         }
         var tables: [String: RouteTable] = [:]
+        var portTables: [String: [Int: RouteTable]] = [:]
         for (li, listener) in config.listeners.enumerated() {
             do {
                 tables[listener.name] = try RouteTable(listener.virtualHosts, clusterIndex: clusterIndex)
+                for (port, hosts) in listener.portVirtualHosts {
+                    portTables[listener.name, default: [:]][port] = try RouteTable(hosts, clusterIndex: clusterIndex)
+                }
             } catch {
                 throw ProxyConfigErrors(errors: [.init(path: "listeners[\(li)]", message: "\(error)")])
             }
@@ -32,6 +38,7 @@ public final class ProxySnapshot: Sendable, AtomicReference {
         self.clusters = clusters
         self.clusterIndex = clusterIndex
         self.routeTables = tables
+        self.portRouteTables = portTables
     }
 }
 

@@ -19,8 +19,13 @@ public final class RoutingMiddleware: ProxyMiddleware {
     }
 
     public func onRequest(_ request: RequestContext) -> ProxyError? {
-        guard let table = snapshot.routeTables[request.listenerName] else {
+        guard var table = snapshot.routeTables[request.listenerName] else {
             return .noRoute("listener '\(request.listenerName)' has no routes")
+        }
+        if !snapshot.portRouteTables.isEmpty, let port = request.originalDestination?.port,
+            let byPort = snapshot.portRouteTables[request.listenerName]?[port]
+        {
+            table = byPort
         }
         guard let route = table.route(for: request.head) else {
             return .noRoute("host '\(request.head.headers.first(name: "host") ?? "")' path '\(request.head.uri)'")

@@ -1,0 +1,142 @@
+import Agent
+import Foundation
+import Logging
+import NIOCore
+import NIOPosix
+import Pilot
+import Proxy
+import Testing
+import TrellisTestSupport
+
+/// The agent's xDS client against the real pilot: the agent's capture listener (here on
+/// 127.0.0.1, the original destination injected) routes by the configuration pilot pushes.
+@Suite struct XDSClientTests {
+    /// The agent's listeners on loopback ports of their own; every connection "was going to"
+    /// 127.0.0.1:8080 (the service port), as if redirected by the capture rules.
+    static func base(outboundPort: Int) -> ProxyConfig {
+        var config = AgentListeners.passthroughConfig(sniffTimeout: .seconds(5))
+        config.listeners = config.listeners.filter { $0.name == "outbound" }
+        config.listeners[0].address = SocketEndpoint(host: "127.0.0.1", port: outboundPort)
+        return config
+    }
+
+    static func get(_ port: Int, host: String) async -> (status: Int, body: String) {
+        await Peers.http("GET", "http://127.0.0.1:\(port)/hello", headers: ["Host: \(host)"])
+    }
+
+    @Test func routesFollowPilotRegistrationsDrainsAndRemovals() async throws {
+        let dir = try Peers.temporaryDirectory("xds-client")
+        defer { try? FileManager.default.removeItem(at: dir) }
+        let ports = (Peers.freePort(), Peers.freePort())
+        let one = try Peers.pythonHTTPServer(port: ports.0, body: "orders-1", root: dir)
+        let two = try Peers.pythonHTTPServer(port: ports.1, body: "orders-2", root: dir)
+        defer {
+            one.stop()
+            two.stop()
+        }
+        let outboundPort = Peers.freePort()
+        let stats = ProxyStats()
+        let group = MultiThreadedEventLoopGroup(numberOfThreads: 1)
+        let base = Self.base(outboundPort: outboundPort)
+        let proxy = try ProxyServer(
+            snapshot: try ProxySnapshot(base, stats: stats),
+            stats: stats,
+            group: group,
+            originalDestination: { _ in try? SocketAddress(ipAddress: "127.0.0.1", port: 8080) },
+            logger: .quiet
+        )
+        try await proxy.start()
+        try await PilotHarness.run(store: try SQLiteRegistryStore()) { pilot in
+            let client = XDSClient(pilot: "127.0.0.1", port: pilot.xdsPort, node: "vm-xds", base: base, logger: .quiet)
+            {
+                config in try await proxy.apply(try ProxySnapshot(config, stats: stats))
+            }
+            let running = Task { try await client.run() }
+            defer { running.cancel() }
+            #expect(await Peers.eventually(within: .seconds(5)) { client.current.connection == "connected" })
+
+            // Nothing registered: orders is unknown, so it passes through to 127.0.0.1:8080 (closed).
+            let before = await Self.get(outboundPort, host: "orders:8080")
+            #expect(before.status == 503, "\(before)")
+
+            let registered = ContinuousClock.now
+            let status = await pilot.register(
+                #"{"service": "orders", "address": "127.0.0.1", "port": \#(ports.0), "service_port": 8080, "node": "vm-b1"}"#
+            )
+            #expect(status == 201 || status == 200)
+            #expect(
+                await Peers.eventually(within: .seconds(3)) {
+                    await Self.get(outboundPort, host: "orders:8080").body == "orders-1"
+                }
+            )
+            let elapsed = ContinuousClock.now - registered
+            #expect(elapsed < .seconds(3), "routed \(elapsed) after the registration")
+            #expect(await Self.get(outboundPort, host: "orders").body == "orders-1", "bare name too")
+            #expect(client.current.updatesApplied >= 1 && client.current.lastNACK == nil)
+            #expect(client.current.appliedVersion == proxy.store.snapshot.config.version)
+
+            // A second instance: both serve (round robin).
+            _ = await pilot.register(
+                #"{"service": "orders", "address": "127.0.0.1", "port": \#(ports.1), "service_port": 8080, "node": "vm-b2"}"#
+            )
+            var seen: Set<String> = []
+            _ = await Peers.eventually(within: .seconds(5)) {
+                seen.insert(await Self.get(outboundPort, host: "orders:8080").body)
+                return seen.count == 2
+            }
+            #expect(seen == ["orders-1", "orders-2"])
+
+            // The first drained: new requests go to the second only.
+            let drained = await Peers.http(
+                "PUT",
+                "\(pilot.api)/v1/instances/orders/127.0.0.1/\(ports.0)/status",
+                body: #"{"status": "draining"}"#
+            )
+            #expect(drained.status == 200)
+            #expect(
+                await Peers.eventually(within: .seconds(3)) {
+                    var bodies: Set<String> = []
+                    for _ in 0..<4 { bodies.insert(await Self.get(outboundPort, host: "orders:8080").body) }
+                    return bodies == ["orders-2"]
+                }
+            )
+
+            // Both removed: the service and its route are gone; back to passthrough.
+            await pilot.deregister(service: "orders", address: "127.0.0.1", port: ports.0)
+            await pilot.deregister(service: "orders", address: "127.0.0.1", port: ports.1)
+            #expect(
+                await Peers.eventually(within: .seconds(3)) {
+                    await Self.get(outboundPort, host: "orders:8080").status == 503
+                }
+            )
+            #expect(client.current.lastNACK == nil)
+            #expect(client.current.versions["cds"] != nil && client.current.versions["lds"] != nil)
+        }
+        await proxy.shutdown()
+        try await group.shutdownGracefully()
+    }
+
+    /// Pilot unreachable, then started: the client retries and configures the proxy once it can.
+    @Test func connectsOncePilotIsThere() async throws {
+        let xdsPort = Peers.freePort()
+        let client = XDSClient(
+            pilot: "127.0.0.1",
+            port: xdsPort,
+            node: "vm-late",
+            base: Self.base(outboundPort: 1),
+            logger: .quiet
+        ) {
+            _ in
+        }
+        let running = Task { try await client.run() }
+        defer { running.cancel() }
+        #expect(await Peers.eventually(within: .seconds(3)) { client.current.connection.hasPrefix("disconnected") })
+        try await PilotHarness.run(store: try SQLiteRegistryStore(), xdsPort: xdsPort) { _ in
+            #expect(
+                await Peers.eventually(within: .seconds(10)) { client.current.updatesApplied >= 1 },
+                "\(client.current)"
+            )
+            #expect(client.current.connection == "connected")
+        }
+    }
+}

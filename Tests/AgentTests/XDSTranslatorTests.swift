@@ -1,0 +1,169 @@
+import Agent
+import Proxy
+import SwiftProtobuf
+import Testing
+import XDS
+
+/// xDS resources → ProxyConfig: what is translated, and what is refused with a reason naming
+/// the resource (the client NACKs with it and keeps the last good configuration).
+@Suite struct XDSTranslatorTests {
+    typealias HCM = Envoy_Extensions_Filters_Network_HttpConnectionManager_V3_HttpConnectionManager
+
+    static func portListener(_ port: Int, rds: String) throws -> Envoy_Config_Listener_V3_Listener {
+        var listener = Envoy_Config_Listener_V3_Listener()
+        listener.name = "0.0.0.0_\(port)"
+        listener.address.socketAddress.address = "0.0.0.0"
+        listener.address.socketAddress.portValue = UInt32(port)
+        listener.bindToPort = .init(false)
+        var hcm = HCM()
+        hcm.rds.routeConfigName = rds
+        var filter = Envoy_Config_Listener_V3_Filter()
+        filter.name = "envoy.filters.network.http_connection_manager"
+        filter.typedConfig = try Google_Protobuf_Any(message: hcm)
+        listener.defaultFilterChain.filters = [filter]
+        return listener
+    }
+
+    static func routes(
+        _ name: String,
+        _ edit: (inout Envoy_Config_Route_V3_Route) -> Void = { _ in }
+    )
+        -> Envoy_Config_Route_V3_RouteConfiguration
+    {
+        var route = Envoy_Config_Route_V3_Route()
+        route.name = "default"
+        route.match.prefix = "/"
+        route.route.cluster = "outbound|8080||orders"
+        edit(&route)
+        var vhost = Envoy_Config_Route_V3_VirtualHost()
+        vhost.name = "orders:8080"
+        vhost.domains = ["orders", "orders:8080"]
+        vhost.routes = [route]
+        var config = Envoy_Config_Route_V3_RouteConfiguration()
+        config.name = name
+        config.virtualHosts = [vhost]
+        return config
+    }
+
+    static func cluster(
+        _ edit: (inout Envoy_Config_Cluster_V3_Cluster) -> Void = { _ in }
+    )
+        -> Envoy_Config_Cluster_V3_Cluster
+    {
+        var cluster = Envoy_Config_Cluster_V3_Cluster()
+        cluster.name = "outbound|8080||orders"
+        cluster.type = .eds
+        cluster.lbPolicy = .leastRequest
+        cluster.connectTimeout = .init(seconds: 2)
+        edit(&cluster)
+        return cluster
+    }
+
+    static func assignment() -> Envoy_Config_Endpoint_V3_ClusterLoadAssignment {
+        var assignment = Envoy_Config_Endpoint_V3_ClusterLoadAssignment()
+        assignment.clusterName = "outbound|8080||orders"
+        var group = Envoy_Config_Endpoint_V3_LocalityLbEndpoints()
+        for (ip, health, weight) in [
+            ("10.0.0.5", Envoy_Config_Core_V3_HealthStatus.healthy, 3),
+            ("10.0.0.6", .draining, 1), ("10.0.0.7", .unhealthy, 1),
+        ] {
+            var e = Envoy_Config_Endpoint_V3_LbEndpoint()
+            e.endpoint.address.socketAddress.address = ip
+            e.endpoint.address.socketAddress.portValue = 8080
+            e.healthStatus = health
+            e.loadBalancingWeight = .init(UInt32(weight))
+            group.lbEndpoints.append(e)
+        }
+        assignment.endpoints = [group]
+        return assignment
+    }
+
+    static func resources(
+        route: (inout Envoy_Config_Route_V3_Route) -> Void = { _ in },
+        cluster: (inout Envoy_Config_Cluster_V3_Cluster) -> Void = { _ in }
+    ) throws -> XDSResources {
+        var r = XDSResources()
+        r.listeners["0.0.0.0_8080"] = try portListener(8080, rds: "8080")
+        r.routes["8080"] = routes("8080", route)
+        let c = self.cluster(cluster)
+        r.clusters[c.name] = c
+        r.endpoints["outbound|8080||orders"] = assignment()
+        return r
+    }
+
+    @Test func aSidecarsResourcesBecomePerPortRoutesAndClusters() throws {
+        let resources = try Self.resources(route: { route in
+            route.match.headers = [
+                {
+                    var h = Envoy_Config_Route_V3_HeaderMatcher()
+                    h.name = "x-canary"
+                    h.stringMatch.exact = "1"
+                    return h
+                }()
+            ]
+            route.route.timeout = .init(seconds: 3)
+        })
+        #expect(resources.isComplete)
+        #expect(resources.routeNames == ["8080"] && resources.edsClusterNames == ["outbound|8080||orders"])
+        let config = try XDSTranslator.proxyConfig(resources, version: "v1")
+        #expect(config.version == "v1")
+        let outbound = try #require(config.listeners.first { $0.name == "outbound" })
+        let hosts = try #require(outbound.portVirtualHosts[8080])
+        #expect(hosts.map(\.domains) == [["orders", "orders:8080"]])
+        let route = hosts[0].routes[0]
+        #expect(route.match.headers == [HeaderMatch(name: "x-canary", kind: .exact("1"))])
+        #expect(
+            route.action.timeout == .seconds(3)
+                && route.action.clusters == [WeightedCluster(name: "outbound|8080||orders")]
+        )
+        let cluster = try #require(config.clusters.first { $0.name == "outbound|8080||orders" })
+        #expect(cluster.loadBalancing == .leastRequest && cluster.connectTimeout == .seconds(2))
+        #expect(cluster.endpoints.map(\.health) == [.healthy, .draining, .unhealthy])
+        #expect(cluster.endpoints.map(\.weight) == [3, 1, 1])
+        #expect(config.clusters.contains { $0.name == "passthrough" && $0.originalDestination })
+        #expect(config.validationErrors().isEmpty)
+    }
+
+    @Test func incompleteResourcesWaitForWhatTheyName() throws {
+        var resources = try Self.resources()
+        resources.endpoints.removeAll()
+        #expect(!resources.isComplete)
+        resources = try Self.resources()
+        resources.routes.removeAll()
+        #expect(!resources.isComplete)
+    }
+
+    @Test(arguments: [
+        ("redirect", "only route actions are supported"),
+        ("query", "query parameter matching is not supported"),
+        ("lb", "lb_policy"),
+        ("dns", "discovery type"),
+        ("regex", "expected"),
+    ])
+    func whatTheDataPathCannotHonourIsRefusedWithTheResourceNamed(_ case_: String, _ expected: String) throws {
+        let resources: XDSResources
+        switch case_ {
+        case "redirect":
+            resources = try Self.resources(route: { $0.redirect.hostRedirect = "elsewhere" })
+        case "query":
+            resources = try Self.resources(route: { route in
+                var q = Envoy_Config_Route_V3_QueryParameterMatcher()
+                q.name = "debug"
+                route.match.queryParameters = [q]
+            })
+        case "lb":
+            resources = try Self.resources(cluster: { $0.lbPolicy = .maglev })
+        case "dns":
+            resources = try Self.resources(cluster: { $0.type = .strictDns })
+        default:
+            resources = try Self.resources(route: { $0.match.safeRegex.regex = "(unclosed" })
+        }
+        do {
+            _ = try XDSTranslator.proxyConfig(resources, version: "bad")
+            Issue.record("accepted \(case_)")
+        } catch {
+            #expect(error.description.contains(expected), "\(error)")
+            if case_ != "regex" { #expect(error.description.contains("orders"), "names the resource: \(error)") }
+        }
+    }
+}
