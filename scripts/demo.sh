@@ -1,5 +1,5 @@
 #!/usr/bin/env bash
-# The two-VM mesh demo. Sets everything up (packages, build), then: pilot with its embedded store,
+# The mesh demo (one client VM, the legacy service on two more). Sets everything up (packages, build), then: pilot with its embedded store,
 # two "VMs" as network namespaces joined by a bridge, the agent installed in each, an unmodified
 # legacy HTTP server on VM B, and plain curl on VM A reaching it through both agents. Prints the
 # answers, both agents' status and the metric lines that prove the traffic crossed both; then a
@@ -24,27 +24,30 @@ tag=$$
 hub="trellis-demo-hub-$tag"
 vma="trellis-demo-a-$tag"
 vmb="trellis-demo-b-$tag"
+vmc="trellis-demo-c-$tag"
 net=10.99.$((tag % 200 + 20))
 pilot_ip=$net.254
 a_ip=$net.1
 b_ip=$net.2
+c_ip=$net.3
 work=$(mktemp -d /tmp/trellis-demo.XXXXXX)
 pids=()
 cleanup() {
   for p in "${pids[@]:-}"; do [ -n "$p" ] && kill -9 "$p" 2>/dev/null || true; done
   wait 2>/dev/null || true
-  for ns in "$vma" "$vmb" "$hub"; do ip netns del "$ns" 2>/dev/null || true; done
+  for ns in "$vma" "$vmb" "$vmc" "$hub"; do ip netns del "$ns" 2>/dev/null || true; done
+  rm -rf "/etc/netns/$vma"
   rm -rf "$work"
 }
 trap cleanup EXIT
 
-echo "== two VMs ($vma $a_ip, $vmb $b_ip) and pilot ($pilot_ip) on a bridge, all in namespaces"
+echo "== three VMs (A $a_ip, B $b_ip, C $c_ip) and pilot ($pilot_ip) on a bridge, all in namespaces"
 ip netns add "$hub"
 ip -n "$hub" link set lo up
 ip -n "$hub" link add br0 type bridge
 ip -n "$hub" addr add "$pilot_ip/24" dev br0
 ip -n "$hub" link set br0 up
-for pair in "a:$vma:$a_ip" "b:$vmb:$b_ip"; do
+for pair in "a:$vma:$a_ip" "b:$vmb:$b_ip" "c:$vmc:$c_ip"; do
   IFS=: read -r short ns ipaddr <<<"$pair"
   ip netns add "$ns"
   ip -n "$ns" link set lo up
@@ -61,10 +64,16 @@ ip netns exec "$hub" "$bin/trellis-pilot" serve --store "$work/pilot.db" --mesh 
 pids+=($!)
 for _ in $(seq 1 100); do ip netns exec "$hub" curl -sf -o /dev/null "http://$pilot_ip:15014/healthz" && break; sleep 0.1; done
 
-echo "== the legacy server on VM B (python http.server style, unmodified, port 8080)"
-ip netns exec "$vmb" python3 "$root/Tests/Fixtures/http/slow_server.py" --port 8080 --name "orders on vm-b" \
-  >"$work/legacy.log" 2>&1 &
-pids+=($!)
+echo "== the legacy 'orders' server on VM B and on VM C (unmodified, port 8080)"
+for vm in b c; do
+  ns_var="vm$vm"
+  ip netns exec "${!ns_var}" python3 "$root/Tests/Fixtures/http/slow_server.py" --port 8080 --name "orders on vm-$vm" \
+    >"$work/legacy-$vm.log" 2>&1 &
+  pids+=($!)
+done
+# VM A's programs find "orders" the way legacy clients do, by name (/etc/hosts as `ip netns exec` sees it).
+mkdir -p "/etc/netns/$vma"
+printf '127.0.0.1 localhost\n%s orders\n' "$b_ip" >"/etc/netns/$vma/hosts"
 
 write_agent() { # name ip services
   cat >"$work/$1.yaml" <<YAML
@@ -81,51 +90,56 @@ YAML
 }
 write_agent vm-a "$a_ip" "services: []"
 write_agent vm-b "$b_ip" "services: [{name: orders, port: 8080, protocol: http, health_check: {http: /, interval: 1s}}]"
-for vm in a b; do
+write_agent vm-c "$c_ip" "services: [{name: orders, port: 8080, protocol: http, health_check: {http: /, interval: 1s}}]"
+for vm in a b c; do
   ns_var="vm$vm"
   ip netns exec "${!ns_var}" "$bin/trellis-agent" run --config "$work/vm-$vm.yaml" \
     --control-socket "$work/vm-$vm.sock" --event-loops 1 >"$work/agent-$vm.log" 2>&1 &
   pids+=($!)
   eval "agent_$vm=$!"
 done
-for vm in a b; do
+for vm in a b c; do
   for _ in $(seq 1 150); do "$bin/trellis-agent" status --socket "$work/vm-$vm.sock" >/dev/null 2>&1 && break; sleep 0.2; done
 done
 for _ in $(seq 1 50); do
-  ip netns exec "$hub" curl -s "http://$pilot_ip:15014/v1/instances?service=orders" | grep -q '"healthy"' && break
+  [ "$(ip netns exec "$hub" curl -s "http://$pilot_ip:15014/v1/instances?service=orders" | grep -o '"healthy"' | wc -l)" = 2 ] && break
   sleep 0.2
 done
 
 show() { echo "\$ $*"; "$@"; echo; }
 echo
-echo "== VM A's plain curl reaches VM B's unmodified server, through both agents"
-show ip netns exec "$vma" curl -s "http://$b_ip:8080/hello"
+echo "== VM A's plain curl reaches the unmodified 'orders' servers through the agents, balanced over B and C"
+sleep 1
+for i in 1 2 3 4; do show ip netns exec "$vma" curl -s "http://orders:8080/hello-$i"; done
+echo "== by address, to a destination pilot knows nothing about on that port: passed through as it was"
 show ip netns exec "$vma" curl -s "http://$b_ip:8080/slow?ms=200"
-echo "== pilot's registry: VM B's agent registered 'orders' and health-checks it"
+echo "== pilot's registry: the agents on B and C registered 'orders' and health-check it"
 show ip netns exec "$hub" curl -s "http://$pilot_ip:15014/v1/instances?service=orders"
 echo "== the agents"
 show "$bin/trellis-agent" status --socket "$work/vm-a.sock"
 show "$bin/trellis-agent" status --socket "$work/vm-b.sock"
-echo "== metrics: the requests crossed A's outbound listener and B's inbound listener"
-for vm in a b; do
+echo "== metrics: the requests crossed A's outbound listener and B's and C's inbound listeners"
+for vm in a b c; do
   ns_var="vm$vm"
   echo "-- vm-$vm"
   ip netns exec "${!ns_var}" curl -s http://127.0.0.1:15000/stats/prometheus \
     | grep -E '^trellis_(sniffed_connections_total|upstream_requests_total|gate_connections_total)' | grep -v ' 0$' || true
 done
 echo
-echo "== drain VM B while a slow request is in flight: it completes; pilot marks vm-b draining"
+echo "== drain VM B while a slow request is in flight: it completes; pilot marks vm-b draining, and A sends 'orders' to C"
 ip netns exec "$vma" curl -s "http://$b_ip:8080/slow?ms=1500" >"$work/slow.out" &
 slow=$!
 sleep 0.5
 show "$bin/trellis-agent" drain --deadline 10s --socket "$work/vm-b.sock"
 wait $slow || true
 echo "in-flight request answered: $(cat "$work/slow.out")"
-ip netns exec "$hub" curl -s "http://$pilot_ip:15014/v1/instances?service=orders" | grep -o '"status":"[a-z]*"' | head -1
+ip netns exec "$hub" curl -s "http://$pilot_ip:15014/v1/instances?service=orders" | grep -o '"node":"vm-[bc]"\|"status":"[a-z]*"' | paste -sd' '
+sleep 0.5
+for i in 1 2 3; do show ip netns exec "$vma" curl -s "http://orders:8080/during-drain-$i"; done
 show "$bin/trellis-agent" undrain --socket "$work/vm-b.sock"
 
 echo "== VM A's agent killed (SIGKILL): new connections go straight to VM B (the gate fails open)"
 kill -9 "$agent_a"
 wait "$agent_a" 2>/dev/null || true
-show ip netns exec "$vma" curl -s --max-time 5 "http://$b_ip:8080/still-there"
+show ip netns exec "$vma" curl -s --max-time 5 "http://orders:8080/still-there"
 echo "demo: ok"

@@ -223,10 +223,17 @@ import Testing
         let client = try await TestHTTPClient.connect(port: proxy.port, group: group)
         defer { Task { await client.close() } }
         #expect(try await client.request(.GET, "/").body == "alpha")
+        let bound = proxy.server.boundAddresses
         try await proxy.apply(gatewayConfig(virtualHosts: catchAll("beta"), clusters: clusters))
         // Same keep-alive connection, next request: new routes.
         #expect(try await client.request(.GET, "/").body == "beta")
         #expect(client.isActive)
+        // Routes changed, sockets did not: the listener was not bound again (with port 0 a new
+        // bind would have another port, and connections arriving meanwhile would be refused).
+        #expect(proxy.server.boundAddresses == bound)
+        let fresh = try await TestHTTPClient.connect(port: proxy.port, group: group)
+        #expect(try await fresh.request(.GET, "/").body == "beta")
+        await fresh.close()
         // An invalid snapshot is refused whole and the running one stays.
         await #expect(throws: ProxyConfigErrors.self) {
             try await proxy.apply(gatewayConfig(virtualHosts: catchAll("missing"), clusters: clusters))

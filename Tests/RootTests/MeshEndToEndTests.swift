@@ -54,12 +54,23 @@ struct MeshEndToEndTests {
     }
 
     @Test func aPlainClientOnVMAReachesAnUnmodifiedServerOnVMBThroughBothAgents() async throws {
-        let lab = try await MeshLab(subnet: 15, vms: ["vm-a", "vm-b"])
+        let lab = try await MeshLab(subnet: 15, vms: ["vm-a", "vm-b", "vm-b2"])
         defer { lab.destroy() }
         let dir = try Peers.temporaryDirectory("mesh-e2e")
         defer { try? FileManager.default.removeItem(at: dir) }
-        let a = lab.ip("vm-a")
         let b = lab.ip("vm-b")
+        let b2 = lab.ip("vm-b2")
+        // VM A's programs find `orders` by name, the way legacy clients do (its /etc/hosts, through
+        // `ip netns exec`'s /etc/netns/<ns>/hosts): any instance's address will do, the agent
+        // balances by the Host header.
+        let hostsFolder = URL(fileURLWithPath: "/etc/netns/\(lab.ns("vm-a"))")
+        try FileManager.default.createDirectory(at: hostsFolder, withIntermediateDirectories: true)
+        defer { try? FileManager.default.removeItem(at: hostsFolder) }
+        try "127.0.0.1 localhost\n\(b) orders\n".write(
+            to: hostsFolder.appendingPathComponent("hosts"),
+            atomically: true,
+            encoding: .utf8
+        )
 
         let pilot = try Peers.Child(
             [
@@ -81,12 +92,13 @@ struct MeshEndToEndTests {
         let server = AgentDrainNetnsTests.server
         var servers: [Peers.Child] = []
         defer { servers.forEach { $0.stop() } }
-        for (port, name, host) in [
-            (8080, "orders", "0.0.0.0"), (9090, "unregistered", "0.0.0.0"), (8081, "local-only", "127.0.0.1"),
+        for (vm, port, name, host) in [
+            ("vm-b", 8080, "orders", "0.0.0.0"), ("vm-b", 9090, "unregistered", "0.0.0.0"),
+            ("vm-b", 8081, "local-only", "127.0.0.1"), ("vm-b2", 8080, "orders-b2", "0.0.0.0"),
         ] {
             servers.append(
                 try Peers.Child([
-                    "ip", "netns", "exec", lab.ns("vm-b"), "python3", server, "--host", host, "--port", "\(port)",
+                    "ip", "netns", "exec", lab.ns(vm), "python3", server, "--host", host, "--port", "\(port)",
                     "--name", name,
                 ])
             )
@@ -114,35 +126,59 @@ struct MeshEndToEndTests {
                 services: "[{name: orders, port: 8080, protocol: http, health_check: {http: /, interval: 1s}}]"
             )
         )
+        let agentB2 = try Agent(
+            lab: lab,
+            vm: "vm-b2",
+            dir: dir,
+            yaml: Self.agentYAML(
+                lab,
+                vm: "vm-b2",
+                services: "[{name: orders, port: 8080, protocol: http, health_check: {http: /, interval: 1s}}]"
+            )
+        )
         let agentA = try Agent(lab: lab, vm: "vm-a", dir: dir, yaml: Self.agentYAML(lab, vm: "vm-a", services: "[]"))
         defer {
             agentA.child.stop()
             agentB.child.stop()
+            agentB2.child.stop()
         }
-        for agent in [agentA, agentB] {
+        for agent in [agentA, agentB, agentB2] {
             #expect(
                 await Peers.eventually(within: .seconds(20)) { await agent.ctl("status").status == 0 },
                 "\(agent.output)"
             )
         }
-        #expect(
-            await Peers.eventually(within: .seconds(10)) {
-                await lab.exec("hub", ["curl", "-s", instances]).stdout.contains(#""status":"healthy""#)
-            }
-        )
+        let bothHealthy = await Peers.eventually(within: .seconds(10)) {
+            await lab.exec("hub", ["curl", "-s", instances]).stdout
+                .components(separatedBy: #""status":"healthy""#).count == 3
+        }
+        let listed = await lab.exec("hub", ["curl", "-s", instances]).stdout
+        #expect(bothHealthy, "\(listed)\n\(agentB2.output)")
+
+        // By name: A's agent has pilot's routes and endpoints, and balances over both VMs.
+        var seen: Set<String> = []
+        let balanced = await Peers.eventually(within: .seconds(10)) {
+            seen.insert(await curl("http://orders:8080/by-name"))
+            return seen.isSuperset(of: ["orders\n", "orders-b2\n"])
+        }
+        let statusA = await agentA.ctl("status").stdout
+        #expect(balanced && seen == ["orders\n", "orders-b2\n"], "\(seen) \(statusA)")
+        #expect(statusA.contains("pilot xDS: \(lab.pilotIP):15010 connected"), "\(statusA)")
 
         // Through both agents: A's outbound listener, B's inbound listener, the server.
         #expect(await curl("http://\(b):8080/hello") == "orders\n")
         #expect(await curl("http://\(b):8080/slow?ms=100") == "orders slow 100\n")
         let metricsA = await lab.exec("vm-a", ["curl", "-s", "http://127.0.0.1:15000/stats/prometheus"]).stdout
         let metricsB = await lab.exec("vm-b", ["curl", "-s", "http://127.0.0.1:15000/stats/prometheus"]).stdout
+        // Port 8080 has pilot's routes: an address as Host is "allow_any", pilot's passthrough.
         #expect(
-            metricsA.contains(#"trellis_upstream_requests_total{cluster="passthrough",class="2xx"} 2"#),
+            metricsA.contains(#"trellis_upstream_requests_total{cluster="PassthroughCluster",class="2xx"} 2"#),
             "\(metricsA)"
         )
+        #expect(!metricsA.contains(#"trellis_upstream_requests_total{cluster="outbound|8080||orders",class="2xx"} 0"#))
         #expect(metricsA.contains(#"trellis_gate_connections_total{decision="captured"}"#))
         #expect(
-            metricsB.contains(#"trellis_upstream_requests_total{cluster="passthrough",class="2xx"} 2"#),
+            metricsB.contains(#"trellis_upstream_requests_total{cluster="passthrough",class="2xx"}"#),
             "\(metricsB)"
         )
         #expect(metricsB.contains(#"trellis_sniffed_connections_total{protocol="http1"}"#))
@@ -152,7 +188,8 @@ struct MeshEndToEndTests {
         // B's inbound listener forwards to the program on 127.0.0.1 (the same port).
         #expect(await curl("http://\(b):8081/") == "local-only\n")
 
-        // Drain B with a slow request in flight: it completes; pilot marks B draining; undrain.
+        // Drain B with a slow request in flight: it completes, pilot marks B draining, and new
+        // requests by name go to B2 only; undrain.
         let slow = Task { await curl("http://\(b):8080/slow?ms=1500") }
         #expect(
             await Peers.eventually(within: .seconds(5)) {
@@ -166,6 +203,14 @@ struct MeshEndToEndTests {
         #expect(
             await curl("http://\(b):8080/during-drain") == "orders\n",
             "with the gate in bypass, B is reached directly"
+        )
+        // By name, new requests go to B2 only while B drains.
+        #expect(
+            await Peers.eventually(within: .seconds(5)) {
+                var bodies: Set<String> = []
+                for _ in 0..<4 { bodies.insert(await curl("http://orders:8080/while-b-drains")) }
+                return bodies == ["orders-b2\n"]
+            }
         )
         #expect(await agentB.ctl("undrain").status == 0)
         #expect(
@@ -191,7 +236,7 @@ struct MeshEndToEndTests {
         #expect(await Peers.eventually(within: .seconds(20)) { !agentB.child.process.isRunning })
         #expect(agentB.child.process.terminationStatus == 0, "\(agentB.output)")
         #expect(await lab.rules("vm-b") == rulesBefore.b)
-        #expect(await lab.exec("hub", ["curl", "-s", instances]).stdout == "[]")
+        #expect(!(await lab.exec("hub", ["curl", "-s", instances]).stdout.contains(#""node":"vm-b""#)))
         #expect(await curl("http://\(b):8080/") == "orders\n")
         #expect(await curl("http://\(b):8081/").isEmpty, "without B's agent the local-only server is local again")
     }

@@ -34,6 +34,12 @@ public struct ListenerConfig: Sendable, Hashable, Codable {
         self.transparent = transparent
     }
 
+    /// Whether `other` needs the same sockets and pipeline (its routes may differ).
+    public func bindsLike(_ other: ListenerConfig) -> Bool {
+        name == other.name && address == other.address && limits == other.limits && accessLog == other.accessLog
+            && transparent == other.transparent
+    }
+
     enum CodingKeys: String, CodingKey {
         case name, address, limits, transparent
         case virtualHosts = "virtual_hosts"

@@ -159,13 +159,19 @@ public final class ProxyServer: Service, Sendable {
     private func reconcileListeners(with config: ProxyConfig) async throws {
         let existing = state.withLockedValue { $0.listeners }
         let wanted = Dictionary(uniqueKeysWithValues: config.listeners.map { ($0.name, $0) })
-        for (name, entry) in existing where wanted[name] != entry.config {
+        // Only what the sockets and their pipelines were made from needs a new bind; routes
+        // come from the snapshot on each request, so a route change keeps the listener as it is
+        // (rebinding would refuse the connections that arrive in between).
+        for (name, entry) in existing where wanted[name].map({ !$0.bindsLike(entry.config) }) ?? true {
             for channel in entry.channels { try? await channel.close() }
             state.withLockedValue { _ = $0.listeners.removeValue(forKey: name) }
         }
         for listener in config.listeners {
             let current = state.withLockedValue { $0.listeners[listener.name] }
-            if current != nil { continue }
+            if let current {
+                state.withLockedValue { $0.listeners[listener.name] = (listener, current.channels) }
+                continue
+            }
             let channels = try await bind(listener)
             state.withLockedValue { $0.listeners[listener.name] = (listener, channels) }
             logger.info(
