@@ -13,7 +13,7 @@ DEBIAN_PACKAGES=(
   # real peers and load generators used by tests and Benchmarks/
   nginx haproxy wrk nghttp2-client curl
   # tools the scripts use; systemd-analyze checks the unit files
-  procps psmisc util-linux passwd python3 python3-pip systemd
+  procps psmisc util-linux passwd binutils python3 python3-pip systemd
   # protoc and the well-known types, to regenerate Sources/XDS/Generated (never needed by CI)
   protobuf-compiler libprotobuf-dev
 )

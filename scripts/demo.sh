@@ -82,6 +82,7 @@ pilot: {api: $pilot_ip:15014, xds: $pilot_ip:15010}
 register: {address: $2}
 $3
 drain_deadline: 10s
+state_dir: $work/state-$1
 capture:
   inbound_ports: "*"
   inbound_exclude_ports: [22]

@@ -48,6 +48,8 @@ pkg="$stage/trellis"
 install -d "$pkg/DEBIAN" "$pkg/usr/bin" "$pkg/lib/systemd/system" "$pkg/etc/init.d" "$pkg/etc/default" \
   "$pkg/etc/trellis" "$pkg/usr/share/doc/trellis/examples"
 install -m 0755 "$bin_dir/trellis-agent" "$bin_dir/trellis-pilot" "$pkg/usr/bin/"
+# Debug sections are not shipped (symbol names stay, for backtraces).
+strip --strip-debug "$pkg/usr/bin/trellis-agent" "$pkg/usr/bin/trellis-pilot"
 for u in trellis-agent trellis-pilot; do
   sed 's#/usr/local/bin/#/usr/bin/#g' "$root/systemd/$u.service" >"$pkg/lib/systemd/system/$u.service"
   chmod 0644 "$pkg/lib/systemd/system/$u.service"

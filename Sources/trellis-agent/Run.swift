@@ -197,11 +197,27 @@ struct Run: AsyncParsableCommand {
         if let xdsAddress = agent.pilotXDS {
             // Routes, clusters and endpoints from pilot; until the first configuration arrives
             // (or while pilot is unreachable) the listeners pass everything through.
+            var persist: String? = agent.stateDirectory + "/agent-config.json"
+            do {
+                try FileManager.default.createDirectory(
+                    atPath: agent.stateDirectory,
+                    withIntermediateDirectories: true,
+                    attributes: [.posixPermissions: 0o750]
+                )
+            } catch {
+                logger.warning(
+                    "no state folder: the configuration from pilot will not survive a restart",
+                    metadata: ["state_dir": "\(agent.stateDirectory)", "error": "\(error)"]
+                )
+                persist = nil
+            }
             let xds = XDSClient(
                 pilot: xdsAddress.host,
                 port: xdsAddress.port,
                 node: node,
                 base: AgentListeners.passthroughConfig(inboundForwardTo: agent.inboundForwardTo),
+                persistPath: persist,
+                protocol: agent.xdsProtocol,
                 logger: logger
             ) { config in
                 try await proxy.apply(try ProxySnapshot(config, stats: stats))

@@ -44,6 +44,8 @@ struct RegistrarTests {
         ("register: {address: vm-b.local}\n", "register.address: expected an IPv4 or IPv6 address"),
         ("register: {ttl: 1s}\n", "register.ttl: expected a lease between 5s and 1h"),
         ("inbound_forward: localhost\n", "inbound_forward: expected loopback or original_destination, got 'localhost'"),
+        ("pilot: {xds: 127.0.0.1:15010, xds_protocol: v2}\n", "pilot.xds_protocol: expected delta or sotw, got 'v2'"),
+        ("state_dir: var/lib\n", "state_dir: expected an absolute path"),
         ("pilot: {api: nowhere}\n", "pilot.api: expected host:port"),
         ("nodes: x\n", "nodes: unknown key 'nodes'"),
     ])

@@ -24,7 +24,8 @@ import TrellisTestSupport
         await Peers.http("GET", "http://127.0.0.1:\(port)/hello", headers: ["Host: \(host)"])
     }
 
-    @Test func routesFollowPilotRegistrationsDrainsAndRemovals() async throws {
+    @Test(arguments: XDSClient.XDSProtocol.allCases)
+    func routesFollowPilotRegistrationsDrainsAndRemovals(_ xdsProtocol: XDSClient.XDSProtocol) async throws {
         let dir = try Peers.temporaryDirectory("xds-client")
         defer { try? FileManager.default.removeItem(at: dir) }
         let ports = (Peers.freePort(), Peers.freePort())
@@ -130,7 +131,7 @@ import TrellisTestSupport
         }
         let running = Task { try await client.run() }
         defer { running.cancel() }
-        #expect(await Peers.eventually(within: .seconds(3)) { client.current.connection.hasPrefix("disconnected") })
+        #expect(await Peers.eventually(within: .seconds(15)) { client.current.connection.hasPrefix("disconnected") })
         try await PilotHarness.run(store: try SQLiteRegistryStore(), xdsPort: xdsPort) { _ in
             #expect(
                 await Peers.eventually(within: .seconds(10)) { client.current.updatesApplied >= 1 },
@@ -138,5 +139,136 @@ import TrellisTestSupport
             )
             #expect(client.current.connection == "connected")
         }
+    }
+
+    /// Last known good: the applied configuration is saved; an agent restarted while pilot is
+    /// down serves it (and says so); a damaged file is ignored (passthrough), never half-used.
+    @Test func anAgentRestartedWhilePilotIsDownServesTheSavedConfiguration() async throws {
+        let dir = try Peers.temporaryDirectory("xds-persist")
+        defer { try? FileManager.default.removeItem(at: dir) }
+        let appPort = Peers.freePort()
+        let app = try Peers.pythonHTTPServer(port: appPort, body: "orders-1", root: dir)
+        defer { app.stop() }
+        let saved = dir.appendingPathComponent("agent-config.json").path
+        let xdsPort = Peers.freePort()
+
+        func agent(_ body: (ProxyServer, Int, XDSClient) async throws -> Void) async throws {
+            let outboundPort = Peers.freePort()
+            let stats = ProxyStats()
+            let group = MultiThreadedEventLoopGroup(numberOfThreads: 1)
+            let base = Self.base(outboundPort: outboundPort)
+            let proxy = try ProxyServer(
+                snapshot: try ProxySnapshot(base, stats: stats),
+                stats: stats,
+                group: group,
+                originalDestination: { _ in try? SocketAddress(ipAddress: "127.0.0.1", port: 8080) },
+                logger: .quiet
+            )
+            try await proxy.start()
+            let client = XDSClient(
+                pilot: "127.0.0.1",
+                port: xdsPort,
+                node: "vm-persist",
+                base: base,
+                persistPath: saved,
+                logger: .quiet
+            ) { config in try await proxy.apply(try ProxySnapshot(config, stats: stats)) }
+            let running = Task { try await client.run() }
+            try await body(proxy, outboundPort, client)
+            running.cancel()
+            _ = await running.result
+            await proxy.shutdown()
+            try await group.shutdownGracefully()
+        }
+
+        try await PilotHarness.run(store: try SQLiteRegistryStore(), xdsPort: xdsPort) { pilot in
+            try await agent { _, port, client in
+                _ = await pilot.register(
+                    #"{"service": "orders", "address": "127.0.0.1", "port": \#(appPort), "service_port": 8080, "node": "vm-b1"}"#
+                )
+                #expect(
+                    await Peers.eventually(within: .seconds(5)) {
+                        await Self.get(port, host: "orders:8080").body == "orders-1"
+                    }
+                )
+                #expect(client.current.source == "pilot")
+                #expect(FileManager.default.fileExists(atPath: saved))
+            }
+        }
+        // Pilot is gone; a new agent starts from the saved file.
+        try await agent { _, port, client in
+            #expect(await Peers.eventually(within: .seconds(3)) { client.current.source == "disk" })
+            #expect(await Self.get(port, host: "orders:8080").body == "orders-1")
+            #expect(client.current.connection.hasPrefix("disconnected"), "\(client.current.connection)")
+        }
+        // A damaged file: ignored, the agent passes through until pilot answers.
+        try "{\"version\": 3".write(toFile: saved, atomically: true, encoding: .utf8)
+        try await agent { _, port, client in
+            try await Task.sleep(for: .milliseconds(300))
+            #expect(client.current.source == "none")
+            #expect(await Self.get(port, host: "orders:8080").status == 503)
+        }
+    }
+
+    /// The stream is opened again every resync interval; nothing is lost or NACKed, and changes
+    /// made meanwhile still arrive.
+    @Test func periodicResyncKeepsTheConfiguration() async throws {
+        let dir = try Peers.temporaryDirectory("xds-resync")
+        defer { try? FileManager.default.removeItem(at: dir) }
+        let ports = (Peers.freePort(), Peers.freePort())
+        let one = try Peers.pythonHTTPServer(port: ports.0, body: "orders-1", root: dir)
+        let two = try Peers.pythonHTTPServer(port: ports.1, body: "orders-2", root: dir)
+        defer {
+            one.stop()
+            two.stop()
+        }
+        let outboundPort = Peers.freePort()
+        let stats = ProxyStats()
+        let group = MultiThreadedEventLoopGroup(numberOfThreads: 1)
+        let base = Self.base(outboundPort: outboundPort)
+        let proxy = try ProxyServer(
+            snapshot: try ProxySnapshot(base, stats: stats),
+            stats: stats,
+            group: group,
+            originalDestination: { _ in try? SocketAddress(ipAddress: "127.0.0.1", port: 8080) },
+            logger: .quiet
+        )
+        try await proxy.start()
+        try await PilotHarness.run(store: try SQLiteRegistryStore()) { pilot in
+            let client = XDSClient(
+                pilot: "127.0.0.1",
+                port: pilot.xdsPort,
+                node: "vm-resync",
+                base: base,
+                resyncInterval: .milliseconds(300),
+                logger: .quiet
+            ) { config in try await proxy.apply(try ProxySnapshot(config, stats: stats)) }
+            let running = Task { try await client.run() }
+            defer { running.cancel() }
+            _ = await pilot.register(
+                #"{"service": "orders", "address": "127.0.0.1", "port": \#(ports.0), "service_port": 8080, "node": "vm-b1"}"#
+            )
+            #expect(
+                await Peers.eventually(within: .seconds(5)) {
+                    await Self.get(outboundPort, host: "orders:8080").body == "orders-1"
+                }
+            )
+            #expect(await Peers.eventually(within: .seconds(5)) { client.current.resyncs >= 2 })
+            let applied = client.current.updatesApplied
+            #expect(await Self.get(outboundPort, host: "orders:8080").body == "orders-1")
+            #expect(client.current.updatesApplied == applied, "a resync with nothing new applies nothing")
+            _ = await pilot.register(
+                #"{"service": "orders", "address": "127.0.0.1", "port": \#(ports.1), "service_port": 8080, "node": "vm-b2"}"#
+            )
+            var seen: Set<String> = []
+            _ = await Peers.eventually(within: .seconds(5)) {
+                seen.insert(await Self.get(outboundPort, host: "orders:8080").body)
+                return seen.count == 2
+            }
+            #expect(seen == ["orders-1", "orders-2"])
+            #expect(client.current.lastNACK == nil)
+        }
+        await proxy.shutdown()
+        try await group.shutdownGracefully()
     }
 }

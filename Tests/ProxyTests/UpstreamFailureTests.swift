@@ -73,7 +73,7 @@ import Testing
                             Route(
                                 name: "slow",
                                 match: RouteMatch(),
-                                action: .init(clusters: [.init(name: "alpha")], timeout: .milliseconds(100))
+                                action: .init(clusters: [.init(name: "alpha")], timeout: .milliseconds(500))
                             )
                         ]
                     )
@@ -89,7 +89,7 @@ import Testing
         defer { Task { await client.close() } }
         let ok = try await client.request(.GET, "/fine", host: "only.test")
         let missing = try await client.request(.GET, "/nowhere", host: "other.test")
-        let slow = try await client.request(.GET, "/delay/1000", host: "only.test")
+        let slow = try await client.request(.GET, "/delay/2000", host: "only.test")
         #expect(ok.status == .ok)
         for (response, token) in [(missing, "no_route"), (slow, "timeout")] {
             #expect(response.body == "\(token)\n")

@@ -38,13 +38,14 @@ struct MeshEndToEndTests {
         }
     }
 
-    static func agentYAML(_ lab: MeshLab, vm: String, services: String) -> String {
+    static func agentYAML(_ lab: MeshLab, vm: String, services: String, stateDir: String) -> String {
         """
         node: \(vm)
         pilot: {api: \(lab.pilotIP):15014, xds: \(lab.pilotIP):15010}
         register: {address: \(lab.ip(vm)), ttl: 10s}
         services: \(services)
         drain_deadline: 10s
+        state_dir: \(stateDir)/\(vm)
         capture:
           inbound_ports: "*"
           inbound_exclude_ports: [22]
@@ -123,7 +124,8 @@ struct MeshEndToEndTests {
             yaml: Self.agentYAML(
                 lab,
                 vm: "vm-b",
-                services: "[{name: orders, port: 8080, protocol: http, health_check: {http: /, interval: 1s}}]"
+                services: "[{name: orders, port: 8080, protocol: http, health_check: {http: /, interval: 1s}}]",
+                stateDir: dir.path
             )
         )
         let agentB2 = try Agent(
@@ -133,10 +135,16 @@ struct MeshEndToEndTests {
             yaml: Self.agentYAML(
                 lab,
                 vm: "vm-b2",
-                services: "[{name: orders, port: 8080, protocol: http, health_check: {http: /, interval: 1s}}]"
+                services: "[{name: orders, port: 8080, protocol: http, health_check: {http: /, interval: 1s}}]",
+                stateDir: dir.path
             )
         )
-        let agentA = try Agent(lab: lab, vm: "vm-a", dir: dir, yaml: Self.agentYAML(lab, vm: "vm-a", services: "[]"))
+        let agentA = try Agent(
+            lab: lab,
+            vm: "vm-a",
+            dir: dir,
+            yaml: Self.agentYAML(lab, vm: "vm-a", services: "[]", stateDir: dir.path)
+        )
         defer {
             agentA.child.stop()
             agentB.child.stop()

@@ -20,6 +20,10 @@ public struct AgentConfig: Sendable {
     /// (`inbound_forward: loopback`, the default) or, with `original_destination`, the address the
     /// client dialed (`nil`), for programs that listen only on the machine's own address.
     public var inboundForwardTo: String? = "127.0.0.1"
+    /// Where the agent keeps what must survive a restart (the last configuration from pilot).
+    public var stateDirectory = "/var/lib/trellis"
+    /// Incremental ADS (the default) or state of the world (`pilot.xds_protocol: sotw`).
+    public var xdsProtocol: XDSClient.XDSProtocol = .delta
 
     public init() {}
 }
@@ -100,7 +104,8 @@ public struct HealthCheck: Sendable, Hashable {
 /// Reads the whole agent.yaml. Parsing only: the executable reads the file.
 public enum AgentConfigLoader {
     static let topLevelKeys: Set<String> = [
-        "node", "pilot", "register", "services", "capture", "drain_deadline", "inbound_forward", "listeners", "admin",
+        "node", "pilot", "register", "services", "capture", "drain_deadline", "inbound_forward", "state_dir",
+        "listeners", "admin",
     ]
 
     /// - Throws: ``ConfigFileErrors`` naming file, line, key path and what was expected.
@@ -117,7 +122,14 @@ public enum AgentConfigLoader {
                 config.node = id
             }
             if let n = top["pilot"] {
-                let p = try n.mapping(allowed: ["api", "xds"])
+                let p = try n.mapping(allowed: ["api", "xds", "xds_protocol"])
+                if let x = p["xds_protocol"] {
+                    let text = try x.nonEmptyString()
+                    guard let value = XDSClient.XDSProtocol(rawValue: text) else {
+                        throw x.error("expected delta or sotw, got '\(text)'")
+                    }
+                    config.xdsProtocol = value
+                }
                 if let a = p["api"] {
                     let (host, port) = try a.endpoint()
                     config.pilotAPI = HostPort(host: host, port: port)
@@ -153,6 +165,11 @@ public enum AgentConfigLoader {
                 }
             }
             if let c = top["capture"] { config.capture = try CaptureConfigLoader.load(c) }
+            if let d = top["state_dir"] {
+                let path = try d.nonEmptyString()
+                guard path.hasPrefix("/") else { throw d.error("expected an absolute path, got '\(path)'") }
+                config.stateDirectory = path
+            }
             if let f = top["inbound_forward"] {
                 switch try f.nonEmptyString() {
                 case "loopback": config.inboundForwardTo = "127.0.0.1"

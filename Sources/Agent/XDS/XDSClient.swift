@@ -1,3 +1,4 @@
+import CoreMetrics
 import FoundationEssentials
 import GRPCCore
 import GRPCNIOTransportHTTP2
@@ -8,6 +9,10 @@ import SwiftProtobuf
 import Synchronization
 import XDS
 
+#if canImport(Glibc)
+import Glibc
+#endif
+
 /// The agent's xDS client: one incremental (Delta) ADS stream to pilot as a `sidecar` node.
 /// Subscribes to every listener and cluster, then to the route configurations and EDS
 /// assignments they name; turns the resources into a ``ProxyConfig`` (``XDSTranslator``) and
@@ -17,6 +22,11 @@ import XDS
 /// 30 s), subscribing again from scratch; pilot sends the current state.
 public final class XDSClient: Service, Sendable {
     public typealias Apply = @Sendable (ProxyConfig) async throws -> Void
+
+    /// Incremental (Delta, the default) or state-of-the-world ADS.
+    public enum XDSProtocol: String, Sendable, CaseIterable {
+        case delta, sotw
+    }
 
     /// What `status` shows about the control plane connection.
     public struct State: Sendable, Codable, Equatable {
@@ -29,10 +39,13 @@ public final class XDSClient: Service, Sendable {
         public var lastNACK: String?
         public var updatesApplied = 0
         public var nacks = 0
+        /// `pilot`, or `disk` while serving the last configuration saved before a restart.
+        public var source = "none"
+        public var resyncs = 0
 
         enum CodingKeys: String, CodingKey {
             case pilot, connection, appliedVersion = "applied_version", versions, lastNACK = "last_nack"
-            case updatesApplied = "updates_applied", nacks
+            case updatesApplied = "updates_applied", nacks, source, resyncs
         }
     }
 
@@ -40,15 +53,33 @@ public final class XDSClient: Service, Sendable {
     private let port: Int
     private let node: String
     private let base: ProxyConfig
+    private let persistPath: String?
+    private let resyncInterval: Duration
+    private let xdsProtocol: XDSProtocol
     private let apply: Apply
     private let logger: Logger
     private let state: Mutex<State>
+    private let metrics = Metrics()
+
+    /// `trellis_xds_connected` (1 while the stream is open), `trellis_xds_updates_total`,
+    /// `trellis_xds_nacks_total`, `trellis_xds_resyncs_total`, and
+    /// `trellis_xds_serving_saved_config` (1 while the configuration saved before a restart serves).
+    final class Metrics: Sendable {
+        let connected = Gauge(label: "trellis_xds_connected")
+        let updates = Counter(label: "trellis_xds_updates_total")
+        let nacks = Counter(label: "trellis_xds_nacks_total")
+        let resyncs = Counter(label: "trellis_xds_resyncs_total")
+        let savedConfig = Gauge(label: "trellis_xds_serving_saved_config")
+    }
 
     public init(
         pilot host: String,
         port: Int,
         node: String,
         base: ProxyConfig,
+        persistPath: String? = nil,
+        resyncInterval: Duration = .seconds(300),
+        protocol xdsProtocol: XDSProtocol = .delta,
         logger: Logger,
         apply: @escaping Apply
     ) {
@@ -56,6 +87,9 @@ public final class XDSClient: Service, Sendable {
         self.port = port
         self.node = node
         self.base = base
+        self.persistPath = persistPath
+        self.resyncInterval = resyncInterval
+        self.xdsProtocol = xdsProtocol
         self.apply = apply
         self.logger = logger
         self.state = Mutex(State(pilot: host.contains(":") ? "[\(host)]:\(port)" : "\(host):\(port)"))
@@ -78,20 +112,47 @@ public final class XDSClient: Service, Sendable {
     }
 
     private func runUntilCancelled() async {
+        await loadPersisted()
         var backoff: Duration = .milliseconds(500)
         while !Task.isCancelled {
             let started = ContinuousClock.now
             do {
                 let target: ResolvableTargets.IPv4OrDNS = Self.target(host: host, port: port)
                 let transport = try HTTP2ClientTransport.Posix(target: target.resolvable, transportSecurity: .plaintext)
-                try await withGRPCClient(transport: transport) { client in
+                let resync = try await withGRPCClient(transport: transport) { client in
                     let ads = Envoy_Service_Discovery_V3_AggregatedDiscoveryService.Client(wrapping: client)
-                    try await self.stream(ads)
+                    // The stream is opened again every resync interval: pilot then sends its whole
+                    // state, which catches anything a long-lived stream may have missed.
+                    return try await withThrowingTaskGroup(of: Bool.self) { group in
+                        group.addTask {
+                            switch self.xdsProtocol {
+                            case .delta: try await self.stream(ads)
+                            case .sotw: try await self.stateOfTheWorld(ads)
+                            }
+                            return false
+                        }
+                        group.addTask {
+                            try await Task.sleep(for: self.resyncInterval)
+                            return true
+                        }
+                        let first = try await group.next() ?? false
+                        group.cancelAll()
+                        return first
+                    }
+                }
+                if resync {
+                    state.withLock { $0.resyncs += 1 }
+                    metrics.resyncs.increment()
+                    logger.debug("xDS resync: the stream is opened again")
+                    backoff = .milliseconds(500)
+                    continue
                 }
                 state.withLock { $0.connection = "disconnected: pilot closed the stream" }
+                metrics.connected.record(0)
             } catch {
                 if Task.isCancelled { return }
                 state.withLock { $0.connection = "disconnected: \(error)" }
+                metrics.connected.record(0)
                 logger.warning("xDS stream to pilot failed; retrying", metadata: ["error": "\(error)"])
             }
             // A stream that lived a while starts the back-off over.
@@ -143,6 +204,7 @@ public final class XDSClient: Service, Sendable {
         sink.yield(request(TypeURL.cluster))
         sink.yield(request(TypeURL.listener))
         state.withLock { $0.connection = "connected" }
+        metrics.connected.record(1)
         logger.info("xDS stream to pilot open", metadata: ["pilot": "\(host):\(port)"])
         try await ads.deltaAggregatedResources(
             requestProducer: { writer in
@@ -150,7 +212,7 @@ public final class XDSClient: Service, Sendable {
             },
             onResponse: { response in
                 var resources = XDSResources()
-                var applied: String?
+                var applied = self.state.withLock { $0.appliedVersion }
                 for try await message in response.messages {
                     var next = resources
                     do {
@@ -160,37 +222,16 @@ public final class XDSClient: Service, Sendable {
                         continue
                     }
                     let type = Self.short(message.typeURL)
-                    // Follow what listeners and clusters name.
-                    let wantRoutes = next.routeNames
-                    let wantEndpoints = next.edsClusterNames
-                    let newRoutes = wantRoutes.subtracting(resources.routeNames)
-                    let goneRoutes = resources.routeNames.subtracting(wantRoutes)
-                    let newEndpoints = wantEndpoints.subtracting(resources.edsClusterNames)
-                    let goneEndpoints = resources.edsClusterNames.subtracting(wantEndpoints)
-                    for name in goneRoutes { next.routes.removeValue(forKey: name) }
-                    for name in goneEndpoints { next.endpoints.removeValue(forKey: name) }
-
-                    if next.isComplete {
-                        let version = Self.version(of: next)
-                        if version != applied {
-                            do {
-                                let config = try XDSTranslator.proxyConfig(
-                                    next,
-                                    version: version,
-                                    base: self.base
-                                )
-                                try await self.apply(config)
-                                applied = version
-                                self.state.withLock {
-                                    $0.appliedVersion = version
-                                    $0.updatesApplied += 1
-                                }
-                            } catch {
-                                self.nack(message, "\(error)", sink: sink, node: node)
-                                continue
-                            }
-                        }
+                    let changes: Subscriptions
+                    do {
+                        changes = try await self.accept(&next, previous: resources, applied: &applied)
+                    } catch {
+                        self.nack(message, "\(error)", sink: sink, node: node)
+                        continue
                     }
+                    let (newRoutes, goneRoutes, newEndpoints, goneEndpoints) = (
+                        changes.newRoutes, changes.goneRoutes, changes.newEndpoints, changes.goneEndpoints
+                    )
                     resources = next
                     self.state.withLock { $0.versions[type] = message.systemVersionInfo }
                     sink.yield(request(message.typeURL, nonce: message.nonce))
@@ -218,20 +259,218 @@ public final class XDSClient: Service, Sendable {
         )
     }
 
+    /// Route configurations and EDS assignments to subscribe to or drop after a response.
+    struct Subscriptions {
+        var newRoutes: Set<String>
+        var goneRoutes: Set<String>
+        var newEndpoints: Set<String>
+        var goneEndpoints: Set<String>
+    }
+
+    /// Follows what the listeners and clusters of `next` name, and applies `next` when it is
+    /// complete and differs from what is applied. Throws (nothing applied) when it cannot be
+    /// translated or applied.
+    private func accept(
+        _ next: inout XDSResources,
+        previous: XDSResources,
+        applied: inout String?
+    ) async throws -> Subscriptions {
+        let wantRoutes = next.routeNames
+        let wantEndpoints = next.edsClusterNames
+        let changes = Subscriptions(
+            newRoutes: wantRoutes.subtracting(previous.routeNames),
+            goneRoutes: previous.routeNames.subtracting(wantRoutes),
+            newEndpoints: wantEndpoints.subtracting(previous.edsClusterNames),
+            goneEndpoints: previous.edsClusterNames.subtracting(wantEndpoints)
+        )
+        for name in changes.goneRoutes { next.routes.removeValue(forKey: name) }
+        for name in changes.goneEndpoints { next.endpoints.removeValue(forKey: name) }
+        guard next.isComplete else { return changes }
+        let version = Self.version(of: next)
+        guard version != applied else { return changes }
+        let config = try XDSTranslator.proxyConfig(next, version: version, base: base)
+        try await apply(config)
+        applied = version
+        state.withLock {
+            $0.appliedVersion = version
+            $0.updatesApplied += 1
+            $0.source = "pilot"
+        }
+        metrics.updates.increment()
+        metrics.savedConfig.record(0)
+        persist(config)
+        return changes
+    }
+
+    // MARK: State of the world
+
+    /// The SotW variant: LDS and CDS responses carry every resource (absent ones are gone); RDS
+    /// and EDS responses carry the named resources that changed. ACK/NACK by version and nonce.
+    private func stateOfTheWorld(
+        _ ads: Envoy_Service_Discovery_V3_AggregatedDiscoveryService.Client<HTTP2ClientTransport.Posix>
+    ) async throws {
+        let (requests, sink) = AsyncStream<Envoy_Service_Discovery_V3_DiscoveryRequest>.makeStream()
+        let node = envoyNode
+        @Sendable func request(
+            _ type: String,
+            version: String = "",
+            names: [String] = [],
+            nonce: String = "",
+            error: String? = nil
+        ) -> Envoy_Service_Discovery_V3_DiscoveryRequest {
+            var r = Envoy_Service_Discovery_V3_DiscoveryRequest()
+            r.node = node
+            r.typeURL = type
+            r.versionInfo = version
+            r.resourceNames = names
+            r.responseNonce = nonce
+            if let error {
+                r.errorDetail.code = 3
+                r.errorDetail.message = error
+            }
+            return r
+        }
+        sink.yield(request(TypeURL.cluster))
+        sink.yield(request(TypeURL.listener))
+        state.withLock { $0.connection = "connected" }
+        metrics.connected.record(1)
+        logger.info("xDS stream to pilot open (state of the world)", metadata: ["pilot": "\(host):\(port)"])
+        try await ads.streamAggregatedResources(
+            requestProducer: { writer in
+                for await r in requests { try await writer.write(r) }
+            },
+            onResponse: { response in
+                var resources = XDSResources()
+                var applied = self.state.withLock { $0.appliedVersion }
+                var accepted: [String: String] = [:]  // type URL → last accepted version
+                var nonces: [String: String] = [:]
+                for try await message in response.messages {
+                    nonces[message.typeURL] = message.nonce
+                    var next = resources
+                    let problem: String?
+                    do {
+                        try Self.mergeStateOfTheWorld(message, into: &next)
+                        let changes = try await self.accept(&next, previous: resources, applied: &applied)
+                        resources = next
+                        accepted[message.typeURL] = message.versionInfo
+                        self.state.withLock { $0.versions[Self.short(message.typeURL)] = message.versionInfo }
+                        problem = nil
+                        let names = Self.subscribedNames(message.typeURL, resources)
+                        sink.yield(
+                            request(message.typeURL, version: message.versionInfo, names: names, nonce: message.nonce)
+                        )
+                        if !changes.newRoutes.isEmpty || !changes.goneRoutes.isEmpty {
+                            sink.yield(
+                                request(
+                                    TypeURL.routeConfiguration,
+                                    version: accepted[TypeURL.routeConfiguration] ?? "",
+                                    names: Self.subscribedNames(TypeURL.routeConfiguration, resources),
+                                    nonce: nonces[TypeURL.routeConfiguration] ?? ""
+                                )
+                            )
+                        }
+                        if !changes.newEndpoints.isEmpty || !changes.goneEndpoints.isEmpty {
+                            sink.yield(
+                                request(
+                                    TypeURL.clusterLoadAssignment,
+                                    version: accepted[TypeURL.clusterLoadAssignment] ?? "",
+                                    names: Self.subscribedNames(TypeURL.clusterLoadAssignment, resources),
+                                    nonce: nonces[TypeURL.clusterLoadAssignment] ?? ""
+                                )
+                            )
+                        }
+                    } catch {
+                        problem = "\(error)"
+                    }
+                    if let problem {
+                        self.recordNACK(Self.short(message.typeURL), message.versionInfo, problem)
+                        sink.yield(
+                            request(
+                                message.typeURL,
+                                version: accepted[message.typeURL] ?? "",
+                                names: Self.subscribedNames(message.typeURL, resources),
+                                nonce: message.nonce,
+                                error: problem
+                            )
+                        )
+                    }
+                }
+                sink.finish()
+            }
+        )
+    }
+
+    static func subscribedNames(_ typeURL: String, _ resources: XDSResources) -> [String] {
+        switch typeURL {
+        case TypeURL.routeConfiguration: resources.routeNames.sorted()
+        case TypeURL.clusterLoadAssignment: resources.edsClusterNames.sorted()
+        default: []
+        }
+    }
+
+    static func mergeStateOfTheWorld(
+        _ message: Envoy_Service_Discovery_V3_DiscoveryResponse,
+        into resources: inout XDSResources
+    ) throws {
+        func decode<M: SwiftProtobuf.Message>(_ type: M.Type, _ any: Google_Protobuf_Any) throws -> M {
+            guard any.typeURL == message.typeURL else {
+                throw XDSTranslator.Failure("a resource is a \(any.typeURL), expected \(message.typeURL)")
+            }
+            do {
+                return try M(serializedBytes: any.value)
+            } catch {
+                throw XDSTranslator.Failure("a \(short(message.typeURL)) resource cannot be decoded: \(error)")
+            }
+        }
+        switch message.typeURL {
+        case TypeURL.listener:
+            var all: [String: Envoy_Config_Listener_V3_Listener] = [:]
+            for any in message.resources {
+                let l = try decode(Envoy_Config_Listener_V3_Listener.self, any)
+                all[l.name] = l
+            }
+            resources.listeners = all
+        case TypeURL.cluster:
+            var all: [String: Envoy_Config_Cluster_V3_Cluster] = [:]
+            for any in message.resources {
+                let c = try decode(Envoy_Config_Cluster_V3_Cluster.self, any)
+                all[c.name] = c
+            }
+            resources.clusters = all
+        case TypeURL.routeConfiguration:
+            for any in message.resources {
+                let r = try decode(Envoy_Config_Route_V3_RouteConfiguration.self, any)
+                resources.routes[r.name] = r
+            }
+        case TypeURL.clusterLoadAssignment:
+            for any in message.resources {
+                let a = try decode(Envoy_Config_Endpoint_V3_ClusterLoadAssignment.self, any)
+                resources.endpoints[a.clusterName] = a
+            }
+        default:
+            throw XDSTranslator.Failure("unknown type \(message.typeURL)")
+        }
+    }
+
+    private func recordNACK(_ type: String, _ version: String, _ reason: String) {
+        state.withLock {
+            $0.lastNACK = "\(type) \(version): \(reason)"
+            $0.nacks += 1
+        }
+        metrics.nacks.increment()
+        logger.error(
+            "configuration from pilot refused (NACK); the last good one keeps serving",
+            metadata: ["xds.type": "\(type)", "error": "\(reason)"]
+        )
+    }
+
     private func nack(
         _ message: Envoy_Service_Discovery_V3_DeltaDiscoveryResponse,
         _ reason: String,
         sink: AsyncStream<Envoy_Service_Discovery_V3_DeltaDiscoveryRequest>.Continuation,
         node: Envoy_Config_Core_V3_Node
     ) {
-        state.withLock {
-            $0.lastNACK = "\(Self.short(message.typeURL)) \(message.systemVersionInfo): \(reason)"
-            $0.nacks += 1
-        }
-        logger.error(
-            "configuration from pilot refused (NACK); the last good one keeps serving",
-            metadata: ["xds.type": "\(Self.short(message.typeURL))", "error": "\(reason)"]
-        )
+        recordNACK(Self.short(message.typeURL), message.systemVersionInfo, reason)
         sink.yield(Self.request(node: node, message.typeURL, nonce: message.nonce, error: reason))
     }
 
@@ -254,6 +493,77 @@ public final class XDSClient: Service, Sendable {
             r.errorDetail.message = error
         }
         return r
+    }
+
+    // MARK: Last known good
+
+    /// What is saved after each applied configuration: pilot's part of it (clusters and the
+    /// outbound listener's per-port routes); the listeners themselves come from agent.yaml.
+    struct Persisted: Codable {
+        var version: String
+        var savedAt: Date
+        var clusters: [ClusterConfig]
+        var portVirtualHosts: [Int: [VirtualHost]]
+
+        enum CodingKeys: String, CodingKey {
+            case version, savedAt = "saved_at", clusters, portVirtualHosts = "port_virtual_hosts"
+        }
+    }
+
+    /// Saves `config` (temporary file, then rename: a crash leaves the old file or the new one).
+    private func persist(_ config: ProxyConfig) {
+        guard let persistPath else { return }
+        let saved = Persisted(
+            version: config.version,
+            savedAt: Date(),
+            clusters: config.clusters,
+            portVirtualHosts: config.listeners.first { $0.name == "outbound" }?.portVirtualHosts ?? [:]
+        )
+        do {
+            let data = try JSONEncoder().encode(saved)
+            let temporary = persistPath + ".tmp"
+            try data.write(to: URL(fileURLWithPath: temporary))
+            guard rename(temporary, persistPath) == 0 else {
+                throw XDSTranslator.Failure("rename to \(persistPath) failed (errno \(errno))")
+            }
+        } catch {
+            logger.warning(
+                "could not save the configuration",
+                metadata: ["file": "\(persistPath)", "error": "\(error)"]
+            )
+        }
+    }
+
+    /// At start, before pilot answers: the configuration saved last time, if there is one and it
+    /// is still valid with this agent's listeners. A damaged file is reported and ignored.
+    private func loadPersisted() async {
+        guard let persistPath, let data = FileManager.default.contents(atPath: persistPath) else { return }
+        do {
+            let saved = try JSONDecoder().decode(Persisted.self, from: data)
+            var config = base
+            config.version = saved.version
+            config.clusters = saved.clusters
+            if let outbound = config.listeners.firstIndex(where: { $0.name == "outbound" }) {
+                config.listeners[outbound].portVirtualHosts = saved.portVirtualHosts
+            }
+            try await apply(config)
+            state.withLock {
+                $0.appliedVersion = saved.version
+                $0.source = "disk"
+            }
+            metrics.savedConfig.record(1)
+            logger.notice(
+                "serving the configuration saved before the restart until pilot answers",
+                metadata: [
+                    "file": "\(persistPath)", "config.version": "\(saved.version)", "saved_at": "\(saved.savedAt)",
+                ]
+            )
+        } catch {
+            logger.error(
+                "the saved configuration cannot be used; passthrough until pilot answers",
+                metadata: ["file": "\(persistPath)", "error": "\(error)"]
+            )
+        }
     }
 
     /// Adds, replaces and removes the response's resources; an undecodable one fails the whole
