@@ -4,6 +4,7 @@ import Foundation
 import Interceptor
 import Logging
 import Metrics
+import NIOConcurrencyHelpers
 import NIOCore
 import NIOPosix
 import Prometheus
@@ -99,6 +100,7 @@ struct Run: AsyncParsableCommand {
             logger: logger
         )
         let node = agent.node ?? ProcessInfo.processInfo.hostName
+        let xdsBox = NIOLockedValueBox<XDSClient?>(nil)
         var registrar: PilotRegistrar?
         if !agent.services.isEmpty, let api = agent.pilotAPI, let address = agent.registerAddress {
             registrar = PilotRegistrar(
@@ -149,18 +151,6 @@ struct Run: AsyncParsableCommand {
             try? await group.shutdownGracefully()
             throw ValidationError("binding the capture listeners failed; nothing was installed\n\(error)")
         }
-        let admin = AdminServer(
-            host: "127.0.0.1",
-            port: 15000,
-            group: group,
-            proxy: proxy,
-            renderMetrics: {
-                var buffer: [UInt8] = []
-                registry.emit(into: &buffer)
-                return String(decoding: buffer, as: UTF8.self)
-            },
-            logger: logger
-        )
         do {
             try capture.apply(rules)
         } catch {
@@ -192,7 +182,20 @@ struct Run: AsyncParsableCommand {
             metadata: ["config.file": "\(config)", "capture": "\(capture.backend.rawValue)", "gate": "\(gate != nil)"]
         )
 
-        var services: [ServiceGroupConfiguration.ServiceConfiguration] = [.init(service: proxy), .init(service: admin)]
+        let admin = AdminServer(
+            host: "127.0.0.1",
+            port: 15000,
+            group: group,
+            proxy: proxy,
+            renderMetrics: {
+                var buffer: [UInt8] = []
+                registry.emit(into: &buffer)
+                return String(decoding: buffer, as: UTF8.self)
+            },
+            dumpExtra: { [xdsBox] in xdsBox.withLockedValue { $0 }.map { (key: "xds", value: $0.current) } },
+            logger: logger
+        )
+        var services: [ServiceGroupConfiguration.ServiceConfiguration] = [.init(service: proxy)]
         if let registrar { services.append(.init(service: RegistrarService(registrar: registrar))) }
         if let xdsAddress = agent.pilotXDS {
             // Routes, clusters and endpoints from pilot; until the first configuration arrives
@@ -223,8 +226,10 @@ struct Run: AsyncParsableCommand {
                 try await proxy.apply(try ProxySnapshot(config, stats: stats))
             }
             await controller.attach(xds: xds)
+            xdsBox.withLockedValue { $0 = xds }
             services.append(.init(service: xds))
         }
+        services.append(.init(service: admin))
         services.append(.init(service: control))
         // Last in the list, so the first to stop: SIGTERM drains while everything else still runs.
         services.append(.init(service: DrainOnShutdown(controller: controller, deadline: agent.drainDeadline)))

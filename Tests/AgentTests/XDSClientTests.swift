@@ -271,4 +271,113 @@ import TrellisTestSupport
         await proxy.shutdown()
         try await group.shutdownGracefully()
     }
+
+    /// A route added to mesh.yaml reaches an open keep-alive connection's next request (the
+    /// connection is not dropped); pilot going away changes nothing in what the agent serves.
+    @Test func aMeshRouteChangeAppliesToAnOpenConnectionAndPilotGoingAwayChangesNothing() async throws {
+        let dir = try Peers.temporaryDirectory("xds-route-change")
+        defer { try? FileManager.default.removeItem(at: dir) }
+        let ports = (Peers.freePort(), Peers.freePort())
+        let v1 = try Peers.pythonHTTPServer(port: ports.0, body: "orders-v1", root: dir)
+        let v2 = try Peers.pythonHTTPServer(port: ports.1, body: "orders-v2", root: dir)
+        defer {
+            v1.stop()
+            v2.stop()
+        }
+        for (port, body) in [(ports.0, "orders-v1"), (ports.1, "orders-v2")] {
+            let beta = dir.appendingPathComponent("upstream-\(port)/beta")
+            try FileManager.default.createDirectory(at: beta, withIntermediateDirectories: true)
+            try body.write(to: beta.appendingPathComponent("hello"), atomically: true, encoding: .utf8)
+        }
+        let outboundPort = Peers.freePort()
+        let stats = ProxyStats()
+        let group = MultiThreadedEventLoopGroup(numberOfThreads: 1)
+        let base = Self.base(outboundPort: outboundPort)
+        let proxy = try ProxyServer(
+            snapshot: try ProxySnapshot(base, stats: stats),
+            stats: stats,
+            group: group,
+            originalDestination: { _ in try? SocketAddress(ipAddress: "127.0.0.1", port: 8080) },
+            logger: .quiet
+        )
+        try await proxy.start()
+        // A legacy client with one keep-alive connection: a request, then (once told) another on
+        // the same socket; it may not reconnect (auto_open = 0).
+        let go = dir.appendingPathComponent("go")
+        let script = """
+            import http.client, os, sys, time
+            c = http.client.HTTPConnection("127.0.0.1", \(outboundPort), timeout=10)
+            def get():
+                c.request("GET", "/beta/hello", headers={"Host": "orders:8080"})
+                r = c.getresponse()
+                return r.read().decode()
+            print(get(), flush=True)
+            c.auto_open = 0
+            for _ in range(400):
+                if os.path.exists(sys.argv[1]): break
+                time.sleep(0.05)
+            print(get(), flush=True)
+            """
+        let output = dir.appendingPathComponent("client.out")
+        try await PilotHarness.run(store: try SQLiteRegistryStore()) { pilot in
+            let client = XDSClient(
+                pilot: "127.0.0.1",
+                port: pilot.xdsPort,
+                node: "vm-routes",
+                base: base,
+                logger: .quiet
+            ) {
+                config in try await proxy.apply(try ProxySnapshot(config, stats: stats))
+            }
+            let running = Task { try await client.run() }
+            defer { running.cancel() }
+            for (service, port) in [("orders", ports.0), ("orders-v2", ports.1)] {
+                _ = await pilot.register(
+                    #"{"service": "\#(service)", "address": "127.0.0.1", "port": \#(port), "service_port": 8080, "node": "vm-\#(service)"}"#
+                )
+            }
+            #expect(
+                await Peers.eventually(within: .seconds(5)) {
+                    await Self.get(outboundPort, host: "orders-v2:8080").body == "orders-v2"
+                }
+            )
+            let legacy = try Peers.Child(["python3", "-c", script, go.path], output: output)
+            defer { legacy.stop() }
+            #expect(
+                await Peers.eventually(within: .seconds(5)) {
+                    ((try? String(contentsOf: output, encoding: .utf8)) ?? "").hasPrefix("orders-v1\n")
+                }
+            )
+            let applied = client.current.updatesApplied
+            let mesh = try MeshConfigLoader.parse(
+                yaml: """
+                    services:
+                      - {name: orders, port: 8080}
+                      - {name: orders-v2, port: 8080}
+                    routes:
+                      - service: orders:8080
+                        rules:
+                          - match: {prefix: /beta}
+                            to: orders-v2:8080
+                    """,
+                file: "mesh.yaml"
+            )
+            try await pilot.server.registry.applyMesh(mesh)
+            #expect(await Peers.eventually(within: .seconds(5)) { client.current.updatesApplied > applied })
+            try "".write(to: go, atomically: true, encoding: .utf8)
+            #expect(await Peers.eventually(within: .seconds(5)) { !legacy.process.isRunning })
+            let lines = ((try? String(contentsOf: output, encoding: .utf8)) ?? "").split(separator: "\n")
+            #expect(lines == ["orders-v1", "orders-v2"], "same connection, new route: \(lines)")
+        }
+        // Pilot is gone: the agent keeps serving what it had.
+        #expect(await Self.get(outboundPort, host: "orders:8080").body == "orders-v1")
+        let beta = await Peers.http(
+            "GET",
+            "http://127.0.0.1:\(outboundPort)/beta/hello",
+            headers: ["Host: orders:8080"]
+        )
+        #expect(beta.body == "orders-v2", "the mesh route too")
+        await proxy.shutdown()
+        try await group.shutdownGracefully()
+    }
 }

@@ -172,6 +172,9 @@ struct MeshEndToEndTests {
         let statusA = await agentA.ctl("status").stdout
         #expect(balanced && seen == ["orders\n", "orders-b2\n"], "\(seen) \(statusA)")
         #expect(statusA.contains("pilot xDS: \(lab.pilotIP):15010 connected"), "\(statusA)")
+        let dump = await lab.exec("vm-a", ["curl", "-s", "http://127.0.0.1:15000/config_dump"]).stdout
+        #expect(dump.contains(#""xds" : {"#) && dump.contains(#""connection" : "connected""#), "\(dump.prefix(400))")
+        #expect(dump.contains(#""port_virtual_hosts""#) && dump.contains("outbound|8080||orders"))
 
         // Through both agents: A's outbound listener, B's inbound listener, the server.
         #expect(await curl("http://\(b):8080/hello") == "orders\n")

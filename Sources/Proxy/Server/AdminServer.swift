@@ -9,12 +9,15 @@ public import ServiceLifecycle
 /// `/ready`, `/stats/prometheus`, `/config_dump`.
 public final class AdminServer: Service, Sendable {
     public typealias MetricsRenderer = @Sendable () -> String
+    /// More for `/config_dump`, under its own key (the agent adds its xDS state as `xds`).
+    public typealias DumpExtra = @Sendable () -> (key: String, value: any Encodable & Sendable)?
 
     private let host: String
     private let port: Int
     private let group: any EventLoopGroup
     private let proxy: ProxyServer
     private let renderMetrics: MetricsRenderer
+    private let dumpExtra: DumpExtra?
     private let logger: Logger
 
     /// - Parameter renderMetrics: renders the process's metrics in the Prometheus text format;
@@ -25,8 +28,10 @@ public final class AdminServer: Service, Sendable {
         group: any EventLoopGroup,
         proxy: ProxyServer,
         renderMetrics: @escaping MetricsRenderer,
+        dumpExtra: DumpExtra? = nil,
         logger: Logger
     ) {
+        self.dumpExtra = dumpExtra
         self.host = host
         self.port = port
         self.group = group
@@ -39,12 +44,15 @@ public final class AdminServer: Service, Sendable {
     public func bind() async throws -> any Channel {
         let proxy = self.proxy
         let render = self.renderMetrics
+        let extra = self.dumpExtra
         return try await ServerBootstrap(group: group)
             .serverChannelOption(.socketOption(.so_reuseaddr), value: 1)
             .childChannelInitializer { channel in
                 channel.eventLoop.makeCompletedFuture {
                     try channel.pipeline.syncOperations.configureHTTPServerPipeline()
-                    try channel.pipeline.syncOperations.addHandler(AdminHandler(proxy: proxy, renderMetrics: render))
+                    try channel.pipeline.syncOperations.addHandler(
+                        AdminHandler(proxy: proxy, renderMetrics: render, dumpExtra: extra)
+                    )
                 }
             }
             .bind(host: host, port: port).get()
@@ -64,11 +72,13 @@ final class AdminHandler: ChannelInboundHandler {
 
     private let proxy: ProxyServer
     private let renderMetrics: AdminServer.MetricsRenderer
+    private let dumpExtra: AdminServer.DumpExtra?
     private var head: HTTPRequestHead?
 
-    init(proxy: ProxyServer, renderMetrics: @escaping AdminServer.MetricsRenderer) {
+    init(proxy: ProxyServer, renderMetrics: @escaping AdminServer.MetricsRenderer, dumpExtra: AdminServer.DumpExtra?) {
         self.proxy = proxy
         self.renderMetrics = renderMetrics
+        self.dumpExtra = dumpExtra
     }
 
     func channelRead(context: ChannelHandlerContext, data: NIOAny) {
@@ -110,7 +120,7 @@ final class AdminHandler: ChannelInboundHandler {
             let encoder = JSONEncoder()
             encoder.outputFormatting = [.prettyPrinted, .sortedKeys]
             do {
-                let data = try encoder.encode(proxy.store.snapshot.config)
+                let data = try encoder.encode(ConfigDump(config: proxy.store.snapshot.config, extra: dumpExtra?()))
                 return (.ok, "application/json", String(decoding: data, as: UTF8.self) + "\n")
             } catch {
                 return (.internalServerError, "text/plain", "cannot encode configuration: \(error)\n")
@@ -123,3 +133,24 @@ final class AdminHandler: ChannelInboundHandler {
 
 @available(*, unavailable)
 extension AdminHandler: Sendable {}
+
+/// The configuration's own keys, plus one more (`xds`) when the executable provides it.
+struct ConfigDump: Encodable {
+    let config: ProxyConfig
+    let extra: (key: String, value: any Encodable & Sendable)?
+
+    struct Key: CodingKey {
+        var stringValue: String
+        var intValue: Int? { nil }
+        init(stringValue: String) { self.stringValue = stringValue }
+        init?(intValue: Int) { nil }
+    }
+
+    func encode(to encoder: any Encoder) throws {
+        try config.encode(to: encoder)
+        if let extra {
+            var container = encoder.container(keyedBy: Key.self)
+            try container.encode(extra.value, forKey: Key(stringValue: extra.key))
+        }
+    }
+}
