@@ -1,4 +1,5 @@
-import Agent
+@testable import Agent
+import Foundation
 import Proxy
 import SwiftProtobuf
 import Testing
@@ -165,5 +166,85 @@ import XDS
             #expect(error.description.contains(expected), "\(error)")
             if case_ != "regex" { #expect(error.description.contains("orders"), "names the resource: \(error)") }
         }
+    }
+}
+
+/// What a response can carry that is not a resource the agent can use: refused whole, with a
+/// reason (the client NACKs with it); nothing of such a response is kept.
+@Suite struct XDSResponseTests {
+    static func response(
+        _ type: String,
+        _ resources: [(String, Google_Protobuf_Any)]
+    )
+        -> Envoy_Service_Discovery_V3_DeltaDiscoveryResponse
+    {
+        var r = Envoy_Service_Discovery_V3_DeltaDiscoveryResponse()
+        r.typeURL = type
+        r.nonce = "n1"
+        r.resources = resources.map { name, any in
+            var resource = Envoy_Service_Discovery_V3_Resource()
+            resource.name = name
+            resource.resource = any
+            return resource
+        }
+        return r
+    }
+
+    @Test func garbageMismatchedAndUnknownResponsesAreRefusedWithAReason() throws {
+        var resources = try XDSTranslatorTests.resources()
+        let before = resources
+        var garbage = Google_Protobuf_Any()
+        garbage.typeURL = TypeURL.cluster
+        garbage.value = Data([0xFF, 0xFF, 0xFF, 0x0F, 0x01])
+        let cases: [(Envoy_Service_Discovery_V3_DeltaDiscoveryResponse, String)] = [
+            (Self.response(TypeURL.cluster, [("broken", garbage)]), "resource 'broken' cannot be decoded"),
+            (
+                Self.response(
+                    TypeURL.cluster,
+                    [("a-listener", try Google_Protobuf_Any(message: Envoy_Config_Listener_V3_Listener()))]
+                ),
+                "is a type.googleapis.com/envoy.config.listener.v3.Listener, expected type.googleapis.com/envoy.config.cluster.v3.Cluster"
+            ),
+            (Self.response("type.googleapis.com/envoy.config.secret.v3.Secret", []), "unknown type"),
+        ]
+        for (response, expected) in cases {
+            do {
+                try XDSClient.merge(response, into: &resources)
+                Issue.record("accepted: \(expected)")
+            } catch {
+                #expect("\(error)".contains(expected), "\(error)")
+            }
+        }
+        #expect(resources.clusters.keys.sorted() == before.clusters.keys.sorted(), "nothing was kept")
+    }
+
+    /// 100,000 endpoints in one assignment: translated whole, each one kept with its health.
+    @Test func aHundredThousandEndpointsTranslate() throws {
+        var resources = try XDSTranslatorTests.resources()
+        var assignment = Envoy_Config_Endpoint_V3_ClusterLoadAssignment()
+        assignment.clusterName = "outbound|8080||orders"
+        var group = Envoy_Config_Endpoint_V3_LocalityLbEndpoints()
+        group.lbEndpoints.reserveCapacity(100_000)
+        for i in 0..<100_000 {
+            var e = Envoy_Config_Endpoint_V3_LbEndpoint()
+            e.endpoint.address.socketAddress.address = "10.\(i >> 16).\((i >> 8) & 255).\(i & 255)"
+            e.endpoint.address.socketAddress.portValue = 8080
+            e.healthStatus = i % 10 == 0 ? .unhealthy : .healthy
+            group.lbEndpoints.append(e)
+        }
+        assignment.endpoints = [group]
+        let bytes: [UInt8] = try assignment.serializedBytes()
+        var any = Google_Protobuf_Any()
+        any.typeURL = TypeURL.clusterLoadAssignment
+        any.value = Data(bytes)
+        try XDSClient.merge(
+            Self.response(TypeURL.clusterLoadAssignment, [("outbound|8080||orders", any)]),
+            into: &resources
+        )
+        let config = try XDSTranslator.proxyConfig(resources, version: "big")
+        let cluster = try #require(config.clusters.first { $0.name == "outbound|8080||orders" })
+        #expect(cluster.endpoints.count == 100_000)
+        #expect(cluster.endpoints.filter { $0.health == .unhealthy }.count == 10_000)
+        #expect(throws: Never.self) { _ = try ProxySnapshot(config, stats: ProxyStats()) }
     }
 }
