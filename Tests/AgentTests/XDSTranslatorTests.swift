@@ -1,9 +1,10 @@
-@testable import Agent
 import Foundation
 import Proxy
 import SwiftProtobuf
 import Testing
 import XDS
+
+@testable import Agent
 
 /// xDS resources → ProxyConfig: what is translated, and what is refused with a reason naming
 /// the resource (the client NACKs with it and keeps the last good configuration).
