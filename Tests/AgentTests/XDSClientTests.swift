@@ -152,7 +152,7 @@ import TrellisTestSupport
         let saved = dir.appendingPathComponent("agent-config.json").path
         let xdsPort = Peers.freePort()
 
-        func agent(_ body: (ProxyServer, Int, XDSClient) async throws -> Void) async throws {
+        func agent(xdsPort: Int, _ body: (ProxyServer, Int, XDSClient) async throws -> Void) async throws {
             let outboundPort = Peers.freePort()
             let stats = ProxyStats()
             let group = MultiThreadedEventLoopGroup(numberOfThreads: 1)
@@ -182,7 +182,7 @@ import TrellisTestSupport
         }
 
         try await PilotHarness.run(store: try SQLiteRegistryStore(), xdsPort: xdsPort) { pilot in
-            try await agent { _, port, client in
+            try await agent(xdsPort: xdsPort) { _, port, client in
                 _ = await pilot.register(
                     #"{"service": "orders", "address": "127.0.0.1", "port": \#(appPort), "service_port": 8080, "node": "vm-b1"}"#
                 )
@@ -195,15 +195,21 @@ import TrellisTestSupport
                 #expect(FileManager.default.fileExists(atPath: saved))
             }
         }
-        // Pilot is gone; a new agent starts from the saved file.
-        try await agent { _, port, client in
+        // Pilot is gone; a new agent starts from the saved file. Its port now belongs to a server
+        // that closes every connection (the number itself could be taken by another test's pilot).
+        let dead = try await ServerBootstrap(group: MultiThreadedEventLoopGroup.singleton)
+            .childChannelInitializer { channel in channel.close() }
+            .bind(host: "127.0.0.1", port: 0).get()
+        defer { dead.close(promise: nil) }
+        let deadPort = dead.localAddress!.port!
+        try await agent(xdsPort: deadPort) { _, port, client in
             #expect(await Peers.eventually(within: .seconds(3)) { client.current.source == "disk" })
             #expect(await Self.get(port, host: "orders:8080").body == "orders-1")
             #expect(client.current.connection.hasPrefix("disconnected"), "\(client.current.connection)")
         }
         // A damaged file: ignored, the agent passes through until pilot answers.
         try "{\"version\": 3".write(toFile: saved, atomically: true, encoding: .utf8)
-        try await agent { _, port, client in
+        try await agent(xdsPort: deadPort) { _, port, client in
             try await Task.sleep(for: .milliseconds(300))
             #expect(client.current.source == "none")
             #expect(await Self.get(port, host: "orders:8080").status == 503)

@@ -218,7 +218,11 @@ import XDS
         }
         #expect(resources.clusters.keys.sorted() == before.clusters.keys.sorted(), "nothing was kept")
     }
+}
 
+/// Scale: run apart from the other suites (scripts/test.sh), so that its memory does not show in
+/// the streaming tests' measurements of the process's RSS.
+@Suite struct XDSScaleTests {
     /// 100,000 endpoints in one assignment: translated whole, each one kept with its health.
     @Test func aHundredThousandEndpointsTranslate() throws {
         var resources = try XDSTranslatorTests.resources()
@@ -239,7 +243,7 @@ import XDS
         any.typeURL = TypeURL.clusterLoadAssignment
         any.value = Data(bytes)
         try XDSClient.merge(
-            Self.response(TypeURL.clusterLoadAssignment, [("outbound|8080||orders", any)]),
+            XDSResponseTests.response(TypeURL.clusterLoadAssignment, [("outbound|8080||orders", any)]),
             into: &resources
         )
         let config = try XDSTranslator.proxyConfig(resources, version: "big")
