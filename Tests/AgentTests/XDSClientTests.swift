@@ -48,10 +48,14 @@ import TrellisTestSupport
         )
         try await proxy.start()
         try await PilotHarness.run(store: try SQLiteRegistryStore()) { pilot in
-            let client = XDSClient(pilot: "127.0.0.1", port: pilot.xdsPort, node: "vm-xds", base: base, logger: .quiet)
-            {
-                config in try await proxy.apply(try ProxySnapshot(config, stats: stats))
-            }
+            let client = XDSClient(
+                pilot: "127.0.0.1",
+                port: pilot.xdsPort,
+                node: "vm-xds-\(xdsProtocol)",
+                base: base,
+                protocol: xdsProtocol,
+                logger: .quiet
+            ) { config in try await proxy.apply(try ProxySnapshot(config, stats: stats)) }
             let running = Task { try await client.run() }
             defer { running.cancel() }
             #expect(await Peers.eventually(within: .seconds(5)) { client.current.connection == "connected" })
