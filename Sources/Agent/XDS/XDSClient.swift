@@ -147,12 +147,10 @@ public final class XDSClient: Service, Sendable {
                     backoff = .milliseconds(500)
                     continue
                 }
-                state.withLock { $0.connection = "disconnected: pilot closed the stream" }
-                metrics.connected.record(0)
+                setConnection("disconnected: pilot closed the stream")
             } catch {
                 if Task.isCancelled { return }
-                state.withLock { $0.connection = "disconnected: \(error)" }
-                metrics.connected.record(0)
+                setConnection("disconnected: \(error)")
                 logger.warning("xDS stream to pilot failed; retrying", metadata: ["error": "\(error)"])
             }
             // A stream that lived a while starts the back-off over.
@@ -175,6 +173,12 @@ public final class XDSClient: Service, Sendable {
             return .init(resolvable: .ipv4(address: host, port: port))
         }
         return .init(resolvable: .dns(host: host, port: port))
+    }
+
+    /// The connection state `status` shows, and `trellis_xds_connected` with it.
+    private func setConnection(_ connection: String) {
+        state.withLock { $0.connection = connection }
+        metrics.connected.record(connection == "connected" ? 1 : 0)
     }
 
     private var envoyNode: Envoy_Config_Core_V3_Node {
@@ -203,8 +207,7 @@ public final class XDSClient: Service, Sendable {
         // Wildcard subscriptions: every cluster and listener of this node.
         sink.yield(request(TypeURL.cluster))
         sink.yield(request(TypeURL.listener))
-        state.withLock { $0.connection = "connected" }
-        metrics.connected.record(1)
+        setConnection("connected")
         logger.info("xDS stream to pilot open", metadata: ["pilot": "\(host):\(port)"])
         try await ads.deltaAggregatedResources(
             requestProducer: { writer in
@@ -332,8 +335,7 @@ public final class XDSClient: Service, Sendable {
         }
         sink.yield(request(TypeURL.cluster))
         sink.yield(request(TypeURL.listener))
-        state.withLock { $0.connection = "connected" }
-        metrics.connected.record(1)
+        setConnection("connected")
         logger.info("xDS stream to pilot open (state of the world)", metadata: ["pilot": "\(host):\(port)"])
         try await ads.streamAggregatedResources(
             requestProducer: { writer in
