@@ -2,6 +2,7 @@ public import Foundation
 public import Logging
 public import Pilot
 public import Prometheus
+import ServiceLifecycle
 import Testing
 
 /// A whole pilot (registry over a real SQLite store, xDS server, HTTP API) started in-process on
@@ -47,24 +48,30 @@ public struct PilotHarness {
         )
         try await server.registry.applyMesh(mesh)
         let harness = PilotHarness(server: server, xdsPort: xdsPort, httpPort: httpPort, prometheus: prometheus)
-        let task = Task { try await server.run() }
-        defer { task.cancel() }
+        // Stopped by a graceful shutdown, as SIGTERM stops trellis-pilot: cancelling its task
+        // instead can drop a connection the HTTP server accepted but had not started serving,
+        // which NIO traps on ("Deinited NIOAsyncWriter without calling finish()").
+        let services = ServiceGroup(
+            configuration: .init(services: [.init(service: server)], gracefulShutdownSignals: [], logger: logger)
+        )
+        let task = Task { try await services.run() }
+        func stop() async {
+            await services.triggerGracefulShutdown()
+            _ = try? await task.value
+        }
         let up = await Peers.eventually(within: .seconds(10)) {
             await Peers.http("GET", "\(harness.api)/healthz").status == 200
         }
         guard up else {
-            task.cancel()
-            _ = try? await task.value
+            await stop()
             throw HarnessError(description: "pilot did not start on \(httpPort)")
         }
         do {
             let result = try await body(harness)
-            task.cancel()
-            _ = try? await task.value
+            await stop()
             return result
         } catch {
-            task.cancel()
-            _ = try? await task.value
+            await stop()
             throw error
         }
     }

@@ -101,7 +101,7 @@ public final class ControlServer: Service, Sendable {
         let server: NIOAsyncChannel<Connection, Never>
         if let early = bound.withLockedValue({ $0 }) { server = early } else { server = try await makeChannel() }
         logger.info("control socket listening", metadata: ["control.path": "\(path)"])
-        await withDiscardingTaskGroup { group in
+        await withTaskGroup(of: Void.self) { group in
             group.addTask {
                 try? await server.executeThenClose { connections in
                     try await withThrowingDiscardingTaskGroup { each in
@@ -112,8 +112,13 @@ public final class ControlServer: Service, Sendable {
                 }
             }
             try? await gracefulShutdown()
-            group.cancelAll()
+            // Stop accepting first: the loop above is still handed what was already accepted,
+            // then ends. Cancelling it right away could drop a connection NIO had accepted but
+            // the loop had not taken, which NIO traps on. Commands still running get 5 s.
             try? await server.channel.close()
+            group.addTask { try? await Task.sleep(for: .seconds(5)) }
+            await group.next()
+            group.cancelAll()
         }
         unlink(path)
     }
