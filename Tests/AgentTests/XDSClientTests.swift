@@ -211,6 +211,17 @@ import TrellisTestSupport
             #expect(await Self.get(port, host: "orders:8080").body == "orders-1")
             #expect(client.current.connection.hasPrefix("disconnected"), "\(client.current.connection)")
         }
+        // A server that takes the connection and never answers is not a connected pilot.
+        let silent = try await ServerBootstrap(group: MultiThreadedEventLoopGroup.singleton)
+            .childChannelInitializer { channel in channel.eventLoop.makeSucceededVoidFuture() }
+            .bind(host: "127.0.0.1", port: 0).get()
+        defer { silent.close(promise: nil) }
+        try await agent(xdsPort: silent.localAddress!.port!) { _, port, client in
+            #expect(await Peers.eventually(within: .seconds(3)) { client.current.source == "disk" })
+            try await Task.sleep(for: .milliseconds(500))
+            #expect(client.current.connection != "connected")
+            #expect(await Self.get(port, host: "orders:8080").body == "orders-1")
+        }
         // A damaged file: ignored, the agent passes through until pilot answers.
         try "{\"version\": 3".write(toFile: saved, atomically: true, encoding: .utf8)
         try await agent(xdsPort: deadPort) { _, port, client in

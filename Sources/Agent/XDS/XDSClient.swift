@@ -207,8 +207,6 @@ public final class XDSClient: Service, Sendable {
         // Wildcard subscriptions: every cluster and listener of this node.
         sink.yield(request(TypeURL.cluster))
         sink.yield(request(TypeURL.listener))
-        setConnection("connected")
-        logger.info("xDS stream to pilot open", metadata: ["pilot": "\(host):\(port)"])
         try await ads.deltaAggregatedResources(
             requestProducer: { writer in
                 for await r in requests { try await writer.write(r) }
@@ -216,7 +214,15 @@ public final class XDSClient: Service, Sendable {
             onResponse: { response in
                 var resources = XDSResources()
                 var applied = self.state.withLock { $0.appliedVersion }
+                var answered = false
                 for try await message in response.messages {
+                    // Connected once pilot answers, not when the request went out: a pilot that
+                    // takes the connection but never serves the stream is not "connected".
+                    if !answered {
+                        answered = true
+                        self.setConnection("connected")
+                        self.logger.info("xDS stream to pilot open", metadata: ["pilot": "\(self.host):\(self.port)"])
+                    }
                     var next = resources
                     do {
                         try Self.merge(message, into: &next)
@@ -335,8 +341,6 @@ public final class XDSClient: Service, Sendable {
         }
         sink.yield(request(TypeURL.cluster))
         sink.yield(request(TypeURL.listener))
-        setConnection("connected")
-        logger.info("xDS stream to pilot open (state of the world)", metadata: ["pilot": "\(host):\(port)"])
         try await ads.streamAggregatedResources(
             requestProducer: { writer in
                 for await r in requests { try await writer.write(r) }
@@ -346,7 +350,16 @@ public final class XDSClient: Service, Sendable {
                 var applied = self.state.withLock { $0.appliedVersion }
                 var accepted: [String: String] = [:]  // type URL → last accepted version
                 var nonces: [String: String] = [:]
+                var answered = false
                 for try await message in response.messages {
+                    if !answered {
+                        answered = true
+                        self.setConnection("connected")
+                        self.logger.info(
+                            "xDS stream to pilot open (state of the world)",
+                            metadata: ["pilot": "\(self.host):\(self.port)"]
+                        )
+                    }
                     nonces[message.typeURL] = message.nonce
                     var next = resources
                     let problem: String?
