@@ -101,6 +101,20 @@ public struct ConfigNode {
         return value
     }
 
+    /// A plain decimal number (`100`, `0.5`) in `range`, bounds included unless said otherwise.
+    public func number(above lower: Double, atMost upper: Double) throws(ConfigFileError) -> Double {
+        let expected = "expected a number above \(Self.format(lower)) and at most \(Self.format(upper))"
+        guard let s = scalar, s.style == .plain, let value = Double(s.string), value.isFinite else {
+            throw error("\(expected), got \(kind)")
+        }
+        guard value > lower, value <= upper else { throw error("\(expected), got \(s.string)") }
+        return value
+    }
+
+    private static func format(_ value: Double) -> String {
+        value == value.rounded() && abs(value) < 1e15 ? "\(Int(value))" : "\(value)"
+    }
+
     public func bool() throws(ConfigFileError) -> Bool {
         guard let s = scalar, s.style == .plain else { throw error("expected true or false, got \(kind)") }
         switch s.string {

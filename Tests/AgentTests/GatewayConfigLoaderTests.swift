@@ -98,6 +98,71 @@ import TrellisConfig
         }
     }
 
+    @Test func rateLimitsAndCircuitBreakersLoadWithTheirDefaults() throws {
+        let yaml = valid.replacingOccurrences(
+            of: "route: {cluster: c}",
+            with: "route: {cluster: c, rate_limit: {requests_per_second: 2.5, per: header, header: X-Api-Key}}"
+        ).replacingOccurrences(
+            of: "    endpoints:",
+            with: "    circuit_breakers: {max_requests: 10}\n    rate_limit: {requests_per_second: 100}\n    endpoints:"
+        )
+        let file = try GatewayConfigLoader.parse(yaml: yaml, file: "gw.yaml")
+        let route = file.proxy.listeners[0].virtualHosts[0].routes[0]
+        #expect(route.action.rateLimit == RateLimit(requestsPerSecond: 2.5, burst: 3, key: .header("x-api-key")))
+        let cluster = file.proxy.clusters[0]
+        #expect(cluster.rateLimit == RateLimit(requestsPerSecond: 100, burst: 100, key: .all))
+        #expect(
+            cluster.circuitBreakers == CircuitBreakers(maxConnections: 1024, maxPendingRequests: 1024, maxRequests: 10)
+        )
+        _ = try ProxySnapshot(file.proxy, stats: ProxyStats())
+    }
+
+    @Test func badRateLimitsAndCircuitBreakersNameTheKey() {
+        let route = "route: {cluster: c}"
+        let cases: [(String, String)] = [
+            (
+                "route: {cluster: c, rate_limit: {requests_per_second: 0}}",
+                "route.rate_limit.requests_per_second: expected a number above 0"
+            ),
+            (
+                "route: {cluster: c, rate_limit: {requests_per_second: fast}}",
+                "route.rate_limit.requests_per_second: expected a number"
+            ),
+            (
+                "route: {cluster: c, rate_limit: {requests_per_second: 5, burst: 0}}",
+                "route.rate_limit.burst: expected an integer in 1...10000000"
+            ),
+            (
+                "route: {cluster: c, rate_limit: {requests_per_second: 5, per: ip}}",
+                "route.rate_limit.per: expected one of all, client_address, header, got 'ip'"
+            ),
+            (
+                "route: {cluster: c, rate_limit: {requests_per_second: 5, per: header}}",
+                "route.rate_limit: missing required key 'header'"
+            ),
+            (
+                "route: {cluster: c, rate_limit: {requests_per_second: 5, header: x}}",
+                "route.rate_limit.header: header is only used with per: header"
+            ),
+            ("route: {cluster: c, rate_limit: {rps: 5}}", "route.rate_limit.rps: unknown key 'rps'"),
+        ]
+        for (to, expected) in cases {
+            let found = errors(valid.replacingOccurrences(of: route, with: to))
+            #expect(found.contains { $0.contains(expected) }, "for \(to): \(found)")
+        }
+        let breakers: [(String, String)] = [
+            (
+                "circuit_breakers: {max_requests: -1}",
+                "clusters[0].circuit_breakers.max_requests: expected an integer in 0...1000000"
+            ),
+            ("circuit_breakers: {max_conns: 1}", "clusters[0].circuit_breakers.max_conns: unknown key"),
+        ]
+        for (to, expected) in breakers {
+            let found = errors(valid.replacingOccurrences(of: "    endpoints:", with: "    \(to)\n    endpoints:"))
+            #expect(found.contains { $0.contains(expected) }, "for \(to): \(found)")
+        }
+    }
+
     @Test func headerLimitAboveTheParserCeilingIsRejected() {
         let yaml = valid.replacingOccurrences(
             of: "    address: 127.0.0.1:0",

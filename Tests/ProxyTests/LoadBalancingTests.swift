@@ -122,7 +122,13 @@ import Testing
             )
         }
         let config = ClusterConfig(name: "c", loadBalancing: policy, endpoints: endpoints)
-        return ClusterRuntime(index: 0, config: config, stats: ProxyStats().cluster("unit"))
+        let stats = ProxyStats()
+        return ClusterRuntime(
+            index: 0,
+            config: config,
+            stats: stats.cluster("unit"),
+            load: stats.resilience.load(cluster: "unit")
+        )
     }
 
     @Test func leastRequestPrefersTheLessLoadedOfTwo() {

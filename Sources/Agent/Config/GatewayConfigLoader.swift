@@ -158,7 +158,7 @@ public enum GatewayConfigLoader {
             }
         }
         let actionNode = try keys.required("route", in: node)
-        let a = try actionNode.mapping(allowed: ["cluster", "clusters", "timeout"])
+        let a = try actionNode.mapping(allowed: ["cluster", "clusters", "timeout", "rate_limit"])
         var targets: [WeightedCluster] = []
         switch (a["cluster"], a["clusters"]) {
         case (let single?, nil):
@@ -187,13 +187,55 @@ public enum GatewayConfigLoader {
         return Route(
             name: try keys.required("name", in: node).nonEmptyString(),
             match: RouteMatch(path: path, methods: try m["methods"]?.stringList() ?? [], headers: headers),
-            action: RouteAction(clusters: targets, timeout: timeout)
+            action: RouteAction(clusters: targets, timeout: timeout, rateLimit: try a["rate_limit"].map(rateLimit))
         )
+    }
+
+    /// `{requests_per_second: 100, burst: 200, per: all | client_address | header, header: x-api-key}`.
+    static func rateLimit(_ node: ConfigNode) throws(ConfigFileError) -> RateLimit {
+        let keys = try node.mapping(allowed: ["requests_per_second", "burst", "per", "header"])
+        let rate = try keys.required("requests_per_second", in: node).number(
+            above: 0,
+            atMost: RateLimit.maxRequestsPerSecond
+        )
+        // By default a burst of one second's worth.
+        let burst = try keys["burst"]?.int(in: 1...RateLimit.maxBurst) ?? max(1, Int(rate.rounded(.up)))
+        var key = RateLimit.Key.all
+        let per = try keys["per"]?.nonEmptyString() ?? "all"
+        switch per {
+        case "all": key = .all
+        case "client_address": key = .clientAddress
+        case "header":
+            let headerNode = try keys.required("header", in: node)
+            let name = try headerNode.nonEmptyString()
+            guard name.utf8.allSatisfy({ $0 > 0x20 && $0 < 0x7F && $0 != UInt8(ascii: ":") }) else {
+                throw headerNode.error("expected a header name, got '\(name)'")
+            }
+            key = .header(name.lowercased())
+        default:
+            throw keys["per"]!.error("expected one of all, client_address, header, got '\(per)'")
+        }
+        if per != "header", let h = keys["header"] { throw h.error("header is only used with per: header") }
+        return RateLimit(requestsPerSecond: rate, burst: burst, key: key)
+    }
+
+    /// `{max_connections, max_pending_requests, max_requests, max_retries}`, each 0...1000000;
+    /// those not given keep their defaults.
+    static func circuitBreakers(_ node: ConfigNode) throws(ConfigFileError) -> CircuitBreakers {
+        let keys = try node.mapping(allowed: ["max_connections", "max_pending_requests", "max_requests", "max_retries"])
+        var limits = CircuitBreakers()
+        let range = 0...CircuitBreakers.maxLimit
+        if let n = keys["max_connections"] { limits.maxConnections = try n.int(in: range) }
+        if let n = keys["max_pending_requests"] { limits.maxPendingRequests = try n.int(in: range) }
+        if let n = keys["max_requests"] { limits.maxRequests = try n.int(in: range) }
+        if let n = keys["max_retries"] { limits.maxRetries = try n.int(in: range) }
+        return limits
     }
 
     private static func cluster(_ node: ConfigNode) throws(ConfigFileError) -> ClusterConfig {
         let keys = try node.mapping(allowed: [
             "name", "lb_policy", "ring_hash", "endpoints", "connect_timeout", "pool", "original_destination",
+            "circuit_breakers", "rate_limit",
         ])
         var policy = LoadBalancingPolicy.roundRobin
         if let p = keys["lb_policy"] {
@@ -256,7 +298,9 @@ public enum GatewayConfigLoader {
             endpoints: endpoints,
             connectTimeout: try keys["connect_timeout"]?.duration() ?? .seconds(1),
             pool: pool,
-            originalDestination: originalDestination
+            originalDestination: originalDestination,
+            circuitBreakers: try keys["circuit_breakers"].map(circuitBreakers),
+            rateLimit: try keys["rate_limit"].map(rateLimit)
         )
     }
 }

@@ -9,6 +9,11 @@ public struct ClusterConfig: Sendable, Hashable, Codable {
     /// A passthrough cluster (Envoy's `ORIGINAL_DST`): no endpoints of its own; each request goes
     /// where its connection was going before the capture rules redirected it.
     public var originalDestination: Bool
+    /// Limits on connections and requests in flight; `nil` means the defaults
+    /// (``CircuitBreakers/init(maxConnections:maxPendingRequests:maxRequests:maxRetries:)``).
+    public var circuitBreakers: CircuitBreakers?
+    /// A rate limit on all requests sent to this cluster, whatever their route.
+    public var rateLimit: RateLimit?
 
     public init(
         name: String,
@@ -16,8 +21,12 @@ public struct ClusterConfig: Sendable, Hashable, Codable {
         endpoints: [Endpoint],
         connectTimeout: Duration = .seconds(1),
         pool: PoolSettings = .init(),
-        originalDestination: Bool = false
+        originalDestination: Bool = false,
+        circuitBreakers: CircuitBreakers? = nil,
+        rateLimit: RateLimit? = nil
     ) {
+        self.circuitBreakers = circuitBreakers
+        self.rateLimit = rateLimit
         self.originalDestination = originalDestination
         self.name = name
         self.loadBalancing = loadBalancing
@@ -31,6 +40,8 @@ public struct ClusterConfig: Sendable, Hashable, Codable {
         case originalDestination = "original_destination"
         case loadBalancing = "lb_policy"
         case connectTimeout = "connect_timeout"
+        case circuitBreakers = "circuit_breakers"
+        case rateLimit = "rate_limit"
     }
 }
 

@@ -7,6 +7,21 @@ extension ProxyConfig {
         var errors: [ProxyConfigError] = []
         func fail(_ path: String, _ message: String) { errors.append(.init(path: path, message: message)) }
 
+        func checkRateLimit(_ limit: RateLimit, path: String) {
+            if !(limit.requestsPerSecond > 0 && limit.requestsPerSecond <= RateLimit.maxRequestsPerSecond) {
+                fail(
+                    "\(path).requests_per_second",
+                    "expected a rate above 0 and at most \(Int(RateLimit.maxRequestsPerSecond)), got \(limit.requestsPerSecond)"
+                )
+            }
+            if !(1...RateLimit.maxBurst).contains(limit.burst) {
+                fail("\(path).burst", "expected 1...\(RateLimit.maxBurst), got \(limit.burst)")
+            }
+            if case .header(let name) = limit.key, !HTTPToken.isToken(name) {
+                fail("\(path).key", "expected a header name, got '\(name)'")
+            }
+        }
+
         var clusterNames = Set<String>()
         for (ci, cluster) in clusters.enumerated() {
             let path = "clusters[\(ci)]"
@@ -28,6 +43,16 @@ extension ProxyConfig {
                     fail("\(path).lb_policy.minimum_ring_size", "expected 1...8388608, got \(size)")
                 }
             }
+            if let limits = cluster.circuitBreakers {
+                let max = CircuitBreakers.maxLimit
+                for (key, value) in [
+                    ("max_connections", limits.maxConnections), ("max_pending_requests", limits.maxPendingRequests),
+                    ("max_requests", limits.maxRequests), ("max_retries", limits.maxRetries),
+                ] where value < 0 || value > max {
+                    fail("\(path).circuit_breakers.\(key)", "expected 0...\(max), got \(value)")
+                }
+            }
+            if let limit = cluster.rateLimit { checkRateLimit(limit, path: "\(path).rate_limit") }
             if cluster.originalDestination && !cluster.endpoints.isEmpty {
                 fail("\(path).endpoints", "a passthrough (original_destination) cluster has no endpoints of its own")
             }
@@ -93,6 +118,7 @@ extension ProxyConfig {
                     if let timeout = route.action.timeout, timeout <= .zero {
                         fail("\(rpath).route.timeout", "expected a positive duration")
                     }
+                    if let limit = route.action.rateLimit { checkRateLimit(limit, path: "\(rpath).route.rate_limit") }
                 }
             }
         }

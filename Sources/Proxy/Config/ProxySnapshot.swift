@@ -20,15 +20,35 @@ public final class ProxySnapshot: Sendable, AtomicReference {
         var clusters: [ClusterRuntime] = []
         for (i, cluster) in config.clusters.enumerated() {
             clusterIndex[cluster.name] = i
-            clusters.append(ClusterRuntime(index: i, config: cluster, stats: stats.cluster(cluster.name)))
+            clusters.append(
+                ClusterRuntime(
+                    index: i,
+                    config: cluster,
+                    stats: stats.cluster(cluster.name),
+                    load: stats.resilience.load(cluster: cluster.name),
+                    rateLimiter: cluster.rateLimit.map {
+                        stats.resilience.limiter(scope: "cluster \(cluster.name)", $0)
+                    }
+                )
+            )
         }
         var tables: [String: RouteTable] = [:]
         var portTables: [String: [Int: RouteTable]] = [:]
         for (li, listener) in config.listeners.enumerated() {
             do {
-                tables[listener.name] = try RouteTable(listener.virtualHosts, clusterIndex: clusterIndex)
+                tables[listener.name] = try RouteTable(
+                    listener.virtualHosts,
+                    clusterIndex: clusterIndex,
+                    scope: listener.name,
+                    limiter: stats.resilience.limiter
+                )
                 for (port, hosts) in listener.portVirtualHosts {
-                    portTables[listener.name, default: [:]][port] = try RouteTable(hosts, clusterIndex: clusterIndex)
+                    portTables[listener.name, default: [:]][port] = try RouteTable(
+                        hosts,
+                        clusterIndex: clusterIndex,
+                        scope: "\(listener.name):\(port)",
+                        limiter: stats.resilience.limiter
+                    )
                 }
             } catch {
                 throw ProxyConfigErrors(errors: [.init(path: "listeners[\(li)]", message: "\(error)")])

@@ -61,10 +61,18 @@ public struct RouteAction: Sendable, Hashable, Codable {
     /// The whole exchange (connect, request, response) must finish within this time, or the
     /// client gets 504 `timeout`. `nil` means no limit.
     public var timeout: Duration?
+    /// A rate limit on the requests this route matches.
+    public var rateLimit: RateLimit?
 
-    public init(clusters: [WeightedCluster], timeout: Duration? = .seconds(15)) {
+    public init(clusters: [WeightedCluster], timeout: Duration? = .seconds(15), rateLimit: RateLimit? = nil) {
         self.clusters = clusters
         self.timeout = timeout
+        self.rateLimit = rateLimit
+    }
+
+    enum CodingKeys: String, CodingKey {
+        case clusters, timeout
+        case rateLimit = "rate_limit"
     }
 }
 

@@ -273,6 +273,7 @@ final class DownstreamHandler: ChannelDuplexHandler {
         headers.add(name: "content-type", value: "text/plain")
         headers.add(name: "content-length", value: "\(body.utf8.count)")
         headers.add(name: "x-trellis-error", value: error.token)
+        if let seconds = error.retryAfter { headers.add(name: "retry-after", value: "\(seconds)") }
         if !keepAlive { headers.add(name: "connection", value: "close") }
         let head = HTTPResponseHead(
             version: version.major == 1 ? version : .http1_1,

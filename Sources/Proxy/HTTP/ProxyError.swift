@@ -22,11 +22,14 @@ public struct ProxyError: Error, Hashable, Sendable, CustomStringConvertible {
     public let status: HTTPResponseStatus
     /// Where it was raised, for logs (never sent to the client).
     public let detail: String
+    /// Seconds the client should wait before trying again (`Retry-After`), for `rate_limited`.
+    public let retryAfter: Int?
 
-    private init(_ code: Code, _ status: HTTPResponseStatus, _ detail: String) {
+    private init(_ code: Code, _ status: HTTPResponseStatus, _ detail: String, retryAfter: Int? = nil) {
         self.code = code
         self.status = status
         self.detail = detail
+        self.retryAfter = retryAfter
     }
 
     public var token: String { code.rawValue }
@@ -74,6 +77,8 @@ public struct ProxyError: Error, Hashable, Sendable, CustomStringConvertible {
     }
     /// A circuit breaker limit was reached (503).
     public static func overflow(_ detail: String = "") -> Self { .init(.overflow, .serviceUnavailable, detail) }
-    /// A rate limit was reached (429).
-    public static func rateLimited(_ detail: String = "") -> Self { .init(.rateLimited, .tooManyRequests, detail) }
+    /// A rate limit was reached (429); `retryAfter` seconds until the limit lets a request in.
+    public static func rateLimited(_ detail: String = "", retryAfter: Int = 1) -> Self {
+        .init(.rateLimited, .tooManyRequests, detail, retryAfter: retryAfter)
+    }
 }

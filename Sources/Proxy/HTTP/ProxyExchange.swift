@@ -80,6 +80,12 @@ final class ProxyExchange {
         loop.pool.acquire(endpoint: endpoint, cluster: cluster, for: self)
     }
 
+    /// A circuit breaker refused the connection this exchange needed.
+    func overflow(_ error: ProxyError) {
+        guard case .connecting = state else { return }
+        respondLocally(error)
+    }
+
     /// Connecting to the endpoint failed.
     func connectFailed(_ error: any Error) {
         guard case .connecting = state else { return }

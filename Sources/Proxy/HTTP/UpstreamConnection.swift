@@ -1,3 +1,4 @@
+import Atomics
 import NIOCore
 import NIOHTTP1
 
@@ -20,6 +21,8 @@ final class UpstreamConnection: ChannelDuplexHandler {
     var idleLimit: TimeAmount?
     private var readHeld = false
     private(set) var isClosed = false
+    /// The cluster load this connection counts in (`max_connections`), until it is gone.
+    var load: ClusterLoad?
 
     init(poolKey: String, maxRequests: Int?) {
         self.poolKey = poolKey
@@ -42,6 +45,15 @@ final class UpstreamConnection: ChannelDuplexHandler {
 
     func handlerRemoved(context: ChannelHandlerContext) {
         self.context = nil
+        releaseLoad()
+    }
+
+    /// No longer counts as a connection of its cluster (once, however it ended).
+    func releaseLoad() {
+        if let load {
+            self.load = nil
+            load.connections.wrappingDecrement(ordering: .relaxed)
+        }
     }
 
     func send(_ part: HTTPClientRequestPart, flush: Bool) {

@@ -1,3 +1,5 @@
+import Atomics
+import CoreMetrics
 import NIOCore
 import NIOHTTP1
 import NIOPosix
@@ -50,10 +52,31 @@ final class UpstreamPool {
 
     private func connect(endpoint: ClusterRuntime.EndpointRuntime, cluster: ClusterRuntime, for exchange: ProxyExchange)
     {
+        // Circuit breakers: a request that would wait for yet another connection attempt, or
+        // open a connection beyond the cluster's limit, fails now instead of piling up.
+        let load = cluster.load
+        guard ClusterLoad.acquire(load.pending, limit: cluster.limits.maxPendingRequests) else {
+            cluster.stats.overflowPending.increment()
+            exchange.overflow(
+                .overflow(
+                    "cluster '\(cluster.config.name)': max_pending_requests \(cluster.limits.maxPendingRequests)"
+                )
+            )
+            return
+        }
+        guard ClusterLoad.acquire(load.connections, limit: cluster.limits.maxConnections) else {
+            load.pending.wrappingDecrement(ordering: .relaxed)
+            cluster.stats.overflowConnections.increment()
+            exchange.overflow(
+                .overflow("cluster '\(cluster.config.name)': max_connections \(cluster.limits.maxConnections)")
+            )
+            return
+        }
         let connection = UpstreamConnection(
             poolKey: endpoint.key,
             maxRequests: cluster.config.pool.maxRequestsPerConnection
         )
+        connection.load = load
         connection.pool = self
         let handlerBox = NIOLoopBound(connection, eventLoop: eventLoop)
         var bootstrap = ClientBootstrap(group: eventLoop)
@@ -87,9 +110,12 @@ final class UpstreamPool {
             future = bootstrap.connect(host: endpoint.config.address.host, port: endpoint.config.address.port)
         }
         future.assumeIsolated().whenComplete { result in
+            load.pending.wrappingDecrement(ordering: .relaxed)
             switch result {
             case .success: exchange.attach(connection)
-            case .failure(let error): exchange.connectFailed(error)
+            case .failure(let error):
+                connection.releaseLoad()
+                exchange.connectFailed(error)
             }
         }
     }

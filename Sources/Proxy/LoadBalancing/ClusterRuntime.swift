@@ -18,10 +18,34 @@ final class ClusterRuntime: Sendable {
     let healthy: [Int]
     let ring: HashRing?
     let stats: ClusterStats
+    /// Connections, pending and in-flight requests over all loops (kept across snapshots).
+    let load: ClusterLoad
+    /// The circuit breakers' limits: as configured, else the defaults, and no limit for a
+    /// passthrough cluster (it stands for every destination the machine's programs dial).
+    let limits: CircuitBreakers
+    let rateLimiter: RateLimiter?
 
-    init(index: Int, config: ClusterConfig, stats: ClusterStats) {
+    init(
+        index: Int,
+        config: ClusterConfig,
+        stats: ClusterStats,
+        load: ClusterLoad,
+        rateLimiter: RateLimiter? = nil
+    ) {
         self.index = index
         self.config = config
+        self.load = load
+        self.rateLimiter = rateLimiter
+        let unlimited = CircuitBreakers.maxLimit
+        self.limits =
+            config.circuitBreakers
+            ?? (config.originalDestination
+                ? CircuitBreakers(
+                    maxConnections: unlimited,
+                    maxPendingRequests: unlimited,
+                    maxRequests: unlimited,
+                    maxRetries: unlimited
+                ) : CircuitBreakers())
         self.endpoints = config.endpoints.map { endpoint in
             EndpointRuntime(
                 config: endpoint,

@@ -35,9 +35,10 @@ public final class LoopResources {
 @available(*, unavailable)
 extension LoopResources: Sendable {}
 
-/// The standard chain: routing, then load balancing.
+/// The standard chain: routing, rate limits, circuit breaker, then load balancing.
 public enum StandardMiddleware {
     public static let chain: [any ProxyMiddlewareFactory] = [
-        RoutingMiddleware.Factory(), LoadBalancingMiddleware.Factory(),
+        RoutingMiddleware.Factory(), RateLimitMiddleware.Factory(), CircuitBreakerMiddleware.Factory(),
+        LoadBalancingMiddleware.Factory(),
     ]
 }

@@ -17,6 +17,10 @@ public final class RequestContext {
     /// Set by routing.
     public internal(set) var routeName: String?
     public internal(set) var timeout: Duration?
+    /// Set by routing: the route's rate limit, if it has one.
+    var routeRateLimiter: RateLimiter?
+    /// Set by the circuit breaker: the cluster load whose request count this request holds.
+    var heldRequestSlot: ClusterLoad?
     /// Set by routing: the cluster picked among the route's weighted clusters.
     public internal(set) var clusterName: String?
     var cluster: ClusterRuntime?

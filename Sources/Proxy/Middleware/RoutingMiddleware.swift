@@ -32,6 +32,7 @@ public final class RoutingMiddleware: ProxyMiddleware {
         }
         request.routeName = route.name
         request.timeout = route.target.timeout
+        request.routeRateLimiter = route.target.rateLimiter
         let clusterIndex = route.target.pickCluster(using: &loop.rng)
         let cluster = snapshot.clusters[clusterIndex]
         request.cluster = cluster

@@ -10,9 +10,16 @@ import NIOHTTP1
 /// `trellis_downstream_connections_active`, `trellis_downstream_connections_total`,
 /// `trellis_downstream_requests_total`, `trellis_errors_total{token}`,
 /// `trellis_sniffed_connections_total{protocol}` (`http1`, `tcp`),
-/// `trellis_tcp_relay_failures_total{reason}` (`no_original_destination`, `connect`).
+/// `trellis_tcp_relay_failures_total{reason}` (`no_original_destination`, `connect`),
+/// `trellis_rate_limited_total{scope}` (`route <name>`, `cluster <name>`),
+/// `trellis_upstream_overflow_total{cluster,limit}` (`max_connections`, `max_pending_requests`,
+/// `max_requests`, `max_retries`).
+///
+/// It also holds what must outlive a configuration snapshot besides metrics: the rate-limit
+/// buckets and the clusters' load counters (``ResilienceState``).
 public final class ProxyStats: Sendable {
-    private let factory: any MetricsFactory
+    let factory: any MetricsFactory
+    let resilience: ResilienceState
     private let clusters = NIOLockedValueBox<[String: ClusterStats]>([:])
     let activeConnections: Meter
     let totalConnections: Counter
@@ -25,6 +32,7 @@ public final class ProxyStats: Sendable {
 
     public init(factory: any MetricsFactory = MetricsSystem.factory) {
         self.factory = factory
+        self.resilience = ResilienceState(factory: factory)
         self.activeConnections = Meter(label: "trellis_downstream_connections_active", factory: factory)
         self.totalConnections = Counter(label: "trellis_downstream_connections_total", factory: factory)
         self.downstreamRequests = Counter(label: "trellis_downstream_requests_total", factory: factory)
@@ -75,8 +83,23 @@ final class ClusterStats: Sendable {
     private let requests: [Counter]
     let connectFailures: Counter
     let duration: Timer
+    let overflowConnections: Counter
+    let overflowPending: Counter
+    let overflowRequests: Counter
+    let overflowRetries: Counter
 
     init(name: String, factory: any MetricsFactory) {
+        func overflow(_ limit: String) -> Counter {
+            Counter(
+                label: "trellis_upstream_overflow_total",
+                dimensions: [("cluster", name), ("limit", limit)],
+                factory: factory
+            )
+        }
+        overflowConnections = overflow("max_connections")
+        overflowPending = overflow("max_pending_requests")
+        overflowRequests = overflow("max_requests")
+        overflowRetries = overflow("max_retries")
         requests = (1...5).map { c in
             Counter(
                 label: "trellis_upstream_requests_total",

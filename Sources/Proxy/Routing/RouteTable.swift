@@ -32,7 +32,14 @@ final class RouteTable: Sendable {
     private let wildcard: Int?
     let virtualHosts: [CompiledVirtualHost]
 
-    init(_ virtualHosts: [VirtualHost], clusterIndex: [String: Int]) throws {
+    /// `scope` names the table in rate-limit scopes (`route <scope>/<virtual host>/<route>`);
+    /// `limiter` hands out the bucket of each scope (the same one across snapshots).
+    init(
+        _ virtualHosts: [VirtualHost],
+        clusterIndex: [String: Int],
+        scope: String = "",
+        limiter: ((String, RateLimit) -> RateLimiter)? = nil
+    ) throws {
         var exact: [String: Int] = [:]
         var suffixes: [(String, Int)] = []
         var wildcard: Int?
@@ -66,7 +73,13 @@ final class RouteTable: Sendable {
                     path: path,
                     methods: route.match.methods.map { $0.uppercased() },
                     headers: headers,
-                    target: RouteTarget(route: route, clusterIndex: clusterIndex)
+                    target: RouteTarget(
+                        route: route,
+                        clusterIndex: clusterIndex,
+                        rateLimiter: route.action.rateLimit.flatMap { limit in
+                            limiter?("route \(scope)/\(vhost.name)/\(route.name)", limit)
+                        }
+                    )
                 )
             }
             compiled.append(CompiledVirtualHost(name: vhost.name, routes: routes))
@@ -159,8 +172,10 @@ struct RouteTarget: Sendable {
     let totalWeight: Int
     let timeout: Duration?
     let routeName: String
+    let rateLimiter: RateLimiter?
 
-    init(route: Route, clusterIndex: [String: Int]) {
+    init(route: Route, clusterIndex: [String: Int], rateLimiter: RateLimiter? = nil) {
+        self.rateLimiter = rateLimiter
         self.clusters = route.action.clusters.compactMap { target in
             clusterIndex[target.name].map { (index: $0, weight: target.weight) }
         }

@@ -1,0 +1,61 @@
+import Atomics
+import CoreMetrics
+import NIOCore
+
+/// Local rate limits: the route's, then the cluster's. A request over either is answered at once
+/// with 429 `rate_limited` and `Retry-After`; nothing waits.
+public final class RateLimitMiddleware: ProxyMiddleware {
+    public struct Factory: ProxyMiddlewareFactory {
+        public init() {}
+        public func makeMiddleware(_ snapshot: ProxySnapshot, _ loop: LoopResources) -> any ProxyMiddleware {
+            RateLimitMiddleware()
+        }
+    }
+
+    public func onRequest(_ request: RequestContext) -> ProxyError? {
+        let route = request.routeRateLimiter
+        let cluster = request.cluster?.rateLimiter
+        if route == nil && cluster == nil { return nil }
+        let now = NIODeadline.now().uptimeNanoseconds
+        for limiter in [route, cluster] {
+            guard let limiter, let wait = limiter.check(request, now: now) else { continue }
+            limiter.rejected.increment()
+            // Whole seconds, rounded up (RFC 9110 §10.2.3): never 0, which would invite a retry now.
+            let seconds = Int((wait + 999_999_999) / 1_000_000_000)
+            return .rateLimited(
+                "\(limiter.scope): \(limiter.limit.requestsPerSecond)/s, burst \(limiter.limit.burst)",
+                retryAfter: max(1, seconds)
+            )
+        }
+        return nil
+    }
+}
+
+/// The cluster's `max_requests` circuit breaker: a request beyond it gets 503 `overflow` at
+/// once. (`max_connections` and `max_pending_requests` are enforced where connections are made,
+/// in the upstream pool.)
+public final class CircuitBreakerMiddleware: ProxyMiddleware {
+    public struct Factory: ProxyMiddlewareFactory {
+        public init() {}
+        public func makeMiddleware(_ snapshot: ProxySnapshot, _ loop: LoopResources) -> any ProxyMiddleware {
+            CircuitBreakerMiddleware()
+        }
+    }
+
+    public func onRequest(_ request: RequestContext) -> ProxyError? {
+        guard let cluster = request.cluster else { return nil }
+        guard ClusterLoad.acquire(cluster.load.requests, limit: cluster.limits.maxRequests) else {
+            cluster.stats.overflowRequests.increment()
+            return .overflow("cluster '\(cluster.config.name)': max_requests \(cluster.limits.maxRequests)")
+        }
+        request.heldRequestSlot = cluster.load
+        return nil
+    }
+
+    public func onComplete(_ request: RequestContext) {
+        if let load = request.heldRequestSlot {
+            request.heldRequestSlot = nil
+            load.requests.wrappingDecrement(ordering: .relaxed)
+        }
+    }
+}
