@@ -196,7 +196,8 @@ import TrellisTestSupport
                     }
                 )
                 #expect(client.current.source == "pilot")
-                #expect(FileManager.default.fileExists(atPath: saved))
+                // Saved just after it is applied.
+                #expect(await Peers.eventually(within: .seconds(3)) { FileManager.default.fileExists(atPath: saved) })
             }
         }
         // Pilot is gone; a new agent starts from the saved file. Its port now belongs to a server
@@ -209,7 +210,11 @@ import TrellisTestSupport
         try await agent(xdsPort: deadPort) { _, port, client in
             #expect(await Peers.eventually(within: .seconds(3)) { client.current.source == "disk" })
             #expect(await Self.get(port, host: "orders:8080").body == "orders-1")
-            #expect(client.current.connection.hasPrefix("disconnected"), "\(client.current.connection)")
+            // Each connection is closed at once: the stream fails, and says so.
+            #expect(
+                await Peers.eventually(within: .seconds(5)) { client.current.connection.hasPrefix("disconnected") },
+                "\(client.current.connection)"
+            )
         }
         // A server that takes the connection and never answers is not a connected pilot.
         let silent = try await ServerBootstrap(group: MultiThreadedEventLoopGroup.singleton)

@@ -127,31 +127,35 @@ import TrellisTestSupport
     private func measureRate(_ proxy: ProxyHarness, upstream a: TestUpstream) async throws {
         let started = ContinuousClock.now
         let deadline = started + .seconds(3)
-        let passed = try await withThrowingTaskGroup(of: Int.self) { tasks in
+        let (passed, sent) = try await withThrowingTaskGroup(of: (Int, Int).self) { tasks in
             for _ in 0..<6 {
                 tasks.addTask {
                     let client = try await TestHTTPClient.connect(port: proxy.port, group: group)
                     var ok = 0
+                    var sent = 0
                     // ~25 requests per second per connection: 150/s in all, three times the rate.
                     while ContinuousClock.now < deadline {
                         if try await client.request(.GET, "/").status == .ok { ok += 1 }
+                        sent += 1
                         try await Task.sleep(for: .milliseconds(40))
                     }
                     await client.close()
-                    return ok
+                    return (ok, sent)
                 }
             }
-            return try await tasks.reduce(0, +)
+            return try await tasks.reduce((0, 0)) { ($0.0 + $1.0, $0.1 + $1.1) }
         }
         let elapsed = ContinuousClock.now - started
         let seconds = Double(elapsed.components.seconds) + Double(elapsed.components.attoseconds) / 1e18
         let allowed = 10 + 50 * seconds
         #expect(Double(passed) <= allowed + 1, "passed \(passed), allowed \(allowed)")
-        #expect(Double(passed) >= 0.9 * 50 * 3, "passed \(passed): the limit let too little through")
+        // And not much less than the rate, or than what was sent when a loaded machine sent less.
+        let expected = min(Double(sent), allowed)
+        #expect(Double(passed) >= 0.85 * expected, "passed \(passed) of \(sent), expected about \(expected)")
         #expect(a.requestCount == passed)
-        #expect(
-            try await proxy.metric("trellis_rate_limited_total{scope=\"cluster alpha\"}", group: group) > 0
-        )
+        if Double(sent) > allowed + 1 {
+            #expect(try await proxy.metric("trellis_rate_limited_total{scope=\"cluster alpha\"}", group: group) > 0)
+        }
     }
 
     @Test func aLimitPerHeaderValueGivesEachValueItsOwnBucket() async throws {
@@ -414,6 +418,407 @@ import TrellisTestSupport
                 "trellis_upstream_overflow_total{cluster=\"slow\",limit=\"max_requests\"}",
                 group: group
             ) > 0
+        )
+    }
+}
+
+/// Outlier detection: failing endpoints leave the load balancer for a while, then come back.
+@Suite struct OutlierDetectionTests {
+    let group = MultiThreadedEventLoopGroup.singleton
+
+    private func config(_ endpoints: [Endpoint], _ outlier: OutlierDetection) -> ProxyConfig {
+        gatewayConfig(
+            virtualHosts: catchAll("pool"),
+            clusters: [ClusterConfig(name: "pool", endpoints: endpoints, outlierDetection: outlier)]
+        )
+    }
+
+    @Test func anEndpointAnswering5xxIsEjected() async throws {
+        let good = try await TestUpstream.start(name: "good", group: group)
+        let bad = try await TestUpstream.start(name: "bad", group: group)
+        defer {
+            Task {
+                await good.stop()
+                await bad.stop()
+            }
+        }
+        bad.failing(with: 503)
+        let proxy = try await ProxyHarness.start(
+            config(
+                [endpoint(good), endpoint(bad)],
+                OutlierDetection(consecutiveErrors: 3, baseEjectionTime: .seconds(60), maxEjectionPercent: 50)
+            ),
+            group: group
+        )
+        defer { Task { await proxy.stop() } }
+        var statuses: [UInt] = []
+        for _ in 0..<30 {
+            statuses.append(try await TestHTTPClient.get(port: proxy.port, "/", group: group).status.code)
+        }
+        // Three 503s in a row from 'bad' eject it; every later request goes to 'good'.
+        #expect(statuses.filter { $0 == 503 }.count == 3, "\(statuses)")
+        #expect(Array(statuses.suffix(20)).allSatisfy { $0 == 200 }, "\(statuses)")
+        #expect(bad.requestCount == 3)
+        #expect(
+            try await proxy.metric(
+                "trellis_outlier_ejections_total{cluster=\"pool\",reason=\"consecutive_errors\"}",
+                group: group
+            ) == 1
+        )
+        let dump = try await TestHTTPClient.get(port: proxy.adminPort, "/config_dump", group: group).body
+        #expect(dump.contains("\"outlier_ejections\""), "\(dump.prefix(200))")
+        #expect(dump.contains("\"endpoint\" : \"127.0.0.1:\(bad.port)\""))
+    }
+
+    @Test func anEjectedEndpointComesBackAfterTheEjectionTime() async throws {
+        let good = try await TestUpstream.start(name: "good", group: group)
+        let bad = try await TestUpstream.start(name: "bad", group: group)
+        defer {
+            Task {
+                await good.stop()
+                await bad.stop()
+            }
+        }
+        bad.failing(with: 503)
+        let proxy = try await ProxyHarness.start(
+            config(
+                [endpoint(good), endpoint(bad)],
+                OutlierDetection(consecutiveErrors: 1, baseEjectionTime: .seconds(1), maxEjectionPercent: 50)
+            ),
+            group: group
+        )
+        defer { Task { await proxy.stop() } }
+        for _ in 0..<20 where bad.requestCount == 0 {
+            _ = try await TestHTTPClient.get(port: proxy.port, "/", group: group)
+        }
+        let ejected = try await TestHTTPClient.get(port: proxy.adminPort, "/config_dump", group: group).body
+        #expect(ejected.contains("\"endpoint\" : \"127.0.0.1:\(bad.port)\""))
+        // Healed: once its ejection is over it gets requests again, and is listed no more.
+        bad.failing(with: nil)
+        let hit = bad.requestCount
+        #expect(
+            await Peers.eventually(within: .seconds(10)) {
+                _ = try? await TestHTTPClient.get(port: proxy.port, "/", group: group)
+                return bad.requestCount > hit
+            }
+        )
+        let after = try await TestHTTPClient.get(port: proxy.adminPort, "/config_dump", group: group).body
+        #expect(!after.contains("127.0.0.1:\(bad.port)\""))
+    }
+
+    @Test func atMostTheMaximumShareOfEndpointsIsOut() async throws {
+        let upstreams = try await withThrowingTaskGroup(of: TestUpstream.self) { g in
+            for i in 0..<4 { g.addTask { try await TestUpstream.start(name: "u\(i)", group: group) } }
+            return try await g.reduce(into: []) { $0.append($1) }
+        }
+        defer { Task { for u in upstreams { await u.stop() } } }
+        for u in upstreams { u.failing(with: 500) }
+        let proxy = try await ProxyHarness.start(
+            config(
+                upstreams.map { endpoint($0) },
+                OutlierDetection(
+                    consecutiveErrors: 1,
+                    interval: .seconds(60),
+                    baseEjectionTime: .seconds(30),
+                    maxEjectionPercent: 50
+                )
+            ),
+            group: group
+        )
+        defer { Task { await proxy.stop() } }
+        for _ in 0..<20 { _ = try await TestHTTPClient.get(port: proxy.port, "/", group: group) }
+        // All four fail, but only half of them may be out at once.
+        let ejected = try await proxy.metric(
+            "trellis_outlier_ejections_total{cluster=\"pool\",reason=\"consecutive_errors\"}",
+            group: group
+        )
+        #expect(ejected == 2)
+        let dump = try await TestHTTPClient.get(port: proxy.adminPort, "/config_dump", group: group).body
+        #expect(dump.components(separatedBy: "\"seconds_left\"").count - 1 == 2, "\(dump)")
+    }
+
+    @Test func anEndpointEjectedAgainStaysOutLonger() async throws {
+        let good = try await TestUpstream.start(name: "good", group: group)
+        let bad = try await TestUpstream.start(name: "bad", group: group)
+        defer {
+            Task {
+                await good.stop()
+                await bad.stop()
+            }
+        }
+        bad.failing(with: 500)
+        let proxy = try await ProxyHarness.start(
+            config(
+                [endpoint(good), endpoint(bad)],
+                OutlierDetection(
+                    consecutiveErrors: 1,
+                    interval: .seconds(60),
+                    baseEjectionTime: .seconds(1),
+                    maxEjectionPercent: 50
+                )
+            ),
+            group: group
+        )
+        defer { Task { await proxy.stop() } }
+        func sendUntilBadIsHit(_ hits: Int) async throws {
+            for _ in 0..<100 where bad.requestCount < hits {
+                _ = try await TestHTTPClient.get(port: proxy.port, "/", group: group)
+            }
+        }
+        try await sendUntilBadIsHit(1)
+        let first = try await TestHTTPClient.get(port: proxy.adminPort, "/config_dump", group: group).body
+        #expect(first.contains("\"ejections\" : 1"), "\(first)")
+        // Out for 1 s; failing again when back: out for 2 × 1 s.
+        try await Task.sleep(for: .milliseconds(1100))
+        try await sendUntilBadIsHit(2)
+        #expect(bad.requestCount == 2)
+        let second = try await TestHTTPClient.get(port: proxy.adminPort, "/config_dump", group: group).body
+        #expect(second.contains("\"ejections\" : 2"), "\(second)")
+        // Out for about 2 s this time (more than the 1 s base).
+        let left = Self.secondsLeft(second)
+        #expect(left > 1.1 && left <= 2, "\(left) s left")
+    }
+
+    private static func secondsLeft(_ dump: String) -> Double {
+        guard let line = dump.split(separator: "\n").first(where: { $0.contains("\"seconds_left\"") }),
+            let value = line.split(separator: ":").last
+        else { return -1 }
+        return Double(
+            value.trimmingCharacters(in: .whitespaces).trimmingCharacters(in: CharacterSet(charactersIn: ","))
+        ) ?? -1
+    }
+
+    @Test func anEndpointFarBelowItsPeersSuccessRateIsEjected() async throws {
+        let upstreams = try await withThrowingTaskGroup(of: TestUpstream.self) { g in
+            for i in 0..<5 { g.addTask { try await TestUpstream.start(name: "u\(i)", group: group) } }
+            return try await g.reduce(into: []) { $0.append($1) }
+        }
+        defer { Task { for u in upstreams { await u.stop() } } }
+        let proxy = try await ProxyHarness.start(
+            config(
+                upstreams.map { endpoint($0) },
+                OutlierDetection(
+                    consecutiveErrors: 1_000,
+                    interval: .seconds(1),
+                    baseEjectionTime: .seconds(30),
+                    maxEjectionPercent: 20,
+                    successRate: .init(minimumHosts: 5, requestVolume: 4, stdevFactor: 1.5)
+                )
+            ),
+            group: group
+        )
+        defer { Task { await proxy.stop() } }
+        // u0 fails about half of its requests (never 1000 in a row): only its rate gives it away.
+        let client = try await TestHTTPClient.connect(port: proxy.port, group: group)
+        let deadline = ContinuousClock.now + .seconds(10)
+        var n = 0
+        while ContinuousClock.now < deadline {
+            upstreams[0].failing(with: n % 2 == 0 ? 500 : nil)
+            _ = try await client.request(.GET, "/")
+            n += 1
+            if try await proxy.metric(
+                "trellis_outlier_ejections_total{cluster=\"pool\",reason=\"success_rate\"}",
+                group: group
+            ) == 1 {
+                break
+            }
+        }
+        await client.close()
+        #expect(
+            try await proxy.metric(
+                "trellis_outlier_ejections_total{cluster=\"pool\",reason=\"success_rate\"}",
+                group: group
+            ) == 1
+        )
+        let dump = try await TestHTTPClient.get(port: proxy.adminPort, "/config_dump", group: group).body
+        #expect(dump.contains("\"endpoint\" : \"127.0.0.1:\(upstreams[0].port)\""), "\(dump)")
+    }
+}
+
+/// Retries: what the client sees when tries fail, and what the upstreams see.
+@Suite struct RetryTests {
+    let group = MultiThreadedEventLoopGroup.singleton
+
+    private func config(
+        _ endpoints: [Endpoint],
+        retry: RetryPolicy?,
+        timeout: Duration = .seconds(10),
+        breakers: CircuitBreakers? = nil
+    ) -> ProxyConfig {
+        gatewayConfig(
+            virtualHosts: [
+                VirtualHost(
+                    name: "all",
+                    domains: ["*"],
+                    routes: [
+                        Route(
+                            name: "all",
+                            match: RouteMatch(),
+                            action: RouteAction(clusters: [.init(name: "pool")], timeout: timeout, retryPolicy: retry)
+                        )
+                    ]
+                )
+            ],
+            clusters: [ClusterConfig(name: "pool", endpoints: endpoints, circuitBreakers: breakers)]
+        )
+    }
+
+    /// One request at a time on one connection: each request's tries follow each other.
+    private func statuses(
+        _ proxy: ProxyHarness,
+        _ n: Int,
+        method: HTTPMethod = .GET,
+        path: String = "/"
+    ) async throws
+        -> [UInt]
+    {
+        let client = try await TestHTTPClient.connect(port: proxy.port, group: group)
+        var result: [UInt] = []
+        for _ in 0..<n { result.append(try await client.request(method, path).status.code) }
+        await client.close()
+        return result
+    }
+
+    @Test func retriesMakeAThirtyPercentFailingUpstreamLookHealthy() async throws {
+        let flaky = try await TestUpstream.start(name: "flaky", group: group)
+        defer { Task { await flaky.stop() } }
+        flaky.failing(with: 503, whenCountIn: [0, 3, 6])
+        // Without retries the client sees the failures…
+        let bare = try await ProxyHarness.start(config([endpoint(flaky)], retry: nil), group: group)
+        let seen = try await statuses(bare, 100)
+        await bare.stop()
+        #expect(seen.filter { $0 == 503 }.count == 30)
+        // …with one retry on gateway errors it sees none, for 30 % more upstream requests.
+        let before = flaky.requestCount
+        let proxy = try await ProxyHarness.start(
+            config([endpoint(flaky)], retry: RetryPolicy(retryOn: [.gatewayError], numRetries: 1)),
+            group: group
+        )
+        defer { Task { await proxy.stop() } }
+        let healed = try await statuses(proxy, 100)
+        #expect(healed.allSatisfy { $0 == 200 }, "\(healed)")
+        // 30 % of the upstream's requests fail, retries included: 100 / 0.7 ≈ 143 in all.
+        let retries = try await proxy.metric("trellis_upstream_retries_total{cluster=\"pool\"}", group: group)
+        #expect(flaky.requestCount - before == 100 + Int(retries))
+        #expect((40...45).contains(Int(retries)), "\(retries) retries")
+    }
+
+    @Test func aRetryGoesToAnotherEndpointAndExhaustedRetriesPassTheAnswerOn() async throws {
+        let good = try await TestUpstream.start(name: "good", group: group)
+        let bad = try await TestUpstream.start(name: "bad", group: group)
+        defer {
+            Task {
+                await good.stop()
+                await bad.stop()
+            }
+        }
+        bad.failing(with: 502)
+        let proxy = try await ProxyHarness.start(
+            config([endpoint(good), endpoint(bad)], retry: RetryPolicy(numRetries: 1)),
+            group: group
+        )
+        defer { Task { await proxy.stop() } }
+        let result = try await statuses(proxy, 20)
+        #expect(result.allSatisfy { $0 == 200 }, "\(result)")
+        #expect(good.requestCount == 20, "every request ends on the good one, tried there once")
+        #expect(bad.requestCount > 0)
+        // Both failing: the retry fails too, and the client gets the upstream's own answer.
+        good.failing(with: 503)
+        let failing = try await TestHTTPClient.get(port: proxy.port, "/", group: group)
+        #expect(failing.status == .serviceUnavailable || failing.status == .badGateway)
+        #expect(failing.headers.first(name: "x-trellis-error") == nil, "the upstream's answer, not the proxy's")
+    }
+
+    @Test func aRefusedConnectionIsRetriedEvenForAPost() async throws {
+        let good = try await TestUpstream.start(name: "good", group: group)
+        let gone = try await TestUpstream.start(name: "gone", group: group)
+        let gonePort = gone.port
+        await gone.stop()
+        defer { Task { await good.stop() } }
+        let proxy = try await ProxyHarness.start(
+            config(
+                [Endpoint(address: .init(host: "127.0.0.1", port: gonePort)), endpoint(good)],
+                retry: RetryPolicy(retryOn: [.connectFailure], numRetries: 1)
+            ),
+            group: group
+        )
+        defer { Task { await proxy.stop() } }
+        let client = try await TestHTTPClient.connect(port: proxy.port, group: group)
+        for _ in 0..<10 {
+            let r = try await client.request(.POST, "/count", body: "hello")
+            #expect(r.status == .ok)
+            #expect(r.body == "5", "the body reached the upstream whole")
+        }
+        await client.close()
+        #expect(good.requestCount == 10)
+        #expect(try await proxy.metric("trellis_upstream_retries_total{cluster=\"pool\"}", group: group) > 0)
+    }
+
+    @Test func aPostThatReachedTheUpstreamIsRetriedOnlyWhenTheRouteSaysSo() async throws {
+        let up = try await TestUpstream.start(name: "up", group: group)
+        defer { Task { await up.stop() } }
+        up.failing(with: 503, whenCountIn: [0, 2, 4, 6, 8])
+        let strict = try await ProxyHarness.start(config([endpoint(up)], retry: RetryPolicy()), group: group)
+        let first = try await statuses(strict, 2, method: .POST, path: "/count")
+        await strict.stop()
+        #expect(first == [503, 200], "the POST that failed was not sent again")
+        #expect(up.requestCount == 2)
+        var lenient = RetryPolicy()
+        lenient.retryNonIdempotent = true
+        let proxy = try await ProxyHarness.start(config([endpoint(up)], retry: lenient), group: group)
+        defer { Task { await proxy.stop() } }
+        let second = try await statuses(proxy, 2, method: .POST, path: "/count")
+        #expect(second == [200, 200])
+        #expect(up.requestCount == 6, "each POST failed once and was sent again")
+    }
+
+    @Test func aSlowTryIsAbandonedAtThePerTryTimeoutAndRetriedElsewhere() async throws {
+        let slow = try await TestUpstream.start(name: "slow", group: group)
+        let quick = try await TestUpstream.start(name: "quick", group: group)
+        defer {
+            Task {
+                await slow.stop()
+                await quick.stop()
+            }
+        }
+        slow.delaying(6000)
+        var policy = RetryPolicy(retryOn: [.gatewayError], numRetries: 1)
+        policy.perTryTimeout = .seconds(1)  // not less: a loaded 2-core CI machine
+        let proxy = try await ProxyHarness.start(
+            config([endpoint(slow), endpoint(quick)], retry: policy, timeout: .seconds(4)),
+            group: group
+        )
+        defer { Task { await proxy.stop() } }
+        for _ in 0..<4 {
+            let started = ContinuousClock.now
+            let r = try await TestHTTPClient.get(port: proxy.port, "/", group: group)
+            #expect(r.status == .ok)
+            #expect(r.body == "quick")
+            #expect(ContinuousClock.now - started < .seconds(3), "did not wait for the slow one's 6 s")
+        }
+        // Both slow: the try and its retry time out; the client gets 504 within the route timeout.
+        quick.delaying(6000)
+        let late = try await TestHTTPClient.get(port: proxy.port, "/", group: group)
+        #expect(late.status == .gatewayTimeout)
+        #expect(late.body == "timeout\n")
+    }
+
+    @Test func retriesStayWithinTheCircuitBreaker() async throws {
+        let up = try await TestUpstream.start(name: "up", group: group)
+        defer { Task { await up.stop() } }
+        up.failing(with: 503)
+        let proxy = try await ProxyHarness.start(
+            config([endpoint(up)], retry: RetryPolicy(numRetries: 3), breakers: CircuitBreakers(maxRetries: 0)),
+            group: group
+        )
+        defer { Task { await proxy.stop() } }
+        #expect(try await statuses(proxy, 3) == [503, 503, 503])
+        #expect(up.requestCount == 3, "no retry was allowed")
+        #expect(
+            try await proxy.metric(
+                "trellis_upstream_overflow_total{cluster=\"pool\",limit=\"max_retries\"}",
+                group: group
+            ) == 3
         )
     }
 }

@@ -158,7 +158,7 @@ public enum GatewayConfigLoader {
             }
         }
         let actionNode = try keys.required("route", in: node)
-        let a = try actionNode.mapping(allowed: ["cluster", "clusters", "timeout", "rate_limit"])
+        let a = try actionNode.mapping(allowed: ["cluster", "clusters", "timeout", "rate_limit", "retry_policy"])
         var targets: [WeightedCluster] = []
         switch (a["cluster"], a["clusters"]) {
         case (let single?, nil):
@@ -187,7 +187,12 @@ public enum GatewayConfigLoader {
         return Route(
             name: try keys.required("name", in: node).nonEmptyString(),
             match: RouteMatch(path: path, methods: try m["methods"]?.stringList() ?? [], headers: headers),
-            action: RouteAction(clusters: targets, timeout: timeout, rateLimit: try a["rate_limit"].map(rateLimit))
+            action: RouteAction(
+                clusters: targets,
+                timeout: timeout,
+                rateLimit: try a["rate_limit"].map(rateLimit),
+                retryPolicy: try a["retry_policy"].map(retryPolicy)
+            )
         )
     }
 
@@ -219,6 +224,91 @@ public enum GatewayConfigLoader {
         return RateLimit(requestsPerSecond: rate, burst: burst, key: key)
     }
 
+    /// `{consecutive_errors: 5, interval: 10s, base_ejection_time: 30s, max_ejection_time: 300s,
+    /// max_ejection_percent: 10, success_rate: {minimum_hosts: 5, request_volume: 100,
+    /// stdev_factor: 1.9}}`; keys not given keep these defaults, no `success_rate`: not judged.
+    static func outlierDetection(_ node: ConfigNode) throws(ConfigFileError) -> OutlierDetection {
+        let keys = try node.mapping(allowed: [
+            "consecutive_errors", "interval", "base_ejection_time", "max_ejection_time", "max_ejection_percent",
+            "success_rate",
+        ])
+        var o = OutlierDetection()
+        func duration(_ key: String) throws(ConfigFileError) -> Duration? {
+            guard let n = keys[key] else { return nil }
+            let d = try n.duration()
+            guard d > .zero, d <= .seconds(86_400) else { throw n.error("expected a duration above 0 and at most 24h") }
+            return d
+        }
+        if let n = keys["consecutive_errors"] { o.consecutiveErrors = try n.int(in: 1...1_000_000) }
+        if let d = try duration("interval") { o.interval = d }
+        if let d = try duration("base_ejection_time") { o.baseEjectionTime = d }
+        if let d = try duration("max_ejection_time") { o.maxEjectionTime = d }
+        if let n = keys["max_ejection_percent"] { o.maxEjectionPercent = try n.int(in: 0...100) }
+        if let rateNode = keys["success_rate"] {
+            let r = try rateNode.mapping(allowed: ["minimum_hosts", "request_volume", "stdev_factor"])
+            var rate = OutlierDetection.SuccessRate()
+            if let n = r["minimum_hosts"] { rate.minimumHosts = try n.int(in: 1...10_000) }
+            if let n = r["request_volume"] { rate.requestVolume = try n.int(in: 1...1_000_000) }
+            if let n = r["stdev_factor"] { rate.stdevFactor = try n.number(above: 0, atMost: 100) }
+            o.successRate = rate
+        }
+        return o
+    }
+
+    /// `{retry_on: [connect-failure, reset, gateway-error, 5xx, retriable-status-codes],
+    /// num_retries: 1, retriable_status_codes: [409], per_try_timeout: 1s,
+    /// backoff: {base: 25ms, max: 250ms}, retry_non_idempotent: false,
+    /// budget: {percent: 20, min_concurrency: 3}}`.
+    static func retryPolicy(_ node: ConfigNode) throws(ConfigFileError) -> RetryPolicy {
+        let keys = try node.mapping(allowed: [
+            "retry_on", "num_retries", "retriable_status_codes", "per_try_timeout", "backoff", "retry_non_idempotent",
+            "budget",
+        ])
+        var p = RetryPolicy()
+        if let list = keys["retry_on"] {
+            var conditions: Set<RetryPolicy.Condition> = []
+            for item in try list.sequence() {
+                let name = try item.nonEmptyString()
+                guard let condition = RetryPolicy.Condition(rawValue: name) else {
+                    let names = RetryPolicy.Condition.allCases.map(\.rawValue).joined(separator: ", ")
+                    throw item.error("expected one of \(names), got '\(name)'")
+                }
+                conditions.insert(condition)
+            }
+            guard !conditions.isEmpty else { throw list.error("expected at least one condition") }
+            p.retryOn = conditions
+        }
+        if let n = keys["num_retries"] { p.numRetries = try n.int(in: 0...10) }
+        if let list = keys["retriable_status_codes"] {
+            p.retriableStatusCodes = try list.sequence().map { (item) throws(ConfigFileError) -> Int in
+                try item.int(in: 100...599)
+            }
+        }
+        if p.retryOn.contains(.retriableStatusCodes) && p.retriableStatusCodes.isEmpty {
+            throw (keys["retry_on"] ?? node).error("retriable-status-codes needs retriable_status_codes")
+        }
+        if let n = keys["per_try_timeout"] {
+            let d = try n.duration()
+            guard d > .zero else { throw n.error("expected a positive duration") }
+            p.perTryTimeout = d
+        }
+        if let b = keys["backoff"] {
+            let bk = try b.mapping(allowed: ["base", "max"])
+            if let n = bk["base"] { p.backoffBase = try n.duration() }
+            if let n = bk["max"] { p.backoffMax = try n.duration() }
+            guard p.backoffBase > .zero, p.backoffMax >= p.backoffBase, p.backoffMax <= .seconds(60) else {
+                throw b.error("expected 0 < base <= max <= 60s")
+            }
+        }
+        if let n = keys["retry_non_idempotent"] { p.retryNonIdempotent = try n.bool() }
+        if let b = keys["budget"] {
+            let bk = try b.mapping(allowed: ["percent", "min_concurrency"])
+            if let n = bk["percent"] { p.budgetPercent = try n.number(above: 0, atMost: 100) }
+            if let n = bk["min_concurrency"] { p.minRetryConcurrency = try n.int(in: 0...1_000_000) }
+        }
+        return p
+    }
+
     /// `{max_connections, max_pending_requests, max_requests, max_retries}`, each 0...1000000;
     /// those not given keep their defaults.
     static func circuitBreakers(_ node: ConfigNode) throws(ConfigFileError) -> CircuitBreakers {
@@ -235,7 +325,7 @@ public enum GatewayConfigLoader {
     private static func cluster(_ node: ConfigNode) throws(ConfigFileError) -> ClusterConfig {
         let keys = try node.mapping(allowed: [
             "name", "lb_policy", "ring_hash", "endpoints", "connect_timeout", "pool", "original_destination",
-            "circuit_breakers", "rate_limit",
+            "circuit_breakers", "rate_limit", "outlier_detection",
         ])
         var policy = LoadBalancingPolicy.roundRobin
         if let p = keys["lb_policy"] {
@@ -300,7 +390,8 @@ public enum GatewayConfigLoader {
             pool: pool,
             originalDestination: originalDestination,
             circuitBreakers: try keys["circuit_breakers"].map(circuitBreakers),
-            rateLimit: try keys["rate_limit"].map(rateLimit)
+            rateLimit: try keys["rate_limit"].map(rateLimit),
+            outlierDetection: try keys["outlier_detection"].map(outlierDetection)
         )
     }
 }

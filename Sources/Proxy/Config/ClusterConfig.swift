@@ -14,6 +14,8 @@ public struct ClusterConfig: Sendable, Hashable, Codable {
     public var circuitBreakers: CircuitBreakers?
     /// A rate limit on all requests sent to this cluster, whatever their route.
     public var rateLimit: RateLimit?
+    /// Takes failing endpoints out of load balancing for a while; `nil`: off.
+    public var outlierDetection: OutlierDetection?
 
     public init(
         name: String,
@@ -23,8 +25,10 @@ public struct ClusterConfig: Sendable, Hashable, Codable {
         pool: PoolSettings = .init(),
         originalDestination: Bool = false,
         circuitBreakers: CircuitBreakers? = nil,
-        rateLimit: RateLimit? = nil
+        rateLimit: RateLimit? = nil,
+        outlierDetection: OutlierDetection? = nil
     ) {
+        self.outlierDetection = outlierDetection
         self.circuitBreakers = circuitBreakers
         self.rateLimit = rateLimit
         self.originalDestination = originalDestination
@@ -42,6 +46,7 @@ public struct ClusterConfig: Sendable, Hashable, Codable {
         case connectTimeout = "connect_timeout"
         case circuitBreakers = "circuit_breakers"
         case rateLimit = "rate_limit"
+        case outlierDetection = "outlier_detection"
     }
 }
 

@@ -53,6 +53,32 @@ extension ProxyConfig {
                 }
             }
             if let limit = cluster.rateLimit { checkRateLimit(limit, path: "\(path).rate_limit") }
+            if let outlier = cluster.outlierDetection {
+                let opath = "\(path).outlier_detection"
+                if !(1...1_000_000).contains(outlier.consecutiveErrors) {
+                    fail("\(opath).consecutive_errors", "expected 1...1000000, got \(outlier.consecutiveErrors)")
+                }
+                for (key, value) in [
+                    ("interval", outlier.interval), ("base_ejection_time", outlier.baseEjectionTime),
+                    ("max_ejection_time", outlier.maxEjectionTime),
+                ] where value <= .zero || value > .seconds(86_400) {
+                    fail("\(opath).\(key)", "expected a duration above 0 and at most 24h")
+                }
+                if !(0...100).contains(outlier.maxEjectionPercent) {
+                    fail("\(opath).max_ejection_percent", "expected 0...100, got \(outlier.maxEjectionPercent)")
+                }
+                if let rate = outlier.successRate {
+                    if !(1...10_000).contains(rate.minimumHosts) {
+                        fail("\(opath).success_rate.minimum_hosts", "expected 1...10000, got \(rate.minimumHosts)")
+                    }
+                    if !(1...1_000_000).contains(rate.requestVolume) {
+                        fail("\(opath).success_rate.request_volume", "expected 1...1000000, got \(rate.requestVolume)")
+                    }
+                    if !(rate.stdevFactor > 0 && rate.stdevFactor <= 100) {
+                        fail("\(opath).success_rate.stdev_factor", "expected a number above 0 and at most 100")
+                    }
+                }
+            }
             if cluster.originalDestination && !cluster.endpoints.isEmpty {
                 fail("\(path).endpoints", "a passthrough (original_destination) cluster has no endpoints of its own")
             }
@@ -119,6 +145,30 @@ extension ProxyConfig {
                         fail("\(rpath).route.timeout", "expected a positive duration")
                     }
                     if let limit = route.action.rateLimit { checkRateLimit(limit, path: "\(rpath).route.rate_limit") }
+                    if let retry = route.action.retryPolicy {
+                        let ppath = "\(rpath).route.retry_policy"
+                        if retry.retryOn.isEmpty { fail("\(ppath).retry_on", "expected at least one condition") }
+                        if !(0...10).contains(retry.numRetries) {
+                            fail("\(ppath).num_retries", "expected 0...10, got \(retry.numRetries)")
+                        }
+                        for code in retry.retriableStatusCodes where !(100...599).contains(code) {
+                            fail("\(ppath).retriable_status_codes", "expected statuses in 100...599, got \(code)")
+                        }
+                        if let t = retry.perTryTimeout, t <= .zero {
+                            fail("\(ppath).per_try_timeout", "expected a positive duration")
+                        }
+                        if !(retry.backoffBase > .zero && retry.backoffMax >= retry.backoffBase
+                            && retry.backoffMax <= .seconds(60))
+                        {
+                            fail("\(ppath).backoff", "expected 0 < base <= max <= 60s")
+                        }
+                        if !(retry.budgetPercent > 0 && retry.budgetPercent <= 100) {
+                            fail("\(ppath).budget.percent", "expected a number above 0 and at most 100")
+                        }
+                        if retry.minRetryConcurrency < 0 {
+                            fail("\(ppath).budget.min_concurrency", "expected 0 or more")
+                        }
+                    }
                 }
             }
         }

@@ -28,7 +28,8 @@ public final class ProxySnapshot: Sendable, AtomicReference {
                     load: stats.resilience.load(cluster: cluster.name),
                     rateLimiter: cluster.rateLimit.map {
                         stats.resilience.limiter(scope: "cluster \(cluster.name)", $0)
-                    }
+                    },
+                    outlier: cluster.outlierDetection.map { _ in stats.resilience.detector(cluster: cluster.name) }
                 )
             )
         }

@@ -70,3 +70,148 @@ public struct CircuitBreakers: Sendable, Hashable, Codable {
         case maxRetries = "max_retries"
     }
 }
+
+/// Passive health checking: an endpoint that keeps failing is taken out of the load balancer for
+/// a while, without waiting for an active check to notice.
+///
+/// An endpoint is ejected after `consecutiveErrors` failures in a row (5xx answers, refused or
+/// reset connections, timeouts), or, with `successRate`, when its success rate over an interval
+/// falls well below its peers'. It is out for `baseEjectionTime` times the number of times it was
+/// ejected recently (capped by `maxEjectionTime`), then gets requests again. At most
+/// `maxEjectionPercent` of the cluster's endpoints (at least one) are out at once.
+public struct OutlierDetection: Sendable, Hashable, Codable {
+    public struct SuccessRate: Sendable, Hashable, Codable {
+        /// Endpoints with enough requests in the interval needed before any is judged.
+        public var minimumHosts: Int
+        /// Requests an endpoint needs in the interval to be judged.
+        public var requestVolume: Int
+        /// Ejected below mean − factor × standard deviation of the judged endpoints' rates.
+        public var stdevFactor: Double
+
+        public init(minimumHosts: Int = 5, requestVolume: Int = 100, stdevFactor: Double = 1.9) {
+            self.minimumHosts = minimumHosts
+            self.requestVolume = requestVolume
+            self.stdevFactor = stdevFactor
+        }
+
+        enum CodingKeys: String, CodingKey {
+            case minimumHosts = "minimum_hosts"
+            case requestVolume = "request_volume"
+            case stdevFactor = "stdev_factor"
+        }
+    }
+
+    public var consecutiveErrors: Int
+    /// How often success rates are judged, and how fast the ejection multiplier decays.
+    public var interval: Duration
+    public var baseEjectionTime: Duration
+    public var maxEjectionTime: Duration
+    public var maxEjectionPercent: Int
+    public var successRate: SuccessRate?
+
+    public init(
+        consecutiveErrors: Int = 5,
+        interval: Duration = .seconds(10),
+        baseEjectionTime: Duration = .seconds(30),
+        maxEjectionTime: Duration = .seconds(300),
+        maxEjectionPercent: Int = 10,
+        successRate: SuccessRate? = nil
+    ) {
+        self.consecutiveErrors = consecutiveErrors
+        self.interval = interval
+        self.baseEjectionTime = baseEjectionTime
+        self.maxEjectionTime = maxEjectionTime
+        self.maxEjectionPercent = maxEjectionPercent
+        self.successRate = successRate
+    }
+
+    enum CodingKeys: String, CodingKey {
+        case consecutiveErrors = "consecutive_errors"
+        case interval
+        case baseEjectionTime = "base_ejection_time"
+        case maxEjectionTime = "max_ejection_time"
+        case maxEjectionPercent = "max_ejection_percent"
+        case successRate = "success_rate"
+    }
+}
+
+/// When and how a route tries a request again, on another endpoint when there is one.
+///
+/// A retry happens only before any of the response went to the client, while the whole request
+/// is still at hand (bodies up to ``RetryPolicy/maxRetainedBodyBytes`` are kept for it), within
+/// the route's timeout, the cluster's `max_retries` circuit breaker and the retry budget (retries
+/// in flight at most `budgetPercent` of the cluster's requests in flight, or
+/// `minRetryConcurrency`). A request that is not idempotent (POST, PATCH, …) is retried only if
+/// nothing of it reached an upstream (a refused connection), unless `retryNonIdempotent`.
+public struct RetryPolicy: Sendable, Hashable, Codable {
+    public enum Condition: String, Sendable, Hashable, Codable, CaseIterable {
+        /// The connection to the endpoint was refused or timed out.
+        case connectFailure = "connect-failure"
+        /// The endpoint closed or reset the connection before answering.
+        case reset
+        /// 502, 503 or 504 from the endpoint, or the per-try timeout.
+        case gatewayError = "gateway-error"
+        /// Any 5xx from the endpoint, connect failures, resets and per-try timeouts.
+        case serverError = "5xx"
+        /// The statuses in `retriableStatusCodes`.
+        case retriableStatusCodes = "retriable-status-codes"
+    }
+
+    public var retryOn: Set<Condition>
+    /// Retries after the first try.
+    public var numRetries: Int
+    public var retriableStatusCodes: [Int]
+    /// Each try must get its response head within this time, or it is abandoned (and retried).
+    public var perTryTimeout: Duration?
+    /// Jittered exponential back-off between tries: a random wait up to base × 2^(retry − 1),
+    /// at most `backoffMax`.
+    public var backoffBase: Duration
+    public var backoffMax: Duration
+    public var retryNonIdempotent: Bool
+    public var budgetPercent: Double
+    public var minRetryConcurrency: Int
+
+    public init(
+        retryOn: Set<Condition> = [.connectFailure, .reset, .gatewayError],
+        numRetries: Int = 1,
+        retriableStatusCodes: [Int] = [],
+        perTryTimeout: Duration? = nil,
+        backoffBase: Duration = .milliseconds(25),
+        backoffMax: Duration = .milliseconds(250),
+        retryNonIdempotent: Bool = false,
+        budgetPercent: Double = 20,
+        minRetryConcurrency: Int = 3
+    ) {
+        self.retryOn = retryOn
+        self.numRetries = numRetries
+        self.retriableStatusCodes = retriableStatusCodes
+        self.perTryTimeout = perTryTimeout
+        self.backoffBase = backoffBase
+        self.backoffMax = backoffMax
+        self.retryNonIdempotent = retryNonIdempotent
+        self.budgetPercent = budgetPercent
+        self.minRetryConcurrency = minRetryConcurrency
+    }
+
+    /// Request bodies larger than this are streamed without a copy, and not retried.
+    public static let maxRetainedBodyBytes = 64 * 1024
+
+    enum CodingKeys: String, CodingKey {
+        case retryOn = "retry_on"
+        case numRetries = "num_retries"
+        case retriableStatusCodes = "retriable_status_codes"
+        case perTryTimeout = "per_try_timeout"
+        case backoffBase = "backoff_base"
+        case backoffMax = "backoff_max"
+        case retryNonIdempotent = "retry_non_idempotent"
+        case budgetPercent = "budget_percent"
+        case minRetryConcurrency = "min_retry_concurrency"
+    }
+
+    /// Whether an answer with `status` is to be retried.
+    func retries(status: Int) -> Bool {
+        if retryOn.contains(.serverError) && status >= 500 { return true }
+        if retryOn.contains(.gatewayError) && (502...504).contains(status) { return true }
+        return retryOn.contains(.retriableStatusCodes) && retriableStatusCodes.contains(status)
+    }
+}

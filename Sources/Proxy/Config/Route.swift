@@ -63,16 +63,25 @@ public struct RouteAction: Sendable, Hashable, Codable {
     public var timeout: Duration?
     /// A rate limit on the requests this route matches.
     public var rateLimit: RateLimit?
+    /// Retries of failed tries; `nil`: none.
+    public var retryPolicy: RetryPolicy?
 
-    public init(clusters: [WeightedCluster], timeout: Duration? = .seconds(15), rateLimit: RateLimit? = nil) {
+    public init(
+        clusters: [WeightedCluster],
+        timeout: Duration? = .seconds(15),
+        rateLimit: RateLimit? = nil,
+        retryPolicy: RetryPolicy? = nil
+    ) {
         self.clusters = clusters
         self.timeout = timeout
         self.rateLimit = rateLimit
+        self.retryPolicy = retryPolicy
     }
 
     enum CodingKeys: String, CodingKey {
         case clusters, timeout
         case rateLimit = "rate_limit"
+        case retryPolicy = "retry_policy"
     }
 }
 

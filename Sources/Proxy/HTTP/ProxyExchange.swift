@@ -1,18 +1,29 @@
+import Atomics
 import CoreMetrics
 import Logging
 import NIOCore
 import NIOHTTP1
 
 /// One request's trip through the proxy: the middleware chain, then the upstream exchange with
-/// bodies streamed both ways under back-pressure, the route timeout, and the final accounting.
-/// Lives on the downstream connection's event loop, like its upstream connection.
+/// bodies streamed both ways under back-pressure, retries, the route timeout, and the final
+/// accounting. Lives on the downstream connection's event loop, like its upstream connection.
 final class ProxyExchange {
     private enum State {
         /// Waiting for an upstream connection; body parts are held in `pending`.
         case connecting
         /// Upstream attached; parts flow through.
         case streaming(UpstreamConnection)
+        /// A try failed; the next starts after the back-off.
+        case backingOff
         case finished
+    }
+
+    /// Why a try failed, for the retry policy.
+    private enum TryFailure {
+        case connectFailure
+        case reset
+        case status(Int)
+        case perTryTimeout
     }
 
     private let downstream: DownstreamHandler
@@ -28,6 +39,20 @@ final class ProxyExchange {
     private var upstreamKeepAlive = false
     /// The slot of this exchange in its loop's ``RequestDeadlines``, while it has one.
     private var deadlineSlot: Int?
+
+    // Retries (only with a route retry policy).
+    /// Every request part so far, to send again on the next try; `nil` once the body outgrew
+    /// ``RetryPolicy/maxRetainedBodyBytes`` (then no retry).
+    private var retained: [HTTPClientRequestPart]?
+    private var retainedBytes = 0
+    /// Tries made so far (the first included).
+    private var tries = 1
+    /// Whether the current try got an upstream connection (so the request may have been seen).
+    private var attached = false
+    private var perTryTimer: Scheduled<Void>?
+    private var backoffTimer: Scheduled<Void>?
+    /// The cluster load whose retry count this exchange holds (one unit while retrying).
+    private var retrySlot: ClusterLoad?
 
     init(downstream: DownstreamHandler, loop: LoopContext, request: RequestContext, chain: [any ProxyMiddleware]) {
         self.downstream = downstream
@@ -51,7 +76,7 @@ final class ProxyExchange {
     /// Whether the downstream handler should stop reading the request for now.
     var holdsDownstreamReads: Bool {
         switch state {
-        case .connecting: return true
+        case .connecting, .backingOff: return true
         case .streaming(let upstream): return !upstream.isWritable
         case .finished: return false
         }
@@ -77,6 +102,20 @@ final class ProxyExchange {
         }
         let upstreamHead = HeaderRewriting.upstreamRequest(request.head, clientIP: request.clientIP)
         pending.append(.head(upstreamHead))
+        if request.retryPolicy != nil { retained = [.head(upstreamHead)] }
+        startTry(endpoint: endpoint, cluster: cluster)
+    }
+
+    private func startTry(endpoint: ClusterRuntime.EndpointRuntime, cluster: ClusterRuntime) {
+        state = .connecting
+        attached = false
+        if let perTry = request.retryPolicy?.perTryTimeout {
+            let bound = NIOLoopBound(self, eventLoop: loop.eventLoop)
+            let attempt = tries
+            perTryTimer = loop.eventLoop.scheduleTask(in: TimeAmount(perTry)) {
+                bound.value.perTryTimedOut(attempt: attempt)
+            }
+        }
         loop.pool.acquire(endpoint: endpoint, cluster: cluster, for: self)
     }
 
@@ -86,20 +125,27 @@ final class ProxyExchange {
         respondLocally(error)
     }
 
+    /// The try under way (1 for the first), so that a connection finishing for an abandoned try
+    /// is not taken for the current one's.
+    var currentTry: Int { tries }
+
     /// Connecting to the endpoint failed.
-    func connectFailed(_ error: any Error) {
-        guard case .connecting = state else { return }
+    func connectFailed(_ error: any Error, try attempt: Int) {
+        guard case .connecting = state, attempt == tries else { return }
         request.cluster?.stats.connectFailures.increment()
-        respondLocally(.upstreamConnectFailure("\(request.endpoint.map(\.description) ?? "-"): \(error)"))
+        let failure = ProxyError.upstreamConnectFailure("\(request.endpoint.map(\.description) ?? "-"): \(error)")
+        if retry(after: .connectFailure, failure) { return }
+        respondLocally(failure)
     }
 
     /// An upstream connection is ready for this exchange.
-    func attach(_ connection: UpstreamConnection) {
-        guard case .connecting = state else {
+    func attach(_ connection: UpstreamConnection, try attempt: Int) {
+        guard case .connecting = state, attempt == tries else {
             // Timed out or the client left while connecting: the fresh connection is still good.
             releaseOrClose(connection, reusable: true)
             return
         }
+        attached = true
         state = .streaming(connection)
         connection.exchange = self
         for part in pending { connection.send(part, flush: false) }
@@ -110,21 +156,33 @@ final class ProxyExchange {
 
     func requestBody(_ buffer: ByteBuffer) {
         request.requestBytes += buffer.readableBytes
+        retain(.body(.byteBuffer(buffer)), bytes: buffer.readableBytes)
         switch state {
         case .connecting: pending.append(.body(.byteBuffer(buffer)))
         case .streaming(let upstream): upstream.send(.body(.byteBuffer(buffer)), flush: false)
-        case .finished: break  // answered early; the rest of the body is dropped
+        case .backingOff, .finished: break  // kept in `retained` for the next try / answered early
         }
     }
 
     func requestEnd(_ trailers: HTTPHeaders?) {
         requestEnded = true
+        retain(.end(trailers), bytes: 0)
         switch state {
         case .connecting: pending.append(.end(trailers))
         case .streaming(let upstream):
             upstream.send(.end(trailers), flush: false)
             upstream.flushSoon(loop)
-        case .finished: break
+        case .backingOff, .finished: break
+        }
+    }
+
+    private func retain(_ part: HTTPClientRequestPart, bytes: Int) {
+        guard retained != nil else { return }
+        retainedBytes += bytes
+        if retainedBytes > RetryPolicy.maxRetainedBodyBytes {
+            retained = nil
+        } else {
+            retained!.append(part)
         }
     }
 
@@ -149,6 +207,11 @@ final class ProxyExchange {
             // 100 Continue and friends go straight through; the final head follows.
             downstream.write(.head(HTTPResponseHead(version: requestVersion, status: head.status)), flush: true)
         case .head(let head):
+            if let policy = request.retryPolicy, policy.retries(status: Int(head.status.code)) {
+                let failure = ProxyError.upstreamReset("")  // not sent: the answer goes out if no retry
+                if retry(after: .status(Int(head.status.code)), failure) { return }
+            }
+            cancelPerTryTimer()
             upstreamKeepAlive = head.isKeepAlive
             let keepAlive = downstreamKeepAlive(responseHead: head)
             let out = HeaderRewriting.downstreamResponse(head, requestVersion: requestVersion, keepAlive: keepAlive)
@@ -181,10 +244,134 @@ final class ProxyExchange {
         } else if error is HTTPParserError {
             respondLocally(.upstreamProtocolError("\(request.endpoint.map(\.description) ?? "-"): \(error!)"))
         } else {
-            respondLocally(
-                .upstreamReset("\(request.endpoint.map(\.description) ?? "-"): \(error.map { "\($0)" } ?? "closed")")
+            let failure = ProxyError.upstreamReset(
+                "\(request.endpoint.map(\.description) ?? "-"): \(error.map { "\($0)" } ?? "closed")"
             )
+            if retry(after: .reset, failure) { return }
+            respondLocally(failure)
         }
+    }
+
+    // MARK: Retries
+
+    private var isIdempotent: Bool {
+        switch request.head.method {
+        case .GET, .HEAD, .OPTIONS, .PUT, .DELETE, .TRACE: return true
+        default: return false
+        }
+    }
+
+    /// Starts another try after `failure` if the route's policy, the budget and the circuit
+    /// breaker allow it; returns whether it did (otherwise the caller answers with `failure`).
+    private func retry(after failure: TryFailure, _ error: ProxyError) -> Bool {
+        guard let policy = request.retryPolicy, let cluster = request.cluster, tries <= policy.numRetries,
+            !responseHeadSent, retained != nil
+        else { return false }
+        let wanted: Bool
+        switch failure {
+        case .connectFailure: wanted = policy.retryOn.contains(.connectFailure) || policy.retryOn.contains(.serverError)
+        case .reset: wanted = policy.retryOn.contains(.reset) || policy.retryOn.contains(.serverError)
+        case .status(let code): wanted = policy.retries(status: code)
+        case .perTryTimeout:
+            wanted =
+                policy.retryOn.contains(.gatewayError) || policy.retryOn.contains(.serverError)
+                || policy.retryOn.contains(.reset)
+        }
+        guard wanted else { return false }
+        // Not idempotent and possibly seen by the upstream: only if the route says so.
+        if attached && !isIdempotent && !policy.retryNonIdempotent { return false }
+        if retrySlot == nil {
+            let load = cluster.load
+            let budget = max(
+                policy.minRetryConcurrency,
+                Int(Double(load.requests.load(ordering: .relaxed)) * policy.budgetPercent / 100)
+            )
+            guard ClusterLoad.acquire(load.retries, limit: min(budget, cluster.limits.maxRetries)) else {
+                cluster.stats.overflowRetries.increment()
+                return false
+            }
+            retrySlot = load
+        }
+        cluster.stats.retries.increment()
+        reportTryFailure(cluster)
+        cancelPerTryTimer()
+        if case .streaming(let upstream) = state {
+            upstream.exchange = nil
+            upstream.close()
+        }
+        tries += 1
+        pickAnotherEndpoint(cluster)
+        state = .backingOff
+        let ceiling = min(
+            TimeAmount(policy.backoffBase).nanoseconds << min(tries - 2, 20),
+            TimeAmount(policy.backoffMax).nanoseconds
+        )
+        let wait = TimeAmount.nanoseconds(ceiling > 0 ? Int64.random(in: 0...ceiling) : 0)
+        let bound = NIOLoopBound(self, eventLoop: loop.eventLoop)
+        backoffTimer = loop.eventLoop.scheduleTask(in: wait) { bound.value.tryAgain(error) }
+        return true
+    }
+
+    private func tryAgain(_ error: ProxyError) {
+        guard case .backingOff = state else { return }
+        backoffTimer = nil
+        guard let parts = retained, let cluster = request.cluster,
+            let endpoint = request.passthroughEndpoint ?? request.endpointIndex.map({ cluster.endpoints[$0] })
+        else {
+            respondLocally(error)
+            return
+        }
+        pending = parts
+        startTry(endpoint: endpoint, cluster: cluster)
+    }
+
+    /// Another endpoint than the one that failed, when the cluster has one (ejected ones skipped).
+    private func pickAnotherEndpoint(_ cluster: ClusterRuntime) {
+        guard let balancer = request.balancer, let previous = request.endpointIndex, cluster.healthy.count > 1 else {
+            return
+        }
+        let now = NIODeadline.now().uptimeNanoseconds
+        for _ in 0..<(cluster.healthy.count * 2) {
+            guard let next = balancer.pick(headers: request.head.headers, rng: &loop.resources.rng) else { return }
+            if next == previous { continue }
+            if !cluster.outlierRecords.isEmpty && cluster.outlierRecords[next].isEjected(now: now) { continue }
+            balancer.requestFinished(endpoint: previous)
+            balancer.requestStarted(endpoint: next)
+            request.endpointIndex = next
+            request.endpoint = cluster.endpoints[next].config.address
+            return
+        }
+    }
+
+    /// A failed try counts against its endpoint in outlier detection.
+    private func reportTryFailure(_ cluster: ClusterRuntime) {
+        guard let detector = cluster.outlier, let policy = cluster.config.outlierDetection,
+            let index = request.endpointIndex
+        else { return }
+        detector.finished(
+            cluster.outlierRecords[index],
+            failed: true,
+            cluster: cluster,
+            policy: policy,
+            now: NIODeadline.now().uptimeNanoseconds
+        )
+    }
+
+    private func perTryTimedOut(attempt: Int) {
+        guard attempt == tries, !responseHeadSent else { return }
+        switch state {
+        case .connecting, .streaming: break
+        case .backingOff, .finished: return
+        }
+        perTryTimer = nil
+        let error = ProxyError.timeout("try \(attempt) of route '\(request.routeName ?? "-")'")
+        if retry(after: .perTryTimeout, error) { return }
+        respondLocally(error)
+    }
+
+    private func cancelPerTryTimer() {
+        perTryTimer?.cancel()
+        perTryTimer = nil
     }
 
     private func downstreamKeepAlive(responseHead: HTTPResponseHead) -> Bool {
@@ -264,11 +451,41 @@ final class ProxyExchange {
     private func finishAccounting() {
         state = .finished
         pending.removeAll()
+        retained = nil
+        cancelPerTryTimer()
+        backoffTimer?.cancel()
+        backoffTimer = nil
+        if let load = retrySlot {
+            retrySlot = nil
+            load.retries.wrappingDecrement(ordering: .relaxed)
+        }
         if let slot = deadlineSlot {
             deadlineSlot = nil
             loop.deadlines.release(slot)
         }
-        let elapsed = NIODeadline.now() - request.startTime
+        let now = NIODeadline.now()
+        let elapsed = now - request.startTime
+        if let cluster = request.cluster, let detector = cluster.outlier, let policy = cluster.config.outlierDetection,
+            let index = request.endpointIndex
+        {
+            // What the endpoint did: a 5xx answer, or a connection refused, reset or timed out.
+            // Decisions of the proxy itself (overflow) and clients leaving say nothing about it.
+            let failed: Bool?
+            switch request.error?.token {
+            case nil: failed = (request.responseStatus?.code ?? 0) >= 500
+            case "upstream_connect_failure", "upstream_reset", "upstream_protocol_error", "timeout": failed = true
+            default: failed = nil
+            }
+            if let failed {
+                detector.finished(
+                    cluster.outlierRecords[index],
+                    failed: failed,
+                    cluster: cluster,
+                    policy: policy,
+                    now: now.uptimeNanoseconds
+                )
+            }
+        }
         if let cluster = request.cluster {
             if let status = request.responseStatus, request.error == nil || request.endpointIndex != nil {
                 cluster.stats.recordResponse(status)

@@ -42,7 +42,7 @@ final class UpstreamPool {
         while var stack = idle[endpoint.key], let candidate = stack.popLast() {
             idle[endpoint.key] = stack
             if candidate.isActive && now - candidate.idleSince < idleTimeout {
-                exchange.attach(candidate)
+                exchange.attach(candidate, try: exchange.currentTry)
                 return
             }
             candidate.close()
@@ -109,13 +109,14 @@ final class UpstreamPool {
         } else {
             future = bootstrap.connect(host: endpoint.config.address.host, port: endpoint.config.address.port)
         }
+        let attempt = exchange.currentTry
         future.assumeIsolated().whenComplete { result in
             load.pending.wrappingDecrement(ordering: .relaxed)
             switch result {
-            case .success: exchange.attach(connection)
+            case .success: exchange.attach(connection, try: attempt)
             case .failure(let error):
                 connection.releaseLoad()
-                exchange.connectFailed(error)
+                exchange.connectFailed(error, try: attempt)
             }
         }
     }

@@ -24,18 +24,29 @@ final class ClusterRuntime: Sendable {
     /// passthrough cluster (it stands for every destination the machine's programs dial).
     let limits: CircuitBreakers
     let rateLimiter: RateLimiter?
+    /// With outlier detection: the detector and each endpoint's record, by endpoint index.
+    let outlier: OutlierDetector?
+    let outlierRecords: [EndpointRecord]
 
     init(
         index: Int,
         config: ClusterConfig,
         stats: ClusterStats,
         load: ClusterLoad,
-        rateLimiter: RateLimiter? = nil
+        rateLimiter: RateLimiter? = nil,
+        outlier: OutlierDetector? = nil
     ) {
         self.index = index
         self.config = config
         self.load = load
         self.rateLimiter = rateLimiter
+        if config.outlierDetection != nil, let outlier {
+            self.outlier = outlier
+            self.outlierRecords = config.endpoints.map { outlier.record($0.address.description) }
+        } else {
+            self.outlier = nil
+            self.outlierRecords = []
+        }
         let unlimited = CircuitBreakers.maxLimit
         self.limits =
             config.circuitBreakers

@@ -34,8 +34,20 @@ public final class LoadBalancingMiddleware: ProxyMiddleware {
             return nil
         }
         let balancer = loop.balancers[cluster.index]
-        guard let index = balancer.pick(headers: request.head.headers, rng: &loop.rng) else {
+        guard var index = balancer.pick(headers: request.head.headers, rng: &loop.rng) else {
             return .noHealthyUpstream("cluster '\(cluster.config.name)'")
+        }
+        if !cluster.outlierRecords.isEmpty {
+            // Ejected endpoints are skipped; if every pick lands on one (all out, or a hash that
+            // maps there), the request goes anyway rather than failing (Envoy's panic mode).
+            let now = NIODeadline.now().uptimeNanoseconds
+            var tries = 0
+            while cluster.outlierRecords[index].isEjected(now: now), tries < cluster.healthy.count * 2,
+                let next = balancer.pick(headers: request.head.headers, rng: &loop.rng)
+            {
+                index = next
+                tries += 1
+            }
         }
         request.balancer = balancer
         request.endpointIndex = index

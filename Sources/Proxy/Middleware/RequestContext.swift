@@ -19,6 +19,8 @@ public final class RequestContext {
     public internal(set) var timeout: Duration?
     /// Set by routing: the route's rate limit, if it has one.
     var routeRateLimiter: RateLimiter?
+    /// Set by routing: the route's retry policy, if it has one.
+    var retryPolicy: RetryPolicy?
     /// Set by the circuit breaker: the cluster load whose request count this request holds.
     var heldRequestSlot: ClusterLoad?
     /// Set by routing: the cluster picked among the route's weighted clusters.

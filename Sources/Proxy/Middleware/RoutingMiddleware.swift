@@ -33,6 +33,7 @@ public final class RoutingMiddleware: ProxyMiddleware {
         request.routeName = route.name
         request.timeout = route.target.timeout
         request.routeRateLimiter = route.target.rateLimiter
+        request.retryPolicy = route.target.retryPolicy
         let clusterIndex = route.target.pickCluster(using: &loop.rng)
         let cluster = snapshot.clusters[clusterIndex]
         request.cluster = cluster

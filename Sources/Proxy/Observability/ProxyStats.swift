@@ -87,6 +87,8 @@ final class ClusterStats: Sendable {
     let overflowPending: Counter
     let overflowRequests: Counter
     let overflowRetries: Counter
+    /// `trellis_upstream_retries_total{cluster}`: tries after the first.
+    let retries: Counter
 
     init(name: String, factory: any MetricsFactory) {
         func overflow(_ limit: String) -> Counter {
@@ -100,6 +102,7 @@ final class ClusterStats: Sendable {
         overflowPending = overflow("max_pending_requests")
         overflowRequests = overflow("max_requests")
         overflowRetries = overflow("max_retries")
+        retries = Counter(label: "trellis_upstream_retries_total", dimensions: [("cluster", name)], factory: factory)
         requests = (1...5).map { c in
             Counter(
                 label: "trellis_upstream_requests_total",

@@ -118,6 +118,7 @@ public final class ResilienceState: Sendable {
     private let factory: any MetricsFactory
     private let limiters = NIOLockedValueBox<[String: RateLimiter]>([:])
     private let loads = NIOLockedValueBox<[String: ClusterLoad]>([:])
+    private let detectors = NIOLockedValueBox<[String: OutlierDetector]>([:])
 
     init(factory: any MetricsFactory) {
         self.factory = factory
@@ -129,6 +130,16 @@ public final class ResilienceState: Sendable {
             if let existing = all[scope], existing.limit == limit { return existing }
             let fresh = RateLimiter(limit, scope: scope, factory: factory)
             all[scope] = fresh
+            return fresh
+        }
+    }
+
+    /// The cluster's outlier detector: its endpoints' records outlive snapshots.
+    func detector(cluster: String) -> OutlierDetector {
+        detectors.withLockedValue { all in
+            if let existing = all[cluster] { return existing }
+            let fresh = OutlierDetector(cluster: cluster, factory: factory)
+            all[cluster] = fresh
             return fresh
         }
     }

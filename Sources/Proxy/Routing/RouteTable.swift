@@ -173,9 +173,11 @@ struct RouteTarget: Sendable {
     let timeout: Duration?
     let routeName: String
     let rateLimiter: RateLimiter?
+    let retryPolicy: RetryPolicy?
 
     init(route: Route, clusterIndex: [String: Int], rateLimiter: RateLimiter? = nil) {
         self.rateLimiter = rateLimiter
+        self.retryPolicy = route.action.retryPolicy
         self.clusters = route.action.clusters.compactMap { target in
             clusterIndex[target.name].map { (index: $0, weight: target.weight) }
         }

@@ -1,5 +1,7 @@
+import Atomics
 import FoundationEssentials
 public import Logging
+import NIOConcurrencyHelpers
 public import NIOCore
 import NIOHTTP1
 import NIOPosix
@@ -120,7 +122,10 @@ final class AdminHandler: ChannelInboundHandler {
             let encoder = JSONEncoder()
             encoder.outputFormatting = [.prettyPrinted, .sortedKeys]
             do {
-                let data = try encoder.encode(ConfigDump(config: proxy.store.snapshot.config, extra: dumpExtra?()))
+                let snapshot = proxy.store.snapshot
+                let data = try encoder.encode(
+                    ConfigDump(config: snapshot.config, outliers: Self.ejections(snapshot), extra: dumpExtra?())
+                )
                 return (.ok, "application/json", String(decoding: data, as: UTF8.self) + "\n")
             } catch {
                 return (.internalServerError, "text/plain", "cannot encode configuration: \(error)\n")
@@ -131,13 +136,52 @@ final class AdminHandler: ChannelInboundHandler {
     }
 }
 
+extension AdminHandler {
+    /// The endpoints outlier detection has taken out now, by cluster.
+    static func ejections(_ snapshot: ProxySnapshot) -> [String: [ConfigDump.Ejection]] {
+        let now = NIODeadline.now().uptimeNanoseconds
+        var result: [String: [ConfigDump.Ejection]] = [:]
+        for cluster in snapshot.clusters where !cluster.outlierRecords.isEmpty {
+            var out: [ConfigDump.Ejection] = []
+            for record in cluster.outlierRecords {
+                let until = record.ejectedUntil.load(ordering: .relaxed)
+                guard until > now else { continue }
+                let ejections = record.history.withLockedValue { $0.ejections }
+                out.append(
+                    .init(
+                        endpoint: record.address,
+                        secondsLeft: Double((until - now) / 1_000_000) / 1000,
+                        ejections: ejections
+                    )
+                )
+            }
+            result[cluster.config.name] = out
+        }
+        return result
+    }
+}
+
 @available(*, unavailable)
 extension AdminHandler: Sendable {}
 
-/// The configuration's own keys, plus one more (`xds`) when the executable provides it.
+/// The configuration's own keys, the endpoints ejected now (`outlier_ejections`, by cluster,
+/// for clusters with outlier detection), plus one more (`xds`) when the executable provides it.
 struct ConfigDump: Encodable {
     let config: ProxyConfig
+    let outliers: [String: [Ejection]]
     let extra: (key: String, value: any Encodable & Sendable)?
+
+    struct Ejection: Encodable {
+        let endpoint: String
+        let secondsLeft: Double
+        /// Recent ejections of this endpoint (the multiplier of the base ejection time).
+        let ejections: Int
+
+        enum CodingKeys: String, CodingKey {
+            case endpoint, ejections
+            case secondsLeft = "seconds_left"
+        }
+    }
 
     struct Key: CodingKey {
         var stringValue: String
@@ -148,9 +192,8 @@ struct ConfigDump: Encodable {
 
     func encode(to encoder: any Encoder) throws {
         try config.encode(to: encoder)
-        if let extra {
-            var container = encoder.container(keyedBy: Key.self)
-            try container.encode(extra.value, forKey: Key(stringValue: extra.key))
-        }
+        var container = encoder.container(keyedBy: Key.self)
+        if !outliers.isEmpty { try container.encode(outliers, forKey: Key(stringValue: "outlier_ejections")) }
+        if let extra { try container.encode(extra.value, forKey: Key(stringValue: extra.key)) }
     }
 }

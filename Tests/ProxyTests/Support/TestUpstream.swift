@@ -12,9 +12,20 @@ import NIOPosix
 /// - `/bytes/<n>`: 200 with `n` bytes of `x`, chunked, written in 64 KiB pieces as the socket drains;
 /// - anything else: 200 with body `<name>`.
 /// Every response carries `x-upstream: <name>`; the heads it received are kept for assertions.
+/// ``failing(with:)`` makes it answer every request with one status until told otherwise;
+/// ``failing(with:whenCountIn:)`` only requests whose number (0, 1, …, mod 10) is in a set;
+/// ``delaying(_:)`` answers every request late.
 final class TestUpstream: Sendable {
+    enum Behavior: Sendable {
+        case normal
+        case status(Int)
+        case statusFor(Int, Set<Int>)
+        case delay(Int64)
+    }
+
     let name: String
     let port: Int
+    private let failure: NIOLockedValueBox<Behavior>
     private let channel: any Channel
     private let received: NIOLockedValueBox<[HTTPRequestHead]>
     private let aborted: NIOLockedValueBox<Int>
@@ -27,10 +38,21 @@ final class TestUpstream: Sendable {
     /// Connections accepted so far.
     var connections: Int { accepted.withLockedValue { $0 } }
 
+    /// From now on every request gets `status` (`nil`: back to normal).
+    func failing(with status: Int?) { failure.withLockedValue { $0 = status.map { .status($0) } ?? .normal } }
+    /// From now on the requests numbered n (counting all requests received, from 0) with
+    /// n mod 10 in `share` get `status`; the others are answered as usual.
+    func failing(with status: Int, whenCountIn share: Set<Int>) {
+        failure.withLockedValue { $0 = .statusFor(status, share) }
+    }
+    /// From now on every request is answered (200) after `ms` milliseconds.
+    func delaying(_ ms: Int64) { failure.withLockedValue { $0 = .delay(ms) } }
+
     static func start(name: String, group: any EventLoopGroup) async throws -> TestUpstream {
         let received = NIOLockedValueBox<[HTTPRequestHead]>([])
         let aborted = NIOLockedValueBox<Int>(0)
         let accepted = NIOLockedValueBox<Int>(0)
+        let failure = NIOLockedValueBox<Behavior>(.normal)
         let channel = try await ServerBootstrap(group: group)
             .serverChannelOption(.socketOption(.so_reuseaddr), value: 1)
             .childChannelInitializer { channel in
@@ -38,12 +60,19 @@ final class TestUpstream: Sendable {
                 return channel.eventLoop.makeCompletedFuture {
                     try channel.pipeline.syncOperations.configureHTTPServerPipeline()
                     try channel.pipeline.syncOperations.addHandler(
-                        Handler(name: name, received: received, aborted: aborted)
+                        Handler(name: name, received: received, aborted: aborted, failure: failure)
                     )
                 }
             }
             .bind(host: "127.0.0.1", port: 0).get()
-        return TestUpstream(name: name, channel: channel, received: received, aborted: aborted, accepted: accepted)
+        return TestUpstream(
+            name: name,
+            channel: channel,
+            received: received,
+            aborted: aborted,
+            accepted: accepted,
+            failure: failure
+        )
     }
 
     private init(
@@ -51,8 +80,10 @@ final class TestUpstream: Sendable {
         channel: any Channel,
         received: NIOLockedValueBox<[HTTPRequestHead]>,
         aborted: NIOLockedValueBox<Int>,
-        accepted: NIOLockedValueBox<Int>
+        accepted: NIOLockedValueBox<Int>,
+        failure: NIOLockedValueBox<Behavior>
     ) {
+        self.failure = failure
         self.name = name
         self.channel = channel
         self.port = channel.localAddress!.port!
@@ -72,12 +103,19 @@ final class TestUpstream: Sendable {
         let name: String
         let received: NIOLockedValueBox<[HTTPRequestHead]>
         let aborted: NIOLockedValueBox<Int>
+        let failure: NIOLockedValueBox<Behavior>
         var head: HTTPRequestHead?
         var bodyBytes = 0
         /// A complete request whose response has not been written yet (e.g. `/delay`).
         var awaitingResponse = false
 
-        init(name: String, received: NIOLockedValueBox<[HTTPRequestHead]>, aborted: NIOLockedValueBox<Int>) {
+        init(
+            name: String,
+            received: NIOLockedValueBox<[HTTPRequestHead]>,
+            aborted: NIOLockedValueBox<Int>,
+            failure: NIOLockedValueBox<Behavior>
+        ) {
+            self.failure = failure
             self.name = name
             self.received = received
             self.aborted = aborted
@@ -101,7 +139,24 @@ final class TestUpstream: Sendable {
                 self.head = nil
                 awaitingResponse = true
                 let path = head.uri.split(separator: "?").first.map(String.init) ?? head.uri
-                if path == "/last" {
+                let number = received.withLockedValue { $0.count } - 1
+                let behavior = failure.withLockedValue { $0 }
+                var override: Int?
+                switch behavior {
+                case .normal: break
+                case .status(let status): override = status
+                case .statusFor(let status, let share): if share.contains(number % 10) { override = status }
+                case .delay(let ms):
+                    let bound = NIOLoopBound((self, context), eventLoop: context.eventLoop)
+                    context.eventLoop.scheduleTask(in: .milliseconds(ms)) {
+                        let (handler, context) = bound.value
+                        handler.respond(context: context, head: head, status: .ok, body: handler.name)
+                    }
+                    return
+                }
+                if let status = override {
+                    respond(context: context, head: head, status: .init(statusCode: status), body: name)
+                } else if path == "/last" {
                     // Answers, says so, and closes: the connection must not be reused.
                     awaitingResponse = false
                     var headers = HTTPHeaders()
