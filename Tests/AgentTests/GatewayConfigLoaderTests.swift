@@ -163,6 +163,99 @@ import TrellisConfig
         }
     }
 
+    @Test func retryPoliciesAndOutlierDetectionLoad() throws {
+        let yaml = valid.replacingOccurrences(
+            of: "route: {cluster: c}",
+            with: """
+                route:
+                                  cluster: c
+                                  retry_policy:
+                                    retry_on: [5xx, retriable-status-codes]
+                                    num_retries: 2
+                                    retriable_status_codes: [409]
+                                    per_try_timeout: 500ms
+                                    backoff: {base: 10ms, max: 100ms}
+                                    budget: {percent: 50}
+                """
+        ).replacingOccurrences(
+            of: "    endpoints:",
+            with: "    outlier_detection: {consecutive_errors: 3, success_rate: {request_volume: 20}}\n    endpoints:"
+        )
+        let file = try GatewayConfigLoader.parse(yaml: yaml, file: "gw.yaml")
+        let retry = try #require(file.proxy.listeners[0].virtualHosts[0].routes[0].action.retryPolicy)
+        #expect(retry.retryOn == [.serverError, .retriableStatusCodes])
+        #expect(retry.numRetries == 2)
+        #expect(retry.retriableStatusCodes == [409])
+        #expect(retry.perTryTimeout == .milliseconds(500))
+        #expect(retry.backoffBase == .milliseconds(10) && retry.backoffMax == .milliseconds(100))
+        #expect(retry.budgetPercent == 50 && retry.minRetryConcurrency == 3)
+        let outlier = try #require(file.proxy.clusters[0].outlierDetection)
+        #expect(outlier.consecutiveErrors == 3)
+        #expect(outlier.successRate == .init(minimumHosts: 5, requestVolume: 20, stdevFactor: 1.9))
+        #expect(outlier.baseEjectionTime == .seconds(30))
+        _ = try ProxySnapshot(file.proxy, stats: ProxyStats())
+    }
+
+    @Test func badRetryPoliciesAndOutlierDetectionNameTheKey() {
+        let route = "route: {cluster: c}"
+        let cases: [(String, String)] = [
+            (
+                "route: {cluster: c, retry_policy: {retry_on: [sometimes]}}",
+                "route.retry_policy.retry_on[0]: expected one of connect-failure"
+            ),
+            (
+                "route: {cluster: c, retry_policy: {retry_on: []}}",
+                "route.retry_policy.retry_on: expected at least one condition"
+            ),
+            (
+                "route: {cluster: c, retry_policy: {num_retries: 11}}",
+                "route.retry_policy.num_retries: expected an integer in 0...10"
+            ),
+            (
+                "route: {cluster: c, retry_policy: {retry_on: [retriable-status-codes]}}",
+                "retriable-status-codes needs retriable_status_codes"
+            ),
+            (
+                "route: {cluster: c, retry_policy: {retriable_status_codes: [700]}}",
+                "route.retry_policy.retriable_status_codes[0]: expected an integer in 100...599"
+            ),
+            (
+                "route: {cluster: c, retry_policy: {backoff: {base: 1s, max: 10ms}}}",
+                "route.retry_policy.backoff: expected 0 < base <= max <= 60s"
+            ),
+            (
+                "route: {cluster: c, retry_policy: {per_try_timeout: 0s}}",
+                "route.retry_policy.per_try_timeout: expected a positive duration"
+            ),
+        ]
+        for (to, expected) in cases {
+            let found = errors(valid.replacingOccurrences(of: route, with: to))
+            #expect(found.contains { $0.contains(expected) }, "for \(to): \(found)")
+        }
+        let outliers: [(String, String)] = [
+            (
+                "outlier_detection: {consecutive_errors: 0}",
+                "clusters[0].outlier_detection.consecutive_errors: expected an integer in 1...1000000"
+            ),
+            (
+                "outlier_detection: {max_ejection_percent: 101}",
+                "clusters[0].outlier_detection.max_ejection_percent: expected an integer in 0...100"
+            ),
+            (
+                "outlier_detection: {base_ejection_time: 0s}",
+                "clusters[0].outlier_detection.base_ejection_time: expected a duration above 0"
+            ),
+            (
+                "outlier_detection: {success_rate: {stdev: 2}}",
+                "clusters[0].outlier_detection.success_rate.stdev: unknown key"
+            ),
+        ]
+        for (to, expected) in outliers {
+            let found = errors(valid.replacingOccurrences(of: "    endpoints:", with: "    \(to)\n    endpoints:"))
+            #expect(found.contains { $0.contains(expected) }, "for \(to): \(found)")
+        }
+    }
+
     @Test func headerLimitAboveTheParserCeilingIsRejected() {
         let yaml = valid.replacingOccurrences(
             of: "    address: 127.0.0.1:0",
