@@ -19,9 +19,12 @@ command -v valgrind >/dev/null || { echo "agent-order: needs valgrind (scripts/b
 
 bash scripts/build-release.sh trellis-agent
 bin="$root/.build-static/release"
-# Pilot only serves the agents here: its debug build will do.
-swift build --product trellis-pilot
-pilot="$root/.build/debug/trellis-pilot"
+# Pilot only serves the agents here: its debug build will do (or PILOT_BIN, any build of it).
+pilot=${PILOT_BIN:-}
+if [ -z "$pilot" ]; then
+  swift build --product trellis-pilot
+  pilot="$root/.build/debug/trellis-pilot"
+fi
 
 tag=$$
 hub="trellis-order-hub-$tag" vma="trellis-order-a-$tag" vmb="trellis-order-b-$tag"

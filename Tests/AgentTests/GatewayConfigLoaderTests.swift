@@ -228,7 +228,22 @@ import TrellisConfig
                 "route.retry_policy.per_try_timeout: expected a positive duration"
             ),
         ]
-        for (to, expected) in cases {
+        let faults: [(String, String)] = [
+            ("route: {cluster: c, fault: {}}", "route.fault: expected a delay or an abort_status"),
+            (
+                "route: {cluster: c, fault: {abort_status: 99}}",
+                "route.fault.abort_status: expected an integer in 200...599"
+            ),
+            (
+                "route: {cluster: c, fault: {abort_percent: 5}}",
+                "route.fault.abort_percent: abort_percent needs an abort_status"
+            ),
+            (
+                "route: {cluster: c, fault: {delay: 1s, delay_percent: 150}}",
+                "route.fault.delay_percent: expected a number above 0 and at most 100"
+            ),
+        ]
+        for (to, expected) in cases + faults {
             let found = errors(valid.replacingOccurrences(of: route, with: to))
             #expect(found.contains { $0.contains(expected) }, "for \(to): \(found)")
         }

@@ -822,3 +822,79 @@ import TrellisTestSupport
         )
     }
 }
+
+/// Faults injected on purpose by a route.
+@Suite struct FaultInjectionTests {
+    let group = MultiThreadedEventLoopGroup.singleton
+
+    private func config(
+        _ upstream: TestUpstream,
+        _ fault: FaultInjection,
+        timeout: Duration = .seconds(5)
+    ) -> ProxyConfig {
+        gatewayConfig(
+            virtualHosts: [
+                VirtualHost(
+                    name: "all",
+                    domains: ["*"],
+                    routes: [
+                        Route(
+                            name: "all",
+                            match: RouteMatch(),
+                            action: RouteAction(clusters: [.init(name: "alpha")], timeout: timeout, fault: fault)
+                        )
+                    ]
+                )
+            ],
+            clusters: [ClusterConfig(name: "alpha", endpoints: [endpoint(upstream)])]
+        )
+    }
+
+    @Test func abortsTheGivenShareWithTheGivenStatus() async throws {
+        let a = try await TestUpstream.start(name: "alpha", group: group)
+        defer { Task { await a.stop() } }
+        let proxy = try await ProxyHarness.start(
+            config(a, FaultInjection(abortStatus: 418, abortPercent: 50)),
+            group: group
+        )
+        defer { Task { await proxy.stop() } }
+        let client = try await TestHTTPClient.connect(port: proxy.port, group: group)
+        var aborted = 0
+        for _ in 0..<200 {
+            let r = try await client.request(.GET, "/")
+            if r.status.code == 418 {
+                aborted += 1
+                #expect(r.body == "fault_abort\n")
+            } else {
+                #expect(r.status == .ok)
+            }
+        }
+        await client.close()
+        // 50 % of 200: 100 expected; 65...135 holds with overwhelming probability.
+        #expect((65...135).contains(aborted), "\(aborted) aborted")
+        #expect(a.requestCount == 200 - aborted, "aborted requests never reach the upstream")
+        #expect(try await proxy.metric("trellis_errors_total{token=\"fault_abort\"}", group: group) == Double(aborted))
+    }
+
+    @Test func delaysRequestsWithinTheRouteTimeout() async throws {
+        let a = try await TestUpstream.start(name: "alpha", group: group)
+        defer { Task { await a.stop() } }
+        let proxy = try await ProxyHarness.start(
+            config(a, FaultInjection(delay: .milliseconds(400), delayPercent: 100)),
+            group: group
+        )
+        defer { Task { await proxy.stop() } }
+        let started = ContinuousClock.now
+        let r = try await TestHTTPClient.get(port: proxy.port, "/", group: group)
+        #expect(r.status == .ok)
+        #expect(ContinuousClock.now - started >= .milliseconds(400))
+        // A delay longer than the route's timeout: the client gets 504 and the upstream nothing.
+        try await proxy.apply(
+            config(a, FaultInjection(delay: .seconds(2), delayPercent: 100), timeout: .milliseconds(300))
+        )
+        let late = try await TestHTTPClient.get(port: proxy.port, "/", group: group)
+        #expect(late.status == .gatewayTimeout)
+        try await Task.sleep(for: .seconds(2))
+        #expect(a.requestCount == 1)
+    }
+}

@@ -158,7 +158,9 @@ public enum GatewayConfigLoader {
             }
         }
         let actionNode = try keys.required("route", in: node)
-        let a = try actionNode.mapping(allowed: ["cluster", "clusters", "timeout", "rate_limit", "retry_policy"])
+        let a = try actionNode.mapping(allowed: [
+            "cluster", "clusters", "timeout", "rate_limit", "retry_policy", "fault",
+        ])
         var targets: [WeightedCluster] = []
         switch (a["cluster"], a["clusters"]) {
         case (let single?, nil):
@@ -191,7 +193,8 @@ public enum GatewayConfigLoader {
                 clusters: targets,
                 timeout: timeout,
                 rateLimit: try a["rate_limit"].map(rateLimit),
-                retryPolicy: try a["retry_policy"].map(retryPolicy)
+                retryPolicy: try a["retry_policy"].map(retryPolicy),
+                fault: try a["fault"].map(fault)
             )
         )
     }
@@ -253,6 +256,33 @@ public enum GatewayConfigLoader {
             o.successRate = rate
         }
         return o
+    }
+
+    /// `{delay: 2s, delay_percent: 10, abort_status: 503, abort_percent: 5}`.
+    static func fault(_ node: ConfigNode) throws(ConfigFileError) -> FaultInjection {
+        let keys = try node.mapping(allowed: ["delay", "delay_percent", "abort_status", "abort_percent"])
+        var f = FaultInjection()
+        func percent(_ key: String) throws(ConfigFileError) -> Double {
+            guard let n = keys[key] else { return 100 }
+            if case .scalar(let s) = n.node, s.string == "0" { return 0 }
+            return try n.number(above: 0, atMost: 100)
+        }
+        if let n = keys["delay"] {
+            let d = try n.duration()
+            guard d > .zero, d <= .seconds(3600) else { throw n.error("expected a duration above 0 and at most 1h") }
+            f.delay = d
+            f.delayPercent = try percent("delay_percent")
+        } else if let n = keys["delay_percent"] {
+            throw n.error("delay_percent needs a delay")
+        }
+        if let n = keys["abort_status"] {
+            f.abortStatus = try n.int(in: 200...599)
+            f.abortPercent = try percent("abort_percent")
+        } else if let n = keys["abort_percent"] {
+            throw n.error("abort_percent needs an abort_status")
+        }
+        guard f.delay != nil || f.abortStatus != nil else { throw node.error("expected a delay or an abort_status") }
+        return f
     }
 
     /// `{retry_on: [connect-failure, reset, gateway-error, 5xx, retriable-status-codes],

@@ -145,6 +145,24 @@ extension ProxyConfig {
                         fail("\(rpath).route.timeout", "expected a positive duration")
                     }
                     if let limit = route.action.rateLimit { checkRateLimit(limit, path: "\(rpath).route.rate_limit") }
+                    if let fault = route.action.fault {
+                        let fpath = "\(rpath).route.fault"
+                        for (key, value) in [
+                            ("delay_percent", fault.delayPercent), ("abort_percent", fault.abortPercent),
+                        ]
+                        where !(value >= 0 && value <= 100) {
+                            fail("\(fpath).\(key)", "expected a percentage in 0...100, got \(value)")
+                        }
+                        if let d = fault.delay, d <= .zero || d > .seconds(3600) {
+                            fail("\(fpath).delay", "expected a duration above 0 and at most 1h")
+                        }
+                        if let status = fault.abortStatus, !(200...599).contains(status) {
+                            fail("\(fpath).abort_status", "expected a status in 200...599, got \(status)")
+                        }
+                        if fault.delay == nil && fault.abortStatus == nil {
+                            fail(fpath, "expected a delay or an abort_status")
+                        }
+                    }
                     if let retry = route.action.retryPolicy {
                         let ppath = "\(rpath).route.retry_policy"
                         if retry.retryOn.isEmpty { fail("\(ppath).retry_on", "expected at least one condition") }

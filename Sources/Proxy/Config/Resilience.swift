@@ -215,3 +215,28 @@ public struct RetryPolicy: Sendable, Hashable, Codable {
         return retryOn.contains(.retriableStatusCodes) && retriableStatusCodes.contains(status)
     }
 }
+
+/// Faults a route injects on purpose, so that its users can see how their callers cope: a delay
+/// before the request goes upstream, or an answer with an error status instead of the upstream's.
+/// Each applies to the given percentage of the route's requests, drawn independently.
+public struct FaultInjection: Sendable, Hashable, Codable {
+    public var delay: Duration?
+    public var delayPercent: Double
+    /// The status aborted requests get (body `fault_abort`).
+    public var abortStatus: Int?
+    public var abortPercent: Double
+
+    public init(delay: Duration? = nil, delayPercent: Double = 0, abortStatus: Int? = nil, abortPercent: Double = 0) {
+        self.delay = delay
+        self.delayPercent = delayPercent
+        self.abortStatus = abortStatus
+        self.abortPercent = abortPercent
+    }
+
+    enum CodingKeys: String, CodingKey {
+        case delay
+        case delayPercent = "delay_percent"
+        case abortStatus = "abort_status"
+        case abortPercent = "abort_percent"
+    }
+}

@@ -65,13 +65,17 @@ public struct RouteAction: Sendable, Hashable, Codable {
     public var rateLimit: RateLimit?
     /// Retries of failed tries; `nil`: none.
     public var retryPolicy: RetryPolicy?
+    /// Delays and aborts injected on purpose; `nil`: none.
+    public var fault: FaultInjection?
 
     public init(
         clusters: [WeightedCluster],
         timeout: Duration? = .seconds(15),
         rateLimit: RateLimit? = nil,
-        retryPolicy: RetryPolicy? = nil
+        retryPolicy: RetryPolicy? = nil,
+        fault: FaultInjection? = nil
     ) {
+        self.fault = fault
         self.clusters = clusters
         self.timeout = timeout
         self.rateLimit = rateLimit
@@ -82,6 +86,7 @@ public struct RouteAction: Sendable, Hashable, Codable {
         case clusters, timeout
         case rateLimit = "rate_limit"
         case retryPolicy = "retry_policy"
+        case fault
     }
 }
 

@@ -16,6 +16,7 @@ public struct ProxyError: Error, Hashable, Sendable, CustomStringConvertible {
         case clientDisconnect = "client_disconnect"
         case overflow
         case rateLimited = "rate_limited"
+        case faultAbort = "fault_abort"
     }
 
     private let code: Code
@@ -77,6 +78,10 @@ public struct ProxyError: Error, Hashable, Sendable, CustomStringConvertible {
     }
     /// A circuit breaker limit was reached (503).
     public static func overflow(_ detail: String = "") -> Self { .init(.overflow, .serviceUnavailable, detail) }
+    /// The route's fault injection aborted the request, with the status it names.
+    public static func faultAbort(status: Int, _ detail: String = "") -> Self {
+        .init(.faultAbort, HTTPResponseStatus(statusCode: status), detail)
+    }
     /// A rate limit was reached (429); `retryAfter` seconds until the limit lets a request in.
     public static func rateLimited(_ detail: String = "", retryAfter: Int = 1) -> Self {
         .init(.rateLimited, .tooManyRequests, detail, retryAfter: retryAfter)

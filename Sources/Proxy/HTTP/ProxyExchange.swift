@@ -103,6 +103,17 @@ final class ProxyExchange {
         let upstreamHead = HeaderRewriting.upstreamRequest(request.head, clientIP: request.clientIP)
         pending.append(.head(upstreamHead))
         if request.retryPolicy != nil { retained = [.head(upstreamHead)] }
+        if let delay = request.faultDelay {
+            // Injected delay: the request waits (its body held as while connecting), within the
+            // route's timeout, then goes upstream.
+            let bound = NIOLoopBound(self, eventLoop: loop.eventLoop)
+            loop.eventLoop.scheduleTask(in: TimeAmount(delay)) {
+                let exchange = bound.value
+                guard case .connecting = exchange.state, !exchange.attached else { return }
+                exchange.startTry(endpoint: endpoint, cluster: cluster)
+            }
+            return
+        }
         startTry(endpoint: endpoint, cluster: cluster)
     }
 

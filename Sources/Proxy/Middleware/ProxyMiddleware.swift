@@ -35,10 +35,11 @@ public final class LoopResources {
 @available(*, unavailable)
 extension LoopResources: Sendable {}
 
-/// The standard chain: routing, rate limits, circuit breaker, then load balancing.
+/// The standard chain: routing, rate limits, fault injection, circuit breaker, then load
+/// balancing. (Retries, timeouts and outlier detection act on the upstream exchange itself.)
 public enum StandardMiddleware {
     public static let chain: [any ProxyMiddlewareFactory] = [
-        RoutingMiddleware.Factory(), RateLimitMiddleware.Factory(), CircuitBreakerMiddleware.Factory(),
-        LoadBalancingMiddleware.Factory(),
+        RoutingMiddleware.Factory(), RateLimitMiddleware.Factory(), FaultInjectionMiddleware.Factory(),
+        CircuitBreakerMiddleware.Factory(), LoadBalancingMiddleware.Factory(),
     ]
 }

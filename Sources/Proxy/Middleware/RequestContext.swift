@@ -21,6 +21,10 @@ public final class RequestContext {
     var routeRateLimiter: RateLimiter?
     /// Set by routing: the route's retry policy, if it has one.
     var retryPolicy: RetryPolicy?
+    /// Set by routing: the route's fault injection, if it has one.
+    var fault: FaultInjection?
+    /// Set by fault injection: how long to hold the request before it goes upstream.
+    var faultDelay: Duration?
     /// Set by the circuit breaker: the cluster load whose request count this request holds.
     var heldRequestSlot: ClusterLoad?
     /// Set by routing: the cluster picked among the route's weighted clusters.

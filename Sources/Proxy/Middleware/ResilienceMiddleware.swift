@@ -59,3 +59,35 @@ public final class CircuitBreakerMiddleware: ProxyMiddleware {
         }
     }
 }
+
+/// The route's fault injection: aborts a share of its requests with a status, delays a share
+/// (the delay itself happens in the exchange, before the request goes upstream).
+public final class FaultInjectionMiddleware: ProxyMiddleware {
+    public struct Factory: ProxyMiddlewareFactory {
+        public init() {}
+        public func makeMiddleware(_ snapshot: ProxySnapshot, _ loop: LoopResources) -> any ProxyMiddleware {
+            FaultInjectionMiddleware(loop: loop)
+        }
+    }
+
+    private let loop: LoopResources
+
+    init(loop: LoopResources) {
+        self.loop = loop
+    }
+
+    public func onRequest(_ request: RequestContext) -> ProxyError? {
+        guard let fault = request.fault else { return nil }
+        if let status = fault.abortStatus, fault.abortPercent > 0,
+            Double.random(in: 0..<100, using: &loop.rng) < fault.abortPercent
+        {
+            return .faultAbort(status: status, "route '\(request.routeName ?? "-")'")
+        }
+        if let delay = fault.delay, fault.delayPercent > 0,
+            Double.random(in: 0..<100, using: &loop.rng) < fault.delayPercent
+        {
+            request.faultDelay = delay
+        }
+        return nil
+    }
+}

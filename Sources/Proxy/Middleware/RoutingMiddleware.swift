@@ -34,6 +34,7 @@ public final class RoutingMiddleware: ProxyMiddleware {
         request.timeout = route.target.timeout
         request.routeRateLimiter = route.target.rateLimiter
         request.retryPolicy = route.target.retryPolicy
+        request.fault = route.target.fault
         let clusterIndex = route.target.pickCluster(using: &loop.rng)
         let cluster = snapshot.clusters[clusterIndex]
         request.cluster = cluster

@@ -174,10 +174,12 @@ struct RouteTarget: Sendable {
     let routeName: String
     let rateLimiter: RateLimiter?
     let retryPolicy: RetryPolicy?
+    let fault: FaultInjection?
 
     init(route: Route, clusterIndex: [String: Int], rateLimiter: RateLimiter? = nil) {
         self.rateLimiter = rateLimiter
         self.retryPolicy = route.action.retryPolicy
+        self.fault = route.action.fault
         self.clusters = route.action.clusters.compactMap { target in
             clusterIndex[target.name].map { (index: $0, weight: target.weight) }
         }
