@@ -271,6 +271,39 @@ import TrellisConfig
         }
     }
 
+    @Test func healthChecksLoadAndBadOnesNameTheKey() throws {
+        let good = valid.replacingOccurrences(
+            of: "    endpoints:",
+            with:
+                "    health_check: {http: {path: /healthz, expected_statuses: [200, \"300-302\"]}, interval: 2s, unhealthy_threshold: 1}\n    endpoints:"
+        )
+        let file = try GatewayConfigLoader.parse(yaml: good, file: "gw.yaml")
+        let check = try #require(file.proxy.clusters[0].healthCheck)
+        #expect(check.kind == .http(path: "/healthz", host: nil, expectedStatuses: [200...200, 300...302]))
+        #expect(check.interval == .seconds(2) && check.timeout == .seconds(1))
+        #expect(check.unhealthyThreshold == 1 && check.healthyThreshold == 2)
+        let cases: [(String, String)] = [
+            ("health_check: {interval: 1s}", "clusters[0].health_check: expected exactly one of http or tcp"),
+            (
+                "health_check: {http: {path: healthz}}",
+                "clusters[0].health_check.http.path: expected a path starting with '/'"
+            ),
+            (
+                "health_check: {http: {path: /h, expected_statuses: [\"299-200\"]}}",
+                "expected a status (200) or a range (200-299)"
+            ),
+            (
+                "health_check: {tcp: {}, interval: 1s, timeout: 2s}",
+                "clusters[0].health_check.timeout: expected a timeout no longer than the interval"
+            ),
+            ("health_check: {tcp: {port: 1}}", "clusters[0].health_check.tcp.port: unknown key"),
+        ]
+        for (to, expected) in cases {
+            let found = errors(valid.replacingOccurrences(of: "    endpoints:", with: "    \(to)\n    endpoints:"))
+            #expect(found.contains { $0.contains(expected) }, "for \(to): \(found)")
+        }
+    }
+
     @Test func headerLimitAboveTheParserCeilingIsRejected() {
         let yaml = valid.replacingOccurrences(
             of: "    address: 127.0.0.1:0",

@@ -227,6 +227,58 @@ public enum GatewayConfigLoader {
         return RateLimit(requestsPerSecond: rate, burst: burst, key: key)
     }
 
+    /// `{http: {path: /healthz, host: name, expected_statuses: [200, "200-299"]} | tcp: {},
+    /// interval: 5s, timeout: 1s, healthy_threshold: 2, unhealthy_threshold: 3}`.
+    static func healthCheck(_ node: ConfigNode) throws(ConfigFileError) -> Proxy.HealthCheck {
+        let keys = try node.mapping(allowed: [
+            "http", "tcp", "interval", "timeout", "healthy_threshold", "unhealthy_threshold",
+        ])
+        let kind: Proxy.HealthCheck.Kind
+        switch (keys["http"], keys["tcp"]) {
+        case (let http?, nil):
+            let h = try http.mapping(allowed: ["path", "host", "expected_statuses"])
+            let pathNode = try h.required("path", in: http)
+            let path = try pathNode.nonEmptyString()
+            guard path.hasPrefix("/") else { throw pathNode.error("expected a path starting with '/', got '\(path)'") }
+            var statuses: [ClosedRange<Int>] = [200...399]
+            if let list = h["expected_statuses"] {
+                statuses = []
+                for item in try list.sequence() {
+                    let text = try item.string()
+                    let parts = text.split(separator: "-", maxSplits: 1).map { Int($0.filter { $0 != " " }) }
+                    guard parts.count >= 1, parts.allSatisfy({ $0 != nil && (100...599).contains($0!) }),
+                        parts.count == 1 || parts[0]! <= parts[1]!
+                    else {
+                        throw item.error("expected a status (200) or a range (200-299) within 100...599, got '\(text)'")
+                    }
+                    statuses.append(parts[0]!...(parts.count == 2 ? parts[1]! : parts[0]!))
+                }
+                guard !statuses.isEmpty else { throw list.error("expected at least one status") }
+            }
+            kind = .http(path: path, host: try h["host"]?.nonEmptyString(), expectedStatuses: statuses)
+        case (nil, let tcp?):
+            _ = try tcp.mapping(allowed: [])
+            kind = .tcp
+        default:
+            throw node.error("expected exactly one of http or tcp")
+        }
+        var check = Proxy.HealthCheck(kind: kind)
+        func duration(_ key: String) throws(ConfigFileError) -> Duration? {
+            guard let n = keys[key] else { return nil }
+            let d = try n.duration()
+            guard d > .zero, d <= .seconds(3600) else { throw n.error("expected a duration above 0 and at most 1h") }
+            return d
+        }
+        if let d = try duration("interval") { check.interval = d }
+        if let d = try duration("timeout") { check.timeout = d }
+        if check.timeout > check.interval {
+            throw (keys["timeout"] ?? node).error("expected a timeout no longer than the interval")
+        }
+        if let n = keys["healthy_threshold"] { check.healthyThreshold = try n.int(in: 1...100) }
+        if let n = keys["unhealthy_threshold"] { check.unhealthyThreshold = try n.int(in: 1...100) }
+        return check
+    }
+
     /// `{consecutive_errors: 5, interval: 10s, base_ejection_time: 30s, max_ejection_time: 300s,
     /// max_ejection_percent: 10, success_rate: {minimum_hosts: 5, request_volume: 100,
     /// stdev_factor: 1.9}}`; keys not given keep these defaults, no `success_rate`: not judged.
@@ -355,7 +407,7 @@ public enum GatewayConfigLoader {
     private static func cluster(_ node: ConfigNode) throws(ConfigFileError) -> ClusterConfig {
         let keys = try node.mapping(allowed: [
             "name", "lb_policy", "ring_hash", "endpoints", "connect_timeout", "pool", "original_destination",
-            "circuit_breakers", "rate_limit", "outlier_detection",
+            "circuit_breakers", "rate_limit", "outlier_detection", "health_check",
         ])
         var policy = LoadBalancingPolicy.roundRobin
         if let p = keys["lb_policy"] {
@@ -421,7 +473,8 @@ public enum GatewayConfigLoader {
             originalDestination: originalDestination,
             circuitBreakers: try keys["circuit_breakers"].map(circuitBreakers),
             rateLimit: try keys["rate_limit"].map(rateLimit),
-            outlierDetection: try keys["outlier_detection"].map(outlierDetection)
+            outlierDetection: try keys["outlier_detection"].map(outlierDetection),
+            healthCheck: try keys["health_check"].map(healthCheck)
         )
     }
 }

@@ -16,6 +16,8 @@ public struct ClusterConfig: Sendable, Hashable, Codable {
     public var rateLimit: RateLimit?
     /// Takes failing endpoints out of load balancing for a while; `nil`: off.
     public var outlierDetection: OutlierDetection?
+    /// Probes the endpoints; those failing leave load balancing until they pass; `nil`: off.
+    public var healthCheck: HealthCheck?
 
     public init(
         name: String,
@@ -26,8 +28,10 @@ public struct ClusterConfig: Sendable, Hashable, Codable {
         originalDestination: Bool = false,
         circuitBreakers: CircuitBreakers? = nil,
         rateLimit: RateLimit? = nil,
-        outlierDetection: OutlierDetection? = nil
+        outlierDetection: OutlierDetection? = nil,
+        healthCheck: HealthCheck? = nil
     ) {
+        self.healthCheck = healthCheck
         self.outlierDetection = outlierDetection
         self.circuitBreakers = circuitBreakers
         self.rateLimit = rateLimit
@@ -47,6 +51,7 @@ public struct ClusterConfig: Sendable, Hashable, Codable {
         case circuitBreakers = "circuit_breakers"
         case rateLimit = "rate_limit"
         case outlierDetection = "outlier_detection"
+        case healthCheck = "health_check"
     }
 }
 

@@ -53,6 +53,29 @@ extension ProxyConfig {
                 }
             }
             if let limit = cluster.rateLimit { checkRateLimit(limit, path: "\(path).rate_limit") }
+            if let check = cluster.healthCheck {
+                let hpath = "\(path).health_check"
+                if check.interval <= .zero || check.interval > .seconds(3600) {
+                    fail("\(hpath).interval", "expected a duration above 0 and at most 1h")
+                }
+                if check.timeout <= .zero || check.timeout > check.interval {
+                    fail("\(hpath).timeout", "expected a duration above 0 and at most the interval")
+                }
+                for (key, value) in [
+                    ("healthy_threshold", check.healthyThreshold), ("unhealthy_threshold", check.unhealthyThreshold),
+                ] where !(1...100).contains(value) {
+                    fail("\(hpath).\(key)", "expected 1...100, got \(value)")
+                }
+                if case .http(let p, _, let statuses) = check.kind {
+                    if !p.hasPrefix("/") { fail("\(hpath).http.path", "expected a path starting with '/', got '\(p)'") }
+                    if statuses.isEmpty || statuses.contains(where: { $0.lowerBound < 100 || $0.upperBound > 599 }) {
+                        fail("\(hpath).http.expected_statuses", "expected statuses in 100...599")
+                    }
+                }
+                if cluster.originalDestination {
+                    fail("\(hpath)", "a passthrough (original_destination) cluster has no endpoints to check")
+                }
+            }
             if let outlier = cluster.outlierDetection {
                 let opath = "\(path).outlier_detection"
                 if !(1...1_000_000).contains(outlier.consecutiveErrors) {

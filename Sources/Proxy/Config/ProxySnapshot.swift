@@ -29,7 +29,12 @@ public final class ProxySnapshot: Sendable, AtomicReference {
                     rateLimiter: cluster.rateLimit.map {
                         stats.resilience.limiter(scope: "cluster \(cluster.name)", $0)
                     },
-                    outlier: cluster.outlierDetection.map { _ in stats.resilience.detector(cluster: cluster.name) }
+                    outlier: cluster.outlierDetection.map { _ in stats.resilience.detector(cluster: cluster.name) },
+                    health: cluster.healthCheck.map { _ in
+                        cluster.endpoints.map {
+                            stats.resilience.health(cluster: cluster.name, endpoint: $0.address.description)
+                        }
+                    }
                 )
             )
         }
@@ -60,6 +65,17 @@ public final class ProxySnapshot: Sendable, AtomicReference {
         self.clusterIndex = clusterIndex
         self.routeTables = tables
         self.portRouteTables = portTables
+    }
+
+    /// The scopes of the routes' rate limits.
+    var routeLimiterScopes: Set<String> {
+        var scopes = Set<String>()
+        for table in Array(routeTables.values) + portRouteTables.values.flatMap(\.values) {
+            for host in table.virtualHosts {
+                for route in host.routes { if let limiter = route.target.rateLimiter { scopes.insert(limiter.scope) } }
+            }
+        }
+        return scopes
     }
 }
 

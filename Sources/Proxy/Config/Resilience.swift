@@ -240,3 +240,42 @@ public struct FaultInjection: Sendable, Hashable, Codable {
         case abortPercent = "abort_percent"
     }
 }
+
+/// Active health checking of a cluster's endpoints: each is probed every `interval`; after
+/// `unhealthyThreshold` failed probes in a row it leaves the load balancer, after
+/// `healthyThreshold` good ones it comes back. New endpoints start in and are probed at once.
+public struct HealthCheck: Sendable, Hashable, Codable {
+    public enum Kind: Sendable, Hashable, Codable {
+        /// `GET path` (Host: `host`, else the cluster's name); good when the status is in
+        /// `expectedStatuses` (default 200...399).
+        case http(path: String, host: String?, expectedStatuses: [ClosedRange<Int>])
+        /// Good when a TCP connection is accepted.
+        case tcp
+    }
+
+    public var kind: Kind
+    public var interval: Duration
+    public var timeout: Duration
+    public var healthyThreshold: Int
+    public var unhealthyThreshold: Int
+
+    public init(
+        kind: Kind,
+        interval: Duration = .seconds(5),
+        timeout: Duration = .seconds(1),
+        healthyThreshold: Int = 2,
+        unhealthyThreshold: Int = 3
+    ) {
+        self.kind = kind
+        self.interval = interval
+        self.timeout = timeout
+        self.healthyThreshold = healthyThreshold
+        self.unhealthyThreshold = unhealthyThreshold
+    }
+
+    enum CodingKeys: String, CodingKey {
+        case kind, interval, timeout
+        case healthyThreshold = "healthy_threshold"
+        case unhealthyThreshold = "unhealthy_threshold"
+    }
+}

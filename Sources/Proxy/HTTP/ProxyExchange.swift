@@ -345,7 +345,7 @@ final class ProxyExchange {
         for _ in 0..<(cluster.healthy.count * 2) {
             guard let next = balancer.pick(headers: request.head.headers, rng: &loop.resources.rng) else { return }
             if next == previous { continue }
-            if !cluster.outlierRecords.isEmpty && cluster.outlierRecords[next].isEjected(now: now) { continue }
+            if !cluster.isAvailable(next, now: now) { continue }
             balancer.requestFinished(endpoint: previous)
             balancer.requestStarted(endpoint: next)
             request.endpointIndex = next

@@ -1,3 +1,4 @@
+import Atomics
 import NIOCore
 
 /// A cluster of the current snapshot, prepared for the hot path: endpoints with their socket
@@ -27,6 +28,8 @@ final class ClusterRuntime: Sendable {
     /// With outlier detection: the detector and each endpoint's record, by endpoint index.
     let outlier: OutlierDetector?
     let outlierRecords: [EndpointRecord]
+    /// With active health checks: each endpoint's record, by endpoint index.
+    let healthRecords: [EndpointHealth]
 
     init(
         index: Int,
@@ -34,8 +37,10 @@ final class ClusterRuntime: Sendable {
         stats: ClusterStats,
         load: ClusterLoad,
         rateLimiter: RateLimiter? = nil,
-        outlier: OutlierDetector? = nil
+        outlier: OutlierDetector? = nil,
+        health: [EndpointHealth]? = nil
     ) {
+        self.healthRecords = health ?? []
         self.index = index
         self.config = config
         self.load = load
@@ -72,4 +77,15 @@ final class ClusterRuntime: Sendable {
         }
         self.stats = stats
     }
+
+    /// Whether the endpoint at `index` may take a request now: not ejected by outlier detection
+    /// and not failing its health checks.
+    @inline(__always)
+    func isAvailable(_ index: Int, now: UInt64) -> Bool {
+        if !outlierRecords.isEmpty && outlierRecords[index].isEjected(now: now) { return false }
+        if !healthRecords.isEmpty && healthRecords[index].failing.load(ordering: .relaxed) { return false }
+        return true
+    }
+
+    var checksAvailability: Bool { !outlierRecords.isEmpty || !healthRecords.isEmpty }
 }

@@ -37,12 +37,13 @@ public final class LoadBalancingMiddleware: ProxyMiddleware {
         guard var index = balancer.pick(headers: request.head.headers, rng: &loop.rng) else {
             return .noHealthyUpstream("cluster '\(cluster.config.name)'")
         }
-        if !cluster.outlierRecords.isEmpty {
-            // Ejected endpoints are skipped; if every pick lands on one (all out, or a hash that
-            // maps there), the request goes anyway rather than failing (Envoy's panic mode).
+        if cluster.checksAvailability {
+            // Ejected and failing endpoints are skipped; if every pick lands on one (all out, or
+            // a hash that maps there), the request goes anyway rather than failing (Envoy's
+            // panic mode).
             let now = NIODeadline.now().uptimeNanoseconds
             var tries = 0
-            while cluster.outlierRecords[index].isEjected(now: now), tries < cluster.healthy.count * 2,
+            while !cluster.isAvailable(index, now: now), tries < cluster.healthy.count * 2,
                 let next = balancer.pick(headers: request.head.headers, rng: &loop.rng)
             {
                 index = next

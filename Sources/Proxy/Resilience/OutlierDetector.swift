@@ -62,6 +62,11 @@ final class OutlierDetector: Sendable {
         }
     }
 
+    /// Forgets the records of endpoints not in `addresses`.
+    func retain(_ addresses: Set<String>) {
+        records.withLockedValue { all in all = all.filter { addresses.contains($0.key) } }
+    }
+
     /// Called when a request to an endpoint of `cluster` finished.
     func finished(
         _ record: EndpointRecord,

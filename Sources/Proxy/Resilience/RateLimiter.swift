@@ -119,6 +119,7 @@ public final class ResilienceState: Sendable {
     private let limiters = NIOLockedValueBox<[String: RateLimiter]>([:])
     private let loads = NIOLockedValueBox<[String: ClusterLoad]>([:])
     private let detectors = NIOLockedValueBox<[String: OutlierDetector]>([:])
+    private let health = NIOLockedValueBox<[String: [String: EndpointHealth]]>([:])
 
     init(factory: any MetricsFactory) {
         self.factory = factory
@@ -142,6 +143,39 @@ public final class ResilienceState: Sendable {
             all[cluster] = fresh
             return fresh
         }
+    }
+
+    /// The active health record of an endpoint of a cluster.
+    func health(cluster: String, endpoint: String) -> EndpointHealth {
+        health.withLockedValue { all in
+            if let existing = all[cluster]?[endpoint] { return existing }
+            let fresh = EndpointHealth(address: endpoint)
+            all[cluster, default: [:]][endpoint] = fresh
+            return fresh
+        }
+    }
+
+    /// Forgets what belongs to clusters and endpoints no longer in `snapshot` (called when it is
+    /// applied; objects still used by requests in flight live on until they finish).
+    func prune(keeping snapshot: ProxySnapshot) {
+        var endpoints: [String: Set<String>] = [:]
+        for cluster in snapshot.clusters { endpoints[cluster.config.name] = Set(cluster.endpoints.map(\.key)) }
+        health.withLockedValue { all in
+            var kept: [String: [String: EndpointHealth]] = [:]
+            for (cluster, records) in all {
+                guard let current = endpoints[cluster] else { continue }
+                kept[cluster] = records.filter { current.contains($0.key) }
+            }
+            all = kept
+        }
+        detectors.withLockedValue { all in
+            all = all.filter { endpoints[$0.key] != nil }
+            for (cluster, detector) in all { detector.retain(endpoints[cluster]!) }
+        }
+        loads.withLockedValue { all in all = all.filter { endpoints[$0.key] != nil } }
+        let scopes = Set(snapshot.clusters.compactMap { $0.rateLimiter?.scope })
+            .union(snapshot.routeLimiterScopes)
+        limiters.withLockedValue { all in all = all.filter { scopes.contains($0.key) } }
     }
 
     func load(cluster: String) -> ClusterLoad {

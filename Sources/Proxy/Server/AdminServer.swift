@@ -124,7 +124,12 @@ final class AdminHandler: ChannelInboundHandler {
             do {
                 let snapshot = proxy.store.snapshot
                 let data = try encoder.encode(
-                    ConfigDump(config: snapshot.config, outliers: Self.ejections(snapshot), extra: dumpExtra?())
+                    ConfigDump(
+                        config: snapshot.config,
+                        outliers: Self.ejections(snapshot),
+                        failing: Self.failingHealthChecks(snapshot),
+                        extra: dumpExtra?()
+                    )
                 )
                 return (.ok, "application/json", String(decoding: data, as: UTF8.self) + "\n")
             } catch {
@@ -137,6 +142,17 @@ final class AdminHandler: ChannelInboundHandler {
 }
 
 extension AdminHandler {
+    /// The endpoints failing their active health checks now, by cluster.
+    static func failingHealthChecks(_ snapshot: ProxySnapshot) -> [String: [String]] {
+        var result: [String: [String]] = [:]
+        for cluster in snapshot.clusters where !cluster.healthRecords.isEmpty {
+            result[cluster.config.name] = cluster.healthRecords.filter { $0.failing.load(ordering: .relaxed) }.map(
+                \.address
+            )
+        }
+        return result
+    }
+
     /// The endpoints outlier detection has taken out now, by cluster.
     static func ejections(_ snapshot: ProxySnapshot) -> [String: [ConfigDump.Ejection]] {
         let now = NIODeadline.now().uptimeNanoseconds
@@ -165,10 +181,12 @@ extension AdminHandler {
 extension AdminHandler: Sendable {}
 
 /// The configuration's own keys, the endpoints ejected now (`outlier_ejections`, by cluster,
-/// for clusters with outlier detection), plus one more (`xds`) when the executable provides it.
+/// for clusters with outlier detection) and failing their health checks
+/// (`health_check_failing`), plus one more (`xds`) when the executable provides it.
 struct ConfigDump: Encodable {
     let config: ProxyConfig
     let outliers: [String: [Ejection]]
+    let failing: [String: [String]]
     let extra: (key: String, value: any Encodable & Sendable)?
 
     struct Ejection: Encodable {
@@ -194,6 +212,7 @@ struct ConfigDump: Encodable {
         try config.encode(to: encoder)
         var container = encoder.container(keyedBy: Key.self)
         if !outliers.isEmpty { try container.encode(outliers, forKey: Key(stringValue: "outlier_ejections")) }
+        if !failing.isEmpty { try container.encode(failing, forKey: Key(stringValue: "health_check_failing")) }
         if let extra { try container.encode(extra.value, forKey: Key(stringValue: extra.key)) }
     }
 }

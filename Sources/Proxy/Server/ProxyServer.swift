@@ -21,6 +21,7 @@ public final class ProxyServer: Service, Sendable {
     private let originalDestination: OriginalDestinationLookup?
     private let upstreamMark: UInt32?
     private let state = NIOLockedValueBox<State>(.init())
+    private let healthChecker: HealthChecker
 
     private struct State {
         /// Bound channels per listener name.
@@ -51,6 +52,7 @@ public final class ProxyServer: Service, Sendable {
         self.stats = stats
         self.group = group
         self.logger = logger
+        self.healthChecker = HealthChecker(group: group, mark: upstreamMark, logger: logger, stats: stats)
         var contexts: [ObjectIdentifier: NIOLoopBound<LoopContext>] = [:]
         for loop in group.makeIterator() {
             let store = self.store
@@ -75,6 +77,7 @@ public final class ProxyServer: Service, Sendable {
     @discardableResult
     public func start() async throws -> [String: SocketAddress] {
         try await reconcileListeners(with: store.snapshot.config)
+        healthChecker.update(store.snapshot)
         return boundAddresses
     }
 
@@ -89,6 +92,8 @@ public final class ProxyServer: Service, Sendable {
     /// Listeners added or removed by the snapshot are bound or closed.
     public func apply(_ snapshot: ProxySnapshot) async throws {
         store.apply(snapshot)
+        stats.resilience.prune(keeping: snapshot)
+        healthChecker.update(snapshot)
         try await reconcileListeners(with: snapshot.config)
         logger.info("applied configuration", metadata: ["config.version": "\(snapshot.config.version)"])
     }
@@ -101,6 +106,7 @@ public final class ProxyServer: Service, Sendable {
 
     /// Closes every listener and the pools' idle connections.
     public func shutdown() async {
+        healthChecker.shutdown()
         let channels = state.withLockedValue { state in
             state.stopped = true
             defer { state.listeners.removeAll() }
