@@ -141,6 +141,11 @@ import XDS
         ("lb", "lb_policy"),
         ("dns", "discovery type"),
         ("regex", "expected"),
+        ("retry_on", "retry_on 'refused-stream' is not supported"),
+        ("descriptors", "local_ratelimit descriptors are not supported"),
+        ("filter", "per-route settings of filter 'envoy.filters.http.cors' are not supported"),
+        ("split", "split_external_local_origin_errors is not supported"),
+        ("two checks", "only one health check is supported"),
     ])
     func whatTheDataPathCannotHonourIsRefusedWithTheResourceNamed(_ case_: String, _ expected: String) throws {
         let resources: XDSResources
@@ -157,6 +162,26 @@ import XDS
             resources = try Self.resources(cluster: { $0.lbPolicy = .maglev })
         case "dns":
             resources = try Self.resources(cluster: { $0.type = .strictDns })
+        case "retry_on":
+            resources = try Self.resources(route: { $0.route.retryPolicy.retryOn = "5xx,refused-stream" })
+        case "descriptors":
+            var limit = Envoy_Extensions_Filters_Http_LocalRatelimit_V3_LocalRateLimit()
+            limit.tokenBucket.maxTokens = 10
+            limit.tokenBucket.fillInterval = .init(seconds: 1)
+            limit.descriptors = [.init()]
+            let any = try Google_Protobuf_Any(message: limit)
+            resources = try Self.resources(route: {
+                $0.typedPerFilterConfig["envoy.filters.http.local_ratelimit"] = any
+            })
+        case "filter":
+            let any = try Google_Protobuf_Any(message: Google_Protobuf_Empty())
+            resources = try Self.resources(route: { $0.typedPerFilterConfig["envoy.filters.http.cors"] = any })
+        case "split":
+            resources = try Self.resources(cluster: { $0.outlierDetection.splitExternalLocalOriginErrors = true })
+        case "two checks":
+            var check = Envoy_Config_Core_V3_HealthCheck()
+            check.tcpHealthCheck = .init()
+            resources = try Self.resources(cluster: { $0.healthChecks = [check, check] })
         default:
             resources = try Self.resources(route: { $0.match.safeRegex.regex = "(unclosed" })
         }

@@ -53,4 +53,57 @@ struct MeshConfigTests {
         let errors = Self.errors(yaml)
         #expect(errors.contains { $0.contains(expected) }, "\(errors)")
     }
+
+    @Test(arguments: [
+        ("service: b:80, timeout: 1s", "policies[0].service: service 'b:80' is not declared under services:"),
+        ("service: a:80, timeout: 0s", "policies[0].timeout: expected a duration above 0"),
+        (
+            "service: a:80, circuit_breakers: {max_requests: -1}",
+            "policies[0].circuit_breakers.max_requests: expected an integer in 0...1000000"
+        ),
+        (
+            "service: a:80, outlier_detection: {consecutive_errors: 0}",
+            "policies[0].outlier_detection.consecutive_errors: expected an integer in 1...1000000"
+        ),
+        (
+            "service: a:80, health_check: {interval: 1s}",
+            "policies[0].health_check: expected exactly one of http or tcp"
+        ),
+        (
+            "service: a:80, health_check: {tcp: {}, interval: 1s, timeout: 2s}",
+            "policies[0].health_check.timeout: expected a timeout no longer than the interval"
+        ),
+        (
+            "service: a:80, retry_policy: {retry_on: [sometimes]}",
+            "policies[0].retry_policy.retry_on[0]: expected one of connect-failure"
+        ),
+        (
+            "service: a:80, retry_policy: {num_retries: 11}",
+            "policies[0].retry_policy.num_retries: expected an integer in 0...10"
+        ),
+        (
+            "service: a:80, rate_limit: {requests_per_second: 0.0001}",
+            "policies[0].rate_limit.requests_per_second: expected a rate with at most 3 decimals"
+        ),
+        (
+            "service: a:80, rate_limit: {requests_per_second: 5, per: client_address}",
+            "policies[0].rate_limit.per: unknown key 'per'"
+        ),
+        (
+            "service: a:80, fault: {abort_percent: 5}",
+            "policies[0].fault.abort_percent: abort_percent needs an abort_status"
+        ),
+        ("service: a:80, retries: 3", "policies[0].retries: unknown key 'retries'"),
+    ])
+    func badPoliciesAreRefusedWithWhereAndWhat(policy: String, expected: String) {
+        let errors = Self.errors("services:\n  - {name: a, port: 80}\npolicies:\n  - {\(policy)}\n")
+        #expect(errors.contains { $0.contains(expected) }, "\(errors)")
+    }
+
+    @Test func aPolicyIsTwiceAnError() {
+        let errors = Self.errors(
+            "services:\n  - {name: a, port: 80}\npolicies:\n  - {service: a:80, timeout: 1s}\n  - {service: a:80, timeout: 2s}\n"
+        )
+        #expect(errors.contains { $0.contains("policies[1].service: a policy for 'a:80' is given twice") }, "\(errors)")
+    }
 }

@@ -249,4 +249,43 @@ struct PilotSidecarEnvoyTests {
             }
         }
     }
+
+    /// The same `policies:` the agent applies (AgentTests/XDSPolicyTests) are accepted by a stock
+    /// Envoy sidecar: a policy means the same to both kinds of client.
+    @Test func aStockEnvoySidecarAcceptsMeshPolicies() async throws {
+        let dir = try Peers.temporaryDirectory("pilot-policies")
+        defer { try? FileManager.default.removeItem(at: dir) }
+        let mesh = try MeshConfigLoader.parse(yaml: MeshFixtures.policies, file: "mesh.yaml")
+        try await PilotHarness.run(store: try SQLiteRegistryStore(), mesh: mesh) { pilot in
+            #expect(
+                await pilot.register(
+                    #"{"service": "orders", "address": "127.0.0.2", "port": 8080, "node": "vm-b"}"#
+                ) == 201
+            )
+            let (envoy, adminPort) = try EnvoyBootstrap.start(
+                in: dir,
+                nodeID: "sidecar-policies",
+                adsPort: pilot.xdsPort,
+                apiType: "DELTA_GRPC"
+            )
+            defer { envoy.stop() }
+            let types = [TypeURL.listener, TypeURL.routeConfiguration, TypeURL.cluster, TypeURL.clusterLoadAssignment]
+            let synced = await Peers.eventually(within: .seconds(20)) {
+                let status = await pilot.server.sync.status(node: "sidecar-policies")
+                return types.allSatisfy {
+                    status[$0]?.ackedVersion != nil && status[$0]?.ackedVersion == status[$0]?.sentVersion
+                }
+            }
+            let status = await pilot.server.sync.status(node: "sidecar-policies")
+            #expect(synced, "\(status)")
+            #expect(status.values.allSatisfy { $0.lastNack == nil }, "\(status)")
+            let dump = await Peers.http("GET", "http://127.0.0.1:\(adminPort)/config_dump").body
+            for field in [
+                "\"outlier_detection\"", "\"circuit_breakers\"", "\"health_checks\"", "\"retry_policy\"",
+                "envoy.filters.http.local_ratelimit", "envoy.filters.http.fault", "\"per_try_timeout\"",
+            ] {
+                #expect(dump.contains(field), "\(field) missing from Envoy's configuration")
+            }
+        }
+    }
 }

@@ -113,6 +113,31 @@ public enum XDSTranslator {
                 ports[port] = try virtualHosts(table, clusters: names)
             }
         }
+        // Envoy keeps the retry budget on the cluster (circuit breaker thresholds); the agent's
+        // retry policies carry it: each route retrying to a cluster takes that cluster's budget.
+        var budgets: [String: (percent: Double, minConcurrency: Int)] = [:]
+        for (name, cluster) in resources.clusters where cluster.hasCircuitBreakers {
+            if let budget = try circuitBreakers(cluster.circuitBreakers, cluster: name).1 {
+                budgets[name] = (
+                    budget.hasBudgetPercent ? budget.budgetPercent.value : 20,
+                    budget.hasMinRetryConcurrency ? Int(budget.minRetryConcurrency.value) : 3
+                )
+            }
+        }
+        if !budgets.isEmpty {
+            for port in ports.keys {
+                for h in ports[port]!.indices {
+                    for r in ports[port]![h].routes.indices {
+                        let action = ports[port]![h].routes[r].action
+                        guard action.retryPolicy != nil,
+                            let budget = action.clusters.first.flatMap({ budgets[$0.name] })
+                        else { continue }
+                        ports[port]![h].routes[r].action.retryPolicy!.budgetPercent = budget.percent
+                        ports[port]![h].routes[r].action.retryPolicy!.minRetryConcurrency = budget.minConcurrency
+                    }
+                }
+            }
+        }
         if let outbound = config.listeners.firstIndex(where: { $0.name == "outbound" }) {
             config.listeners[outbound].portVirtualHosts = ports
         }
@@ -145,6 +170,13 @@ public enum XDSTranslator {
             guard timeout > .zero else { throw Failure("cluster '\(name)': connect_timeout must be positive") }
             result.connectTimeout = timeout
         }
+        if cluster.hasCircuitBreakers {
+            result.circuitBreakers = try circuitBreakers(cluster.circuitBreakers, cluster: name).0
+        }
+        if cluster.hasOutlierDetection {
+            result.outlierDetection = try outlierDetection(cluster.outlierDetection, cluster: name)
+        }
+        result.healthCheck = try healthCheck(cluster.healthChecks, cluster: name)
         switch cluster.lbPolicy {
         case .roundRobin: result.loadBalancing = .roundRobin
         case .leastRequest: result.loadBalancing = .leastRequest
@@ -275,9 +307,206 @@ public enum XDSTranslator {
         }
         var timeout: Duration? = .seconds(15)
         if action.hasTimeout {
-            let d = Duration.seconds(action.timeout.seconds) + .nanoseconds(Int64(action.timeout.nanos))
+            let d = duration(action.timeout)
             timeout = d == .zero ? nil : d  // Envoy: 0 disables the timeout
         }
-        return Route(name: name, match: match, action: RouteAction(clusters: targets, timeout: timeout))
+        var result = RouteAction(clusters: targets, timeout: timeout)
+        if action.hasRetryPolicy {
+            result.retryPolicy = try retryPolicy(action.retryPolicy, route: route, in: where_)
+        }
+        for (filter, config) in route.typedPerFilterConfig.sorted(by: { $0.key < $1.key }) {
+            switch filter {
+            case "envoy.filters.http.local_ratelimit": result.rateLimit = try rateLimit(config, in: where_)
+            case "envoy.filters.http.fault": result.fault = try fault(config, in: where_)
+            default: throw Failure("\(where_): per-route settings of filter '\(filter)' are not supported")
+            }
+        }
+        return Route(name: name, match: match, action: result)
+    }
+
+    // MARK: Policies
+
+    static func duration(_ d: Google_Protobuf_Duration) -> Duration {
+        .seconds(d.seconds) + .nanoseconds(Int64(d.nanos))
+    }
+
+    static func retryPolicy(
+        _ policy: Envoy_Config_Route_V3_RetryPolicy,
+        route: Envoy_Config_Route_V3_Route,
+        in where_: String
+    ) throws(Failure) -> RetryPolicy {
+        var result = RetryPolicy(retryOn: [])
+        for token in policy.retryOn.split(separator: ",").map({ String($0.filter { $0 != " " }) }) {
+            guard let condition = RetryPolicy.Condition(rawValue: token) else {
+                let known = RetryPolicy.Condition.allCases.map(\.rawValue).joined(separator: ", ")
+                throw Failure("\(where_): retry_on '\(token)' is not supported (\(known) are)")
+            }
+            result.retryOn.insert(condition)
+        }
+        guard !result.retryOn.isEmpty else { throw Failure("\(where_): retry_policy has no retry_on condition") }
+        result.numRetries = policy.hasNumRetries ? Int(policy.numRetries.value) : 1
+        guard result.numRetries <= 10 else {
+            throw Failure("\(where_): num_retries \(result.numRetries) is above the agent's maximum of 10")
+        }
+        result.retriableStatusCodes = policy.retriableStatusCodes.map(Int.init)
+        if policy.hasPerTryTimeout { result.perTryTimeout = duration(policy.perTryTimeout) }
+        if policy.hasRetryBackOff {
+            if policy.retryBackOff.hasBaseInterval { result.backoffBase = duration(policy.retryBackOff.baseInterval) }
+            if policy.retryBackOff.hasMaxInterval {
+                result.backoffMax = duration(policy.retryBackOff.maxInterval)
+            } else {
+                result.backoffMax = result.backoffBase * 10  // Envoy's default
+            }
+        }
+        if !policy.retryHostPredicate.isEmpty || policy.hasRateLimitedRetryBackOff || !policy.retriableHeaders.isEmpty {
+            throw Failure(
+                "\(where_): retry host predicates, rate-limited back-off and retriable headers are not supported"
+            )
+        }
+        result.retryNonIdempotent =
+            route.metadata.filterMetadata["trellis"]?.fields["retry_non_idempotent"]?.boolValue ?? false
+        return result
+    }
+
+    static func rateLimit(_ any: Google_Protobuf_Any, in where_: String) throws(Failure) -> RateLimit {
+        let limit: Envoy_Extensions_Filters_Http_LocalRatelimit_V3_LocalRateLimit
+        do {
+            limit = try .init(unpackingAny: any)
+        } catch {
+            throw Failure("\(where_): local_ratelimit settings are not a LocalRateLimit (\(any.typeURL))")
+        }
+        guard limit.descriptors.isEmpty else {
+            throw Failure("\(where_): local_ratelimit descriptors are not supported (one bucket per route)")
+        }
+        let bucket = limit.tokenBucket
+        let interval = duration(bucket.fillInterval)
+        let perFill = bucket.hasTokensPerFill ? Double(bucket.tokensPerFill.value) : 1
+        guard limit.hasTokenBucket, bucket.maxTokens > 0, interval > .zero, perFill > 0 else {
+            throw Failure("\(where_): local_ratelimit needs a token bucket with max_tokens and a fill interval")
+        }
+        let seconds = Double(interval.components.seconds) + Double(interval.components.attoseconds) / 1e18
+        let enabled = !limit.hasFilterEnabled || limit.filterEnabled.defaultValue.numerator > 0
+        guard enabled else { throw Failure("\(where_): a disabled local_ratelimit is not supported") }
+        return RateLimit(requestsPerSecond: perFill / seconds, burst: Int(bucket.maxTokens))
+    }
+
+    static func percent(_ f: Envoy_Type_V3_FractionalPercent) -> Double {
+        let scale: Double =
+            switch f.denominator {
+            case .hundred: 1
+            case .tenThousand: 100
+            case .million: 10_000
+            default: 1
+            }
+        return min(100, Double(f.numerator) / scale)
+    }
+
+    static func fault(_ any: Google_Protobuf_Any, in where_: String) throws(Failure) -> FaultInjection {
+        let config: Envoy_Extensions_Filters_Http_Fault_V3_HTTPFault
+        do {
+            config = try .init(unpackingAny: any)
+        } catch {
+            throw Failure("\(where_): fault settings are not an HTTPFault (\(any.typeURL))")
+        }
+        var result = FaultInjection()
+        if config.hasDelay {
+            guard case .fixedDelay(let d)? = config.delay.faultDelaySecifier else {
+                throw Failure("\(where_): only fixed fault delays are supported")
+            }
+            result.delay = duration(d)
+            result.delayPercent = config.delay.hasPercentage ? percent(config.delay.percentage) : 100
+        }
+        if config.hasAbort {
+            guard case .httpStatus(let status)? = config.abort.errorType else {
+                throw Failure("\(where_): only HTTP status fault aborts are supported")
+            }
+            result.abortStatus = Int(status)
+            result.abortPercent = config.abort.hasPercentage ? percent(config.abort.percentage) : 100
+        }
+        return result
+    }
+
+    static func circuitBreakers(
+        _ breakers: Envoy_Config_Cluster_V3_CircuitBreakers,
+        cluster: String
+    ) throws(Failure)
+        -> (CircuitBreakers, Envoy_Config_Cluster_V3_CircuitBreakers.Thresholds.RetryBudget?)
+    {
+        guard let t = breakers.thresholds.first(where: { $0.priority == .default }) else {
+            return (CircuitBreakers(), nil)
+        }
+        var limits = CircuitBreakers()
+        if t.hasMaxConnections { limits.maxConnections = Int(t.maxConnections.value) }
+        if t.hasMaxPendingRequests { limits.maxPendingRequests = Int(t.maxPendingRequests.value) }
+        if t.hasMaxRequests { limits.maxRequests = Int(t.maxRequests.value) }
+        if t.hasMaxRetries { limits.maxRetries = Int(t.maxRetries.value) }
+        for value in [limits.maxConnections, limits.maxPendingRequests, limits.maxRequests, limits.maxRetries]
+        where value > CircuitBreakers.maxLimit {
+            throw Failure("cluster '\(cluster)': circuit breaker limit \(value) is above \(CircuitBreakers.maxLimit)")
+        }
+        return (limits, t.hasRetryBudget ? t.retryBudget : nil)
+    }
+
+    static func outlierDetection(
+        _ o: Envoy_Config_Cluster_V3_OutlierDetection,
+        cluster: String
+    ) throws(Failure)
+        -> OutlierDetection
+    {
+        var result = OutlierDetection()
+        if o.hasConsecutive5Xx { result.consecutiveErrors = max(1, Int(o.consecutive5Xx.value)) }
+        if o.hasInterval { result.interval = duration(o.interval) }
+        if o.hasBaseEjectionTime { result.baseEjectionTime = duration(o.baseEjectionTime) }
+        if o.hasMaxEjectionTime { result.maxEjectionTime = duration(o.maxEjectionTime) }
+        if o.hasMaxEjectionPercent { result.maxEjectionPercent = min(100, Int(o.maxEjectionPercent.value)) }
+        // Envoy judges success rates unless told not to.
+        let successRate = !o.hasEnforcingSuccessRate || o.enforcingSuccessRate.value > 0
+        if successRate {
+            result.successRate = .init(
+                minimumHosts: o.hasSuccessRateMinimumHosts ? Int(o.successRateMinimumHosts.value) : 5,
+                requestVolume: o.hasSuccessRateRequestVolume ? Int(o.successRateRequestVolume.value) : 100,
+                stdevFactor: o.hasSuccessRateStdevFactor ? Double(o.successRateStdevFactor.value) / 1000 : 1.9
+            )
+        }
+        if o.hasEnforcingConsecutive5Xx && o.enforcingConsecutive5Xx.value == 0 {
+            result.consecutiveErrors = 1_000_000  // not enforced: in effect never
+        }
+        if o.splitExternalLocalOriginErrors {
+            throw Failure("cluster '\(cluster)': outlier detection split_external_local_origin_errors is not supported")
+        }
+        return result
+    }
+
+    static func healthCheck(
+        _ checks: [Envoy_Config_Core_V3_HealthCheck],
+        cluster: String
+    ) throws(Failure)
+        -> Proxy.HealthCheck?
+    {
+        guard let check = checks.first else { return nil }
+        guard checks.count == 1 else { throw Failure("cluster '\(cluster)': only one health check is supported") }
+        let kind: Proxy.HealthCheck.Kind
+        switch check.healthChecker {
+        case .httpHealthCheck(let http)?:
+            let statuses =
+                http.expectedStatuses.isEmpty
+                ? [200...299]  // Envoy's default
+                : http.expectedStatuses.map { Int($0.start)...Int($0.end - 1) }
+            kind = .http(path: http.path, host: http.host.isEmpty ? nil : http.host, expectedStatuses: statuses)
+        case .tcpHealthCheck(let tcp)?:
+            guard !tcp.hasSend && tcp.receive.isEmpty else {
+                throw Failure("cluster '\(cluster)': TCP health checks with payloads are not supported")
+            }
+            kind = .tcp
+        default:
+            throw Failure("cluster '\(cluster)': only HTTP and TCP health checks are supported")
+        }
+        return Proxy.HealthCheck(
+            kind: kind,
+            interval: duration(check.interval),
+            timeout: duration(check.timeout),
+            healthyThreshold: Int(check.healthyThreshold.value),
+            unhealthyThreshold: Int(check.unhealthyThreshold.value)
+        )
     }
 }

@@ -5,15 +5,19 @@ public struct MeshConfig: Sendable, Hashable {
     public var gateways: [Gateway]
     /// Routing rules for traffic to a service from inside the mesh, by destination service.
     public var serviceRoutes: [ServiceKey: [RouteRule]]
+    /// Resilience settings for traffic to a service, by destination service.
+    public var policies: [ServiceKey: ServicePolicy]
 
     public init(
         services: [StaticService] = [],
         gateways: [Gateway] = [],
-        serviceRoutes: [ServiceKey: [RouteRule]] = [:]
+        serviceRoutes: [ServiceKey: [RouteRule]] = [:],
+        policies: [ServiceKey: ServicePolicy] = [:]
     ) {
         self.services = services
         self.gateways = gateways
         self.serviceRoutes = serviceRoutes
+        self.policies = policies
     }
 
     public static let empty = MeshConfig()

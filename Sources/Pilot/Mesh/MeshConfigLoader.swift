@@ -28,7 +28,7 @@ public enum MeshConfigLoader {
         _ root: ConfigNode,
         refs: inout [(ConfigNode, ServiceKey)]
     ) throws(ConfigFileError) -> MeshConfig {
-        let top = try root.mapping(allowed: ["services", "gateways", "routes"])
+        let top = try root.mapping(allowed: ["services", "gateways", "routes", "policies"])
         var mesh = MeshConfig()
         var seenServices: [ServiceKey: String] = [:]
         var seenInstances: [InstanceKey: String] = [:]
@@ -80,6 +80,16 @@ public enum MeshConfigLoader {
                 rules.append(try route(r, allowHosts: false, refs: &refs))
             }
             mesh.serviceRoutes[key] = rules
+        }
+        for node in try top["policies"]?.sequence() ?? [] {
+            let serviceNode = try node.mapping(allowed: PolicyLoader.keys.union(["service"])).required(
+                "service",
+                in: node
+            )
+            let key = try serviceKey(serviceNode)
+            refs.append((serviceNode, key))
+            guard mesh.policies[key] == nil else { throw serviceNode.error("a policy for '\(key)' is given twice") }
+            mesh.policies[key] = try PolicyLoader.policy(node)
         }
         return mesh
     }

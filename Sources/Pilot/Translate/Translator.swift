@@ -55,6 +55,8 @@ public enum Translator {
     /// encoded again (a push for one instance among ten thousand re-encodes one assignment).
     public struct Cache: Sendable {
         var services: [RegistryView.Service: (cluster: XDSResource, assignment: XDSResource)] = [:]
+        /// The policy each cached cluster was made with.
+        var policies: [ServiceKey: ServicePolicy] = [:]
         /// Per sidecar node: its own instances and the inbound parts built from them.
         var inbound: [String: (instances: [Instance], listener: XDSResource, clusters: [XDSResource])] = [:]
         public init() {}
@@ -69,9 +71,14 @@ public enum Translator {
         var shared = Shared(view: view)
         var services: [RegistryView.Service: (cluster: XDSResource, assignment: XDSResource)] = [:]
         for service in view.services {
+            let policy = view.mesh.policies[service.key]
+            let cached = cache.policies[service.key] == policy ? cache.services[service] : nil
             let translated =
-                try cache.services[service]
-                ?? (cluster: try edsCluster(service, proxyless: false), assignment: try assignment(service))
+                try cached
+                ?? (
+                    cluster: try edsCluster(service, proxyless: false, policy: policy),
+                    assignment: try assignment(service)
+                )
             services[service] = translated
             shared.clusters.append(translated.cluster)
             shared.assignments.append(translated.assignment)
@@ -86,6 +93,7 @@ public enum Translator {
             }
         }
         cache.services = services
+        cache.policies = view.mesh.policies
         shared.passthrough = try passthroughClusters()
         try sidecarOutbound(view, into: &shared)
         for gateway in view.mesh.gateways {
@@ -209,7 +217,11 @@ public enum Translator {
         return source
     }
 
-    static func edsCluster(_ service: RegistryView.Service, proxyless: Bool) throws -> XDSResource {
+    static func edsCluster(
+        _ service: RegistryView.Service,
+        proxyless: Bool,
+        policy: ServicePolicy? = nil
+    ) throws -> XDSResource {
         let name = clusterName(service.key)
         var cluster = Envoy_Config_Cluster_V3_Cluster()
         cluster.name = name
@@ -223,6 +235,12 @@ public enum Translator {
                 options.explicitHTTPConfig.http2ProtocolOptions = Envoy_Config_Core_V3_Http2ProtocolOptions()
                 cluster.typedExtensionProtocolOptions["envoy.extensions.upstreams.http.v3.HttpProtocolOptions"] =
                     try Google_Protobuf_Any(message: options)
+            }
+            // mesh.yaml's policy: connect timeout, circuit breakers, outlier detection, health checks.
+            // (Merging merges sub-messages field by field: a set connect timeout replaces ours whole.)
+            if let policy {
+                if policy.cluster.hasConnectTimeout { cluster.clearConnectTimeout() }
+                try cluster.merge(serializedBytes: try policy.cluster.serializedBytes() as [UInt8])
             }
         }
         return try XDSResource(name: name, message: cluster, references: [Ref(TypeURL.clusterLoadAssignment, name)])
@@ -293,6 +311,31 @@ public enum Translator {
         return filter
     }
 
+    /// The HTTP filters that routes' policies configure (`typed_per_filter_config`), in their
+    /// order before the router, when any policy of the mesh uses them; disabled unless a route
+    /// says otherwise.
+    static func policyFilters(
+        _ mesh: MeshConfig
+    ) throws -> [Envoy_Extensions_Filters_Network_HttpConnectionManager_V3_HttpFilter] {
+        let used = Set(mesh.policies.values.flatMap(\.perFilter.keys))
+        var filters: [Envoy_Extensions_Filters_Network_HttpConnectionManager_V3_HttpFilter] = []
+        if used.contains(ServicePolicy.rateLimitFilter) {
+            var filter = Envoy_Extensions_Filters_Network_HttpConnectionManager_V3_HttpFilter()
+            filter.name = ServicePolicy.rateLimitFilter
+            var limit = Envoy_Extensions_Filters_Http_LocalRatelimit_V3_LocalRateLimit()
+            limit.statPrefix = "trellis_rate_limit"
+            filter.typedConfig = try Google_Protobuf_Any(message: limit)
+            filters.append(filter)
+        }
+        if used.contains(ServicePolicy.faultFilter) {
+            var filter = Envoy_Extensions_Filters_Network_HttpConnectionManager_V3_HttpFilter()
+            filter.name = ServicePolicy.faultFilter
+            filter.typedConfig = try Google_Protobuf_Any(message: Envoy_Extensions_Filters_Http_Fault_V3_HTTPFault())
+            filters.append(filter)
+        }
+        return filters
+    }
+
     static func hcm(statPrefix: String, rds: String) throws -> HCM {
         var hcm = HCM()
         hcm.statPrefix = statPrefix
@@ -346,7 +389,11 @@ public enum Translator {
         return match
     }
 
-    static func route(_ rule: RouteRule, name: String) -> (Envoy_Config_Route_V3_Route, [Ref]) {
+    static func route(
+        _ rule: RouteRule,
+        name: String,
+        policies: [ServiceKey: ServicePolicy] = [:]
+    ) -> (Envoy_Config_Route_V3_Route, [Ref]) {
         var route = Envoy_Config_Route_V3_Route()
         route.name = name
         route.match = routeMatch(rule)
@@ -362,6 +409,19 @@ public enum Translator {
             }
             route.route.weightedClusters = weighted
         }
+        // The destination's policy (when every destination has the same one): timeout, retries,
+        // rate limit, faults. The rule's own timeout wins.
+        let applied = Set(rule.destinations.map { policies[$0.service] })
+        if applied.count == 1, let policy = applied.first!, !policy.isEmptyForRoutes {
+            if policy.route.hasTimeout { route.route.timeout = policy.route.timeout }
+            if policy.route.hasRetryPolicy { route.route.retryPolicy = policy.route.retryPolicy }
+            route.typedPerFilterConfig = policy.perFilter
+            if policy.retryNonIdempotent {
+                route.metadata.filterMetadata["trellis"] = Google_Protobuf_Struct(fields: [
+                    "retry_non_idempotent": Google_Protobuf_Value(boolValue: true)
+                ])
+            }
+        }
         if let timeout = rule.timeout { route.route.timeout = protobufDuration(timeout) }
         return (route, rule.destinations.map { Ref(TypeURL.cluster, clusterName($0.service)) })
     }
@@ -371,8 +431,11 @@ public enum Translator {
         return .init(seconds: seconds, nanos: Int32(attoseconds / 1_000_000_000))
     }
 
-    static func defaultRoute(to service: ServiceKey) -> (Envoy_Config_Route_V3_Route, [Ref]) {
-        route(RouteRule(destinations: [.init(service: service, weight: 1)]), name: "default")
+    static func defaultRoute(
+        to service: ServiceKey,
+        policies: [ServiceKey: ServicePolicy] = [:]
+    ) -> (Envoy_Config_Route_V3_Route, [Ref]) {
+        route(RouteRule(destinations: [.init(service: service, weight: 1)]), name: "default", policies: policies)
     }
 
     // MARK: Sidecar outbound
@@ -417,7 +480,9 @@ public enum Translator {
             if !http.isEmpty {
                 let routeName = "\(port)"
                 fallback.name = "http"
-                fallback.filters = [try hcmFilter(try hcm(statPrefix: "outbound_\(listenerName)", rds: routeName))]
+                var outbound = try hcm(statPrefix: "outbound_\(listenerName)", rds: routeName)
+                outbound.httpFilters = try policyFilters(view.mesh) + outbound.httpFilters
+                fallback.filters = [try hcmFilter(outbound)]
                 refs.append(Ref(TypeURL.routeConfiguration, routeName))
                 shared.sidecarRoutes.append(try sidecarRoutes(port: port, http, view: view, warnings: &shared.warnings))
             } else {
@@ -470,12 +535,12 @@ public enum Translator {
             guard !vhost.domains.isEmpty else { continue }
             if let rules = view.mesh.serviceRoutes[service.key] {
                 for (i, rule) in rules.enumerated() {
-                    let (route, r) = route(rule, name: "rule-\(i)")
+                    let (route, r) = route(rule, name: "rule-\(i)", policies: view.mesh.policies)
                     vhost.routes.append(route)
                     refs += r
                 }
             }
-            let (fallback, r) = defaultRoute(to: service.key)
+            let (fallback, r) = defaultRoute(to: service.key, policies: view.mesh.policies)
             vhost.routes.append(fallback)
             refs += r
             config.virtualHosts.append(vhost)

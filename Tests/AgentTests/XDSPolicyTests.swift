@@ -1,0 +1,92 @@
+import Foundation
+import Logging
+import NIOCore
+import NIOPosix
+import Pilot
+import Proxy
+import Testing
+import TrellisTestSupport
+
+@testable import Agent
+
+/// mesh.yaml `policies:` through the real pilot and the agent's xDS client into the data path.
+@Suite struct XDSPolicyTests {
+    @Test func aPolicyInMeshYamlReachesTheAgentsDataPath() async throws {
+        let dir = try Peers.temporaryDirectory("xds-policy")
+        defer { try? FileManager.default.removeItem(at: dir) }
+        let appPort = Peers.freePort()
+        let app = try Peers.pythonHTTPServer(port: appPort, body: "orders-1", root: dir)
+        try "ok".write(to: dir.appendingPathComponent("upstream-\(appPort)/healthz"), atomically: true, encoding: .utf8)
+        defer { app.stop() }
+        let outboundPort = Peers.freePort()
+        let stats = ProxyStats()
+        let group = MultiThreadedEventLoopGroup(numberOfThreads: 1)
+        let base = XDSClientTests.base(outboundPort: outboundPort)
+        let proxy = try ProxyServer(
+            snapshot: try ProxySnapshot(base, stats: stats),
+            stats: stats,
+            group: group,
+            originalDestination: { _ in try? SocketAddress(ipAddress: "127.0.0.1", port: 8080) },
+            logger: .quiet
+        )
+        try await proxy.start()
+        let mesh = try MeshConfigLoader.parse(yaml: MeshFixtures.policies, file: "mesh.yaml")
+        try await PilotHarness.run(store: try SQLiteRegistryStore(), mesh: mesh) { pilot in
+            let client = XDSClient(pilot: "127.0.0.1", port: pilot.xdsPort, node: "vm-a", base: base, logger: .quiet) {
+                config in try await proxy.apply(try ProxySnapshot(config, stats: stats))
+            }
+            let running = Task { try await client.run() }
+            defer { running.cancel() }
+            _ = await pilot.register(
+                #"{"service": "orders", "address": "127.0.0.1", "port": \#(appPort), "service_port": 8080, "node": "vm-b"}"#
+            )
+            #expect(
+                await Peers.eventually(within: .seconds(5)) {
+                    proxy.store.snapshot.config.clusters.contains {
+                        $0.name == "outbound|8080||orders" && !$0.endpoints.isEmpty
+                    }
+                }
+            )
+            let config = proxy.store.snapshot.config
+            let cluster = try #require(config.clusters.first { $0.name == "outbound|8080||orders" })
+            #expect(cluster.connectTimeout == .milliseconds(250))
+            #expect(cluster.circuitBreakers == CircuitBreakers(maxRequests: 50, maxRetries: 5))
+            #expect(cluster.outlierDetection?.consecutiveErrors == 4)
+            #expect(cluster.outlierDetection?.baseEjectionTime == .seconds(10))
+            #expect(cluster.outlierDetection?.successRate?.requestVolume == 20)
+            #expect(cluster.healthCheck?.kind == .http(path: "/healthz", host: nil, expectedStatuses: [200...204]))
+            #expect(cluster.healthCheck?.interval == .seconds(2))
+            let route = try #require(
+                config.listeners.first { $0.name == "outbound" }?.portVirtualHosts[8080]?
+                    .first { $0.domains.contains("orders") }?.routes.first
+            )
+            #expect(route.action.timeout == .seconds(3))
+            let retry = try #require(route.action.retryPolicy)
+            #expect(retry.retryOn == [.connectFailure, .serverError])
+            #expect(retry.numRetries == 2 && retry.perTryTimeout == .seconds(1))
+            #expect(retry.backoffBase == .milliseconds(10) && retry.backoffMax == .milliseconds(100))
+            #expect(retry.retryNonIdempotent)
+            #expect(retry.budgetPercent == 30 && retry.minRetryConcurrency == 2)
+            #expect(route.action.rateLimit == RateLimit(requestsPerSecond: 0.5, burst: 2))
+            #expect(route.action.fault == FaultInjection(abortStatus: 418, abortPercent: 0.001))
+            // The legacy server is up (asked directly, not through the agent and its rate limit).
+            #expect(
+                await Peers.eventually(within: .seconds(5)) {
+                    await Peers.http("GET", "http://127.0.0.1:\(appPort)/healthz").status == 200
+                }
+            )
+            // And the data path enforces it: two requests fit the bucket, the third is refused.
+            let statuses = [
+                await XDSClientTests.get(outboundPort, host: "orders:8080").status,
+                await XDSClientTests.get(outboundPort, host: "orders:8080").status,
+                await XDSClientTests.get(outboundPort, host: "orders:8080").status,
+            ]
+            #expect(statuses == [200, 200, 429], "\(statuses)")
+            // Nothing was refused on the way.
+            let sync = await pilot.server.sync.status(node: "vm-a")
+            #expect(sync.values.allSatisfy { $0.lastNack == nil }, "\(sync)")
+        }
+        await proxy.shutdown()
+        try await group.shutdownGracefully()
+    }
+}

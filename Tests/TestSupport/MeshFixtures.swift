@@ -1,0 +1,24 @@
+/// mesh.yaml texts shared by the pilot, agent and Envoy tests.
+public enum MeshFixtures {
+    /// A service `orders:8080` with every policy setting.
+    public static let policies = """
+        services:
+          - {name: orders, port: 8080}
+        policies:
+          - service: orders:8080
+            connect_timeout: 250ms
+            circuit_breakers: {max_requests: 50, max_retries: 5}
+            outlier_detection: {consecutive_errors: 4, base_ejection_time: 10s, success_rate: {request_volume: 20}}
+            health_check: {http: {path: /healthz, expected_statuses: ["200-204"]}, interval: 2s, timeout: 500ms}
+            timeout: 3s
+            retry_policy:
+              retry_on: [connect-failure, 5xx]
+              num_retries: 2
+              per_try_timeout: 1s
+              backoff: {base: 10ms, max: 100ms}
+              retry_non_idempotent: true
+              budget: {percent: 30, min_concurrency: 2}
+            rate_limit: {requests_per_second: 0.5, burst: 2}
+            fault: {abort_status: 418, abort_percent: 0.001}
+        """
+}
