@@ -221,6 +221,7 @@ struct Run: AsyncParsableCommand {
                 base: AgentListeners.passthroughConfig(inboundForwardTo: agent.inboundForwardTo),
                 persistPath: persist,
                 protocol: agent.xdsProtocol,
+                maxEndpoints: agent.maxEndpoints,
                 logger: logger
             ) { config in
                 try await proxy.apply(try ProxySnapshot(config, stats: stats))

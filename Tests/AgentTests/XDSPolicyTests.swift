@@ -90,3 +90,78 @@ import TrellisTestSupport
         try await group.shutdownGracefully()
     }
 }
+
+/// A configuration the agent refuses, with the real pilot: the NACK and its reason show in
+/// pilot's `/debug/syncz`, and the agent keeps serving what it had.
+@Suite struct XDSRefusalTests {
+    @Test func moreEndpointsThanTheAgentTakesAreNACKedAndTheOldConfigurationServes() async throws {
+        let dir = try Peers.temporaryDirectory("xds-refusal")
+        defer { try? FileManager.default.removeItem(at: dir) }
+        let ports = [Peers.freePort(), Peers.freePort()]
+        let apps = try ports.enumerated().map { i, port in
+            try Peers.pythonHTTPServer(port: port, body: "orders-\(i + 1)", root: dir)
+        }
+        defer { for app in apps { app.stop() } }
+        let outboundPort = Peers.freePort()
+        let stats = ProxyStats()
+        let group = MultiThreadedEventLoopGroup(numberOfThreads: 1)
+        let base = XDSClientTests.base(outboundPort: outboundPort)
+        let proxy = try ProxyServer(
+            snapshot: try ProxySnapshot(base, stats: stats),
+            stats: stats,
+            group: group,
+            originalDestination: { _ in try? SocketAddress(ipAddress: "127.0.0.1", port: 8080) },
+            logger: .quiet
+        )
+        try await proxy.start()
+        try await PilotHarness.run(store: try SQLiteRegistryStore()) { pilot in
+            let client = XDSClient(
+                pilot: "127.0.0.1",
+                port: pilot.xdsPort,
+                node: "vm-small",
+                base: base,
+                maxEndpoints: 2,
+                logger: .quiet
+            ) { config in try await proxy.apply(try ProxySnapshot(config, stats: stats)) }
+            let running = Task { try await client.run() }
+            defer { running.cancel() }
+            func register(_ port: Int, _ node: String) async -> Int {
+                await pilot.register(
+                    #"{"service": "orders", "address": "127.0.0.1", "port": \#(port), "service_port": 8080, "node": "\#(node)"}"#
+                )
+            }
+            #expect(await register(ports[0], "vm-b1") == 201)
+            #expect(await register(ports[1], "vm-b2") == 201)
+            var seen: Set<String> = []
+            #expect(
+                await Peers.eventually(within: .seconds(10)) {
+                    seen.insert(await XDSClientTests.get(outboundPort, host: "orders:8080").body)
+                    return seen.isSuperset(of: ["orders-1", "orders-2"])
+                },
+                "\(seen) \(client.current)"
+            )
+            let applied = client.current.appliedVersion
+            // A third instance: three endpoints, above the agent's two.
+            #expect(await register(Peers.freePort(), "vm-b3") == 201)
+            #expect(
+                await Peers.eventually(within: .seconds(10)) {
+                    await Peers.http("GET", "\(pilot.api)/debug/syncz").body.contains("above this agent's limit of 2")
+                }
+            )
+            let syncz = await Peers.http("GET", "\(pilot.api)/debug/syncz").body
+            #expect(syncz.contains("vm-small") && syncz.contains("pilot.max_endpoints in agent.yaml"), "\(syncz)")
+            #expect(
+                client.current.lastNACK?.contains("3 endpoints in all") == true,
+                "\(String(describing: client.current.lastNACK))"
+            )
+            #expect(client.current.appliedVersion == applied, "nothing of it applied")
+            // Still served from the configuration it had: only the first two instances answer.
+            for _ in 0..<6 {
+                let body = await XDSClientTests.get(outboundPort, host: "orders:8080").body
+                #expect(body == "orders-1" || body == "orders-2", "\(body)")
+            }
+        }
+        await proxy.shutdown()
+        try await group.shutdownGracefully()
+    }
+}

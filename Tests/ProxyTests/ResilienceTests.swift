@@ -922,19 +922,21 @@ import TrellisTestSupport
         }
         let check = HealthCheck(
             kind: .http(path: "/healthz", host: nil, expectedStatuses: [200...299]),
-            interval: .milliseconds(100),
-            timeout: .milliseconds(100),
+            // Not shorter: on a loaded 2-core machine a probe of the good one may take a while,
+            // and with both out the balancer would use them anyway (panic mode).
+            interval: .milliseconds(500),
+            timeout: .milliseconds(500),
             healthyThreshold: 2,
             unhealthyThreshold: 2
         )
         let proxy = try await ProxyHarness.start(config([endpoint(good), endpoint(sick)], check), group: group)
         defer { Task { await proxy.stop() } }
         // Probes reach the endpoints with the path and the cluster's name as Host.
-        #expect(await Peers.eventually(within: .seconds(5)) { sick.requests.contains { $0.uri == "/healthz" } })
+        #expect(await Peers.eventually(within: .seconds(10)) { sick.requests.contains { $0.uri == "/healthz" } })
         #expect(sick.requests.first { $0.uri == "/healthz" }?.headers.first(name: "host") == "pool")
         sick.failing(with: 500)
         #expect(
-            await Peers.eventually(within: .seconds(5)) {
+            await Peers.eventually(within: .seconds(10)) {
                 (try? await TestHTTPClient.get(port: proxy.adminPort, "/config_dump", group: group).body)?
                     .contains("\"127.0.0.1:\(sick.port)\"") == true
             }
@@ -951,7 +953,7 @@ import TrellisTestSupport
         // Healthy again: back in.
         sick.failing(with: nil)
         #expect(
-            await Peers.eventually(within: .seconds(5)) {
+            await Peers.eventually(within: .seconds(10)) {
                 (try? await TestHTTPClient.get(port: proxy.port, "/", group: group).body) == "sick"
             }
         )
@@ -963,15 +965,15 @@ import TrellisTestSupport
         defer { Task { await good.stop() } }
         let check = HealthCheck(
             kind: .tcp,
-            interval: .milliseconds(100),
-            timeout: .milliseconds(100),
-            unhealthyThreshold: 1
+            interval: .milliseconds(500),
+            timeout: .milliseconds(500),
+            unhealthyThreshold: 2
         )
         let proxy = try await ProxyHarness.start(config([endpoint(good), endpoint(gone)], check), group: group)
         defer { Task { await proxy.stop() } }
         await gone.stop()
         #expect(
-            await Peers.eventually(within: .seconds(5)) {
+            await Peers.eventually(within: .seconds(10)) {
                 (try? await TestHTTPClient.get(port: proxy.adminPort, "/config_dump", group: group).body)?
                     .contains("\"127.0.0.1:\(gone.port)\"") == true
             }

@@ -24,6 +24,9 @@ public struct AgentConfig: Sendable {
     public var stateDirectory = "/var/lib/trellis"
     /// Incremental ADS (the default) or state of the world (`pilot.xds_protocol: sotw`).
     public var xdsProtocol: XDSClient.XDSProtocol = .delta
+    /// The most endpoints (over all clusters) the agent takes from pilot (`pilot.max_endpoints`);
+    /// a configuration with more is refused (NACKed), keeping the agent's memory bounded.
+    public var maxEndpoints: Int = XDSClient.defaultMaxEndpoints
 
     public init() {}
 }
@@ -122,7 +125,8 @@ public enum AgentConfigLoader {
                 config.node = id
             }
             if let n = top["pilot"] {
-                let p = try n.mapping(allowed: ["api", "xds", "xds_protocol"])
+                let p = try n.mapping(allowed: ["api", "xds", "xds_protocol", "max_endpoints"])
+                if let m = p["max_endpoints"] { config.maxEndpoints = try m.int(in: 1...10_000_000) }
                 if let x = p["xds_protocol"] {
                     let text = try x.nonEmptyString()
                     guard let value = XDSClient.XDSProtocol(rawValue: text) else {

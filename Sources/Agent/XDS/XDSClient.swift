@@ -56,6 +56,9 @@ public final class XDSClient: Service, Sendable {
     private let persistPath: String?
     private let resyncInterval: Duration
     private let xdsProtocol: XDSProtocol
+    private let maxEndpoints: Int
+    /// Enough for a large mesh (the scale test translates 100,000), bounded all the same.
+    public static let defaultMaxEndpoints = 200_000
     private let apply: Apply
     private let logger: Logger
     private let state: Mutex<State>
@@ -80,9 +83,11 @@ public final class XDSClient: Service, Sendable {
         persistPath: String? = nil,
         resyncInterval: Duration = .seconds(300),
         protocol xdsProtocol: XDSProtocol = .delta,
+        maxEndpoints: Int = XDSClient.defaultMaxEndpoints,
         logger: Logger,
         apply: @escaping Apply
     ) {
+        self.maxEndpoints = maxEndpoints
         self.host = host
         self.port = port
         self.node = node
@@ -294,6 +299,15 @@ public final class XDSClient: Service, Sendable {
         )
         for name in changes.goneRoutes { next.routes.removeValue(forKey: name) }
         for name in changes.goneEndpoints { next.endpoints.removeValue(forKey: name) }
+        // Bounded memory: a configuration beyond the agent's limit is refused whole.
+        let endpoints = next.endpoints.values.reduce(0) { sum, assignment in
+            sum + assignment.endpoints.reduce(0) { $0 + $1.lbEndpoints.count }
+        }
+        guard endpoints <= maxEndpoints else {
+            throw XDSTranslator.Failure(
+                "\(endpoints) endpoints in all, above this agent's limit of \(maxEndpoints) (pilot.max_endpoints in agent.yaml)"
+            )
+        }
         guard next.isComplete else { return changes }
         let version = Self.version(of: next)
         guard version != applied else { return changes }
