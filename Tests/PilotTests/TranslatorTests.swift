@@ -200,6 +200,7 @@ struct TranslatorTests {
         #expect(canary.match.headers[0].name == "x-canary")
         #expect(canary.route.weightedClusters.clusters.map(\.weight.value) == [90, 10])
         #expect(byDomain["api.example.com"]![1].route.timeout.seconds == 2)
+        #expect(!byDomain["api.example.com"]![1].route.hasRetryPolicy, "no policy for orders here")
         // A gateway that mesh.yaml does not declare gets no listeners (and no dangling reference).
         let unknown = try Translator.snapshot(for: NodeInfo(id: "gw2", role: .gateway("nope")), shared: shared)
         #expect(unknown[TypeURL.listener].resources.isEmpty)
@@ -235,5 +236,74 @@ struct TranslatorTests {
         grpc.metadata.fields[NodeInfo.roleKey] = Google_Protobuf_Value(stringValue: "mesh-thing")
         #expect(throws: NodeInfo.Invalid.self) { try NodeInfo(grpc) }
         #expect(throws: NodeInfo.Invalid.self) { try NodeInfo(Envoy_Config_Core_V3_Node()) }
+    }
+
+    /// A service's policy goes on every route to it, the gateways' too; its cluster carries the
+    /// cluster part for everyone.
+    @Test func aServicePolicyReachesSidecarAndGatewayRoutesAndTheCluster() async throws {
+        let yaml =
+            MeshFixtures.policies + """
+
+                gateways:
+                  - name: edge
+                    listeners:
+                      - port: 8000
+                        routes:
+                          - {match: {prefix: /orders}, to: orders:8080}
+                """
+        let mesh = try MeshConfigLoader.parse(yaml: yaml, file: "mesh.yaml")
+        let view = try await Self.view([Self.instance("orders", "10.0.0.1", 8080)], mesh: mesh)
+        let shared = try Translator.shared(view)
+        let gateway = try Translator.snapshot(for: NodeInfo(id: "gw", role: .gateway("edge")), shared: shared)
+        let sidecar = try Translator.snapshot(for: NodeInfo(id: "vm-z", role: .sidecar), shared: shared)
+        let gatewayRoute = try Self.decode(
+            Envoy_Config_Route_V3_RouteConfiguration.self,
+            gateway,
+            TypeURL.routeConfiguration,
+            "gateway|edge|8000"
+        ).virtualHosts[0].routes[0]
+        let sidecarRoute = try #require(
+            try Self.decode(Envoy_Config_Route_V3_RouteConfiguration.self, sidecar, TypeURL.routeConfiguration, "8080")
+                .virtualHosts.first { $0.domains.contains("orders") }?.routes.last
+        )
+        for route in [gatewayRoute, sidecarRoute] {
+            #expect(route.route.retryPolicy.retryOn == "connect-failure,5xx")
+            #expect(route.route.retryPolicy.numRetries.value == 2)
+            #expect(route.route.timeout.seconds == 3)
+            #expect(Set(route.typedPerFilterConfig.keys) == [ServicePolicy.rateLimitFilter, ServicePolicy.faultFilter])
+            #expect(route.metadata.filterMetadata["trellis"]?.fields["retry_non_idempotent"]?.boolValue == true)
+        }
+        let limit = try Envoy_Extensions_Filters_Http_LocalRatelimit_V3_LocalRateLimit(
+            unpackingAny: gatewayRoute.typedPerFilterConfig[ServicePolicy.rateLimitFilter]!
+        )
+        // 0.5 requests per second: one token every 2 s, a bucket of 2.
+        #expect(limit.tokenBucket.maxTokens == 2 && limit.tokenBucket.tokensPerFill.value == 1)
+        #expect(limit.tokenBucket.fillInterval.seconds == 2)
+        let listener = try Self.decode(
+            Envoy_Config_Listener_V3_Listener.self,
+            gateway,
+            TypeURL.listener,
+            "gateway_edge_8000"
+        )
+        let manager = try Envoy_Extensions_Filters_Network_HttpConnectionManager_V3_HttpConnectionManager(
+            unpackingAny: listener.filterChains[0].filters[0].typedConfig
+        )
+        #expect(
+            manager.httpFilters.map(\.name) == [
+                ServicePolicy.rateLimitFilter, ServicePolicy.faultFilter, "envoy.filters.http.router",
+            ]
+        )
+        let cluster = try Self.decode(
+            Envoy_Config_Cluster_V3_Cluster.self,
+            gateway,
+            TypeURL.cluster,
+            "outbound|8080||orders"
+        )
+        #expect(cluster.connectTimeout.nanos == 250_000_000 && cluster.connectTimeout.seconds == 0)
+        #expect(cluster.circuitBreakers.thresholds[0].maxRequests.value == 50)
+        #expect(cluster.circuitBreakers.thresholds[0].retryBudget.budgetPercent.value == 30)
+        #expect(cluster.outlierDetection.consecutive5Xx.value == 4)
+        #expect(cluster.outlierDetection.successRateRequestVolume.value == 20)
+        #expect(cluster.healthChecks[0].httpHealthCheck.expectedStatuses.map { [$0.start, $0.end] } == [[200, 205]])
     }
 }

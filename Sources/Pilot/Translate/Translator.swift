@@ -97,7 +97,7 @@ public enum Translator {
         shared.passthrough = try passthroughClusters()
         try sidecarOutbound(view, into: &shared)
         for gateway in view.mesh.gateways {
-            shared.gatewayResources[gateway.name] = try gatewayResources(gateway)
+            shared.gatewayResources[gateway.name] = try gatewayResources(gateway, policies: view.mesh)
         }
 
         // Finish and check the shared snapshots once.
@@ -669,8 +669,11 @@ public enum Translator {
     /// A bound listener per gateway port with its route configuration: a virtual host per Host
     /// name; a rule applies to every host it matches (exactly, by `*.suffix`, or all hosts), in
     /// file order.
+    /// A gateway's listeners and route tables; routes to a service carry its `policies:` entry
+    /// (timeout, retries, rate limit, faults), as the sidecars' routes do.
     static func gatewayResources(
-        _ gateway: MeshConfig.Gateway
+        _ gateway: MeshConfig.Gateway,
+        policies mesh: MeshConfig = .empty
     ) throws -> (listeners: [XDSResource], routes: [XDSResource]) {
         var listeners: [XDSResource] = []
         var routes: [XDSResource] = []
@@ -680,7 +683,9 @@ public enum Translator {
             listener.name = "gateway_\(gateway.name)_\(l.port)"
             listener.address = socketAddress("0.0.0.0", l.port)
             var chain = Envoy_Config_Listener_V3_FilterChain()
-            chain.filters = [try hcmFilter(try hcm(statPrefix: listener.name, rds: routeName))]
+            var manager = try hcm(statPrefix: listener.name, rds: routeName)
+            manager.httpFilters = try policyFilters(mesh) + manager.httpFilters
+            chain.filters = [try hcmFilter(manager)]
             listener.filterChains = [chain]
             listeners.append(
                 try XDSResource(
@@ -703,7 +708,7 @@ public enum Translator {
                 vhost.name = domain
                 vhost.domains = [domain]
                 for (i, rule) in l.routes.enumerated() where applies(rule, to: domain) {
-                    let (route, r) = route(rule, name: "route-\(i)")
+                    let (route, r) = route(rule, name: "route-\(i)", policies: mesh.policies)
                     vhost.routes.append(route)
                     refs += r
                 }
