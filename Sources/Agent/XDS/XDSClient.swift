@@ -62,6 +62,9 @@ public final class XDSClient: Service, Sendable {
     private let apply: Apply
     private let logger: Logger
     private let state: Mutex<State>
+    /// The configuration waiting to be saved, and whether a writer is at it (saving is taken off
+    /// the stream's path and coalesced: a burst of pushes costs one write per second at most).
+    private let saving = Mutex<(pending: ProxyConfig?, writing: Bool)>((nil, false))
     private let metrics = Metrics()
 
     /// `trellis_xds_connected` (1 while the stream is open), `trellis_xds_updates_total`,
@@ -114,6 +117,13 @@ public final class XDSClient: Service, Sendable {
 
     public func run() async throws {
         await cancelWhenGracefulShutdown { await self.runUntilCancelled() }
+        // Whatever was applied last is on disk when the agent stops.
+        if let last = saving.withLock({ state -> ProxyConfig? in
+            defer { state.pending = nil }
+            return state.pending
+        }) {
+            write(last)
+        }
     }
 
     private func runUntilCancelled() async {
@@ -321,7 +331,7 @@ public final class XDSClient: Service, Sendable {
         }
         metrics.updates.increment()
         metrics.savedConfig.record(0)
-        persist(config)
+        save(config)
         return changes
     }
 
@@ -540,7 +550,30 @@ public final class XDSClient: Service, Sendable {
     }
 
     /// Saves `config` (temporary file, then rename: a crash leaves the old file or the new one).
-    private func persist(_ config: ProxyConfig) {
+    /// Saves `config` soon, off the caller's path; newer ones replace one still waiting.
+    private func save(_ config: ProxyConfig) {
+        guard persistPath != nil else { return }
+        let start = saving.withLock { state -> Bool in
+            state.pending = config
+            if state.writing { return false }
+            state.writing = true
+            return true
+        }
+        guard start else { return }
+        Task.detached {
+            while let next = self.saving.withLock({ state -> ProxyConfig? in
+                let next = state.pending
+                state.pending = nil
+                if next == nil { state.writing = false }
+                return next
+            }) {
+                self.write(next)
+                try? await Task.sleep(for: .seconds(1))
+            }
+        }
+    }
+
+    private func write(_ config: ProxyConfig) {
         guard let persistPath else { return }
         let saved = Persisted(
             version: config.version,
@@ -550,10 +583,13 @@ public final class XDSClient: Service, Sendable {
         )
         do {
             let data = try JSONEncoder().encode(saved)
-            let temporary = persistPath + ".tmp"
+            // A name of its own: the shutdown flush may overlap the background writer.
+            let temporary = persistPath + ".tmp-\(UInt32.random(in: 0...UInt32.max))"
             try data.write(to: URL(fileURLWithPath: temporary))
             guard rename(temporary, persistPath) == 0 else {
-                throw XDSTranslator.Failure("rename to \(persistPath) failed (errno \(errno))")
+                let code = errno
+                unlink(temporary)
+                throw XDSTranslator.Failure("rename to \(persistPath) failed (errno \(code))")
             }
         } catch {
             logger.warning(
