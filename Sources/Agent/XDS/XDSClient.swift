@@ -451,15 +451,20 @@ public final class XDSClient: Service, Sendable {
         _ message: Envoy_Service_Discovery_V3_DiscoveryResponse,
         into resources: inout XDSResources
     ) throws {
-        func decode<M: SwiftProtobuf.Message>(_ type: M.Type, _ any: Google_Protobuf_Any) throws -> M {
+        let type = short(message.typeURL)
+        func decode<M: SwiftProtobuf.Message>(_ kind: M.Type, _ any: Google_Protobuf_Any) throws -> M {
             guard any.typeURL == message.typeURL else {
                 throw XDSTranslator.Failure("a resource is a \(any.typeURL), expected \(message.typeURL)")
             }
             do {
                 return try M(serializedBytes: any.value)
             } catch {
-                throw XDSTranslator.Failure("a \(short(message.typeURL)) resource cannot be decoded: \(error)")
+                throw XDSTranslator.Failure("a \(type) resource cannot be decoded: \(error)")
             }
+        }
+        // State of the world: resources carry no version of their own; the digest of their bytes.
+        func note(_ name: String, _ any: Google_Protobuf_Any) {
+            resources.received["\(type)/\(name)"] = digest(any.value)
         }
         switch message.typeURL {
         case TypeURL.listener:
@@ -467,6 +472,7 @@ public final class XDSClient: Service, Sendable {
             for any in message.resources {
                 let l = try decode(Envoy_Config_Listener_V3_Listener.self, any)
                 all[l.name] = l
+                note(l.name, any)
             }
             resources.listeners = all
         case TypeURL.cluster:
@@ -474,17 +480,20 @@ public final class XDSClient: Service, Sendable {
             for any in message.resources {
                 let c = try decode(Envoy_Config_Cluster_V3_Cluster.self, any)
                 all[c.name] = c
+                note(c.name, any)
             }
             resources.clusters = all
         case TypeURL.routeConfiguration:
             for any in message.resources {
                 let r = try decode(Envoy_Config_Route_V3_RouteConfiguration.self, any)
                 resources.routes[r.name] = r
+                note(r.name, any)
             }
         case TypeURL.clusterLoadAssignment:
             for any in message.resources {
                 let a = try decode(Envoy_Config_Endpoint_V3_ClusterLoadAssignment.self, any)
                 resources.endpoints[a.clusterName] = a
+                note(a.clusterName, any)
             }
         default:
             throw XDSTranslator.Failure("unknown type \(message.typeURL)")
@@ -637,18 +646,23 @@ public final class XDSClient: Service, Sendable {
         _ message: Envoy_Service_Discovery_V3_DeltaDiscoveryResponse,
         into resources: inout XDSResources
     ) throws {
-        func decode<M: SwiftProtobuf.Message>(_ type: M.Type, _ r: Envoy_Service_Discovery_V3_Resource) throws -> M {
+        let type = short(message.typeURL)
+        func decode<M: SwiftProtobuf.Message>(_ kind: M.Type, _ r: Envoy_Service_Discovery_V3_Resource) throws -> M {
             guard r.resource.typeURL == message.typeURL else {
                 throw XDSTranslator.Failure(
                     "resource '\(r.name)' is a \(r.resource.typeURL), expected \(message.typeURL)"
                 )
             }
+            let decoded: M
             do {
-                return try M(serializedBytes: r.resource.value)
+                decoded = try M(serializedBytes: r.resource.value)
             } catch {
                 throw XDSTranslator.Failure("resource '\(r.name)' cannot be decoded: \(error)")
             }
+            resources.received["\(type)/\(r.name)"] = r.version.isEmpty ? digest(r.resource.value) : r.version
+            return decoded
         }
+        for name in message.removedResources { resources.received.removeValue(forKey: "\(type)/\(name)") }
         switch message.typeURL {
         case TypeURL.listener:
             for r in message.resources {
@@ -675,25 +689,45 @@ public final class XDSClient: Service, Sendable {
         }
     }
 
-    /// A digest of every resource: the same resources always give the same version.
-    static func version(of resources: XDSResources) -> String {
+    /// FNV-1a (64-bit) of bytes, in hex.
+    static func digest(_ bytes: Data) -> String {
         var hash: UInt64 = 0xcbf2_9ce4_8422_2325
-        func add(_ bytes: [UInt8]) {
-            for b in bytes {
+        bytes.withUnsafeBytes { raw in
+            for b in raw {
                 hash ^= UInt64(b)
                 hash &*= 0x100_0000_01b3
             }
         }
-        func addAll<M: SwiftProtobuf.Message>(_ map: [String: M]) {
+        return String(hash, radix: 16)
+    }
+
+    /// A digest of every resource: the same resources always give the same version. Built from
+    /// each resource's version as received (pilot's, or a digest of its bytes); a resource with
+    /// none (made here, not received) is encoded for it.
+    static func version(of resources: XDSResources) -> String {
+        var hash: UInt64 = 0xcbf2_9ce4_8422_2325
+        func add(_ text: String) {
+            for b in text.utf8 {
+                hash ^= UInt64(b)
+                hash &*= 0x100_0000_01b3
+            }
+            hash ^= 0xff
+            hash &*= 0x100_0000_01b3
+        }
+        func addAll<M: SwiftProtobuf.Message>(_ type: String, _ map: [String: M]) {
             for key in map.keys.sorted() {
-                add(Array(key.utf8))
-                add((try? map[key]!.serializedBytes() as [UInt8]) ?? [])
+                add(key)
+                if let version = resources.received["\(type)/\(key)"] {
+                    add(version)
+                } else {
+                    add(digest(Data((try? map[key]!.serializedBytes() as [UInt8]) ?? [])))
+                }
             }
         }
-        addAll(resources.listeners)
-        addAll(resources.routes)
-        addAll(resources.clusters)
-        addAll(resources.endpoints)
+        addAll("lds", resources.listeners)
+        addAll("rds", resources.routes)
+        addAll("cds", resources.clusters)
+        addAll("eds", resources.endpoints)
         return "xds-" + String(hash, radix: 16)
     }
 }

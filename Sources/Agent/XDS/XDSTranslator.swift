@@ -9,6 +9,10 @@ public struct XDSResources: Sendable, Equatable {
     public var routes: [String: Envoy_Config_Route_V3_RouteConfiguration] = [:]
     public var clusters: [String: Envoy_Config_Cluster_V3_Cluster] = [:]
     public var endpoints: [String: Envoy_Config_Endpoint_V3_ClusterLoadAssignment] = [:]
+    /// A version of each resource as received (`<type>/<name>`): pilot's per-resource version,
+    /// else a digest of the bytes received. What makes the agent's configuration version without
+    /// encoding every resource again.
+    public var received: [String: String] = [:]
 
     public init() {}
 
