@@ -111,6 +111,29 @@ public struct ConfigNode {
         return value
     }
 
+    /// A percentage: 0, or a number above 0 and at most 100 (`0.5`, `25`).
+    public func percentage() throws(ConfigFileError) -> Double {
+        if let s = scalar, s.style == .plain, s.string == "0" { return 0 }
+        return try number(above: 0, atMost: 100)
+    }
+
+    /// A list of HTTP statuses, each a status (`200`) or a range (`"200-299"`), within 100...599.
+    public func statusRanges() throws(ConfigFileError) -> [ClosedRange<Int>] {
+        var ranges: [ClosedRange<Int>] = []
+        for item in try sequence() {
+            let text = try item.string()
+            let parts = text.split(separator: "-", maxSplits: 1).map { Int($0.filter { $0 != " " }) }
+            guard parts.allSatisfy({ $0 != nil && (100...599).contains($0!) }),
+                parts.count == 1 || parts[0]! <= parts[1]!
+            else {
+                throw item.error("expected a status (200) or a range (200-299) within 100...599, got '\(text)'")
+            }
+            ranges.append(parts[0]!...(parts.count == 2 ? parts[1]! : parts[0]!))
+        }
+        guard !ranges.isEmpty else { throw error("expected at least one status") }
+        return ranges
+    }
+
     private static func format(_ value: Double) -> String {
         value == value.rounded() && abs(value) < 1e15 ? "\(Int(value))" : "\(value)"
     }

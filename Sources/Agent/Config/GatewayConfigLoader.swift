@@ -240,21 +240,7 @@ public enum GatewayConfigLoader {
             let pathNode = try h.required("path", in: http)
             let path = try pathNode.nonEmptyString()
             guard path.hasPrefix("/") else { throw pathNode.error("expected a path starting with '/', got '\(path)'") }
-            var statuses: [ClosedRange<Int>] = [200...399]
-            if let list = h["expected_statuses"] {
-                statuses = []
-                for item in try list.sequence() {
-                    let text = try item.string()
-                    let parts = text.split(separator: "-", maxSplits: 1).map { Int($0.filter { $0 != " " }) }
-                    guard parts.count >= 1, parts.allSatisfy({ $0 != nil && (100...599).contains($0!) }),
-                        parts.count == 1 || parts[0]! <= parts[1]!
-                    else {
-                        throw item.error("expected a status (200) or a range (200-299) within 100...599, got '\(text)'")
-                    }
-                    statuses.append(parts[0]!...(parts.count == 2 ? parts[1]! : parts[0]!))
-                }
-                guard !statuses.isEmpty else { throw list.error("expected at least one status") }
-            }
+            let statuses = try h["expected_statuses"]?.statusRanges() ?? [200...399]
             kind = .http(path: path, host: try h["host"]?.nonEmptyString(), expectedStatuses: statuses)
         case (nil, let tcp?):
             _ = try tcp.mapping(allowed: [])
@@ -314,11 +300,7 @@ public enum GatewayConfigLoader {
     static func fault(_ node: ConfigNode) throws(ConfigFileError) -> FaultInjection {
         let keys = try node.mapping(allowed: ["delay", "delay_percent", "abort_status", "abort_percent"])
         var f = FaultInjection()
-        func percent(_ key: String) throws(ConfigFileError) -> Double {
-            guard let n = keys[key] else { return 100 }
-            if case .scalar(let s) = n.node, s.string == "0" { return 0 }
-            return try n.number(above: 0, atMost: 100)
-        }
+        func percent(_ key: String) throws(ConfigFileError) -> Double { try keys[key]?.percentage() ?? 100 }
         if let n = keys["delay"] {
             let d = try n.duration()
             guard d > .zero, d <= .seconds(3600) else { throw n.error("expected a duration above 0 and at most 1h") }

@@ -168,9 +168,7 @@ public enum XDSTranslator {
         let name = cluster.name
         var result = ClusterConfig(name: name, endpoints: [])
         if cluster.hasConnectTimeout {
-            let timeout =
-                Duration.seconds(cluster.connectTimeout.seconds)
-                + .nanoseconds(Int64(cluster.connectTimeout.nanos))
+            let timeout = duration(cluster.connectTimeout)
             guard timeout > .zero else { throw Failure("cluster '\(name)': connect_timeout must be positive") }
             result.connectTimeout = timeout
         }

@@ -75,9 +75,7 @@ enum PolicyLoader {
             f.numerator = 1_000_000
             return f
         }
-        let value: Double
-        if (try? node.int(in: 0...0)) != nil { value = 0 } else { value = try node.number(above: 0, atMost: 100) }
-        f.numerator = UInt32((value * 10_000).rounded())
+        f.numerator = UInt32((try node.percentage() * 10_000).rounded())
         return f
     }
 
@@ -158,26 +156,12 @@ enum PolicyLoader {
             var probe = Envoy_Config_Core_V3_HealthCheck.HttpHealthCheck()
             probe.path = path
             if let host = h["host"] { probe.host = try host.nonEmptyString() }
-            var ranges: [(Int, Int)] = [(200, 399)]
-            if let list = h["expected_statuses"] {
-                ranges = []
-                for item in try list.sequence() {
-                    let text = try item.string()
-                    let parts = text.split(separator: "-", maxSplits: 1).map { Int($0.filter { $0 != " " }) }
-                    guard parts.allSatisfy({ $0 != nil && (100...599).contains($0!) }),
-                        parts.count == 1 || parts[0]! <= parts[1]!
-                    else {
-                        throw item.error("expected a status (200) or a range (200-299) within 100...599, got '\(text)'")
-                    }
-                    ranges.append((parts[0]!, parts.count == 2 ? parts[1]! : parts[0]!))
-                }
-                guard !ranges.isEmpty else { throw list.error("expected at least one status") }
-            }
+            let ranges = try h["expected_statuses"]?.statusRanges() ?? [200...399]
             // Envoy's ranges end before their end.
             probe.expectedStatuses = ranges.map { r in
                 var range = Envoy_Type_V3_Int64Range()
-                range.start = Int64(r.0)
-                range.end = Int64(r.1 + 1)
+                range.start = Int64(r.lowerBound)
+                range.end = Int64(r.upperBound + 1)
                 return range
             }
             check.httpHealthCheck = probe

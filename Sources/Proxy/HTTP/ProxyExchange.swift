@@ -338,20 +338,17 @@ final class ProxyExchange {
 
     /// Another endpoint than the one that failed, when the cluster has one (ejected ones skipped).
     private func pickAnotherEndpoint(_ cluster: ClusterRuntime) {
-        guard let balancer = request.balancer, let previous = request.endpointIndex, cluster.healthy.count > 1 else {
-            return
-        }
-        let now = NIODeadline.now().uptimeNanoseconds
-        for _ in 0..<(cluster.healthy.count * 2) {
-            guard let next = balancer.pick(headers: request.head.headers, rng: &loop.resources.rng) else { return }
-            if next == previous { continue }
-            if !cluster.isAvailable(next, now: now) { continue }
-            balancer.requestFinished(endpoint: previous)
-            balancer.requestStarted(endpoint: next)
-            request.endpointIndex = next
-            request.endpoint = cluster.endpoints[next].config.address
-            return
-        }
+        guard let balancer = request.balancer, let previous = request.endpointIndex, cluster.healthy.count > 1,
+            let next = balancer.pickInService(
+                headers: request.head.headers,
+                rng: &loop.resources.rng,
+                avoiding: previous
+            ).inService
+        else { return }
+        balancer.requestFinished(endpoint: previous)
+        balancer.requestStarted(endpoint: next)
+        request.endpointIndex = next
+        request.endpoint = cluster.endpoints[next].config.address
     }
 
     /// A failed try counts against its endpoint in outlier detection.

@@ -1,3 +1,4 @@
+import NIOCore
 import NIOHTTP1
 
 /// The per-event-loop state of one cluster's load balancer. It lives on one event loop and is
@@ -53,6 +54,25 @@ final class LoadBalancer {
             let endpoints = cluster.endpoints
             return ring.lookup(StableHash.hash(value.utf8)) { endpoints[$0].config.health == .healthy }
         }
+    }
+
+    /// Picks an endpoint in service (not ejected by outlier detection, not failing its health
+    /// checks) other than `avoiding`, trying up to twice as many picks as there are healthy
+    /// endpoints. `last` is the last pick made, for a caller that goes on anyway when every pick
+    /// landed on one out of service (Envoy's panic mode); both `nil` when none is healthy.
+    func pickInService<G: RandomNumberGenerator>(
+        headers: HTTPHeaders,
+        rng: inout G,
+        avoiding: Int? = nil
+    ) -> (inService: Int?, last: Int?) {
+        let now = NIODeadline.now().uptimeNanoseconds
+        var last: Int?
+        for _ in 0...(cluster.healthy.count * 2) {
+            guard let index = pick(headers: headers, rng: &rng) else { break }
+            last = index
+            if index != avoiding && cluster.isAvailable(index, now: now) { return (index, index) }
+        }
+        return (nil, last)
     }
 
     func requestStarted(endpoint: Int) { active[endpoint] += 1 }

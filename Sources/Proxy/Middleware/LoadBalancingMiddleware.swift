@@ -34,21 +34,14 @@ public final class LoadBalancingMiddleware: ProxyMiddleware {
             return nil
         }
         let balancer = loop.balancers[cluster.index]
-        guard var index = balancer.pick(headers: request.head.headers, rng: &loop.rng) else {
+        // Ejected and failing endpoints are skipped; if every pick lands on one (all out, or a
+        // hash that maps there), the request goes anyway rather than failing (panic mode).
+        let picked =
+            cluster.checksAvailability
+            ? balancer.pickInService(headers: request.head.headers, rng: &loop.rng).last
+            : balancer.pick(headers: request.head.headers, rng: &loop.rng)
+        guard let index = picked else {
             return .noHealthyUpstream("cluster '\(cluster.config.name)'")
-        }
-        if cluster.checksAvailability {
-            // Ejected and failing endpoints are skipped; if every pick lands on one (all out, or
-            // a hash that maps there), the request goes anyway rather than failing (Envoy's
-            // panic mode).
-            let now = NIODeadline.now().uptimeNanoseconds
-            var tries = 0
-            while !cluster.isAvailable(index, now: now), tries < cluster.healthy.count * 2,
-                let next = balancer.pick(headers: request.head.headers, rng: &loop.rng)
-            {
-                index = next
-                tries += 1
-            }
         }
         request.balancer = balancer
         request.endpointIndex = index

@@ -17,17 +17,19 @@ public final class RateLimitMiddleware: ProxyMiddleware {
         let cluster = request.cluster?.rateLimiter
         if route == nil && cluster == nil { return nil }
         let now = NIODeadline.now().uptimeNanoseconds
-        for limiter in [route, cluster] {
-            guard let limiter, let wait = limiter.check(request, now: now) else { continue }
-            limiter.rejected.increment()
-            // Whole seconds, rounded up (RFC 9110 §10.2.3): never 0, which would invite a retry now.
-            let seconds = Int((wait + 999_999_999) / 1_000_000_000)
-            return .rateLimited(
-                "\(limiter.scope): \(limiter.limit.requestsPerSecond)/s, burst \(limiter.limit.burst)",
-                retryAfter: max(1, seconds)
-            )
-        }
-        return nil
+        // The route's limit first, then the cluster's (no array built per request).
+        return refusal(route, request, now) ?? refusal(cluster, request, now)
+    }
+
+    private func refusal(_ limiter: RateLimiter?, _ request: RequestContext, _ now: UInt64) -> ProxyError? {
+        guard let limiter, let wait = limiter.check(request, now: now) else { return nil }
+        limiter.rejected.increment()
+        // Whole seconds, rounded up (RFC 9110 §10.2.3): never 0, which would invite a retry now.
+        let seconds = Int((wait + 999_999_999) / 1_000_000_000)
+        return .rateLimited(
+            "\(limiter.scope): \(limiter.limit.requestsPerSecond)/s, burst \(limiter.limit.burst)",
+            retryAfter: max(1, seconds)
+        )
     }
 }
 
