@@ -278,6 +278,7 @@ let package = Package(
             name: "AgentTests",
             dependencies: [
                 "Agent",
+                "Interceptor",
                 "Pilot",
                 "TrellisHTTP",
                 "TrellisTestSupport",

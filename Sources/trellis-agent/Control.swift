@@ -46,20 +46,23 @@ struct Drain: AsyncParsableCommand {
         discussion: "Exit status 0 when everything in flight finished before the deadline, 2 when some was left."
     )
 
-    @Option(help: "How long to wait for in-flight requests and TCP connections (e.g. 30s, 2m).")
-    var deadline = "30s"
+    @Option(help: "How long to wait for in-flight work (e.g. 30s, 2m); default: the agent's drain_deadline.")
+    var deadline: String?
 
     @OptionGroup var control: ControlOptions
 
     func validate() throws {
-        guard let parsed = DurationText.parse(deadline), parsed <= .seconds(24 * 3600) else {
-            throw ValidationError("--deadline: \(DurationText.expected) (at most 24h), got '\(deadline)'")
+        if let deadline {
+            guard let parsed = DurationText.parse(deadline), parsed <= .seconds(24 * 3600) else {
+                throw ValidationError("--deadline: \(DurationText.expected) (at most 24h), got '\(deadline)'")
+            }
         }
     }
 
     func run() async throws {
-        let wait = DurationText.parse(deadline)!
-        let text = try await control.send("POST", "/drain?deadline=\(deadline)", timeout: wait + .seconds(10))
+        let wait = deadline.flatMap(DurationText.parse) ?? .seconds(3600)
+        let path = deadline.map { "/drain?deadline=\($0)" } ?? "/drain"
+        let text = try await control.send("POST", path, timeout: wait + .seconds(10))
         let report = try JSONDecoder().decode(DrainReport.self, from: Data(text.utf8))
         if control.json {
             print(text, terminator: "")
@@ -68,7 +71,7 @@ struct Drain: AsyncParsableCommand {
             let left = report.remaining
             print(
                 """
-                draining (deadline \(deadline))
+                draining (deadline \(Self.seconds(report.deadlineSeconds)))
                   pilot:        \(report.pilot)
                   gate:         \(report.gate)
                   idle closed:  \(report.idleClosed) connections
@@ -79,6 +82,38 @@ struct Drain: AsyncParsableCommand {
             )
         }
         if !report.completed { throw ExitCode(2) }
+    }
+}
+
+extension Drain {
+    static func seconds(_ value: Double) -> String {
+        value == value.rounded() ? "\(Int(value))s" : "\(value)s"
+    }
+}
+
+/// `trellis-agent reload`: the running agent reads its agent.yaml again (as SIGHUP does).
+struct Reload: AsyncParsableCommand {
+    static let configuration = CommandConfiguration(
+        abstract: "Make the running agent read its agent.yaml again and apply what changed (as SIGHUP does).",
+        discussion: "Exit status 0 when applied, 1 when the file was refused (the running configuration stays)."
+    )
+
+    @OptionGroup var control: ControlOptions
+
+    func run() async throws {
+        let text = try await control.send("POST", "/reload", timeout: .seconds(60))
+        let report = try JSONDecoder().decode(ReloadReport.self, from: Data(text.utf8))
+        if control.json {
+            print(text, terminator: "")
+        } else if report.applied {
+            print(
+                report.changes.isEmpty
+                    ? "reloaded: no change" : "reloaded:\n  " + report.changes.joined(separator: "\n  ")
+            )
+        }
+        if !report.applied {
+            throw AgentCommandError("reload refused; the running configuration stays\n\(report.error ?? "")")
+        }
     }
 }
 

@@ -9,7 +9,8 @@ struct Rules: ParsableCommand {
         abstract: "Install, remove or check Trellis's iptables/ip6tables capture rules.",
         discussion: """
             Without --config: capture all inbound TCP except port 22 and Trellis's own ports, and all \
-            outbound TCP except loopback, DNS and the agent's own (marked) traffic.
+            outbound TCP except loopback, DNS and the agent's own (marked) traffic, through the \
+            fail-open gate (NFQUEUE 15000): with no agent reading the queue, nothing is redirected.
             """,
         subcommands: [Install.self, Uninstall.self, Verify.self]
     )
@@ -22,7 +23,7 @@ struct Rules: ParsableCommand {
         var dryRun = false
 
         func ruleSet() throws -> RuleSet {
-            var capture = CaptureConfig()
+            var capture = CaptureConfig.installedDefault
             if let config {
                 let text: String
                 do {

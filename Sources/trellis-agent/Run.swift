@@ -10,6 +10,7 @@ import NIOPosix
 import Prometheus
 import Proxy
 import ServiceLifecycle
+import TrellisConfig
 import UnixSignals
 
 /// `trellis-agent run`: the node agent. Binds the capture listeners, then installs the capture
@@ -33,6 +34,9 @@ struct Run: AsyncParsableCommand {
     @Option(help: "The control socket that drain, undrain and status talk to (root only).")
     var controlSocket = ControlServer.defaultPath
 
+    @Option(help: "Append standard output and error to this file; SIGUSR1 reopens it (for logrotate).")
+    var logFile: String?
+
     @OptionGroup var logging: LoggingOptions
 
     func validate() throws {
@@ -42,57 +46,78 @@ struct Run: AsyncParsableCommand {
     }
 
     func run() async throws {
+        if let logFile { try LogFile.redirect(to: logFile) }
         let logger = try logging.bootstrap(label: "trellis.agent")
         // Signals are taken from the very start: a SIGTERM while starting ends the start cleanly
-        // (rules that were installed are removed) instead of killing the process half-way.
+        // (rules that were installed are removed) instead of killing the process half-way. Every
+        // signal whose default would end the process is handled: SIGHUP reloads agent.yaml,
+        // SIGUSR1 reopens the log file, SIGUSR2 is ignored; SIGTERM, SIGINT and SIGQUIT drain,
+        // remove the rules and exit. (SIGKILL cannot be handled: the gate fails open.)
         let termination = Termination()
-        let signals = await UnixSignalsSequence(trapping: .sigterm, .sigint)
-        let signalTask = Task {
+        let controllerBox = NIOLockedValueBox<AgentController?>(nil)
+        let signals = await UnixSignalsSequence(trapping: .sigterm, .sigint, .sigquit, .sighup, .sigusr1, .sigusr2)
+        let signalTask = Task { [logFile] in
             for await signal in signals {
-                logger.info("signal received: draining, then exiting", metadata: ["signal": "\(signal)"])
-                await termination.request()
+                switch signal {
+                case .sighup:
+                    guard let controller = controllerBox.withLockedValue({ $0 }) else {
+                        logger.notice("SIGHUP while starting: the configuration being started is the file's")
+                        continue
+                    }
+                    logger.notice("SIGHUP: reloading the configuration")
+                    _ = await controller.reload()
+                case .sigusr1:
+                    guard let logFile else {
+                        logger.notice("SIGUSR1: no --log-file to reopen; ignored")
+                        continue
+                    }
+                    do {
+                        try LogFile.redirect(to: logFile)
+                        logger.notice("SIGUSR1: log file reopened", metadata: ["file": "\(logFile)"])
+                    } catch {
+                        logger.error("SIGUSR1: reopening the log file failed", metadata: ["error": "\(error)"])
+                    }
+                case .sigusr2:
+                    logger.notice("SIGUSR2: ignored")
+                default:
+                    logger.info("signal received: draining, then exiting", metadata: ["signal": "\(signal)"])
+                    await termination.request()
+                }
             }
         }
         defer { signalTask.cancel() }
-        let text: String
-        do {
-            text = try String(contentsOfFile: config, encoding: .utf8)
-        } catch {
-            throw ValidationError("\(config): cannot read the file (\(error.localizedDescription))")
-        }
+        let configPath = config
         var agent: AgentConfig
         do {
-            agent = try AgentConfigLoader.parse(yaml: text, file: config)
+            agent = try Self.load(configPath)
         } catch {
-            throw ValidationError("invalid configuration (nothing was installed)\n\(error)")
+            throw AgentCommandError("\(error.description); nothing was installed")
         }
-        if agent.capture.agentUID == nil, geteuid() != 0 {
-            // Running as a dedicated user (the packaged service): that user's own connections
-            // (registration, health checks) are never captured. Root's never are excluded this way.
-            agent.capture.agentUID = Int(geteuid())
+        if agent.capture.ipv6 && !agent.capture.ipv4 && !Self.kernelHasIPv6 {
+            throw AgentCommandError("capture: only ipv6 is on, and this machine has no IPv6; nothing was installed")
         }
         let rules: RuleSet
         do {
             rules = try RuleSet(agent.capture)
         } catch {
-            throw ValidationError("invalid capture configuration (nothing was installed)\n\(error)")
+            throw AgentCommandError("invalid capture configuration (nothing was installed)\n\(error)")
         }
         let capture: Capture
         do {
             capture = Capture(backend: try IPTablesBackend.detect())
         } catch {
-            throw ValidationError("\(error)")
+            throw AgentCommandError("\(error)")
         }
 
         let registry = PrometheusCollectorRegistry()
         MetricsSystem.bootstrap(PrometheusMetricsFactory(registry: registry))
         let stats = ProxyStats()
         let group = MultiThreadedEventLoopGroup(numberOfThreads: eventLoops ?? System.coreCount)
+        let base: @Sendable (AgentConfig) -> ProxyConfig = {
+            AgentListeners.passthroughConfig(inboundForward: $0.inboundForward, ipv6: $0.capture.ipv6)
+        }
         let proxy = try ProxyServer(
-            snapshot: try ProxySnapshot(
-                AgentListeners.passthroughConfig(inboundForwardTo: agent.inboundForwardTo),
-                stats: stats
-            ),
+            snapshot: try ProxySnapshot(base(agent), stats: stats),
             stats: stats,
             group: group,
             originalDestination: { channel in OriginalDestination.now(channel) },
@@ -100,107 +125,9 @@ struct Run: AsyncParsableCommand {
             logger: logger
         )
         let node = agent.node ?? ProcessInfo.processInfo.hostName
-        let xdsBox = NIOLockedValueBox<XDSClient?>(nil)
-        var registrar: PilotRegistrar?
-        if !agent.services.isEmpty, let api = agent.pilotAPI, let address = agent.registerAddress {
-            registrar = PilotRegistrar(
-                node: node,
-                pilotAPI: api,
-                registerAddress: address,
-                ttl: agent.leaseTTL,
-                services: agent.services,
-                logger: logger
-            )
-        }
-        let controller = AgentController(
-            node: node,
-            proxy: proxy,
-            gate: nil,
-            registrar: registrar,
-            pilotAPI: agent.pilotAPI,
-            services: agent.services,
-            captureState: { [capture] in
-                do {
-                    let differences = try capture.verify(rules)
-                    return CaptureStatus(
-                        backend: capture.backend.rawValue,
-                        rules: differences.isEmpty ? "installed" : "differs",
-                        differences: differences
-                    )
-                } catch {
-                    return CaptureStatus(backend: capture.backend.rawValue, rules: "unknown: \(error)")
-                }
-            },
-            logger: logger
-        )
-        // The control socket first: a second agent on this machine stops here, before it touches
-        // a port or a rule of the running one.
-        let control = ControlServer(path: controlSocket, controller: controller, group: group, logger: logger)
-        do {
-            try await control.bind()
-        } catch {
-            try? await group.shutdownGracefully()
-            throw ValidationError("\(error); nothing was installed")
-        }
-        // Listeners next: capture starts only when they can take connections.
-        do {
-            try await proxy.start()
-        } catch {
-            await proxy.shutdown()
-            await control.close()
-            try? await group.shutdownGracefully()
-            throw ValidationError("binding the capture listeners failed; nothing was installed\n\(error)")
-        }
-        do {
-            try capture.apply(rules)
-        } catch {
-            await proxy.shutdown()
-            await control.close()
-            try? await group.shutdownGracefully()
-            throw ValidationError("installing the capture rules failed; nothing is captured\n\(error)")
-        }
-        var gate: NetfilterQueueGate?
-        if let settings = agent.capture.gate {
-            do {
-                let g = try NetfilterQueueGate(queue: settings.queue, mark: settings.mark)
-                g.setMode(.capture)
-                g.start()
-                gate = g
-                await controller.attach(gate: g)
-            } catch {
-                // Fail open: without a reader the kernel lets new connections through directly.
-                logger.error(
-                    "the NFQUEUE gate could not start; new connections bypass the proxy",
-                    metadata: ["error": "\(error)"]
-                )
-            }
-        }
-        // systemd (Type=notify): `systemctl start` returns once traffic is being captured.
-        SystemdNotifier.notify("READY=1")
-        logger.info(
-            "agent running",
-            metadata: ["config.file": "\(config)", "capture": "\(capture.backend.rawValue)", "gate": "\(gate != nil)"]
-        )
-
-        let admin = AdminServer(
-            host: "127.0.0.1",
-            port: 15000,
-            group: group,
-            proxy: proxy,
-            renderMetrics: {
-                var buffer: [UInt8] = []
-                registry.emit(into: &buffer)
-                return String(decoding: buffer, as: UTF8.self)
-            },
-            dumpExtra: { [xdsBox] in xdsBox.withLockedValue { $0 }.map { (key: "xds", value: $0.current) } },
-            logger: logger
-        )
-        var services: [ServiceGroupConfiguration.ServiceConfiguration] = [.init(service: proxy)]
-        if let registrar { services.append(.init(service: RegistrarService(registrar: registrar))) }
-        if let xdsAddress = agent.pilotXDS {
-            // Routes, clusters and endpoints from pilot; until the first configuration arrives
-            // (or while pilot is unreachable) the listeners pass everything through.
-            var persist: String? = agent.stateDirectory + "/agent-config.json"
+        // The state folder (the last configuration from pilot, served after a restart).
+        var persist: String? = agent.stateDirectory + "/agent-config.json"
+        if agent.pilotXDS != nil {
             do {
                 try FileManager.default.createDirectory(
                     atPath: agent.stateDirectory,
@@ -214,68 +141,184 @@ struct Run: AsyncParsableCommand {
                 )
                 persist = nil
             }
-            let xds = XDSClient(
-                pilot: xdsAddress.host,
-                port: xdsAddress.port,
-                node: node,
-                base: AgentListeners.passthroughConfig(inboundForwardTo: agent.inboundForwardTo),
-                persistPath: persist,
-                protocol: agent.xdsProtocol,
-                maxEndpoints: agent.maxEndpoints,
-                logger: logger
-            ) { config in
-                try await proxy.apply(try ProxySnapshot(config, stats: stats))
-            }
-            await controller.attach(xds: xds)
-            xdsBox.withLockedValue { $0 = xds }
-            services.append(.init(service: xds))
         }
-        services.append(.init(service: admin))
-        services.append(.init(service: control))
-        // Last in the list, so the first to stop: SIGTERM drains while everything else still runs.
-        services.append(.init(service: DrainOnShutdown(controller: controller, deadline: agent.drainDeadline)))
+        let parts = AgentController.Parts(
+            registrar: { config, draining in
+                guard !config.services.isEmpty, let api = config.pilotAPI, let address = config.registerAddress else {
+                    return nil
+                }
+                return PilotRegistrar(
+                    node: node,
+                    pilotAPI: api,
+                    registerAddress: address,
+                    ttl: config.leaseTTL,
+                    services: config.services,
+                    draining: draining,
+                    logger: logger
+                )
+            },
+            xds: { [persist] config in
+                // Routes, clusters and endpoints from pilot; until the first configuration arrives
+                // (or while pilot is unreachable) the listeners pass everything through.
+                guard let xdsAddress = config.pilotXDS else { return nil }
+                return XDSClient(
+                    pilot: xdsAddress.host,
+                    port: xdsAddress.port,
+                    node: node,
+                    base: base(config),
+                    persistPath: persist,
+                    protocol: config.xdsProtocol,
+                    maxEndpoints: config.maxEndpoints,
+                    logger: logger
+                ) { config in
+                    try await proxy.apply(try ProxySnapshot(config, stats: stats))
+                }
+            },
+            base: base,
+            load: { try Self.load(configPath) }
+        )
+        let session = CaptureSession(capture: capture, rules: rules, logger: logger)
+        let controller = AgentController(
+            config: agent,
+            node: node,
+            proxy: proxy,
+            capture: session,
+            parts: parts,
+            logger: logger
+        )
+        // The control socket first: a second agent on this machine stops here, before it touches
+        // a port or a rule of the running one.
+        let control = ControlServer(path: controlSocket, controller: controller, group: group, logger: logger)
+        do {
+            try await control.bind()
+        } catch {
+            try? await group.shutdownGracefully()
+            throw AgentCommandError("\(error); nothing was installed")
+        }
+        // Listeners next: capture starts only when they can take connections.
+        do {
+            try await proxy.start()
+        } catch {
+            await proxy.shutdown()
+            await control.close()
+            try? await group.shutdownGracefully()
+            throw AgentCommandError("binding the capture listeners failed; nothing was installed\n\(error)")
+        }
+        let gateRunning: Bool
+        do {
+            gateRunning = try await session.install()
+        } catch {
+            await proxy.shutdown()
+            await control.close()
+            try? await group.shutdownGracefully()
+            throw AgentCommandError("installing the capture rules failed; nothing is captured\n\(error)")
+        }
+        controllerBox.withLockedValue { $0 = controller }
+        // systemd (Type=notify): `systemctl start` returns once traffic is being captured.
+        SystemdNotifier.notify("READY=1")
+        logger.info(
+            "agent running",
+            metadata: [
+                "config.file": "\(configPath)", "capture": "\(capture.backend.rawValue)",
+                "families": "\(rules.families.map(\.rawValue).joined(separator: ","))", "gate": "\(gateRunning)",
+                "version": "\(TrellisVersion.current)",
+            ]
+        )
+
+        let admin = AdminServer(
+            host: agent.adminAddress.host,
+            port: agent.adminAddress.port,
+            group: group,
+            proxy: proxy,
+            renderMetrics: {
+                var buffer: [UInt8] = []
+                registry.emit(into: &buffer)
+                return String(decoding: buffer, as: UTF8.self)
+            },
+            dumpExtra: { controller.xdsState.map { (key: "xds", value: $0) } },
+            logger: logger
+        )
+        let services: [ServiceGroupConfiguration.ServiceConfiguration] = [
+            .init(service: proxy),
+            .init(service: ControllerParts(controller: controller)),
+            .init(service: admin),
+            .init(service: control),
+            // Last in the list, so the first to stop: a stop drains while everything else still runs.
+            .init(service: DrainOnShutdown(controller: controller)),
+        ]
         let serviceGroup = ServiceGroup(configuration: .init(services: services, logger: logger))
         await termination.attach(serviceGroup)
         do {
             try await serviceGroup.run()
         } catch {
-            // A service failed (the control socket is taken, say): the rules still go.
+            // A service failed (the admin port is taken, say): the rules still go.
             logger.error("the agent stopped on an error", metadata: ["error": "\(error)"])
-            gate?.setMode(.bypass)
-            await registrar?.deregisterAll()
-            if !keepRules { try? capture.remove() }
-            gate?.stop()
+            await session.remove(keepRules: keepRules)
+            await controller.stop()
             try? await group.shutdownGracefully()
             throw error
         }
-
-        // Stopping: no new captures, deregistration, then the rules go.
-        gate?.setMode(.bypass)
-        await registrar?.deregisterAll()
-        if keepRules {
-            logger.info("capture rules kept (--keep-rules)")
-        } else {
-            do {
-                try capture.remove()
-                logger.info("capture rules removed")
-            } catch {
-                logger.error("removing the capture rules failed", metadata: ["error": "\(error)"])
-            }
-        }
-        gate?.stop()
+        // Stopping: the gate bypasses, then the rules go.
+        await session.remove(keepRules: keepRules)
         try await group.shutdownGracefully()
+    }
+
+    /// Reads and parses agent.yaml: at the start, for `check`, and for each reload.
+    static func load(_ path: String) throws(AgentCommandError) -> AgentConfig {
+        let text: String
+        do {
+            text = try String(contentsOfFile: path, encoding: .utf8)
+        } catch {
+            throw AgentCommandError("\(path): cannot read the file (\(error.localizedDescription))")
+        }
+        var agent: AgentConfig
+        do {
+            agent = try AgentConfigLoader.parse(yaml: text, file: path)
+        } catch {
+            throw AgentCommandError("invalid configuration\n\(error)")
+        }
+        if agent.capture.agentUID == nil, geteuid() != 0 {
+            // Running as a dedicated user (the packaged service): that user's own connections
+            // (registration, health checks) are never captured. Root's never are excluded this way.
+            agent.capture.agentUID = Int(geteuid())
+        }
+        // A machine without IPv6 gets no ip6tables rules and no IPv6 listeners, and no error.
+        if agent.capture.ipv6 && agent.capture.ipv4 && !kernelHasIPv6 { agent.capture.ipv6 = false }
+        return agent
+    }
+
+    /// Whether the kernel has IPv6 (`ipv6.disable=1` removes /proc/net/if_inet6, and AF_INET6
+    /// sockets cannot be made).
+    static var kernelHasIPv6: Bool {
+        let fd = socket(AF_INET6, Int32(SOCK_STREAM.rawValue), 0)
+        guard fd >= 0 else { return false }
+        close(fd)
+        return FileManager.default.fileExists(atPath: "/proc/net/if_inet6")
+    }
+}
+
+/// The parts agent.yaml configures (registration, the xDS client), started with the agent,
+/// replaced by reloads, stopped (deregistered, last configuration saved) on the way out.
+struct ControllerParts: Service {
+    let controller: AgentController
+    func run() async throws {
+        await controller.start()
+        try? await gracefulShutdown()
+        await controller.stop()
     }
 }
 
 /// Drains (pilot told, gate bypassed, idle connections closed, in-flight work waited for up to the
-/// deadline) when graceful shutdown begins, before the other services stop.
+/// configured `drain_deadline`) when graceful shutdown begins, before the other services stop.
+/// systemd is told how long that may take, so the unit's stop timeout follows the deadline.
 struct DrainOnShutdown: Service {
     let controller: AgentController
-    let deadline: Duration
     func run() async throws {
         try? await gracefulShutdown()
-        SystemdNotifier.notify("STOPPING=1")
-        _ = await controller.drain(deadline: deadline)
+        let deadline = await controller.drainDeadline
+        let micros = (deadline + .seconds(15)).components.seconds * 1_000_000
+        SystemdNotifier.notify("STOPPING=1\nEXTEND_TIMEOUT_USEC=\(micros)")
+        _ = await controller.drain()
     }
 }
 
@@ -292,13 +335,5 @@ actor Termination {
     func attach(_ group: ServiceGroup) async {
         self.group = group
         if requested { await group.triggerGracefulShutdown() }
-    }
-}
-
-/// The registrar as a `Service`: runs until shutdown.
-struct RegistrarService: Service {
-    let registrar: PilotRegistrar
-    func run() async throws {
-        await cancelWhenGracefulShutdown { await registrar.run() }
     }
 }

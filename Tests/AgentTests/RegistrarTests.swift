@@ -1,5 +1,6 @@
 import Agent
 import Foundation
+import Interceptor
 import Pilot
 import Testing
 import TrellisConfig
@@ -22,9 +23,32 @@ struct RegistrarTests {
             config.services[1].healthCheck?.kind == .tcp && config.services[1].healthCheck?.interval == .seconds(10)
         )
         #expect(config.leaseTTL == .seconds(30) && config.drainDeadline == .seconds(30))
-        #expect(config.inboundForwardTo == "127.0.0.1")
+        #expect(config.inboundForward == .loopback)
         let original = try AgentConfigLoader.parse(yaml: "inbound_forward: original_destination\n", file: "a.yaml")
-        #expect(original.inboundForwardTo == nil)
+        #expect(original.inboundForward == .originalDestination)
+    }
+
+    /// The fail-open gate is on unless a file turns it off; the admin listener stays on loopback
+    /// unless a file opens it.
+    @Test func theGateIsOnByDefaultAndTheAdminAddressIsConfigurable() throws {
+        let bare = try AgentConfigLoader.parse(yaml: "node: vm-a\n", file: "agent.yaml")
+        #expect(bare.capture.gate == CaptureConfig.Gate(queue: 15000, mark: 0x1))
+        #expect(bare.adminAddress == HostPort(host: "127.0.0.1", port: 15000))
+        let section = try AgentConfigLoader.parse(yaml: "capture: {inbound_ports: [8080]}\n", file: "agent.yaml")
+        #expect(section.capture.gate == CaptureConfig.Gate())
+        let off = try AgentConfigLoader.parse(yaml: "capture: {gate: off}\n", file: "agent.yaml")
+        #expect(off.capture.gate == nil)
+        let custom = try AgentConfigLoader.parse(
+            yaml: "capture: {gate: {queue: 7, mark: 0x4}}\nadmin: {address: \"0.0.0.0:15090\"}\n",
+            file: "agent.yaml"
+        )
+        #expect(custom.capture.gate == CaptureConfig.Gate(queue: 7, mark: 0x4))
+        #expect(custom.adminAddress == HostPort(host: "0.0.0.0", port: 15090))
+        for file in ["init/agent.yaml", "examples/agent.yaml"] {
+            let url = Self.examples.deletingLastPathComponent().appendingPathComponent(file)
+            let config = try AgentConfigLoader.parse(yaml: try String(contentsOf: url, encoding: .utf8), file: file)
+            #expect(config.capture.gate != nil, "\(file): the gate must be on in what users install and copy")
+        }
     }
 
     @Test(arguments: [
@@ -48,6 +72,12 @@ struct RegistrarTests {
         ("state_dir: var/lib\n", "state_dir: expected an absolute path"),
         ("pilot: {api: nowhere}\n", "pilot.api: expected host:port"),
         ("nodes: x\n", "nodes: unknown key 'nodes'"),
+        // Keys that were accepted and ignored before: now refused like any unknown key.
+        ("listeners: []\n", "listeners: unknown key 'listeners'"),
+        ("admin: {port: 15000}\n", "admin.port: unknown key 'port'"),
+        ("admin: {address: localhost:15000}\n", "admin.address: expected an IP address and port"),
+        ("capture: {gate: maybe}\n", "capture.gate: expected a mapping {queue, mark}, on or off, got 'maybe'"),
+        ("capture: {gate: {queue: 70000}}\n", "capture.gate.queue"),
     ])
     func badAgentFilesNameTheKeyAndWhatWasExpected(yaml: String, expected: String) {
         do {

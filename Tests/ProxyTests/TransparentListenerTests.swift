@@ -181,7 +181,7 @@ import Testing
     @Test func forwardToReplacesTheOriginalAddressAndKeepsThePort() async throws {
         let echo = try await EchoServer(banner: nil, group: group)
         let origin = try await TestUpstream.start(name: "origin", group: group)
-        func listener(port: Int, forwardTo: String?) async throws -> ProxyHarness {
+        func listener(port: Int, forwardTo: [String]) async throws -> ProxyHarness {
             var config = gatewayConfig(
                 virtualHosts: [
                     VirtualHost(
@@ -202,9 +202,9 @@ import Testing
             let elsewhere = try SocketAddress(ipAddress: "127.0.0.2", port: port)
             return try await ProxyHarness.start(config, group: group, originalDestination: { _ in elsewhere })
         }
-        let tcp = try await listener(port: echo.port, forwardTo: "127.0.0.1")
-        let http = try await listener(port: origin.port, forwardTo: "127.0.0.1")
-        let unchanged = try await listener(port: origin.port, forwardTo: nil)
+        let tcp = try await listener(port: echo.port, forwardTo: ["127.0.0.1"])
+        let http = try await listener(port: origin.port, forwardTo: ["127.0.0.1"])
+        let unchanged = try await listener(port: origin.port, forwardTo: [])
         defer {
             Task {
                 await tcp.stop(); await http.stop(); await unchanged.stop(); await echo.close(); await origin.stop()
@@ -224,8 +224,8 @@ import Testing
             virtualHosts: catchAll("alpha"),
             clusters: [ClusterConfig(name: "alpha", endpoints: [])]
         )
-        invalid.listeners[0].transparent = TransparentMode(forwardTo: "localhost")
-        #expect(invalid.validationErrors().contains { $0.path == "listeners[0].transparent.forward_to" })
+        invalid.listeners[0].transparent = TransparentMode(forwardTo: ["localhost"])
+        #expect(invalid.validationErrors().contains { $0.path == "listeners[0].transparent.forward_to[0]" })
     }
 
     @Test func httpToAnUnknownHostPassesThroughToTheOriginalDestination() async throws {

@@ -65,7 +65,8 @@ struct AgentDrainNetnsTests {
         )
         defer { server.stop() }
         let config = dir.appendingPathComponent("agent.yaml")
-        try "node: vm-a\ndrain_deadline: 10s\ncapture: {inbound_ports: [9]}\n".write(
+        // No gate (the default has one): the drain below shows what happens without it.
+        try "node: vm-a\ndrain_deadline: 10s\ncapture: {inbound_ports: [9], gate: off}\n".write(
             to: config,
             atomically: true,
             encoding: .utf8

@@ -14,12 +14,12 @@ public struct AgentConfig: Sendable {
     /// Lease length for registrations; renewed every third of it.
     public var leaseTTL: Duration = .seconds(30)
     public var services: [LocalService] = []
-    public var capture = CaptureConfig()
+    public var capture = CaptureConfig.installedDefault
     public var drainDeadline: Duration = .seconds(30)
-    /// Where the inbound listener sends captured connections: the local program on `127.0.0.1`
-    /// (`inbound_forward: loopback`, the default) or, with `original_destination`, the address the
-    /// client dialed (`nil`), for programs that listen only on the machine's own address.
-    public var inboundForwardTo: String? = "127.0.0.1"
+    /// Where the inbound listener sends captured connections: the local program on `127.0.0.1` or
+    /// `::1` (`inbound_forward: loopback`, the default) or, with `original_destination`, the
+    /// address the client dialed, for programs that listen only on the machine's own address.
+    public var inboundForward: AgentListeners.InboundForward = .loopback
     /// Where the agent keeps what must survive a restart (the last configuration from pilot).
     public var stateDirectory = "/var/lib/trellis"
     /// Incremental ADS (the default) or state of the world (`pilot.xds_protocol: sotw`).
@@ -27,6 +27,9 @@ public struct AgentConfig: Sendable {
     /// The most endpoints (over all clusters) the agent takes from pilot (`pilot.max_endpoints`);
     /// a configuration with more is refused (NACKed), keeping the agent's memory bounded.
     public var maxEndpoints: Int = XDSClient.defaultMaxEndpoints
+    /// The admin HTTP listener (`/ready`, `/stats/prometheus`, `/config_dump`): loopback unless
+    /// configured (`admin.address`), e.g. `0.0.0.0:15000` for a remote Prometheus.
+    public var adminAddress = HostPort(host: "127.0.0.1", port: 15000)
 
     public init() {}
 }
@@ -108,7 +111,7 @@ public struct HealthCheck: Sendable, Hashable {
 public enum AgentConfigLoader {
     static let topLevelKeys: Set<String> = [
         "node", "pilot", "register", "services", "capture", "drain_deadline", "inbound_forward", "state_dir",
-        "listeners", "admin",
+        "admin",
     ]
 
     /// - Throws: ``ConfigFileErrors`` naming file, line, key path and what was expected.
@@ -175,10 +178,20 @@ public enum AgentConfigLoader {
                 config.stateDirectory = path
             }
             if let f = top["inbound_forward"] {
-                switch try f.nonEmptyString() {
-                case "loopback": config.inboundForwardTo = "127.0.0.1"
-                case "original_destination": config.inboundForwardTo = nil
-                case let other: throw f.error("expected loopback or original_destination, got '\(other)'")
+                let text = try f.nonEmptyString()
+                guard let value = AgentListeners.InboundForward(rawValue: text) else {
+                    throw f.error("expected loopback or original_destination, got '\(text)'")
+                }
+                config.inboundForward = value
+            }
+            if let a = top["admin"] {
+                let keys = try a.mapping(allowed: ["address"])
+                if let n = keys["address"] {
+                    let (host, port) = try n.endpoint()
+                    guard Names.isIPAddress(host) else {
+                        throw n.error("expected an IP address and port such as 127.0.0.1:15000, got host '\(host)'")
+                    }
+                    config.adminAddress = HostPort(host: host, port: port)
                 }
             }
             if let d = top["drain_deadline"] {

@@ -18,15 +18,18 @@ import Yams
 ///   agent_gid: 990
 ///   ipv4: true
 ///   ipv6: true
-///   gate: {queue: 15000, mark: 0x1} # omit to redirect without the NFQUEUE gate
+///   gate: {queue: 15000, mark: 0x1} # the default (fail-open); `gate: off` redirects without it
 /// ```
+///
+/// A missing section, or a missing `gate:`, means the fail-open gate on
+/// (``CaptureConfig/installedDefault``).
 public enum CaptureConfigLoader {
     public static func parse(yaml: String, file: String) throws(ConfigFileErrors) -> CaptureConfig {
         let config: CaptureConfig
         do {
             let root = try ConfigNode.root(yaml: yaml, file: file)
             let top = try root.mapping(allowed: AgentConfigLoader.topLevelKeys)
-            config = try top["capture"].map(load) ?? CaptureConfig()
+            config = try top["capture"].map(load) ?? CaptureConfig.installedDefault
         } catch {
             throw ConfigFileErrors([error])
         }
@@ -44,7 +47,7 @@ public enum CaptureConfigLoader {
             "inbound_ports", "inbound_exclude_ports", "outbound_include_cidrs", "outbound_exclude_cidrs",
             "exclude_ports", "capture_loopback", "agent_mark", "agent_uid", "agent_gid", "ipv4", "ipv6", "gate",
         ])
-        var c = CaptureConfig()
+        var c = CaptureConfig.installedDefault
         func ports(_ n: ConfigNode) throws(ConfigFileError) -> [Int] {
             var out: [Int] = []
             for item in try n.sequence() { out.append(try item.int(in: 1...65535)) }
@@ -96,7 +99,14 @@ public enum CaptureConfigLoader {
         if let n = keys["agent_gid"] { c.agentGID = try n.int(in: 0...4_294_967_294) }
         if let n = keys["ipv4"] { c.ipv4 = try n.bool() }
         if let n = keys["ipv6"] { c.ipv6 = try n.bool() }
-        if let n = keys["gate"] {
+        if let n = keys["gate"], case .scalar = n.node {
+            switch try n.nonEmptyString() {
+            case "on", "true": c.gate = CaptureConfig.Gate()
+            case "off", "false": c.gate = nil
+            case let other:
+                throw n.error("expected a mapping {queue, mark}, on or off, got '\(other)'")
+            }
+        } else if let n = keys["gate"] {
             let g = try n.mapping(allowed: ["queue", "mark"])
             var gate = CaptureConfig.Gate()
             if let q = g["queue"] { gate.queue = try q.int(in: 0...65535) }

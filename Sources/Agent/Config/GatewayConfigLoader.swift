@@ -70,9 +70,14 @@ public enum GatewayConfigLoader {
 
     private static func listener(_ node: ConfigNode) throws(ConfigFileError) -> ListenerConfig {
         let keys = try node.mapping(allowed: [
-            "name", "address", "virtual_hosts", "limits", "access_log", "transparent",
+            "name", "address", "additional_addresses", "virtual_hosts", "limits", "access_log", "transparent",
         ])
         let (host, port) = try keys.required("address", in: node).endpoint(portRange: 0...65535)
+        var additional: [SocketEndpoint] = []
+        for item in try keys["additional_addresses"]?.sequence() ?? [] {
+            let (h, p) = try item.endpoint(portRange: 0...65535)
+            additional.append(SocketEndpoint(host: h, port: p))
+        }
         var limits = ConnectionLimits()
         if let limitsNode = keys["limits"] {
             let l = try limitsNode.mapping(allowed: [
@@ -96,9 +101,13 @@ public enum GatewayConfigLoader {
                 let tk = try t.mapping(allowed: ["sniff_timeout", "forward_to"])
                 return TransparentMode(
                     sniffTimeout: try tk["sniff_timeout"]?.duration() ?? .seconds(1),
-                    forwardTo: try tk["forward_to"]?.nonEmptyString()
+                    forwardTo: try tk["forward_to"].map { (f) throws(ConfigFileError) -> [String] in
+                        if case .scalar = f.node { return [try f.nonEmptyString()] }
+                        return try f.stringList()
+                    } ?? []
                 )
-            }
+            },
+            additionalAddresses: additional
         )
     }
 

@@ -1,6 +1,8 @@
+import CoreMetrics
 import FoundationEssentials
 public import Interceptor
 public import Logging
+import NIOConcurrencyHelpers
 import NIOCore
 public import Proxy
 
@@ -12,53 +14,231 @@ public import Proxy
 /// connections are closed, each busy one answers its current request with `Connection: close`;
 /// then the in-flight requests and relayed TCP connections are waited for, up to the deadline.
 public actor AgentController {
+    /// Builds the parts agent.yaml configures, for the start and for each reload.
+    public struct Parts: Sendable {
+        /// The registrar for a configuration (nil: nothing to register); `draining` carries a
+        /// drain in progress over to a new registrar.
+        public var registrar: @Sendable (AgentConfig, _ draining: Bool) -> PilotRegistrar?
+        /// The xDS client for a configuration (nil: no pilot.xds).
+        public var xds: @Sendable (AgentConfig) -> XDSClient?
+        /// The proxy configuration without pilot (the capture listeners passing through).
+        public var base: @Sendable (AgentConfig) -> ProxyConfig
+        /// Reads and parses agent.yaml again (`trellis-agent reload`, SIGHUP).
+        public var load: @Sendable () throws -> AgentConfig
+
+        public init(
+            registrar: @escaping @Sendable (AgentConfig, _ draining: Bool) -> PilotRegistrar?,
+            xds: @escaping @Sendable (AgentConfig) -> XDSClient?,
+            base: @escaping @Sendable (AgentConfig) -> ProxyConfig,
+            load: @escaping @Sendable () throws -> AgentConfig
+        ) {
+            self.registrar = registrar
+            self.xds = xds
+            self.base = base
+            self.load = load
+        }
+    }
+
+    private var config: AgentConfig
     private let node: String
     private let proxy: ProxyServer
-    private var gate: NetfilterQueueGate?
-    private let registrar: PilotRegistrar?
-    private let pilotAPI: HostPort?
-    private let services: [LocalService]
-    private let captureState: @Sendable () -> CaptureStatus
-    private var xds: XDSClient?
+    private let capture: CaptureSession?
+    private let parts: Parts
+    private var registrar: PilotRegistrar?
+    private var registrarTask: Task<Void, Never>?
+    private var xds: XDSClient? {
+        didSet { currentXDS.withLockedValue { [xds] in $0 = xds } }
+    }
+    private var xdsTask: Task<Void, Never>?
+    /// The xDS client, readable off the actor (the admin's `/config_dump` runs on an event loop).
+    private nonisolated let currentXDS = NIOLockedValueBox<XDSClient?>(nil)
     private let logger: Logger
     private var drainStarted: Date?
     private var lastDrain: DrainReport?
+    private var lastReload: ReloadReport?
+    private let reloads = (
+        applied: Counter(label: "trellis_agent_reloads_total", dimensions: [("result", "applied")]),
+        refused: Counter(label: "trellis_agent_reloads_total", dimensions: [("result", "refused")])
+    )
 
+    /// - Parameters:
+    ///   - config: the configuration the agent started with (`node` already defaulted).
+    ///   - capture: the installed rules and gate; nil when the agent captures nothing (tests).
     public init(
+        config: AgentConfig,
         node: String,
         proxy: ProxyServer,
-        gate: NetfilterQueueGate?,
-        registrar: PilotRegistrar?,
-        pilotAPI: HostPort?,
-        services: [LocalService],
-        captureState: @escaping @Sendable () -> CaptureStatus,
+        capture: CaptureSession?,
+        parts: Parts,
         logger: Logger
     ) {
+        self.config = config
         self.node = node
         self.proxy = proxy
-        self.gate = gate
-        self.registrar = registrar
-        self.pilotAPI = pilotAPI
-        self.services = services
-        self.captureState = captureState
+        self.capture = capture
+        self.parts = parts
         self.logger = logger
     }
 
-    /// The xDS client, when pilot's xDS address is configured.
-    public func attach(xds: XDSClient) {
-        self.xds = xds
-    }
+    /// The xDS client's state, when pilot's xDS address is configured.
+    public nonisolated var xdsState: XDSClient.State? { currentXDS.withLockedValue { $0?.current } }
 
-    /// The gate starts after the rules are installed, once the controller exists.
-    public func attach(gate: NetfilterQueueGate) {
-        self.gate = gate
-    }
+    /// The configured drain deadline (`drain_deadline`), for a drain that names none.
+    public var drainDeadline: Duration { config.drainDeadline }
 
     public var isDraining: Bool { drainStarted != nil }
 
-    /// Drains and waits up to `deadline` for in-flight work; returns what it did. Draining again
-    /// while draining waits again with the new deadline.
-    public func drain(deadline: Duration) async -> DrainReport {
+    /// Starts the registrar and the xDS client of the current configuration.
+    public func start() {
+        startRegistrar(parts.registrar(config, false))
+        startXDS(parts.xds(config))
+    }
+
+    /// Stops the xDS client (its last configuration is saved) and deregisters from pilot.
+    public func stop() async {
+        xdsTask?.cancel()
+        await xdsTask?.value
+        xdsTask = nil
+        registrarTask?.cancel()
+        await registrarTask?.value
+        registrarTask = nil
+        await registrar?.deregisterAll()
+    }
+
+    private func startRegistrar(_ new: PilotRegistrar?) {
+        registrar = new
+        registrarTask = new.map { r in Task { await r.run() } }
+    }
+
+    private func startXDS(_ new: XDSClient?) {
+        xds = new
+        xdsTask = new.map { client in
+            Task { [logger] in
+                do {
+                    try await client.run()
+                } catch {
+                    logger.error("the xDS client stopped", metadata: ["error": "\(error)"])
+                }
+            }
+        }
+    }
+
+    // MARK: Reload
+
+    /// Reads agent.yaml again and applies what changed: capture rules and gate (one transaction
+    /// per family, rolled back if the kernel refuses one), services and health checks, pilot's
+    /// addresses, the drain deadline. A file that does not parse, or that changes what only a
+    /// restart can (node, state_dir, admin), is refused whole and the running configuration stays.
+    public func reload() async -> ReloadReport {
+        let new: AgentConfig
+        do {
+            new = try parts.load()
+        } catch {
+            return refuse("\(error)")
+        }
+        return await reload(to: new)
+    }
+
+    /// Applies `new` (already parsed and validated) as ``reload()`` does.
+    public func reload(to new: AgentConfig) async -> ReloadReport {
+        var old = config
+        var restartOnly: [String] = []
+        if new.node != old.node { restartOnly.append("node") }
+        if new.stateDirectory != old.stateDirectory { restartOnly.append("state_dir") }
+        if new.adminAddress != old.adminAddress { restartOnly.append("admin.address") }
+        // New IPv6 rules before [::] listeners would refuse every redirected IPv6 connection.
+        if new.capture.ipv6 != old.capture.ipv6 { restartOnly.append("capture.ipv6") }
+        guard restartOnly.isEmpty else {
+            return refuse(
+                restartOnly.joined(separator: ", ")
+                    + ": changed, and only a restart applies \(restartOnly.count == 1 ? "it" : "them")"
+                    + " (systemctl restart trellis-agent); nothing was applied"
+            )
+        }
+        var changes: [String] = []
+        if let capture {
+            let rules: RuleSet
+            do {
+                rules = try RuleSet(new.capture)
+            } catch {
+                return refuse("capture: \(error)")
+            }
+            do {
+                changes += try await capture.reload(to: rules)
+            } catch {
+                return refuse("the kernel refused the new capture rules; the old ones stay: \(error)")
+            }
+        }
+        old.capture = new.capture
+        if old.services != new.services || old.pilotAPI != new.pilotAPI || old.registerAddress != new.registerAddress
+            || old.leaseTTL != new.leaseTTL
+        {
+            let previous = registrar
+            registrarTask?.cancel()
+            await registrarTask?.value
+            let next = parts.registrar(new, isDraining)
+            // Instances no longer declared (or declared to another pilot or address) are removed.
+            let kept = (next?.instanceKeys).map(Set.init) ?? []
+            if let previous {
+                let gone = previous.instanceKeys.filter { !kept.contains($0) || old.pilotAPI != new.pilotAPI }
+                await previous.deregister(gone)
+                if !gone.isEmpty { changes.append("deregistered: " + gone.sorted().joined(separator: ", ")) }
+            }
+            startRegistrar(next)
+            changes.append(
+                next == nil
+                    ? "registration: none (no services or pilot.api)"
+                    : "registration: \(new.services.count) services with \(new.pilotAPI.map { "\($0)" } ?? "-")"
+            )
+        }
+        if old.pilotXDS != new.pilotXDS || old.xdsProtocol != new.xdsProtocol || old.maxEndpoints != new.maxEndpoints
+            || old.inboundForward != new.inboundForward
+        {
+            xdsTask?.cancel()
+            await xdsTask?.value
+            xdsTask = nil
+            xds = nil
+            if let next = parts.xds(new) {
+                // The configuration from the old stream keeps serving until the new one applies.
+                startXDS(next)
+                changes.append("pilot xDS: \(next.current.pilot) (\(new.xdsProtocol.rawValue))")
+            } else {
+                do {
+                    try await proxy.apply(try ProxySnapshot(parts.base(new), stats: proxy.stats))
+                } catch {
+                    logger.error("applying the passthrough configuration failed", metadata: ["error": "\(error)"])
+                }
+                changes.append("pilot xDS: off (passthrough)")
+            }
+        }
+        if old.drainDeadline != new.drainDeadline {
+            changes.append("drain_deadline: \(old.drainDeadline) -> \(new.drainDeadline)")
+        }
+        config = new
+        let report = ReloadReport(applied: true, changes: changes)
+        lastReload = report
+        reloads.applied.increment()
+        logger.notice(
+            "configuration reloaded",
+            metadata: ["reload.changes": "\(changes.isEmpty ? "none" : changes.joined(separator: "; "))"]
+        )
+        return report
+    }
+
+    private func refuse(_ error: String) -> ReloadReport {
+        let report = ReloadReport(applied: false, error: error)
+        lastReload = report
+        reloads.refused.increment()
+        logger.error("configuration refused; the running one stays", metadata: ["reload.error": "\(error)"])
+        return report
+    }
+
+    // MARK: Drain
+
+    /// Drains and waits up to `deadline` (the configured `drain_deadline` when nil) for in-flight
+    /// work; returns what it did. Draining again while draining waits again with the new deadline.
+    public func drain(deadline: Duration? = nil) async -> DrainReport {
+        let deadline = deadline ?? config.drainDeadline
         let clock = ContinuousClock()
         let start = clock.now
         if drainStarted == nil { drainStarted = Date() }
@@ -75,12 +255,12 @@ public actor AgentController {
         } else {
             report.pilot = "not registered with pilot"
         }
-        if let gate {
-            gate.setMode(.bypass)
-            report.gate = "bypass: new connections go straight to their destination"
-        } else {
-            report.gate = "no gate configured: new connections are still captured, and not kept alive"
-        }
+        let gateRunning = await capture?.gateRunning ?? false
+        await capture?.setMode(.bypass)
+        report.gate =
+            gateRunning
+            ? "bypass: new connections go straight to their destination"
+            : "no gate running: new connections are still captured, and not kept alive"
         let started = await proxy.startDraining()
         report.idleClosed = started.idleClosed
         report.inFlightAtStart = started
@@ -109,9 +289,9 @@ public actor AgentController {
     public func undrain() async -> UndrainReport {
         var report = UndrainReport()
         await proxy.stopDraining()
-        if let gate {
-            gate.setMode(.capture)
-            report.gate = "capture"
+        if let capture {
+            await capture.setMode(.capture)
+            report.gate = await capture.gateRunning ? "capture" : "no gate running"
         } else {
             report.gate = "no gate configured"
         }
@@ -133,18 +313,28 @@ public actor AgentController {
     public func status() async -> AgentStatus {
         var status = AgentStatus(node: node, state: drainStarted == nil ? "serving" : "draining")
         status.drainStarted = drainStarted.map { $0.formatted(.iso8601) }
-        status.listeners = proxy.boundAddresses.map { name, address in
-            let ip = address.ipAddress ?? "\(address)"
-            return AgentStatus.Listener(
-                name: name,
-                address: ip.contains(":") ? "[\(ip)]:\(address.port ?? 0)" : "\(ip):\(address.port ?? 0)"
-            )
-        }.sorted { $0.name < $1.name }
+        status.listeners = proxy.allBoundAddresses.flatMap { name, addresses in
+            addresses.map { address in
+                let ip = address.ipAddress ?? "\(address)"
+                return AgentStatus.Listener(
+                    name: name,
+                    address: ip.contains(":") ? "[\(ip)]:\(address.port ?? 0)" : "\(ip):\(address.port ?? 0)"
+                )
+            }
+        }.sorted { ($0.name, $0.address) < ($1.name, $1.address) }
         status.activity = await proxy.activity()
         status.configVersion = proxy.store.snapshot.config.version
-        status.capture = captureState()
-        if let gate {
-            let counters = gate.counters
+        if let capture {
+            let (rules, differences) = await capture.verify()
+            status.capture = CaptureStatus(
+                backend: capture.capture.backend.rawValue,
+                rules: rules,
+                differences: differences
+            )
+        } else {
+            status.capture = CaptureStatus(backend: "", rules: "not installed")
+        }
+        if let counters = await capture?.gateCounters {
             status.gate = AgentStatus.Gate(
                 mode: drainStarted == nil ? "capture" : "bypass",
                 captured: counters.captured,
@@ -152,8 +342,12 @@ public actor AgentController {
                 overflows: counters.overflows
             )
         }
+        if status.gate == nil, let capture, await capture.rules.config.gate != nil {
+            // Configured, but the reader could not start (logged): the queue bypasses.
+            status.gate = AgentStatus.Gate(mode: "not running", captured: 0, bypassed: 0, overflows: 0)
+        }
         let states = await registrar?.states ?? [:]
-        status.services = services.map { service in
+        status.services = config.services.map { service in
             let state = states["\(service.name):\(service.servicePort)"]
             return AgentStatus.Service(
                 name: service.name,
@@ -165,12 +359,13 @@ public actor AgentController {
             )
         }
         status.pilot = AgentStatus.Pilot(
-            api: pilotAPI.map { "\($0)" },
+            api: config.pilotAPI.map { "\($0)" },
             registration: registrar == nil
                 ? "not registering (no services declared in agent.yaml)"
-                : "\(states.values.filter(\.registered).count)/\(services.count) services registered"
+                : "\(states.values.filter(\.registered).count)/\(config.services.count) services registered"
         )
         status.lastDrain = lastDrain
+        status.lastReload = lastReload
         status.xds = xds?.current
         return status
     }
@@ -220,6 +415,19 @@ public struct DrainReport: Sendable, Codable, Equatable {
     }
 }
 
+/// What a reload did: applied (with what changed) or refused (with why; nothing changed).
+public struct ReloadReport: Sendable, Codable, Equatable {
+    public var applied: Bool
+    public var changes: [String] = []
+    public var error: String?
+
+    public init(applied: Bool, changes: [String] = [], error: String? = nil) {
+        self.applied = applied
+        self.changes = changes
+        self.error = error
+    }
+}
+
 public struct UndrainReport: Sendable, Codable, Equatable {
     public var pilot = ""
     public var gate = ""
@@ -265,6 +473,7 @@ public struct AgentStatus: Sendable, Codable, Equatable {
     public var services: [Service] = []
     public var pilot = Pilot(api: nil, registration: "")
     public var lastDrain: DrainReport?
+    public var lastReload: ReloadReport?
     public var xds: XDSClient.State?
 
     public init(node: String, state: String) {
@@ -274,6 +483,6 @@ public struct AgentStatus: Sendable, Codable, Equatable {
 
     enum CodingKeys: String, CodingKey {
         case node, state, drainStarted = "drain_started", listeners, activity, configVersion = "config_version"
-        case capture, gate, services, pilot, lastDrain = "last_drain", xds
+        case capture, gate, services, pilot, lastDrain = "last_drain", lastReload = "last_reload", xds
     }
 }

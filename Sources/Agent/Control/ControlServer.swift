@@ -12,7 +12,8 @@ import Glibc
 #endif
 
 /// The agent's control API, HTTP/1.1 over a Unix domain socket readable and writable by root only
-/// (`/run/trellis/agent.sock`): `GET /status`, `POST /drain?deadline=30s`, `POST /undrain`, all
+/// (`/run/trellis/agent.sock`): `GET /status`, `POST /drain[?deadline=30s]`, `POST /undrain`,
+/// `POST /reload`, all
 /// answered in JSON. `trellis-agent drain|undrain|status` are its clients. The loopback admin
 /// port (15000) carries no command that changes the agent.
 public final class ControlServer: Service, Sendable {
@@ -156,7 +157,7 @@ public final class ControlServer: Service, Sendable {
         case (.GET, "/status"):
             return (.ok, Self.json(await controller.status()))
         case (.POST, "/drain"):
-            var deadline = Duration.seconds(30)
+            var deadline: Duration?
             if let text = query["deadline"] {
                 guard let parsed = DurationText.parse(text), parsed <= .seconds(24 * 3600) else {
                     return Self.error(.badRequest, "deadline: \(DurationText.expected) (at most 24h), got '\(text)'")
@@ -166,10 +167,18 @@ public final class ControlServer: Service, Sendable {
             return (.ok, Self.json(await controller.drain(deadline: deadline)))
         case (.POST, "/undrain"):
             return (.ok, Self.json(await controller.undrain()))
-        case (_, "/status"), (_, "/drain"), (_, "/undrain"):
-            return Self.error(.methodNotAllowed, "\(head.method) \(route): use GET /status, POST /drain, POST /undrain")
+        case (.POST, "/reload"):
+            return (.ok, Self.json(await controller.reload()))
+        case (_, "/status"), (_, "/drain"), (_, "/undrain"), (_, "/reload"):
+            return Self.error(
+                .methodNotAllowed,
+                "\(head.method) \(route): use GET /status, POST /drain, POST /undrain, POST /reload"
+            )
         default:
-            return Self.error(.notFound, "\(route): no such command; use GET /status, POST /drain, POST /undrain")
+            return Self.error(
+                .notFound,
+                "\(route): no such command; use GET /status, POST /drain, POST /undrain, POST /reload"
+            )
         }
     }
 

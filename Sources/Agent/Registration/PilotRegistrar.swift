@@ -39,8 +39,10 @@ public actor PilotRegistrar {
         services: [LocalService],
         checkHost: String = "127.0.0.1",
         client: HTTPClient = HTTPClient(),
+        draining: Bool = false,
         logger: Logger
     ) {
+        self.draining = draining
         self.node = node
         self.api = HTTPClient.URL(host: pilotAPI.host, port: pilotAPI.port, path: "/")
         self.address = registerAddress
@@ -90,7 +92,18 @@ public actor PilotRegistrar {
 
     /// Removes this node's instances from pilot (best effort; the leases would run out anyway).
     public func deregisterAll() async {
-        for service in services {
+        await deregister(instanceKeys)
+    }
+
+    /// The instances this registrar keeps registered, as `service/address/port`.
+    public nonisolated var instanceKeys: [String] {
+        services.map { "\($0.name)/\(address)/\($0.port)" }
+    }
+
+    /// Removes the named instances (``instanceKeys``) from pilot, best effort.
+    public func deregister(_ keys: [String]) async {
+        let wanted = Set(keys)
+        for service in services where wanted.contains("\(service.name)/\(address)/\(service.port)") {
             let path = "/v1/instances/\(service.name)/\(address)/\(service.port)"
             let response = try? await client.request("DELETE", api.with(path: path), timeout: .seconds(2))
             if response?.status == 204 { states[Self.key(service)]?.registered = false }

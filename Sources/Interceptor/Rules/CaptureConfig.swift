@@ -47,6 +47,12 @@ public struct CaptureConfig: Sendable, Hashable {
 
     public static let defaultTrellisPorts = [15000, 15001, 15006, 15010, 15014]
 
+    /// What agent.yaml and `trellis-agent rules` mean when they say nothing: the defaults above
+    /// with the fail-open gate on (queue 15000, mark 0x1), so that an agent that stops, crashes or
+    /// is killed never leaves the machine's connections redirected to nothing. (The memberwise
+    /// default has no gate: it is the model, and tests build exact rule sets from it.)
+    public static var installedDefault: CaptureConfig { CaptureConfig(gate: Gate()) }
+
     public init(
         inbound: InboundPorts = .all(except: [22]),
         outboundIncludeCIDRs: [CIDR] = [],

@@ -2,6 +2,11 @@
 public struct ListenerConfig: Sendable, Hashable, Codable {
     public var name: String
     public var address: SocketEndpoint
+    /// More addresses the same listener takes connections on (Envoy's `additional_addresses`):
+    /// the agent's capture listeners bind `0.0.0.0` and `[::]` on one port, so redirected IPv4 and
+    /// IPv6 connections are both taken. With both families on one port, the IPv6 sockets are
+    /// IPv6-only (each family keeps its own addresses, no `::ffff:` mapped peers).
+    public var additionalAddresses: [SocketEndpoint]
     /// Virtual hosts, matched by the request's `Host`: exact names first, then the longest
     /// `*.suffix`, then `*`.
     public var virtualHosts: [VirtualHost]
@@ -23,9 +28,11 @@ public struct ListenerConfig: Sendable, Hashable, Codable {
         limits: ConnectionLimits = .init(),
         accessLog: Bool = false,
         transparent: TransparentMode? = nil,
-        portVirtualHosts: [Int: [VirtualHost]] = [:]
+        portVirtualHosts: [Int: [VirtualHost]] = [:],
+        additionalAddresses: [SocketEndpoint] = []
     ) {
         self.portVirtualHosts = portVirtualHosts
+        self.additionalAddresses = additionalAddresses
         self.name = name
         self.address = address
         self.virtualHosts = virtualHosts
@@ -36,12 +43,16 @@ public struct ListenerConfig: Sendable, Hashable, Codable {
 
     /// Whether `other` needs the same sockets and pipeline (its routes may differ).
     public func bindsLike(_ other: ListenerConfig) -> Bool {
-        name == other.name && address == other.address && limits == other.limits && accessLog == other.accessLog
-            && transparent == other.transparent
+        name == other.name && address == other.address && additionalAddresses == other.additionalAddresses
+            && limits == other.limits && accessLog == other.accessLog && transparent == other.transparent
     }
+
+    /// Every address the listener binds, the main one first.
+    public var addresses: [SocketEndpoint] { [address] + additionalAddresses }
 
     enum CodingKeys: String, CodingKey {
         case name, address, limits, transparent
+        case additionalAddresses = "additional_addresses"
         case virtualHosts = "virtual_hosts"
         case portVirtualHosts = "port_virtual_hosts"
         case accessLog = "access_log"
@@ -53,12 +64,13 @@ public struct TransparentMode: Sendable, Hashable, Codable {
     /// How long to wait for the client's first bytes. A client that sends nothing in this time is
     /// talking to a server-speaks-first protocol (SMTP, MySQL, SSH banners): relayed as TCP.
     public var sniffTimeout: Duration
-    /// An IP literal that replaces the original destination's address (the port is kept): the
-    /// agent's inbound listener forwards to the local program on `127.0.0.1`. `nil`: the original
-    /// destination as it was.
-    public var forwardTo: String?
+    /// IP literals, at most one per family, that replace the original destination's address of
+    /// that family (the port is kept): the agent's inbound listener forwards to the local program
+    /// on `127.0.0.1` (IPv4) and `::1` (IPv6). A connection whose family has none here goes to its
+    /// original destination as it was; empty: every connection does.
+    public var forwardTo: [String]
 
-    public init(sniffTimeout: Duration = .seconds(1), forwardTo: String? = nil) {
+    public init(sniffTimeout: Duration = .seconds(1), forwardTo: [String] = []) {
         self.sniffTimeout = sniffTimeout
         self.forwardTo = forwardTo
     }

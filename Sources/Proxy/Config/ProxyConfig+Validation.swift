@@ -244,8 +244,30 @@ extension ProxyConfig {
             {
                 fail("\(path).transparent.sniff_timeout", "expected a duration above 0 and at most 10s")
             }
-            if let host = listener.transparent?.forwardTo, (try? SocketAddress(ipAddress: host, port: 0)) == nil {
-                fail("\(path).transparent.forward_to", "expected an IP address such as 127.0.0.1, got '\(host)'")
+            var families: [String: Int] = [:]
+            for (k, host) in (listener.transparent?.forwardTo ?? []).enumerated() {
+                guard let parsed = try? SocketAddress(ipAddress: host, port: 0) else {
+                    fail(
+                        "\(path).transparent.forward_to[\(k)]",
+                        "expected an IP address such as 127.0.0.1 or ::1, got '\(host)'"
+                    )
+                    continue
+                }
+                let family = parsed.protocol == .inet6 ? "IPv6" : "IPv4"
+                if let first = families[family] {
+                    fail(
+                        "\(path).transparent.forward_to[\(k)]",
+                        "a second \(family) address ('\(host)'; forward_to[\(first)] is one); expected at most one per family"
+                    )
+                }
+                families[family] = families[family] ?? k
+            }
+            for (k, extra) in listener.additionalAddresses.enumerated() {
+                let epath = "\(path).additional_addresses[\(k)]"
+                if !(0...65535).contains(extra.port) { fail(epath, "expected a port in 0...65535, got \(extra.port)") }
+                if extra.port != 0 && !bound.insert(extra).inserted {
+                    fail(epath, "another listener already binds \(extra)")
+                }
             }
             if listener.virtualHosts.isEmpty { fail("\(path).virtual_hosts", "expected at least one virtual host") }
 

@@ -88,6 +88,16 @@ public final class ProxyServer: Service, Sendable {
         }
     }
 
+    /// Every distinct local address of each listener (one per configured address).
+    public var allBoundAddresses: [String: [SocketAddress]] {
+        state.withLockedValue { state in
+            state.listeners.mapValues { entry in
+                var seen = Set<String>()
+                return entry.channels.compactMap(\.localAddress).filter { seen.insert("\($0)").inserted }
+            }
+        }
+    }
+
     /// Swaps in a new snapshot: every loop uses it from its next request; open connections stay.
     /// Listeners added or removed by the snapshot are bound or closed.
     public func apply(_ snapshot: ProxySnapshot) async throws {
@@ -190,16 +200,29 @@ public final class ProxyServer: Service, Sendable {
         }
     }
 
+    /// One socket per event loop for each of the listener's addresses.
     private func bind(_ listener: ListenerConfig) async throws -> [any Channel] {
         var channels: [any Channel] = []
-        var port = listener.address.port
+        let addresses = listener.addresses
+        let families = Set(addresses.map { $0.host.contains(":") })
         do {
-            for loop in group.makeIterator() {
-                let channel = try await makeBootstrap(listener, loop: loop)
-                    .bind(host: listener.address.host, port: port).get()
-                // With port 0 the first bind picks the port; the other loops share it.
-                if port == 0 { port = channel.localAddress?.port ?? 0 }
-                channels.append(channel)
+            for address in addresses {
+                var port = address.port
+                // Both families on one listener: the IPv6 sockets take IPv6 only.
+                let v6only = families.count > 1 && address.host.contains(":")
+                for loop in group.makeIterator() {
+                    var bootstrap = makeBootstrap(listener, loop: loop)
+                    if v6only {
+                        bootstrap = bootstrap.serverChannelOption(
+                            ChannelOptions.Types.SocketOption(level: .ipv6, name: .ipv6_v6only),
+                            value: 1
+                        )
+                    }
+                    let channel = try await bootstrap.bind(host: address.host, port: port).get()
+                    // With port 0 the first bind picks the port; the other loops share it.
+                    if port == 0 { port = channel.localAddress?.port ?? 0 }
+                    channels.append(channel)
+                }
             }
         } catch {
             for channel in channels { try? await channel.close() }
@@ -223,11 +246,17 @@ public final class ProxyServer: Service, Sendable {
                         throw ChannelError.ioOnClosedChannel
                     }
                     var lookup = listener.transparent == nil ? nil : originalDestination
-                    if let original = lookup, let host = listener.transparent?.forwardTo {
-                        // Same port, another address (the inbound listener: the local program).
+                    if let original = lookup, let forward = listener.transparent?.forwardTo, !forward.isEmpty {
+                        // Same port, another address of the same family (the inbound listener:
+                        // the local program on 127.0.0.1 or ::1).
+                        let v4 = forward.first { !$0.contains(":") }
+                        let v6 = forward.first { $0.contains(":") }
                         lookup = { channel in
                             original(channel).flatMap { address in
-                                address.port.flatMap { try? SocketAddress(ipAddress: host, port: $0) }
+                                guard let port = address.port else { return address }
+                                let host = address.protocol == .inet6 ? v6 : v4
+                                guard let host else { return address }
+                                return try? SocketAddress(ipAddress: host, port: port)
                             }
                         }
                     }

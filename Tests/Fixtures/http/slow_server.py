@@ -46,11 +46,16 @@ def main():
             else:
                 self.answer(200, args.name)
 
-    family_server = ThreadingHTTPServer
+    class Server(ThreadingHTTPServer):
+        # A real server's backlog (nginx: 511), not socketserver's 5: a burst of new connections
+        # is queued, not dropped.
+        request_queue_size = 511
+
+    family_server = Server
     if ":" in args.host:
         import socket
 
-        class V6(ThreadingHTTPServer):
+        class V6(Server):
             address_family = socket.AF_INET6
 
         family_server = V6
