@@ -1,7 +1,8 @@
 #!/usr/bin/env bash
 # Removes what init/install.sh installed: stops the agent (it drains, then removes its capture
 # rules), removes any Trellis rule still left, the units, the SysV script and the binaries.
-# Configuration, state and logs are kept unless --purge, which also removes the `trellis` user.
+# Configuration, state and logs (and the logrotate file for them) are kept unless --purge, which
+# also removes the `trellis` user.
 #
 #   sudo init/uninstall.sh [--prefix /usr/local] [--purge]
 set -euo pipefail
@@ -12,7 +13,7 @@ while [ $# -gt 0 ]; do
   case "$1" in
     --prefix) prefix=${2:?--prefix needs a folder}; shift 2 ;;
     --purge) purge=1; shift ;;
-    -h | --help) sed -n '2,6p' "$0"; exit 0 ;;
+    -h | --help) sed -n '2,7p' "$0"; exit 0 ;;
     *) echo "uninstall.sh: unknown option '$1' (try --help)" >&2; exit 2 ;;
   esac
 done
@@ -44,7 +45,7 @@ rm -rf /run/trellis
 
 if [ $purge = 1 ]; then
   echo "== purging configuration, state, logs and the trellis user"
-  rm -rf /etc/trellis /var/lib/trellis /var/log/trellis /etc/default/trellis-agent
+  rm -rf /etc/trellis /var/lib/trellis /var/log/trellis /etc/default/trellis-agent /etc/logrotate.d/trellis-agent
   if getent passwd trellis >/dev/null; then userdel trellis; fi
   if getent group trellis >/dev/null; then groupdel trellis; fi
 else

@@ -239,6 +239,9 @@ public actor AgentController {
     /// work; returns what it did. Draining again while draining waits again with the new deadline.
     public func drain(deadline: Duration? = nil) async -> DrainReport {
         let deadline = deadline ?? config.drainDeadline
+        // Under systemd, `systemctl stop` runs `trellis-agent drain` (ExecStop): the stop timeout
+        // is extended to the deadline (with room to exit), whatever TimeoutStopSec says.
+        SystemdNotifier.notify("EXTEND_TIMEOUT_USEC=\((deadline + .seconds(15)).components.seconds * 1_000_000)")
         let clock = ContinuousClock()
         let start = clock.now
         if drainStarted == nil { drainStarted = Date() }
