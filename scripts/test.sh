@@ -1,10 +1,29 @@
 #!/usr/bin/env bash
 # Sets everything up and runs every test: lint, one build of all targets and tests, then the
-# test suites. Run as root on a fresh machine: sudo bash scripts/test.sh
+# test suites. Run it as root, or as yourself with sudo rights: bash scripts/test.sh
+# The build runs as you, with the Swift toolchain on your PATH; apt-get (scripts/bootstrap.sh) and
+# the test runs (RootTests need root: namespaces, iptables, dpkg) go through sudo with your PATH
+# kept, and what root leaves in the checkout is given back to you at the end, also on failure.
+# TRELLIS_SETUP_ONLY=1 stops before the build: packages, .venv, and swift, envoy and python3 found
+# as you and as root.
 set -euo pipefail
-cd "$(dirname "$0")/.."
+root=$(cd "$(dirname "$0")/.." && pwd)
+cd "$root"
+. scripts/privileges.sh
+need_sudo test "the test runs need root (namespaces, iptables, dpkg)"
+find_swift test
+trap 'stop_sudo_keepalive; give_back' EXIT
+trap 'exit 130' INT TERM
 
 bash scripts/bootstrap.sh
+# envoy and python3 with grpcio (PyPI, in .venv): what the tests find on PATH.
+export PATH="$root/.venv/bin:$PATH"
+check_tools test
+if [ "${TRELLIS_SETUP_ONLY:-0}" = 1 ]; then
+  echo "test: set up; stopping before the build (TRELLIS_SETUP_ONLY=1)"
+  exit 0
+fi
+keep_sudo_alive
 
 echo "== swift format lint"
 swift format lint --strict -r Sources Tests Package.swift
@@ -19,13 +38,14 @@ fi
 echo "== swift build --build-tests"
 swift build --build-tests
 
-# Three runs: the suites that start namespaces, agents, pilot, Envoy and dpkg (RootTests) and the
-# 100,000-endpoint suite are heavy on a 2-core machine, and would starve the timing-sensitive proxy
-# suites if run alongside them; the streaming suite measures this process's peak RSS, which any
-# suite running beside it (floods of requests, pilots) inflates.
+# Three runs, as root (as_root: sudo with PATH kept when you are not root), of the build above: the
+# suites that start namespaces, agents, pilot, Envoy and dpkg (RootTests) and the 100,000-endpoint
+# suite are heavy on a 2-core machine, and would starve the timing-sensitive proxy suites if run
+# alongside them; the streaming suite measures this process's peak RSS, which any suite running
+# beside it (floods of requests, pilots) inflates.
 echo "== swift test (all but RootTests, XDSScaleTests and StreamingAndPoolTests)"
-swift test --skip-build --disable-xctest --skip "RootTests|XDSScaleTests|StreamingAndPoolTests"
+as_root swift test --skip-build --disable-xctest --skip "RootTests|XDSScaleTests|StreamingAndPoolTests"
 echo "== swift test (StreamingAndPoolTests: memory stays flat while streaming)"
-swift test --skip-build --disable-xctest --filter "StreamingAndPoolTests"
+as_root swift test --skip-build --disable-xctest --filter "StreamingAndPoolTests"
 echo "== swift test (RootTests: namespaces, iptables, the agent binary, packages; XDSScaleTests)"
-swift test --skip-build --disable-xctest --filter "RootTests|XDSScaleTests"
+as_root swift test --skip-build --disable-xctest --filter "RootTests|XDSScaleTests"
