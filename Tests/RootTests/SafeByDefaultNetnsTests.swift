@@ -203,6 +203,95 @@ struct SafeByDefaultNetnsTests {
         }
     }
 
+    /// HTTP routed by pilot over IPv6: VM B's agent registers `orders` at its IPv6 address, VM A
+    /// finds `orders` by name (an IPv6 address in its hosts file), and A's agent routes the
+    /// captured IPv6 connection by Host to pilot's cluster, whose IPv6 endpoint B's agent takes
+    /// inbound and forwards to the legacy server on ::1.
+    @Test func httpRoutedByPilotCrossesTwoAgentsOverIPv6() async throws {
+        let lab = try NetnsLab(subnet: 34)
+        defer { lab.destroy() }
+        let dir = try Peers.temporaryDirectory("ipv6-pilot")
+        defer { try? FileManager.default.removeItem(at: dir) }
+        let hostsFolder = URL(fileURLWithPath: "/etc/netns/\(lab.a)")
+        try FileManager.default.createDirectory(at: hostsFolder, withIntermediateDirectories: true)
+        defer { try? FileManager.default.removeItem(at: hostsFolder) }
+        try "127.0.0.1 localhost\n\(lab.bAddress6) orders\n".write(
+            to: hostsFolder.appendingPathComponent("hosts"),
+            atomically: true,
+            encoding: .utf8
+        )
+        // Pilot on VM B's IPv4 address (its ports are never captured).
+        let pilot = try Peers.Child(
+            [
+                "ip", "netns", "exec", lab.b, MeshEndToEndTests.pilotBinary, "serve", "--store",
+                dir.appendingPathComponent("pilot.db").path, "--mesh", dir.appendingPathComponent("mesh.yaml").path,
+                "--xds-address", "\(lab.bAddress):15010", "--http-address", "\(lab.bAddress):15014",
+            ],
+            output: dir.appendingPathComponent("pilot.log")
+        )
+        defer { pilot.stop() }
+        let server = try Peers.Child(
+            [
+                "ip", "netns", "exec", lab.b, "python3", Self.http, "--host", "::", "--port", "8080", "--name",
+                "orders-b",
+            ]
+        )
+        defer { server.stop() }
+        let pilotAddress = "pilot: {api: \(lab.bAddress):15014, xds: \(lab.bAddress):15010}"
+        let configA = dir.appendingPathComponent("a.yaml")
+        try "node: vm-a\n\(pilotAddress)\nstate_dir: \(dir.path)/a\n".write(
+            to: configA,
+            atomically: true,
+            encoding: .utf8
+        )
+        let configB = dir.appendingPathComponent("b.yaml")
+        try """
+        node: vm-b
+        \(pilotAddress)
+        register: {address: "\(lab.bAddress6)", ttl: 10s}
+        services: [{name: orders, port: 8080, protocol: http, health_check: {http: /, interval: 1s}}]
+        state_dir: \(dir.path)/b
+
+        """.write(to: configB, atomically: true, encoding: .utf8)
+        let agentB = try Agent(ns: lab.b, dir: dir, config: configB, name: "b")
+        defer { agentB.child.stop() }
+        let agentA = try Agent(ns: lab.a, dir: dir, config: configA, name: "a")
+        defer { agentA.child.stop() }
+        defer {
+            _ = try? lab.capture(in: lab.a).remove()
+            _ = try? lab.capture(in: lab.b).remove()
+        }
+        #expect(await agentA.ready(), "\(agentA.output)")
+        #expect(await agentB.ready(), "\(agentB.output)")
+        let cluster = #"cluster="outbound|8080||orders""#
+        #expect(
+            await Peers.eventually(within: .seconds(20)) {
+                let answer = await Peers.command([
+                    "ip", "netns", "exec", lab.a, "curl", "-s", "--max-time", "3", "http://orders:8080/",
+                ]).stdout
+                // Routed by pilot's cluster (not passed through): its 2xx count moved. B registers
+                // once its health check passes, so the first answers may be passthrough ones.
+                let metrics = await agentA.metrics()
+                return answer == "orders-b\n"
+                    && Self.value(metrics, "trellis_upstream_requests_total{\(cluster),class=\"2xx\"}") >= 1
+            },
+            "A: \(agentA.output)\nB: \(agentB.output)"
+        )
+        for _ in 0..<10 {
+            let answer = await Peers.command([
+                "ip", "netns", "exec", lab.a, "curl", "-s", "-6", "--max-time", "3", "http://orders:8080/",
+            ])
+            #expect(answer.stdout == "orders-b\n", "\(answer)")
+        }
+        let metricsA = await agentA.metrics()
+        let routed = Self.value(metricsA, "trellis_upstream_requests_total{\(cluster),class=\"2xx\"}")
+        #expect(routed >= 11, "A routed by pilot's cluster: \(metricsA)")
+        let inbound = Self.value(await agentB.metrics(), "trellis_downstream_requests_total")
+        #expect(inbound >= 10, "B took them inbound over IPv6")
+        let status = await agentB.ctl("status")
+        #expect(status.stdout.contains("orders port 8080 (service port 8080): registered, healthy"), "\(status.stdout)")
+    }
+
     // MARK: Signals and the fail-open default
 
     /// Findings 2 and 3 of issue 13: SIGHUP used to kill the agent and leave its rules (every new
