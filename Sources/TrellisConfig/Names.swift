@@ -29,8 +29,10 @@ public enum Names {
             }
     }
 
-    /// An IPv4 or IPv6 address literal (instances are addressed by IP; no DNS names).
+    /// An IPv4 or IPv6 address literal (instances are addressed by IP; no DNS names). Checked on
+    /// its whole byte content: `inet_pton` stops at a NUL, so "10.0.0.1\0junk" would pass it.
     public static func isIPAddress(_ text: String) -> Bool {
+        guard (2...45).contains(text.utf8.count), text.utf8.allSatisfy({ $0 > 32 && $0 < 127 }) else { return false }
         var buffer = (UInt64(0), UInt64(0))
         return withUnsafeMutableBytes(of: &buffer) { raw in
             inet_pton(text.contains(":") ? AF_INET6 : AF_INET, text, raw.baseAddress) == 1

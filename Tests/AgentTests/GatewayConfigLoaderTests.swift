@@ -87,6 +87,11 @@ import TrellisConfig
             ("{prefix: /}", "{prefix: /, regex: '/x'}", "routes[0].match: expected exactly one of prefix, path"),
             ("{prefix: /}", "{regex: '(['}", "routes[0].match.regex: expected a regular expression"),
             ("domains: [\"*\"]", "domains: [\"*.*\"]", "domains[0]: expected 'name', '*.suffix' or '*'"),
+            // A NUL in a host would be cut where the socket layer reads it: refused, shown escaped.
+            (
+                "address: 127.0.0.1:18080", #"address: "127.0.0.1\0junk:18080""#,
+                #"clusters[0].endpoints[0].address: expected a host name or IP address of printable characters, got '127.0.0.1\0junk'"#
+            ),
         ]
         for (from, to, expected) in cases {
             var yaml = valid.replacingOccurrences(of: from, with: to)

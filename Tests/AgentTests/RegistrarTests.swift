@@ -94,6 +94,30 @@ struct RegistrarTests {
         return body.components(separatedBy: "},{").first { $0.contains("\"port\":\(port),") }
     }
 
+    /// A node id that must be percent-encoded in a URL path (`rb-pct#1`): the registrar encodes
+    /// it, pilot decodes it, and the drain reaches the node's instance.
+    @Test func aNodeIDThatNeedsEncodingIsDrained() async throws {
+        let xdsPort = Peers.freePort()
+        let httpPort = Peers.freePort()
+        let appPort = Peers.freePort()
+        let registrar = PilotRegistrar(
+            node: "rb-pct#1",
+            pilotAPI: HostPort(host: "127.0.0.1", port: httpPort),
+            registerAddress: "127.0.0.1",
+            ttl: .seconds(30),
+            services: [LocalService(name: "web", port: appPort)],
+            logger: .quiet
+        )
+        let running = Task { await registrar.run() }
+        defer { running.cancel() }
+        try await PilotHarness.run(store: try SQLiteRegistryStore(), xdsPort: xdsPort, httpPort: httpPort) { pilot in
+            #expect(await Peers.eventually(within: .seconds(5)) { await Self.listed(pilot, port: appPort) != nil })
+            try await registrar.drain()
+            let listed = await Self.listed(pilot, port: appPort) ?? ""
+            #expect(listed.contains(#""node":"rb-pct#1""#) && listed.contains(#""status":"draining""#), "\(listed)")
+        }
+    }
+
     @Test func servicesAreRegisteredKeptAliveHealthCheckedDrainedAndRegisteredAgainAfterAPilotRestart() async throws {
         let dir = try Peers.temporaryDirectory("registrar")
         defer { try? FileManager.default.removeItem(at: dir) }

@@ -38,6 +38,10 @@ struct MeshConfigTests {
             "services:\n  - name: a\n    port: 80\n    instances: [{address: db.local}]\n",
             "services[0].instances[0].address: expected an IPv4 or IPv6 address"
         ),
+        (
+            "services:\n  - name: a\n    port: 80\n    instances: [{address: \"10.0.0.1\\0junk\"}]\n",
+            "services[0].instances[0].address: expected an IPv4 or IPv6 address"
+        ),
         ("services:\n  - {name: a, port: 80}\n  - {name: a, port: 80}\n", "service 'a:80' is declared twice"),
         (
             "services:\n  - {name: a, port: 80}\ngateways:\n  - name: g\n    listeners:\n      - port: 81\n        routes:\n          - {to: a:80, match: {regex: \"(?=x)\"}}\n",

@@ -36,6 +36,11 @@ struct PilotAPITests {
                     #"{"service": "orders", "address": "10.0.0.1", "port": 80, "node": "a", "colour": "red"}"#, 400,
                     "colour: unknown key"
                 ),
+                // inet_pton stops at a NUL: the whole byte content is checked.
+                (
+                    #"{"service": "orders", "address": "10.0.0.1\u0000junk", "port": 80, "node": "a"}"#, 400,
+                    "address: expected an IPv4 or IPv6 address"
+                ),
                 (
                     #"{"service": "orders", "address": "10.0.0.1", "port": 80, "node": "a", "ttl_seconds": 1}"#, 400,
                     "ttl_seconds: expected an integer in 5...3600"
@@ -95,6 +100,24 @@ struct PilotAPITests {
                 listed.contains("\"node\":\"vm-a\"") && listed.contains("\"status\":\"healthy\"")
                     && !listed.contains("vm-b")
             )
+        }
+    }
+
+    /// A node id that needs percent-encoding in a path (`rb-pct#1`) is decoded: its drain drains it.
+    @Test func pathParametersArePercentDecoded() async throws {
+        try await PilotHarness.run(store: try SQLiteRegistryStore()) { pilot in
+            #expect(await pilot.register(Self.good.replacingOccurrences(of: "vm-a", with: "rb-pct#1")) == 201)
+            let drained = await Peers.http(
+                "PUT",
+                "\(pilot.api)/v1/nodes/rb-pct%231/status",
+                body: #"{"status": "draining"}"#
+            )
+            #expect(drained.status == 200 && drained.body.contains(#""status":"draining""#), "\(drained)")
+            let bad = await Peers.http("PUT", "\(pilot.api)/v1/nodes/rb%2/status", body: #"{"status": "draining"}"#)
+            #expect(bad.status == 400 && bad.body.contains("not valid percent-encoding"), "\(bad)")
+            // A NUL smuggled into a path segment is refused, not cut.
+            let nul = await Peers.http("DELETE", "\(pilot.api)/v1/instances/orders/10.0.0.1%00junk/8080")
+            #expect(nul.status == 400, "\(nul)")
         }
     }
 

@@ -51,6 +51,51 @@ import Testing
         return (statusLine, body, closed)
     }
 
+    /// RFC 9112 §3.2.2: an absolute-form target's authority wins over the Host header, for the
+    /// route and for what the upstream receives (Host replaced, origin-form target).
+    @Test func absoluteFormTargetsAreRoutedByTheirAuthority() async throws {
+        let good = try await TestUpstream.start(name: "good", group: group)
+        let alt = try await TestUpstream.start(name: "alt", group: group)
+        func host(_ name: String, _ cluster: String) -> VirtualHost {
+            VirtualHost(
+                name: name,
+                domains: [name],
+                routes: [
+                    Route(name: name, match: RouteMatch(), action: RouteAction(clusters: [.init(name: cluster)]))
+                ]
+            )
+        }
+        let proxy = try await ProxyHarness.start(
+            gatewayConfig(
+                virtualHosts: [host("good.example", "good"), host("alt.example", "alt")],
+                clusters: [
+                    ClusterConfig(name: "good", endpoints: [endpoint(good)]),
+                    ClusterConfig(name: "alt", endpoints: [endpoint(alt)]),
+                ]
+            ),
+            group: group
+        )
+        defer {
+            Task {
+                await proxy.stop()
+                await good.stop()
+                await alt.stop()
+            }
+        }
+        let r = try await exchange(
+            proxy,
+            "GET http://alt.example/x?y=1 HTTP/1.1\r\nHost: good.example\r\nConnection: close\r\n\r\n"
+        )
+        #expect(r.statusLine == "HTTP/1.1 200 OK" && r.body == "alt", "\(r)")
+        #expect(good.requestCount == 0)
+        let seen = try #require(alt.requests.first)
+        #expect(seen.uri == "/x?y=1")
+        #expect(seen.headers["host"] == ["alt.example"])
+        let empty = try await exchange(proxy, "GET http:///x HTTP/1.1\r\nHost: good.example\r\n\r\n")
+        #expect(empty.statusLine == "HTTP/1.1 400 Bad Request" && empty.closed, "\(empty)")
+        #expect(good.requestCount == 0 && alt.requestCount == 1)
+    }
+
     @Test func malformedRequestLineIs400() async throws {
         try await withProxy { proxy, upstream in
             let r = try await exchange(proxy, "GARBAGE\u{1} / NOPE\r\n\r\n")

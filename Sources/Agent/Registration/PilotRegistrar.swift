@@ -72,7 +72,7 @@ public actor PilotRegistrar {
         draining = true
         let response = try await client.request(
             "PUT",
-            api.with(path: "/v1/nodes/\(node)/status"),
+            api.with(path: "/v1/nodes/\(Self.pathSegment(node))/status"),
             json: #"{"status": "draining"}"#
         )
         guard response.status == 200 else {
@@ -231,6 +231,24 @@ public actor PilotRegistrar {
         guard response.status == 200 else {
             throw HTTPClient.Failure("pilot answered \(response.status): \(response.text)")
         }
+    }
+
+    /// `text` as one URL path segment: unreserved characters kept, every other byte
+    /// percent-encoded (a node id may hold `#`, `?` or `%`).
+    static func pathSegment(_ text: String) -> String {
+        let hex = Array("0123456789ABCDEF")
+        var out = ""
+        for byte in text.utf8 {
+            switch byte {
+            case UInt8(ascii: "a")...UInt8(ascii: "z"), UInt8(ascii: "A")...UInt8(ascii: "Z"),
+                UInt8(ascii: "0")...UInt8(ascii: "9"), UInt8(ascii: "-"), UInt8(ascii: "."), UInt8(ascii: "_"),
+                UInt8(ascii: "~"):
+                out.append(Character(Unicode.Scalar(byte)))
+            default:
+                out += "%" + String(hex[Int(byte >> 4)]) + String(hex[Int(byte & 0xF)])
+            }
+        }
+        return out
     }
 
     static func quote(_ s: String) -> String {

@@ -94,7 +94,7 @@ public struct PilotHTTPAPI: Sendable {
         router.put("/v1/nodes/:node/status") { request, context in
             await handle {
                 var request = request
-                let node = context.parameters.get("node") ?? ""
+                let node = try Self.parameter(context, "node")
                 guard Names.isValidNodeID(node) else { throw APIError.invalid("node", "not a valid node id") }
                 let status = try Self.status(try await Self.body(&request))
                 let instances = try await registry.setStatus(node: node, status)
@@ -162,10 +162,48 @@ public struct PilotHTTPAPI: Sendable {
         return try JSONValue.parse(Array(buffer.readableBytesView))
     }
 
+    /// A path parameter, percent-decoded (a node id `vm#1` arrives as `vm%231`); one that does not
+    /// decode is refused.
+    static func parameter(_ context: BasicRequestContext, _ name: String) throws(APIError) -> String {
+        let raw = context.parameters.get(name) ?? ""
+        guard let decoded = percentDecoded(raw) else {
+            throw APIError.invalid(name, "not valid percent-encoding: '\(raw.prefix(80))'")
+        }
+        return decoded
+    }
+
+    /// `%XX` sequences decoded; nil for a malformed escape or bytes that are not UTF-8.
+    static func percentDecoded(_ text: String) -> String? {
+        guard text.utf8.contains(UInt8(ascii: "%")) else { return text }
+        func hex(_ c: UInt8) -> UInt8? {
+            switch c {
+            case UInt8(ascii: "0")...UInt8(ascii: "9"): c - UInt8(ascii: "0")
+            case UInt8(ascii: "a")...UInt8(ascii: "f"): c - UInt8(ascii: "a") + 10
+            case UInt8(ascii: "A")...UInt8(ascii: "F"): c - UInt8(ascii: "A") + 10
+            default: nil
+            }
+        }
+        let bytes = Array(text.utf8)
+        var out: [UInt8] = []
+        out.reserveCapacity(bytes.count)
+        var i = 0
+        while i < bytes.count {
+            if bytes[i] == UInt8(ascii: "%") {
+                guard i + 2 < bytes.count, let high = hex(bytes[i + 1]), let low = hex(bytes[i + 2]) else { return nil }
+                out.append(high << 4 | low)
+                i += 3
+            } else {
+                out.append(bytes[i])
+                i += 1
+            }
+        }
+        return String(validating: out, as: UTF8.self)
+    }
+
     static func key(_ context: BasicRequestContext) throws(APIError) -> InstanceKey {
-        let service = context.parameters.get("service") ?? ""
-        let address = context.parameters.get("address") ?? ""
-        let portText = context.parameters.get("port") ?? ""
+        let service = try parameter(context, "service")
+        let address = try parameter(context, "address")
+        let portText = try parameter(context, "port")
         guard Names.isValidServiceName(service) else { throw APIError.invalid("service", "not a valid service name") }
         guard Names.isIPAddress(address) else { throw APIError.invalid("address", "expected an IPv4 or IPv6 address") }
         guard let port = Int(portText), (1...65535).contains(port) else {

@@ -107,7 +107,13 @@ extension ProxyConfig {
             }
             for (ei, endpoint) in cluster.endpoints.enumerated() {
                 // The path is spelled out only for a problem (clusters can hold 100,000 endpoints).
-                if endpoint.address.host.isEmpty { fail("\(path).endpoints[\(ei)].address", "expected a host") }
+                if endpoint.address.host.isEmpty || !endpoint.address.host.utf8.allSatisfy({ $0 > 32 && $0 < 127 }) {
+                    // A NUL would cut the name where the socket layer reads it.
+                    fail(
+                        "\(path).endpoints[\(ei)].address",
+                        "expected a host name or IP address of printable characters, got '\(Self.shown(endpoint.address.host))'"
+                    )
+                }
                 if !(1...65535).contains(endpoint.address.port) {
                     fail(
                         "\(path).endpoints[\(ei)].address",
@@ -284,6 +290,15 @@ extension ProxyConfig {
         }
         return errors
     }
+
+    /// A value as an error message shows it: control bytes escaped (a NUL shown as \0).
+    static func shown(_ text: String) -> String {
+        var out = ""
+        for scalar in text.unicodeScalars {
+            out += scalar.value < 32 || scalar.value == 127 ? scalar.escaped(asASCII: true) : String(scalar)
+        }
+        return out
+    }
 }
 
 /// RFC 9110 `token` characters (method names, header field names).
@@ -300,4 +315,5 @@ enum HTTPToken {
             }
         }
     }
+
 }

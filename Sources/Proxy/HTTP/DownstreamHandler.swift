@@ -102,7 +102,15 @@ final class DownstreamHandler: ChannelDuplexHandler {
 
     private func process(_ part: HTTPServerRequestPart, context: ChannelHandlerContext) {
         switch part {
-        case .head(let head):
+        case .head(let received):
+            // RFC 9112 §3.2.2: an absolute-form target's authority replaces Host, for routing and
+            // upstream alike.
+            guard let head = Self.authorityFromTarget(received) else {
+                timeouts?.requestHeadReceived()
+                let target = received.uri.prefix(200)
+                rejectMalformed(.badRequest("absolute-form request target without a host: '\(target)'"))
+                return
+            }
             timeouts?.requestHeadReceived()
             loop.stats.downstreamRequests.increment()
             keepAlive = head.isKeepAlive
@@ -186,6 +194,24 @@ final class DownstreamHandler: ChannelDuplexHandler {
         } else {
             rejectMalformed(proxyError)
         }
+    }
+
+    /// `head` with an absolute-form target (`http://alt.example/x`) turned into what an origin
+    /// server expects: `Host: alt.example` (the received Host is ignored, RFC 9112 §3.2.2) and the
+    /// origin-form target `/x`. Other targets are returned as they are; nil for an absolute-form
+    /// target without a host.
+    static func authorityFromTarget(_ head: HTTPRequestHead) -> HTTPRequestHead? {
+        guard !head.uri.hasPrefix("/"), let scheme = head.uri.firstRange(of: "://") else { return head }
+        let rest = head.uri[scheme.upperBound...]
+        let end = rest.firstIndex { $0 == "/" || $0 == "?" || $0 == "#" } ?? rest.endIndex
+        var authority = rest[..<end]
+        if let at = authority.lastIndex(of: "@") { authority = authority[authority.index(after: at)...] }
+        guard !authority.isEmpty else { return nil }
+        var normalized = head
+        normalized.headers.replaceOrAdd(name: "host", value: String(authority))
+        let target = rest[end...]
+        normalized.uri = target.hasPrefix("/") ? String(target) : "/" + target
+        return normalized
     }
 
     private func rejectMalformed(_ proxyError: ProxyError) {
