@@ -9,6 +9,24 @@ public struct ConfigNode {
     public let file: String
 
     public static func root(yaml: String, file: String) throws(ConfigFileError) -> ConfigNode {
+        switch AliasBudget.check(yaml) {
+        case .fits, .unparsable:
+            break
+        case .tooLarge(let line):
+            throw ConfigFileError(
+                file: file,
+                position: "\(line)",
+                path: "",
+                message: "its aliases would expand it beyond \(AliasBudget.maxNodes) nodes (an alias bomb); refused"
+            )
+        case .tooDeep(let line):
+            throw ConfigFileError(
+                file: file,
+                position: "\(line)",
+                path: "",
+                message: "collections nest deeper than \(AliasBudget.maxDepth) levels; refused"
+            )
+        }
         do {
             guard let node = try Yams.compose(yaml: yaml) else {
                 throw ConfigFileError(file: file, path: "", message: "the file is empty; expected a YAML mapping")

@@ -94,6 +94,50 @@ struct RegistrarTests {
         return body.components(separatedBy: "},{").first { $0.contains("\"port\":\(port),") }
     }
 
+    /// A "billion laughs" file (ten levels of ten aliases, the last used as a key) made every
+    /// loader spin forever; each refuses it now within a second, naming the file and why. A deep
+    /// nesting is refused the same way; a small alias still loads.
+    @Test func aliasBombsAreRefusedQuicklyByEveryLoader() throws {
+        let loaders: [(String, (String) -> String?)] = [
+            (
+                "agent.yaml",
+                { yaml in Self.failure { _ = try AgentConfigLoader.parse(yaml: yaml, file: "agent.yaml") } }
+            ),
+            ("capture", { yaml in Self.failure { _ = try CaptureConfigLoader.parse(yaml: yaml, file: "agent.yaml") } }),
+            (
+                "gateway",
+                { yaml in Self.failure { _ = try GatewayConfigLoader.parse(yaml: yaml, file: "gateway.yaml") } }
+            ),
+            ("mesh.yaml", { yaml in Self.failure { _ = try MeshConfigLoader.parse(yaml: yaml, file: "mesh.yaml") } }),
+        ]
+        let deep = String(repeating: "[", count: 300) + String(repeating: "]", count: 300) + "\n"
+        for (name, load) in loaders {
+            let clock = ContinuousClock()
+            let started = clock.now
+            let bomb = load(AliasBombs.tenLevels) ?? "accepted"
+            #expect(clock.now - started < .seconds(1), "\(name): took \(clock.now - started)")
+            #expect(bomb.contains("an alias bomb"), "\(name): \(bomb)")
+            // Line 6: level 5 alone expands to a million nodes.
+            #expect(bomb.contains(".yaml:6:"), "\(name): the line where the budget ran out: \(bomb)")
+            let nested = load(deep) ?? "accepted"
+            #expect(nested.contains("nest deeper than 256 levels"), "\(name): \(nested)")
+        }
+        let small = try AgentConfigLoader.parse(
+            yaml: "pilot: &p {api: 127.0.0.1:15014}\nregister: {address: 10.0.0.1}\nservices: [{name: a, port: 80}]\n",
+            file: "agent.yaml"
+        )
+        #expect(small.services.count == 1)
+    }
+
+    static func failure(_ body: () throws -> Void) -> String? {
+        do {
+            try body()
+            return nil
+        } catch {
+            return "\(error)"
+        }
+    }
+
     /// A node id that must be percent-encoded in a URL path (`rb-pct#1`): the registrar encodes
     /// it, pilot decodes it, and the drain reaches the node's instance.
     @Test func aNodeIDThatNeedsEncodingIsDrained() async throws {

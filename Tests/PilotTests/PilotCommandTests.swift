@@ -127,13 +127,31 @@ struct PilotCommandTests {
             )
         )
 
+        // An alias bomb is refused at once, and the watcher goes on: the next good file applies.
+        try AliasBombs.tenLevels.write(to: mesh, atomically: true, encoding: .utf8)
+        #expect(
+            await Peers.eventually(within: .seconds(5)) {
+                ((try? String(contentsOf: log, encoding: .utf8)) ?? "").contains("an alias bomb")
+            }
+        )
+        try "services:\n  - {name: web, port: 8080}\n  - {name: after, port: 9191}\n".write(
+            to: mesh,
+            atomically: true,
+            encoding: .utf8
+        )
+        #expect(
+            await Peers.eventually(within: .seconds(5)) {
+                await Peers.http("GET", "\(api)/v1/services").body.contains("\"name\":\"after\"")
+            }
+        )
+
         // SIGHUP re-reads it now.
         try "services:\n  - {name: only, port: 7070}\n".write(to: mesh, atomically: true, encoding: .utf8)
         kill(pilot.process.processIdentifier, SIGHUP)
         #expect(
             await Peers.eventually(within: .seconds(3)) {
                 let body = await Peers.http("GET", "\(api)/v1/services").body
-                return body.contains("\"name\":\"only\"") && !body.contains("\"name\":\"api\"")
+                return body.contains("\"name\":\"only\"") && !body.contains("\"name\":\"after\"")
             }
         )
 

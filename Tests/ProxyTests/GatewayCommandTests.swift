@@ -148,6 +148,15 @@ import Glibc
         kill(process.processIdentifier, SIGHUP)
         try await Task.sleep(for: .milliseconds(300))
         #expect(await body() == "beta")
+
+        // An alias bomb is refused at once, and the next good file still applies.
+        try AliasBombs.tenLevels.write(to: file, atomically: true, encoding: .utf8)
+        kill(process.processIdentifier, SIGHUP)
+        try await Task.sleep(for: .milliseconds(300))
+        #expect(await body() == "beta")
+        try config(alpha).write(to: file, atomically: true, encoding: .utf8)
+        kill(process.processIdentifier, SIGHUP)
+        #expect(try await waitFor("alpha"), "a good file after the bomb applies")
         await client.close()
 
         process.terminate()  // SIGTERM: graceful shutdown
@@ -157,6 +166,7 @@ import Glibc
         #expect(process.terminationStatus == 0)
         let log = String(decoding: err.fileHandleForReading.readDataToEndOfFile(), as: UTF8.self)
         #expect(log.contains("reload rejected; the previous configuration stays"), "\(log)")
+        #expect(log.contains("an alias bomb"), "\(log)")
         await alpha.stop()
         await beta.stop()
     }
