@@ -50,6 +50,11 @@ public struct PilotServer: Service {
         )
     }
 
+    /// Concurrent xDS streams per HTTP/2 connection. A gRPC proxyless client multiplexes one watch
+    /// per resource name and kind on one channel, and a node keeps its ADS stream for its life:
+    /// the limit is set well above that, and bounds what one connection can hold.
+    public static let maxConcurrentStreams = 1024
+
     public func run() async throws {
         let ads = AggregatedDiscoveryService(
             cache: cache,
@@ -58,10 +63,15 @@ public struct PilotServer: Service {
             logger: logger,
             metrics: metrics
         )
+        // The stream limit is advertised, so that a client queues streams beyond it instead of
+        // having its whole connection torn down at the 101st (NIOHTTP2's unadvertised default).
+        var transportConfig = HTTP2ServerTransport.Posix.Config.defaults
+        transportConfig.http2.maxConcurrentStreams = Self.maxConcurrentStreams
         let grpc = GRPCServer(
-            transport: .http2NIOPosix(
+            transport: HTTP2ServerTransport.Posix(
                 address: .ipv4(host: configuration.xdsHost, port: configuration.xdsPort),
-                transportSecurity: .plaintext
+                transportSecurity: .plaintext,
+                config: transportConfig
             ),
             services: ads.services
         )
