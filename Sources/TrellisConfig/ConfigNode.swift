@@ -46,11 +46,45 @@ public struct ConfigNode {
         case .scanner(_, let problem, let mark, _), .parser(_, let problem, let mark, _),
             .composer(_, let problem, let mark, _):
             return "\(problem) at line \(mark.line), column \(mark.column)"
-        case .duplicatedKeysInMapping(let duplicates, _):
-            return "duplicate keys \(duplicates)"
+        case .duplicatedKeysInMapping(let duplicates, let context):
+            let keys = duplicates.map { "'\($0)'" }.joined(separator: ", ")
+            return "\(keys) given twice in one mapping at line \(context.mark.line), column \(context.mark.column)"
         default:
             return "\(error)"
         }
+    }
+
+    /// Where the value at `keyPath` (as errors spell it: `clusters[0].endpoints[1].address`) is
+    /// in the file, or where its nearest enclosing value is: for errors found after loading, by
+    /// the model's own validation, which knows the key path but not the line.
+    public func position(of keyPath: String) -> String? {
+        var current = node
+        var best = node.mark
+        for part in keyPath.split(separator: ".", omittingEmptySubsequences: true) {
+            var name = Substring(part)
+            var indices: [Int] = []
+            while name.hasSuffix("]"), let open = name.lastIndex(of: "["),
+                let index = Int(name[name.index(after: open)..<name.index(before: name.endIndex)])
+            {
+                indices.insert(index, at: 0)
+                name = name[..<open]
+            }
+            if !name.isEmpty {
+                guard case .mapping(let mapping) = current,
+                    let value = mapping.first(where: { $0.key.scalar?.string == String(name) })?.value
+                else { return best?.description }
+                current = value
+                best = value.mark ?? best
+            }
+            for index in indices {
+                guard case .sequence(let sequence) = current, sequence.indices.contains(index) else {
+                    return best?.description
+                }
+                current = sequence[index]
+                best = current.mark ?? best
+            }
+        }
+        return best?.description
     }
 
     public func error(_ message: String) -> ConfigFileError {

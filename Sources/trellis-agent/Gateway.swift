@@ -96,12 +96,12 @@ struct Gateway: AsyncParsableCommand {
         do {
             text = try String(contentsOfFile: path, encoding: .utf8)
         } catch {
-            throw ValidationError("\(path): cannot read the file (\(error.localizedDescription))")
+            throw AgentCommandError("\(path): cannot read the file (\(error.localizedDescription))")
         }
         do {
             return try GatewayConfigLoader.parse(yaml: text, file: path, version: digest(text))
         } catch {
-            throw ValidationError("invalid configuration\n\(error)")
+            throw AgentCommandError("invalid configuration\n\(error)")
         }
     }
 

@@ -113,7 +113,7 @@ struct Serve: AsyncParsableCommand {
         let meshWatcher = MeshFileWatcher(path: mesh, registry: pilot.registry, logger: logger)
         // A mesh.yaml that is there but wrong stops the start: better than serving a mesh without it.
         if FileManager.default.fileExists(atPath: mesh) {
-            guard await meshWatcher.reload() else { throw ExitCode(1) }
+            guard await meshWatcher.reload(starting: true) else { throw ExitCode(1) }
         }
         var services: [any Service] = [pilot, meshWatcher]
         if let cmdbURL {
@@ -179,7 +179,9 @@ struct MeshFileWatcher: Service {
 
     /// Reads and applies the file if it changed; returns false when it was refused.
     @discardableResult
-    func reload(force: Bool = false) async -> Bool {
+    /// - Parameter starting: the file pilot starts with: a refusal stops the start (there is no
+    ///   running configuration to keep).
+    func reload(force: Bool = false, starting: Bool = false) async -> Bool {
         guard let data = FileManager.default.contents(atPath: path) else {
             if force {
                 logger.warning(
@@ -207,7 +209,12 @@ struct MeshFileWatcher: Service {
             Self.count(ok: true)
             return true
         } catch {
-            logger.error("mesh configuration refused; the running one stays\n\(error)", metadata: ["file": "\(path)"])
+            logger.error(
+                starting
+                    ? "mesh configuration refused; pilot does not start\n\(error)"
+                    : "mesh configuration refused; the running one stays\n\(error)",
+                metadata: ["file": "\(path)"]
+            )
             Self.count(ok: false)
             return false
         }

@@ -74,6 +74,18 @@ import TrellisConfig
         #expect(found.first?.contains("clusters[0].lb_polcy: unknown key 'lb_polcy'") == true, "\(found)")
     }
 
+    /// Errors found after loading, by the model's validation, carry the line of the value too; a
+    /// key given twice names the key and its line.
+    @Test func everyErrorNamesItsLine() {
+        let missing = errors(valid.replacingOccurrences(of: "route: {cluster: c}", with: "route: {cluster: nope}"))
+        #expect(
+            missing.contains { $0.hasPrefix("gw.yaml:10:") && $0.contains("route.clusters[0].name: no cluster named") },
+            "\(missing)"
+        )
+        let twice = errors(valid.replacingOccurrences(of: "  - name: c\n", with: "  - name: c\n    name: d\n"))
+        #expect(twice.contains { $0.contains("'name' given twice in one mapping at line") }, "\(twice)")
+    }
+
     @Test func wrongValuesNameTheKeyAndWhatWasExpected() {
         let cases: [(String, String, String)] = [
             ("lb_policy: round_robin", "lb_policy: fastest", "clusters[0].lb_policy: expected one of round_robin"),

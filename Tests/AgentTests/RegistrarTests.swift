@@ -74,6 +74,11 @@ struct RegistrarTests {
         ("nodes: x\n", "nodes: unknown key 'nodes'"),
         // Keys that were accepted and ignored before: now refused like any unknown key.
         ("listeners: []\n", "listeners: unknown key 'listeners'"),
+        ("node: a\nnode: b\n", "'node' given twice in one mapping at line"),
+        (
+            "capture: {inbound_ports: [8080, 15006]}\n",
+            "agent.yaml:1:33: capture.inbound_ports[1]: port 15006 is Trellis's own",
+        ),
         ("admin: {port: 15000}\n", "admin.port: unknown key 'port'"),
         ("admin: {address: localhost:15000}\n", "admin.address: expected an IP address and port"),
         ("capture: {gate: maybe}\n", "capture.gate: expected a mapping {queue, mark}, on or off, got 'maybe'"),

@@ -78,6 +78,7 @@ import Glibc
         #expect(r.stderr.contains("\(file.path):7:"), "\(r.stderr)")
         #expect(r.stderr.contains("clusters[0].lb_policy: expected one of round_robin"), "\(r.stderr)")
         #expect(!r.stderr.contains("Fatal error"))
+        #expect(!r.stderr.contains("Usage:"), "a configuration error is not a usage error: \(r.stderr)")
     }
 
     @Test func aMissingFileIsACleanError() throws {

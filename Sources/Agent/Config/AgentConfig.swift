@@ -117,8 +117,13 @@ public enum AgentConfigLoader {
     /// - Throws: ``ConfigFileErrors`` naming file, line, key path and what was expected.
     public static func parse(yaml: String, file: String) throws(ConfigFileErrors) -> AgentConfig {
         var config = AgentConfig()
+        let root: ConfigNode
+        do {
+            root = try ConfigNode.root(yaml: yaml, file: file)
+        } catch {
+            throw ConfigFileErrors([error])
+        }
         do throws(ConfigFileError) {
-            let root = try ConfigNode.root(yaml: yaml, file: file)
             let top = try root.mapping(allowed: topLevelKeys)
             if let n = top["node"] {
                 let id = try n.nonEmptyString()
@@ -205,7 +210,15 @@ public enum AgentConfigLoader {
         let problems = config.capture.validationErrors()
         guard problems.isEmpty else {
             throw ConfigFileErrors(
-                problems.map { ConfigFileError(file: file, path: "capture.\($0.path)", message: $0.message) }
+                problems.map {
+                    let path = "capture.\($0.path)"
+                    return ConfigFileError(
+                        file: file,
+                        position: root.position(of: path),
+                        path: path,
+                        message: $0.message
+                    )
+                }
             )
         }
         return config

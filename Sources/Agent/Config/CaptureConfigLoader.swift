@@ -24,22 +24,10 @@ import Yams
 /// A missing section, or a missing `gate:`, means the fail-open gate on
 /// (``CaptureConfig/installedDefault``).
 public enum CaptureConfigLoader {
+    /// The `capture:` section of a whole agent.yaml (which is checked whole: a file the agent
+    /// would refuse is refused here too).
     public static func parse(yaml: String, file: String) throws(ConfigFileErrors) -> CaptureConfig {
-        let config: CaptureConfig
-        do {
-            let root = try ConfigNode.root(yaml: yaml, file: file)
-            let top = try root.mapping(allowed: AgentConfigLoader.topLevelKeys)
-            config = try top["capture"].map(load) ?? CaptureConfig.installedDefault
-        } catch {
-            throw ConfigFileErrors([error])
-        }
-        let problems = config.validationErrors()
-        guard problems.isEmpty else {
-            throw ConfigFileErrors(
-                problems.map { ConfigFileError(file: file, path: "capture.\($0.path)", message: $0.message) }
-            )
-        }
-        return config
+        try AgentConfigLoader.parse(yaml: yaml, file: file).capture
     }
 
     static func load(_ node: ConfigNode) throws(ConfigFileError) -> CaptureConfig {

@@ -27,14 +27,25 @@ public enum GatewayConfigLoader {
     public static func parse(yaml: String, file: String, version: String = "1") throws(ConfigFileErrors) -> GatewayFile
     {
         let gateway: GatewayFile
+        let root: ConfigNode
         do {
-            gateway = try load(ConfigNode.root(yaml: yaml, file: file), version: version)
+            root = try ConfigNode.root(yaml: yaml, file: file)
+            gateway = try load(root, version: version)
         } catch {
             throw ConfigFileErrors([error])
         }
         let problems = gateway.proxy.validationErrors()
         guard problems.isEmpty else {
-            throw ConfigFileErrors(problems.map { ConfigFileError(file: file, path: $0.path, message: $0.message) })
+            throw ConfigFileErrors(
+                problems.map {
+                    ConfigFileError(
+                        file: file,
+                        position: root.position(of: $0.path),
+                        path: $0.path,
+                        message: $0.message
+                    )
+                }
+            )
         }
         return gateway
     }
