@@ -146,6 +146,33 @@ import Testing
         #expect(try await client.request(.GET, "/").body == "alpha")
     }
 
+    /// The keep-alive race: the upstream closes a pooled connection as the next request arrives
+    /// on it. That request is sent again on a new connection (no retry policy needed) when it is
+    /// idempotent, and counted; a POST whose body was all sent is not (the upstream may have
+    /// acted on it): 503 upstream_reset.
+    @Test func aRequestOnAReusedConnectionThatClosesIsSentAgainOnANewOne() async throws {
+        let a = try await TestUpstream.start(name: "alpha", group: group)
+        defer { Task { await a.stop() } }
+        let proxy = try await ProxyHarness.start(forwardingTo: a, group: group)
+        defer { Task { await proxy.stop() } }
+        let client = try await TestHTTPClient.connect(port: proxy.port, group: group)
+        defer { Task { await client.close() } }
+        a.closingReusedConnections()
+        for i in 0..<3 {
+            let r = try await client.request(.GET, "/")
+            #expect(r.status == .ok && r.body == "alpha", "request \(i): \(r.status) \(r.body)")
+        }
+        // Requests 2 and 3 met a reused connection that closed; each went again on a new one.
+        let metric = #"trellis_upstream_stale_connection_retries_total{cluster="alpha"}"#
+        #expect(try await proxy.metric(metric, group: group) == 2)
+        #expect(try await proxy.metric("trellis_errors_total{token=\"upstream_reset\"}", group: group) == 0)
+        #expect(a.connections == 3)
+
+        let post = try await client.request(.POST, "/", body: "order=1")
+        #expect(post.status == .serviceUnavailable && post.body == "upstream_reset\n")
+        #expect(try await proxy.metric(metric, group: group) == 2)
+    }
+
     @Test func anUpstreamThatSaidConnectionCloseIsNotReused() async throws {
         let a = try await TestUpstream.start(name: "alpha", group: group)
         defer { Task { await a.stop() } }

@@ -53,6 +53,10 @@ final class ProxyExchange {
     private var backoffTimer: Scheduled<Void>?
     /// The cluster load whose retry count this exchange holds (one unit while retrying).
     private var retrySlot: ClusterLoad?
+    /// The current try's connection had served requests before this one (it came from the pool).
+    private var onReusedConnection = false
+    /// This request was already sent again after its reused connection closed under it.
+    private var staleRetried = false
 
     init(downstream: DownstreamHandler, loop: LoopContext, request: RequestContext, chain: [any ProxyMiddleware]) {
         self.downstream = downstream
@@ -159,6 +163,14 @@ final class ProxyExchange {
         attached = true
         state = .streaming(connection)
         connection.exchange = self
+        // A reused keep-alive connection may have been closed by the upstream a moment ago (its
+        // idle timeout, a drain): keep what is sent, to send it again on a new connection.
+        onReusedConnection = connection.requestsServed > 0
+        if onReusedConnection && retained == nil && retainedBytes == 0 && !staleRetried {
+            retained = pending
+            for case .body(.byteBuffer(let buffer)) in pending { retainedBytes += buffer.readableBytes }
+            if retainedBytes > RetryPolicy.maxRetainedBodyBytes { retained = nil }
+        }
         for part in pending { connection.send(part, flush: false) }
         pending.removeAll()
         connection.flushSoon(loop)
@@ -255,12 +267,38 @@ final class ProxyExchange {
         } else if error is HTTPParserError {
             respondLocally(.upstreamProtocolError("\(request.endpoint.map(\.description) ?? "-"): \(error!)"))
         } else {
+            if sendAgainOnANewConnection(upstream) { return }
             let failure = ProxyError.upstreamReset(
                 "\(request.endpoint.map(\.description) ?? "-"): \(error.map { "\($0)" } ?? "closed")"
             )
             if retry(after: .reset, failure) { return }
             respondLocally(failure)
         }
+    }
+
+    /// A reused keep-alive connection closed before any byte of the response: the upstream most
+    /// likely closed it as idle while the request was on its way (the keep-alive race, which a
+    /// draining peer makes frequent). The request goes again, once, on a new connection to the
+    /// same endpoint — without a retry policy, outside the retry budget — if it is idempotent, or
+    /// if the upstream cannot have had all of it (its end was not sent yet).
+    private func sendAgainOnANewConnection(_ upstream: UpstreamConnection) -> Bool {
+        guard onReusedConnection, !staleRetried, let parts = retained, isIdempotent || !requestEnded,
+            let cluster = request.cluster,
+            let endpoint = request.passthroughEndpoint ?? request.endpointIndex.map({ cluster.endpoints[$0] })
+        else { return false }
+        staleRetried = true
+        cluster.stats.staleConnectionRetries.increment()
+        upstream.exchange = nil
+        upstream.close()
+        if request.retryPolicy == nil {
+            // Kept only for this: whatever arrives next goes to the new connection directly.
+            retained = nil
+        }
+        pending = parts
+        state = .connecting
+        attached = false
+        loop.pool.acquire(endpoint: endpoint, cluster: cluster, for: self, fresh: true)
+        return true
     }
 
     // MARK: Retries

@@ -35,11 +35,17 @@ final class UpstreamPool {
     }
 
     /// Hands the exchange an idle connection to the endpoint at once, or a new one when it is
-    /// connected (`attach`), or the reason it could not connect (`connectFailed`).
-    func acquire(endpoint: ClusterRuntime.EndpointRuntime, cluster: ClusterRuntime, for exchange: ProxyExchange) {
+    /// connected (`attach`), or the reason it could not connect (`connectFailed`). `fresh`: a new
+    /// connection whatever is idle (a request whose reused connection just closed under it).
+    func acquire(
+        endpoint: ClusterRuntime.EndpointRuntime,
+        cluster: ClusterRuntime,
+        for exchange: ProxyExchange,
+        fresh: Bool = false
+    ) {
         let idleTimeout = TimeAmount(cluster.config.pool.idleTimeout)
         let now = NIODeadline.now()
-        while var stack = idle[endpoint.key], let candidate = stack.popLast() {
+        while !fresh, var stack = idle[endpoint.key], let candidate = stack.popLast() {
             idle[endpoint.key] = stack
             if candidate.isActive && now - candidate.idleSince < idleTimeout {
                 exchange.attach(candidate, try: exchange.currentTry)

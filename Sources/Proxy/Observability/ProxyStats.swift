@@ -13,7 +13,7 @@ import NIOHTTP1
 /// `trellis_tcp_relay_failures_total{reason}` (`no_original_destination`, `connect`),
 /// `trellis_rate_limited_total{scope}` (`route <name>`, `cluster <name>`),
 /// `trellis_upstream_overflow_total{cluster,limit}` (`max_connections`, `max_pending_requests`,
-/// `max_requests`, `max_retries`).
+/// `max_requests`, `max_retries`), `trellis_upstream_stale_connection_retries_total{cluster}`.
 ///
 /// It also holds what must outlive a configuration snapshot besides metrics: the rate-limit
 /// buckets and the clusters' load counters (``ResilienceState``).
@@ -89,6 +89,9 @@ final class ClusterStats: Sendable {
     let overflowRetries: Counter
     /// `trellis_upstream_retries_total{cluster}`: tries after the first.
     let retries: Counter
+    /// `trellis_upstream_stale_connection_retries_total{cluster}`: requests sent again on a new
+    /// connection because a reused keep-alive connection closed before any response byte.
+    let staleConnectionRetries: Counter
 
     init(name: String, factory: any MetricsFactory) {
         func overflow(_ limit: String) -> Counter {
@@ -103,6 +106,11 @@ final class ClusterStats: Sendable {
         overflowRequests = overflow("max_requests")
         overflowRetries = overflow("max_retries")
         retries = Counter(label: "trellis_upstream_retries_total", dimensions: [("cluster", name)], factory: factory)
+        staleConnectionRetries = Counter(
+            label: "trellis_upstream_stale_connection_retries_total",
+            dimensions: [("cluster", name)],
+            factory: factory
+        )
         requests = (1...5).map { c in
             Counter(
                 label: "trellis_upstream_requests_total",

@@ -21,6 +21,9 @@ final class TestUpstream: Sendable {
         case status(Int)
         case statusFor(Int, Set<Int>)
         case delay(Int64)
+        /// A request on a connection that already served one closes the connection unanswered:
+        /// the keep-alive race (an idle connection closed as the next request arrives), every time.
+        case closeReusedConnections
     }
 
     let name: String
@@ -47,6 +50,8 @@ final class TestUpstream: Sendable {
     }
     /// From now on every request is answered (200) after `ms` milliseconds.
     func delaying(_ ms: Int64) { failure.withLockedValue { $0 = .delay(ms) } }
+    /// From now on a request on a reused connection closes that connection unanswered.
+    func closingReusedConnections() { failure.withLockedValue { $0 = .closeReusedConnections } }
 
     static func start(name: String, group: any EventLoopGroup) async throws -> TestUpstream {
         let received = NIOLockedValueBox<[HTTPRequestHead]>([])
@@ -108,6 +113,8 @@ final class TestUpstream: Sendable {
         var bodyBytes = 0
         /// A complete request whose response has not been written yet (e.g. `/delay`).
         var awaitingResponse = false
+        /// Requests completed on this connection so far.
+        var completed = 0
 
         init(
             name: String,
@@ -138,12 +145,19 @@ final class TestUpstream: Sendable {
                 guard let head else { return }
                 self.head = nil
                 awaitingResponse = true
+                defer { completed += 1 }
                 let path = head.uri.split(separator: "?").first.map(String.init) ?? head.uri
                 let number = received.withLockedValue { $0.count } - 1
                 let behavior = failure.withLockedValue { $0 }
                 var override: Int?
                 switch behavior {
                 case .normal: break
+                case .closeReusedConnections:
+                    if completed > 0 {
+                        awaitingResponse = false
+                        context.close(promise: nil)
+                        return
+                    }
                 case .status(let status): override = status
                 case .statusFor(let status, let share): if share.contains(number % 10) { override = status }
                 case .delay(let ms):
