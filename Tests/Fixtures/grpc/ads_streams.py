@@ -60,14 +60,23 @@ def main():
             next(iter(responses))
             with lock:
                 answered += 1
+                if answered + sum(failed.values()) == count:
+                    done.set()
+            # Every stream stays open until all are answered: a thousand streams cancelled at
+            # once is a reset flood, which the server rightly answers with GOAWAY.
+            done.wait(max(0.0, deadline - time.monotonic()))
         except grpc.RpcError as error:
             with lock:
                 failed[error.code().name] = failed.get(error.code().name, 0) + 1
                 if not first_error:
                     first_error.append(f"{error.code().name}: {error.details()}")
+                if answered + sum(failed.values()) == count:
+                    done.set()
         except StopIteration:
             with lock:
                 failed["NO_RESPONSE"] = failed.get("NO_RESPONSE", 0) + 1
+                if answered + sum(failed.values()) == count:
+                    done.set()
         finally:
             stop.set()
 
