@@ -39,7 +39,7 @@ struct Gate: ParsableCommand {
         do {
             gate = try NetfilterQueueGate(queue: queue, mark: markValue)
         } catch {
-            throw ValidationError("\(error)")
+            throw AgentCommandError("\(error)")
         }
         gate.setMode(chosen)
         // Blocked before the reader thread starts, so that it inherits the mask and SIGTERM is

@@ -29,18 +29,18 @@ struct Rules: ParsableCommand {
                 do {
                     text = try String(contentsOfFile: config, encoding: .utf8)
                 } catch {
-                    throw ValidationError("\(config): cannot read the file (\(error.localizedDescription))")
+                    throw AgentCommandError("\(config): cannot read the file (\(error.localizedDescription))")
                 }
                 do {
                     capture = try CaptureConfigLoader.parse(yaml: text, file: config)
                 } catch {
-                    throw ValidationError("invalid configuration\n\(error)")
+                    throw AgentCommandError("invalid configuration\n\(error)")
                 }
             }
             do {
                 return try RuleSet(capture)
             } catch {
-                throw ValidationError("invalid capture configuration\n\(error)")
+                throw AgentCommandError("invalid capture configuration\n\(error)")
             }
         }
 
@@ -48,7 +48,7 @@ struct Rules: ParsableCommand {
             do {
                 return Capture(backend: try IPTablesBackend.detect())
             } catch {
-                throw ValidationError("\(error)")
+                throw AgentCommandError("\(error)")
             }
         }
     }

@@ -267,7 +267,8 @@ struct CaptureNetnsTests {
         let refused = try run("install", "--config", file.path)
         #expect(refused.status != 0)
         #expect(
-            refused.stderr.contains("\(file.path): capture.inbound_ports[1]: port 15001 is Trellis's own"),
+            refused.stderr.contains("\(file.path):2:25: capture.inbound_ports[1]: port 15001 is Trellis's own")
+                && !refused.stderr.contains("Usage:"),
             "\(refused.stderr)"
         )
         #expect(try trellisLines() == 0)
