@@ -22,14 +22,8 @@ struct DrainUnderLoadTests {
         defer { lab.destroy() }
         let dir = try Peers.temporaryDirectory("drain-load")
         defer { try? FileManager.default.removeItem(at: dir) }
-        let hostsFolder = URL(fileURLWithPath: "/etc/netns/\(lab.ns("vm-a"))")
-        try FileManager.default.createDirectory(at: hostsFolder, withIntermediateDirectories: true)
-        defer { try? FileManager.default.removeItem(at: hostsFolder) }
-        try "127.0.0.1 localhost\n\(lab.ip("vm-b")) orders\n".write(
-            to: hostsFolder.appendingPathComponent("hosts"),
-            atomically: true,
-            encoding: .utf8
-        )
+        let hosts = try NetnsHosts(ns: lab.ns("vm-a"), names: [(lab.ip("vm-b"), "orders")])
+        defer { hosts.remove() }
         let pilot = try Peers.Child(
             [
                 "ip", "netns", "exec", lab.hub, MeshEndToEndTests.pilotBinary, "serve", "--store",

@@ -64,14 +64,8 @@ struct MeshEndToEndTests {
         // VM A's programs find `orders` by name, the way legacy clients do (its /etc/hosts, through
         // `ip netns exec`'s /etc/netns/<ns>/hosts): any instance's address will do, the agent
         // balances by the Host header.
-        let hostsFolder = URL(fileURLWithPath: "/etc/netns/\(lab.ns("vm-a"))")
-        try FileManager.default.createDirectory(at: hostsFolder, withIntermediateDirectories: true)
-        defer { try? FileManager.default.removeItem(at: hostsFolder) }
-        try "127.0.0.1 localhost\n\(b) orders\n".write(
-            to: hostsFolder.appendingPathComponent("hosts"),
-            atomically: true,
-            encoding: .utf8
-        )
+        let hosts = try NetnsHosts(ns: lab.ns("vm-a"), names: [(b, "orders")])
+        defer { hosts.remove() }
 
         let pilot = try Peers.Child(
             [

@@ -111,6 +111,25 @@ extension NetnsLab {
     }
 }
 
+/// The hosts file `ip netns exec NS` shows programs in namespace `ns` (/etc/netns/NS/hosts, bind
+/// mounted over /etc/hosts): how a legacy program finds a service by name. Removed by `remove()`.
+struct NetnsHosts {
+    let folder: URL
+
+    init(ns: String, names: [(address: String, name: String)]) throws {
+        folder = URL(fileURLWithPath: "/etc/netns/\(ns)")
+        try FileManager.default.createDirectory(at: folder, withIntermediateDirectories: true)
+        let lines = ["127.0.0.1 localhost"] + names.map { "\($0.address) \($0.name)" }
+        try (lines.joined(separator: "\n") + "\n").write(
+            to: folder.appendingPathComponent("hosts"),
+            atomically: true,
+            encoding: .utf8
+        )
+    }
+
+    func remove() { try? FileManager.default.removeItem(at: folder) }
+}
+
 struct LabError: Error, CustomStringConvertible {
     var description: String
     init(_ description: String) { self.description = description }

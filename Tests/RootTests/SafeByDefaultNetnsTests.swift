@@ -212,14 +212,8 @@ struct SafeByDefaultNetnsTests {
         defer { lab.destroy() }
         let dir = try Peers.temporaryDirectory("ipv6-pilot")
         defer { try? FileManager.default.removeItem(at: dir) }
-        let hostsFolder = URL(fileURLWithPath: "/etc/netns/\(lab.a)")
-        try FileManager.default.createDirectory(at: hostsFolder, withIntermediateDirectories: true)
-        defer { try? FileManager.default.removeItem(at: hostsFolder) }
-        try "127.0.0.1 localhost\n\(lab.bAddress6) orders\n".write(
-            to: hostsFolder.appendingPathComponent("hosts"),
-            atomically: true,
-            encoding: .utf8
-        )
+        let hosts = try NetnsHosts(ns: lab.a, names: [(lab.bAddress6, "orders")])
+        defer { hosts.remove() }
         // Pilot on VM B's IPv4 address (its ports are never captured).
         let pilot = try Peers.Child(
             [
