@@ -9,23 +9,15 @@ public struct ConfigNode {
     public let file: String
 
     public static func root(yaml: String, file: String) throws(ConfigFileError) -> ConfigNode {
-        switch AliasBudget.check(yaml) {
-        case .fits, .unparsable:
-            break
-        case .tooLarge(let line):
-            throw ConfigFileError(
-                file: file,
-                position: "\(line)",
-                path: "",
-                message: "its aliases would expand it beyond \(AliasBudget.maxNodes) nodes (an alias bomb); refused"
-            )
-        case .tooDeep(let line):
-            throw ConfigFileError(
-                file: file,
-                position: "\(line)",
-                path: "",
-                message: "collections nest deeper than \(AliasBudget.maxDepth) levels; refused"
-            )
+        let refusal: (line: Int, message: String)? =
+            switch AliasBudget.check(yaml) {
+            case .fits, .unparsable: nil
+            case .tooLarge(let line):
+                (line, "its aliases would expand it beyond \(AliasBudget.maxNodes) nodes (an alias bomb); refused")
+            case .tooDeep(let line): (line, "collections nest deeper than \(AliasBudget.maxDepth) levels; refused")
+            }
+        if let refusal {
+            throw ConfigFileError(file: file, position: "\(refusal.line)", path: "", message: refusal.message)
         }
         do {
             guard let node = try Yams.compose(yaml: yaml) else {
