@@ -310,14 +310,12 @@ struct ControllerParts: Service {
 
 /// Drains (pilot told, gate bypassed, idle connections closed, in-flight work waited for up to the
 /// configured `drain_deadline`) when graceful shutdown begins, before the other services stop.
-/// systemd is told how long that may take, so the unit's stop timeout follows the deadline.
+/// (The drain itself tells systemd how long it may take, so the unit's stop timeout follows it.)
 struct DrainOnShutdown: Service {
     let controller: AgentController
     func run() async throws {
         try? await gracefulShutdown()
-        let deadline = await controller.drainDeadline
-        let micros = (deadline + .seconds(15)).components.seconds * 1_000_000
-        SystemdNotifier.notify("STOPPING=1\nEXTEND_TIMEOUT_USEC=\(micros)")
+        SystemdNotifier.notify("STOPPING=1")
         _ = await controller.drain()
     }
 }

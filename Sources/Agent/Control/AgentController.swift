@@ -83,9 +83,6 @@ public actor AgentController {
     /// The xDS client's state, when pilot's xDS address is configured.
     public nonisolated var xdsState: XDSClient.State? { currentXDS.withLockedValue { $0?.current } }
 
-    /// The configured drain deadline (`drain_deadline`), for a drain that names none.
-    public var drainDeadline: Duration { config.drainDeadline }
-
     public var isDraining: Bool { drainStarted != nil }
 
     /// Starts the registrar and the xDS client of the current configuration.
@@ -141,7 +138,7 @@ public actor AgentController {
 
     /// Applies `new` (already parsed and validated) as ``reload()`` does.
     public func reload(to new: AgentConfig) async -> ReloadReport {
-        var old = config
+        let old = config
         var restartOnly: [String] = []
         if new.node != old.node { restartOnly.append("node") }
         if new.stateDirectory != old.stateDirectory { restartOnly.append("state_dir") }
@@ -169,7 +166,6 @@ public actor AgentController {
                 return refuse("the kernel refused the new capture rules; the old ones stay: \(error)")
             }
         }
-        old.capture = new.capture
         if old.services != new.services || old.pilotAPI != new.pilotAPI || old.registerAddress != new.registerAddress
             || old.leaseTTL != new.leaseTTL
         {
