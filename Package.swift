@@ -58,8 +58,12 @@ let package = Package(
 
         // MARK: Libraries
         .target(
+            name: "TrellisValues",
+            swiftSettings: swiftSettings
+        ),
+        .target(
             name: "TrellisConfig",
-            dependencies: [.product(name: "Yams", package: "Yams")],
+            dependencies: ["TrellisValues", .product(name: "Yams", package: "Yams")],
             swiftSettings: swiftSettings
         ),
         .target(
@@ -87,6 +91,7 @@ let package = Package(
             name: "Proxy",
             dependencies: [
                 "CNghttp2",
+                "TrellisValues",
                 .product(name: "NIOCore", package: "swift-nio"),
                 .product(name: "NIOPosix", package: "swift-nio"),
                 .product(name: "NIOHTTP1", package: "swift-nio"),
@@ -115,6 +120,7 @@ let package = Package(
                 "Proxy",
                 "XDS",
                 "TrellisConfig",
+                "TrellisValues",
                 "TrellisHTTP",
                 .product(name: "Yams", package: "Yams"),
                 .product(name: "Logging", package: "swift-log"),
@@ -158,6 +164,7 @@ let package = Package(
             dependencies: [
                 "Agent",
                 "TrellisConfig",
+                "TrellisValues",
                 "Interceptor",
                 "Proxy",
                 .product(name: "ArgumentParser", package: "swift-argument-parser"),
@@ -222,6 +229,7 @@ let package = Package(
             name: "ProxyTests",
             dependencies: [
                 "Proxy",
+                "TrellisValues",
                 "TrellisTestSupport",
                 .product(name: "NIOCore", package: "swift-nio"),
                 .product(name: "NIOPosix", package: "swift-nio"),

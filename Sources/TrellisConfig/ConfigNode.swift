@@ -1,3 +1,4 @@
+import TrellisValues
 public import Yams
 
 /// A node of a YAML configuration file with its key path, read with strict types: a wrong type,

@@ -4,6 +4,7 @@ import Foundation
 import Proxy
 import TrellisConfig
 import TrellisHTTP
+import TrellisValues
 
 /// Options shared by the commands that talk to a running agent over its control socket.
 struct ControlOptions: ParsableArguments {

@@ -252,6 +252,9 @@ import Testing
         #expect(dump.status == .ok)
         #expect(dump.headers.first(name: "content-type") == "application/json")
         #expect(dump.body.contains("\"alpha\""))
+        // Durations as the YAML writes them, not Swift's [seconds, attoseconds] pair.
+        #expect(dump.body.contains("\"connect_timeout\" : \"1s\""))
+        #expect(dump.body.contains("\"timeout\" : \"5s\""))
         _ = try await TestHTTPClient.get(port: proxy.port, "/", group: group)
         #expect(
             try await proxy.metric("trellis_upstream_requests_total{cluster=\"alpha\",class=\"2xx\"}", group: group)

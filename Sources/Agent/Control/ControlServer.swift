@@ -6,6 +6,7 @@ import NIOHTTP1
 import NIOPosix
 public import ServiceLifecycle
 import TrellisConfig
+import TrellisValues
 
 #if canImport(Glibc)
 import Glibc
