@@ -5,9 +5,10 @@ import Testing
 
 @testable import Proxy
 
-/// Drain: idle keep-alive connections are closed at once, a request in flight completes and its
-/// response says `Connection: close`, connections accepted while draining are not kept alive, and
-/// undrain restores keep-alive.
+/// Drain: keep-alive connections idle for a second are closed at once, those used within the last
+/// second once they have been quiet that long (a client may be reusing one right now: the
+/// keep-alive race), a request in flight completes and its response says `Connection: close`,
+/// connections accepted while draining are not kept alive, and undrain restores keep-alive.
 @Suite struct DrainTests {
     let group = MultiThreadedEventLoopGroup.singleton
 
@@ -26,13 +27,19 @@ import Testing
         let first = try await idle.readUntil("alpha", count: 2)
         #expect(first.hasPrefix("HTTP/1.1 200 OK"))
         #expect(!first.lowercased().contains("connection: close"))
+        try await Task.sleep(for: .milliseconds(1100))
+
+        // A connection used just before the drain.
+        let recent = try await RawClient.connect(port: proxy.port, group: group)
+        try await recent.send("GET /recent HTTP/1.1\r\nhost: a\r\n\r\n")
+        let recentFirst = try await recent.readUntil("alpha", count: 2)
 
         // A busy connection: a slow request in flight.
         let busy = try await RawClient.connect(port: proxy.port, group: group)
         try await busy.send("GET /delay/1500 HTTP/1.1\r\nhost: a\r\n\r\n")
         try await Task.sleep(for: .milliseconds(300))
         let before = await proxy.server.activity()
-        #expect(before.httpConnections == 2)
+        #expect(before.httpConnections == 3)
         #expect(before.requestsInFlight == 1)
 
         let started = await proxy.server.startDraining()
@@ -43,6 +50,13 @@ import Testing
         let (idleText, idleClosed) = try await idle.readUntilClose(timeout: .seconds(2))
         #expect(idleClosed, "the idle connection was closed by the drain")
         #expect(idleText == first, "nothing more was sent on it")
+
+        // The recently used one stays open until it has been quiet for a second, then closes.
+        let drainStart = ContinuousClock.now
+        let (recentText, recentClosed) = try await recent.readUntilClose(timeout: .seconds(3))
+        #expect(recentClosed, "the recently used connection was closed once quiet")
+        #expect(recentText == recentFirst, "nothing more was sent on it")
+        #expect(ContinuousClock.now - drainStart >= .milliseconds(400), "not closed at the drain's start")
 
         // The slow request completes, says Connection: close, and the connection ends.
         let (busyText, busyClosed) = try await busy.readUntilClose(timeout: .seconds(5))
@@ -73,7 +87,7 @@ import Testing
         let both = try await again.readUntil("HTTP/1.1 200 OK", count: 2)
         #expect(both.components(separatedBy: "HTTP/1.1 200 OK").count == 3, "two answers on one connection: \(both)")
 
-        for client in [idle, busy, late, again] { await client.close() }
+        for client in [idle, recent, busy, late, again] { await client.close() }
         await proxy.stop()
         await a.stop()
     }

@@ -27,6 +27,8 @@ final class DownstreamHandler: ChannelDuplexHandler {
     /// Whether the connection stays open after the current response.
     var keepAlive = true
     var isDraining = false
+    /// Since when the connection has waited for a request (nil while one is being served).
+    private(set) var idleSince: NIODeadline?
 
     /// The timers of this connection (same channel, same loop).
     private let timeouts: ConnectionTimeoutHandler?
@@ -76,6 +78,7 @@ final class DownstreamHandler: ChannelDuplexHandler {
         remoteAddress = context.channel.remoteAddress
         clientIP = remoteAddress?.ipAddress
         isDraining = loop.draining
+        idleSince = .now()
         loop.opened(self)
         loop.stats.activeConnections.increment()
         loop.stats.totalConnections.increment()
@@ -112,6 +115,7 @@ final class DownstreamHandler: ChannelDuplexHandler {
                 return
             }
             timeouts?.requestHeadReceived()
+            idleSince = nil
             loop.stats.downstreamRequests.increment()
             keepAlive = head.isKeepAlive
             currentRequestEnded = false
@@ -233,11 +237,14 @@ final class DownstreamHandler: ChannelDuplexHandler {
     /// Whether a request is being served or waits its turn.
     var isBusy: Bool { exchange != nil || !queued.isEmpty || pendingError != nil }
 
-    /// Marks the connection draining: closed now when idle (returns true), otherwise its current
-    /// response says `Connection: close` (if not sent yet) and the connection closes after it.
-    func drain() -> Bool {
+    /// Marks the connection draining: closed now when it has been idle for `quiet` (returns true);
+    /// otherwise its current or next response says `Connection: close` (if not sent yet) and the
+    /// connection closes after it, or a later call closes it once it has been quiet long enough.
+    /// A connection that just finished a response is the one a client's pool hands out next:
+    /// closing it at once would race with the request already on its way (the keep-alive race).
+    func drain(quiet: TimeAmount) -> Bool {
         isDraining = true
-        guard !isBusy, !closing, let context else { return false }
+        guard !isBusy, !closing, let context, let idleSince, idleSince + quiet <= .now() else { return false }
         closing = true
         context.close(promise: nil)
         return true
@@ -274,6 +281,7 @@ final class DownstreamHandler: ChannelDuplexHandler {
         let keepAlive = self.keepAlive && !isDraining
         timeouts?.responseCompleted()
         if keepAlive {
+            idleSince = .now()
             context.write(wrapOutboundOut(.end(trailers)), promise: nil)
             loop.flushSoon(context)
         } else {

@@ -53,17 +53,37 @@ final class LoopContext {
         downstreams.removeValue(forKey: ObjectIdentifier(handler))
     }
 
-    /// Starts draining: idle connections are closed now; busy ones close after their response.
-    /// Returns how many were closed.
+    /// How long a connection must have been idle before drain closes it without a response to
+    /// carry `Connection: close`.
+    static let drainQuietPeriod = TimeAmount.seconds(1)
+    private var drainSweep: RepeatedTask?
+
+    /// Starts draining: connections idle for ``drainQuietPeriod`` are closed now, busy ones close
+    /// after their response, and the rest once they have been quiet that long (checked four times
+    /// per period). Returns how many were closed now.
     func startDraining() -> Int {
         draining = true
+        let closed = sweepIdle()
+        if drainSweep == nil {
+            let bound = NIOLoopBound(self, eventLoop: eventLoop)
+            let every = TimeAmount.nanoseconds(Self.drainQuietPeriod.nanoseconds / 4)
+            drainSweep = eventLoop.scheduleRepeatedTask(initialDelay: every, delay: every) { _ in
+                _ = bound.value.sweepIdle()
+            }
+        }
+        return closed
+    }
+
+    private func sweepIdle() -> Int {
         var closed = 0
-        for handler in Array(downstreams.values) where handler.drain() { closed += 1 }
+        for handler in Array(downstreams.values) where handler.drain(quiet: Self.drainQuietPeriod) { closed += 1 }
         return closed
     }
 
     func stopDraining() {
         draining = false
+        drainSweep?.cancel()
+        drainSweep = nil
         for handler in downstreams.values { handler.isDraining = false }
     }
 
