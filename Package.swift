@@ -45,6 +45,7 @@ let package = Package(
             pkgConfig: "libnetfilter_queue",
             providers: [.apt(["libnetfilter-queue-dev"])]
         ),
+        .systemLibrary(name: "CMalloc"),
         .systemLibrary(
             name: "CMnl",
             pkgConfig: "libmnl",
@@ -59,6 +60,16 @@ let package = Package(
         // MARK: Libraries
         .target(
             name: "TrellisValues",
+            swiftSettings: swiftSettings
+        ),
+        .target(
+            name: "TrellisRuntime",
+            dependencies: [
+                "CMalloc",
+                .product(name: "Logging", package: "swift-log"),
+                .product(name: "CoreMetrics", package: "swift-metrics"),
+                .product(name: "ServiceLifecycle", package: "swift-service-lifecycle"),
+            ],
             swiftSettings: swiftSettings
         ),
         .target(
@@ -164,6 +175,7 @@ let package = Package(
             dependencies: [
                 "Agent",
                 "TrellisConfig",
+                "TrellisRuntime",
                 "TrellisValues",
                 "Interceptor",
                 "Proxy",
@@ -184,6 +196,7 @@ let package = Package(
             dependencies: [
                 "Pilot",
                 "TrellisConfig",
+                "TrellisRuntime",
                 .product(name: "ArgumentParser", package: "swift-argument-parser"),
                 .product(name: "Logging", package: "swift-log"),
                 .product(name: "Metrics", package: "swift-metrics"),

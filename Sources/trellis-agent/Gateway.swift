@@ -10,6 +10,7 @@ import Prometheus
 import Proxy
 import ServiceLifecycle
 import TrellisConfig
+import TrellisRuntime
 import UnixSignals
 
 /// `trellis-agent gateway --config FILE`: the proxy alone, from a static YAML file.
@@ -82,7 +83,16 @@ struct Gateway: AsyncParsableCommand {
         logger.info("starting gateway", metadata: ["config.file": "\(config)", "event_loops": "\(threads)"])
         let services = ServiceGroup(
             configuration: .init(
-                services: [.init(service: proxy), .init(service: admin), .init(service: reloader)],
+                services: [
+                    .init(service: proxy), .init(service: admin), .init(service: reloader),
+                    // Memory freed after a burst of connections goes back to the kernel.
+                    .init(
+                        service: MemoryReturn(
+                            enabled: MemoryReturn.enabled(by: ProcessInfo.processInfo.environment),
+                            logger: logger
+                        )
+                    ),
+                ],
                 gracefulShutdownSignals: [.sigterm, .sigint],
                 logger: logger
             )

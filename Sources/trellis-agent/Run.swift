@@ -11,6 +11,7 @@ import Prometheus
 import Proxy
 import ServiceLifecycle
 import TrellisConfig
+import TrellisRuntime
 import UnixSignals
 
 /// `trellis-agent run`: the node agent. Binds the capture listeners, then installs the capture
@@ -243,6 +244,13 @@ struct Run: AsyncParsableCommand {
             .init(service: ControllerParts(controller: controller)),
             .init(service: admin),
             .init(service: control),
+            // Memory freed after a burst of connections goes back to the kernel.
+            .init(
+                service: MemoryReturn(
+                    enabled: MemoryReturn.enabled(by: ProcessInfo.processInfo.environment),
+                    logger: logger
+                )
+            ),
             // Last in the list, so the first to stop: a stop drains while everything else still runs.
             .init(service: DrainOnShutdown(controller: controller)),
         ]

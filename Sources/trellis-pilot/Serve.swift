@@ -6,6 +6,7 @@ import Pilot
 import Prometheus
 import ServiceLifecycle
 import TrellisConfig
+import TrellisRuntime
 import UnixSignals
 
 /// `trellis-pilot serve`: the registry, the xDS server and the HTTP API.
@@ -130,6 +131,10 @@ struct Serve: AsyncParsableCommand {
                 throw ValidationError("--cmdb-url: \(error)")
             }
         }
+        // Memory freed after a burst of streams or API requests goes back to the kernel.
+        services.append(
+            MemoryReturn(enabled: MemoryReturn.enabled(by: ProcessInfo.processInfo.environment), logger: logger)
+        )
         let group = ServiceGroup(
             configuration: .init(
                 services: services.map { .init(service: $0) },

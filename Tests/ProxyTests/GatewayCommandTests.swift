@@ -171,4 +171,84 @@ import Glibc
         await alpha.stop()
         await beta.stop()
     }
+
+    /// After a burst of 2,000 connections that each sent half a request head, the gateway gives
+    /// the memory they used back to the kernel within seconds (counted in
+    /// `trellis_memory_returns_total`), instead of keeping its peak resident size for good.
+    @Test func freedMemoryGoesBackAfterABurst() async throws {
+        let port = try Self.freePort()
+        let admin = try Self.freePort()
+        let file = FileManager.default.temporaryDirectory.appendingPathComponent("trellis-memory-\(getpid()).yaml")
+        try """
+        admin: {address: 127.0.0.1:\(admin)}
+        listeners:
+          - name: l
+            address: 127.0.0.1:\(port)
+            virtual_hosts: [{name: a, domains: ["*"], routes: [{name: r, match: {prefix: /}, route: {cluster: c}}]}]
+        clusters:
+          - {name: c, endpoints: [{address: 127.0.0.1:1}]}
+        """.write(to: file, atomically: true, encoding: .utf8)
+        let process = Process()
+        process.executableURL = Self.binary
+        process.arguments = ["gateway", "--config", file.path, "--event-loops", "2", "--log-level", "error"]
+        try process.run()
+        var clients: [Int32] = []
+        defer {
+            for fd in clients { close(fd) }
+            if process.isRunning { process.terminate() }
+            try? FileManager.default.removeItem(at: file)
+        }
+        func metric(_ name: String) async -> Double? {
+            guard let text = try? await TestHTTPClient.get(port: admin, "/stats/prometheus", group: group).body else {
+                return nil
+            }
+            let line = text.split(separator: "\n").first { $0.hasPrefix(name + " ") }
+            return line.flatMap { Double($0.split(separator: " ")[1]) }
+        }
+        func residentMiB() -> Double {
+            let path = "/proc/\(process.processIdentifier)/status"
+            let status = (try? String(contentsOfFile: path, encoding: .utf8)) ?? ""
+            let line = status.split(separator: "\n").first { $0.hasPrefix("VmRSS:") } ?? ""
+            return (Double(line.split(separator: " ").dropFirst().first ?? "") ?? 0) / 1024
+        }
+        #expect(await Peers.eventually(within: .seconds(10)) { await metric("trellis_memory_returns_total") == 0 })
+        let before = residentMiB()
+
+        for _ in 0..<2000 {
+            let fd = socket(AF_INET, Int32(SOCK_STREAM.rawValue), 0)
+            #expect(fd >= 0)
+            guard fd >= 0 else { break }
+            clients.append(fd)
+            var address = sockaddr_in()
+            address.sin_family = sa_family_t(AF_INET)
+            address.sin_port = in_port_t(UInt16(port).bigEndian)
+            address.sin_addr.s_addr = inet_addr("127.0.0.1")
+            let connected = withUnsafePointer(to: &address) {
+                $0.withMemoryRebound(to: sockaddr.self, capacity: 1) {
+                    connect(fd, $0, socklen_t(MemoryLayout<sockaddr_in>.size))
+                }
+            }
+            #expect(connected == 0)
+            let head = "GET /slow HTTP/1.1\r\nhost: burst\r\nx-slow: 1\r\n"
+            _ = head.withCString { send(fd, $0, strlen($0), 0) }
+        }
+        #expect(
+            await Peers.eventually(within: .seconds(20)) {
+                await metric("trellis_downstream_connections_active") == 2000
+            }
+        )
+        let peak = residentMiB()
+        #expect(peak - before >= 10, "the burst grew the gateway by \(peak - before) MiB only: not a burst")
+        for fd in clients { close(fd) }
+        clients = []
+        #expect(
+            await Peers.eventually(within: .seconds(10)) { await metric("trellis_downstream_connections_active") == 0 }
+        )
+        // Checked every 5 s: within 15 s the memory has gone back.
+        let returned = await Peers.eventually(within: .seconds(15)) {
+            residentMiB() <= before + (peak - before) / 2
+        }
+        #expect(returned, "RSS \(before) MiB before, \(peak) at the peak, \(residentMiB()) after")
+        #expect(await metric("trellis_memory_returns_total") ?? 0 >= 1)
+    }
 }
