@@ -4,7 +4,10 @@ first DiscoveryResponse. Prints one JSON line: streams answered, streams failed 
 codes), and the server's advertised limit is respected by grpcio itself (extra streams queue).
 Bounded: every stream ends after --seconds.
 
-usage: ads_streams.py TARGET STREAMS SECONDS
+With RELEASE, the first RELEASE streams answered end (cancelled by the client) right after their
+answer, so that streams grpcio queued beyond the server's advertised limit can start.
+
+usage: ads_streams.py TARGET STREAMS SECONDS [RELEASE]
 """
 import json
 import sys
@@ -38,6 +41,8 @@ def request(node_id):
 
 def main():
     target, count, seconds = sys.argv[1], int(sys.argv[2]), float(sys.argv[3])
+    release = int(sys.argv[4]) if len(sys.argv) > 4 else 0
+    released = 0
     channel = grpc.insecure_channel(target)
     call = channel.stream_stream(METHOD, request_serializer=None, response_deserializer=None)
     answered = 0
@@ -48,7 +53,7 @@ def main():
     deadline = time.monotonic() + seconds
 
     def one(i):
-        nonlocal answered
+        nonlocal answered, released
         stop = threading.Event()
 
         def requests():
@@ -62,6 +67,12 @@ def main():
                 answered += 1
                 if answered + sum(failed.values()) == count:
                     done.set()
+                end_now = released < release
+                if end_now:
+                    released += 1
+            if end_now:
+                responses.cancel()
+                return
             # Every stream stays open until all are answered: a thousand streams cancelled at
             # once is a reset flood, which the server rightly answers with GOAWAY.
             done.wait(max(0.0, deadline - time.monotonic()))
@@ -85,7 +96,7 @@ def main():
         t.start()
     for t in threads:
         t.join(max(0.0, deadline - time.monotonic()) + 5)
-    print(json.dumps({"answered": answered, "failed": failed, "first_error": first_error}), flush=True)
+    print(json.dumps({"answered": answered, "failed": failed, "first_error": first_error, "released": released}), flush=True)
     channel.close()
 
 
