@@ -80,7 +80,9 @@ import Testing
         }
         #expect(classify("GET / HTTP/1.1\r\n") == .http1)
         #expect(classify("M-SEARCH * HTTP/1.1\r\n") == .http1)
-        #expect(classify("PRI * HTTP/2.0\r\n\r\nSM\r\n\r\n") == .tcp)
+        #expect(classify("PRI * HTTP/2.0\r\n\r\nSM\r\n\r\n") == .http2)
+        #expect(classify("PRI * HTTP/2.0\r\n") == .undecided)
+        #expect(classify("PRI * HTTP/1.1\r\n\r\n") == .tcp)
         #expect(classify("\u{16}\u{03}\u{01}\u{02}") == .tcp)  // a TLS ClientHello
         #expect(classify("get / HTTP/1.1") == .tcp)
         #expect(classify("GE") == .undecided)

@@ -26,6 +26,9 @@ final class DownstreamHandler: ChannelDuplexHandler {
     private var pendingError: ProxyError?
     /// Whether the connection stays open after the current response.
     var keepAlive = true
+    /// The current request's version and whether it asked for keep-alive.
+    private var requestVersion = HTTPVersion.http1_1
+    private var clientWantsKeepAlive = true
     var isDraining = false
     /// Since when the connection has waited for a request (nil while one is being served).
     private(set) var idleSince: NIODeadline?
@@ -118,6 +121,8 @@ final class DownstreamHandler: ChannelDuplexHandler {
             idleSince = nil
             loop.stats.downstreamRequests.increment()
             keepAlive = head.isKeepAlive
+            clientWantsKeepAlive = keepAlive
+            requestVersion = head.version
             currentRequestEnded = false
             let (_, chain) = loop.current()
             let request = RequestContext(
@@ -332,3 +337,39 @@ final class DownstreamHandler: ChannelDuplexHandler {
 
 @available(*, unavailable)
 extension DownstreamHandler: Sendable {}
+
+extension DownstreamHandler: DownstreamConnection {
+    var requestsInFlight: Int { isBusy ? 1 : 0 }
+
+    func stopDrain() {
+        isDraining = false
+    }
+}
+
+extension DownstreamHandler: DownstreamStream {
+    func informational(_ head: HTTPResponseHead) {
+        write(.head(HTTPResponseHead(version: requestVersion, status: head.status)), flush: true)
+    }
+
+    func responseHead(_ head: HTTPResponseHead, requestEnded: Bool) {
+        // A request still sending its body when the response starts leaves the connection
+        // unframed; an HTTP/1.0 response without a length ends with the connection.
+        var keepAlive = clientWantsKeepAlive && requestEnded && !isDraining
+        if requestVersion == .http1_0 && !head.headers.contains(name: "content-length") { keepAlive = false }
+        self.keepAlive = keepAlive
+        let out = HeaderRewriting.downstreamResponse(head, requestVersion: requestVersion, keepAlive: keepAlive)
+        write(.head(out), flush: false)
+    }
+
+    func responseBody(_ buffer: ByteBuffer) {
+        write(.body(.byteBuffer(buffer)), flush: false)
+    }
+
+    func respondWithError(_ error: ProxyError, requestEnded: Bool, requestHasBody: Bool) {
+        // Answering before the request ended is safe for keep-alive only when the request has no
+        // body to skip; otherwise the connection is closed rather than guessing where the next
+        // request starts.
+        let keepAlive = (requestEnded || !requestHasBody) && clientWantsKeepAlive && !isDraining
+        sendError(error, keepAlive: keepAlive, version: requestVersion)
+    }
+}

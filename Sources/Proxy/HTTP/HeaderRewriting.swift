@@ -140,6 +140,18 @@ enum HeaderRewriting {
         return HTTPResponseHead(version: requestVersion, status: head.status, headers: s.headers)
     }
 
+    /// The fields sent to an HTTP/2 client for an upstream response: `:status` first, names
+    /// lowercase, connection-specific headers gone (RFC 9113 §8.2.2), framing left to HTTP/2.
+    static func http2Response(_ head: HTTPResponseHead) -> [(name: String, value: String)] {
+        let s = scan(head.headers, extra: 2)
+        var fields: [(name: String, value: String)] = [(":status", String(head.status.code))]
+        fields.reserveCapacity(s.headers.count + 3)
+        for (name, value) in s.headers { fields.append((name.lowercased(), value)) }
+        if let forwardedFor = s.forwardedFor { fields.append(("x-forwarded-for", forwardedFor)) }
+        fields.append(("via", viaValue(existing: s.via, version: head.version)))
+        return fields
+    }
+
     private static func viaValue(existing: String?, version: HTTPVersion) -> String {
         let entry = version == .http1_1 ? "1.1 trellis" : "\(version.major).\(version.minor) trellis"
         return existing.map { "\($0), \(entry)" } ?? entry

@@ -26,12 +26,10 @@ final class ProxyExchange {
         case perTryTimeout
     }
 
-    private let downstream: DownstreamHandler
+    private let downstream: any DownstreamStream
     private let loop: LoopContext
     let request: RequestContext
     private let chain: [any ProxyMiddleware]
-    private let requestVersion: HTTPVersion
-    private let clientWantsKeepAlive: Bool
     private var state: State = .connecting
     private var pending: [HTTPClientRequestPart] = []
     private var requestEnded = false
@@ -58,13 +56,11 @@ final class ProxyExchange {
     /// This request was already sent again after its reused connection closed under it.
     private var staleRetried = false
 
-    init(downstream: DownstreamHandler, loop: LoopContext, request: RequestContext, chain: [any ProxyMiddleware]) {
+    init(downstream: any DownstreamStream, loop: LoopContext, request: RequestContext, chain: [any ProxyMiddleware]) {
         self.downstream = downstream
         self.loop = loop
         self.request = request
         self.chain = chain
-        self.requestVersion = request.head.version
-        self.clientWantsKeepAlive = request.head.isKeepAlive
     }
 
     var downstreamWritable: Bool { downstream.isWritable }
@@ -228,7 +224,7 @@ final class ProxyExchange {
         switch part {
         case .head(let head) where head.status.code < 200 && head.status != .switchingProtocols:
             // 100 Continue and friends go straight through; the final head follows.
-            downstream.write(.head(HTTPResponseHead(version: requestVersion, status: head.status)), flush: true)
+            downstream.informational(head)
         case .head(let head):
             if let policy = request.retryPolicy, policy.retries(status: Int(head.status.code)) {
                 let failure = ProxyError.upstreamReset("")  // not sent: the answer goes out if no retry
@@ -236,15 +232,12 @@ final class ProxyExchange {
             }
             cancelPerTryTimer()
             upstreamKeepAlive = head.isKeepAlive
-            let keepAlive = downstreamKeepAlive(responseHead: head)
-            let out = HeaderRewriting.downstreamResponse(head, requestVersion: requestVersion, keepAlive: keepAlive)
             request.responseStatus = head.status
             responseHeadSent = true
-            downstream.keepAlive = keepAlive
-            downstream.write(.head(out), flush: false)
+            downstream.responseHead(head, requestEnded: requestEnded)
         case .body(let buffer):
             request.responseBytes += buffer.readableBytes
-            downstream.write(.body(.byteBuffer(buffer)), flush: false)
+            downstream.responseBody(buffer)
         case .end(let trailers):
             // An upstream that said `Connection: close` (or spoke HTTP/1.0) is about to close.
             let reusable = requestEnded && upstreamKeepAlive && upstream.isActive
@@ -420,13 +413,6 @@ final class ProxyExchange {
         perTryTimer = nil
     }
 
-    private func downstreamKeepAlive(responseHead: HTTPResponseHead) -> Bool {
-        // A request still sending its body when the response starts leaves the connection unframed.
-        guard clientWantsKeepAlive, requestEnded, !downstream.isDraining else { return false }
-        if requestVersion == .http1_0 && !responseHead.headers.contains(name: "content-length") { return false }
-        return true
-    }
-
     // MARK: Ending
 
     /// Answers the request with a proxy error (if nothing was sent yet) and ends the exchange.
@@ -443,11 +429,7 @@ final class ProxyExchange {
         }
         request.responseStatus = error.status
         if let upstream { finish(upstream: upstream, reusable: false) } else { finishAccounting() }
-        // Answering before the request ended is safe for keep-alive only when the request has no
-        // body to skip; otherwise the connection is closed rather than guessing where the next
-        // request starts.
-        let keepAlive = (requestEnded || !requestHasBody) && clientWantsKeepAlive && !downstream.isDraining
-        downstream.sendError(error, keepAlive: keepAlive, version: requestVersion)
+        downstream.respondWithError(error, requestEnded: requestEnded, requestHasBody: requestHasBody)
     }
 
     var isFinished: Bool {
@@ -544,8 +526,9 @@ final class ProxyExchange {
 
     private func logAccess(elapsed: TimeAmount) {
         let r = request
+        let version = r.head.version
         loop.accessLogger.info(
-            "\"\(r.head.method.rawValue) \(r.head.uri) HTTP/\(requestVersion.major).\(requestVersion.minor)\" \(r.responseStatus?.code ?? 0) \(r.error?.token ?? "-")",
+            "\"\(r.head.method.rawValue) \(r.head.uri) HTTP/\(version.major).\(version.minor)\" \(r.responseStatus?.code ?? 0) \(r.error?.token ?? "-")",
             metadata: [
                 "http.status": "\(r.responseStatus?.code ?? 0)",
                 "trellis.token": "\(r.error?.token ?? "-")",

@@ -9,7 +9,7 @@ import NIOHTTP1
 /// `trellis_upstream_request_duration_seconds{cluster}` (histogram),
 /// `trellis_downstream_connections_active`, `trellis_downstream_connections_total`,
 /// `trellis_downstream_requests_total`, `trellis_errors_total{token}`,
-/// `trellis_sniffed_connections_total{protocol}` (`http1`, `tcp`),
+/// `trellis_sniffed_connections_total{protocol}` (`http1`, `http2`, `tcp`),
 /// `trellis_tcp_relay_failures_total{reason}` (`no_original_destination`, `connect`),
 /// `trellis_rate_limited_total{scope}` (`route <name>`, `cluster <name>`),
 /// `trellis_upstream_overflow_total{cluster,limit}` (`max_connections`, `max_pending_requests`,
@@ -26,6 +26,7 @@ public final class ProxyStats: Sendable {
     let downstreamRequests: Counter
     private let errors: [String: Counter]
     let sniffedHTTP: Counter
+    let sniffedHTTP2: Counter
     let sniffedTCP: Counter
     let relayNoDestination: Counter
     let relayConnectFailures: Counter
@@ -44,6 +45,11 @@ public final class ProxyStats: Sendable {
         sniffedHTTP = Counter(
             label: "trellis_sniffed_connections_total",
             dimensions: [("protocol", "http1")],
+            factory: factory
+        )
+        sniffedHTTP2 = Counter(
+            label: "trellis_sniffed_connections_total",
+            dimensions: [("protocol", "http2")],
             factory: factory
         )
         sniffedTCP = Counter(

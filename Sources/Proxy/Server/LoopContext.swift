@@ -39,17 +39,17 @@ final class LoopContext {
     // MARK: Drain
 
     /// This loop's open HTTP connections (drain closes the idle ones and marks the busy ones).
-    private var downstreams: [ObjectIdentifier: DownstreamHandler] = [:]
+    private var downstreams: [ObjectIdentifier: any DownstreamConnection] = [:]
     /// Relayed TCP connections of this loop that are glued to their upstream.
     var activeRelays = 0
     /// Whether connections opened on this loop answer with `Connection: close` and close when idle.
     private(set) var draining = false
 
-    func opened(_ handler: DownstreamHandler) {
+    func opened(_ handler: any DownstreamConnection) {
         downstreams[ObjectIdentifier(handler)] = handler
     }
 
-    func closed(_ handler: DownstreamHandler) {
+    func closed(_ handler: any DownstreamConnection) {
         downstreams.removeValue(forKey: ObjectIdentifier(handler))
     }
 
@@ -84,12 +84,12 @@ final class LoopContext {
         draining = false
         drainSweep?.cancel()
         drainSweep = nil
-        for handler in downstreams.values { handler.isDraining = false }
+        for handler in downstreams.values { handler.stopDrain() }
     }
 
     var activity: ProxyActivity {
         var activity = ProxyActivity(httpConnections: downstreams.count, tcpRelays: activeRelays)
-        for handler in downstreams.values where handler.isBusy { activity.requestsInFlight += 1 }
+        for handler in downstreams.values { activity.requestsInFlight += handler.requestsInFlight }
         return activity
     }
 
@@ -125,3 +125,13 @@ final class LoopContext {
 
 @available(*, unavailable)
 extension LoopContext: Sendable {}
+
+/// An HTTP connection from a client (HTTP/1 or HTTP/2), as drain and `/ready`'s activity see it.
+protocol DownstreamConnection: AnyObject {
+    /// Requests (HTTP/1) or streams (HTTP/2) being served now.
+    var requestsInFlight: Int { get }
+    /// Marks the connection draining; closes it when it may be closed now (returns true).
+    func drain(quiet: TimeAmount) -> Bool
+    /// Drain was called off: keep-alive again where the protocol allows.
+    func stopDrain()
+}

@@ -269,20 +269,44 @@ public final class ProxyServer: Service, Sendable {
                             lookup: lookup
                         )
                     }
+                    let installHTTP2 = { (pipeline: ChannelPipeline.SynchronousOperations) throws in
+                        try pipeline.addHandler(
+                            HTTP2DownstreamHandler(
+                                loop: loopContext,
+                                listenerName: listener.name,
+                                accessLog: listener.accessLog,
+                                settings: HTTP2Session.Settings(),
+                                idleTimeout: TimeAmount(listener.limits.idleTimeout),
+                                originalDestination: lookup
+                            )
+                        )
+                    }
                     guard let transparent = listener.transparent else {
-                        try install(channel.pipeline.syncOperations)
+                        // A gateway listener: HTTP/1, or h2c with prior knowledge.
+                        try channel.pipeline.syncOperations.addHandler(
+                            ProtocolSniffer(
+                                timeout: TimeAmount(listener.limits.idleTimeout),
+                                installHTTP: { context in try install(context.pipeline.syncOperations) },
+                                installHTTP2: { context in try installHTTP2(context.pipeline.syncOperations) },
+                                relay: nil,
+                                speaksHTTP2: true,
+                                stats: stats
+                            )
+                        )
                         return
                     }
                     try channel.pipeline.syncOperations.addHandler(
                         ProtocolSniffer(
                             timeout: TimeAmount(transparent.sniffTimeout),
                             installHTTP: { context in try install(context.pipeline.syncOperations) },
+                            installHTTP2: { context in try installHTTP2(context.pipeline.syncOperations) },
                             relay: TCPRelay.Starter(
                                 lookup: lookup,
                                 mark: upstreamMark,
                                 stats: stats,
                                 loop: loopContext
                             ),
+                            speaksHTTP2: false,
                             stats: stats
                         )
                     )

@@ -1,0 +1,150 @@
+import NIOCore
+import NIOHTTP1
+
+/// One stream of an HTTP/2 downstream connection, as its exchange sees it: the response goes out
+/// as HEADERS, DATA and trailers on this stream; a response cut short resets the stream (the
+/// connection and its other streams carry on).
+final class HTTP2DownstreamStream: DownstreamStream {
+    unowned let connection: HTTP2DownstreamHandler
+    let id: Int32
+    var exchange: ProxyExchange?
+    /// Request bytes passed to the exchange and not yet credited back to the client (its
+    /// upstream was not writable): the client's window stays closed by that much.
+    var owed = 0
+    private var responseStarted = false
+
+    init(connection: HTTP2DownstreamHandler, id: Int32) {
+        self.connection = connection
+        self.id = id
+    }
+
+    private var session: HTTP2Session { connection.session }
+
+    var isWritable: Bool {
+        connection.isChannelWritable && session.queuedBytes(stream: id) < HTTP2Session.highWater
+    }
+
+    var accessLog: Bool { connection.accessLog }
+
+    func resumeReadingIfHeld() {
+        guard owed > 0 else { return }
+        session.consume(stream: id, bytes: owed)
+        owed = 0
+        connection.outputReady()
+    }
+
+    func informational(_ head: HTTPResponseHead) {
+        // 101 has no meaning in HTTP/2 (RFC 9113 §8.6).
+        guard head.status != .switchingProtocols else { return }
+        session.informational(stream: id, headers: [(":status", String(head.status.code))])
+        connection.outputReady()
+    }
+
+    func responseHead(_ head: HTTPResponseHead, requestEnded: Bool) {
+        responseStarted = true
+        _ = session.respond(stream: id, headers: HeaderRewriting.http2Response(head), endStream: false)
+        connection.outputReady()
+    }
+
+    func responseBody(_ buffer: ByteBuffer) {
+        session.send(stream: id, buffer)
+        if session.queuedBytes(stream: id) >= HTTP2Session.lowWater { connection.outputReady() }
+    }
+
+    func responseEnded(_ trailers: HTTPHeaders?) {
+        session.end(stream: id, trailers: trailers.map(Self.fields))
+        connection.outputReady()
+    }
+
+    func flush() {
+        connection.outputReady()
+    }
+
+    func respondWithError(_ error: ProxyError, requestEnded: Bool, requestHasBody: Bool) {
+        guard !responseStarted else {
+            abort()
+            return
+        }
+        responseStarted = true
+        let body = "\(error.token)\n"
+        var fields: [(name: String, value: String)] = [
+            (":status", String(error.status.code)), ("content-type", "text/plain"),
+            ("content-length", String(body.utf8.count)), ("x-trellis-error", error.token),
+        ]
+        if let seconds = error.retryAfter { fields.append(("retry-after", String(seconds))) }
+        _ = session.respond(stream: id, headers: fields, endStream: false)
+        session.send(stream: id, ByteBuffer(string: body))
+        // Body bytes the client still sends are credited and dropped (the exchange is over).
+        session.end(stream: id)
+        connection.outputReady()
+    }
+
+    func abort() {
+        session.reset(stream: id, code: 0x2)  // INTERNAL_ERROR
+        connection.outputReady()
+    }
+
+    // MARK: Conversions
+
+    /// The request as the exchange and the middleware see any request: `:authority` as `Host`
+    /// (unless the request has one), `:path` as the target, cookies joined (RFC 9113 §8.2.3),
+    /// version 2.0. Nil without `:method` or `:path` (CONNECT).
+    static func requestHead(_ block: HTTP2Session.HeaderBlock) -> HTTPRequestHead? {
+        var method: String?
+        var path: String?
+        var authority: String?
+        var headers = HTTPHeaders()
+        headers.reserveCapacity(block.fields.count + 1)
+        var cookies: [String] = []
+        var hasHost = false
+        var hasLength = false
+        for (name, value) in block.fields {
+            if name.utf8.first == UInt8(ascii: ":") {
+                switch name {
+                case ":method": method = value
+                case ":path": path = value
+                case ":authority": authority = value
+                default: break
+                }
+                continue
+            }
+            switch name {
+            case "cookie": cookies.append(value)
+            case "host":
+                hasHost = true
+                headers.add(name: name, value: value)
+            case "content-length":
+                hasLength = true
+                headers.add(name: name, value: value)
+            default: headers.add(name: name, value: value)
+            }
+        }
+        guard let method, let path else { return nil }
+        if !hasHost, let authority { headers.replaceOrAdd(name: "host", value: authority) }
+        if !cookies.isEmpty { headers.add(name: "cookie", value: cookies.joined(separator: "; ")) }
+        // A body of unknown length goes to an HTTP/1 upstream chunked.
+        if !block.endStream && !hasLength { headers.add(name: "transfer-encoding", value: "chunked") }
+        return HTTPRequestHead(
+            version: HTTPVersion(major: 2, minor: 0),
+            method: HTTPMethod(rawValue: method),
+            uri: path,
+            headers: headers
+        )
+    }
+
+    static func trailers(_ block: HTTP2Session.HeaderBlock) -> HTTPHeaders {
+        var headers = HTTPHeaders()
+        for (name, value) in block.fields where name.utf8.first != UInt8(ascii: ":") {
+            headers.add(name: name, value: value)
+        }
+        return headers
+    }
+
+    /// Header fields for HTTP/2: names lowercase (RFC 9113 §8.2.1).
+    static func fields(_ headers: HTTPHeaders) -> [(name: String, value: String)] {
+        headers.map { ($0.name.lowercased(), $0.value) }
+    }
+}
+
+@available(*, unavailable)
+extension HTTP2DownstreamStream: Sendable {}
