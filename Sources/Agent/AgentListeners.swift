@@ -68,7 +68,9 @@ public enum AgentListeners {
                     name: "passthrough",
                     endpoints: [],
                     connectTimeout: passthroughConnectTimeout,
-                    originalDestination: true
+                    originalDestination: true,
+                    // h2c from the client: the destination speaks it (gRPC does).
+                    upstreamProtocol: .downstream
                 )
             ]
         )

@@ -42,6 +42,8 @@ import TrellisConfig
         #expect(policies["sessions"] == .ringHash(header: "x-session-id", minimumRingSize: 1024))
         #expect(rich.proxy.clusters.first { $0.name == "sessions" }?.endpoints.last?.address.host == "::1")
         #expect(rich.proxy.clusters.first { $0.name == "auth" }?.connectTimeout == .milliseconds(250))
+        #expect(rich.proxy.clusters.first { $0.name == "auth" }?.upstreamProtocol == .http2)
+        #expect(rich.proxy.clusters.first { $0.name == "static" }?.upstreamProtocol == .http1)
         _ = try ProxySnapshot(rich.proxy, stats: ProxyStats())
     }
 
@@ -89,6 +91,7 @@ import TrellisConfig
     @Test func wrongValuesNameTheKeyAndWhatWasExpected() {
         let cases: [(String, String, String)] = [
             ("lb_policy: round_robin", "lb_policy: fastest", "clusters[0].lb_policy: expected one of round_robin"),
+            ("lb_policy: round_robin", "protocol: http3", "clusters[0].protocol: expected one of http1, http2, downstream"),
             (
                 "address: 127.0.0.1:18080", "address: 127.0.0.1:99999",
                 "clusters[0].endpoints[0].address: expected host:port"

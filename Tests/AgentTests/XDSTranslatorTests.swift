@@ -135,6 +135,46 @@ import XDS
         #expect(!resources.isComplete)
     }
 
+    /// Pilot's HTTP/2 and gRPC clusters say so in `typed_extension_protocol_options`, as Envoy reads
+    /// them; a passthrough cluster without options follows the client's protocol.
+    @Test func theClustersProtocolOptionsChooseHTTP2() throws {
+        let key = "envoy.extensions.upstreams.http.v3.HttpProtocolOptions"
+        var h2 = Envoy_Extensions_Upstreams_Http_V3_HttpProtocolOptions()
+        h2.explicitHTTPConfig.http2ProtocolOptions = Envoy_Config_Core_V3_Http2ProtocolOptions()
+        let explicit = try XDSTranslator.cluster(
+            Self.cluster { $0.typedExtensionProtocolOptions[key] = try! Google_Protobuf_Any(message: h2) },
+            endpoints: [:]
+        )
+        #expect(explicit.upstreamProtocol == .http2)
+        var downstream = Envoy_Extensions_Upstreams_Http_V3_HttpProtocolOptions()
+        downstream.useDownstreamProtocolConfig = .init()
+        let follows = try XDSTranslator.cluster(
+            Self.cluster { $0.typedExtensionProtocolOptions[key] = try! Google_Protobuf_Any(message: downstream) },
+            endpoints: [:]
+        )
+        #expect(follows.upstreamProtocol == .downstream)
+        #expect(try XDSTranslator.cluster(Self.cluster(), endpoints: [:]).upstreamProtocol == .http1)
+        let passthrough = try XDSTranslator.cluster(
+            Self.cluster {
+                $0.type = .originalDst
+                $0.lbPolicy = .clusterProvided
+            },
+            endpoints: [:]
+        )
+        #expect(passthrough.upstreamProtocol == .downstream)
+        var garbage = Google_Protobuf_Any()
+        garbage.typeURL = "type.googleapis.com/" + Envoy_Extensions_Upstreams_Http_V3_HttpProtocolOptions.protoMessageName
+        garbage.value = Data([0xFF, 0xFF, 0xFF])
+        #expect {
+            _ = try XDSTranslator.cluster(
+                Self.cluster { $0.typedExtensionProtocolOptions[key] = garbage },
+                endpoints: [:]
+            )
+        } throws: { error in
+            "\(error)".contains("outbound|8080||orders") && "\(error)".contains(key)
+        }
+    }
+
     @Test(arguments: [
         ("redirect", "only route actions are supported"),
         ("query", "query parameter matching is not supported"),

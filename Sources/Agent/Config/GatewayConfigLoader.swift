@@ -409,8 +409,17 @@ public enum GatewayConfigLoader {
     private static func cluster(_ node: ConfigNode) throws(ConfigFileError) -> ClusterConfig {
         let keys = try node.mapping(allowed: [
             "name", "lb_policy", "ring_hash", "endpoints", "connect_timeout", "pool", "original_destination",
-            "circuit_breakers", "rate_limit", "outlier_detection", "health_check",
+            "circuit_breakers", "rate_limit", "outlier_detection", "health_check", "protocol",
         ])
+        var upstreamProtocol = UpstreamProtocol.http1
+        if let p = keys["protocol"] {
+            let name = try p.nonEmptyString()
+            guard let parsed = UpstreamProtocol(rawValue: name) else {
+                let names = UpstreamProtocol.allCases.map(\.rawValue).joined(separator: ", ")
+                throw p.error("expected one of \(names), got '\(name)'")
+            }
+            upstreamProtocol = parsed
+        }
         var policy = LoadBalancingPolicy.roundRobin
         if let p = keys["lb_policy"] {
             let name = try p.nonEmptyString()
@@ -476,7 +485,8 @@ public enum GatewayConfigLoader {
             circuitBreakers: try keys["circuit_breakers"].map(circuitBreakers),
             rateLimit: try keys["rate_limit"].map(rateLimit),
             outlierDetection: try keys["outlier_detection"].map(outlierDetection),
-            healthCheck: try keys["health_check"].map(healthCheck)
+            healthCheck: try keys["health_check"].map(healthCheck),
+            upstreamProtocol: upstreamProtocol
         )
     }
 }

@@ -186,6 +186,7 @@ public enum XDSTranslator {
         case .clusterProvided where cluster.type == .originalDst: break
         default: throw Failure("cluster '\(name)': lb_policy \(cluster.lbPolicy) is not supported")
         }
+        result.upstreamProtocol = try upstreamProtocol(cluster)
         switch cluster.type {
         case .originalDst:
             result.originalDestination = true
@@ -200,6 +201,30 @@ public enum XDSTranslator {
             )
         }
         return result
+    }
+
+    /// The cluster's HTTP protocol options (`typed_extension_protocol_options`, Envoy's key
+    /// `envoy.extensions.upstreams.http.v3.HttpProtocolOptions`): explicit HTTP/2, or the
+    /// downstream's protocol; HTTP/1.1 otherwise (and for `auto_config`, which picks by ALPN, so
+    /// HTTP/1.1 without TLS). A passthrough cluster without options follows the downstream.
+    static func upstreamProtocol(_ cluster: Envoy_Config_Cluster_V3_Cluster) throws(Failure) -> UpstreamProtocol {
+        let key = "envoy.extensions.upstreams.http.v3.HttpProtocolOptions"
+        guard let any = cluster.typedExtensionProtocolOptions[key] else {
+            return cluster.type == .originalDst ? .downstream : .http1
+        }
+        let options: Envoy_Extensions_Upstreams_Http_V3_HttpProtocolOptions
+        do {
+            options = try Envoy_Extensions_Upstreams_Http_V3_HttpProtocolOptions(unpackingAny: any)
+        } catch {
+            throw Failure("cluster '\(cluster.name)': \(key) does not decode: \(error)")
+        }
+        switch options.upstreamProtocolOptions {
+        case .explicitHTTPConfig(let explicit):
+            if case .http2ProtocolOptions = explicit.protocolConfig { return .http2 }
+            return .http1
+        case .useDownstreamProtocolConfig: return .downstream
+        case .autoConfig, nil: return .http1
+        }
     }
 
     static func endpoints(

@@ -18,6 +18,8 @@ public struct ClusterConfig: Sendable, Hashable, Codable {
     public var outlierDetection: OutlierDetection?
     /// Probes the endpoints; those failing leave load balancing until they pass; `nil`: off.
     public var healthCheck: HealthCheck?
+    /// How requests reach the endpoints.
+    public var upstreamProtocol: UpstreamProtocol
 
     public init(
         name: String,
@@ -29,8 +31,10 @@ public struct ClusterConfig: Sendable, Hashable, Codable {
         circuitBreakers: CircuitBreakers? = nil,
         rateLimit: RateLimit? = nil,
         outlierDetection: OutlierDetection? = nil,
-        healthCheck: HealthCheck? = nil
+        healthCheck: HealthCheck? = nil,
+        upstreamProtocol: UpstreamProtocol = .http1
     ) {
+        self.upstreamProtocol = upstreamProtocol
         self.healthCheck = healthCheck
         self.outlierDetection = outlierDetection
         self.circuitBreakers = circuitBreakers
@@ -52,7 +56,20 @@ public struct ClusterConfig: Sendable, Hashable, Codable {
         case rateLimit = "rate_limit"
         case outlierDetection = "outlier_detection"
         case healthCheck = "health_check"
+        case upstreamProtocol = "protocol"
     }
+}
+
+/// The protocol a cluster's endpoints are spoken to in.
+public enum UpstreamProtocol: String, Sendable, Hashable, Codable, CaseIterable {
+    /// HTTP/1.1 on keep-alive connections.
+    case http1
+    /// HTTP/2 without TLS, with prior knowledge (h2c); streams multiplexed on few connections.
+    /// gRPC servers need it.
+    case http2
+    /// The client's own protocol (Envoy's `USE_DOWNSTREAM_PROTOCOL`): what passthrough uses, since
+    /// a client that spoke h2c to a destination knew the destination speaks it.
+    case downstream
 }
 
 public enum LoadBalancingPolicy: Sendable, Hashable, Codable {

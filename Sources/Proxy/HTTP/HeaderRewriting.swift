@@ -16,13 +16,15 @@ enum HeaderRewriting {
         case xForwardedFor
         case xForwardedProto
         case via
+        /// `te`: only `trailers` is passed on (gRPC needs it; RFC 9110 §10.1.4 lets a proxy keep it).
+        case te
     }
 
     private static func kind(of name: String) -> Kind {
         var name = name
         return name.withUTF8 { bytes -> Kind in
             switch bytes.count {
-            case 2: return equalsLowercase(bytes, "te") ? .hopByHop : .endToEnd
+            case 2: return equalsLowercase(bytes, "te") ? .te : .endToEnd
             case 3: return equalsLowercase(bytes, "via") ? .via : .endToEnd
             case 7:
                 return equalsLowercase(bytes, "upgrade") || equalsLowercase(bytes, "trailer") ? .hopByHop : .endToEnd
@@ -87,6 +89,8 @@ enum HeaderRewriting {
                 }
             case .hopByHop, .xForwardedProto:
                 continue
+            case .te:
+                if value.lowercased().contains("trailers") { s.headers.add(name: "te", value: "trailers") }
             case .transferEncoding:
                 if value.lowercased().contains("chunked") { s.chunked = true }
             case .xForwardedFor:

@@ -12,7 +12,7 @@ final class ProxyExchange {
         /// Waiting for an upstream connection; body parts are held in `pending`.
         case connecting
         /// Upstream attached; parts flow through.
-        case streaming(UpstreamConnection)
+        case streaming(any UpstreamStream)
         /// A try failed; the next starts after the back-off.
         case backingOff
         case finished
@@ -150,7 +150,7 @@ final class ProxyExchange {
     }
 
     /// An upstream connection is ready for this exchange.
-    func attach(_ connection: UpstreamConnection, try attempt: Int) {
+    func attach(_ connection: any UpstreamStream, try attempt: Int) {
         guard case .connecting = state, attempt == tries else {
             // Timed out or the client left while connecting: the fresh connection is still good.
             releaseOrClose(connection, reusable: true)
@@ -161,7 +161,7 @@ final class ProxyExchange {
         connection.exchange = self
         // A reused keep-alive connection may have been closed by the upstream a moment ago (its
         // idle timeout, a drain): keep what is sent, to send it again on a new connection.
-        onReusedConnection = connection.requestsServed > 0
+        onReusedConnection = connection.isReused
         if onReusedConnection && retained == nil && retainedBytes == 0 && !staleRetried {
             retained = pending
             for case .body(.byteBuffer(let buffer)) in pending { retainedBytes += buffer.readableBytes }
@@ -274,7 +274,7 @@ final class ProxyExchange {
     /// draining peer makes frequent). The request goes again, once, on a new connection to the
     /// same endpoint — without a retry policy, outside the retry budget — if it is idempotent, or
     /// if the upstream cannot have had all of it (its end was not sent yet).
-    private func sendAgainOnANewConnection(_ upstream: UpstreamConnection) -> Bool {
+    private func sendAgainOnANewConnection(_ upstream: any UpstreamStream) -> Bool {
         guard onReusedConnection, !staleRetried, let parts = retained, isIdempotent || !requestEnded,
             let cluster = request.cluster,
             let endpoint = request.passthroughEndpoint ?? request.endpointIndex.map({ cluster.endpoints[$0] })
@@ -282,7 +282,7 @@ final class ProxyExchange {
         staleRetried = true
         cluster.stats.staleConnectionRetries.increment()
         upstream.exchange = nil
-        upstream.close()
+        upstream.release(reusable: false)
         if request.retryPolicy == nil {
             // Kept only for this: whatever arrives next goes to the new connection directly.
             retained = nil
@@ -339,7 +339,7 @@ final class ProxyExchange {
         cancelPerTryTimer()
         if case .streaming(let upstream) = state {
             upstream.exchange = nil
-            upstream.close()
+            upstream.release(reusable: false)
         }
         tries += 1
         pickAnotherEndpoint(cluster)
@@ -418,7 +418,7 @@ final class ProxyExchange {
     /// Answers the request with a proxy error (if nothing was sent yet) and ends the exchange.
     func respondLocally(_ error: ProxyError) {
         if case .finished = state { return }
-        let upstream: UpstreamConnection?
+        let upstream: (any UpstreamStream)?
         if case .streaming(let u) = state { upstream = u } else { upstream = nil }
         request.error = error
         loop.stats.record(error)
@@ -457,23 +457,15 @@ final class ProxyExchange {
         }
     }
 
-    private func finish(upstream: UpstreamConnection, reusable: Bool) {
+    private func finish(upstream: any UpstreamStream, reusable: Bool) {
         upstream.exchange = nil
         releaseOrClose(upstream, reusable: reusable)
         finishAccounting()
     }
 
-    private func releaseOrClose(_ connection: UpstreamConnection, reusable: Bool) {
-        if reusable, let cluster = request.cluster {
-            loop.pool.release(
-                connection,
-                maxIdle: cluster.config.pool.maxIdlePerEndpoint,
-                idleTimeout: TimeAmount(cluster.config.pool.idleTimeout)
-            )
-        } else {
-            connection.exchange = nil
-            connection.close()
-        }
+    private func releaseOrClose(_ connection: any UpstreamStream, reusable: Bool) {
+        connection.exchange = nil
+        connection.release(reusable: reusable && request.cluster != nil)
     }
 
     private func finishAccounting() {

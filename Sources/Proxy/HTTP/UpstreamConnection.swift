@@ -12,6 +12,10 @@ final class UpstreamConnection: ChannelDuplexHandler {
 
     let poolKey: String
     let maxRequests: Int?
+    /// The cluster's pool settings when the connection was made: idle connections kept per
+    /// endpoint, and how long one may stay idle.
+    let maxIdle: Int
+    let idleTimeout: TimeAmount
     private(set) var context: ChannelHandlerContext?
     /// The exchange being served; `nil` while idle.
     var exchange: ProxyExchange?
@@ -24,9 +28,11 @@ final class UpstreamConnection: ChannelDuplexHandler {
     /// The cluster load this connection counts in (`max_connections`), until it is gone.
     var load: ClusterLoad?
 
-    init(poolKey: String, maxRequests: Int?) {
+    init(poolKey: String, maxRequests: Int?, maxIdle: Int, idleTimeout: TimeAmount) {
         self.poolKey = poolKey
         self.maxRequests = maxRequests
+        self.maxIdle = maxIdle
+        self.idleTimeout = idleTimeout
     }
 
     var isActive: Bool { !isClosed && (context?.channel.isActive ?? false) }
@@ -125,6 +131,20 @@ final class UpstreamConnection: ChannelDuplexHandler {
     func errorCaught(context: ChannelHandlerContext, error: any Error) {
         exchange?.upstreamClosed(error: error)
         close()
+    }
+}
+
+extension UpstreamConnection: UpstreamStream {
+    /// Asked before the exchange sends its head: requests this connection carried before.
+    var isReused: Bool { requestsServed > 0 }
+
+    func release(reusable: Bool) {
+        exchange = nil
+        if reusable, let pool {
+            pool.release(self, maxIdle: maxIdle, idleTimeout: idleTimeout)
+        } else {
+            close()
+        }
     }
 }
 

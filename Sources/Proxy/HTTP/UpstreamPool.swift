@@ -9,6 +9,8 @@ import NIOPosix
 final class UpstreamPool {
     private let eventLoop: any EventLoop
     private var idle: [String: [UpstreamConnection]] = [:]
+    /// HTTP/2 connections per endpoint, busy or idle (streams are multiplexed on them).
+    private var multiplexed: [String: [HTTP2UpstreamConnection]] = [:]
     private var sweeper: RepeatedTask?
     /// `SO_MARK` for every upstream socket (the agent's mark, which the capture rules let through).
     private let mark: UInt32?
@@ -32,6 +34,8 @@ final class UpstreamPool {
         sweeper?.cancel()
         for connections in idle.values { for c in connections { c.close() } }
         idle.removeAll()
+        for connections in multiplexed.values { for c in connections { c.close() } }
+        multiplexed.removeAll()
     }
 
     /// Hands the exchange an idle connection to the endpoint at once, or a new one when it is
@@ -43,6 +47,16 @@ final class UpstreamPool {
         for exchange: ProxyExchange,
         fresh: Bool = false
     ) {
+        switch cluster.config.upstreamProtocol {
+        case .http2:
+            acquireStream(endpoint: endpoint, cluster: cluster, for: exchange, fresh: fresh)
+            return
+        case .downstream where exchange.request.head.version.major == 2:
+            acquireStream(endpoint: endpoint, cluster: cluster, for: exchange, fresh: fresh)
+            return
+        case .http1, .downstream:
+            break
+        }
         let idleTimeout = TimeAmount(cluster.config.pool.idleTimeout)
         let now = NIODeadline.now()
         while !fresh, var stack = idle[endpoint.key], let candidate = stack.popLast() {
@@ -56,10 +70,10 @@ final class UpstreamPool {
         connect(endpoint: endpoint, cluster: cluster, for: exchange)
     }
 
-    private func connect(endpoint: ClusterRuntime.EndpointRuntime, cluster: ClusterRuntime, for exchange: ProxyExchange)
-    {
-        // Circuit breakers: a request that would wait for yet another connection attempt, or
-        // open a connection beyond the cluster's limit, fails now instead of piling up.
+    /// Circuit breakers: a request that would wait for yet another connection attempt, or open a
+    /// connection beyond the cluster's limit, fails now instead of piling up. True when both
+    /// slots (pending, connection) were taken.
+    private func admitConnection(_ cluster: ClusterRuntime, for exchange: ProxyExchange) -> Bool {
         let load = cluster.load
         guard ClusterLoad.acquire(load.pending, limit: cluster.limits.maxPendingRequests) else {
             cluster.stats.overflowPending.increment()
@@ -68,7 +82,7 @@ final class UpstreamPool {
                     "cluster '\(cluster.config.name)': max_pending_requests \(cluster.limits.maxPendingRequests)"
                 )
             )
-            return
+            return false
         }
         guard ClusterLoad.acquire(load.connections, limit: cluster.limits.maxConnections) else {
             load.pending.wrappingDecrement(ordering: .relaxed)
@@ -76,23 +90,45 @@ final class UpstreamPool {
             exchange.overflow(
                 .overflow("cluster '\(cluster.config.name)': max_connections \(cluster.limits.maxConnections)")
             )
-            return
+            return false
         }
-        let connection = UpstreamConnection(
-            poolKey: endpoint.key,
-            maxRequests: cluster.config.pool.maxRequestsPerConnection
-        )
-        connection.load = load
-        connection.pool = self
-        let handlerBox = NIOLoopBound(connection, eventLoop: eventLoop)
+        return true
+    }
+
+    /// A client bootstrap for one upstream connection: the connect timeout, no Nagle, the
+    /// agent's mark.
+    private func bootstrap(_ cluster: ClusterRuntime) -> ClientBootstrap {
         var bootstrap = ClientBootstrap(group: eventLoop)
             .connectTimeout(TimeAmount(cluster.config.connectTimeout))
             .channelOption(.socketOption(.tcp_nodelay), value: 1)
         if let mark {
             bootstrap = bootstrap.channelOption(.socketOption(.init(rawValue: SO_MARK)), value: SocketOptionValue(mark))
         }
-        bootstrap =
-            bootstrap
+        return bootstrap
+    }
+
+    private func connect(
+        _ bootstrap: ClientBootstrap,
+        to endpoint: ClusterRuntime.EndpointRuntime
+    ) -> EventLoopFuture<any Channel> {
+        if let address = endpoint.socketAddress { return bootstrap.connect(to: address) }
+        return bootstrap.connect(host: endpoint.config.address.host, port: endpoint.config.address.port)
+    }
+
+    private func connect(endpoint: ClusterRuntime.EndpointRuntime, cluster: ClusterRuntime, for exchange: ProxyExchange)
+    {
+        guard admitConnection(cluster, for: exchange) else { return }
+        let load = cluster.load
+        let connection = UpstreamConnection(
+            poolKey: endpoint.key,
+            maxRequests: cluster.config.pool.maxRequestsPerConnection,
+            maxIdle: cluster.config.pool.maxIdlePerEndpoint,
+            idleTimeout: TimeAmount(cluster.config.pool.idleTimeout)
+        )
+        connection.load = load
+        connection.pool = self
+        let handlerBox = NIOLoopBound(connection, eventLoop: eventLoop)
+        let bootstrap = bootstrap(cluster)
             .channelInitializer { channel in
                 channel.eventLoop.makeCompletedFuture {
                     // The decoder sits after the encoder so that it sees each request head (a
@@ -109,12 +145,7 @@ final class UpstreamPool {
                     ])
                 }
             }
-        let future: EventLoopFuture<any Channel>
-        if let address = endpoint.socketAddress {
-            future = bootstrap.connect(to: address)
-        } else {
-            future = bootstrap.connect(host: endpoint.config.address.host, port: endpoint.config.address.port)
-        }
+        let future = connect(bootstrap, to: endpoint)
         let attempt = exchange.currentTry
         future.assumeIsolated().whenComplete { result in
             load.pending.wrappingDecrement(ordering: .relaxed)
@@ -125,6 +156,55 @@ final class UpstreamPool {
                 exchange.connectFailed(error, try: attempt)
             }
         }
+    }
+
+    // MARK: HTTP/2
+
+    /// A stream on an HTTP/2 connection to the endpoint with room for one (the first connection
+    /// opened is filled first), or on a new connection. `fresh`: on a new connection.
+    private func acquireStream(
+        endpoint: ClusterRuntime.EndpointRuntime,
+        cluster: ClusterRuntime,
+        for exchange: ProxyExchange,
+        fresh: Bool
+    ) {
+        if !fresh, let connection = multiplexed[endpoint.key]?.first(where: { $0.available > 0 }) {
+            exchange.attach(connection.makeStream(), try: exchange.currentTry)
+            return
+        }
+        guard admitConnection(cluster, for: exchange) else { return }
+        let load = cluster.load
+        let connection = HTTP2UpstreamConnection(
+            poolKey: endpoint.key,
+            idleTimeout: TimeAmount(cluster.config.pool.idleTimeout)
+        )
+        connection.load = load
+        connection.pool = self
+        multiplexed[endpoint.key, default: []].append(connection)
+        let handlerBox = NIOLoopBound(connection, eventLoop: eventLoop)
+        let bootstrap = bootstrap(cluster).channelInitializer { channel in
+            channel.eventLoop.makeCompletedFuture { try channel.pipeline.syncOperations.addHandler(handlerBox.value) }
+        }
+        let attempt = exchange.currentTry
+        connect(bootstrap, to: endpoint).assumeIsolated().whenComplete { result in
+            load.pending.wrappingDecrement(ordering: .relaxed)
+            switch result {
+            case .success: exchange.attach(connection.makeStream(), try: attempt)
+            case .failure(let error):
+                connection.releaseLoad()
+                self.remove(connection)
+                exchange.connectFailed(error, try: attempt)
+            }
+        }
+    }
+
+    /// Forgets an HTTP/2 connection that closed or is going away.
+    func remove(_ connection: HTTP2UpstreamConnection) {
+        guard var list = multiplexed[connection.poolKey], let i = list.firstIndex(where: { $0 === connection }) else {
+            return
+        }
+        list.remove(at: i)
+        multiplexed[connection.poolKey] = list.isEmpty ? nil : list
     }
 
     /// Takes a connection back after an exchange; closes it instead when it cannot be reused or
@@ -157,6 +237,17 @@ final class UpstreamPool {
 
     private func sweep() {
         let now = NIODeadline.now()
+        for (key, list) in multiplexed {
+            let keep = list.filter { c in
+                if !c.isActive && c.isIdle { return false }
+                if c.isIdle && now - c.idleSince >= c.idleTimeout {
+                    c.close()
+                    return false
+                }
+                return true
+            }
+            multiplexed[key] = keep.isEmpty ? nil : keep
+        }
         for (key, stack) in idle {
             let keep = stack.filter { c in
                 if !c.isActive { return false }

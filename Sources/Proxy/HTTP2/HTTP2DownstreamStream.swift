@@ -12,6 +12,9 @@ final class HTTP2DownstreamStream: DownstreamStream {
     /// upstream was not writable): the client's window stays closed by that much.
     var owed = 0
     private var responseStarted = false
+    /// The response head, held until body bytes, the end or a flush: a response that ends at once
+    /// goes out as one HEADERS frame with END_STREAM (gRPC's trailers-only form keeps its status).
+    private var pendingHead: [(name: String, value: String)]?
 
     init(connection: HTTP2DownstreamHandler, id: Int32) {
         self.connection = connection
@@ -42,21 +45,34 @@ final class HTTP2DownstreamStream: DownstreamStream {
 
     func responseHead(_ head: HTTPResponseHead, requestEnded: Bool) {
         responseStarted = true
-        _ = session.respond(stream: id, headers: HeaderRewriting.http2Response(head), endStream: false)
-        connection.outputReady()
+        pendingHead = HeaderRewriting.http2Response(head)
+    }
+
+    private func sendHead(endStream: Bool) {
+        guard let fields = pendingHead else { return }
+        pendingHead = nil
+        _ = session.respond(stream: id, headers: fields, endStream: endStream)
     }
 
     func responseBody(_ buffer: ByteBuffer) {
+        sendHead(endStream: false)
         session.send(stream: id, buffer)
         if session.queuedBytes(stream: id) >= HTTP2Session.lowWater { connection.outputReady() }
     }
 
     func responseEnded(_ trailers: HTTPHeaders?) {
-        session.end(stream: id, trailers: trailers.map(Self.fields))
+        let trailerFields = trailers.map(Self.fields) ?? []
+        if pendingHead != nil && trailerFields.isEmpty {
+            sendHead(endStream: true)
+        } else {
+            sendHead(endStream: false)
+            session.end(stream: id, trailers: trailerFields)
+        }
         connection.outputReady()
     }
 
     func flush() {
+        sendHead(endStream: false)
         connection.outputReady()
     }
 
