@@ -91,7 +91,10 @@ import TrellisConfig
     @Test func wrongValuesNameTheKeyAndWhatWasExpected() {
         let cases: [(String, String, String)] = [
             ("lb_policy: round_robin", "lb_policy: fastest", "clusters[0].lb_policy: expected one of round_robin"),
-            ("lb_policy: round_robin", "protocol: http3", "clusters[0].protocol: expected one of http1, http2, downstream"),
+            (
+                "lb_policy: round_robin", "protocol: http3",
+                "clusters[0].protocol: expected one of http1, http2, downstream"
+            ),
             (
                 "address: 127.0.0.1:18080", "address: 127.0.0.1:99999",
                 "clusters[0].endpoints[0].address: expected host:port"

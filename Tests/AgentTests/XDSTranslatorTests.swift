@@ -163,7 +163,8 @@ import XDS
         )
         #expect(passthrough.upstreamProtocol == .downstream)
         var garbage = Google_Protobuf_Any()
-        garbage.typeURL = "type.googleapis.com/" + Envoy_Extensions_Upstreams_Http_V3_HttpProtocolOptions.protoMessageName
+        garbage.typeURL =
+            "type.googleapis.com/" + Envoy_Extensions_Upstreams_Http_V3_HttpProtocolOptions.protoMessageName
         garbage.value = Data([0xFF, 0xFF, 0xFF])
         #expect {
             _ = try XDSTranslator.cluster(
