@@ -306,7 +306,7 @@ public final class ProxyServer: Service, Sendable {
                                 stats: stats,
                                 loop: loopContext
                             ),
-                            speaksHTTP2: false,
+                            speaksHTTP2: true,
                             stats: stats
                         )
                     )

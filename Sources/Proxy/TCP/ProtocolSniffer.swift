@@ -34,8 +34,7 @@ final class ProtocolSniffer: ChannelInboundHandler, RemovableChannelHandler {
     private let installHTTP: (ChannelHandlerContext) throws -> Void
     private let installHTTP2: (ChannelHandlerContext) throws -> Void
     private let relay: TCPRelay.Starter?
-    /// Whether the HTTP/2 preface installs the HTTP/2 pipeline. Capture listeners relay it as TCP
-    /// until the upstream side speaks HTTP/2 (a gRPC server would not take HTTP/1.1).
+    /// Whether the HTTP/2 preface installs the HTTP/2 pipeline (otherwise it is relayed as TCP).
     private let speaksHTTP2: Bool
     private let stats: ProxyStats
     private var buffered: ByteBuffer?

@@ -1,0 +1,105 @@
+import Foundation
+import Testing
+import TrellisTestSupport
+
+/// gRPC across the mesh with nothing changed in the programs (issue 15): pilot in the hub, VM A a
+/// grpcio client, VMs B and C grpcio servers registered as `greeter` (protocol grpc), an agent on
+/// each. A's agent captures the h2c connection, routes each call by `:authority` to pilot's
+/// cluster and balances the calls (streams) over B and C; their agents take them inbound and hand
+/// them to the local server over h2c. Unary, 1 MiB, server streaming, a server error with its
+/// status and message, and a deadline all arrive as the client expects.
+@Suite(
+    .serialized,
+    .disabled(if: NetnsLab.unavailableReason != nil, "\(NetnsLab.unavailableReason ?? "")"),
+    .disabled(if: Peers.grpcioMissing, "needs PyPI grpcio: run scripts/bootstrap.sh")
+)
+struct GRPCMeshNetnsTests {
+    static let echo = URL(fileURLWithPath: #filePath).deletingLastPathComponent().deletingLastPathComponent()
+        .appendingPathComponent("Fixtures/grpc/echo.py").path
+
+    @Test func grpcCallsCrossTwoAgentsBalancedOverPilotsInstances() async throws {
+        let lab = try await MeshLab(subnet: 17, vms: ["vm-a", "vm-b", "vm-c"])
+        defer { lab.destroy() }
+        let dir = try Peers.temporaryDirectory("grpc-mesh")
+        defer { try? FileManager.default.removeItem(at: dir) }
+        let hosts = try NetnsHosts(ns: lab.ns("vm-a"), names: [(lab.ip("vm-b"), "greeter")])
+        defer { hosts.remove() }
+        let pilot = try Peers.Child(
+            [
+                "ip", "netns", "exec", lab.hub, MeshEndToEndTests.pilotBinary, "serve", "--store",
+                dir.appendingPathComponent("pilot.db").path, "--mesh", dir.appendingPathComponent("mesh.yaml").path,
+                "--xds-address", "\(lab.pilotIP):15010", "--http-address", "\(lab.pilotIP):15014",
+            ],
+            output: dir.appendingPathComponent("pilot.log")
+        )
+        defer { pilot.stop() }
+        var servers: [Peers.Child] = []
+        defer { servers.forEach { $0.stop() } }
+        for vm in ["vm-b", "vm-c"] {
+            servers.append(
+                try Peers.Child(
+                    ["ip", "netns", "exec", lab.ns(vm), "python3", Self.echo, "server", "50051", vm],
+                    output: dir.appendingPathComponent("server-\(vm).log")
+                )
+            )
+        }
+        let service = "[{name: greeter, port: 50051, protocol: grpc, health_check: {tcp: true, interval: 1s}}]"
+        var agents: [String: MeshEndToEndTests.Agent] = [:]
+        for vm in ["vm-b", "vm-c", "vm-a"] {
+            agents[vm] = try MeshEndToEndTests.Agent(
+                lab: lab,
+                vm: vm,
+                dir: dir,
+                yaml: MeshEndToEndTests.agentYAML(
+                    lab,
+                    vm: vm,
+                    services: vm == "vm-a" ? "[]" : service,
+                    stateDir: dir.path
+                )
+            )
+        }
+        defer { agents.values.forEach { $0.child.stop() } }
+        let instances = "http://\(lab.pilotIP):15014/v1/instances?service=greeter"
+        #expect(
+            await Peers.eventually(within: .seconds(20)) {
+                await lab.exec("hub", ["curl", "-s", instances]).stdout
+                    .components(separatedBy: #""status":"healthy""#).count == 3
+            },
+            "both servers registered healthy"
+        )
+        // Until A's agent has pilot's cluster for greeter, calls pass through to B alone.
+        var result: [String: Any] = [:]
+        var last = ""
+        let balanced = await Peers.eventually(within: .seconds(20)) {
+            let out = await lab.exec("vm-a", ["python3", Self.echo, "client", "greeter:50051", "20"])
+            last = out.stdout + out.stderr
+            result = (try? JSONSerialization.jsonObject(with: Data(out.stdout.utf8)) as? [String: Any]) ?? [:]
+            let unary = result["unary"] as? [String: Int] ?? [:]
+            return (unary["vm-b"] ?? 0) > 0 && (unary["vm-c"] ?? 0) > 0
+        }
+        #expect(balanced, "calls balanced over B and C: \(last)")
+        #expect((result["unary"] as? [String: Int])?.values.reduce(0, +) == 20, "\(last)")
+        #expect(result["wrong"] == nil, "\(last)")
+        #expect(result["large"] as? Int == (1 << 20) + 5, "1 MiB each way: \(last)")
+        #expect((result["stream"] as? [String])?.count == 5, "\(last)")
+        #expect(result["fail"] as? [String] == ["UNAVAILABLE", "down for maintenance"], "\(last)")
+        #expect(result["slow"] as? String == "DEADLINE_EXCEEDED", "\(last)")
+
+        // Proven by the agents' metrics: A sniffed HTTP/2 and sent the calls to pilot's cluster;
+        // B and C each served some inbound.
+        let metricsA = await lab.exec("vm-a", ["curl", "-s", "http://127.0.0.1:15000/stats/prometheus"]).stdout
+        #expect(SafeByDefaultNetnsTests.value(metricsA, #"trellis_sniffed_connections_total{protocol="http2"}"#) >= 1)
+        #expect(SafeByDefaultNetnsTests.value(metricsA, #"trellis_sniffed_connections_total{protocol="tcp"}"#) == 0)
+        #expect(
+            SafeByDefaultNetnsTests.value(
+                metricsA,
+                #"trellis_upstream_requests_total{cluster="outbound|50051||greeter",class="2xx"}"#
+            ) >= 20,
+            "\(metricsA.split(separator: "\n").filter { $0.contains("upstream_requests_total") })"
+        )
+        for vm in ["vm-b", "vm-c"] {
+            let metrics = await lab.exec(vm, ["curl", "-s", "http://127.0.0.1:15000/stats/prometheus"]).stdout
+            #expect(SafeByDefaultNetnsTests.value(metrics, "trellis_downstream_requests_total") > 0, "\(vm)")
+        }
+    }
+}
