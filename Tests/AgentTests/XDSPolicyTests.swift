@@ -62,7 +62,7 @@ import TrellisTestSupport
             )
             #expect(route.action.timeout == .seconds(3))
             let retry = try #require(route.action.retryPolicy)
-            #expect(retry.retryOn == [.connectFailure, .serverError])
+            #expect(retry.retryOn == [.connectFailure, .serverError, .unavailable])
             #expect(retry.numRetries == 2 && retry.perTryTimeout == .seconds(1))
             #expect(retry.backoffBase == .milliseconds(10) && retry.backoffMax == .milliseconds(100))
             #expect(retry.retryNonIdempotent)

@@ -267,7 +267,7 @@ struct TranslatorTests {
                 .virtualHosts.first { $0.domains.contains("orders") }?.routes.last
         )
         for route in [gatewayRoute, sidecarRoute] {
-            #expect(route.route.retryPolicy.retryOn == "connect-failure,5xx")
+            #expect(route.route.retryPolicy.retryOn == "connect-failure,5xx,unavailable")
             #expect(route.route.retryPolicy.numRetries.value == 2)
             #expect(route.route.timeout.seconds == 3)
             #expect(Set(route.typedPerFilterConfig.keys) == [ServicePolicy.rateLimitFilter, ServicePolicy.faultFilter])

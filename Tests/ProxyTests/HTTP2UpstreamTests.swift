@@ -119,4 +119,101 @@ import TrellisTestSupport
         #expect(stats.stdout.contains("http.h2.downstream_cx_http2_total: "), "\(stats)")
         #expect(!stats.stdout.contains("http.h2.downstream_cx_http2_total: 0"), "\(stats)")
     }
+
+    /// For gRPC callers the proxy's own errors are gRPC statuses with the token as the message;
+    /// `grpc-timeout` is the request's deadline; a route's `retry_on: [unavailable]` retries a
+    /// trailers-only UNAVAILABLE; calls are counted by gRPC status.
+    @Test(.enabled(if: !Peers.grpcioMissing, "needs PyPI grpcio: run scripts/bootstrap.sh"))
+    func proxyErrorsAreGRPCStatusesAndGRPCRetriesAndDeadlinesApply() async throws {
+        let (server, port) = try await grpcServer("one")
+        defer { server.stop() }
+        func route(
+            _ name: String,
+            _ prefix: String,
+            cluster: String,
+            retry: RetryPolicy? = nil,
+            limit: RateLimit? = nil
+        )
+            -> Route
+        {
+            Route(
+                name: name,
+                match: RouteMatch(path: .prefix(prefix)),
+                action: .init(
+                    clusters: [.init(name: cluster)],
+                    timeout: .seconds(10),
+                    rateLimit: limit,
+                    retryPolicy: retry
+                )
+            )
+        }
+        let config = gatewayConfig(
+            virtualHosts: [
+                VirtualHost(
+                    name: "echo",
+                    domains: ["echo"],
+                    routes: [
+                        route(
+                            "flaky",
+                            "/trellis.Echo/Flaky",
+                            cluster: "grpc",
+                            retry: RetryPolicy(retryOn: [.unavailable])
+                        ),
+                        route(
+                            "limited",
+                            "/trellis.Echo/Unary",
+                            cluster: "grpc",
+                            limit: RateLimit(requestsPerSecond: 0.1, burst: 1)
+                        ),
+                        route("rest", "/", cluster: "grpc"),
+                    ]
+                ),
+                VirtualHost(
+                    name: "empty",
+                    domains: ["empty"],
+                    routes: [route("none", "/", cluster: "empty")]
+                ),
+            ],
+            clusters: [
+                ClusterConfig(
+                    name: "grpc",
+                    endpoints: [Endpoint(address: SocketEndpoint(host: "127.0.0.1", port: port))],
+                    upstreamProtocol: .http2
+                ),
+                ClusterConfig(name: "empty", endpoints: [], upstreamProtocol: .http2),
+            ]
+        )
+        let proxy = try await ProxyHarness.start(config, group: group)
+        defer { Task { await proxy.stop() } }
+        let target = "127.0.0.1:\(proxy.port)"
+        func calls(_ method: String, _ count: Int, authority: String, timeout: Double = 5) async -> [[String]] {
+            let out = await Peers.command([
+                "python3", Self.echo, "call", target, method, "\(count)", authority, "\(timeout)",
+            ])
+            return (try? JSONSerialization.jsonObject(with: Data(out.stdout.utf8)) as? [[String]]) ?? [
+                ["no output", out.stderr]
+            ]
+        }
+        // Every other call of Flaky fails with UNAVAILABLE: the route retries it, the caller sees OK.
+        #expect(await calls("Flaky", 4, authority: "echo") == Array(repeating: ["OK", "one:flaky"], count: 4))
+        #expect(try await proxy.metric("trellis_upstream_retries_total{cluster=\"grpc\"}", group: group) == 4)
+        // The proxy's own errors, as gRPC statuses carrying the token.
+        #expect(
+            await calls("Unary", 2, authority: "echo") == [["OK", "one:c"], ["RESOURCE_EXHAUSTED", "rate_limited"]]
+        )
+        #expect(await calls("Unary", 1, authority: "empty") == [["UNAVAILABLE", "no_healthy_upstream"]])
+        #expect(await calls("Unary", 1, authority: "nowhere") == [["UNIMPLEMENTED", "no_route"]])
+        // The caller's 0.5 s deadline, under the route's 10 s: the proxy gives up at it.
+        let slow = await calls("Slow", 1, authority: "echo", timeout: 0.5)
+        #expect(slow.first?.first == "DEADLINE_EXCEEDED", "\(slow)")
+        #expect(
+            await Peers.eventually(within: .seconds(3)) {
+                (try? await proxy.metric("trellis_errors_total{token=\"timeout\"}", group: group)) == 1
+            }
+        )
+        let series = "trellis_upstream_grpc_responses_total{cluster=\"grpc\",grpc_status="
+        #expect(try await proxy.metric(series + "\"OK\"}", group: group) == 5)
+        #expect(try await proxy.metric(series + "\"RESOURCE_EXHAUSTED\"}", group: group) == 1)
+        #expect(try await proxy.metric(series + "\"DEADLINE_EXCEEDED\"}", group: group) == 1)
+    }
 }

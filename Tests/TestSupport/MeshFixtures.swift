@@ -12,7 +12,7 @@ public enum MeshFixtures {
             health_check: {http: {path: /healthz, expected_statuses: ["200-204"]}, interval: 2s, timeout: 500ms}
             timeout: 3s
             retry_policy:
-              retry_on: [connect-failure, 5xx]
+              retry_on: [connect-failure, 5xx, unavailable]
               num_retries: 2
               per_try_timeout: 1s
               backoff: {base: 10ms, max: 100ms}

@@ -189,7 +189,11 @@ enum PolicyLoader {
         return check
     }
 
-    static let retryConditions = ["connect-failure", "reset", "gateway-error", "5xx", "retriable-status-codes"]
+    static let retryConditions = [
+        "connect-failure", "reset", "gateway-error", "5xx", "retriable-status-codes",
+        // gRPC statuses (Envoy's x-envoy-retry-grpc-on names)
+        "cancelled", "deadline-exceeded", "internal", "resource-exhausted", "unavailable",
+    ]
 
     private static func retryPolicy(
         _ node: ConfigNode

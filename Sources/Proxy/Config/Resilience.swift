@@ -155,6 +155,24 @@ public struct RetryPolicy: Sendable, Hashable, Codable {
         case serverError = "5xx"
         /// The statuses in `retriableStatusCodes`.
         case retriableStatusCodes = "retriable-status-codes"
+        /// gRPC statuses in a response's headers (a trailers-only answer), as Envoy spells them.
+        case cancelled
+        case deadlineExceeded = "deadline-exceeded"
+        case `internal`
+        case resourceExhausted = "resource-exhausted"
+        case unavailable
+
+        /// The gRPC status code this condition retries, if it is a gRPC one.
+        var grpcStatus: Int? {
+            switch self {
+            case .cancelled: 1
+            case .deadlineExceeded: 4
+            case .internal: 13
+            case .resourceExhausted: 8
+            case .unavailable: 14
+            default: nil
+            }
+        }
     }
 
     public var retryOn: Set<Condition>
@@ -206,6 +224,11 @@ public struct RetryPolicy: Sendable, Hashable, Codable {
         case retryNonIdempotent = "retry_non_idempotent"
         case budgetPercent = "budget_percent"
         case minRetryConcurrency = "min_retry_concurrency"
+    }
+
+    /// Whether a gRPC answer with `grpcStatus` in its headers is to be retried.
+    func retries(grpcStatus: Int) -> Bool {
+        retryOn.contains { $0.grpcStatus == grpcStatus }
     }
 
     /// Whether an answer with `status` is to be retried.

@@ -82,6 +82,34 @@ public struct ProxyError: Error, Hashable, Sendable, CustomStringConvertible {
     public static func faultAbort(status: Int, _ detail: String = "") -> Self {
         .init(.faultAbort, HTTPResponseStatus(statusCode: status), detail)
     }
+    /// The gRPC status a gRPC caller gets for this error (with the token as `grpc-message`):
+    /// UNIMPLEMENTED for no route, UNAVAILABLE when no upstream could answer, DEADLINE_EXCEEDED
+    /// for timeouts, RESOURCE_EXHAUSTED for rate limits and oversized headers, INTERNAL for
+    /// protocol errors; an injected abort maps its HTTP status as gRPC's HTTP mapping does.
+    public var grpcStatus: Int {
+        switch code {
+        case .noRoute: 12
+        case .noHealthyUpstream, .upstreamConnectFailure, .upstreamReset, .overflow: 14
+        case .upstreamProtocolError, .badRequest: 13
+        case .timeout, .requestTimeout: 4
+        case .headerTooLarge, .rateLimited: 8
+        case .clientDisconnect: 1
+        case .faultAbort: Self.grpcStatus(httpStatus: Int(status.code))
+        }
+    }
+
+    /// gRPC's mapping of an HTTP status (doc/http-grpc-status-mapping.md).
+    static func grpcStatus(httpStatus: Int) -> Int {
+        switch httpStatus {
+        case 400: 13
+        case 401: 16
+        case 403: 7
+        case 404: 12
+        case 429, 502, 503, 504: 14
+        default: 2
+        }
+    }
+
     /// A rate limit was reached (429); `retryAfter` seconds until the limit lets a request in.
     public static func rateLimited(_ detail: String = "", retryAfter: Int = 1) -> Self {
         .init(.rateLimited, .tooManyRequests, detail, retryAfter: retryAfter)

@@ -23,6 +23,8 @@ final class ProxyExchange {
         case connectFailure
         case reset
         case status(Int)
+        /// A gRPC status in the response headers (a trailers-only answer).
+        case grpcStatus(Int)
         case perTryTimeout
     }
 
@@ -96,6 +98,12 @@ final class ProxyExchange {
         else {
             respondLocally(.noRoute("no middleware chose an upstream"))
             return
+        }
+        // A gRPC caller's own deadline (`grpc-timeout`) shortens the route's.
+        if request.isGRPC, let text = request.head.headers.first(name: "grpc-timeout"),
+            let deadline = Self.grpcTimeout(text)
+        {
+            request.timeout = min(request.timeout ?? deadline, deadline)
         }
         if let timeout = request.timeout {
             deadlineSlot = loop.deadlines.register(self, timeout: TimeAmount(timeout), now: request.startTime)
@@ -226,9 +234,14 @@ final class ProxyExchange {
             // 100 Continue and friends go straight through; the final head follows.
             downstream.informational(head)
         case .head(let head):
-            if let policy = request.retryPolicy, policy.retries(status: Int(head.status.code)) {
+            if request.isGRPC { request.grpcStatus = head.headers.first(name: "grpc-status").flatMap { Int($0) } }
+            if let policy = request.retryPolicy {
                 let failure = ProxyError.upstreamReset("")  // not sent: the answer goes out if no retry
-                if retry(after: .status(Int(head.status.code)), failure) { return }
+                if policy.retries(status: Int(head.status.code)) {
+                    if retry(after: .status(Int(head.status.code)), failure) { return }
+                } else if let grpc = request.grpcStatus, policy.retries(grpcStatus: grpc) {
+                    if retry(after: .grpcStatus(grpc), failure) { return }
+                }
             }
             cancelPerTryTimer()
             upstreamKeepAlive = head.isKeepAlive
@@ -239,6 +252,9 @@ final class ProxyExchange {
             request.responseBytes += buffer.readableBytes
             downstream.responseBody(buffer)
         case .end(let trailers):
+            if request.isGRPC, let status = trailers?.first(name: "grpc-status").flatMap({ Int($0) }) {
+                request.grpcStatus = status
+            }
             // An upstream that said `Connection: close` (or spoke HTTP/1.0) is about to close.
             let reusable = requestEnded && upstreamKeepAlive && upstream.isActive
             finish(upstream: upstream, reusable: reusable)
@@ -294,6 +310,22 @@ final class ProxyExchange {
         return true
     }
 
+    /// A `grpc-timeout` value (at most 8 digits and a unit: H, M, S, m, u, n) as a duration.
+    static func grpcTimeout(_ text: String) -> Duration? {
+        guard let unit = text.last, text.count >= 2, text.count <= 9,
+            let value = Int64(text.dropLast()), value >= 0
+        else { return nil }
+        switch unit {
+        case "H": return .seconds(value * 3600)
+        case "M": return .seconds(value * 60)
+        case "S": return .seconds(value)
+        case "m": return .milliseconds(value)
+        case "u": return .microseconds(value)
+        case "n": return .nanoseconds(value)
+        default: return nil
+        }
+    }
+
     // MARK: Retries
 
     private var isIdempotent: Bool {
@@ -314,14 +346,18 @@ final class ProxyExchange {
         case .connectFailure: wanted = policy.retryOn.contains(.connectFailure) || policy.retryOn.contains(.serverError)
         case .reset: wanted = policy.retryOn.contains(.reset) || policy.retryOn.contains(.serverError)
         case .status(let code): wanted = policy.retries(status: code)
+        case .grpcStatus(let code): wanted = policy.retries(grpcStatus: code)
         case .perTryTimeout:
             wanted =
                 policy.retryOn.contains(.gatewayError) || policy.retryOn.contains(.serverError)
                 || policy.retryOn.contains(.reset)
         }
         guard wanted else { return false }
-        // Not idempotent and possibly seen by the upstream: only if the route says so.
-        if attached && !isIdempotent && !policy.retryNonIdempotent { return false }
+        // Not idempotent and possibly seen by the upstream: only if the route says so. (Every gRPC
+        // call is a POST: a gRPC status named in retry_on is that consent.)
+        var grpcAnswer = false
+        if case .grpcStatus = failure { grpcAnswer = true }
+        if attached && !isIdempotent && !policy.retryNonIdempotent && !grpcAnswer { return false }
         if retrySlot == nil {
             let load = cluster.load
             let budget = max(
@@ -510,6 +546,9 @@ final class ProxyExchange {
             if let status = request.responseStatus, request.error == nil || request.endpointIndex != nil {
                 cluster.stats.recordResponse(status)
             }
+            if request.isGRPC, let status = request.error?.grpcStatus ?? request.grpcStatus {
+                cluster.stats.recordGRPC(status)
+            }
             if request.endpointIndex != nil { cluster.stats.duration.recordNanoseconds(elapsed.nanoseconds) }
         }
         for middleware in chain { middleware.onComplete(request) }
@@ -528,6 +567,7 @@ final class ProxyExchange {
                 "trellis.route": "\(r.routeName ?? "-")",
                 "upstream.cluster": "\(r.clusterName ?? "-")",
                 "upstream.endpoint": "\(r.endpoint?.description ?? "-")",
+                "grpc.status": "\(r.isGRPC ? (r.error?.grpcStatus ?? r.grpcStatus).map { "\($0)" } ?? "-" : "-")",
                 "downstream.address": "\(r.remoteAddress?.description ?? "-")",
                 "http.request_bytes": "\(r.requestBytes)",
                 "http.response_bytes": "\(r.responseBytes)",

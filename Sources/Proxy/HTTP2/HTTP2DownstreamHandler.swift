@@ -183,6 +183,7 @@ final class HTTP2DownstreamHandler: ChannelInboundHandler {
         idleTimer?.cancel()
         idleTimer = nil
         let stream = HTTP2DownstreamStream(connection: self, id: id)
+        stream.isGRPC = block.first("content-type")?.hasPrefix("application/grpc") ?? false
         streams[id] = stream
         loop.stats.downstreamRequests.increment()
         if block.oversized {

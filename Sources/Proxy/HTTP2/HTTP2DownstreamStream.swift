@@ -12,6 +12,8 @@ final class HTTP2DownstreamStream: DownstreamStream {
     /// upstream was not writable): the client's window stays closed by that much.
     var owed = 0
     private var responseStarted = false
+    /// Set when the request head is a gRPC call's, for errors answered before an exchange exists.
+    var isGRPC = false
     /// The response head, held until body bytes, the end or a flush: a response that ends at once
     /// goes out as one HEADERS frame with END_STREAM (gRPC's trailers-only form keeps its status).
     private var pendingHead: [(name: String, value: String)]?
@@ -82,6 +84,18 @@ final class HTTP2DownstreamStream: DownstreamStream {
             return
         }
         responseStarted = true
+        if exchange?.request.isGRPC ?? isGRPC {
+            // gRPC callers get a status they understand, trailers-only, with the same token.
+            var fields: [(name: String, value: String)] = [
+                (":status", "200"), ("content-type", "application/grpc"),
+                ("grpc-status", String(error.grpcStatus)), ("grpc-message", error.token),
+                ("x-trellis-error", error.token),
+            ]
+            if let seconds = error.retryAfter { fields.append(("retry-after", String(seconds))) }
+            _ = session.respond(stream: id, headers: fields, endStream: true)
+            connection.outputReady()
+            return
+        }
         let body = "\(error.token)\n"
         var fields: [(name: String, value: String)] = [
             (":status", String(error.status.code)), ("content-type", "text/plain"),

@@ -37,6 +37,13 @@ public final class RequestContext {
     /// For a passthrough cluster: the original destination as an endpoint of its own.
     var passthroughEndpoint: ClusterRuntime.EndpointRuntime?
 
+    /// A gRPC call (`content-type: application/grpc…`): its errors are gRPC statuses.
+    public var isGRPC: Bool {
+        head.headers.first(name: "content-type")?.hasPrefix("application/grpc") ?? false
+    }
+    /// The gRPC status the upstream answered with (response headers or trailers).
+    public internal(set) var grpcStatus: Int?
+
     /// The final status sent (or 499 when the client went away).
     public internal(set) var responseStatus: HTTPResponseStatus?
     /// The error token when the proxy, not the upstream, decided the outcome.

@@ -98,8 +98,37 @@ final class ClusterStats: Sendable {
     /// `trellis_upstream_stale_connection_retries_total{cluster}`: requests sent again on a new
     /// connection because a reused keep-alive connection closed before any response byte.
     let staleConnectionRetries: Counter
+    /// `trellis_upstream_grpc_responses_total{cluster, grpc_status}`: gRPC calls by the status
+    /// their caller got (the upstream's, or the one Trellis answered with), made on first use.
+    private let grpcResponses: NIOLockedValueBox<[Int: Counter]>
+    private let name: String
+    private let factory: any MetricsFactory
+
+    static let grpcStatusNames = [
+        "OK", "CANCELLED", "UNKNOWN", "INVALID_ARGUMENT", "DEADLINE_EXCEEDED", "NOT_FOUND", "ALREADY_EXISTS",
+        "PERMISSION_DENIED", "RESOURCE_EXHAUSTED", "FAILED_PRECONDITION", "ABORTED", "OUT_OF_RANGE",
+        "UNIMPLEMENTED", "INTERNAL", "UNAVAILABLE", "DATA_LOSS", "UNAUTHENTICATED",
+    ]
+
+    func recordGRPC(_ status: Int) {
+        let code = Self.grpcStatusNames.indices.contains(status) ? status : -1
+        let counter = grpcResponses.withLockedValue { counters in
+            if let counter = counters[code] { return counter }
+            let counter = Counter(
+                label: "trellis_upstream_grpc_responses_total",
+                dimensions: [("cluster", name), ("grpc_status", code < 0 ? "OTHER" : Self.grpcStatusNames[code])],
+                factory: factory
+            )
+            counters[code] = counter
+            return counter
+        }
+        counter.increment()
+    }
 
     init(name: String, factory: any MetricsFactory) {
+        self.name = name
+        self.factory = factory
+        grpcResponses = NIOLockedValueBox([:])
         func overflow(_ limit: String) -> Counter {
             Counter(
                 label: "trellis_upstream_overflow_total",

@@ -2,9 +2,12 @@
 
   echo.py server PORT NAME     serves /trellis.Echo/{Unary,Stream,Fail,Slow} on 127.0.0.1:PORT
   echo.py client TARGET [N]    calls each through TARGET (N unary calls, default 20); prints JSON
+  echo.py call TARGET METHOD N [AUTHORITY] [TIMEOUT]
+                               N calls of one method; prints JSON: status names and details
 
 Unary answers NAME + ":" + the request; Stream answers five messages; Fail aborts with
-UNAVAILABLE and a message; Slow answers after 2 s (the client's deadline is 0.5 s).
+UNAVAILABLE and a message; Slow answers after 2 s (the client's deadline is 0.5 s); Flaky fails
+every other call (the first, third, …) with UNAVAILABLE before any message (trailers-only).
 Bounded: every call has a deadline.
 """
 import json
@@ -30,6 +33,14 @@ def serve(port, name):
         time.sleep(2)
         return b"late"
 
+    calls = {"flaky": 0}
+
+    def flaky(request, context):
+        calls["flaky"] += 1
+        if calls["flaky"] % 2 == 1:
+            context.abort(grpc.StatusCode.UNAVAILABLE, "flaky")
+        return name.encode() + b":flaky"
+
     handler = grpc.method_handlers_generic_handler(
         "trellis.Echo",
         {
@@ -37,6 +48,7 @@ def serve(port, name):
             "Stream": grpc.unary_stream_rpc_method_handler(stream),
             "Fail": grpc.unary_unary_rpc_method_handler(fail),
             "Slow": grpc.unary_unary_rpc_method_handler(slow),
+            "Flaky": grpc.unary_unary_rpc_method_handler(flaky),
         },
     )
     server = grpc.server(futures.ThreadPoolExecutor(max_workers=8))
@@ -84,8 +96,25 @@ def call(target, count):
     print(json.dumps(result), flush=True)
 
 
+def calls(target, method, count, authority, timeout):
+    options = [("grpc.default_authority", authority)] if authority else []
+    out = []
+    with grpc.insecure_channel(target, options=options) as channel:
+        stub = channel.unary_unary(f"/trellis.Echo/{method}")
+        for i in range(count):
+            try:
+                out.append(["OK", stub(b"c", timeout=timeout).decode()])
+            except grpc.RpcError as error:
+                out.append([error.code().name, error.details()])
+    print(json.dumps(out), flush=True)
+
+
 if __name__ == "__main__":
     if sys.argv[1] == "server":
         serve(int(sys.argv[2]), sys.argv[3])
+    elif sys.argv[1] == "call":
+        authority = sys.argv[5] if len(sys.argv) > 5 and sys.argv[5] != "-" else None
+        timeout = float(sys.argv[6]) if len(sys.argv) > 6 else 5
+        calls(sys.argv[2], sys.argv[3], int(sys.argv[4]), authority, timeout)
     else:
         call(sys.argv[2], int(sys.argv[3]) if len(sys.argv) > 3 else 20)
