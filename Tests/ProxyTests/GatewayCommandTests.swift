@@ -251,4 +251,53 @@ import Glibc
         #expect(returned, "RSS \(before) MiB before, \(peak) at the peak, \(residentMiB()) after")
         #expect(await metric("trellis_memory_returns_total") ?? 0 >= 1)
     }
+
+    /// An HTTP/2 client that asks for 256 MiB, opens its windows wide and then reads nothing: the
+    /// gateway stops reading the upstream once the socket is full, so its memory stays flat.
+    @Test(.enabled(if: !HTTP2AbuseTests.hpackMissing, "needs PyPI hpack: run scripts/bootstrap.sh"))
+    func aNeverReadingHTTP2ClientDoesNotGrowTheGateway() async throws {
+        let upstream = try await TestUpstream.start(name: "alpha", group: group)
+        let port = try Self.freePort()
+        let file = FileManager.default.temporaryDirectory.appendingPathComponent("trellis-h2-slow-\(getpid()).yaml")
+        try """
+        listeners:
+          - name: l
+            address: 127.0.0.1:\(port)
+            virtual_hosts: [{name: a, domains: ["*"], routes: [{name: r, match: {prefix: /}, route: {cluster: c, timeout: none}}]}]
+        clusters:
+          - {name: c, endpoints: [{address: 127.0.0.1:\(upstream.port)}]}
+        """.write(to: file, atomically: true, encoding: .utf8)
+        let process = Process()
+        process.executableURL = Self.binary
+        process.arguments = ["gateway", "--config", file.path, "--event-loops", "1", "--log-level", "error"]
+        try process.run()
+        defer {
+            if process.isRunning { process.terminate() }
+            try? FileManager.default.removeItem(at: file)
+            Task { await upstream.stop() }
+        }
+        func residentMiB() -> Double {
+            let path = "/proc/\(process.processIdentifier)/status"
+            let status = (try? String(contentsOfFile: path, encoding: .utf8)) ?? ""
+            let line = status.split(separator: "\n").first { $0.hasPrefix("VmRSS:") } ?? ""
+            return (Double(line.split(separator: " ").dropFirst().first ?? "") ?? 0) / 1024
+        }
+        #expect(await Peers.eventually(within: .seconds(10)) { !Peers.portsFree([port]) })
+        let warm = await Peers.command([
+            "curl", "-s", "--http2-prior-knowledge", "http://127.0.0.1:\(port)/bytes/1048576", "-o", "/dev/null",
+        ])
+        #expect(warm.status == 0)
+        let before = residentMiB()
+        let client = Task {
+            await Peers.command(["python3", HTTP2AbuseTests.script, "never_reads", "127.0.0.1", "\(port)", "4"])
+        }
+        var peak = before
+        for _ in 0..<35 {
+            peak = max(peak, residentMiB())
+            try await Task.sleep(for: .milliseconds(100))
+        }
+        let out = await client.value
+        #expect(out.status == 0, "\(out)")
+        #expect(peak - before < 24, "RSS \(before) MiB before, \(peak) MiB while the client read nothing")
+    }
 }
