@@ -2,6 +2,7 @@ import Foundation
 import NIOCore
 import NIOPosix
 import Testing
+import TrellisTestSupport
 
 @testable import Proxy
 
@@ -88,6 +89,29 @@ import Testing
         #expect(both.components(separatedBy: "HTTP/1.1 200 OK").count == 3, "two answers on one connection: \(both)")
 
         for client in [idle, recent, busy, late, again] { await client.close() }
+        await proxy.stop()
+        await a.stop()
+    }
+
+    /// Drain on an HTTP/2 connection: GOAWAY at once (no new streams), the stream in flight
+    /// finishes with its response, then the connection closes.
+    @Test(.enabled(if: !HTTP2AbuseTests.hpackMissing, "needs PyPI hpack: run scripts/bootstrap.sh"))
+    func drainSendsGoAwayAndLetsTheOpenStreamFinish() async throws {
+        let a = try await TestUpstream.start(name: "alpha", group: group)
+        let proxy = try await ProxyHarness.start(forwardingTo: a, group: group)
+        let client = Task {
+            await Peers.command(["python3", HTTP2AbuseTests.script, "slow_request", "127.0.0.1", "\(proxy.port)"])
+        }
+        try await Task.sleep(for: .milliseconds(700))
+        let started = await proxy.server.startDraining()
+        #expect(started.requestsInFlight == 1)
+        let out = await client.value
+        let outcome = try JSONDecoder().decode(HTTP2AbuseTests.Outcome.self, from: Data(out.stdout.utf8))
+        #expect(outcome.goaway == [1, 0], "the last GOAWAY names the stream in flight: \(out)")
+        #expect(outcome.statuses["1"] == "200", "\(out)")
+        #expect(outcome.body["1"] == 5, "its whole body (alpha): \(out)")
+        #expect(outcome.closed, "closed once the stream ended: \(out)")
+        #expect((await proxy.server.activity()).isQuiet)
         await proxy.stop()
         await a.stop()
     }

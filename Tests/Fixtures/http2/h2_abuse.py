@@ -14,7 +14,7 @@ Bounded: every case writes a fixed number of frames and reads for at most a few 
 
 CASES: rapid_reset, continuation_flood, settings_flood, ping_flood, hpack_bomb, too_many_streams,
 oversized_headers, duplicate_pseudo, missing_pseudo, uppercase_header, zero_window, max_window,
-never_reads [SECONDS]
+never_reads [SECONDS], slow_request
 """
 import json
 import socket
@@ -196,6 +196,10 @@ def main():
             data += frame(CONTINUATION, END_HEADERS if i == len(pieces) - 1 else 0, 1, piece)
         peer.send(data, len(pieces))
         peer.read(2)
+    elif case == "slow_request":
+        # A request that takes 1.5 s, while the test drains the proxy.
+        peer.send(frame(HEADERS, END_HEADERS | END_STREAM, 1, request(encoder, path="/delay/1500")))
+        peer.read(4)
     elif case == "never_reads":
         # A large response asked for, then nothing read for a while (the test watches memory).
         peer.send(frame(WINDOW_UPDATE, 0, 0, (0x7FFFFFFF - 65535).to_bytes(4, "big")))
