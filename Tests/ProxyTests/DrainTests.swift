@@ -102,7 +102,8 @@ import TrellisTestSupport
         let client = Task {
             await Peers.command(["python3", HTTP2AbuseTests.script, "slow_request", "127.0.0.1", "\(proxy.port)"])
         }
-        try await Task.sleep(for: .milliseconds(700))
+        // Drain once the slow request is in flight (however long the client took to start).
+        #expect(await Peers.eventually(within: .seconds(5)) { await proxy.server.activity().requestsInFlight == 1 })
         let started = await proxy.server.startDraining()
         #expect(started.requestsInFlight == 1)
         let out = await client.value

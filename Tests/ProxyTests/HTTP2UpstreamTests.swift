@@ -203,14 +203,23 @@ import TrellisTestSupport
         )
         #expect(await calls("Unary", 1, authority: "empty") == [["UNAVAILABLE", "no_healthy_upstream"]])
         #expect(await calls("Unary", 1, authority: "nowhere") == [["UNIMPLEMENTED", "no_route"]])
-        // The caller's 0.5 s deadline, under the route's 10 s: the proxy gives up at it.
-        let slow = await calls("Slow", 1, authority: "echo", timeout: 0.5)
-        #expect(slow.first?.first == "DEADLINE_EXCEEDED", "\(slow)")
-        #expect(
-            await Peers.eventually(within: .seconds(3)) {
-                (try? await proxy.metric("trellis_errors_total{token=\"timeout\"}", group: group)) == 1
-            }
-        )
+        // A caller's grpc-timeout of 300 ms under the route's 10 s, from a client that does not
+        // enforce it itself (curl): the proxy gives up at 300 ms with DEADLINE_EXCEEDED, while
+        // the server would take 2 s.
+        let frame = FileManager.default.temporaryDirectory.appendingPathComponent("trellis-grpc-\(getpid())")
+        try Data([0, 0, 0, 0, 1, 0x7A]).write(to: frame)
+        defer { try? FileManager.default.removeItem(at: frame) }
+        let slow = await Peers.command([
+            "curl", "-s", "--http2-prior-knowledge", "--max-time", "5", "-D", "-", "-o", "/dev/null",
+            "-w", "%{time_total}", "-H", "content-type: application/grpc", "-H", "te: trailers",
+            "-H", "grpc-timeout: 300m", "-H", "host: echo", "--data-binary", "@\(frame.path)",
+            "http://\(target)/trellis.Echo/Slow",
+        ])
+        #expect(slow.stdout.contains("grpc-status: 4"), "\(slow)")
+        #expect(slow.stdout.contains("grpc-message: timeout"), "\(slow)")
+        let seconds = slow.stdout.firstMatch(of: /([0-9]+\.[0-9]+)\s*$/).flatMap { Double($0.1) } ?? 99
+        #expect(seconds < 1.5, "answered at the caller's deadline, not the server's 2 s: \(slow)")
+        #expect(try await proxy.metric("trellis_errors_total{token=\"timeout\"}", group: group) == 1)
         let series = "trellis_upstream_grpc_responses_total{cluster=\"grpc\",grpc_status="
         #expect(try await proxy.metric(series + "\"OK\"}", group: group) == 5)
         #expect(try await proxy.metric(series + "\"RESOURCE_EXHAUSTED\"}", group: group) == 1)

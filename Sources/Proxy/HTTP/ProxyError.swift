@@ -82,6 +82,16 @@ public struct ProxyError: Error, Hashable, Sendable, CustomStringConvertible {
     public static func faultAbort(status: Int, _ detail: String = "") -> Self {
         .init(.faultAbort, HTTPResponseStatus(statusCode: status), detail)
     }
+    /// What the error says about the endpoint the request went to (outlier detection): `true`
+    /// when the endpoint failed (refused, reset, spoke garbage, did not answer in time), `nil` when
+    /// it says nothing (a decision of the proxy itself, the client leaving).
+    public var endpointFailed: Bool? {
+        switch code {
+        case .upstreamConnectFailure, .upstreamReset, .upstreamProtocolError, .timeout: true
+        default: nil
+        }
+    }
+
     /// The gRPC status a gRPC caller gets for this error (with the token as `grpc-message`):
     /// UNIMPLEMENTED for no route, UNAVAILABLE when no upstream could answer, DEADLINE_EXCEEDED
     /// for timeouts, RESOURCE_EXHAUSTED for rate limits and oversized headers, INTERNAL for

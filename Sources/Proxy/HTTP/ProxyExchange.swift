@@ -18,16 +18,6 @@ final class ProxyExchange {
         case finished
     }
 
-    /// Why a try failed, for the retry policy.
-    private enum TryFailure {
-        case connectFailure
-        case reset
-        case status(Int)
-        /// A gRPC status in the response headers (a trailers-only answer).
-        case grpcStatus(Int)
-        case perTryTimeout
-    }
-
     private let downstream: any DownstreamStream
     private let loop: LoopContext
     let request: RequestContext
@@ -338,33 +328,24 @@ final class ProxyExchange {
     /// Starts another try after `failure` if the route's policy, the budget and the circuit
     /// breaker allow it; returns whether it did (otherwise the caller answers with `failure`).
     private func retry(after failure: TryFailure, _ error: ProxyError) -> Bool {
-        guard let policy = request.retryPolicy, let cluster = request.cluster, tries <= policy.numRetries,
-            !responseHeadSent, retained != nil
-        else { return false }
-        let wanted: Bool
-        switch failure {
-        case .connectFailure: wanted = policy.retryOn.contains(.connectFailure) || policy.retryOn.contains(.serverError)
-        case .reset: wanted = policy.retryOn.contains(.reset) || policy.retryOn.contains(.serverError)
-        case .status(let code): wanted = policy.retries(status: code)
-        case .grpcStatus(let code): wanted = policy.retries(grpcStatus: code)
-        case .perTryTimeout:
-            wanted =
-                policy.retryOn.contains(.gatewayError) || policy.retryOn.contains(.serverError)
-                || policy.retryOn.contains(.reset)
-        }
-        guard wanted else { return false }
-        // Not idempotent and possibly seen by the upstream: only if the route says so. (Every gRPC
-        // call is a POST: a gRPC status named in retry_on is that consent.)
-        var grpcAnswer = false
-        if case .grpcStatus = failure { grpcAnswer = true }
-        if attached && !isIdempotent && !policy.retryNonIdempotent && !grpcAnswer { return false }
+        guard let policy = request.retryPolicy, let cluster = request.cluster else { return false }
+        let decision = RetryDecision(
+            tries: tries,
+            responseStarted: responseHeadSent,
+            requestRetained: retained != nil,
+            attached: attached,
+            idempotent: isIdempotent
+        )
+        guard decision.allows(policy, after: failure) else { return false }
         if retrySlot == nil {
             let load = cluster.load
-            let budget = max(
-                policy.minRetryConcurrency,
-                Int(Double(load.requests.load(ordering: .relaxed)) * policy.budgetPercent / 100)
-            )
-            guard ClusterLoad.acquire(load.retries, limit: min(budget, cluster.limits.maxRetries)) else {
+            let budget = RetryBudget(policy, maxRetries: cluster.limits.maxRetries)
+            guard
+                ClusterLoad.acquire(
+                    load.retries,
+                    limit: budget.limit(requestsInFlight: load.requests.load(ordering: .relaxed))
+                )
+            else {
                 cluster.stats.overflowRetries.increment()
                 return false
             }
@@ -380,10 +361,8 @@ final class ProxyExchange {
         tries += 1
         pickAnotherEndpoint(cluster)
         state = .backingOff
-        let ceiling = min(
-            TimeAmount(policy.backoffBase).nanoseconds << min(tries - 2, 20),
-            TimeAmount(policy.backoffMax).nanoseconds
-        )
+        let ceiling = TimeAmount(Backoff.ceiling(base: policy.backoffBase, max: policy.backoffMax, retry: tries - 1))
+            .nanoseconds
         let wait = TimeAmount.nanoseconds(ceiling > 0 ? Int64.random(in: 0...ceiling) : 0)
         let bound = NIOLoopBound(self, eventLoop: loop.eventLoop)
         backoffTimer = loop.eventLoop.scheduleTask(in: wait) { bound.value.tryAgain(error) }
@@ -519,61 +498,7 @@ final class ProxyExchange {
             deadlineSlot = nil
             loop.deadlines.release(slot)
         }
-        let now = NIODeadline.now()
-        let elapsed = now - request.startTime
-        if let cluster = request.cluster, let detector = cluster.outlier, let policy = cluster.config.outlierDetection,
-            let index = request.endpointIndex
-        {
-            // What the endpoint did: a 5xx answer, or a connection refused, reset or timed out.
-            // Decisions of the proxy itself (overflow) and clients leaving say nothing about it.
-            let failed: Bool?
-            switch request.error?.token {
-            case nil: failed = (request.responseStatus?.code ?? 0) >= 500
-            case "upstream_connect_failure", "upstream_reset", "upstream_protocol_error", "timeout": failed = true
-            default: failed = nil
-            }
-            if let failed {
-                detector.finished(
-                    cluster.outlierRecords[index],
-                    failed: failed,
-                    cluster: cluster,
-                    policy: policy,
-                    now: now.uptimeNanoseconds
-                )
-            }
-        }
-        if let cluster = request.cluster {
-            if let status = request.responseStatus, request.error == nil || request.endpointIndex != nil {
-                cluster.stats.recordResponse(status)
-            }
-            if request.isGRPC, let status = request.error?.grpcStatus ?? request.grpcStatus {
-                cluster.stats.recordGRPC(status)
-            }
-            if request.endpointIndex != nil { cluster.stats.duration.recordNanoseconds(elapsed.nanoseconds) }
-        }
-        for middleware in chain { middleware.onComplete(request) }
-        if downstream.accessLog { logAccess(elapsed: elapsed) }
-    }
-
-    private func logAccess(elapsed: TimeAmount) {
-        let r = request
-        let version = r.head.version
-        loop.accessLogger.info(
-            "\"\(r.head.method.rawValue) \(r.head.uri) HTTP/\(version.major).\(version.minor)\" \(r.responseStatus?.code ?? 0) \(r.error?.token ?? "-")",
-            metadata: [
-                "http.status": "\(r.responseStatus?.code ?? 0)",
-                "trellis.token": "\(r.error?.token ?? "-")",
-                "trellis.listener": "\(r.listenerName)",
-                "trellis.route": "\(r.routeName ?? "-")",
-                "upstream.cluster": "\(r.clusterName ?? "-")",
-                "upstream.endpoint": "\(r.endpoint?.description ?? "-")",
-                "grpc.status": "\(r.isGRPC ? (r.error?.grpcStatus ?? r.grpcStatus).map { "\($0)" } ?? "-" : "-")",
-                "downstream.address": "\(r.remoteAddress?.description ?? "-")",
-                "http.request_bytes": "\(r.requestBytes)",
-                "http.response_bytes": "\(r.responseBytes)",
-                "duration_ms": "\(Double(elapsed.nanoseconds) / 1e6)",
-            ]
-        )
+        ExchangeCompletion.finished(request, chain: chain, accessLog: downstream.accessLog, loop: loop)
     }
 }
 
