@@ -91,7 +91,9 @@ public enum LoadBalancingPolicy: Sendable, Hashable, Codable {
 
 /// Keep-alive connection pooling towards a cluster's endpoints; each event loop has its own pool.
 public struct PoolSettings: Sendable, Hashable, Codable {
-    /// Idle connections kept per endpoint per event loop.
+    /// Idle connections kept per endpoint per event loop. The default keeps what the busiest
+    /// moment needed (the cluster's `max_connections` bounds it), as Envoy does, until
+    /// `idleTimeout`: a lower cap closes and reopens connections under a steady high concurrency.
     public var maxIdlePerEndpoint: Int
     /// An idle pooled connection is closed after this time.
     public var idleTimeout: Duration
@@ -99,7 +101,7 @@ public struct PoolSettings: Sendable, Hashable, Codable {
     public var maxRequestsPerConnection: Int?
 
     public init(
-        maxIdlePerEndpoint: Int = 64,
+        maxIdlePerEndpoint: Int = 1024,
         idleTimeout: Duration = .seconds(60),
         maxRequestsPerConnection: Int? = nil
     ) {
