@@ -12,12 +12,12 @@ final class UpstreamPool {
     /// HTTP/2 connections per endpoint, busy or idle (streams are multiplexed on them).
     private var multiplexed: [String: [HTTP2UpstreamConnection]] = [:]
     private var sweeper: RepeatedTask?
-    /// `SO_MARK` for every upstream socket (the agent's mark, which the capture rules let through).
-    private let mark: UInt32?
+    /// Every upstream socket gets the agent's mark (which the capture rules let through).
+    private let connector: UpstreamConnector
 
     init(eventLoop: any EventLoop, mark: UInt32? = nil) {
         self.eventLoop = eventLoop
-        self.mark = mark
+        self.connector = UpstreamConnector(mark: mark)
     }
 
     var idleCount: Int { idle.values.reduce(0) { $0 + $1.count } }
@@ -95,24 +95,21 @@ final class UpstreamPool {
         return true
     }
 
-    /// A client bootstrap for one upstream connection: the connect timeout, no Nagle, the
-    /// agent's mark.
+    /// A client bootstrap for one connection to the cluster's endpoints.
     private func bootstrap(_ cluster: ClusterRuntime) -> ClientBootstrap {
-        var bootstrap = ClientBootstrap(group: eventLoop)
-            .connectTimeout(TimeAmount(cluster.config.connectTimeout))
-            .channelOption(.socketOption(.tcp_nodelay), value: 1)
-        if let mark {
-            bootstrap = bootstrap.channelOption(.socketOption(.init(rawValue: SO_MARK)), value: SocketOptionValue(mark))
-        }
-        return bootstrap
+        connector.bootstrap(on: eventLoop, connectTimeout: TimeAmount(cluster.config.connectTimeout))
     }
 
     private func connect(
         _ bootstrap: ClientBootstrap,
         to endpoint: ClusterRuntime.EndpointRuntime
     ) -> EventLoopFuture<any Channel> {
-        if let address = endpoint.socketAddress { return bootstrap.connect(to: address) }
-        return bootstrap.connect(host: endpoint.config.address.host, port: endpoint.config.address.port)
+        UpstreamConnector.connect(
+            bootstrap,
+            to: endpoint.socketAddress,
+            host: endpoint.config.address.host,
+            port: endpoint.config.address.port
+        )
     }
 
     private func connect(endpoint: ClusterRuntime.EndpointRuntime, cluster: ClusterRuntime, for exchange: ProxyExchange)

@@ -160,10 +160,7 @@ final class HealthChecker: Sendable {
         on loop: any EventLoop
     ) -> EventLoopFuture<Bool> {
         let result = loop.makePromise(of: Bool.self)
-        var bootstrap = ClientBootstrap(group: loop).connectTimeout(TimeAmount(check.timeout))
-        if let mark {
-            bootstrap = bootstrap.channelOption(.socketOption(.init(rawValue: SO_MARK)), value: SocketOptionValue(mark))
-        }
+        var bootstrap = UpstreamConnector(mark: mark).bootstrap(on: loop, connectTimeout: TimeAmount(check.timeout))
         if case .http(let path, let hostHeader, let expected) = check.kind {
             bootstrap = bootstrap.channelInitializer { channel in
                 channel.eventLoop.makeCompletedFuture {
@@ -179,8 +176,7 @@ final class HealthChecker: Sendable {
                 }
             }
         }
-        let connected: EventLoopFuture<any Channel> =
-            if let target { bootstrap.connect(to: target) } else { bootstrap.connect(host: host.host, port: host.port) }
+        let connected = UpstreamConnector.connect(bootstrap, to: target, host: host.host, port: host.port)
         let deadline = loop.scheduleTask(in: TimeAmount(check.timeout)) { result.succeed(false) }
         connected.whenComplete { outcome in
             switch outcome {

@@ -48,16 +48,9 @@ enum TCPRelay {
             pendingBytes = initial
             // Hold reads until the upstream is there; what arrives meanwhile is kept.
             downstream.setOption(.autoRead, value: false).whenComplete { _ in }
-            var bootstrap = ClientBootstrap(group: context.eventLoop)
-                .channelOption(.socketOption(.tcp_nodelay), value: 1)
+            let bootstrap = UpstreamConnector(mark: mark)
+                .bootstrap(on: context.eventLoop, connectTimeout: UpstreamConnector.relayConnectTimeout)
                 .channelOption(.allowRemoteHalfClosure, value: true)
-                .connectTimeout(.seconds(5))
-            if let mark {
-                bootstrap = bootstrap.channelOption(
-                    .socketOption(.init(rawValue: SO_MARK)),
-                    value: SocketOptionValue(mark)
-                )
-            }
             let loopBound = NIOLoopBound((self, context, sniffer), eventLoop: context.eventLoop)
             bootstrap.connect(to: destination).whenComplete { result in
                 let (starter, context, sniffer) = loopBound.value
