@@ -6,8 +6,9 @@ import TrellisTestSupport
 /// grpcio client, VMs B and C grpcio servers registered as `greeter` (protocol grpc), an agent on
 /// each. A's agent captures the h2c connection, routes each call by `:authority` to pilot's
 /// cluster and balances the calls (streams) over B and C; their agents take them inbound and hand
-/// them to the local server over h2c. Unary, 1 MiB, server streaming, a server error with its
-/// status and message, and a deadline all arrive as the client expects.
+/// them to the local server over h2c. Unary, 1 MiB, server and bidirectional streaming, a server
+/// error with its status and message, and a deadline all arrive as the client expects; mesh.yaml's
+/// retry policy (`retry_on: [unavailable]`) and rate limit apply to the calls.
 @Suite(
     .serialized,
     .disabled(if: NetnsLab.unavailableReason != nil, "\(NetnsLab.unavailableReason ?? "")"),
@@ -24,6 +25,14 @@ struct GRPCMeshNetnsTests {
         defer { try? FileManager.default.removeItem(at: dir) }
         let hosts = try NetnsHosts(ns: lab.ns("vm-a"), names: [(lab.ip("vm-b"), "greeter")])
         defer { hosts.remove() }
+        try """
+        services:
+          - {name: greeter, port: 50051, protocol: grpc}
+        policies:
+          - service: greeter:50051
+            retry_policy: {retry_on: [unavailable], num_retries: 2}
+            rate_limit: {requests_per_second: 1, burst: 60}
+        """.write(to: dir.appendingPathComponent("mesh.yaml"), atomically: true, encoding: .utf8)
         let pilot = try Peers.Child(
             [
                 "ip", "netns", "exec", lab.hub, MeshEndToEndTests.pilotBinary, "serve", "--store",
@@ -82,8 +91,18 @@ struct GRPCMeshNetnsTests {
         #expect(result["wrong"] == nil, "\(last)")
         #expect(result["large"] as? Int == (1 << 20) + 5, "1 MiB each way: \(last)")
         #expect((result["stream"] as? [String])?.count == 5, "\(last)")
+        #expect((result["chat"] as? [String])?.map { $0.suffix(1) } == ["a", "b", "c", "d", "e"], "\(last)")
         #expect(result["fail"] as? [String] == ["UNAVAILABLE", "down for maintenance"], "\(last)")
         #expect(result["slow"] as? String == "DEADLINE_EXCEEDED", "\(last)")
+
+        // mesh.yaml's retry policy: each server fails every other Flaky call with UNAVAILABLE, A's
+        // agent tries again, the client sees OK every time.
+        let flaky = await lab.exec("vm-a", ["python3", Self.echo, "call", "greeter:50051", "Flaky", "6"])
+        #expect(!flaky.stdout.contains("UNAVAILABLE") && flaky.stdout.contains("OK"), "\(flaky)")
+        // Its rate limit (burst 60, then 1/s): a burst of calls past it gets RESOURCE_EXHAUSTED
+        // with the token, from A's agent.
+        let burst = await lab.exec("vm-a", ["python3", Self.echo, "call", "greeter:50051", "Unary", "60"])
+        #expect(burst.stdout.contains(#"["RESOURCE_EXHAUSTED", "rate_limited"]"#), "\(burst)")
 
         // Proven by the agents' metrics: A sniffed HTTP/2 and sent the calls to pilot's cluster;
         // B and C each served some inbound.
@@ -97,6 +116,12 @@ struct GRPCMeshNetnsTests {
             ) >= 20,
             "\(metricsA.split(separator: "\n").filter { $0.contains("upstream_requests_total") })"
         )
+        #expect(
+            SafeByDefaultNetnsTests.value(metricsA, #"trellis_upstream_retries_total{cluster="outbound|50051||greeter"}"#)
+                >= 3,
+            "the Flaky calls were retried by A"
+        )
+        #expect(SafeByDefaultNetnsTests.value(metricsA, #"trellis_errors_total{token="rate_limited"}"#) >= 1)
         for vm in ["vm-b", "vm-c"] {
             let metrics = await lab.exec(vm, ["curl", "-s", "http://127.0.0.1:15000/stats/prometheus"]).stdout
             #expect(SafeByDefaultNetnsTests.value(metrics, "trellis_downstream_requests_total") > 0, "\(vm)")

@@ -5,7 +5,8 @@
   echo.py call TARGET METHOD N [AUTHORITY] [TIMEOUT]
                                N calls of one method; prints JSON: status names and details
 
-Unary answers NAME + ":" + the request; Stream answers five messages; Fail aborts with
+Unary answers NAME + ":" + the request; Stream answers five messages; Chat (bidirectional)
+answers each message as it comes; Fail aborts with
 UNAVAILABLE and a message; Slow answers after 2 s (the client's deadline is 0.5 s); Flaky fails
 every other call (the first, third, …) with UNAVAILABLE before any message (trailers-only).
 Bounded: every call has a deadline.
@@ -35,6 +36,10 @@ def serve(port, name):
 
     calls = {"flaky": 0}
 
+    def chat(requests, context):
+        for message in requests:
+            yield name.encode() + b":" + message
+
     def flaky(request, context):
         calls["flaky"] += 1
         if calls["flaky"] % 2 == 1:
@@ -49,6 +54,7 @@ def serve(port, name):
             "Fail": grpc.unary_unary_rpc_method_handler(fail),
             "Slow": grpc.unary_unary_rpc_method_handler(slow),
             "Flaky": grpc.unary_unary_rpc_method_handler(flaky),
+            "Chat": grpc.stream_stream_rpc_method_handler(chat),
         },
     )
     server = grpc.server(futures.ThreadPoolExecutor(max_workers=8))
@@ -83,6 +89,11 @@ def call(target, count):
             result["stream"] = [m.decode() for m in channel.unary_stream("/trellis.Echo/Stream")(b"s", timeout=5)]
         except grpc.RpcError as error:
             result["stream"] = error.code().name
+        try:
+            chat = channel.stream_stream("/trellis.Echo/Chat")
+            result["chat"] = [m.decode() for m in chat(iter([b"a", b"b", b"c", b"d", b"e"]), timeout=5)]
+        except grpc.RpcError as error:
+            result["chat"] = error.code().name
         try:
             channel.unary_unary("/trellis.Echo/Fail")(b"f", timeout=5)
             result["fail"] = "OK"
