@@ -117,7 +117,10 @@ struct GRPCMeshNetnsTests {
             "\(metricsA.split(separator: "\n").filter { $0.contains("upstream_requests_total") })"
         )
         #expect(
-            SafeByDefaultNetnsTests.value(metricsA, #"trellis_upstream_retries_total{cluster="outbound|50051||greeter"}"#)
+            SafeByDefaultNetnsTests.value(
+                metricsA,
+                #"trellis_upstream_retries_total{cluster="outbound|50051||greeter"}"#
+            )
                 >= 3,
             "the Flaky calls were retried by A"
         )
