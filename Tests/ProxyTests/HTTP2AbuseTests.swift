@@ -9,8 +9,10 @@ import TrellisTestSupport
 /// A raw HTTP/2 client breaking the protocol on purpose, one way per case (Fixtures/http2/
 /// h2_abuse.py): floods and attacks close the offending connection, a bad stream is refused
 /// while its connection goes on, and a new connection is served normally afterwards.
-@Suite struct HTTP2AbuseTests {
-    let group = MultiThreadedEventLoopGroup.singleton
+/// Runs in the heavy pass of scripts/test.sh, on event loops of its own: floods keep a loop busy.
+@Suite(.serialized) struct HTTP2AbuseTests {
+    static let loops = MultiThreadedEventLoopGroup(numberOfThreads: 1)
+    var group: MultiThreadedEventLoopGroup { Self.loops }
 
     static let script = URL(fileURLWithPath: #filePath).deletingLastPathComponent().deletingLastPathComponent()
         .appendingPathComponent("Fixtures/http2/h2_abuse.py").path

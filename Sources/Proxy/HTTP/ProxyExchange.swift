@@ -8,24 +8,16 @@ import NIOHTTP1
 /// bodies streamed both ways under back-pressure, retries, the route timeout, and the final
 /// accounting. Lives on the downstream connection's event loop, like its upstream connection.
 final class ProxyExchange {
-    private enum State {
-        /// Waiting for an upstream connection; body parts are held in `pending`.
-        case connecting
-        /// Upstream attached; parts flow through.
-        case streaming(any UpstreamStream)
-        /// A try failed; the next starts after the back-off.
-        case backingOff
-        case finished
-    }
-
     private let downstream: any DownstreamStream
     private let loop: LoopContext
     let request: RequestContext
     private let chain: [any ProxyMiddleware]
-    private var state: State = .connecting
+    /// Where the exchange's tries stand (pure: ``ExchangeStateMachine``).
+    private var machine = ExchangeStateMachine()
+    /// The current try's upstream, while it streams.
+    private var upstream: (any UpstreamStream)?
     private var pending: [HTTPClientRequestPart] = []
     private var requestEnded = false
-    private var responseHeadSent = false
     private var upstreamKeepAlive = false
     /// The slot of this exchange in its loop's ``RequestDeadlines``, while it has one.
     private var deadlineSlot: Int?
@@ -35,18 +27,10 @@ final class ProxyExchange {
     /// ``RetryPolicy/maxRetainedBodyBytes`` (then no retry).
     private var retained: [HTTPClientRequestPart]?
     private var retainedBytes = 0
-    /// Tries made so far (the first included).
-    private var tries = 1
-    /// Whether the current try got an upstream connection (so the request may have been seen).
-    private var attached = false
     private var perTryTimer: Scheduled<Void>?
     private var backoffTimer: Scheduled<Void>?
     /// The cluster load whose retry count this exchange holds (one unit while retrying).
     private var retrySlot: ClusterLoad?
-    /// The current try's connection had served requests before this one (it came from the pool).
-    private var onReusedConnection = false
-    /// This request was already sent again after its reused connection closed under it.
-    private var staleRetried = false
 
     init(downstream: any DownstreamStream, loop: LoopContext, request: RequestContext, chain: [any ProxyMiddleware]) {
         self.downstream = downstream
@@ -67,9 +51,9 @@ final class ProxyExchange {
 
     /// Whether the downstream handler should stop reading the request for now.
     var holdsDownstreamReads: Bool {
-        switch state {
+        switch machine.phase {
         case .connecting, .backingOff: return true
-        case .streaming(let upstream): return !upstream.isWritable
+        case .streaming: return !(upstream?.isWritable ?? false)
         case .finished: return false
         }
     }
@@ -107,7 +91,7 @@ final class ProxyExchange {
             let bound = NIOLoopBound(self, eventLoop: loop.eventLoop)
             loop.eventLoop.scheduleTask(in: TimeAmount(delay)) {
                 let exchange = bound.value
-                guard case .connecting = exchange.state, !exchange.attached else { return }
+                guard exchange.machine.phase == .connecting, !exchange.machine.attached else { return }
                 exchange.startTry(endpoint: endpoint, cluster: cluster)
             }
             return
@@ -116,11 +100,10 @@ final class ProxyExchange {
     }
 
     private func startTry(endpoint: ClusterRuntime.EndpointRuntime, cluster: ClusterRuntime) {
-        state = .connecting
-        attached = false
+        machine.tryStarted()
         if let perTry = request.retryPolicy?.perTryTimeout {
             let bound = NIOLoopBound(self, eventLoop: loop.eventLoop)
-            let attempt = tries
+            let attempt = machine.tries
             perTryTimer = loop.eventLoop.scheduleTask(in: TimeAmount(perTry)) {
                 bound.value.perTryTimedOut(attempt: attempt)
             }
@@ -130,17 +113,17 @@ final class ProxyExchange {
 
     /// A circuit breaker refused the connection this exchange needed.
     func overflow(_ error: ProxyError) {
-        guard case .connecting = state else { return }
+        guard machine.phase == .connecting else { return }
         respondLocally(error)
     }
 
     /// The try under way (1 for the first), so that a connection finishing for an abandoned try
     /// is not taken for the current one's.
-    var currentTry: Int { tries }
+    var currentTry: Int { machine.tries }
 
     /// Connecting to the endpoint failed.
     func connectFailed(_ error: any Error, try attempt: Int) {
-        guard case .connecting = state, attempt == tries else { return }
+        guard machine.isConnecting(attempt: attempt) else { return }
         request.cluster?.stats.connectFailures.increment()
         let failure = ProxyError.upstreamConnectFailure("\(request.endpoint.map(\.description) ?? "-"): \(error)")
         if retry(after: .connectFailure, failure) { return }
@@ -149,18 +132,16 @@ final class ProxyExchange {
 
     /// An upstream connection is ready for this exchange.
     func attach(_ connection: any UpstreamStream, try attempt: Int) {
-        guard case .connecting = state, attempt == tries else {
+        guard machine.connected(attempt: attempt, reused: connection.isReused) == .send else {
             // Timed out or the client left while connecting: the fresh connection is still good.
             releaseOrClose(connection, reusable: true)
             return
         }
-        attached = true
-        state = .streaming(connection)
+        upstream = connection
         connection.exchange = self
         // A reused keep-alive connection may have been closed by the upstream a moment ago (its
         // idle timeout, a drain): keep what is sent, to send it again on a new connection.
-        onReusedConnection = connection.isReused
-        if onReusedConnection && retained == nil && retainedBytes == 0 && !staleRetried {
+        if machine.maySendAgain && retained == nil && retainedBytes == 0 {
             retained = pending
             for case .body(.byteBuffer(let buffer)) in pending { retainedBytes += buffer.readableBytes }
             if retainedBytes > RetryPolicy.maxRetainedBodyBytes { retained = nil }
@@ -174,9 +155,9 @@ final class ProxyExchange {
     func requestBody(_ buffer: ByteBuffer) {
         request.requestBytes += buffer.readableBytes
         retain(.body(.byteBuffer(buffer)), bytes: buffer.readableBytes)
-        switch state {
+        switch machine.phase {
         case .connecting: pending.append(.body(.byteBuffer(buffer)))
-        case .streaming(let upstream): upstream.send(.body(.byteBuffer(buffer)), flush: false)
+        case .streaming: upstream?.send(.body(.byteBuffer(buffer)), flush: false)
         case .backingOff, .finished: break  // kept in `retained` for the next try / answered early
         }
     }
@@ -184,11 +165,11 @@ final class ProxyExchange {
     func requestEnd(_ trailers: HTTPHeaders?) {
         requestEnded = true
         retain(.end(trailers), bytes: 0)
-        switch state {
+        switch machine.phase {
         case .connecting: pending.append(.end(trailers))
-        case .streaming(let upstream):
-            upstream.send(.end(trailers), flush: false)
-            upstream.flushSoon(loop)
+        case .streaming:
+            upstream?.send(.end(trailers), flush: false)
+            upstream?.flushSoon(loop)
         case .backingOff, .finished: break
         }
     }
@@ -204,7 +185,7 @@ final class ProxyExchange {
     }
 
     func downstreamReadComplete() {
-        if case .streaming(let upstream) = state { upstream.flush() }
+        if machine.phase == .streaming { upstream?.flush() }
     }
 
     func upstreamBecameWritable() {
@@ -212,13 +193,13 @@ final class ProxyExchange {
     }
 
     func downstreamBecameWritable() {
-        if case .streaming(let upstream) = state { upstream.resumeReading() }
+        if machine.phase == .streaming { upstream?.resumeReading() }
     }
 
     // MARK: Response side
 
     func upstreamResponse(_ part: HTTPClientResponsePart) {
-        guard case .streaming(let upstream) = state else { return }
+        guard machine.phase == .streaming, let upstream else { return }
         switch part {
         case .head(let head) where head.status.code < 200 && head.status != .switchingProtocols:
             // 100 Continue and friends go straight through; the final head follows.
@@ -236,7 +217,7 @@ final class ProxyExchange {
             cancelPerTryTimer()
             upstreamKeepAlive = head.isKeepAlive
             request.responseStatus = head.status
-            responseHeadSent = true
+            machine.responseForwarded()
             downstream.responseHead(head, requestEnded: requestEnded)
         case .body(let buffer):
             request.responseBytes += buffer.readableBytes
@@ -258,8 +239,8 @@ final class ProxyExchange {
 
     /// The upstream connection closed or failed while serving this exchange.
     func upstreamClosed(error: (any Error)?) {
-        guard case .streaming(let upstream) = state else { return }
-        if responseHeadSent {
+        guard machine.phase == .streaming, let upstream else { return }
+        if machine.responseStarted {
             // The response is cut short; the client must see the connection end, not a shorter body.
             finish(upstream: upstream, reusable: false)
             downstream.abort()
@@ -281,21 +262,20 @@ final class ProxyExchange {
     /// same endpoint — without a retry policy, outside the retry budget — if it is idempotent, or
     /// if the upstream cannot have had all of it (its end was not sent yet).
     private func sendAgainOnANewConnection(_ upstream: any UpstreamStream) -> Bool {
-        guard onReusedConnection, !staleRetried, let parts = retained, isIdempotent || !requestEnded,
+        guard machine.maySendAgain, let parts = retained, isIdempotent || !requestEnded,
             let cluster = request.cluster,
             let endpoint = request.passthroughEndpoint ?? request.endpointIndex.map({ cluster.endpoints[$0] })
         else { return false }
-        staleRetried = true
+        machine.sendingAgain()
         cluster.stats.staleConnectionRetries.increment()
         upstream.exchange = nil
         upstream.release(reusable: false)
+        self.upstream = nil
         if request.retryPolicy == nil {
             // Kept only for this: whatever arrives next goes to the new connection directly.
             retained = nil
         }
         pending = parts
-        state = .connecting
-        attached = false
         loop.pool.acquire(endpoint: endpoint, cluster: cluster, for: self, fresh: true)
         return true
     }
@@ -329,13 +309,7 @@ final class ProxyExchange {
     /// breaker allow it; returns whether it did (otherwise the caller answers with `failure`).
     private func retry(after failure: TryFailure, _ error: ProxyError) -> Bool {
         guard let policy = request.retryPolicy, let cluster = request.cluster else { return false }
-        let decision = RetryDecision(
-            tries: tries,
-            responseStarted: responseHeadSent,
-            requestRetained: retained != nil,
-            attached: attached,
-            idempotent: isIdempotent
-        )
+        let decision = machine.retryDecision(requestRetained: retained != nil, idempotent: isIdempotent)
         guard decision.allows(policy, after: failure) else { return false }
         if retrySlot == nil {
             let load = cluster.load
@@ -354,14 +328,14 @@ final class ProxyExchange {
         cluster.stats.retries.increment()
         reportTryFailure(cluster)
         cancelPerTryTimer()
-        if case .streaming(let upstream) = state {
+        if machine.phase == .streaming, let upstream {
             upstream.exchange = nil
             upstream.release(reusable: false)
+            self.upstream = nil
         }
-        tries += 1
+        let retryNumber = machine.retrying()
         pickAnotherEndpoint(cluster)
-        state = .backingOff
-        let ceiling = TimeAmount(Backoff.ceiling(base: policy.backoffBase, max: policy.backoffMax, retry: tries - 1))
+        let ceiling = TimeAmount(Backoff.ceiling(base: policy.backoffBase, max: policy.backoffMax, retry: retryNumber))
             .nanoseconds
         let wait = TimeAmount.nanoseconds(ceiling > 0 ? Int64.random(in: 0...ceiling) : 0)
         let bound = NIOLoopBound(self, eventLoop: loop.eventLoop)
@@ -370,7 +344,7 @@ final class ProxyExchange {
     }
 
     private func tryAgain(_ error: ProxyError) {
-        guard case .backingOff = state else { return }
+        guard machine.isBackingOff else { return }
         backoffTimer = nil
         guard let parts = retained, let cluster = request.cluster,
             let endpoint = request.passthroughEndpoint ?? request.endpointIndex.map({ cluster.endpoints[$0] })
@@ -412,11 +386,7 @@ final class ProxyExchange {
     }
 
     private func perTryTimedOut(attempt: Int) {
-        guard attempt == tries, !responseHeadSent else { return }
-        switch state {
-        case .connecting, .streaming: break
-        case .backingOff, .finished: return
-        }
+        guard machine.perTryTimeoutApplies(attempt: attempt) else { return }
         perTryTimer = nil
         let error = ProxyError.timeout("try \(attempt) of route '\(request.routeName ?? "-")'")
         if retry(after: .perTryTimeout, error) { return }
@@ -432,12 +402,11 @@ final class ProxyExchange {
 
     /// Answers the request with a proxy error (if nothing was sent yet) and ends the exchange.
     func respondLocally(_ error: ProxyError) {
-        if case .finished = state { return }
-        let upstream: (any UpstreamStream)?
-        if case .streaming(let u) = state { upstream = u } else { upstream = nil }
+        if machine.phase == .finished { return }
+        let upstream = machine.phase == .streaming ? self.upstream : nil
         request.error = error
         loop.stats.record(error)
-        if responseHeadSent {
+        if machine.responseStarted {
             if let upstream { finish(upstream: upstream, reusable: false) } else { finishAccounting() }
             downstream.abort()
             return
@@ -447,25 +416,22 @@ final class ProxyExchange {
         downstream.respondWithError(error, requestEnded: requestEnded, requestHasBody: requestHasBody)
     }
 
-    var isFinished: Bool {
-        if case .finished = state { return true }
-        return false
-    }
+    var isFinished: Bool { machine.phase == .finished }
 
     /// Called by ``RequestDeadlines`` when the route's timeout expired first.
     func deadlineExpired() {
-        if case .finished = state { return }
+        if machine.phase == .finished { return }
         respondLocally(.timeout("route '\(request.routeName ?? "-")' after \(request.timeout.map { "\($0)" } ?? "-")"))
     }
 
     /// The client went away.
     func downstreamClosed() {
-        if case .finished = state { return }
+        if machine.phase == .finished { return }
         let error = ProxyError.clientDisconnect("after \(request.requestBytes) request bytes")
         request.error = error
         request.responseStatus = error.status
         loop.stats.record(error)
-        if case .streaming(let upstream) = state {
+        if machine.phase == .streaming, let upstream {
             finish(upstream: upstream, reusable: false)
         } else {
             finishAccounting()
@@ -484,7 +450,8 @@ final class ProxyExchange {
     }
 
     private func finishAccounting() {
-        state = .finished
+        machine.finish()
+        upstream = nil
         pending.removeAll()
         retained = nil
         cancelPerTryTimer()
