@@ -146,8 +146,14 @@ final class ProxyExchange {
             for case .body(.byteBuffer(let buffer)) in pending { retainedBytes += buffer.readableBytes }
             if retainedBytes > RetryPolicy.maxRetainedBodyBytes { retained = nil }
         }
-        for part in pending { connection.send(part, flush: false) }
+        let parts = pending
         pending.removeAll()
+        for part in parts {
+            connection.send(part, flush: false)
+            // An HTTP/2 connection that refused the stream (a GOAWAY just in) fails the try at
+            // once, and the request may already be on its way elsewhere.
+            guard upstream === connection else { return }
+        }
         connection.flushSoon(loop)
         downstream.resumeReadingIfHeld()
     }
