@@ -150,7 +150,7 @@ enum HeaderRewriting {
         let s = scan(head.headers, extra: 2)
         var fields: [(name: String, value: String)] = [(":status", String(head.status.code))]
         fields.reserveCapacity(s.headers.count + 3)
-        for (name, value) in s.headers { fields.append((name.lowercased(), value)) }
+        for (name, value) in s.headers { fields.append((name.asciiLowercased, value)) }
         if let forwardedFor = s.forwardedFor { fields.append(("x-forwarded-for", forwardedFor)) }
         fields.append(("via", viaValue(existing: s.via, version: head.version)))
         return fields
@@ -168,5 +168,15 @@ extension Substring {
         while let f = s.first, f == " " || f == "\t" { s = s.dropFirst() }
         while let l = s.last, l == " " || l == "\t" { s = s.dropLast() }
         return s
+    }
+}
+
+extension String {
+    /// The string with ASCII letters lowercased; the string itself (no copy) when it has no
+    /// uppercase ASCII letter, as header names on the wire mostly have not.
+    var asciiLowercased: String {
+        var s = self
+        let hasUpper = s.withUTF8 { bytes in bytes.contains { $0 >= UInt8(ascii: "A") && $0 <= UInt8(ascii: "Z") } }
+        return hasUpper ? lowercased() : self
     }
 }

@@ -29,6 +29,8 @@ final class HTTP2DownstreamHandler: ChannelInboundHandler {
     /// When drain began: GOAWAY with the last stream follows one quiet period after the notice.
     private var drainStarted: NIODeadline?
     private var finalGoAwaySent = false
+    /// Streams that received DATA since the last read batch ended.
+    private var touched: [Int32] = []
 
     init(
         loop: LoopContext,
@@ -106,11 +108,15 @@ final class HTTP2DownstreamHandler: ChannelInboundHandler {
             return
         }
         for event in events { handle(event) }
-        writeOutput()
+        // Frames go out once per batch of reads (channelReadComplete), not once per read.
+        outputReady()
     }
 
     func channelReadComplete(context: ChannelHandlerContext) {
-        for stream in streams.values { stream.exchange?.downstreamReadComplete() }
+        // Only the streams that received something in this batch flush their upstream.
+        let touched = self.touched
+        self.touched.removeAll(keepingCapacity: true)
+        for id in touched { streams[id]?.exchange?.downstreamReadComplete() }
         writeOutput()
         context.fireChannelReadComplete()
     }
@@ -153,6 +159,7 @@ final class HTTP2DownstreamHandler: ChannelInboundHandler {
                 openStream(id, block)
             }
         case .data(let id, let buffer):
+            if touched.last != id && !touched.contains(id) { touched.append(id) }
             guard let stream = streams[id], let exchange = stream.exchange else {
                 session.consume(stream: id, bytes: buffer.readableBytes)
                 return
@@ -164,6 +171,7 @@ final class HTTP2DownstreamHandler: ChannelInboundHandler {
                 session.consume(stream: id, bytes: buffer.readableBytes)
             }
         case .endStream(let id):
+            if touched.last != id && !touched.contains(id) { touched.append(id) }
             streams[id]?.exchange?.requestEnd(nil)
         case .closed(let id, _):
             guard let stream = streams.removeValue(forKey: id) else { return }

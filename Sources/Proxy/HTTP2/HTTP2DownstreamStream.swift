@@ -172,7 +172,7 @@ final class HTTP2DownstreamStream: DownstreamStream {
 
     /// Header fields for HTTP/2: names lowercase (RFC 9113 §8.2.1).
     static func fields(_ headers: HTTPHeaders) -> [(name: String, value: String)] {
-        headers.map { ($0.name.lowercased(), $0.value) }
+        headers.map { ($0.name.asciiLowercased, $0.value) }
     }
 }
 

@@ -78,8 +78,9 @@ final class HTTP2Session {
     let settings: Settings
     private var session: OpaquePointer?
     private var events: [Event] = []
-    private var incoming: [Int32: HeaderBlock] = [:]
-    private var incomingSize: [Int32: Int] = [:]
+    /// The header block being received. HTTP/2 allows nothing between a HEADERS frame and its
+    /// CONTINUATIONs, so there is at most one at a time.
+    private var incoming: (stream: Int32, block: HeaderBlock, size: Int)?
     private var outbound: [Int32: Outbound] = [:]
     /// Streams whose queue went below ``lowWater`` during the last ``produce(into:)``.
     private(set) var drained: [Int32] = []
@@ -89,7 +90,9 @@ final class HTTP2Session {
     static let highWater = 256 * 1024
     static let lowWater = 64 * 1024
 
-    private struct Outbound {
+    /// A class, so that the read callback mutates the queue in place (a struct taken out of the
+    /// dictionary would copy its buffer on every DATA frame).
+    private final class Outbound {
         var queue = CircularBuffer<ByteBuffer>()
         var bytes = 0
         var ended = false
@@ -263,17 +266,17 @@ final class HTTP2Session {
 
     /// Queues body bytes on a stream opened with a body.
     func send(stream: Int32, _ buffer: ByteBuffer) {
-        guard outbound[stream] != nil, buffer.readableBytes > 0 else { return }
-        outbound[stream]!.bytes += buffer.readableBytes
-        outbound[stream]!.queue.append(buffer)
+        guard let out = outbound[stream], buffer.readableBytes > 0 else { return }
+        out.bytes += buffer.readableBytes
+        out.queue.append(buffer)
         resume(stream)
     }
 
     /// Ends a stream's body, with trailers when given (gRPC's status goes there).
     func end(stream: Int32, trailers: [(name: String, value: String)]? = nil) {
-        guard outbound[stream] != nil else { return }
-        outbound[stream]!.ended = true
-        outbound[stream]!.trailers = trailers.flatMap { $0.isEmpty ? nil : $0 }
+        guard let out = outbound[stream] else { return }
+        out.ended = true
+        out.trailers = trailers.flatMap { $0.isEmpty ? nil : $0 }
         resume(stream)
     }
 
@@ -323,8 +326,7 @@ final class HTTP2Session {
     // MARK: libnghttp2 callbacks
 
     private func beginHeaders(_ stream: Int32) -> Int32 {
-        incoming[stream] = HeaderBlock()
-        incomingSize[stream] = 0
+        incoming = (stream, HeaderBlock(), 0)
         return 0
     }
 
@@ -333,13 +335,13 @@ final class HTTP2Session {
         _ name: UnsafeBufferPointer<UInt8>,
         _ value: UnsafeBufferPointer<UInt8>
     ) -> Int32 {
-        let size = (incomingSize[stream] ?? 0) + name.count + value.count + 32
-        incomingSize[stream] = size
-        if size > Int(settings.maxHeaderListSize) {
-            incoming[stream]?.oversized = true
+        guard incoming?.stream == stream else { return 0 }
+        incoming!.size += name.count + value.count + 32
+        if incoming!.size > Int(settings.maxHeaderListSize) {
+            incoming!.block.oversized = true
             return 0
         }
-        incoming[stream]?.fields.append(
+        incoming!.block.fields.append(
             (String(decoding: name, as: UTF8.self), String(decoding: value, as: UTF8.self))
         )
         return 0
@@ -350,8 +352,9 @@ final class HTTP2Session {
         let endStream = hd.flags & UInt8(NGHTTP2_FLAG_END_STREAM.rawValue) != 0
         switch Int(hd.type) {
         case Int(NGHTTP2_HEADERS.rawValue):
-            guard var block = incoming.removeValue(forKey: hd.stream_id) else { return 0 }
-            incomingSize[hd.stream_id] = nil
+            guard let current = incoming, current.stream == hd.stream_id else { return 0 }
+            incoming = nil
+            var block = current.block
             block.endStream = endStream
             events.append(.headers(stream: hd.stream_id, block))
         case Int(NGHTTP2_DATA.rawValue):
@@ -376,8 +379,7 @@ final class HTTP2Session {
     }
 
     private func streamClosed(_ stream: Int32, _ error: UInt32) -> Int32 {
-        incoming[stream] = nil
-        incomingSize[stream] = nil
+        if incoming?.stream == stream { incoming = nil }
         outbound[stream] = nil
         events.append(.closed(stream: stream, error: error))
         return 0
@@ -391,7 +393,7 @@ final class HTTP2Session {
         length: Int,
         flags: UnsafeMutablePointer<UInt32>
     ) -> Int {
-        guard var out = outbound[stream] else {
+        guard let out = outbound[stream] else {
             return Int(NGHTTP2_ERR_TEMPORAL_CALLBACK_FAILURE.rawValue)
         }
         let before = out.bytes
@@ -418,16 +420,14 @@ final class HTTP2Session {
         }
         if copied == 0 {
             out.deferred = true
-            outbound[stream] = out
             return Int(NGHTTP2_ERR_DEFERRED.rawValue)
         }
-        outbound[stream] = out
         return copied
     }
 
     private func resume(_ stream: Int32) {
-        guard outbound[stream]?.deferred == true else { return }
-        outbound[stream]!.deferred = false
+        guard let out = outbound[stream], out.deferred else { return }
+        out.deferred = false
         nghttp2_session_resume_data(session, stream)
     }
 

@@ -113,11 +113,15 @@ final class HTTP2UpstreamConnection: ChannelInboundHandler {
             return
         }
         for event in events { handle(event) }
-        writeOutput()
+        // Frames go out once per batch of reads (channelReadComplete), not once per read.
+        outputReady()
     }
 
     func channelReadComplete(context: ChannelHandlerContext) {
-        for stream in streams.values { stream.exchange?.upstreamReadComplete() }
+        // Only the streams that heard something in this batch flush their downstream.
+        let touched = self.touched
+        self.touched.removeAll(keepingCapacity: true)
+        for id in touched { streams[id]?.exchange?.upstreamReadComplete() }
         writeOutput()
         context.fireChannelReadComplete()
     }
@@ -145,9 +149,15 @@ final class HTTP2UpstreamConnection: ChannelInboundHandler {
 
     private func handle(_ event: HTTP2Session.Event) {
         switch event {
-        case .headers(let id, let block): streams[id]?.receivedHeaders(block)
-        case .data(let id, let buffer): streams[id]?.receivedData(buffer)
-        case .endStream(let id): streams[id]?.receivedEnd()
+        case .headers(let id, let block):
+            touch(id)
+            streams[id]?.receivedHeaders(block)
+        case .data(let id, let buffer):
+            touch(id)
+            streams[id]?.receivedData(buffer)
+        case .endStream(let id):
+            touch(id)
+            streams[id]?.receivedEnd()
         case .closed(let id, let error):
             guard let stream = streams.removeValue(forKey: id) else { return }
             stream.closed(error: HTTP2StreamError(code: error, connectionClosed: false))
@@ -161,6 +171,13 @@ final class HTTP2UpstreamConnection: ChannelInboundHandler {
         case .remoteSettings:
             settingsReceived = true
         }
+    }
+
+    /// Streams that received frames since the last read batch ended (few; a linear check).
+    private var touched: [Int32] = []
+
+    private func touch(_ id: Int32) {
+        if touched.last != id && !touched.contains(id) { touched.append(id) }
     }
 
     private func becameIdle() {
@@ -375,7 +392,7 @@ final class HTTP2UpstreamStream: UpstreamStream {
         if let host = head.headers.first(name: "host") { fields.append((":authority", host)) }
         fields.append((":path", head.uri))
         for (name, value) in head.headers {
-            let lower = name.lowercased()
+            let lower = name.asciiLowercased
             switch lower {
             case "host", "connection", "keep-alive", "proxy-connection", "transfer-encoding", "upgrade": continue
             case "te": if value.lowercased().contains("trailers") { fields.append(("te", "trailers")) }
