@@ -97,8 +97,8 @@ proxy_runs() { # name port pid
   for _ in $(seq 1 100); do curl -s -o /dev/null -m 1 "http://127.0.0.1:$port/" && break; sleep 0.1; done
   for _ in $(seq 1 20); do curl -s -o /dev/null "http://127.0.0.1:$port/"; done
   sleep 2
-  burst "$name" "$pid" "$port" "slowloris $SLOW conns, ${HOLD}s" python3 "$root/Benchmarks/tools/conn_burst.py" slowloris 127.0.0.1 "$port" "$SLOW" "$HOLD"
-  burst "$name" "$pid" "$port" "idle $IDLE conns, ${HOLD}s" python3 "$root/Benchmarks/tools/conn_burst.py" idle 127.0.0.1 "$port" "$IDLE" "$HOLD"
+  burst "$name" "$pid" "$port" "slowloris $SLOW conns, ${HOLD}s" python3 "$root/Tests/Fixtures/net/conn_burst.py" slowloris 127.0.0.1 "$port" "$SLOW" "$HOLD"
+  burst "$name" "$pid" "$port" "idle $IDLE conns, ${HOLD}s" python3 "$root/Tests/Fixtures/net/conn_burst.py" idle 127.0.0.1 "$port" "$IDLE" "$HOLD"
   burst "$name" "$pid" "$port" "wrk -c$WRK_CONNECTIONS, ${HOLD}s" \
     sh -c "wrk -t2 -c$WRK_CONNECTIONS -d${HOLD}s http://127.0.0.1:$port/ | grep -E 'Requests/sec|Non-2xx|Socket errors' | tr '\n' ' '; echo"
 }
