@@ -203,12 +203,7 @@ import Glibc
             let line = text.split(separator: "\n").first { $0.hasPrefix(name + " ") }
             return line.flatMap { Double($0.split(separator: " ")[1]) }
         }
-        func residentMiB() -> Double {
-            let path = "/proc/\(process.processIdentifier)/status"
-            let status = (try? String(contentsOfFile: path, encoding: .utf8)) ?? ""
-            let line = status.split(separator: "\n").first { $0.hasPrefix("VmRSS:") } ?? ""
-            return (Double(line.split(separator: " ").dropFirst().first ?? "") ?? 0) / 1024
-        }
+        func residentMiB() -> Double { Double(Peers.residentBytes(pid: process.processIdentifier)) / 1_048_576 }
         #expect(await Peers.eventually(within: .seconds(10)) { await metric("trellis_memory_returns_total") == 0 })
         let before = residentMiB()
 
@@ -263,12 +258,7 @@ import Glibc
             try? FileManager.default.removeItem(at: file)
             Task { await upstream.stop() }
         }
-        func residentMiB() -> Double {
-            let path = "/proc/\(process.processIdentifier)/status"
-            let status = (try? String(contentsOfFile: path, encoding: .utf8)) ?? ""
-            let line = status.split(separator: "\n").first { $0.hasPrefix("VmRSS:") } ?? ""
-            return (Double(line.split(separator: " ").dropFirst().first ?? "") ?? 0) / 1024
-        }
+        func residentMiB() -> Double { Double(Peers.residentBytes(pid: process.processIdentifier)) / 1_048_576 }
         #expect(await Peers.eventually(within: .seconds(10)) { !Peers.portsFree([port]) })
         let warm = await Peers.command([
             "curl", "-s", "--http2-prior-knowledge", "http://127.0.0.1:\(port)/bytes/1048576", "-o", "/dev/null",

@@ -3,6 +3,7 @@ import NIOCore
 import NIOHTTP1
 import NIOPosix
 import Testing
+import TrellisTestSupport
 
 @testable import Proxy
 
@@ -10,13 +11,7 @@ import Testing
 @Suite struct StreamingAndPoolTests {
     let group = MultiThreadedEventLoopGroup.singleton
 
-    private static func residentBytes() -> Int {
-        guard let status = try? String(contentsOfFile: "/proc/self/status", encoding: .utf8) else { return 0 }
-        for line in status.split(separator: "\n") where line.hasPrefix("VmRSS:") {
-            return (Int(line.split(separator: " ").dropFirst().first ?? "0") ?? 0) * 1024
-        }
-        return 0
-    }
+    private static func residentBytes() -> Int { Peers.residentBytes() }
 
     @Test func aLargeUploadIsStreamedThroughWithFlatMemory() async throws {
         let a = try await TestUpstream.start(name: "alpha", group: group)

@@ -48,6 +48,17 @@ public enum Peers {
         }
     }
 
+    /// The resident size of process `pid` (this process when nil), in bytes, from
+    /// `/proc/PID/status`; 0 when unreadable.
+    public static func residentBytes(pid: Int32? = nil) -> Int {
+        let path = "/proc/\(pid.map { "\($0)" } ?? "self")/status"
+        guard let status = try? String(contentsOfFile: path, encoding: .utf8) else { return 0 }
+        for line in status.split(separator: "\n") where line.hasPrefix("VmRSS:") {
+            return (Int(line.split(separator: " ").dropFirst().first ?? "0") ?? 0) * 1024
+        }
+        return 0
+    }
+
     /// A loopback port for a server a test starts by number (pilot, Envoy, Python), that nothing
     /// listens on now. Taken from 20000–29999, outside the kernel's range for port 0 (32768 and
     /// up): the proxy binds port 0 with `SO_REUSEPORT`, and a later `SO_REUSEPORT` bind of the same

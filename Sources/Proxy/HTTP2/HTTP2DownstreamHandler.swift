@@ -29,8 +29,6 @@ final class HTTP2DownstreamHandler: ChannelInboundHandler {
     /// When drain began: GOAWAY with the last stream follows one quiet period after the notice.
     private var drainStarted: NIODeadline?
     private var finalGoAwaySent = false
-    /// Streams that received DATA since the last read batch ended.
-    private var touched: [Int32] = []
 
     init(
         loop: LoopContext,
@@ -114,9 +112,7 @@ final class HTTP2DownstreamHandler: ChannelInboundHandler {
 
     func channelReadComplete(context: ChannelHandlerContext) {
         // Only the streams that received something in this batch flush their upstream.
-        let touched = self.touched
-        self.touched.removeAll(keepingCapacity: true)
-        for id in touched { streams[id]?.exchange?.downstreamReadComplete() }
+        for id in session.takeTouched() { streams[id]?.exchange?.downstreamReadComplete() }
         writeOutput()
         context.fireChannelReadComplete()
     }
@@ -159,7 +155,6 @@ final class HTTP2DownstreamHandler: ChannelInboundHandler {
                 openStream(id, block)
             }
         case .data(let id, let buffer):
-            if touched.last != id && !touched.contains(id) { touched.append(id) }
             guard let stream = streams[id], let exchange = stream.exchange else {
                 session.consume(stream: id, bytes: buffer.readableBytes)
                 return
@@ -171,7 +166,6 @@ final class HTTP2DownstreamHandler: ChannelInboundHandler {
                 session.consume(stream: id, bytes: buffer.readableBytes)
             }
         case .endStream(let id):
-            if touched.last != id && !touched.contains(id) { touched.append(id) }
             streams[id]?.exchange?.requestEnd(nil)
         case .closed(let id, _):
             guard let stream = streams.removeValue(forKey: id) else { return }

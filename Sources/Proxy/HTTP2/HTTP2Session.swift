@@ -197,6 +197,21 @@ final class HTTP2Session {
         return out
     }
 
+    /// Streams that received HEADERS or DATA since ``takeTouched()`` was last called, in order:
+    /// the ones whose exchanges flush when a batch of reads ends.
+    private var touched: [Int32] = []
+
+    func takeTouched() -> [Int32] {
+        guard !touched.isEmpty else { return [] }
+        let out = touched
+        touched.removeAll(keepingCapacity: true)
+        return out
+    }
+
+    private func touch(_ stream: Int32) {
+        if touched.last != stream && !touched.contains(stream) { touched.append(stream) }
+    }
+
     /// Events raised while frames were produced (a stream closes when this side sends its
     /// END_STREAM after the peer's): collect them after ``produce(into:)``.
     func takeEvents() -> [Event] {
@@ -356,9 +371,13 @@ final class HTTP2Session {
             incoming = nil
             var block = current.block
             block.endStream = endStream
+            touch(hd.stream_id)
             events.append(.headers(stream: hd.stream_id, block))
         case Int(NGHTTP2_DATA.rawValue):
-            if endStream { events.append(.endStream(stream: hd.stream_id)) }
+            if endStream {
+                touch(hd.stream_id)
+                events.append(.endStream(stream: hd.stream_id))
+            }
         case Int(NGHTTP2_GOAWAY.rawValue):
             events.append(
                 .goAway(lastStream: frame.pointee.goaway.last_stream_id, error: frame.pointee.goaway.error_code)
@@ -374,6 +393,7 @@ final class HTTP2Session {
     private func dataReceived(_ stream: Int32, _ bytes: UnsafeRawBufferPointer) -> Int32 {
         var buffer = allocator.buffer(capacity: bytes.count)
         buffer.writeBytes(bytes)
+        touch(stream)
         events.append(.data(stream: stream, buffer))
         return 0
     }

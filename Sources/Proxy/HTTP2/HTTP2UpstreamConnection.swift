@@ -119,9 +119,7 @@ final class HTTP2UpstreamConnection: ChannelInboundHandler {
 
     func channelReadComplete(context: ChannelHandlerContext) {
         // Only the streams that heard something in this batch flush their downstream.
-        let touched = self.touched
-        self.touched.removeAll(keepingCapacity: true)
-        for id in touched { streams[id]?.exchange?.upstreamReadComplete() }
+        for id in session.takeTouched() { streams[id]?.exchange?.upstreamReadComplete() }
         writeOutput()
         context.fireChannelReadComplete()
     }
@@ -149,15 +147,9 @@ final class HTTP2UpstreamConnection: ChannelInboundHandler {
 
     private func handle(_ event: HTTP2Session.Event) {
         switch event {
-        case .headers(let id, let block):
-            touch(id)
-            streams[id]?.receivedHeaders(block)
-        case .data(let id, let buffer):
-            touch(id)
-            streams[id]?.receivedData(buffer)
-        case .endStream(let id):
-            touch(id)
-            streams[id]?.receivedEnd()
+        case .headers(let id, let block): streams[id]?.receivedHeaders(block)
+        case .data(let id, let buffer): streams[id]?.receivedData(buffer)
+        case .endStream(let id): streams[id]?.receivedEnd()
         case .closed(let id, let error):
             guard let stream = streams.removeValue(forKey: id) else { return }
             stream.closed(error: HTTP2StreamError(code: error, connectionClosed: false))
@@ -171,13 +163,6 @@ final class HTTP2UpstreamConnection: ChannelInboundHandler {
         case .remoteSettings:
             settingsReceived = true
         }
-    }
-
-    /// Streams that received frames since the last read batch ended (few; a linear check).
-    private var touched: [Int32] = []
-
-    private func touch(_ id: Int32) {
-        if touched.last != id && !touched.contains(id) { touched.append(id) }
     }
 
     private func becameIdle() {
