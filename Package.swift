@@ -244,6 +244,7 @@ let package = Package(
                 "Proxy",
                 "TrellisValues",
                 "TrellisTestSupport",
+                .product(name: "Atomics", package: "swift-atomics"),
                 .product(name: "NIOCore", package: "swift-nio"),
                 .product(name: "NIOPosix", package: "swift-nio"),
                 .product(name: "NIOHTTP1", package: "swift-nio"),

@@ -22,42 +22,30 @@ import TrellisTestSupport
             ),
             group: group
         )
-        // An idle keep-alive connection: one request answered, nothing more.
+        // A keep-alive connection answered once, nothing more. (How long a connection must have
+        // been quiet before the drain closes it is checked with advanced time in
+        // DownstreamHandlerEmbeddedTests.)
         let idle = try await RawClient.connect(port: proxy.port, group: group)
         try await idle.send("GET /one HTTP/1.1\r\nhost: a\r\n\r\n")
         let first = try await idle.readUntil("alpha", count: 2)
         #expect(first.hasPrefix("HTTP/1.1 200 OK"))
         #expect(!first.lowercased().contains("connection: close"))
-        try await Task.sleep(for: .milliseconds(1100))
-
-        // A connection used just before the drain.
-        let recent = try await RawClient.connect(port: proxy.port, group: group)
-        try await recent.send("GET /recent HTTP/1.1\r\nhost: a\r\n\r\n")
-        let recentFirst = try await recent.readUntil("alpha", count: 2)
 
         // A busy connection: a slow request in flight.
         let busy = try await RawClient.connect(port: proxy.port, group: group)
         try await busy.send("GET /delay/1500 HTTP/1.1\r\nhost: a\r\n\r\n")
-        try await Task.sleep(for: .milliseconds(300))
+        #expect(await Peers.eventually(within: .seconds(5)) { await proxy.server.activity().requestsInFlight == 1 })
         let before = await proxy.server.activity()
-        #expect(before.httpConnections == 3)
-        #expect(before.requestsInFlight == 1)
+        #expect(before.httpConnections == 2)
 
         let started = await proxy.server.startDraining()
-        #expect(started.idleClosed == 1)
         #expect(started.requestsInFlight == 1)
         #expect(proxy.server.isDraining)
 
-        let (idleText, idleClosed) = try await idle.readUntilClose(timeout: .seconds(2))
+        // The idle one closes once it has been quiet for the drain's quiet period.
+        let (idleText, idleClosed) = try await idle.readUntilClose(timeout: .seconds(3))
         #expect(idleClosed, "the idle connection was closed by the drain")
         #expect(idleText == first, "nothing more was sent on it")
-
-        // The recently used one stays open until it has been quiet for a second, then closes.
-        let drainStart = ContinuousClock.now
-        let (recentText, recentClosed) = try await recent.readUntilClose(timeout: .seconds(3))
-        #expect(recentClosed, "the recently used connection was closed once quiet")
-        #expect(recentText == recentFirst, "nothing more was sent on it")
-        #expect(ContinuousClock.now - drainStart >= .milliseconds(400), "not closed at the drain's start")
 
         // The slow request completes, says Connection: close, and the connection ends.
         let (busyText, busyClosed) = try await busy.readUntilClose(timeout: .seconds(5))
@@ -88,7 +76,7 @@ import TrellisTestSupport
         let both = try await again.readUntil("HTTP/1.1 200 OK", count: 2)
         #expect(both.components(separatedBy: "HTTP/1.1 200 OK").count == 3, "two answers on one connection: \(both)")
 
-        for client in [idle, recent, busy, late, again] { await client.close() }
+        for client in [idle, busy, late, again] { await client.close() }
         await proxy.stop()
         await a.stop()
     }

@@ -75,11 +75,13 @@ final class ConnectionTimeoutHandler: ChannelInboundHandler {
     }
 
     private func apply(_ action: ConnectionTimeoutStateMachine.TimerAction) {
+        // The loop's clock (an embedded loop's in tests).
+        let now = context?.eventLoop.now ?? .now()
         switch action {
         case .none: return
         case .cancel: deadline = nil
-        case .idle: deadline = .now() + idleTimeout
-        case .header: deadline = .now() + headerTimeout
+        case .idle: deadline = now + idleTimeout
+        case .header: deadline = now + headerTimeout
         }
     }
 
@@ -109,7 +111,7 @@ final class ConnectionTimeoutHandler: ChannelInboundHandler {
         timer = nil
         timerFiresAt = nil
         guard let deadline else { return }
-        if NIODeadline.now() < deadline {
+        if context.eventLoop.now < deadline {
             schedule(at: deadline, context: context)
             return
         }

@@ -4,8 +4,9 @@ import NIOCore
 import NIOHTTP1
 
 /// The end of a downstream connection's pipeline: turns each request into a ``ProxyExchange``
-/// and writes back what the exchange produces. Holds reads (back-pressure) while the exchange
-/// cannot take more of the request body.
+/// and writes back what the exchange produces. What the connection's events mean — pipelining,
+/// held reads, keep-alive, drain — is decided by ``HTTP1ConnectionStateMachine``; this class
+/// carries out its actions on the channel.
 final class DownstreamHandler: ChannelDuplexHandler {
     typealias InboundIn = HTTPServerRequestPart
     typealias OutboundIn = HTTPServerResponsePart
@@ -15,23 +16,9 @@ final class DownstreamHandler: ChannelDuplexHandler {
     private let listenerName: String
     let accessLog: Bool
     private var context: ChannelHandlerContext?
+    private var machine: HTTP1ConnectionStateMachine
+    /// The exchange of the request being served.
     private var exchange: ProxyExchange?
-    private var readHeld = false
-    private var closing = false
-    /// Whether the current exchange's request has been read whole.
-    private var currentRequestEnded = false
-    /// Parts of pipelined requests waiting for the current response to finish.
-    private var queued = CircularBuffer<HTTPServerRequestPart>()
-    /// A parse error in a pipelined request, answered once the responses before it are done.
-    private var pendingError: ProxyError?
-    /// Whether the connection stays open after the current response.
-    var keepAlive = true
-    /// The current request's version and whether it asked for keep-alive.
-    private var requestVersion = HTTPVersion.http1_1
-    private var clientWantsKeepAlive = true
-    var isDraining = false
-    /// Since when the connection has waited for a request (nil while one is being served).
-    private(set) var idleSince: NIODeadline?
 
     /// The timers of this connection (same channel, same loop).
     private let timeouts: ConnectionTimeoutHandler?
@@ -39,6 +26,8 @@ final class DownstreamHandler: ChannelDuplexHandler {
     /// Where a captured connection was going (looked up once, when it opened).
     private var originalDestination: SocketEndpoint?
     private let lookup: OriginalDestinationLookup?
+    private var remoteAddress: SocketAddress?
+    private var clientIP: String?
 
     init(
         loop: LoopContext,
@@ -52,6 +41,7 @@ final class DownstreamHandler: ChannelDuplexHandler {
         self.timeouts = timeouts
         self.listenerName = listenerName
         self.accessLog = accessLog
+        self.machine = HTTP1ConnectionStateMachine(now: loop.eventLoop.now, draining: loop.draining)
     }
 
     var isWritable: Bool { context?.channel.isWritable ?? false }
@@ -66,9 +56,6 @@ final class DownstreamHandler: ChannelDuplexHandler {
         self.context = nil
     }
 
-    private var remoteAddress: SocketAddress?
-    private var clientIP: String?
-
     func channelActive(context: ChannelHandlerContext) {
         opened(context)
         context.fireChannelActive()
@@ -80,8 +67,7 @@ final class DownstreamHandler: ChannelDuplexHandler {
         }
         remoteAddress = context.channel.remoteAddress
         clientIP = remoteAddress?.ipAddress
-        isDraining = loop.draining
-        idleSince = .now()
+        machine = HTTP1ConnectionStateMachine(now: context.eventLoop.now, draining: loop.draining)
         loop.opened(self)
         loop.stats.activeConnections.increment()
         loop.stats.totalConnections.increment()
@@ -90,40 +76,20 @@ final class DownstreamHandler: ChannelDuplexHandler {
     func channelInactive(context: ChannelHandlerContext) {
         loop.closed(self)
         loop.stats.activeConnections.decrement()
-        exchange?.downstreamClosed()
+        if machine.closed() { exchange?.downstreamClosed() }
         exchange = nil
         context.fireChannelInactive()
     }
 
     func channelRead(context: ChannelHandlerContext, data: NIOAny) {
-        let part = unwrapInboundIn(data)
-        // Pipelining: parts that arrive after the current request ended belong to the next
-        // request; they wait (and reads pause) until the current response is complete.
-        if !queued.isEmpty || (exchange != nil && currentRequestEnded) {
-            queued.append(part)
-            return
-        }
-        process(part, context: context)
+        perform(machine.received(unwrapInboundIn(data)))
     }
 
-    private func process(_ part: HTTPServerRequestPart, context: ChannelHandlerContext) {
-        switch part {
-        case .head(let received):
-            // RFC 9112 §3.2.2: an absolute-form target's authority replaces Host, for routing and
-            // upstream alike.
-            guard let head = Self.authorityFromTarget(received) else {
-                timeouts?.requestHeadReceived()
-                let target = received.uri.prefix(200)
-                rejectMalformed(.badRequest("absolute-form request target without a host: '\(target)'"))
-                return
-            }
+    private func perform(_ action: HTTP1ConnectionStateMachine.PartAction) {
+        switch action {
+        case .startExchange(let head):
             timeouts?.requestHeadReceived()
-            idleSince = nil
             loop.stats.downstreamRequests.increment()
-            keepAlive = head.isKeepAlive
-            clientWantsKeepAlive = keepAlive
-            requestVersion = head.version
-            currentRequestEnded = false
             let (_, chain) = loop.current()
             let request = RequestContext(
                 head: head,
@@ -136,22 +102,15 @@ final class DownstreamHandler: ChannelDuplexHandler {
             let exchange = ProxyExchange(downstream: self, loop: loop, request: request, chain: chain)
             self.exchange = exchange
             exchange.start()
-        case .body(let buffer):
+        case .forwardBody(let buffer):
             exchange?.requestBody(buffer)
-        case .end(let trailers):
-            currentRequestEnded = true
+        case .forwardEnd(let trailers):
             exchange?.requestEnd(trailers)
-        }
-    }
-
-    /// Runs the parts of pipelined requests that waited for the previous response.
-    private func processQueued(context: ChannelHandlerContext) {
-        while !queued.isEmpty && !closing && (exchange == nil || !currentRequestEnded) {
-            process(queued.removeFirst(), context: context)
-        }
-        if queued.isEmpty, let error = pendingError, exchange == nil, !closing {
-            pendingError = nil
-            rejectMalformed(error)
+        case .reject(let error):
+            timeouts?.requestHeadReceived()
+            reject(error)
+        case .none:
+            break
         }
     }
 
@@ -161,13 +120,7 @@ final class DownstreamHandler: ChannelDuplexHandler {
     }
 
     func read(context: ChannelHandlerContext) {
-        if !queued.isEmpty || pendingError != nil {
-            readHeld = true
-        } else if let exchange, !currentRequestEnded, exchange.holdsDownstreamReads {
-            readHeld = true
-        } else {
-            context.read()
-        }
+        if machine.readRequested(exchangeHoldsReads: exchange?.holdsDownstreamReads ?? false) { context.read() }
     }
 
     func channelWritabilityChanged(context: ChannelHandlerContext) {
@@ -181,49 +134,23 @@ final class DownstreamHandler: ChannelDuplexHandler {
             context.close(promise: nil)
             return
         }
-        if parserError == .invalidEOFState || !context.channel.isActive {
-            // The client went away in the middle of a request: nobody is left to answer.
+        switch machine.parseError(parserError, channelActive: context.channel.isActive) {
+        case .closeQuietly:
             exchange?.downstreamClosed()
             exchange = nil
             context.close(promise: nil)
-            return
-        }
-        let proxyError: ProxyError =
-            switch parserError {
-            case .headerOverflow: .headerTooLarge("\(parserError)")
-            default: .badRequest("\(parserError)")
-            }
-        if let exchange, !currentRequestEnded, queued.isEmpty {
-            // Mid-request (a bad chunk size, say): the exchange answers if it still can.
-            exchange.respondLocally(proxyError)
+        case .failExchange(let error):
+            exchange?.respondLocally(error)
             abort()
-        } else if exchange != nil || !queued.isEmpty {
-            // A later pipelined request is malformed: answer it in its turn.
-            pendingError = pendingError ?? proxyError
-        } else {
-            rejectMalformed(proxyError)
+        case .reject(let error):
+            reject(error)
+        case .deferred, .none:
+            break
         }
     }
 
-    /// `head` with an absolute-form target (`http://alt.example/x`) turned into what an origin
-    /// server expects: `Host: alt.example` (the received Host is ignored, RFC 9112 §3.2.2) and the
-    /// origin-form target `/x`. Other targets are returned as they are; nil for an absolute-form
-    /// target without a host.
-    static func authorityFromTarget(_ head: HTTPRequestHead) -> HTTPRequestHead? {
-        guard !head.uri.hasPrefix("/"), let scheme = head.uri.firstRange(of: "://") else { return head }
-        let rest = head.uri[scheme.upperBound...]
-        let end = rest.firstIndex { $0 == "/" || $0 == "?" || $0 == "#" } ?? rest.endIndex
-        var authority = rest[..<end]
-        if let at = authority.lastIndex(of: "@") { authority = authority[authority.index(after: at)...] }
-        guard !authority.isEmpty else { return nil }
-        var normalized = head
-        normalized.headers.replaceOrAdd(name: "host", value: String(authority))
-        let target = rest[end...]
-        normalized.uri = target.hasPrefix("/") ? String(target) : "/" + target
-        return normalized
-    }
-
-    private func rejectMalformed(_ proxyError: ProxyError) {
+    /// Answers a request that cannot be parsed or served, and closes the connection.
+    private func reject(_ proxyError: ProxyError) {
         loop.stats.record(proxyError)
         if accessLog {
             loop.accessLogger.info(
@@ -234,36 +161,26 @@ final class DownstreamHandler: ChannelDuplexHandler {
                 ]
             )
         }
-        sendError(proxyError, keepAlive: false, version: .http1_1)
+        writeError(proxyError, keepAlive: false, version: .http1_1)
+        finishResponse(nil, close: true)
     }
 
     // MARK: Drain
 
-    /// Whether a request is being served or waits its turn.
-    var isBusy: Bool { exchange != nil || !queued.isEmpty || pendingError != nil }
-
     /// Marks the connection draining: closed now when it has been idle for `quiet` (returns true);
     /// otherwise its current or next response says `Connection: close` (if not sent yet) and the
     /// connection closes after it, or a later call closes it once it has been quiet long enough.
-    /// A connection that just finished a response is the one a client's pool hands out next:
-    /// closing it at once would race with the request already on its way (the keep-alive race).
     func drain(quiet: TimeAmount) -> Bool {
-        isDraining = true
-        guard !isBusy, !closing, let context, let idleSince, idleSince + quiet <= .now() else { return false }
-        closing = true
+        guard let context, machine.drain(quiet: quiet, now: context.eventLoop.now) else { return false }
         context.close(promise: nil)
         return true
     }
 
     // MARK: Called by the exchange
 
-    func write(_ part: HTTPServerResponsePart, flush: Bool) {
-        guard let context, !closing else { return }
-        if flush {
-            context.writeAndFlush(wrapOutboundOut(part), promise: nil)
-        } else {
-            context.write(wrapOutboundOut(part), promise: nil)
-        }
+    private func write(_ part: HTTPServerResponsePart) {
+        guard let context, !machine.isClosing else { return }
+        context.write(wrapOutboundOut(part), promise: nil)
     }
 
     func flush() {
@@ -271,42 +188,41 @@ final class DownstreamHandler: ChannelDuplexHandler {
     }
 
     func resumeReadingIfHeld() {
-        guard readHeld, queued.isEmpty, pendingError == nil, let context, let exchange, !exchange.holdsDownstreamReads
-        else { return }
-        readHeld = false
-        context.read()
+        guard let exchange, machine.resumeReading(exchangeHoldsReads: exchange.holdsDownstreamReads) else { return }
+        context?.read()
     }
 
     /// The response is complete.
     func responseEnded(_ trailers: HTTPHeaders?) {
-        guard let context, !closing else { return }
+        finishResponse(trailers, close: false)
+    }
+
+    private func finishResponse(_ trailers: HTTPHeaders?, close: Bool) {
+        guard let context else { return }
+        let action = machine.responseEnded(now: context.eventLoop.now, close: close)
+        if action == .none { return }
         exchange = nil
-        // Draining: the connection ends with this response, even if its head said keep-alive
-        // (the drain began after the head was sent).
-        let keepAlive = self.keepAlive && !isDraining
         timeouts?.responseCompleted()
-        if keepAlive {
-            idleSince = .now()
+        if action == .keepOpen {
             context.write(wrapOutboundOut(.end(trailers)), promise: nil)
             loop.flushSoon(context)
         } else {
-            closing = true
             let bound = NIOLoopBound(context, eventLoop: context.eventLoop)
             context.writeAndFlush(wrapOutboundOut(.end(trailers))).whenComplete { _ in
                 bound.value.close(promise: nil)
             }
         }
-        processQueued(context: context)
-        if readHeld && queued.isEmpty && !closing && (exchange == nil || !(exchange!.holdsDownstreamReads)) {
-            readHeld = false
+        // The pipelined parts that waited for this response: the next request's head, and its
+        // body up to its end (an exchange answering at once comes back here and goes on).
+        while let next = machine.nextQueued() { perform(next) }
+        if machine.resumeReadingAfterResponse(exchangeHoldsReads: exchange?.holdsDownstreamReads ?? false) {
             context.read()
         }
     }
 
-    /// Answers with a proxy error: status, `x-trellis-error`, and the token as the body.
-    func sendError(_ error: ProxyError, keepAlive: Bool, version: HTTPVersion) {
-        guard let context, !closing else { return }
-        self.keepAlive = keepAlive
+    /// Writes a proxy error's head and body: status, `x-trellis-error`, and the token as the body.
+    private func writeError(_ error: ProxyError, keepAlive: Bool, version: HTTPVersion) {
+        guard let context, !machine.isClosing else { return }
         var headers = HTTPHeaders()
         let body = "\(error.token)\n"
         headers.add(name: "content-type", value: "text/plain")
@@ -323,13 +239,11 @@ final class DownstreamHandler: ChannelDuplexHandler {
         var buffer = context.channel.allocator.buffer(capacity: body.utf8.count)
         buffer.writeString(body)
         context.write(wrapOutboundOut(.body(.byteBuffer(buffer))), promise: nil)
-        responseEnded(nil)
     }
 
     /// Ends the connection without a further response (a response already started, or cannot).
     func abort() {
-        guard let context, !closing else { return }
-        closing = true
+        guard let context, machine.abort() else { return }
         exchange = nil
         context.close(promise: nil)
     }
@@ -339,37 +253,35 @@ final class DownstreamHandler: ChannelDuplexHandler {
 extension DownstreamHandler: Sendable {}
 
 extension DownstreamHandler: DownstreamConnection {
-    var requestsInFlight: Int { isBusy ? 1 : 0 }
+    var requestsInFlight: Int { machine.isBusy ? 1 : 0 }
 
     func stopDrain() {
-        isDraining = false
+        machine.stopDrain()
     }
 }
 
 extension DownstreamHandler: DownstreamStream {
     func informational(_ head: HTTPResponseHead) {
-        write(.head(HTTPResponseHead(version: requestVersion, status: head.status)), flush: true)
+        write(.head(HTTPResponseHead(version: machine.requestVersion, status: head.status)))
+        flush()
     }
 
     func responseHead(_ head: HTTPResponseHead, requestEnded: Bool) {
-        // A request still sending its body when the response starts leaves the connection
-        // unframed; an HTTP/1.0 response without a length ends with the connection.
-        var keepAlive = clientWantsKeepAlive && requestEnded && !isDraining
-        if requestVersion == .http1_0 && !head.headers.contains(name: "content-length") { keepAlive = false }
-        self.keepAlive = keepAlive
-        let out = HeaderRewriting.downstreamResponse(head, requestVersion: requestVersion, keepAlive: keepAlive)
-        write(.head(out), flush: false)
+        let keepAlive = machine.responseHead(
+            requestEnded: requestEnded,
+            hasContentLength: head.headers.contains(name: "content-length")
+        )
+        let version = machine.requestVersion
+        write(.head(HeaderRewriting.downstreamResponse(head, requestVersion: version, keepAlive: keepAlive)))
     }
 
     func responseBody(_ buffer: ByteBuffer) {
-        write(.body(.byteBuffer(buffer)), flush: false)
+        write(.body(.byteBuffer(buffer)))
     }
 
     func respondWithError(_ error: ProxyError, requestEnded: Bool, requestHasBody: Bool) {
-        // Answering before the request ended is safe for keep-alive only when the request has no
-        // body to skip; otherwise the connection is closed rather than guessing where the next
-        // request starts.
-        let keepAlive = (requestEnded || !requestHasBody) && clientWantsKeepAlive && !isDraining
-        sendError(error, keepAlive: keepAlive, version: requestVersion)
+        let keepAlive = machine.errorResponse(requestEnded: requestEnded, requestHasBody: requestHasBody)
+        writeError(error, keepAlive: keepAlive, version: machine.requestVersion)
+        finishResponse(nil, close: false)
     }
 }

@@ -315,7 +315,7 @@ public final class ProxyServer: Service, Sendable {
     }
 
     /// The HTTP/1.1 pipeline: timeouts, the codec, the downstream handler (and so the middleware).
-    private static func installHTTP(
+    static func installHTTP(
         _ sync: ChannelPipeline.SynchronousOperations,
         listener: ListenerConfig,
         loop loopContext: LoopContext,
