@@ -81,6 +81,9 @@ final class HTTP2Session {
     /// The header block being received. HTTP/2 allows nothing between a HEADERS frame and its
     /// CONTINUATIONs, so there is at most one at a time.
     private var incoming: (stream: Int32, block: HeaderBlock, size: Int)?
+    /// ``withNameValues(_:_:)``'s scratch space.
+    private var scratchBytes: [UInt8] = []
+    private var scratchNV: [nghttp2_nv] = []
     private var outbound: [Int32: Outbound] = [:]
     /// Streams whose queue went below ``lowWater`` during the last ``produce(into:)``.
     private(set) var drained: [Int32] = []
@@ -341,7 +344,9 @@ final class HTTP2Session {
     // MARK: libnghttp2 callbacks
 
     private func beginHeaders(_ stream: Int32) -> Int32 {
-        incoming = (stream, HeaderBlock(), 0)
+        var block = HeaderBlock()
+        block.fields.reserveCapacity(16)  // most blocks fit: no regrowth while the fields arrive
+        incoming = (stream, block, 0)
         return 0
     }
 
@@ -460,35 +465,37 @@ final class HTTP2Session {
         )
     }
 
-    /// Calls `body` with the fields as `nghttp2_nv` (libnghttp2 copies them during the call).
+    /// Calls `body` with the fields as `nghttp2_nv` (libnghttp2 copies them during the call). The
+    /// bytes and the `nghttp2_nv` array are the session's scratch space, kept between calls, so a
+    /// header block costs no allocation once the session has seen one as large.
     private func withNameValues<R>(
         _ fields: [(name: String, value: String)],
         _ body: (UnsafePointer<nghttp2_nv>?, Int) -> R
     ) -> R {
-        var storage: [UInt8] = []
-        storage.reserveCapacity(fields.reduce(0) { $0 + $1.name.utf8.count + $1.value.utf8.count })
-        var spans: [(Int, Int, Int, Int)] = []
-        spans.reserveCapacity(fields.count)
+        scratchBytes.removeAll(keepingCapacity: true)
         for field in fields {
-            let nameStart = storage.count
-            storage.append(contentsOf: field.name.utf8)
-            let valueStart = storage.count
-            storage.append(contentsOf: field.value.utf8)
-            spans.append((nameStart, valueStart - nameStart, valueStart, storage.count - valueStart))
+            scratchBytes.append(contentsOf: field.name.utf8)
+            scratchBytes.append(contentsOf: field.value.utf8)
         }
-        storage.append(0)  // never empty, so the base address exists
-        return storage.withUnsafeMutableBufferPointer { bytes in
-            let base = bytes.baseAddress!
-            let nva = spans.map { span in
-                nghttp2_nv(
-                    name: base + span.0,
-                    value: base + span.2,
-                    namelen: span.1,
-                    valuelen: span.3,
-                    flags: UInt8(NGHTTP2_NV_FLAG_NONE.rawValue)
+        scratchBytes.append(0)  // never empty, so the base address exists
+        scratchNV.removeAll(keepingCapacity: true)
+        return scratchBytes.withUnsafeMutableBufferPointer { bytes in
+            var next = bytes.baseAddress!
+            for field in fields {
+                let nameLength = field.name.utf8.count
+                let valueLength = field.value.utf8.count
+                scratchNV.append(
+                    nghttp2_nv(
+                        name: next,
+                        value: next + nameLength,
+                        namelen: nameLength,
+                        valuelen: valueLength,
+                        flags: UInt8(NGHTTP2_NV_FLAG_NONE.rawValue)
+                    )
                 )
+                next += nameLength + valueLength
             }
-            return nva.withUnsafeBufferPointer { body($0.baseAddress, $0.count) }
+            return scratchNV.withUnsafeBufferPointer { body($0.baseAddress, $0.count) }
         }
     }
 }
