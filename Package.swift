@@ -77,6 +77,13 @@ let package = Package(
             dependencies: ["TrellisValues", .product(name: "Yams", package: "Yams")],
             swiftSettings: swiftSettings
         ),
+        // The traffic-policy vocabulary shared by the gateway file, mesh.yaml, pilot's xDS and the
+        // proxy: the model and one YAML decoder per concept. No NIO, so pilot imports it too.
+        .target(
+            name: "TrellisPolicy",
+            dependencies: ["TrellisConfig", "TrellisValues"],
+            swiftSettings: swiftSettings
+        ),
         .target(
             name: "TrellisHTTP",
             dependencies: [
@@ -102,6 +109,7 @@ let package = Package(
             name: "Proxy",
             dependencies: [
                 "CNghttp2",
+                "TrellisPolicy",
                 "TrellisValues",
                 .product(name: "NIOCore", package: "swift-nio"),
                 .product(name: "NIOPosix", package: "swift-nio"),
@@ -131,6 +139,7 @@ let package = Package(
                 "Proxy",
                 "XDS",
                 "TrellisConfig",
+                "TrellisPolicy",
                 "TrellisValues",
                 "TrellisHTTP",
                 .product(name: "Yams", package: "Yams"),
@@ -152,6 +161,7 @@ let package = Package(
             dependencies: [
                 "XDS",
                 "TrellisConfig",
+                "TrellisPolicy",
                 "TrellisHTTP",
                 .product(name: "Logging", package: "swift-log"),
                 .product(name: "CoreMetrics", package: "swift-metrics"),
@@ -242,6 +252,7 @@ let package = Package(
             name: "ProxyTests",
             dependencies: [
                 "Proxy",
+                "TrellisPolicy",
                 "TrellisValues",
                 "TrellisTestSupport",
                 .product(name: "Atomics", package: "swift-atomics"),
@@ -261,6 +272,7 @@ let package = Package(
                 "TrellisTestSupport",
                 "TrellisHTTP",
                 "TrellisConfig",
+                "TrellisPolicy",
                 .product(name: "Prometheus", package: "swift-prometheus"),
                 "XDS",
                 .product(name: "GRPCCore", package: "grpc-swift-2"),
@@ -302,6 +314,7 @@ let package = Package(
                 "Agent",
                 "Interceptor",
                 "Pilot",
+                "TrellisPolicy",
                 "TrellisHTTP",
                 "TrellisTestSupport",
                 "TrellisConfig",

@@ -1,6 +1,7 @@
 import Foundation
 import Testing
 import TrellisConfig
+import TrellisPolicy
 
 @testable import Agent
 @testable import Proxy
@@ -248,7 +249,16 @@ import TrellisConfig
             ),
             (
                 "route: {cluster: c, retry_policy: {per_try_timeout: 0s}}",
-                "route.retry_policy.per_try_timeout: expected a positive duration"
+                "route.retry_policy.per_try_timeout: expected a duration above 0 and at most 1h"
+            ),
+            // The same bound as in mesh.yaml (one decoder, TrellisPolicy).
+            (
+                "route: {cluster: c, retry_policy: {per_try_timeout: 2h}}",
+                "route.retry_policy.per_try_timeout: expected a duration above 0 and at most 1h"
+            ),
+            (
+                "route: {cluster: c, rate_limit: {requests_per_second: 0.0001}}",
+                "route.rate_limit.requests_per_second: expected a rate with at most 3 decimals"
             ),
         ]
         let faults: [(String, String)] = [
@@ -356,8 +366,9 @@ import TrellisConfig
     }
 
     @Test func allSemanticProblemsAreReportedTogether() {
-        let yaml = valid.replacingOccurrences(of: "{cluster: c}", with: "{cluster: nope}")
-            .replacingOccurrences(of: "  - name: c\n", with: "  - name: c\n    connect_timeout: 0s\n")
+        let yaml =
+            valid.replacingOccurrences(of: "{cluster: c}", with: "{cluster: nope}")
+            + "\n  - name: c\n    endpoints: [{address: 127.0.0.1:18081}]\n"
         let found = errors(yaml)
         #expect(found.count == 2, "\(found)")
     }

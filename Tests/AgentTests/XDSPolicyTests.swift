@@ -5,6 +5,7 @@ import NIOPosix
 import Pilot
 import Proxy
 import Testing
+import TrellisPolicy
 import TrellisTestSupport
 
 @testable import Agent

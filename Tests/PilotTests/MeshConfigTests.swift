@@ -91,7 +91,7 @@ struct MeshConfigTests {
         ),
         (
             "service: a:80, rate_limit: {requests_per_second: 5, per: client_address}",
-            "policies[0].rate_limit.per: unknown key 'per'"
+            "policies[0].rate_limit: per: client_address and per: header are gateway-only"
         ),
         (
             "service: a:80, fault: {abort_percent: 5}",

@@ -2,6 +2,7 @@ import Foundation
 import NIOCore
 import NIOPosix
 import Testing
+import TrellisPolicy
 import TrellisTestSupport
 
 @testable import Proxy

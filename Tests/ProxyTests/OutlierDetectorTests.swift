@@ -1,6 +1,7 @@
 import Atomics
 import NIOCore
 import Testing
+import TrellisPolicy
 
 @testable import Proxy
 

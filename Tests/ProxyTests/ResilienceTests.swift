@@ -3,6 +3,7 @@ import NIOCore
 import NIOHTTP1
 import NIOPosix
 import Testing
+import TrellisPolicy
 import TrellisTestSupport
 
 @testable import Proxy

@@ -1,4 +1,5 @@
 import Testing
+import TrellisPolicy
 
 @testable import Proxy
 

@@ -1,5 +1,6 @@
 public import Proxy
 public import TrellisConfig
+import TrellisPolicy
 import Yams
 
 /// The gateway file: a ``ProxyConfig`` plus where the admin endpoint listens. See
@@ -212,198 +213,11 @@ public enum GatewayConfigLoader {
             action: RouteAction(
                 clusters: targets,
                 timeout: timeout,
-                rateLimit: try a["rate_limit"].map(rateLimit),
-                retryPolicy: try a["retry_policy"].map(retryPolicy),
-                fault: try a["fault"].map(fault)
+                rateLimit: try a["rate_limit"].map(RateLimit.decode),
+                retryPolicy: try a["retry_policy"].map(RetryPolicy.decode),
+                fault: try a["fault"].map(FaultInjection.decode)
             )
         )
-    }
-
-    /// `{requests_per_second: 100, burst: 200, per: all | client_address | header, header: x-api-key}`.
-    static func rateLimit(_ node: ConfigNode) throws(ConfigFileError) -> RateLimit {
-        let keys = try node.mapping(allowed: ["requests_per_second", "burst", "per", "header"])
-        let rate = try keys.required("requests_per_second", in: node).number(
-            above: 0,
-            atMost: RateLimit.maxRequestsPerSecond
-        )
-        // By default a burst of one second's worth.
-        let burst = try keys["burst"]?.int(in: 1...RateLimit.maxBurst) ?? max(1, Int(rate.rounded(.up)))
-        var key = RateLimit.Key.all
-        let per = try keys["per"]?.nonEmptyString() ?? "all"
-        switch per {
-        case "all": key = .all
-        case "client_address": key = .clientAddress
-        case "header":
-            let headerNode = try keys.required("header", in: node)
-            let name = try headerNode.nonEmptyString()
-            guard name.utf8.allSatisfy({ $0 > 0x20 && $0 < 0x7F && $0 != UInt8(ascii: ":") }) else {
-                throw headerNode.error("expected a header name, got '\(name)'")
-            }
-            key = .header(name.lowercased())
-        default:
-            throw keys["per"]!.error("expected one of all, client_address, header, got '\(per)'")
-        }
-        if per != "header", let h = keys["header"] { throw h.error("header is only used with per: header") }
-        return RateLimit(requestsPerSecond: rate, burst: burst, key: key)
-    }
-
-    /// `{http: {path: /healthz, host: name, expected_statuses: [200, "200-299"]} | tcp: {},
-    /// interval: 5s, timeout: 1s, healthy_threshold: 2, unhealthy_threshold: 3}`.
-    static func healthCheck(_ node: ConfigNode) throws(ConfigFileError) -> Proxy.HealthCheck {
-        let keys = try node.mapping(allowed: [
-            "http", "tcp", "interval", "timeout", "healthy_threshold", "unhealthy_threshold",
-        ])
-        let kind: Proxy.HealthCheck.Kind
-        switch (keys["http"], keys["tcp"]) {
-        case (let http?, nil):
-            let h = try http.mapping(allowed: ["path", "host", "expected_statuses"])
-            let pathNode = try h.required("path", in: http)
-            let path = try pathNode.nonEmptyString()
-            guard path.hasPrefix("/") else { throw pathNode.error("expected a path starting with '/', got '\(path)'") }
-            let statuses = try h["expected_statuses"]?.statusRanges() ?? [200...399]
-            kind = .http(path: path, host: try h["host"]?.nonEmptyString(), expectedStatuses: statuses)
-        case (nil, let tcp?):
-            _ = try tcp.mapping(allowed: [])
-            kind = .tcp
-        default:
-            throw node.error("expected exactly one of http or tcp")
-        }
-        var check = Proxy.HealthCheck(kind: kind)
-        func duration(_ key: String) throws(ConfigFileError) -> Duration? {
-            guard let n = keys[key] else { return nil }
-            let d = try n.duration()
-            guard d > .zero, d <= .seconds(3600) else { throw n.error("expected a duration above 0 and at most 1h") }
-            return d
-        }
-        if let d = try duration("interval") { check.interval = d }
-        if let d = try duration("timeout") { check.timeout = d }
-        if check.timeout > check.interval {
-            throw (keys["timeout"] ?? node).error("expected a timeout no longer than the interval")
-        }
-        if let n = keys["healthy_threshold"] { check.healthyThreshold = try n.int(in: 1...100) }
-        if let n = keys["unhealthy_threshold"] { check.unhealthyThreshold = try n.int(in: 1...100) }
-        return check
-    }
-
-    /// `{consecutive_errors: 5, interval: 10s, base_ejection_time: 30s, max_ejection_time: 300s,
-    /// max_ejection_percent: 10, success_rate: {minimum_hosts: 5, request_volume: 100,
-    /// stdev_factor: 1.9}}`; keys not given keep these defaults, no `success_rate`: not judged.
-    static func outlierDetection(_ node: ConfigNode) throws(ConfigFileError) -> OutlierDetection {
-        let keys = try node.mapping(allowed: [
-            "consecutive_errors", "interval", "base_ejection_time", "max_ejection_time", "max_ejection_percent",
-            "success_rate",
-        ])
-        var o = OutlierDetection()
-        func duration(_ key: String) throws(ConfigFileError) -> Duration? {
-            guard let n = keys[key] else { return nil }
-            let d = try n.duration()
-            guard d > .zero, d <= .seconds(86_400) else { throw n.error("expected a duration above 0 and at most 24h") }
-            return d
-        }
-        if let n = keys["consecutive_errors"] { o.consecutiveErrors = try n.int(in: 1...1_000_000) }
-        if let d = try duration("interval") { o.interval = d }
-        if let d = try duration("base_ejection_time") { o.baseEjectionTime = d }
-        if let d = try duration("max_ejection_time") { o.maxEjectionTime = d }
-        if let n = keys["max_ejection_percent"] { o.maxEjectionPercent = try n.int(in: 0...100) }
-        if let rateNode = keys["success_rate"] {
-            let r = try rateNode.mapping(allowed: ["minimum_hosts", "request_volume", "stdev_factor"])
-            var rate = OutlierDetection.SuccessRate()
-            if let n = r["minimum_hosts"] { rate.minimumHosts = try n.int(in: 1...10_000) }
-            if let n = r["request_volume"] { rate.requestVolume = try n.int(in: 1...1_000_000) }
-            if let n = r["stdev_factor"] { rate.stdevFactor = try n.number(above: 0, atMost: 100) }
-            o.successRate = rate
-        }
-        return o
-    }
-
-    /// `{delay: 2s, delay_percent: 10, abort_status: 503, abort_percent: 5}`.
-    static func fault(_ node: ConfigNode) throws(ConfigFileError) -> FaultInjection {
-        let keys = try node.mapping(allowed: ["delay", "delay_percent", "abort_status", "abort_percent"])
-        var f = FaultInjection()
-        func percent(_ key: String) throws(ConfigFileError) -> Double { try keys[key]?.percentage() ?? 100 }
-        if let n = keys["delay"] {
-            let d = try n.duration()
-            guard d > .zero, d <= .seconds(3600) else { throw n.error("expected a duration above 0 and at most 1h") }
-            f.delay = d
-            f.delayPercent = try percent("delay_percent")
-        } else if let n = keys["delay_percent"] {
-            throw n.error("delay_percent needs a delay")
-        }
-        if let n = keys["abort_status"] {
-            f.abortStatus = try n.int(in: 200...599)
-            f.abortPercent = try percent("abort_percent")
-        } else if let n = keys["abort_percent"] {
-            throw n.error("abort_percent needs an abort_status")
-        }
-        guard f.delay != nil || f.abortStatus != nil else { throw node.error("expected a delay or an abort_status") }
-        return f
-    }
-
-    /// `{retry_on: [connect-failure, reset, gateway-error, 5xx, retriable-status-codes],
-    /// num_retries: 1, retriable_status_codes: [409], per_try_timeout: 1s,
-    /// backoff: {base: 25ms, max: 250ms}, retry_non_idempotent: false,
-    /// budget: {percent: 20, min_concurrency: 3}}`.
-    static func retryPolicy(_ node: ConfigNode) throws(ConfigFileError) -> RetryPolicy {
-        let keys = try node.mapping(allowed: [
-            "retry_on", "num_retries", "retriable_status_codes", "per_try_timeout", "backoff", "retry_non_idempotent",
-            "budget",
-        ])
-        var p = RetryPolicy()
-        if let list = keys["retry_on"] {
-            var conditions: Set<RetryPolicy.Condition> = []
-            for item in try list.sequence() {
-                let name = try item.nonEmptyString()
-                guard let condition = RetryPolicy.Condition(rawValue: name) else {
-                    let names = RetryPolicy.Condition.allCases.map(\.rawValue).joined(separator: ", ")
-                    throw item.error("expected one of \(names), got '\(name)'")
-                }
-                conditions.insert(condition)
-            }
-            guard !conditions.isEmpty else { throw list.error("expected at least one condition") }
-            p.retryOn = conditions
-        }
-        if let n = keys["num_retries"] { p.numRetries = try n.int(in: 0...10) }
-        if let list = keys["retriable_status_codes"] {
-            p.retriableStatusCodes = try list.sequence().map { (item) throws(ConfigFileError) -> Int in
-                try item.int(in: 100...599)
-            }
-        }
-        if p.retryOn.contains(.retriableStatusCodes) && p.retriableStatusCodes.isEmpty {
-            throw (keys["retry_on"] ?? node).error("retriable-status-codes needs retriable_status_codes")
-        }
-        if let n = keys["per_try_timeout"] {
-            let d = try n.duration()
-            guard d > .zero else { throw n.error("expected a positive duration") }
-            p.perTryTimeout = d
-        }
-        if let b = keys["backoff"] {
-            let bk = try b.mapping(allowed: ["base", "max"])
-            if let n = bk["base"] { p.backoffBase = try n.duration() }
-            if let n = bk["max"] { p.backoffMax = try n.duration() }
-            guard p.backoffBase > .zero, p.backoffMax >= p.backoffBase, p.backoffMax <= .seconds(60) else {
-                throw b.error("expected 0 < base <= max <= 60s")
-            }
-        }
-        if let n = keys["retry_non_idempotent"] { p.retryNonIdempotent = try n.bool() }
-        if let b = keys["budget"] {
-            let bk = try b.mapping(allowed: ["percent", "min_concurrency"])
-            if let n = bk["percent"] { p.budgetPercent = try n.number(above: 0, atMost: 100) }
-            if let n = bk["min_concurrency"] { p.minRetryConcurrency = try n.int(in: 0...1_000_000) }
-        }
-        return p
-    }
-
-    /// `{max_connections, max_pending_requests, max_requests, max_retries}`, each 0...1000000;
-    /// those not given keep their defaults.
-    static func circuitBreakers(_ node: ConfigNode) throws(ConfigFileError) -> CircuitBreakers {
-        let keys = try node.mapping(allowed: ["max_connections", "max_pending_requests", "max_requests", "max_retries"])
-        var limits = CircuitBreakers()
-        let range = 0...CircuitBreakers.maxLimit
-        if let n = keys["max_connections"] { limits.maxConnections = try n.int(in: range) }
-        if let n = keys["max_pending_requests"] { limits.maxPendingRequests = try n.int(in: range) }
-        if let n = keys["max_requests"] { limits.maxRequests = try n.int(in: range) }
-        if let n = keys["max_retries"] { limits.maxRetries = try n.int(in: range) }
-        return limits
     }
 
     private static func cluster(_ node: ConfigNode) throws(ConfigFileError) -> ClusterConfig {
@@ -479,13 +293,14 @@ public enum GatewayConfigLoader {
             name: try keys.required("name", in: node).nonEmptyString(),
             loadBalancing: policy,
             endpoints: endpoints,
-            connectTimeout: try keys["connect_timeout"]?.duration() ?? .seconds(1),
+            connectTimeout: try keys["connect_timeout"]?.duration(atMost: PolicyBounds.maxConnectTimeout)
+                ?? .seconds(1),
             pool: pool,
             originalDestination: originalDestination,
-            circuitBreakers: try keys["circuit_breakers"].map(circuitBreakers),
-            rateLimit: try keys["rate_limit"].map(rateLimit),
-            outlierDetection: try keys["outlier_detection"].map(outlierDetection),
-            healthCheck: try keys["health_check"].map(healthCheck),
+            circuitBreakers: try keys["circuit_breakers"].map(CircuitBreakers.decode),
+            rateLimit: try keys["rate_limit"].map(RateLimit.decode),
+            outlierDetection: try keys["outlier_detection"].map(OutlierDetection.decode),
+            healthCheck: try keys["health_check"].map(TrellisPolicy.HealthCheck.decode),
             upstreamProtocol: upstreamProtocol
         )
     }

@@ -1,6 +1,7 @@
 import FoundationEssentials
 public import Proxy
 import SwiftProtobuf
+import TrellisPolicy
 public import XDS
 
 /// The resources a node holds, by name, as pilot sent them (decoded).
@@ -508,11 +509,11 @@ public enum XDSTranslator {
         _ checks: [Envoy_Config_Core_V3_HealthCheck],
         cluster: String
     ) throws(Failure)
-        -> Proxy.HealthCheck?
+        -> TrellisPolicy.HealthCheck?
     {
         guard let check = checks.first else { return nil }
         guard checks.count == 1 else { throw Failure("cluster '\(cluster)': only one health check is supported") }
-        let kind: Proxy.HealthCheck.Kind
+        let kind: TrellisPolicy.HealthCheck.Kind
         switch check.healthChecker {
         case .httpHealthCheck(let http)?:
             let statuses =
@@ -528,7 +529,7 @@ public enum XDSTranslator {
         default:
             throw Failure("cluster '\(cluster)': only HTTP and TCP health checks are supported")
         }
-        return Proxy.HealthCheck(
+        return TrellisPolicy.HealthCheck(
             kind: kind,
             interval: duration(check.interval),
             timeout: duration(check.timeout),

@@ -1,10 +1,12 @@
 import SwiftProtobuf
 import TrellisConfig
+import TrellisPolicy
 import XDS
 
 /// Reads one entry of `policies:` in mesh.yaml into the xDS fields pilot sends (``ServicePolicy``).
-/// The keys, ranges and defaults are those of the gateway YAML's cluster and route settings, so
-/// that a policy means the same to a Trellis agent and to an Envoy sidecar.
+/// Each concept is read by the decoder the gateway file uses too (TrellisPolicy), so a key means
+/// the same, with the same bounds and defaults, in both files; then ``PolicyEncoding`` writes it
+/// as the Envoy fields a Trellis agent and an Envoy sidecar both honour.
 enum PolicyLoader {
     static let keys: Set<String> = [
         "connect_timeout", "circuit_breakers", "outlier_detection", "health_check", "timeout", "retry_policy",
@@ -15,29 +17,48 @@ enum PolicyLoader {
         let keys = try node.mapping(allowed: Self.keys.union(["service"]))
         var policy = ServicePolicy()
         if let n = keys["connect_timeout"] {
-            policy.cluster.connectTimeout = try duration(n, atMost: .seconds(60))
+            let timeout = try n.duration(atMost: PolicyBounds.maxConnectTimeout)
+            policy.cluster.connectTimeout = Translator.protobufDuration(timeout)
         }
-        if let n = keys["circuit_breakers"] { policy.cluster.circuitBreakers = try circuitBreakers(n) }
-        if let n = keys["outlier_detection"] { policy.cluster.outlierDetection = try outlierDetection(n) }
-        if let n = keys["health_check"] { policy.cluster.healthChecks = [try healthCheck(n)] }
-        if let n = keys["timeout"] { policy.route.timeout = try duration(n, atMost: .seconds(86_400)) }
+        if let n = keys["circuit_breakers"] {
+            policy.cluster.circuitBreakers = PolicyEncoding.circuitBreakers(try CircuitBreakers.decode(n))
+        }
+        if let n = keys["outlier_detection"] {
+            policy.cluster.outlierDetection = PolicyEncoding.outlierDetection(try OutlierDetection.decode(n))
+        }
+        if let n = keys["health_check"] {
+            policy.cluster.healthChecks = [PolicyEncoding.healthCheck(try HealthCheck.decode(n))]
+        }
+        if let n = keys["timeout"] {
+            policy.route.timeout = Translator.protobufDuration(try n.duration(atMost: PolicyBounds.maxRequestTimeout))
+        }
         if let n = keys["retry_policy"] {
-            let (retry, nonIdempotent, budget) = try retryPolicy(n)
-            policy.route.retryPolicy = retry
-            policy.retryNonIdempotent = nonIdempotent
-            if let budget {
-                if policy.cluster.circuitBreakers.thresholds.isEmpty {
-                    policy.cluster.circuitBreakers.thresholds = [.init()]
-                }
-                policy.cluster.circuitBreakers.thresholds[0].retryBudget = budget
+            let retry = try RetryPolicy.decode(n)
+            policy.route.retryPolicy = PolicyEncoding.retryPolicy(retry)
+            policy.retryNonIdempotent = retry.retryNonIdempotent
+            // The budget is the cluster's (Envoy's field): the agent applies its default budget
+            // when none is sent, so it is always sent, and Envoy then budgets retries the same way.
+            if policy.cluster.circuitBreakers.thresholds.isEmpty {
+                policy.cluster.circuitBreakers.thresholds = [PolicyEncoding.thresholds(CircuitBreakers())]
             }
+            policy.cluster.circuitBreakers.thresholds[0].retryBudget = PolicyEncoding.retryBudget(retry)
         }
         do {
             if let n = keys["rate_limit"] {
-                policy.perFilter[ServicePolicy.rateLimitFilter] = try Google_Protobuf_Any(message: try rateLimit(n))
+                let limit = try RateLimit.decode(n)
+                guard limit.key == .all else {
+                    throw n.error(
+                        "per: client_address and per: header are gateway-only: pilot sends one bucket shared by a route's requests"
+                    )
+                }
+                policy.perFilter[ServicePolicy.rateLimitFilter] = try Google_Protobuf_Any(
+                    message: PolicyEncoding.rateLimit(limit)
+                )
             }
             if let n = keys["fault"] {
-                policy.perFilter[ServicePolicy.faultFilter] = try Google_Protobuf_Any(message: try fault(n))
+                policy.perFilter[ServicePolicy.faultFilter] = try Google_Protobuf_Any(
+                    message: PolicyEncoding.fault(try FaultInjection.decode(n))
+                )
             }
         } catch let error as ConfigFileError {
             throw error
@@ -46,261 +67,141 @@ enum PolicyLoader {
         }
         return policy
     }
+}
 
-    private static func duration(
-        _ node: ConfigNode,
-        atMost limit: Duration
-    ) throws(ConfigFileError)
-        -> Google_Protobuf_Duration
-    {
-        let d = try node.duration()
-        guard d > .zero, d <= limit else { throw node.error("expected a duration above 0 and at most \(limit)") }
-        return Translator.protobufDuration(d)
-    }
-
-    private static func uint32(
-        _ node: ConfigNode,
-        _ range: ClosedRange<Int>
-    ) throws(ConfigFileError)
-        -> Google_Protobuf_UInt32Value
-    {
-        Google_Protobuf_UInt32Value(UInt32(try node.int(in: range)))
+/// The policy model (TrellisPolicy) as Envoy's xDS fields.
+enum PolicyEncoding {
+    private static func uint32(_ value: Int) -> Google_Protobuf_UInt32Value {
+        Google_Protobuf_UInt32Value(UInt32(value))
     }
 
     /// Percent (0...100, fractional allowed) as parts per million.
-    private static func fraction(_ node: ConfigNode?) throws(ConfigFileError) -> Envoy_Type_V3_FractionalPercent {
+    private static func fraction(_ percent: Double) -> Envoy_Type_V3_FractionalPercent {
         var f = Envoy_Type_V3_FractionalPercent()
         f.denominator = .million
-        guard let node else {
-            f.numerator = 1_000_000
-            return f
-        }
-        f.numerator = UInt32((try node.percentage() * 10_000).rounded())
+        f.numerator = UInt32((percent * 10_000).rounded())
         return f
     }
 
-    private static func circuitBreakers(
-        _ node: ConfigNode
-    ) throws(ConfigFileError) -> Envoy_Config_Cluster_V3_CircuitBreakers {
-        let keys = try node.mapping(allowed: ["max_connections", "max_pending_requests", "max_requests", "max_retries"])
-        // Envoy's defaults, which the agent shares, for the limits not given.
+    static func thresholds(_ limits: CircuitBreakers) -> Envoy_Config_Cluster_V3_CircuitBreakers.Thresholds {
         var t = Envoy_Config_Cluster_V3_CircuitBreakers.Thresholds()
-        let range = 0...1_000_000
-        t.maxConnections =
-            try keys["max_connections"].map { n throws(ConfigFileError) in try uint32(n, range) } ?? .init(1024)
-        t.maxPendingRequests =
-            try keys["max_pending_requests"].map { n throws(ConfigFileError) in try uint32(n, range) } ?? .init(1024)
-        t.maxRequests =
-            try keys["max_requests"].map { n throws(ConfigFileError) in try uint32(n, range) } ?? .init(1024)
-        t.maxRetries = try keys["max_retries"].map { n throws(ConfigFileError) in try uint32(n, range) } ?? .init(3)
+        t.maxConnections = uint32(limits.maxConnections)
+        t.maxPendingRequests = uint32(limits.maxPendingRequests)
+        t.maxRequests = uint32(limits.maxRequests)
+        t.maxRetries = uint32(limits.maxRetries)
+        return t
+    }
+
+    static func circuitBreakers(_ limits: CircuitBreakers) -> Envoy_Config_Cluster_V3_CircuitBreakers {
         var breakers = Envoy_Config_Cluster_V3_CircuitBreakers()
-        breakers.thresholds = [t]
+        breakers.thresholds = [thresholds(limits)]
         return breakers
     }
 
-    private static func outlierDetection(
-        _ node: ConfigNode
-    ) throws(ConfigFileError)
-        -> Envoy_Config_Cluster_V3_OutlierDetection
-    {
-        let keys = try node.mapping(allowed: [
-            "consecutive_errors", "interval", "base_ejection_time", "max_ejection_time", "max_ejection_percent",
-            "success_rate",
-        ])
+    static func outlierDetection(_ policy: OutlierDetection) -> Envoy_Config_Cluster_V3_OutlierDetection {
         var o = Envoy_Config_Cluster_V3_OutlierDetection()
-        o.consecutive5Xx =
-            try keys["consecutive_errors"].map { n throws(ConfigFileError) in try uint32(n, 1...1_000_000) } ?? .init(5)
-        o.interval =
-            try keys["interval"].map { n throws(ConfigFileError) in try duration(n, atMost: .seconds(86_400)) }
-            ?? .init(seconds: 10)
-        o.baseEjectionTime =
-            try keys["base_ejection_time"].map { n throws(ConfigFileError) in try duration(n, atMost: .seconds(86_400))
-            }
-            ?? .init(seconds: 30)
-        o.maxEjectionTime =
-            try keys["max_ejection_time"].map { n throws(ConfigFileError) in try duration(n, atMost: .seconds(86_400)) }
-            ?? .init(seconds: 300)
-        o.maxEjectionPercent =
-            try keys["max_ejection_percent"].map { n throws(ConfigFileError) in try uint32(n, 0...100) } ?? .init(10)
+        o.consecutive5Xx = uint32(policy.consecutiveErrors)
+        o.interval = Translator.protobufDuration(policy.interval)
+        o.baseEjectionTime = Translator.protobufDuration(policy.baseEjectionTime)
+        o.maxEjectionTime = Translator.protobufDuration(policy.maxEjectionTime)
+        o.maxEjectionPercent = uint32(policy.maxEjectionPercent)
         // Failures of every origin count together, as the agent counts them; gateway failures are
         // 5xx too, so their own counter stays off.
         o.enforcingConsecutive5Xx = .init(100)
         o.enforcingConsecutiveGatewayFailure = .init(0)
-        if let rateNode = keys["success_rate"] {
-            let r = try rateNode.mapping(allowed: ["minimum_hosts", "request_volume", "stdev_factor"])
+        if let rate = policy.successRate {
             o.enforcingSuccessRate = .init(100)
-            o.successRateMinimumHosts =
-                try r["minimum_hosts"].map { n throws(ConfigFileError) in try uint32(n, 1...10_000) } ?? .init(5)
-            o.successRateRequestVolume =
-                try r["request_volume"].map { n throws(ConfigFileError) in try uint32(n, 1...1_000_000) } ?? .init(100)
-            let factor =
-                try r["stdev_factor"].map { n throws(ConfigFileError) in try n.number(above: 0, atMost: 100) } ?? 1.9
-            o.successRateStdevFactor = .init(UInt32((factor * 1000).rounded()))
+            o.successRateMinimumHosts = uint32(rate.minimumHosts)
+            o.successRateRequestVolume = uint32(rate.requestVolume)
+            o.successRateStdevFactor = .init(UInt32((rate.stdevFactor * 1000).rounded()))
         } else {
             o.enforcingSuccessRate = .init(0)
         }
         return o
     }
 
-    private static func healthCheck(_ node: ConfigNode) throws(ConfigFileError) -> Envoy_Config_Core_V3_HealthCheck {
-        let keys = try node.mapping(allowed: [
-            "http", "tcp", "interval", "timeout", "healthy_threshold", "unhealthy_threshold",
-        ])
+    static func healthCheck(_ policy: HealthCheck) -> Envoy_Config_Core_V3_HealthCheck {
         var check = Envoy_Config_Core_V3_HealthCheck()
-        switch (keys["http"], keys["tcp"]) {
-        case (let http?, nil):
-            let h = try http.mapping(allowed: ["path", "host", "expected_statuses"])
-            let pathNode = try h.required("path", in: http)
-            let path = try pathNode.nonEmptyString()
-            guard path.hasPrefix("/") else { throw pathNode.error("expected a path starting with '/', got '\(path)'") }
+        switch policy.kind {
+        case .http(let path, let host, let statuses):
             var probe = Envoy_Config_Core_V3_HealthCheck.HttpHealthCheck()
             probe.path = path
-            if let host = h["host"] { probe.host = try host.nonEmptyString() }
-            let ranges = try h["expected_statuses"]?.statusRanges() ?? [200...399]
+            if let host { probe.host = host }
             // Envoy's ranges end before their end.
-            probe.expectedStatuses = ranges.map { r in
+            probe.expectedStatuses = statuses.map { r in
                 var range = Envoy_Type_V3_Int64Range()
                 range.start = Int64(r.lowerBound)
                 range.end = Int64(r.upperBound + 1)
                 return range
             }
             check.httpHealthCheck = probe
-        case (nil, let tcp?):
-            _ = try tcp.mapping(allowed: [])
+        case .tcp:
             check.tcpHealthCheck = .init()
-        default:
-            throw node.error("expected exactly one of http or tcp")
         }
-        check.interval =
-            try keys["interval"].map { n throws(ConfigFileError) in try duration(n, atMost: .seconds(3600)) }
-            ?? .init(seconds: 5)
-        check.timeout =
-            try keys["timeout"].map { n throws(ConfigFileError) in try duration(n, atMost: .seconds(3600)) }
-            ?? .init(seconds: 1)
-        if check.timeout.seconds * 1_000_000_000 + Int64(check.timeout.nanos)
-            > check.interval.seconds * 1_000_000_000 + Int64(check.interval.nanos)
-        {
-            throw (keys["timeout"] ?? node).error("expected a timeout no longer than the interval")
-        }
-        check.healthyThreshold =
-            try keys["healthy_threshold"].map { n throws(ConfigFileError) in try uint32(n, 1...100) } ?? .init(2)
-        check.unhealthyThreshold =
-            try keys["unhealthy_threshold"].map { n throws(ConfigFileError) in try uint32(n, 1...100) } ?? .init(3)
+        check.interval = Translator.protobufDuration(policy.interval)
+        check.timeout = Translator.protobufDuration(policy.timeout)
+        check.healthyThreshold = uint32(policy.healthyThreshold)
+        check.unhealthyThreshold = uint32(policy.unhealthyThreshold)
         return check
     }
 
-    static let retryConditions = [
-        "connect-failure", "reset", "gateway-error", "5xx", "retriable-status-codes",
-        // gRPC statuses (Envoy's x-envoy-retry-grpc-on names)
-        "cancelled", "deadline-exceeded", "internal", "resource-exhausted", "unavailable",
-    ]
-
-    private static func retryPolicy(
-        _ node: ConfigNode
-    ) throws(ConfigFileError) -> (
-        Envoy_Config_Route_V3_RetryPolicy, Bool, Envoy_Config_Cluster_V3_CircuitBreakers.Thresholds.RetryBudget?
-    ) {
-        let keys = try node.mapping(allowed: [
-            "retry_on", "num_retries", "retriable_status_codes", "per_try_timeout", "backoff", "retry_non_idempotent",
-            "budget",
-        ])
+    static func retryPolicy(_ policy: RetryPolicy) -> Envoy_Config_Route_V3_RetryPolicy {
         var retry = Envoy_Config_Route_V3_RetryPolicy()
-        var conditions = ["connect-failure", "reset", "gateway-error"]
-        if let list = keys["retry_on"] {
-            conditions = []
-            for item in try list.sequence() {
-                let name = try item.nonEmptyString()
-                guard retryConditions.contains(name) else {
-                    throw item.error("expected one of \(retryConditions.joined(separator: ", ")), got '\(name)'")
-                }
-                if !conditions.contains(name) { conditions.append(name) }
-            }
-            guard !conditions.isEmpty else { throw list.error("expected at least one condition") }
-        }
-        retry.retryOn = conditions.joined(separator: ",")
-        retry.numRetries =
-            try keys["num_retries"].map { n throws(ConfigFileError) in try uint32(n, 0...10) } ?? .init(1)
-        if let list = keys["retriable_status_codes"] {
-            for item in try list.sequence() { retry.retriableStatusCodes.append(UInt32(try item.int(in: 100...599))) }
-        }
-        if conditions.contains("retriable-status-codes") && retry.retriableStatusCodes.isEmpty {
-            throw (keys["retry_on"] ?? node).error("retriable-status-codes needs retriable_status_codes")
-        }
-        if let n = keys["per_try_timeout"] { retry.perTryTimeout = try duration(n, atMost: .seconds(3600)) }
-        if let b = keys["backoff"] {
-            let bk = try b.mapping(allowed: ["base", "max"])
-            let base = try bk["base"]?.duration() ?? .milliseconds(25)
-            let max = try bk["max"]?.duration() ?? .milliseconds(250)
-            guard base > .zero, max >= base, max <= .seconds(60) else {
-                throw b.error("expected 0 < base <= max <= 60s")
-            }
-            retry.retryBackOff.baseInterval = Translator.protobufDuration(base)
-            retry.retryBackOff.maxInterval = Translator.protobufDuration(max)
-        }
-        let nonIdempotent = try keys["retry_non_idempotent"]?.bool() ?? false
-        var budget: Envoy_Config_Cluster_V3_CircuitBreakers.Thresholds.RetryBudget?
-        if let b = keys["budget"] {
-            let bk = try b.mapping(allowed: ["percent", "min_concurrency"])
-            var value = Envoy_Config_Cluster_V3_CircuitBreakers.Thresholds.RetryBudget()
-            value.budgetPercent.value = try bk["percent"]?.number(above: 0, atMost: 100) ?? 20
-            value.minRetryConcurrency =
-                try bk["min_concurrency"].map { n throws(ConfigFileError) in try uint32(n, 0...1_000_000) } ?? .init(3)
-            budget = value
-        }
-        return (retry, nonIdempotent, budget)
+        // In the model's declaration order, so that equal policies encode equally.
+        retry.retryOn = RetryPolicy.Condition.allCases.filter(policy.retryOn.contains).map(\.rawValue)
+            .joined(separator: ",")
+        retry.numRetries = uint32(policy.numRetries)
+        retry.retriableStatusCodes = policy.retriableStatusCodes.map { UInt32($0) }
+        if let perTry = policy.perTryTimeout { retry.perTryTimeout = Translator.protobufDuration(perTry) }
+        retry.retryBackOff.baseInterval = Translator.protobufDuration(policy.backoffBase)
+        retry.retryBackOff.maxInterval = Translator.protobufDuration(policy.backoffMax)
+        return retry
+    }
+
+    /// What a route carries that Envoy has no field for: retrying non-idempotent requests (route
+    /// metadata `trellis`, read by the agent, ignored by Envoy).
+    static func routeMetadata(_ policy: ServicePolicy) -> [String: Google_Protobuf_Struct] {
+        guard policy.retryNonIdempotent else { return [:] }
+        return [
+            "trellis": Google_Protobuf_Struct(fields: ["retry_non_idempotent": Google_Protobuf_Value(boolValue: true)])
+        ]
+    }
+
+    static func retryBudget(_ policy: RetryPolicy) -> Envoy_Config_Cluster_V3_CircuitBreakers.Thresholds.RetryBudget {
+        var budget = Envoy_Config_Cluster_V3_CircuitBreakers.Thresholds.RetryBudget()
+        budget.budgetPercent.value = policy.budgetPercent
+        budget.minRetryConcurrency = uint32(policy.minRetryConcurrency)
+        return budget
     }
 
     /// One shared bucket for the route (the agent's `per: all`): `max_tokens` is the burst, and
-    /// the rate is `tokens_per_fill` per `fill_interval`, the shortest whole number of seconds
-    /// that makes the count whole (0.5/s: 1 per 2 s).
-    private static func rateLimit(
-        _ node: ConfigNode
-    ) throws(ConfigFileError)
-        -> Envoy_Extensions_Filters_Http_LocalRatelimit_V3_LocalRateLimit
-    {
-        let keys = try node.mapping(allowed: ["requests_per_second", "burst"])
-        let rateNode = try keys.required("requests_per_second", in: node)
-        let rate = try rateNode.number(above: 0, atMost: 10_000_000)
-        guard
-            let seconds = [1, 2, 4, 5, 10, 20, 25, 50, 100, 200, 250, 500, 1000].first(where: { s in
-                let tokens = rate * Double(s)
-                return abs(tokens - tokens.rounded()) < 1e-6 && tokens.rounded() >= 1
-            })
-        else {
-            throw rateNode.error("expected a rate with at most 3 decimals (e.g. 0.5 or 2.25), got \(rate)")
-        }
-        let burst = try keys["burst"]?.int(in: 1...10_000_000) ?? max(1, Int(rate.rounded(.up)))
-        var limit = Envoy_Extensions_Filters_Http_LocalRatelimit_V3_LocalRateLimit()
-        limit.statPrefix = "trellis_rate_limit"
-        limit.tokenBucket.maxTokens = UInt32(burst)
-        limit.tokenBucket.tokensPerFill = .init(UInt32((rate * Double(seconds)).rounded()))
-        limit.tokenBucket.fillInterval = .init(seconds: Int64(seconds))
+    /// the rate is `tokens_per_fill` per `fill_interval`, the shortest interval that makes the
+    /// count whole (0.5/s: 1 per 2 s; the decoder refused rates no interval fits).
+    static func rateLimit(_ limit: RateLimit) -> Envoy_Extensions_Filters_Http_LocalRatelimit_V3_LocalRateLimit {
+        let (seconds, tokens) = RateLimit.fillInterval(for: limit.requestsPerSecond) ?? (1, 1)
+        var bucket = Envoy_Extensions_Filters_Http_LocalRatelimit_V3_LocalRateLimit()
+        bucket.statPrefix = "trellis_rate_limit"
+        bucket.tokenBucket.maxTokens = UInt32(limit.burst)
+        bucket.tokenBucket.tokensPerFill = .init(UInt32(tokens))
+        bucket.tokenBucket.fillInterval = .init(seconds: Int64(seconds))
         var everything = Envoy_Config_Core_V3_RuntimeFractionalPercent()
         everything.defaultValue.numerator = 100
         everything.defaultValue.denominator = .hundred
-        limit.filterEnabled = everything
-        limit.filterEnforced = everything
-        return limit
+        bucket.filterEnabled = everything
+        bucket.filterEnforced = everything
+        return bucket
     }
 
-    private static func fault(
-        _ node: ConfigNode
-    ) throws(ConfigFileError) -> Envoy_Extensions_Filters_Http_Fault_V3_HTTPFault {
-        let keys = try node.mapping(allowed: ["delay", "delay_percent", "abort_status", "abort_percent"])
+    static func fault(_ policy: FaultInjection) -> Envoy_Extensions_Filters_Http_Fault_V3_HTTPFault {
         var fault = Envoy_Extensions_Filters_Http_Fault_V3_HTTPFault()
-        if let n = keys["delay"] {
-            fault.delay.fixedDelay = try duration(n, atMost: .seconds(3600))
-            fault.delay.percentage = try fraction(keys["delay_percent"])
-        } else if let n = keys["delay_percent"] {
-            throw n.error("delay_percent needs a delay")
+        if let delay = policy.delay {
+            fault.delay.fixedDelay = Translator.protobufDuration(delay)
+            fault.delay.percentage = fraction(policy.delayPercent)
         }
-        if let n = keys["abort_status"] {
-            fault.abort.httpStatus = UInt32(try n.int(in: 200...599))
-            fault.abort.percentage = try fraction(keys["abort_percent"])
-        } else if let n = keys["abort_percent"] {
-            throw n.error("abort_percent needs an abort_status")
+        if let status = policy.abortStatus {
+            fault.abort.httpStatus = UInt32(status)
+            fault.abort.percentage = fraction(policy.abortPercent)
         }
-        guard fault.hasDelay || fault.hasAbort else { throw node.error("expected a delay or an abort_status") }
         return fault
     }
 }

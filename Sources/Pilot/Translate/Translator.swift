@@ -416,11 +416,7 @@ public enum Translator {
             if policy.route.hasTimeout { route.route.timeout = policy.route.timeout }
             if policy.route.hasRetryPolicy { route.route.retryPolicy = policy.route.retryPolicy }
             route.typedPerFilterConfig = policy.perFilter
-            if policy.retryNonIdempotent {
-                route.metadata.filterMetadata["trellis"] = Google_Protobuf_Struct(fields: [
-                    "retry_non_idempotent": Google_Protobuf_Value(boolValue: true)
-                ])
-            }
+            route.metadata.filterMetadata.merge(PolicyEncoding.routeMetadata(policy)) { $1 }
         }
         if let timeout = rule.timeout { route.route.timeout = protobufDuration(timeout) }
         return (route, rule.destinations.map { Ref(TypeURL.cluster, clusterName($0.service)) })

@@ -1,3 +1,5 @@
+public import TrellisPolicy
+
 /// A named group of endpoints serving one service, with how to pick among them and how to
 /// connect to them.
 public struct ClusterConfig: Sendable, Hashable, Codable {

@@ -1,3 +1,5 @@
+import TrellisPolicy
+
 /// One HTTP/1.1 listener: where it binds, its limits, and the virtual hosts it routes by.
 public struct ListenerConfig: Sendable, Hashable, Codable {
     public var name: String

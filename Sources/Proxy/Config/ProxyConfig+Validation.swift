@@ -1,4 +1,5 @@
 import NIOCore
+import TrellisPolicy
 
 extension ProxyConfig {
     /// Checks every invariant the data path relies on; returns all problems found, in document
@@ -299,21 +300,4 @@ extension ProxyConfig {
         }
         return out
     }
-}
-
-/// RFC 9110 `token` characters (method names, header field names).
-enum HTTPToken {
-    static func isToken(_ s: String) -> Bool {
-        guard !s.isEmpty else { return false }
-        return s.utf8.allSatisfy { c in
-            switch c {
-            case UInt8(ascii: "a")...UInt8(ascii: "z"), UInt8(ascii: "A")...UInt8(ascii: "Z"),
-                UInt8(ascii: "0")...UInt8(ascii: "9"):
-                return true
-            default:
-                return "!#$%&'*+-.^_`|~".utf8.contains(c)
-            }
-        }
-    }
-
 }

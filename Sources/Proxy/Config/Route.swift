@@ -1,3 +1,5 @@
+public import TrellisPolicy
+
 /// A route: what a request must look like, and where it goes. The first matching route wins.
 public struct Route: Sendable, Hashable, Codable {
     public var name: String

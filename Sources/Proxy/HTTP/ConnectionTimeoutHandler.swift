@@ -1,4 +1,5 @@
 import NIOCore
+import TrellisPolicy
 
 /// Sits in front of the HTTP decoder of a downstream connection and enforces two timers:
 /// - a connection with no request in progress is closed after the idle timeout;

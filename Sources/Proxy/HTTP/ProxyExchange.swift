@@ -3,6 +3,7 @@ import CoreMetrics
 import Logging
 import NIOCore
 import NIOHTTP1
+import TrellisPolicy
 
 /// One request's trip through the proxy: the middleware chain, then the upstream exchange with
 /// bodies streamed both ways under back-pressure, retries, the route timeout, and the final

@@ -3,6 +3,7 @@ import CoreMetrics
 import NIOCore
 import NIOHTTP1
 import NIOPosix
+import TrellisPolicy
 
 /// The keep-alive connections of one event loop towards every upstream endpoint. Only that loop
 /// touches it; requests never wait for another loop.

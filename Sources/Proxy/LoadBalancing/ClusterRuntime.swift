@@ -1,5 +1,6 @@
 import Atomics
 import NIOCore
+import TrellisPolicy
 
 /// A cluster of the current snapshot, prepared for the hot path: endpoints with their socket
 /// addresses resolved where they are literals, the healthy subset, and the hash ring.

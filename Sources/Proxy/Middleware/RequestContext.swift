@@ -1,5 +1,6 @@
 public import NIOCore
 public import NIOHTTP1
+import TrellisPolicy
 
 /// Everything the middleware chain knows about one request. It lives on the event loop that
 /// accepted the request and is never shared with another.

@@ -1,6 +1,7 @@
 import Atomics
 import CoreMetrics
 import NIOCore
+import TrellisPolicy
 
 /// Local rate limits: the route's, then the cluster's. A request over either is answered at once
 /// with 429 `rate_limited` and `Retry-After`; nothing waits.

@@ -5,6 +5,7 @@ import NIOConcurrencyHelpers
 import NIOCore
 import NIOHTTP1
 import NIOPosix
+import TrellisPolicy
 
 /// One endpoint's active health, shared by the loops and kept across snapshots.
 final class EndpointHealth: Sendable {

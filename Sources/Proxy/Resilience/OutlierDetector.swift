@@ -2,6 +2,7 @@ import Atomics
 import CoreMetrics
 import NIOConcurrencyHelpers
 import NIOCore
+import TrellisPolicy
 
 /// One endpoint's record, shared by the event loops and kept across snapshots (by address).
 final class EndpointRecord: Sendable {

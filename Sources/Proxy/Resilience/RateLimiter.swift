@@ -3,6 +3,7 @@ import CoreMetrics
 import NIOConcurrencyHelpers
 import NIOCore
 import NIOHTTP1
+import TrellisPolicy
 
 /// A token bucket shared by every event loop, kept as one atomic word: the generic cell rate
 /// algorithm stores the time at which the bucket will be full again ("theoretical arrival

@@ -1,3 +1,5 @@
+import TrellisPolicy
+
 /// Why a try failed, as a retry policy sees it.
 enum TryFailure: Equatable, Sendable {
     /// Connecting to the endpoint was refused or timed out.

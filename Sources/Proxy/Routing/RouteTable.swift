@@ -1,4 +1,5 @@
 import NIOHTTP1
+import TrellisPolicy
 
 /// A listener's virtual hosts and routes, compiled for matching on the hot path.
 final class RouteTable: Sendable {

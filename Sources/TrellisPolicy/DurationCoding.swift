@@ -6,18 +6,18 @@ import TrellisValues
 // Reading also accepts the pair, so a configuration saved by an older agent still loads.
 
 extension KeyedEncodingContainer {
-    mutating func encode(_ value: Duration, forKey key: Key) throws {
+    public mutating func encode(_ value: Duration, forKey key: Key) throws {
         try encode(DurationText.format(value), forKey: key)
     }
 
-    mutating func encodeIfPresent(_ value: Duration?, forKey key: Key) throws {
+    public mutating func encodeIfPresent(_ value: Duration?, forKey key: Key) throws {
         guard let value else { return }
         try encode(DurationText.format(value), forKey: key)
     }
 }
 
 extension KeyedDecodingContainer {
-    func decode(_ type: Duration.Type, forKey key: Key) throws -> Duration {
+    public func decode(_ type: Duration.Type, forKey key: Key) throws -> Duration {
         if let text = try? decode(String.self, forKey: key) {
             guard let duration = DurationText.parse(text) else {
                 throw DecodingError.dataCorruptedError(
@@ -36,7 +36,7 @@ extension KeyedDecodingContainer {
         try decode(type, forKey: key)
     }
 
-    func decodeIfPresent(_ type: Duration.Type, forKey key: Key) throws -> Duration? {
+    public func decodeIfPresent(_ type: Duration.Type, forKey key: Key) throws -> Duration? {
         guard contains(key), try !decodeNil(forKey: key) else { return nil }
         return try decode(Duration.self, forKey: key)
     }

@@ -163,7 +163,7 @@ public struct RetryPolicy: Sendable, Hashable, Codable {
         case unavailable
 
         /// The gRPC status code this condition retries, if it is a gRPC one.
-        var grpcStatus: Int? {
+        public var grpcStatus: Int? {
             switch self {
             case .cancelled: 1
             case .deadlineExceeded: 4
@@ -227,12 +227,12 @@ public struct RetryPolicy: Sendable, Hashable, Codable {
     }
 
     /// Whether a gRPC answer with `grpcStatus` in its headers is to be retried.
-    func retries(grpcStatus: Int) -> Bool {
+    public func retries(grpcStatus: Int) -> Bool {
         retryOn.contains { $0.grpcStatus == grpcStatus }
     }
 
     /// Whether an answer with `status` is to be retried.
-    func retries(status: Int) -> Bool {
+    public func retries(status: Int) -> Bool {
         if retryOn.contains(.serverError) && status >= 500 { return true }
         if retryOn.contains(.gatewayError) && (502...504).contains(status) { return true }
         return retryOn.contains(.retriableStatusCodes) && retriableStatusCodes.contains(status)
