@@ -88,6 +88,12 @@ public struct ConfigNode {
         ConfigNode(node: node, path: path.isEmpty ? key : "\(path).\(key)", file: file)
     }
 
+    /// Whether the node is a scalar (for keys that take a short scalar form or a mapping).
+    public var isScalar: Bool {
+        if case .scalar = node { return true }
+        return false
+    }
+
     private var kind: String {
         switch node {
         case .scalar(let s): return "'\(s.string)'"

@@ -66,17 +66,19 @@ public struct HTTPClient: Sendable {
     }
 
     /// One exchange; throws ``Failure`` when there is no complete answer within `timeout`.
+    /// `authority` replaces the URL's as the `Host` header (a health check's `host`).
     public func request(
         _ method: String,
         _ url: URL,
         json body: String? = nil,
+        authority: String? = nil,
         timeout: Duration = .seconds(5)
     ) async throws -> Response {
         try await exchange(
             method,
             target: .tcp(host: url.host, port: url.port),
             path: url.path,
-            authority: url.authority,
+            authority: authority ?? url.authority,
             json: body,
             timeout: timeout
         )

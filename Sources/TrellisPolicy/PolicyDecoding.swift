@@ -85,8 +85,13 @@ extension RateLimit {
 }
 
 extension HealthCheck {
+    /// The shortest probe interval any file may ask for.
+    public static let minInterval = Duration.milliseconds(100)
+
     /// `{http: {path: /healthz, host: name, expected_statuses: [200, "200-299"]} | tcp: {},
-    /// interval: 5s, timeout: 1s, healthy_threshold: 2, unhealthy_threshold: 3}`.
+    /// interval: 5s, timeout: 1s, healthy_threshold: 2, unhealthy_threshold: 3}`, in the gateway
+    /// file's clusters, mesh.yaml's policies and agent.yaml's services alike; `http: /healthz` and
+    /// `tcp: true` are short for `http: {path: /healthz}` and `tcp: {}`.
     public static func decode(_ node: ConfigNode) throws(ConfigFileError) -> HealthCheck {
         let keys = try node.mapping(allowed: [
             "http", "tcp", "interval", "timeout", "healthy_threshold", "unhealthy_threshold",
@@ -94,20 +99,35 @@ extension HealthCheck {
         let kind: HealthCheck.Kind
         switch (keys["http"], keys["tcp"]) {
         case (let http?, nil):
-            let h = try http.mapping(allowed: ["path", "host", "expected_statuses"])
-            let pathNode = try h.required("path", in: http)
+            let pathNode: ConfigNode
+            var host: String?
+            var statuses: [ClosedRange<Int>] = [200...399]
+            if http.isScalar {
+                pathNode = http
+            } else {
+                let h = try http.mapping(allowed: ["path", "host", "expected_statuses"])
+                pathNode = try h.required("path", in: http)
+                host = try h["host"]?.nonEmptyString()
+                if let list = h["expected_statuses"] { statuses = try list.statusRanges() }
+            }
             let path = try pathNode.nonEmptyString()
             guard path.hasPrefix("/") else { throw pathNode.error("expected a path starting with '/', got '\(path)'") }
-            let statuses = try h["expected_statuses"]?.statusRanges() ?? [200...399]
-            kind = .http(path: path, host: try h["host"]?.nonEmptyString(), expectedStatuses: statuses)
+            kind = .http(path: path, host: host, expectedStatuses: statuses)
         case (nil, let tcp?):
-            _ = try tcp.mapping(allowed: [])
+            if tcp.isScalar {
+                guard try tcp.bool() else { throw tcp.error("expected true or {} (leave tcp out for no TCP check)") }
+            } else {
+                _ = try tcp.mapping(allowed: [])
+            }
             kind = .tcp
         default:
             throw node.error("expected exactly one of http or tcp")
         }
         var check = HealthCheck(kind: kind)
-        if let n = keys["interval"] { check.interval = try n.duration(atMost: PolicyBounds.maxShortTimeout) }
+        if let n = keys["interval"] {
+            check.interval = try n.duration(atMost: PolicyBounds.maxShortTimeout)
+            guard check.interval >= minInterval else { throw n.error("expected an interval of at least 100ms") }
+        }
         if let n = keys["timeout"] { check.timeout = try n.duration(atMost: PolicyBounds.maxShortTimeout) }
         if check.timeout > check.interval {
             throw (keys["timeout"] ?? node).error("expected a timeout no longer than the interval")

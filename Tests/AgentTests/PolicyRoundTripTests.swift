@@ -1,7 +1,9 @@
+import Foundation
 import SwiftProtobuf
 import Testing
 import TrellisConfig
 import TrellisPolicy
+import TrellisTestSupport
 import XDS
 
 @testable import Agent
@@ -102,6 +104,42 @@ import XDS
         let any = try Google_Protobuf_Any(message: PolicyEncoding.fault(model))
         let back = try XDSTranslator.fault(any, in: "r")
         #expect(back == model)
+    }
+
+    /// agent.yaml's short forms are the same check as the gateway file's and mesh.yaml's long ones.
+    @Test func healthChecksHaveOneShapeEverywhere() throws {
+        #expect(try HealthCheck.decode(node("{http: /h}")) == HealthCheck.decode(node("{http: {path: /h}}")))
+        #expect(try HealthCheck.decode(node("{tcp: true}")) == HealthCheck.decode(node("{tcp: {}}")))
+        let errors: [(String, String)] = [
+            ("{tcp: false}", "policy.yaml:1:7: tcp: expected true or {}"),
+            ("{http: /h, interval: 50ms}", "interval: expected an interval of at least 100ms"),
+            ("{http: h}", "http: expected a path starting with '/', got 'h'"),
+            ("{http: {path: /h, expected_statuses: [700]}}", "http.expected_statuses"),
+        ]
+        for (yaml, expected) in errors {
+            #expect(throws: ConfigFileError.self) { try HealthCheck.decode(node(yaml)) }
+            do {
+                _ = try HealthCheck.decode(node(yaml))
+            } catch {
+                #expect("\(error)".contains(expected), "\(yaml): \(error)")
+            }
+        }
+    }
+
+    /// The agent's own probe of a local service honours the check's expected statuses and host,
+    /// as a cluster's checks do (it used to accept 2xx only and ignore both).
+    @Test func theAgentsProbeHonoursExpectedStatuses() async throws {
+        let dir = try Peers.temporaryDirectory("probe")
+        defer { try? FileManager.default.removeItem(at: dir) }
+        let port = Peers.freePort()
+        let app = try Peers.pythonHTTPServer(port: port, body: "ok", root: dir)
+        defer { app.stop() }
+        let good = HealthCheck(kind: .http(path: "/hello", host: "probe.local", expectedStatuses: [200...399]))
+        #expect(await Peers.eventually(within: .seconds(5)) { await HealthProbe.check(good, port: port) })
+        let missing = HealthCheck(kind: .http(path: "/missing", host: nil, expectedStatuses: [200...399]))
+        #expect(!(await HealthProbe.check(missing, port: port)), "404 is not healthy by default")
+        let expected404 = HealthCheck(kind: .http(path: "/missing", host: nil, expectedStatuses: [404...404]))
+        #expect(await HealthProbe.check(expected404, port: port), "404 listed as expected")
     }
 
     /// The gateway file and mesh.yaml read one policy the same way: same model, same errors.

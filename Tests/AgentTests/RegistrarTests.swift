@@ -4,6 +4,7 @@ import Interceptor
 import Pilot
 import Testing
 import TrellisConfig
+import TrellisPolicy
 import TrellisTestSupport
 
 /// The agent's registration with a real pilot (in-process, real HTTP) and health checks against a
@@ -18,7 +19,9 @@ struct RegistrarTests {
         let config = try AgentConfigLoader.parse(yaml: try String(contentsOf: url, encoding: .utf8), file: url.path)
         #expect(config.node == "vm-orders-1" && config.pilotAPI == HostPort(host: "10.0.0.10", port: 15014))
         #expect(config.services.map(\.name) == ["orders", "billing-db"])
-        #expect(config.services[0].healthCheck?.kind == .http(path: "/healthz"))
+        #expect(
+            config.services[0].healthCheck?.kind == .http(path: "/healthz", host: nil, expectedStatuses: [200...399])
+        )
         #expect(
             config.services[1].healthCheck?.kind == .tcp && config.services[1].healthCheck?.interval == .seconds(10)
         )
@@ -59,11 +62,11 @@ struct RegistrarTests {
         ),
         (
             "pilot: {api: 127.0.0.1:15014}\nregister: {address: 10.0.0.1}\nservices: [{name: web, port: 80, health_check: {http: /h, tcp: true}}]\n",
-            "services[0].health_check: expected exactly one of http (a path) or tcp: true"
+            "services[0].health_check: expected exactly one of http or tcp"
         ),
         (
             "pilot: {api: 127.0.0.1:15014}\nregister: {address: 10.0.0.1}\nservices: [{name: web, port: 80, health_check: {http: /h, interval: 1s, timeout: 2s}}]\n",
-            "timeout must not exceed interval"
+            "services[0].health_check.timeout: expected a timeout no longer than the interval"
         ),
         ("register: {address: vm-b.local}\n", "register.address: expected an IPv4 or IPv6 address"),
         ("register: {ttl: 1s}\n", "register.ttl: expected a lease between 5s and 1h"),
@@ -176,7 +179,7 @@ struct RegistrarTests {
         let healthz = dir.appendingPathComponent("upstream-\(appPort)/healthz")
         try "ok".write(to: healthz, atomically: true, encoding: .utf8)
         let check = HealthCheck(
-            kind: .http(path: "/healthz"),
+            kind: .http(path: "/healthz", host: nil, expectedStatuses: [200...299]),
             interval: .milliseconds(200),
             timeout: .milliseconds(150),
             healthyThreshold: 2,

@@ -1,5 +1,6 @@
 public import Interceptor
 public import TrellisConfig
+public import TrellisPolicy
 
 /// `/etc/trellis/agent.yaml`: who this machine is, where pilot is, the local services to register
 /// and health-check, capture settings, and the drain deadline. See `examples/agent.yaml`.
@@ -76,34 +77,6 @@ public struct LocalService: Sendable, Hashable {
         self.labels = labels
         self.weight = weight
         self.healthCheck = healthCheck
-    }
-}
-
-/// How the agent checks a local service: an HTTP GET answered 2xx, or a TCP connect.
-public struct HealthCheck: Sendable, Hashable {
-    public enum Kind: Sendable, Hashable {
-        case http(path: String)
-        case tcp
-    }
-    public var kind: Kind
-    public var interval: Duration
-    public var timeout: Duration
-    /// Consecutive successes that make an unhealthy service healthy, and failures for the reverse.
-    public var healthyThreshold: Int
-    public var unhealthyThreshold: Int
-
-    public init(
-        kind: Kind,
-        interval: Duration = .seconds(5),
-        timeout: Duration = .seconds(1),
-        healthyThreshold: Int = 2,
-        unhealthyThreshold: Int = 3
-    ) {
-        self.kind = kind
-        self.interval = interval
-        self.timeout = timeout
-        self.healthyThreshold = healthyThreshold
-        self.unhealthyThreshold = unhealthyThreshold
     }
 }
 
@@ -252,35 +225,7 @@ public enum AgentConfigLoader {
         }
         if let l = keys["labels"] { service.labels = try l.stringMap() }
         if let w = keys["weight"] { service.weight = try w.int(in: 1...128) }
-        if let h = keys["health_check"] {
-            let hk = try h.mapping(allowed: [
-                "http", "tcp", "interval", "timeout", "healthy_threshold", "unhealthy_threshold",
-            ])
-            let kinds = ["http", "tcp"].filter { hk[$0] != nil }
-            guard kinds.count == 1 else { throw h.error("expected exactly one of http (a path) or tcp: true") }
-            let kind: HealthCheck.Kind
-            if let path = hk["http"] {
-                let text = try path.nonEmptyString()
-                guard text.hasPrefix("/") else { throw path.error("expected a path starting with '/', got '\(text)'") }
-                kind = .http(path: text)
-            } else {
-                guard try hk["tcp"]!.bool() else { throw hk["tcp"]!.error("expected true") }
-                kind = .tcp
-            }
-            var check = HealthCheck(kind: kind)
-            if let i = hk["interval"] {
-                check.interval = try i.duration()
-                guard check.interval >= .milliseconds(100) else { throw i.error("expected at least 100ms") }
-            }
-            if let t = hk["timeout"] {
-                check.timeout = try t.duration()
-                guard check.timeout > .zero else { throw t.error("expected a timeout above 0") }
-            }
-            if check.timeout > check.interval { throw h.error("timeout must not exceed interval") }
-            if let n = hk["healthy_threshold"] { check.healthyThreshold = try n.int(in: 1...100) }
-            if let n = hk["unhealthy_threshold"] { check.unhealthyThreshold = try n.int(in: 1...100) }
-            service.healthCheck = check
-        }
+        if let h = keys["health_check"] { service.healthCheck = try HealthCheck.decode(h) }
         return service
     }
 }

@@ -1,9 +1,11 @@
 import NIOCore
 import NIOPosix
 public import TrellisHTTP
+public import TrellisPolicy
 
-/// One health check against a local program: an HTTP GET answered 2xx within the timeout, or a
-/// TCP connection accepted within it.
+/// One health check against a local program: an HTTP GET answered with an expected status (the
+/// check's `expected_statuses`, 200-399 by default, as for a cluster's checks) within the
+/// timeout, or a TCP connection accepted within it.
 public enum HealthProbe {
     public static func check(
         _ check: HealthCheck,
@@ -12,10 +14,11 @@ public enum HealthProbe {
         client: HTTPClient = HTTPClient()
     ) async -> Bool {
         switch check.kind {
-        case .http(let path):
+        case .http(let path, let authority, let expected):
             let url = HTTPClient.URL(host: host, port: port, path: path)
-            guard let response = try? await client.request("GET", url, timeout: check.timeout) else { return false }
-            return (200..<300).contains(response.status)
+            guard let response = try? await client.request("GET", url, authority: authority, timeout: check.timeout)
+            else { return false }
+            return expected.contains { $0.contains(response.status) }
         case .tcp:
             let millis = Int64(
                 check.timeout.components.seconds * 1000 + check.timeout.components.attoseconds / 1_000_000_000_000_000

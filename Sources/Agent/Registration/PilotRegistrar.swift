@@ -1,6 +1,7 @@
 import FoundationEssentials
 public import Logging
 public import TrellisHTTP
+import TrellisPolicy
 
 /// Registers this machine's services with pilot's HTTP API and keeps them current: a lease renewed
 /// every third of its TTL (an instance pilot no longer knows is registered again), health checks
