@@ -3,6 +3,7 @@ import GRPCNIOTransportHTTP2
 public import Hummingbird
 public import Logging
 public import ServiceLifecycle
+import TrellisPolicy
 
 /// The whole control plane in one `Service`: the registry over its store, the snapshot generator,
 /// the xDS server (gRPC, :15010), the HTTP API (:15014) and the lease sweeper. The executable adds

@@ -47,7 +47,7 @@ struct PilotAPITests {
                 ),
                 (
                     #"{"service": "orders", "address": "10.0.0.1", "port": 80, "node": "a", "protocol": "smtp"}"#, 400,
-                    "protocol: expected http, http2, grpc or tcp"
+                    "protocol: expected one of http, http2, grpc, tcp"
                 ),
                 (
                     #"{"service": "orders", "address": "10.0.0.1", "port": 80, "node": "a", "labels": {"v": 2}}"#, 400,

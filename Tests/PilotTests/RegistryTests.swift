@@ -3,6 +3,7 @@ import Logging
 import Synchronization
 import Testing
 import TrellisHTTP
+import TrellisPolicy
 import TrellisTestSupport
 
 @testable import Pilot

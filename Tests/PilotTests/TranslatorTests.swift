@@ -1,6 +1,7 @@
 import Logging
 import SwiftProtobuf
 import Testing
+import TrellisPolicy
 import TrellisTestSupport
 import XDS
 

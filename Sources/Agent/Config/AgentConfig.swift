@@ -47,10 +47,6 @@ public struct HostPort: Sendable, Hashable, CustomStringConvertible {
 
 /// A service of this machine: the local port its (unmodified) program listens on.
 public struct LocalService: Sendable, Hashable {
-    public enum ServiceProtocol: String, Sendable, CaseIterable {
-        case http, http2, grpc, tcp
-    }
-
     public var name: String
     /// Where the local program listens (on 127.0.0.1 and the registered address).
     public var port: Int
@@ -216,13 +212,7 @@ public enum AgentConfigLoader {
         }
         var service = LocalService(name: name, port: try keys.required("port", in: node).int(in: 1...65535))
         if let p = keys["service_port"] { service.servicePort = try p.int(in: 1...65535) }
-        if let p = keys["protocol"] {
-            let text = try p.nonEmptyString()
-            guard let value = LocalService.ServiceProtocol(rawValue: text) else {
-                throw p.error("expected http, http2, grpc or tcp, got '\(text)'")
-            }
-            service.serviceProtocol = value
-        }
+        if let p = keys["protocol"] { service.serviceProtocol = try ServiceProtocol.decode(p) }
         if let l = keys["labels"] { service.labels = try l.stringMap() }
         if let w = keys["weight"] { service.weight = try w.int(in: 1...128) }
         if let h = keys["health_check"] { service.healthCheck = try HealthCheck.decode(h) }

@@ -3,6 +3,7 @@ public import GRPCCore
 public import Logging
 import SwiftProtobuf
 import TrellisConfig
+import TrellisPolicy
 public import XDS
 
 /// Pilot's xDS server: ADS (state of the world and incremental) and the per-type CDS/EDS/LDS/RDS

@@ -4,6 +4,7 @@ public import Logging
 import NIOCore
 import SwiftProtobuf
 import TrellisConfig
+import TrellisPolicy
 import XDS
 
 /// Pilot's HTTP API on :15014 (Hummingbird): agent registration with leases, drain and health
@@ -247,7 +248,7 @@ public struct PilotHTTPAPI: Sendable {
         var serviceProtocol = ServiceProtocol.http
         if let text = try f.string("protocol") {
             guard let value = ServiceProtocol(rawValue: text) else {
-                throw APIError.invalid("protocol", "expected http, http2, grpc or tcp, got \"\(text.prefix(40))\"")
+                throw APIError.invalid("protocol", "\(ServiceProtocol.expected), got \"\(text.prefix(40))\"")
             }
             serviceProtocol = value
         }

@@ -1,3 +1,5 @@
+public import TrellisPolicy
+
 /// `/etc/trellis/mesh.yaml`: static services (with or without instances), the mesh's gateways and
 /// the routing rules sidecars apply per destination service. See `examples/mesh.yaml`.
 public struct MeshConfig: Sendable, Hashable {

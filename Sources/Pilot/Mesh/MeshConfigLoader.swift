@@ -1,5 +1,6 @@
 import FoundationEssentials
 public import TrellisConfig
+import TrellisPolicy
 import Yams
 
 /// Reads `mesh.yaml` text into a validated ``MeshConfig``. Parsing only: the executable reads the
@@ -107,16 +108,7 @@ public enum MeshConfigLoader {
             )
         }
         let port = try keys.required("port", in: node).int(in: 1...65535)
-        var serviceProtocol = ServiceProtocol.http
-        if let p = keys["protocol"] {
-            let text = try p.nonEmptyString()
-            guard let value = ServiceProtocol(rawValue: text) else {
-                throw p.error(
-                    "expected one of \(ServiceProtocol.allCases.map(\.rawValue).joined(separator: ", ")), got '\(text)'"
-                )
-            }
-            serviceProtocol = value
-        }
+        let serviceProtocol = try keys["protocol"].map(ServiceProtocol.decode) ?? .http
         let hosts = try keys["hosts"]?.stringList() ?? []
         var instances: [Instance] = []
         for item in try keys["instances"]?.sequence() ?? [] {

@@ -1,15 +1,7 @@
+public import TrellisPolicy
+
 /// What a service speaks on one port; it decides how the port is translated (HTTP routes, gRPC
 /// API listeners with HTTP/2 upstreams, or plain TCP proxying).
-public enum ServiceProtocol: String, Sendable, Codable, CaseIterable, Hashable {
-    case http
-    case http2
-    case grpc
-    case tcp
-
-    var isHTTP: Bool { self != .tcp }
-    var usesHTTP2Upstream: Bool { self == .http2 || self == .grpc }
-}
-
 /// The health an instance is served with in EDS. Only `healthy` instances take new requests;
 /// `draining` ones finish what they have (Envoy: `DRAINING`), `unhealthy` ones are skipped.
 public enum InstanceStatus: String, Sendable, Codable, CaseIterable, Hashable {

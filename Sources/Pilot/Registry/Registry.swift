@@ -1,5 +1,6 @@
 public import FoundationEssentials
 public import Logging
+public import TrellisPolicy
 
 /// Why the registry refused a change; the HTTP API maps each kind to its status code.
 public struct RegistryError: Error, CustomStringConvertible, Sendable, Equatable {

@@ -1,5 +1,6 @@
 import FoundationEssentials
 import GRDB
+import TrellisPolicy
 
 /// Where the registry keeps agent registrations so that a restarted pilot loses nothing. One
 /// interface for the embedded SQLite store and, later, the replicated one (etcd).

@@ -1,4 +1,5 @@
 import SwiftProtobuf
+import TrellisPolicy
 public import XDS
 
 /// Registry → xDS resources, per node role (docs/architecture.md, "xDS roles"). The parts that do
