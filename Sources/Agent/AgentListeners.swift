@@ -1,4 +1,5 @@
 public import Proxy
+import TrellisPolicy
 
 /// The proxy configuration the agent starts with, before any comes from pilot: the outbound
 /// capture listener (:15001) and the inbound one (:15006), both sniffing, each on IPv4 and, where

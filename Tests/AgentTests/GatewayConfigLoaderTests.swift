@@ -103,8 +103,12 @@ import TrellisPolicy
             ("address: 127.0.0.1:18080", "address: localhost", "clusters[0].endpoints[0].address: expected host:port"),
             ("{cluster: c}", "{cluster: c, timeout: soon}", "route.timeout: expected a duration"),
             ("{cluster: c}", "{cluster: missing}", "route.clusters[0].name: no cluster named 'missing'"),
-            ("{prefix: /}", "{prefix: /, regex: '/x'}", "routes[0].match: expected exactly one of prefix, path"),
-            ("{prefix: /}", "{regex: '(['}", "routes[0].match.regex: expected a regular expression"),
+            ("{prefix: /}", "{prefix: /, regex: '/x'}", "routes[0].match: expected at most one of prefix, path"),
+            ("{prefix: /}", "{regex: '(['}", "routes[0].match.regex: not a valid regular expression"),
+            // The same rules as mesh.yaml's (one decoder): RE2 patterns, paths from '/'.
+            ("{prefix: /}", "{regex: '/(?!admin).*'}", "routes[0].match.regex: '(?!' is not supported (RE2"),
+            ("{prefix: /}", "{prefix: api}", "routes[0].match.prefix: expected a path starting with '/'"),
+            ("{prefix: /}", "{prefix: /, methods: ['GE T']}", "routes[0].match.methods[0]: expected a method name"),
             ("domains: [\"*\"]", "domains: [\"*.*\"]", "domains[0]: expected 'name', '*.suffix' or '*'"),
             // A NUL in a host would be cut where the socket layer reads it: refused, shown escaped.
             (

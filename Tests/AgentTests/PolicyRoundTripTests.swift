@@ -1,4 +1,5 @@
 import Foundation
+import Proxy
 import SwiftProtobuf
 import Testing
 import TrellisConfig
@@ -103,6 +104,25 @@ import XDS
         let model = try FaultInjection.decode(node(yaml))
         let any = try Google_Protobuf_Any(message: PolicyEncoding.fault(model))
         let back = try XDSTranslator.fault(any, in: "r")
+        #expect(back == model)
+    }
+
+    @Test(arguments: [
+        "{}",
+        "{prefix: /api/v2}",
+        "{path: /exact, methods: [POST]}",
+        """
+        {regex: "/v[0-9]+/orders/.*", methods: [GET, HEAD, OPTIONS],
+         headers: [{name: X-Canary, exact: "1"}, {name: x-debug, present: true, invert: true},
+                   {name: x-tenant, regex: "t-[a-z]+"}]}
+        """,
+    ])
+    func routeMatch(yaml: String) throws {
+        let model = try RouteMatch.decode(node(yaml))
+        var route = Envoy_Config_Route_V3_Route()
+        route.match = Translator.routeMatch(RouteRule(match: model, destinations: []))
+        route.route.cluster = "c"
+        let back = try XDSTranslator.route(route, name: "r", in: "r", clusters: ["c"]).match
         #expect(back == model)
     }
 

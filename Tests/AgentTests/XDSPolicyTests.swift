@@ -61,6 +61,21 @@ import TrellisTestSupport
                 config.listeners.first { $0.name == "outbound" }?.portVirtualHosts[8080]?
                     .first { $0.domains.contains("orders") }?.routes.first
             )
+            // The rules' matches as mesh.yaml wrote them (methods travel as a `:method` matcher).
+            let routes = try #require(
+                config.listeners.first { $0.name == "outbound" }?.portVirtualHosts[8080]?
+                    .first { $0.domains.contains("orders") }?.routes
+            )
+            #expect(
+                routes.map(\.match).prefix(2) == [
+                    RouteMatch(
+                        path: .prefix("/v2"),
+                        methods: ["GET", "HEAD"],
+                        headers: [HeaderMatch(name: "x-tenant", kind: .regex("t-[a-z]+"))]
+                    ),
+                    RouteMatch(path: .exact("/submit"), methods: ["POST"]),
+                ]
+            )
             #expect(route.action.timeout == .seconds(3))
             let retry = try #require(route.action.retryPolicy)
             #expect(retry.retryOn == [.connectFailure, .serverError, .unavailable])

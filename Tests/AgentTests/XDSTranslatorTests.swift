@@ -2,6 +2,7 @@ import Foundation
 import Proxy
 import SwiftProtobuf
 import Testing
+import TrellisPolicy
 import XDS
 
 @testable import Agent

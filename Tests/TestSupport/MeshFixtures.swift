@@ -1,9 +1,17 @@
 /// mesh.yaml texts shared by the pilot, agent and Envoy tests.
 public enum MeshFixtures {
-    /// A service `orders:8080` with every policy setting.
+    /// A service `orders:8080` with every policy setting, and a rule matching on methods (sent as
+    /// a `:method` header matcher) and headers.
     public static let policies = """
         services:
           - {name: orders, port: 8080}
+        routes:
+          - service: orders:8080
+            rules:
+              - match: {prefix: /v2, methods: [GET, HEAD], headers: [{name: x-tenant, regex: "t-[a-z]+"}]}
+                to: orders:8080
+              - match: {path: /submit, methods: [POST]}
+                to: orders:8080
         policies:
           - service: orders:8080
             connect_timeout: 250ms

@@ -136,48 +136,7 @@ public enum GatewayConfigLoader {
 
     private static func route(_ node: ConfigNode) throws(ConfigFileError) -> Route {
         let keys = try node.mapping(allowed: ["name", "match", "route"])
-        let matchNode = try keys.required("match", in: node)
-        let m = try matchNode.mapping(allowed: ["prefix", "path", "regex", "methods", "headers"])
-        let pathKeys = ["prefix", "path", "regex"].filter { m[$0] != nil }
-        guard pathKeys.count == 1 else {
-            throw matchNode.error("expected exactly one of prefix, path (exact) or regex, got \(pathKeys.count)")
-        }
-        let path: PathMatch
-        if let p = m["prefix"] {
-            path = .prefix(try p.nonEmptyString())
-        } else if let p = m["path"] {
-            path = .exact(try p.nonEmptyString())
-        } else {
-            path = .regex(try m["regex"]!.nonEmptyString())
-        }
-        var headers: [HeaderMatch] = []
-        if let list = m["headers"] {
-            for h in try list.sequence() {
-                let hk = try h.mapping(allowed: ["name", "exact", "present", "regex", "invert"])
-                let kinds = ["exact", "present", "regex"].filter { hk[$0] != nil }
-                guard kinds.count == 1 else {
-                    throw h.error("expected exactly one of exact, present or regex, got \(kinds.count)")
-                }
-                let kind: HeaderMatch.Kind
-                if let v = hk["exact"] {
-                    kind = .exact(try v.string())
-                } else if let v = hk["regex"] {
-                    kind = .regex(try v.nonEmptyString())
-                } else {
-                    guard try hk["present"]!.bool() else {
-                        throw hk["present"]!.error("expected true (use invert: true to require absence)")
-                    }
-                    kind = .present
-                }
-                headers.append(
-                    HeaderMatch(
-                        name: try hk.required("name", in: h).nonEmptyString(),
-                        kind: kind,
-                        invert: try hk["invert"]?.bool() ?? false
-                    )
-                )
-            }
-        }
+        let match = try keys["match"].map(RouteMatch.decode) ?? RouteMatch()
         let actionNode = try keys.required("route", in: node)
         let a = try actionNode.mapping(allowed: [
             "cluster", "clusters", "timeout", "rate_limit", "retry_policy", "fault",
@@ -192,7 +151,7 @@ public enum GatewayConfigLoader {
                 targets.append(
                     WeightedCluster(
                         name: try ik.required("name", in: item).nonEmptyString(),
-                        weight: try ik.required("weight", in: item).int(in: 1...1_000_000)
+                        weight: try ik.required("weight", in: item).int(in: WeightedDestinations.weights)
                     )
                 )
             }
@@ -209,7 +168,7 @@ public enum GatewayConfigLoader {
         }
         return Route(
             name: try keys.required("name", in: node).nonEmptyString(),
-            match: RouteMatch(path: path, methods: try m["methods"]?.stringList() ?? [], headers: headers),
+            match: match,
             action: RouteAction(
                 clusters: targets,
                 timeout: timeout,

@@ -321,7 +321,25 @@ public enum XDSTranslator {
                     "\(where_): header '\(header.name)': only exact, safe_regex and present matches are supported"
                 )
             }
-            match.headers.append(HeaderMatch(name: header.name, kind: kind, invert: header.invertMatch))
+            if header.name == ":method" {
+                // Methods (Envoy has no field for them): exactly one, or an alternation of tokens.
+                let methods: [String]
+                switch kind {
+                case .exact(let v): methods = [v]
+                case .regex(let r): methods = r.split(separator: "|", omittingEmptySubsequences: false).map(String.init)
+                case .present: methods = []
+                }
+                guard match.methods.isEmpty, !header.invertMatch, !methods.isEmpty,
+                    methods.allSatisfy(HTTPToken.isToken)
+                else {
+                    throw Failure(
+                        "\(where_): one ':method' match is supported: one method or an alternation of methods (GET|POST), not inverted"
+                    )
+                }
+                match.methods += methods
+                continue
+            }
+            match.headers.append(HeaderMatch(name: header.name.lowercased(), kind: kind, invert: header.invertMatch))
         }
         guard case .route(let action)? = route.action else {
             throw Failure("\(where_): only route actions are supported (not redirect or direct_response)")

@@ -69,29 +69,6 @@ public struct MeshConfig: Sendable, Hashable {
 
 /// One routing rule: what it matches and where it sends.
 public struct RouteRule: Sendable, Hashable {
-    public enum PathMatch: Sendable, Hashable {
-        case prefix(String)
-        case exact(String)
-        case regex(String)
-    }
-
-    public struct HeaderMatch: Sendable, Hashable {
-        public enum Kind: Sendable, Hashable {
-            case exact(String)
-            case regex(String)
-            case present
-        }
-        public var name: String
-        public var kind: Kind
-        public var invert: Bool
-
-        public init(name: String, kind: Kind, invert: Bool = false) {
-            self.name = name
-            self.kind = kind
-            self.invert = invert
-        }
-    }
-
     public struct WeightedDestination: Sendable, Hashable {
         public var service: ServiceKey
         public var weight: Int
@@ -104,21 +81,19 @@ public struct RouteRule: Sendable, Hashable {
 
     /// Host names (gateways only; `*` or `*.suffix` allowed). Empty: any host.
     public var hosts: [String]
-    public var path: PathMatch
-    public var headers: [HeaderMatch]
+    /// Path, methods and headers (the vocabulary the gateway file uses: ``RouteMatch``).
+    public var match: RouteMatch
     public var destinations: [WeightedDestination]
     public var timeout: Duration?
 
     public init(
         hosts: [String] = [],
-        path: PathMatch = .prefix("/"),
-        headers: [HeaderMatch] = [],
+        match: RouteMatch = RouteMatch(),
         destinations: [WeightedDestination],
         timeout: Duration? = nil
     ) {
         self.hosts = hosts
-        self.path = path
-        self.headers = headers
+        self.match = match
         self.destinations = destinations
         self.timeout = timeout
     }

@@ -181,49 +181,7 @@ public enum MeshConfigLoader {
                 throw h.error("'*' is allowed only as a whole host or a leading '*.' wildcard, got '\(host)'")
             }
         }
-        if let m = keys["match"] {
-            let mk = try m.mapping(allowed: ["prefix", "path", "regex", "headers"])
-            let pathKeys = ["prefix", "path", "regex"].filter { mk[$0] != nil }
-            guard pathKeys.count <= 1 else {
-                throw m.error("expected at most one of prefix, path (exact) or regex, got \(pathKeys.count)")
-            }
-            if let p = mk["prefix"] {
-                rule.path = .prefix(try startsWithSlash(p))
-            } else if let p = mk["path"] {
-                rule.path = .exact(try startsWithSlash(p))
-            } else if let p = mk["regex"] {
-                let pattern = try p.nonEmptyString()
-                try checkRegex(pattern, p)
-                rule.path = .regex(pattern)
-            }
-            for h in try mk["headers"]?.sequence() ?? [] {
-                let hk = try h.mapping(allowed: ["name", "exact", "present", "regex", "invert"])
-                let kinds = ["exact", "present", "regex"].filter { hk[$0] != nil }
-                guard kinds.count == 1 else {
-                    throw h.error("expected exactly one of exact, present or regex, got \(kinds.count)")
-                }
-                let kind: RouteRule.HeaderMatch.Kind
-                if let e = hk["exact"] {
-                    kind = .exact(try e.string())
-                } else if let r = hk["regex"] {
-                    let pattern = try r.nonEmptyString()
-                    try checkRegex(pattern, r)
-                    kind = .regex(pattern)
-                } else {
-                    guard try hk["present"]!.bool() else {
-                        throw hk["present"]!.error("expected true (use invert: true for absence)")
-                    }
-                    kind = .present
-                }
-                rule.headers.append(
-                    .init(
-                        name: try hk.required("name", in: h).nonEmptyString().lowercased(),
-                        kind: kind,
-                        invert: try hk["invert"]?.bool() ?? false
-                    )
-                )
-            }
-        }
+        if let m = keys["match"] { rule.match = try RouteMatch.decode(m) }
         let to = try keys.required("to", in: node)
         if case .scalar = to.node {
             let key = try serviceKey(to)
@@ -236,7 +194,7 @@ public enum MeshConfigLoader {
                 let key = try serviceKey(serviceNode)
                 refs.append((serviceNode, key))
                 rule.destinations.append(
-                    .init(service: key, weight: try dk.required("weight", in: d).int(in: 1...10000))
+                    .init(service: key, weight: try dk.required("weight", in: d).int(in: WeightedDestinations.weights))
                 )
             }
             if rule.destinations.isEmpty { throw to.error("expected at least one destination") }
@@ -247,24 +205,5 @@ public enum MeshConfigLoader {
             rule.timeout = timeout
         }
         return rule
-    }
-
-    private static func startsWithSlash(_ node: ConfigNode) throws(ConfigFileError) -> String {
-        let path = try node.nonEmptyString()
-        guard path.hasPrefix("/") else { throw node.error("expected a path starting with '/', got '\(path)'") }
-        return path
-    }
-
-    /// Envoy and gRPC use RE2; Swift's Regex accepts a superset, so this catches malformed
-    /// patterns, and backreferences/lookaround (which RE2 refuses) are rejected by hand.
-    private static func checkRegex(_ pattern: String, _ node: ConfigNode) throws(ConfigFileError) {
-        do {
-            _ = try Regex(pattern)
-        } catch {
-            throw node.error("not a valid regular expression: \(error)")
-        }
-        for unsupported in ["(?=", "(?!", "(?<=", "(?<!", "\\1", "\\2"] where pattern.contains(unsupported) {
-            throw node.error("'\(unsupported)' is not supported (RE2 syntax: no lookaround or backreferences)")
-        }
     }
 }

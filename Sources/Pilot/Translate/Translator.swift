@@ -371,12 +371,24 @@ public enum Translator {
 
     static func routeMatch(_ rule: RouteRule) -> Envoy_Config_Route_V3_RouteMatch {
         var match = Envoy_Config_Route_V3_RouteMatch()
-        switch rule.path {
+        switch rule.match.path {
         case .prefix(let p): match.prefix = p
         case .exact(let p): match.path = p
         case .regex(let r): match.safeRegex.regex = r
         }
-        for header in rule.headers {
+        // Envoy has no methods field: a `:method` header matcher, exact for one method, an
+        // alternation for several (the agent reads either back as methods).
+        if !rule.match.methods.isEmpty {
+            var m = Envoy_Config_Route_V3_HeaderMatcher()
+            m.name = ":method"
+            if rule.match.methods.count == 1 {
+                m.stringMatch.exact = rule.match.methods[0]
+            } else {
+                m.stringMatch.safeRegex.regex = rule.match.methods.joined(separator: "|")
+            }
+            match.headers.append(m)
+        }
+        for header in rule.match.headers {
             var m = Envoy_Config_Route_V3_HeaderMatcher()
             m.name = header.name
             m.invertMatch = header.invert

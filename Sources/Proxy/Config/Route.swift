@@ -13,49 +13,6 @@ public struct Route: Sendable, Hashable, Codable {
     }
 }
 
-/// The conditions of a route; all must hold.
-public struct RouteMatch: Sendable, Hashable, Codable {
-    public var path: PathMatch
-    /// Methods accepted (`GET`, `POST`, …); empty accepts any.
-    public var methods: [String]
-    public var headers: [HeaderMatch]
-
-    public init(path: PathMatch = .prefix("/"), methods: [String] = [], headers: [HeaderMatch] = []) {
-        self.path = path
-        self.methods = methods
-        self.headers = headers
-    }
-}
-
-/// How a route matches the request path (the part of the target before `?`).
-public enum PathMatch: Sendable, Hashable, Codable {
-    case prefix(String)
-    case exact(String)
-    /// A regular expression that must match the whole path.
-    case regex(String)
-}
-
-/// A condition on one request header. Names are case-insensitive.
-public struct HeaderMatch: Sendable, Hashable, Codable {
-    public enum Kind: Sendable, Hashable, Codable {
-        case exact(String)
-        case present
-        /// A regular expression that must match the whole value.
-        case regex(String)
-    }
-
-    public var name: String
-    public var kind: Kind
-    /// Inverts the match: the route applies when the condition does not hold.
-    public var invert: Bool
-
-    public init(name: String, kind: Kind, invert: Bool = false) {
-        self.name = name
-        self.kind = kind
-        self.invert = invert
-    }
-}
-
 /// Where a matched request goes.
 public struct RouteAction: Sendable, Hashable, Codable {
     /// One or more clusters; a request picks one at random in proportion to the weights.

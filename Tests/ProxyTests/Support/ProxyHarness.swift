@@ -3,6 +3,7 @@ import NIOConcurrencyHelpers
 import NIOCore
 import NIOPosix
 import Prometheus
+import TrellisPolicy
 
 @testable import Proxy
 
