@@ -86,17 +86,32 @@ struct SafeByDefaultNetnsTests {
         let stopFile: URL
         let task: Task<(status: Int32, stdout: String, stderr: String), Never>
 
-        init(ns: String, dir: URL, targets: [String], intervalMilliseconds: Int = 20) {
+        /// `minEach`: the loop ends by itself once every target answered that many times (or
+        /// after `seconds`); otherwise it runs until ``stop()``.
+        init(
+            ns: String,
+            dir: URL,
+            targets: [String],
+            intervalMilliseconds: Int = 20,
+            minEach: Int? = nil,
+            seconds: Int = 60
+        ) {
             stopFile = dir.appendingPathComponent("stop-\(UUID().uuidString)")
             let arguments =
-                ["ip", "netns", "exec", ns, "python3", SafeByDefaultNetnsTests.loop, "--seconds", "60"]
+                ["ip", "netns", "exec", ns, "python3", SafeByDefaultNetnsTests.loop, "--seconds", "\(seconds)"]
                 + ["--interval-ms", "\(intervalMilliseconds)", "--stop-file", stopFile.path]
+                + (minEach.map { ["--min-each", "\($0)"] } ?? [])
                 + targets.flatMap { ["--target", $0] }
             task = Task { await Peers.command(arguments) }
         }
 
         func stop() async throws -> LoopResult {
             _ = FileManager.default.createFile(atPath: stopFile.path, contents: nil)
+            return try await result()
+        }
+
+        /// The loop's result once it ended by itself.
+        func result() async throws -> LoopResult {
             let out = await task.value
             guard let line = out.stdout.split(separator: "\n").last,
                 let result = try? JSONDecoder().decode(LoopResult.self, from: Data(line.utf8))
@@ -184,9 +199,9 @@ struct SafeByDefaultNetnsTests {
             "http:\(lab.bAddress):8080", "http:[\(lab.bAddress6)]:8080",
             "tcp:\(lab.bAddress):9000", "tcp:[\(lab.bAddress6)]:9000",
         ]
-        let load = ClientLoop(ns: lab.a, dir: dir, targets: targets, intervalMilliseconds: 5)
-        try await Task.sleep(for: .seconds(4))
-        let result = try await load.stop()
+        // Until each target answered 20 times (at most 30 s: a loaded machine runs the loop slower).
+        let load = ClientLoop(ns: lab.a, dir: dir, targets: targets, intervalMilliseconds: 5, minEach: 20, seconds: 30)
+        let result = try await load.result()
         #expect(result.failed == 0, "\(result.errors)")
         for target in targets {
             #expect((result.targets[target]?.ok ?? 0) >= 20, "\(target): \(String(describing: result.targets[target]))")

@@ -75,6 +75,9 @@ def main():
     parser.add_argument("--interval-ms", type=float, default=20)
     parser.add_argument("--stop-file")
     parser.add_argument("--timeout", type=float, default=2)
+    # Stop once every target has answered this many times (still within --seconds): a count of
+    # samples that does not depend on how fast a loaded machine runs the loop.
+    parser.add_argument("--min-each", type=int)
     args = parser.parse_args()
     targets = [parse_target(t) for t in args.target]
     start = time.monotonic()
@@ -85,6 +88,8 @@ def main():
     n = 0
     while time.monotonic() < end and n < 100_000:
         if args.stop_file and os.path.exists(args.stop_file):
+            break
+        if args.min_each and all(p["ok"] >= args.min_each for p in per.values()):
             break
         name = args.target[n % len(targets)]
         kind, host, port = targets[n % len(targets)]
