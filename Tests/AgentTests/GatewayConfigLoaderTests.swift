@@ -40,7 +40,7 @@ import TrellisPolicy
         #expect(policies["users-v2"] == .leastRequest)
         #expect(policies["auth"] == .random)
         #expect(policies["static"] == .weighted)
-        #expect(policies["sessions"] == .ringHash(header: "x-session-id", minimumRingSize: 1024))
+        #expect(policies["sessions"] == .ringHash(.header("x-session-id"), minimumRingSize: 1024))
         #expect(rich.proxy.clusters.first { $0.name == "sessions" }?.endpoints.last?.address.host == "::1")
         #expect(rich.proxy.clusters.first { $0.name == "auth" }?.connectTimeout == .milliseconds(250))
         #expect(rich.proxy.clusters.first { $0.name == "auth" }?.upstreamProtocol == .http2)

@@ -126,6 +126,34 @@ import XDS
         #expect(back == model)
     }
 
+    @Test(arguments: [
+        "{lb_policy: least_request}",
+        "{lb_policy: random}",
+        "{lb_policy: round_robin}",
+        "{lb_policy: ring_hash, ring_hash: {header: X-User}}",
+        "{lb_policy: ring_hash, ring_hash: {cookie: session, minimum_ring_size: 4096}}",
+        "{lb_policy: ring_hash, ring_hash: {source_address: true, minimum_ring_size: 64}}",
+    ])
+    func loadBalancing(yaml: String) throws {
+        let root = try node(yaml)
+        let model = try LoadBalancingPolicy.decode(try root.mapping(allowed: ["lb_policy", "ring_hash"]), in: root)
+        let encoded = PolicyEncoding.loadBalancing(model)
+        var cluster = Envoy_Config_Cluster_V3_Cluster()
+        cluster.name = "c"
+        cluster.type = .static
+        cluster.lbPolicy = encoded.policy
+        if let ring = encoded.ring { cluster.ringHashLbConfig = ring }
+        // The hash policy travels on the routes to the cluster, as pilot sends it.
+        var route = Envoy_Config_Route_V3_Route()
+        route.route.cluster = "c"
+        route.route.hashPolicy = encoded.hash
+        var table = Envoy_Config_Route_V3_RouteConfiguration()
+        table.virtualHosts = [.with { $0.routes = [route] }]
+        let keys = try XDSTranslator.hashKeys([table])
+        let back = try XDSTranslator.cluster(cluster, endpoints: [:], hashKey: keys["c"]).loadBalancing
+        #expect(back == model)
+    }
+
     /// agent.yaml's short forms are the same check as the gateway file's and mesh.yaml's long ones.
     @Test func healthChecksHaveOneShapeEverywhere() throws {
         #expect(try HealthCheck.decode(node("{http: /h}")) == HealthCheck.decode(node("{http: {path: /h}}")))

@@ -2,6 +2,7 @@ import NIOCore
 import NIOHTTP1
 import NIOPosix
 import Testing
+import TrellisPolicy
 
 @testable import Proxy
 
@@ -76,7 +77,7 @@ import Testing
                 clusters: [
                     ClusterConfig(
                         name: "c",
-                        loadBalancing: .ringHash(header: "x-user", minimumRingSize: 1024),
+                        loadBalancing: .ringHash(.header("x-user"), minimumRingSize: 1024),
                         endpoints: upstreams.map { endpoint($0) }
                     )
                 ]
@@ -135,18 +136,18 @@ import Testing
         var rng = FastRandom(seed: 7)
         let balancer = LoadBalancer(cluster: cluster(.leastRequest, weights: [1, 1]), rng: &rng)
         for _ in 0..<10 { balancer.requestStarted(endpoint: 0) }
-        for _ in 0..<50 { #expect(balancer.pick(headers: HTTPHeaders(), rng: &rng) == 1) }
+        for _ in 0..<50 { #expect(balancer.pick(headers: HTTPHeaders(), clientIP: nil, rng: &rng) == 1) }
     }
 
     @Test func ringHashMovesOnlyTheKeysOfARemovedEndpoint() {
         var rng = FastRandom(seed: 1)
         let all = LoadBalancer(
-            cluster: cluster(.ringHash(header: "k", minimumRingSize: 1024), weights: [1, 1, 1, 1]),
+            cluster: cluster(.ringHash(.header("k"), minimumRingSize: 1024), weights: [1, 1, 1, 1]),
             rng: &rng
         )
         let oneDown = LoadBalancer(
             cluster: cluster(
-                .ringHash(header: "k", minimumRingSize: 1024),
+                .ringHash(.header("k"), minimumRingSize: 1024),
                 weights: [1, 1, 1, 1],
                 health: [.healthy, .healthy, .healthy, .unhealthy]
             ),
@@ -155,11 +156,38 @@ import Testing
         var moved = 0
         for key in 0..<1000 {
             let headers = HTTPHeaders([("k", "key-\(key)")])
-            let before = all.pick(headers: headers, rng: &rng)!
-            let after = oneDown.pick(headers: headers, rng: &rng)!
+            let before = all.pick(headers: headers, clientIP: nil, rng: &rng)!
+            let after = oneDown.pick(headers: headers, clientIP: nil, rng: &rng)!
             #expect(after != 3)
             if before != 3 && before != after { moved += 1 }
         }
         #expect(moved == 0)
+    }
+
+    @Test func ringHashOnACookieOrTheSourceAddressKeepsEachKeyOnOneEndpoint() {
+        var rng = FastRandom(seed: 3)
+        let byCookie = LoadBalancer(
+            cluster: cluster(.ringHash(.cookie("session"), minimumRingSize: 1024), weights: [1, 1, 1, 1]),
+            rng: &rng
+        )
+        let bySource = LoadBalancer(
+            cluster: cluster(.ringHash(.sourceAddress, minimumRingSize: 1024), weights: [1, 1, 1, 1]),
+            rng: &rng
+        )
+        var cookieEndpoints: Set<Int> = []
+        var sourceEndpoints: Set<Int> = []
+        for key in 0..<200 {
+            let headers = HTTPHeaders([("cookie", "theme=dark; session=s-\(key); x=1")])
+            let first = byCookie.pick(headers: headers, clientIP: nil, rng: &rng)!
+            for _ in 0..<5 { #expect(byCookie.pick(headers: headers, clientIP: nil, rng: &rng) == first) }
+            cookieEndpoints.insert(first)
+            let ip = "10.0.\(key / 250).\(key % 250)"
+            let source = bySource.pick(headers: HTTPHeaders(), clientIP: ip, rng: &rng)!
+            for _ in 0..<5 { #expect(bySource.pick(headers: HTTPHeaders(), clientIP: ip, rng: &rng) == source) }
+            sourceEndpoints.insert(source)
+        }
+        #expect(cookieEndpoints.count == 4 && sourceEndpoints.count == 4, "keys spread over every endpoint")
+        #expect(LoadBalancer.cookie("session", in: HTTPHeaders([("Cookie", "a=1;session=xyz")])) == "xyz")
+        #expect(LoadBalancer.cookie("session", in: HTTPHeaders([("cookie", "sessionx=1; a=session")])) == nil)
     }
 }

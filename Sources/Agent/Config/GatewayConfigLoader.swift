@@ -193,28 +193,7 @@ public enum GatewayConfigLoader {
             }
             upstreamProtocol = parsed
         }
-        var policy = LoadBalancingPolicy.roundRobin
-        if let p = keys["lb_policy"] {
-            let name = try p.nonEmptyString()
-            switch name {
-            case "round_robin": policy = .roundRobin
-            case "least_request": policy = .leastRequest
-            case "random": policy = .random
-            case "weighted": policy = .weighted
-            case "ring_hash":
-                let ringNode = try keys.required("ring_hash", in: node)
-                let r = try ringNode.mapping(allowed: ["header", "minimum_ring_size"])
-                policy = .ringHash(
-                    header: try r.required("header", in: ringNode).nonEmptyString(),
-                    minimumRingSize: try r["minimum_ring_size"]?.int(in: 1...8_388_608) ?? 1024
-                )
-            default:
-                throw p.error("expected one of \(LoadBalancingPolicy.names.joined(separator: ", ")), got '\(name)'")
-            }
-        }
-        if let ring = keys["ring_hash"], try keys["lb_policy"]?.string() != "ring_hash" {
-            throw ring.error("ring_hash settings given but lb_policy is not ring_hash")
-        }
+        let policy = try LoadBalancingPolicy.decode(keys, in: node)
         var pool = PoolSettings()
         if let poolNode = keys["pool"] {
             let pk = try poolNode.mapping(allowed: [

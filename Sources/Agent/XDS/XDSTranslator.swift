@@ -81,8 +81,13 @@ public enum XDSTranslator {
         config.version = version
         var clusters: [ClusterConfig] = base.clusters.filter { resources.clusters[$0.name] == nil }
         var names = Set(clusters.map(\.name))
+        let hashKeys = try hashKeys(resources.routes.values)
         for name in resources.clusters.keys.sorted() {
-            let cluster = try self.cluster(resources.clusters[name]!, endpoints: resources.endpoints)
+            let cluster = try self.cluster(
+                resources.clusters[name]!,
+                endpoints: resources.endpoints,
+                hashKey: hashKeys[name]
+            )
             names.insert(cluster.name)
             clusters.append(cluster)
         }
@@ -162,9 +167,39 @@ public enum XDSTranslator {
 
     // MARK: Clusters
 
+    /// What the routes to each cluster hash for a ring hash (Envoy keeps the hash policy on the
+    /// route, the agent on the cluster): the first hash policy of a route whose single cluster
+    /// it is. Pilot gives every route to a service the same one.
+    static func hashKeys(
+        _ tables: some Sequence<Envoy_Config_Route_V3_RouteConfiguration>
+    ) throws(Failure) -> [String: LoadBalancingPolicy.HashKey] {
+        var keys: [String: LoadBalancingPolicy.HashKey] = [:]
+        for table in tables {
+            for host in table.virtualHosts {
+                for route in host.routes {
+                    guard case .route(let action)? = route.action,
+                        case .cluster(let cluster)? = action.clusterSpecifier,
+                        keys[cluster] == nil, let policy = action.hashPolicy.first
+                    else { continue }
+                    switch policy.policySpecifier {
+                    case .header(let h)?: keys[cluster] = .header(h.headerName.lowercased())
+                    case .cookie(let c)?: keys[cluster] = .cookie(c.name)
+                    case .connectionProperties(let p)? where p.sourceIp: keys[cluster] = .sourceAddress
+                    default:
+                        throw Failure(
+                            "route '\(route.name)': only header, cookie and source-IP hash policies are supported"
+                        )
+                    }
+                }
+            }
+        }
+        return keys
+    }
+
     static func cluster(
         _ cluster: Envoy_Config_Cluster_V3_Cluster,
-        endpoints: [String: Envoy_Config_Endpoint_V3_ClusterLoadAssignment]
+        endpoints: [String: Envoy_Config_Endpoint_V3_ClusterLoadAssignment],
+        hashKey: LoadBalancingPolicy.HashKey? = nil
     ) throws(Failure) -> ClusterConfig {
         let name = cluster.name
         var result = ClusterConfig(name: name, endpoints: [])
@@ -184,6 +219,15 @@ public enum XDSTranslator {
         case .roundRobin: result.loadBalancing = .roundRobin
         case .leastRequest: result.loadBalancing = .leastRequest
         case .random: result.loadBalancing = .random
+        case .ringHash:
+            let size =
+                cluster.ringHashLbConfig.hasMinimumRingSize
+                ? Int(clamping: cluster.ringHashLbConfig.minimumRingSize.value) : LoadBalancingPolicy.defaultRingSize
+            guard LoadBalancingPolicy.ringSizes.contains(size) else {
+                throw Failure("cluster '\(name)': minimum_ring_size \(size) is outside 1...8388608")
+            }
+            // Without a hash policy on its routes Envoy hashes a random value per request.
+            result.loadBalancing = hashKey.map { .ringHash($0, minimumRingSize: size) } ?? .random
         case .clusterProvided where cluster.type == .originalDst: break
         default: throw Failure("cluster '\(name)': lb_policy \(cluster.lbPolicy) is not supported")
         }
@@ -200,6 +244,10 @@ public enum XDSTranslator {
             throw Failure(
                 "cluster '\(name)': discovery type \(cluster.type) is not supported (EDS, STATIC, ORIGINAL_DST are)"
             )
+        }
+        // Envoy's round robin follows the endpoints' weights (instance weights from pilot).
+        if result.loadBalancing == .roundRobin, Set(result.endpoints.map(\.weight)).count > 1 {
+            result.loadBalancing = .weighted
         }
         return result
     }

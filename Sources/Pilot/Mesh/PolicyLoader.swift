@@ -10,12 +10,18 @@ import XDS
 enum PolicyLoader {
     static let keys: Set<String> = [
         "connect_timeout", "circuit_breakers", "outlier_detection", "health_check", "timeout", "retry_policy",
-        "rate_limit", "fault",
+        "rate_limit", "fault", "lb_policy", "ring_hash",
     ]
 
     static func policy(_ node: ConfigNode) throws(ConfigFileError) -> ServicePolicy {
         let keys = try node.mapping(allowed: Self.keys.union(["service"]))
         var policy = ServicePolicy()
+        if keys["lb_policy"] != nil || keys["ring_hash"] != nil {
+            let balancing = PolicyEncoding.loadBalancing(try LoadBalancingPolicy.decode(keys, in: node))
+            policy.cluster.lbPolicy = balancing.policy
+            if let ring = balancing.ring { policy.cluster.ringHashLbConfig = ring }
+            policy.route.hashPolicy = balancing.hash
+        }
         if let n = keys["connect_timeout"] {
             let timeout = try n.duration(atMost: PolicyBounds.maxConnectTimeout)
             policy.cluster.connectTimeout = Translator.protobufDuration(timeout)
@@ -81,6 +87,32 @@ enum PolicyEncoding {
         f.denominator = .million
         f.numerator = UInt32((percent * 10_000).rounded())
         return f
+    }
+
+    /// A balancing policy as Envoy's cluster fields, and the hash policy every route to the
+    /// service carries for a ring hash (Envoy hashes what the route says). Round robin and weighted
+    /// are both Envoy's round robin, which weights endpoints by their `load_balancing_weight`.
+    static func loadBalancing(
+        _ policy: LoadBalancingPolicy
+    ) -> (
+        policy: Envoy_Config_Cluster_V3_Cluster.LbPolicy, ring: Envoy_Config_Cluster_V3_Cluster.RingHashLbConfig?,
+        hash: [Envoy_Config_Route_V3_RouteAction.HashPolicy]
+    ) {
+        switch policy {
+        case .roundRobin, .weighted: return (.roundRobin, nil, [])
+        case .leastRequest: return (.leastRequest, nil, [])
+        case .random: return (.random, nil, [])
+        case .ringHash(let key, let size):
+            var ring = Envoy_Config_Cluster_V3_Cluster.RingHashLbConfig()
+            ring.minimumRingSize = .init(UInt64(size))
+            var hash = Envoy_Config_Route_V3_RouteAction.HashPolicy()
+            switch key {
+            case .header(let name): hash.header.headerName = name
+            case .cookie(let name): hash.cookie.name = name
+            case .sourceAddress: hash.connectionProperties.sourceIp = true
+            }
+            return (.ringHash, ring, [hash])
+        }
     }
 
     static func thresholds(_ limits: CircuitBreakers) -> Envoy_Config_Cluster_V3_CircuitBreakers.Thresholds {

@@ -28,7 +28,8 @@ public struct ServicePolicy: Sendable, Hashable {
 
     /// Whether nothing of it goes on routes.
     var isEmptyForRoutes: Bool {
-        !route.hasTimeout && !route.hasRetryPolicy && perFilter.isEmpty && !retryNonIdempotent
+        !route.hasTimeout && !route.hasRetryPolicy && route.hashPolicy.isEmpty && perFilter.isEmpty
+            && !retryNonIdempotent
     }
 
     public static let rateLimitFilter = "envoy.filters.http.local_ratelimit"

@@ -428,6 +428,7 @@ public enum Translator {
         if applied.count == 1, let policy = applied.first!, !policy.isEmptyForRoutes {
             if policy.route.hasTimeout { route.route.timeout = policy.route.timeout }
             if policy.route.hasRetryPolicy { route.route.retryPolicy = policy.route.retryPolicy }
+            route.route.hashPolicy = policy.route.hashPolicy
             route.typedPerFilterConfig = policy.perFilter
             route.metadata.filterMetadata.merge(PolicyEncoding.routeMetadata(policy)) { $1 }
         }

@@ -74,23 +74,6 @@ public enum UpstreamProtocol: String, Sendable, Hashable, Codable, CaseIterable 
     case downstream
 }
 
-public enum LoadBalancingPolicy: Sendable, Hashable, Codable {
-    /// Each endpoint in turn.
-    case roundRobin
-    /// Two endpoints at random; the one with fewer requests in flight (power of two choices).
-    case leastRequest
-    /// Uniformly at random.
-    case random
-    /// Smooth weighted round robin by endpoint weight.
-    case weighted
-    /// Consistent hashing of one request header's value onto a ring; requests with the same value
-    /// go to the same endpoint while it stays healthy. Requests without the header are spread at
-    /// random.
-    case ringHash(header: String, minimumRingSize: Int)
-
-    public static let names = ["round_robin", "least_request", "random", "weighted", "ring_hash"]
-}
-
 /// Keep-alive connection pooling towards a cluster's endpoints; each event loop has its own pool.
 public struct PoolSettings: Sendable, Hashable, Codable {
     /// Idle connections kept per endpoint per event loop. The default keeps what the busiest

@@ -38,10 +38,16 @@ extension ProxyConfig {
             if let max = cluster.pool.maxRequestsPerConnection, max < 1 {
                 fail("\(path).pool.max_requests_per_connection", "expected 1 or more")
             }
-            if case .ringHash(let header, let size) = cluster.loadBalancing {
-                if header.isEmpty { fail("\(path).lb_policy.header", "expected a header name") }
-                if size < 1 || size > 8_388_608 {
-                    fail("\(path).lb_policy.minimum_ring_size", "expected 1...8388608, got \(size)")
+            if case .ringHash(let key, let size) = cluster.loadBalancing {
+                switch key {
+                case .header(let name) where !HTTPToken.isToken(name):
+                    fail("\(path).ring_hash.header", "expected a header name")
+                case .cookie(let name) where !HTTPToken.isToken(name):
+                    fail("\(path).ring_hash.cookie", "expected a cookie name")
+                default: break
+                }
+                if !LoadBalancingPolicy.ringSizes.contains(size) {
+                    fail("\(path).ring_hash.minimum_ring_size", "expected 1...8388608, got \(size)")
                 }
             }
             if let limits = cluster.circuitBreakers {

@@ -368,6 +368,7 @@ final class ProxyExchange {
         guard let balancer = request.balancer, let previous = request.endpointIndex, cluster.healthy.count > 1,
             let next = balancer.pickInService(
                 headers: request.head.headers,
+                clientIP: request.clientIP,
                 rng: &loop.resources.rng,
                 avoiding: previous
             ).inService

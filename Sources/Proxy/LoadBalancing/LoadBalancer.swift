@@ -1,5 +1,6 @@
 import NIOCore
 import NIOHTTP1
+import TrellisPolicy
 
 /// The per-event-loop state of one cluster's load balancer. It lives on one event loop and is
 /// touched only there, so it needs no lock; it is rebuilt when a new snapshot arrives.
@@ -19,8 +20,9 @@ final class LoadBalancer {
         self.active = Array(repeating: 0, count: cluster.endpoints.count)
     }
 
-    /// Picks an endpoint index for a request, or `nil` when no endpoint is healthy.
-    func pick<G: RandomNumberGenerator>(headers: HTTPHeaders, rng: inout G) -> Int? {
+    /// Picks an endpoint index for a request (its headers and client address, for a ring hash),
+    /// or `nil` when no endpoint is healthy.
+    func pick<G: RandomNumberGenerator>(headers: HTTPHeaders, clientIP: String?, rng: inout G) -> Int? {
         let healthy = cluster.healthy
         guard !healthy.isEmpty else { return nil }
         if healthy.count == 1 { return healthy[0] }
@@ -47,13 +49,31 @@ final class LoadBalancer {
             }
             currentWeights[best] -= total
             return healthy[best]
-        case .ringHash(let header, _):
-            guard let value = headers.first(name: header), let ring = cluster.ring else {
+        case .ringHash(let key, _):
+            let value: String? =
+                switch key {
+                case .header(let name): headers.first(name: name)
+                case .cookie(let name): Self.cookie(name, in: headers)
+                case .sourceAddress: clientIP
+                }
+            guard let value, let ring = cluster.ring else {
                 return healthy[Int.random(in: 0..<healthy.count, using: &rng)]
             }
             let endpoints = cluster.endpoints
             return ring.lookup(StableHash.hash(value.utf8)) { endpoints[$0].config.health == .healthy }
         }
+    }
+
+    /// The value of cookie `name` in the request's `Cookie` headers (`a=1; b=2`), if any.
+    static func cookie(_ name: String, in headers: HTTPHeaders) -> String? {
+        for header in headers[canonicalForm: "cookie"] {
+            for pair in header.split(separator: ";") {
+                let trimmed = pair.trimmingASCIIWhitespace()
+                guard let eq = trimmed.firstIndex(of: "="), trimmed[..<eq] == name else { continue }
+                return String(trimmed[trimmed.index(after: eq)...])
+            }
+        }
+        return nil
     }
 
     /// Picks an endpoint in service (not ejected by outlier detection, not failing its health
@@ -62,13 +82,14 @@ final class LoadBalancer {
     /// landed on one out of service (Envoy's panic mode); both `nil` when none is healthy.
     func pickInService<G: RandomNumberGenerator>(
         headers: HTTPHeaders,
+        clientIP: String?,
         rng: inout G,
         avoiding: Int? = nil
     ) -> (inService: Int?, last: Int?) {
         let now = NIODeadline.now().uptimeNanoseconds
         var last: Int?
         for _ in 0...(cluster.healthy.count * 2) {
-            guard let index = pick(headers: headers, rng: &rng) else { break }
+            guard let index = pick(headers: headers, clientIP: clientIP, rng: &rng) else { break }
             last = index
             if index != avoiding && cluster.isAvailable(index, now: now) { return (index, index) }
         }
