@@ -52,6 +52,23 @@ struct MeshConfigTests {
             "match.prefix: expected a path starting with '/'"
         ),
         ("servics: []\n", "servics: unknown key 'servics'"),
+        // Subsets: declared with labels, named by routes.
+        (
+            "services:\n  - {name: a, port: 80, subsets: [{name: v2, labels: {}}]}\n",
+            "services[0].subsets[0].labels: expected at least one label"
+        ),
+        (
+            "services:\n  - {name: a, port: 80, subsets: [{name: v2, labels: {v: 2}}, {name: v2, labels: {v: 3}}]}\n",
+            "services[0].subsets[1].name: subset 'v2' is declared twice"
+        ),
+        (
+            "services:\n  - {name: a, port: 80, subsets: [{name: v2, labels: {v: \"2\"}}]}\nroutes:\n  - service: a:80\n    rules:\n      - to: [{service: a:80, subset: v3, weight: 1}]\n",
+            "routes[0].rules[0].to[0].subset: service 'a:80' has no subset 'v3'; it declares v2"
+        ),
+        (
+            "services:\n  - {name: a, port: 80}\nroutes:\n  - service: a:80\n    rules:\n      - to: [{service: a:80, subset: v1, weight: 1}]\n",
+            "service 'a:80' has no subset 'v1' (it declares none)"
+        ),
     ])
     func badFilesAreRefusedWithWhereAndWhat(yaml: String, expected: String) {
         let errors = Self.errors(yaml)

@@ -283,7 +283,7 @@ struct PilotSidecarEnvoyTests {
             for field in [
                 "\"outlier_detection\"", "\"circuit_breakers\"", "\"health_checks\"", "\"retry_policy\"",
                 "envoy.filters.http.local_ratelimit", "envoy.filters.http.fault", "\"per_try_timeout\"",
-                "\":method\"", "GET|HEAD", "\"RING_HASH\"", "\"hash_policy\"", "x-user",
+                "\":method\"", "GET|HEAD", "\"RING_HASH\"", "\"hash_policy\"", "x-user", "outbound|8080|v1|orders",
             ] {
                 #expect(dump.contains(field), "\(field) missing from Envoy's configuration")
             }

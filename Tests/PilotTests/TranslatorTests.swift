@@ -241,6 +241,62 @@ struct TranslatorTests {
 
     /// A service's policy goes on every route to it, the gateways' too; its cluster carries the
     /// cluster part for everyone.
+    @Test func subsetsAreClustersOfTheirLabelledInstancesAndRoutesSplitOverThem() async throws {
+        let yaml = """
+            services:
+              - name: orders
+                port: 8080
+                subsets: [{name: v1, labels: {version: v1}}, {name: v2, labels: {version: v2, track: canary}}]
+            routes:
+              - service: orders:8080
+                rules:
+                  - to: [{service: orders:8080, subset: v1, weight: 90}, {service: orders:8080, subset: v2, weight: 10}]
+            policies:
+              - {service: orders:8080, lb_policy: least_request}
+            """
+        let mesh = try MeshConfigLoader.parse(yaml: yaml, file: "mesh.yaml")
+        var v1 = Self.instance("orders", "10.0.0.1", 8080)
+        v1.labels = ["version": "v1"]
+        var v2 = Self.instance("orders", "10.0.0.2", 8080)
+        v2.labels = ["version": "v2", "track": "canary"]
+        var v2Only = Self.instance("orders", "10.0.0.3", 8080)
+        v2Only.labels = ["version": "v2"]  // not on the canary track: in no subset but the whole service
+        let view = try await Self.view([v1, v2, v2Only], mesh: mesh)
+        let sidecar = try Translator.snapshot(
+            for: NodeInfo(id: "vm-z", role: .sidecar),
+            shared: try Translator.shared(view)
+        )
+        func addresses(_ name: String) throws -> [String] {
+            try Self.decode(
+                Envoy_Config_Endpoint_V3_ClusterLoadAssignment.self,
+                sidecar,
+                TypeURL.clusterLoadAssignment,
+                name
+            )
+            .endpoints.flatMap(\.lbEndpoints).map(\.endpoint.address.socketAddress.address).sorted()
+        }
+        #expect(try addresses("outbound|8080||orders") == ["10.0.0.1", "10.0.0.2", "10.0.0.3"])
+        #expect(try addresses("outbound|8080|v1|orders") == ["10.0.0.1"])
+        #expect(try addresses("outbound|8080|v2|orders") == ["10.0.0.2"])
+        // The subset's cluster has the service's policy.
+        let cluster = try Self.decode(
+            Envoy_Config_Cluster_V3_Cluster.self,
+            sidecar,
+            TypeURL.cluster,
+            "outbound|8080|v2|orders"
+        )
+        #expect(cluster.lbPolicy == .leastRequest && cluster.type == .eds)
+        let route = try #require(
+            try Self.decode(Envoy_Config_Route_V3_RouteConfiguration.self, sidecar, TypeURL.routeConfiguration, "8080")
+                .virtualHosts.first { $0.domains.contains("orders") }?.routes.first
+        )
+        #expect(
+            route.route.weightedClusters.clusters.map(\.name) == ["outbound|8080|v1|orders", "outbound|8080|v2|orders"]
+        )
+        #expect(route.route.weightedClusters.clusters.map(\.weight.value) == [90, 10])
+        #expect(sidecar.danglingReferences().isEmpty)
+    }
+
     @Test func aServicePolicyReachesSidecarAndGatewayRoutesAndTheCluster() async throws {
         let yaml =
             MeshFixtures.policies + """

@@ -4,7 +4,7 @@ public enum MeshFixtures {
     /// a `:method` header matcher) and headers.
     public static let policies = """
         services:
-          - {name: orders, port: 8080}
+          - {name: orders, port: 8080, subsets: [{name: v1, labels: {version: v1}}]}
         routes:
           - service: orders:8080
             rules:
@@ -12,6 +12,8 @@ public enum MeshFixtures {
                 to: orders:8080
               - match: {path: /submit, methods: [POST]}
                 to: orders:8080
+              - match: {prefix: /v1}
+                to: [{service: orders:8080, subset: v1, weight: 1}]
         policies:
           - service: orders:8080
             connect_timeout: 250ms

@@ -31,18 +31,44 @@ public struct MeshConfig: Sendable, Hashable {
         /// Extra Host names (besides `name` and `name:port`) its virtual host answers to.
         public var hosts: [String]
         public var instances: [Instance]
+        /// Named groups of its instances, by labels, that routes may send to (canaries, versions).
+        public var subsets: [Subset]
 
         public init(
             key: ServiceKey,
             serviceProtocol: ServiceProtocol = .http,
             hosts: [String] = [],
-            instances: [Instance] = []
+            instances: [Instance] = [],
+            subsets: [Subset] = []
         ) {
             self.key = key
             self.serviceProtocol = serviceProtocol
             self.hosts = hosts
             self.instances = instances
+            self.subsets = subsets
         }
+    }
+
+    /// The instances of a service whose labels include all of `labels` (registered by agents,
+    /// from the CMDB or in this file alike): served as a cluster of its own,
+    /// `outbound|port|name|service`, which routes send a share of the traffic to.
+    public struct Subset: Sendable, Hashable {
+        public var name: String
+        public var labels: [String: String]
+
+        public init(name: String, labels: [String: String]) {
+            self.name = name
+            self.labels = labels
+        }
+
+        public func contains(_ instance: Instance) -> Bool {
+            labels.allSatisfy { instance.labels[$0.key] == $0.value }
+        }
+    }
+
+    /// Each declared service's subsets.
+    public var subsets: [ServiceKey: [Subset]] {
+        Dictionary(services.filter { !$0.subsets.isEmpty }.map { ($0.key, $0.subsets) }) { a, _ in a }
     }
 
     /// A gateway: listeners bound on ports of the gateway machines, routing to services.
@@ -71,10 +97,13 @@ public struct MeshConfig: Sendable, Hashable {
 public struct RouteRule: Sendable, Hashable {
     public struct WeightedDestination: Sendable, Hashable {
         public var service: ServiceKey
+        /// One of the service's subsets; nil: all its instances.
+        public var subset: String?
         public var weight: Int
 
-        public init(service: ServiceKey, weight: Int) {
+        public init(service: ServiceKey, subset: String? = nil, weight: Int) {
             self.service = service
+            self.subset = subset
             self.weight = weight
         }
     }

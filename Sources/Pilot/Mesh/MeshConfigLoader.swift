@@ -11,8 +11,9 @@ public enum MeshConfigLoader {
     public static func parse(yaml: String, file: String) throws(ConfigFileErrors) -> MeshConfig {
         let mesh: MeshConfig
         var routeRefs: [(ConfigNode, ServiceKey)] = []
+        var subsetRefs: [(ConfigNode, ServiceKey, String)] = []
         do {
-            mesh = try load(ConfigNode.root(yaml: yaml, file: file), refs: &routeRefs)
+            mesh = try load(ConfigNode.root(yaml: yaml, file: file), refs: &routeRefs, subsetRefs: &subsetRefs)
         } catch {
             throw ConfigFileErrors([error])
         }
@@ -21,13 +22,25 @@ public enum MeshConfigLoader {
         for (node, key) in routeRefs where !declared.contains(key) {
             problems.append(node.error("service '\(key)' is not declared under services:"))
         }
+        let subsets = mesh.subsets
+        for (node, key, subset) in subsetRefs where declared.contains(key) {
+            guard subsets[key]?.contains(where: { $0.name == subset }) != true else { continue }
+            let names = subsets[key]?.map(\.name).joined(separator: ", ") ?? ""
+            problems.append(
+                node.error(
+                    "service '\(key)' has no subset '\(subset)'"
+                        + (names.isEmpty ? " (it declares none)" : "; it declares \(names)")
+                )
+            )
+        }
         guard problems.isEmpty else { throw ConfigFileErrors(problems) }
         return mesh
     }
 
     private static func load(
         _ root: ConfigNode,
-        refs: inout [(ConfigNode, ServiceKey)]
+        refs: inout [(ConfigNode, ServiceKey)],
+        subsetRefs: inout [(ConfigNode, ServiceKey, String)]
     ) throws(ConfigFileError) -> MeshConfig {
         let top = try root.mapping(allowed: ["services", "gateways", "routes", "policies"])
         var mesh = MeshConfig()
@@ -63,7 +76,7 @@ public enum MeshConfigLoader {
                 }
                 var routes: [RouteRule] = []
                 for r in try l.required("routes", in: listener).sequence() {
-                    routes.append(try route(r, allowHosts: true, refs: &refs))
+                    routes.append(try route(r, allowHosts: true, refs: &refs, subsetRefs: &subsetRefs))
                 }
                 if routes.isEmpty { throw listener.error("expected at least one route") }
                 listeners.append(.init(port: port, routes: routes))
@@ -78,7 +91,7 @@ public enum MeshConfigLoader {
             guard mesh.serviceRoutes[key] == nil else { throw serviceNode.error("routes for '\(key)' are given twice") }
             var rules: [RouteRule] = []
             for r in try keys.required("rules", in: node).sequence() {
-                rules.append(try route(r, allowHosts: false, refs: &refs))
+                rules.append(try route(r, allowHosts: false, refs: &refs, subsetRefs: &subsetRefs))
             }
             mesh.serviceRoutes[key] = rules
         }
@@ -99,7 +112,7 @@ public enum MeshConfigLoader {
         _ node: ConfigNode,
         seenInstances: inout [InstanceKey: String]
     ) throws(ConfigFileError) -> MeshConfig.StaticService {
-        let keys = try node.mapping(allowed: ["name", "port", "protocol", "hosts", "instances"])
+        let keys = try node.mapping(allowed: ["name", "port", "protocol", "hosts", "instances", "subsets"])
         let nameNode = try keys.required("name", in: node)
         let name = try nameNode.nonEmptyString()
         guard Names.isValidServiceName(name) else {
@@ -147,11 +160,33 @@ public enum MeshConfigLoader {
                 )
             )
         }
+        var subsets: [MeshConfig.Subset] = []
+        for item in try keys["subsets"]?.sequence() ?? [] {
+            let sk = try item.mapping(allowed: ["name", "labels"])
+            let subsetNameNode = try sk.required("name", in: item)
+            let subsetName = try subsetNameNode.nonEmptyString()
+            guard Names.isValidServiceName(subsetName) else {
+                throw subsetNameNode.error(
+                    "expected a subset name of lowercase letters, digits, '-' and '.', got '\(subsetName)'"
+                )
+            }
+            guard !subsets.contains(where: { $0.name == subsetName }) else {
+                throw subsetNameNode.error("subset '\(subsetName)' is declared twice")
+            }
+            let labelsNode = try sk.required("labels", in: item)
+            let labels = try labelsNode.stringMap()
+            guard !labels.isEmpty else { throw labelsNode.error("expected at least one label") }
+            for label in labels.keys where !Names.isValidLabelKey(label) {
+                throw labelsNode.error("label key '\(label)' is not valid (letters, digits, '-', '_', '.', '/')")
+            }
+            subsets.append(MeshConfig.Subset(name: subsetName, labels: labels))
+        }
         return .init(
             key: ServiceKey(name: name, port: port),
             serviceProtocol: serviceProtocol,
             hosts: hosts,
-            instances: instances
+            instances: instances,
+            subsets: subsets
         )
     }
 
@@ -170,7 +205,8 @@ public enum MeshConfigLoader {
     private static func route(
         _ node: ConfigNode,
         allowHosts: Bool,
-        refs: inout [(ConfigNode, ServiceKey)]
+        refs: inout [(ConfigNode, ServiceKey)],
+        subsetRefs: inout [(ConfigNode, ServiceKey, String)]
     ) throws(ConfigFileError) -> RouteRule {
         let allowed: Set<String> = allowHosts ? ["hosts", "match", "to", "timeout"] : ["match", "to", "timeout"]
         let keys = try node.mapping(allowed: allowed)
@@ -189,12 +225,21 @@ public enum MeshConfigLoader {
             rule.destinations = [.init(service: key, weight: 1)]
         } else {
             for d in try to.sequence() {
-                let dk = try d.mapping(allowed: ["service", "weight"])
+                let dk = try d.mapping(allowed: ["service", "subset", "weight"])
                 let serviceNode = try dk.required("service", in: d)
                 let key = try serviceKey(serviceNode)
                 refs.append((serviceNode, key))
+                var subset: String?
+                if let s = dk["subset"] {
+                    subset = try s.nonEmptyString()
+                    subsetRefs.append((s, key, subset!))
+                }
                 rule.destinations.append(
-                    .init(service: key, weight: try dk.required("weight", in: d).int(in: WeightedDestinations.weights))
+                    .init(
+                        service: key,
+                        subset: subset,
+                        weight: try dk.required("weight", in: d).int(in: WeightedDestinations.weights)
+                    )
                 )
             }
             if rule.destinations.isEmpty { throw to.error("expected at least one destination") }

@@ -13,7 +13,10 @@ public enum Translator {
     /// Inbound traffic is forwarded to the local app from this address (docs/architecture.md).
     public static let inboundSourceAddress = "127.0.0.6"
 
-    public static func clusterName(_ service: ServiceKey) -> String { "outbound|\(service.port)||\(service.name)" }
+    /// A service's cluster, or one of its subsets' (`outbound|8080|v2|orders`, Istio's naming).
+    public static func clusterName(_ service: ServiceKey, subset: String? = nil) -> String {
+        "outbound|\(service.port)|\(subset ?? "")|\(service.name)"
+    }
     static func inboundClusterName(port: Int) -> String { "inbound|\(port)||" }
     static func gatewayRouteName(_ gateway: String, port: Int) -> String { "gateway|\(gateway)|\(port)" }
 
@@ -95,6 +98,16 @@ public enum Translator {
         }
         cache.services = services
         cache.policies = view.mesh.policies
+        // Subsets: a cluster and an assignment each, with the service's policy and the instances
+        // whose labels match (not cached: they follow the mesh file and the instances alike).
+        let subsets = view.mesh.subsets
+        for service in view.services {
+            for subset in subsets[service.key] ?? [] {
+                let policy = view.mesh.policies[service.key]
+                shared.clusters.append(try edsCluster(service, proxyless: false, policy: policy, subset: subset))
+                shared.assignments.append(try assignment(service, subset: subset))
+            }
+        }
         shared.passthrough = try passthroughClusters()
         try sidecarOutbound(view, into: &shared)
         for gateway in view.mesh.gateways {
@@ -221,9 +234,10 @@ public enum Translator {
     static func edsCluster(
         _ service: RegistryView.Service,
         proxyless: Bool,
-        policy: ServicePolicy? = nil
+        policy: ServicePolicy? = nil,
+        subset: MeshConfig.Subset? = nil
     ) throws -> XDSResource {
-        let name = clusterName(service.key)
+        let name = clusterName(service.key, subset: subset?.name)
         var cluster = Envoy_Config_Cluster_V3_Cluster()
         cluster.name = name
         cluster.type = .eds
@@ -256,10 +270,12 @@ public enum Translator {
 
     /// Endpoints grouped by locality (gRPC ignores endpoints without one, and localities of
     /// weight 0), with health: only `healthy` instances take new traffic.
-    static func assignment(_ service: RegistryView.Service) throws -> XDSResource {
-        let name = clusterName(service.key)
+    static func assignment(_ service: RegistryView.Service, subset: MeshConfig.Subset? = nil) throws -> XDSResource {
+        let name = clusterName(service.key, subset: subset?.name)
         var groups: [Locality: [Instance]] = [:]
-        for instance in service.instances { groups[instance.locality, default: []].append(instance) }
+        for instance in service.instances where subset?.contains(instance) ?? true {
+            groups[instance.locality, default: []].append(instance)
+        }
         var assignment = Envoy_Config_Endpoint_V3_ClusterLoadAssignment()
         assignment.clusterName = name
         for locality in groups.keys.sorted(by: { ($0.region, $0.zone, $0.subzone) < ($1.region, $1.zone, $1.subzone) })
@@ -411,12 +427,12 @@ public enum Translator {
         route.name = name
         route.match = routeMatch(rule)
         if rule.destinations.count == 1 {
-            route.route.cluster = clusterName(rule.destinations[0].service)
+            route.route.cluster = clusterName(rule.destinations[0].service, subset: rule.destinations[0].subset)
         } else {
             var weighted = Envoy_Config_Route_V3_WeightedCluster()
             for destination in rule.destinations {
                 var w = Envoy_Config_Route_V3_WeightedCluster.ClusterWeight()
-                w.name = clusterName(destination.service)
+                w.name = clusterName(destination.service, subset: destination.subset)
                 w.weight = .init(UInt32(destination.weight))
                 weighted.clusters.append(w)
             }
@@ -433,7 +449,7 @@ public enum Translator {
             route.metadata.filterMetadata.merge(PolicyEncoding.routeMetadata(policy)) { $1 }
         }
         if let timeout = rule.timeout { route.route.timeout = protobufDuration(timeout) }
-        return (route, rule.destinations.map { Ref(TypeURL.cluster, clusterName($0.service)) })
+        return (route, rule.destinations.map { Ref(TypeURL.cluster, clusterName($0.service, subset: $0.subset)) })
     }
 
     static func protobufDuration(_ d: Duration) -> Google_Protobuf_Duration {

@@ -1,0 +1,102 @@
+import Foundation
+import Logging
+import NIOCore
+import NIOPosix
+import Pilot
+import Proxy
+import Testing
+import TrellisTestSupport
+
+@testable import Agent
+
+/// mesh.yaml subsets through the real pilot, the agent's xDS client and its data path: a route
+/// splits a service's traffic 90/10 over two subsets chosen by instance labels, and a header
+/// sends a request to the canary subset.
+@Suite struct SubsetSplitTests {
+    @Test func aRouteSplitsOverSubsetsByWeightAndAHeaderPicksTheCanary() async throws {
+        let dir = try Peers.temporaryDirectory("subsets")
+        defer { try? FileManager.default.removeItem(at: dir) }
+        let ports = [Peers.freePort(), Peers.freePort()]
+        let apps = try zip(ports, ["v1", "v2"]).map { port, version in
+            try Peers.pythonHTTPServer(port: port, body: version, root: dir)
+        }
+        defer { for app in apps { app.stop() } }
+        let yaml = """
+            services:
+              - name: orders
+                port: 8080
+                instances:
+                  - {address: 127.0.0.1, port: \(ports[0]), labels: {version: v1}}
+                  - {address: 127.0.0.1, port: \(ports[1]), labels: {version: v2}}
+                subsets:
+                  - {name: v1, labels: {version: v1}}
+                  - {name: v2, labels: {version: v2}}
+            routes:
+              - service: orders:8080
+                rules:
+                  - match: {headers: [{name: x-canary, exact: "1"}]}
+                    to: [{service: orders:8080, subset: v2, weight: 1}]
+                  - to:
+                      - {service: orders:8080, subset: v1, weight: 90}
+                      - {service: orders:8080, subset: v2, weight: 10}
+            """
+        let mesh = try MeshConfigLoader.parse(yaml: yaml, file: "mesh.yaml")
+        let outboundPort = Peers.freePort()
+        let stats = ProxyStats()
+        let group = MultiThreadedEventLoopGroup(numberOfThreads: 1)
+        let base = XDSClientTests.base(outboundPort: outboundPort)
+        let proxy = try ProxyServer(
+            snapshot: try ProxySnapshot(base, stats: stats),
+            stats: stats,
+            group: group,
+            originalDestination: { _ in try? SocketAddress(ipAddress: "127.0.0.1", port: 8080) },
+            logger: .quiet
+        )
+        try await proxy.start()
+        try await PilotHarness.run(store: try SQLiteRegistryStore(), mesh: mesh) { pilot in
+            let client = XDSClient(pilot: "127.0.0.1", port: pilot.xdsPort, node: "vm-a", base: base, logger: .quiet) {
+                config in try await proxy.apply(try ProxySnapshot(config, stats: stats))
+            }
+            let running = Task { try await client.run() }
+            defer { running.cancel() }
+            #expect(
+                await Peers.eventually(within: .seconds(5)) {
+                    let clusters = proxy.store.snapshot.config.clusters
+                    return ["outbound|8080|v1|orders", "outbound|8080|v2|orders"].allSatisfy { name in
+                        clusters.first { $0.name == name }?.endpoints.count == 1
+                    }
+                }
+            )
+            // Each subset's cluster holds its own instance only.
+            let clusters = proxy.store.snapshot.config.clusters
+            #expect(
+                clusters.first { $0.name == "outbound|8080|v2|orders" }?.endpoints.map(\.address.port) == [ports[1]]
+            )
+            #expect(
+                await Peers.eventually(within: .seconds(5)) {
+                    let first = await Peers.http("GET", "http://127.0.0.1:\(ports[0])/hello").status
+                    let second = await Peers.http("GET", "http://127.0.0.1:\(ports[1])/hello").status
+                    return first == 200 && second == 200
+                }
+            )
+
+            // 2,000 requests on one keep-alive connection (curl's URL range).
+            let split = await Peers.command([
+                "curl", "-s", "-H", "Host: orders:8080", "http://127.0.0.1:\(outboundPort)/hello?n=[1-2000]",
+            ])
+            let v1 = split.stdout.components(separatedBy: "v1").count - 1
+            let v2 = split.stdout.components(separatedBy: "v2").count - 1
+            #expect(v1 + v2 == 2000, "every request answered: \(v1) + \(v2), curl exit \(split.status)")
+            #expect(abs(v1 - 1800) <= 60, "90 % to v1 within ±3 % of the requests: \(v1) of 2000")
+
+            // The canary header: every request to v2.
+            let canary = await Peers.command([
+                "curl", "-s", "-H", "Host: orders:8080", "-H", "x-canary: 1",
+                "http://127.0.0.1:\(outboundPort)/hello?n=[1-100]",
+            ])
+            #expect(canary.stdout == String(repeating: "v2", count: 100), "\(canary.stdout.prefix(300))")
+        }
+        await proxy.shutdown()
+        try await group.shutdownGracefully()
+    }
+}
