@@ -122,6 +122,18 @@ let package = Package(
             ],
             swiftSettings: swiftSettings
         ),
+        // The standalone gateway's file (`trellis-agent gateway`): a ProxyConfig from the gateway
+        // YAML, with the shared policy vocabulary; no gRPC, no xDS.
+        .target(
+            name: "GatewayConfig",
+            dependencies: [
+                "Proxy",
+                "TrellisConfig",
+                "TrellisPolicy",
+                .product(name: "Yams", package: "Yams"),
+            ],
+            swiftSettings: swiftSettings
+        ),
         .target(
             name: "XDS",
             dependencies: [
@@ -184,6 +196,7 @@ let package = Package(
             name: "trellis-agent",
             dependencies: [
                 "Agent",
+                "GatewayConfig",
                 "TrellisConfig",
                 "TrellisRuntime",
                 "TrellisValues",
@@ -312,6 +325,7 @@ let package = Package(
             name: "AgentTests",
             dependencies: [
                 "Agent",
+                "GatewayConfig",
                 "Interceptor",
                 "Pilot",
                 "TrellisPolicy",

@@ -250,6 +250,16 @@ public struct ConfigNode {
         return result
     }
 
+    /// A packet mark (`SO_MARK`, iptables `--mark`): a non-zero 32-bit value, decimal or `0x` hex.
+    public func mark() throws(ConfigFileError) -> UInt32 {
+        let text = try nonEmptyString()
+        let value = text.hasPrefix("0x") ? UInt32(text.dropFirst(2), radix: 16) : UInt32(text)
+        guard let value, value != 0 else {
+            throw error("expected a non-zero 32-bit mark such as 0x1000, got '\(text)'")
+        }
+        return value
+    }
+
     public func stringList() throws(ConfigFileError) -> [String] {
         var result: [String] = []
         for item in try sequence() { result.append(try item.nonEmptyString()) }

@@ -1,6 +1,7 @@
 import Agent
 import ArgumentParser
 import Foundation
+import GatewayConfig
 import Interceptor
 import Logging
 import Metrics

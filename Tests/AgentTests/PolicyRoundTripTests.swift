@@ -1,4 +1,5 @@
 import Foundation
+import GatewayConfig
 import Proxy
 import SwiftProtobuf
 import Testing

@@ -1,5 +1,6 @@
 import Agent
 import Foundation
+import GatewayConfig
 import Interceptor
 import Pilot
 import Testing

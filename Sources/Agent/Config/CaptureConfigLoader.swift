@@ -56,14 +56,6 @@ public enum CaptureConfigLoader {
             }
             return out
         }
-        func mark(_ n: ConfigNode) throws(ConfigFileError) -> UInt32 {
-            let text = try n.nonEmptyString()
-            let value = text.hasPrefix("0x") ? UInt32(text.dropFirst(2), radix: 16) : UInt32(text)
-            guard let value, value != 0 else {
-                throw n.error("expected a non-zero 32-bit mark such as 0x1000, got '\(text)'")
-            }
-            return value
-        }
         let exclude = try keys["inbound_exclude_ports"].map(ports) ?? [22]
         if let inbound = keys["inbound_ports"] {
             if case .scalar(_) = inbound.node {
@@ -82,7 +74,7 @@ public enum CaptureConfigLoader {
         if let n = keys["outbound_exclude_cidrs"] { c.outboundExcludeCIDRs = try cidrs(n) }
         if let n = keys["exclude_ports"] { c.excludedPorts = try ports(n) }
         if let n = keys["capture_loopback"] { c.captureLoopback = try n.bool() }
-        if let n = keys["agent_mark"] { c.agentMark = try mark(n) }
+        if let n = keys["agent_mark"] { c.agentMark = try n.mark() }
         if let n = keys["agent_uid"] { c.agentUID = try n.int(in: 0...4_294_967_294) }
         if let n = keys["agent_gid"] { c.agentGID = try n.int(in: 0...4_294_967_294) }
         if let n = keys["ipv4"] { c.ipv4 = try n.bool() }
@@ -98,7 +90,7 @@ public enum CaptureConfigLoader {
             let g = try n.mapping(allowed: ["queue", "mark"])
             var gate = CaptureConfig.Gate()
             if let q = g["queue"] { gate.queue = try q.int(in: 0...65535) }
-            if let m = g["mark"] { gate.mark = try mark(m) }
+            if let m = g["mark"] { gate.mark = try m.mark() }
             c.gate = gate
         }
         return c

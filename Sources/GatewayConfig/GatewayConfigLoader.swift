@@ -69,14 +69,7 @@ public enum GatewayConfigLoader {
             proxy: ProxyConfig(version: version, listeners: listeners, clusters: clusters),
             adminAddress: admin
         )
-        if let n = top["upstream_mark"] {
-            let text = try n.nonEmptyString()
-            let value = text.hasPrefix("0x") ? UInt32(text.dropFirst(2), radix: 16) : UInt32(text)
-            guard let value, value != 0 else {
-                throw n.error("expected a non-zero 32-bit mark such as 0x1000, got '\(text)'")
-            }
-            file.upstreamMark = value
-        }
+        if let n = top["upstream_mark"] { file.upstreamMark = try n.mark() }
         return file
     }
 
