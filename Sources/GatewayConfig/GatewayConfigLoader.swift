@@ -215,7 +215,7 @@ public enum GatewayConfigLoader {
             endpoints.append(
                 Endpoint(
                     address: SocketEndpoint(host: host, port: port),
-                    weight: try ek["weight"]?.int(in: 1...1_000_000) ?? 1,
+                    weight: try ek["weight"]?.int(in: EndpointWeights.range) ?? 1,
                     health: health
                 )
             )

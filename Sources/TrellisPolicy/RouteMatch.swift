@@ -128,3 +128,9 @@ extension ConfigNode {
 public enum WeightedDestinations {
     public static let weights = 1...1_000_000
 }
+
+/// An endpoint's (an instance's) weight within its cluster: 1...128, Envoy's range for
+/// `load_balancing_weight`, in the gateway file, mesh.yaml, agent.yaml and pilot's API alike.
+public enum EndpointWeights {
+    public static let range = 1...128
+}

@@ -214,7 +214,7 @@ public enum AgentConfigLoader {
         if let p = keys["service_port"] { service.servicePort = try p.int(in: 1...65535) }
         if let p = keys["protocol"] { service.serviceProtocol = try ServiceProtocol.decode(p) }
         if let l = keys["labels"] { service.labels = try l.stringMap() }
-        if let w = keys["weight"] { service.weight = try w.int(in: 1...128) }
+        if let w = keys["weight"] { service.weight = try w.int(in: EndpointWeights.range) }
         if let h = keys["health_check"] { service.healthCheck = try HealthCheck.decode(h) }
         return service
     }

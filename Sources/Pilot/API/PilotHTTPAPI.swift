@@ -282,7 +282,7 @@ public struct PilotHTTPAPI: Sendable {
                 subzone: try f.string("subzone") ?? ""
             ),
             labels: labels,
-            weight: try f.int("weight", in: 1...128) ?? 1,
+            weight: try f.int("weight", in: EndpointWeights.range) ?? 1,
             status: status
         )
         return .init(instance: instance, ttl: .seconds(ttl))

@@ -155,7 +155,7 @@ public enum MeshConfigLoader {
                         subzone: try i["subzone"]?.string() ?? ""
                     ),
                     labels: labels,
-                    weight: try i["weight"]?.int(in: 1...128) ?? 1,
+                    weight: try i["weight"]?.int(in: EndpointWeights.range) ?? 1,
                     source: .meshFile
                 )
             )

@@ -127,8 +127,8 @@ extension ProxyConfig {
                         "expected a port in 1...65535, got \(endpoint.address.port)"
                     )
                 }
-                if endpoint.weight < 1 || endpoint.weight > 1_000_000 {
-                    fail("\(path).endpoints[\(ei)].weight", "expected 1...1000000, got \(endpoint.weight)")
+                if !EndpointWeights.range.contains(endpoint.weight) {
+                    fail("\(path).endpoints[\(ei)].weight", "expected 1...128, got \(endpoint.weight)")
                 }
             }
         }
@@ -176,7 +176,7 @@ extension ProxyConfig {
                         if !clusterNames.contains(target.name) {
                             fail("\(rpath).route.clusters[\(wi)].name", "no cluster named '\(target.name)'")
                         }
-                        if target.weight < 1 || target.weight > 1_000_000 {
+                        if !WeightedDestinations.weights.contains(target.weight) {
                             fail("\(rpath).route.clusters[\(wi)].weight", "expected 1...1000000, got \(target.weight)")
                         }
                     }
