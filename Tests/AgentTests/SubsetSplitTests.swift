@@ -89,6 +89,7 @@ import TrellisTestSupport
             #expect(v1 + v2 == 2000, "every request answered: \(v1) + \(v2), curl exit \(split.status)")
             #expect(abs(v1 - 1800) <= 60, "90 % to v1 within ±3 % of the requests: \(v1) of 2000")
 
+            print("subsets through the agent: v1 \(v1), v2 \(v2) of 2000")
             // The canary header: every request to v2.
             let canary = await Peers.command([
                 "curl", "-s", "-H", "Host: orders:8080", "-H", "x-canary: 1",

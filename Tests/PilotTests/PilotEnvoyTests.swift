@@ -125,6 +125,64 @@ struct PilotEnvoyTests {
         }
     }
 
+    /// A stock Envoy splits over mesh.yaml's subsets as the agent does (AgentTests'
+    /// SubsetSplitTests): 2,000 requests 90/10 within 3 %, and the canary header to v2 only.
+    @Test func aStockEnvoySplitsOverSubsetsLikeTheAgent() async throws {
+        let dir = try Peers.temporaryDirectory("pilot-envoy-subsets")
+        defer { try? FileManager.default.removeItem(at: dir) }
+        let ports = [Peers.freePort(), Peers.freePort()]
+        let apps = try zip(ports, ["v1", "v2"]).map { port, version in
+            try Peers.pythonHTTPServer(port: port, body: version, root: dir)
+        }
+        defer { for app in apps { app.stop() } }
+        let gatewayPort = Peers.freePort()
+        let mesh = try MeshConfigLoader.parse(
+            yaml: """
+                services:
+                  - name: web
+                    port: 8080
+                    subsets: [{name: v1, labels: {version: v1}}, {name: v2, labels: {version: v2}}]
+                gateways:
+                  - name: edge
+                    listeners:
+                      - port: \(gatewayPort)
+                        routes:
+                          - match: {headers: [{name: x-canary, exact: "1"}]}
+                            to: [{service: web:8080, subset: v2, weight: 1}]
+                          - to: [{service: web:8080, subset: v1, weight: 90}, {service: web:8080, subset: v2, weight: 10}]
+                """,
+            file: "mesh.yaml"
+        )
+        try await PilotHarness.run(store: try SQLiteRegistryStore(), mesh: mesh) { pilot in
+            for (port, version) in zip(ports, ["v1", "v2"]) {
+                let body = """
+                    {"service": "web", "address": "127.0.0.1", "port": \(port), "service_port": 8080, "node": "vm-\(version)", "labels": {"version": "\(version)"}}
+                    """
+                #expect(await pilot.register(body) == 201)
+            }
+            let (envoy, _) = try EnvoyBootstrap.start(
+                in: dir,
+                nodeID: "gw-subsets",
+                adsPort: pilot.xdsPort,
+                apiType: "DELTA_GRPC",
+                metadata: ["trellis.role": "gateway", "trellis.gateway": "edge"]
+            )
+            defer { envoy.stop() }
+            let base = "http://127.0.0.1:\(gatewayPort)/hello"
+            #expect(await Peers.eventually(within: .seconds(20)) { await Peers.http("GET", base).status == 200 })
+            let split = await Peers.command(["curl", "-s", "\(base)?n=[1-2000]"])
+            let v1 = split.stdout.components(separatedBy: "v1").count - 1
+            let v2 = split.stdout.components(separatedBy: "v2").count - 1
+            #expect(v1 + v2 == 2000, "every request answered: \(v1) + \(v2), curl exit \(split.status)")
+            #expect(abs(v1 - 1800) <= 60, "90 % to v1 within ±3 % of the requests: \(v1) of 2000")
+            print("subsets through the Envoy gateway: v1 \(v1), v2 \(v2) of 2000")
+            let canary = await Peers.command(["curl", "-s", "-H", "x-canary: 1", "\(base)?n=[1-100]"])
+            #expect(canary.stdout == String(repeating: "v2", count: 100), "\(canary.stdout.prefix(300))")
+            let status = await pilot.server.sync.status(node: "gw-subsets")
+            #expect(status.values.allSatisfy { $0.lastNack == nil }, "\(status)")
+        }
+    }
+
     /// Pilot restarts on the same store and ports: Envoy keeps serving meanwhile, reconnects, and
     /// nothing registered is lost.
     @Test func pilotRestartLosesNothingAndEnvoyReconnects() async throws {
