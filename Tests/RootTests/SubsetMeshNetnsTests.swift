@@ -1,0 +1,105 @@
+import Foundation
+import Testing
+import TrellisTestSupport
+
+/// Canaries across the mesh with nothing changed in the programs (issue 16): pilot in the hub,
+/// VM A a plain curl client, VMs B and C an unmodified HTTP server each, registered by their agents
+/// as `orders` with the labels `version: v1` and `version: v2`. mesh.yaml declares the two subsets
+/// and splits `orders` 90/10 over them, and sends `x-canary: 1` to v2. A's agent captures the
+/// client's connection and splits as pilot says; B's and C's agents take the requests inbound.
+@Suite(.serialized, .disabled(if: NetnsLab.unavailableReason != nil, "\(NetnsLab.unavailableReason ?? "")"))
+struct SubsetMeshNetnsTests {
+    @Test func aCanaryTakesItsShareAndTheHeaderAcrossThreeAgents() async throws {
+        let lab = try await MeshLab(subnet: 24, vms: ["vm-a", "vm-b", "vm-c"])
+        defer { lab.destroy() }
+        let dir = try Peers.temporaryDirectory("subset-mesh")
+        defer { try? FileManager.default.removeItem(at: dir) }
+        // VM A finds `orders` by name, as a legacy client does; any instance's address will do.
+        let hosts = try NetnsHosts(ns: lab.ns("vm-a"), names: [(lab.ip("vm-b"), "orders")])
+        defer { hosts.remove() }
+        try """
+        services:
+          - name: orders
+            port: 8080
+            subsets: [{name: v1, labels: {version: v1}}, {name: v2, labels: {version: v2}}]
+        routes:
+          - service: orders:8080
+            rules:
+              - match: {headers: [{name: x-canary, exact: "1"}]}
+                to: [{service: orders:8080, subset: v2, weight: 1}]
+              - to: [{service: orders:8080, subset: v1, weight: 90}, {service: orders:8080, subset: v2, weight: 10}]
+        """.write(to: dir.appendingPathComponent("mesh.yaml"), atomically: true, encoding: .utf8)
+        let pilot = try Peers.Child(
+            [
+                "ip", "netns", "exec", lab.hub, MeshEndToEndTests.pilotBinary, "serve", "--store",
+                dir.appendingPathComponent("pilot.db").path, "--mesh", dir.appendingPathComponent("mesh.yaml").path,
+                "--xds-address", "\(lab.pilotIP):15010", "--http-address", "\(lab.pilotIP):15014",
+            ],
+            output: dir.appendingPathComponent("pilot.log")
+        )
+        defer { pilot.stop() }
+        var servers: [Peers.Child] = []
+        defer { servers.forEach { $0.stop() } }
+        for (vm, version) in [("vm-b", "v1"), ("vm-c", "v2")] {
+            servers.append(
+                try Peers.Child([
+                    "ip", "netns", "exec", lab.ns(vm), "python3", AgentDrainNetnsTests.server, "--host", "0.0.0.0",
+                    "--port", "8080", "--name", version,
+                ])
+            )
+        }
+        var agents: [String: MeshEndToEndTests.Agent] = [:]
+        defer { agents.values.forEach { $0.child.stop() } }
+        for (vm, version) in [("vm-b", "v1"), ("vm-c", "v2"), ("vm-a", "")] {
+            let services =
+                version.isEmpty
+                ? "[]"
+                : "[{name: orders, port: 8080, labels: {version: \(version)}, health_check: {http: /, interval: 1s}}]"
+            agents[vm] = try MeshEndToEndTests.Agent(
+                lab: lab,
+                vm: vm,
+                dir: dir,
+                yaml: MeshEndToEndTests.agentYAML(lab, vm: vm, services: services, stateDir: dir.path)
+            )
+        }
+        let instances = "http://\(lab.pilotIP):15014/v1/instances?service=orders"
+        #expect(
+            await Peers.eventually(within: .seconds(20)) {
+                await lab.exec("hub", ["curl", "-s", instances]).stdout
+                    .components(separatedBy: #""status":"healthy""#).count == 3
+            },
+            "both servers registered healthy"
+        )
+        // Until A's agent has pilot's subsets, requests pass through to B (v1); then the canary
+        // header reaches C (v2) every time.
+        var canary = ""
+        let routed = await Peers.eventually(within: .seconds(20)) {
+            canary = await lab.exec(
+                "vm-a",
+                ["curl", "-s", "--max-time", "10", "-H", "x-canary: 1", "http://orders:8080/?n=[1-20]"]
+            ).stdout
+            return canary == String(repeating: "v2\n", count: 20)
+        }
+        #expect(routed, "x-canary: 1 goes to v2: \(canary.prefix(200))")
+
+        // 2,000 requests on one keep-alive connection: 90 % to v1 within ±3 % of them.
+        let split = await lab.exec("vm-a", ["curl", "-s", "--max-time", "60", "http://orders:8080/?n=[1-2000]"])
+        let v1 = split.stdout.components(separatedBy: "v1\n").count - 1
+        let v2 = split.stdout.components(separatedBy: "v2\n").count - 1
+        print("subsets across three agents: v1 \(v1), v2 \(v2) of 2000")
+        #expect(v1 + v2 == 2000, "every request answered: \(v1) + \(v2), curl exit \(split.status)")
+        #expect(abs(v1 - 1800) <= 60, "\(v1) of 2000 to v1")
+
+        // Proven by A's metrics: the requests went to the subsets' clusters.
+        let metricsA = await lab.exec("vm-a", ["curl", "-s", "http://127.0.0.1:15000/stats/prometheus"]).stdout
+        let toV1 = SafeByDefaultNetnsTests.value(
+            metricsA,
+            #"trellis_upstream_requests_total{cluster="outbound|8080|v1|orders",class="2xx"}"#
+        )
+        let toV2 = SafeByDefaultNetnsTests.value(
+            metricsA,
+            #"trellis_upstream_requests_total{cluster="outbound|8080|v2|orders",class="2xx"}"#
+        )
+        #expect(Int(toV1) == v1 && Int(toV2) >= v2 + 20, "metrics \(toV1) / \(toV2) vs answers \(v1) / \(v2) + 20")
+    }
+}
