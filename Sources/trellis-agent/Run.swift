@@ -154,6 +154,7 @@ struct Run: AsyncParsableCommand {
                     registerAddress: address,
                     ttl: config.leaseTTL,
                     services: config.services,
+                    locality: config.locality,
                     draining: draining,
                     logger: logger
                 )
@@ -170,6 +171,7 @@ struct Run: AsyncParsableCommand {
                     persistPath: persist,
                     protocol: config.xdsProtocol,
                     maxEndpoints: config.maxEndpoints,
+                    locality: config.locality,
                     logger: logger
                 ) { config in
                     try await proxy.apply(try ProxySnapshot(config, stats: stats))

@@ -19,6 +19,7 @@ struct RegistrarTests {
         let url = Self.examples.appendingPathComponent("agent.yaml")
         let config = try AgentConfigLoader.parse(yaml: try String(contentsOf: url, encoding: .utf8), file: url.path)
         #expect(config.node == "vm-orders-1" && config.pilotAPI == HostPort(host: "10.0.0.10", port: 15014))
+        #expect(config.locality == Locality(region: "eu-west", zone: "eu-west-1a"))
         #expect(config.services.map(\.name) == ["orders", "billing-db"])
         #expect(
             config.services[0].healthCheck?.kind == .http(path: "/healthz", host: nil, expectedStatuses: [200...399])
@@ -70,6 +71,8 @@ struct RegistrarTests {
             "services[0].health_check.timeout: expected a timeout no longer than the interval"
         ),
         ("register: {address: vm-b.local}\n", "register.address: expected an IPv4 or IPv6 address"),
+        ("locality: {zone: \"eu west\"}\n", "locality.zone: expected letters, digits, '-', '_' and '.'"),
+        ("locality: {datacenter: x}\n", "locality.datacenter: unknown key 'datacenter'"),
         ("register: {ttl: 1s}\n", "register.ttl: expected a lease between 5s and 1h"),
         ("inbound_forward: localhost\n", "inbound_forward: expected loopback or original_destination, got 'localhost'"),
         ("pilot: {xds: 127.0.0.1:15010, xds_protocol: v2}\n", "pilot.xds_protocol: expected delta or sotw, got 'v2'"),

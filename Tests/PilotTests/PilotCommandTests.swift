@@ -1,5 +1,6 @@
 import Foundation
 import Testing
+import TrellisPolicy
 import TrellisTestSupport
 
 @testable import Pilot

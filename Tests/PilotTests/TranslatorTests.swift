@@ -297,6 +297,41 @@ struct TranslatorTests {
         #expect(sidecar.danglingReferences().isEmpty)
     }
 
+    @Test func aNodeWithALocalityGetsItsZoneFirstThenItsRegionThenTheRest() async throws {
+        let mesh = try MeshConfigLoader.parse(yaml: "services:\n  - {name: orders, port: 8080}\n", file: "mesh.yaml")
+        var far = Self.instance("orders", "10.0.0.3", 8080, zone: "z3")
+        far.locality = Locality(region: "r2", zone: "z3")
+        let view = try await Self.view(
+            [
+                Self.instance("orders", "10.0.0.1", 8080, zone: "z1"),
+                Self.instance("orders", "10.0.0.2", 8080, zone: "z2"), far,
+            ],
+            mesh: mesh
+        )
+        let shared = try Translator.shared(view)
+        func priorities(_ locality: Locality, role: NodeRole = .sidecar) throws -> [String: UInt32] {
+            let node = try Translator.snapshot(
+                for: NodeInfo(id: "vm-x", role: role, locality: locality),
+                shared: shared
+            )
+            let assignment = try Self.decode(
+                Envoy_Config_Endpoint_V3_ClusterLoadAssignment.self,
+                node,
+                TypeURL.clusterLoadAssignment,
+                "outbound|8080||orders"
+            )
+            var out: [String: UInt32] = [:]
+            for group in assignment.endpoints { out[group.locality.zone] = group.priority }
+            return out
+        }
+        #expect(try priorities(Locality(region: "r1", zone: "z2")) == ["z2": 0, "z1": 1, "z3": 2])
+        #expect(try priorities(Locality(region: "r2", zone: "z3")) == ["z3": 0, "z1": 1, "z2": 1])
+        // Nothing in the client's zone: its region first, numbered without a gap.
+        #expect(try priorities(Locality(region: "r1", zone: "z9")) == ["z1": 0, "z2": 0, "z3": 1])
+        #expect(try priorities(Locality()) == ["z1": 0, "z2": 0, "z3": 0], "no locality: one priority")
+        #expect(try priorities(Locality(region: "r1", zone: "z2"), role: .gateway("edge"))["z1"] == 1)
+    }
+
     @Test func aServicePolicyReachesSidecarAndGatewayRoutesAndTheCluster() async throws {
         let yaml =
             MeshFixtures.policies + """

@@ -15,6 +15,10 @@ public struct AgentConfig: Sendable {
     /// Lease length for registrations; renewed every third of it.
     public var leaseTTL: Duration = .seconds(30)
     public var services: [LocalService] = []
+    /// Where this machine runs (`locality: {region, zone, subzone}`): registered with its
+    /// instances and sent to pilot with its xDS requests, so that it is served its own zone's
+    /// endpoints first.
+    public var locality = Locality()
     public var capture = CaptureConfig.installedDefault
     public var drainDeadline: Duration = .seconds(30)
     /// Where the inbound listener sends captured connections: the local program on `127.0.0.1` or
@@ -80,7 +84,7 @@ public struct LocalService: Sendable, Hashable {
 public enum AgentConfigLoader {
     static let topLevelKeys: Set<String> = [
         "node", "pilot", "register", "services", "capture", "drain_deadline", "inbound_forward", "state_dir",
-        "admin",
+        "admin", "locality",
     ]
 
     /// - Throws: ``ConfigFileErrors`` naming file, line, key path and what was expected.
@@ -94,6 +98,9 @@ public enum AgentConfigLoader {
         }
         do throws(ConfigFileError) {
             let top = try root.mapping(allowed: topLevelKeys)
+            if let n = top["locality"] {
+                config.locality = try Locality.decode(try n.mapping(allowed: ["region", "zone", "subzone"]))
+            }
             if let n = top["node"] {
                 let id = try n.nonEmptyString()
                 guard Names.isValidNodeID(id) else {

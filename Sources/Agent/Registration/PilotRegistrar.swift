@@ -1,7 +1,7 @@
 import FoundationEssentials
 public import Logging
 public import TrellisHTTP
-import TrellisPolicy
+public import TrellisPolicy
 
 /// Registers this machine's services with pilot's HTTP API and keeps them current: a lease renewed
 /// every third of its TTL (an instance pilot no longer knows is registered again), health checks
@@ -25,6 +25,7 @@ public actor PilotRegistrar {
     let address: String
     let ttl: Duration
     let services: [LocalService]
+    let locality: Locality
     let client: HTTPClient
     let logger: Logger
     /// Where health checks connect (the local program).
@@ -38,6 +39,7 @@ public actor PilotRegistrar {
         registerAddress: String,
         ttl: Duration,
         services: [LocalService],
+        locality: Locality = Locality(),
         checkHost: String = "127.0.0.1",
         client: HTTPClient = HTTPClient(),
         draining: Bool = false,
@@ -49,6 +51,7 @@ public actor PilotRegistrar {
         self.address = registerAddress
         self.ttl = ttl
         self.services = services
+        self.locality = locality
         self.checkHost = checkHost
         self.client = client
         self.logger = logger
@@ -199,6 +202,8 @@ public actor PilotRegistrar {
             {"service": \(Self.quote(service.name)), "address": \(Self.quote(address)), "port": \(service.port),
              "service_port": \(service.servicePort), "protocol": "\(service.serviceProtocol.rawValue)",
              "node": \(Self.quote(node)), "labels": {\(labels)}, "weight": \(service.weight),
+             "region": \(Self.quote(locality.region)), "zone": \(Self.quote(locality.zone)),
+             "subzone": \(Self.quote(locality.subzone)),
              "status": "\(status(service).rawValue)", "ttl_seconds": \(ttl.components.seconds)}
             """
         let response = try await client.request("POST", api.with(path: "/v1/instances"), json: json)

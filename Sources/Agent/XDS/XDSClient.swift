@@ -7,6 +7,7 @@ public import Proxy
 public import ServiceLifecycle
 import SwiftProtobuf
 import Synchronization
+public import TrellisPolicy
 import XDS
 
 #if canImport(Glibc)
@@ -57,6 +58,7 @@ public final class XDSClient: Service, Sendable {
     private let resyncInterval: Duration
     private let xdsProtocol: XDSProtocol
     private let maxEndpoints: Int
+    private let locality: Locality
     /// Enough for a large mesh (the scale test translates 100,000), bounded all the same.
     public static let defaultMaxEndpoints = 200_000
     private let apply: Apply
@@ -87,9 +89,11 @@ public final class XDSClient: Service, Sendable {
         resyncInterval: Duration = .seconds(300),
         protocol xdsProtocol: XDSProtocol = .delta,
         maxEndpoints: Int = XDSClient.defaultMaxEndpoints,
+        locality: Locality = Locality(),
         logger: Logger,
         apply: @escaping Apply
     ) {
+        self.locality = locality
         self.maxEndpoints = maxEndpoints
         self.host = host
         self.port = port
@@ -201,6 +205,10 @@ public final class XDSClient: Service, Sendable {
         n.id = node
         n.cluster = "trellis"
         n.userAgentName = "trellis-agent"
+        // Pilot puts this machine's own zone first (EDS priorities).
+        n.locality.region = locality.region
+        n.locality.zone = locality.zone
+        n.locality.subZone = locality.subzone
         n.metadata.fields["trellis.role"] = Google_Protobuf_Value(stringValue: "sidecar")
         return n
     }

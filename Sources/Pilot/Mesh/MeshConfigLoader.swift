@@ -149,11 +149,7 @@ public enum MeshConfigLoader {
                     servicePort: port,
                     serviceProtocol: serviceProtocol,
                     node: try i["node"]?.nonEmptyString() ?? "",
-                    locality: Locality(
-                        region: try i["region"]?.string() ?? "",
-                        zone: try i["zone"]?.string() ?? "",
-                        subzone: try i["subzone"]?.string() ?? ""
-                    ),
+                    locality: try Locality.decode(i),
                     labels: labels,
                     weight: try i["weight"]?.int(in: EndpointWeights.range) ?? 1,
                     source: .meshFile

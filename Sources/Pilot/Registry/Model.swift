@@ -10,19 +10,6 @@ public enum InstanceStatus: String, Sendable, Codable, CaseIterable, Hashable {
     case draining
 }
 
-/// Where an instance runs, as xDS localities have it.
-public struct Locality: Sendable, Codable, Hashable {
-    public var region: String
-    public var zone: String
-    public var subzone: String
-
-    public init(region: String = "", zone: String = "", subzone: String = "") {
-        self.region = region
-        self.zone = zone
-        self.subzone = subzone
-    }
-}
-
 /// A service is known by its name and the port its clients dial (one cluster per pair).
 public struct ServiceKey: Sendable, Hashable, Comparable, CustomStringConvertible {
     public var name: String

@@ -3,6 +3,7 @@ public import Logging
 public import ServiceLifecycle
 import TrellisConfig
 import TrellisHTTP
+import TrellisPolicy
 
 /// Polls a CMDB's HTTP JSON endpoint for machine metadata and merges it into the registry: the
 /// region, zone and labels of each machine, matched to instances by node id (= hostname). A

@@ -1,5 +1,6 @@
 import SwiftProtobuf
 import TrellisConfig
+public import TrellisPolicy
 public import XDS
 
 /// What pilot serves a node, from its xDS `Node` (docs/architecture.md, "xDS roles").
@@ -24,10 +25,13 @@ public enum NodeRole: Sendable, Hashable, CustomStringConvertible {
 public struct NodeInfo: Sendable, Hashable {
     public var id: String
     public var role: NodeRole
+    /// Where the node runs (Envoy's `node.locality`): its endpoints are prioritized by it.
+    public var locality: Locality
 
-    public init(id: String, role: NodeRole) {
+    public init(id: String, role: NodeRole, locality: Locality = Locality()) {
         self.id = id
         self.role = role
+        self.locality = locality
     }
 
     /// Node metadata keys: `trellis.role` (`sidecar`, `gateway`, `proxyless`) and, for gateways,
@@ -48,6 +52,7 @@ public struct NodeInfo: Sendable, Hashable {
                     "node.id '\(node.id.prefix(80))' must be printable ASCII without spaces or '/', at most 253 bytes"
             )
         }
+        locality = Locality(region: node.locality.region, zone: node.locality.zone, subzone: node.locality.subZone)
         let fields = node.metadata.fields
         let roleName: String
         if let value = fields[Self.roleKey] {

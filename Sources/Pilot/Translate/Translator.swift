@@ -63,6 +63,9 @@ public enum Translator {
         var policies: [ServiceKey: ServicePolicy] = [:]
         /// Per sidecar node: its own instances and the inbound parts built from them.
         var inbound: [String: (instances: [Instance], listener: XDSResource, clusters: [XDSResource])] = [:]
+        /// Per client locality (region and zone): the endpoints with priorities relative to it, for
+        /// the shared endpoints of that version (built when a node there first asks).
+        var localityEDS: [Locality: (version: String, snapshot: TypeSnapshot)] = [:]
         public init() {}
     }
 
@@ -172,6 +175,50 @@ public enum Translator {
         cache: inout Cache,
         previous: NodeSnapshot?
     ) throws -> NodeSnapshot {
+        var snapshot = try roleSnapshot(for: node, shared: shared, cache: &cache, previous: previous)
+        // A node that says where it runs gets its own zone's endpoints first, then its region's,
+        // then the rest (EDS priorities: Envoy, gRPC and the agent fail over in that order).
+        if !node.locality.region.isEmpty || !node.locality.zone.isEmpty,
+            let eds = snapshot.types[TypeURL.clusterLoadAssignment]
+        {
+            let client = Locality(region: node.locality.region, zone: node.locality.zone)
+            let full = try localityEDS(for: client, shared: shared, cache: &cache)
+            snapshot.types[TypeURL.clusterLoadAssignment] =
+                eds.resources.count == full.resources.count
+                ? full : TypeSnapshot(eds.resources.keys.compactMap { full.resources[$0] })
+        }
+        return snapshot
+    }
+
+    /// Every assignment of `shared` with priorities for a client in `client` (region and zone),
+    /// built once per shared version and locality.
+    static func localityEDS(for client: Locality, shared: Shared, cache: inout Cache) throws -> TypeSnapshot {
+        let base = shared.sidecarShared[TypeURL.clusterLoadAssignment] ?? .empty
+        if let cached = cache.localityEDS[client], cached.version == base.version { return cached.snapshot }
+        var resources: [XDSResource] = []
+        let subsets = shared.view.mesh.subsets
+        for service in shared.view.services {
+            let zones = Set(service.instances.map { Locality(region: $0.locality.region, zone: $0.locality.zone) })
+            for subset in [nil] + (subsets[service.key] ?? []).map(Optional.some) {
+                // A service whose instances all share one zone has the same priorities for everyone.
+                if zones.count <= 1, let same = base.resources[clusterName(service.key, subset: subset?.name)] {
+                    resources.append(same)
+                } else {
+                    resources.append(try assignment(service, subset: subset, client: client))
+                }
+            }
+        }
+        let snapshot = TypeSnapshot(resources)
+        cache.localityEDS[client] = (base.version, snapshot)
+        return snapshot
+    }
+
+    private static func roleSnapshot(
+        for node: NodeInfo,
+        shared: Shared,
+        cache: inout Cache,
+        previous: NodeSnapshot?
+    ) throws -> NodeSnapshot {
         switch node.role {
         case .sidecar:
             let own = shared.instancesByNode[node.id] ?? []
@@ -269,18 +316,32 @@ public enum Translator {
     }
 
     /// Endpoints grouped by locality (gRPC ignores endpoints without one, and localities of
-    /// weight 0), with health: only `healthy` instances take new traffic.
-    static func assignment(_ service: RegistryView.Service, subset: MeshConfig.Subset? = nil) throws -> XDSResource {
+    /// weight 0), with health: only `healthy` instances take new traffic. For a `client` locality,
+    /// each group has a priority: 0 for the client's zone, then its region, then the rest
+    /// (numbered without gaps, as Envoy requires: with nothing in the client's zone, its region's
+    /// instances are priority 0).
+    static func assignment(
+        _ service: RegistryView.Service,
+        subset: MeshConfig.Subset? = nil,
+        client: Locality? = nil
+    ) throws -> XDSResource {
         let name = clusterName(service.key, subset: subset?.name)
         var groups: [Locality: [Instance]] = [:]
         for instance in service.instances where subset?.contains(instance) ?? true {
             groups[instance.locality, default: []].append(instance)
         }
+        func distance(_ locality: Locality) -> Int {
+            guard let client else { return 0 }
+            if locality.region == client.region && locality.zone == client.zone { return 0 }
+            return locality.region == client.region ? 1 : 2
+        }
+        let present = Set(groups.keys.map(distance)).sorted()
         var assignment = Envoy_Config_Endpoint_V3_ClusterLoadAssignment()
         assignment.clusterName = name
         for locality in groups.keys.sorted(by: { ($0.region, $0.zone, $0.subzone) < ($1.region, $1.zone, $1.subzone) })
         {
             var group = Envoy_Config_Endpoint_V3_LocalityLbEndpoints()
+            group.priority = UInt32(present.firstIndex(of: distance(locality)) ?? 0)
             group.locality.region = locality.region
             group.locality.zone = locality.zone
             group.locality.subZone = locality.subzone
