@@ -113,13 +113,15 @@ import TrellisPolicy
     private func cluster(
         _ policy: LoadBalancingPolicy,
         weights: [Int],
-        health: [Endpoint.Health]? = nil
+        health: [Endpoint.Health]? = nil,
+        priorities: [Int]? = nil
     ) -> ClusterRuntime {
         let endpoints = weights.indices.map { i in
             Endpoint(
                 address: .init(host: "127.0.0.1", port: 9000 + i),
                 weight: weights[i],
-                health: health?[i] ?? .healthy
+                health: health?[i] ?? .healthy,
+                priority: priorities?[i] ?? 0
             )
         }
         let config = ClusterConfig(name: "c", loadBalancing: policy, endpoints: endpoints)
@@ -189,5 +191,31 @@ import TrellisPolicy
         #expect(cookieEndpoints.count == 4 && sourceEndpoints.count == 4, "keys spread over every endpoint")
         #expect(LoadBalancer.cookie("session", in: HTTPHeaders([("Cookie", "a=1;session=xyz")])) == "xyz")
         #expect(LoadBalancer.cookie("session", in: HTTPHeaders([("cookie", "sessionx=1; a=session")])) == nil)
+    }
+
+    /// Locality failover as Envoy does it: the first priority (the client's zone) takes everything
+    /// while enough of it is healthy, a level at half health keeps 70 % (1.4 × 50 %) and spills the
+    /// rest to the next, and a level with nothing healthy sends all to the next.
+    @Test(arguments: [LoadBalancingPolicy.roundRobin, .leastRequest, .random, .weighted])
+    func prioritiesFailOverInEnvoysProportions(policy: LoadBalancingPolicy) {
+        func share(_ health: [Endpoint.Health]) -> (level0: Int, level1: Int) {
+            var rng = FastRandom(seed: 11)
+            let balancer = LoadBalancer(
+                cluster: cluster(policy, weights: [1, 1, 1, 1], health: health, priorities: [0, 0, 1, 1]),
+                rng: &rng
+            )
+            var counts = (0, 0)
+            for _ in 0..<10_000 {
+                let pick = balancer.pick(headers: HTTPHeaders(), clientIP: nil, rng: &rng)!
+                if pick < 2 { counts.0 += 1 } else { counts.1 += 1 }
+            }
+            return counts
+        }
+        let all = share([.healthy, .healthy, .healthy, .healthy])
+        #expect(all.level0 == 10_000, "everything to the first level: \(all)")
+        let half = share([.healthy, .unhealthy, .healthy, .healthy])
+        #expect((6_700...7_300).contains(half.level0), "70 % stays: \(half)")
+        let none = share([.unhealthy, .draining, .healthy, .healthy])
+        #expect(none.level1 == 10_000, "all to the next level: \(none)")
     }
 }

@@ -288,10 +288,13 @@ public enum XDSTranslator {
                     throw Failure("cluster '\(cluster)': an endpoint has no address or port")
                 }
                 let weight = lb.hasLoadBalancingWeight ? Int(lb.loadBalancingWeight.value) : 1
-                guard (1...1_000_000).contains(weight) else {
+                guard EndpointWeights.range.contains(weight) else {
                     throw Failure(
-                        "cluster '\(cluster)': endpoint \(socket.address):\(socket.portValue) weight \(weight) is outside 1...1000000"
+                        "cluster '\(cluster)': endpoint \(socket.address):\(socket.portValue) weight \(weight) is outside 1...128"
                     )
+                }
+                guard group.priority <= Endpoint.maxPriority else {
+                    throw Failure("cluster '\(cluster)': priority \(group.priority) is above \(Endpoint.maxPriority)")
                 }
                 let health: Endpoint.Health =
                     switch lb.healthStatus {
@@ -303,7 +306,8 @@ public enum XDSTranslator {
                     Endpoint(
                         address: SocketEndpoint(host: socket.address, port: Int(socket.portValue)),
                         weight: weight,
-                        health: health
+                        health: health,
+                        priority: Int(group.priority)
                     )
                 )
             }

@@ -114,10 +114,30 @@ public struct Endpoint: Sendable, Hashable, Codable {
     public var address: SocketEndpoint
     public var weight: Int
     public var health: Health
+    /// Failover order (EDS priority): requests go to priority 0 while enough of it is available,
+    /// and spill to the next as it fails (pilot numbers the client's zone 0, its region next).
+    public var priority: Int
 
-    public init(address: SocketEndpoint, weight: Int = 1, health: Health = .healthy) {
+    public init(address: SocketEndpoint, weight: Int = 1, health: Health = .healthy, priority: Int = 0) {
         self.address = address
         self.weight = weight
         self.health = health
+        self.priority = priority
+    }
+
+    /// The highest priority an endpoint may have.
+    public static let maxPriority = 127
+
+    enum CodingKeys: String, CodingKey {
+        case address, weight, health, priority
+    }
+
+    public init(from decoder: any Decoder) throws {
+        let c = try decoder.container(keyedBy: CodingKeys.self)
+        address = try c.decode(SocketEndpoint.self, forKey: .address)
+        weight = try c.decode(Int.self, forKey: .weight)
+        health = try c.decode(Health.self, forKey: .health)
+        // Configurations saved before priorities existed have none: all one level.
+        priority = try c.decodeIfPresent(Int.self, forKey: .priority) ?? 0
     }
 }

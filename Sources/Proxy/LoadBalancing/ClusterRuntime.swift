@@ -18,6 +18,9 @@ final class ClusterRuntime: Sendable {
     let endpoints: [EndpointRuntime]
     /// Indexes into `endpoints` of those that may take new requests.
     let healthy: [Int]
+    /// With endpoints of more than one priority: per priority, lowest first, all its endpoints
+    /// and its healthy ones (failover: ``LoadBalancer`` picks a level first). Empty otherwise.
+    let levels: [(all: [Int], healthy: [Int])]
     let ring: HashRing?
     let stats: ClusterStats
     /// Connections, pending and in-flight requests over all loops (kept across snapshots).
@@ -71,6 +74,14 @@ final class ClusterRuntime: Sendable {
             )
         }
         self.healthy = config.endpoints.indices.filter { config.endpoints[$0].health == .healthy }
+        let priorities = Set(config.endpoints.map(\.priority)).sorted()
+        self.levels =
+            priorities.count < 2
+            ? []
+            : priorities.map { priority in
+                let all = config.endpoints.indices.filter { config.endpoints[$0].priority == priority }
+                return (all, all.filter { config.endpoints[$0].health == .healthy })
+            }
         if case .ringHash(_, let minimumSize) = config.loadBalancing {
             self.ring = HashRing(endpoints: config.endpoints, minimumSize: minimumSize)
         } else {

@@ -7,7 +7,7 @@ import TrellisPolicy
 final class LoadBalancer {
     let cluster: ClusterRuntime
     private var cursor: Int
-    /// Smooth weighted round robin: current weight per healthy endpoint.
+    /// Smooth weighted round robin: current weight per endpoint (by endpoint index).
     private var currentWeights: [Int]
     /// Requests in flight from this loop, per endpoint index.
     private(set) var active: [Int]
@@ -16,14 +16,57 @@ final class LoadBalancer {
         self.cluster = cluster
         // Start each loop at a different place so that loops do not march in step.
         self.cursor = cluster.healthy.isEmpty ? 0 : Int.random(in: 0..<cluster.healthy.count, using: &rng)
-        self.currentWeights = Array(repeating: 0, count: cluster.healthy.count)
+        self.currentWeights = Array(repeating: 0, count: cluster.endpoints.count)
         self.active = Array(repeating: 0, count: cluster.endpoints.count)
     }
 
     /// Picks an endpoint index for a request (its headers and client address, for a ring hash),
-    /// or `nil` when no endpoint is healthy.
+    /// or `nil` when no endpoint is healthy. With priorities, a level is chosen first (Envoy's
+    /// priority load: a level takes as much of the traffic as its available share of endpoints
+    /// times the overprovisioning factor 1.4 covers, the rest spills to the next), then an
+    /// endpoint within it by the cluster's policy.
     func pick<G: RandomNumberGenerator>(headers: HTTPHeaders, clientIP: String?, rng: inout G) -> Int? {
-        let healthy = cluster.healthy
+        if cluster.levels.isEmpty { return pick(among: cluster.healthy, level: nil, headers, clientIP, &rng) }
+        let level = chooseLevel(rng: &rng)
+        return pick(among: cluster.levels[level].healthy, level: level, headers, clientIP, &rng)
+            ?? pick(among: cluster.healthy, level: nil, headers, clientIP, &rng)
+    }
+
+    /// Envoy's overprovisioning factor, in percent.
+    static let overprovisioning = 140
+
+    private func chooseLevel<G: RandomNumberGenerator>(rng: inout G) -> Int {
+        let now = cluster.checksAvailability ? NIODeadline.now().uptimeNanoseconds : 0
+        var loads: [Int] = []
+        var remaining = 100
+        for level in cluster.levels {
+            let available =
+                cluster.checksAvailability
+                ? level.healthy.reduce(0) { $0 + (cluster.isAvailable($1, now: now) ? 1 : 0) } : level.healthy.count
+            let health = level.all.isEmpty ? 0 : min(100, available * Self.overprovisioning / level.all.count)
+            let load = min(health, remaining)
+            loads.append(load)
+            remaining -= load
+        }
+        // Not enough available anywhere: the loads are spread in proportion (Envoy normalizes);
+        // nothing available at all: the first level with healthy endpoints (panic).
+        let total = loads.reduce(0, +)
+        guard total > 0 else { return cluster.levels.firstIndex { !$0.healthy.isEmpty } ?? 0 }
+        var draw = Int.random(in: 0..<total, using: &rng)
+        for (i, load) in loads.enumerated() {
+            if draw < load { return i }
+            draw -= load
+        }
+        return loads.count - 1
+    }
+
+    private func pick<G: RandomNumberGenerator>(
+        among healthy: [Int],
+        level: Int?,
+        _ headers: HTTPHeaders,
+        _ clientIP: String?,
+        _ rng: inout G
+    ) -> Int? {
         guard !healthy.isEmpty else { return nil }
         if healthy.count == 1 { return healthy[0] }
         switch cluster.config.loadBalancing {
@@ -39,16 +82,16 @@ final class LoadBalancer {
             if b >= a { b += 1 }
             return active[healthy[a]] <= active[healthy[b]] ? healthy[a] : healthy[b]
         case .weighted:
-            var best = 0
+            var best = healthy[0]
             var total = 0
-            for i in 0..<healthy.count {
-                let w = cluster.endpoints[healthy[i]].config.weight
-                currentWeights[i] += w
+            for index in healthy {
+                let w = cluster.endpoints[index].config.weight
+                currentWeights[index] += w
                 total += w
-                if currentWeights[i] > currentWeights[best] { best = i }
+                if currentWeights[index] > currentWeights[best] { best = index }
             }
             currentWeights[best] -= total
-            return healthy[best]
+            return best
         case .ringHash(let key, _):
             let value: String? =
                 switch key {
@@ -60,7 +103,11 @@ final class LoadBalancer {
                 return healthy[Int.random(in: 0..<healthy.count, using: &rng)]
             }
             let endpoints = cluster.endpoints
-            return ring.lookup(StableHash.hash(value.utf8)) { endpoints[$0].config.health == .healthy }
+            let priority = level.map { endpoints[cluster.levels[$0].all[0]].config.priority }
+            return ring.lookup(StableHash.hash(value.utf8)) {
+                endpoints[$0].config.health == .healthy
+                    && (priority == nil || endpoints[$0].config.priority == priority)
+            }
         }
     }
 
