@@ -20,6 +20,11 @@ public enum PolicyBounds {
     /// The fill intervals a rate may be sent with over xDS (a whole number of tokens per fill, as
     /// Envoy's token bucket needs): the divisors of 1000 s, so any rate with at most 3 decimals.
     public static let rateFillIntervals = [1, 2, 4, 5, 10, 20, 25, 50, 100, 200, 250, 500, 1000]
+    /// Locality failover (`overprovisioning_factor`, percent): a priority level keeps this times
+    /// its available share of the traffic (Envoy's default 140: a zone at 71 % health still takes
+    /// it all); 100 spills as soon as anything fails.
+    public static let overprovisioning = 100...1000
+    public static let defaultOverprovisioning = 140
 }
 
 extension ConfigNode {

@@ -52,6 +52,7 @@ import TrellisTestSupport
             let cluster = try #require(config.clusters.first { $0.name == "outbound|8080||orders" })
             #expect(cluster.connectTimeout == .milliseconds(250))
             #expect(cluster.loadBalancing == .ringHash(.header("x-user"), minimumRingSize: 2048))
+            #expect(cluster.overprovisioningFactor == 200)
             #expect(cluster.circuitBreakers == CircuitBreakers(maxRequests: 50, maxRetries: 5))
             #expect(cluster.outlierDetection?.consecutiveErrors == 4)
             #expect(cluster.outlierDetection?.baseEjectionTime == .seconds(10))

@@ -114,7 +114,8 @@ import TrellisPolicy
         _ policy: LoadBalancingPolicy,
         weights: [Int],
         health: [Endpoint.Health]? = nil,
-        priorities: [Int]? = nil
+        priorities: [Int]? = nil,
+        overprovisioning: Int? = nil
     ) -> ClusterRuntime {
         let endpoints = weights.indices.map { i in
             Endpoint(
@@ -124,7 +125,8 @@ import TrellisPolicy
                 priority: priorities?[i] ?? 0
             )
         }
-        let config = ClusterConfig(name: "c", loadBalancing: policy, endpoints: endpoints)
+        var config = ClusterConfig(name: "c", loadBalancing: policy, endpoints: endpoints)
+        config.overprovisioningFactor = overprovisioning
         let stats = ProxyStats()
         return ClusterRuntime(
             index: 0,
@@ -217,5 +219,23 @@ import TrellisPolicy
         #expect((6_700...7_300).contains(half.level0), "70 % stays: \(half)")
         let none = share([.unhealthy, .draining, .healthy, .healthy])
         #expect(none.level1 == 10_000, "all to the next level: \(none)")
+    }
+
+    /// `overprovisioning_factor: 100`: a level at half health keeps half.
+    @Test func theOverprovisioningFactorSetsHowMuchALevelKeeps() {
+        var rng = FastRandom(seed: 5)
+        let balancer = LoadBalancer(
+            cluster: cluster(
+                .roundRobin,
+                weights: [1, 1, 1, 1],
+                health: [.healthy, .unhealthy, .healthy, .healthy],
+                priorities: [0, 0, 1, 1],
+                overprovisioning: 100
+            ),
+            rng: &rng
+        )
+        var first = 0
+        for _ in 0..<10_000 where balancer.pick(headers: HTTPHeaders(), clientIP: nil, rng: &rng)! < 2 { first += 1 }
+        #expect((4_700...5_300).contains(first), "\(first) of 10000 stayed")
     }
 }

@@ -19,6 +19,7 @@ public enum MeshFixtures {
             connect_timeout: 250ms
             lb_policy: ring_hash
             ring_hash: {header: x-user, minimum_ring_size: 2048}
+            overprovisioning_factor: 200
             circuit_breakers: {max_requests: 50, max_retries: 5}
             outlier_detection: {consecutive_errors: 4, base_ejection_time: 10s, success_rate: {request_volume: 20}}
             health_check: {http: {path: /healthz, expected_statuses: ["200-204"]}, interval: 2s, timeout: 500ms}

@@ -237,7 +237,16 @@ public enum XDSTranslator {
             result.originalDestination = true
         case .eds:
             let service = cluster.edsClusterConfig.serviceName.isEmpty ? name : cluster.edsClusterConfig.serviceName
-            if let assignment = endpoints[service] { result.endpoints = try self.endpoints(assignment, cluster: name) }
+            if let assignment = endpoints[service] {
+                result.endpoints = try self.endpoints(assignment, cluster: name)
+                if assignment.policy.hasOverprovisioningFactor {
+                    let factor = Int(assignment.policy.overprovisioningFactor.value)
+                    guard PolicyBounds.overprovisioning.contains(factor) else {
+                        throw Failure("cluster '\(name)': overprovisioning_factor \(factor) is outside 100...1000")
+                    }
+                    result.overprovisioningFactor = factor
+                }
+            }
         case .static:
             result.endpoints = try self.endpoints(cluster.loadAssignment, cluster: name)
         default:

@@ -10,7 +10,7 @@ import XDS
 enum PolicyLoader {
     static let keys: Set<String> = [
         "connect_timeout", "circuit_breakers", "outlier_detection", "health_check", "timeout", "retry_policy",
-        "rate_limit", "fault", "lb_policy", "ring_hash",
+        "rate_limit", "fault", "lb_policy", "ring_hash", "overprovisioning_factor",
     ]
 
     static func policy(_ node: ConfigNode) throws(ConfigFileError) -> ServicePolicy {
@@ -21,6 +21,9 @@ enum PolicyLoader {
             policy.cluster.lbPolicy = balancing.policy
             if let ring = balancing.ring { policy.cluster.ringHashLbConfig = ring }
             policy.route.hashPolicy = balancing.hash
+        }
+        if let n = keys["overprovisioning_factor"] {
+            policy.overprovisioningFactor = try n.int(in: PolicyBounds.overprovisioning)
         }
         if let n = keys["connect_timeout"] {
             let timeout = try n.duration(atMost: PolicyBounds.maxConnectTimeout)

@@ -13,6 +13,8 @@ public struct ServicePolicy: Sendable, Hashable {
     public var perFilter: [String: Google_Protobuf_Any]
     /// Retrying requests that are not idempotent (no Envoy field: route metadata `trellis`).
     public var retryNonIdempotent: Bool
+    /// Locality failover: the service's assignments' `policy.overprovisioning_factor`.
+    public var overprovisioningFactor: Int?
 
     public init(
         cluster: Envoy_Config_Cluster_V3_Cluster = .init(),

@@ -84,7 +84,7 @@ public enum Translator {
                 try cached
                 ?? (
                     cluster: try edsCluster(service, proxyless: false, policy: policy),
-                    assignment: try assignment(service)
+                    assignment: try assignment(service, overprovisioning: policy?.overprovisioningFactor)
                 )
             services[service] = translated
             shared.clusters.append(translated.cluster)
@@ -108,7 +108,9 @@ public enum Translator {
             for subset in subsets[service.key] ?? [] {
                 let policy = view.mesh.policies[service.key]
                 shared.clusters.append(try edsCluster(service, proxyless: false, policy: policy, subset: subset))
-                shared.assignments.append(try assignment(service, subset: subset))
+                shared.assignments.append(
+                    try assignment(service, subset: subset, overprovisioning: policy?.overprovisioningFactor)
+                )
             }
         }
         shared.passthrough = try passthroughClusters()
@@ -204,7 +206,14 @@ public enum Translator {
                 if zones.count <= 1, let same = base.resources[clusterName(service.key, subset: subset?.name)] {
                     resources.append(same)
                 } else {
-                    resources.append(try assignment(service, subset: subset, client: client))
+                    resources.append(
+                        try assignment(
+                            service,
+                            subset: subset,
+                            client: client,
+                            overprovisioning: shared.view.mesh.policies[service.key]?.overprovisioningFactor
+                        )
+                    )
                 }
             }
         }
@@ -323,7 +332,8 @@ public enum Translator {
     static func assignment(
         _ service: RegistryView.Service,
         subset: MeshConfig.Subset? = nil,
-        client: Locality? = nil
+        client: Locality? = nil,
+        overprovisioning: Int? = nil
     ) throws -> XDSResource {
         let name = clusterName(service.key, subset: subset?.name)
         var groups: [Locality: [Instance]] = [:]
@@ -338,6 +348,7 @@ public enum Translator {
         let present = Set(groups.keys.map(distance)).sorted()
         var assignment = Envoy_Config_Endpoint_V3_ClusterLoadAssignment()
         assignment.clusterName = name
+        if let overprovisioning { assignment.policy.overprovisioningFactor = .init(UInt32(overprovisioning)) }
         for locality in groups.keys.sorted(by: { ($0.region, $0.zone, $0.subzone) < ($1.region, $1.zone, $1.subzone) })
         {
             var group = Envoy_Config_Endpoint_V3_LocalityLbEndpoints()

@@ -22,6 +22,10 @@ public struct ClusterConfig: Sendable, Hashable, Codable {
     public var healthCheck: HealthCheck?
     /// How requests reach the endpoints.
     public var upstreamProtocol: UpstreamProtocol
+    /// With endpoints of several priorities: a level keeps this percentage of its available share
+    /// of the traffic before the rest spills to the next (Envoy's `overprovisioning_factor`);
+    /// `nil`: Envoy's default, 140.
+    public var overprovisioningFactor: Int?
 
     public init(
         name: String,
@@ -34,8 +38,10 @@ public struct ClusterConfig: Sendable, Hashable, Codable {
         rateLimit: RateLimit? = nil,
         outlierDetection: OutlierDetection? = nil,
         healthCheck: HealthCheck? = nil,
-        upstreamProtocol: UpstreamProtocol = .http1
+        upstreamProtocol: UpstreamProtocol = .http1,
+        overprovisioningFactor: Int? = nil
     ) {
+        self.overprovisioningFactor = overprovisioningFactor
         self.upstreamProtocol = upstreamProtocol
         self.healthCheck = healthCheck
         self.outlierDetection = outlierDetection
@@ -59,6 +65,7 @@ public struct ClusterConfig: Sendable, Hashable, Codable {
         case outlierDetection = "outlier_detection"
         case healthCheck = "health_check"
         case upstreamProtocol = "protocol"
+        case overprovisioningFactor = "overprovisioning_factor"
     }
 }
 

@@ -23,7 +23,7 @@ final class LoadBalancer {
     /// Picks an endpoint index for a request (its headers and client address, for a ring hash),
     /// or `nil` when no endpoint is healthy. With priorities, a level is chosen first (Envoy's
     /// priority load: a level takes as much of the traffic as its available share of endpoints
-    /// times the overprovisioning factor 1.4 covers, the rest spills to the next), then an
+    /// times the overprovisioning factor (1.4 by default) covers, the rest spills to the next), then an
     /// endpoint within it by the cluster's policy.
     func pick<G: RandomNumberGenerator>(headers: HTTPHeaders, clientIP: String?, rng: inout G) -> Int? {
         if cluster.levels.isEmpty { return pick(among: cluster.healthy, level: nil, headers, clientIP, &rng) }
@@ -32,18 +32,16 @@ final class LoadBalancer {
             ?? pick(among: cluster.healthy, level: nil, headers, clientIP, &rng)
     }
 
-    /// Envoy's overprovisioning factor, in percent.
-    static let overprovisioning = 140
-
     private func chooseLevel<G: RandomNumberGenerator>(rng: inout G) -> Int {
         let now = cluster.checksAvailability ? NIODeadline.now().uptimeNanoseconds : 0
+        let factor = cluster.config.overprovisioningFactor ?? PolicyBounds.defaultOverprovisioning
         var loads: [Int] = []
         var remaining = 100
         for level in cluster.levels {
             let available =
                 cluster.checksAvailability
                 ? level.healthy.reduce(0) { $0 + (cluster.isAvailable($1, now: now) ? 1 : 0) } : level.healthy.count
-            let health = level.all.isEmpty ? 0 : min(100, available * Self.overprovisioning / level.all.count)
+            let health = level.all.isEmpty ? 0 : min(100, available * factor / level.all.count)
             let load = min(health, remaining)
             loads.append(load)
             remaining -= load
