@@ -128,4 +128,53 @@ struct GRPCProxylessTests {
             ]
         )
     }
+
+    /// Locality, as the agent has it (AgentTests' LocalityFailoverTests): a proxyless client in
+    /// zone-a calls zone-a's server, fails over to zone-b's while zone-a's is drained, and returns.
+    @Test func aProxylessClientPrefersItsZoneAndFailsOverLikeTheAgent() async throws {
+        let dir = try Peers.temporaryDirectory("grpc-locality")
+        defer { try? FileManager.default.removeItem(at: dir) }
+        let ports = [Peers.freePort(), Peers.freePort()]
+        let echo = Self.fixtures.appendingPathComponent("echo.py").path
+        let servers = try zip(ports, ["zone-a", "zone-b"]).map { port, zone in
+            try Peers.Child(
+                ["python3", echo, "server", "\(port)", zone],
+                output: dir.appendingPathComponent("\(zone).log")
+            )
+        }
+        defer { for server in servers { server.stop() } }
+        let xdsPort = Peers.freePort()
+        let bootstrap = dir.appendingPathComponent("xds-bootstrap.json")
+        try """
+        {"xds_servers": [{"server_uri": "127.0.0.1:\(xdsPort)", "channel_creds": [{"type": "insecure"}],
+                          "server_features": ["xds_v3"]}],
+         "node": {"id": "grpc-zone-a", "locality": {"region": "r", "zone": "zone-a"}, "metadata": {"trellis.role": "proxyless"}}}
+        """.write(to: bootstrap, atomically: true, encoding: .utf8)
+        try await PilotHarness.run(store: try SQLiteRegistryStore(), xdsPort: xdsPort) { pilot in
+            for (port, zone) in zip(ports, ["zone-a", "zone-b"]) {
+                let body = """
+                    {"service": "greeter", "address": "127.0.0.1", "port": \(port), "service_port": 50051,
+                     "protocol": "grpc", "node": "vm-\(zone)", "region": "r", "zone": "\(zone)"}
+                    """
+                #expect(await pilot.register(body) == 201)
+            }
+            /// Which servers answered 10 calls through the xDS channel.
+            func answered() async -> Set<String> {
+                let out = await Peers.command([
+                    "env", "GRPC_XDS_BOOTSTRAP=\(bootstrap.path)", "python3", echo, "call", "xds:///greeter:50051",
+                    "Unary", "10", "-", "5",
+                ])
+                let calls = (try? JSONSerialization.jsonObject(with: Data(out.stdout.utf8)) as? [[String]]) ?? []
+                let servers = Set(calls.map { $0.first == "OK" ? String($0[1].prefix { $0 != ":" }) : $0.first ?? "?" })
+                print("proxyless gRPC in zone-a, answered by:", servers.sorted())
+                return servers
+            }
+            #expect(await Peers.eventually(within: .seconds(20)) { await answered() == ["zone-a"] }, "its own zone")
+            let status = "\(pilot.api)/v1/instances/greeter/127.0.0.1/\(ports[0])/status"
+            #expect(await Peers.http("PUT", status, body: #"{"status": "draining"}"#).status == 200)
+            #expect(await Peers.eventually(within: .seconds(20)) { await answered() == ["zone-b"] }, "failed over")
+            #expect(await Peers.http("PUT", status, body: #"{"status": "healthy"}"#).status == 200)
+            #expect(await Peers.eventually(within: .seconds(20)) { await answered() == ["zone-a"] }, "came back")
+        }
+    }
 }
