@@ -1,7 +1,4 @@
 import Foundation
-import Logging
-import NIOCore
-import NIOPosix
 import Pilot
 import Proxy
 import Testing
@@ -31,18 +28,6 @@ import TrellisTestSupport
                 retry_policy: {retry_on: [connect-failure], num_retries: 2}
             """
         let mesh = try MeshConfigLoader.parse(yaml: yaml, file: "mesh.yaml")
-        let outboundPort = Peers.freePort()
-        let stats = ProxyStats()
-        let group = MultiThreadedEventLoopGroup(numberOfThreads: 1)
-        let base = XDSClientTests.base(outboundPort: outboundPort)
-        let proxy = try ProxyServer(
-            snapshot: try ProxySnapshot(base, stats: stats),
-            stats: stats,
-            group: group,
-            originalDestination: { _ in try? SocketAddress(ipAddress: "127.0.0.1", port: 8080) },
-            logger: .quiet
-        )
-        try await proxy.start()
         try await PilotHarness.run(store: try SQLiteRegistryStore(), mesh: mesh) { pilot in
             for (port, zone) in zip(ports, ["zone-a", "zone-b"]) {
                 let body = """
@@ -50,28 +35,16 @@ import TrellisTestSupport
                     """
                 #expect(await pilot.register(body) == 201)
             }
-            let client = XDSClient(
-                pilot: "127.0.0.1",
-                port: pilot.xdsPort,
-                node: "vm-client",
-                base: base,
-                locality: Locality(region: "eu", zone: "zone-a"),
-                logger: .quiet
-            ) { config in try await proxy.apply(try ProxySnapshot(config, stats: stats)) }
-            let running = Task { try await client.run() }
-            defer { running.cancel() }
+            let agent = try await AgentDataPath(pilot: pilot, locality: Locality(region: "eu", zone: "zone-a"))
             #expect(
                 await Peers.eventually(within: .seconds(5)) {
-                    proxy.store.snapshot.config.clusters.first { $0.name == "outbound|8080||orders" }?.endpoints
-                        .map(\.priority).sorted() == [0, 1]
+                    agent.cluster("outbound|8080||orders")?.endpoints.map(\.priority).sorted() == [0, 1]
                 },
                 "zone-a's instance first, zone-b's next"
             )
             func sample(_ count: Int = 20) async -> Set<String> {
-                let out = await Peers.command([
-                    "curl", "-s", "-H", "Host: orders:8080", "http://127.0.0.1:\(outboundPort)/hello?n=[1-\(count)]",
-                ])
-                return Set(out.stdout.components(separatedBy: "zone-").dropFirst().map { "zone-" + $0 })
+                let out = await agent.get(count, host: "orders:8080")
+                return Set(out.components(separatedBy: "zone-").dropFirst().map { "zone-" + $0 })
             }
             #expect(await sample() == ["zone-a"], "its own zone only")
 
@@ -88,12 +61,11 @@ import TrellisTestSupport
             apps.removeFirst()
             let after = await Peers.command([
                 "curl", "-s", "-o", "/dev/null", "-w", "%{http_code}\n", "-H", "Host: orders:8080",
-                "http://127.0.0.1:\(outboundPort)/hello?n=[1-20]",
+                "http://127.0.0.1:\(agent.outboundPort)/hello?n=[1-20]",
             ])
             #expect(after.stdout == String(repeating: "200\n", count: 20), "\(after.stdout)")
             #expect(await sample() == ["zone-b"])
+            await agent.stop()
         }
-        await proxy.shutdown()
-        try await group.shutdownGracefully()
     }
 }

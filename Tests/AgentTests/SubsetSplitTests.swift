@@ -1,7 +1,4 @@
 import Foundation
-import Logging
-import NIOCore
-import NIOPosix
 import Pilot
 import Proxy
 import Testing
@@ -41,37 +38,17 @@ import TrellisTestSupport
                       - {service: orders:8080, subset: v2, weight: 10}
             """
         let mesh = try MeshConfigLoader.parse(yaml: yaml, file: "mesh.yaml")
-        let outboundPort = Peers.freePort()
-        let stats = ProxyStats()
-        let group = MultiThreadedEventLoopGroup(numberOfThreads: 1)
-        let base = XDSClientTests.base(outboundPort: outboundPort)
-        let proxy = try ProxyServer(
-            snapshot: try ProxySnapshot(base, stats: stats),
-            stats: stats,
-            group: group,
-            originalDestination: { _ in try? SocketAddress(ipAddress: "127.0.0.1", port: 8080) },
-            logger: .quiet
-        )
-        try await proxy.start()
         try await PilotHarness.run(store: try SQLiteRegistryStore(), mesh: mesh) { pilot in
-            let client = XDSClient(pilot: "127.0.0.1", port: pilot.xdsPort, node: "vm-a", base: base, logger: .quiet) {
-                config in try await proxy.apply(try ProxySnapshot(config, stats: stats))
-            }
-            let running = Task { try await client.run() }
-            defer { running.cancel() }
+            let agent = try await AgentDataPath(pilot: pilot)
             #expect(
                 await Peers.eventually(within: .seconds(5)) {
-                    let clusters = proxy.store.snapshot.config.clusters
-                    return ["outbound|8080|v1|orders", "outbound|8080|v2|orders"].allSatisfy { name in
-                        clusters.first { $0.name == name }?.endpoints.count == 1
+                    ["outbound|8080|v1|orders", "outbound|8080|v2|orders"].allSatisfy {
+                        agent.cluster($0)?.endpoints.count == 1
                     }
                 }
             )
             // Each subset's cluster holds its own instance only.
-            let clusters = proxy.store.snapshot.config.clusters
-            #expect(
-                clusters.first { $0.name == "outbound|8080|v2|orders" }?.endpoints.map(\.address.port) == [ports[1]]
-            )
+            #expect(agent.cluster("outbound|8080|v2|orders")?.endpoints.map(\.address.port) == [ports[1]])
             #expect(
                 await Peers.eventually(within: .seconds(5)) {
                     let first = await Peers.http("GET", "http://127.0.0.1:\(ports[0])/hello").status
@@ -81,23 +58,17 @@ import TrellisTestSupport
             )
 
             // 2,000 requests on one keep-alive connection (curl's URL range).
-            let split = await Peers.command([
-                "curl", "-s", "-H", "Host: orders:8080", "http://127.0.0.1:\(outboundPort)/hello?n=[1-2000]",
-            ])
-            let v1 = split.stdout.components(separatedBy: "v1").count - 1
-            let v2 = split.stdout.components(separatedBy: "v2").count - 1
-            #expect(v1 + v2 == 2000, "every request answered: \(v1) + \(v2), curl exit \(split.status)")
+            let split = await agent.get(2000, host: "orders:8080")
+            let v1 = split.components(separatedBy: "v1").count - 1
+            let v2 = split.components(separatedBy: "v2").count - 1
+            #expect(v1 + v2 == 2000, "every request answered: \(v1) + \(v2)")
             #expect(abs(v1 - 1800) <= 60, "90 % to v1 within ±3 % of the requests: \(v1) of 2000")
-
             print("subsets through the agent: v1 \(v1), v2 \(v2) of 2000")
+
             // The canary header: every request to v2.
-            let canary = await Peers.command([
-                "curl", "-s", "-H", "Host: orders:8080", "-H", "x-canary: 1",
-                "http://127.0.0.1:\(outboundPort)/hello?n=[1-100]",
-            ])
-            #expect(canary.stdout == String(repeating: "v2", count: 100), "\(canary.stdout.prefix(300))")
+            let canary = await agent.get(100, host: "orders:8080", headers: ["x-canary: 1"])
+            #expect(canary == String(repeating: "v2", count: 100), "\(canary.prefix(300))")
+            await agent.stop()
         }
-        await proxy.shutdown()
-        try await group.shutdownGracefully()
     }
 }

@@ -3,7 +3,7 @@
 
 GET /slow?ms=N  -> 200 "<name> slow <N>" after N milliseconds (at most 60000)
 GET /status/N   -> that status
-anything else   -> 200 "<name>"
+anything else   -> 200 "<name>" (after --delay-ms, default 0)
 Every response carries `x-served-by: <name>`.
 """
 import argparse
@@ -18,6 +18,8 @@ def main():
     parser.add_argument("--host", default="0.0.0.0")
     parser.add_argument("--port", type=int, required=True)
     parser.add_argument("--name", required=True)
+    # A slowed instance: every other answer waits this long (at most 60000 ms).
+    parser.add_argument("--delay-ms", type=int, default=0)
     args = parser.parse_args()
 
     class Handler(BaseHTTPRequestHandler):
@@ -47,6 +49,8 @@ def main():
             elif url.path.startswith("/status/"):
                 self.answer(int(url.path.rsplit("/", 1)[1]), args.name)
             else:
+                if args.delay_ms:
+                    time.sleep(min(args.delay_ms, 60000) / 1000)
                 self.answer(200, args.name)
 
     class Server(ThreadingHTTPServer):
