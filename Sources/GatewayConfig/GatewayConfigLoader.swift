@@ -153,11 +153,8 @@ public enum GatewayConfigLoader {
         }
         var timeout: Duration? = .seconds(15)
         if let t = a["timeout"] {
-            if case .scalar(let s) = t.node, s.string == "none" {
-                timeout = nil
-            } else {
-                timeout = try t.duration()
-            }
+            let value = try t.requestTimeout()
+            timeout = value == .zero ? nil : value
         }
         return Route(
             name: try keys.required("name", in: node).nonEmptyString(),

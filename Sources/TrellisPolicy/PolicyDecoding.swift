@@ -37,6 +37,14 @@ extension ConfigNode {
         return d
     }
 
+    /// A route's request timeout (the gateway file's routes, mesh.yaml's rules and policies): a
+    /// duration above 0 and at most 24h, or `none` for no limit (returned as `.zero`, which xDS
+    /// also uses for "no timeout").
+    public func requestTimeout() throws(ConfigFileError) -> Duration {
+        if isScalar, (try? string()) == "none" { return .zero }
+        return try duration(atMost: PolicyBounds.maxRequestTimeout)
+    }
+
     /// `limit` in the largest whole unit, as a person writes a bound: 1h, 24h, 60s.
     private static func largestUnit(_ limit: Duration) -> String {
         let (seconds, attoseconds) = limit.components

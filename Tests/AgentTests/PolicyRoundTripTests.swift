@@ -199,6 +199,17 @@ import XDS
         let expected = "retry_policy.per_try_timeout: expected a duration above 0 and at most 1h"
         #expect(gateway.contains { $0.contains(expected) }, "\(gateway)")
         #expect(mesh.contains { $0.contains(expected) }, "\(mesh)")
+        // A request timeout: at most a day, or none, in both files.
+        let tooLong = "timeout: expected a duration above 0 and at most 24h"
+        #expect(Self.gatewayErrors(route: "timeout: 25h").contains { $0.contains(tooLong) })
+        #expect(Self.meshErrors(policy: "timeout: 25h").contains { $0.contains(tooLong) })
+        #expect(Self.gatewayErrors(route: "timeout: none").isEmpty)
+        let none = try MeshConfigLoader.parse(
+            yaml: "services:\n  - {name: a, port: 80}\npolicies:\n  - {service: a:80, timeout: none}\n",
+            file: "mesh.yaml"
+        )
+        let timeout = try #require(none.policies.values.first?.route.timeout)
+        #expect(timeout.seconds == 0 && timeout.nanos == 0, "Envoy's 'no timeout'")
     }
 
     private static func gatewayErrors(route extra: String) -> [String] {

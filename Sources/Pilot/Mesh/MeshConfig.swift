@@ -113,6 +113,7 @@ public struct RouteRule: Sendable, Hashable {
     /// Path, methods and headers (the vocabulary the gateway file uses: ``RouteMatch``).
     public var match: RouteMatch
     public var destinations: [WeightedDestination]
+    /// The rule's request timeout; `.zero`: none (`timeout: none`); nil: the policy's or Envoy's.
     public var timeout: Duration?
 
     public init(

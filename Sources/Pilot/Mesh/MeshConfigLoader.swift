@@ -240,11 +240,7 @@ public enum MeshConfigLoader {
             }
             if rule.destinations.isEmpty { throw to.error("expected at least one destination") }
         }
-        if let t = keys["timeout"] {
-            let timeout = try t.duration()
-            guard timeout > .zero else { throw t.error("expected a timeout above 0") }
-            rule.timeout = timeout
-        }
+        if let t = keys["timeout"] { rule.timeout = try t.requestTimeout() }
         return rule
     }
 }

@@ -39,7 +39,7 @@ enum PolicyLoader {
             policy.cluster.healthChecks = [PolicyEncoding.healthCheck(try HealthCheck.decode(n))]
         }
         if let n = keys["timeout"] {
-            policy.route.timeout = Translator.protobufDuration(try n.duration(atMost: PolicyBounds.maxRequestTimeout))
+            policy.route.timeout = Translator.protobufDuration(try n.requestTimeout())
         }
         if let n = keys["retry_policy"] {
             let retry = try RetryPolicy.decode(n)
