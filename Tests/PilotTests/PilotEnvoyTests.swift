@@ -183,6 +183,132 @@ struct PilotEnvoyTests {
         }
     }
 
+    /// The balancing scenarios the agent passes (AgentTests' BalancingThroughPilotTests and
+    /// LocalityFailoverTests), through a stock Envoy gateway given the same mesh.yaml: ring hash
+    /// keeps each key on one instance and moves the leaver's keys, least request spares a slowed
+    /// instance, and a gateway in zone-a prefers zone-a's instance, fails over while it is drained,
+    /// and returns.
+    @Test func aStockEnvoyBalancesLikeTheAgent() async throws {
+        let dir = try Peers.temporaryDirectory("pilot-envoy-balancing")
+        defer { try? FileManager.default.removeItem(at: dir) }
+        let ringPorts = (0..<4).map { _ in Peers.freePort() }
+        let zonePorts = [Peers.freePort(), Peers.freePort()]
+        var apps = try ringPorts.enumerated().map { i, port in
+            try Peers.pythonHTTPServer(port: port, body: "i\(i)", root: dir)
+        }
+        apps += try zip(zonePorts, ["zone-a", "zone-b"]).map { port, zone in
+            try Peers.pythonHTTPServer(port: port, body: zone, root: dir)
+        }
+        let slowServer = URL(fileURLWithPath: #filePath).deletingLastPathComponent().deletingLastPathComponent()
+            .appendingPathComponent("Fixtures/http/slow_server.py").path
+        let leastPorts = [Peers.freePort(), Peers.freePort()]
+        apps.append(try Peers.Child(["python3", slowServer, "--port", "\(leastPorts[0])", "--name", "fast"]))
+        apps.append(
+            try Peers.Child([
+                "python3", slowServer, "--port", "\(leastPorts[1])", "--name", "slow", "--delay-ms", "100",
+            ])
+        )
+        defer { for app in apps { app.stop() } }
+        let gatewayPort = Peers.freePort()
+        let mesh = try MeshConfigLoader.parse(
+            yaml: """
+                services:
+                  - {name: ring, port: 8080}
+                  - {name: zoned, port: 8080}
+                  - {name: least, port: 8080}
+                policies:
+                  - {service: ring:8080, lb_policy: ring_hash, ring_hash: {header: x-user}}
+                  - {service: least:8080, lb_policy: least_request}
+                gateways:
+                  - name: edge
+                    listeners:
+                      - port: \(gatewayPort)
+                        routes:
+                          - {hosts: [ring], to: ring:8080}
+                          - {hosts: [zoned], to: zoned:8080}
+                          - {hosts: [least], to: least:8080}
+                """,
+            file: "mesh.yaml"
+        )
+        try await PilotHarness.run(store: try SQLiteRegistryStore(), mesh: mesh) { pilot in
+            func register(_ service: String, _ port: Int, zone: String = "zone-a") async {
+                let body = """
+                    {"service": "\(service)", "address": "127.0.0.1", "port": \(port), "service_port": 8080, "node": "vm-\(port)", "region": "eu", "zone": "\(zone)"}
+                    """
+                #expect(await pilot.register(body) == 201)
+            }
+            for port in ringPorts { await register("ring", port) }
+            for (port, zone) in zip(zonePorts, ["zone-a", "zone-b"]) { await register("zoned", port, zone: zone) }
+            for port in leastPorts { await register("least", port) }
+            let (envoy, _) = try EnvoyBootstrap.start(
+                in: dir,
+                nodeID: "gw-balancing",
+                adsPort: pilot.xdsPort,
+                apiType: "DELTA_GRPC",
+                metadata: ["trellis.role": "gateway", "trellis.gateway": "edge"],
+                locality: (region: "eu", zone: "zone-a")
+            )
+            defer { envoy.stop() }
+            let url = "http://127.0.0.1:\(gatewayPort)/hello"
+            #expect(
+                await Peers.eventually(within: .seconds(20)) {
+                    await Peers.http("GET", url, headers: ["Host: zoned"]).status == 200
+                }
+            )
+
+            // Ring hash.
+            let keys = (0..<120).map { "user-\($0)" }
+            func owners() async -> [String: String] {
+                var arguments = ["curl"]
+                for key in keys { arguments += ["-s", "-H", "Host: ring", "-H", "x-user: \(key)", url, "--next"] }
+                arguments.removeLast()
+                let out = await Peers.command(arguments).stdout
+                var result: [String: String] = [:]
+                for (k, key) in keys.enumerated() where out.count >= (k + 1) * 2 {
+                    let start = out.index(out.startIndex, offsetBy: k * 2)
+                    result[key] = String(out[start..<out.index(start, offsetBy: 2)])
+                }
+                return result
+            }
+            let before = await owners()
+            #expect(await owners() == before && before.count == 120, "each key on one instance")
+            #expect(await pilot.deregister(service: "ring", address: "127.0.0.1", port: ringPorts[3]) == 204)
+            #expect(await Peers.eventually(within: .seconds(5)) { await owners().values.allSatisfy { $0 != "i3" } })
+            let after = await owners()
+            let onLeaver = Set(keys.filter { before[$0] == "i3" })
+            let moved = Set(keys.filter { after[$0] != before[$0] })
+            #expect(onLeaver.isSubset(of: moved) && moved.subtracting(onLeaver).count <= keys.count / 4)
+            print(
+                "ring hash through Envoy: i3 left, its \(onLeaver.count) keys moved, and \(moved.subtracting(onLeaver).count) others"
+            )
+
+            // Least request.
+            let least = await Peers.command(
+                ["curl", "-s", "--parallel", "--parallel-max", "10", "-H", "Host: least", "\(url)?n=[1-300]"]
+            ).stdout
+            let toSlow = least.components(separatedBy: "slow\n").count - 1
+            print("least request through Envoy: slow \(toSlow) of 300")
+            // Envoy draws its two choices with replacement (a quarter of the time both are the slow
+            // one), so it spares the slow instance less than the agent does; both well below round
+            // robin's 150.
+            #expect(least.components(separatedBy: "fast\n").count - 1 + toSlow == 300 && toSlow < 110)
+
+            // Locality.
+            func zones() async -> Set<String> {
+                let out = await Peers.command(["curl", "-s", "-H", "Host: zoned", "\(url)?n=[1-20]"]).stdout
+                return Set(out.components(separatedBy: "zone-").dropFirst().map { "zone-" + $0 })
+            }
+            #expect(await zones() == ["zone-a"], "its own zone")
+            let status = "\(pilot.api)/v1/instances/zoned/127.0.0.1/\(zonePorts[0])/status"
+            #expect(await Peers.http("PUT", status, body: #"{"status": "draining"}"#).status == 200)
+            #expect(await Peers.eventually(within: .seconds(5)) { await zones() == ["zone-b"] }, "failed over")
+            #expect(await Peers.http("PUT", status, body: #"{"status": "healthy"}"#).status == 200)
+            #expect(await Peers.eventually(within: .seconds(5)) { await zones() == ["zone-a"] }, "came back")
+            let sync = await pilot.server.sync.status(node: "gw-balancing")
+            #expect(sync.values.allSatisfy { $0.lastNack == nil }, "\(sync)")
+        }
+    }
+
     /// Pilot restarts on the same store and ports: Envoy keeps serving meanwhile, reconnects, and
     /// nothing registered is lost.
     @Test func pilotRestartLosesNothingAndEnvoyReconnects() async throws {

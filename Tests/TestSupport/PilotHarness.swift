@@ -108,11 +108,13 @@ public enum EnvoyBootstrap {
         adsPort: Int,
         adminPort: Int,
         apiType: String,
-        metadata: [String: String] = [:]
+        metadata: [String: String] = [:],
+        locality: (region: String, zone: String)? = nil
     ) -> String {
         let meta = metadata.map { "\"\($0.key)\": \"\($0.value)\"" }.joined(separator: ", ")
+        let place = locality.map { ", locality: {region: \($0.region), zone: \($0.zone)}" } ?? ""
         return """
-            node: {id: \(nodeID), cluster: trellis-test, metadata: {\(meta)}}
+            node: {id: \(nodeID), cluster: trellis-test\(place), metadata: {\(meta)}}
             admin: {address: {socket_address: {address: 127.0.0.1, port_value: \(adminPort)}}}
             dynamic_resources:
               ads_config:
@@ -142,12 +144,20 @@ public enum EnvoyBootstrap {
         nodeID: String,
         adsPort: Int,
         apiType: String,
-        metadata: [String: String] = [:]
+        metadata: [String: String] = [:],
+        locality: (region: String, zone: String)? = nil
     ) throws -> (Peers.Child, adminPort: Int) {
         let adminPort = Peers.freePort()
         let file = dir.appendingPathComponent("envoy-\(nodeID).yaml")
-        try yaml(nodeID: nodeID, adsPort: adsPort, adminPort: adminPort, apiType: apiType, metadata: metadata)
-            .write(to: file, atomically: true, encoding: .utf8)
+        try yaml(
+            nodeID: nodeID,
+            adsPort: adsPort,
+            adminPort: adminPort,
+            apiType: apiType,
+            metadata: metadata,
+            locality: locality
+        )
+        .write(to: file, atomically: true, encoding: .utf8)
         let child = try Peers.Child(
             [
                 "envoy", "-c", file.path, "--disable-hot-restart", "-l", "error", "--base-id",
