@@ -12,6 +12,37 @@ import TrellisTestSupport
     static let server = URL(fileURLWithPath: #filePath).deletingLastPathComponent().deletingLastPathComponent()
         .appendingPathComponent("Fixtures/http/slow_server.py").path
 
+    /// Pilot with `orders:8080` under the policy `policy` (a mesh.yaml policy entry's keys) and one
+    /// registered instance per port, and the agent's data path once it has them all.
+    private func withOrders(
+        policy: String,
+        ports: [Int],
+        _ body: (PilotHarness, AgentDataPath) async throws -> Void
+    ) async throws {
+        let yaml = """
+            services:
+              - {name: orders, port: 8080}
+            policies:
+              - {service: orders:8080, \(policy)}
+            """
+        let mesh = try MeshConfigLoader.parse(yaml: yaml, file: "mesh.yaml")
+        try await PilotHarness.run(store: try SQLiteRegistryStore(), mesh: mesh) { pilot in
+            for (i, port) in ports.enumerated() {
+                let registration =
+                    #"{"service": "orders", "address": "127.0.0.1", "port": \#(port), "service_port": 8080, "node": "vm-\#(i)"}"#
+                #expect(await pilot.register(registration) == 201)
+            }
+            let agent = try await AgentDataPath(pilot: pilot)
+            #expect(
+                await Peers.eventually(within: .seconds(5)) {
+                    agent.cluster("outbound|8080||orders")?.endpoints.count == ports.count
+                }
+            )
+            try await body(pilot, agent)
+            await agent.stop()
+        }
+    }
+
     /// Ring hash on a header: each key stays on one instance, and when one of N instances leaves,
     /// its keys (about 1/N) move and few others do: the ring keeps its minimum size, so each
     /// survivor gains points (256 → 342 of 1,024 here), which take some keys from other survivors,
@@ -24,28 +55,9 @@ import TrellisTestSupport
             try Peers.pythonHTTPServer(port: port, body: "i\(i)", root: dir)
         }
         defer { for app in apps { app.stop() } }
-        let yaml = """
-            services:
-              - {name: orders, port: 8080}
-            policies:
-              - {service: orders:8080, lb_policy: ring_hash, ring_hash: {header: x-user}}
-            """
-        try await PilotHarness.run(
-            store: try SQLiteRegistryStore(),
-            mesh: try MeshConfigLoader.parse(yaml: yaml, file: "mesh.yaml")
-        ) {
-            pilot in
-            for (i, port) in ports.enumerated() {
-                let body =
-                    #"{"service": "orders", "address": "127.0.0.1", "port": \#(port), "service_port": 8080, "node": "vm-\#(i)"}"#
-                #expect(await pilot.register(body) == 201)
-            }
-            let agent = try await AgentDataPath(pilot: pilot)
-            #expect(
-                await Peers.eventually(within: .seconds(5)) {
-                    agent.cluster("outbound|8080||orders")?.endpoints.count == 4
-                }
-            )
+        try await withOrders(policy: "lb_policy: ring_hash, ring_hash: {header: x-user}", ports: ports) {
+            pilot,
+            agent in
             let keys = (0..<120).map { "user-\($0)" }
             /// Which instance answered each key, asked `times` times in a row (nil when they differ).
             func owners(times: Int = 2) async -> [String: String?] {
@@ -96,7 +108,6 @@ import TrellisTestSupport
             print(
                 "ring hash through the agent: \(spread); i3 left: its \(onLeaver.count) keys moved, and \(others.count) others"
             )
-            await agent.stop()
         }
     }
 
@@ -112,28 +123,7 @@ import TrellisTestSupport
             "python3", server, "--host", "127.0.0.1", "--port", "\(ports[1])", "--name", "slow", "--delay-ms", "100",
         ])
         defer { slow.stop() }
-        let yaml = """
-            services:
-              - {name: orders, port: 8080}
-            policies:
-              - {service: orders:8080, lb_policy: least_request}
-            """
-        try await PilotHarness.run(
-            store: try SQLiteRegistryStore(),
-            mesh: try MeshConfigLoader.parse(yaml: yaml, file: "mesh.yaml")
-        ) {
-            pilot in
-            for (i, port) in ports.enumerated() {
-                let body =
-                    #"{"service": "orders", "address": "127.0.0.1", "port": \#(port), "service_port": 8080, "node": "vm-\#(i)"}"#
-                #expect(await pilot.register(body) == 201)
-            }
-            let agent = try await AgentDataPath(pilot: pilot)
-            #expect(
-                await Peers.eventually(within: .seconds(5)) {
-                    agent.cluster("outbound|8080||orders")?.endpoints.count == 2
-                }
-            )
+        try await withOrders(policy: "lb_policy: least_request", ports: ports) { _, agent in
             #expect(
                 await Peers.eventually(within: .seconds(5)) { await agent.get(2, host: "orders:8080").contains("fast") }
             )
@@ -143,7 +133,6 @@ import TrellisTestSupport
             print("least request through the agent: fast \(toFast), slow \(toSlow) of 300")
             #expect(toFast + toSlow == 300, "every request answered")
             #expect(toSlow < 75, "the slowed instance got \(toSlow) of 300 (round robin would give it 150)")
-            await agent.stop()
         }
     }
 }

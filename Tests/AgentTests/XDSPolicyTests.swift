@@ -19,25 +19,11 @@ import TrellisTestSupport
         let app = try Peers.pythonHTTPServer(port: appPort, body: "orders-1", root: dir)
         try "ok".write(to: dir.appendingPathComponent("upstream-\(appPort)/healthz"), atomically: true, encoding: .utf8)
         defer { app.stop() }
-        let outboundPort = Peers.freePort()
-        let stats = ProxyStats()
-        let group = MultiThreadedEventLoopGroup(numberOfThreads: 1)
-        let base = XDSClientTests.base(outboundPort: outboundPort)
-        let proxy = try ProxyServer(
-            snapshot: try ProxySnapshot(base, stats: stats),
-            stats: stats,
-            group: group,
-            originalDestination: { _ in try? SocketAddress(ipAddress: "127.0.0.1", port: 8080) },
-            logger: .quiet
-        )
-        try await proxy.start()
         let mesh = try MeshConfigLoader.parse(yaml: MeshFixtures.policies, file: "mesh.yaml")
         try await PilotHarness.run(store: try SQLiteRegistryStore(), mesh: mesh) { pilot in
-            let client = XDSClient(pilot: "127.0.0.1", port: pilot.xdsPort, node: "vm-a", base: base, logger: .quiet) {
-                config in try await proxy.apply(try ProxySnapshot(config, stats: stats))
-            }
-            let running = Task { try await client.run() }
-            defer { running.cancel() }
+            let agent = try await AgentDataPath(pilot: pilot, node: "vm-a")
+            let proxy = agent.proxy
+            let outboundPort = agent.outboundPort
             _ = await pilot.register(
                 #"{"service": "orders", "address": "127.0.0.1", "port": \#(appPort), "service_port": 8080, "node": "vm-b"}"#
             )
@@ -103,9 +89,8 @@ import TrellisTestSupport
             // Nothing was refused on the way.
             let sync = await pilot.server.sync.status(node: "vm-a")
             #expect(sync.values.allSatisfy { $0.lastNack == nil }, "\(sync)")
+            await agent.stop()
         }
-        await proxy.shutdown()
-        try await group.shutdownGracefully()
     }
 }
 

@@ -24,14 +24,7 @@ struct DrainUnderLoadTests {
         defer { try? FileManager.default.removeItem(at: dir) }
         let hosts = try NetnsHosts(ns: lab.ns("vm-a"), names: [(lab.ip("vm-b"), "orders")])
         defer { hosts.remove() }
-        let pilot = try Peers.Child(
-            [
-                "ip", "netns", "exec", lab.hub, MeshEndToEndTests.pilotBinary, "serve", "--store",
-                dir.appendingPathComponent("pilot.db").path, "--mesh", dir.appendingPathComponent("mesh.yaml").path,
-                "--xds-address", "\(lab.pilotIP):15010", "--http-address", "\(lab.pilotIP):15014",
-            ],
-            output: dir.appendingPathComponent("pilot.log")
-        )
+        let pilot = try lab.startPilot(dir: dir)
         defer { pilot.stop() }
         var servers: [Peers.Child] = []
         defer { servers.forEach { $0.stop() } }

@@ -33,14 +33,7 @@ struct GRPCMeshNetnsTests {
             retry_policy: {retry_on: [unavailable], num_retries: 2}
             rate_limit: {requests_per_second: 1, burst: 60}
         """.write(to: dir.appendingPathComponent("mesh.yaml"), atomically: true, encoding: .utf8)
-        let pilot = try Peers.Child(
-            [
-                "ip", "netns", "exec", lab.hub, MeshEndToEndTests.pilotBinary, "serve", "--store",
-                dir.appendingPathComponent("pilot.db").path, "--mesh", dir.appendingPathComponent("mesh.yaml").path,
-                "--xds-address", "\(lab.pilotIP):15010", "--http-address", "\(lab.pilotIP):15014",
-            ],
-            output: dir.appendingPathComponent("pilot.log")
-        )
+        let pilot = try lab.startPilot(dir: dir)
         defer { pilot.stop() }
         var servers: [Peers.Child] = []
         defer { servers.forEach { $0.stop() } }

@@ -67,15 +67,7 @@ struct MeshEndToEndTests {
         let hosts = try NetnsHosts(ns: lab.ns("vm-a"), names: [(b, "orders")])
         defer { hosts.remove() }
 
-        let pilot = try Peers.Child(
-            [
-                "ip", "netns", "exec", lab.hub, Self.pilotBinary, "serve", "--store",
-                dir.appendingPathComponent("pilot.db").path,
-                "--mesh", dir.appendingPathComponent("mesh.yaml").path, "--xds-address", "\(lab.pilotIP):15010",
-                "--http-address", "\(lab.pilotIP):15014",
-            ],
-            output: dir.appendingPathComponent("pilot.log")
-        )
+        let pilot = try lab.startPilot(dir: dir)
         defer { pilot.stop() }
         let instances = "http://\(lab.pilotIP):15014/v1/instances?service=orders"
         #expect(

@@ -61,6 +61,19 @@ final class MeshLab: Sendable {
     func ns(_ vm: String) -> String { vms[vm]!.ns }
     func ip(_ vm: String) -> String { vms[vm]!.ip }
 
+    /// The real pilot in the hub, on `pilotIP` (xDS :15010, HTTP API :15014), with its store and
+    /// the mesh file `dir/mesh.yaml` in `dir` and its log in `dir/pilot.log`.
+    func startPilot(dir: URL) throws -> Peers.Child {
+        try Peers.Child(
+            [
+                "ip", "netns", "exec", hub, MeshEndToEndTests.pilotBinary, "serve", "--store",
+                dir.appendingPathComponent("pilot.db").path, "--mesh", dir.appendingPathComponent("mesh.yaml").path,
+                "--xds-address", "\(pilotIP):15010", "--http-address", "\(pilotIP):15014",
+            ],
+            output: dir.appendingPathComponent("pilot.log")
+        )
+    }
+
     /// Runs a command inside a VM (or the hub).
     func exec(_ vm: String, _ arguments: [String]) async -> (status: Int32, stdout: String, stderr: String) {
         let ns = vm == "hub" ? hub : self.ns(vm)

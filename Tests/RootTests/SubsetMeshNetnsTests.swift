@@ -29,14 +29,7 @@ struct SubsetMeshNetnsTests {
                 to: [{service: orders:8080, subset: v2, weight: 1}]
               - to: [{service: orders:8080, subset: v1, weight: 90}, {service: orders:8080, subset: v2, weight: 10}]
         """.write(to: dir.appendingPathComponent("mesh.yaml"), atomically: true, encoding: .utf8)
-        let pilot = try Peers.Child(
-            [
-                "ip", "netns", "exec", lab.hub, MeshEndToEndTests.pilotBinary, "serve", "--store",
-                dir.appendingPathComponent("pilot.db").path, "--mesh", dir.appendingPathComponent("mesh.yaml").path,
-                "--xds-address", "\(lab.pilotIP):15010", "--http-address", "\(lab.pilotIP):15014",
-            ],
-            output: dir.appendingPathComponent("pilot.log")
-        )
+        let pilot = try lab.startPilot(dir: dir)
         defer { pilot.stop() }
         var servers: [Peers.Child] = []
         defer { servers.forEach { $0.stop() } }
