@@ -109,7 +109,8 @@ public enum EnvoyBootstrap {
         adminPort: Int,
         apiType: String,
         metadata: [String: String] = [:],
-        locality: (region: String, zone: String)? = nil
+        locality: (region: String, zone: String)? = nil,
+        adsHost: String = "127.0.0.1"
     ) -> String {
         let meta = metadata.map { "\"\($0.key)\": \"\($0.value)\"" }.joined(separator: ", ")
         let place = locality.map { ", locality: {region: \($0.region), zone: \($0.zone)}" } ?? ""
@@ -135,7 +136,7 @@ public enum EnvoyBootstrap {
                     explicit_http_config: {http2_protocol_options: {}}
                 load_assignment:
                   cluster_name: xds
-                  endpoints: [{lb_endpoints: [{endpoint: {address: {socket_address: {address: 127.0.0.1, port_value: \(adsPort)}}}}]}]
+                  endpoints: [{lb_endpoints: [{endpoint: {address: {socket_address: {address: \(adsHost), port_value: \(adsPort)}}}}]}]
             """
     }
 
