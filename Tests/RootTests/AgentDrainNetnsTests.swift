@@ -128,8 +128,10 @@ struct AgentDrainNetnsTests {
         let after = await Self.curl(lab, "http://\(lab.bAddress):8080/", headers: true).value
         #expect(after.1.hasPrefix("HTTP/1.1 200") && !after.1.lowercased().contains("connection: close"), "\(after.1)")
 
-        // A deadline shorter than the work in flight: exit 2, the report says so.
-        let slower = Self.curl(lab, "http://\(lab.bAddress):8080/slow?ms=2500")
+        // A deadline shorter than the work in flight: exit 2, the report says so. (The request
+        // takes 6 s so that it is still in flight when the drain command has started, however
+        // loaded the machine; with 2.5 s a busy CI machine once saw it finish first.)
+        let slower = Self.curl(lab, "http://\(lab.bAddress):8080/slow?ms=6000")
         #expect(
             await Peers.eventually(within: .seconds(5)) {
                 (await agent.ctl("status", "--json")).stdout.contains(#""requests_in_flight" : 1"#)
@@ -138,7 +140,7 @@ struct AgentDrainNetnsTests {
         let short = await agent.ctl("drain", "--deadline", "300ms")
         #expect(short.status == 2, "\(short.stdout)\(short.stderr)")
         #expect(short.stdout.contains("deadline reached with work in flight"), "\(short.stdout)")
-        #expect((await slower.value).1 == "legacy-b slow 2500\n", "the request still completes")
+        #expect((await slower.value).1 == "legacy-b slow 6000\n", "the request still completes")
         _ = await agent.ctl("undrain")
 
         // Bad input: a clear message, nothing changed.
