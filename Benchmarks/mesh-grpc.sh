@@ -20,25 +20,8 @@ for tool in envoy h2load nginx; do
 done
 if [ "${SKIP_BUILD:-0}" != 1 ]; then (cd "$root" && swift build -c release --product trellis-agent >/dev/null); fi
 agent="$root/.build/release/trellis-agent"
-A=trellis-grpc-a B=trellis-grpc-b
-a_ip=10.78.0.1 b_ip=10.78.0.2
-out=$(mktemp -d /tmp/trellis-grpc.XXXXXX)
-chmod 755 "$out"
-pids=()
-cleanup() {
-  for p in "${pids[@]:-}"; do [ -n "$p" ] && kill "$p" 2>/dev/null || true; done
-  sleep 0.3
-  ip netns del "$A" 2>/dev/null || true
-  ip netns del "$B" 2>/dev/null || true
-  rm -rf "$out"
-}
-trap cleanup EXIT
-ip netns del "$A" 2>/dev/null || true; ip netns del "$B" 2>/dev/null || true
-ip netns add "$A"; ip netns add "$B"
-ip link add tgr-a netns "$A" type veth peer name tgr-b netns "$B"
-ip -n "$A" addr add $a_ip/24 dev tgr-a; ip -n "$B" addr add $b_ip/24 dev tgr-b
-for ns in "$A" "$B"; do ip -n "$ns" link set lo up; done
-ip -n "$A" link set tgr-a up; ip -n "$B" link set tgr-b up
+source "$root/Benchmarks/tools/netns-pair.sh"
+netns_pair trellis-grpc 78 tgr
 
 cat >"$out/nginx.conf" <<NGINX
 worker_processes 1; daemon off; pid $out/nginx.pid; error_log $out/nginx.err;

@@ -22,25 +22,8 @@ if [ "${SKIP_BUILD:-0}" != 1 ]; then
   bash "$root/scripts/build-release.sh" trellis-agent >/dev/null
 fi
 agent="$root/.build-static/release/trellis-agent"
-A=trellis-mesh-a B=trellis-mesh-b
-a_ip=10.79.0.1 b_ip=10.79.0.2
-out=$(mktemp -d /tmp/trellis-mesh.XXXXXX)
-chmod 755 "$out"
-pids=()
-cleanup() {
-  for p in "${pids[@]:-}"; do [ -n "$p" ] && kill "$p" 2>/dev/null || true; done
-  sleep 0.3
-  ip netns del "$A" 2>/dev/null || true
-  ip netns del "$B" 2>/dev/null || true
-  rm -rf "$out"
-}
-trap cleanup EXIT
-ip netns del "$A" 2>/dev/null || true; ip netns del "$B" 2>/dev/null || true
-ip netns add "$A"; ip netns add "$B"
-ip link add tmp-a netns "$A" type veth peer name tmp-b netns "$B"
-ip -n "$A" addr add $a_ip/24 dev tmp-a; ip -n "$B" addr add $b_ip/24 dev tmp-b
-for ns in "$A" "$B"; do ip -n "$ns" link set lo up; done
-ip -n "$A" link set tmp-a up; ip -n "$B" link set tmp-b up
+source "$root/Benchmarks/tools/netns-pair.sh"
+netns_pair trellis-mesh 79 tmp
 
 cat >"$out/nginx.conf" <<NGINX
 worker_processes 1; daemon off; pid $out/nginx.pid; error_log $out/nginx.err;
