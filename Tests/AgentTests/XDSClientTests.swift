@@ -35,29 +35,9 @@ import TrellisTestSupport
             one.stop()
             two.stop()
         }
-        let outboundPort = Peers.freePort()
-        let stats = ProxyStats()
-        let group = MultiThreadedEventLoopGroup(numberOfThreads: 1)
-        let base = Self.base(outboundPort: outboundPort)
-        let proxy = try ProxyServer(
-            snapshot: try ProxySnapshot(base, stats: stats),
-            stats: stats,
-            group: group,
-            originalDestination: { _ in try? SocketAddress(ipAddress: "127.0.0.1", port: 8080) },
-            logger: .quiet
-        )
-        try await proxy.start()
         try await PilotHarness.run(store: try SQLiteRegistryStore()) { pilot in
-            let client = XDSClient(
-                pilot: "127.0.0.1",
-                port: pilot.xdsPort,
-                node: "vm-xds-\(xdsProtocol)",
-                base: base,
-                protocol: xdsProtocol,
-                logger: .quiet
-            ) { config in try await proxy.apply(try ProxySnapshot(config, stats: stats)) }
-            let running = Task { try await client.run() }
-            defer { running.cancel() }
+            let agent = try await AgentDataPath(pilot: pilot, node: "vm-xds-\(xdsProtocol)", xdsProtocol: xdsProtocol)
+            let (proxy, client, outboundPort) = (agent.proxy, agent.client, agent.outboundPort)
             #expect(await Peers.eventually(within: .seconds(5)) { client.current.connection == "connected" })
 
             // Nothing registered: orders is unknown, so it passes through to 127.0.0.1:8080 (closed).
@@ -116,9 +96,8 @@ import TrellisTestSupport
             )
             #expect(client.current.lastNACK == nil)
             #expect(client.current.versions["cds"] != nil && client.current.versions["lds"] != nil)
+            await agent.stop()
         }
-        await proxy.shutdown()
-        try await group.shutdownGracefully()
     }
 
     /// Pilot unreachable, then started: the client retries and configures the proxy once it can.
@@ -157,32 +136,9 @@ import TrellisTestSupport
         let xdsPort = Peers.freePort()
 
         func agent(xdsPort: Int, _ body: (ProxyServer, Int, XDSClient) async throws -> Void) async throws {
-            let outboundPort = Peers.freePort()
-            let stats = ProxyStats()
-            let group = MultiThreadedEventLoopGroup(numberOfThreads: 1)
-            let base = Self.base(outboundPort: outboundPort)
-            let proxy = try ProxyServer(
-                snapshot: try ProxySnapshot(base, stats: stats),
-                stats: stats,
-                group: group,
-                originalDestination: { _ in try? SocketAddress(ipAddress: "127.0.0.1", port: 8080) },
-                logger: .quiet
-            )
-            try await proxy.start()
-            let client = XDSClient(
-                pilot: "127.0.0.1",
-                port: xdsPort,
-                node: "vm-persist",
-                base: base,
-                persistPath: saved,
-                logger: .quiet
-            ) { config in try await proxy.apply(try ProxySnapshot(config, stats: stats)) }
-            let running = Task { try await client.run() }
-            try await body(proxy, outboundPort, client)
-            running.cancel()
-            _ = await running.result
-            await proxy.shutdown()
-            try await group.shutdownGracefully()
+            let agent = try await AgentDataPath(xdsPort: xdsPort, node: "vm-persist", persistPath: saved)
+            try await body(agent.proxy, agent.outboundPort, agent.client)
+            await agent.stop()
         }
 
         try await PilotHarness.run(store: try SQLiteRegistryStore(), xdsPort: xdsPort) { pilot in

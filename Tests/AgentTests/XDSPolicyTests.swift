@@ -105,29 +105,9 @@ import TrellisTestSupport
             try Peers.pythonHTTPServer(port: port, body: "orders-\(i + 1)", root: dir)
         }
         defer { for app in apps { app.stop() } }
-        let outboundPort = Peers.freePort()
-        let stats = ProxyStats()
-        let group = MultiThreadedEventLoopGroup(numberOfThreads: 1)
-        let base = XDSClientTests.base(outboundPort: outboundPort)
-        let proxy = try ProxyServer(
-            snapshot: try ProxySnapshot(base, stats: stats),
-            stats: stats,
-            group: group,
-            originalDestination: { _ in try? SocketAddress(ipAddress: "127.0.0.1", port: 8080) },
-            logger: .quiet
-        )
-        try await proxy.start()
         try await PilotHarness.run(store: try SQLiteRegistryStore()) { pilot in
-            let client = XDSClient(
-                pilot: "127.0.0.1",
-                port: pilot.xdsPort,
-                node: "vm-small",
-                base: base,
-                maxEndpoints: 2,
-                logger: .quiet
-            ) { config in try await proxy.apply(try ProxySnapshot(config, stats: stats)) }
-            let running = Task { try await client.run() }
-            defer { running.cancel() }
+            let agent = try await AgentDataPath(pilot: pilot, node: "vm-small", maxEndpoints: 2)
+            let (client, outboundPort) = (agent.client, agent.outboundPort)
             func register(_ port: Int, _ node: String) async -> Int {
                 await pilot.register(
                     #"{"service": "orders", "address": "127.0.0.1", "port": \#(port), "service_port": 8080, "node": "\#(node)"}"#
@@ -163,8 +143,7 @@ import TrellisTestSupport
                 let body = await XDSClientTests.get(outboundPort, host: "orders:8080").body
                 #expect(body == "orders-1" || body == "orders-2", "\(body)")
             }
+            await agent.stop()
         }
-        await proxy.shutdown()
-        try await group.shutdownGracefully()
     }
 }

@@ -26,39 +26,12 @@ struct DrainUnderLoadTests {
         defer { hosts.remove() }
         let pilot = try lab.startPilot(dir: dir)
         defer { pilot.stop() }
-        var servers: [Peers.Child] = []
+        let servers = try lab.startServers([("vm-b", "orders-vm-b"), ("vm-c", "orders-vm-c")])
         defer { servers.forEach { $0.stop() } }
-        for vm in ["vm-b", "vm-c"] {
-            servers.append(
-                try Peers.Child([
-                    "ip", "netns", "exec", lab.ns(vm), "python3", AgentDrainNetnsTests.server, "--port", "8080",
-                    "--name", "orders-\(vm)",
-                ])
-            )
-        }
         let service = "[{name: orders, port: 8080, protocol: http, health_check: {http: /, interval: 1s}}]"
-        var agents: [String: MeshEndToEndTests.Agent] = [:]
-        for vm in ["vm-b", "vm-c", "vm-a"] {
-            agents[vm] = try MeshEndToEndTests.Agent(
-                lab: lab,
-                vm: vm,
-                dir: dir,
-                yaml: MeshEndToEndTests.agentYAML(
-                    lab,
-                    vm: vm,
-                    services: vm == "vm-a" ? "[]" : service,
-                    stateDir: dir.path
-                )
-            )
-        }
+        let agents = try lab.startAgents(dir: dir, [("vm-b", service, ""), ("vm-c", service, ""), ("vm-a", "[]", "")])
         defer { agents.values.forEach { $0.child.stop() } }
-        let instances = "http://\(lab.pilotIP):15014/v1/instances?service=orders"
-        #expect(
-            await Peers.eventually(within: .seconds(20)) {
-                await lab.exec("hub", ["curl", "-s", instances]).stdout
-                    .components(separatedBy: #""status":"healthy""#).count == 3
-            }
-        )
+        #expect(await lab.healthyInstances("orders", count: 2))
         // A balances over both by name before the load starts.
         var seen: Set<String> = []
         #expect(

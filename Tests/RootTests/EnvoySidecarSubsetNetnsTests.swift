@@ -20,30 +20,15 @@ struct EnvoySidecarSubsetNetnsTests {
         defer { try? FileManager.default.removeItem(at: dir) }
         let hosts = try NetnsHosts(ns: lab.ns("vm-a"), names: [(lab.ip("vm-b"), "orders")])
         defer { hosts.remove() }
-        try """
-        services:
-          - name: orders
-            port: 8080
-            subsets: [{name: v1, labels: {version: v1}}, {name: v2, labels: {version: v2}}]
-        routes:
-          - service: orders:8080
-            rules:
-              - match: {headers: [{name: x-canary, exact: "1"}]}
-                to: [{service: orders:8080, subset: v2, weight: 1}]
-              - to: [{service: orders:8080, subset: v1, weight: 90}, {service: orders:8080, subset: v2, weight: 10}]
-        """.write(to: dir.appendingPathComponent("mesh.yaml"), atomically: true, encoding: .utf8)
+        try SubsetMeshNetnsTests.meshYAML.write(
+            to: dir.appendingPathComponent("mesh.yaml"),
+            atomically: true,
+            encoding: .utf8
+        )
         let pilot = try lab.startPilot(dir: dir)
         defer { pilot.stop() }
-        var servers: [Peers.Child] = []
+        let servers = try lab.startServers([("vm-b", "v1"), ("vm-c", "v2")])
         defer { servers.forEach { $0.stop() } }
-        for (vm, version) in [("vm-b", "v1"), ("vm-c", "v2")] {
-            servers.append(
-                try Peers.Child([
-                    "ip", "netns", "exec", lab.ns(vm), "python3", AgentDrainNetnsTests.server, "--host", "0.0.0.0",
-                    "--port", "8080", "--name", version,
-                ])
-            )
-        }
         let api = "http://\(lab.pilotIP):15014"
         #expect(
             await Peers.eventually(within: .seconds(15)) {

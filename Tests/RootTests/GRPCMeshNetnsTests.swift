@@ -46,29 +46,9 @@ struct GRPCMeshNetnsTests {
             )
         }
         let service = "[{name: greeter, port: 50051, protocol: grpc, health_check: {tcp: true, interval: 1s}}]"
-        var agents: [String: MeshEndToEndTests.Agent] = [:]
-        for vm in ["vm-b", "vm-c", "vm-a"] {
-            agents[vm] = try MeshEndToEndTests.Agent(
-                lab: lab,
-                vm: vm,
-                dir: dir,
-                yaml: MeshEndToEndTests.agentYAML(
-                    lab,
-                    vm: vm,
-                    services: vm == "vm-a" ? "[]" : service,
-                    stateDir: dir.path
-                )
-            )
-        }
+        let agents = try lab.startAgents(dir: dir, [("vm-b", service, ""), ("vm-c", service, ""), ("vm-a", "[]", "")])
         defer { agents.values.forEach { $0.child.stop() } }
-        let instances = "http://\(lab.pilotIP):15014/v1/instances?service=greeter"
-        #expect(
-            await Peers.eventually(within: .seconds(20)) {
-                await lab.exec("hub", ["curl", "-s", instances]).stdout
-                    .components(separatedBy: #""status":"healthy""#).count == 3
-            },
-            "both servers registered healthy"
-        )
+        #expect(await lab.healthyInstances("greeter", count: 2), "both servers registered healthy")
         // Until A's agent has pilot's cluster for greeter, calls pass through to B alone.
         var result: [String: Any] = [:]
         var last = ""

@@ -28,34 +28,20 @@ struct LocalityMeshNetnsTests {
         """.write(to: dir.appendingPathComponent("mesh.yaml"), atomically: true, encoding: .utf8)
         let pilot = try lab.startPilot(dir: dir)
         defer { pilot.stop() }
-        var servers: [String: Peers.Child] = [:]
-        defer { servers.values.forEach { $0.stop() } }
-        for vm in ["vm-b", "vm-c"] {
-            servers[vm] = try Peers.Child([
-                "ip", "netns", "exec", lab.ns(vm), "python3", AgentDrainNetnsTests.server, "--host", "0.0.0.0",
-                "--port", "8080", "--name", vm,
-            ])
-        }
-        var agents: [String: MeshEndToEndTests.Agent] = [:]
+        let servers = try lab.startServers([("vm-b", "vm-b"), ("vm-c", "vm-c")])
+        defer { servers.forEach { $0.stop() } }
+        let service = "[{name: orders, port: 8080, health_check: {http: /, interval: 1s}}]"
+        let agents = try lab.startAgents(
+            dir: dir,
+            [
+                ("vm-b", service, "locality: {region: eu, zone: zone-a}\n"),
+                ("vm-c", service, "locality: {region: eu, zone: zone-b}\n"),
+                ("vm-a", "[]", "locality: {region: eu, zone: zone-a}\n"),
+            ]
+        )
         defer { agents.values.forEach { $0.child.stop() } }
-        for (vm, zone) in [("vm-b", "zone-a"), ("vm-c", "zone-b"), ("vm-a", "zone-a")] {
-            let services =
-                vm == "vm-a" ? "[]" : "[{name: orders, port: 8080, health_check: {http: /, interval: 1s}}]"
-            agents[vm] = try MeshEndToEndTests.Agent(
-                lab: lab,
-                vm: vm,
-                dir: dir,
-                yaml: MeshEndToEndTests.agentYAML(lab, vm: vm, services: services, stateDir: dir.path)
-                    + "locality: {region: eu, zone: \(zone)}\n"
-            )
-        }
-        let instances = "http://\(lab.pilotIP):15014/v1/instances?service=orders"
         #expect(
-            await Peers.eventually(within: .seconds(20)) {
-                let listed = await lab.exec("hub", ["curl", "-s", instances]).stdout
-                return listed.components(separatedBy: #""status":"healthy""#).count == 3
-                    && listed.contains(#""zone":"zone-b""#)
-            },
+            await lab.healthyInstances("orders", count: 2, containing: #""zone":"zone-b""#),
             "both servers registered healthy, with their zones"
         )
         /// Which servers answered 20 requests from A.
@@ -82,7 +68,7 @@ struct LocalityMeshNetnsTests {
         #expect(await Peers.eventually(within: .seconds(10)) { await servedBy() == ["vm-b"] }, "came back")
 
         // B's server dies: the first failure ejects it and is tried again in zone-b; nothing fails.
-        servers["vm-b"]!.stop()
+        servers[0].stop()
         let codes = await lab.exec(
             "vm-a",
             [

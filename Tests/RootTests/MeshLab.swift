@@ -74,6 +74,51 @@ final class MeshLab: Sendable {
         )
     }
 
+    /// The test HTTP server (Fixtures/http/slow_server.py) on port 8080 of each VM, answering
+    /// with the given name.
+    func startServers(_ servers: [(vm: String, name: String)]) throws -> [Peers.Child] {
+        try servers.map { vm, name in
+            try Peers.Child([
+                "ip", "netns", "exec", ns(vm), "python3", AgentDrainNetnsTests.server, "--host", "0.0.0.0", "--port",
+                "8080", "--name", name,
+            ])
+        }
+    }
+
+    /// An agent on each VM (`trellis-agent run`, pilot in the hub) registering agent.yaml's
+    /// `services` value, with `extra` top-level lines appended to its agent.yaml.
+    func startAgents(
+        dir: URL,
+        _ agents: [(vm: String, services: String, extra: String)]
+    ) throws -> [String: MeshEndToEndTests.Agent] {
+        var started: [String: MeshEndToEndTests.Agent] = [:]
+        for (vm, services, extra) in agents {
+            started[vm] = try MeshEndToEndTests.Agent(
+                lab: self,
+                vm: vm,
+                dir: dir,
+                yaml: MeshEndToEndTests.agentYAML(self, vm: vm, services: services, stateDir: dir.path) + extra
+            )
+        }
+        return started
+    }
+
+    /// Whether pilot lists `count` healthy instances of `service` (and its listing contains
+    /// `containing`, when given) within `timeout`.
+    func healthyInstances(
+        _ service: String,
+        count: Int,
+        containing: String? = nil,
+        within timeout: Duration = .seconds(20)
+    ) async -> Bool {
+        let url = "http://\(pilotIP):15014/v1/instances?service=\(service)"
+        return await Peers.eventually(within: timeout) {
+            let listed = await self.exec("hub", ["curl", "-s", url]).stdout
+            return listed.components(separatedBy: #""status":"healthy""#).count == count + 1
+                && containing.map(listed.contains) ?? true
+        }
+    }
+
     /// Runs a command inside a VM (or the hub).
     func exec(_ vm: String, _ arguments: [String]) async -> (status: Int32, stdout: String, stderr: String) {
         let ns = vm == "hub" ? hub : self.ns(vm)

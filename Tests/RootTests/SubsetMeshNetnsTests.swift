@@ -9,15 +9,9 @@ import TrellisTestSupport
 /// client's connection and splits as pilot says; B's and C's agents take the requests inbound.
 @Suite(.serialized, .disabled(if: NetnsLab.unavailableReason != nil, "\(NetnsLab.unavailableReason ?? "")"))
 struct SubsetMeshNetnsTests {
-    @Test func aCanaryTakesItsShareAndTheHeaderAcrossThreeAgents() async throws {
-        let lab = try await MeshLab(subnet: 24, vms: ["vm-a", "vm-b", "vm-c"])
-        defer { lab.destroy() }
-        let dir = try Peers.temporaryDirectory("subset-mesh")
-        defer { try? FileManager.default.removeItem(at: dir) }
-        // VM A finds `orders` by name, as a legacy client does; any instance's address will do.
-        let hosts = try NetnsHosts(ns: lab.ns("vm-a"), names: [(lab.ip("vm-b"), "orders")])
-        defer { hosts.remove() }
-        try """
+    /// orders:8080 in two subsets by `version`, split 90/10, `x-canary: 1` to v2 (also
+    /// EnvoySidecarSubsetNetnsTests').
+    static let meshYAML = """
         services:
           - name: orders
             port: 8080
@@ -28,41 +22,32 @@ struct SubsetMeshNetnsTests {
               - match: {headers: [{name: x-canary, exact: "1"}]}
                 to: [{service: orders:8080, subset: v2, weight: 1}]
               - to: [{service: orders:8080, subset: v1, weight: 90}, {service: orders:8080, subset: v2, weight: 10}]
-        """.write(to: dir.appendingPathComponent("mesh.yaml"), atomically: true, encoding: .utf8)
+        """
+
+    /// agent.yaml's services for a server VM of `version`.
+    static func service(_ version: String) -> String {
+        "[{name: orders, port: 8080, labels: {version: \(version)}, health_check: {http: /, interval: 1s}}]"
+    }
+
+    @Test func aCanaryTakesItsShareAndTheHeaderAcrossThreeAgents() async throws {
+        let lab = try await MeshLab(subnet: 24, vms: ["vm-a", "vm-b", "vm-c"])
+        defer { lab.destroy() }
+        let dir = try Peers.temporaryDirectory("subset-mesh")
+        defer { try? FileManager.default.removeItem(at: dir) }
+        // VM A finds `orders` by name, as a legacy client does; any instance's address will do.
+        let hosts = try NetnsHosts(ns: lab.ns("vm-a"), names: [(lab.ip("vm-b"), "orders")])
+        defer { hosts.remove() }
+        try Self.meshYAML.write(to: dir.appendingPathComponent("mesh.yaml"), atomically: true, encoding: .utf8)
         let pilot = try lab.startPilot(dir: dir)
         defer { pilot.stop() }
-        var servers: [Peers.Child] = []
+        let servers = try lab.startServers([("vm-b", "v1"), ("vm-c", "v2")])
         defer { servers.forEach { $0.stop() } }
-        for (vm, version) in [("vm-b", "v1"), ("vm-c", "v2")] {
-            servers.append(
-                try Peers.Child([
-                    "ip", "netns", "exec", lab.ns(vm), "python3", AgentDrainNetnsTests.server, "--host", "0.0.0.0",
-                    "--port", "8080", "--name", version,
-                ])
-            )
-        }
-        var agents: [String: MeshEndToEndTests.Agent] = [:]
-        defer { agents.values.forEach { $0.child.stop() } }
-        for (vm, version) in [("vm-b", "v1"), ("vm-c", "v2"), ("vm-a", "")] {
-            let services =
-                version.isEmpty
-                ? "[]"
-                : "[{name: orders, port: 8080, labels: {version: \(version)}, health_check: {http: /, interval: 1s}}]"
-            agents[vm] = try MeshEndToEndTests.Agent(
-                lab: lab,
-                vm: vm,
-                dir: dir,
-                yaml: MeshEndToEndTests.agentYAML(lab, vm: vm, services: services, stateDir: dir.path)
-            )
-        }
-        let instances = "http://\(lab.pilotIP):15014/v1/instances?service=orders"
-        #expect(
-            await Peers.eventually(within: .seconds(20)) {
-                await lab.exec("hub", ["curl", "-s", instances]).stdout
-                    .components(separatedBy: #""status":"healthy""#).count == 3
-            },
-            "both servers registered healthy"
+        let agents = try lab.startAgents(
+            dir: dir,
+            [("vm-b", Self.service("v1"), ""), ("vm-c", Self.service("v2"), ""), ("vm-a", "[]", "")]
         )
+        defer { agents.values.forEach { $0.child.stop() } }
+        #expect(await lab.healthyInstances("orders", count: 2), "both servers registered healthy")
         // Until A's agent has pilot's subsets, requests pass through to B (v1); then the canary
         // header reaches C (v2) every time.
         var canary = ""

@@ -13,11 +13,37 @@ import TrellisTestSupport
 /// sent with curl, `Host` naming the service.
 final class AgentDataPath: Sendable {
     let proxy: ProxyServer
+    let client: XDSClient
     let outboundPort: Int
     private let group: MultiThreadedEventLoopGroup
     private let running: Task<Void, any Error>
 
-    init(pilot: PilotHarness, node: String = "vm-client", locality: Locality = Locality()) async throws {
+    convenience init(
+        pilot: PilotHarness,
+        node: String = "vm-client",
+        locality: Locality = Locality(),
+        xdsProtocol: XDSClient.XDSProtocol = .delta,
+        maxEndpoints: Int = XDSClient.defaultMaxEndpoints
+    ) async throws {
+        try await self.init(
+            xdsPort: pilot.xdsPort,
+            node: node,
+            locality: locality,
+            xdsProtocol: xdsProtocol,
+            maxEndpoints: maxEndpoints
+        )
+    }
+
+    /// `xdsPort`: pilot's on loopback (it need not be running yet). `persistPath`: where the
+    /// client saves the last configuration and reads it back at start.
+    init(
+        xdsPort: Int,
+        node: String = "vm-client",
+        locality: Locality = Locality(),
+        xdsProtocol: XDSClient.XDSProtocol = .delta,
+        maxEndpoints: Int = XDSClient.defaultMaxEndpoints,
+        persistPath: String? = nil
+    ) async throws {
         outboundPort = Peers.freePort()
         let stats = ProxyStats()
         group = MultiThreadedEventLoopGroup(numberOfThreads: 1)
@@ -33,12 +59,16 @@ final class AgentDataPath: Sendable {
         try await proxy.start()
         let client = XDSClient(
             pilot: "127.0.0.1",
-            port: pilot.xdsPort,
+            port: xdsPort,
             node: node,
             base: base,
+            persistPath: persistPath,
+            protocol: xdsProtocol,
+            maxEndpoints: maxEndpoints,
             locality: locality,
             logger: .quiet
         ) { config in try await proxy.apply(try ProxySnapshot(config, stats: stats)) }
+        self.client = client
         running = Task { try await client.run() }
     }
 
@@ -56,8 +86,10 @@ final class AgentDataPath: Sendable {
         return await Peers.command(arguments).stdout
     }
 
+    /// Stops the xDS client (waiting for it to finish) and the proxy.
     func stop() async {
         running.cancel()
+        _ = await running.result
         await proxy.shutdown()
         try? await group.shutdownGracefully()
     }
