@@ -118,6 +118,13 @@ public struct PilotServer: Service {
                 try? await gracefulShutdown()  // returns on shutdown, throws when cancelled
                 logger.info("pilot stopping")
                 grpc.beginGracefulShutdown()
+                // The listener closes first, but a connection it accepted just before still waits
+                // in the server's queue until the serve loop takes it; cancelling that loop at once
+                // drops such a connection, which NIO traps on ("Deinited NIOAsyncWriter without
+                // calling finish()", swift-nio#2813; seen once in CI as an agent reconnected while
+                // a test's pilot stopped). The loop gets a moment to take what was accepted; the
+                // open xDS streams, which never end by themselves, are then cancelled.
+                try? await Task.sleep(for: .milliseconds(250))
                 group.cancelAll()
             }
         }
