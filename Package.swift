@@ -200,6 +200,7 @@ let package = Package(
                 "TrellisConfig",
                 "TrellisRuntime",
                 "TrellisValues",
+                "TrellisPolicy",
                 "Interceptor",
                 "Proxy",
                 .product(name: "ArgumentParser", package: "swift-argument-parser"),

@@ -31,10 +31,12 @@ public enum AgentListeners {
     ///   - inboundForward: where inbound connections are forwarded (port kept).
     ///   - ipv6: bind the capture listeners on `[::]` as well as `0.0.0.0` (the ip6tables rules
     ///     redirect there); off on a machine without IPv6.
+    ///   - accessLog: whether both listeners write access-log lines.
     public static func passthroughConfig(
         sniffTimeout: Duration = .seconds(1),
         inboundForward: InboundForward = .loopback,
-        ipv6: Bool = true
+        ipv6: Bool = true,
+        accessLog: Bool = false
     ) -> ProxyConfig {
         let route = Route(
             name: "passthrough",
@@ -50,6 +52,7 @@ public enum AgentListeners {
                     name: "outbound",
                     address: SocketEndpoint(host: "0.0.0.0", port: outboundPort),
                     virtualHosts: anyHost,
+                    accessLog: accessLog,
                     transparent: TransparentMode(sniffTimeout: sniffTimeout),
                     additionalAddresses: v6(outboundPort)
                 ),
@@ -57,6 +60,7 @@ public enum AgentListeners {
                     name: "inbound",
                     address: SocketEndpoint(host: "0.0.0.0", port: inboundPort),
                     virtualHosts: anyHost,
+                    accessLog: accessLog,
                     transparent: TransparentMode(sniffTimeout: sniffTimeout, forwardTo: inboundForward.addresses),
                     additionalAddresses: v6(inboundPort)
                 ),

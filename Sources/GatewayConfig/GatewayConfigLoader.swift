@@ -1,6 +1,6 @@
 public import Proxy
 public import TrellisConfig
-import TrellisPolicy
+public import TrellisPolicy
 import Yams
 
 /// The gateway file: a ``ProxyConfig`` plus where the admin endpoint listens. See
@@ -10,6 +10,10 @@ public struct GatewayFile: Sendable {
     public var adminAddress: SocketEndpoint
     /// `SO_MARK` for upstream sockets (`upstream_mark`), so capture rules let them through.
     public var upstreamMark: UInt32?
+    /// The access log's output and sampling (`access_log`), when a listener logs. A listener logs
+    /// when it says `access_log: true`, or when the file has a top-level `access_log` and the
+    /// listener does not say `false`.
+    public var accessLog: AccessLogSettings?
 
     public init(proxy: ProxyConfig, adminAddress: SocketEndpoint = .init(host: "127.0.0.1", port: 15000)) {
         self.proxy = proxy
@@ -52,7 +56,8 @@ public enum GatewayConfigLoader {
     }
 
     private static func load(_ root: ConfigNode, version: String) throws(ConfigFileError) -> GatewayFile {
-        let top = try root.mapping(allowed: ["admin", "listeners", "clusters", "upstream_mark"])
+        let top = try root.mapping(allowed: ["admin", "listeners", "clusters", "upstream_mark", "access_log"])
+        let accessLog = try top["access_log"].flatMap { (n) throws(ConfigFileError) in try AccessLogSettings.decode(n) }
         var admin = SocketEndpoint(host: "127.0.0.1", port: 15000)
         if let adminNode = top["admin"] {
             let keys = try adminNode.mapping(allowed: ["address"])
@@ -62,7 +67,9 @@ public enum GatewayConfigLoader {
             }
         }
         var listeners: [ListenerConfig] = []
-        for node in try top.required("listeners", in: root).sequence() { listeners.append(try listener(node)) }
+        for node in try top.required("listeners", in: root).sequence() {
+            listeners.append(try listener(node, logsByDefault: accessLog != nil))
+        }
         var clusters: [ClusterConfig] = []
         for node in try top.required("clusters", in: root).sequence() { clusters.append(try cluster(node)) }
         var file = GatewayFile(
@@ -70,10 +77,12 @@ public enum GatewayConfigLoader {
             adminAddress: admin
         )
         if let n = top["upstream_mark"] { file.upstreamMark = try n.mark() }
+        // `access_log: true` on a listener alone writes to standard output, every request.
+        file.accessLog = accessLog ?? (listeners.contains { $0.accessLog } ? AccessLogSettings() : nil)
         return file
     }
 
-    private static func listener(_ node: ConfigNode) throws(ConfigFileError) -> ListenerConfig {
+    private static func listener(_ node: ConfigNode, logsByDefault: Bool) throws(ConfigFileError) -> ListenerConfig {
         let keys = try node.mapping(allowed: [
             "name", "address", "additional_addresses", "virtual_hosts", "limits", "access_log", "transparent",
         ])
@@ -101,7 +110,7 @@ public enum GatewayConfigLoader {
             address: SocketEndpoint(host: host, port: port),
             virtualHosts: hosts,
             limits: limits,
-            accessLog: try keys["access_log"]?.bool() ?? false,
+            accessLog: try keys["access_log"]?.bool() ?? logsByDefault,
             transparent: try keys["transparent"].map { (t) throws(ConfigFileError) -> TransparentMode in
                 let tk = try t.mapping(allowed: ["sniff_timeout", "forward_to"])
                 return TransparentMode(

@@ -11,6 +11,7 @@ import Prometheus
 import Proxy
 import ServiceLifecycle
 import TrellisConfig
+import TrellisPolicy
 import TrellisRuntime
 import UnixSignals
 
@@ -60,12 +61,20 @@ struct Gateway: AsyncParsableCommand {
         if transparent {
             lookup = { channel in OriginalDestination.now(channel) }
         }
+        let accessLog = try gateway.accessLog.map { settings in
+            do {
+                return try AccessLog(settings, logger: logger)
+            } catch {
+                throw AgentCommandError("\(config): \(error)")
+            }
+        }
         let proxy = try ProxyServer(
             snapshot: snapshot,
             stats: stats,
             group: group,
             originalDestination: lookup,
             upstreamMark: gateway.upstreamMark,
+            accessLog: accessLog,
             logger: logger
         )
         let admin = AdminServer(
@@ -80,12 +89,19 @@ struct Gateway: AsyncParsableCommand {
             },
             logger: logger
         )
-        let reloader = Reloader(path: config, proxy: proxy, stats: stats, logger: logger)
+        let reloader = Reloader(
+            path: config,
+            proxy: proxy,
+            stats: stats,
+            accessLog: gateway.accessLog,
+            logger: logger
+        )
         logger.info("starting gateway", metadata: ["config.file": "\(config)", "event_loops": "\(threads)"])
         let services = ServiceGroup(
             configuration: .init(
                 services: [
                     .init(service: proxy), .init(service: admin), .init(service: reloader),
+                    .init(service: AccessLogReopener(accessLog: accessLog, logger: logger)),
                     // Memory freed after a burst of connections goes back to the kernel.
                     .init(
                         service: MemoryReturn(
@@ -99,6 +115,7 @@ struct Gateway: AsyncParsableCommand {
             )
         )
         try await services.run()
+        await accessLog?.shutdown()
         try await group.shutdownGracefully()
     }
 
@@ -121,22 +138,56 @@ struct Gateway: AsyncParsableCommand {
 }
 
 /// Reloads the gateway file on SIGHUP; an invalid file is reported and the running configuration
-/// stays.
+/// stays. The access log's output and sampling apply at start only: a file that changes them is
+/// refused whole.
 struct Reloader: Service {
     let path: String
     let proxy: ProxyServer
     let stats: ProxyStats
+    let accessLog: AccessLogSettings?
     let logger: Logger
 
     func run() async throws {
         for await _ in await UnixSignalsSequence(trapping: .sighup).cancelOnGracefulShutdown() {
             do {
                 let gateway = try Gateway.load(path: path)
+                guard gateway.accessLog == accessLog else {
+                    throw AgentCommandError(
+                        "access_log: changed (output, sample rate, or whether any listener logs), and only a restart applies it"
+                    )
+                }
                 try await proxy.apply(try ProxySnapshot(gateway.proxy, stats: stats))
             } catch {
                 logger.error(
                     "reload rejected; the previous configuration stays",
                     metadata: ["config.file": "\(path)", "error": "\(error)"]
+                )
+            }
+        }
+    }
+}
+
+/// SIGUSR1 reopens the access log's file (after logrotate moved it away).
+struct AccessLogReopener: Service {
+    let accessLog: AccessLog?
+    let logger: Logger
+
+    func run() async throws {
+        for await _ in await UnixSignalsSequence(trapping: .sigusr1).cancelOnGracefulShutdown() {
+            guard let accessLog else {
+                logger.notice("SIGUSR1: no access log file to reopen; ignored")
+                continue
+            }
+            do {
+                try accessLog.reopen()
+                logger.notice(
+                    "SIGUSR1: access log reopened",
+                    metadata: ["access_log.output": "\(accessLog.settings.output)"]
+                )
+            } catch {
+                logger.error(
+                    "SIGUSR1: reopening the access log failed; the old file stays",
+                    metadata: ["error": "\(error)"]
                 )
             }
         }

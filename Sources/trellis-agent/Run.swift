@@ -11,6 +11,7 @@ import Prometheus
 import Proxy
 import ServiceLifecycle
 import TrellisConfig
+import TrellisPolicy
 import TrellisRuntime
 import UnixSignals
 
@@ -56,6 +57,7 @@ struct Run: AsyncParsableCommand {
         // remove the rules and exit. (SIGKILL cannot be handled: the gate fails open.)
         let termination = Termination()
         let controllerBox = NIOLockedValueBox<AgentController?>(nil)
+        let accessLogBox = NIOLockedValueBox<AccessLog?>(nil)
         let signals = await UnixSignalsSequence(trapping: .sigterm, .sigint, .sigquit, .sighup, .sigusr1, .sigusr2)
         let signalTask = Task { [logFile] in
             for await signal in signals {
@@ -68,15 +70,31 @@ struct Run: AsyncParsableCommand {
                     logger.notice("SIGHUP: reloading the configuration")
                     _ = await controller.reload()
                 case .sigusr1:
-                    guard let logFile else {
-                        logger.notice("SIGUSR1: no --log-file to reopen; ignored")
-                        continue
+                    let accessLog = accessLogBox.withLockedValue { $0 }
+                    if logFile == nil && accessLog == nil {
+                        logger.notice("SIGUSR1: no --log-file and no access log to reopen; ignored")
                     }
-                    do {
-                        try LogFile.redirect(to: logFile)
-                        logger.notice("SIGUSR1: log file reopened", metadata: ["file": "\(logFile)"])
-                    } catch {
-                        logger.error("SIGUSR1: reopening the log file failed", metadata: ["error": "\(error)"])
+                    if let logFile {
+                        do {
+                            try LogFile.redirect(to: logFile)
+                            logger.notice("SIGUSR1: log file reopened", metadata: ["file": "\(logFile)"])
+                        } catch {
+                            logger.error("SIGUSR1: reopening the log file failed", metadata: ["error": "\(error)"])
+                        }
+                    }
+                    if let accessLog {
+                        do {
+                            try accessLog.reopen()
+                            logger.notice(
+                                "SIGUSR1: access log reopened",
+                                metadata: ["access_log.output": "\(accessLog.settings.output)"]
+                            )
+                        } catch {
+                            logger.error(
+                                "SIGUSR1: reopening the access log failed; the old file stays",
+                                metadata: ["error": "\(error)"]
+                            )
+                        }
                     }
                 case .sigusr2:
                     logger.notice("SIGUSR2: ignored")
@@ -115,14 +133,26 @@ struct Run: AsyncParsableCommand {
         let stats = ProxyStats()
         let group = MultiThreadedEventLoopGroup(numberOfThreads: eventLoops ?? System.coreCount)
         let base: @Sendable (AgentConfig) -> ProxyConfig = {
-            AgentListeners.passthroughConfig(inboundForward: $0.inboundForward, ipv6: $0.capture.ipv6)
+            AgentListeners.passthroughConfig(
+                inboundForward: $0.inboundForward,
+                ipv6: $0.capture.ipv6,
+                accessLog: $0.accessLog != nil
+            )
         }
+        let accessLog: AccessLog?
+        do {
+            accessLog = try agent.accessLog.map { try AccessLog($0, logger: logger) }
+        } catch {
+            throw AgentCommandError("\(configPath): \(error); nothing was installed")
+        }
+        accessLogBox.withLockedValue { $0 = accessLog }
         let proxy = try ProxyServer(
             snapshot: try ProxySnapshot(base(agent), stats: stats),
             stats: stats,
             group: group,
             originalDestination: { channel in OriginalDestination.now(channel) },
             upstreamMark: agent.capture.agentMark,
+            accessLog: accessLog,
             logger: logger
         )
         let node = agent.node ?? ProcessInfo.processInfo.hostName
@@ -270,6 +300,7 @@ struct Run: AsyncParsableCommand {
         }
         // Stopping: the gate bypasses, then the rules go.
         await session.remove(keepRules: keepRules)
+        await accessLog?.shutdown()
         try await group.shutdownGracefully()
     }
 

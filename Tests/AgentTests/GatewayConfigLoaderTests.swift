@@ -90,6 +90,60 @@ import TrellisPolicy
         #expect(twice.contains { $0.contains("'name' given twice in one mapping at line") }, "\(twice)")
     }
 
+    @Test func theAccessLogBlockTurnsEveryListenerOnUnlessOneSaysNo() throws {
+        let two = valid.replacingOccurrences(
+            of: "clusters:",
+            with: """
+                  - name: quiet
+                    address: 127.0.0.1:0
+                    access_log: false
+                    virtual_hosts: [{name: q, domains: ["*"], routes: [{name: q, match: {prefix: /}, route: {cluster: c}}]}]
+                clusters:
+                """
+        )
+        let logged = try GatewayConfigLoader.parse(
+            yaml: "access_log: {output: /var/log/trellis/access.log, sample_rate: 0.01}\n" + two,
+            file: "gw.yaml"
+        )
+        #expect(logged.accessLog == AccessLogSettings(output: .file("/var/log/trellis/access.log"), sampleRate: 0.01))
+        #expect(logged.proxy.listeners.map(\.accessLog) == [true, false])
+        // Without the block nothing logs; `access_log: true` on a listener alone writes to stdout.
+        let none = try GatewayConfigLoader.parse(yaml: two, file: "gw.yaml")
+        #expect(none.accessLog == nil)
+        #expect(none.proxy.listeners.map(\.accessLog) == [false, false])
+        let one = try GatewayConfigLoader.parse(
+            yaml: two.replacingOccurrences(of: "access_log: false", with: "access_log: true"),
+            file: "gw.yaml"
+        )
+        #expect(one.accessLog == AccessLogSettings(output: .stdout, sampleRate: 1))
+        #expect(one.proxy.listeners.map(\.accessLog) == [false, true])
+        #expect(try GatewayConfigLoader.parse(yaml: "access_log: false\n" + valid, file: "gw.yaml").accessLog == nil)
+    }
+
+    @Test func badAccessLogSettingsNameTheKey() {
+        let cases: [(String, String)] = [
+            (
+                "access_log: {output: logs/access.log}",
+                "gw.yaml:1:22: access_log.output: expected stdout, stderr or an absolute file path, got 'logs/access.log'"
+            ),
+            (
+                "access_log: {output: /var/log/trellis/}",
+                "access_log.output: expected stdout, stderr or an absolute file path, got '/var/log/trellis/'"
+            ),
+            ("access_log: {sample_rate: 2}", "access_log.sample_rate: expected a number above 0 and at most 1, got 2"),
+            ("access_log: {sample_rate: 10%}", "access_log.sample_rate: expected a number above 0 and at most 1"),
+            (
+                "access_log: {sample: 0.1}",
+                "access_log.sample: unknown key 'sample'; expected one of output, sample_rate"
+            ),
+            ("access_log: sometimes", "access_log: expected true or false, got 'sometimes'"),
+        ]
+        for (line, expected) in cases {
+            let found = errors(line + "\n" + valid)
+            #expect(found.count == 1 && found[0].contains(expected), "for \(line): \(found)")
+        }
+    }
+
     @Test func wrongValuesNameTheKeyAndWhatWasExpected() {
         let cases: [(String, String, String)] = [
             ("lb_policy: round_robin", "lb_policy: fastest", "clusters[0].lb_policy: expected one of round_robin"),

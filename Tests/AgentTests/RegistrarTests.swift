@@ -31,6 +31,15 @@ struct RegistrarTests {
         #expect(config.inboundForward == .loopback)
         let original = try AgentConfigLoader.parse(yaml: "inbound_forward: original_destination\n", file: "a.yaml")
         #expect(original.inboundForward == .originalDestination)
+        // The access log: stdout in the example, the rotated file in what the package installs.
+        #expect(config.accessLog == AccessLogSettings(output: .stdout, sampleRate: 1))
+        let installed = Self.examples.deletingLastPathComponent().appendingPathComponent("init/agent.yaml")
+        let packaged = try AgentConfigLoader.parse(
+            yaml: try String(contentsOf: installed, encoding: .utf8),
+            file: "a.yaml"
+        )
+        #expect(packaged.accessLog == AccessLogSettings(output: .file("/var/log/trellis/access.log"), sampleRate: 1))
+        #expect(try AgentConfigLoader.parse(yaml: "node: a\n", file: "a.yaml").accessLog == nil)
     }
 
     /// The fail-open gate is on unless a file turns it off; the admin listener stays on loopback
@@ -90,6 +99,8 @@ struct RegistrarTests {
         ("admin: {address: localhost:15000}\n", "admin.address: expected an IP address and port"),
         ("capture: {gate: maybe}\n", "capture.gate: expected a mapping {queue, mark}, on or off, got 'maybe'"),
         ("capture: {gate: {queue: 70000}}\n", "capture.gate.queue"),
+        ("access_log: {output: access.log}\n", "access_log.output: expected stdout, stderr or an absolute file path"),
+        ("access_log: {sample_rate: -1}\n", "access_log.sample_rate: expected a number above 0 and at most 1"),
     ])
     func badAgentFilesNameTheKeyAndWhatWasExpected(yaml: String, expected: String) {
         do {

@@ -172,6 +172,80 @@ import Glibc
         await beta.stop()
     }
 
+    /// The gateway's access log as an operator runs it: JSON lines in the configured file, the
+    /// file moved away and SIGUSR1 (what logrotate does) → the next lines in a new file; a reload
+    /// that changes the access log is refused (it applies at start only); SIGTERM writes what was
+    /// gathered before the process exits.
+    @Test func theAccessLogFileIsReopenedOnSIGUSR1AndAReloadThatChangesItIsRefused() async throws {
+        let alpha = try await TestUpstream.start(name: "alpha", group: group)
+        let port = try Self.freePort()
+        let admin = try Self.freePort()
+        let folder = FileManager.default.temporaryDirectory.appendingPathComponent("trellis-gw-access-\(getpid())")
+        try FileManager.default.createDirectory(at: folder, withIntermediateDirectories: true)
+        let file = folder.appendingPathComponent("gateway.yaml")
+        let logPath = folder.appendingPathComponent("access.log").path
+        func config(sampleRate: String) -> String {
+            """
+            admin: {address: 127.0.0.1:\(admin)}
+            access_log: {output: \(logPath), sample_rate: \(sampleRate)}
+            listeners:
+              - name: edge
+                address: 127.0.0.1:\(port)
+                virtual_hosts: [{name: a, domains: ["*"], routes: [{name: r, match: {prefix: /}, route: {cluster: c}}]}]
+            clusters:
+              - {name: c, endpoints: [{address: 127.0.0.1:\(alpha.port)}]}
+            """
+        }
+        try config(sampleRate: "1").write(to: file, atomically: true, encoding: .utf8)
+        let process = Process()
+        process.executableURL = Self.binary
+        process.arguments = ["gateway", "--config", file.path, "--event-loops", "1"]
+        let err = Pipe()
+        process.standardError = err
+        try process.run()
+        defer {
+            if process.isRunning { process.terminate() }
+            try? FileManager.default.removeItem(at: folder)
+        }
+        func paths(_ file: String) -> [String] {
+            ((try? AccessLogFile.read(file)) ?? []).compactMap { $0["path"] as? String }
+        }
+        func waitForLines(_ count: Int, in file: String) async throws -> [String] {
+            for _ in 0..<100 where paths(file).count < count { try await Task.sleep(for: .milliseconds(50)) }
+            return paths(file)
+        }
+        var up = false
+        for _ in 0..<200 where !up {
+            up = (try? await TestHTTPClient.get(port: port, "/warm-up", group: group)) != nil
+            if !up { try await Task.sleep(for: .milliseconds(50)) }
+        }
+        try #require(up)
+        let client = try await TestHTTPClient.connect(port: port, group: group)
+        for i in 0..<3 { #expect(try await client.request(.GET, "/one/\(i)").status == .ok) }
+        #expect(try await waitForLines(4, in: logPath) == ["/warm-up", "/one/0", "/one/1", "/one/2"])
+
+        try FileManager.default.moveItem(atPath: logPath, toPath: logPath + ".1")
+        kill(process.processIdentifier, SIGUSR1)
+        try await Task.sleep(for: .milliseconds(300))
+        for i in 0..<2 { #expect(try await client.request(.GET, "/two/\(i)").status == .ok) }
+        #expect(try await waitForLines(2, in: logPath) == ["/two/0", "/two/1"])
+        #expect(paths(logPath + ".1").count == 4)
+
+        try config(sampleRate: "0.5").write(to: file, atomically: true, encoding: .utf8)
+        kill(process.processIdentifier, SIGHUP)
+        try await Task.sleep(for: .milliseconds(300))
+        #expect(try await client.request(.GET, "/three").status == .ok)
+        await client.close()
+        process.terminate()
+        for _ in 0..<200 where process.isRunning { try await Task.sleep(for: .milliseconds(20)) }
+        #expect(!process.isRunning && process.terminationStatus == 0)
+        #expect(paths(logPath) == ["/two/0", "/two/1", "/three"])
+        let log = String(decoding: err.fileHandleForReading.readDataToEndOfFile(), as: UTF8.self)
+        #expect(log.contains("access_log: changed"), "\(log)")
+        #expect(log.contains("SIGUSR1: access log reopened"), "\(log)")
+        await alpha.stop()
+    }
+
     /// After a burst of 2,000 connections that each sent half a request head, the gateway gives
     /// the memory they used back to the kernel within seconds (counted in
     /// `trellis_memory_returns_total`), instead of keeping its peak resident size for good.

@@ -61,50 +61,6 @@ import TrellisPolicy
         #expect(try await proxy.metric("trellis_errors_total{token=\"upstream_connect_failure\"}", group: group) == 1)
     }
 
-    @Test func theErrorTokenIsTheSameInBodyHeaderAccessLogAndMetric() async throws {
-        let a = try await TestUpstream.start(name: "alpha", group: group)
-        defer { Task { await a.stop() } }
-        let capture = CapturingLogHandler.Store()
-        let proxy = try await ProxyHarness.start(
-            gatewayConfig(
-                virtualHosts: [
-                    VirtualHost(
-                        name: "only",
-                        domains: ["only.test"],
-                        routes: [
-                            Route(
-                                name: "slow",
-                                match: RouteMatch(),
-                                action: .init(clusters: [.init(name: "alpha")], timeout: .milliseconds(500))
-                            )
-                        ]
-                    )
-                ],
-                clusters: [ClusterConfig(name: "alpha", endpoints: [endpoint(a)])],
-                accessLog: true
-            ),
-            group: group,
-            logger: Logger(label: "test.access") { _ in CapturingLogHandler(store: capture) }
-        )
-        defer { Task { await proxy.stop() } }
-        let client = try await TestHTTPClient.connect(port: proxy.port, group: group)
-        defer { Task { await client.close() } }
-        let ok = try await client.request(.GET, "/fine", host: "only.test")
-        let missing = try await client.request(.GET, "/nowhere", host: "other.test")
-        let slow = try await client.request(.GET, "/delay/2000", host: "only.test")
-        #expect(ok.status == .ok)
-        for (response, token) in [(missing, "no_route"), (slow, "timeout")] {
-            #expect(response.body == "\(token)\n")
-            #expect(response.headers.first(name: "x-trellis-error") == token)
-            #expect(try await proxy.metric("trellis_errors_total{token=\"\(token)\"}", group: group) == 1)
-        }
-        let lines = capture.records.filter { $0.metadata["log"] == "access" }
-        #expect(lines.map { $0.metadata["trellis.token"] } == ["-", "no_route", "timeout"])
-        #expect(lines.map { $0.metadata["http.status"] } == ["200", "404", "504"])
-        #expect(lines[0].metadata["upstream.cluster"] == "alpha")
-        #expect(lines[0].message.hasPrefix("\"GET /fine HTTP/1.1\" 200"))
-    }
-
     @Test func unansweredConnectIsCutAtTheConnectTimeout() async throws {
         // A listener whose accept queue is full: further SYNs get no answer, so connect hangs.
         let blackhole = try BlackholeListener()

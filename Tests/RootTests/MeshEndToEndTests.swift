@@ -112,7 +112,7 @@ struct MeshEndToEndTests {
                 vm: "vm-b",
                 services: "[{name: orders, port: 8080, protocol: http, health_check: {http: /, interval: 1s}}]",
                 stateDir: dir.path
-            )
+            ) + "access_log: {output: \(dir.path)/vm-b-access.log}\n"
         )
         let agentB2 = try Agent(
             lab: lab,
@@ -130,6 +130,7 @@ struct MeshEndToEndTests {
             vm: "vm-a",
             dir: dir,
             yaml: Self.agentYAML(lab, vm: "vm-a", services: "[]", stateDir: dir.path)
+                + "access_log: {output: \(dir.path)/vm-a-access.log}\n"
         )
         defer {
             agentA.child.stop()
@@ -165,6 +166,27 @@ struct MeshEndToEndTests {
         // Through both agents: A's outbound listener, B's inbound listener, the server.
         #expect(await curl("http://\(b):8080/hello") == "orders\n")
         #expect(await curl("http://\(b):8080/slow?ms=100") == "orders slow 100\n")
+        // Each agent wrote one access-log line for /hello: A's outbound listener and B's inbound
+        // one, with the request id A made (and sent on) and B kept.
+        func accessLine(_ vm: String, path: String) async -> [String: Any]? {
+            var found: [String: Any]?
+            _ = await Peers.eventually(within: .seconds(5)) {
+                let text = (try? String(contentsOfFile: "\(dir.path)/\(vm)-access.log", encoding: .utf8)) ?? ""
+                found = text.split(separator: "\n").compactMap {
+                    try? JSONSerialization.jsonObject(with: Data($0.utf8)) as? [String: Any]
+                }.first { $0["path"] as? String == path }
+                return found != nil
+            }
+            return found
+        }
+        let lineA = await accessLine("vm-a", path: "/hello")
+        let lineB = await accessLine("vm-b", path: "/hello")
+        #expect(lineA?["listener"] as? String == "outbound" && lineB?["listener"] as? String == "inbound")
+        #expect(lineA?["status"] as? Int == 200 && lineB?["status"] as? Int == 200)
+        #expect(lineA?["original_destination"] as? String == "\(b):8080")
+        #expect(lineB?["endpoint"] as? String == "127.0.0.1:8080", "B's inbound side forwards to the local program")
+        let requestID = lineA?["request_id"] as? String
+        #expect(requestID?.count == 36 && lineB?["request_id"] as? String == requestID)
         let metricsA = await lab.exec("vm-a", ["curl", "-s", "http://127.0.0.1:15000/stats/prometheus"]).stdout
         let metricsB = await lab.exec("vm-b", ["curl", "-s", "http://127.0.0.1:15000/stats/prometheus"]).stdout
         // Port 8080 has pilot's routes: an address as Host is "allow_any", pilot's passthrough.

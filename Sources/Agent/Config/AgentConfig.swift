@@ -35,6 +35,8 @@ public struct AgentConfig: Sendable {
     /// The admin HTTP listener (`/ready`, `/stats/prometheus`, `/config_dump`): loopback unless
     /// configured (`admin.address`), e.g. `0.0.0.0:15000` for a remote Prometheus.
     public var adminAddress = HostPort(host: "127.0.0.1", port: 15000)
+    /// The access log of every listener (`access_log`); none when absent. Applies at start only.
+    public var accessLog: AccessLogSettings?
 
     public init() {}
 }
@@ -84,7 +86,7 @@ public struct LocalService: Sendable, Hashable {
 public enum AgentConfigLoader {
     static let topLevelKeys: Set<String> = [
         "node", "pilot", "register", "services", "capture", "drain_deadline", "inbound_forward", "state_dir",
-        "admin", "locality",
+        "admin", "locality", "access_log",
     ]
 
     /// - Throws: ``ConfigFileErrors`` naming file, line, key path and what was expected.
@@ -165,6 +167,7 @@ public enum AgentConfigLoader {
                 }
                 config.inboundForward = value
             }
+            if let n = top["access_log"] { config.accessLog = try AccessLogSettings.decode(n) }
             if let a = top["admin"] {
                 let keys = try a.mapping(allowed: ["address"])
                 if let n = keys["address"] {

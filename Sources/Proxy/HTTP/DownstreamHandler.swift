@@ -1,5 +1,4 @@
 import CoreMetrics
-import Logging
 import NIOCore
 import NIOHTTP1
 
@@ -152,14 +151,15 @@ final class DownstreamHandler: ChannelDuplexHandler {
     /// Answers a request that cannot be parsed or served, and closes the connection.
     private func reject(_ proxyError: ProxyError) {
         loop.stats.record(proxyError)
-        if accessLog {
-            loop.accessLogger.info(
-                "malformed request \(proxyError.status.code) \(proxyError.token)",
-                metadata: [
-                    "http.status": "\(proxyError.status.code)", "trellis.token": "\(proxyError.token)",
-                    "trellis.listener": "\(listenerName)", "error": "\(proxyError.detail)",
-                ]
-            )
+        if accessLog, let log = loop.accessLog {
+            // Refused before it could be parsed (malformed, headers too large or too slow).
+            var record = AccessLogRecord(listener: listenerName, elapsed: .zero)
+            record.protocol = "HTTP/1.1"
+            record.status = Int(proxyError.status.code)
+            record.error = proxyError.token
+            record.source = remoteAddress
+            record.originalDestination = originalDestination?.description
+            log.append(record)
         }
         writeError(proxyError, keepAlive: false, version: .http1_1)
         finishResponse(nil, close: true)

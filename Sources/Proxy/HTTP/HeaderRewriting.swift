@@ -103,9 +103,12 @@ enum HeaderRewriting {
         return s
     }
 
-    /// The head sent upstream for a downstream request.
-    static func upstreamRequest(_ head: HTTPRequestHead, clientIP: String?) -> HTTPRequestHead {
-        var s = scan(head.headers, extra: 4)
+    /// The head sent upstream for a downstream request; `requestID` is added as `x-request-id`
+    /// (one the proxy made for a request without).
+    static func upstreamRequest(_ head: HTTPRequestHead, clientIP: String?, requestID: String? = nil) -> HTTPRequestHead
+    {
+        var s = scan(head.headers, extra: 5)
+        if let requestID { s.headers.add(name: "x-request-id", value: requestID) }
         if s.chunked && !s.hasContentLength { s.headers.add(name: "transfer-encoding", value: "chunked") }
         if let ip = clientIP {
             s.headers.add(name: "x-forwarded-for", value: s.forwardedFor.map { "\($0), \(ip)" } ?? ip)

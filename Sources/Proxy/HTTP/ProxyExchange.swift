@@ -32,6 +32,8 @@ final class ProxyExchange {
     private var backoffTimer: Scheduled<Void>?
     /// The cluster load whose retry count this exchange holds (one unit while retrying).
     private var retrySlot: ClusterLoad?
+    /// When the current try began waiting for a connection (access log only).
+    private var tryStartedAt: NIODeadline?
 
     init(downstream: any DownstreamStream, loop: LoopContext, request: RequestContext, chain: [any ProxyMiddleware]) {
         self.downstream = downstream
@@ -62,6 +64,14 @@ final class ProxyExchange {
     // MARK: Request side
 
     func start() {
+        // `x-request-id`: the client's, else a new one, sent upstream (also on a refusal's log line).
+        var generatedID: String?
+        if let id = request.head.headers.first(name: "x-request-id"), !id.isEmpty {
+            request.requestID = id
+        } else {
+            generatedID = RequestID.make(&loop.resources.rng)
+            request.requestID = generatedID
+        }
         for middleware in chain {
             if let error = middleware.onRequest(request) {
                 respondLocally(error)
@@ -83,7 +93,11 @@ final class ProxyExchange {
         if let timeout = request.timeout {
             deadlineSlot = loop.deadlines.register(self, timeout: TimeAmount(timeout), now: request.startTime)
         }
-        let upstreamHead = HeaderRewriting.upstreamRequest(request.head, clientIP: request.clientIP)
+        let upstreamHead = HeaderRewriting.upstreamRequest(
+            request.head,
+            clientIP: request.clientIP,
+            requestID: generatedID
+        )
         pending.append(.head(upstreamHead))
         if request.retryPolicy != nil { retained = [.head(upstreamHead)] }
         if let delay = request.faultDelay {
@@ -102,6 +116,7 @@ final class ProxyExchange {
 
     private func startTry(endpoint: ClusterRuntime.EndpointRuntime, cluster: ClusterRuntime) {
         machine.tryStarted()
+        if downstream.accessLog { tryStartedAt = .now() }
         if let perTry = request.retryPolicy?.perTryTimeout {
             let bound = NIOLoopBound(self, eventLoop: loop.eventLoop)
             let attempt = machine.tries
@@ -140,6 +155,7 @@ final class ProxyExchange {
         }
         upstream = connection
         connection.exchange = self
+        if let tryStartedAt { request.upstreamConnectNanos = (NIODeadline.now() - tryStartedAt).nanoseconds }
         // A reused keep-alive connection may have been closed by the upstream a moment ago (its
         // idle timeout, a drain): keep what is sent, to send it again on a new connection.
         if machine.maySendAgain && retained == nil && retainedBytes == 0 {
@@ -224,6 +240,7 @@ final class ProxyExchange {
             cancelPerTryTimer()
             upstreamKeepAlive = head.isKeepAlive
             request.responseStatus = head.status
+            if downstream.accessLog { request.firstByteNanos = (NIODeadline.now() - request.startTime).nanoseconds }
             machine.responseForwarded()
             downstream.responseHead(head, requestEnded: requestEnded)
         case .body(let buffer):
@@ -274,6 +291,8 @@ final class ProxyExchange {
             let endpoint = request.passthroughEndpoint ?? request.endpointIndex.map({ cluster.endpoints[$0] })
         else { return false }
         machine.sendingAgain()
+        request.retries += 1
+        if downstream.accessLog { tryStartedAt = .now() }
         cluster.stats.staleConnectionRetries.increment()
         upstream.exchange = nil
         upstream.release(reusable: false)
@@ -341,6 +360,7 @@ final class ProxyExchange {
             self.upstream = nil
         }
         let retryNumber = machine.retrying()
+        request.retries += 1
         pickAnotherEndpoint(cluster)
         let ceiling = TimeAmount(Backoff.ceiling(base: policy.backoffBase, max: policy.backoffMax, retry: retryNumber))
             .nanoseconds
@@ -420,6 +440,7 @@ final class ProxyExchange {
             return
         }
         request.responseStatus = error.status
+        if downstream.accessLog { request.firstByteNanos = (NIODeadline.now() - request.startTime).nanoseconds }
         if let upstream { finish(upstream: upstream, reusable: false) } else { finishAccounting() }
         downstream.respondWithError(error, requestEnded: requestEnded, requestHasBody: requestHasBody)
     }

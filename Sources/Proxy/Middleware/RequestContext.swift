@@ -51,6 +51,16 @@ public final class RequestContext {
     public internal(set) var error: ProxyError?
     public internal(set) var requestBytes = 0
     public internal(set) var responseBytes = 0
+    /// `x-request-id`: the client's, or one the proxy made (and sent upstream).
+    public internal(set) var requestID: String?
+    /// Tries that followed the first one (route retries and a resend on a fresh connection).
+    public internal(set) var retries = 0
+    /// From the start of the try that was answered to its upstream connection being ready (pool
+    /// wait and connect); recorded only when the access log is on.
+    var upstreamConnectNanos: Int64?
+    /// From the request's start to the response head (the upstream's or the proxy's own);
+    /// recorded only when the access log is on.
+    var firstByteNanos: Int64?
 
     init(
         head: HTTPRequestHead,

@@ -1,7 +1,10 @@
 import CoreMetrics
-import Logging
 import NIOCore
 import NIOHTTP1
+
+#if canImport(Glibc)
+import Glibc
+#endif
 
 /// What happens once per exchange, however it ended (answered, refused by the proxy, abandoned
 /// by its client), in one place: outlier detection hears what the endpoint did, the cluster's
@@ -40,26 +43,37 @@ enum ExchangeCompletion {
             if request.endpointIndex != nil { cluster.stats.duration.recordNanoseconds(elapsed.nanoseconds) }
         }
         for middleware in chain { middleware.onComplete(request) }
-        if accessLog { log(request, elapsed: elapsed, to: loop.accessLogger) }
+        if accessLog, let log = loop.accessLog { self.log(request, elapsed: elapsed, to: log, loop: loop) }
     }
 
-    private static func log(_ r: RequestContext, elapsed: TimeAmount, to logger: Logger) {
+    /// The request's access-log line (fields documented in docs/observability.md).
+    private static func log(_ r: RequestContext, elapsed: TimeAmount, to log: LoopAccessLog, loop: LoopContext) {
+        let status = r.responseStatus.map { Int($0.code) }
+        guard log.sampled(failed: r.error != nil || (status ?? 0) >= 500, rng: &loop.resources.rng) else { return }
+        var record = AccessLogRecord(listener: r.listenerName, elapsed: elapsed)
         let version = r.head.version
-        logger.info(
-            "\"\(r.head.method.rawValue) \(r.head.uri) HTTP/\(version.major).\(version.minor)\" \(r.responseStatus?.code ?? 0) \(r.error?.token ?? "-")",
-            metadata: [
-                "http.status": "\(r.responseStatus?.code ?? 0)",
-                "trellis.token": "\(r.error?.token ?? "-")",
-                "trellis.listener": "\(r.listenerName)",
-                "trellis.route": "\(r.routeName ?? "-")",
-                "upstream.cluster": "\(r.clusterName ?? "-")",
-                "upstream.endpoint": "\(r.endpoint?.description ?? "-")",
-                "grpc.status": "\(r.isGRPC ? (r.error?.grpcStatus ?? r.grpcStatus).map { "\($0)" } ?? "-" : "-")",
-                "downstream.address": "\(r.remoteAddress?.description ?? "-")",
-                "http.request_bytes": "\(r.requestBytes)",
-                "http.response_bytes": "\(r.responseBytes)",
-                "duration_ms": "\(Double(elapsed.nanoseconds) / 1e6)",
-            ]
-        )
+        record.protocol = version.major == 2 ? "HTTP/2" : "HTTP/\(version.major).\(version.minor)"
+        record.method = r.head.method.rawValue
+        record.authority = r.head.headers.first(name: "host")
+        record.path = r.head.uri
+        record.status = status
+        record.grpcStatus = r.isGRPC ? (r.error?.grpcStatus ?? r.grpcStatus) : nil
+        record.error = r.error?.token
+        record.requestID = r.requestID
+        record.source = r.remoteAddress
+        if r.cluster?.config.originalDestination != true {
+            record.service = r.clusterName.flatMap(AccessLogRecord.service)
+        }
+        record.cluster = r.clusterName
+        record.route = r.routeName
+        record.endpoint = r.endpoint?.description
+        record.originalDestination = r.originalDestination?.description
+        record.retries = r.retries
+        record.upstreamConnectNanos = r.upstreamConnectNanos
+        record.firstByteNanos = r.firstByteNanos
+        record.bytesIn = r.requestBytes
+        record.bytesOut = r.responseBytes
+        record.userAgent = r.head.headers.first(name: "user-agent")
+        log.append(record)
     }
 }

@@ -9,7 +9,8 @@ final class LoopContext {
     let factories: [any ProxyMiddlewareFactory]
     let stats: ProxyStats
     let logger: Logger
-    let accessLogger: Logger
+    /// This loop's access-log lines, when the process has an access log.
+    let accessLog: LoopAccessLog?
     let pool: UpstreamPool
     let deadlines: RequestDeadlines
     let resources = LoopResources()
@@ -22,16 +23,15 @@ final class LoopContext {
         factories: [any ProxyMiddlewareFactory],
         stats: ProxyStats,
         logger: Logger,
-        upstreamMark: UInt32? = nil
+        upstreamMark: UInt32? = nil,
+        accessLog: AccessLog? = nil
     ) {
         self.eventLoop = eventLoop
         self.store = store
         self.factories = factories
         self.stats = stats
         self.logger = logger
-        var access = logger
-        access[metadataKey: "log"] = "access"
-        self.accessLogger = access
+        self.accessLog = accessLog.map { LoopAccessLog(sink: $0, eventLoop: eventLoop) }
         self.pool = UpstreamPool(eventLoop: eventLoop, mark: upstreamMark)
         self.deadlines = RequestDeadlines(eventLoop: eventLoop)
     }

@@ -37,6 +37,8 @@ public final class ProxyServer: Service, Sendable {
     ///     going (the agent injects the capture rules' lookup).
     ///   - upstreamMark: `SO_MARK` on every upstream socket (HTTP and relayed TCP): the agent's mark,
     ///     so that the capture rules do not take its own connections again.
+    ///   - accessLog: where listeners with ``ListenerConfig/accessLog`` write their lines; without
+    ///     one they write none.
     public init(
         snapshot: ProxySnapshot,
         stats: ProxyStats,
@@ -44,6 +46,7 @@ public final class ProxyServer: Service, Sendable {
         middleware: [any ProxyMiddlewareFactory] = StandardMiddleware.chain,
         originalDestination: OriginalDestinationLookup? = nil,
         upstreamMark: UInt32? = nil,
+        accessLog: AccessLog? = nil,
         logger: Logger
     ) throws {
         self.originalDestination = originalDestination
@@ -63,7 +66,8 @@ public final class ProxyServer: Service, Sendable {
                     factories: middleware,
                     stats: stats,
                     logger: logger,
-                    upstreamMark: upstreamMark
+                    upstreamMark: upstreamMark,
+                    accessLog: accessLog
                 )
                 context.pool.startSweeping()
                 return NIOLoopBound(context, eventLoop: loop)
@@ -304,7 +308,9 @@ public final class ProxyServer: Service, Sendable {
                                 lookup: lookup,
                                 mark: upstreamMark,
                                 stats: stats,
-                                loop: loopContext
+                                loop: loopContext,
+                                listener: listener.name,
+                                accessLog: listener.accessLog
                             ),
                             speaksHTTP2: true,
                             stats: stats

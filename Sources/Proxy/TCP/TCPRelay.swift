@@ -20,9 +20,25 @@ enum TCPRelay {
         private var pendingBytes: ByteBuffer?
         private var upstream: (any Channel)?
         private var closed = false
+        /// The listener's name, for its access-log line (written when `log` is set).
+        private let listener: String
+        private let log: LoopAccessLog?
+        private var started = NIODeadline.now()
+        private var destination: SocketAddress?
+        private var connectNanos: Int64?
+        private var counters: RelayCounters?
 
-        init(lookup: OriginalDestinationLookup?, mark: UInt32?, stats: ProxyStats, loop: LoopContext? = nil) {
+        init(
+            lookup: OriginalDestinationLookup?,
+            mark: UInt32?,
+            stats: ProxyStats,
+            loop: LoopContext? = nil,
+            listener: String = "",
+            accessLog: Bool = false
+        ) {
             self.loop = loop
+            self.listener = listener
+            self.log = accessLog ? loop?.accessLog : nil
             self.lookup = lookup
             self.mark = mark
             self.stats = stats
@@ -39,11 +55,19 @@ enum TCPRelay {
 
         func start(context: ChannelHandlerContext, sniffer: ProtocolSniffer, initial: ByteBuffer?) {
             let downstream = context.channel
+            if log != nil {
+                // The connection's line is written when its downstream side closes, however it ended.
+                let bound = NIOLoopBound(self, eventLoop: context.eventLoop)
+                let source = downstream.remoteAddress
+                downstream.closeFuture.whenComplete { _ in bound.value.logClosed(source: source) }
+            }
             guard let destination = lookup?(downstream) else {
                 stats.relayNoDestination.increment()
+                failure = "no_original_destination"
                 context.close(promise: nil)
                 return
             }
+            self.destination = destination
             stats.sniffedTCP.increment()
             pendingBytes = initial
             // Hold reads until the upstream is there; what arrives meanwhile is kept.
@@ -57,6 +81,7 @@ enum TCPRelay {
                 switch result {
                 case .failure:
                     starter.stats.relayConnectFailures.increment()
+                    starter.failure = ProxyError.upstreamConnectFailure().token
                     context.close(promise: nil)
                 case .success(let upstream):
                     guard !starter.closed else {
@@ -64,6 +89,7 @@ enum TCPRelay {
                         return
                     }
                     starter.upstream = upstream
+                    if starter.log != nil { starter.connectNanos = (NIODeadline.now() - starter.started).nanoseconds }
                     starter.glue(downstream: context, sniffer: sniffer, upstream: upstream)
                 }
             }
@@ -71,7 +97,8 @@ enum TCPRelay {
 
         private func glue(downstream context: ChannelHandlerContext, sniffer: ProtocolSniffer, upstream: any Channel) {
             let downstream = context.channel
-            let (toUpstream, toDownstream) = GlueHandler.pair()
+            if log != nil { counters = RelayCounters() }
+            let (toUpstream, toDownstream) = GlueHandler.pair(counters: counters)
             do {
                 try upstream.pipeline.syncOperations.addHandler(toDownstream)
                 try downstream.pipeline.syncOperations.addHandler(toUpstream, position: .after(sniffer))
@@ -89,30 +116,67 @@ enum TCPRelay {
             }
             if var bytes = pendingBytes, bytes.readableBytes > 0 {
                 pendingBytes = nil
+                counters?.bytesIn += bytes.readableBytes
                 upstream.writeAndFlush(NIOAny(bytes.readSlice(length: bytes.readableBytes)!), promise: nil)
             }
             context.pipeline.syncOperations.removeHandler(context: context, promise: nil)
             _ = downstream.setOption(.autoRead, value: true)
         }
+
+        /// Why the relay failed, as an access-log error token.
+        private var failure: String?
+
+        private func logClosed(source: SocketAddress?) {
+            guard let log else { return }
+            var rng = loop?.resources.rng ?? FastRandom()
+            defer { loop?.resources.rng = rng }
+            guard log.sampled(failed: failure != nil, rng: &rng) else { return }
+            var record = AccessLogRecord(listener: listener, elapsed: NIODeadline.now() - started)
+            record.protocol = "tcp"
+            record.error = failure
+            record.source = source
+            record.endpoint = destination.map(AccessLogRecord.address)
+            record.originalDestination = destination.map(AccessLogRecord.address)
+            record.upstreamConnectNanos = connectNanos
+            record.bytesIn = counters?.bytesIn ?? 0
+            record.bytesOut = counters?.bytesOut ?? 0
+            log.append(record)
+        }
     }
+}
+
+/// Bytes relayed each way on one connection (for its access-log line).
+final class RelayCounters {
+    /// From the client to the destination.
+    var bytesIn = 0
+    /// From the destination to the client.
+    var bytesOut = 0
 }
 
 /// One side of a pair: what its channel reads is written to the partner's channel; when the
 /// partner cannot take more, this side stops reading; a half-close is passed on.
 final class GlueHandler: ChannelDuplexHandler, RemovableChannelHandler {
-    typealias InboundIn = NIOAny
+    /// A socket channel reads bytes.
+    typealias InboundIn = ByteBuffer
     typealias OutboundIn = NIOAny
     typealias OutboundOut = NIOAny
 
     private var partner: GlueHandler?
+    /// Counts what this side reads, when the access log wants it; `downstream` tells the direction.
+    private var counters: RelayCounters?
+    private var isDownstream = false
     private var context: ChannelHandlerContext?
     private var pendingRead = false
 
-    static func pair() -> (GlueHandler, GlueHandler) {
+    /// The handler for the downstream channel, then the one for the upstream channel.
+    static func pair(counters: RelayCounters? = nil) -> (GlueHandler, GlueHandler) {
         let a = GlueHandler()
         let b = GlueHandler()
         a.partner = b
         b.partner = a
+        a.counters = counters
+        b.counters = counters
+        a.isDownstream = true
         return (a, b)
     }
 
@@ -136,7 +200,17 @@ final class GlueHandler: ChannelDuplexHandler, RemovableChannelHandler {
         }
     }
 
-    func channelRead(context: ChannelHandlerContext, data: NIOAny) { partner?.partnerWrite(data) }
+    func channelRead(context: ChannelHandlerContext, data: NIOAny) {
+        if let counters {
+            let bytes = unwrapInboundIn(data)
+            if isDownstream {
+                counters.bytesIn += bytes.readableBytes
+            } else {
+                counters.bytesOut += bytes.readableBytes
+            }
+        }
+        partner?.partnerWrite(data)
+    }
     func channelReadComplete(context: ChannelHandlerContext) { partner?.partnerFlush() }
     func channelInactive(context: ChannelHandlerContext) { partner?.partnerCloseFull() }
 

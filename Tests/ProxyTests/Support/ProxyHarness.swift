@@ -21,9 +21,10 @@ final class ProxyHarness: Sendable {
         _ config: ProxyConfig,
         group: any EventLoopGroup,
         logger: Logger? = nil,
-        originalDestination: OriginalDestinationLookup? = nil
+        originalDestination: OriginalDestinationLookup? = nil,
+        accessLog: AccessLogFile? = nil,
+        registry: PrometheusCollectorRegistry = PrometheusCollectorRegistry()
     ) async throws -> ProxyHarness {
-        let registry = PrometheusCollectorRegistry()
         let stats = ProxyStats(factory: PrometheusMetricsFactory(registry: registry))
         let snapshot = try ProxySnapshot(config, stats: stats)
         let logger =
@@ -38,6 +39,7 @@ final class ProxyHarness: Sendable {
             stats: stats,
             group: group,
             originalDestination: originalDestination,
+            accessLog: accessLog?.sink,
             logger: logger
         )
         let bound = try await server.start()
@@ -150,34 +152,4 @@ func catchAll(_ cluster: String, timeout: Duration? = .seconds(5)) -> [VirtualHo
             ]
         )
     ]
-}
-
-/// A log handler that keeps every record, for asserting on log lines. A value type, like real
-/// handlers, so that metadata set on one logger does not leak into another.
-struct CapturingLogHandler: LogHandler {
-    struct Record: Sendable {
-        var message: String
-        var metadata: [String: String]
-    }
-
-    final class Store: Sendable {
-        private let lock = NIOLockedValueBox<[Record]>([])
-        var records: [Record] { lock.withLockedValue { $0 } }
-        func append(_ record: Record) { lock.withLockedValue { $0.append(record) } }
-    }
-
-    let store: Store
-    var metadata: Logger.Metadata = [:]
-    var logLevel: Logger.Level = .info
-
-    subscript(metadataKey key: String) -> Logger.Metadata.Value? {
-        get { metadata[key] }
-        set { metadata[key] = newValue }
-    }
-
-    func log(event: LogEvent) {
-        var all = metadata
-        for (k, v) in event.metadata ?? [:] { all[k] = v }
-        store.append(Record(message: "\(event.message)", metadata: all.mapValues { "\($0)" }))
-    }
 }

@@ -1,0 +1,421 @@
+import Atomics
+public import CoreMetrics
+public import Logging
+import NIOConcurrencyHelpers
+public import NIOCore
+import NIOPosix
+public import TrellisPolicy
+
+#if canImport(Glibc)
+import Glibc
+#endif
+
+/// The access log's output: one JSON line per request or relayed TCP connection (the fields are
+/// documented in docs/observability.md). The event loops batch their lines (``LoopAccessLog``) and
+/// hand each batch to one writer thread, so the data path never waits for a disk or a pipe. What
+/// waits is bounded (``maxQueuedBytes``): past it a batch is dropped and counted
+/// (`trellis_access_log_dropped_lines_total`), never queued without end.
+public final class AccessLog: Sendable {
+    public let settings: AccessLogSettings
+    /// Bytes handed to the writer and not yet written, at most.
+    static let maxQueuedBytes = 8 << 20
+    private let writer: NIOThreadPool
+    /// The descriptor written to; swapped by ``reopen()``.
+    private let descriptor: NIOLockedValueBox<CInt>
+    private let queuedBytes = ManagedAtomic(0)
+    private let failing = ManagedAtomic(false)
+    private let logger: Logger
+    let linesWritten: Counter
+    let linesDropped: Counter
+
+    /// Opens the output (a file is created if missing, mode 0640, and appended to).
+    /// - Throws: ``AccessLogError`` naming the file and the system's reason.
+    public init(
+        _ settings: AccessLogSettings,
+        logger: Logger,
+        factory: any MetricsFactory = MetricsSystem.factory
+    ) throws(AccessLogError) {
+        self.settings = settings
+        self.logger = logger
+        self.descriptor = NIOLockedValueBox(try Self.open(settings.output))
+        self.linesWritten = Counter(label: "trellis_access_log_lines_total", factory: factory)
+        self.linesDropped = Counter(label: "trellis_access_log_dropped_lines_total", factory: factory)
+        self.writer = NIOThreadPool(numberOfThreads: 1)
+        writer.start()
+    }
+
+    private static func open(_ output: AccessLogSettings.Output) throws(AccessLogError) -> CInt {
+        switch output {
+        case .stdout: return STDOUT_FILENO
+        case .stderr: return STDERR_FILENO
+        case .file(let path):
+            let fd = Glibc.open(path, O_WRONLY | O_APPEND | O_CREAT | O_CLOEXEC, 0o640)
+            guard fd >= 0 else {
+                throw AccessLogError(
+                    "access_log.output: cannot open '\(path)' for appending: \(String(cString: strerror(errno)))"
+                )
+            }
+            return fd
+        }
+    }
+
+    /// Opens the file again (logrotate moved it away) and writes there from the next batch on; on
+    /// failure the current file stays in use. Standard output and error are left as they are.
+    public func reopen() throws(AccessLogError) {
+        guard case .file = settings.output else { return }
+        let fresh = try Self.open(settings.output)
+        let old = descriptor.withLockedValue { fd in
+            defer { fd = fresh }
+            return fd
+        }
+        close(old)
+    }
+
+    /// Writes what was handed over before this call, then stops the writer.
+    public func shutdown() async {
+        try? await writer.runIfActive {}
+        try? await writer.shutdownGracefully()
+        if case .file = settings.output { close(descriptor.withLockedValue { $0 }) }
+    }
+
+    /// Hands one batch of complete lines to the writer, or drops it when the writer is too far
+    /// behind.
+    func submit(_ batch: ByteBuffer, lines: Int) {
+        let size = batch.readableBytes
+        if queuedBytes.loadThenWrappingIncrement(by: size, ordering: .relaxed) + size > Self.maxQueuedBytes {
+            queuedBytes.wrappingDecrement(by: size, ordering: .relaxed)
+            linesDropped.increment(by: lines)
+            return
+        }
+        writer.submit { _ in
+            // Run also when cancelled (the pool shutting down): the lines are written either way.
+            self.write(batch, lines: lines)
+            self.queuedBytes.wrappingDecrement(by: size, ordering: .relaxed)
+        }
+    }
+
+    private func write(_ batch: ByteBuffer, lines: Int) {
+        let error: CInt? = descriptor.withLockedValue { fd in
+            batch.withUnsafeReadableBytes { bytes -> CInt? in
+                var offset = 0
+                while offset < bytes.count {
+                    let n = Glibc.write(fd, bytes.baseAddress! + offset, bytes.count - offset)
+                    if n < 0 {
+                        if errno == EINTR { continue }
+                        return errno
+                    }
+                    offset += n
+                }
+                return nil
+            }
+        }
+        if let error {
+            linesDropped.increment(by: lines)
+            // Said once when writing starts failing (a full disk, a closed pipe), once when it recovers.
+            if !failing.exchange(true, ordering: .relaxed) {
+                logger.error(
+                    "access log: writing failed; lines are dropped until it works again",
+                    metadata: [
+                        "access_log.output": "\(settings.output)", "error": "\(String(cString: strerror(error)))",
+                    ]
+                )
+            }
+        } else {
+            linesWritten.increment(by: lines)
+            if failing.exchange(false, ordering: .relaxed) {
+                logger.notice("access log: writing works again", metadata: ["access_log.output": "\(settings.output)"])
+            }
+        }
+    }
+}
+
+public struct AccessLogError: Error, CustomStringConvertible, Sendable {
+    public let description: String
+    init(_ description: String) { self.description = description }
+}
+
+/// One event loop's access-log lines, gathered while the loop handles a batch of I/O and handed
+/// to the writer once the batch is done (or when 64 KiB are waiting), so that a busy loop sends one
+/// batch per iteration instead of one per request.
+final class LoopAccessLog {
+    let sink: AccessLog
+    private let eventLoop: any EventLoop
+    private var buffer: ByteBuffer
+    private var lines = 0
+    private var flushScheduled = false
+    static let batchBytes = 64 * 1024
+
+    init(sink: AccessLog, eventLoop: any EventLoop) {
+        self.sink = sink
+        self.eventLoop = eventLoop
+        self.buffer = ByteBufferAllocator().buffer(capacity: 4096)
+    }
+
+    /// Whether to log a request that ended this way: every refused or failed one (an error token or
+    /// a 5xx), and the configured share of the others.
+    func sampled(failed: Bool, rng: inout FastRandom) -> Bool {
+        let rate = sink.settings.sampleRate
+        if failed || rate >= 1 { return true }
+        if rate <= 0 { return false }
+        return Double(rng.next() >> 11) * 0x1p-53 < rate
+    }
+
+    func append(_ record: AccessLogRecord) {
+        var line = JSONLine(buffer: buffer)
+        buffer = ByteBuffer()  // the line owns the storage while it writes (no copy)
+        record.write(to: &line)
+        line.end()
+        buffer = line.buffer
+        lines += 1
+        if buffer.readableBytes >= Self.batchBytes {
+            flush()
+        } else if !flushScheduled {
+            flushScheduled = true
+            let bound = NIOLoopBound(self, eventLoop: eventLoop)
+            eventLoop.execute { bound.value.flush() }
+        }
+    }
+
+    func flush() {
+        flushScheduled = false
+        guard lines > 0 else { return }
+        sink.submit(buffer, lines: lines)
+        buffer = ByteBufferAllocator().buffer(capacity: 4096)
+        lines = 0
+    }
+}
+
+@available(*, unavailable)
+extension LoopAccessLog: Sendable {}
+
+/// One access-log line: every field is always written, `null` when unknown, in this order.
+struct AccessLogRecord {
+    var started: timespec
+    var listener: String
+    var `protocol`: String?
+    var method: String?
+    var authority: String?
+    var path: String?
+    var status: Int?
+    var grpcStatus: Int?
+    var error: String?
+    var requestID: String?
+    var traceID: String?
+    var spanID: String?
+    var source: SocketAddress?
+    var sourceIdentity: String?
+    var service: String?
+    var cluster: String?
+    var route: String?
+    var endpoint: String?
+    var originalDestination: String?
+    var retries: Int?
+    var upstreamConnectNanos: Int64?
+    var firstByteNanos: Int64?
+    var durationNanos: Int64
+    var bytesIn: Int?
+    var bytesOut: Int?
+    var userAgent: String?
+
+    /// A line for something that began `elapsed` ago and ends now.
+    init(listener: String, elapsed: TimeAmount) {
+        self.started = .wallClock(before: elapsed)
+        self.listener = listener
+        self.durationNanos = elapsed.nanoseconds
+    }
+
+    func write(to line: inout JSONLine) {
+        line.time("time", started)
+        line.field("listener", listener)
+        line.field("protocol", `protocol`)
+        line.field("method", method)
+        line.field("authority", authority)
+        line.field("path", path)
+        line.field("status", status)
+        line.field("grpc_status", grpcStatus)
+        line.field("error", error)
+        line.field("request_id", requestID)
+        line.field("trace_id", traceID)
+        line.field("span_id", spanID)
+        line.field("source", source.map(Self.address))
+        line.field("source_identity", sourceIdentity)
+        line.field("service", service)
+        line.field("cluster", cluster)
+        line.field("route", route)
+        line.field("endpoint", endpoint)
+        line.field("original_destination", originalDestination)
+        line.field("retries", retries)
+        line.milliseconds("upstream_connect_ms", upstreamConnectNanos)
+        line.milliseconds("ttfb_ms", firstByteNanos)
+        line.milliseconds("duration_ms", durationNanos)
+        line.field("bytes_in", bytesIn)
+        line.field("bytes_out", bytesOut)
+        line.field("user_agent", userAgent)
+    }
+
+    /// `10.0.0.1:5000`, `[::1]:5000`.
+    static func address(_ address: SocketAddress) -> String {
+        guard let ip = address.ipAddress, let port = address.port else { return address.description }
+        return address.protocol == .inet6 ? "[\(ip)]:\(port)" : "\(ip):\(port)"
+    }
+
+    /// The destination service of a cluster: the last part of a mesh cluster name
+    /// (`outbound|8080|v2|orders` → `orders`), a gateway cluster's own name.
+    static func service(_ cluster: String) -> String? {
+        guard let bar = cluster.lastIndex(of: "|") else { return cluster }
+        let name = cluster[cluster.index(after: bar)...]
+        return name.isEmpty ? nil : String(name)
+    }
+}
+
+/// A JSON object written straight into a buffer, one field at a time, in a fixed order.
+struct JSONLine {
+    private(set) var buffer: ByteBuffer
+    private var first = true
+
+    init(buffer: ByteBuffer) {
+        self.buffer = buffer
+        self.buffer.writeInteger(UInt8(ascii: "{"))
+    }
+
+    mutating func end() {
+        buffer.writeStaticString("}\n")
+    }
+
+    private mutating func key(_ name: StaticString) {
+        if first { first = false } else { buffer.writeInteger(UInt8(ascii: ",")) }
+        buffer.writeInteger(UInt8(ascii: "\""))
+        buffer.writeStaticString(name)
+        buffer.writeStaticString("\":")
+    }
+
+    mutating func field(_ name: StaticString, _ value: String?) {
+        key(name)
+        guard let value else {
+            buffer.writeStaticString("null")
+            return
+        }
+        buffer.writeInteger(UInt8(ascii: "\""))
+        var text = value
+        text.withUTF8 { bytes in
+            var start = 0
+            for (i, byte) in bytes.enumerated()
+            where byte < 0x20 || byte == UInt8(ascii: "\"") || byte == UInt8(ascii: "\\") {
+                buffer.writeBytes(UnsafeRawBufferPointer(rebasing: UnsafeRawBufferPointer(bytes)[start..<i]))
+                switch byte {
+                case UInt8(ascii: "\""): buffer.writeStaticString("\\\"")
+                case UInt8(ascii: "\\"): buffer.writeStaticString("\\\\")
+                case UInt8(ascii: "\n"): buffer.writeStaticString("\\n")
+                case UInt8(ascii: "\r"): buffer.writeStaticString("\\r")
+                case UInt8(ascii: "\t"): buffer.writeStaticString("\\t")
+                default:
+                    buffer.writeStaticString("\\u00")
+                    buffer.writeInteger(Self.hex[Int(byte >> 4)])
+                    buffer.writeInteger(Self.hex[Int(byte & 0xf)])
+                }
+                start = i + 1
+            }
+            buffer.writeBytes(UnsafeRawBufferPointer(rebasing: UnsafeRawBufferPointer(bytes)[start...]))
+        }
+        buffer.writeInteger(UInt8(ascii: "\""))
+    }
+
+    mutating func field(_ name: StaticString, _ value: Int?) {
+        key(name)
+        if let value { buffer.writeString(String(value)) } else { buffer.writeStaticString("null") }
+    }
+
+    /// A duration in milliseconds with microsecond precision (`1.234`).
+    mutating func milliseconds(_ name: StaticString, _ nanoseconds: Int64?) {
+        key(name)
+        guard let nanoseconds else {
+            buffer.writeStaticString("null")
+            return
+        }
+        let micros = max(0, nanoseconds) / 1000
+        buffer.writeString(String(micros / 1000))
+        buffer.writeInteger(UInt8(ascii: "."))
+        let fraction = Int(micros % 1000)
+        buffer.writeInteger(UInt8(ascii: "0") + UInt8(fraction / 100))
+        buffer.writeInteger(UInt8(ascii: "0") + UInt8(fraction / 10 % 10))
+        buffer.writeInteger(UInt8(ascii: "0") + UInt8(fraction % 10))
+    }
+
+    /// A wall-clock time as RFC 3339 in UTC with milliseconds (`2026-11-30T13:05:09.123Z`).
+    mutating func time(_ name: StaticString, _ time: timespec) {
+        key(name)
+        var seconds = time.tv_sec
+        var parts = tm()
+        gmtime_r(&seconds, &parts)
+        buffer.writeInteger(UInt8(ascii: "\""))
+        digits(Int(parts.tm_year) + 1900, 4)
+        buffer.writeInteger(UInt8(ascii: "-"))
+        digits(Int(parts.tm_mon) + 1, 2)
+        buffer.writeInteger(UInt8(ascii: "-"))
+        digits(Int(parts.tm_mday), 2)
+        buffer.writeInteger(UInt8(ascii: "T"))
+        digits(Int(parts.tm_hour), 2)
+        buffer.writeInteger(UInt8(ascii: ":"))
+        digits(Int(parts.tm_min), 2)
+        buffer.writeInteger(UInt8(ascii: ":"))
+        digits(Int(parts.tm_sec), 2)
+        buffer.writeInteger(UInt8(ascii: "."))
+        digits(Int(time.tv_nsec / 1_000_000), 3)
+        buffer.writeStaticString("Z\"")
+    }
+
+    private mutating func digits(_ value: Int, _ count: Int) {
+        var divisor = 1
+        for _ in 1..<count { divisor *= 10 }
+        var v = value
+        while divisor > 0 {
+            buffer.writeInteger(UInt8(ascii: "0") + UInt8(v / divisor % 10))
+            v %= divisor
+            divisor /= 10
+        }
+    }
+
+    private static let hex: [UInt8] = Array("0123456789abcdef".utf8)
+}
+
+extension timespec {
+    /// The wall-clock time `elapsed` before now.
+    static func wallClock(before elapsed: TimeAmount) -> timespec {
+        var now = timespec()
+        clock_gettime(CLOCK_REALTIME, &now)
+        let total = Int64(now.tv_sec) * 1_000_000_000 + Int64(now.tv_nsec) - max(0, elapsed.nanoseconds)
+        return timespec(tv_sec: Int(total / 1_000_000_000), tv_nsec: Int(total % 1_000_000_000))
+    }
+}
+
+/// Request ids the proxy makes for requests that come without one: random (version 4) UUIDs.
+enum RequestID {
+    private static let hex: [UInt8] = Array("0123456789abcdef".utf8)
+
+    static func make(_ rng: inout FastRandom) -> String {
+        let high = rng.next()
+        let low = rng.next()
+        return String(unsafeUninitializedCapacity: 36) { out in
+            var bits = (high & 0xFFFF_FFFF_FFFF_0FFF) | 0x0000_0000_0000_4000  // version 4
+            var rest = (low & 0x3FFF_FFFF_FFFF_FFFF) | 0x8000_0000_0000_0000  // variant 10
+            var i = 0
+            for position in 0..<32 {
+                if position == 8 || position == 12 || position == 16 || position == 20 {
+                    out[i] = UInt8(ascii: "-")
+                    i += 1
+                }
+                let nibble: UInt64
+                if position < 16 {
+                    nibble = bits >> 60
+                    bits <<= 4
+                } else {
+                    nibble = rest >> 60
+                    rest <<= 4
+                }
+                out[i] = hex[Int(nibble)]
+                i += 1
+            }
+            return 36
+        }
+    }
+}

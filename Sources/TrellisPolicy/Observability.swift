@@ -1,0 +1,59 @@
+public import TrellisConfig
+
+/// Where and how much the access log writes (`access_log:` in agent.yaml and the gateway file):
+/// one JSON line per request or relayed TCP connection, on every listener. See
+/// docs/observability.md for the fields.
+public struct AccessLogSettings: Sendable, Hashable {
+    public enum Output: Sendable, Hashable, CustomStringConvertible {
+        case stdout
+        case stderr
+        /// An absolute path, appended to; SIGUSR1 reopens it (for logrotate).
+        case file(String)
+
+        public var description: String {
+            switch self {
+            case .stdout: "stdout"
+            case .stderr: "stderr"
+            case .file(let path): path
+            }
+        }
+    }
+
+    public var output: Output
+    /// The share of requests logged, 0...1; a request the proxy refused or that got a 5xx is always
+    /// logged.
+    public var sampleRate: Double
+
+    public init(output: Output = .stdout, sampleRate: Double = 1) {
+        self.output = output
+        self.sampleRate = sampleRate
+    }
+
+    /// `access_log: {output: stdout | stderr | /var/log/trellis/access.log, sample_rate: 0.01}`;
+    /// `true` for stdout and every request, `false` for none (`nil`).
+    public static func decode(_ node: ConfigNode) throws(ConfigFileError) -> AccessLogSettings? {
+        if node.isScalar { return try node.bool() ? AccessLogSettings() : nil }
+        let keys = try node.mapping(allowed: ["output", "sample_rate"])
+        var settings = AccessLogSettings()
+        if let n = keys["output"] {
+            let text = try n.nonEmptyString()
+            switch text {
+            case "stdout": settings.output = .stdout
+            case "stderr": settings.output = .stderr
+            default:
+                guard text.hasPrefix("/"), !text.hasSuffix("/") else {
+                    throw n.error("expected stdout, stderr or an absolute file path, got '\(text)'")
+                }
+                settings.output = .file(text)
+            }
+        }
+        if let n = keys["sample_rate"] {
+            if n.isScalar, (try? n.string()) == "0" {
+                settings.sampleRate = 0
+            } else {
+                settings.sampleRate = try n.number(above: 0, atMost: 1)
+            }
+        }
+        return settings
+    }
+}

@@ -1,0 +1,285 @@
+import Foundation
+import Logging
+import NIOCore
+import NIOHTTP1
+import NIOPosix
+import Prometheus
+import Testing
+import TrellisPolicy
+
+@testable import Proxy
+
+/// The access log as an operator reads it: a file of JSON lines, one per request or TCP
+/// connection, with the fields docs/observability.md lists, the same error token as the response
+/// and the metric, request ids sent upstream, sampling, and a file that can be rotated.
+@Suite struct AccessLogTests {
+    let group = MultiThreadedEventLoopGroup.singleton
+
+    /// The field names of docs/observability.md's table, in its order.
+    static func documentedFields() throws -> [String] {
+        let docs = URL(fileURLWithPath: #filePath).deletingLastPathComponent().appendingPathComponent(
+            "../../docs/observability.md"
+        )
+        let text = try String(contentsOf: docs, encoding: .utf8)
+        let table = text.components(separatedBy: "### Fields")[1].components(separatedBy: "\n\n")[2]
+        return table.split(separator: "\n").dropFirst(2).map { row in
+            String(row.split(separator: "`")[1])
+        }
+    }
+
+    /// Each line's keys, in the order written.
+    static func keyOrder(_ text: String) -> [[String]] {
+        text.split(separator: "\n").map { line in
+            line.split(separator: "\"").enumerated().compactMap { i, part in
+                // Keys are the quoted strings directly followed by a colon.
+                i % 2 == 1 && line.contains("\"\(part)\":") && !part.contains(" ") ? String(part) : nil
+            }
+        }
+    }
+
+    @Test func oneLinePerRequestWithTheDocumentedFieldsAndTheResponsesErrorToken() async throws {
+        let a = try await TestUpstream.start(name: "alpha", group: group)
+        let registry = PrometheusCollectorRegistry()
+        let log = try AccessLogFile(factory: PrometheusMetricsFactory(registry: registry))
+        let proxy = try await ProxyHarness.start(
+            gatewayConfig(
+                virtualHosts: [
+                    VirtualHost(
+                        name: "only",
+                        domains: ["only.test"],
+                        routes: [
+                            Route(
+                                name: "slow",
+                                match: RouteMatch(),
+                                action: .init(clusters: [.init(name: "alpha")], timeout: .milliseconds(500))
+                            )
+                        ]
+                    )
+                ],
+                clusters: [ClusterConfig(name: "alpha", endpoints: [endpoint(a)])],
+                accessLog: true
+            ),
+            group: group,
+            accessLog: log,
+            registry: registry
+        )
+        defer {
+            Task {
+                await proxy.stop(); await a.stop(); await log.remove()
+            }
+        }
+        let client = try await TestHTTPClient.connect(port: proxy.port, group: group)
+        defer { Task { await client.close() } }
+        let ok = try await client.request(
+            .GET,
+            "/fine?x=1",
+            host: "only.test",
+            headers: [("user-agent", "tests/1.0 \"quoted\"")]
+        )
+        let missing = try await client.request(.GET, "/nowhere", host: "other.test")
+        let slow = try await client.request(.GET, "/delay/2000", host: "only.test")
+        #expect(ok.status == .ok)
+        for (response, token) in [(missing, "no_route"), (slow, "timeout")] {
+            #expect(response.body == "\(token)\n")
+            #expect(response.headers.first(name: "x-trellis-error") == token)
+            #expect(try await proxy.metric("trellis_errors_total{token=\"\(token)\"}", group: group) == 1)
+        }
+        let lines = try await log.lines(atLeast: 3)
+        try #require(lines.count == 3)
+        #expect(lines.map { $0["error"] as? String } == [nil, "no_route", "timeout"])
+        #expect(lines.map { $0["status"] as? Int } == [200, 404, 504])
+        let first = lines[0]
+        #expect(first["listener"] as? String == "test")
+        #expect(first["protocol"] as? String == "HTTP/1.1")
+        #expect(first["method"] as? String == "GET")
+        #expect(first["authority"] as? String == "only.test")
+        #expect(first["path"] as? String == "/fine?x=1")
+        #expect(first["cluster"] as? String == "alpha")
+        #expect(first["service"] as? String == "alpha")
+        #expect(first["route"] as? String == "slow")
+        #expect(first["endpoint"] as? String == "127.0.0.1:\(a.port)")
+        #expect(first["retries"] as? Int == 0)
+        #expect(first["bytes_out"] as? Int == "alpha".utf8.count)
+        #expect(first["user_agent"] as? String == "tests/1.0 \"quoted\"")
+        #expect((first["source"] as? String)?.hasPrefix("127.0.0.1:") == true)
+        #expect(first["error"] is NSNull)
+        // Times: ttfb within the duration, the slow one cut at its route's 500 ms.
+        let ttfb = try #require(first["ttfb_ms"] as? Double)
+        let duration = try #require(first["duration_ms"] as? Double)
+        #expect(ttfb > 0 && ttfb <= duration)
+        let cut = try #require(lines[2]["duration_ms"] as? Double)
+        #expect(cut >= 500 && cut < 1900)
+        let time = try #require(first["time"] as? String)
+        let started = try #require(ISO8601DateFormatter.withMilliseconds.date(from: time))
+        #expect(abs(started.timeIntervalSinceNow) < 60)
+        // Every line has every documented field, in the documented order.
+        let fields = try Self.documentedFields()
+        #expect(fields.count == 26)
+        for keys in Self.keyOrder(log.text) { #expect(keys == fields) }
+        // The request id went upstream and is the one logged.
+        let sent = try #require(a.requests.first?.headers.first(name: "x-request-id"))
+        #expect(first["request_id"] as? String == sent)
+        #expect(try await proxy.metric("trellis_access_log_lines_total", group: group) == 3)
+    }
+
+    @Test func aClientsRequestIdIsKeptAndAMissingOneIsMadeAsAUUID() async throws {
+        let a = try await TestUpstream.start(name: "alpha", group: group)
+        let log = try AccessLogFile()
+        let proxy = try await ProxyHarness.start(
+            gatewayConfig(
+                virtualHosts: catchAll("alpha"),
+                clusters: [ClusterConfig(name: "alpha", endpoints: [endpoint(a)])],
+                accessLog: true
+            ),
+            group: group,
+            accessLog: log
+        )
+        defer {
+            Task {
+                await proxy.stop(); await a.stop(); await log.remove()
+            }
+        }
+        let client = try await TestHTTPClient.connect(port: proxy.port, group: group)
+        defer { Task { await client.close() } }
+        _ = try await client.request(.GET, "/a", headers: [("X-Request-Id", "from-the-client-1")])
+        _ = try await client.request(.GET, "/b")
+        _ = try await client.request(.GET, "/c")
+        let upstream = a.requests.map { $0.headers[canonicalForm: "x-request-id"].map(String.init) }
+        #expect(upstream[0] == ["from-the-client-1"])
+        let made = try #require(upstream[1].first)
+        #expect(upstream[1].count == 1)
+        #expect(made.wholeMatch(of: /[0-9a-f]{8}-[0-9a-f]{4}-4[0-9a-f]{3}-[89ab][0-9a-f]{3}-[0-9a-f]{12}/) != nil)
+        #expect(upstream[2].first != made)
+        let lines = try await log.lines(atLeast: 3)
+        #expect(lines.map { $0["request_id"] as? String } == ["from-the-client-1", made, upstream[2].first])
+    }
+
+    @Test func samplingKeepsItsShareAndEveryFailure() async throws {
+        let a = try await TestUpstream.start(name: "alpha", group: group)
+        let log = try AccessLogFile(sampleRate: 0)
+        let proxy = try await ProxyHarness.start(
+            gatewayConfig(
+                virtualHosts: catchAll("alpha"),
+                clusters: [ClusterConfig(name: "alpha", endpoints: [endpoint(a)])],
+                accessLog: true
+            ),
+            group: group,
+            accessLog: log
+        )
+        defer {
+            Task {
+                await proxy.stop(); await a.stop(); await log.remove()
+            }
+        }
+        let client = try await TestHTTPClient.connect(port: proxy.port, group: group)
+        defer { Task { await client.close() } }
+        for i in 0..<20 { _ = try await client.request(.GET, "/ok/\(i)") }
+        #expect(try await client.request(.GET, "/status/503").status == .serviceUnavailable)
+        for i in 0..<5 { _ = try await client.request(.GET, "/ok/again/\(i)") }
+        let lines = try await log.lines(atLeast: 1)
+        try await Task.sleep(for: .milliseconds(200))
+        #expect(try AccessLogFile.read(log.path).count == 1)
+        #expect(lines.first?["status"] as? Int == 503)
+        #expect(lines.first?["path"] as? String == "/status/503")
+
+        // At a share of 0.3, about 30 % of 400 requests (a binomial: 3.5 sigma is ±32).
+        let some = try AccessLogFile(sampleRate: 0.3)
+        defer { Task { await some.remove() } }
+        var rng = FastRandom(seed: 42)
+        let lineLog = LoopAccessLog(sink: some.sink, eventLoop: group.next())
+        var kept = 0
+        for _ in 0..<400 where lineLog.sampled(failed: false, rng: &rng) { kept += 1 }
+        #expect((88...152).contains(kept))
+        #expect((0..<50).allSatisfy { _ in lineLog.sampled(failed: true, rng: &rng) })
+    }
+
+    @Test func aRotatedFileIsReopenedAndNoLineIsLost() async throws {
+        let a = try await TestUpstream.start(name: "alpha", group: group)
+        let log = try AccessLogFile()
+        let proxy = try await ProxyHarness.start(
+            gatewayConfig(
+                virtualHosts: catchAll("alpha"),
+                clusters: [ClusterConfig(name: "alpha", endpoints: [endpoint(a)])],
+                accessLog: true
+            ),
+            group: group,
+            accessLog: log
+        )
+        defer {
+            Task {
+                await proxy.stop(); await a.stop(); await log.remove()
+            }
+        }
+        let client = try await TestHTTPClient.connect(port: proxy.port, group: group)
+        defer { Task { await client.close() } }
+        for i in 0..<3 { _ = try await client.request(.GET, "/before/\(i)") }
+        #expect(try await log.lines(atLeast: 3).count == 3)
+        // What logrotate does: move the file away, then signal (here: the call SIGUSR1 makes).
+        let rotated = log.path + ".1"
+        try FileManager.default.moveItem(atPath: log.path, toPath: rotated)
+        try log.sink.reopen()
+        for i in 0..<2 { _ = try await client.request(.GET, "/after/\(i)") }
+        let after = try await log.lines(atLeast: 2)
+        #expect(after.map { $0["path"] as? String } == ["/after/0", "/after/1"])
+        #expect(
+            try AccessLogFile.read(rotated).map { $0["path"] as? String } == ["/before/0", "/before/1", "/before/2"]
+        )
+    }
+
+    @Test func aFolderThatCannotBeWrittenIsAClearErrorAtStart() throws {
+        let settings = AccessLogSettings(output: .file("/nonexistent-trellis-folder/access.log"))
+        #expect {
+            _ = try AccessLog(settings, logger: .init(label: "test"))
+        } throws: { error in
+            "\(error)"
+                == "access_log.output: cannot open '/nonexistent-trellis-folder/access.log' for appending: No such file or directory"
+        }
+    }
+
+    @Test func aRelayedTCPConnectionGetsOneLineWithItsBytes() async throws {
+        let http = try await TestUpstream.start(name: "http", group: group)
+        let echo = try await TransparentListenerTests.EchoServer(banner: nil, group: group)
+        let log = try AccessLogFile()
+        var config = gatewayConfig(
+            virtualHosts: catchAll("alpha"),
+            clusters: [ClusterConfig(name: "alpha", endpoints: [endpoint(http)])],
+            accessLog: true
+        )
+        config.listeners[0].transparent = TransparentMode(sniffTimeout: .seconds(5))
+        let destination = echo.channel.localAddress
+        let proxy = try await ProxyHarness.start(
+            config,
+            group: group,
+            originalDestination: { _ in destination },
+            accessLog: log
+        )
+        defer {
+            Task {
+                await proxy.stop(); await echo.close(); await http.stop(); await log.remove()
+            }
+        }
+        let client = try await RawClient.connect(port: proxy.port, group: group)
+        try await client.send("\u{16}\u{03}\u{01}hello")
+        _ = try await client.readUntil("hello")
+        try await client.shutdownOutput()
+        _ = try await client.readUntilClose()
+        let lines = try await log.lines(atLeast: 1)
+        try #require(lines.count == 1)
+        let line = lines[0]
+        #expect(line["protocol"] as? String == "tcp")
+        #expect(line["bytes_in"] as? Int == 8)  // the three TLS-like bytes and "hello"
+        #expect(line["bytes_out"] as? Int == 13 + 3)  // "echo:" and the 8 bytes, then "bye"
+        #expect(line["original_destination"] as? String == "127.0.0.1:\(echo.port)")
+        #expect(line["error"] is NSNull)
+        #expect(line["method"] is NSNull)
+        #expect(line["upstream_connect_ms"] is Double)
+    }
+}
+
+extension ISO8601DateFormatter {
+    nonisolated(unsafe) static let withMilliseconds: ISO8601DateFormatter = {
+        let formatter = ISO8601DateFormatter()
+        formatter.formatOptions = [.withInternetDateTime, .withFractionalSeconds]
+        return formatter
+    }()
+}
