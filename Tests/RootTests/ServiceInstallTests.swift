@@ -577,19 +577,22 @@ struct ServiceInstallTests {
     }
 
     /// The logrotate file (init/trellis-agent.logrotate, as installed in /etc/logrotate.d, with the
-    /// log's and the SysV script's paths pointed at this test's) rotates the agent's log, and the
-    /// agent writes to the new file (SIGUSR1 through `reopen-logs`); the next rotation compresses
-    /// the previous log; with the agent stopped, rotation still succeeds quietly.
+    /// logs' and the SysV script's paths pointed at this test's) rotates the agent's log and its
+    /// access log, and the agent writes to the new files (SIGUSR1 through `reopen-logs`); the next
+    /// rotation compresses the previous log; with the agent stopped, rotation still succeeds quietly.
     @Test(.enabled(if: Peers.which("logrotate") != nil, "needs logrotate (Debian logrotate): run scripts/bootstrap.sh"))
     func logrotateRotatesTheSysVLogAndTheAgentWritesToTheNewFile() async throws {
         let lab = try NetnsLab(subnet: 23)
         defer { lab.destroy() }
         let dir = try Peers.temporaryDirectory("sysv-logrotate")
         defer { try? FileManager.default.removeItem(at: dir) }
+        // Next to the agent's log, in the folder the SysV script gives the agent's user.
+        let accessLog = dir.appendingPathComponent("log/access.log")
         let service = try SysV(
             ns: lab.a,
             dir: dir,
-            config: "node: vm-a\ndrain_deadline: 5s\ncapture: {inbound_ports: [9]}\n"
+            config:
+                "node: vm-a\ndrain_deadline: 5s\ncapture: {inbound_ports: [9]}\naccess_log: {output: \(accessLog.path)}\n"
         )
         defer {
             Self.killAgent(service.pid)
@@ -608,11 +611,13 @@ struct ServiceInstallTests {
             encoding: .utf8
         )
         #expect(
-            installed.contains("/var/log/trellis/agent.log {")
+            installed.contains("/var/log/trellis/agent.log /var/log/trellis/access.log {")
                 && installed.contains("/etc/init.d/trellis-agent reopen-logs")
         )
         let conf = dir.appendingPathComponent("logrotate.conf")
+        // The test machine's systemd (if any) has no trellis-agent running: the SysV branch runs.
         try installed.replacingOccurrences(of: "/var/log/trellis/agent.log", with: service.log.path)
+            .replacingOccurrences(of: "/var/log/trellis/access.log", with: accessLog.path)
             .replacingOccurrences(of: "/etc/init.d/trellis-agent", with: wrapper.path)
             .write(to: conf, atomically: true, encoding: .utf8)
         chmod(conf.path, 0o644)
@@ -631,6 +636,12 @@ struct ServiceInstallTests {
         )
         let rotated = dir.appendingPathComponent("log/agent.log.1")
         func text(_ url: URL) -> String { (try? String(contentsOf: url, encoding: .utf8)) ?? "" }
+        // A request from B to A's captured port 9 (nothing listens there): its access-log line.
+        func request(_ path: String) async -> Bool {
+            _ = try? lab.exec(lab.b, ["curl", "-s", "--max-time", "5", "http://\(lab.aAddress):9\(path)"])
+            return await Peers.eventually(within: .seconds(5)) { text(accessLog).contains("\"path\":\"\(path)\"") }
+        }
+        #expect(await request("/before-rotation"), "\(text(accessLog))")
 
         let first = await rotate()
         #expect(first.status == 0, "\(first)")
@@ -650,6 +661,11 @@ struct ServiceInstallTests {
             }
         }
         #expect(await logsToTheNewFile(), "the agent writes to the new file: \(service.output)")
+        // The access log moved too, and the next line goes to the new file.
+        let accessRotated = dir.appendingPathComponent("log/access.log.1")
+        #expect(text(accessRotated).contains("/before-rotation"), "\(text(accessRotated))")
+        #expect(await request("/after-rotation"), "\(text(accessLog))")
+        #expect(!text(accessLog).contains("/before-rotation") && !text(accessRotated).contains("/after-rotation"))
 
         // The next rotation compresses the previous log (delaycompress); the agent follows again.
         let second = await rotate()
