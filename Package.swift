@@ -37,6 +37,10 @@ let package = Package(
         .package(url: "https://github.com/groue/GRDB.swift.git", from: "7.10.0"),
         // Without the default traits (swift-configuration, full Foundation): pilot needs neither.
         .package(url: "https://github.com/hummingbird-project/hummingbird.git", from: "2.28.1", traits: []),
+        .package(url: "https://github.com/apple/swift-distributed-tracing.git", from: "1.7.3"),
+        .package(url: "https://github.com/swift-otel/swift-w3c-trace-context.git", from: "1.0.0"),
+        // OTLP over gRPC only (grpc-swift-2 is here already); OTLP/HTTP would add async-http-client.
+        .package(url: "https://github.com/swift-otel/swift-otel.git", from: "1.6.0", traits: ["OTLPGRPC"]),
     ],
     targets: [
         // MARK: C libraries (Debian packages, see scripts/bootstrap.sh)
@@ -119,6 +123,22 @@ let package = Package(
                 .product(name: "Logging", package: "swift-log"),
                 .product(name: "CoreMetrics", package: "swift-metrics"),
                 .product(name: "ServiceLifecycle", package: "swift-service-lifecycle"),
+                .product(name: "Tracing", package: "swift-distributed-tracing"),
+                .product(name: "W3CTraceContext", package: "swift-w3c-trace-context"),
+            ],
+            swiftSettings: swiftSettings
+        ),
+        // The span exporter the executables run (swift-otel, OTLP/gRPC) for the data path's tracing.
+        .target(
+            name: "TrellisTracing",
+            dependencies: [
+                "Proxy",
+                "TrellisConfig",
+                "TrellisPolicy",
+                .product(name: "Logging", package: "swift-log"),
+                .product(name: "OTel", package: "swift-otel"),
+                .product(name: "ServiceLifecycle", package: "swift-service-lifecycle"),
+                .product(name: "Tracing", package: "swift-distributed-tracing"),
             ],
             swiftSettings: swiftSettings
         ),
@@ -201,6 +221,7 @@ let package = Package(
                 "TrellisRuntime",
                 "TrellisValues",
                 "TrellisPolicy",
+                "TrellisTracing",
                 "Interceptor",
                 "Proxy",
                 .product(name: "ArgumentParser", package: "swift-argument-parser"),
@@ -276,6 +297,9 @@ let package = Package(
                 .product(name: "NIOEmbedded", package: "swift-nio"),
                 .product(name: "Logging", package: "swift-log"),
                 .product(name: "Prometheus", package: "swift-prometheus"),
+                .product(name: "Tracing", package: "swift-distributed-tracing"),
+                .product(name: "ServiceLifecycle", package: "swift-service-lifecycle"),
+                "TrellisTracing",
             ],
             swiftSettings: swiftSettings
         ),

@@ -39,6 +39,8 @@ PYPI_PACKAGES=(
   "grpcio" "grpcio-health-checking"
   # HPACK header blocks for the raw HTTP/2 abuse and fuzz clients (Tests/Fixtures/http2)
   "hpack"
+  # a real OTLP/gRPC trace receiver for the tracing tests (Tests/Fixtures/otlp)
+  "opentelemetry-proto"
 )
 
 missing=()

@@ -54,7 +54,8 @@ public enum AgentListeners {
                     virtualHosts: anyHost,
                     accessLog: accessLog,
                     transparent: TransparentMode(sniffTimeout: sniffTimeout),
-                    additionalAddresses: v6(outboundPort)
+                    additionalAddresses: v6(outboundPort),
+                    trafficDirection: .outbound
                 ),
                 ListenerConfig(
                     name: "inbound",
@@ -62,7 +63,8 @@ public enum AgentListeners {
                     virtualHosts: anyHost,
                     accessLog: accessLog,
                     transparent: TransparentMode(sniffTimeout: sniffTimeout, forwardTo: inboundForward.addresses),
-                    additionalAddresses: v6(inboundPort)
+                    additionalAddresses: v6(inboundPort),
+                    trafficDirection: .inbound
                 ),
             ],
             // A captured connection must not give up sooner than it would have without the agent:

@@ -14,6 +14,8 @@ public struct GatewayFile: Sendable {
     /// when it says `access_log: true`, or when the file has a top-level `access_log` and the
     /// listener does not say `false`.
     public var accessLog: AccessLogSettings?
+    /// Spans of every request, exported over OTLP/gRPC (`tracing`).
+    public var tracing: TracingSettings?
 
     public init(proxy: ProxyConfig, adminAddress: SocketEndpoint = .init(host: "127.0.0.1", port: 15000)) {
         self.proxy = proxy
@@ -56,7 +58,9 @@ public enum GatewayConfigLoader {
     }
 
     private static func load(_ root: ConfigNode, version: String) throws(ConfigFileError) -> GatewayFile {
-        let top = try root.mapping(allowed: ["admin", "listeners", "clusters", "upstream_mark", "access_log"])
+        let top = try root.mapping(allowed: [
+            "admin", "listeners", "clusters", "upstream_mark", "access_log", "tracing",
+        ])
         let accessLog = try top["access_log"].flatMap { (n) throws(ConfigFileError) in try AccessLogSettings.decode(n) }
         var admin = SocketEndpoint(host: "127.0.0.1", port: 15000)
         if let adminNode = top["admin"] {
@@ -77,6 +81,7 @@ public enum GatewayConfigLoader {
             adminAddress: admin
         )
         if let n = top["upstream_mark"] { file.upstreamMark = try n.mark() }
+        if let n = top["tracing"] { file.tracing = try TracingSettings.decode(n) }
         // `access_log: true` on a listener alone writes to standard output, every request.
         file.accessLog = accessLog ?? (listeners.contains { $0.accessLog } ? AccessLogSettings() : nil)
         return file

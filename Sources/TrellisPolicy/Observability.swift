@@ -57,3 +57,45 @@ public struct AccessLogSettings: Sendable, Hashable {
         return settings
     }
 }
+
+/// Distributed tracing (`tracing:` in agent.yaml and the gateway file): spans exported over
+/// OTLP/gRPC to a collector. See docs/observability.md.
+public struct TracingSettings: Sendable, Hashable {
+    /// The collector's OTLP/gRPC address (`host:port`, usually port 4317).
+    public var collectorHost: String
+    public var collectorPort: Int
+    /// The share of new traces recorded, 0...1 (default 1 %); a request that arrives with a trace
+    /// follows its caller's decision (parent-based sampling).
+    public var sampleRate: Double
+    /// The `service.name` of the exported spans (default: the executable's).
+    public var serviceName: String?
+
+    public init(collectorHost: String, collectorPort: Int, sampleRate: Double = 0.01, serviceName: String? = nil) {
+        self.collectorHost = collectorHost
+        self.collectorPort = collectorPort
+        self.sampleRate = sampleRate
+        self.serviceName = serviceName
+    }
+
+    /// `tracing: {collector: 127.0.0.1:4317, sample_rate: 0.01, service_name: orders-vm}`.
+    public static func decode(_ node: ConfigNode) throws(ConfigFileError) -> TracingSettings {
+        let keys = try node.mapping(allowed: ["collector", "sample_rate", "service_name"])
+        let (host, port) = try keys.required("collector", in: node).endpoint()
+        var settings = TracingSettings(collectorHost: host, collectorPort: port)
+        if let n = keys["sample_rate"] {
+            if n.isScalar, (try? n.string()) == "0" {
+                settings.sampleRate = 0
+            } else {
+                settings.sampleRate = try n.number(above: 0, atMost: 1)
+            }
+        }
+        if let n = keys["service_name"] {
+            let name = try n.nonEmptyString()
+            guard name.utf8.count <= 255, name.allSatisfy({ $0.isASCII && !$0.isWhitespace && $0 != "\"" }) else {
+                throw n.error("expected a name of at most 255 printable ASCII characters without spaces, got '\(name)'")
+            }
+            settings.serviceName = name
+        }
+        return settings
+    }
+}

@@ -13,6 +13,7 @@ import ServiceLifecycle
 import TrellisConfig
 import TrellisPolicy
 import TrellisRuntime
+import TrellisTracing
 import UnixSignals
 
 /// `trellis-agent gateway --config FILE`: the proxy alone, from a static YAML file.
@@ -68,6 +69,14 @@ struct Gateway: AsyncParsableCommand {
                 throw AgentCommandError("\(config): \(error)")
             }
         }
+        let tracing = try gateway.tracing.map {
+            try TracingBackend.make(
+                $0,
+                defaultServiceName: "trellis-gateway",
+                node: ProcessInfo.processInfo.hostName,
+                logger: logger
+            )
+        }
         let proxy = try ProxyServer(
             snapshot: snapshot,
             stats: stats,
@@ -75,6 +84,7 @@ struct Gateway: AsyncParsableCommand {
             originalDestination: lookup,
             upstreamMark: gateway.upstreamMark,
             accessLog: accessLog,
+            tracing: tracing?.tracing,
             logger: logger
         )
         let admin = AdminServer(
@@ -94,12 +104,16 @@ struct Gateway: AsyncParsableCommand {
             proxy: proxy,
             stats: stats,
             accessLog: gateway.accessLog,
+            tracing: gateway.tracing,
             logger: logger
         )
         logger.info("starting gateway", metadata: ["config.file": "\(config)", "event_loops": "\(threads)"])
+        // The exporter first, so that it stops last and sends the final spans.
+        let exporter: [ServiceGroupConfiguration.ServiceConfiguration] =
+            tracing.map { [.init(service: $0.service)] } ?? []
         let services = ServiceGroup(
             configuration: .init(
-                services: [
+                services: exporter + [
                     .init(service: proxy), .init(service: admin), .init(service: reloader),
                     .init(service: AccessLogReopener(accessLog: accessLog, logger: logger)),
                     // Memory freed after a burst of connections goes back to the kernel.
@@ -145,6 +159,7 @@ struct Reloader: Service {
     let proxy: ProxyServer
     let stats: ProxyStats
     let accessLog: AccessLogSettings?
+    let tracing: TracingSettings?
     let logger: Logger
 
     func run() async throws {
@@ -155,6 +170,9 @@ struct Reloader: Service {
                     throw AgentCommandError(
                         "access_log: changed (output, sample rate, or whether any listener logs), and only a restart applies it"
                     )
+                }
+                guard gateway.tracing == tracing else {
+                    throw AgentCommandError("tracing: changed, and only a restart applies it")
                 }
                 try await proxy.apply(try ProxySnapshot(gateway.proxy, stats: stats))
             } catch {

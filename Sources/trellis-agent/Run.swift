@@ -13,6 +13,7 @@ import ServiceLifecycle
 import TrellisConfig
 import TrellisPolicy
 import TrellisRuntime
+import TrellisTracing
 import UnixSignals
 
 /// `trellis-agent run`: the node agent. Binds the capture listeners, then installs the capture
@@ -146,6 +147,15 @@ struct Run: AsyncParsableCommand {
             throw AgentCommandError("\(configPath): \(error); nothing was installed")
         }
         accessLogBox.withLockedValue { $0 = accessLog }
+        let node = agent.node ?? ProcessInfo.processInfo.hostName
+        let tracing: (tracing: ProxyTracing, service: any Service)?
+        do {
+            tracing = try agent.tracing.map {
+                try TracingBackend.make($0, defaultServiceName: "trellis-agent", node: node, logger: logger)
+            }
+        } catch {
+            throw AgentCommandError("\(configPath): tracing: \(error); nothing was installed")
+        }
         let proxy = try ProxyServer(
             snapshot: try ProxySnapshot(base(agent), stats: stats),
             stats: stats,
@@ -153,9 +163,9 @@ struct Run: AsyncParsableCommand {
             originalDestination: { channel in OriginalDestination.now(channel) },
             upstreamMark: agent.capture.agentMark,
             accessLog: accessLog,
+            tracing: tracing?.tracing,
             logger: logger
         )
-        let node = agent.node ?? ProcessInfo.processInfo.hostName
         // The state folder (the last configuration from pilot, served after a restart).
         var persist: String? = agent.stateDirectory + "/agent-config.json"
         if agent.pilotXDS != nil {
@@ -271,6 +281,14 @@ struct Run: AsyncParsableCommand {
             dumpExtra: { controller.xdsState.map { (key: "xds", value: $0) } },
             logger: logger
         )
+        // The span exporter runs apart and stops after the capture rules are gone: sending the last
+        // spans (up to its 5 s export timeout when the collector is down) never delays that.
+        let exporter = tracing.map { ServiceGroup(services: [$0.service], logger: logger) }
+        let exporting = exporter.map { group in Task { try? await group.run() } }
+        func stopExporter() async {
+            await exporter?.triggerGracefulShutdown()
+            await exporting?.value
+        }
         let services: [ServiceGroupConfiguration.ServiceConfiguration] = [
             .init(service: proxy),
             .init(service: ControllerParts(controller: controller)),
@@ -295,11 +313,13 @@ struct Run: AsyncParsableCommand {
             logger.error("the agent stopped on an error", metadata: ["error": "\(error)"])
             await session.remove(keepRules: keepRules)
             await controller.stop()
+            await stopExporter()
             try? await group.shutdownGracefully()
             throw error
         }
         // Stopping: the gate bypasses, then the rules go.
         await session.remove(keepRules: keepRules)
+        await stopExporter()
         await accessLog?.shutdown()
         try await group.shutdownGracefully()
     }

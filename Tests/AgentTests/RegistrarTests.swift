@@ -40,6 +40,15 @@ struct RegistrarTests {
         )
         #expect(packaged.accessLog == AccessLogSettings(output: .file("/var/log/trellis/access.log"), sampleRate: 1))
         #expect(try AgentConfigLoader.parse(yaml: "node: a\n", file: "a.yaml").accessLog == nil)
+        #expect(config.tracing == TracingSettings(collectorHost: "10.0.0.10", collectorPort: 4317, sampleRate: 0.01))
+        let traced = try AgentConfigLoader.parse(
+            yaml: "tracing: {collector: \"[::1]:4317\", sample_rate: 0, service_name: vm-orders}\n",
+            file: "a.yaml"
+        )
+        #expect(
+            traced.tracing
+                == TracingSettings(collectorHost: "::1", collectorPort: 4317, sampleRate: 0, serviceName: "vm-orders")
+        )
     }
 
     /// The fail-open gate is on unless a file turns it off; the admin listener stays on loopback
@@ -101,6 +110,14 @@ struct RegistrarTests {
         ("capture: {gate: {queue: 70000}}\n", "capture.gate.queue"),
         ("access_log: {output: access.log}\n", "access_log.output: expected stdout, stderr or an absolute file path"),
         ("access_log: {sample_rate: -1}\n", "access_log.sample_rate: expected a number above 0 and at most 1"),
+        ("tracing: {sample_rate: 0.1}\n", "tracing: missing required key 'collector'"),
+        ("tracing: {collector: collector}\n", "tracing.collector: expected host:port"),
+        (
+            "tracing: {collector: 127.0.0.1:4317, sample_rate: 5}\n",
+            "tracing.sample_rate: expected a number above 0 and at most 1"
+        ),
+        ("tracing: {collector: 127.0.0.1:4317, service_name: \"my app\"}\n", "tracing.service_name: expected a name"),
+        ("tracing: {collector: 127.0.0.1:4317, exporter: zipkin}\n", "tracing.exporter: unknown key 'exporter'"),
     ])
     func badAgentFilesNameTheKeyAndWhatWasExpected(yaml: String, expected: String) {
         do {

@@ -69,6 +69,10 @@ struct MeshEndToEndTests {
 
         let pilot = try lab.startPilot(dir: dir)
         defer { pilot.stop() }
+        // A real OTLP collector in the hub, which both agents export their spans to.
+        let collector = try await OTLPReceiver(port: 4317, host: lab.pilotIP, namespace: lab.hub)
+        defer { collector.stop() }
+        let observability = "tracing: {collector: \(lab.pilotIP):4317, sample_rate: 0.01}\n"
         let instances = "http://\(lab.pilotIP):15014/v1/instances?service=orders"
         #expect(
             await Peers.eventually(within: .seconds(15)) {
@@ -112,7 +116,7 @@ struct MeshEndToEndTests {
                 vm: "vm-b",
                 services: "[{name: orders, port: 8080, protocol: http, health_check: {http: /, interval: 1s}}]",
                 stateDir: dir.path
-            ) + "access_log: {output: \(dir.path)/vm-b-access.log}\n"
+            ) + "access_log: {output: \(dir.path)/vm-b-access.log}\n" + observability
         )
         let agentB2 = try Agent(
             lab: lab,
@@ -130,7 +134,7 @@ struct MeshEndToEndTests {
             vm: "vm-a",
             dir: dir,
             yaml: Self.agentYAML(lab, vm: "vm-a", services: "[]", stateDir: dir.path)
-                + "access_log: {output: \(dir.path)/vm-a-access.log}\n"
+                + "access_log: {output: \(dir.path)/vm-a-access.log}\n" + observability
         )
         defer {
             agentA.child.stop()
@@ -164,7 +168,16 @@ struct MeshEndToEndTests {
         #expect(dump.contains(#""port_virtual_hosts""#) && dump.contains("outbound|8080||orders"))
 
         // Through both agents: A's outbound listener, B's inbound listener, the server.
-        #expect(await curl("http://\(b):8080/hello") == "orders\n")
+        // The caller's trace is sampled: both agents record their span of it, whatever their rate.
+        let trace = "4bf92f3577b34da6a3ce929d0e0e4736"
+        let traced = await lab.exec(
+            "vm-a",
+            [
+                "curl", "-s", "--max-time", "10", "-H", "traceparent: 00-\(trace)-00f067aa0ba902b7-01",
+                "http://\(b):8080/hello",
+            ]
+        )
+        #expect(traced.stdout == "orders\n")
         #expect(await curl("http://\(b):8080/slow?ms=100") == "orders slow 100\n")
         // Each agent wrote one access-log line for /hello: A's outbound listener and B's inbound
         // one, with the request id A made (and sent on) and B kept.
@@ -187,6 +200,26 @@ struct MeshEndToEndTests {
         #expect(lineB?["endpoint"] as? String == "127.0.0.1:8080", "B's inbound side forwards to the local program")
         let requestID = lineA?["request_id"] as? String
         #expect(requestID?.count == 36 && lineB?["request_id"] as? String == requestID)
+        // One trace across both machines: A's client span under the caller's, B's server span
+        // under A's, exported by each agent to the collector; the access logs name them.
+        let spans = await collector.spans(atLeast: 2).filter { $0["trace_id"] as? String == trace }
+        let spanA = spans.first { $0["service"] as? String == "trellis-agent" && $0["kind"] as? String == "CLIENT" }
+        let spanB = spans.first { $0["service"] as? String == "trellis-agent" && $0["kind"] as? String == "SERVER" }
+        #expect(spans.count == 2, "\(spans)")
+        #expect(spanA?["instance"] as? String == "vm-a" && spanB?["instance"] as? String == "vm-b")
+        #expect(spanA?["parent_span_id"] as? String == "00f067aa0ba902b7")
+        #expect(
+            spanB?["parent_span_id"] as? String != nil
+                && spanB?["parent_span_id"] as? String == spanA?["span_id"] as? String
+        )
+        #expect(lineA?["trace_id"] as? String == trace && lineA?["span_id"] as? String == spanA?["span_id"] as? String)
+        #expect(lineB?["span_id"] as? String == spanB?["span_id"] as? String)
+        #expect(
+            !collector.spans.contains {
+                (($0["attributes"] as? [String: Any])?["url.path"] as? String)?.hasSuffix("/Export") == true
+            },
+            "no span of the exports themselves"
+        )
         let metricsA = await lab.exec("vm-a", ["curl", "-s", "http://127.0.0.1:15000/stats/prometheus"]).stdout
         let metricsB = await lab.exec("vm-b", ["curl", "-s", "http://127.0.0.1:15000/stats/prometheus"]).stdout
         // Port 8080 has pilot's routes: an address as Host is "allow_any", pilot's passthrough.

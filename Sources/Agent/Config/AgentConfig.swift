@@ -37,6 +37,9 @@ public struct AgentConfig: Sendable {
     public var adminAddress = HostPort(host: "127.0.0.1", port: 15000)
     /// The access log of every listener (`access_log`); none when absent. Applies at start only.
     public var accessLog: AccessLogSettings?
+    /// Spans of every request, exported over OTLP/gRPC (`tracing`); none when absent. Applies at
+    /// start only.
+    public var tracing: TracingSettings?
 
     public init() {}
 }
@@ -86,7 +89,7 @@ public struct LocalService: Sendable, Hashable {
 public enum AgentConfigLoader {
     static let topLevelKeys: Set<String> = [
         "node", "pilot", "register", "services", "capture", "drain_deadline", "inbound_forward", "state_dir",
-        "admin", "locality", "access_log",
+        "admin", "locality", "access_log", "tracing",
     ]
 
     /// - Throws: ``ConfigFileErrors`` naming file, line, key path and what was expected.
@@ -168,6 +171,7 @@ public enum AgentConfigLoader {
                 config.inboundForward = value
             }
             if let n = top["access_log"] { config.accessLog = try AccessLogSettings.decode(n) }
+            if let n = top["tracing"] { config.tracing = try TracingSettings.decode(n) }
             if let a = top["admin"] {
                 let keys = try a.mapping(allowed: ["address"])
                 if let n = keys["address"] {

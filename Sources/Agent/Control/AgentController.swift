@@ -125,7 +125,7 @@ public actor AgentController {
     /// Reads agent.yaml again and applies what changed: capture rules and gate (one transaction
     /// per family, rolled back if the kernel refuses one), services and health checks, pilot's
     /// addresses, the drain deadline. A file that does not parse, or that changes what only a
-    /// restart can (node, state_dir, admin, access_log), is refused whole and the running
+    /// restart can (node, state_dir, admin, access_log, tracing), is refused whole and the running
     /// configuration stays.
     public func reload() async -> ReloadReport {
         let new: AgentConfig
@@ -145,6 +145,7 @@ public actor AgentController {
         if new.stateDirectory != old.stateDirectory { restartOnly.append("state_dir") }
         if new.adminAddress != old.adminAddress { restartOnly.append("admin.address") }
         if new.accessLog != old.accessLog { restartOnly.append("access_log") }
+        if new.tracing != old.tracing { restartOnly.append("tracing") }
         // New IPv6 rules before [::] listeners would refuse every redirected IPv6 connection.
         if new.capture.ipv6 != old.capture.ipv6 { restartOnly.append("capture.ipv6") }
         guard restartOnly.isEmpty else {

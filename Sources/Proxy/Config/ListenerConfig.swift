@@ -13,8 +13,11 @@ public struct ListenerConfig: Sendable, Hashable, Codable {
     /// `*.suffix`, then `*`.
     public var virtualHosts: [VirtualHost]
     public var limits: ConnectionLimits
-    /// Log one line per request (method, path, status, token, cluster, endpoint, duration).
+    /// Write one access-log line per request or TCP connection (to the server's ``AccessLog``).
     public var accessLog: Bool
+    /// Which way the listener's traffic goes (Envoy's `traffic_direction`): the agent's outbound
+    /// listener records client spans, every other listener server spans. Nil: unspecified.
+    public var trafficDirection: TrafficDirection?
     /// Set on the agent's capture listeners: connections arrive redirected, so their protocol is
     /// sniffed and what is not HTTP/1 is relayed as TCP to its original destination. Nil: a plain
     /// HTTP listener (the gateway).
@@ -31,8 +34,10 @@ public struct ListenerConfig: Sendable, Hashable, Codable {
         accessLog: Bool = false,
         transparent: TransparentMode? = nil,
         portVirtualHosts: [Int: [VirtualHost]] = [:],
-        additionalAddresses: [SocketEndpoint] = []
+        additionalAddresses: [SocketEndpoint] = [],
+        trafficDirection: TrafficDirection? = nil
     ) {
+        self.trafficDirection = trafficDirection
         self.portVirtualHosts = portVirtualHosts
         self.additionalAddresses = additionalAddresses
         self.name = name
@@ -58,7 +63,16 @@ public struct ListenerConfig: Sendable, Hashable, Codable {
         case virtualHosts = "virtual_hosts"
         case portVirtualHosts = "port_virtual_hosts"
         case accessLog = "access_log"
+        case trafficDirection = "traffic_direction"
     }
+}
+
+/// Envoy's `traffic_direction`.
+public enum TrafficDirection: String, Sendable, Hashable, Codable {
+    /// Requests the machine's programs make (the agent's outbound capture listener).
+    case outbound
+    /// Requests made to the machine's programs (the agent's inbound capture listener).
+    case inbound
 }
 
 /// How a capture listener treats a redirected connection.

@@ -14,6 +14,8 @@ final class DownstreamHandler: ChannelDuplexHandler {
     private let loop: LoopContext
     private let listenerName: String
     let accessLog: Bool
+    /// The listener's traffic direction: the kind of span a traced request gets.
+    private let direction: TrafficDirection?
     private var context: ChannelHandlerContext?
     private var machine: HTTP1ConnectionStateMachine
     /// The exchange of the request being served.
@@ -32,6 +34,7 @@ final class DownstreamHandler: ChannelDuplexHandler {
         loop: LoopContext,
         listenerName: String,
         accessLog: Bool,
+        direction: TrafficDirection? = nil,
         timeouts: ConnectionTimeoutHandler?,
         originalDestination lookup: OriginalDestinationLookup? = nil
     ) {
@@ -40,6 +43,7 @@ final class DownstreamHandler: ChannelDuplexHandler {
         self.timeouts = timeouts
         self.listenerName = listenerName
         self.accessLog = accessLog
+        self.direction = direction
         self.machine = HTTP1ConnectionStateMachine(now: loop.eventLoop.now, draining: loop.draining)
     }
 
@@ -96,7 +100,8 @@ final class DownstreamHandler: ChannelDuplexHandler {
                 remoteAddress: remoteAddress,
                 clientIP: clientIP,
                 startTime: .now(),
-                originalDestination: originalDestination
+                originalDestination: originalDestination,
+                direction: direction
             )
             let exchange = ProxyExchange(downstream: self, loop: loop, request: request, chain: chain)
             self.exchange = exchange

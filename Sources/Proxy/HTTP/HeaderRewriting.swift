@@ -18,6 +18,8 @@ enum HeaderRewriting {
         case via
         /// `te`: only `trailers` is passed on (gRPC needs it; RFC 9110 §10.1.4 lets a proxy keep it).
         case te
+        /// `traceparent`, `tracestate`: replaced by the proxy's own when it traces requests.
+        case traceContext
     }
 
     private static func kind(of name: String) -> Kind {
@@ -30,7 +32,9 @@ enum HeaderRewriting {
                 return equalsLowercase(bytes, "upgrade") || equalsLowercase(bytes, "trailer") ? .hopByHop : .endToEnd
             case 10:
                 if equalsLowercase(bytes, "connection") { return .connection }
+                if equalsLowercase(bytes, "tracestate") { return .traceContext }
                 return equalsLowercase(bytes, "keep-alive") ? .hopByHop : .endToEnd
+            case 11: return equalsLowercase(bytes, "traceparent") ? .traceContext : .endToEnd
             case 14: return equalsLowercase(bytes, "content-length") ? .contentLength : .endToEnd
             case 15:
                 if equalsLowercase(bytes, "x-forwarded-for") { return .xForwardedFor }
@@ -69,13 +73,15 @@ enum HeaderRewriting {
         var connectionOptions: [Substring] = []
     }
 
-    private static func scan(_ headers: HTTPHeaders, extra: Int) -> Scan {
+    private static func scan(_ headers: HTTPHeaders, extra: Int, replacingTraceContext: Bool = false) -> Scan {
         var s = Scan()
         s.headers.reserveCapacity(headers.count + extra)
         for (name, value) in headers {
             switch kind(of: name) {
             case .endToEnd:
                 s.headers.add(name: name, value: value)
+            case .traceContext:
+                if !replacingTraceContext { s.headers.add(name: name, value: value) }
             case .contentLength:
                 s.hasContentLength = true
                 s.headers.add(name: name, value: value)
@@ -104,11 +110,20 @@ enum HeaderRewriting {
     }
 
     /// The head sent upstream for a downstream request; `requestID` is added as `x-request-id`
-    /// (one the proxy made for a request without).
-    static func upstreamRequest(_ head: HTTPRequestHead, clientIP: String?, requestID: String? = nil) -> HTTPRequestHead
-    {
-        var s = scan(head.headers, extra: 5)
+    /// (one the proxy made for a request without), and `trace`'s context replaces the request's
+    /// `traceparent`/`tracestate`.
+    static func upstreamRequest(
+        _ head: HTTPRequestHead,
+        clientIP: String?,
+        requestID: String? = nil,
+        trace: RequestTrace? = nil
+    ) -> HTTPRequestHead {
+        var s = scan(head.headers, extra: 7, replacingTraceContext: trace != nil)
         if let requestID { s.headers.add(name: "x-request-id", value: requestID) }
+        if let trace {
+            s.headers.add(name: "traceparent", value: trace.traceparent)
+            if let state = trace.tracestate { s.headers.add(name: "tracestate", value: state) }
+        }
         if s.chunked && !s.hasContentLength { s.headers.add(name: "transfer-encoding", value: "chunked") }
         if let ip = clientIP {
             s.headers.add(name: "x-forwarded-for", value: s.forwardedFor.map { "\($0), \(ip)" } ?? ip)

@@ -72,6 +72,15 @@ final class ProxyExchange {
             generatedID = RequestID.make(&loop.resources.rng)
             request.requestID = generatedID
         }
+        if let tracing = loop.tracing, !tracing.untraced.contains(request.originalDestination ?? Self.noDestination) {
+            request.trace = RequestTrace.start(
+                request.head.headers,
+                method: request.head.method.rawValue,
+                direction: request.direction,
+                tracing: tracing,
+                rng: &loop.resources.rng
+            )
+        }
         for middleware in chain {
             if let error = middleware.onRequest(request) {
                 respondLocally(error)
@@ -96,7 +105,8 @@ final class ProxyExchange {
         let upstreamHead = HeaderRewriting.upstreamRequest(
             request.head,
             clientIP: request.clientIP,
-            requestID: generatedID
+            requestID: generatedID,
+            trace: request.trace
         )
         pending.append(.head(upstreamHead))
         if request.retryPolicy != nil { retained = [.head(upstreamHead)] }
@@ -305,6 +315,8 @@ final class ProxyExchange {
         loop.pool.acquire(endpoint: endpoint, cluster: cluster, for: self, fresh: true)
         return true
     }
+
+    private static let noDestination = SocketEndpoint(host: "", port: 0)
 
     /// A `grpc-timeout` value (at most 8 digits and a unit: H, M, S, m, u, n) as a duration.
     static func grpcTimeout(_ text: String) -> Duration? {

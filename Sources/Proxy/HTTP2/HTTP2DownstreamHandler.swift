@@ -14,6 +14,8 @@ final class HTTP2DownstreamHandler: ChannelInboundHandler {
     let loop: LoopContext
     let listenerName: String
     let accessLog: Bool
+    /// The listener's traffic direction: the kind of span a traced request gets.
+    private let direction: TrafficDirection?
     let session: HTTP2Session
     private var streams: [Int32: HTTP2DownstreamStream] = [:]
     private var context: ChannelHandlerContext?
@@ -34,6 +36,7 @@ final class HTTP2DownstreamHandler: ChannelInboundHandler {
         loop: LoopContext,
         listenerName: String,
         accessLog: Bool,
+        direction: TrafficDirection? = nil,
         settings: HTTP2Session.Settings,
         idleTimeout: TimeAmount,
         originalDestination lookup: OriginalDestinationLookup?
@@ -41,6 +44,7 @@ final class HTTP2DownstreamHandler: ChannelInboundHandler {
         self.loop = loop
         self.listenerName = listenerName
         self.accessLog = accessLog
+        self.direction = direction
         self.idleTimeout = idleTimeout
         self.lookup = lookup
         self.session = HTTP2Session(role: .server, settings: settings)
@@ -212,7 +216,8 @@ final class HTTP2DownstreamHandler: ChannelInboundHandler {
             remoteAddress: remoteAddress,
             clientIP: clientIP,
             startTime: .now(),
-            originalDestination: originalDestination
+            originalDestination: originalDestination,
+            direction: direction
         )
         let exchange = ProxyExchange(downstream: stream, loop: loop, request: request, chain: chain)
         stream.exchange = exchange

@@ -14,6 +14,8 @@ public final class RequestContext {
     public let startTime: NIODeadline
     /// Where the connection was going before it was captured (capture listeners only).
     public let originalDestination: SocketEndpoint?
+    /// The listener's traffic direction (the agent's outbound listener records client spans).
+    public let direction: TrafficDirection?
 
     /// Set by routing.
     public internal(set) var routeName: String?
@@ -61,6 +63,8 @@ public final class RequestContext {
     /// From the request's start to the response head (the upstream's or the proxy's own);
     /// recorded only when the access log is on.
     var firstByteNanos: Int64?
+    /// The request's trace (tracing configured): its span and the context sent upstream.
+    var trace: RequestTrace?
 
     init(
         head: HTTPRequestHead,
@@ -68,8 +72,10 @@ public final class RequestContext {
         remoteAddress: SocketAddress?,
         clientIP: String?,
         startTime: NIODeadline,
-        originalDestination: SocketEndpoint? = nil
+        originalDestination: SocketEndpoint? = nil,
+        direction: TrafficDirection? = nil
     ) {
+        self.direction = direction
         self.originalDestination = originalDestination
         self.head = head
         self.clientIP = clientIP

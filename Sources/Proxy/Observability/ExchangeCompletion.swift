@@ -43,6 +43,7 @@ enum ExchangeCompletion {
             if request.endpointIndex != nil { cluster.stats.duration.recordNanoseconds(elapsed.nanoseconds) }
         }
         for middleware in chain { middleware.onComplete(request) }
+        request.trace?.finish(request)
         if accessLog, let log = loop.accessLog { self.log(request, elapsed: elapsed, to: log, loop: loop) }
     }
 
@@ -60,6 +61,8 @@ enum ExchangeCompletion {
         record.grpcStatus = r.isGRPC ? (r.error?.grpcStatus ?? r.grpcStatus) : nil
         record.error = r.error?.token
         record.requestID = r.requestID
+        record.traceID = r.trace?.traceID
+        record.spanID = r.trace?.spanID
         record.source = r.remoteAddress
         if r.cluster?.config.originalDestination != true {
             record.service = r.clusterName.flatMap(AccessLogRecord.service)

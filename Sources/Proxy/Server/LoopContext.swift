@@ -11,6 +11,8 @@ final class LoopContext {
     let logger: Logger
     /// This loop's access-log lines, when the process has an access log.
     let accessLog: LoopAccessLog?
+    /// The tracer and sampling, when the process traces requests.
+    let tracing: ProxyTracing?
     let pool: UpstreamPool
     let deadlines: RequestDeadlines
     let resources = LoopResources()
@@ -24,8 +26,10 @@ final class LoopContext {
         stats: ProxyStats,
         logger: Logger,
         upstreamMark: UInt32? = nil,
-        accessLog: AccessLog? = nil
+        accessLog: AccessLog? = nil,
+        tracing: ProxyTracing? = nil
     ) {
+        self.tracing = tracing
         self.eventLoop = eventLoop
         self.store = store
         self.factories = factories

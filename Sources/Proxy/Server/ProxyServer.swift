@@ -39,6 +39,8 @@ public final class ProxyServer: Service, Sendable {
     ///     so that the capture rules do not take its own connections again.
     ///   - accessLog: where listeners with ``ListenerConfig/accessLog`` write their lines; without
     ///     one they write none.
+    ///   - tracing: the tracer and sampling of requests' spans; without it nothing is traced and
+    ///     trace headers pass through untouched.
     public init(
         snapshot: ProxySnapshot,
         stats: ProxyStats,
@@ -47,6 +49,7 @@ public final class ProxyServer: Service, Sendable {
         originalDestination: OriginalDestinationLookup? = nil,
         upstreamMark: UInt32? = nil,
         accessLog: AccessLog? = nil,
+        tracing: ProxyTracing? = nil,
         logger: Logger
     ) throws {
         self.originalDestination = originalDestination
@@ -67,7 +70,8 @@ public final class ProxyServer: Service, Sendable {
                     stats: stats,
                     logger: logger,
                     upstreamMark: upstreamMark,
-                    accessLog: accessLog
+                    accessLog: accessLog,
+                    tracing: tracing
                 )
                 context.pool.startSweeping()
                 return NIOLoopBound(context, eventLoop: loop)
@@ -279,6 +283,7 @@ public final class ProxyServer: Service, Sendable {
                                 loop: loopContext,
                                 listenerName: listener.name,
                                 accessLog: listener.accessLog,
+                                direction: listener.trafficDirection,
                                 settings: HTTP2Session.Settings(),
                                 idleTimeout: TimeAmount(listener.limits.idleTimeout),
                                 originalDestination: lookup
@@ -354,6 +359,7 @@ public final class ProxyServer: Service, Sendable {
                 loop: loopContext,
                 listenerName: listener.name,
                 accessLog: listener.accessLog,
+                direction: listener.trafficDirection,
                 timeouts: timeouts,
                 originalDestination: lookup
             )

@@ -23,6 +23,7 @@ final class ProxyHarness: Sendable {
         logger: Logger? = nil,
         originalDestination: OriginalDestinationLookup? = nil,
         accessLog: AccessLogFile? = nil,
+        tracing: ProxyTracing? = nil,
         registry: PrometheusCollectorRegistry = PrometheusCollectorRegistry()
     ) async throws -> ProxyHarness {
         let stats = ProxyStats(factory: PrometheusMetricsFactory(registry: registry))
@@ -40,6 +41,7 @@ final class ProxyHarness: Sendable {
             group: group,
             originalDestination: originalDestination,
             accessLog: accessLog?.sink,
+            tracing: tracing,
             logger: logger
         )
         let bound = try await server.start()

@@ -1,0 +1,44 @@
+import Foundation
+public import Logging
+import OTel
+public import Proxy
+public import ServiceLifecycle
+import Tracing
+import TrellisConfig
+public import TrellisPolicy
+
+/// The span exporter of `run` and `gateway`: swift-otel's tracer with its OTLP/gRPC exporter,
+/// batched (at most 2,048 spans waiting; past that new ones are dropped, so a dead collector costs
+/// memory once and never blocks the data path). Sampling is the data path's (``ProxyTracing``):
+/// the tracer records every span it is asked for.
+public enum TracingBackend {
+    public static func make(
+        _ settings: TracingSettings,
+        defaultServiceName: String,
+        node: String,
+        logger: Logger
+    ) throws -> (tracing: ProxyTracing, service: any Service) {
+        var configuration = OTel.Configuration.default
+        configuration.serviceName = settings.serviceName ?? defaultServiceName
+        configuration.resourceAttributes = [
+            "service.instance.id": node, "host.name": ProcessInfo.processInfo.hostName,
+            "service.version": TrellisVersion.current,
+        ]
+        configuration.diagnosticLogger = .custom(logger)
+        configuration.diagnosticLogLevel = .warning
+        configuration.logs.enabled = false
+        configuration.metrics.enabled = false
+        configuration.traces.sampler = .alwaysOn
+        configuration.traces.batchSpanProcessor.scheduleDelay = .seconds(1)
+        configuration.traces.batchSpanProcessor.exportTimeout = .seconds(5)
+        configuration.traces.batchSpanProcessor.maxQueueSize = 2048
+        configuration.traces.batchSpanProcessor.maxExportBatchSize = 512
+        let host = settings.collectorHost.contains(":") ? "[\(settings.collectorHost)]" : settings.collectorHost
+        configuration.traces.otlpExporter.endpoint = "http://\(host):\(settings.collectorPort)"
+        configuration.traces.otlpExporter.protocol = .grpc
+        configuration.traces.otlpExporter.timeout = .seconds(5)
+        let (tracer, service) = try OTel.makeTracingBackend(configuration: configuration)
+        let collector = SocketEndpoint(host: settings.collectorHost, port: settings.collectorPort)
+        return (ProxyTracing(tracer: tracer, sampleRate: settings.sampleRate, untraced: [collector]), service)
+    }
+}

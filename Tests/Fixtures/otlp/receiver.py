@@ -1,0 +1,91 @@
+"""A real OTLP/gRPC trace receiver (grpcio with the opentelemetry-proto package's messages and
+service): it answers TraceService/Export and prints every span it received as one JSON line on
+standard output (flushed), for the tests to read:
+
+  {"service": ..., "trace_id": hex, "span_id": hex, "parent_span_id": hex or "",
+   "name": ..., "kind": "SERVER"|"CLIENT"|..., "status": "OK"|"ERROR"|"UNSET",
+   "attributes": {key: value}}
+
+It prints "listening <port>" first. With --delay-ms, each export is answered that much later (a
+slow collector). It stops on SIGTERM or after --seconds (bounded).
+
+usage: receiver.py --port PORT [--host ADDRESS] [--delay-ms MS] [--seconds S]
+"""
+import argparse
+import json
+import signal
+import sys
+import threading
+import time
+from concurrent import futures
+
+import grpc
+from opentelemetry.proto.collector.trace.v1 import trace_service_pb2, trace_service_pb2_grpc
+from opentelemetry.proto.trace.v1 import trace_pb2
+
+KINDS = {v: k.replace("SPAN_KIND_", "") for k, v in trace_pb2.Span.SpanKind.items()}
+STATUS = {v: k.replace("STATUS_CODE_", "") for k, v in trace_pb2.Status.StatusCode.items()}
+lock = threading.Lock()
+
+
+def value(any_value):
+    kind = any_value.WhichOneof("value")
+    return getattr(any_value, kind) if kind else None
+
+
+class Receiver(trace_service_pb2_grpc.TraceServiceServicer):
+    def __init__(self, delay):
+        self.delay = delay
+
+    def Export(self, request, context):
+        if self.delay:
+            time.sleep(self.delay)
+        lines = []
+        for resource_spans in request.resource_spans:
+            resource = {a.key: value(a.value) for a in resource_spans.resource.attributes}
+            for scope_spans in resource_spans.scope_spans:
+                for span in scope_spans.spans:
+                    lines.append(
+                        json.dumps(
+                            {
+                                "service": resource.get("service.name"),
+                                "instance": resource.get("service.instance.id"),
+                                "trace_id": span.trace_id.hex(),
+                                "span_id": span.span_id.hex(),
+                                "parent_span_id": span.parent_span_id.hex(),
+                                "name": span.name,
+                                "kind": KINDS.get(span.kind, str(span.kind)),
+                                "status": STATUS.get(span.status.code, str(span.status.code)),
+                                "attributes": {a.key: value(a.value) for a in span.attributes},
+                                "duration_ms": (span.end_time_unix_nano - span.start_time_unix_nano) / 1e6,
+                            },
+                            sort_keys=True,
+                        )
+                    )
+        with lock:
+            for line in lines:
+                print(line)
+            sys.stdout.flush()
+        return trace_service_pb2.ExportTraceServiceResponse()
+
+
+def main():
+    parser = argparse.ArgumentParser()
+    parser.add_argument("--port", type=int, required=True)
+    parser.add_argument("--host", default="127.0.0.1")
+    parser.add_argument("--delay-ms", type=int, default=0)
+    parser.add_argument("--seconds", type=float, default=600)
+    args = parser.parse_args()
+    server = grpc.server(futures.ThreadPoolExecutor(max_workers=4))
+    trace_service_pb2_grpc.add_TraceServiceServicer_to_server(Receiver(args.delay_ms / 1000), server)
+    port = server.add_insecure_port(f"{args.host}:{args.port}")
+    server.start()
+    print(f"listening {port}", flush=True)
+    done = threading.Event()
+    signal.signal(signal.SIGTERM, lambda *_: done.set())
+    done.wait(args.seconds)
+    server.stop(grace=1)
+
+
+if __name__ == "__main__":
+    main()
