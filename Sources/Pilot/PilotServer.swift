@@ -24,7 +24,7 @@ public struct PilotServer: Service {
 
     public let registry: Registry
     public let cache = SnapshotCache()
-    public let sync = SyncStatus()
+    public let sync: SyncStatus
     public let generator: SnapshotGenerator
     let configuration: Configuration
     let logger: Logger
@@ -39,6 +39,7 @@ public struct PilotServer: Service {
         metricsText: @escaping @Sendable () -> String = { "" }
     ) throws {
         self.metrics = metrics
+        self.sync = SyncStatus(metrics: metrics)
         self.configuration = configuration
         self.logger = logger
         self.metricsText = metricsText

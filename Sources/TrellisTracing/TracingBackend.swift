@@ -39,6 +39,28 @@ public enum TracingBackend {
         configuration.traces.otlpExporter.timeout = .seconds(5)
         let (tracer, service) = try OTel.makeTracingBackend(configuration: configuration)
         let collector = SocketEndpoint(host: settings.collectorHost, port: settings.collectorPort)
-        return (ProxyTracing(tracer: tracer, sampleRate: settings.sampleRate, untraced: [collector]), service)
+        let tracing = ProxyTracing(tracer: tracer, sampleRate: settings.sampleRate, untraced: [collector])
+        return (tracing, Exporter(backend: service, tracing: tracing, logger: logger))
+    }
+
+    /// Runs the exporter; whenever and however it ends, tracing stops recording (the data path
+    /// then only passes trace contexts on), and an error is logged, never thrown: losing the
+    /// exporter must not stop the proxy.
+    struct Exporter: Service {
+        let backend: any Service
+        let tracing: ProxyTracing
+        let logger: Logger
+
+        func run() async throws {
+            defer { tracing.stop() }
+            do {
+                try await backend.run()
+            } catch {
+                logger.error(
+                    "the span exporter stopped; no more spans are recorded",
+                    metadata: ["error": "\(error)"]
+                )
+            }
+        }
     }
 }

@@ -140,12 +140,39 @@ struct Undrain: AsyncParsableCommand {
 /// `trellis-agent status`: what the running agent is doing.
 struct Status: AsyncParsableCommand {
     static let configuration = CommandConfiguration(
-        abstract: "Show the running agent: state, listeners, services, connections, configuration, pilot."
+        abstract: "Show the running agent: state, listeners, services, connections, configuration, pilot.",
+        discussion: """
+            With --watch, a table refreshed every --interval: per destination service the requests/s, \
+            success rate, p50/p99 latency, open connections, ejections and the proxy's errors, with the \
+            capture and gate counters above (computed from the agent's metrics, docs/metrics.md). \
+            Ctrl-C ends it.
+            """
     )
 
     @OptionGroup var control: ControlOptions
 
+    @Flag(help: "Refresh a live table of the agent's traffic until interrupted.")
+    var watch = false
+
+    @Option(help: "With --watch: seconds between refreshes (0.2 to 60).")
+    var interval: Double = 1
+
+    @Option(help: "With --watch: stop after this many refreshes (0: never).")
+    var iterations = 0
+
+    func validate() throws {
+        guard (0.2...60).contains(interval) else {
+            throw ValidationError("--interval: expected 0.2 to 60, got \(interval)")
+        }
+        guard iterations >= 0 else { throw ValidationError("--iterations: expected 0 or more, got \(iterations)") }
+        if watch && control.json { throw ValidationError("--watch and --json cannot be used together") }
+    }
+
     func run() async throws {
+        if watch {
+            try await watchLoop()
+            return
+        }
         let text = try await control.send("GET", "/status", timeout: .seconds(10))
         if control.json {
             print(text, terminator: "")
@@ -197,5 +224,50 @@ struct Status: AsyncParsableCommand {
             }
         }
         print(lines.joined(separator: "\n"))
+    }
+}
+
+extension Status {
+    /// Scrapes the agent's metrics every interval and redraws the table from the differences.
+    private func watchLoop() async throws {
+        var previous = LiveView.parse(try await control.send("GET", "/metrics", timeout: .seconds(10)))
+        var last = ContinuousClock.now
+        var drawn = 0
+        while iterations == 0 || drawn < iterations {
+            try await Task.sleep(for: .milliseconds(Int(interval * 1000)))
+            let status = try JSONDecoder().decode(
+                AgentStatus.self,
+                from: Data(try await control.send("GET", "/status", timeout: .seconds(10)).utf8)
+            )
+            let current = LiveView.parse(try await control.send("GET", "/metrics", timeout: .seconds(10)))
+            let now = ContinuousClock.now
+            let elapsed = now - last
+            let seconds = Double(elapsed.components.seconds) + Double(elapsed.components.attoseconds) / 1e18
+            func rate(_ name: String, _ labels: [String: String] = [:]) -> String {
+                let value = LiveView.rate(name, previous: previous, current: current, seconds: seconds) { sample in
+                    labels.allSatisfy { sample[$0.key] == $0.value }
+                }
+                return String(Double(Int(value * 10)) / 10)
+            }
+            let summary = [
+                "capture: \(status.capture.rules); gate \(status.gate.map { "\($0.mode): captured \(rate("trellis_gate_connections_total", ["decision": "captured"]))/s, bypassed \(rate("trellis_gate_connections_total", ["decision": "bypassed"]))/s" } ?? "not configured")",
+                "connections: \(status.activity.httpConnections) HTTP, \(status.activity.tcpRelays) TCP relayed; "
+                    + "new: http1 \(rate("trellis_sniffed_connections_total", ["protocol": "http1"]))/s, "
+                    + "http2 \(rate("trellis_sniffed_connections_total", ["protocol": "http2"]))/s, "
+                    + "tcp \(rate("trellis_sniffed_connections_total", ["protocol": "tcp"]))/s",
+                "requests: \(rate("trellis_downstream_requests_total"))/s received, "
+                    + "\(status.activity.requestsInFlight) in flight; pilot xDS: \(status.xds?.connection ?? "not configured")",
+            ]
+            let screen = LiveView.render(
+                title: "trellis-agent \(status.node): \(status.state) — every \(interval)s (Ctrl-C to stop)",
+                summary: summary,
+                rows: LiveView.rows(previous: previous, current: current, seconds: seconds)
+            )
+            // Home and clear, then the screen: one write per refresh.
+            FileHandle.standardOutput.write(Data(("\u{1B}[H\u{1B}[2J" + screen).utf8))
+            previous = current
+            last = now
+            drawn += 1
+        }
     }
 }

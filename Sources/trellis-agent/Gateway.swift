@@ -109,8 +109,11 @@ struct Gateway: AsyncParsableCommand {
         )
         logger.info("starting gateway", metadata: ["config.file": "\(config)", "event_loops": "\(threads)"])
         // The exporter first, so that it stops last and sends the final spans.
+        // Ending (a failed exporter) stops tracing, never the gateway.
         let exporter: [ServiceGroupConfiguration.ServiceConfiguration] =
-            tracing.map { [.init(service: $0.service)] } ?? []
+            tracing.map {
+                [.init(service: $0.service, successTerminationBehavior: .ignore, failureTerminationBehavior: .ignore)]
+            } ?? []
         let services = ServiceGroup(
             configuration: .init(
                 services: exporter + [

@@ -231,7 +231,17 @@ struct Run: AsyncParsableCommand {
         )
         // The control socket first: a second agent on this machine stops here, before it touches
         // a port or a rule of the running one.
-        let control = ControlServer(path: controlSocket, controller: controller, group: group, logger: logger)
+        let control = ControlServer(
+            path: controlSocket,
+            controller: controller,
+            group: group,
+            renderMetrics: {
+                var buffer: [UInt8] = []
+                registry.emit(into: &buffer)
+                return String(decoding: buffer, as: UTF8.self)
+            },
+            logger: logger
+        )
         do {
             try await control.bind()
         } catch {

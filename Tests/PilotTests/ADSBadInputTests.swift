@@ -131,6 +131,8 @@ struct ADSBadInputTests {
                     await !Peers.http("GET", "\(pilot.api)/debug/syncz").body.contains("last_nack")
                 }
             )
+            // The NACKed response never counts as acknowledged; the ACKed one is timed, once.
+            #expect(await pilot.metric(#"trellis_pilot_xds_push_duration_seconds_count{type="cds"}"#) == 1)
             await probe.close()
         }
     }

@@ -226,13 +226,22 @@ import TrellisPolicy
         )
     }
 
-    @Test func aFolderThatCannotBeWrittenIsAClearErrorAtStart() throws {
-        let settings = AccessLogSettings(output: .file("/nonexistent-trellis-folder/access.log"))
+    @Test func aMissingFolderIsMadeAndAnImpossibleOneIsAClearErrorAtStart() async throws {
+        let folder = NSTemporaryDirectory() + "trellis-access-\(UUID().uuidString)"
+        defer { try? FileManager.default.removeItem(atPath: folder) }
+        let log = try AccessLog(
+            AccessLogSettings(output: .file(folder + "/log/trellis/access.log")),
+            logger: .init(label: "test")
+        )
+        await log.shutdown()
+        #expect(FileManager.default.fileExists(atPath: folder + "/log/trellis/access.log"))
+        // A folder inside a file cannot be made.
+        let file = folder + "/plain"
+        FileManager.default.createFile(atPath: file, contents: Data())
         #expect {
-            _ = try AccessLog(settings, logger: .init(label: "test"))
+            _ = try AccessLog(AccessLogSettings(output: .file(file + "/access.log")), logger: .init(label: "test"))
         } throws: { error in
-            "\(error)"
-                == "access_log.output: cannot open '/nonexistent-trellis-folder/access.log' for appending: No such file or directory"
+            "\(error)" == "access_log.output: cannot open '\(file)/access.log' for appending: Not a directory"
         }
     }
 

@@ -216,6 +216,44 @@ struct TracingTests {
         #expect(receiver.spans.isEmpty, "\(receiver.spans)")
     }
 
+    /// An exporter that stopped (here: shut down) stops the recording, never the proxy: requests
+    /// are still served and their trace context passed on as it came.
+    @Test func whenTheExporterStopsRequestsGoOnUnrecorded() async throws {
+        let receiver = try await OTLPReceiver()
+        defer { receiver.stop() }
+        let upstream = try await TestUpstream.start(name: "orders", group: group)
+        defer { Task { await upstream.stop() } }
+        let settings = TracingSettings(collectorHost: "127.0.0.1", collectorPort: receiver.port, sampleRate: 1)
+        let (tracing, exporter) = try TracingBackend.make(
+            settings,
+            defaultServiceName: "gw",
+            node: "n",
+            logger: Self.logger
+        )
+        let services = ServiceGroup(services: [exporter], logger: Self.logger)
+        let running = Task { try await services.run() }
+        let proxy = try await ProxyHarness.start(
+            gatewayConfig(
+                virtualHosts: catchAll("orders"),
+                clusters: [ClusterConfig(name: "orders", endpoints: [endpoint(upstream)])]
+            ),
+            group: group,
+            tracing: tracing
+        )
+        defer { Task { await proxy.stop() } }
+        let client = try await TestHTTPClient.connect(port: proxy.port, group: group)
+        defer { Task { await client.close() } }
+        #expect(try await client.request(.GET, "/recorded").status == .ok)
+        #expect(await receiver.spans(atLeast: 1).count == 1)
+        await services.triggerGracefulShutdown()
+        try await running.value
+        let sampled = "00-4bf92f3577b34da6a3ce929d0e0e4736-00f067aa0ba902b7-01"
+        #expect(try await client.request(.GET, "/after", headers: [("traceparent", sampled)]).status == .ok)
+        #expect(upstream.requests.last?.headers.first(name: "traceparent") == sampled)
+        try await Task.sleep(for: .milliseconds(300))
+        #expect(receiver.spans.count == 1)
+    }
+
     /// The access log names the trace and this proxy's span.
     @Test func theAccessLogCarriesTheTraceAndSpanIds() async throws {
         let receiver = try await OTLPReceiver()

@@ -235,6 +235,28 @@ struct MeshEndToEndTests {
         )
         #expect(metricsB.contains(#"trellis_sniffed_connections_total{protocol="http1"}"#))
 
+        // The live view, in a pseudo-terminal (script(1)) while requests by name flow: A's table has
+        // the orders row with its requests/s and success rate.
+        let traffic = Task {
+            for i in 0..<40 {
+                _ = await curl("http://orders:8080/watch/\(i)")
+                try? await Task.sleep(for: .milliseconds(40))
+            }
+        }
+        let watch = await Peers.command([
+            "script", "-qec",
+            "\(AgentPathNetnsTests.binary) status --watch --interval 0.5 --iterations 3 --socket \(agentA.socket)",
+            "/dev/null",
+        ])
+        await traffic.value
+        let screen = watch.stdout.components(separatedBy: "\u{1B}[H\u{1B}[2J").last ?? ""
+        // A terminal ends lines with "\r\n" (one Character in Swift).
+        let row = screen.split(whereSeparator: \.isNewline).first { $0.hasPrefix("outbound|8080||orders") }
+        #expect(watch.status == 0, "\(watch)")
+        #expect(screen.hasPrefix("trellis-agent vm-a: ") && screen.contains("SERVICE (cluster)"), "\(screen)")
+        let columns = row?.split(separator: " ") ?? []
+        #expect(columns.count >= 7 && (Double(columns[1]) ?? 0) > 0 && columns[2] == "100.0%", "\(screen)")
+
         // A destination nobody registered passes through unchanged.
         #expect(await curl("http://\(b):9090/x") == "unregistered\n")
         // B's inbound listener forwards to the program on 127.0.0.1 (the same port).

@@ -136,12 +136,18 @@ struct SafeByDefaultNetnsTests {
         return 0
     }
 
-    /// The installed default agent.yaml (init/agent.yaml), as the package puts it on a machine.
+    /// The installed default agent.yaml (init/agent.yaml), as the package puts it on a machine,
+    /// with its access log in `dir` instead of /var/log/trellis (the test machine's).
     static func installedDefault(into dir: URL) throws -> URL {
-        let text = try String(
+        let installed = try String(
             contentsOf: repository.appendingPathComponent("init/agent.yaml"),
             encoding: .utf8
         )
+        let text = installed.replacingOccurrences(
+            of: "/var/log/trellis/access.log",
+            with: dir.appendingPathComponent("access.log").path
+        )
+        guard text != installed else { throw CocoaError(.fileReadCorruptFile) }
         let file = dir.appendingPathComponent("agent.yaml")
         try ("node: vm-a\n" + text).write(to: file, atomically: true, encoding: .utf8)
         return file

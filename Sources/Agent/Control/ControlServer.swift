@@ -14,8 +14,9 @@ import Glibc
 
 /// The agent's control API, HTTP/1.1 over a Unix domain socket readable and writable by root only
 /// (`/run/trellis/agent.sock`): `GET /status`, `POST /drain[?deadline=30s]`, `POST /undrain`,
-/// `POST /reload`, all
-/// answered in JSON. `trellis-agent drain|undrain|status` are its clients. The loopback admin
+/// `POST /reload`, all answered in JSON, and `GET /metrics` (the Prometheus text of the admin
+/// listener's `/stats/prometheus`, for `status --watch`). `trellis-agent drain|undrain|status` are
+/// its clients. The loopback admin
 /// port (15000) carries no command that changes the agent.
 public final class ControlServer: Service, Sendable {
     public static let defaultPath = "/run/trellis/agent.sock"
@@ -28,16 +29,19 @@ public final class ControlServer: Service, Sendable {
     private let controller: AgentController
     private let group: any EventLoopGroup
     private let logger: Logger
+    private let renderMetrics: @Sendable () -> String
     private let bound = NIOLockedValueBox<NIOAsyncChannel<Connection, Never>?>(nil)
 
     public init(
         path: String = ControlServer.defaultPath,
         controller: AgentController,
         group: any EventLoopGroup,
+        renderMetrics: @escaping @Sendable () -> String = { "" },
         logger: Logger
     ) {
         self.path = path
         self.controller = controller
+        self.renderMetrics = renderMetrics
         self.group = group
         self.logger = logger
     }
@@ -157,6 +161,8 @@ public final class ControlServer: Service, Sendable {
         switch (head.method, route) {
         case (.GET, "/status"):
             return (.ok, Self.json(await controller.status()))
+        case (.GET, "/metrics"):
+            return (.ok, renderMetrics())
         case (.POST, "/drain"):
             var deadline: Duration?
             if let text = query["deadline"] {
@@ -170,15 +176,15 @@ public final class ControlServer: Service, Sendable {
             return (.ok, Self.json(await controller.undrain()))
         case (.POST, "/reload"):
             return (.ok, Self.json(await controller.reload()))
-        case (_, "/status"), (_, "/drain"), (_, "/undrain"), (_, "/reload"):
+        case (_, "/status"), (_, "/metrics"), (_, "/drain"), (_, "/undrain"), (_, "/reload"):
             return Self.error(
                 .methodNotAllowed,
-                "\(head.method) \(route): use GET /status, POST /drain, POST /undrain, POST /reload"
+                "\(head.method) \(route): use GET /status, GET /metrics, POST /drain, POST /undrain, POST /reload"
             )
         default:
             return Self.error(
                 .notFound,
-                "\(route): no such command; use GET /status, POST /drain, POST /undrain, POST /reload"
+                "\(route): no such command; use GET /status, GET /metrics, POST /drain, POST /undrain, POST /reload"
             )
         }
     }

@@ -7,6 +7,7 @@ public import Proxy
 public import ServiceLifecycle
 import SwiftProtobuf
 import Synchronization
+import TrellisConfig
 public import TrellisPolicy
 import XDS
 
@@ -69,15 +70,32 @@ public final class XDSClient: Service, Sendable {
     private let saving = Mutex<(pending: ProxyConfig?, writing: Bool)>((nil, false))
     private let metrics = Metrics()
 
-    /// `trellis_xds_connected` (1 while the stream is open), `trellis_xds_updates_total`,
-    /// `trellis_xds_nacks_total`, `trellis_xds_resyncs_total`, and
-    /// `trellis_xds_serving_saved_config` (1 while the configuration saved before a restart serves).
+    /// `trellis_xds_connected` (1 while the stream is open), `trellis_xds_updates_total`
+    /// (configurations applied and ACKed), `trellis_xds_nacks_total`, `trellis_xds_resyncs_total`,
+    /// `trellis_xds_reconnects_total` (streams that failed or that pilot closed, opened again),
+    /// `trellis_xds_version` (the applied configuration's version as a number: the low 52 bits of
+    /// its FNV-1a digest, equal on agents that run the same configuration),
+    /// `trellis_xds_last_update_timestamp_seconds`, and `trellis_xds_serving_saved_config` (1 while
+    /// the configuration saved before a restart serves).
     final class Metrics: Sendable {
         let connected = Gauge(label: "trellis_xds_connected")
         let updates = Counter(label: "trellis_xds_updates_total")
         let nacks = Counter(label: "trellis_xds_nacks_total")
         let resyncs = Counter(label: "trellis_xds_resyncs_total")
+        let reconnects = Counter(label: "trellis_xds_reconnects_total")
+        let version = Gauge(label: "trellis_xds_version")
+        let lastUpdate = Gauge(label: "trellis_xds_last_update_timestamp_seconds")
         let savedConfig = Gauge(label: "trellis_xds_serving_saved_config")
+
+        func applied(_ version: String) {
+            var digest = FNV1a()
+            digest.combine(version)
+            // A Prometheus value is a double: 52 bits keep it exact.
+            self.version.record(Double(digest.value & 0xF_FFFF_FFFF_FFFF))
+            var now = timespec()
+            clock_gettime(CLOCK_REALTIME, &now)
+            lastUpdate.record(Double(now.tv_sec) + Double(now.tv_nsec) / 1e9)
+        }
     }
 
     public init(
@@ -167,9 +185,11 @@ public final class XDSClient: Service, Sendable {
                     continue
                 }
                 setConnection("disconnected: pilot closed the stream")
+                metrics.reconnects.increment()
             } catch {
                 if Task.isCancelled { return }
                 setConnection("disconnected: \(error)")
+                metrics.reconnects.increment()
                 logger.warning("xDS stream to pilot failed; retrying", metadata: ["error": "\(error)"])
             }
             // A stream that lived a while starts the back-off over.
@@ -338,6 +358,7 @@ public final class XDSClient: Service, Sendable {
             $0.source = "pilot"
         }
         metrics.updates.increment()
+        metrics.applied(version)
         metrics.savedConfig.record(0)
         save(config)
         return changes

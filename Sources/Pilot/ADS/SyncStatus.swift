@@ -1,5 +1,5 @@
-/// What each connected node was sent and what it answered, per type (for `/debug/syncz` and the
-/// NACK metric).
+/// What each connected node was sent and what it answered, per type (for `/debug/syncz`, the NACK
+/// metric and `trellis_pilot_xds_push_duration_seconds{type}`: from a response sent to its ACK).
 public actor SyncStatus {
     public struct TypeStatus: Sendable, Hashable {
         public var sentVersion: String?
@@ -7,11 +7,16 @@ public actor SyncStatus {
         public var ackedVersion: String?
         /// The last NACK's error detail, until a later ACK.
         public var lastNack: String?
+        /// When the version waiting for its ACK was sent.
+        var sentAt: ContinuousClock.Instant?
     }
 
     private var nodes: [String: [String: TypeStatus]] = [:]
+    private let metrics: PilotMetrics?
 
-    public init() {}
+    public init(metrics: PilotMetrics? = nil) {
+        self.metrics = metrics
+    }
 
     public func status(node: String) -> [String: TypeStatus] { nodes[node] ?? [:] }
     public var connectedNodes: [String] { nodes.keys.sorted() }
@@ -19,11 +24,18 @@ public actor SyncStatus {
     func sent(node: String, typeURL: String, version: String, nonce: String) {
         nodes[node, default: [:]][typeURL, default: TypeStatus()].sentVersion = version
         nodes[node, default: [:]][typeURL, default: TypeStatus()].sentNonce = nonce
+        nodes[node, default: [:]][typeURL, default: TypeStatus()].sentAt = .now
     }
 
     func acked(node: String, typeURL: String, version: String) {
-        nodes[node, default: [:]][typeURL, default: TypeStatus()].ackedVersion = version
-        nodes[node, default: [:]][typeURL, default: TypeStatus()].lastNack = nil
+        var status = nodes[node, default: [:]][typeURL, default: TypeStatus()]
+        if let sentAt = status.sentAt, status.sentVersion == version {
+            metrics?.pushAcked(typeURL, after: .now - sentAt)
+            status.sentAt = nil
+        }
+        status.ackedVersion = version
+        status.lastNack = nil
+        nodes[node, default: [:]][typeURL] = status
     }
 
     func nacked(node: String, typeURL: String, error: String) {

@@ -18,6 +18,18 @@ public struct PilotMetrics: Sendable {
         ).increment()
     }
 
+    /// From a response sent to the node's ACK of it, by type.
+    func pushAcked(_ typeURL: String, after elapsed: Duration) {
+        Timer(
+            label: "trellis_pilot_xds_push_duration_seconds",
+            dimensions: [("type", Self.shortType(typeURL))],
+            preferredDisplayUnit: .seconds,
+            factory: factory
+        ).recordNanoseconds(
+            Int64(elapsed.components.seconds) * 1_000_000_000 + elapsed.components.attoseconds / 1_000_000_000
+        )
+    }
+
     /// Configurations a node rejected (NACK), by type.
     func nacked(_ typeURL: String) {
         Counter(

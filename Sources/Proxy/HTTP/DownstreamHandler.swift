@@ -16,6 +16,8 @@ final class DownstreamHandler: ChannelDuplexHandler {
     let accessLog: Bool
     /// The listener's traffic direction: the kind of span a traced request gets.
     private let direction: TrafficDirection?
+    /// The listener's metrics (looked up once per connection).
+    private let listenerStats: ListenerStats
     private var context: ChannelHandlerContext?
     private var machine: HTTP1ConnectionStateMachine
     /// The exchange of the request being served.
@@ -44,6 +46,7 @@ final class DownstreamHandler: ChannelDuplexHandler {
         self.listenerName = listenerName
         self.accessLog = accessLog
         self.direction = direction
+        self.listenerStats = loop.stats.listener(listenerName)
         self.machine = HTTP1ConnectionStateMachine(now: loop.eventLoop.now, draining: loop.draining)
     }
 
@@ -101,7 +104,8 @@ final class DownstreamHandler: ChannelDuplexHandler {
                 clientIP: clientIP,
                 startTime: .now(),
                 originalDestination: originalDestination,
-                direction: direction
+                direction: direction,
+                listenerStats: listenerStats
             )
             let exchange = ProxyExchange(downstream: self, loop: loop, request: request, chain: chain)
             self.exchange = exchange

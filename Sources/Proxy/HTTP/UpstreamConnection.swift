@@ -25,8 +25,8 @@ final class UpstreamConnection: ChannelDuplexHandler {
     var idleLimit: TimeAmount?
     private var readHeld = false
     private(set) var isClosed = false
-    /// The cluster load this connection counts in (`max_connections`), until it is gone.
-    var load: ClusterLoad?
+    /// What this connection counts in (`max_connections`, the connection metrics), until it is gone.
+    var accounting = UpstreamConnectionAccounting()
 
     init(poolKey: String, maxRequests: Int?, maxIdle: Int, idleTimeout: TimeAmount) {
         self.poolKey = poolKey
@@ -55,12 +55,7 @@ final class UpstreamConnection: ChannelDuplexHandler {
     }
 
     /// No longer counts as a connection of its cluster (once, however it ended).
-    func releaseLoad() {
-        if let load {
-            self.load = nil
-            load.connections.wrappingDecrement(ordering: .relaxed)
-        }
-    }
+    func releaseLoad() { accounting.release() }
 
     func send(_ part: HTTPClientRequestPart, flush: Bool) {
         guard let context else { return }

@@ -123,7 +123,7 @@ final class UpstreamPool {
             maxIdle: cluster.config.pool.maxIdlePerEndpoint,
             idleTimeout: TimeAmount(cluster.config.pool.idleTimeout)
         )
-        connection.load = load
+        connection.accounting.load = load
         connection.pool = self
         let handlerBox = NIOLoopBound(connection, eventLoop: eventLoop)
         let bootstrap = bootstrap(cluster)
@@ -143,12 +143,15 @@ final class UpstreamPool {
                     ])
                 }
             }
+        let started = NIODeadline.now()
         let future = connect(bootstrap, to: endpoint)
         let attempt = exchange.currentTry
         future.assumeIsolated().whenComplete { result in
             load.pending.wrappingDecrement(ordering: .relaxed)
             switch result {
-            case .success: exchange.attach(connection, try: attempt)
+            case .success:
+                connection.accounting.opened(cluster.stats, after: NIODeadline.now() - started)
+                exchange.attach(connection, try: attempt)
             case .failure(let error):
                 connection.releaseLoad()
                 exchange.connectFailed(error, try: attempt)
@@ -176,7 +179,7 @@ final class UpstreamPool {
             poolKey: endpoint.key,
             idleTimeout: TimeAmount(cluster.config.pool.idleTimeout)
         )
-        connection.load = load
+        connection.accounting.load = load
         connection.pool = self
         multiplexed[endpoint.key, default: []].append(connection)
         let handlerBox = NIOLoopBound(connection, eventLoop: eventLoop)
@@ -184,10 +187,13 @@ final class UpstreamPool {
             channel.eventLoop.makeCompletedFuture { try channel.pipeline.syncOperations.addHandler(handlerBox.value) }
         }
         let attempt = exchange.currentTry
+        let started = NIODeadline.now()
         connect(bootstrap, to: endpoint).assumeIsolated().whenComplete { result in
             load.pending.wrappingDecrement(ordering: .relaxed)
             switch result {
-            case .success: exchange.attach(connection.makeStream(), try: attempt)
+            case .success:
+                connection.accounting.opened(cluster.stats, after: NIODeadline.now() - started)
+                exchange.attach(connection.makeStream(), try: attempt)
             case .failure(let error):
                 connection.releaseLoad()
                 self.remove(connection)
@@ -262,3 +268,27 @@ final class UpstreamPool {
 
 @available(*, unavailable)
 extension UpstreamPool: Sendable {}
+
+/// What an upstream connection counts in while it lives: its cluster's connection count (the
+/// `max_connections` breaker) from the moment it is opened, and the cluster's active-connection
+/// metric once established. Released once, however the connection ended.
+struct UpstreamConnectionAccounting {
+    var load: ClusterLoad?
+    private var stats: ClusterStats?
+
+    mutating func opened(_ stats: ClusterStats, after elapsed: TimeAmount) {
+        stats.connectionOpened(nanoseconds: elapsed.nanoseconds)
+        self.stats = stats
+    }
+
+    mutating func release() {
+        if let load {
+            self.load = nil
+            load.connections.wrappingDecrement(ordering: .relaxed)
+        }
+        if let stats {
+            self.stats = nil
+            stats.connectionsActive.decrement()
+        }
+    }
+}

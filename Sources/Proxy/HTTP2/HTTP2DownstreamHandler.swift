@@ -16,6 +16,8 @@ final class HTTP2DownstreamHandler: ChannelInboundHandler {
     let accessLog: Bool
     /// The listener's traffic direction: the kind of span a traced request gets.
     private let direction: TrafficDirection?
+    /// The listener's metrics (looked up once per connection).
+    private let listenerStats: ListenerStats
     let session: HTTP2Session
     private var streams: [Int32: HTTP2DownstreamStream] = [:]
     private var context: ChannelHandlerContext?
@@ -45,6 +47,7 @@ final class HTTP2DownstreamHandler: ChannelInboundHandler {
         self.listenerName = listenerName
         self.accessLog = accessLog
         self.direction = direction
+        self.listenerStats = loop.stats.listener(listenerName)
         self.idleTimeout = idleTimeout
         self.lookup = lookup
         self.session = HTTP2Session(role: .server, settings: settings)
@@ -217,7 +220,8 @@ final class HTTP2DownstreamHandler: ChannelInboundHandler {
             clientIP: clientIP,
             startTime: .now(),
             originalDestination: originalDestination,
-            direction: direction
+            direction: direction,
+            listenerStats: listenerStats
         )
         let exchange = ProxyExchange(downstream: stream, loop: loop, request: request, chain: chain)
         stream.exchange = exchange

@@ -19,8 +19,8 @@ final class HTTP2UpstreamConnection: ChannelInboundHandler {
     let session = HTTP2Session(role: .client)
     private(set) var context: ChannelHandlerContext?
     weak var pool: UpstreamPool?
-    /// The cluster load this connection counts in (`max_connections`), until it is gone.
-    var load: ClusterLoad?
+    /// What this connection counts in (`max_connections`, the connection metrics), until it is gone.
+    var accounting = UpstreamConnectionAccounting()
     private var streams: [Int32: HTTP2UpstreamStream] = [:]
     /// Streams handed to exchanges whose HEADERS are not submitted yet.
     private var unsubmitted = 0
@@ -79,12 +79,7 @@ final class HTTP2UpstreamConnection: ChannelInboundHandler {
     }
 
     /// No longer counts as a connection of its cluster (once, however it ended).
-    func releaseLoad() {
-        if let load {
-            self.load = nil
-            load.connections.wrappingDecrement(ordering: .relaxed)
-        }
-    }
+    func releaseLoad() { accounting.release() }
 
     // MARK: Channel events
 

