@@ -92,11 +92,7 @@ struct Gateway: AsyncParsableCommand {
             port: gateway.adminAddress.port,
             group: group,
             proxy: proxy,
-            renderMetrics: {
-                var buffer: [UInt8] = []
-                registry.emit(into: &buffer)
-                return String(decoding: buffer, as: UTF8.self)
-            },
+            renderMetrics: registry.text,
             logger: logger
         )
         let reloader = Reloader(
@@ -199,18 +195,23 @@ struct AccessLogReopener: Service {
                 logger.notice("SIGUSR1: no access log file to reopen; ignored")
                 continue
             }
-            do {
-                try accessLog.reopen()
-                logger.notice(
-                    "SIGUSR1: access log reopened",
-                    metadata: ["access_log.output": "\(accessLog.settings.output)"]
-                )
-            } catch {
-                logger.error(
-                    "SIGUSR1: reopening the access log failed; the old file stays",
-                    metadata: ["error": "\(error)"]
-                )
-            }
+            Self.reopen(accessLog, logger: logger)
+        }
+    }
+
+    /// What SIGUSR1 does to the access log (the agent's and the gateway's), said in the log.
+    static func reopen(_ accessLog: AccessLog, logger: Logger) {
+        do {
+            try accessLog.reopen()
+            logger.notice(
+                "SIGUSR1: access log reopened",
+                metadata: ["access_log.output": "\(accessLog.settings.output)"]
+            )
+        } catch {
+            logger.error(
+                "SIGUSR1: reopening the access log failed; the old file stays",
+                metadata: ["error": "\(error)"]
+            )
         }
     }
 }

@@ -83,20 +83,7 @@ struct Run: AsyncParsableCommand {
                             logger.error("SIGUSR1: reopening the log file failed", metadata: ["error": "\(error)"])
                         }
                     }
-                    if let accessLog {
-                        do {
-                            try accessLog.reopen()
-                            logger.notice(
-                                "SIGUSR1: access log reopened",
-                                metadata: ["access_log.output": "\(accessLog.settings.output)"]
-                            )
-                        } catch {
-                            logger.error(
-                                "SIGUSR1: reopening the access log failed; the old file stays",
-                                metadata: ["error": "\(error)"]
-                            )
-                        }
-                    }
+                    if let accessLog { AccessLogReopener.reopen(accessLog, logger: logger) }
                 case .sigusr2:
                     logger.notice("SIGUSR2: ignored")
                 default:
@@ -235,11 +222,7 @@ struct Run: AsyncParsableCommand {
             path: controlSocket,
             controller: controller,
             group: group,
-            renderMetrics: {
-                var buffer: [UInt8] = []
-                registry.emit(into: &buffer)
-                return String(decoding: buffer, as: UTF8.self)
-            },
+            renderMetrics: registry.text,
             logger: logger
         )
         do {
@@ -283,11 +266,7 @@ struct Run: AsyncParsableCommand {
             port: agent.adminAddress.port,
             group: group,
             proxy: proxy,
-            renderMetrics: {
-                var buffer: [UInt8] = []
-                registry.emit(into: &buffer)
-                return String(decoding: buffer, as: UTF8.self)
-            },
+            renderMetrics: registry.text,
             dumpExtra: { controller.xdsState.map { (key: "xds", value: $0) } },
             logger: logger
         )

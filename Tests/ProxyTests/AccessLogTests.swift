@@ -15,6 +15,36 @@ import TrellisPolicy
 @Suite struct AccessLogTests {
     let group = MultiThreadedEventLoopGroup.singleton
 
+    /// A gateway to upstream `alpha` that logs every request to a fresh file, and a client on it.
+    final class LoggedProxy: Sendable {
+        let upstream: TestUpstream
+        let log: AccessLogFile
+        let proxy: ProxyHarness
+        let client: TestHTTPClient
+
+        init(sampleRate: Double, group: any EventLoopGroup) async throws {
+            upstream = try await TestUpstream.start(name: "alpha", group: group)
+            log = try AccessLogFile(sampleRate: sampleRate)
+            proxy = try await ProxyHarness.start(
+                gatewayConfig(
+                    virtualHosts: catchAll("alpha"),
+                    clusters: [ClusterConfig(name: "alpha", endpoints: [endpoint(upstream)])],
+                    accessLog: true
+                ),
+                group: group,
+                accessLog: log
+            )
+            client = try await TestHTTPClient.connect(port: proxy.port, group: group)
+        }
+
+        func stop() async {
+            await client.close()
+            await proxy.stop()
+            await upstream.stop()
+            await log.remove()
+        }
+    }
+
     /// The field names of docs/observability.md's table, in its order.
     static func documentedFields() throws -> [String] {
         let docs = URL(fileURLWithPath: #filePath).deletingLastPathComponent().appendingPathComponent(
@@ -123,24 +153,9 @@ import TrellisPolicy
     }
 
     @Test func aClientsRequestIdIsKeptAndAMissingOneIsMadeAsAUUID() async throws {
-        let a = try await TestUpstream.start(name: "alpha", group: group)
-        let log = try AccessLogFile()
-        let proxy = try await ProxyHarness.start(
-            gatewayConfig(
-                virtualHosts: catchAll("alpha"),
-                clusters: [ClusterConfig(name: "alpha", endpoints: [endpoint(a)])],
-                accessLog: true
-            ),
-            group: group,
-            accessLog: log
-        )
-        defer {
-            Task {
-                await proxy.stop(); await a.stop(); await log.remove()
-            }
-        }
-        let client = try await TestHTTPClient.connect(port: proxy.port, group: group)
-        defer { Task { await client.close() } }
+        let logged = try await LoggedProxy(sampleRate: 1, group: group)
+        defer { Task { await logged.stop() } }
+        let (a, log, client) = (logged.upstream, logged.log, logged.client)
         _ = try await client.request(.GET, "/a", headers: [("X-Request-Id", "from-the-client-1")])
         _ = try await client.request(.GET, "/b")
         _ = try await client.request(.GET, "/c")
@@ -155,24 +170,9 @@ import TrellisPolicy
     }
 
     @Test func samplingKeepsItsShareAndEveryFailure() async throws {
-        let a = try await TestUpstream.start(name: "alpha", group: group)
-        let log = try AccessLogFile(sampleRate: 0)
-        let proxy = try await ProxyHarness.start(
-            gatewayConfig(
-                virtualHosts: catchAll("alpha"),
-                clusters: [ClusterConfig(name: "alpha", endpoints: [endpoint(a)])],
-                accessLog: true
-            ),
-            group: group,
-            accessLog: log
-        )
-        defer {
-            Task {
-                await proxy.stop(); await a.stop(); await log.remove()
-            }
-        }
-        let client = try await TestHTTPClient.connect(port: proxy.port, group: group)
-        defer { Task { await client.close() } }
+        let logged = try await LoggedProxy(sampleRate: 0, group: group)
+        defer { Task { await logged.stop() } }
+        let (log, client) = (logged.log, logged.client)
         for i in 0..<20 { _ = try await client.request(.GET, "/ok/\(i)") }
         #expect(try await client.request(.GET, "/status/503").status == .serviceUnavailable)
         for i in 0..<5 { _ = try await client.request(.GET, "/ok/again/\(i)") }
@@ -194,24 +194,9 @@ import TrellisPolicy
     }
 
     @Test func aRotatedFileIsReopenedAndNoLineIsLost() async throws {
-        let a = try await TestUpstream.start(name: "alpha", group: group)
-        let log = try AccessLogFile()
-        let proxy = try await ProxyHarness.start(
-            gatewayConfig(
-                virtualHosts: catchAll("alpha"),
-                clusters: [ClusterConfig(name: "alpha", endpoints: [endpoint(a)])],
-                accessLog: true
-            ),
-            group: group,
-            accessLog: log
-        )
-        defer {
-            Task {
-                await proxy.stop(); await a.stop(); await log.remove()
-            }
-        }
-        let client = try await TestHTTPClient.connect(port: proxy.port, group: group)
-        defer { Task { await client.close() } }
+        let logged = try await LoggedProxy(sampleRate: 1, group: group)
+        defer { Task { await logged.stop() } }
+        let (log, client) = (logged.log, logged.client)
         for i in 0..<3 { _ = try await client.request(.GET, "/before/\(i)") }
         #expect(try await log.lines(atLeast: 3).count == 3)
         // What logrotate does: move the file away, then signal (here: the call SIGUSR1 makes).

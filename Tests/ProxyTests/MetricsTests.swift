@@ -72,14 +72,16 @@ import TrellisPolicy
         let root = URL(fileURLWithPath: #filePath).deletingLastPathComponent().deletingLastPathComponent()
             .deletingLastPathComponent()
         var inCode: [String: String] = [:]
-        let pattern = /(Counter|Gauge|Meter|Timer|Recorder)\(\s*label:\s*"(trellis_[a-z0-9_]+)"/
+        // A metric is made by swift-metrics' types, or per status class by StatusClassCounters.
+        let pattern =
+            /(Counter|Gauge|Meter|Timer|Recorder|StatusClassCounters)\(\s*(?:label:\s*)?"(trellis_[a-z0-9_]+)"/
         let files = FileManager.default.enumerator(atPath: root.appendingPathComponent("Sources").path)!
         for case let file as String in files where file.hasSuffix(".swift") && !file.contains("Generated") {
             let text = try String(contentsOf: root.appendingPathComponent("Sources/\(file)"), encoding: .utf8)
             for match in text.matches(of: pattern) {
                 let type =
                     switch match.output.1 {
-                    case "Counter": "counter"
+                    case "Counter", "StatusClassCounters": "counter"
                     case "Timer", "Recorder": "histogram"
                     default: "gauge"
                     }

@@ -108,8 +108,8 @@ final class ListenerStats: Sendable {
     /// `trellis_downstream_request_duration_seconds{listener}`: from the request head to the end
     /// of the response (or the client leaving), whatever answered.
     let duration: Timer
-    /// Indexed by status class: 1xx…5xx at 0…4.
-    private let responses: [Counter]
+    /// `trellis_downstream_responses_total{listener, class}`.
+    private let responses: StatusClassCounters
     let receivedBytes: Counter
     let sentBytes: Counter
 
@@ -120,13 +120,7 @@ final class ListenerStats: Sendable {
             preferredDisplayUnit: .seconds,
             factory: factory
         )
-        responses = (1...5).map { c in
-            Counter(
-                label: "trellis_downstream_responses_total",
-                dimensions: [("listener", name), ("class", "\(c)xx")],
-                factory: factory
-            )
-        }
+        responses = StatusClassCounters("trellis_downstream_responses_total", ("listener", name), factory: factory)
         receivedBytes = Counter(
             label: "trellis_downstream_received_bytes_total",
             dimensions: [("listener", name)],
@@ -139,15 +133,29 @@ final class ListenerStats: Sendable {
         )
     }
 
-    func recordResponse(_ status: HTTPResponseStatus) {
+    func recordResponse(_ status: HTTPResponseStatus) { responses.record(status) }
+}
+
+/// One counter per status class (`class`: `1xx`…`5xx`) next to a listener or cluster label.
+struct StatusClassCounters: Sendable {
+    /// Indexed by status class: 1xx…5xx at 0…4.
+    private let counters: [Counter]
+
+    init(_ label: String, _ dimension: (String, String), factory: any MetricsFactory) {
+        counters = (1...5).map { c in
+            Counter(label: label, dimensions: [dimension, ("class", "\(c)xx")], factory: factory)
+        }
+    }
+
+    func record(_ status: HTTPResponseStatus) {
         let cls = Int(status.code / 100)
-        if (1...5).contains(cls) { responses[cls - 1].increment() }
+        if (1...5).contains(cls) { counters[cls - 1].increment() }
     }
 }
 
 final class ClusterStats: Sendable {
-    /// Indexed by status class: 1xx…5xx at 0…4.
-    private let requests: [Counter]
+    /// `trellis_upstream_requests_total{cluster, class}`.
+    private let requests: StatusClassCounters
     let connectFailures: Counter
     let duration: Timer
     let overflowConnections: Counter
@@ -267,13 +275,7 @@ final class ClusterStats: Sendable {
             dimensions: [("cluster", name)],
             factory: factory
         )
-        requests = (1...5).map { c in
-            Counter(
-                label: "trellis_upstream_requests_total",
-                dimensions: [("cluster", name), ("class", "\(c)xx")],
-                factory: factory
-            )
-        }
+        requests = StatusClassCounters("trellis_upstream_requests_total", ("cluster", name), factory: factory)
         connectFailures = Counter(
             label: "trellis_upstream_connect_failures_total",
             dimensions: [("cluster", name)],
@@ -287,8 +289,5 @@ final class ClusterStats: Sendable {
         )
     }
 
-    func recordResponse(_ status: HTTPResponseStatus) {
-        let cls = Int(status.code / 100)
-        if (1...5).contains(cls) { requests[cls - 1].increment() }
-    }
+    func recordResponse(_ status: HTTPResponseStatus) { requests.record(status) }
 }
