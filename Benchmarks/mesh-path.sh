@@ -23,6 +23,7 @@ if [ "${SKIP_BUILD:-0}" != 1 ]; then
 fi
 agent="$root/.build-static/release/trellis-agent"
 source "$root/Benchmarks/tools/netns-pair.sh"
+source "$root/Benchmarks/tools/mesh-sidecars.sh"
 netns_pair trellis-mesh 79 tmp
 
 cat >"$out/nginx.conf" <<NGINX
@@ -57,50 +58,12 @@ hcm() { # stat prefix, cluster
           http_filters: [{name: envoy.filters.http.router, typed_config: {"@type": type.googleapis.com/envoy.extensions.filters.http.router.v3.Router}}]
 YAML
 }
-cat >"$out/envoy-a.yaml" <<YAML
-admin: {address: {socket_address: {address: 127.0.0.1, port_value: 19911}}}
-static_resources:
-  listeners:
-  - name: outbound
-    address: {socket_address: {address: 0.0.0.0, port_value: 15001}}
-    listener_filters: [{name: envoy.filters.listener.original_dst, typed_config: {"@type": type.googleapis.com/envoy.extensions.filters.listener.original_dst.v3.OriginalDst}}]
-    filter_chains:
-    - filters:
-$(hcm outbound passthrough)
-  clusters:
-  - name: passthrough
-    type: ORIGINAL_DST
-    lb_policy: CLUSTER_PROVIDED
-    connect_timeout: 1s
-YAML
-cat >"$out/envoy-b.yaml" <<YAML
-admin: {address: {socket_address: {address: 127.0.0.1, port_value: 19912}}}
-static_resources:
-  listeners:
-  - name: inbound
-    address: {socket_address: {address: 0.0.0.0, port_value: 15006}}
-    listener_filters: [{name: envoy.filters.listener.original_dst, typed_config: {"@type": type.googleapis.com/envoy.extensions.filters.listener.original_dst.v3.OriginalDst}}]
-    filter_chains:
-    - filters:
-$(hcm inbound local)
-  clusters:
-  - name: local
-    type: STATIC
-    connect_timeout: 1s
-    load_assignment: {cluster_name: local, endpoints: [{lb_endpoints: [{endpoint: {address: {socket_address: {address: 127.0.0.1, port_value: 8080}}}}]}]}
-YAML
+envoy_sidecar a 19911 "$(hcm outbound passthrough)" >"$out/envoy-a.yaml"
+envoy_sidecar b 19912 "$(hcm inbound local)" >"$out/envoy-b.yaml"
 
 ip netns exec "$B" taskset -c 1 nginx -p "$out" -c "$out/nginx.conf" & pids+=($!)
 sleep 0.5
 
-wrk_run() { # extra args...
-  ip netns exec "$A" taskset -c 1 runuser -u nobody -- wrk -t1 --latency -d"${DURATION}s" "$@" "http://$b_ip:8080/" 2>&1
-}
-field() { awk -v k="$2" '$1==k {print $2}' <<<"$1"; }
-rps() { awk '/Requests\/sec/ {printf "%.0f", $2}' <<<"$1"; }
-to_us() { # wrk latency like 512.00us, 1.23ms, 2.00s -> microseconds
-  awk -v v="$1" 'BEGIN { n=v+0; if (v ~ /us$/) print n; else if (v ~ /ms$/) print n*1000; else if (v ~ /s$/) print n*1000000; else print n }'
-}
 cpu_ticks() { awk '{print $14+$15}' "/proc/$1/stat"; }
 rss_mib() { awk '/VmRSS/ {printf "%.1f", $2/1024}' "/proc/$1/status"; }
 

@@ -24,6 +24,7 @@ if [ "${SKIP_BUILD:-0}" != 1 ]; then
 fi
 agent="$root/.build-static/release/trellis-agent"
 source "$root/Benchmarks/tools/netns-pair.sh"
+source "$root/Benchmarks/tools/mesh-sidecars.sh"
 netns_pair trellis-obs 83 tob
 
 cat >"$out/nginx.conf" <<NGINX
@@ -38,10 +39,6 @@ LUA
 ip netns exec "$B" taskset -c 1 nginx -p "$out" -c "$out/nginx.conf" & pids+=($!)
 sleep 0.5
 
-wrk_run() { ip netns exec "$A" taskset -c 1 runuser -u nobody -- wrk -t1 --latency -d"${DURATION}s" "$@" "http://$b_ip:8080/" 2>&1; }
-field() { awk -v k="$2" '$1==k {print $2}' <<<"$1"; }
-rps() { awk '/Requests\/sec/ {printf "%.0f", $2}' <<<"$1"; }
-to_us() { awk -v v="$1" 'BEGIN { n=v+0; if (v ~ /us$/) print n; else if (v ~ /ms$/) print n*1000; else if (v ~ /s$/) print n*1000000; else print n }'; }
 
 # The receiver, in B on b_ip:4317: both proxies' exporters run as root, which capture leaves alone.
 receiver() { # starts it; sets rpid
@@ -89,7 +86,6 @@ trellis() { # name, access-log rate (or -), trace rate (or -)
 }
 
 hcm() { # stat prefix, cluster, percent (or -), side
-  local filters=""
   cat <<YAML
       - name: envoy.filters.network.http_connection_manager
         typed_config:
@@ -134,40 +130,8 @@ YAML
 envoy_run() { # name, percent (or -)
   local name=$1 pct=$2 ea eb
   rm -f "$out"/*-access.log
-  cat >"$out/envoy-a.yaml" <<YAML
-admin: {address: {socket_address: {address: 127.0.0.1, port_value: 19921}}}
-static_resources:
-  listeners:
-  - name: outbound
-    address: {socket_address: {address: 0.0.0.0, port_value: 15001}}
-    listener_filters: [{name: envoy.filters.listener.original_dst, typed_config: {"@type": type.googleapis.com/envoy.extensions.filters.listener.original_dst.v3.OriginalDst}}]
-    filter_chains:
-    - filters:
-$(hcm outbound passthrough "$pct" a)
-  clusters:
-  - name: passthrough
-    type: ORIGINAL_DST
-    lb_policy: CLUSTER_PROVIDED
-    connect_timeout: 1s
-$(otlp_cluster)
-YAML
-  cat >"$out/envoy-b.yaml" <<YAML
-admin: {address: {socket_address: {address: 127.0.0.1, port_value: 19922}}}
-static_resources:
-  listeners:
-  - name: inbound
-    address: {socket_address: {address: 0.0.0.0, port_value: 15006}}
-    listener_filters: [{name: envoy.filters.listener.original_dst, typed_config: {"@type": type.googleapis.com/envoy.extensions.filters.listener.original_dst.v3.OriginalDst}}]
-    filter_chains:
-    - filters:
-$(hcm inbound local "$pct" b)
-  clusters:
-  - name: local
-    type: STATIC
-    connect_timeout: 1s
-    load_assignment: {cluster_name: local, endpoints: [{lb_endpoints: [{endpoint: {address: {socket_address: {address: 127.0.0.1, port_value: 8080}}}}]}]}
-$(otlp_cluster)
-YAML
+  envoy_sidecar a 19921 "$(hcm outbound passthrough "$pct" a)" "$(otlp_cluster)" >"$out/envoy-a.yaml"
+  envoy_sidecar b 19922 "$(hcm inbound local "$pct" b)" "$(otlp_cluster)" >"$out/envoy-b.yaml"
   [ "$pct" != - ] && receiver
   ip netns exec "$A" taskset -c 0 envoy -c "$out/envoy-a.yaml" --concurrency 1 -l error --base-id 21 >"$out/envoy-a.log" 2>&1 & ea=$!; pids+=($ea)
   ip netns exec "$B" taskset -c 0 envoy -c "$out/envoy-b.yaml" --concurrency 1 -l error --base-id 22 >"$out/envoy-b.log" 2>&1 & eb=$!; pids+=($eb)

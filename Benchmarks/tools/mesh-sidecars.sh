@@ -1,0 +1,51 @@
+# Sourced by the mesh benchmarks after netns-pair.sh (mesh-path.sh, observability.sh): wrk from A
+# through the sidecars to nginx in B, its figures, and Envoy's sidecar pair.
+#
+#   wrk_run ARGS...        wrk -t1 --latency for DURATION seconds from A (core 1, as nobody) to
+#                          http://$b_ip:8080/
+#   rps TEXT, field TEXT KEY, to_us 1.23ms
+#   envoy_sidecar a|b ADMIN_PORT HCM [CLUSTERS]
+#                          Envoy's config for A's outbound sidecar (:15001, ORIGINAL_DST) or B's
+#                          inbound one (:15006 -> 127.0.0.1:8080); HCM is the http_connection_manager
+#                          filter (indented for `filters:`), CLUSTERS more clusters.
+wrk_run() { ip netns exec "$A" taskset -c 1 runuser -u nobody -- wrk -t1 --latency -d"${DURATION}s" "$@" "http://$b_ip:8080/" 2>&1; }
+field() { awk -v k="$2" '$1==k {print $2}' <<<"$1"; }
+rps() { awk '/Requests\/sec/ {printf "%.0f", $2}' <<<"$1"; }
+to_us() { # wrk latency like 512.00us, 1.23ms, 2.00s -> microseconds
+  awk -v v="$1" 'BEGIN { n=v+0; if (v ~ /us$/) print n; else if (v ~ /ms$/) print n*1000; else if (v ~ /s$/) print n*1000000; else print n }'
+}
+
+envoy_sidecar() {
+  local side=$1 admin=$2 hcm=$3 clusters=${4:-}
+  local name=outbound port=15001
+  [ "$side" = b ] && name=inbound port=15006
+  cat <<YAML
+admin: {address: {socket_address: {address: 127.0.0.1, port_value: $admin}}}
+static_resources:
+  listeners:
+  - name: $name
+    address: {socket_address: {address: 0.0.0.0, port_value: $port}}
+    listener_filters: [{name: envoy.filters.listener.original_dst, typed_config: {"@type": type.googleapis.com/envoy.extensions.filters.listener.original_dst.v3.OriginalDst}}]
+    filter_chains:
+    - filters:
+$hcm
+  clusters:
+YAML
+  if [ "$side" = a ]; then
+    cat <<YAML
+  - name: passthrough
+    type: ORIGINAL_DST
+    lb_policy: CLUSTER_PROVIDED
+    connect_timeout: 1s
+YAML
+  else
+    cat <<YAML
+  - name: local
+    type: STATIC
+    connect_timeout: 1s
+    load_assignment: {cluster_name: local, endpoints: [{lb_endpoints: [{endpoint: {address: {socket_address: {address: 127.0.0.1, port_value: 8080}}}}]}]}
+YAML
+  fi
+  [ -n "$clusters" ] && printf '%s\n' "$clusters"
+  return 0
+}
