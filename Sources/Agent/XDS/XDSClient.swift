@@ -92,9 +92,7 @@ public final class XDSClient: Service, Sendable {
             digest.combine(version)
             // A Prometheus value is a double: 52 bits keep it exact.
             self.version.record(Double(digest.value & 0xF_FFFF_FFFF_FFFF))
-            var now = timespec()
-            clock_gettime(CLOCK_REALTIME, &now)
-            lastUpdate.record(Double(now.tv_sec) + Double(now.tv_nsec) / 1e9)
+            lastUpdate.record(Date.now.timeIntervalSince1970)
         }
     }
 

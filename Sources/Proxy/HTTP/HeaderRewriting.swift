@@ -51,7 +51,7 @@ enum HeaderRewriting {
     }
 
     /// `bytes` equals `lowercase` ignoring ASCII case; `lowercase` must be lowercase ASCII.
-    private static func equalsLowercase(_ bytes: UnsafeBufferPointer<UInt8>, _ lowercase: StaticString) -> Bool {
+    static func equalsLowercase(_ bytes: UnsafeBufferPointer<UInt8>, _ lowercase: StaticString) -> Bool {
         guard bytes.count == lowercase.utf8CodeUnitCount else { return false }
         let expected = lowercase.utf8Start
         for i in 0..<bytes.count {
@@ -190,6 +190,13 @@ extension Substring {
 }
 
 extension String {
+    /// Whether the string equals `lowercase` ignoring ASCII case (a header name), without
+    /// copying; `lowercase` must be lowercase ASCII.
+    func equalsIgnoringASCIICase(_ lowercase: StaticString) -> Bool {
+        var s = self
+        return s.withUTF8 { HeaderRewriting.equalsLowercase($0, lowercase) }
+    }
+
     /// The string with ASCII letters lowercased; the string itself (no copy) when it has no
     /// uppercase ASCII letter, as header names on the wire mostly have not.
     var asciiLowercased: String {

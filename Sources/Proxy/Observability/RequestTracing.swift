@@ -36,34 +36,23 @@ public struct ProxyTracing: Sendable {
 }
 
 /// One request's place in its trace: the span this proxy records for it (when sampled), and the
-/// trace context sent upstream.
-final class RequestTrace {
+/// trace context sent upstream. A value kept in the request's context: an unrecorded request costs
+/// no allocation here beyond the `traceparent` it sends; the ids are formatted for the access log
+/// only when a line is written.
+struct RequestTrace {
     /// The recorded span; nil when the trace is not sampled.
     let span: (any Span)?
-    /// The `traceparent` (and `tracestate`) sent upstream.
-    let traceparent: String
-    let tracestate: String?
-    /// For the access log: the trace's id, and this proxy's span id when it recorded one.
-    let traceID: String
-    let spanID: String?
+    /// The context sent upstream: the span's when recorded, else the caller's or a new one.
+    let context: TraceContext
     /// Client on the agent's outbound listener, server everywhere else.
     private let kind: SpanKind
 
-    private init(
-        span: (any Span)?,
-        kind: SpanKind,
-        traceparent: String,
-        tracestate: String?,
-        traceID: String,
-        spanID: String?
-    ) {
-        self.span = span
-        self.kind = kind
-        self.traceparent = traceparent
-        self.tracestate = tracestate
-        self.traceID = traceID
-        self.spanID = spanID
-    }
+    /// The `traceparent` (and `tracestate`) sent upstream.
+    var traceparent: String { TraceHeaders.traceparent(context) }
+    var tracestate: String? { context.state.isEmpty ? nil : context.traceStateHeaderValue }
+    /// For the access log: the trace's id, and this proxy's span id when it recorded one.
+    var traceID: String { context.traceID.description }
+    var spanID: String? { span == nil ? nil : context.spanID.description }
 
     /// Reads the caller's trace context, decides sampling and, when sampled, starts the span.
     static func start(
@@ -80,15 +69,6 @@ final class RequestTrace {
             && (incoming?.sampled
                 ?? (tracing.sampleRate >= 1
                     || (tracing.sampleRate > 0 && Double(rng.next() >> 11) * 0x1p-53 < tracing.sampleRate)))
-        // The caller's context with the decision taken (a B3 caller may leave it to the receiver).
-        let parent = incoming.map {
-            TraceContext(
-                traceID: $0.context.traceID,
-                spanID: $0.context.spanID,
-                flags: sampled ? .sampled : [],
-                state: $0.context.state
-            )
-        }
         guard sampled else {
             // Not recorded: the caller's context goes on unchanged (its decision too, also when
             // this proxy stopped recording), or a new unsampled one.
@@ -100,49 +80,35 @@ final class RequestTrace {
                     flags: [],
                     state: TraceState()
                 )
-            return RequestTrace(
-                span: nil,
-                kind: kind,
-                traceparent: context.traceParentHeaderValue,
-                tracestate: context.traceStateHeaderValue,
-                traceID: context.traceID.description,
-                spanID: nil
-            )
+            return RequestTrace(span: nil, context: context, kind: kind)
         }
-        var context = InstrumentationContext.topLevel
-        if let parent {
+        // The caller's context with the decision taken (a B3 caller may leave it to the receiver).
+        var parentContext = InstrumentationContext.topLevel
+        if let incoming {
+            let parent = TraceContext(
+                traceID: incoming.context.traceID,
+                spanID: incoming.context.spanID,
+                flags: .sampled,
+                state: incoming.context.state
+            )
             let carrier = TraceCarrier(
-                traceparent: parent.traceParentHeaderValue,
+                traceparent: TraceHeaders.traceparent(parent),
                 tracestate: parent.traceStateHeaderValue
             )
-            tracing.tracer.extract(carrier, into: &context, using: TraceCarrier.Extract())
+            tracing.tracer.extract(carrier, into: &parentContext, using: TraceCarrier.Extract())
         }
-        let span = tracing.tracer.startSpan(method, context: context, ofKind: kind, at: DefaultTracerClock.now)
+        let span = tracing.tracer.startSpan(method, context: parentContext, ofKind: kind, at: DefaultTracerClock.now)
         var outgoing = TraceCarrier()
         tracing.tracer.inject(span.context, into: &outgoing, using: TraceCarrier.Inject())
-        // The tracer's own context, as it will be sent: the ids logged are the exported ones.
-        if let text = outgoing.traceparent, let own = try? TraceContext(traceParentHeaderValue: text) {
-            return RequestTrace(
-                span: span,
-                kind: kind,
-                traceparent: text,
-                tracestate: outgoing.tracestate,
-                traceID: own.traceID.description,
-                spanID: own.spanID.description
-            )
-        }
-        // A tracer that does not speak W3C: the caller's context goes on, the span is still ended.
-        let fallback =
-            parent
+        // The tracer's own context, as it will be sent: the ids logged are the exported ones. A
+        // tracer that does not speak W3C: the caller's context goes on, the span is still ended.
+        let own =
+            outgoing.traceparent.flatMap {
+                try? TraceContext(traceParentHeaderValue: $0, traceStateHeaderValue: outgoing.tracestate)
+            }
+            ?? incoming?.context
             ?? TraceContext(traceID: .random(using: &rng), spanID: .random(using: &rng), flags: [], state: TraceState())
-        return RequestTrace(
-            span: span,
-            kind: kind,
-            traceparent: fallback.traceParentHeaderValue,
-            tracestate: fallback.traceStateHeaderValue,
-            traceID: fallback.traceID.description,
-            spanID: nil
-        )
+        return RequestTrace(span: span, context: own, kind: kind)
     }
 
     /// Ends the span with what the request became (HTTP semantic conventions, plus Trellis's own
@@ -215,32 +181,81 @@ final class RequestTrace {
     }
 }
 
-@available(*, unavailable)
-extension RequestTrace: Sendable {}
-
 /// The trace headers of a request: W3C Trace Context first, else B3 (single `b3` or the
 /// `x-b3-*` headers), read into one W3C context. An invalid header counts as absent (a new trace
 /// starts), as the W3C specification asks.
 enum TraceHeaders {
     /// The caller's context, and its sampling decision (nil: left to this proxy, as B3 allows).
+    /// One pass over the headers, comparing only names of the right length.
     static func incoming(_ headers: HTTPHeaders) -> (context: TraceContext, sampled: Bool?)? {
-        if let parent = headers.first(name: "traceparent") {
-            guard
-                let context = try? TraceContext(
-                    traceParentHeaderValue: parent,
-                    traceStateHeaderValue: headers.first(name: "tracestate")
-                )
-            else { return nil }
+        var parent: String?
+        var state: String?
+        var single: String?
+        var b3Trace: String?
+        var b3Span: String?
+        var b3Sampled: String?
+        var b3Debug = false
+        for (name, value) in headers {
+            switch name.utf8.count {
+            case 2 where name.equalsIgnoringASCIICase("b3"): single = single ?? value
+            case 10:
+                if name.equalsIgnoringASCIICase("tracestate") {
+                    state = state.map { "\($0),\(value)" } ?? value
+                } else if name.equalsIgnoringASCIICase("x-b3-flags") {
+                    b3Debug = value == "1"
+                }
+            case 11:
+                if name.equalsIgnoringASCIICase("traceparent") {
+                    parent = parent ?? value
+                } else if name.equalsIgnoringASCIICase("x-b3-spanid") {
+                    b3Span = b3Span ?? value
+                }
+            case 12:
+                if name.equalsIgnoringASCIICase("x-b3-traceid") {
+                    b3Trace = b3Trace ?? value
+                } else if name.equalsIgnoringASCIICase("x-b3-sampled") {
+                    b3Sampled = b3Sampled ?? value
+                }
+            default: continue
+            }
+        }
+        if let parent {
+            guard let context = try? TraceContext(traceParentHeaderValue: parent, traceStateHeaderValue: state) else {
+                return nil
+            }
             return (context, context.flags.contains(.sampled))
         }
-        if let single = headers.first(name: "b3") { return b3Single(single) }
-        if let trace = headers.first(name: "x-b3-traceid"), let span = headers.first(name: "x-b3-spanid") {
-            let sampled = headers.first(name: "x-b3-sampled")
-            let debug = headers.first(name: "x-b3-flags") == "1"
-            return b3(trace: trace, span: span, sampled: debug ? "1" : sampled)
-        }
+        if let single { return b3Single(single) }
+        if let b3Trace, let b3Span { return b3(trace: b3Trace, span: b3Span, sampled: b3Debug ? "1" : b3Sampled) }
         return nil
     }
+
+    /// `00-{trace id}-{span id}-{flags}`, written in one allocation.
+    static func traceparent(_ context: TraceContext) -> String {
+        let hex = Self.hex
+        return String(unsafeUninitializedCapacity: 55) { out in
+            var i = 0
+            func put(_ byte: UInt8) {
+                out[i] = byte
+                i += 1
+            }
+            func putHex(_ byte: UInt8) {
+                put(hex[Int(byte >> 4)])
+                put(hex[Int(byte & 0xF)])
+            }
+            put(UInt8(ascii: "0"))
+            put(UInt8(ascii: "0"))
+            put(UInt8(ascii: "-"))
+            withUnsafeBytes(of: context.traceID.bytes) { for b in $0 { putHex(b) } }
+            put(UInt8(ascii: "-"))
+            withUnsafeBytes(of: context.spanID.bytes) { for b in $0 { putHex(b) } }
+            put(UInt8(ascii: "-"))
+            putHex(context.flags.rawValue)
+            return i
+        }
+    }
+
+    private static let hex: [UInt8] = Array("0123456789abcdef".utf8)
 
     /// `b3: {traceid}-{spanid}[-{sampled}[-{parentspanid}]]`; a lone `0`/`1`/`d` carries only a
     /// decision and no ids (not a parent).

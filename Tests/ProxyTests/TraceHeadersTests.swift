@@ -1,0 +1,64 @@
+import NIOHTTP1
+import Testing
+import W3CTraceContext
+
+@testable import Proxy
+
+/// Reading and writing trace headers, without a tracer: what the data path does for every request
+/// when tracing is on, sampled or not.
+@Suite struct TraceHeadersTests {
+    @Test func traceparentIsWrittenAsW3CWritesIt() {
+        var rng = FastRandom(seed: 7)
+        for flags in [TraceFlags(), .sampled] {
+            for _ in 0..<50 {
+                let context = TraceContext(
+                    traceID: .random(using: &rng),
+                    spanID: .random(using: &rng),
+                    flags: flags,
+                    state: TraceState()
+                )
+                #expect(TraceHeaders.traceparent(context) == context.traceParentHeaderValue)
+            }
+        }
+    }
+
+    @Test func theCallersContextIsReadWhateverTheCaseOfTheNames() throws {
+        let headers = HTTPHeaders([
+            ("Host", "orders"), ("User-Agent", "x"),
+            ("TraceParent", "00-4bf92f3577b34da6a3ce929d0e0e4736-00f067aa0ba902b7-01"),
+            ("TRACESTATE", "vendor=a"), ("X-Request-Id", "r"),
+        ])
+        let incoming = try #require(TraceHeaders.incoming(headers))
+        #expect(incoming.sampled == true)
+        #expect(incoming.context.traceID.description == "4bf92f3577b34da6a3ce929d0e0e4736")
+        #expect(incoming.context.traceStateHeaderValue == "vendor=a")
+    }
+
+    @Test func b3IsReadAndBadHeadersStartANewTrace() throws {
+        let multi = try #require(
+            TraceHeaders.incoming(
+                HTTPHeaders([
+                    ("X-B3-TraceId", "A3CE929D0E0E4736"), ("X-B3-SpanId", "00f067aa0ba902b7"), ("X-B3-Sampled", "0"),
+                ])
+            )
+        )
+        #expect(multi.context.traceID.description == "0000000000000000a3ce929d0e0e4736" && multi.sampled == false)
+        let deferred = try #require(TraceHeaders.incoming(HTTPHeaders([("b3", "a3ce929d0e0e4736-00f067aa0ba902b7")])))
+        #expect(deferred.sampled == nil, "no decision: the proxy takes it")
+        let debug = try #require(
+            TraceHeaders.incoming(
+                HTTPHeaders([
+                    ("x-b3-traceid", "a3ce929d0e0e4736"), ("x-b3-spanid", "00f067aa0ba902b7"), ("x-b3-flags", "1"),
+                ])
+            )
+        )
+        #expect(debug.sampled == true)
+        for bad in [
+            [("traceparent", "00-00000000000000000000000000000000-00f067aa0ba902b7-01")],  // zero trace id
+            [("traceparent", "00-4bf92f3577b34da6a3ce929d0e0e4736-00f067aa0ba902b7")],  // no flags
+            [("b3", "xyz-00f067aa0ba902b7-1")], [("b3", "1")], [("x-b3-traceid", "a3ce929d0e0e4736")],
+        ] {
+            #expect(TraceHeaders.incoming(HTTPHeaders(bad)) == nil, "\(bad)")
+        }
+    }
+}
