@@ -94,6 +94,7 @@ trellis() { # name, access-log rate (or -), trace rate (or -)
   count=$(served "$A"); countb=$(served "$B")
   if [ "$count" -lt 1000 ] || [ "$countb" -lt $((count * 9 / 10)) ]; then
     echo "observability: the agents served $count (A) and $countb (B) requests ($name): the path bypassed one" >&2
+    tail -n 20 "$out/agent-a.log" "$out/agent-b.log" >&2
     exit 1
   fi
   kill "$ta" "$tb"; wait "$ta" "$tb" 2>/dev/null || true
@@ -103,8 +104,8 @@ trellis() { # name, access-log rate (or -), trace rate (or -)
   [ "$kept" = 1 ] && SPANS[$name]=$count
   return 0
 }
-served() { # requests the agent in namespace $1 (default A) received, from its admin listener
-  ip netns exec "${1:-$A}" curl -s http://127.0.0.1:15000/stats/prometheus |
+served() { # requests the agent in namespace $1 (default A) received, from its admin listener (0: none)
+  { ip netns exec "${1:-$A}" curl -s http://127.0.0.1:15000/stats/prometheus || true; } |
     awk '/^trellis_downstream_requests_total / {printf "%d", $2; found=1} END {if (!found) print 0}'
 }
 

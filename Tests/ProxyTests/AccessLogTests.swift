@@ -6,6 +6,7 @@ import NIOPosix
 import Prometheus
 import Testing
 import TrellisPolicy
+import TrellisTestSupport
 
 @testable import Proxy
 
@@ -228,6 +229,23 @@ import TrellisPolicy
         } throws: { error in
             "\(error)" == "access_log.output: cannot open '\(file)/access.log' for appending: Not a directory"
         }
+    }
+
+    @Test(.enabled(if: !HTTP2GatewayTests.curlMissing, "needs curl (curl): run scripts/bootstrap.sh"))
+    func anHTTP2StreamGetsItsLineLikeAnHTTP1Request() async throws {
+        let logged = try await LoggedProxy(sampleRate: 1, group: group)
+        defer { Task { await logged.stop() } }
+        let out = await Peers.command([
+            "curl", "-s", "--http2-prior-knowledge", "--max-time", "10", "-A", "curl-h2",
+            "http://127.0.0.1:\(logged.proxy.port)/over/h2?q=1",
+        ])
+        #expect(out.stdout == "alpha", "\(out)")
+        let line = try #require(try await logged.log.lines(atLeast: 1).first)
+        #expect(line["protocol"] as? String == "HTTP/2")
+        #expect(line["method"] as? String == "GET" && line["path"] as? String == "/over/h2?q=1")
+        #expect(line["authority"] as? String == "127.0.0.1:\(logged.proxy.port)")
+        #expect(line["status"] as? Int == 200 && line["bytes_out"] as? Int == 5)
+        #expect(line["user_agent"] as? String == "curl-h2" && line["cluster"] as? String == "alpha")
     }
 
     @Test func aRelayedTCPConnectionGetsOneLineWithItsBytes() async throws {

@@ -57,7 +57,7 @@ public final class AdminServer: Service, Sendable {
                     )
                 }
             }
-            .bind(host: host, port: port).get()
+            .bind(to: try SocketAddress.listening(host, port)).get()
     }
 
     public func run() async throws {

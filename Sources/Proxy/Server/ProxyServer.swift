@@ -226,7 +226,7 @@ public final class ProxyServer: Service, Sendable {
                             value: 1
                         )
                     }
-                    let channel = try await bootstrap.bind(host: address.host, port: port).get()
+                    let channel = try await bootstrap.bind(to: try SocketAddress.listening(address.host, port)).get()
                     // With port 0 the first bind picks the port; the other loops share it.
                     if port == 0 { port = channel.localAddress?.port ?? 0 }
                     channels.append(channel)
@@ -389,4 +389,15 @@ public struct ProxyActivity: Sendable, Equatable, Codable {
 
     /// Nothing left to wait for.
     public var isQuiet: Bool { requestsInFlight == 0 && tcpRelays == 0 }
+}
+
+extension SocketAddress {
+    /// The address a listener binds: an IP literal is read as such (no resolver: `getaddrinfo`
+    /// refuses `::` with `AI_ADDRCONFIG` while a fresh interface's IPv6 addresses are still
+    /// tentative, which failed an agent started right after its network came up); a name is
+    /// resolved.
+    static func listening(_ host: String, _ port: Int) throws -> SocketAddress {
+        if let literal = try? SocketAddress(ipAddress: host, port: port) { return literal }
+        return try SocketAddress.makeAddressResolvingHost(host, port: port)
+    }
 }
