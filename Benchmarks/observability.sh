@@ -12,6 +12,7 @@
 # added to "off"; the access-log lines written and the spans received. With ROUNDS=n every
 # Trellis configuration runs n times, interleaved, and the best requests/s (with that run's
 # latency) is kept, as the machine's run-to-run noise (±4 %) is the size of what is measured.
+# ONLY="trellis off,trellis traces 1%" runs (and prints) only the configurations named.
 #   sudo bash Benchmarks/observability.sh        (DURATION=10, ROUNDS=1, SKIP_BUILD=1 to reuse the build)
 set -euo pipefail
 root=$(cd "$(dirname "$0")/.." && pwd)
@@ -66,8 +67,11 @@ measure() { # name (a later round replaces an earlier one's figures only with mo
 }
 lines() { cat "$out"/*-access.log 2>/dev/null | wc -l; }
 
+wanted() { [ -z "${ONLY:-}" ] || [[ ",$ONLY," == *",$1,"* ]]; }
+
 trellis() { # name, access-log rate (or -), trace rate (or -)
   local name=$1 log=$2 trace=$3 extra="" ta tb
+  wanted "$name" || return 0
   rm -f "$out"/*-access.log
   for s in a b; do
     extra=""
@@ -153,6 +157,7 @@ YAML
 }
 envoy_run() { # name, percent (or -)
   local name=$1 pct=$2 ea eb
+  wanted "$name" || return 0
   rm -f "$out"/*-access.log
   envoy_sidecar a 19921 "$(hcm outbound passthrough "$pct" a)" "$(otlp_cluster)" >"$out/envoy-a.yaml"
   envoy_sidecar b 19922 "$(hcm inbound local "$pct" b)" "$(otlp_cluster)" >"$out/envoy-b.yaml"
@@ -205,6 +210,7 @@ printf '| %-20s | %9s | %9s | %8s | %8s | %10s | %9s | %9s |\n' config "sat. rps
 printf '|%s|%s|%s|%s|%s|%s|%s|%s|\n' ---------------------- ----------- ----------- ---------- ---------- ------------ ----------- -----------
 for n in "trellis off" "trellis logs 1%" "trellis logs 100%" "trellis traces 1%" "trellis traces 100%" "trellis both 1%" \
   "trellis both 100%" "trellis off again" "envoy off" "envoy both 1%" "envoy both 100%"; do
+  [ -n "${SAT[$n]:-}" ] || continue
   base="trellis off"; [[ "$n" == envoy* ]] && base="envoy off"
   vs=$(awk -v a="${SAT[$n]}" -v b="${SAT[$base]}" 'BEGIN {printf "%+.1f%%", (a/b-1)*100}')
   added=$(awk -v p="$(to_us "${P99[$n]}")" -v d="$(to_us "${P99[$base]}")" 'BEGIN {printf "%+.0f us", p-d}')

@@ -118,9 +118,10 @@ enum HeaderRewriting {
         requestID: String? = nil,
         trace: RequestTrace? = nil
     ) -> HTTPRequestHead {
-        var s = scan(head.headers, extra: 7, replacingTraceContext: trace != nil)
+        let replacing = trace?.replacesHeaders ?? false
+        var s = scan(head.headers, extra: 7, replacingTraceContext: replacing)
         if let requestID { s.headers.add(name: "x-request-id", value: requestID) }
-        if let trace {
+        if let trace, replacing {
             s.headers.add(name: "traceparent", value: trace.traceparent)
             if let state = trace.tracestate { s.headers.add(name: "tracestate", value: state) }
         }

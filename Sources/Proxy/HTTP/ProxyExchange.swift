@@ -72,7 +72,7 @@ final class ProxyExchange {
             generatedID = RequestID.make(&loop.resources.rng)
             request.requestID = generatedID
         }
-        if let tracing = loop.tracing, !tracing.untraced.contains(request.originalDestination ?? Self.noDestination) {
+        if let tracing = loop.tracing, tracing.traces(request.originalDestination) {
             request.trace = RequestTrace.start(
                 request.head.headers,
                 method: request.head.method.rawValue,
@@ -315,8 +315,6 @@ final class ProxyExchange {
         loop.pool.acquire(endpoint: endpoint, cluster: cluster, for: self, fresh: true)
         return true
     }
-
-    private static let noDestination = SocketEndpoint(host: "", port: 0)
 
     /// A `grpc-timeout` value (at most 8 digits and a unit: H, M, S, m, u, n) as a duration.
     static func grpcTimeout(_ text: String) -> Duration? {

@@ -21,11 +21,20 @@ public struct ProxyTracing: Sendable {
     /// capture listener may see (an agent run as root captures its own exporter's connection),
     /// so that exporting spans does not make more spans.
     public let untraced: Set<SocketEndpoint>
+    /// Their ports, checked first (most requests go elsewhere).
+    private let untracedPorts: Set<Int>
 
     public init(tracer: any Tracer, sampleRate: Double, untraced: Set<SocketEndpoint> = []) {
         self.tracer = tracer
         self.sampleRate = sampleRate
         self.untraced = untraced
+        self.untracedPorts = Set(untraced.map(\.port))
+    }
+
+    /// Whether requests to `destination` (a captured connection's original destination) are traced.
+    func traces(_ destination: SocketEndpoint?) -> Bool {
+        guard let destination, untracedPorts.contains(destination.port) else { return true }
+        return !untraced.contains(destination)
     }
 
     /// No more spans: the exporter behind the tracer stopped (a tracer nobody drains would keep
@@ -46,6 +55,9 @@ struct RequestTrace {
     let context: TraceContext
     /// Client on the agent's outbound listener, server everywhere else.
     private let kind: SpanKind
+    /// Whether the request's trace headers are replaced upstream; false for an unrecorded request
+    /// that came with W3C headers, which go on untouched.
+    let replacesHeaders: Bool
 
     /// The `traceparent` (and `tracestate`) sent upstream.
     var traceparent: String { TraceHeaders.traceparent(context) }
@@ -72,15 +84,16 @@ struct RequestTrace {
         guard sampled else {
             // Not recorded: the caller's context goes on unchanged (its decision too, also when
             // this proxy stopped recording), or a new unsampled one.
-            let context =
-                incoming?.context
-                ?? TraceContext(
-                    traceID: .random(using: &rng),
-                    spanID: .random(using: &rng),
-                    flags: [],
-                    state: TraceState()
-                )
-            return RequestTrace(span: nil, context: context, kind: kind)
+            if let incoming {
+                return RequestTrace(span: nil, context: incoming.context, kind: kind, replacesHeaders: !incoming.w3c)
+            }
+            let context = TraceContext(
+                traceID: .random(using: &rng),
+                spanID: .random(using: &rng),
+                flags: [],
+                state: TraceState()
+            )
+            return RequestTrace(span: nil, context: context, kind: kind, replacesHeaders: true)
         }
         // The caller's context with the decision taken (a B3 caller may leave it to the receiver).
         var parentContext = InstrumentationContext.topLevel
@@ -108,7 +121,7 @@ struct RequestTrace {
             }
             ?? incoming?.context
             ?? TraceContext(traceID: .random(using: &rng), spanID: .random(using: &rng), flags: [], state: TraceState())
-        return RequestTrace(span: span, context: own, kind: kind)
+        return RequestTrace(span: span, context: own, kind: kind, replacesHeaders: true)
     }
 
     /// Ends the span with what the request became (HTTP semantic conventions, plus Trellis's own
@@ -187,7 +200,8 @@ struct RequestTrace {
 enum TraceHeaders {
     /// The caller's context, and its sampling decision (nil: left to this proxy, as B3 allows).
     /// One pass over the headers, comparing only names of the right length.
-    static func incoming(_ headers: HTTPHeaders) -> (context: TraceContext, sampled: Bool?)? {
+    /// `w3c`: the context came in `traceparent` (else from B3 headers).
+    static func incoming(_ headers: HTTPHeaders) -> (context: TraceContext, sampled: Bool?, w3c: Bool)? {
         var parent: String?
         var state: String?
         var single: String?
@@ -223,10 +237,14 @@ enum TraceHeaders {
             guard let context = try? TraceContext(traceParentHeaderValue: parent, traceStateHeaderValue: state) else {
                 return nil
             }
-            return (context, context.flags.contains(.sampled))
+            return (context, context.flags.contains(.sampled), true)
         }
-        if let single { return b3Single(single) }
-        if let b3Trace, let b3Span { return b3(trace: b3Trace, span: b3Span, sampled: b3Debug ? "1" : b3Sampled) }
+        if let single { return b3Single(single).map { ($0.context, $0.sampled, false) } }
+        if let b3Trace, let b3Span {
+            return b3(trace: b3Trace, span: b3Span, sampled: b3Debug ? "1" : b3Sampled).map {
+                ($0.context, $0.sampled, false)
+            }
+        }
         return nil
     }
 
