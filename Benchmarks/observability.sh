@@ -9,7 +9,7 @@
 #     same receiver, both at 1 % and at 100 %.
 # For each: keep-alive requests/s at saturation (wrk -c32), the share lost against the same
 # proxy's "off", and p50/p99 at a fixed ~1000 req/s (10 connections pausing 10 ms) with the p99
-# added to "off"; the access-log lines written and the spans received. With ROUNDS=n every
+# added to "off" and both sidecars' CPU per request at that rate; the access-log lines written and the spans received. With ROUNDS=n every
 # Trellis configuration runs n times, interleaved, and the best requests/s (with that run's
 # latency) is kept, as the machine's run-to-run noise (±4 %) is the size of what is measured.
 # ONLY="trellis off,trellis traces 1%" runs (and prints) only the configurations named.
@@ -53,14 +53,20 @@ receiver() { # starts it; sets rpid
 }
 receiver_count() { kill "$rpid" 2>/dev/null || true; wait "$rpid" 2>/dev/null || true; awk '/^received/ {print $2}' "$out/receiver.out"; }
 
-declare -A SAT P50 P99 LINES SPANS
-measure() { # name (a later round replaces an earlier one's figures only with more requests/s)
-  local name=$1 sat fixed
+declare -A SAT P50 P99 CPU LINES SPANS
+cpu_ticks() { local t=0 p; for p in "$@"; do t=$((t + $(awk '{print $14+$15}' "/proc/$p/stat"))); done; echo "$t"; }
+measure() { # name, the sidecars' pids (a later round replaces an earlier one's figures only with more requests/s)
+  local name=$1 sat fixed t0 t1 cpu
+  shift
   wrk_run -c10 -d2s >/dev/null
   sat=$(wrk_run -c32)
+  t0=$(cpu_ticks "$@")
   fixed=$(wrk_run -c10 -s "$out/pace.lua")
+  t1=$(cpu_ticks "$@")
+  # Both sidecars' CPU per request at the fixed rate (clock ticks of 10 ms over its requests).
+  cpu=$(awk -v t=$((t1 - t0)) -v r="$(rps "$fixed")" -v d="$DURATION" 'BEGIN {printf "%.1f", t * 10000 / (r * d)}')
   if [ -n "${SAT[$name]:-}" ] && [ "$(rps "$sat")" -le "${SAT[$name]}" ]; then return 1; fi
-  SAT[$name]=$(rps "$sat"); P50[$name]=$(field "$fixed" 50%); P99[$name]=$(field "$fixed" 99%)
+  SAT[$name]=$(rps "$sat"); P50[$name]=$(field "$fixed" 50%); P99[$name]=$(field "$fixed" 99%); CPU[$name]=$cpu
   for r in "$sat" "$fixed"; do
     if grep -q "Socket errors\|Non-2xx" <<<"$r"; then echo "$name: $(grep 'Socket errors\|Non-2xx' <<<"$r")" >&2; fi
   done
@@ -93,7 +99,7 @@ trellis() { # name, access-log rate (or -), trace rate (or -)
     sleep 0.1
   done
   local kept=1 count countb
-  measure "$name" || kept=0
+  measure "$name" "$ta" "$tb" || kept=0
   # Both sidecars carried the run: B's agent saw (nearly) every request A's did.
   count=$(served "$A"); countb=$(served "$B")
   if [ "$count" -lt 1000 ] || [ "$countb" -lt $((count * 9 / 10)) ]; then
@@ -167,7 +173,7 @@ envoy_run() { # name, percent (or -)
   for port in 19921:$A 19922:$B; do
     for _ in $(seq 1 100); do ip netns exec "${port#*:}" curl -sf "http://127.0.0.1:${port%%:*}/ready" >/dev/null && break; sleep 0.1; done
   done
-  measure "$name" || true
+  measure "$name" "$ea" "$eb" || true
   local served
   served=$(ip netns exec "$A" curl -s "http://127.0.0.1:19921/stats?filter=http.outbound.downstream_rq_total" | awk -F': ' '{print $2}')
   [ "${served:-0}" -gt 0 ] || { echo "observability: Envoy A served no request: the path bypassed it" >&2; exit 1; }
@@ -184,6 +190,7 @@ for _ in $(seq 1 "$ROUNDS"); do
   trellis "trellis off" - -
   trellis "trellis logs 1%" 0.01 -
   trellis "trellis logs 100%" 1 -
+  trellis "trellis traces 0%" - 0
   trellis "trellis traces 1%" - 0.01
   trellis "trellis traces 100%" - 1
   trellis "trellis both 1%" 0.01 0.01
@@ -206,14 +213,14 @@ ip netns exec "$B" "$agent" rules uninstall >/dev/null
 
 echo "Observability cost on the mesh path, netns pair, wrk -t1 from A (core 1) through two sidecars (core 0) to nginx; ${DURATION}s per run, Trellis best of $ROUNDS; $(date -u +%Y-%m-%d)"
 echo
-printf '| %-20s | %9s | %9s | %8s | %8s | %10s | %9s | %9s |\n' config "sat. rps" "vs off" "p50" "p99" "added p99" "log lines" "spans"
-printf '|%s|%s|%s|%s|%s|%s|%s|%s|\n' ---------------------- ----------- ----------- ---------- ---------- ------------ ----------- -----------
-for n in "trellis off" "trellis logs 1%" "trellis logs 100%" "trellis traces 1%" "trellis traces 100%" "trellis both 1%" \
+printf '| %-20s | %9s | %9s | %8s | %8s | %10s | %11s | %9s | %9s |\n' config "sat. rps" "vs off" "p50" "p99" "added p99" "CPU us/req" "log lines" "spans"
+printf '|%s|%s|%s|%s|%s|%s|%s|%s|%s|\n' ---------------------- ----------- ----------- ---------- ---------- ------------ ------------- ----------- -----------
+for n in "trellis off" "trellis logs 1%" "trellis logs 100%" "trellis traces 0%" "trellis traces 1%" "trellis traces 100%" "trellis both 1%" \
   "trellis both 100%" "trellis off again" "envoy off" "envoy both 1%" "envoy both 100%"; do
   [ -n "${SAT[$n]:-}" ] || continue
   base="trellis off"; [[ "$n" == envoy* ]] && base="envoy off"
   vs=$(awk -v a="${SAT[$n]}" -v b="${SAT[$base]}" 'BEGIN {printf "%+.1f%%", (a/b-1)*100}')
   added=$(awk -v p="$(to_us "${P99[$n]}")" -v d="$(to_us "${P99[$base]}")" 'BEGIN {printf "%+.0f us", p-d}')
-  printf '| %-20s | %9s | %9s | %8s | %8s | %10s | %9s | %9s |\n' "$n" "${SAT[$n]}" "$vs" "${P50[$n]}" "${P99[$n]}" "$added" \
-    "${LINES[$n]}" "${SPANS[$n]}"
+  printf '| %-20s | %9s | %9s | %8s | %8s | %10s | %11s | %9s | %9s |\n' "$n" "${SAT[$n]}" "$vs" "${P50[$n]}" "${P99[$n]}" "$added" \
+    "${CPU[$n]}" "${LINES[$n]}" "${SPANS[$n]}"
 done
