@@ -59,6 +59,14 @@ struct TracingTests {
         }
     }
 
+    /// A gateway listener sending everything to `upstream` (cluster `orders`).
+    static func toOrders(_ upstream: TestUpstream) -> ProxyConfig {
+        gatewayConfig(
+            virtualHosts: catchAll("orders"),
+            clusters: [ClusterConfig(name: "orders", endpoints: [endpoint(upstream)])]
+        )
+    }
+
     /// upstream ← B (inbound) ← A (outbound); `body` gets A's port and the upstream.
     func withTwoProxies<T>(
         receiver: Int,
@@ -233,10 +241,7 @@ struct TracingTests {
         let services = ServiceGroup(services: [exporter], logger: Self.logger)
         let running = Task { try await services.run() }
         let proxy = try await ProxyHarness.start(
-            gatewayConfig(
-                virtualHosts: catchAll("orders"),
-                clusters: [ClusterConfig(name: "orders", endpoints: [endpoint(upstream)])]
-            ),
+            Self.toOrders(upstream),
             group: group,
             tracing: tracing
         )
@@ -292,10 +297,7 @@ struct TracingTests {
         let dead = Peers.freePort()
         try await withTracer(port: dead, service: "gw", sampleRate: 1) { tracing in
             let proxy = try await ProxyHarness.start(
-                gatewayConfig(
-                    virtualHosts: catchAll("orders"),
-                    clusters: [ClusterConfig(name: "orders", endpoints: [endpoint(upstream)])]
-                ),
+                Self.toOrders(upstream),
                 group: group,
                 tracing: tracing
             )
