@@ -43,9 +43,14 @@ public enum TracingBackend {
         return (tracing, Exporter(backend: service, tracing: tracing, logger: logger))
     }
 
+    /// How long a stopping exporter may take to send what it holds: a collector that is down
+    /// would otherwise hold the process for an export timeout per batch.
+    static let flushDeadline = Duration.seconds(2)
+
     /// Runs the exporter; whenever and however it ends, tracing stops recording (the data path
     /// then only passes trace contexts on), and an error is logged, never thrown: losing the
-    /// exporter must not stop the proxy.
+    /// exporter must not stop the proxy. Once a graceful shutdown starts, the exporter gets
+    /// ``flushDeadline`` to send its last spans, then it is cancelled.
     struct Exporter: Service {
         let backend: any Service
         let tracing: ProxyTracing
@@ -53,13 +58,25 @@ public enum TracingBackend {
 
         func run() async throws {
             defer { tracing.stop() }
-            do {
-                try await backend.run()
-            } catch {
-                logger.error(
-                    "the span exporter stopped; no more spans are recorded",
-                    metadata: ["error": "\(error)"]
-                )
+            let (backend, logger) = (backend, logger)
+            await withTaskGroup(of: Void.self) { group in
+                group.addTask {
+                    do {
+                        try await backend.run()
+                    } catch {
+                        logger.error(
+                            "the span exporter stopped; no more spans are recorded",
+                            metadata: ["error": "\(error)"]
+                        )
+                    }
+                }
+                group.addTask {
+                    // Cancelled (and so returns at once) when the exporter ended first.
+                    guard (try? await gracefulShutdown()) != nil else { return }
+                    try? await Task.sleep(for: TracingBackend.flushDeadline)
+                }
+                await group.next()
+                group.cancelAll()
             }
         }
     }

@@ -246,6 +246,68 @@ import Glibc
         await alpha.stop()
     }
 
+    /// With every request traced to a collector that is down, the gateway's memory stays bounded:
+    /// the spans waiting for export are capped (2,048), the rest dropped, so 12,000 more requests
+    /// after a warm-up leave its resident size within a few MiB, and every request is answered.
+    @Test func aDeadCollectorLeavesTheMemoryBounded() async throws {
+        let alpha = try await TestUpstream.start(name: "alpha", group: group)
+        let port = try Self.freePort()
+        let admin = try Self.freePort()
+        let dead = try Self.freePort()
+        let file = FileManager.default.temporaryDirectory.appendingPathComponent(
+            "trellis-gw-dead-otlp-\(getpid()).yaml"
+        )
+        try """
+        admin: {address: 127.0.0.1:\(admin)}
+        tracing: {collector: 127.0.0.1:\(dead), sample_rate: 1}
+        listeners:
+          - name: edge
+            address: 127.0.0.1:\(port)
+            virtual_hosts: [{name: a, domains: ["*"], routes: [{name: r, match: {prefix: /}, route: {cluster: c}}]}]
+        clusters:
+          - {name: c, endpoints: [{address: 127.0.0.1:\(alpha.port)}]}
+        """.write(to: file, atomically: true, encoding: .utf8)
+        let process = Process()
+        process.executableURL = Self.binary
+        process.arguments = ["gateway", "--config", file.path, "--event-loops", "1", "--log-level", "error"]
+        process.standardError = FileHandle.nullDevice
+        try process.run()
+        defer {
+            if process.isRunning { process.terminate() }
+            try? FileManager.default.removeItem(at: file)
+        }
+        var up = false
+        for _ in 0..<200 where !up {
+            up = (try? await TestHTTPClient.get(port: port, "/", group: group)) != nil
+            if !up { try await Task.sleep(for: .milliseconds(50)) }
+        }
+        try #require(up)
+        /// `count` requests on each of 4 keep-alive connections; how many were answered 200.
+        func load(_ count: Int) async throws -> Int {
+            try await withThrowingTaskGroup(of: Int.self) { tasks in
+                for _ in 0..<4 {
+                    tasks.addTask {
+                        let client = try await TestHTTPClient.connect(port: port, group: group)
+                        var ok = 0
+                        for i in 0..<count where try await client.request(.GET, "/\(i)").status == .ok { ok += 1 }
+                        await client.close()
+                        return ok
+                    }
+                }
+                return try await tasks.reduce(0, +)
+            }
+        }
+        #expect(try await load(1000) == 4000)  // warm-up: the span queue fills to its bound
+        let before = Peers.residentBytes(pid: process.processIdentifier)
+        #expect(try await load(3000) == 12_000)
+        let after = Peers.residentBytes(pid: process.processIdentifier)
+        #expect(before > 0 && after - before < 8 << 20, "RSS \(before >> 20) MiB -> \(after >> 20) MiB")
+        process.terminate()
+        for _ in 0..<300 where process.isRunning { try await Task.sleep(for: .milliseconds(20)) }
+        #expect(!process.isRunning && process.terminationStatus == 0)
+        await alpha.stop()
+    }
+
     /// After a burst of 2,000 connections that each sent half a request head, the gateway gives
     /// the memory they used back to the kernel within seconds (counted in
     /// `trellis_memory_returns_total`), instead of keeping its peak resident size for good.
