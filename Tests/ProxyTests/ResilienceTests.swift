@@ -682,13 +682,14 @@ import TrellisTestSupport
 
     @Test func aRefusedConnectionIsRetriedEvenForAPost() async throws {
         let good = try await TestUpstream.start(name: "good", group: group)
-        let gone = try await TestUpstream.start(name: "gone", group: group)
-        let gonePort = gone.port
-        await gone.stop()
+        // A port that refuses connections and that nothing else (the harness's admin listener on
+        // port 0) can take meanwhile: a stopped server's port once went to it.
+        let gone = try BlackholeListener(listening: false)
+        defer { gone.close() }
         defer { Task { await good.stop() } }
         let proxy = try await ProxyHarness.start(
             config(
-                [Endpoint(address: .init(host: "127.0.0.1", port: gonePort)), endpoint(good)],
+                [Endpoint(address: .init(host: "127.0.0.1", port: gone.port)), endpoint(good)],
                 retry: RetryPolicy(retryOn: [.connectFailure], numRetries: 1)
             ),
             group: group

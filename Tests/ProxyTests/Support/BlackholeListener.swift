@@ -6,12 +6,14 @@ import Glibc
 #endif
 
 /// A loopback TCP socket that listens with a backlog of 0 and never accepts: once its accept queue
-/// is full, the kernel drops new SYNs, so connecting to it hangs until the client gives up.
+/// is full, the kernel drops new SYNs, so connecting to it hangs until the client gives up. With
+/// `listening: false` it is only bound: connecting to it is refused at once, and no other socket
+/// (a later test server on port 0) can take its port while it lives, unlike a stopped server's.
 final class BlackholeListener: Sendable {
     let fd: Int32
     let port: Int
 
-    init() throws {
+    init(listening: Bool = true) throws {
         let fd = socket(AF_INET, Int32(SOCK_STREAM.rawValue), 0)
         guard fd >= 0 else { throw IOError(errnoCode: errno, reason: "socket") }
         var addr = sockaddr_in()
@@ -23,7 +25,7 @@ final class BlackholeListener: Sendable {
                 bind(fd, $0, socklen_t(MemoryLayout<sockaddr_in>.size))
             }
         }
-        guard bound == 0, listen(fd, 0) == 0 else {
+        guard bound == 0, !listening || listen(fd, 0) == 0 else {
             Glibc.close(fd)
             throw IOError(errnoCode: errno, reason: "bind/listen")
         }
