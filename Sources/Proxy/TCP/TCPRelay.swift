@@ -127,16 +127,14 @@ enum TCPRelay {
         private var failure: String?
 
         private func logClosed(source: SocketAddress?) {
-            guard let log else { return }
-            var rng = loop?.resources.rng ?? FastRandom()
-            defer { loop?.resources.rng = rng }
-            guard log.sampled(failed: failure != nil, rng: &rng) else { return }
+            // `log` is the loop's access log: set only with a loop.
+            guard let log, let loop, log.sampled(failed: failure != nil, rng: &loop.resources.rng) else { return }
             var record = AccessLogRecord(listener: listener, elapsed: NIODeadline.now() - started)
             record.protocol = "tcp"
             record.error = failure
             record.source = source
             record.endpoint = destination.map(AccessLogRecord.address)
-            record.originalDestination = destination.map(AccessLogRecord.address)
+            record.originalDestination = record.endpoint
             record.upstreamConnectNanos = connectNanos
             record.bytesIn = counters?.bytesIn ?? 0
             record.bytesOut = counters?.bytesOut ?? 0
