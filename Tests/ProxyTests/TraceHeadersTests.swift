@@ -22,6 +22,38 @@ import W3CTraceContext
         }
     }
 
+    @Test func traceparentIsReadAsW3CReadsIt() {
+        var rng = FastRandom(seed: 11)
+        var values: [String] = []
+        for flags in [TraceFlags(), .sampled, TraceFlags(rawValue: 0xff)] {
+            for _ in 0..<50 {
+                let context = TraceContext(
+                    traceID: .random(using: &rng),
+                    spanID: .random(using: &rng),
+                    flags: flags,
+                    state: TraceState()
+                )
+                values.append(context.traceParentHeaderValue)
+            }
+        }
+        let good = "00-4bf92f3577b34da6a3ce929d0e0e4736-00f067aa0ba902b7-01"
+        values += [
+            good, String(good.dropLast()), good + "0", "01" + good.dropFirst(2), good.uppercased(),
+            "00-4bf92f3577b34da6a3ce929d0e0e4736_00f067aa0ba902b7-01",
+            "00-00000000000000000000000000000000-00f067aa0ba902b7-01",
+            "00-4bf92f3577b34da6a3ce929d0e0e4736-0000000000000000-01",
+            "00-4bf92f3577b34da6a3ce929d0e0e473g-00f067aa0ba902b7-01",
+            "00-4bf92f3577b34da6a3ce929d0e0e4736-00f067aa0ba902b7-0x",
+            "", "00-é4bf92f3577b34da6a3ce929d0e0e47-00f067aa0ba902b7-01",
+        ]
+        for value in values {
+            let library = try? TraceContext(traceParentHeaderValue: value)
+            let ours = TraceHeaders.traceparent(parsing: value, state: nil)
+            #expect(ours?.traceParentHeaderValue == library?.traceParentHeaderValue, "\(value)")
+            #expect(ours?.flags == library?.flags, "\(value)")
+        }
+    }
+
     @Test func theCallersContextIsReadWhateverTheCaseOfTheNames() throws {
         let headers = HTTPHeaders([
             ("Host", "orders"), ("User-Agent", "x"),

@@ -234,9 +234,7 @@ enum TraceHeaders {
             }
         }
         if let parent {
-            guard let context = try? TraceContext(traceParentHeaderValue: parent, traceStateHeaderValue: state) else {
-                return nil
-            }
+            guard let context = traceparent(parsing: parent, state: state) else { return nil }
             return (context, context.flags.contains(.sampled), true)
         }
         if let single { return b3Single(single).map { ($0.context, $0.sampled, false) } }
@@ -275,6 +273,62 @@ enum TraceHeaders {
 
     private static let hex: [UInt8] = Array("0123456789abcdef".utf8)
 
+    /// A `traceparent` value (`00-{32 hex}-{16 hex}-{2 hex}`, lower-case, ids not all zero: W3C
+    /// Trace Context level 1, the rules of `TraceContext(traceParentHeaderValue:)`) decoded in place,
+    /// without copying the value; with a `tracestate`, the library decodes both (it alone parses
+    /// the state's entries).
+    static func traceparent(parsing value: String, state: String?) -> TraceContext? {
+        if let state, !state.isEmpty {
+            return try? TraceContext(traceParentHeaderValue: value, traceStateHeaderValue: state)
+        }
+        var value = value
+        return value.withUTF8 { p -> TraceContext? in
+            guard p.count == 55, p[0] == UInt8(ascii: "0"), p[1] == UInt8(ascii: "0"), p[2] == UInt8(ascii: "-"),
+                p[35] == UInt8(ascii: "-"), p[52] == UInt8(ascii: "-")
+            else { return nil }
+            var trace = TraceID.null.bytes
+            var span = SpanID.null.bytes
+            let idsValid =
+                withUnsafeMutableBytes(of: &trace) { decodeHex(p, from: 3, into: $0) }
+                && withUnsafeMutableBytes(of: &span) { decodeHex(p, from: 36, into: $0) }
+            guard idsValid, let high = nibble(p[53]), let low = nibble(p[54]) else { return nil }
+            let traceID = TraceID(bytes: trace)
+            let spanID = SpanID(bytes: span)
+            guard traceID != .null, spanID != .null else { return nil }
+            return TraceContext(
+                traceID: traceID,
+                spanID: spanID,
+                flags: TraceFlags(rawValue: high << 4 | low),
+                state: TraceState()
+            )
+        }
+    }
+
+    /// Fills `target` from the lower-case hex digits of `text` starting at `offset`; false on any
+    /// other character.
+    private static func decodeHex(
+        _ text: UnsafeBufferPointer<UInt8>,
+        from offset: Int,
+        into target: UnsafeMutableRawBufferPointer
+    ) -> Bool {
+        for i in 0..<target.count {
+            guard let high = nibble(text[offset + 2 * i]), let low = nibble(text[offset + 2 * i + 1]) else {
+                return false
+            }
+            target[i] = high << 4 | low
+        }
+        return true
+    }
+
+    @inline(__always)
+    private static func nibble(_ c: UInt8) -> UInt8? {
+        switch c {
+        case UInt8(ascii: "0")...UInt8(ascii: "9"): c &- UInt8(ascii: "0")
+        case UInt8(ascii: "a")...UInt8(ascii: "f"): c &- UInt8(ascii: "a") &+ 10
+        default: nil
+        }
+    }
+
     /// `b3: {traceid}-{spanid}[-{sampled}[-{parentspanid}]]`; a lone `0`/`1`/`d` carries only a
     /// decision and no ids (not a parent).
     static func b3Single(_ value: String) -> (context: TraceContext, sampled: Bool?)? {
@@ -293,7 +347,7 @@ enum TraceHeaders {
         else { return nil }
         let full = trace.count == 16 ? String(repeating: "0", count: 16) + trace : trace
         let decision = sampled.map { ["1", "d", "true"].contains($0.lowercased()) }
-        guard let context = try? TraceContext(traceParentHeaderValue: "00-\(full)-\(span)-00") else { return nil }
+        guard let context = traceparent(parsing: "00-\(full)-\(span)-00", state: nil) else { return nil }
         return (context, decision)
     }
 }
