@@ -165,6 +165,18 @@ let package = Package(
             swiftSettings: swiftSettings
         ),
         .target(
+            name: "Etcd",
+            dependencies: [
+                .product(name: "SwiftProtobuf", package: "swift-protobuf"),
+                .product(name: "GRPCCore", package: "grpc-swift-2"),
+                .product(name: "GRPCProtobuf", package: "grpc-swift-protobuf"),
+                .product(name: "GRPCNIOTransportHTTP2", package: "grpc-swift-nio-transport"),
+                .product(name: "Logging", package: "swift-log"),
+            ],
+            exclude: ["Generated/README.md"],
+            swiftSettings: swiftSettings
+        ),
+        .target(
             name: "Agent",
             dependencies: [
                 "Interceptor",
@@ -192,6 +204,7 @@ let package = Package(
             name: "Pilot",
             dependencies: [
                 "XDS",
+                "Etcd",
                 "TrellisConfig",
                 "TrellisPolicy",
                 "TrellisHTTP",
@@ -240,6 +253,7 @@ let package = Package(
             name: "trellis-pilot",
             dependencies: [
                 "Pilot",
+                "Etcd",
                 "TrellisConfig",
                 "TrellisRuntime",
                 .product(name: "ArgumentParser", package: "swift-argument-parser"),
@@ -308,6 +322,7 @@ let package = Package(
             name: "PilotTests",
             dependencies: [
                 "Pilot",
+                "Etcd",
                 "TrellisTestSupport",
                 "TrellisHTTP",
                 "TrellisConfig",
@@ -328,6 +343,16 @@ let package = Package(
             dependencies: [
                 "XDS",
                 .product(name: "SwiftProtobuf", package: "swift-protobuf"),
+            ],
+            swiftSettings: swiftSettings
+        ),
+        .testTarget(
+            name: "EtcdTests",
+            dependencies: [
+                "Etcd",
+                "Pilot",
+                "TrellisTestSupport",
+                .product(name: "Logging", package: "swift-log"),
             ],
             swiftSettings: swiftSettings
         ),

@@ -26,7 +26,9 @@ DEBIAN_PACKAGES=(
   # the PyPI packages' virtual environment (.venv, from Debian's python3); sudo: root's steps
   # when the scripts are run by a user (and the test of that, Tests/RootTests/FreshMachineTests)
   python3-venv sudo
-  # protoc and the well-known types, to regenerate Sources/XDS/Generated (never needed by CI)
+  # a real etcd cluster (3 members on loopback) for pilot's shared store (Tests/EtcdTests)
+  etcd-server etcd-client
+  # protoc and the well-known types, to regenerate Sources/{XDS,Etcd}/Generated (never needed by CI)
   protobuf-compiler libprotobuf-dev
   # valgrind records the functions the agent runs, for its link order (scripts/agent-order.sh);
   # libstdc++'s archive is linked into the release binaries (scripts/build-release.sh)
@@ -57,6 +59,13 @@ fi
 if command -v systemctl >/dev/null 2>&1 && systemctl is-active --quiet nginx 2>/dev/null; then
   need_sudo bootstrap "stopping the system nginx needs root"
   as_root systemctl stop nginx || true
+fi
+# etcd-server, newly installed here, starts a single-member etcd on :2379 that nobody asked for:
+# it is stopped and disabled (the tests start their own cluster on other ports). One that was
+# installed before is someone's, and left alone.
+if [[ " ${missing[*]:-} " == *" etcd-server "* ]] && command -v systemctl >/dev/null 2>&1 &&
+  systemctl is-enabled --quiet etcd 2>/dev/null; then
+  as_root systemctl disable --now etcd || true
 fi
 
 venv=$root/.venv

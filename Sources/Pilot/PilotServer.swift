@@ -37,13 +37,13 @@ public struct PilotServer: Service {
         logger: Logger,
         metrics: PilotMetrics = .init(),
         metricsText: @escaping @Sendable () -> String = { "" }
-    ) throws {
+    ) async throws {
         self.metrics = metrics
         self.sync = SyncStatus(metrics: metrics)
         self.configuration = configuration
         self.logger = logger
         self.metricsText = metricsText
-        registry = try Registry(store: store, logger: logger)
+        registry = try await Registry(store: store, logger: logger)
         generator = SnapshotGenerator(
             registry: registry,
             cache: cache,
@@ -109,6 +109,7 @@ public struct PilotServer: Service {
             try await withThrowingDiscardingTaskGroup { group in
                 group.addTask { try await Self.untilCancelled { try await grpc.serve() } }
                 group.addTask { await generator.run() }
+                group.addTask { await registry.follow() }  // a shared store's changes (etcd)
                 group.addTask {
                     while !Task.isCancelled {
                         try? await Task.sleep(for: configuration.leaseSweepInterval)

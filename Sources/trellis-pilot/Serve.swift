@@ -1,4 +1,5 @@
 import ArgumentParser
+import Etcd
 import Foundation
 import Logging
 import Metrics
@@ -12,49 +13,129 @@ import UnixSignals
 /// `trellis-pilot serve`: the registry, the xDS server and the HTTP API.
 struct Serve: AsyncParsableCommand {
     static let configuration = CommandConfiguration(
-        abstract: "Run the control plane: registry, xDS (ADS) server and HTTP API. SIGHUP reloads mesh.yaml."
+        abstract: "Run the control plane: registry, xDS (ADS) server and HTTP API. SIGHUP reloads mesh.yaml.",
+        discussion: "Settings come from --config (pilot.yaml); each flag given overrides the file."
     )
 
-    @Option(help: "xDS (gRPC) listen address.")
-    var xdsAddress = "0.0.0.0:\(PilotPorts.xds)"
+    @Option(help: "The pilot configuration (listen addresses, store, CMDB). Missing at its default path: defaults.")
+    var config = PilotConfig.defaultPath
 
-    @Option(help: "HTTP API listen address.")
-    var httpAddress = "0.0.0.0:\(PilotPorts.http)"
+    @Option(help: "xDS (gRPC) listen address (default 0.0.0.0:\(PilotPorts.xds)).")
+    var xdsAddress: String?
 
-    @Option(help: "The registry store: a SQLite file, or 'memory' (nothing survives a restart).")
-    var store = "/var/lib/trellis/pilot.db"
+    @Option(help: "HTTP API listen address (default 0.0.0.0:\(PilotPorts.http)).")
+    var httpAddress: String?
 
     @Option(
         help:
-            "The mesh configuration (static services, gateways, routes); watched for changes. Missing: an empty mesh until it appears."
+            "The registry store: a SQLite file, 'memory' (nothing survives a restart), or etcd://host:port,host:port (several pilots share it; docs/ha.md). Default \(PilotConfig.defaultStorePath)."
     )
-    var mesh = "/etc/trellis/mesh.yaml"
+    var store: String?
+
+    @Option(
+        help:
+            "The mesh configuration (static services, gateways, routes); watched for changes. Missing: an empty mesh until it appears. Default /etc/trellis/mesh.yaml."
+    )
+    var mesh: String?
 
     @Option(help: "A CMDB endpoint (http://…) polled for machine metadata (see docs/pilot-api.md).")
     var cmdbURL: String?
 
-    @Option(help: "How often the CMDB is polled, in seconds.")
-    var cmdbInterval = 30
+    @Option(help: "How often the CMDB is polled, in seconds (default 30).")
+    var cmdbInterval: Int?
 
-    @Option(help: "Registry changes within this many milliseconds are pushed together.")
-    var debounceMs = 100
+    @Option(help: "Registry changes within this many milliseconds are pushed together (default 100).")
+    var debounceMs: Int?
 
-    @Option(help: "Log level: trace, debug, info, notice, warning, error, critical.")
-    var logLevel = "info"
+    @Option(help: "Log level: trace, debug, info, notice, warning, error, critical (default info).")
+    var logLevel: String?
 
     func validate() throws {
-        _ = try Self.endpoint(xdsAddress, option: "--xds-address")
-        _ = try Self.endpoint(httpAddress, option: "--http-address")
-        guard (0...10_000).contains(debounceMs) else {
-            throw ValidationError("--debounce-ms: expected 0...10000, got \(debounceMs)")
+        _ = try settings()
+    }
+
+    /// pilot.yaml (when there is one) with the flags given laid over it.
+    func settings() throws -> PilotConfig {
+        var settings = PilotConfig()
+        if let data = FileManager.default.contents(atPath: config) {
+            do {
+                settings = try PilotConfig.parse(yaml: String(decoding: data, as: UTF8.self), file: config)
+            } catch {
+                throw ValidationError("\(error)")
+            }
+        } else if config != PilotConfig.defaultPath || FileManager.default.fileExists(atPath: config) {
+            throw ValidationError("--config: \(config) cannot be read")
         }
-        guard (1...86_400).contains(cmdbInterval) else {
-            throw ValidationError("--cmdb-interval: expected 1...86400, got \(cmdbInterval)")
+        if let xdsAddress { settings.xdsAddress = try Self.endpoint(xdsAddress, option: "--xds-address") }
+        if let httpAddress { settings.httpAddress = try Self.endpoint(httpAddress, option: "--http-address") }
+        if let mesh { settings.mesh = mesh }
+        if let cmdbURL { settings.cmdbURL = cmdbURL }
+        if let cmdbInterval {
+            guard (1...86_400).contains(cmdbInterval) else {
+                throw ValidationError("--cmdb-interval: expected 1...86400, got \(cmdbInterval)")
+            }
+            settings.cmdbInterval = .seconds(cmdbInterval)
         }
-        guard Logger.Level(rawValue: logLevel) != nil else {
-            throw ValidationError(
-                "--log-level: expected one of \(Logger.Level.allCases.map(\.rawValue).joined(separator: ", ")), got '\(logLevel)'"
-            )
+        if let debounceMs {
+            guard (0...10_000).contains(debounceMs) else {
+                throw ValidationError("--debounce-ms: expected 0...10000, got \(debounceMs)")
+            }
+            settings.debounce = .milliseconds(debounceMs)
+        }
+        if let logLevel {
+            guard Logger.Level(rawValue: logLevel) != nil else {
+                throw ValidationError(
+                    "--log-level: expected one of \(Logger.Level.allCases.map(\.rawValue).joined(separator: ", ")), got '\(logLevel)'"
+                )
+            }
+            settings.logLevel = logLevel
+        }
+        if let store {
+            if store == "memory" {
+                settings.store = .memory
+            } else if store.hasPrefix("etcd://") {
+                let list = store.dropFirst("etcd://".count).split(separator: ",").map(String.init)
+                do {
+                    let endpoints = try list.map { try EtcdEndpoint(parsing: $0) }
+                    try EtcdEndpoint.check(endpoints)
+                    var etcd = PilotConfig.EtcdSettings(endpoints: endpoints)
+                    if case .etcd(let fromFile) = settings.store {
+                        etcd = fromFile
+                        etcd.endpoints = endpoints
+                    }
+                    settings.store = .etcd(etcd)
+                } catch {
+                    throw ValidationError("--store: \(error)")
+                }
+            } else {
+                settings.store = .sqlite(path: store)
+            }
+        }
+        return settings
+    }
+
+    /// The pilot over its store; a shared store that cannot be read yet is retried for 30 s
+    /// (pilot has no snapshot to serve before it has read it once).
+    static func startingPilot(
+        configuration: PilotServer.Configuration,
+        store: any RegistryStore,
+        logger: Logger,
+        metricsText: @escaping @Sendable () -> String
+    ) async throws -> PilotServer {
+        let deadline = ContinuousClock.now + .seconds(30)
+        while true {
+            do {
+                return try await PilotServer(
+                    configuration: configuration,
+                    store: store,
+                    logger: logger,
+                    metricsText: metricsText
+                )
+            } catch {
+                guard store is any SharedRegistryStore, ContinuousClock.now < deadline else { throw error }
+                logger.warning("the registry store cannot be read yet; retrying", metadata: ["error": "\(error)"])
+                try await Task.sleep(for: .seconds(1))
+            }
         }
     }
 
@@ -71,7 +152,8 @@ struct Serve: AsyncParsableCommand {
     }
 
     func run() async throws {
-        let level = Logger.Level(rawValue: logLevel)!
+        let settings = try settings()
+        let level = Logger.Level(rawValue: settings.logLevel)!
         LoggingSystem.bootstrap { label in
             var handler = StreamLogHandler.standardError(label: label)
             handler.logLevel = level
@@ -82,53 +164,98 @@ struct Serve: AsyncParsableCommand {
         let prometheus = PrometheusCollectorRegistry()
         MetricsSystem.bootstrap(PrometheusMetricsFactory(registry: prometheus))
 
-        let registryStore: any RegistryStore
-        do {
-            if store == "memory" {
-                registryStore = try SQLiteRegistryStore()
-            } else {
+        switch settings.store {
+        case .memory:
+            try await serve(
+                settings,
+                store: try SQLiteRegistryStore(),
+                etcd: nil,
+                logger: logger,
+                prometheus: prometheus
+            )
+        case .sqlite(let path):
+            let store: SQLiteRegistryStore
+            do {
                 try FileManager.default.createDirectory(
-                    atPath: (store as NSString).deletingLastPathComponent,
+                    atPath: (path as NSString).deletingLastPathComponent,
                     withIntermediateDirectories: true
                 )
-                registryStore = try SQLiteRegistryStore(path: store)
+                store = try SQLiteRegistryStore(path: path)
+            } catch {
+                throw ValidationError("store: \(error)")
             }
-        } catch {
-            throw ValidationError("--store: \(error)")
+            try await serve(settings, store: store, etcd: nil, logger: logger, prometheus: prometheus)
+        case .etcd(let etcd):
+            let client = try EtcdClient(
+                endpoints: etcd.endpoints,
+                tls: etcd.tls,
+                callTimeout: etcd.callTimeout,
+                logger: logger
+            )
+            // The client's connections run beside the services and stop after them.
+            try await withThrowingTaskGroup(of: Void.self) { group in
+                group.addTask { try await client.run() }
+                defer { client.close() }
+                let store = EtcdRegistryStore(client: client, prefix: etcd.prefix, logger: logger)
+                try await serve(
+                    settings,
+                    store: store,
+                    etcd: (client, etcd.prefix),
+                    logger: logger,
+                    prometheus: prometheus
+                )
+            }
         }
+    }
 
+    func serve(
+        _ settings: PilotConfig,
+        store registryStore: any RegistryStore,
+        etcd: (client: EtcdClient, prefix: String)?,
+        logger: Logger,
+        prometheus: PrometheusCollectorRegistry
+    ) async throws {
         var configuration = PilotServer.Configuration()
-        (configuration.xdsHost, configuration.xdsPort) = try Self.endpoint(xdsAddress, option: "--xds-address")
-        (configuration.httpHost, configuration.httpPort) = try Self.endpoint(httpAddress, option: "--http-address")
-        configuration.debounce = .milliseconds(debounceMs)
-        let pilot = try PilotServer(
-            configuration: configuration,
-            store: registryStore,
-            logger: logger,
-            metricsText: {
-                var buffer: [UInt8] = []
-                prometheus.emit(into: &buffer)
-                return String(decoding: buffer, as: UTF8.self)
-            }
-        )
-        let meshWatcher = MeshFileWatcher(path: mesh, registry: pilot.registry, logger: logger)
+        (configuration.xdsHost, configuration.xdsPort) = settings.xdsAddress
+        (configuration.httpHost, configuration.httpPort) = settings.httpAddress
+        configuration.debounce = settings.debounce
+        let pilot = try await Self.startingPilot(configuration: configuration, store: registryStore, logger: logger) {
+            var buffer: [UInt8] = []
+            prometheus.emit(into: &buffer)
+            return String(decoding: buffer, as: UTF8.self)
+        }
+        let meshWatcher = MeshFileWatcher(path: settings.mesh, registry: pilot.registry, logger: logger)
         // A mesh.yaml that is there but wrong stops the start: better than serving a mesh without it.
-        if FileManager.default.fileExists(atPath: mesh) {
+        if FileManager.default.fileExists(atPath: settings.mesh) {
             guard await meshWatcher.reload(starting: true) else { throw ExitCode(1) }
         }
         var services: [any Service] = [pilot, meshWatcher]
-        if let cmdbURL {
+        if let cmdbURL = settings.cmdbURL {
+            let cmdb: CMDBSource
             do {
-                services.append(
-                    try CMDBSource(
-                        url: cmdbURL,
-                        interval: .seconds(cmdbInterval),
-                        registry: pilot.registry,
-                        logger: logger
-                    )
+                cmdb = try CMDBSource(
+                    url: cmdbURL,
+                    interval: settings.cmdbInterval,
+                    registry: pilot.registry,
+                    logger: logger
                 )
             } catch {
-                throw ValidationError("--cmdb-url: \(error)")
+                throw ValidationError("cmdb url: \(error)")
+            }
+            if let etcd {
+                // With several pilots one polls the CMDB at a time: the one elected in etcd.
+                let name =
+                    "\(ProcessInfo.processInfo.hostName) \(settings.httpAddress.host):\(settings.httpAddress.port)"
+                services.append(
+                    ElectedService(
+                        client: etcd.client,
+                        election: etcd.prefix + "election/cmdb",
+                        value: name,
+                        service: cmdb
+                    )
+                )
+            } else {
+                services.append(cmdb)
             }
         }
         // Memory freed after a burst of streams or API requests goes back to the kernel.
@@ -249,6 +376,21 @@ struct CheckMesh: ParsableCommand {
         } catch {
             FileHandle.standardError.write(Data("\(error)\n".utf8))
             throw ExitCode(1)
+        }
+    }
+}
+
+/// A service that runs only on the pilot elected for it in etcd (the CMDB poller), and stops
+/// there when that pilot loses the election.
+struct ElectedService: Service {
+    let client: EtcdClient
+    let election: String
+    let value: String
+    let service: any Service
+
+    func run() async throws {
+        await cancelWhenGracefulShutdown {
+            await client.lead(election: election, value: value) { try await service.run() }
         }
     }
 }

@@ -79,6 +79,28 @@ struct PilotCommandTests {
             "127.0.0.1:0", "--http-address", "127.0.0.1:0",
         ])
         #expect(cmdb.status != 0 && cmdb.output.contains("only http:// URLs are supported"), "\(cmdb)")
+        let missing = try await Self.run(["serve", "--config", "/nonexistent/pilot.yaml"])
+        #expect(missing.status != 0 && missing.output.contains("/nonexistent/pilot.yaml cannot be read"), "\(missing)")
+        let dir = try Peers.temporaryDirectory("pilot-config")
+        defer { try? FileManager.default.removeItem(at: dir) }
+        let bad = dir.appendingPathComponent("pilot.yaml")
+        try "store:\n  backend: etcd\n  etcd:\n    endpoints: [127.0.0.1:2379, 'etcd-2']\n".write(
+            to: bad,
+            atomically: true,
+            encoding: .utf8
+        )
+        let config = try await Self.run(["serve", "--config", bad.path])
+        #expect(
+            config.status != 0 && config.output.contains("\(bad.path):4")
+                && config.output.contains("store.etcd.endpoints[1]")
+                && config.output.contains("host:port"),
+            "\(config)"
+        )
+        let store = try await Self.run(["serve", "--config", bad.path, "--store", "etcd://127.0.0.1:0"])
+        #expect(
+            store.status != 0 && store.output.contains("store.etcd.endpoints[1]"),
+            "the file is read first: \(store)"
+        )
     }
 
     @Test func serveReloadsMeshYamlOnChangeAndSIGHUPKeepsTheRunningOneWhenBadAndStopsOnSIGTERM() async throws {
@@ -179,7 +201,7 @@ struct PilotCommandTests {
         ])
         defer { server.stop() }
 
-        let registry = try Registry(store: try SQLiteRegistryStore(), logger: .quiet)
+        let registry = try await Registry(store: try SQLiteRegistryStore(), logger: .quiet)
         _ = try await registry.register(
             .init(
                 instance: Instance(key: InstanceKey(service: "web", address: "10.0.0.1", port: 80), node: "vm-a"),

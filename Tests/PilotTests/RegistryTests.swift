@@ -36,7 +36,7 @@ struct RegistryTests {
     @Test func aLeaseThatIsNotRenewedRunsOutAndIsRemovedFromTheStore() async throws {
         let clock = ManualClock()
         let store = try SQLiteRegistryStore()
-        let registry = try Registry(store: store, logger: .quiet, now: clock.now)
+        let registry = try await Registry(store: store, logger: .quiet, now: clock.now)
         _ = try await registry.register(Self.registration(8080, ttl: 10))
         _ = try await registry.register(Self.registration(8081, ttl: 10))
         clock.advance(8)
@@ -65,7 +65,11 @@ struct RegistryTests {
         let path = dir.appendingPathComponent("pilot.db").path
         let clock = ManualClock()
         do {
-            let registry = try Registry(store: try SQLiteRegistryStore(path: path), logger: .quiet, now: clock.now)
+            let registry = try await Registry(
+                store: try SQLiteRegistryStore(path: path),
+                logger: .quiet,
+                now: clock.now
+            )
             _ = try await registry.register(Self.registration(8080, ttl: 10))
             var drained = Self.registration(8081, node: "vm-b", ttl: 10)
             drained.instance.labels = ["version": "v2"]
@@ -75,7 +79,7 @@ struct RegistryTests {
         #expect(try SQLiteRegistryStore(path: path).journalMode() == "wal")
         // Pilot was down for longer than the leases: each gets a full TTL from the restart.
         clock.advance(60)
-        let registry = try Registry(store: try SQLiteRegistryStore(path: path), logger: .quiet, now: clock.now)
+        let registry = try await Registry(store: try SQLiteRegistryStore(path: path), logger: .quiet, now: clock.now)
         let instances = await registry.instances()
         #expect(instances.map(\.key.port) == [8080, 8081])
         #expect(
@@ -87,7 +91,7 @@ struct RegistryTests {
     }
 
     @Test func conflictsAreRefusedAndChangeNothing() async throws {
-        let registry = try Registry(store: try SQLiteRegistryStore(), logger: .quiet)
+        let registry = try await Registry(store: try SQLiteRegistryStore(), logger: .quiet)
         _ = try await registry.register(Self.registration(8080, node: "vm-a"))
         let version = await registry.version
         // The same instance from another node.
@@ -121,7 +125,7 @@ struct RegistryTests {
     }
 
     @Test func aFailedStoreWriteLeavesTheRegistryAsItWas() async throws {
-        let registry = try Registry(store: FailingStore(), logger: .quiet)
+        let registry = try await Registry(store: FailingStore(), logger: .quiet)
         let version = await registry.version
         await #expect(throws: RegistryError.self) { _ = try await registry.register(Self.registration(8080)) }
         #expect(await registry.instances().isEmpty)
@@ -129,7 +133,7 @@ struct RegistryTests {
     }
 
     @Test func cmdbMetadataIsMergedIntoTheInstancesOfEachMachine() async throws {
-        let registry = try Registry(store: try SQLiteRegistryStore(), logger: .quiet)
+        let registry = try await Registry(store: try SQLiteRegistryStore(), logger: .quiet)
         var own = Self.registration(8080)
         own.instance.labels = ["team": "orders-team"]
         _ = try await registry.register(own)

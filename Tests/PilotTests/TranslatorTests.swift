@@ -28,7 +28,7 @@ struct TranslatorTests {
     }
 
     static func view(_ instances: [Instance], mesh: MeshConfig = .empty) async throws -> RegistryView {
-        let registry = try Registry(store: try SQLiteRegistryStore(), logger: .quiet)
+        let registry = try await Registry(store: try SQLiteRegistryStore(), logger: .quiet)
         try await registry.applyMesh(mesh)
         for instance in instances {
             _ = try await registry.register(.init(instance: instance, ttl: .seconds(30)))

@@ -35,7 +35,7 @@ public struct PilotHarness {
         var logger = Logger(label: "test.pilot")
         logger.logLevel = .critical
         let prometheus = PrometheusCollectorRegistry()
-        let server = try PilotServer(
+        let server = try await PilotServer(
             configuration: configuration,
             store: store,
             logger: logger,

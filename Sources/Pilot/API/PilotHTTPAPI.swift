@@ -8,7 +8,7 @@ import TrellisPolicy
 import XDS
 
 /// Pilot's HTTP API on :15014 (Hummingbird): agent registration with leases, drain and health
-/// status, listings, `/healthz`, `/metrics`, `/debug/configz` and `/debug/syncz`. Bodies are JSON;
+/// status, listings, `/healthz`, `/readyz`, `/metrics`, `/debug/configz` and `/debug/syncz`. Bodies are JSON;
 /// a bad request gets a 4xx with `{"error": token, "message": "key: what was expected"}` and changes
 /// nothing. The reference is docs/pilot-api.md.
 public struct PilotHTTPAPI: Sendable {
@@ -47,6 +47,14 @@ public struct PilotHTTPAPI: Sendable {
     public func router() -> Router<BasicRequestContext> {
         let router = Router(context: BasicRequestContext.self)
         router.get("/healthz") { _, _ in Self.json(200, ["status": "ok"]) }
+        // Ready: the registry's store can serve (a shared store has quorum). A pilot that is not
+        // ready still serves xDS from its last snapshot; registrations fail with 503 meanwhile.
+        router.get("/readyz") { _, _ in
+            if let reason = await registry.storeUnavailable() {
+                return Self.json(503, ["status": "not ready", "reason": reason])
+            }
+            return Self.json(200, ["status": "ready"])
+        }
         router.get("/metrics") { _, _ in
             var headers = HTTPFields()
             headers[.contentType] = "text/plain; version=0.0.4"

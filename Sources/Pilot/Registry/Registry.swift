@@ -49,8 +49,14 @@ public struct RegistryView: Sendable {
 /// The service registry: agent registrations (leased, written through to the store before they
 /// take effect), static services from mesh.yaml, and machine metadata from the CMDB. Every change
 /// moves the version on and wakes the watchers (the xDS generator).
+///
+/// With a local store (SQLite) this registry is the only writer: a change is stored, then applied.
+/// With a shared store (etcd, several pilots) the store is the truth: a change is stored, and
+/// applied when the store's change feed (``follow()``) brings it back, as every other pilot's
+/// changes and lease expiries are; the leases are the store's.
 public actor Registry {
     private let store: any RegistryStore
+    private let shared: (any SharedRegistryStore)?
     private let logger: Logger
     private let now: @Sendable () -> Double
     private var agentInstances: [InstanceKey: Instance] = [:]
@@ -59,25 +65,47 @@ public actor Registry {
     private(set) var version = 1
     private var watchers: [Int: AsyncStream<Int>.Continuation] = [:]
     private var nextWatcher = 0
+    /// Shared store: each instance's revision there, and the revision applied so far.
+    private var revisions: [InstanceKey: Int64] = [:]
+    public private(set) var appliedRevision: Int64 = 0
+    private var revisionWaiters: [Int: (revision: Int64, continuation: CheckedContinuation<Void, Never>)] = [:]
+    private var nextRevisionWaiter = 0
+    /// Changes are made one at a time (each awaits its store write).
+    private var changing = false
+    private var waitingToChange: [CheckedContinuation<Void, Never>] = []
 
-    /// Loads the stored registrations. A lease that would have run out while pilot was down is
-    /// given one more full TTL from now, since its agent could not renew it.
+    /// Loads the stored registrations. With a local store, a lease that would have run out while
+    /// pilot was down is given one more full TTL from now, since its agent could not renew it.
     public init(
         store: any RegistryStore,
         logger: Logger,
         now: @escaping @Sendable () -> Double = { Date().timeIntervalSince1970 }
-    ) throws {
+    ) async throws {
         self.store = store
+        self.shared = store as? any SharedRegistryStore
         self.logger = logger
         self.now = now
+        if let shared {
+            let snapshot = try await shared.snapshot()
+            for (instance, revision) in snapshot.instances {
+                agentInstances[instance.key] = instance
+                revisions[instance.key] = revision
+            }
+            machines = snapshot.machines
+            appliedRevision = snapshot.revision
+            return
+        }
         let start = now()
-        for var instance in try store.loadInstances() {
+        for var instance in try await store.loadInstances() {
             if let ttl = instance.leaseTTL {
                 instance.leaseExpiresAt = max(instance.leaseExpiresAt ?? 0, start + ttl.seconds)
             }
             agentInstances[instance.key] = instance
         }
     }
+
+    /// Whether the registry is on a store several pilots share (its leases are the store's).
+    public nonisolated var isShared: Bool { shared != nil }
 
     // MARK: Agent registrations
 
@@ -93,11 +121,20 @@ public actor Registry {
 
     /// Registers (or re-registers, from the same node) an instance with a lease. Returns the
     /// stored instance and whether it is new.
-    public func register(_ registration: Registration) throws(RegistryError) -> (instance: Instance, created: Bool) {
+    public func register(
+        _ registration: Registration
+    ) async throws(RegistryError) -> (instance: Instance, created: Bool) {
+        try await exclusive { () async throws(RegistryError) in try await registerNow(registration) }
+    }
+
+    private func registerNow(
+        _ registration: Registration
+    ) async throws(RegistryError) -> (instance: Instance, created: Bool) {
         var instance = registration.instance
         instance.source = .agent
         instance.leaseTTL = registration.ttl
-        instance.leaseExpiresAt = now() + registration.ttl.seconds
+        let leaseEnd = now() + registration.ttl.seconds
+        instance.leaseExpiresAt = shared == nil ? leaseEnd : nil  // a shared store's leases are its own
         if let existing = agentInstances[instance.key], existing.node != instance.node {
             throw RegistryError(
                 .conflict,
@@ -115,75 +152,102 @@ public actor Registry {
         if let existing = agentInstances[instance.key], existing.status == .draining, instance.status == .healthy {
             instance.status = .draining  // a re-registration does not undo a drain
         }
-        try persist(upserts: [instance])
-        agentInstances[instance.key] = instance
-        changed()
+        try await commit(upserts: [instance])
+        instance.leaseExpiresAt = leaseEnd
         return (instance, created)
     }
 
     /// Extends an instance's lease by its TTL.
-    public func renew(_ key: InstanceKey) throws(RegistryError) -> Instance {
-        guard var instance = agentInstances[key] else {
-            throw RegistryError(
-                .notFound,
-                "instance \(key) is not registered (its lease may have run out); register it again"
-            )
+    public func renew(_ key: InstanceKey) async throws(RegistryError) -> Instance {
+        try await exclusive { () async throws(RegistryError) in
+            guard var instance = agentInstances[key] else {
+                throw RegistryError(
+                    .notFound,
+                    "instance \(key) is not registered (its lease may have run out); register it again"
+                )
+            }
+            let leaseEnd = now() + (instance.leaseTTL?.seconds ?? 0)
+            if let shared {
+                let alive: Bool
+                do {
+                    alive = try await shared.renew(key)
+                } catch {
+                    logger.error("registry store lease renewal failed", metadata: ["error": "\(error)"])
+                    throw RegistryError(.unavailable, "the registry store could not renew the lease (\(error))")
+                }
+                guard alive else {
+                    throw RegistryError(.notFound, "instance \(key)'s lease ran out; register it again")
+                }
+            } else {
+                instance.leaseExpiresAt = leaseEnd
+                try await commit(upserts: [instance])  // no version change: what xDS serves is the same
+            }
+            instance.leaseExpiresAt = leaseEnd
+            return instance
         }
-        instance.leaseExpiresAt = now() + (instance.leaseTTL?.seconds ?? 0)
-        try persist(upserts: [instance])
-        agentInstances[key] = instance  // no version change: what xDS serves is the same
-        return instance
     }
 
-    public func deregister(_ key: InstanceKey) throws(RegistryError) {
-        guard agentInstances[key] != nil else { throw RegistryError(.notFound, "instance \(key) is not registered") }
-        try persist(deletions: [key])
-        agentInstances[key] = nil
-        changed()
+    public func deregister(_ key: InstanceKey) async throws(RegistryError) {
+        try await exclusive { () async throws(RegistryError) in
+            guard agentInstances[key] != nil else {
+                throw RegistryError(.notFound, "instance \(key) is not registered")
+            }
+            try await commit(deletions: [key])
+        }
     }
 
     /// Sets an instance's status (health from the agent's checks, or draining).
-    public func setStatus(_ key: InstanceKey, _ status: InstanceStatus) throws(RegistryError) -> Instance {
-        guard var instance = agentInstances[key] else {
-            throw RegistryError(.notFound, "instance \(key) is not registered")
+    public func setStatus(_ key: InstanceKey, _ status: InstanceStatus) async throws(RegistryError) -> Instance {
+        try await exclusive { () async throws(RegistryError) in
+            guard var instance = agentInstances[key] else {
+                throw RegistryError(.notFound, "instance \(key) is not registered")
+            }
+            guard instance.status != status else { return instance }
+            instance.status = status
+            try await commit(upserts: [instance])
+            return instance
         }
-        guard instance.status != status else { return instance }
-        instance.status = status
-        try persist(upserts: [instance])
-        agentInstances[key] = instance
-        changed()
-        return instance
     }
 
     /// Sets the status of every instance a node registered (`trellis-agent drain`).
-    public func setStatus(node: String, _ status: InstanceStatus) throws(RegistryError) -> [Instance] {
-        var updated = agentInstances.values.filter { $0.node == node && $0.status != status }
-        guard !updated.isEmpty else {
-            return agentInstances.values.filter { $0.node == node }.sorted { $0.key < $1.key }
+    public func setStatus(node: String, _ status: InstanceStatus) async throws(RegistryError) -> [Instance] {
+        try await exclusive { () async throws(RegistryError) in
+            var all = agentInstances.filter { $0.value.node == node }
+            let updated = all.values.filter { $0.status != status }.map { instance in
+                var i = instance
+                i.status = status
+                return i
+            }
+            if !updated.isEmpty {
+                try await commit(upserts: updated)
+                for instance in updated { all[instance.key] = instance }
+            }
+            return all.values.sorted { $0.key < $1.key }
         }
-        for i in updated.indices { updated[i].status = status }
-        try persist(upserts: updated)
-        for instance in updated { agentInstances[instance.key] = instance }
-        changed()
-        return agentInstances.values.filter { $0.node == node }.sorted { $0.key < $1.key }
     }
 
-    /// Removes the instances whose lease ran out; returns their keys.
+    /// Removes the instances whose lease ran out (a local store's; a shared store expires its
+    /// own); returns their keys.
     @discardableResult
-    public func expireLeases() -> [InstanceKey] {
-        let t = now()
-        let expired = agentInstances.values.filter { ($0.leaseExpiresAt ?? .infinity) < t }.map(\.key).sorted()
-        guard !expired.isEmpty else { return [] }
-        do {
-            try persist(deletions: expired)
-        } catch {
-            logger.error("could not remove expired leases; will retry", metadata: ["error": "\(error)"])
-            return []
-        }
-        for key in expired { agentInstances[key] = nil }
-        logger.info("leases expired", metadata: ["instances": "\(expired.map(\.description).joined(separator: ", "))"])
-        changed()
-        return expired
+    public func expireLeases() async -> [InstanceKey] {
+        guard shared == nil else { return [] }
+        return
+            (try? await exclusive { () async throws(RegistryError) -> [InstanceKey] in
+                let t = now()
+                let expired = agentInstances.values.filter { ($0.leaseExpiresAt ?? .infinity) < t }.map(\.key).sorted()
+                guard !expired.isEmpty else { return [] }
+                do {
+                    try await commit(deletions: expired)
+                } catch {
+                    logger.error("could not remove expired leases; will retry", metadata: ["error": "\(error)"])
+                    return []
+                }
+                logger.info(
+                    "leases expired",
+                    metadata: ["instances": "\(expired.map(\.description).joined(separator: ", "))"]
+                )
+                return expired
+            }) ?? []
     }
 
     // MARK: mesh.yaml and the CMDB
@@ -212,11 +276,21 @@ public actor Registry {
         changed()
     }
 
-    /// Replaces the machine metadata (by node id) merged into instances.
-    public func setMachines(_ new: [String: MachineMetadata]) {
+    /// Replaces the machine metadata (by node id) merged into instances. On a shared store it
+    /// is written there (by the one pilot that polls the CMDB) and reaches every pilot from it.
+    public func setMachines(_ new: [String: MachineMetadata]) async {
         guard new != machines else { return }
-        machines = new
-        changed()
+        guard let shared else {
+            machines = new
+            changed()
+            return
+        }
+        do {
+            let revision = try await shared.writeMachines(new)
+            await caughtUp(to: revision)
+        } catch {
+            logger.error("could not store the CMDB's machine metadata; will retry", metadata: ["error": "\(error)"])
+        }
     }
 
     // MARK: Reading
@@ -300,13 +374,140 @@ public actor Registry {
         }
     }
 
-    private func persist(upserts: [Instance] = [], deletions: [InstanceKey] = []) throws(RegistryError) {
+    /// Stores a change. A local store's is then applied here; a shared store's comes back
+    /// through ``follow()``, which this waits for (up to 2 s: the write is durable either way).
+    private func commit(upserts: [Instance] = [], deletions: [InstanceKey] = []) async throws(RegistryError) {
+        if let shared {
+            var expected: [InstanceKey: Int64] = [:]
+            for key in upserts.map(\.key) + deletions { expected[key] = revisions[key] }
+            let revision: Int64
+            do {
+                revision = try await shared.write(upserts: upserts, deletions: deletions, expected: expected)
+            } catch let error as RegistryStoreError where error.conflict {
+                throw RegistryError(.conflict, "\(error.underlying); try again")
+            } catch {
+                logger.error("registry store write failed", metadata: ["error": "\(error)"])
+                throw RegistryError(
+                    .unavailable,
+                    "the registry store could not be written; nothing was changed (\(error))"
+                )
+            }
+            await caughtUp(to: revision)
+            return
+        }
         do {
-            try store.write(upserts: upserts, deletions: deletions)
+            try await store.write(upserts: upserts, deletions: deletions)
         } catch {
             logger.error("registry store write failed", metadata: ["error": "\(error)"])
             throw RegistryError(.unavailable, "the registry store could not be written; nothing was changed (\(error))")
         }
+        var served = !deletions.isEmpty
+        for instance in upserts {
+            if let old = agentInstances[instance.key], Self.servedAlike(old, instance) {} else { served = true }
+            agentInstances[instance.key] = instance
+        }
+        for key in deletions { agentInstances[key] = nil }
+        if served { changed() }
+    }
+
+    /// Whether xDS serves the two alike (a renewal changes only the lease's end).
+    private static func servedAlike(_ a: Instance, _ b: Instance) -> Bool {
+        var a = a
+        a.leaseExpiresAt = b.leaseExpiresAt
+        return a == b
+    }
+
+    /// Runs `body` once no other change is in progress (a change awaits its store write, and
+    /// another request must not decide on what that write is about to replace).
+    private func exclusive<T>(_ body: () async throws(RegistryError) -> T) async throws(RegistryError) -> T {
+        if changing {
+            await withCheckedContinuation { waitingToChange.append($0) }  // handed over, still `changing`
+        } else {
+            changing = true
+        }
+        defer {
+            if waitingToChange.isEmpty { changing = false } else { waitingToChange.removeFirst().resume() }
+        }
+        return try await body()
+    }
+
+    // MARK: Following a shared store
+
+    /// Applies the shared store's changes (this pilot's own writes, other pilots', lease expiries)
+    /// as they come, until the task is cancelled. Nothing to do on a local store.
+    public func follow() async {
+        guard let shared else { return }
+        for await batch in shared.changes(after: appliedRevision) { apply(batch) }
+    }
+
+    private func apply(_ batch: [SharedChange]) {
+        var served = false
+        var removed: [InstanceKey] = []
+        for change in batch {
+            switch change {
+            case .upsert(let instance, let revision):
+                if agentInstances[instance.key] != instance { served = true }
+                agentInstances[instance.key] = instance
+                revisions[instance.key] = revision
+            case .delete(let key, _):
+                if agentInstances.removeValue(forKey: key) != nil {
+                    served = true
+                    removed.append(key)
+                }
+                revisions[key] = nil
+            case .machines(let new, _):
+                if new != machines {
+                    machines = new
+                    served = true
+                }
+            case .reset(let snapshot):
+                let instances = Dictionary(snapshot.instances.map { ($0.instance.key, $0.instance) }) { _, new in new }
+                if instances != agentInstances || snapshot.machines != machines { served = true }
+                agentInstances = instances
+                revisions = Dictionary(snapshot.instances.map { ($0.instance.key, $0.revision) }) { _, new in new }
+                machines = snapshot.machines
+            }
+            appliedRevision = max(appliedRevision, change.revision)
+        }
+        if !removed.isEmpty {
+            logger.info(
+                "instances removed",
+                metadata: ["instances": "\(removed.map(\.description).joined(separator: ", "))"]
+            )
+        }
+        if served { changed() }
+        for (id, waiter) in revisionWaiters where waiter.revision <= appliedRevision {
+            revisionWaiters[id] = nil
+            waiter.continuation.resume()
+        }
+    }
+
+    /// Waits until the change feed has applied `revision` (at most 2 s).
+    private func caughtUp(to revision: Int64) async {
+        guard appliedRevision < revision else { return }
+        let id = nextRevisionWaiter
+        nextRevisionWaiter += 1
+        await withCheckedContinuation { continuation in
+            revisionWaiters[id] = (revision, continuation)
+            Task {
+                try? await Task.sleep(for: .seconds(2))
+                await self.releaseRevisionWaiter(id)
+            }
+        }
+    }
+
+    private func releaseRevisionWaiter(_ id: Int) {
+        guard let waiter = revisionWaiters.removeValue(forKey: id) else { return }
+        logger.warning(
+            "the registry store's change feed has not brought a write back within 2 s; it applies once it does",
+            metadata: ["revision": "\(waiter.revision)", "applied": "\(appliedRevision)"]
+        )
+        waiter.continuation.resume()
+    }
+
+    /// Why the store cannot serve now (a shared store without quorum), or nil when it can.
+    public func storeUnavailable() async -> String? {
+        await shared?.readiness()
     }
 
     private func changed() {

@@ -3,18 +3,28 @@ import GRDB
 import TrellisPolicy
 
 /// Where the registry keeps agent registrations so that a restarted pilot loses nothing. One
-/// interface for the embedded SQLite store and, later, the replicated one (etcd).
+/// interface for the embedded SQLite store (one pilot) and the shared one several pilots use
+/// (etcd, ``SharedRegistryStore``).
 public protocol RegistryStore: Sendable {
     /// Every stored instance.
-    func loadInstances() throws -> [Instance]
+    func loadInstances() async throws -> [Instance]
     /// Inserts or replaces `upserts` and deletes `deletions`, in one transaction: all or nothing.
-    func write(upserts: [Instance], deletions: [InstanceKey]) throws
+    func write(upserts: [Instance], deletions: [InstanceKey]) async throws
 }
 
 /// A store failure, with what was being done.
 public struct RegistryStoreError: Error, CustomStringConvertible {
     public var operation: String
     public var underlying: String
+    /// Another writer (pilot) changed what this write depended on; nothing was written.
+    public var conflict: Bool
+
+    public init(operation: String, underlying: String, conflict: Bool = false) {
+        self.operation = operation
+        self.underlying = underlying
+        self.conflict = conflict
+    }
+
     public var description: String { "registry store: \(operation) failed: \(underlying)" }
 }
 
