@@ -351,6 +351,9 @@ let package = Package(
             dependencies: [
                 "Etcd",
                 "Pilot",
+                "Agent",
+                "Proxy",
+                "TrellisPolicy",
                 "TrellisTestSupport",
                 .product(name: "Logging", package: "swift-log"),
             ],

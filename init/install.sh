@@ -70,6 +70,10 @@ if [ ! -e /etc/trellis/agent.yaml ]; then
 else
   echo "kept the existing /etc/trellis/agent.yaml"
 fi
+if [ $with_pilot = 1 ] && [ ! -e /etc/trellis/pilot.yaml ]; then
+  install -m 0640 -o root -g trellis "$root/examples/pilot.yaml" /etc/trellis/pilot.yaml
+  echo "wrote /etc/trellis/pilot.yaml (the SQLite store; docs/ha.md for several pilots on etcd)"
+fi
 if [ $with_pilot = 1 ] && [ ! -e /etc/trellis/mesh.yaml ]; then
   install -m 0640 -o root -g trellis "$root/examples/mesh.yaml" /etc/trellis/mesh.yaml
 fi

@@ -22,13 +22,14 @@ import Glibc
 struct XDSLoad: AsyncParsableCommand {
     static let configuration = CommandConfiguration(commandName: "trellis-xds-load")
 
-    @Option(help: "Pilot's xDS address.") var xds = "127.0.0.1:15010"
+    @Option(help: "Pilot's xDS address; several, comma-separated, spread the clients over them in turn.")
+    var xds = "127.0.0.1:15010"
     @Option(help: "Pilot's HTTP API address.") var api = "127.0.0.1:15014"
     @Option(help: "Simulated ADS clients (sidecars).") var clients = 1000
     @Option(help: "Services registered.") var services = 100
     @Option(help: "Instances per service.") var endpointsPerService = 100
     @Option(help: "Measured registration changes.") var rounds = 10
-    @Option(help: "Pilot's pid, to read its RSS and CPU.") var pilotPid: Int?
+    @Option(help: "A pilot's pid, to read its RSS and CPU (repeat it for several pilots).") var pilotPid: [Int] = []
     @Flag(help: "Use incremental (Delta) ADS instead of state of the world.") var delta = false
     @Option(
         help:
@@ -44,11 +45,11 @@ struct XDSLoad: AsyncParsableCommand {
     }
 
     func run() async throws {
-        let (xdsHost, xdsPort) = try Self.split(xds)
+        let pilots = try xds.split(separator: ",").map { try Self.split(String($0)) }
         let (apiHost, apiPort) = try Self.split(api)
         let http = try await KeepAliveHTTP(host: apiHost, port: apiPort, connections: 8)
         let total = services * endpointsPerService
-        let cpu0 = pilotPid.flatMap(ProcStat.cpuSeconds)
+        let cpu0 = ProcStat.cpuSeconds(pilotPid)
 
         // 1. The registry: every instance through the HTTP API, spread over the clients' nodes.
         let setupStart = ContinuousClock.now
@@ -75,7 +76,7 @@ struct XDSLoad: AsyncParsableCommand {
                             services: services,
                             delta: delta
                         )
-                        .run(host: xdsHost, port: xdsPort)
+                        .run(host: pilots[id % pilots.count].0, port: pilots[id % pilots.count].1)
                     }
                 }
             }
@@ -90,7 +91,7 @@ struct XDSLoad: AsyncParsableCommand {
             try await Task.sleep(for: .milliseconds(20))
         }
         let initialSync = ContinuousClock.now - connectStart
-        let cpu1 = pilotPid.flatMap(ProcStat.cpuSeconds)
+        let cpu1 = ProcStat.cpuSeconds(pilotPid)
 
         // 3. Registration changes: one instance added to / removed from a service, in turn.
         var latencies: [Double] = []
@@ -153,7 +154,7 @@ struct XDSLoad: AsyncParsableCommand {
                 )
             )
         }
-        let cpu2 = pilotPid.flatMap(ProcStat.cpuSeconds)
+        let cpu2 = ProcStat.cpuSeconds(pilotPid)
 
         latencies.sort()
         let median = latencies[latencies.count / 2]
@@ -190,10 +191,12 @@ struct XDSLoad: AsyncParsableCommand {
                 state.reconnects
             )
         )
-        if let pid = pilotPid, let rss = ProcStat.memory(pid) {
+        for (n, pid) in pilotPid.enumerated() {
+            guard let rss = ProcStat.memory(pid) else { continue }
             print(
                 String(
-                    format: "| pilot RSS now / peak                      | %4d / %4d MiB | < 300 MiB |",
+                    format: "| pilot%@ RSS now / peak                     | %4d / %4d MiB | < 300 MiB |",
+                    pilotPid.count > 1 ? " \(n + 1)" : "",
                     rss.current >> 20,
                     rss.peak >> 20
                 )
@@ -202,7 +205,7 @@ struct XDSLoad: AsyncParsableCommand {
         if let cpu0, let cpu1, let cpu2 {
             print(
                 String(
-                    format: "| pilot CPU: setup+sync / %d pushes          | %5.1f s / %4.2f s |          |",
+                    format: "| pilot CPU (all): setup+sync / %d pushes    | %5.1f s / %4.2f s |          |",
                     rounds,
                     cpu1 - cpu0,
                     cpu2 - cpu1
@@ -534,6 +537,17 @@ enum ProcStat {
         }
         guard let rss = kib("VmRSS:"), let hwm = kib("VmHWM:") else { return nil }
         return (rss, hwm)
+    }
+
+    /// The CPU time of every process in `pids`, summed; nil when there are none or one is gone.
+    static func cpuSeconds(_ pids: [Int]) -> Double? {
+        guard !pids.isEmpty else { return nil }
+        var total = 0.0
+        for pid in pids {
+            guard let seconds = cpuSeconds(pid) else { return nil }
+            total += seconds
+        }
+        return total
     }
 
     static func cpuSeconds(_ pid: Int) -> Double? {

@@ -23,7 +23,9 @@ struct Check: ParsableCommand {
             throw AgentCommandError("\(config): invalid capture configuration\n\(error)")
         }
         let gate = agent.capture.gate.map { "gate on (NFQUEUE \($0.queue), fail-open)" } ?? "gate off"
-        let pilot = agent.pilotXDS.map { "xDS from \($0)" } ?? "no pilot xDS (passthrough)"
+        let pilot =
+            agent.pilotXDS.isEmpty
+            ? "no pilot xDS (passthrough)" : "xDS from \(agent.pilotXDS.map(\.description).joined(separator: " or "))"
         print(
             "\(config): ok — \(agent.services.count) services, \(pilot), capture "
                 + rules.families.map(\.rawValue).joined(separator: "+") + ", \(gate), admin \(agent.adminAddress)"

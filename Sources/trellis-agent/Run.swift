@@ -155,7 +155,7 @@ struct Run: AsyncParsableCommand {
         )
         // The state folder (the last configuration from pilot, served after a restart).
         var persist: String? = agent.stateDirectory + "/agent-config.json"
-        if agent.pilotXDS != nil {
+        if !agent.pilotXDS.isEmpty {
             do {
                 try FileManager.default.createDirectory(
                     atPath: agent.stateDirectory,
@@ -172,12 +172,12 @@ struct Run: AsyncParsableCommand {
         }
         let parts = AgentController.Parts(
             registrar: { config, draining in
-                guard !config.services.isEmpty, let api = config.pilotAPI, let address = config.registerAddress else {
+                guard !config.services.isEmpty, !config.pilotAPI.isEmpty, let address = config.registerAddress else {
                     return nil
                 }
                 return PilotRegistrar(
                     node: node,
-                    pilotAPI: api,
+                    pilots: config.pilotAPI,
                     registerAddress: address,
                     ttl: config.leaseTTL,
                     services: config.services,
@@ -189,10 +189,9 @@ struct Run: AsyncParsableCommand {
             xds: { [persist] config in
                 // Routes, clusters and endpoints from pilot; until the first configuration arrives
                 // (or while pilot is unreachable) the listeners pass everything through.
-                guard let xdsAddress = config.pilotXDS else { return nil }
+                guard !config.pilotXDS.isEmpty else { return nil }
                 return XDSClient(
-                    pilot: xdsAddress.host,
-                    port: xdsAddress.port,
+                    pilots: config.pilotXDS,
                     node: node,
                     base: base(config),
                     persistPath: persist,

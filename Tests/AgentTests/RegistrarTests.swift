@@ -18,7 +18,7 @@ struct RegistrarTests {
     @Test func theExampleAgentFileLoads() throws {
         let url = Self.examples.appendingPathComponent("agent.yaml")
         let config = try AgentConfigLoader.parse(yaml: try String(contentsOf: url, encoding: .utf8), file: url.path)
-        #expect(config.node == "vm-orders-1" && config.pilotAPI == HostPort(host: "10.0.0.10", port: 15014))
+        #expect(config.node == "vm-orders-1" && config.pilotAPI == [HostPort(host: "10.0.0.10", port: 15014)])
         #expect(config.locality == Locality(region: "eu-west", zone: "eu-west-1a"))
         #expect(config.services.map(\.name) == ["orders", "billing-db"])
         #expect(
@@ -28,6 +28,13 @@ struct RegistrarTests {
             config.services[1].healthCheck?.kind == .tcp && config.services[1].healthCheck?.interval == .seconds(10)
         )
         #expect(config.leaseTTL == .seconds(30) && config.drainDeadline == .seconds(30))
+        // Several pilots that share a store: each is tried in turn.
+        let several = try AgentConfigLoader.parse(
+            yaml: "pilot: {api: [10.0.0.1:15014, \"[fd00::2]:15014\"], xds: pilots.internal:15010}\n",
+            file: "agent.yaml"
+        )
+        #expect(several.pilotAPI == [HostPort(host: "10.0.0.1", port: 15014), HostPort(host: "fd00::2", port: 15014)])
+        #expect(several.pilotXDS == [HostPort(host: "pilots.internal", port: 15010)])
         #expect(config.inboundForward == .loopback)
         let original = try AgentConfigLoader.parse(yaml: "inbound_forward: original_destination\n", file: "a.yaml")
         #expect(original.inboundForward == .originalDestination)
@@ -96,6 +103,9 @@ struct RegistrarTests {
         ("pilot: {xds: 127.0.0.1:15010, xds_protocol: v2}\n", "pilot.xds_protocol: expected delta or sotw, got 'v2'"),
         ("state_dir: var/lib\n", "state_dir: expected an absolute path"),
         ("pilot: {api: nowhere}\n", "pilot.api: expected host:port"),
+        ("pilot: {api: [10.0.0.1:15014, nowhere]}\n", "pilot.api[1]: expected host:port"),
+        ("pilot: {xds: []}\n", "pilot.xds: expected host:port or a list of them, got an empty list"),
+        ("pilot: {xds: [10.0.0.1:15010, 10.0.0.1:15010]}\n", "pilot.xds[1]: 10.0.0.1:15010 is listed twice"),
         ("nodes: x\n", "nodes: unknown key 'nodes'"),
         // Keys that were accepted and ignored before: now refused like any unknown key.
         ("listeners: []\n", "listeners: unknown key 'listeners'"),

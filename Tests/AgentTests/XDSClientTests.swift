@@ -1,4 +1,3 @@
-import Agent
 import Foundation
 import Logging
 import NIOCore
@@ -7,6 +6,8 @@ import Pilot
 import Proxy
 import Testing
 import TrellisTestSupport
+
+@testable import Agent
 
 /// The agent's xDS client against the real pilot: the agent's capture listener (here on
 /// 127.0.0.1, the original destination injected) routes by the configuration pilot pushes.
@@ -122,6 +123,37 @@ import TrellisTestSupport
             )
             #expect(client.current.connection == "connected")
         }
+    }
+
+    /// Several pilots: one that does not answer is left for the next at once; a DNS name counts
+    /// as each of its addresses.
+    @Test func aDeadPilotIsLeftForTheNextOne() async throws {
+        let dead = HostPort(host: "127.0.0.1", port: Peers.freePort())
+        try await PilotHarness.run(store: try SQLiteRegistryStore()) { pilot in
+            let live = HostPort(host: "localhost", port: pilot.xdsPort)
+            let client = XDSClient(
+                pilots: [dead, live],
+                node: "vm-two-pilots",
+                base: Self.base(outboundPort: 1),
+                logger: .quiet
+            ) {
+                _ in
+            }
+            let running = Task { try await client.run() }
+            defer { running.cancel() }
+            #expect(
+                await Peers.eventually(within: .seconds(5)) { client.current.connection == "connected" },
+                "\(client.current)"
+            )
+            #expect(
+                client.current.pilot == "127.0.0.1:\(pilot.xdsPort)" || client.current.pilot == "[::1]:\(pilot.xdsPort)"
+            )
+        }
+        let expanded = await PilotAddresses.expand([HostPort(host: "localhost", port: 1), dead])
+        #expect(
+            expanded.first == HostPort(host: "127.0.0.1", port: 1) || expanded.first == HostPort(host: "::1", port: 1)
+        )
+        #expect(expanded.last == dead)
     }
 
     /// Last known good: the applied configuration is saved; an agent restarted while pilot is

@@ -1,4 +1,5 @@
 import Etcd
+import Foundation
 import Testing
 import TrellisConfig
 
@@ -47,6 +48,29 @@ struct PilotConfigTests {
             defaults.store == .sqlite(path: "/var/lib/trellis/pilot.db") && defaults.xdsAddress == ("0.0.0.0", 15010)
         )
         #expect(try PilotConfig.parse(yaml: "store: {backend: memory}", file: "p").store == .memory)
+        #expect(try PilotConfig.parse(yaml: "", file: "p").store == .sqlite(path: "/var/lib/trellis/pilot.db"))
+        #expect(try PilotConfig.parse(yaml: "# nothing set\n\n", file: "p").mesh == "/etc/trellis/mesh.yaml")
+    }
+
+    /// examples/pilot.yaml (what install.sh writes) loads, and so does its commented etcd store.
+    @Test func theExampleFileLoadsWithEitherStore() throws {
+        let url = URL(fileURLWithPath: #filePath).deletingLastPathComponent().deletingLastPathComponent()
+            .deletingLastPathComponent().appendingPathComponent("examples/pilot.yaml")
+        let text = try String(contentsOf: url, encoding: .utf8)
+        #expect(try PilotConfig.parse(yaml: text, file: url.path).store == .sqlite(path: "/var/lib/trellis/pilot.db"))
+        // The etcd block instead of the SQLite one.
+        let lines = text.split(separator: "\n", omittingEmptySubsequences: false)
+        guard let start = lines.firstIndex(of: "store:"), let etcd = lines.firstIndex(of: "# store:") else {
+            Issue.record("the example has no store blocks")
+            return
+        }
+        let swapped = lines[..<start] + lines[etcd...].map { $0.hasPrefix("# ") ? $0.dropFirst(2) : $0 }
+        let config = try PilotConfig.parse(yaml: swapped.joined(separator: "\n"), file: url.path)
+        guard case .etcd(let settings) = config.store else {
+            Issue.record("expected the etcd store, got \(config.store)")
+            return
+        }
+        #expect(settings.endpoints.count == 3 && settings.tls?.caFile == "/etc/trellis/etcd-ca.pem")
     }
 
     @Test func badValuesAreRefusedWithTheLineTheKeyPathAndWhatWasExpected() {

@@ -131,6 +131,13 @@ struct AgentDrainNetnsTests {
         // A deadline shorter than the work in flight: exit 2, the report says so. (The request
         // takes 6 s so that it is still in flight when the drain command has started, however
         // loaded the machine; with 2.5 s a busy CI machine once saw it finish first.)
+        // The earlier request's exchange must be over first: a status that still counted it
+        // once let the drain start before the slow request had even arrived (a loaded CI run).
+        #expect(
+            await Peers.eventually(within: .seconds(5)) {
+                (await agent.ctl("status", "--json")).stdout.contains(#""requests_in_flight" : 0"#)
+            }
+        )
         let slower = Self.curl(lab, "http://\(lab.bAddress):8080/slow?ms=6000")
         #expect(
             await Peers.eventually(within: .seconds(5)) {

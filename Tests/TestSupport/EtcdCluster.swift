@@ -130,5 +130,6 @@ public final class EtcdCluster: @unchecked Sendable {
     public struct ClusterError: Error, CustomStringConvertible {
         public var message: String
         public var description: String { message }
+        public init(message: String) { self.message = message }
     }
 }

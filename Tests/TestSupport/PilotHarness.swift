@@ -101,7 +101,8 @@ public struct PilotHarness {
     }
 }
 
-/// An Envoy bootstrap with only an ADS cluster pointing at pilot.
+/// An Envoy bootstrap with only an ADS cluster pointing at pilot (or, with `moreADSPorts`, at
+/// several pilots: Envoy's gRPC stream goes to another when one fails).
 public enum EnvoyBootstrap {
     public static func yaml(
         nodeID: String,
@@ -110,7 +111,8 @@ public enum EnvoyBootstrap {
         apiType: String,
         metadata: [String: String] = [:],
         locality: (region: String, zone: String)? = nil,
-        adsHost: String = "127.0.0.1"
+        adsHost: String = "127.0.0.1",
+        moreADSPorts: [Int] = []
     ) -> String {
         let meta = metadata.map { "\"\($0.key)\": \"\($0.value)\"" }.joined(separator: ", ")
         let place = locality.map { ", locality: {region: \($0.region), zone: \($0.zone)}" } ?? ""
@@ -136,7 +138,7 @@ public enum EnvoyBootstrap {
                     explicit_http_config: {http2_protocol_options: {}}
                 load_assignment:
                   cluster_name: xds
-                  endpoints: [{lb_endpoints: [{endpoint: {address: {socket_address: {address: \(adsHost), port_value: \(adsPort)}}}}]}]
+                  endpoints: [{lb_endpoints: [\(([adsPort] + moreADSPorts).map { "{endpoint: {address: {socket_address: {address: \(adsHost), port_value: \($0)}}}}" }.joined(separator: ", "))]}]
             """
     }
 

@@ -7,9 +7,11 @@ public import TrellisPolicy
 public struct AgentConfig: Sendable {
     /// This machine's node id (pilot's `node`); the executable defaults it to the hostname.
     public var node: String?
-    /// Pilot's HTTP API and xDS addresses.
-    public var pilotAPI: HostPort?
-    public var pilotXDS: HostPort?
+    /// The pilots' HTTP API and xDS addresses (`pilot.api`, `pilot.xds`: one, or a list of
+    /// pilots that share a store, tried in turn; a DNS name stands for each of its addresses).
+    /// Empty: none.
+    public var pilotAPI: [HostPort] = []
+    public var pilotXDS: [HostPort] = []
     /// The address peers reach this machine's services at, as registered with pilot.
     public var registerAddress: String?
     /// Lease length for registrations; renewed every third of it.
@@ -123,14 +125,8 @@ public enum AgentConfigLoader {
                     }
                     config.xdsProtocol = value
                 }
-                if let a = p["api"] {
-                    let (host, port) = try a.endpoint()
-                    config.pilotAPI = HostPort(host: host, port: port)
-                }
-                if let x = p["xds"] {
-                    let (host, port) = try x.endpoint()
-                    config.pilotXDS = HostPort(host: host, port: port)
-                }
+                if let a = p["api"] { config.pilotAPI = try pilotAddresses(a) }
+                if let x = p["xds"] { config.pilotXDS = try pilotAddresses(x) }
             }
             if let n = top["register"] {
                 let r = try n.mapping(allowed: ["address", "ttl"])
@@ -152,7 +148,7 @@ public enum AgentConfigLoader {
                 config.services.append(service)
             }
             if !config.services.isEmpty {
-                guard config.pilotAPI != nil else { throw root.error("services are listed but pilot.api is missing") }
+                guard !config.pilotAPI.isEmpty else { throw root.error("services are listed but pilot.api is missing") }
                 guard config.registerAddress != nil else {
                     throw root.error("services are listed but register.address is missing")
                 }
@@ -205,6 +201,20 @@ public enum AgentConfigLoader {
             )
         }
         return config
+    }
+
+    /// `host:port`, or a list of them (several pilots sharing one store), without repeats.
+    private static func pilotAddresses(_ node: ConfigNode) throws(ConfigFileError) -> [HostPort] {
+        let items = node.isScalar ? [node] : try node.sequence()
+        guard !items.isEmpty else { throw node.error("expected host:port or a list of them, got an empty list") }
+        var result: [HostPort] = []
+        for item in items {
+            let (host, port) = try item.endpoint()
+            let address = HostPort(host: host, port: port)
+            guard !result.contains(address) else { throw item.error("\(address) is listed twice") }
+            result.append(address)
+        }
+        return result
     }
 
     private static func ipAddress(_ node: ConfigNode) throws(ConfigFileError) -> String {

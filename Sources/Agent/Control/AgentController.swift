@@ -179,7 +179,9 @@ public actor AgentController {
             // Instances no longer declared (or declared to another pilot or address) are removed.
             let kept = (next?.instanceKeys).map(Set.init) ?? []
             if let previous {
-                let gone = previous.instanceKeys.filter { !kept.contains($0) || old.pilotAPI != new.pilotAPI }
+                // Pilots with none in common are other registries: the old ones are told to forget.
+                let moved = Set(old.pilotAPI).isDisjoint(with: new.pilotAPI)
+                let gone = previous.instanceKeys.filter { !kept.contains($0) || moved }
                 await previous.deregister(gone)
                 if !gone.isEmpty { changes.append("deregistered: " + gone.sorted().joined(separator: ", ")) }
             }
@@ -187,7 +189,7 @@ public actor AgentController {
             changes.append(
                 next == nil
                     ? "registration: none (no services or pilot.api)"
-                    : "registration: \(new.services.count) services with \(new.pilotAPI.map { "\($0)" } ?? "-")"
+                    : "registration: \(new.services.count) services with \(new.pilotAPI.map(\.description).joined(separator: ", "))"
             )
         }
         if old.pilotXDS != new.pilotXDS || old.xdsProtocol != new.xdsProtocol || old.maxEndpoints != new.maxEndpoints
@@ -361,7 +363,7 @@ public actor AgentController {
             )
         }
         status.pilot = AgentStatus.Pilot(
-            api: config.pilotAPI.map { "\($0)" },
+            api: await registrar?.pilot.description ?? config.pilotAPI.first?.description,
             registration: registrar == nil
                 ? "not registering (no services declared in agent.yaml)"
                 : "\(states.values.filter(\.registered).count)/\(config.services.count) services registered"

@@ -6,8 +6,11 @@ public import TrellisPolicy
 /// Registers this machine's services with pilot's HTTP API and keeps them current: a lease renewed
 /// every third of its TTL (an instance pilot no longer knows is registered again), health checks
 /// with thresholds whose changes are reported, drain and undrain for the whole node, and
-/// deregistration on the way out. Pilot being unreachable is retried with back-off; the local
-/// services keep running whatever pilot says.
+/// deregistration on the way out. Every request goes to the current pilot of the list; one that
+/// does not answer (or answers 503: it cannot reach its store) is left for the next, and the
+/// agent stays on whichever answered. With pilots that share a store (etcd), registrations and
+/// their leases follow the agent to any of them. Pilot being unreachable is retried with
+/// back-off; the local services keep running whatever pilot says.
 public actor PilotRegistrar {
     public enum ReportedStatus: String, Sendable {
         case healthy, unhealthy, draining
@@ -21,7 +24,9 @@ public actor PilotRegistrar {
     }
 
     let node: String
-    let api: HTTPClient.URL
+    /// The pilots' HTTP API addresses, tried in turn.
+    let pilots: [HostPort]
+    private var currentPilot = 0
     let address: String
     let ttl: Duration
     let services: [LocalService]
@@ -45,9 +50,36 @@ public actor PilotRegistrar {
         draining: Bool = false,
         logger: Logger
     ) {
+        self.init(
+            node: node,
+            pilots: [pilotAPI],
+            registerAddress: registerAddress,
+            ttl: ttl,
+            services: services,
+            locality: locality,
+            checkHost: checkHost,
+            client: client,
+            draining: draining,
+            logger: logger
+        )
+    }
+
+    public init(
+        node: String,
+        pilots: [HostPort],
+        registerAddress: String,
+        ttl: Duration,
+        services: [LocalService],
+        locality: Locality = Locality(),
+        checkHost: String = "127.0.0.1",
+        client: HTTPClient = HTTPClient(),
+        draining: Bool = false,
+        logger: Logger
+    ) {
         self.draining = draining
         self.node = node
-        self.api = HTTPClient.URL(host: pilotAPI.host, port: pilotAPI.port, path: "/")
+        precondition(!pilots.isEmpty, "PilotRegistrar needs a pilot address")
+        self.pilots = pilots
         self.address = registerAddress
         self.ttl = ttl
         self.services = services
@@ -59,6 +91,50 @@ public actor PilotRegistrar {
     }
 
     static func key(_ service: LocalService) -> String { "\(service.name):\(service.servicePort)" }
+
+    /// The pilot the agent talks to now (`status`).
+    public var pilot: HostPort { pilots[currentPilot] }
+
+    /// One request to the current pilot; when it does not answer, or answers 503, to the next
+    /// ones in turn. The first other answer (the agent then stays on that pilot), or the last
+    /// failure.
+    func send(
+        _ method: String,
+        _ path: String,
+        json: String? = nil,
+        timeout: Duration = .seconds(5)
+    ) async throws
+        -> HTTPClient.Response
+    {
+        var failure: any Error = HTTPClient.Failure("no pilot to ask")
+        for attempt in 0..<pilots.count {
+            let index = (currentPilot + attempt) % pilots.count
+            let pilot = pilots[index]
+            do {
+                let response = try await client.request(
+                    method,
+                    HTTPClient.URL(host: pilot.host, port: pilot.port, path: path),
+                    json: json,
+                    timeout: timeout
+                )
+                if response.status == 503, attempt < pilots.count - 1 {
+                    failure = HTTPClient.Failure("pilot \(pilot) answered 503: \(response.text)")
+                    continue
+                }
+                if index != currentPilot {
+                    logger.notice(
+                        "pilot changed",
+                        metadata: ["from": "\(pilots[currentPilot])", "to": "\(pilot)", "because": "\(failure)"]
+                    )
+                    currentPilot = index
+                }
+                return response
+            } catch {
+                failure = error
+            }
+        }
+        throw failure
+    }
 
     /// Runs every service's loop until cancelled.
     public func run() async {
@@ -74,9 +150,9 @@ public actor PilotRegistrar {
     /// Marks every instance of this node draining in pilot (peers stop sending new requests).
     public func drain() async throws {
         draining = true
-        let response = try await client.request(
+        let response = try await send(
             "PUT",
-            api.with(path: "/v1/nodes/\(Self.pathSegment(node))/status"),
+            "/v1/nodes/\(Self.pathSegment(node))/status",
             json: #"{"status": "draining"}"#
         )
         guard response.status == 200 else {
@@ -109,7 +185,7 @@ public actor PilotRegistrar {
         let wanted = Set(keys)
         for service in services where wanted.contains("\(service.name)/\(address)/\(service.port)") {
             let path = "/v1/instances/\(service.name)/\(address)/\(service.port)"
-            let response = try? await client.request("DELETE", api.with(path: path), timeout: .seconds(2))
+            let response = try? await send("DELETE", path, timeout: .seconds(2))
             if response?.status == 204 { states[Self.key(service)]?.registered = false }
         }
     }
@@ -170,9 +246,9 @@ public actor PilotRegistrar {
             }
             if clock.now >= nextRenew {
                 do {
-                    let response = try await client.request(
+                    let response = try await send(
                         "PUT",
-                        api.with(path: "/v1/instances/\(service.name)/\(address)/\(service.port)/lease")
+                        "/v1/instances/\(service.name)/\(address)/\(service.port)/lease"
                     )
                     if response.status == 404 {
                         logger.notice(
@@ -206,7 +282,7 @@ public actor PilotRegistrar {
              "subzone": \(Self.quote(locality.subzone)),
              "status": "\(status(service).rawValue)", "ttl_seconds": \(ttl.components.seconds)}
             """
-        let response = try await client.request("POST", api.with(path: "/v1/instances"), json: json)
+        let response = try await send("POST", "/v1/instances", json: json)
         guard response.status == 200 || response.status == 201 else {
             // A refusal (a conflict, a bad name) is logged with pilot's reason; it is retried, since
             // the operator may fix the other side.
@@ -229,9 +305,9 @@ public actor PilotRegistrar {
     }
 
     private func report(_ service: LocalService, status: ReportedStatus) async throws {
-        let response = try await client.request(
+        let response = try await send(
             "PUT",
-            api.with(path: "/v1/instances/\(service.name)/\(address)/\(service.port)/status"),
+            "/v1/instances/\(service.name)/\(address)/\(service.port)/status",
             json: #"{"status": "\#(status.rawValue)"}"#
         )
         guard response.status == 200 else {

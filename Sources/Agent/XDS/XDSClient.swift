@@ -20,8 +20,10 @@ import Glibc
 /// assignments they name; turns the resources into a ``ProxyConfig`` (``XDSTranslator``) and
 /// applies it through `apply` once everything referred to has arrived. A response that cannot be
 /// translated is NACKed with the reason and nothing of it is kept: the last good configuration
-/// keeps serving. A broken stream is re-opened after a jittered exponential back-off (0.5 s to
-/// 30 s), subscribing again from scratch; pilot sends the current state.
+/// keeps serving. A broken stream is re-opened on the next pilot of the list (a DNS name counts as
+/// each of its addresses) a moment later; once every pilot failed in turn, after a jittered
+/// exponential back-off (0.5 s to 30 s). It subscribes again from scratch and the pilot sends
+/// the current state; meanwhile the last configuration keeps serving.
 public final class XDSClient: Service, Sendable {
     public typealias Apply = @Sendable (ProxyConfig) async throws -> Void
 
@@ -51,8 +53,8 @@ public final class XDSClient: Service, Sendable {
         }
     }
 
-    private let host: String
-    private let port: Int
+    /// The pilots' xDS addresses, in the order they are tried.
+    private let pilots: [HostPort]
     private let node: String
     private let base: ProxyConfig
     private let persistPath: String?
@@ -96,7 +98,7 @@ public final class XDSClient: Service, Sendable {
         }
     }
 
-    public init(
+    public convenience init(
         pilot host: String,
         port: Int,
         node: String,
@@ -109,10 +111,36 @@ public final class XDSClient: Service, Sendable {
         logger: Logger,
         apply: @escaping Apply
     ) {
+        self.init(
+            pilots: [HostPort(host: host, port: port)],
+            node: node,
+            base: base,
+            persistPath: persistPath,
+            resyncInterval: resyncInterval,
+            protocol: xdsProtocol,
+            maxEndpoints: maxEndpoints,
+            locality: locality,
+            logger: logger,
+            apply: apply
+        )
+    }
+
+    public init(
+        pilots: [HostPort],
+        node: String,
+        base: ProxyConfig,
+        persistPath: String? = nil,
+        resyncInterval: Duration = .seconds(300),
+        protocol xdsProtocol: XDSProtocol = .delta,
+        maxEndpoints: Int = XDSClient.defaultMaxEndpoints,
+        locality: Locality = Locality(),
+        logger: Logger,
+        apply: @escaping Apply
+    ) {
         self.locality = locality
         self.maxEndpoints = maxEndpoints
-        self.host = host
-        self.port = port
+        precondition(!pilots.isEmpty, "XDSClient needs a pilot address")
+        self.pilots = pilots
         self.node = node
         self.base = base
         self.persistPath = persistPath
@@ -120,7 +148,7 @@ public final class XDSClient: Service, Sendable {
         self.xdsProtocol = xdsProtocol
         self.apply = apply
         self.logger = logger
-        self.state = Mutex(State(pilot: host.contains(":") ? "[\(host)]:\(port)" : "\(host):\(port)"))
+        self.state = Mutex(State(pilot: pilots[0].description))
     }
 
     public var current: State { state.withLock { $0 } }
@@ -149,11 +177,24 @@ public final class XDSClient: Service, Sendable {
     private func runUntilCancelled() async {
         await loadPersisted()
         var backoff: Duration = .milliseconds(500)
+        var candidates = await PilotAddresses.expand(pilots)
+        var index = 0
+        var failedInARow = 0
         while !Task.isCancelled {
             let started = ContinuousClock.now
+            let pilot = candidates[index % candidates.count]
+            state.withLock { $0.pilot = pilot.description }
             do {
-                let target: ResolvableTargets.IPv4OrDNS = Self.target(host: host, port: port)
-                let transport = try HTTP2ClientTransport.Posix(target: target.resolvable, transportSecurity: .plaintext)
+                let target: ResolvableTargets.IPv4OrDNS = Self.target(host: pilot.host, port: pilot.port)
+                var config = HTTP2ClientTransport.Posix.Config.defaults
+                // A pilot that stops answering (its machine gone, no reset sent) is noticed by its
+                // pings within 15 s, and the stream moves on.
+                config.connection.keepalive = .init(time: .seconds(10), timeout: .seconds(5), allowWithoutCalls: false)
+                let transport = try HTTP2ClientTransport.Posix(
+                    target: target.resolvable,
+                    transportSecurity: .plaintext,
+                    config: config
+                )
                 let resync = try await withGRPCClient(transport: transport) { client in
                     let ads = Envoy_Service_Discovery_V3_AggregatedDiscoveryService.Client(wrapping: client)
                     // The stream is opened again every resync interval: pilot then sends its whole
@@ -180,6 +221,7 @@ public final class XDSClient: Service, Sendable {
                     metrics.resyncs.increment()
                     logger.debug("xDS resync: the stream is opened again")
                     backoff = .milliseconds(500)
+                    failedInARow = 0
                     continue
                 }
                 setConnection("disconnected: pilot closed the stream")
@@ -188,13 +230,27 @@ public final class XDSClient: Service, Sendable {
                 if Task.isCancelled { return }
                 setConnection("disconnected: \(error)")
                 metrics.reconnects.increment()
-                logger.warning("xDS stream to pilot failed; retrying", metadata: ["error": "\(error)"])
+                logger.warning(
+                    "xDS stream to pilot failed; trying the next pilot",
+                    metadata: ["pilot": "\(pilot)", "error": "\(error)"]
+                )
             }
-            // A stream that lived a while starts the back-off over.
-            if ContinuousClock.now - started > .seconds(30) { backoff = .milliseconds(500) }
+            // A stream that lived a while starts over: the next pilot at once, then the back-off.
+            if ContinuousClock.now - started > .seconds(30) {
+                backoff = .milliseconds(500)
+                failedInARow = 0
+            }
+            failedInARow += 1
+            index += 1
+            if failedInARow < candidates.count {
+                try? await Task.sleep(for: .milliseconds(Int.random(in: 100...300)))
+                continue
+            }
             let jittered = backoff * Double.random(in: 0.5...1.0)
             try? await Task.sleep(for: jittered)
             backoff = min(backoff * 2, .seconds(30))
+            failedInARow = 0
+            candidates = await PilotAddresses.expand(pilots)  // a DNS name may have moved
         }
     }
 
@@ -262,7 +318,7 @@ public final class XDSClient: Service, Sendable {
                     if !answered {
                         answered = true
                         self.setConnection("connected")
-                        self.logger.info("xDS stream to pilot open", metadata: ["pilot": "\(self.host):\(self.port)"])
+                        self.logger.info("xDS stream to pilot open", metadata: ["pilot": "\(self.current.pilot)"])
                     }
                     var next = resources
                     do {
@@ -408,7 +464,7 @@ public final class XDSClient: Service, Sendable {
                         self.setConnection("connected")
                         self.logger.info(
                             "xDS stream to pilot open (state of the world)",
-                            metadata: ["pilot": "\(self.host):\(self.port)"]
+                            metadata: ["pilot": "\(self.current.pilot)"]
                         )
                     }
                     nonces[message.typeURL] = message.nonce

@@ -59,6 +59,12 @@ public struct PilotConfig: Sendable {
     /// expected.
     public static func parse(yaml: String, file: String) throws(ConfigFileError) -> PilotConfig {
         var config = PilotConfig()
+        // Only comments (or nothing): every default.
+        let content = yaml.split(separator: "\n").contains {
+            let line = $0.drop { $0 == " " || $0 == "\t" }
+            return !line.isEmpty && !line.hasPrefix("#") && line != "---"
+        }
+        guard content else { return config }
         let root = try ConfigNode.root(yaml: yaml, file: file)
         let keys = try root.mapping(allowed: [
             "xds_address", "http_address", "mesh", "debounce", "log_level", "cmdb", "store",

@@ -1,0 +1,197 @@
+import Agent
+import Foundation
+import Logging
+import Proxy
+import Synchronization
+import Testing
+import TrellisPolicy
+import TrellisTestSupport
+
+#if canImport(Glibc)
+import Glibc
+#endif
+
+/// Two real `trellis-pilot serve` processes on a real 3-member etcd cluster, and the agent's own
+/// xDS client and registrar (and a stock Envoy) given both pilots: a registration made through
+/// one pilot reaches a node on the other within a second; SIGKILL one pilot and its nodes move to
+/// the other without an endpoint lost or flapping in any node's EDS; SIGKILL an etcd member and
+/// everything goes on.
+@Suite(
+    .serialized,
+    .enabled(if: EtcdCluster.missing == nil, "needs etcd (Debian's etcd-server): run scripts/bootstrap.sh")
+)
+struct PilotFailoverTests {
+    static var pilotBinary: String {
+        URL(fileURLWithPath: CommandLine.arguments[0]).deletingLastPathComponent().appendingPathComponent(
+            "trellis-pilot"
+        ).path
+    }
+
+    struct PilotProcess {
+        let child: Peers.Child
+        let xds: HostPort
+        let api: HostPort
+        var url: String { "http://127.0.0.1:\(api.port)" }
+    }
+
+    static func startPilot(
+        _ cluster: EtcdCluster,
+        dir: URL,
+        name: String,
+        xds: HostPort = HostPort(host: "127.0.0.1", port: Peers.freePort())
+    ) async throws -> PilotProcess {
+        let api = HostPort(host: "127.0.0.1", port: Peers.freePort())
+        let config = dir.appendingPathComponent("\(name).yaml")
+        try
+            "store: {backend: etcd, etcd: {endpoints: [\(cluster.endpoints.joined(separator: ", "))], call_timeout: 2s}}\n"
+            .write(to: config, atomically: true, encoding: .utf8)
+        let child = try Peers.Child(
+            [
+                pilotBinary, "serve", "--config", config.path, "--mesh", dir.appendingPathComponent("none.yaml").path,
+                "--xds-address", "\(xds)", "--http-address", "\(api)", "--debounce-ms", "20",
+            ],
+            output: dir.appendingPathComponent("\(name).log")
+        )
+        let up = await Peers.eventually(within: .seconds(15)) {
+            await Peers.http("GET", "http://127.0.0.1:\(api.port)/readyz").status == 200
+        }
+        guard up else {
+            let log = (try? String(contentsOf: dir.appendingPathComponent("\(name).log"), encoding: .utf8)) ?? ""
+            child.stop()
+            throw EtcdCluster.ClusterError(message: "pilot \(name) did not become ready:\n\(log.suffix(2000))")
+        }
+        return PilotProcess(child: child, xds: xds, api: api)
+    }
+
+    /// Every endpoint set of the `orders` cluster an xDS client applied, in order.
+    final class EndpointHistory: Sendable {
+        let sets = Mutex<[[String]]>([])
+        func record(_ config: ProxyConfig) {
+            guard let cluster = config.clusters.first(where: { $0.name.hasSuffix("|orders") }) else { return }
+            let set = cluster.endpoints.filter { $0.health == .healthy }.map { "\($0.address.host):\($0.address.port)" }
+                .sorted()
+            sets.withLock { $0.append(set) }
+        }
+        var last: [String] { sets.withLock { $0.last ?? [] } }
+        var all: [[String]] { sets.withLock { $0 } }
+    }
+
+    static func xdsClient(node: String, pilots: [HostPort], history: EndpointHistory) -> XDSClient {
+        var base = AgentListeners.passthroughConfig(sniffTimeout: .seconds(5))
+        base.listeners = []
+        return XDSClient(pilots: pilots, node: node, base: base, logger: .quiet) { config in history.record(config) }
+    }
+
+    @Test(.timeLimit(.minutes(2)))
+    func nodesMoveToTheOtherPilotWithoutLosingAnEndpoint() async throws {
+        let cluster = try await EtcdCluster()
+        defer { cluster.stop() }
+        let dir = try Peers.temporaryDirectory("pilot-failover")
+        defer { try? FileManager.default.removeItem(at: dir) }
+        let one = try await Self.startPilot(cluster, dir: dir, name: "pilot-1")
+        defer { one.child.stop() }
+        // A stock Envoy with both pilots in its ADS cluster, started while only pilot 1 is up,
+        // so that it is on pilot 1 when that one dies.
+        let twoXDS = HostPort(host: "127.0.0.1", port: Peers.freePort())
+        let adminPort = Peers.freePort()
+        let envoy: Peers.Child? =
+            try Peers.envoyMissing
+            ? nil
+            : {
+                let file = dir.appendingPathComponent("envoy.yaml")
+                try EnvoyBootstrap.yaml(
+                    nodeID: "envoy-1",
+                    adsPort: one.xds.port,
+                    adminPort: adminPort,
+                    apiType: "DELTA_GRPC",
+                    moreADSPorts: [twoXDS.port]
+                ).write(to: file, atomically: true, encoding: .utf8)
+                return try Peers.Child(
+                    [
+                        "envoy", "-c", file.path, "--disable-hot-restart", "-l", "error", "--base-id",
+                        "\(Int.random(in: 1000...60000))",
+                    ],
+                    output: dir.appendingPathComponent("envoy.log")
+                )
+            }()
+        defer { envoy?.stop() }
+        if envoy != nil {
+            let onOne = await Peers.eventually(within: .seconds(15)) {
+                await Peers.http("GET", "\(one.url)/debug/syncz").body.contains("envoy-1")
+            }
+            #expect(onOne, "Envoy connected to pilot 1")
+        }
+        let two = try await Self.startPilot(cluster, dir: dir, name: "pilot-2", xds: twoXDS)
+        defer { two.child.stop() }
+
+        // vm-a starts on pilot 1, vm-b on pilot 2; each knows both.
+        let historyA = EndpointHistory()
+        let historyB = EndpointHistory()
+        let a = Self.xdsClient(node: "vm-a", pilots: [one.xds, two.xds], history: historyA)
+        let b = Self.xdsClient(node: "vm-b", pilots: [two.xds, one.xds], history: historyB)
+        let runA = Task { try await a.run() }
+        let runB = Task { try await b.run() }
+        defer {
+            runA.cancel()
+            runB.cancel()
+        }
+
+        // The registrar of the machine that serves `orders`, with both pilots, on pilot 1 first.
+        let registrar = PilotRegistrar(
+            node: "vm-orders",
+            pilots: [one.api, two.api],
+            registerAddress: "127.0.0.1",
+            ttl: .seconds(6),
+            services: [LocalService(name: "orders", port: 18080)],
+            logger: .quiet
+        )
+        let registering = Task { await registrar.run() }
+        defer { registering.cancel() }
+        #expect(await Peers.eventually(within: .seconds(5)) { await registrar.states.values.allSatisfy(\.registered) })
+        let registered = ContinuousClock.now
+        let onB = await Peers.eventually(within: .seconds(1)) { historyB.last == ["127.0.0.1:18080"] }
+        #expect(onB, "vm-b (on pilot 2) got pilot 1's registration after \(ContinuousClock.now - registered)")
+        #expect(await Peers.eventually(within: .seconds(3)) { historyA.last == ["127.0.0.1:18080"] })
+        #expect(a.current.pilot == "\(one.xds)" && b.current.pilot == "\(two.xds)")
+
+        // Pilot 1 dies: vm-a and the registrar move to pilot 2 within seconds; the lease (6 s)
+        // is renewed there, so the endpoint never leaves anyone's EDS.
+        let applied = (historyA.all.count, historyB.all.count)
+        kill(one.child.process.processIdentifier, SIGKILL)
+        #expect(
+            await Peers.eventually(within: .seconds(5)) {
+                a.current.pilot == "\(two.xds)" && a.current.connection == "connected"
+            }
+        )
+        #expect(await Peers.eventually(within: .seconds(5)) { await registrar.pilot == two.api })
+        try await Task.sleep(for: .seconds(8))  // more than the lease: renewals went through pilot 2
+        for (name, history, first) in [("vm-a", historyA, applied.0), ("vm-b", historyB, applied.1)] {
+            let since = history.all.dropFirst(max(first - 1, 0))
+            #expect(
+                since.allSatisfy { $0 == ["127.0.0.1:18080"] },
+                "\(name)'s EDS after the failover never lost the endpoint: \(since)"
+            )
+        }
+
+        // An etcd member dies too: a new registration through pilot 2 still reaches everyone,
+        // Envoy included (it moved to pilot 2 as well).
+        cluster.kill(0)
+        let status = await Peers.http(
+            "POST",
+            "\(two.url)/v1/instances",
+            body:
+                #"{"service": "orders", "address": "127.0.0.2", "port": 18080, "node": "vm-orders-2", "ttl_seconds": 30}"#
+        ).status
+        #expect(status == 201, "registration with one etcd member down")
+        let both = ["127.0.0.1:18080", "127.0.0.2:18080"]
+        #expect(await Peers.eventually(within: .seconds(3)) { historyA.last == both && historyB.last == both })
+        if envoy != nil {
+            let seen = await Peers.eventually(within: .seconds(20)) {
+                let clusters = await Peers.http("GET", "http://127.0.0.1:\(adminPort)/clusters").body
+                return clusters.contains("127.0.0.2:18080") && clusters.contains("127.0.0.1:18080")
+            }
+            #expect(seen, "Envoy, given both pilots, failed over and got the new endpoint")
+            #expect(await Peers.http("GET", "\(two.url)/debug/syncz").body.contains("envoy-1"), "Envoy is on pilot 2")
+        }
+    }
+}
