@@ -67,7 +67,8 @@ stop_all() { for p in "${pids[@]:-}"; do [ -n "$p" ] && kill -9 "$p" 2>/dev/null
 if [ "$STORE" = sqlite ] || [ "$STORE" = both ]; then
   echo; echo "== one pilot, SQLite store"
   XDS=127.0.0.1:25010 API=127.0.0.1:25014 ENVOY_ADMIN=19921
-  taskset -c 0 "$bin/trellis-pilot" serve --config /dev/null --store "$out/pilot.db" --mesh "$out/mesh.yaml" \
+  : >"$out/pilot.yaml"  # every default; the flags set the rest
+  taskset -c 0 "$bin/trellis-pilot" serve --config "$out/pilot.yaml" --store "$out/pilot.db" --mesh "$out/mesh.yaml" \
     --xds-address $XDS --http-address $API --log-level warning 2>"$out/pilot.log" & pids+=($!); disown $!
   pilot=$!
   wait_ready $API

@@ -16,8 +16,13 @@ import Synchronization
 /// and watches resume from their next revision.
 public final class EtcdClient: Sendable {
     public let endpoints: [EtcdEndpoint]
-    /// One channel per member (a DNS name's, over every address it resolves to).
+    /// One channel per member (a DNS name's, over every address it resolves to) for calls, and
+    /// one for the long-lived streams (watches, campaigns). Apart, because etcd answers many
+    /// calls with a reset of the stream after their response, and past 200 resets in 10 s
+    /// grpc-swift's HTTP/2 client closes the connection as a flood (NIOHTTP2's rapid-reset
+    /// guard): a busy registry would break its watch every few seconds if they shared it.
     let members: [GRPCClient<HTTP2ClientTransport.Posix>]
+    let streamMembers: [GRPCClient<HTTP2ClientTransport.Posix>]
     /// The member in use.
     private let current = Atomic<Int>(0)
     let logger: Logger
@@ -43,8 +48,8 @@ public final class EtcdClient: Sendable {
         config.backoff = .init(initial: .milliseconds(100), max: .seconds(2), multiplier: 1.6, jitter: 0.2)
         if let name = tls?.serverName { config.http2.authority = name }
         let security: HTTP2ClientTransport.Posix.TransportSecurity = tls.map { .tls($0.transport) } ?? .plaintext
-        do {
-            members = try targets.map { target in
+        func channels() throws -> [GRPCClient<HTTP2ClientTransport.Posix>] {
+            try targets.map { target in
                 GRPCClient(
                     transport: try HTTP2ClientTransport.Posix(
                         target: target,
@@ -53,6 +58,10 @@ public final class EtcdClient: Sendable {
                     )
                 )
             }
+        }
+        do {
+            members = try channels()
+            streamMembers = try channels()
         } catch {
             throw EtcdError(operation: "connecting to \(EtcdEndpoint.list(endpoints))", underlying: "\(error)")
         }
@@ -61,13 +70,13 @@ public final class EtcdClient: Sendable {
     /// Runs the connections until ``close()`` (or the task is cancelled).
     public func run() async throws {
         try await withThrowingDiscardingTaskGroup { group in
-            for member in members { group.addTask { try await member.runConnections() } }
+            for member in members + streamMembers { group.addTask { try await member.runConnections() } }
         }
     }
 
     /// Stops the client: calls in progress finish, new ones fail.
     public func close() {
-        for member in members { member.beginGracefulShutdown() }
+        for member in members + streamMembers { member.beginGracefulShutdown() }
     }
 
     /// The member in use (its index in ``endpoints``).

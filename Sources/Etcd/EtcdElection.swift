@@ -70,7 +70,7 @@ extension EtcdClient {
         while true {
             let member = currentMember
             do {
-                _ = try await V3electionpb_Election.Client(wrapping: members[member]).campaign(request)
+                _ = try await V3electionpb_Election.Client(wrapping: streamMembers[member]).campaign(request)
                 return
             } catch let error as RPCError where error.code == .unavailable {
                 memberFailed(member)  // the member went away: on the next

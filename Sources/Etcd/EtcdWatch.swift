@@ -61,7 +61,7 @@ extension EtcdClient {
         var delay: Duration = .milliseconds(100)
         while !Task.isCancelled {
             let member = currentMember
-            let client = Etcdserverpb_Watch.Client(wrapping: members[member])
+            let client = Etcdserverpb_Watch.Client(wrapping: streamMembers[member])
             do {
                 var create = Etcdserverpb_WatchCreateRequest()
                 create.key = Data(prefix.utf8)

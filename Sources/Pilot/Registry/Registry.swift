@@ -70,8 +70,10 @@ public actor Registry {
     public private(set) var appliedRevision: Int64 = 0
     private var revisionWaiters: [Int: (revision: Int64, continuation: CheckedContinuation<Void, Never>)] = [:]
     private var nextRevisionWaiter = 0
-    /// Changes are made one at a time (each awaits its store write).
-    private var changing = false
+    /// Changes to one service are made one at a time (each awaits its store write); changes to
+    /// different services go on together (a shared store's round trips overlap).
+    private var changingServices: Set<String> = []
+    private var changingAll = false
     private var waitingToChange: [CheckedContinuation<Void, Never>] = []
 
     /// Loads the stored registrations. With a local store, a lease that would have run out while
@@ -124,7 +126,9 @@ public actor Registry {
     public func register(
         _ registration: Registration
     ) async throws(RegistryError) -> (instance: Instance, created: Bool) {
-        try await exclusive { () async throws(RegistryError) in try await registerNow(registration) }
+        try await exclusive([registration.instance.key.service]) { () async throws(RegistryError) in
+            try await registerNow(registration)
+        }
     }
 
     private func registerNow(
@@ -159,7 +163,7 @@ public actor Registry {
 
     /// Extends an instance's lease by its TTL.
     public func renew(_ key: InstanceKey) async throws(RegistryError) -> Instance {
-        try await exclusive { () async throws(RegistryError) in
+        try await exclusive([key.service]) { () async throws(RegistryError) in
             guard var instance = agentInstances[key] else {
                 throw RegistryError(
                     .notFound,
@@ -188,7 +192,7 @@ public actor Registry {
     }
 
     public func deregister(_ key: InstanceKey) async throws(RegistryError) {
-        try await exclusive { () async throws(RegistryError) in
+        try await exclusive([key.service]) { () async throws(RegistryError) in
             guard agentInstances[key] != nil else {
                 throw RegistryError(.notFound, "instance \(key) is not registered")
             }
@@ -198,7 +202,7 @@ public actor Registry {
 
     /// Sets an instance's status (health from the agent's checks, or draining).
     public func setStatus(_ key: InstanceKey, _ status: InstanceStatus) async throws(RegistryError) -> Instance {
-        try await exclusive { () async throws(RegistryError) in
+        try await exclusive([key.service]) { () async throws(RegistryError) in
             guard var instance = agentInstances[key] else {
                 throw RegistryError(.notFound, "instance \(key) is not registered")
             }
@@ -211,7 +215,7 @@ public actor Registry {
 
     /// Sets the status of every instance a node registered (`trellis-agent drain`).
     public func setStatus(node: String, _ status: InstanceStatus) async throws(RegistryError) -> [Instance] {
-        try await exclusive { () async throws(RegistryError) in
+        try await exclusive(nil) { () async throws(RegistryError) in
             var all = agentInstances.filter { $0.value.node == node }
             let updated = all.values.filter { $0.status != status }.map { instance in
                 var i = instance
@@ -232,7 +236,7 @@ public actor Registry {
     public func expireLeases() async -> [InstanceKey] {
         guard shared == nil else { return [] }
         return
-            (try? await exclusive { () async throws(RegistryError) -> [InstanceKey] in
+            (try? await exclusive(nil) { () async throws(RegistryError) -> [InstanceKey] in
                 let t = now()
                 let expired = agentInstances.values.filter { ($0.leaseExpiresAt ?? .infinity) < t }.map(\.key).sorted()
                 guard !expired.isEmpty else { return [] }
@@ -417,16 +421,22 @@ public actor Registry {
         return a == b
     }
 
-    /// Runs `body` once no other change is in progress (a change awaits its store write, and
-    /// another request must not decide on what that write is about to replace).
-    private func exclusive<T>(_ body: () async throws(RegistryError) -> T) async throws(RegistryError) -> T {
-        if changing {
-            await withCheckedContinuation { waitingToChange.append($0) }  // handed over, still `changing`
-        } else {
-            changing = true
+    /// Runs `body` once no other change to `services` (nil: to any service) is in progress: a
+    /// change awaits its store write, and another request must not decide on what that write is
+    /// about to replace (a service's instances are checked against each other).
+    private func exclusive<T>(
+        _ services: Set<String>?,
+        _ body: () async throws(RegistryError) -> T
+    ) async throws(RegistryError) -> T {
+        while changingAll || (services.map { !changingServices.isDisjoint(with: $0) } ?? !changingServices.isEmpty) {
+            await withCheckedContinuation { waitingToChange.append($0) }
         }
+        if let services { changingServices.formUnion(services) } else { changingAll = true }
         defer {
-            if waitingToChange.isEmpty { changing = false } else { waitingToChange.removeFirst().resume() }
+            if let services { changingServices.subtract(services) } else { changingAll = false }
+            let woken = waitingToChange
+            waitingToChange = []
+            for waiter in woken { waiter.resume() }  // each checks again
         }
         return try await body()
     }
