@@ -26,8 +26,9 @@ DEBIAN_PACKAGES=(
   # the PyPI packages' virtual environment (.venv, from Debian's python3); sudo: root's steps
   # when the scripts are run by a user (and the test of that, Tests/RootTests/FreshMachineTests)
   python3-venv sudo
-  # a real etcd cluster (3 members on loopback) for pilot's shared store (Tests/EtcdTests)
-  etcd-server etcd-client
+  # a real etcd cluster (3 members on loopback) for pilot's shared store (Tests/EtcdTests);
+  # openssl makes the certificates of its TLS test
+  etcd-server etcd-client openssl
   # protoc and the well-known types, to regenerate Sources/{XDS,Etcd}/Generated (never needed by CI)
   protobuf-compiler libprotobuf-dev
   # valgrind records the functions the agent runs, for its link order (scripts/agent-order.sh);

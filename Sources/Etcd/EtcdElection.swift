@@ -98,3 +98,41 @@ extension EtcdClient {
         }
     }
 }
+
+extension EtcdClient {
+    /// Waits (with no deadline) until this lease holds the lock `name` (etcd's v3lock API);
+    /// returns the key that owns it, for ``unlock(_:)``. The lock is released by `unlock`, or
+    /// when the lease ends.
+    public func lock(_ name: String, lease: Int64) async throws(EtcdError) -> String {
+        var request = V3lockpb_LockRequest()
+        request.name = Data(name.utf8)
+        request.lease = lease
+        while true {
+            let member = currentMember
+            do {
+                let response = try await V3lockpb_Lock.Client(wrapping: streamMembers[member]).lock(request)
+                return String(decoding: response.key, as: UTF8.self)
+            } catch let error as RPCError where error.code == .unavailable {
+                memberFailed(member)
+                do {
+                    try await Task.sleep(for: .milliseconds(200))
+                } catch {
+                    throw EtcdError(operation: "taking the lock \(name)", underlying: "cancelled")
+                }
+            } catch let error as RPCError {
+                throw EtcdError(operation: "taking the lock \(name)", code: error.code, underlying: error.message)
+            } catch {
+                throw EtcdError(operation: "taking the lock \(name)", underlying: "\(error)")
+            }
+        }
+    }
+
+    /// Releases a lock ``lock(_:lease:)`` took.
+    public func unlock(_ key: String) async throws(EtcdError) {
+        var request = V3lockpb_UnlockRequest()
+        request.key = Data(key.utf8)
+        _ = try await retrying("releasing the lock \(key)") {
+            try await V3lockpb_Lock.Client(wrapping: grpc).unlock(request, options: $0)
+        }
+    }
+}

@@ -38,13 +38,15 @@ struct PilotFailoverTests {
         _ cluster: EtcdCluster,
         dir: URL,
         name: String,
-        xds: HostPort = HostPort(host: "127.0.0.1", port: Peers.freePort())
+        xds: HostPort = HostPort(host: "127.0.0.1", port: Peers.freePort()),
+        cmdb: String? = nil
     ) async throws -> PilotProcess {
         let api = HostPort(host: "127.0.0.1", port: Peers.freePort())
         let config = dir.appendingPathComponent("\(name).yaml")
-        try
+        var yaml =
             "store: {backend: etcd, etcd: {endpoints: [\(cluster.endpoints.joined(separator: ", "))], call_timeout: 2s}}\n"
-            .write(to: config, atomically: true, encoding: .utf8)
+        if let cmdb { yaml += "cmdb: {url: \"\(cmdb)\", interval: 1s}\n" }
+        try yaml.write(to: config, atomically: true, encoding: .utf8)
         let child = try Peers.Child(
             [
                 pilotBinary, "serve", "--config", config.path, "--mesh", dir.appendingPathComponent("none.yaml").path,
@@ -193,5 +195,109 @@ struct PilotFailoverTests {
             #expect(seen, "Envoy, given both pilots, failed over and got the new endpoint")
             #expect(await Peers.http("GET", "\(two.url)/debug/syncz").body.contains("envoy-1"), "Envoy is on pilot 2")
         }
+    }
+
+    /// The CMDB poller runs on one pilot at a time and moves when that pilot dies; without
+    /// etcd's quorum a pilot says it is not ready, refuses registrations (503) and keeps serving
+    /// xDS from its last snapshot, and it recovers when quorum returns.
+    @Test(.timeLimit(.minutes(2)))
+    func oneCMDBPollerAndAPilotWithoutQuorum() async throws {
+        let cluster = try await EtcdCluster()
+        defer { cluster.stop() }
+        let dir = try Peers.temporaryDirectory("pilot-quorum")
+        defer { try? FileManager.default.removeItem(at: dir) }
+        // A CMDB: Python's http.server, which logs every request it answers.
+        let cmdbDir = dir.appendingPathComponent("cmdb")
+        try FileManager.default.createDirectory(at: cmdbDir, withIntermediateDirectories: true)
+        try #"{"machines": [{"hostname": "vm-orders", "region": "eu", "zone": "eu-1b"}]}"#
+            .write(to: cmdbDir.appendingPathComponent("machines.json"), atomically: true, encoding: .utf8)
+        let cmdbPort = Peers.freePort()
+        let cmdbLog = dir.appendingPathComponent("cmdb.log")
+        let cmdb = try Peers.Child(
+            ["python3", "-u", "-m", "http.server", "\(cmdbPort)", "--bind", "127.0.0.1", "--directory", cmdbDir.path],
+            output: cmdbLog
+        )
+        defer { cmdb.stop() }
+        func polls() -> Int {
+            ((try? String(contentsOf: cmdbLog, encoding: .utf8)) ?? "").components(separatedBy: "GET /machines.json")
+                .count
+                - 1
+        }
+        let url = "http://127.0.0.1:\(cmdbPort)/machines.json"
+
+        // Pilot 1 alone: it is elected and polls; then pilot 2 joins and does not poll too.
+        let one = try await Self.startPilot(cluster, dir: dir, name: "pilot-1", cmdb: url)
+        defer { one.child.stop() }
+        #expect(await Peers.eventually(within: .seconds(10)) { polls() >= 1 }, "pilot 1 polls the CMDB")
+        let two = try await Self.startPilot(cluster, dir: dir, name: "pilot-2", cmdb: url)
+        defer { two.child.stop() }
+        let before = polls()
+        try await Task.sleep(for: .seconds(5))
+        let inFive = polls() - before
+        #expect((3...7).contains(inFive), "one poller at 1 s: \(inFive) polls in 5 s")
+
+        // The metadata pilot 1 polled reaches pilot 2's instances.
+        let status = await Peers.http(
+            "POST",
+            "\(two.url)/v1/instances",
+            body:
+                #"{"service": "orders", "address": "127.0.0.1", "port": 18080, "node": "vm-orders", "ttl_seconds": 30}"#
+        ).status
+        #expect(status == 201)
+        #expect(
+            await Peers.eventually(within: .seconds(3)) {
+                await Peers.http("GET", "\(two.url)/v1/instances?service=orders").body.contains("eu-1b")
+            },
+            "pilot 2 merges the CMDB's zone"
+        )
+
+        // Pilot 1 dies: pilot 2 is elected once pilot 1's election lease runs out (5 s).
+        kill(one.child.process.processIdentifier, SIGKILL)
+        let afterKill = polls()
+        #expect(
+            await Peers.eventually(within: .seconds(12)) { polls() >= afterKill + 2 },
+            "pilot 2 took over the poller"
+        )
+
+        // A node on pilot 2.
+        let history = EndpointHistory()
+        let node = Self.xdsClient(node: "vm-a", pilots: [two.xds], history: history)
+        let running = Task { try await node.run() }
+        defer { running.cancel() }
+        #expect(await Peers.eventually(within: .seconds(5)) { history.last == ["127.0.0.1:18080"] })
+
+        // Quorum lost: not ready, registrations refused, the node keeps its stream and its EDS.
+        cluster.kill(1)
+        cluster.kill(2)
+        let notReady = await Peers.eventually(within: .seconds(10)) {
+            await Peers.http("GET", "\(two.url)/readyz").status == 503
+        }
+        #expect(notReady, "pilot 2 says it is not ready")
+        #expect(await Peers.http("GET", "\(two.url)/readyz").body.contains("etcd"))
+        let refused = await Peers.http(
+            "POST",
+            "\(two.url)/v1/instances",
+            body:
+                #"{"service": "orders", "address": "127.0.0.2", "port": 18080, "node": "vm-orders-2", "ttl_seconds": 30}"#
+        )
+        #expect(refused.status == 503, "\(refused)")
+        #expect(node.current.connection == "connected" && history.last == ["127.0.0.1:18080"])
+        #expect(await Peers.http("GET", "\(two.url)/healthz").status == 200, "alive, if not ready")
+
+        // Quorum back: ready, and registrations reach the node.
+        try cluster.start(1)
+        #expect(
+            await Peers.eventually(within: .seconds(20)) { await Peers.http("GET", "\(two.url)/readyz").status == 200 }
+        )
+        let again = await Peers.http(
+            "POST",
+            "\(two.url)/v1/instances",
+            body:
+                #"{"service": "orders", "address": "127.0.0.2", "port": 18080, "node": "vm-orders-2", "ttl_seconds": 30}"#
+        ).status
+        #expect(again == 201)
+        #expect(
+            await Peers.eventually(within: .seconds(3)) { history.last == ["127.0.0.1:18080", "127.0.0.2:18080"] }
+        )
     }
 }

@@ -20,6 +20,10 @@ public final class EtcdCluster: @unchecked Sendable {
     public private(set) var members: [Member]
     private let root: URL
     private let lock = NSLock()
+    /// With TLS: the CA that signed the members' certificate, and a client certificate and key
+    /// the members accept (`--client-cert-auth`).
+    public private(set) var tls: (ca: String, cert: String, key: String)?
+    var scheme: String { tls == nil ? "http" : "https" }
 
     /// Why etcd cannot run here, or nil.
     public static var missing: String? {
@@ -27,9 +31,12 @@ public final class EtcdCluster: @unchecked Sendable {
             ? "etcd is not installed (Debian's etcd-server: run scripts/bootstrap.sh)" : nil
     }
 
-    /// Starts the members and waits (up to 20 s) until the cluster answers with a leader.
-    public init(size: Int = 3) async throws {
+    /// Starts the members and waits (up to 20 s) until the cluster answers with a leader. With
+    /// `tls`, clients must come over TLS with a certificate signed by the cluster's own CA
+    /// (made here with openssl).
+    public init(size: Int = 3, tls: Bool = false) async throws {
         root = try Peers.temporaryDirectory("etcd")
+        if tls { self.tls = try await Self.makeCertificates(in: root) }
         members = (0..<size).map { i in
             Member(
                 name: "m\(i)",
@@ -61,6 +68,45 @@ public final class EtcdCluster: @unchecked Sendable {
     /// `127.0.0.1:PORT` of every member, as a client lists them.
     public var endpoints: [String] { members.map { "127.0.0.1:\($0.clientPort)" } }
 
+    /// A CA, a server certificate for 127.0.0.1 and a client certificate, by openssl.
+    static func makeCertificates(in root: URL) async throws -> (ca: String, cert: String, key: String) {
+        let dir = root.appendingPathComponent("tls")
+        try FileManager.default.createDirectory(at: dir, withIntermediateDirectories: true)
+        func path(_ name: String) -> String { dir.appendingPathComponent(name).path }
+        try "subjectAltName=IP:127.0.0.1\nextendedKeyUsage=serverAuth,clientAuth\n".write(
+            toFile: path("ext.cnf"),
+            atomically: true,
+            encoding: .utf8
+        )
+        let key = ["-newkey", "ec", "-pkeyopt", "ec_paramgen_curve:P-256", "-nodes"]
+        let steps: [[String]] = [
+            ["openssl", "req", "-x509"] + key + [
+                "-days", "1", "-subj", "/CN=trellis-test-ca", "-keyout", path("ca.key"), "-out", path("ca.pem"),
+            ],
+            ["openssl", "req"] + key + [
+                "-subj", "/CN=etcd", "-keyout", path("server.key"), "-out", path("server.csr"),
+            ],
+            [
+                "openssl", "x509", "-req", "-in", path("server.csr"), "-CA", path("ca.pem"), "-CAkey", path("ca.key"),
+                "-CAcreateserial", "-days", "1", "-extfile", path("ext.cnf"), "-out", path("server.pem"),
+            ],
+            ["openssl", "req"] + key + [
+                "-subj", "/CN=pilot", "-keyout", path("client.key"), "-out", path("client.csr"),
+            ],
+            [
+                "openssl", "x509", "-req", "-in", path("client.csr"), "-CA", path("ca.pem"), "-CAkey", path("ca.key"),
+                "-CAcreateserial", "-days", "1", "-extfile", path("ext.cnf"), "-out", path("client.pem"),
+            ],
+        ]
+        for step in steps {
+            let result = await Peers.command(step)
+            guard result.status == 0 else {
+                throw ClusterError(message: "openssl failed: \(step.joined(separator: " "))\n\(result.stderr)")
+            }
+        }
+        return (path("ca.pem"), path("client.pem"), path("client.key"))
+    }
+
     public var initialCluster: String {
         members.map { "\($0.name)=http://127.0.0.1:\($0.peerPort)" }.joined(separator: ",")
     }
@@ -71,8 +117,8 @@ public final class EtcdCluster: @unchecked Sendable {
         let fresh = !FileManager.default.fileExists(atPath: m.dataDirectory.path)
         var arguments = [
             "etcd", "--name", m.name, "--data-dir", m.dataDirectory.path,
-            "--listen-client-urls", "http://127.0.0.1:\(m.clientPort)",
-            "--advertise-client-urls", "http://127.0.0.1:\(m.clientPort)",
+            "--listen-client-urls", "\(scheme)://127.0.0.1:\(m.clientPort)",
+            "--advertise-client-urls", "\(scheme)://127.0.0.1:\(m.clientPort)",
             "--listen-peer-urls", "http://127.0.0.1:\(m.peerPort)",
             "--initial-advertise-peer-urls", "http://127.0.0.1:\(m.peerPort)",
             "--initial-cluster", initialCluster,
@@ -81,6 +127,14 @@ public final class EtcdCluster: @unchecked Sendable {
             "--log-level", "warn", "--logger", "zap",
         ]
         arguments += ["--initial-cluster-state", fresh ? "new" : "existing"]
+        if let tls {
+            let dir = URL(fileURLWithPath: tls.ca).deletingLastPathComponent()
+            arguments += [
+                "--cert-file", dir.appendingPathComponent("server.pem").path,
+                "--key-file", dir.appendingPathComponent("server.key").path,
+                "--client-cert-auth", "--trusted-ca-file", tls.ca,
+            ]
+        }
         // Debian's etcd 3.4 on amd64 needs no ETCD_UNSUPPORTED_ARCH; the environment is kept clean.
         let child = try Peers.Child(arguments, output: m.log)
         lock.withLock { members[i].child = child }
@@ -99,8 +153,10 @@ public final class EtcdCluster: @unchecked Sendable {
     public func healthyMembers() async -> Int {
         var healthy = 0
         for m in members where lock.withLock({ m.child != nil }) {
-            let r = await Peers.http("GET", "http://127.0.0.1:\(m.clientPort)/health")
-            if r.status == 200, r.body.contains("true") { healthy += 1 }
+            var command = ["curl", "-s", "--max-time", "2"]
+            if let tls { command += ["--cacert", tls.ca, "--cert", tls.cert, "--key", tls.key] }
+            let r = await Peers.command(command + ["\(scheme)://127.0.0.1:\(m.clientPort)/health"])
+            if r.status == 0, r.stdout.contains("true") { healthy += 1 }
         }
         return healthy
     }
@@ -114,10 +170,10 @@ public final class EtcdCluster: @unchecked Sendable {
     public func etcdctl(_ arguments: [String]) async -> (status: Int32, stdout: String, stderr: String) {
         await Peers.command(
             [
-                "env", "ETCDCTL_API=3", "etcdctl", "--endpoints", endpoints.joined(separator: ","),
-                "--command-timeout=5s",
+                "env", "ETCDCTL_API=3", "etcdctl", "--endpoints",
+                endpoints.map { "\(scheme)://\($0)" }.joined(separator: ","), "--command-timeout=5s",
             ]
-                + arguments
+                + (tls.map { ["--cacert", $0.ca, "--cert", $0.cert, "--key", $0.key] } ?? []) + arguments
         )
     }
 
