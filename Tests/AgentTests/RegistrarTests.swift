@@ -196,7 +196,7 @@ struct RegistrarTests {
         let appPort = Peers.freePort()
         let registrar = PilotRegistrar(
             node: "rb-pct#1",
-            pilotAPI: HostPort(host: "127.0.0.1", port: httpPort),
+            pilots: [HostPort(host: "127.0.0.1", port: httpPort)],
             registerAddress: "127.0.0.1",
             ttl: .seconds(30),
             services: [LocalService(name: "web", port: appPort)],
@@ -239,7 +239,7 @@ struct RegistrarTests {
 
         let registrar = PilotRegistrar(
             node: "vm-test",
-            pilotAPI: HostPort(host: "127.0.0.1", port: httpPort),
+            pilots: [HostPort(host: "127.0.0.1", port: httpPort)],
             registerAddress: "127.0.0.1",
             ttl: .seconds(5),
             services: [

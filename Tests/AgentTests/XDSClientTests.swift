@@ -105,8 +105,7 @@ import TrellisTestSupport
     @Test func connectsOncePilotIsThere() async throws {
         let xdsPort = Peers.freePort()
         let client = XDSClient(
-            pilot: "127.0.0.1",
-            port: xdsPort,
+            pilots: [HostPort(host: "127.0.0.1", port: xdsPort)],
             node: "vm-late",
             base: Self.base(outboundPort: 1),
             logger: .quiet
@@ -250,8 +249,7 @@ import TrellisTestSupport
         try await proxy.start()
         try await PilotHarness.run(store: try SQLiteRegistryStore()) { pilot in
             let client = XDSClient(
-                pilot: "127.0.0.1",
-                port: pilot.xdsPort,
+                pilots: [HostPort(host: "127.0.0.1", port: pilot.xdsPort)],
                 node: "vm-resync",
                 base: base,
                 // Long enough for a first sync on a loaded machine (a stream cut before it has
@@ -337,8 +335,7 @@ import TrellisTestSupport
         let output = dir.appendingPathComponent("client.out")
         try await PilotHarness.run(store: try SQLiteRegistryStore()) { pilot in
             let client = XDSClient(
-                pilot: "127.0.0.1",
-                port: pilot.xdsPort,
+                pilots: [HostPort(host: "127.0.0.1", port: pilot.xdsPort)],
                 node: "vm-routes",
                 base: base,
                 logger: .quiet

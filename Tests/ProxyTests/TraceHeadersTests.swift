@@ -7,35 +7,31 @@ import W3CTraceContext
 /// Reading and writing trace headers, without a tracer: what the data path does for every request
 /// when tracing is on, sampled or not.
 @Suite struct TraceHeadersTests {
-    @Test func traceparentIsWrittenAsW3CWritesIt() {
-        var rng = FastRandom(seed: 7)
-        for flags in [TraceFlags(), .sampled] {
-            for _ in 0..<50 {
-                let context = TraceContext(
+    /// 50 random contexts with each of `flags`.
+    static func randomContexts(seed: UInt64, flags: [TraceFlags]) -> [TraceContext] {
+        var rng = FastRandom(seed: seed)
+        return flags.flatMap { flags in
+            (0..<50).map { _ in
+                TraceContext(
                     traceID: .random(using: &rng),
                     spanID: .random(using: &rng),
                     flags: flags,
                     state: TraceState()
                 )
-                #expect(TraceHeaders.traceparent(context) == context.traceParentHeaderValue)
             }
         }
     }
 
-    @Test func traceparentIsReadAsW3CReadsIt() {
-        var rng = FastRandom(seed: 11)
-        var values: [String] = []
-        for flags in [TraceFlags(), .sampled, TraceFlags(rawValue: 0xff)] {
-            for _ in 0..<50 {
-                let context = TraceContext(
-                    traceID: .random(using: &rng),
-                    spanID: .random(using: &rng),
-                    flags: flags,
-                    state: TraceState()
-                )
-                values.append(context.traceParentHeaderValue)
-            }
+    @Test func traceparentIsWrittenAsW3CWritesIt() {
+        for context in Self.randomContexts(seed: 7, flags: [TraceFlags(), .sampled]) {
+            #expect(TraceHeaders.traceparent(context) == context.traceParentHeaderValue)
         }
+    }
+
+    @Test func traceparentIsReadAsW3CReadsIt() {
+        var values = Self.randomContexts(seed: 11, flags: [TraceFlags(), .sampled, TraceFlags(rawValue: 0xff)]).map(
+            \.traceParentHeaderValue
+        )
         let good = "00-4bf92f3577b34da6a3ce929d0e0e4736-00f067aa0ba902b7-01"
         values += [
             good, String(good.dropLast()), good + "0", "01" + good.dropFirst(2), good.uppercased(),

@@ -23,6 +23,10 @@ public final class EtcdCluster: @unchecked Sendable {
     /// With TLS: the CA that signed the members' certificate, and a client certificate and key
     /// the members accept (`--client-cert-auth`).
     public private(set) var tls: (ca: String, cert: String, key: String)?
+    /// Where the members run: this process's network namespace, or the named one (`ip netns
+    /// exec`), whose loopback they then listen on.
+    public let namespace: String?
+    var inNamespace: [String] { namespace.map { ["ip", "netns", "exec", $0] } ?? [] }
     var scheme: String { tls == nil ? "http" : "https" }
 
     /// Why etcd cannot run here, or nil.
@@ -34,7 +38,8 @@ public final class EtcdCluster: @unchecked Sendable {
     /// Starts the members and waits (up to 20 s) until the cluster answers with a leader. With
     /// `tls`, clients must come over TLS with a certificate signed by the cluster's own CA
     /// (made here with openssl).
-    public init(size: Int = 3, tls: Bool = false) async throws {
+    public init(size: Int = 3, tls: Bool = false, namespace: String? = nil) async throws {
+        self.namespace = namespace
         root = try Peers.temporaryDirectory("etcd")
         if tls { self.tls = try await Self.makeCertificates(in: root) }
         members = (0..<size).map { i in
@@ -136,7 +141,7 @@ public final class EtcdCluster: @unchecked Sendable {
             ]
         }
         // Debian's etcd 3.4 on amd64 needs no ETCD_UNSUPPORTED_ARCH; the environment is kept clean.
-        let child = try Peers.Child(arguments, output: m.log)
+        let child = try Peers.Child(inNamespace + arguments, output: m.log)
         lock.withLock { members[i].child = child }
     }
 
@@ -155,7 +160,7 @@ public final class EtcdCluster: @unchecked Sendable {
         for m in members where lock.withLock({ m.child != nil }) {
             var command = ["curl", "-s", "--max-time", "2"]
             if let tls { command += ["--cacert", tls.ca, "--cert", tls.cert, "--key", tls.key] }
-            let r = await Peers.command(command + ["\(scheme)://127.0.0.1:\(m.clientPort)/health"])
+            let r = await Peers.command(inNamespace + command + ["\(scheme)://127.0.0.1:\(m.clientPort)/health"])
             if r.status == 0, r.stdout.contains("true") { healthy += 1 }
         }
         return healthy
@@ -169,7 +174,7 @@ public final class EtcdCluster: @unchecked Sendable {
     /// Runs `etcdctl` against the cluster; its exit status and output.
     public func etcdctl(_ arguments: [String]) async -> (status: Int32, stdout: String, stderr: String) {
         await Peers.command(
-            [
+            inNamespace + [
                 "env", "ETCDCTL_API=3", "etcdctl", "--endpoints",
                 endpoints.map { "\(scheme)://\($0)" }.joined(separator: ","), "--command-timeout=5s",
             ]

@@ -40,32 +40,6 @@ public actor PilotRegistrar {
 
     public init(
         node: String,
-        pilotAPI: HostPort,
-        registerAddress: String,
-        ttl: Duration,
-        services: [LocalService],
-        locality: Locality = Locality(),
-        checkHost: String = "127.0.0.1",
-        client: HTTPClient = HTTPClient(),
-        draining: Bool = false,
-        logger: Logger
-    ) {
-        self.init(
-            node: node,
-            pilots: [pilotAPI],
-            registerAddress: registerAddress,
-            ttl: ttl,
-            services: services,
-            locality: locality,
-            checkHost: checkHost,
-            client: client,
-            draining: draining,
-            logger: logger
-        )
-    }
-
-    public init(
-        node: String,
         pilots: [HostPort],
         registerAddress: String,
         ttl: Duration,

@@ -98,33 +98,6 @@ public final class XDSClient: Service, Sendable {
         }
     }
 
-    public convenience init(
-        pilot host: String,
-        port: Int,
-        node: String,
-        base: ProxyConfig,
-        persistPath: String? = nil,
-        resyncInterval: Duration = .seconds(300),
-        protocol xdsProtocol: XDSProtocol = .delta,
-        maxEndpoints: Int = XDSClient.defaultMaxEndpoints,
-        locality: Locality = Locality(),
-        logger: Logger,
-        apply: @escaping Apply
-    ) {
-        self.init(
-            pilots: [HostPort(host: host, port: port)],
-            node: node,
-            base: base,
-            persistPath: persistPath,
-            resyncInterval: resyncInterval,
-            protocol: xdsProtocol,
-            maxEndpoints: maxEndpoints,
-            locality: locality,
-            logger: logger,
-            apply: apply
-        )
-    }
-
     public init(
         pilots: [HostPort],
         node: String,

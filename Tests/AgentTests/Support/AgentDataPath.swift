@@ -58,8 +58,7 @@ final class AgentDataPath: Sendable {
         self.proxy = proxy
         try await proxy.start()
         let client = XDSClient(
-            pilot: "127.0.0.1",
-            port: xdsPort,
+            pilots: [HostPort(host: "127.0.0.1", port: xdsPort)],
             node: node,
             base: base,
             persistPath: persistPath,
