@@ -31,7 +31,7 @@ struct PilotHANetnsTests {
         let cluster = try await EtcdCluster(namespace: lab.hub)
         defer { cluster.stop() }
         try
-            "store: {backend: etcd, etcd: {endpoints: [\(cluster.endpoints.joined(separator: ", "))], call_timeout: 2s}}\n"
+            "store: {backend: etcd, etcd: {endpoints: [\(cluster.endpoints.joined(separator: ", "))], call_timeout: 5s}}\n"
             .write(to: dir.appendingPathComponent("pilot.yaml"), atomically: true, encoding: .utf8)
         func startPilot(_ ip: String, _ name: String) throws -> Peers.Child {
             try Peers.Child(

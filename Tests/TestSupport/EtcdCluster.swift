@@ -128,7 +128,7 @@ public final class EtcdCluster: @unchecked Sendable {
             "--initial-advertise-peer-urls", "http://127.0.0.1:\(m.peerPort)",
             "--initial-cluster", initialCluster,
             "--initial-cluster-token", "trellis-test-\(getpid())-\(root.lastPathComponent)",
-            "--heartbeat-interval", "50", "--election-timeout", "500",
+            "--heartbeat-interval", "100", "--election-timeout", "1000",
             "--log-level", "warn", "--logger", "zap",
         ]
         arguments += ["--initial-cluster-state", fresh ? "new" : "existing"]
