@@ -1,4 +1,5 @@
 import NIOPosix
+import TrellisConfig
 
 #if canImport(Glibc)
 import Glibc
@@ -21,11 +22,7 @@ enum PilotAddresses {
         return result
     }
 
-    static func isLiteral(_ host: String) -> Bool {
-        var v4 = in_addr()
-        var v6 = in6_addr()
-        return inet_pton(AF_INET, host, &v4) == 1 || inet_pton(AF_INET6, host, &v6) == 1
-    }
+    static func isLiteral(_ host: String) -> Bool { Names.isIPAddress(host) }
 
     /// Every address of `name` (IPv4 and IPv6, in the resolver's order), looked up on NIO's
     /// blocking-work pool rather than a task's thread.
@@ -43,26 +40,13 @@ enum PilotAddresses {
         var addresses: [String] = []
         var entry: UnsafeMutablePointer<addrinfo>? = first
         while let e = entry {
-            var text = [CChar](repeating: 0, count: Int(INET6_ADDRSTRLEN))
-            if let address = e.pointee.ai_addr {
-                let ok: Bool
-                switch Int32(address.pointee.sa_family) {
-                case AF_INET:
-                    ok = address.withMemoryRebound(to: sockaddr_in.self, capacity: 1) { sin in
-                        var a = sin.pointee.sin_addr
-                        return inet_ntop(AF_INET, &a, &text, socklen_t(text.count)) != nil
-                    }
-                case AF_INET6:
-                    ok = address.withMemoryRebound(to: sockaddr_in6.self, capacity: 1) { sin6 in
-                        var a = sin6.pointee.sin6_addr
-                        return inet_ntop(AF_INET6, &a, &text, socklen_t(text.count)) != nil
-                    }
-                default: ok = false
-                }
-                if ok {
-                    let address = String(decoding: text.prefix { $0 != 0 }.map { UInt8(bitPattern: $0) }, as: UTF8.self)
-                    if !addresses.contains(address) { addresses.append(address) }
-                }
+            // The address as text, by the resolver itself (IPv4 or IPv6 alike).
+            var text = [CChar](repeating: 0, count: 1025)
+            if let address = e.pointee.ai_addr,
+                getnameinfo(address, e.pointee.ai_addrlen, &text, socklen_t(text.count), nil, 0, NI_NUMERICHOST) == 0
+            {
+                let address = String(decoding: text.prefix { $0 != 0 }.map { UInt8(bitPattern: $0) }, as: UTF8.self)
+                if !addresses.contains(address) { addresses.append(address) }
             }
             entry = e.pointee.ai_next
         }
