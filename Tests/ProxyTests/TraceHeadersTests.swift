@@ -25,6 +25,16 @@ import W3CTraceContext
     @Test func traceparentIsWrittenAsW3CWritesIt() {
         for context in Self.randomContexts(seed: 7, flags: [TraceFlags(), .sampled]) {
             #expect(TraceHeaders.traceparent(context) == context.traceParentHeaderValue)
+            // The integers the data path keeps go back and forth without loss.
+            let ids = TraceIDs(context)
+            #expect(ids.context.traceParentHeaderValue == context.traceParentHeaderValue)
+            #expect(ids.traceIDHex == context.traceID.description && ids.spanIDHex == context.spanID.description)
+            #expect(TraceHeaders.ids(parsing: context.traceParentHeaderValue) == ids)
+        }
+        var rng = FastRandom(seed: 3)
+        for _ in 0..<100 {
+            let ids = TraceIDs.random(&rng)
+            #expect(!ids.sampled && TraceHeaders.ids(parsing: TraceHeaders.traceparent(ids)) == ids)
         }
     }
 
@@ -58,8 +68,11 @@ import W3CTraceContext
         ])
         let incoming = try #require(TraceHeaders.incoming(headers))
         #expect(incoming.sampled == true)
-        #expect(incoming.context.traceID.description == "4bf92f3577b34da6a3ce929d0e0e4736")
-        #expect(incoming.context.traceStateHeaderValue == "vendor=a")
+        #expect(
+            incoming.ids.traceIDHex == "4bf92f3577b34da6a3ce929d0e0e4736"
+                && incoming.ids.spanIDHex == "00f067aa0ba902b7"
+        )
+        #expect(incoming.state == "vendor=a")
     }
 
     @Test func b3IsReadAndBadHeadersStartANewTrace() throws {
@@ -70,7 +83,7 @@ import W3CTraceContext
                 ])
             )
         )
-        #expect(multi.context.traceID.description == "0000000000000000a3ce929d0e0e4736" && multi.sampled == false)
+        #expect(multi.ids.traceIDHex == "0000000000000000a3ce929d0e0e4736" && multi.sampled == false)
         let deferred = try #require(TraceHeaders.incoming(HTTPHeaders([("b3", "a3ce929d0e0e4736-00f067aa0ba902b7")])))
         #expect(deferred.sampled == nil, "no decision: the proxy takes it")
         let debug = try #require(

@@ -51,8 +51,12 @@ public struct ProxyTracing: Sendable {
 struct RequestTrace {
     /// The recorded span; nil when the trace is not sampled.
     let span: (any Span)?
-    /// The context sent upstream: the span's when recorded, else the caller's or a new one.
-    let context: TraceContext
+    /// The ids sent upstream: the span's when recorded, else the caller's or new ones (plain
+    /// integers, as every request carries them; a `TraceContext`, with its trace-state storage,
+    /// is made only for a recorded span).
+    let ids: TraceIDs
+    /// The `tracestate` sent with them, as the caller or the tracer wrote it.
+    let state: String?
     /// Client on the agent's outbound listener, server everywhere else.
     private let kind: SpanKind
     /// Whether the request's trace headers are replaced upstream; false for an unrecorded request
@@ -60,11 +64,11 @@ struct RequestTrace {
     let replacesHeaders: Bool
 
     /// The `traceparent` (and `tracestate`) sent upstream.
-    var traceparent: String { TraceHeaders.traceparent(context) }
-    var tracestate: String? { context.state.isEmpty ? nil : context.traceStateHeaderValue }
+    var traceparent: String { TraceHeaders.traceparent(ids) }
+    var tracestate: String? { state }
     /// For the access log: the trace's id, and this proxy's span id when it recorded one.
-    var traceID: String { context.traceID.description }
-    var spanID: String? { span == nil ? nil : context.spanID.description }
+    var traceID: String { ids.traceIDHex }
+    var spanID: String? { span == nil ? nil : ids.spanIDHex }
 
     /// Reads the caller's trace context, decides sampling and, when sampled, starts the span.
     static func start(
@@ -85,29 +89,22 @@ struct RequestTrace {
             // Not recorded: the caller's context goes on unchanged (its decision too, also when
             // this proxy stopped recording), or a new unsampled one.
             if let incoming {
-                return RequestTrace(span: nil, context: incoming.context, kind: kind, replacesHeaders: !incoming.w3c)
+                return RequestTrace(
+                    span: nil,
+                    ids: incoming.ids,
+                    state: incoming.state,
+                    kind: kind,
+                    replacesHeaders: !incoming.w3c
+                )
             }
-            let context = TraceContext(
-                traceID: .random(using: &rng),
-                spanID: .random(using: &rng),
-                flags: [],
-                state: TraceState()
-            )
-            return RequestTrace(span: nil, context: context, kind: kind, replacesHeaders: true)
+            return RequestTrace(span: nil, ids: .random(&rng), state: nil, kind: kind, replacesHeaders: true)
         }
         // The caller's context with the decision taken (a B3 caller may leave it to the receiver).
         var parentContext = InstrumentationContext.topLevel
         if let incoming {
-            let parent = TraceContext(
-                traceID: incoming.context.traceID,
-                spanID: incoming.context.spanID,
-                flags: .sampled,
-                state: incoming.context.state
-            )
-            let carrier = TraceCarrier(
-                traceparent: TraceHeaders.traceparent(parent),
-                tracestate: parent.traceStateHeaderValue
-            )
+            var parent = incoming.ids
+            parent.flags |= TraceIDs.sampledFlag
+            let carrier = TraceCarrier(traceparent: TraceHeaders.traceparent(parent), tracestate: incoming.state)
             tracing.tracer.extract(carrier, into: &parentContext, using: TraceCarrier.Extract())
         }
         let span = tracing.tracer.startSpan(method, context: parentContext, ofKind: kind, at: DefaultTracerClock.now)
@@ -115,13 +112,16 @@ struct RequestTrace {
         tracing.tracer.inject(span.context, into: &outgoing, using: TraceCarrier.Inject())
         // The tracer's own context, as it will be sent: the ids logged are the exported ones. A
         // tracer that does not speak W3C: the caller's context goes on, the span is still ended.
-        let own =
-            outgoing.traceparent.flatMap {
-                try? TraceContext(traceParentHeaderValue: $0, traceStateHeaderValue: outgoing.tracestate)
-            }
-            ?? incoming?.context
-            ?? TraceContext(traceID: .random(using: &rng), spanID: .random(using: &rng), flags: [], state: TraceState())
-        return RequestTrace(span: span, context: own, kind: kind, replacesHeaders: true)
+        if let sent = outgoing.traceparent.flatMap(TraceHeaders.ids(parsing:)) {
+            return RequestTrace(span: span, ids: sent, state: outgoing.tracestate, kind: kind, replacesHeaders: true)
+        }
+        return RequestTrace(
+            span: span,
+            ids: incoming?.ids ?? .random(&rng),
+            state: incoming?.state,
+            kind: kind,
+            replacesHeaders: true
+        )
     }
 
     /// Ends the span with what the request became (HTTP semantic conventions, plus Trellis's own
@@ -201,7 +201,7 @@ enum TraceHeaders {
     /// The caller's context, and its sampling decision (nil: left to this proxy, as B3 allows).
     /// One pass over the headers, comparing only names of the right length.
     /// `w3c`: the context came in `traceparent` (else from B3 headers).
-    static func incoming(_ headers: HTTPHeaders) -> (context: TraceContext, sampled: Bool?, w3c: Bool)? {
+    static func incoming(_ headers: HTTPHeaders) -> (ids: TraceIDs, state: String?, sampled: Bool?, w3c: Bool)? {
         var parent: String?
         var state: String?
         var single: String?
@@ -234,90 +234,90 @@ enum TraceHeaders {
             }
         }
         if let parent {
-            guard let context = traceparent(parsing: parent, state: state) else { return nil }
-            return (context, context.flags.contains(.sampled), true)
+            guard let ids = ids(parsing: parent) else { return nil }
+            // A trace state is checked by the library (it alone parses its entries); a bad one
+            // makes the whole context unusable, as it would there.
+            if let state, !state.isEmpty,
+                (try? TraceContext(traceParentHeaderValue: parent, traceStateHeaderValue: state)) == nil
+            {
+                return nil
+            }
+            return (ids, state?.isEmpty == false ? state : nil, ids.sampled, true)
         }
-        if let single { return b3Single(single).map { ($0.context, $0.sampled, false) } }
+        if let single { return b3Single(single).map { ($0.ids, nil, $0.sampled, false) } }
         if let b3Trace, let b3Span {
             return b3(trace: b3Trace, span: b3Span, sampled: b3Debug ? "1" : b3Sampled).map {
-                ($0.context, $0.sampled, false)
+                ($0.ids, nil, $0.sampled, false)
             }
         }
         return nil
     }
 
     /// `00-{trace id}-{span id}-{flags}`, written in one allocation.
-    static func traceparent(_ context: TraceContext) -> String {
-        let hex = Self.hex
-        return String(unsafeUninitializedCapacity: 55) { out in
-            var i = 0
-            func put(_ byte: UInt8) {
-                out[i] = byte
-                i += 1
-            }
-            func putHex(_ byte: UInt8) {
-                put(hex[Int(byte >> 4)])
-                put(hex[Int(byte & 0xF)])
-            }
-            put(UInt8(ascii: "0"))
-            put(UInt8(ascii: "0"))
-            put(UInt8(ascii: "-"))
-            withUnsafeBytes(of: context.traceID.bytes) { for b in $0 { putHex(b) } }
-            put(UInt8(ascii: "-"))
-            withUnsafeBytes(of: context.spanID.bytes) { for b in $0 { putHex(b) } }
-            put(UInt8(ascii: "-"))
-            putHex(context.flags.rawValue)
-            return i
+    static func traceparent(_ ids: TraceIDs) -> String {
+        String(unsafeUninitializedCapacity: 55) { out in
+            out[0] = UInt8(ascii: "0")
+            out[1] = UInt8(ascii: "0")
+            out[2] = UInt8(ascii: "-")
+            writeHex(ids.high, 16, into: out, at: 3)
+            writeHex(ids.low, 16, into: out, at: 19)
+            out[35] = UInt8(ascii: "-")
+            writeHex(ids.span, 16, into: out, at: 36)
+            out[52] = UInt8(ascii: "-")
+            writeHex(UInt64(ids.flags), 2, into: out, at: 53)
+            return 55
         }
     }
 
-    private static let hex: [UInt8] = Array("0123456789abcdef".utf8)
+    static func traceparent(_ context: TraceContext) -> String { traceparent(TraceIDs(context)) }
+
+    /// The low `digits` nibbles of `value`, most significant first, as lower-case hex.
+    @inline(__always)
+    static func writeHex(_ value: UInt64, _ digits: Int, into out: UnsafeMutableBufferPointer<UInt8>, at offset: Int) {
+        var v = value
+        var i = offset + digits - 1
+        while i >= offset {
+            let nibble = UInt8(truncatingIfNeeded: v & 0xF)
+            out[i] = nibble < 10 ? UInt8(ascii: "0") &+ nibble : UInt8(ascii: "a") &+ nibble &- 10
+            v >>= 4
+            i -= 1
+        }
+    }
 
     /// A `traceparent` value (`00-{32 hex}-{16 hex}-{2 hex}`, lower-case, ids not all zero: W3C
     /// Trace Context level 1, the rules of `TraceContext(traceParentHeaderValue:)`) decoded in place,
-    /// without copying the value; with a `tracestate`, the library decodes both (it alone parses
+    /// without copying the value.
+    static func ids(parsing value: String) -> TraceIDs? {
+        var value = value
+        return value.withUTF8 { p -> TraceIDs? in
+            guard p.count == 55, p[0] == UInt8(ascii: "0"), p[1] == UInt8(ascii: "0"), p[2] == UInt8(ascii: "-"),
+                p[35] == UInt8(ascii: "-"), p[52] == UInt8(ascii: "-"),
+                let high = hexValue(p, from: 3, digits: 16), let low = hexValue(p, from: 19, digits: 16),
+                let span = hexValue(p, from: 36, digits: 16), let flags = hexValue(p, from: 53, digits: 2),
+                high | low != 0, span != 0
+            else { return nil }
+            return TraceIDs(high: high, low: low, span: span, flags: UInt8(flags))
+        }
+    }
+
+    /// The same as a `TraceContext`; with a `tracestate`, the library decodes both (it alone parses
     /// the state's entries).
     static func traceparent(parsing value: String, state: String?) -> TraceContext? {
         if let state, !state.isEmpty {
             return try? TraceContext(traceParentHeaderValue: value, traceStateHeaderValue: state)
         }
-        var value = value
-        return value.withUTF8 { p -> TraceContext? in
-            guard p.count == 55, p[0] == UInt8(ascii: "0"), p[1] == UInt8(ascii: "0"), p[2] == UInt8(ascii: "-"),
-                p[35] == UInt8(ascii: "-"), p[52] == UInt8(ascii: "-")
-            else { return nil }
-            var trace = TraceID.null.bytes
-            var span = SpanID.null.bytes
-            let idsValid =
-                withUnsafeMutableBytes(of: &trace) { decodeHex(p, from: 3, into: $0) }
-                && withUnsafeMutableBytes(of: &span) { decodeHex(p, from: 36, into: $0) }
-            guard idsValid, let high = nibble(p[53]), let low = nibble(p[54]) else { return nil }
-            let traceID = TraceID(bytes: trace)
-            let spanID = SpanID(bytes: span)
-            guard traceID != .null, spanID != .null else { return nil }
-            return TraceContext(
-                traceID: traceID,
-                spanID: spanID,
-                flags: TraceFlags(rawValue: high << 4 | low),
-                state: TraceState()
-            )
-        }
+        return ids(parsing: value)?.context
     }
 
-    /// Fills `target` from the lower-case hex digits of `text` starting at `offset`; false on any
+    /// The number written by `digits` lower-case hex digits of `text` from `offset`; nil on any
     /// other character.
-    private static func decodeHex(
-        _ text: UnsafeBufferPointer<UInt8>,
-        from offset: Int,
-        into target: UnsafeMutableRawBufferPointer
-    ) -> Bool {
-        for i in 0..<target.count {
-            guard let high = nibble(text[offset + 2 * i]), let low = nibble(text[offset + 2 * i + 1]) else {
-                return false
-            }
-            target[i] = high << 4 | low
+    private static func hexValue(_ text: UnsafeBufferPointer<UInt8>, from offset: Int, digits: Int) -> UInt64? {
+        var value: UInt64 = 0
+        for i in offset..<offset + digits {
+            guard let n = nibble(text[i]) else { return nil }
+            value = value << 4 | UInt64(n)
         }
-        return true
+        return value
     }
 
     @inline(__always)
@@ -331,7 +331,7 @@ enum TraceHeaders {
 
     /// `b3: {traceid}-{spanid}[-{sampled}[-{parentspanid}]]`; a lone `0`/`1`/`d` carries only a
     /// decision and no ids (not a parent).
-    static func b3Single(_ value: String) -> (context: TraceContext, sampled: Bool?)? {
+    static func b3Single(_ value: String) -> (ids: TraceIDs, sampled: Bool?)? {
         let parts = value.split(separator: "-", omittingEmptySubsequences: false)
         guard parts.count >= 2 else { return nil }
         return b3(trace: String(parts[0]), span: String(parts[1]), sampled: parts.count > 2 ? String(parts[2]) : nil)
@@ -339,7 +339,7 @@ enum TraceHeaders {
 
     /// B3 ids as a W3C context: a 64-bit trace id is left-padded to 128 bits; sampled `1`/`d`/
     /// `true` → sampled, `0`/`false` → not, absent → this proxy decides (as for a new trace).
-    static func b3(trace: String, span: String, sampled: String?) -> (context: TraceContext, sampled: Bool?)? {
+    static func b3(trace: String, span: String, sampled: String?) -> (ids: TraceIDs, sampled: Bool?)? {
         let trace = trace.lowercased()
         let span = span.lowercased()
         guard trace.count == 16 || trace.count == 32, span.count == 16,
@@ -347,8 +347,8 @@ enum TraceHeaders {
         else { return nil }
         let full = trace.count == 16 ? String(repeating: "0", count: 16) + trace : trace
         let decision = sampled.map { ["1", "d", "true"].contains($0.lowercased()) }
-        guard let context = traceparent(parsing: "00-\(full)-\(span)-00", state: nil) else { return nil }
-        return (context, decision)
+        guard let ids = ids(parsing: "00-\(full)-\(span)-00") else { return nil }
+        return (ids, decision)
     }
 }
 
@@ -374,6 +374,74 @@ struct TraceCarrier: Sendable {
             case "tracestate": carrier.tracestate = value
             default: break
             }
+        }
+    }
+}
+
+/// A W3C trace context's ids and flags as plain integers: what the data path keeps for every
+/// request (recorded or not), without the library's `TraceContext` and its trace-state storage.
+struct TraceIDs: Sendable, Hashable {
+    /// The 128-bit trace id, high and low halves (big-endian order in the header).
+    var high: UInt64
+    var low: UInt64
+    var span: UInt64
+    var flags: UInt8
+
+    static let sampledFlag: UInt8 = 0x01
+
+    var sampled: Bool { flags & Self.sampledFlag != 0 }
+
+    /// New ids (never all zero), unsampled.
+    static func random(_ rng: inout FastRandom) -> TraceIDs {
+        TraceIDs(high: rng.next(), low: rng.next() | 1, span: rng.next() | 1, flags: 0)
+    }
+
+    init(high: UInt64, low: UInt64, span: UInt64, flags: UInt8) {
+        self.high = high
+        self.low = low
+        self.span = span
+        self.flags = flags
+    }
+
+    init(_ context: TraceContext) {
+        func load(_ bytes: UnsafeRawBufferPointer, _ offset: Int) -> UInt64 {
+            var value: UInt64 = 0
+            for i in offset..<offset + 8 { value = value << 8 | UInt64(bytes[i]) }
+            return value
+        }
+        (high, low) = withUnsafeBytes(of: context.traceID.bytes) { (load($0, 0), load($0, 8)) }
+        span = withUnsafeBytes(of: context.spanID.bytes) { load($0, 0) }
+        flags = context.flags.rawValue
+    }
+
+    /// The same as the library's context (no trace state).
+    var context: TraceContext {
+        func bytes(_ value: UInt64) -> (UInt8, UInt8, UInt8, UInt8, UInt8, UInt8, UInt8, UInt8) {
+            let b = value.bigEndian
+            return withUnsafeBytes(of: b) { ($0[0], $0[1], $0[2], $0[3], $0[4], $0[5], $0[6], $0[7]) }
+        }
+        let (h, l) = (bytes(high), bytes(low))
+        return TraceContext(
+            traceID: TraceID(bytes: (h.0, h.1, h.2, h.3, h.4, h.5, h.6, h.7, l.0, l.1, l.2, l.3, l.4, l.5, l.6, l.7)),
+            spanID: SpanID(bytes: bytes(span)),
+            flags: TraceFlags(rawValue: flags),
+            state: TraceState()
+        )
+    }
+
+    /// The trace id as 32 lower-case hex digits, and the span id as 16 (the access log's).
+    var traceIDHex: String {
+        String(unsafeUninitializedCapacity: 32) { out in
+            TraceHeaders.writeHex(high, 16, into: out, at: 0)
+            TraceHeaders.writeHex(low, 16, into: out, at: 16)
+            return 32
+        }
+    }
+
+    var spanIDHex: String {
+        String(unsafeUninitializedCapacity: 16) { out in
+            TraceHeaders.writeHex(span, 16, into: out, at: 0)
+            return 16
         }
     }
 }
