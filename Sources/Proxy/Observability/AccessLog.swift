@@ -402,31 +402,20 @@ extension timespec {
 
 /// Request ids the proxy makes for requests that come without one: random (version 4) UUIDs.
 enum RequestID {
-    private static let hex: [UInt8] = Array("0123456789abcdef".utf8)
-
     static func make(_ rng: inout FastRandom) -> String {
-        let high = rng.next()
-        let low = rng.next()
+        let high = (rng.next() & 0xFFFF_FFFF_FFFF_0FFF) | 0x0000_0000_0000_4000  // version 4
+        let low = (rng.next() & 0x3FFF_FFFF_FFFF_FFFF) | 0x8000_0000_0000_0000  // variant 10
         return String(unsafeUninitializedCapacity: 36) { out in
-            var bits = (high & 0xFFFF_FFFF_FFFF_0FFF) | 0x0000_0000_0000_4000  // version 4
-            var rest = (low & 0x3FFF_FFFF_FFFF_FFFF) | 0x8000_0000_0000_0000  // variant 10
-            var i = 0
-            for position in 0..<32 {
-                if position == 8 || position == 12 || position == 16 || position == 20 {
-                    out[i] = UInt8(ascii: "-")
-                    i += 1
-                }
-                let nibble: UInt64
-                if position < 16 {
-                    nibble = bits >> 60
-                    bits <<= 4
-                } else {
-                    nibble = rest >> 60
-                    rest <<= 4
-                }
-                out[i] = hex[Int(nibble)]
-                i += 1
-            }
+            // 8-4-4-4-12 hex digits
+            HexText.write(high >> 32, 8, into: out, at: 0)
+            out[8] = UInt8(ascii: "-")
+            HexText.write(high >> 16, 4, into: out, at: 9)
+            out[13] = UInt8(ascii: "-")
+            HexText.write(high, 4, into: out, at: 14)
+            out[18] = UInt8(ascii: "-")
+            HexText.write(low >> 48, 4, into: out, at: 19)
+            out[23] = UInt8(ascii: "-")
+            HexText.write(low, 12, into: out, at: 24)
             return 36
         }
     }

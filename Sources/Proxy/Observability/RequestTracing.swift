@@ -259,28 +259,13 @@ enum TraceHeaders {
             out[0] = UInt8(ascii: "0")
             out[1] = UInt8(ascii: "0")
             out[2] = UInt8(ascii: "-")
-            writeHex(ids.high, 16, into: out, at: 3)
-            writeHex(ids.low, 16, into: out, at: 19)
+            HexText.write(ids.high, 16, into: out, at: 3)
+            HexText.write(ids.low, 16, into: out, at: 19)
             out[35] = UInt8(ascii: "-")
-            writeHex(ids.span, 16, into: out, at: 36)
+            HexText.write(ids.span, 16, into: out, at: 36)
             out[52] = UInt8(ascii: "-")
-            writeHex(UInt64(ids.flags), 2, into: out, at: 53)
+            HexText.write(UInt64(ids.flags), 2, into: out, at: 53)
             return 55
-        }
-    }
-
-    static func traceparent(_ context: TraceContext) -> String { traceparent(TraceIDs(context)) }
-
-    /// The low `digits` nibbles of `value`, most significant first, as lower-case hex.
-    @inline(__always)
-    static func writeHex(_ value: UInt64, _ digits: Int, into out: UnsafeMutableBufferPointer<UInt8>, at offset: Int) {
-        var v = value
-        var i = offset + digits - 1
-        while i >= offset {
-            let nibble = UInt8(truncatingIfNeeded: v & 0xF)
-            out[i] = nibble < 10 ? UInt8(ascii: "0") &+ nibble : UInt8(ascii: "a") &+ nibble &- 10
-            v >>= 4
-            i -= 1
         }
     }
 
@@ -298,15 +283,6 @@ enum TraceHeaders {
             else { return nil }
             return TraceIDs(high: high, low: low, span: span, flags: UInt8(flags))
         }
-    }
-
-    /// The same as a `TraceContext`; with a `tracestate`, the library decodes both (it alone parses
-    /// the state's entries).
-    static func traceparent(parsing value: String, state: String?) -> TraceContext? {
-        if let state, !state.isEmpty {
-            return try? TraceContext(traceParentHeaderValue: value, traceStateHeaderValue: state)
-        }
-        return ids(parsing: value)?.context
     }
 
     /// The number written by `digits` lower-case hex digits of `text` from `offset`; nil on any
@@ -403,44 +379,18 @@ struct TraceIDs: Sendable, Hashable {
         self.flags = flags
     }
 
-    init(_ context: TraceContext) {
-        func load(_ bytes: UnsafeRawBufferPointer, _ offset: Int) -> UInt64 {
-            var value: UInt64 = 0
-            for i in offset..<offset + 8 { value = value << 8 | UInt64(bytes[i]) }
-            return value
-        }
-        (high, low) = withUnsafeBytes(of: context.traceID.bytes) { (load($0, 0), load($0, 8)) }
-        span = withUnsafeBytes(of: context.spanID.bytes) { load($0, 0) }
-        flags = context.flags.rawValue
-    }
-
-    /// The same as the library's context (no trace state).
-    var context: TraceContext {
-        func bytes(_ value: UInt64) -> (UInt8, UInt8, UInt8, UInt8, UInt8, UInt8, UInt8, UInt8) {
-            let b = value.bigEndian
-            return withUnsafeBytes(of: b) { ($0[0], $0[1], $0[2], $0[3], $0[4], $0[5], $0[6], $0[7]) }
-        }
-        let (h, l) = (bytes(high), bytes(low))
-        return TraceContext(
-            traceID: TraceID(bytes: (h.0, h.1, h.2, h.3, h.4, h.5, h.6, h.7, l.0, l.1, l.2, l.3, l.4, l.5, l.6, l.7)),
-            spanID: SpanID(bytes: bytes(span)),
-            flags: TraceFlags(rawValue: flags),
-            state: TraceState()
-        )
-    }
-
     /// The trace id as 32 lower-case hex digits, and the span id as 16 (the access log's).
     var traceIDHex: String {
         String(unsafeUninitializedCapacity: 32) { out in
-            TraceHeaders.writeHex(high, 16, into: out, at: 0)
-            TraceHeaders.writeHex(low, 16, into: out, at: 16)
+            HexText.write(high, 16, into: out, at: 0)
+            HexText.write(low, 16, into: out, at: 16)
             return 32
         }
     }
 
     var spanIDHex: String {
         String(unsafeUninitializedCapacity: 16) { out in
-            TraceHeaders.writeHex(span, 16, into: out, at: 0)
+            HexText.write(span, 16, into: out, at: 0)
             return 16
         }
     }
