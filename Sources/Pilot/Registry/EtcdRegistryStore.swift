@@ -85,9 +85,15 @@ public final class EtcdRegistryStore: SharedRegistryStore {
             status: i.status,
             lease_ttl_ms: i.leaseTTL.map { Int($0.seconds * 1000) }
         )
+        return Array(try sortedEncoder().encode(stored))
+    }
+
+    /// JSON with its keys in order: the same instance is always the same bytes (a write is
+    /// recognized by its value).
+    static func sortedEncoder() -> JSONEncoder {
         let encoder = JSONEncoder()
         encoder.outputFormatting = .sortedKeys
-        return Array(try encoder.encode(stored))
+        return encoder
     }
 
     func decode(_ kv: EtcdKeyValue) throws -> Instance {
@@ -186,10 +192,11 @@ public final class EtcdRegistryStore: SharedRegistryStore {
                 if let lease = known[instance.key], lease.ttl == ttl { continue }
                 granted[instance.key] = (try await client.grantLease(ttl: ttl).id, ttl)
             }
+            let upserted = Set(upserts.map(\.key))
+            let touched = upserted.union(deletions)
             var compare: [Etcdserverpb_Compare] = []
             if let expected {
-                for k in Set(upserts.map(\.key) + deletions)
-                where expected[k] != nil || upserts.contains(where: { $0.key == k }) {
+                for k in touched where expected[k] != nil || upserted.contains(k) {
                     var c = Etcdserverpb_Compare()
                     c.key = Data(key(k).utf8)
                     c.target = .mod
@@ -220,9 +227,7 @@ public final class EtcdRegistryStore: SharedRegistryStore {
                 // Either another pilot changed a key first, or an earlier attempt of this same
                 // write was applied before its answer was lost: then every key reads as written.
                 var current: [String: EtcdKeyValue] = [:]
-                for k in Set(upserts.map(\.key) + deletions) {
-                    current[key(k)] = try await client.get(key(k))
-                }
+                for k in touched { current[key(k)] = try await client.get(key(k)) }
                 let applied =
                     upserts.allSatisfy { current[key($0.key)]?.value == written[key($0.key)] }
                     && deletions.allSatisfy { current[key($0)] == nil }
@@ -236,9 +241,8 @@ public final class EtcdRegistryStore: SharedRegistryStore {
                 }
                 revision = current.values.map(\.modRevision).max() ?? revision
             }
-            for (k, lease) in granted where known[k] != nil {
-                try? await client.revoke(known[k]!.id)  // the key moved to its new lease
-                _ = lease
+            for k in granted.keys {
+                if let old = known[k] { try? await client.revoke(old.id) }  // the key moved to its new lease
             }
             for k in deletions {
                 if let lease = known[k] { try? await client.revoke(lease.id) }
@@ -266,9 +270,7 @@ public final class EtcdRegistryStore: SharedRegistryStore {
 
     public func writeMachines(_ machines: [String: MachineMetadata]) async throws -> Int64 {
         do {
-            let encoder = JSONEncoder()
-            encoder.outputFormatting = .sortedKeys
-            let document = try encoder.encode(
+            let document = try Self.sortedEncoder().encode(
                 machines.mapValues { StoredMachine(locality: $0.locality, labels: $0.labels) }
             )
             return try await client.put(machinesKey, Array(document))

@@ -67,7 +67,7 @@ public actor Registry {
     private var nextWatcher = 0
     /// Shared store: each instance's revision there, and the revision applied so far.
     private var revisions: [InstanceKey: Int64] = [:]
-    public private(set) var appliedRevision: Int64 = 0
+    private var appliedRevision: Int64 = 0
     private var revisionWaiters: [Int: (revision: Int64, continuation: CheckedContinuation<Void, Never>)] = [:]
     private var nextRevisionWaiter = 0
     /// Changes to one service are made one at a time (each awaits its store write); changes to
@@ -89,11 +89,7 @@ public actor Registry {
         self.now = now
         if let shared {
             let snapshot = try await shared.snapshot()
-            for (instance, revision) in snapshot.instances {
-                agentInstances[instance.key] = instance
-                revisions[instance.key] = revision
-            }
-            machines = snapshot.machines
+            _ = replace(with: snapshot)
             appliedRevision = snapshot.revision
             return
         }
@@ -105,9 +101,6 @@ public actor Registry {
             agentInstances[instance.key] = instance
         }
     }
-
-    /// Whether the registry is on a store several pilots share (its leases are the store's).
-    public nonisolated var isShared: Bool { shared != nil }
 
     // MARK: Agent registrations
 
@@ -471,11 +464,7 @@ public actor Registry {
                     served = true
                 }
             case .reset(let snapshot):
-                let instances = Dictionary(snapshot.instances.map { ($0.instance.key, $0.instance) }) { _, new in new }
-                if instances != agentInstances || snapshot.machines != machines { served = true }
-                agentInstances = instances
-                revisions = Dictionary(snapshot.instances.map { ($0.instance.key, $0.revision) }) { _, new in new }
-                machines = snapshot.machines
+                if replace(with: snapshot) { served = true }
             }
             appliedRevision = max(appliedRevision, change.revision)
         }
@@ -490,6 +479,17 @@ public actor Registry {
             revisionWaiters[id] = nil
             waiter.continuation.resume()
         }
+    }
+
+    /// Takes the shared store's whole state (at start, and after a resync); whether what xDS
+    /// serves changed.
+    private func replace(with snapshot: SharedSnapshot) -> Bool {
+        let instances = Dictionary(snapshot.instances.map { ($0.instance.key, $0.instance) }) { _, new in new }
+        let changed = instances != agentInstances || snapshot.machines != machines
+        agentInstances = instances
+        revisions = Dictionary(snapshot.instances.map { ($0.instance.key, $0.revision) }) { _, new in new }
+        machines = snapshot.machines
+        return changed
     }
 
     /// Waits until the change feed has applied `revision` (at most 2 s).
