@@ -49,9 +49,9 @@ wait_port() {
 }
 
 if [ "${SKIP_BUILD:-0}" != 1 ]; then
-  (cd "$root" && swift build -c release --product trellis-agent >/dev/null)
+  bash "$root/scripts/build-release.sh" trellis-agent >/dev/null
 fi
-trellis="$root/.build/release/trellis-agent"
+trellis="$root/.build-static/release/trellis-agent"
 
 taskset -c "$LOAD_CPU" nginx -p "$out" -c "$bench/upstream-nginx.conf" &
 pids+=($!)

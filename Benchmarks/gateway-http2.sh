@@ -18,8 +18,8 @@ for tool in h2load nginx envoy taskset curl; do
 done
 [ -f "$bench/upstream-nginx.conf" ] || { echo "missing $bench/upstream-nginx.conf (set BENCH_CONFIGS)" >&2; exit 2; }
 if [ "$(nproc)" -ge 2 ]; then PROXY_CPU=0; LOAD_CPU=1; else PROXY_CPU=0; LOAD_CPU=0; fi
-if [ "${SKIP_BUILD:-0}" != 1 ]; then (cd "$root" && swift build -c release --product trellis-agent >/dev/null); fi
-trellis="$root/.build/release/trellis-agent"
+if [ "${SKIP_BUILD:-0}" != 1 ]; then bash "$root/scripts/build-release.sh" trellis-agent >/dev/null; fi
+trellis="$root/.build-static/release/trellis-agent"
 out=$(mktemp -d /tmp/trellis-h2bench.XXXXXX)
 pids=()
 cleanup() {

@@ -20,9 +20,9 @@ for tool in wrk nginx envoy python3 curl; do
   command -v "$tool" >/dev/null || { echo "missing $tool: run scripts/bootstrap.sh" >&2; exit 2; }
 done
 if [ "${SKIP_BUILD:-0}" != 1 ]; then
-  (cd "$root" && swift build -c release --product trellis-agent >/dev/null && swift build -c release --product trellis-pilot >/dev/null)
+  (cd "$root" && bash scripts/build-release.sh >/dev/null)
 fi
-bin="$root/.build/release"
+bin="$root/.build-static/release"
 out=$(mktemp -d /tmp/trellis-memory.XXXXXX)
 pids=()
 cleanup() {

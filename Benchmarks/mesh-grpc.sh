@@ -18,8 +18,8 @@ DURATION=${DURATION:-10} CLIENTS=${CLIENTS:-16} STREAMS=${STREAMS:-10}
 for tool in envoy h2load nginx; do
   command -v "$tool" >/dev/null || { echo "mesh-grpc: needs $tool: run scripts/bootstrap.sh" >&2; exit 2; }
 done
-if [ "${SKIP_BUILD:-0}" != 1 ]; then (cd "$root" && swift build -c release --product trellis-agent >/dev/null); fi
-agent="$root/.build/release/trellis-agent"
+if [ "${SKIP_BUILD:-0}" != 1 ]; then bash "$root/scripts/build-release.sh" trellis-agent >/dev/null; fi
+agent="$root/.build-static/release/trellis-agent"
 source "$root/Benchmarks/tools/netns-pair.sh"
 netns_pair trellis-grpc 78 tgr
 

@@ -17,7 +17,7 @@ cleanup() {
 }
 trap cleanup EXIT
 
-if [ "${SKIP_BUILD:-0}" != 1 ]; then (cd "$root" && swift build -c release --product trellis-agent >/dev/null); fi
+if [ "${SKIP_BUILD:-0}" != 1 ]; then bash "$root/scripts/build-release.sh" trellis-agent >/dev/null; fi
 
 # The upstream reads the whole body (in 64 KiB pieces) before answering with the byte count, so
 # every byte really crosses the proxy.
@@ -94,7 +94,7 @@ run() { # name port pid
 echo "Upload of ${SIZE_MB} MiB (curl -T -, content-length) through each proxy; RSS in MiB; $(date -u +%Y-%m-%d)"
 printf '| %-8s | %6s | %8s | %10s | %8s | %9s |\n' proxy status seconds "RSS before" "RSS peak" "RSS after"
 printf '|%s|%s|%s|%s|%s|%s|\n' "----------" "--------" "----------" "------------" "----------" "-----------"
-"$root/.build/release/trellis-agent" gateway --config "$out/gateway.yaml" --event-loops 1 --log-level warning & tp=$!; pids+=($tp)
+"$root/.build-static/release/trellis-agent" gateway --config "$out/gateway.yaml" --event-loops 1 --log-level warning & tp=$!; pids+=($tp)
 run trellis 18184 "$tp"
 envoy -c "$out/envoy.yaml" --concurrency 1 -l error & ep=$!; pids+=($ep)
 run envoy 18181 "$ep"
