@@ -5,11 +5,13 @@ import NIOHTTP1
 /// The end of a downstream connection's pipeline: turns each request into a ``ProxyExchange``
 /// and writes back what the exchange produces. What the connection's events mean — pipelining,
 /// held reads, keep-alive, drain — is decided by ``HTTP1ConnectionStateMachine``; this class
-/// carries out its actions on the channel.
+/// carries out its actions on the channel. Responses are written as bytes: an HTTP/1 upstream's
+/// field lines copied from its head (``HeaderRewriting/writeHTTP1Response``), bodies as they come,
+/// in chunks when the client's connection needs them framed.
 final class DownstreamHandler: ChannelDuplexHandler {
     typealias InboundIn = HTTPServerRequestPart
-    typealias OutboundIn = HTTPServerResponsePart
-    typealias OutboundOut = HTTPServerResponsePart
+    typealias OutboundIn = ByteBuffer
+    typealias OutboundOut = ByteBuffer
 
     private let loop: LoopContext
     private let listenerName: String
@@ -22,6 +24,9 @@ final class DownstreamHandler: ChannelDuplexHandler {
     private var machine: HTTP1ConnectionStateMachine
     /// The exchange of the request being served.
     private var exchange: ProxyExchange?
+    /// Whether the current response's body goes in chunks (it has no length and the client speaks
+    /// HTTP/1.1).
+    private var chunkedResponse = false
 
     /// The timers of this connection (same channel, same loop).
     private let timeouts: ConnectionTimeoutHandler?
@@ -170,7 +175,7 @@ final class DownstreamHandler: ChannelDuplexHandler {
             record.originalDestination = originalDestination?.description
             log.append(record)
         }
-        writeError(proxyError, keepAlive: false, version: .http1_1)
+        writeError(proxyError, keepAlive: false, version: .http1_1, headRequest: false)
         finishResponse(nil, close: true)
     }
 
@@ -187,9 +192,9 @@ final class DownstreamHandler: ChannelDuplexHandler {
 
     // MARK: Called by the exchange
 
-    private func write(_ part: HTTPServerResponsePart) {
+    private func write(_ buffer: ByteBuffer) {
         guard let context, !machine.isClosing else { return }
-        context.write(wrapOutboundOut(part), promise: nil)
+        context.write(wrapOutboundOut(buffer), promise: nil)
     }
 
     func flush() {
@@ -212,12 +217,28 @@ final class DownstreamHandler: ChannelDuplexHandler {
         if action == .none { return }
         exchange = nil
         timeouts?.responseCompleted()
+        // The last chunk (and the trailers) of a chunked body.
+        var last = context.channel.allocator.buffer(capacity: chunkedResponse ? 5 : 0)
+        if chunkedResponse {
+            chunkedResponse = false
+            last.writeStaticString("0\r\n")
+            if let trailers {
+                for (name, value) in trailers {
+                    last.writeString(name)
+                    last.writeStaticString(": ")
+                    last.writeString(value)
+                    last.writeStaticString("\r\n")
+                }
+            }
+            last.writeStaticString("\r\n")
+        }
         if action == .keepOpen {
-            context.write(wrapOutboundOut(.end(trailers)), promise: nil)
+            if last.readableBytes > 0 { context.write(wrapOutboundOut(last), promise: nil) }
             loop.flushSoon(context)
         } else {
+            // Closed once everything before it is written.
             let bound = NIOLoopBound(context, eventLoop: context.eventLoop)
-            context.writeAndFlush(wrapOutboundOut(.end(trailers))).whenComplete { _ in
+            context.writeAndFlush(wrapOutboundOut(last)).whenComplete { _ in
                 bound.value.close(promise: nil)
             }
         }
@@ -229,25 +250,28 @@ final class DownstreamHandler: ChannelDuplexHandler {
         }
     }
 
-    /// Writes a proxy error's head and body: status, `x-trellis-error`, and the token as the body.
-    private func writeError(_ error: ProxyError, keepAlive: Bool, version: HTTPVersion) {
+    /// Writes a proxy error's head and body: status, `x-trellis-error`, and the token as the body
+    /// (not to a HEAD request).
+    private func writeError(_ error: ProxyError, keepAlive: Bool, version: HTTPVersion, headRequest: Bool) {
         guard let context, !machine.isClosing else { return }
-        var headers = HTTPHeaders()
-        let body = "\(error.token)\n"
-        headers.add(name: "content-type", value: "text/plain")
-        headers.add(name: "content-length", value: "\(body.utf8.count)")
-        headers.add(name: "x-trellis-error", value: error.token)
-        if let seconds = error.retryAfter { headers.add(name: "retry-after", value: "\(seconds)") }
-        if !keepAlive { headers.add(name: "connection", value: "close") }
-        let head = HTTPResponseHead(
-            version: version.major == 1 ? version : .http1_1,
-            status: error.status,
-            headers: headers
-        )
-        context.write(wrapOutboundOut(.head(head)), promise: nil)
-        var buffer = context.channel.allocator.buffer(capacity: body.utf8.count)
-        buffer.writeString(body)
-        context.write(wrapOutboundOut(.body(.byteBuffer(buffer))), promise: nil)
+        chunkedResponse = false
+        var buffer = context.channel.allocator.buffer(capacity: 192)
+        buffer.writeStaticString(version == .http1_0 ? "HTTP/1.0 " : "HTTP/1.1 ")
+        buffer.writeString("\(error.status.code) \(error.status.reasonPhrase)\r\n")
+        buffer.writeStaticString("content-type: text/plain\r\ncontent-length: ")
+        buffer.writeString("\(error.token.utf8.count + 1)\r\nx-trellis-error: \(error.token)\r\n")
+        if let seconds = error.retryAfter { buffer.writeString("retry-after: \(seconds)\r\n") }
+        if !keepAlive {
+            buffer.writeStaticString("connection: close\r\n")
+        } else if version == .http1_0 {
+            buffer.writeStaticString("connection: keep-alive\r\n")
+        }
+        buffer.writeStaticString("\r\n")
+        if !headRequest {
+            buffer.writeString(error.token)
+            buffer.writeStaticString("\n")
+        }
+        context.write(wrapOutboundOut(buffer), promise: nil)
     }
 
     /// Ends the connection without a further response (a response already started, or cannot).
@@ -270,27 +294,54 @@ extension DownstreamHandler: DownstreamConnection {
 }
 
 extension DownstreamHandler: DownstreamStream {
-    func informational(_ head: HTTPResponseHead) {
-        write(.head(HTTPResponseHead(version: machine.requestVersion, status: head.status)))
+    func informational(_ head: ResponseHead) {
+        // An HTTP/1.0 client does not know 1xx responses (RFC 9110 §15.2).
+        guard let context, machine.requestVersion != .http1_0 else { return }
+        var buffer = context.channel.allocator.buffer(capacity: 32)
+        buffer.writeString("HTTP/1.1 \(head.status.code) \(head.status.reasonPhrase)\r\n\r\n")
+        write(buffer)
         flush()
     }
 
-    func responseHead(_ head: HTTPResponseHead, requestEnded: Bool) {
-        let keepAlive = machine.responseHead(
-            requestEnded: requestEnded,
-            hasContentLength: head.headers.contains(name: "content-length")
-        )
+    func responseHead(_ head: ResponseHead, requestEnded: Bool) {
+        guard let context else { return }
+        let keepAlive = machine.responseHead(requestEnded: requestEnded, hasContentLength: head.hasContentLength)
         let version = machine.requestVersion
-        write(.head(HeaderRewriting.downstreamResponse(head, requestVersion: version, keepAlive: keepAlive)))
+        let code = head.status.code
+        let hasBody = !machine.requestIsHEAD && code >= 200 && code != 204 && code != 304 && code != 101
+        chunkedResponse = hasBody && !head.hasContentLength && version == .http1_1
+        var capacity = 160
+        if case .raw(let raw) = head.fields { capacity += raw.block.readableBytes + raw.statusText.readableBytes }
+        var buffer = context.channel.allocator.buffer(capacity: capacity)
+        HeaderRewriting.writeHTTP1Response(
+            head,
+            requestVersion: version,
+            keepAlive: keepAlive,
+            chunked: chunkedResponse,
+            into: &buffer
+        )
+        write(buffer)
     }
 
     func responseBody(_ buffer: ByteBuffer) {
-        write(.body(.byteBuffer(buffer)))
+        guard chunkedResponse else {
+            write(buffer)
+            return
+        }
+        guard buffer.readableBytes > 0, let context else { return }
+        var size = context.channel.allocator.buffer(capacity: 20)
+        size.writeString(String(buffer.readableBytes, radix: 16))
+        size.writeStaticString("\r\n")
+        write(size)
+        write(buffer)
+        write(Self.lineEnd)
     }
+
+    private static let lineEnd = ByteBuffer(staticString: "\r\n")
 
     func respondWithError(_ error: ProxyError, requestEnded: Bool, requestHasBody: Bool) {
         let keepAlive = machine.errorResponse(requestEnded: requestEnded, requestHasBody: requestHasBody)
-        writeError(error, keepAlive: keepAlive, version: machine.requestVersion)
+        writeError(error, keepAlive: keepAlive, version: machine.requestVersion, headRequest: machine.requestIsHEAD)
         finishResponse(nil, close: false)
     }
 }

@@ -16,6 +16,8 @@ struct HTTP1ConnectionStateMachine {
         var keepAlive: Bool
         /// Whether the request has been read whole.
         var ended = false
+        /// A HEAD request: its response has no body, whatever its head announces.
+        var isHEAD = false
     }
 
     enum State: Equatable {
@@ -61,6 +63,12 @@ struct HTTP1ConnectionStateMachine {
         return .http1_1
     }
 
+    /// Whether the request being served is a HEAD.
+    var requestIsHEAD: Bool {
+        if case .serving(let request) = state { return request.isHEAD }
+        return false
+    }
+
     // MARK: Request parts
 
     enum PartAction: Equatable {
@@ -102,7 +110,14 @@ struct HTTP1ConnectionStateMachine {
                 )
             }
             let keepAlive = head.isKeepAlive
-            state = .serving(Request(version: head.version, clientWantsKeepAlive: keepAlive, keepAlive: keepAlive))
+            state = .serving(
+                Request(
+                    version: head.version,
+                    clientWantsKeepAlive: keepAlive,
+                    keepAlive: keepAlive,
+                    isHEAD: head.method == .HEAD
+                )
+            )
             return .startExchange(head)
         case (.head, .serving):
             // The decoder delivers a head only after the previous request's end.

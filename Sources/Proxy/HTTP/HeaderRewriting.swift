@@ -24,29 +24,31 @@ enum HeaderRewriting {
 
     private static func kind(of name: String) -> Kind {
         var name = name
-        return name.withUTF8 { bytes -> Kind in
-            switch bytes.count {
-            case 2: return equalsLowercase(bytes, "te") ? .te : .endToEnd
-            case 3: return equalsLowercase(bytes, "via") ? .via : .endToEnd
-            case 7:
-                return equalsLowercase(bytes, "upgrade") || equalsLowercase(bytes, "trailer") ? .hopByHop : .endToEnd
-            case 10:
-                if equalsLowercase(bytes, "connection") { return .connection }
-                if equalsLowercase(bytes, "tracestate") { return .traceContext }
-                return equalsLowercase(bytes, "keep-alive") ? .hopByHop : .endToEnd
-            case 11: return equalsLowercase(bytes, "traceparent") ? .traceContext : .endToEnd
-            case 14: return equalsLowercase(bytes, "content-length") ? .contentLength : .endToEnd
-            case 15:
-                if equalsLowercase(bytes, "x-forwarded-for") { return .xForwardedFor }
-                return .endToEnd
-            case 16: return equalsLowercase(bytes, "proxy-connection") ? .hopByHop : .endToEnd
-            case 17:
-                if equalsLowercase(bytes, "transfer-encoding") { return .transferEncoding }
-                return equalsLowercase(bytes, "x-forwarded-proto") ? .xForwardedProto : .endToEnd
-            case 18: return equalsLowercase(bytes, "proxy-authenticate") ? .hopByHop : .endToEnd
-            case 19: return equalsLowercase(bytes, "proxy-authorization") ? .hopByHop : .endToEnd
-            default: return .endToEnd
-            }
+        return name.withUTF8 { kind(of: $0) }
+    }
+
+    private static func kind(of bytes: UnsafeBufferPointer<UInt8>) -> Kind {
+        switch bytes.count {
+        case 2: return equalsLowercase(bytes, "te") ? .te : .endToEnd
+        case 3: return equalsLowercase(bytes, "via") ? .via : .endToEnd
+        case 7:
+            return equalsLowercase(bytes, "upgrade") || equalsLowercase(bytes, "trailer") ? .hopByHop : .endToEnd
+        case 10:
+            if equalsLowercase(bytes, "connection") { return .connection }
+            if equalsLowercase(bytes, "tracestate") { return .traceContext }
+            return equalsLowercase(bytes, "keep-alive") ? .hopByHop : .endToEnd
+        case 11: return equalsLowercase(bytes, "traceparent") ? .traceContext : .endToEnd
+        case 14: return equalsLowercase(bytes, "content-length") ? .contentLength : .endToEnd
+        case 15:
+            if equalsLowercase(bytes, "x-forwarded-for") { return .xForwardedFor }
+            return .endToEnd
+        case 16: return equalsLowercase(bytes, "proxy-connection") ? .hopByHop : .endToEnd
+        case 17:
+            if equalsLowercase(bytes, "transfer-encoding") { return .transferEncoding }
+            return equalsLowercase(bytes, "x-forwarded-proto") ? .xForwardedProto : .endToEnd
+        case 18: return equalsLowercase(bytes, "proxy-authenticate") ? .hopByHop : .endToEnd
+        case 19: return equalsLowercase(bytes, "proxy-authorization") ? .hopByHop : .endToEnd
+        default: return .endToEnd
         }
     }
 
@@ -140,32 +142,85 @@ enum HeaderRewriting {
         return HTTPRequestHead(version: .http1_1, method: head.method, uri: uri, headers: s.headers)
     }
 
-    /// The head sent downstream for an upstream response. `keepAlive` says whether the downstream
-    /// connection stays open after it.
-    static func downstreamResponse(
-        _ head: HTTPResponseHead,
+    /// Writes the head sent to an HTTP/1 client for an upstream response: the status line in the
+    /// request's version, the upstream's fields less the hop-by-hop ones, `Via`, and the framing
+    /// and connection fields of this connection. An HTTP/1 upstream's field lines are copied as
+    /// they came (``RawResponseHead``), never decoded. `keepAlive` says whether the client's
+    /// connection stays open after it; `chunked`, whether its body is sent in chunks.
+    static func writeHTTP1Response(
+        _ head: ResponseHead,
         requestVersion: HTTPVersion,
-        keepAlive: Bool
-    )
-        -> HTTPResponseHead
-    {
-        var s = scan(head.headers, extra: 2)
-        if s.chunked && !s.hasContentLength && requestVersion == .http1_1 {
-            s.headers.add(name: "transfer-encoding", value: "chunked")
+        keepAlive: Bool,
+        chunked: Bool,
+        into out: inout ByteBuffer
+    ) {
+        out.writeStaticString(requestVersion == .http1_0 ? "HTTP/1.0 " : "HTTP/1.1 ")
+        switch head.fields {
+        case .raw(let raw):
+            out.writeImmutableBuffer(raw.statusText)
+            out.writeStaticString("\r\n")
+            writeFields(raw, into: &out)
+            out.writeStaticString(head.version.minor == 0 ? "via: 1.0 trellis\r\n" : "via: 1.1 trellis\r\n")
+        case .decoded(let headers):
+            out.writeString(String(head.status.code))
+            out.writeStaticString(" ")
+            out.writeString(head.status.reasonPhrase)
+            out.writeStaticString("\r\n")
+            let s = scan(headers, extra: 0)
+            for (name, value) in s.headers { writeField(name, value, into: &out) }
+            if let forwardedFor = s.forwardedFor { writeField("x-forwarded-for", forwardedFor, into: &out) }
+            writeField("via", viaValue(existing: s.via, version: head.version), into: &out)
         }
-        if let forwardedFor = s.forwardedFor { s.headers.add(name: "x-forwarded-for", value: forwardedFor) }
-        s.headers.add(name: "via", value: viaValue(existing: s.via, version: head.version))
+        if chunked { out.writeStaticString("transfer-encoding: chunked\r\n") }
         if !keepAlive {
-            s.headers.add(name: "connection", value: "close")
+            out.writeStaticString("connection: close\r\n")
         } else if requestVersion == .http1_0 {
-            s.headers.add(name: "connection", value: "keep-alive")
+            out.writeStaticString("connection: keep-alive\r\n")
         }
-        return HTTPResponseHead(version: requestVersion, status: head.status, headers: s.headers)
+        out.writeStaticString("\r\n")
+    }
+
+    /// An HTTP/1 upstream's field lines, copied as received but for the hop-by-hop ones (and those
+    /// its `Connection` names), `Transfer-Encoding` (framed again), and `TE` (only `trailers`).
+    private static func writeFields(_ raw: RawResponseHead, into out: inout ByteBuffer) {
+        raw.block.withUnsafeReadableBytes { rawBytes in
+            let bytes = rawBytes.bindMemory(to: UInt8.self)
+            RawResponseHead.forEachLine(bytes) { line, colon in
+                let name = UnsafeBufferPointer(rebasing: bytes[line.lowerBound..<colon])
+                switch kind(of: name) {
+                case .endToEnd, .traceContext, .contentLength, .xForwardedFor, .via:
+                    if !raw.connectionOptions.isEmpty,
+                        raw.connectionOptions.contains(where: {
+                            String(decoding: name, as: UTF8.self).lowercased() == $0
+                        })
+                    {
+                        return
+                    }
+                    out.writeBytes(UnsafeRawBufferPointer(rebasing: rawBytes[line]))
+                    out.writeStaticString("\r\n")
+                case .te:
+                    let value = String(
+                        decoding: UnsafeBufferPointer(rebasing: bytes[(colon + 1)..<line.upperBound]),
+                        as: UTF8.self
+                    )
+                    if value.lowercased().contains("trailers") { out.writeStaticString("te: trailers\r\n") }
+                case .connection, .hopByHop, .xForwardedProto, .transferEncoding:
+                    return
+                }
+            }
+        }
+    }
+
+    private static func writeField(_ name: String, _ value: String, into out: inout ByteBuffer) {
+        out.writeString(name)
+        out.writeStaticString(": ")
+        out.writeString(value)
+        out.writeStaticString("\r\n")
     }
 
     /// The fields sent to an HTTP/2 client for an upstream response: `:status` first, names
     /// lowercase, connection-specific headers gone (RFC 9113 §8.2.2), framing left to HTTP/2.
-    static func http2Response(_ head: HTTPResponseHead) -> [(name: String, value: String)] {
+    static func http2Response(_ head: ResponseHead) -> [(name: String, value: String)] {
         let s = scan(head.headers, extra: 2)
         var fields: [(name: String, value: String)] = [(":status", String(head.status.code))]
         fields.reserveCapacity(s.headers.count + 3)

@@ -231,14 +231,14 @@ final class ProxyExchange {
 
     // MARK: Response side
 
-    func upstreamResponse(_ part: HTTPClientResponsePart) {
+    func upstreamResponse(_ part: UpstreamResponsePart) {
         guard machine.phase == .streaming, let upstream else { return }
         switch part {
         case .head(let head) where head.status.code < 200 && head.status != .switchingProtocols:
             // 100 Continue and friends go straight through; the final head follows.
             downstream.informational(head)
         case .head(let head):
-            if request.isGRPC { request.grpcStatus = head.headers.first(name: "grpc-status").flatMap { Int($0) } }
+            if request.isGRPC { request.grpcStatus = head.first(name: "grpc-status").flatMap { Int($0) } }
             if let policy = request.retryPolicy {
                 let failure = ProxyError.upstreamReset("")  // not sent: the answer goes out if no retry
                 if policy.retries(status: Int(head.status.code)) {
@@ -248,7 +248,7 @@ final class ProxyExchange {
                 }
             }
             cancelPerTryTimer()
-            upstreamKeepAlive = head.isKeepAlive
+            upstreamKeepAlive = head.keepAlive
             request.responseStatus = head.status
             if downstream.accessLog { request.firstByteNanos = (NIODeadline.now() - request.startTime).nanoseconds }
             machine.responseForwarded()
@@ -278,7 +278,7 @@ final class ProxyExchange {
             // The response is cut short; the client must see the connection end, not a shorter body.
             finish(upstream: upstream, reusable: false)
             downstream.abort()
-        } else if error is HTTPParserError {
+        } else if error is HTTPParserError || error is HTTP1ResponseParser.ParseError {
             respondLocally(.upstreamProtocolError("\(request.endpoint.map(\.description) ?? "-"): \(error!)"))
         } else {
             if sendAgainOnANewConnection(upstream) { return }

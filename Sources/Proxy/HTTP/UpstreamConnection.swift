@@ -3,10 +3,11 @@ import NIOCore
 import NIOHTTP1
 
 /// One keep-alive HTTP/1.1 connection to an upstream endpoint, owned by the event loop it was
-/// opened on. It relays the response parts of the exchange it serves, and otherwise sits idle in
-/// that loop's ``UpstreamPool``.
+/// opened on. It reads the responses of the exchange it serves with ``HTTP1ResponseParser`` (their
+/// heads stay bytes) and hands the exchange their parts; otherwise it sits idle in that loop's
+/// ``UpstreamPool``.
 final class UpstreamConnection: ChannelDuplexHandler {
-    typealias InboundIn = HTTPClientResponsePart
+    typealias InboundIn = ByteBuffer
     typealias OutboundIn = HTTPClientRequestPart
     typealias OutboundOut = HTTPClientRequestPart
 
@@ -24,6 +25,7 @@ final class UpstreamConnection: ChannelDuplexHandler {
     var idleSince: NIODeadline = .now()
     var idleLimit: TimeAmount?
     private var readHeld = false
+    private var parser = HTTP1ResponseParser()
     private(set) var isClosed = false
     /// What this connection counts in (`max_connections`, the connection metrics), until it is gone.
     var accounting = UpstreamConnectionAccounting()
@@ -59,7 +61,10 @@ final class UpstreamConnection: ChannelDuplexHandler {
 
     func send(_ part: HTTPClientRequestPart, flush: Bool) {
         guard let context else { return }
-        if case .head = part { requestsServed += 1 }
+        if case .head(let head) = part {
+            requestsServed += 1
+            parser.requestIsHEAD = head.method == .HEAD
+        }
         if flush {
             context.writeAndFlush(wrapOutboundOut(part), promise: nil)
         } else {
@@ -90,13 +95,22 @@ final class UpstreamConnection: ChannelDuplexHandler {
     }
 
     func channelRead(context: ChannelHandlerContext, data: NIOAny) {
-        let part = unwrapInboundIn(data)
-        guard let exchange else {
-            // An idle connection must not speak; whatever it sent cannot be framed.
+        var input = unwrapInboundIn(data)
+        do {
+            // One part at a time: handing one on may end the exchange, return this connection
+            // to its pool and start the next request on it before the next part is read.
+            while !isClosed, let part = try parser.next(&input) {
+                guard let exchange else {
+                    // An idle connection must not speak; whatever it sent cannot be framed.
+                    close()
+                    return
+                }
+                exchange.upstreamResponse(part)
+            }
+        } catch {
+            exchange?.upstreamClosed(error: error)
             close()
-            return
         }
-        exchange.upstreamResponse(part)
     }
 
     func channelReadComplete(context: ChannelHandlerContext) {
@@ -119,7 +133,18 @@ final class UpstreamConnection: ChannelDuplexHandler {
     func channelInactive(context: ChannelHandlerContext) {
         isClosed = true
         pool?.remove(self)
-        exchange?.upstreamClosed(error: nil)
+        if let exchange {
+            // A body that lasts until the connection's end ends now; anything else is cut short.
+            do {
+                if let end = try parser.inputClosed() {
+                    exchange.upstreamResponse(end)
+                } else {
+                    exchange.upstreamClosed(error: nil)
+                }
+            } catch {
+                exchange.upstreamClosed(error: error)
+            }
+        }
         context.fireChannelInactive()
     }
 

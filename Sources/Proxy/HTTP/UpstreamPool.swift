@@ -129,18 +129,8 @@ final class UpstreamPool {
         let bootstrap = bootstrap(cluster)
             .channelInitializer { channel in
                 channel.eventLoop.makeCompletedFuture {
-                    // The decoder sits after the encoder so that it sees each request head (a
-                    // response to HEAD has no body); 1xx responses are relayed, not dropped.
-                    try channel.pipeline.syncOperations.addHandlers([
-                        HTTPRequestEncoder(),
-                        ByteToMessageHandler(
-                            HTTPResponseDecoder(
-                                leftOverBytesStrategy: .forwardBytes,
-                                informationalResponseStrategy: .forward
-                            )
-                        ),
-                        handlerBox.value,
-                    ])
+                    // Responses are read by the connection itself (HTTP1ResponseParser).
+                    try channel.pipeline.syncOperations.addHandlers([HTTPRequestEncoder(), handlerBox.value])
                 }
             }
         let started = NIODeadline.now()

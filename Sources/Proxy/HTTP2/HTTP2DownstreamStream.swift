@@ -38,14 +38,14 @@ final class HTTP2DownstreamStream: DownstreamStream {
         connection.outputReady()
     }
 
-    func informational(_ head: HTTPResponseHead) {
+    func informational(_ head: ResponseHead) {
         // 101 has no meaning in HTTP/2 (RFC 9113 §8.6).
         guard head.status != .switchingProtocols else { return }
         session.informational(stream: id, headers: [(":status", String(head.status.code))])
         connection.outputReady()
     }
 
-    func responseHead(_ head: HTTPResponseHead, requestEnded: Bool) {
+    func responseHead(_ head: ResponseHead, requestEnded: Bool) {
         responseStarted = true
         pendingHead = HeaderRewriting.http2Response(head)
     }

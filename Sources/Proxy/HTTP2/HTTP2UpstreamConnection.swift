@@ -326,11 +326,11 @@ final class HTTP2UpstreamStream: UpstreamStream {
             headers: headers
         )
         if code < 200 {
-            exchange.upstreamResponse(.head(head))
+            exchange.upstreamResponse(.head(ResponseHead(head)))
             return
         }
         responseHeadSeen = true
-        exchange.upstreamResponse(.head(head))
+        exchange.upstreamResponse(.head(ResponseHead(head)))
         if block.endStream {
             responseEnded = true
             self.exchange?.upstreamResponse(.end(nil))

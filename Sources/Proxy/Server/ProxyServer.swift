@@ -343,16 +343,18 @@ public final class ProxyServer: Service, Sendable {
         var decoderLimits = NIOHTTPDecoderLimitConfiguration()
         decoderLimits.maxHeaderListSize = limits.maxRequestHeaderBytes
         decoderLimits.maxHeaderFieldSize = limits.maxRequestHeaderBytes
-        try sync.configureHTTPServerPipeline(
-            // DownstreamHandler queues pipelined requests itself, so reads do not
-            // stop and restart (two epoll_ctl calls) around every request.
-            withPipeliningAssistance: false,
-            withErrorHandling: false,
-            // Response heads are the upstream's, already validated by the parser,
-            // plus headers the proxy writes itself.
-            withOutboundHeaderValidation: false,
-            withEncoderConfiguration: .init(),
-            withDecoderLimitConfiguration: decoderLimits
+        // Only NIO's request decoder: DownstreamHandler queues pipelined requests itself (reads
+        // do not stop and restart, two epoll_ctl calls, around every request) and writes
+        // responses as bytes (an HTTP/1 upstream's head is relayed as it was received, checked by
+        // HTTP1ResponseParser).
+        try sync.addHandler(
+            ByteToMessageHandler(
+                HTTPRequestDecoder(
+                    leftOverBytesStrategy: .dropBytes,
+                    informationalResponseStrategy: .drop,
+                    limitConfiguration: decoderLimits
+                )
+            )
         )
         try sync.addHandler(
             DownstreamHandler(

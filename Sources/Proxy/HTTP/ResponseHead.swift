@@ -1,0 +1,124 @@
+import NIOCore
+import NIOHTTP1
+
+/// An upstream's response head as the exchange passes it on, whatever the upstream spoke: an
+/// HTTP/1 upstream's header block as received (``RawResponseHead``: relayed to an HTTP/1 client
+/// without being decoded into strings and encoded again), or an HTTP/2 upstream's decoded fields.
+struct ResponseHead {
+    var status: HTTPResponseStatus
+    /// The upstream's version.
+    var version: HTTPVersion
+    /// Whether the upstream's HTTP/1 connection can carry another request after this response.
+    var keepAlive: Bool
+    var hasContentLength: Bool
+    var fields: Fields
+
+    enum Fields {
+        case raw(RawResponseHead)
+        case decoded(HTTPHeaders)
+    }
+
+    init(status: HTTPResponseStatus, version: HTTPVersion, keepAlive: Bool, hasContentLength: Bool, fields: Fields) {
+        self.status = status
+        self.version = version
+        self.keepAlive = keepAlive
+        self.hasContentLength = hasContentLength
+        self.fields = fields
+    }
+
+    /// An HTTP/2 upstream's head (or a test's).
+    init(_ head: HTTPResponseHead) {
+        self.init(
+            status: head.status,
+            version: head.version,
+            keepAlive: head.isKeepAlive,
+            hasContentLength: head.headers.contains(name: "content-length"),
+            fields: .decoded(head.headers)
+        )
+    }
+
+    /// The fields as NIO headers (decoded from the raw block on demand: an HTTP/2 client's
+    /// response, a test).
+    var headers: HTTPHeaders {
+        switch fields {
+        case .decoded(let headers): return headers
+        case .raw(let raw):
+            var headers = HTTPHeaders()
+            raw.forEachField { name, value in
+                headers.add(name: String(decoding: name, as: UTF8.self), value: String(decoding: value, as: UTF8.self))
+            }
+            return headers
+        }
+    }
+
+    /// The first value of the field named `lowercase` (lowercase ASCII), without decoding the others.
+    func first(name lowercase: StaticString) -> String? {
+        switch fields {
+        case .decoded(let headers):
+            return headers.first(name: lowercase.description)
+        case .raw(let raw):
+            var found: String?
+            raw.forEachField { name, value in
+                if found == nil, HeaderRewriting.equalsLowercase(name, lowercase) {
+                    found = String(decoding: value, as: UTF8.self)
+                }
+            }
+            return found
+        }
+    }
+}
+
+/// The bytes of an HTTP/1 response head as the upstream sent them, checked by
+/// ``HTTP1ResponseParser``.
+struct RawResponseHead {
+    /// The status line after the version: `200 OK`.
+    var statusText: ByteBuffer
+    /// The header lines, each ending with CRLF (or a bare LF), without the empty line that ends
+    /// the head.
+    var block: ByteBuffer
+    /// Names listed in `Connection` besides `close` and `keep-alive`, lowercased: hop-by-hop too.
+    var connectionOptions: [String] = []
+    /// Whether the body is chunked (`Transfer-Encoding` ends with `chunked`).
+    var chunked = false
+
+    /// Calls `body` with each field's name and value (without surrounding whitespace), in order.
+    func forEachField(_ body: (UnsafeBufferPointer<UInt8>, UnsafeBufferPointer<UInt8>) -> Void) {
+        block.withUnsafeReadableBytes { raw in
+            let bytes = raw.bindMemory(to: UInt8.self)
+            RawResponseHead.forEachLine(bytes) { line, colon in
+                let name = UnsafeBufferPointer(rebasing: bytes[line.lowerBound..<colon])
+                let value = UnsafeBufferPointer(
+                    rebasing: bytes[RawResponseHead.trimmed(bytes, colon + 1..<line.upperBound)]
+                )
+                body(name, value)
+            }
+        }
+    }
+
+    /// Each line of a checked block: its bytes without the line end, and the index of its colon.
+    static func forEachLine(_ bytes: UnsafeBufferPointer<UInt8>, _ body: (Range<Int>, Int) -> Void) {
+        var start = 0
+        let count = bytes.count
+        while start < count {
+            var end = start
+            var colon = -1
+            while end < count && bytes[end] != 0x0A {
+                if colon < 0 && bytes[end] == UInt8(ascii: ":") { colon = end }
+                end += 1
+            }
+            let next = end + 1
+            if end > start && bytes[end - 1] == 0x0D { end -= 1 }
+            if colon >= 0 { body(start..<end, colon) }
+            start = next
+        }
+    }
+
+    /// `range` without leading and trailing spaces and tabs.
+    static func trimmed(_ bytes: UnsafeBufferPointer<UInt8>, _ range: Range<Int>) -> Range<Int> {
+        var lower = range.lowerBound
+        var upper = range.upperBound
+        while lower < upper && (bytes[lower] == 0x20 || bytes[lower] == 0x09) { lower += 1 }
+        while upper > lower && (bytes[upper - 1] == 0x20 || bytes[upper - 1] == 0x09) { upper -= 1 }
+        return lower..<upper
+    }
+}
