@@ -27,6 +27,11 @@ final class DownstreamHandler: ChannelDuplexHandler {
     /// Whether the current response's body goes in chunks (it has no length and the client speaks
     /// HTTP/1.1).
     private var chunkedResponse = false
+    /// A response head not handed to the channel yet: it waits for the body's first part, so that
+    /// a small response leaves in one `write` (not a `writev` of two buffers).
+    private var unsentHead: ByteBuffer?
+    /// The largest first body part copied behind its head.
+    private static let coalescedBodyBytes = 2048
 
     /// The timers of this connection (same channel, same loop).
     private let timeouts: ConnectionTimeoutHandler?
@@ -198,7 +203,14 @@ final class DownstreamHandler: ChannelDuplexHandler {
     }
 
     func flush() {
+        writeUnsentHead()
         context?.flush()
+    }
+
+    private func writeUnsentHead() {
+        guard let head = unsentHead else { return }
+        unsentHead = nil
+        write(head)
     }
 
     func resumeReadingIfHeld() {
@@ -213,6 +225,7 @@ final class DownstreamHandler: ChannelDuplexHandler {
 
     private func finishResponse(_ trailers: HTTPHeaders?, close: Bool) {
         guard let context else { return }
+        writeUnsentHead()  // before the machine says closing, when writes stop
         let action = machine.responseEnded(now: context.eventLoop.now, close: close)
         if action == .none { return }
         exchange = nil
@@ -221,16 +234,7 @@ final class DownstreamHandler: ChannelDuplexHandler {
         var last = context.channel.allocator.buffer(capacity: chunkedResponse ? 5 : 0)
         if chunkedResponse {
             chunkedResponse = false
-            last.writeStaticString("0\r\n")
-            if let trailers {
-                for (name, value) in trailers {
-                    last.writeString(name)
-                    last.writeStaticString(": ")
-                    last.writeString(value)
-                    last.writeStaticString("\r\n")
-                }
-            }
-            last.writeStaticString("\r\n")
+            HeaderRewriting.writeLastChunk(trailers, into: &last)
         }
         if action == .keepOpen {
             if last.readableBytes > 0 { context.write(wrapOutboundOut(last), promise: nil) }
@@ -277,6 +281,7 @@ final class DownstreamHandler: ChannelDuplexHandler {
     /// Ends the connection without a further response (a response already started, or cannot).
     func abort() {
         guard let context, machine.abort() else { return }
+        unsentHead = nil
         exchange = nil
         context.close(promise: nil)
     }
@@ -310,7 +315,7 @@ extension DownstreamHandler: DownstreamStream {
         let code = head.status.code
         let hasBody = !machine.requestIsHEAD && code >= 200 && code != 204 && code != 304 && code != 101
         chunkedResponse = hasBody && !head.hasContentLength && version == .http1_1
-        var capacity = 160
+        var capacity = 160 + (hasBody && head.hasContentLength ? Self.coalescedBodyBytes : 0)
         if case .raw(let raw) = head.fields { capacity += raw.block.readableBytes + raw.statusText.readableBytes }
         var buffer = context.channel.allocator.buffer(capacity: capacity)
         HeaderRewriting.writeHTTP1Response(
@@ -320,14 +325,25 @@ extension DownstreamHandler: DownstreamStream {
             chunked: chunkedResponse,
             into: &buffer
         )
-        write(buffer)
+        writeUnsentHead()
+        unsentHead = buffer
     }
 
     func responseBody(_ buffer: ByteBuffer) {
         guard chunkedResponse else {
+            if var head = unsentHead {
+                unsentHead = nil
+                if buffer.readableBytes <= Self.coalescedBodyBytes {
+                    head.writeImmutableBuffer(buffer)
+                    write(head)
+                    return
+                }
+                write(head)
+            }
             write(buffer)
             return
         }
+        writeUnsentHead()
         guard buffer.readableBytes > 0, let context else { return }
         var size = context.channel.allocator.buffer(capacity: 20)
         size.writeString(String(buffer.readableBytes, radix: 16))

@@ -358,7 +358,9 @@ struct HTTP1ResponseParser {
                 } else if HeaderRewriting.equalsLowercase(token, "keep-alive") {
                     f.keepAlive = true
                 } else if !token.isEmpty {
-                    f.options.append(String(decoding: token, as: UTF8.self).lowercased())
+                    let option = String(decoding: token, as: UTF8.self).lowercased()
+                    // Never a framing field: dropping it would leave the body unframed.
+                    if !HeaderRewriting.isConnectionOnlyOrFraming(option) { f.options.append(option) }
                 }
                 start = end + 1
             }

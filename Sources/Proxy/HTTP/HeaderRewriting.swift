@@ -88,13 +88,7 @@ enum HeaderRewriting {
                 s.hasContentLength = true
                 s.headers.add(name: name, value: value)
             case .connection:
-                for token in value.split(separator: ",") {
-                    let option = token.trimmingASCIIWhitespace()
-                    let lower = option.lowercased()
-                    if !option.isEmpty && lower != "close" && lower != "keep-alive" {
-                        s.connectionOptions.append(option)
-                    }
-                }
+                s.connectionOptions.append(contentsOf: connectionOptions(value))
             case .hopByHop, .xForwardedProto:
                 continue
             case .te:
@@ -142,6 +136,142 @@ enum HeaderRewriting {
         return HTTPRequestHead(version: .http1_1, method: head.method, uri: uri, headers: s.headers)
     }
 
+    /// Writes the HTTP/1.1 head sent upstream for a client's request, straight from its decoded
+    /// head: what ``upstreamRequest(_:clientIP:requestID:trace:)`` makes, without building it
+    /// first. Returns whether the body goes in chunks (the client's was chunked, or a POST, PUT or
+    /// PATCH has no length; a TRACE has no body). The head is measured, then copied into memory
+    /// reserved once (``HeadSink``).
+    static func writeHTTP1Request(_ request: UpstreamRequestHead, into out: inout ByteBuffer) -> Bool {
+        var length = HeadLength()
+        let found = emitRequest(request, skipping: [], into: &length)
+        // Fields named in `Connection` are hop-by-hop too, wherever they came (rare).
+        let skipping = found.connectionOptions.map { $0.lowercased() }
+        out.writeWithUnsafeMutableBytes(minimumWritableBytes: length.count) { raw in
+            var memory = HeadMemory(raw.baseAddress!)
+            _ = emitRequest(request, skipping: skipping, into: &memory)
+            return memory.count
+        }
+        return found.chunked
+    }
+
+    /// What a request's fields said besides the ones passed on.
+    private struct RequestFields {
+        var connectionOptions: [Substring] = []
+        var chunked = false
+        var hasContentLength = false
+        var forwardedFor: String?
+        var via: String?
+    }
+
+    private static func emitRequest<Sink: HeadSink>(
+        _ request: UpstreamRequestHead,
+        skipping: [String],
+        into out: inout Sink
+    ) -> (chunked: Bool, connectionOptions: [Substring]) {
+        let head = request.head
+        out.put(head.method.rawValue)
+        out.put(" ")
+        if head.uri.utf8.first == UInt8(ascii: "/") || head.uri == "*" {
+            out.put(head.uri)
+        } else {
+            out.put(String(RouteTable.pathAndQuery(of: head.uri)))
+        }
+        out.put(" HTTP/1.1\r\n")
+        let replacingTraceContext = request.trace?.replacesHeaders ?? false
+        var s = RequestFields()
+        for (name, value) in head.headers {
+            switch kind(of: name) {
+            case .endToEnd:
+                if !skipping.isEmpty && skipping.contains(name.lowercased()) { continue }
+                out.putField(name, value)
+            case .traceContext:
+                if !replacingTraceContext { out.putField(name, value) }
+            case .contentLength:
+                guard head.method != .TRACE else { continue }
+                s.hasContentLength = true
+                out.putField(name, value)
+            case .connection:
+                s.connectionOptions.append(contentsOf: connectionOptions(value))
+            case .hopByHop, .xForwardedProto:
+                continue
+            case .te:
+                if value.lowercased().contains("trailers") { out.put("te: trailers\r\n") }
+            case .transferEncoding:
+                if value.lowercased().contains("chunked") { s.chunked = true }
+            case .xForwardedFor:
+                s.forwardedFor = s.forwardedFor.map { "\($0), \(value)" } ?? value
+            case .via:
+                s.via = s.via.map { "\($0), \(value)" } ?? value
+            }
+        }
+        if let requestID = request.requestID { out.putField("x-request-id", requestID) }
+        if let trace = request.trace, trace.replacesHeaders {
+            out.put("traceparent: ")
+            out.putTraceparent(trace.ids)
+            out.put("\r\n")
+            if let state = trace.tracestate { out.putField("tracestate", state) }
+        }
+        var chunked = false
+        if !s.hasContentLength && head.method != .TRACE {
+            switch head.method {
+            case .POST, .PUT, .PATCH: chunked = true
+            default: chunked = s.chunked
+            }
+            if chunked { out.put("transfer-encoding: chunked\r\n") }
+        }
+        if let ip = request.clientIP {
+            out.put("x-forwarded-for: ")
+            if let existing = s.forwardedFor {
+                out.put(existing)
+                out.put(", ")
+            }
+            out.put(ip)
+            out.put("\r\n")
+        } else if let existing = s.forwardedFor {
+            out.putField("x-forwarded-for", existing)
+        }
+        out.put("x-forwarded-proto: http\r\n")
+        if s.via == nil && head.version == .http1_1 {
+            out.put("via: 1.1 trellis\r\n")
+        } else {
+            out.putField("via", viaValue(existing: s.via, version: head.version))
+        }
+        out.put("\r\n")
+        return (chunked, s.connectionOptions)
+    }
+
+    /// The names a `Connection` value lists as hop-by-hop: not `close` or `keep-alive`, and never
+    /// a framing field (dropping `Content-Length` because a peer named it would leave the body
+    /// unframed for the other side: request smuggling).
+    static func connectionOptions(_ value: String) -> [Substring] {
+        var options: [Substring] = []
+        for token in value.split(separator: ",") {
+            let option = token.trimmingASCIIWhitespace()
+            if option.isEmpty || isConnectionOnlyOrFraming(option.lowercased()) { continue }
+            options.append(option)
+        }
+        return options
+    }
+
+    static func isConnectionOnlyOrFraming(_ lowercased: String) -> Bool {
+        lowercased == "close" || lowercased == "keep-alive" || lowercased == "content-length"
+            || lowercased == "transfer-encoding"
+    }
+
+    /// The end of a chunked body: the last chunk, the trailers, the empty line.
+    static func writeLastChunk(_ trailers: HTTPHeaders?, into out: inout ByteBuffer) {
+        out.writeStaticString("0\r\n")
+        if let trailers {
+            for (name, value) in trailers {
+                out.writeString(name)
+                out.writeStaticString(": ")
+                out.writeString(value)
+                out.writeStaticString("\r\n")
+            }
+        }
+        out.writeStaticString("\r\n")
+    }
+
     /// Writes the head sent to an HTTP/1 client for an upstream response: the status line in the
     /// request's version, the upstream's fields less the hop-by-hop ones, `Via`, and the framing
     /// and connection fields of this connection. An HTTP/1 upstream's field lines are copied as
@@ -154,35 +284,61 @@ enum HeaderRewriting {
         chunked: Bool,
         into out: inout ByteBuffer
     ) {
-        out.writeStaticString(requestVersion == .http1_0 ? "HTTP/1.0 " : "HTTP/1.1 ")
         switch head.fields {
         case .raw(let raw):
-            out.writeImmutableBuffer(raw.statusText)
-            out.writeStaticString("\r\n")
-            writeFields(raw, into: &out)
-            out.writeStaticString(head.version.minor == 0 ? "via: 1.0 trellis\r\n" : "via: 1.1 trellis\r\n")
+            // At most what came, plus the fields added here (under 128 bytes).
+            let bound = raw.statusText.readableBytes + raw.block.readableBytes + 128
+            out.writeWithUnsafeMutableBytes(minimumWritableBytes: bound) { memory in
+                var sink = HeadMemory(memory.baseAddress!)
+                emitResponse(
+                    raw,
+                    head,
+                    requestVersion: requestVersion,
+                    keepAlive: keepAlive,
+                    chunked: chunked,
+                    into: &sink
+                )
+                return sink.count
+            }
         case .decoded(let headers):
-            out.writeString(String(head.status.code))
-            out.writeStaticString(" ")
-            out.writeString(head.status.reasonPhrase)
-            out.writeStaticString("\r\n")
+            var length = HeadLength()
             let s = scan(headers, extra: 0)
-            for (name, value) in s.headers { writeField(name, value, into: &out) }
-            if let forwardedFor = s.forwardedFor { writeField("x-forwarded-for", forwardedFor, into: &out) }
-            writeField("via", viaValue(existing: s.via, version: head.version), into: &out)
+            emitDecodedResponse(
+                s,
+                head,
+                requestVersion: requestVersion,
+                keepAlive: keepAlive,
+                chunked: chunked,
+                into: &length
+            )
+            out.writeWithUnsafeMutableBytes(minimumWritableBytes: length.count) { memory in
+                var sink = HeadMemory(memory.baseAddress!)
+                emitDecodedResponse(
+                    s,
+                    head,
+                    requestVersion: requestVersion,
+                    keepAlive: keepAlive,
+                    chunked: chunked,
+                    into: &sink
+                )
+                return sink.count
+            }
         }
-        if chunked { out.writeStaticString("transfer-encoding: chunked\r\n") }
-        if !keepAlive {
-            out.writeStaticString("connection: close\r\n")
-        } else if requestVersion == .http1_0 {
-            out.writeStaticString("connection: keep-alive\r\n")
-        }
-        out.writeStaticString("\r\n")
     }
 
-    /// An HTTP/1 upstream's field lines, copied as received but for the hop-by-hop ones (and those
-    /// its `Connection` names), `Transfer-Encoding` (framed again), and `TE` (only `trailers`).
-    private static func writeFields(_ raw: RawResponseHead, into out: inout ByteBuffer) {
+    private static func emitResponse<Sink: HeadSink>(
+        _ raw: RawResponseHead,
+        _ head: ResponseHead,
+        requestVersion: HTTPVersion,
+        keepAlive: Bool,
+        chunked: Bool,
+        into out: inout Sink
+    ) {
+        out.put(requestVersion == .http1_0 ? "HTTP/1.0 " : "HTTP/1.1 ")
+        raw.statusText.withUnsafeReadableBytes { out.put($0) }
+        out.put("\r\n")
+        // The upstream's field lines as received but for the hop-by-hop ones (and those its
+        // `Connection` names), `Transfer-Encoding` (framed again) and `TE` (only `trailers`).
         raw.block.withUnsafeReadableBytes { rawBytes in
             let bytes = rawBytes.bindMemory(to: UInt8.self)
             RawResponseHead.forEachLine(bytes) { line, colon in
@@ -196,26 +352,56 @@ enum HeaderRewriting {
                     {
                         return
                     }
-                    out.writeBytes(UnsafeRawBufferPointer(rebasing: rawBytes[line]))
-                    out.writeStaticString("\r\n")
+                    out.put(UnsafeRawBufferPointer(rebasing: rawBytes[line]))
+                    out.put("\r\n")
                 case .te:
                     let value = String(
                         decoding: UnsafeBufferPointer(rebasing: bytes[(colon + 1)..<line.upperBound]),
                         as: UTF8.self
                     )
-                    if value.lowercased().contains("trailers") { out.writeStaticString("te: trailers\r\n") }
+                    if value.lowercased().contains("trailers") { out.put("te: trailers\r\n") }
                 case .connection, .hopByHop, .xForwardedProto, .transferEncoding:
                     return
                 }
             }
         }
+        out.put(head.version.minor == 0 ? "via: 1.0 trellis\r\n" : "via: 1.1 trellis\r\n")
+        emitResponseEnd(requestVersion: requestVersion, keepAlive: keepAlive, chunked: chunked, into: &out)
     }
 
-    private static func writeField(_ name: String, _ value: String, into out: inout ByteBuffer) {
-        out.writeString(name)
-        out.writeStaticString(": ")
-        out.writeString(value)
-        out.writeStaticString("\r\n")
+    /// An HTTP/2 upstream's response for an HTTP/1 client: its fields as scanned.
+    private static func emitDecodedResponse<Sink: HeadSink>(
+        _ s: Scan,
+        _ head: ResponseHead,
+        requestVersion: HTTPVersion,
+        keepAlive: Bool,
+        chunked: Bool,
+        into out: inout Sink
+    ) {
+        out.put(requestVersion == .http1_0 ? "HTTP/1.0 " : "HTTP/1.1 ")
+        out.put(String(head.status.code))
+        out.put(" ")
+        out.put(head.status.reasonPhrase)
+        out.put("\r\n")
+        for (name, value) in s.headers { out.putField(name, value) }
+        if let forwardedFor = s.forwardedFor { out.putField("x-forwarded-for", forwardedFor) }
+        out.putField("via", viaValue(existing: s.via, version: head.version))
+        emitResponseEnd(requestVersion: requestVersion, keepAlive: keepAlive, chunked: chunked, into: &out)
+    }
+
+    private static func emitResponseEnd<Sink: HeadSink>(
+        requestVersion: HTTPVersion,
+        keepAlive: Bool,
+        chunked: Bool,
+        into out: inout Sink
+    ) {
+        if chunked { out.put("transfer-encoding: chunked\r\n") }
+        if !keepAlive {
+            out.put("connection: close\r\n")
+        } else if requestVersion == .http1_0 {
+            out.put("connection: keep-alive\r\n")
+        }
+        out.put("\r\n")
     }
 
     /// The fields sent to an HTTP/2 client for an upstream response: `:status` first, names
@@ -259,5 +445,70 @@ extension String {
         var s = self
         let hasUpper = s.withUTF8 { bytes in bytes.contains { $0 >= UInt8(ascii: "A") && $0 <= UInt8(ascii: "Z") } }
         return hasUpper ? lowercased() : self
+    }
+}
+
+/// Where a head's bytes go. One generic function writes a head into either sink:
+/// ``HeadLength`` measures it, then ``HeadMemory`` copies it into memory reserved for that length,
+/// one capacity check instead of one per piece.
+protocol HeadSink {
+    mutating func put(_ text: StaticString)
+    mutating func put(_ text: String)
+    mutating func put(_ bytes: UnsafeRawBufferPointer)
+    mutating func putTraceparent(_ ids: TraceIDs)
+}
+
+extension HeadSink {
+    mutating func putField(_ name: String, _ value: String) {
+        put(name)
+        put(": ")
+        put(value)
+        put("\r\n")
+    }
+}
+
+struct HeadLength: HeadSink {
+    private(set) var count = 0
+
+    mutating func put(_ text: StaticString) { count += text.utf8CodeUnitCount }
+    mutating func put(_ text: String) { count += text.utf8.count }
+    mutating func put(_ bytes: UnsafeRawBufferPointer) { count += bytes.count }
+    mutating func putTraceparent(_ ids: TraceIDs) { count += TraceHeaders.traceparentLength }
+}
+
+/// Copies into memory reserved beforehand (at least what a ``HeadLength`` measured).
+struct HeadMemory: HeadSink {
+    private let base: UnsafeMutableRawPointer
+    private(set) var count = 0
+
+    init(_ base: UnsafeMutableRawPointer) { self.base = base }
+
+    mutating func put(_ text: StaticString) {
+        (base + count).copyMemory(from: text.utf8Start, byteCount: text.utf8CodeUnitCount)
+        count += text.utf8CodeUnitCount
+    }
+
+    mutating func put(_ text: String) {
+        var text = text
+        text.withUTF8 { utf8 in
+            if let start = utf8.baseAddress { (base + count).copyMemory(from: start, byteCount: utf8.count) }
+            count += utf8.count
+        }
+    }
+
+    mutating func put(_ bytes: UnsafeRawBufferPointer) {
+        if let start = bytes.baseAddress { (base + count).copyMemory(from: start, byteCount: bytes.count) }
+        count += bytes.count
+    }
+
+    mutating func putTraceparent(_ ids: TraceIDs) {
+        TraceHeaders.write(
+            ids,
+            into: UnsafeMutableBufferPointer(
+                start: (base + count).assumingMemoryBound(to: UInt8.self),
+                count: TraceHeaders.traceparentLength
+            )
+        )
+        count += TraceHeaders.traceparentLength
     }
 }

@@ -17,7 +17,7 @@ final class ProxyExchange {
     private var machine = ExchangeStateMachine()
     /// The current try's upstream, while it streams.
     private var upstream: (any UpstreamStream)?
-    private var pending: [HTTPClientRequestPart] = []
+    private var pending: [UpstreamRequestPart] = []
     private var requestEnded = false
     private var upstreamKeepAlive = false
     /// The slot of this exchange in its loop's ``RequestDeadlines``, while it has one.
@@ -26,7 +26,7 @@ final class ProxyExchange {
     // Retries (only with a route retry policy).
     /// Every request part so far, to send again on the next try; `nil` once the body outgrew
     /// ``RetryPolicy/maxRetainedBodyBytes`` (then no retry).
-    private var retained: [HTTPClientRequestPart]?
+    private var retained: [UpstreamRequestPart]?
     private var retainedBytes = 0
     private var perTryTimer: Scheduled<Void>?
     private var backoffTimer: Scheduled<Void>?
@@ -102,8 +102,8 @@ final class ProxyExchange {
         if let timeout = request.timeout {
             deadlineSlot = loop.deadlines.register(self, timeout: TimeAmount(timeout), now: request.startTime)
         }
-        let upstreamHead = HeaderRewriting.upstreamRequest(
-            request.head,
+        let upstreamHead = UpstreamRequestHead(
+            head: request.head,
             clientIP: request.clientIP,
             requestID: generatedID,
             trace: request.trace
@@ -170,7 +170,7 @@ final class ProxyExchange {
         // idle timeout, a drain): keep what is sent, to send it again on a new connection.
         if machine.maySendAgain && retained == nil && retainedBytes == 0 {
             retained = pending
-            for case .body(.byteBuffer(let buffer)) in pending { retainedBytes += buffer.readableBytes }
+            for case .body(let buffer) in pending { retainedBytes += buffer.readableBytes }
             if retainedBytes > RetryPolicy.maxRetainedBodyBytes { retained = nil }
         }
         let parts = pending
@@ -187,10 +187,10 @@ final class ProxyExchange {
 
     func requestBody(_ buffer: ByteBuffer) {
         request.requestBytes += buffer.readableBytes
-        retain(.body(.byteBuffer(buffer)), bytes: buffer.readableBytes)
+        retain(.body(buffer), bytes: buffer.readableBytes)
         switch machine.phase {
-        case .connecting: pending.append(.body(.byteBuffer(buffer)))
-        case .streaming: upstream?.send(.body(.byteBuffer(buffer)), flush: false)
+        case .connecting: pending.append(.body(buffer))
+        case .streaming: upstream?.send(.body(buffer), flush: false)
         case .backingOff, .finished: break  // kept in `retained` for the next try / answered early
         }
     }
@@ -207,7 +207,7 @@ final class ProxyExchange {
         }
     }
 
-    private func retain(_ part: HTTPClientRequestPart, bytes: Int) {
+    private func retain(_ part: UpstreamRequestPart, bytes: Int) {
         guard retained != nil else { return }
         retainedBytes += bytes
         if retainedBytes > RetryPolicy.maxRetainedBodyBytes {

@@ -8,8 +8,8 @@ import NIOHTTP1
 /// ``UpstreamPool``.
 final class UpstreamConnection: ChannelDuplexHandler {
     typealias InboundIn = ByteBuffer
-    typealias OutboundIn = HTTPClientRequestPart
-    typealias OutboundOut = HTTPClientRequestPart
+    typealias OutboundIn = ByteBuffer
+    typealias OutboundOut = ByteBuffer
 
     let poolKey: String
     let maxRequests: Int?
@@ -26,6 +26,8 @@ final class UpstreamConnection: ChannelDuplexHandler {
     var idleLimit: TimeAmount?
     private var readHeld = false
     private var parser = HTTP1ResponseParser()
+    /// Whether the current request's body goes in chunks.
+    private var chunkedRequest = false
     private(set) var isClosed = false
     /// What this connection counts in (`max_connections`, the connection metrics), until it is gone.
     var accounting = UpstreamConnectionAccounting()
@@ -59,17 +61,38 @@ final class UpstreamConnection: ChannelDuplexHandler {
     /// No longer counts as a connection of its cluster (once, however it ended).
     func releaseLoad() { accounting.release() }
 
-    func send(_ part: HTTPClientRequestPart, flush: Bool) {
+    /// Writes a request part as bytes: the head straight from the client's decoded head and the
+    /// proxy's additions, bodies as they come or in chunks.
+    func send(_ part: UpstreamRequestPart, flush: Bool) {
         guard let context else { return }
-        if case .head(let head) = part {
+        switch part {
+        case .head(let head):
             requestsServed += 1
-            parser.requestIsHEAD = head.method == .HEAD
+            parser.requestIsHEAD = head.head.method == .HEAD
+            var buffer = context.channel.allocator.buffer(capacity: 512)
+            chunkedRequest = HeaderRewriting.writeHTTP1Request(head, into: &buffer)
+            context.write(wrapOutboundOut(buffer), promise: nil)
+        case .body(let buffer):
+            if chunkedRequest {
+                guard buffer.readableBytes > 0 else { break }
+                var size = context.channel.allocator.buffer(capacity: 20)
+                size.writeString(String(buffer.readableBytes, radix: 16))
+                size.writeStaticString("\r\n")
+                context.write(wrapOutboundOut(size), promise: nil)
+                context.write(wrapOutboundOut(buffer), promise: nil)
+                context.write(wrapOutboundOut(ByteBuffer(staticString: "\r\n")), promise: nil)
+            } else {
+                context.write(wrapOutboundOut(buffer), promise: nil)
+            }
+        case .end(let trailers):
+            if chunkedRequest {
+                chunkedRequest = false
+                var last = context.channel.allocator.buffer(capacity: 5)
+                HeaderRewriting.writeLastChunk(trailers, into: &last)
+                context.write(wrapOutboundOut(last), promise: nil)
+            }
         }
-        if flush {
-            context.writeAndFlush(wrapOutboundOut(part), promise: nil)
-        } else {
-            context.write(wrapOutboundOut(part), promise: nil)
-        }
+        if flush { context.flush() }
     }
 
     func flush() {

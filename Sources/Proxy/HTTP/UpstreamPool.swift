@@ -129,8 +129,8 @@ final class UpstreamPool {
         let bootstrap = bootstrap(cluster)
             .channelInitializer { channel in
                 channel.eventLoop.makeCompletedFuture {
-                    // Responses are read by the connection itself (HTTP1ResponseParser).
-                    try channel.pipeline.syncOperations.addHandlers([HTTPRequestEncoder(), handlerBox.value])
+                    // The connection writes requests and reads responses (HTTP1ResponseParser) itself.
+                    try channel.pipeline.syncOperations.addHandler(handlerBox.value)
                 }
             }
         let started = NIODeadline.now()

@@ -235,15 +235,13 @@ final class HTTP2UpstreamStream: UpstreamStream {
         connection.isChannelWritable && (id.map { session.queuedBytes(stream: $0) } ?? 0) < HTTP2Session.highWater
     }
 
-    func send(_ part: HTTPClientRequestPart, flush: Bool) {
+    func send(_ part: UpstreamRequestPart, flush: Bool) {
         switch part {
         case .head(let requestHead):
-            head = requestHead
-        case .body(.byteBuffer(let buffer)):
+            head = requestHead.rewritten
+        case .body(let buffer):
             guard let id = id ?? submitHead(endStream: false) else { return }
             session.send(stream: id, buffer)
-        case .body(.fileRegion):
-            break  // the proxy never sends file regions
         case .end(let trailers):
             requestEnded = true
             let trailerFields = trailers.map(HTTP2DownstreamStream.fields) ?? []

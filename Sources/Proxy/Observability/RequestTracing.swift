@@ -58,7 +58,7 @@ struct RequestTrace {
     /// The `tracestate` sent with them, as the caller or the tracer wrote it.
     let state: String?
     /// Client on the agent's outbound listener, server everywhere else.
-    private let kind: SpanKind
+    let kind: SpanKind
     /// Whether the request's trace headers are replaced upstream; false for an unrecorded request
     /// that came with W3C headers, which go on untouched.
     let replacesHeaders: Bool
@@ -256,17 +256,25 @@ enum TraceHeaders {
     /// `00-{trace id}-{span id}-{flags}`, written in one allocation.
     static func traceparent(_ ids: TraceIDs) -> String {
         String(unsafeUninitializedCapacity: 55) { out in
-            out[0] = UInt8(ascii: "0")
-            out[1] = UInt8(ascii: "0")
-            out[2] = UInt8(ascii: "-")
-            HexText.write(ids.high, 16, into: out, at: 3)
-            HexText.write(ids.low, 16, into: out, at: 19)
-            out[35] = UInt8(ascii: "-")
-            HexText.write(ids.span, 16, into: out, at: 36)
-            out[52] = UInt8(ascii: "-")
-            HexText.write(UInt64(ids.flags), 2, into: out, at: 53)
+            write(ids, into: out)
             return 55
         }
+    }
+
+    /// The length of a `traceparent` value.
+    static let traceparentLength = 55
+
+    /// Writes a `traceparent` value (``traceparentLength`` bytes) at the start of `out`.
+    static func write(_ ids: TraceIDs, into out: UnsafeMutableBufferPointer<UInt8>) {
+        out[0] = UInt8(ascii: "0")
+        out[1] = UInt8(ascii: "0")
+        out[2] = UInt8(ascii: "-")
+        HexText.write(ids.high, 16, into: out, at: 3)
+        HexText.write(ids.low, 16, into: out, at: 19)
+        out[35] = UInt8(ascii: "-")
+        HexText.write(ids.span, 16, into: out, at: 36)
+        out[52] = UInt8(ascii: "-")
+        HexText.write(UInt64(ids.flags), 2, into: out, at: 53)
     }
 
     /// A `traceparent` value (`00-{32 hex}-{16 hex}-{2 hex}`, lower-case, ids not all zero: W3C

@@ -3,7 +3,8 @@ import TrellisPolicy
 
 /// A listener's virtual hosts and routes, compiled for matching on the hot path.
 final class RouteTable: Sendable {
-    struct CompiledRoute: Sendable {
+    /// A class: the route a request matched is handed on without copying its fields.
+    final class CompiledRoute: Sendable {
         enum Path: Sendable {
             case prefix(String)
             case exact(String)
@@ -20,6 +21,20 @@ final class RouteTable: Sendable {
         let methods: [String]
         let headers: [(name: String, kind: Header, invert: Bool)]
         let target: RouteTarget
+
+        init(
+            name: String,
+            path: Path,
+            methods: [String],
+            headers: [(name: String, kind: Header, invert: Bool)],
+            target: RouteTarget
+        ) {
+            self.name = name
+            self.path = path
+            self.methods = methods
+            self.headers = headers
+            self.target = target
+        }
     }
 
     struct CompiledVirtualHost: Sendable {
@@ -118,8 +133,8 @@ final class RouteTable: Sendable {
 
     private static func matches(_ route: CompiledRoute, path: Substring, method: String, headers: HTTPHeaders) -> Bool {
         switch route.path {
-        case .prefix(let p): if !path.hasPrefix(p) { return false }
-        case .exact(let p): if path != p { return false }
+        case .prefix(let p): if !path.utf8.starts(with: p.utf8) { return false }
+        case .exact(let p): if !path.utf8.elementsEqual(p.utf8) { return false }
         case .regex(let r): if !r.wholeMatch(path) { return false }
         }
         if !route.methods.isEmpty && !route.methods.contains(method) { return false }
@@ -139,9 +154,10 @@ final class RouteTable: Sendable {
     /// The path of a request target: origin-form up to `?`/`#`; for absolute-form
     /// (`http://host/path`), the path part.
     static func path(of uri: String) -> Substring {
-        var target = pathAndQuery(of: uri)
-        if let end = target.firstIndex(where: { $0 == "?" || $0 == "#" }) {
-            target = target[..<end]
+        let target = pathAndQuery(of: uri)
+        // Bytes, not Characters: a target is ASCII, and no grapheme breaking is needed.
+        if let end = target.utf8.firstIndex(where: { $0 == UInt8(ascii: "?") || $0 == UInt8(ascii: "#") }) {
+            return target[..<end]
         }
         return target
     }
@@ -149,7 +165,7 @@ final class RouteTable: Sendable {
     /// Path and query of an absolute-form target (`http://host/p?q` → `/p?q`); an origin-form
     /// target is returned as it is.
     static func pathAndQuery(of uri: String) -> Substring {
-        guard !uri.hasPrefix("/"), let scheme = uri.firstRange(of: "://") else { return Substring(uri) }
+        guard uri.utf8.first != UInt8(ascii: "/"), let scheme = uri.firstRange(of: "://") else { return Substring(uri) }
         let afterScheme = uri[scheme.upperBound...]
         return afterScheme.firstIndex(of: "/").map { afterScheme[$0...] } ?? "/"
     }

@@ -3,8 +3,8 @@ import NIOHTTP1
 
 /// The upstream side of one exchange, whatever the protocol: a keep-alive HTTP/1 connection
 /// (``UpstreamConnection``) or one stream of a multiplexed HTTP/2 connection
-/// (``HTTP2UpstreamStream``). The exchange sends the request as NIO's HTTP/1 client parts and gets
-/// the response back through ``ProxyExchange/upstreamResponse(_:)`` in the same form.
+/// (``HTTP2UpstreamStream``). The exchange sends the request as ``UpstreamRequestPart``s and gets
+/// the response back through ``ProxyExchange/upstreamResponse(_:)`` as ``UpstreamResponsePart``s.
 protocol UpstreamStream: AnyObject {
     /// The exchange served now; nil while idle.
     var exchange: ProxyExchange? { get set }
@@ -13,7 +13,7 @@ protocol UpstreamStream: AnyObject {
     var isReused: Bool { get }
     var isActive: Bool { get }
     var isWritable: Bool { get }
-    func send(_ part: HTTPClientRequestPart, flush: Bool)
+    func send(_ part: UpstreamRequestPart, flush: Bool)
     func flush()
     /// Flushes after the loop's current batch of I/O events.
     func flushSoon(_ loop: LoopContext)
@@ -22,4 +22,29 @@ protocol UpstreamStream: AnyObject {
     /// Done with it: back to its pool when `reusable`, otherwise closed (HTTP/1) or reset if
     /// still open (HTTP/2; the connection and its other streams carry on).
     func release(reusable: Bool)
+}
+
+/// One part of the request sent upstream, whatever the upstream speaks.
+enum UpstreamRequestPart {
+    case head(UpstreamRequestHead)
+    case body(ByteBuffer)
+    case end(HTTPHeaders?)
+}
+
+/// The head sent upstream for a client's request: the client's head as decoded, and what the proxy
+/// adds or replaces (`X-Forwarded-*`, `Via`, a request id it made, its trace context), applied as
+/// it is written — straight into an HTTP/1 connection's buffer
+/// (``HeaderRewriting/writeHTTP1Request(_:into:)``), or as an HTTP/2 stream's fields
+/// (``rewritten``).
+struct UpstreamRequestHead {
+    var head: HTTPRequestHead
+    var clientIP: String?
+    /// An `x-request-id` the proxy made (the request had none).
+    var requestID: String?
+    var trace: RequestTrace?
+
+    /// The head with the proxy's changes, as NIO's type (HTTP/2 upstreams, tests).
+    var rewritten: HTTPRequestHead {
+        HeaderRewriting.upstreamRequest(head, clientIP: clientIP, requestID: requestID, trace: trace)
+    }
 }

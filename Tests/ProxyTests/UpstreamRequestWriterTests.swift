@@ -1,0 +1,125 @@
+import NIOCore
+import NIOHTTP1
+import Testing
+import Tracing
+
+@testable import Proxy
+
+/// The HTTP/1.1 head sent upstream, written straight from the client's decoded head: the same
+/// fields ``HeaderRewriting/upstreamRequest(_:clientIP:requestID:trace:)`` makes, in wire form,
+/// with the body's framing.
+@Suite struct UpstreamRequestWriterTests {
+    private func written(_ request: UpstreamRequestHead) -> (text: String, chunked: Bool) {
+        var out = ByteBuffer()
+        let chunked = HeaderRewriting.writeHTTP1Request(request, into: &out)
+        return (String(buffer: out), chunked)
+    }
+
+    /// The same head as NIO's types would carry it: `upstreamRequest`'s fields in order.
+    private func viaNIO(_ request: UpstreamRequestHead) -> String {
+        let head = request.rewritten
+        var text = "\(head.method.rawValue) \(head.uri) HTTP/1.1\r\n"
+        for (name, value) in head.headers { text += "\(name): \(value)\r\n" }
+        return text + "\r\n"
+    }
+
+    @Test func hopByHopFieldsGoAndTheProxysAreAdded() {
+        let head = HTTPRequestHead(
+            version: .http1_1,
+            method: .GET,
+            uri: "http://example.com/a?b=1",
+            headers: [
+                "Host": "example.com", "Connection": "keep-alive, X-Hop", "X-Hop": "1", "Keep-Alive": "timeout=5",
+                "X-Forwarded-For": "10.0.0.1", "X-Forwarded-Proto": "https", "Via": "1.0 edge",
+                "TE": "trailers, deflate",
+                "Proxy-Authorization": "secret", "Accept": "*/*",
+                "traceparent": "00-0af7651916cd43dd8448eb211c80319c-b7ad6b7169203331-01",
+            ]
+        )
+        let request = UpstreamRequestHead(head: head, clientIP: "127.0.0.9", requestID: "rid-1", trace: nil)
+        let (text, chunked) = written(request)
+        #expect(!chunked)
+        #expect(
+            text == "GET /a?b=1 HTTP/1.1\r\nHost: example.com\r\nte: trailers\r\nAccept: */*\r\n"
+                + "traceparent: 00-0af7651916cd43dd8448eb211c80319c-b7ad6b7169203331-01\r\nx-request-id: rid-1\r\n"
+                + "x-forwarded-for: 10.0.0.1, 127.0.0.9\r\nx-forwarded-proto: http\r\nvia: 1.0 edge, 1.1 trellis\r\n\r\n"
+        )
+        #expect(text == viaNIO(request))
+    }
+
+    @Test func bodiesAreFramedAsTheClientsWereOrInChunks() {
+        let chunkedUpload = HTTPRequestHead(
+            version: .http1_1,
+            method: .PUT,
+            uri: "/up",
+            headers: ["host": "a", "transfer-encoding": "chunked"]
+        )
+        let (put, putChunked) = written(UpstreamRequestHead(head: chunkedUpload, clientIP: nil))
+        #expect(putChunked)
+        #expect(
+            put
+                == "PUT /up HTTP/1.1\r\nhost: a\r\ntransfer-encoding: chunked\r\nx-forwarded-proto: http\r\nvia: 1.1 trellis\r\n\r\n"
+        )
+        let sized = HTTPRequestHead(version: .http1_1, method: .POST, uri: "/p", headers: ["content-length": "3"])
+        #expect(!written(UpstreamRequestHead(head: sized, clientIP: nil)).chunked)
+        // A POST without a length (an HTTP/2 client's) goes in chunks; a TRACE never has a body.
+        let unsized = HTTPRequestHead(version: HTTPVersion(major: 2, minor: 0), method: .POST, uri: "/p", headers: [:])
+        let (post, postChunked) = written(UpstreamRequestHead(head: unsized, clientIP: "::1"))
+        #expect(postChunked)
+        #expect(
+            post
+                == "POST /p HTTP/1.1\r\ntransfer-encoding: chunked\r\nx-forwarded-for: ::1\r\nx-forwarded-proto: http\r\n"
+                + "via: 2.0 trellis\r\n\r\n"
+        )
+        let trace = HTTPRequestHead(version: .http1_1, method: .TRACE, uri: "/", headers: ["content-length": "4"])
+        let (traced, traceChunked) = written(UpstreamRequestHead(head: trace, clientIP: nil))
+        #expect(!traceChunked && !traced.contains("content-length"))
+    }
+
+    /// A peer cannot unframe a body by naming its framing field in `Connection` (smuggling).
+    @Test func connectionCannotNameAFramingField() {
+        let head = HTTPRequestHead(
+            version: .http1_1,
+            method: .POST,
+            uri: "/",
+            headers: ["Connection": "Content-Length, Transfer-Encoding, X-Hop", "X-Hop": "1", "Content-Length": "3"]
+        )
+        let request = UpstreamRequestHead(head: head, clientIP: nil)
+        let (text, chunked) = written(request)
+        #expect(!chunked)
+        #expect(text == "POST / HTTP/1.1\r\nContent-Length: 3\r\nx-forwarded-proto: http\r\nvia: 1.1 trellis\r\n\r\n")
+        #expect(text == viaNIO(request))
+        var parser = HTTP1ResponseParser()
+        var input = ByteBuffer(string: "HTTP/1.1 200 OK\r\nConnection: content-length\r\nContent-Length: 2\r\n\r\nok")
+        guard case .head(let response) = try? parser.next(&input) else {
+            Issue.record("no head")
+            return
+        }
+        var out = ByteBuffer()
+        HeaderRewriting.writeHTTP1Response(
+            response,
+            requestVersion: .http1_1,
+            keepAlive: true,
+            chunked: false,
+            into: &out
+        )
+        #expect(String(buffer: out) == "HTTP/1.1 200 OK\r\nContent-Length: 2\r\nvia: 1.1 trellis\r\n\r\n")
+    }
+
+    @Test func aTraceThatReplacesTheHeadersWritesItsOwnContext() {
+        var rng = FastRandom(seed: 7)
+        let ids = TraceIDs.random(&rng)
+        let head = HTTPRequestHead(
+            version: .http1_1,
+            method: .GET,
+            uri: "/",
+            headers: ["traceparent": "00-ffffffffffffffffffffffffffffffff-ffffffffffffffff-01", "tracestate": "a=b"]
+        )
+        let trace = RequestTrace(span: nil, ids: ids, state: "x=y", kind: .server, replacesHeaders: true)
+        let request = UpstreamRequestHead(head: head, clientIP: nil, trace: trace)
+        let (text, _) = written(request)
+        #expect(text.contains("\r\ntraceparent: \(TraceHeaders.traceparent(ids))\r\ntracestate: x=y\r\n"))
+        #expect(!text.contains("ffffffff") && !text.contains("a=b"))
+        #expect(text == viaNIO(request))
+    }
+}
