@@ -12,7 +12,9 @@ import W3CTraceContext
 /// a new trace is recorded with probability `sampleRate`. A request that is not recorded costs no
 /// span: its trace context is passed on (a new one is made when it came without), so the next hop
 /// decides the same way and the access log still names the trace.
-public struct ProxyTracing: Sendable {
+/// A class: the data path reads it on every request, and a copy of a struct holding an
+/// existential, an atomic and two sets would be four retains and releases each time.
+public final class ProxyTracing: Sendable {
     public let tracer: any Tracer
     public let sampleRate: Double
     /// Cleared by ``stop()``: from then on nothing is recorded (contexts are still passed on).
@@ -49,8 +51,11 @@ public struct ProxyTracing: Sendable {
 /// no allocation here beyond the `traceparent` it sends; the ids are formatted for the access log
 /// only when a line is written.
 struct RequestTrace {
-    /// The recorded span; nil when the trace is not sampled.
-    let span: (any Span)?
+    /// The recorded span; nil when the trace is not sampled. Boxed in a class so that copying
+    /// the value (the exchange and the request head sent upstream each hold one) is a retain, not
+    /// an existential's value-witness copy, and nothing at all for an unrecorded request.
+    private let recorded: RecordedSpan?
+    var span: (any Span)? { recorded?.span }
     /// The ids sent upstream: the span's when recorded, else the caller's or new ones (plain
     /// integers, as every request carries them; a `TraceContext`, with its trace-state storage,
     /// is made only for a recorded span).
@@ -63,12 +68,20 @@ struct RequestTrace {
     /// that came with W3C headers, which go on untouched.
     let replacesHeaders: Bool
 
+    init(span: (any Span)?, ids: TraceIDs, state: String?, kind: SpanKind, replacesHeaders: Bool) {
+        self.recorded = span.map(RecordedSpan.init)
+        self.ids = ids
+        self.state = state
+        self.kind = kind
+        self.replacesHeaders = replacesHeaders
+    }
+
     /// The `traceparent` (and `tracestate`) sent upstream.
     var traceparent: String { TraceHeaders.traceparent(ids) }
     var tracestate: String? { state }
     /// For the access log: the trace's id, and this proxy's span id when it recorded one.
     var traceID: String { ids.traceIDHex }
-    var spanID: String? { span == nil ? nil : ids.spanIDHex }
+    var spanID: String? { recorded == nil ? nil : ids.spanIDHex }
 
     /// Reads the caller's trace context, decides sampling and, when sampled, starts the span.
     static func start(
@@ -403,3 +416,12 @@ struct TraceIDs: Sendable, Hashable {
         }
     }
 }
+
+/// A recorded span, held by reference (see ``RequestTrace``).
+final class RecordedSpan {
+    let span: any Span
+    init(_ span: any Span) { self.span = span }
+}
+
+@available(*, unavailable)
+extension RecordedSpan: Sendable {}
