@@ -1,3 +1,4 @@
+import Foundation
 import NIOCore
 import NIOHTTP1
 import Testing
@@ -248,6 +249,17 @@ import Testing
             try relayed(upstream) == "HTTP/1.1 200 OK\r\nServer: nginx\r\nContent-Type: text/plain; charset=UTF-8\r\n"
                 + "Content-Length: 12\r\nVia: 1.0 older\r\nX-Empty:\r\nvia: 1.1 trellis\r\n\r\n"
         )
+    }
+
+    /// Lines that grow when written (a bare LF becomes CRLF, `TE` becomes `te: trailers`) stay
+    /// within the memory reserved for the head (debug builds check each piece).
+    @Test func aHeadOfLinesThatGrowStaysWithinItsBound() throws {
+        let lines = String(repeating: "a:\n", count: 300) + String(repeating: "TE:trailers\n", count: 100)
+        let text = try relayed("HTTP/1.1 200 OK\n" + lines + "Content-Length: 0\n\n")
+        #expect(text.hasPrefix("HTTP/1.1 200 OK\r\na:\r\na:\r\n"))
+        #expect(text.components(separatedBy: "a:\r\n").count == 301)
+        #expect(text.components(separatedBy: "te: trailers\r\n").count == 101)
+        #expect(text.hasSuffix("Content-Length: 0\r\nvia: 1.1 trellis\r\n\r\n"))
     }
 
     @Test func framingAndConnectionFieldsAreThisConnections() throws {

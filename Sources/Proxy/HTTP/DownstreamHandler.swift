@@ -316,7 +316,7 @@ extension DownstreamHandler: DownstreamStream {
         let hasBody = !machine.requestIsHEAD && code >= 200 && code != 204 && code != 304 && code != 101
         chunkedResponse = hasBody && !head.hasContentLength && version == .http1_1
         var capacity = 160 + (hasBody && head.hasContentLength ? Self.coalescedBodyBytes : 0)
-        if case .raw(let raw) = head.fields { capacity += raw.block.readableBytes + raw.statusText.readableBytes }
+        if case .raw(let raw) = head.fields { capacity += HeaderRewriting.responseHeadBound(raw) }
         var buffer = context.channel.allocator.buffer(capacity: capacity)
         HeaderRewriting.writeHTTP1Response(
             head,
@@ -345,15 +345,10 @@ extension DownstreamHandler: DownstreamStream {
         }
         writeUnsentHead()
         guard buffer.readableBytes > 0, let context else { return }
-        var size = context.channel.allocator.buffer(capacity: 20)
-        size.writeString(String(buffer.readableBytes, radix: 16))
-        size.writeStaticString("\r\n")
-        write(size)
+        write(HeaderRewriting.chunkSizeLine(buffer.readableBytes, context.channel.allocator))
         write(buffer)
-        write(Self.lineEnd)
+        write(HeaderRewriting.lineEnd)
     }
-
-    private static let lineEnd = ByteBuffer(staticString: "\r\n")
 
     func respondWithError(_ error: ProxyError, requestEnded: Bool, requestHasBody: Bool) {
         let keepAlive = machine.errorResponse(requestEnded: requestEnded, requestHasBody: requestHasBody)

@@ -147,7 +147,7 @@ enum HeaderRewriting {
         // Fields named in `Connection` are hop-by-hop too, wherever they came (rare).
         let skipping = found.connectionOptions.map { $0.lowercased() }
         out.writeWithUnsafeMutableBytes(minimumWritableBytes: length.count) { raw in
-            var memory = HeadMemory(raw.baseAddress!)
+            var memory = HeadMemory(raw)
             _ = emitRequest(request, skipping: skipping, into: &memory)
             return memory.count
         }
@@ -258,6 +258,16 @@ enum HeaderRewriting {
             || lowercased == "transfer-encoding"
     }
 
+    /// A chunk's size line (its data and ``lineEnd`` follow).
+    static func chunkSizeLine(_ bytes: Int, _ allocator: ByteBufferAllocator) -> ByteBuffer {
+        var line = allocator.buffer(capacity: 20)
+        line.writeString(String(bytes, radix: 16))
+        line.writeStaticString("\r\n")
+        return line
+    }
+
+    static let lineEnd = ByteBuffer(staticString: "\r\n")
+
     /// The end of a chunked body: the last chunk, the trailers, the empty line.
     static func writeLastChunk(_ trailers: HTTPHeaders?, into out: inout ByteBuffer) {
         out.writeStaticString("0\r\n")
@@ -284,57 +294,48 @@ enum HeaderRewriting {
         chunked: Bool,
         into out: inout ByteBuffer
     ) {
+        let framing = ClientFraming(requestVersion: requestVersion, keepAlive: keepAlive, chunked: chunked)
         switch head.fields {
         case .raw(let raw):
-            // At most what came, plus the fields added here (under 128 bytes).
-            let bound = raw.statusText.readableBytes + raw.block.readableBytes + 128
-            out.writeWithUnsafeMutableBytes(minimumWritableBytes: bound) { memory in
-                var sink = HeadMemory(memory.baseAddress!)
-                emitResponse(
-                    raw,
-                    head,
-                    requestVersion: requestVersion,
-                    keepAlive: keepAlive,
-                    chunked: chunked,
-                    into: &sink
-                )
+            out.writeWithUnsafeMutableBytes(minimumWritableBytes: responseHeadBound(raw)) { memory in
+                var sink = HeadMemory(memory)
+                emitResponse(raw, head, framing, into: &sink)
                 return sink.count
             }
         case .decoded(let headers):
             var length = HeadLength()
             let s = scan(headers, extra: 0)
-            emitDecodedResponse(
-                s,
-                head,
-                requestVersion: requestVersion,
-                keepAlive: keepAlive,
-                chunked: chunked,
-                into: &length
-            )
+            emitDecodedResponse(s, head, framing, into: &length)
             out.writeWithUnsafeMutableBytes(minimumWritableBytes: length.count) { memory in
-                var sink = HeadMemory(memory.baseAddress!)
-                emitDecodedResponse(
-                    s,
-                    head,
-                    requestVersion: requestVersion,
-                    keepAlive: keepAlive,
-                    chunked: chunked,
-                    into: &sink
-                )
+                var sink = HeadMemory(memory)
+                emitDecodedResponse(s, head, framing, into: &sink)
                 return sink.count
             }
         }
     }
 
+    /// The most bytes ``writeHTTP1Response`` writes for an HTTP/1 upstream's head: a copied line
+    /// grows by at most 2 bytes (a bare LF written as CRLF; `TE` written as `te: trailers`) and a
+    /// line has at least 3 (`a:` and LF), so twice the block is a bound; plus the status line's
+    /// version and the fields added (under 128 bytes).
+    static func responseHeadBound(_ raw: RawResponseHead) -> Int {
+        raw.statusText.readableBytes + 2 * raw.block.readableBytes + 128
+    }
+
+    /// How the client's connection frames this response.
+    private struct ClientFraming {
+        var requestVersion: HTTPVersion
+        var keepAlive: Bool
+        var chunked: Bool
+    }
+
     private static func emitResponse<Sink: HeadSink>(
         _ raw: RawResponseHead,
         _ head: ResponseHead,
-        requestVersion: HTTPVersion,
-        keepAlive: Bool,
-        chunked: Bool,
+        _ framing: ClientFraming,
         into out: inout Sink
     ) {
-        out.put(requestVersion == .http1_0 ? "HTTP/1.0 " : "HTTP/1.1 ")
+        out.put(framing.requestVersion == .http1_0 ? "HTTP/1.0 " : "HTTP/1.1 ")
         raw.statusText.withUnsafeReadableBytes { out.put($0) }
         out.put("\r\n")
         // The upstream's field lines as received but for the hop-by-hop ones (and those its
@@ -366,19 +367,17 @@ enum HeaderRewriting {
             }
         }
         out.put(head.version.minor == 0 ? "via: 1.0 trellis\r\n" : "via: 1.1 trellis\r\n")
-        emitResponseEnd(requestVersion: requestVersion, keepAlive: keepAlive, chunked: chunked, into: &out)
+        emitResponseEnd(framing, into: &out)
     }
 
     /// An HTTP/2 upstream's response for an HTTP/1 client: its fields as scanned.
     private static func emitDecodedResponse<Sink: HeadSink>(
         _ s: Scan,
         _ head: ResponseHead,
-        requestVersion: HTTPVersion,
-        keepAlive: Bool,
-        chunked: Bool,
+        _ framing: ClientFraming,
         into out: inout Sink
     ) {
-        out.put(requestVersion == .http1_0 ? "HTTP/1.0 " : "HTTP/1.1 ")
+        out.put(framing.requestVersion == .http1_0 ? "HTTP/1.0 " : "HTTP/1.1 ")
         out.put(String(head.status.code))
         out.put(" ")
         out.put(head.status.reasonPhrase)
@@ -386,19 +385,14 @@ enum HeaderRewriting {
         for (name, value) in s.headers { out.putField(name, value) }
         if let forwardedFor = s.forwardedFor { out.putField("x-forwarded-for", forwardedFor) }
         out.putField("via", viaValue(existing: s.via, version: head.version))
-        emitResponseEnd(requestVersion: requestVersion, keepAlive: keepAlive, chunked: chunked, into: &out)
+        emitResponseEnd(framing, into: &out)
     }
 
-    private static func emitResponseEnd<Sink: HeadSink>(
-        requestVersion: HTTPVersion,
-        keepAlive: Bool,
-        chunked: Bool,
-        into out: inout Sink
-    ) {
-        if chunked { out.put("transfer-encoding: chunked\r\n") }
-        if !keepAlive {
+    private static func emitResponseEnd<Sink: HeadSink>(_ framing: ClientFraming, into out: inout Sink) {
+        if framing.chunked { out.put("transfer-encoding: chunked\r\n") }
+        if !framing.keepAlive {
             out.put("connection: close\r\n")
-        } else if requestVersion == .http1_0 {
+        } else if framing.requestVersion == .http1_0 {
             out.put("connection: keep-alive\r\n")
         }
         out.put("\r\n")
@@ -476,14 +470,22 @@ struct HeadLength: HeadSink {
     mutating func putTraceparent(_ ids: TraceIDs) { count += TraceHeaders.traceparentLength }
 }
 
-/// Copies into memory reserved beforehand (at least what a ``HeadLength`` measured).
+/// Copies into memory reserved beforehand (at least what a ``HeadLength`` measured, or a proven
+/// bound); debug builds, and so the tests, check every piece against it.
 struct HeadMemory: HeadSink {
     private let base: UnsafeMutableRawPointer
+    private let capacity: Int
     private(set) var count = 0
 
-    init(_ base: UnsafeMutableRawPointer) { self.base = base }
+    init(_ memory: UnsafeMutableRawBufferPointer) {
+        self.base = memory.baseAddress!
+        self.capacity = memory.count
+    }
+
+    private func fits(_ n: Int) -> Bool { count + n <= capacity }
 
     mutating func put(_ text: StaticString) {
+        assert(fits(text.utf8CodeUnitCount), "head larger than reserved")
         (base + count).copyMemory(from: text.utf8Start, byteCount: text.utf8CodeUnitCount)
         count += text.utf8CodeUnitCount
     }
@@ -491,17 +493,20 @@ struct HeadMemory: HeadSink {
     mutating func put(_ text: String) {
         var text = text
         text.withUTF8 { utf8 in
+            assert(fits(utf8.count), "head larger than reserved")
             if let start = utf8.baseAddress { (base + count).copyMemory(from: start, byteCount: utf8.count) }
             count += utf8.count
         }
     }
 
     mutating func put(_ bytes: UnsafeRawBufferPointer) {
+        assert(fits(bytes.count), "head larger than reserved")
         if let start = bytes.baseAddress { (base + count).copyMemory(from: start, byteCount: bytes.count) }
         count += bytes.count
     }
 
     mutating func putTraceparent(_ ids: TraceIDs) {
+        assert(fits(TraceHeaders.traceparentLength), "head larger than reserved")
         TraceHeaders.write(
             ids,
             into: UnsafeMutableBufferPointer(

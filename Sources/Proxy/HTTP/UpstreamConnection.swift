@@ -75,12 +75,10 @@ final class UpstreamConnection: ChannelDuplexHandler {
         case .body(let buffer):
             if chunkedRequest {
                 guard buffer.readableBytes > 0 else { break }
-                var size = context.channel.allocator.buffer(capacity: 20)
-                size.writeString(String(buffer.readableBytes, radix: 16))
-                size.writeStaticString("\r\n")
+                let size = HeaderRewriting.chunkSizeLine(buffer.readableBytes, context.channel.allocator)
                 context.write(wrapOutboundOut(size), promise: nil)
                 context.write(wrapOutboundOut(buffer), promise: nil)
-                context.write(wrapOutboundOut(ByteBuffer(staticString: "\r\n")), promise: nil)
+                context.write(wrapOutboundOut(HeaderRewriting.lineEnd), promise: nil)
             } else {
                 context.write(wrapOutboundOut(buffer), promise: nil)
             }
