@@ -96,7 +96,12 @@ struct TracingTests {
                 configA.listeners[0].trafficDirection = .outbound
                 let a = try await ProxyHarness.start(configA, group: group, tracing: tracingA)
                 defer { Task { await a.stop() } }
-                return try await body(a.port, upstream)
+                let result = try await body(a.port, upstream)
+                // The proxies stop before their exporters, as in the agent: a proxy ends the
+                // spans it still batches (SpanEnds) when it shuts down.
+                await a.stop()
+                await b.stop()
+                return result
             }
         }
     }
@@ -280,6 +285,7 @@ struct TracingTests {
             )
             defer { Task { await proxy.stop() } }
             #expect(try await TestHTTPClient.get(port: proxy.port, "/logged", group: group).status == .ok)
+            await proxy.stop()  // before the exporter, as in the agent
         }
         let span = try #require(await receiver.spans(atLeast: 1).first)
         let line = try #require(try await log.lines(atLeast: 1).first)

@@ -52,7 +52,7 @@ enum ExchangeCompletion {
             listener.sentBytes.increment(by: request.responseBytes)
         }
         for middleware in chain { middleware.onComplete(request) }
-        request.trace?.finish(request)
+        request.trace?.finish(request, ends: loop.spanEnds)
         if accessLog, let log = loop.accessLog { self.log(request, elapsed: elapsed, to: log, loop: loop) }
     }
 

@@ -138,9 +138,10 @@ struct RequestTrace {
     }
 
     /// Ends the span with what the request became (HTTP semantic conventions, plus Trellis's own
-    /// `trellis.*` attributes).
-    func finish(_ r: RequestContext) {
+    /// `trellis.*` attributes), at this instant, through the loop's batch (``SpanEnds``).
+    func finish(_ r: RequestContext, ends: SpanEnds) {
         guard let span else { return }
+        let now = DefaultTracerClock.now
         let status = r.responseStatus.map { Int($0.code) }
         let service =
             r.cluster?.config.originalDestination == true ? nil : r.clusterName.flatMap(AccessLogRecord.service)
@@ -190,7 +191,7 @@ struct RequestTrace {
         if r.retries > 0 { attributes["trellis.retries"] = r.retries }
         span.attributes = attributes
         if failed { span.setStatus(SpanStatus(code: .error, message: r.error?.token)) }
-        span.end()
+        ends.end(span, at: now)
     }
 
     /// `host:port`, `[v6]:port` or `host`.
@@ -425,3 +426,36 @@ final class RecordedSpan {
 
 @available(*, unavailable)
 extension RecordedSpan: Sendable {}
+
+/// The spans one event loop has finished, ended in a batch every few milliseconds instead of one
+/// by one: ending a span hands it to the exporter's task (swift-otel's batch processor reads an
+/// `AsyncStream`), and a hand-off per span woke that task per span. Each span keeps the instant
+/// its request finished.
+final class SpanEnds {
+    private let eventLoop: any EventLoop
+    private var pending: [(span: any Span, at: DefaultTracerClock.Instant)] = []
+    private var scheduled = false
+    /// How long a finished span may wait for its batch.
+    static let delay = TimeAmount.milliseconds(20)
+
+    init(eventLoop: any EventLoop) { self.eventLoop = eventLoop }
+
+    func end(_ span: any Span, at instant: DefaultTracerClock.Instant) {
+        pending.append((span, instant))
+        guard !scheduled else { return }
+        scheduled = true
+        let bound = NIOLoopBound(self, eventLoop: eventLoop)
+        eventLoop.scheduleTask(in: Self.delay) { bound.value.endAll() }
+    }
+
+    /// Ends every pending span now (also at shutdown).
+    func endAll() {
+        scheduled = false
+        let batch = pending
+        pending.removeAll(keepingCapacity: true)
+        for (span, instant) in batch { span.end(at: instant) }
+    }
+}
+
+@available(*, unavailable)
+extension SpanEnds: Sendable {}

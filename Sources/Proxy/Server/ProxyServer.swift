@@ -135,6 +135,7 @@ public final class ProxyServer: Service, Sendable {
             try? await bound.eventLoop.submit {
                 bound.value.pool.shutdown()
                 bound.value.deadlines.shutdown()
+                bound.value.spanEnds.endAll()
             }.get()
         }
     }
