@@ -103,6 +103,9 @@ final class HTTP2DownstreamHandler: ChannelInboundHandler {
         context.fireChannelInactive()
     }
 
+    /// The streams of the current read that were closed in it too (see ``channelRead``).
+    private var resetOnArrival: Set<Int32> = []
+
     func channelRead(context: ChannelHandlerContext, data: NIOAny) {
         let bytes = unwrapInboundIn(data)
         let events: [HTTP2Session.Event]
@@ -112,6 +115,10 @@ final class HTTP2DownstreamHandler: ChannelInboundHandler {
             fail(error)
             return
         }
+        // Streams opened and closed in this one read (rapid reset, CVE-2023-44487): their
+        // requests are counted but never started, so a reset costs the upstream nothing.
+        resetOnArrival.removeAll()
+        for case .closed(let id, _) in events where streams[id] == nil { resetOnArrival.insert(id) }
         for event in events { handle(event) }
         // Frames go out once per batch of reads (channelReadComplete), not once per read.
         outputReady()
@@ -158,6 +165,9 @@ final class HTTP2DownstreamHandler: ChannelInboundHandler {
             if let stream = streams[id] {
                 // Trailers end the request.
                 stream.exchange?.requestEnd(HTTP2DownstreamStream.trailers(block))
+            } else if resetOnArrival.contains(id) {
+                loop.stats.downstreamRequests.increment()
+                loop.stats.record(.clientDisconnect("HTTP/2 stream reset in the read that opened it"))
             } else {
                 openStream(id, block)
             }
