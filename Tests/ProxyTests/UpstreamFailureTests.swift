@@ -8,6 +8,10 @@ import TrellisPolicy
 
 @testable import Proxy
 
+#if canImport(Glibc)
+import Glibc
+#endif
+
 /// What the client sees when the upstream is slow, absent or misbehaves.
 @Suite struct UpstreamFailureTests {
     let group = MultiThreadedEventLoopGroup.singleton
@@ -40,10 +44,12 @@ import TrellisPolicy
     }
 
     @Test func refusedConnectionIs503UpstreamConnectFailure() async throws {
-        // A port that was just bound and released: nothing listens there.
-        let probe = try await TestUpstream.start(name: "gone", group: group)
-        let port = probe.port
-        await probe.stop()
+        // A port held by a bound socket that does not listen: connections to it are refused, and
+        // no other test can take it meanwhile (a port released after use could be handed out
+        // again by the kernel to a parallel test's server).
+        let holder = try RefusingPort()
+        defer { holder.close() }
+        let port = holder.port
         let proxy = try await ProxyHarness.start(
             gatewayConfig(
                 virtualHosts: catchAll("gone"),
@@ -222,4 +228,34 @@ import TrellisPolicy
         }
         #expect(a.connections <= 2, "upstream saw \(a.connections) connections for 5 sequential requests")
     }
+}
+
+/// A loopback TCP port bound and not listening: connecting to it is refused, while it is held.
+struct RefusingPort {
+    let fd: Int32
+    let port: Int
+
+    init() throws {
+        let socketFD = socket(AF_INET, Int32(SOCK_STREAM.rawValue), 0)
+        guard socketFD >= 0 else { throw POSIXError(.EMFILE) }
+        var address = sockaddr_in()
+        address.sin_family = sa_family_t(AF_INET)
+        address.sin_addr.s_addr = inet_addr("127.0.0.1")
+        address.sin_port = 0
+        var length = socklen_t(MemoryLayout<sockaddr_in>.size)
+        let bound = withUnsafePointer(to: &address) {
+            $0.withMemoryRebound(to: sockaddr.self, capacity: 1) { bind(socketFD, $0, length) }
+        }
+        guard bound == 0 else {
+            Glibc.close(socketFD)
+            throw POSIXError(.EADDRINUSE)
+        }
+        _ = withUnsafeMutablePointer(to: &address) {
+            $0.withMemoryRebound(to: sockaddr.self, capacity: 1) { getsockname(socketFD, $0, &length) }
+        }
+        fd = socketFD
+        port = Int(UInt16(bigEndian: address.sin_port))
+    }
+
+    func close() { Glibc.close(fd) }
 }
