@@ -312,8 +312,7 @@ extension DownstreamHandler: DownstreamStream {
         guard let context else { return }
         let keepAlive = machine.responseHead(requestEnded: requestEnded, hasContentLength: head.hasContentLength)
         let version = machine.requestVersion
-        let code = head.status.code
-        let hasBody = !machine.requestIsHEAD && code >= 200 && code != 204 && code != 304 && code != 101
+        let hasBody = !machine.requestIsHEAD && head.status.mayHaveResponseBody
         chunkedResponse = hasBody && !head.hasContentLength && version == .http1_1
         var capacity = 160 + (hasBody && head.hasContentLength ? Self.coalescedBodyBytes : 0)
         if case .raw(let raw) = head.fields { capacity += HeaderRewriting.responseHeadBound(raw) }

@@ -235,7 +235,7 @@ struct HTTP1ResponseParser {
             // The upstream switched protocols: nothing of what follows is HTTP/1.
             keepAlive = false
             state = .ending
-        } else if requestIsHEAD || code == 204 || code == 304 {
+        } else if requestIsHEAD || !status.mayHaveResponseBody {  // 204, 304
             state = .ending
         } else if framing.chunked {
             state = .chunkSize

@@ -433,8 +433,8 @@ extension RecordedSpan: Sendable {}
 /// its request finished.
 final class SpanEnds {
     private let eventLoop: any EventLoop
+    /// Ended by a task scheduled when the first of them arrived.
     private var pending: [(span: any Span, at: DefaultTracerClock.Instant)] = []
-    private var scheduled = false
     /// How long a finished span may wait for its batch.
     static let delay = TimeAmount.milliseconds(20)
 
@@ -442,15 +442,13 @@ final class SpanEnds {
 
     func end(_ span: any Span, at instant: DefaultTracerClock.Instant) {
         pending.append((span, instant))
-        guard !scheduled else { return }
-        scheduled = true
+        guard pending.count == 1 else { return }
         let bound = NIOLoopBound(self, eventLoop: eventLoop)
         eventLoop.scheduleTask(in: Self.delay) { bound.value.endAll() }
     }
 
     /// Ends every pending span now (also at shutdown).
     func endAll() {
-        scheduled = false
         let batch = pending
         pending.removeAll(keepingCapacity: true)
         for (span, instant) in batch { span.end(at: instant) }
