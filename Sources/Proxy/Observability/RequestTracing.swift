@@ -51,17 +51,16 @@ public final class ProxyTracing: Sendable {
 /// no allocation here beyond the `traceparent` it sends; the ids are formatted for the access log
 /// only when a line is written.
 struct RequestTrace {
-    /// The recorded span; nil when the trace is not sampled. Boxed in a class so that copying
-    /// the value (the exchange and the request head sent upstream each hold one) is a retain, not
-    /// an existential's value-witness copy, and nothing at all for an unrecorded request.
-    private let recorded: RecordedSpan?
-    var span: (any Span)? { recorded?.span }
+    /// The recorded span and the `tracestate` sent on, when there is either (nil for most requests
+    /// that are not recorded). One optional reference, so that copying the value (the exchange and
+    /// the request head sent upstream each hold one) is a retain at most, and the rest is plain
+    /// integers.
+    private let extra: TraceExtra?
+    var span: (any Span)? { extra?.span }
     /// The ids sent upstream: the span's when recorded, else the caller's or new ones (plain
     /// integers, as every request carries them; a `TraceContext`, with its trace-state storage,
     /// is made only for a recorded span).
     let ids: TraceIDs
-    /// The `tracestate` sent with them, as the caller or the tracer wrote it.
-    let state: String?
     /// Client on the agent's outbound listener, server everywhere else.
     let kind: SpanKind
     /// Whether the request's trace headers are replaced upstream; false for an unrecorded request
@@ -69,19 +68,19 @@ struct RequestTrace {
     let replacesHeaders: Bool
 
     init(span: (any Span)?, ids: TraceIDs, state: String?, kind: SpanKind, replacesHeaders: Bool) {
-        self.recorded = span.map(RecordedSpan.init)
+        self.extra = span == nil && state == nil ? nil : TraceExtra(span: span, state: state)
         self.ids = ids
-        self.state = state
         self.kind = kind
         self.replacesHeaders = replacesHeaders
     }
 
     /// The `traceparent` (and `tracestate`) sent upstream.
     var traceparent: String { TraceHeaders.traceparent(ids) }
-    var tracestate: String? { state }
+    /// The `tracestate` sent with them, as the caller or the tracer wrote it.
+    var tracestate: String? { extra?.state }
     /// For the access log: the trace's id, and this proxy's span id when it recorded one.
     var traceID: String { ids.traceIDHex }
-    var spanID: String? { recorded == nil ? nil : ids.spanIDHex }
+    var spanID: String? { extra?.span == nil ? nil : ids.spanIDHex }
 
     /// Reads the caller's trace context, decides sampling and, when sampled, starts the span.
     static func start(
@@ -139,72 +138,106 @@ struct RequestTrace {
 
     /// Ends the span with what the request became (HTTP semantic conventions, plus Trellis's own
     /// `trellis.*` attributes), at this instant, through the loop's batch (``SpanEnds``).
+    ///
+    /// The attributes are written as `SpanAttribute` values into a dictionary sized once: each
+    /// costs the span a hash and, in the exporter, a nested protobuf message (swift-protobuf sizes
+    /// a nested message once per level above it), so only what the conventions ask for is set:
+    /// `network.protocol.name` is left out (it is `http`, which the conventions say not to
+    /// repeat), `client.port` too (opt-in), and the error token is in `error.type` alone.
     func finish(_ r: RequestContext, ends: SpanEnds) {
         guard let span else { return }
         let now = DefaultTracerClock.now
-        let status = r.responseStatus.map { Int($0.code) }
+        let status = r.responseStatus.map { Int64($0.code) }
+        let method = r.head.method.rawValue
         let service =
             r.cluster?.config.originalDestination == true ? nil : r.clusterName.flatMap(AccessLogRecord.service)
-        span.operationName = service.map { "\(r.head.method.rawValue) \($0)" } ?? r.head.method.rawValue
+        span.operationName = service.map { method + " " + $0 } ?? method
         var attributes = SpanAttributes()
-        attributes["http.request.method"] = r.head.method.rawValue
+        attributes.reserveCapacity(Self.attributeCapacity)
+        attributes.set("http.request.method", value: .string(method))
         let target = r.head.uri
-        if let question = target.firstIndex(of: "?") {
-            attributes["url.path"] = String(target[..<question])
-            attributes["url.query"] = String(target[target.index(after: question)...])
+        if let question = target.utf8.firstIndex(of: UInt8(ascii: "?")) {
+            attributes.set("url.path", value: .string(String(target[..<question])))
+            attributes.set("url.query", value: .string(String(target[target.utf8.index(after: question)...])))
         } else {
-            attributes["url.path"] = target
+            attributes.set("url.path", value: .string(target))
         }
-        attributes["url.scheme"] = "http"
+        attributes.set("url.scheme", value: .string("http"))
         if let authority = r.head.headers.first(name: "host") {
             let (host, port) = Self.split(authority)
-            attributes["server.address"] = host
-            if let port { attributes["server.port"] = port }
+            attributes.set("server.address", value: .string(host))
+            if let port { attributes.set("server.port", value: .int64(port)) }
         }
-        attributes["network.protocol.name"] = "http"
-        attributes["network.protocol.version"] =
-            r.head.version.major == 2 ? "2" : "\(r.head.version.major).\(r.head.version.minor)"
-        if let status { attributes["http.response.status_code"] = status }
-        if let agent = r.head.headers.first(name: "user-agent") { attributes["user_agent.original"] = agent }
-        if let ip = r.clientIP { attributes["client.address"] = ip }
-        if let port = r.remoteAddress?.port { attributes["client.port"] = port }
+        attributes.set("network.protocol.version", value: .string(Self.protocolVersion(r.head.version)))
+        if let status { attributes.set("http.response.status_code", value: .int64(status)) }
+        if let agent = r.head.headers.first(name: "user-agent") {
+            attributes.set("user_agent.original", value: .string(agent))
+        }
+        if let ip = r.clientIP { attributes.set("client.address", value: .string(ip)) }
         if let endpoint = r.endpoint {
-            attributes["network.peer.address"] = endpoint.host
-            attributes["network.peer.port"] = endpoint.port
+            attributes.set("network.peer.address", value: .string(endpoint.host))
+            attributes.set("network.peer.port", value: .int64(Int64(endpoint.port)))
         }
-        if let service { attributes["peer.service"] = service }
+        if let service { attributes.set("peer.service", value: .string(service)) }
         if r.isGRPC {
-            attributes["rpc.system"] = "grpc"
-            if let grpc = r.error?.grpcStatus ?? r.grpcStatus { attributes["rpc.grpc.status_code"] = grpc }
+            attributes.set("rpc.system", value: .string("grpc"))
+            if let grpc = r.error?.grpcStatus ?? r.grpcStatus {
+                attributes.set("rpc.grpc.status_code", value: .int64(Int64(grpc)))
+            }
         }
         let failed = r.error != nil || (status ?? 0) >= 500 || (kind == .client && (status ?? 0) >= 400)
         if let token = r.error?.token {
-            attributes["error.type"] = token
-            attributes["trellis.error"] = token
+            attributes.set("error.type", value: .string(token))
         } else if failed, let status {
-            attributes["error.type"] = String(status)
+            attributes.set("error.type", value: .string(String(status)))
         }
-        attributes["trellis.listener"] = r.listenerName
-        if let route = r.routeName { attributes["trellis.route"] = route }
-        if let cluster = r.clusterName { attributes["trellis.cluster"] = cluster }
-        if let id = r.requestID { attributes["trellis.request_id"] = id }
-        if r.retries > 0 { attributes["trellis.retries"] = r.retries }
+        attributes.set("trellis.listener", value: .string(r.listenerName))
+        if let route = r.routeName { attributes.set("trellis.route", value: .string(route)) }
+        if let cluster = r.clusterName { attributes.set("trellis.cluster", value: .string(cluster)) }
+        if let id = r.requestID { attributes.set("trellis.request_id", value: .string(id)) }
+        if r.retries > 0 { attributes.set("trellis.retries", value: .int64(Int64(r.retries))) }
         span.attributes = attributes
         if failed { span.setStatus(SpanStatus(code: .error, message: r.error?.token)) }
         ends.end(span, at: now)
     }
 
-    /// `host:port`, `[v6]:port` or `host`.
-    private static func split(_ authority: String) -> (String, Int?) {
-        if authority.hasPrefix("["), let close = authority.firstIndex(of: "]") {
-            let host = String(authority[authority.index(after: authority.startIndex)..<close])
-            let rest = authority[authority.index(after: close)...]
-            return (host, rest.hasPrefix(":") ? Int(rest.dropFirst()) : nil)
+    /// The most attributes ``finish(_:ends:)`` sets (a retried gRPC request that failed, with a
+    /// query).
+    static let attributeCapacity = 21
+
+    private static func protocolVersion(_ version: HTTPVersion) -> String {
+        switch (version.major, version.minor) {
+        case (1, 1): "1.1"
+        case (1, 0): "1.0"
+        case (2, _): "2"
+        default: "\(version.major).\(version.minor)"
         }
-        if let colon = authority.lastIndex(of: ":"), let port = Int(authority[authority.index(after: colon)...]) {
+    }
+
+    /// `host:port`, `[v6]:port` or `host`; a port that is not a number is left in the host.
+    private static func split(_ authority: String) -> (String, Int64?) {
+        let utf8 = authority.utf8
+        if utf8.first == UInt8(ascii: "["), let close = utf8.firstIndex(of: UInt8(ascii: "]")) {
+            let host = String(authority[utf8.index(after: utf8.startIndex)..<close])
+            let rest = utf8[utf8.index(after: close)...]
+            guard rest.first == UInt8(ascii: ":") else { return (host, nil) }
+            return (host, port(rest.dropFirst()))
+        }
+        if let colon = utf8.lastIndex(of: UInt8(ascii: ":")), let port = port(utf8[utf8.index(after: colon)...]) {
             return (String(authority[..<colon]), port)
         }
         return (authority, nil)
+    }
+
+    /// A decimal port (1 to 5 digits, at most 65535); nil otherwise.
+    private static func port(_ digits: Substring.UTF8View) -> Int64? {
+        guard !digits.isEmpty, digits.count <= 5 else { return nil }
+        var value: Int64 = 0
+        for c in digits {
+            guard c >= UInt8(ascii: "0"), c <= UInt8(ascii: "9") else { return nil }
+            value = value * 10 + Int64(c &- UInt8(ascii: "0"))
+        }
+        return value <= 65535 ? value : nil
     }
 }
 
@@ -418,14 +451,18 @@ struct TraceIDs: Sendable, Hashable {
     }
 }
 
-/// A recorded span, held by reference (see ``RequestTrace``).
-final class RecordedSpan {
-    let span: any Span
-    init(_ span: any Span) { self.span = span }
+/// A recorded span and a trace state, held by reference (see ``RequestTrace``).
+final class TraceExtra {
+    let span: (any Span)?
+    let state: String?
+    init(span: (any Span)?, state: String?) {
+        self.span = span
+        self.state = state
+    }
 }
 
 @available(*, unavailable)
-extension RecordedSpan: Sendable {}
+extension TraceExtra: Sendable {}
 
 /// The spans one event loop has finished, ended in a batch every few milliseconds instead of one
 /// by one: ending a span hands it to the exporter's task (swift-otel's batch processor reads an
