@@ -219,8 +219,11 @@ for n in "trellis off" "trellis logs 1%" "trellis logs 100%" "trellis traces 0%"
   "trellis both 100%" "trellis off again" "envoy off" "envoy both 1%" "envoy both 100%"; do
   [ -n "${SAT[$n]:-}" ] || continue
   base="trellis off"; [[ "$n" == envoy* ]] && base="envoy off"
-  vs=$(awk -v a="${SAT[$n]}" -v b="${SAT[$base]}" 'BEGIN {printf "%+.1f%%", (a/b-1)*100}')
-  added=$(awk -v p="$(to_us "${P99[$n]}")" -v d="$(to_us "${P99[$base]}")" 'BEGIN {printf "%+.0f us", p-d}')
+  vs=- added=-  # no "off" run of that proxy (ONLY left it out): nothing to compare with
+  if [ -n "${SAT[$base]:-}" ]; then
+    vs=$(awk -v a="${SAT[$n]}" -v b="${SAT[$base]}" 'BEGIN {printf "%+.1f%%", (a/b-1)*100}')
+    added=$(awk -v p="$(to_us "${P99[$n]}")" -v d="$(to_us "${P99[$base]}")" 'BEGIN {printf "%+.0f us", p-d}')
+  fi
   printf '| %-20s | %9s | %9s | %8s | %8s | %10s | %11s | %9s | %9s |\n' "$n" "${SAT[$n]}" "$vs" "${P50[$n]}" "${P99[$n]}" "$added" \
     "${CPU[$n]}" "${LINES[$n]}" "${SPANS[$n]}"
 done

@@ -146,9 +146,10 @@ public struct AccessLogError: Error, CustomStringConvertible, Sendable {
     init(_ description: String) { self.description = description }
 }
 
-/// One event loop's access-log lines, gathered while the loop handles a batch of I/O and handed
-/// to the writer once the batch is done (or when 64 KiB are waiting), so that a busy loop sends one
-/// batch per iteration instead of one per request.
+/// One event loop's access-log lines, gathered and handed to the writer in batches: every
+/// ``flushDelay`` after the first line of a batch, or as soon as 64 KiB are waiting. Each batch
+/// wakes the writer's thread, so a sampled log (a line every few milliseconds) costs a wake-up
+/// per ``flushDelay``, not one per line. The proxy writes what is waiting when it shuts down.
 final class LoopAccessLog {
     let sink: AccessLog
     private let eventLoop: any EventLoop
@@ -156,6 +157,8 @@ final class LoopAccessLog {
     private var lines = 0
     private var flushScheduled = false
     static let batchBytes = 64 * 1024
+    /// How long a line may wait for its batch.
+    static let flushDelay = TimeAmount.milliseconds(100)
 
     init(sink: AccessLog, eventLoop: any EventLoop) {
         self.sink = sink
@@ -184,12 +187,15 @@ final class LoopAccessLog {
         } else if !flushScheduled {
             flushScheduled = true
             let bound = NIOLoopBound(self, eventLoop: eventLoop)
-            eventLoop.execute { bound.value.flush() }
+            eventLoop.scheduleTask(in: Self.flushDelay) {
+                bound.value.flushScheduled = false
+                bound.value.flush()
+            }
         }
     }
 
+    /// Hands what is waiting to the writer now (a scheduled flush finds nothing and does nothing).
     func flush() {
-        flushScheduled = false
         guard lines > 0 else { return }
         sink.submit(buffer, lines: lines)
         buffer = ByteBufferAllocator().buffer(capacity: 4096)

@@ -136,6 +136,7 @@ public final class ProxyServer: Service, Sendable {
                 bound.value.pool.shutdown()
                 bound.value.deadlines.shutdown()
                 bound.value.spanEnds.endAll()
+                bound.value.accessLog?.flush()
             }.get()
         }
     }
