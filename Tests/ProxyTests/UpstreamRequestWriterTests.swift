@@ -122,4 +122,72 @@ import Tracing
         #expect(!text.contains("ffffffff") && !text.contains("a=b"))
         #expect(text == viaNIO(request))
     }
+
+    /// The fields an HTTP/2 upstream gets come from the same rewriting: they equal NIO's rewritten
+    /// head converted to HTTP/2 (pseudo-headers, `:authority` from `Host`, lowercase names,
+    /// connection-specific fields and `Transfer-Encoding` left out), the conversion this replaced.
+    @Test func http2FieldsAreTheSameRewriting() {
+        func viaNIOAsHTTP2(_ request: UpstreamRequestHead) -> [String] {
+            let head = request.rewritten
+            var fields = [":method: \(head.method.rawValue)", ":scheme: http"]
+            if let host = head.headers.first(name: "host") { fields.append(":authority: \(host)") }
+            fields.append(":path: \(head.uri)")
+            for (name, value) in head.headers {
+                switch name.lowercased() {
+                case "host", "connection", "keep-alive", "proxy-connection", "transfer-encoding", "upgrade": continue
+                case "te": if value.lowercased().contains("trailers") { fields.append("te: trailers") }
+                default: fields.append("\(name.lowercased()): \(value)")
+                }
+            }
+            return fields
+        }
+        func http2(_ request: UpstreamRequestHead) -> [String] {
+            HeaderRewriting.http2RequestFields(request).map { "\($0.name): \($0.value)" }
+        }
+        var rng = FastRandom(seed: 11)
+        let requests = [
+            UpstreamRequestHead(
+                head: HTTPRequestHead(
+                    version: .http1_1,
+                    method: .GET,
+                    uri: "http://example.com/a?b=1",
+                    headers: [
+                        "Host": "example.com", "Connection": "keep-alive, X-Hop", "X-Hop": "1",
+                        "Keep-Alive": "timeout=5", "X-Forwarded-For": "10.0.0.1", "X-Forwarded-Proto": "https",
+                        "Via": "1.0 edge", "TE": "trailers, deflate", "Proxy-Authorization": "secret",
+                        "Accept": "*/*", "Upgrade": "h2c",
+                    ]
+                ),
+                clientIP: "127.0.0.9",
+                requestID: "rid-1"
+            ),
+            UpstreamRequestHead(
+                head: HTTPRequestHead(
+                    version: HTTPVersion(major: 2, minor: 0),
+                    method: .POST,
+                    uri: "/orders.Orders/Get",
+                    headers: [
+                        "host": "orders:8080", "content-type": "application/grpc", "te": "trailers",
+                        "transfer-encoding": "chunked",
+                        "traceparent": "00-ffffffffffffffffffffffffffffffff-ffffffffffffffff-01",
+                    ]
+                ),
+                clientIP: nil,
+                trace: RequestTrace(span: nil, ids: .random(&rng), state: "k=v", kind: .client, replacesHeaders: true)
+            ),
+            UpstreamRequestHead(
+                head: HTTPRequestHead(version: .http1_1, method: .PUT, uri: "/up", headers: ["content-length": "3"]),
+                clientIP: "::1"
+            ),
+        ]
+        for request in requests { #expect(http2(request) == viaNIOAsHTTP2(request)) }
+        #expect(
+            http2(requests[0]) == [
+                ":method: GET", ":scheme: http", ":authority: example.com", ":path: /a?b=1", "te: trailers",
+                "accept: */*", "x-request-id: rid-1", "x-forwarded-for: 10.0.0.1, 127.0.0.9", "x-forwarded-proto: http",
+                "via: 1.0 edge, 1.1 trellis",
+            ]
+        )
+        #expect(!http2(requests[1]).contains { $0.hasPrefix("transfer-encoding") || $0.contains("ffffffff") })
+    }
 }

@@ -163,39 +163,53 @@ enum HeaderRewriting {
         var via: String?
     }
 
-    private static func emitRequest<Sink: HeadSink>(
+    /// The fields sent to an HTTP/2 upstream for a client's request: the same rewriting as
+    /// ``writeHTTP1Request(_:into:)`` (one function, ``emitRequest(_:skipping:into:)``, decides
+    /// both), as pseudo-headers (`:authority` from `Host`) and lowercase fields without the
+    /// connection-specific ones (RFC 9113 §8.2.2).
+    static func http2RequestFields(_ request: UpstreamRequestHead) -> [(name: String, value: String)] {
+        var fields = HTTP2RequestFields(
+            authority: request.head.headers.first(name: "host"),
+            capacity: request.head.headers.count + 10
+        )
+        let found = emitRequest(request, skipping: [], into: &fields)
+        guard !found.connectionOptions.isEmpty else { return fields.fields }
+        // Fields named in `Connection` are hop-by-hop too (rare): written again without them.
+        fields = HTTP2RequestFields(authority: fields.authority, capacity: fields.fields.count)
+        _ = emitRequest(request, skipping: found.connectionOptions.map { $0.lowercased() }, into: &fields)
+        return fields.fields
+    }
+
+    private static func emitRequest<Sink: RequestSink>(
         _ request: UpstreamRequestHead,
         skipping: [String],
         into out: inout Sink
     ) -> (chunked: Bool, connectionOptions: [Substring]) {
         let head = request.head
-        out.put(head.method.rawValue)
-        out.put(" ")
         if head.uri.utf8.first == UInt8(ascii: "/") || head.uri == "*" {
-            out.put(head.uri)
+            out.requestLine(method: head.method.rawValue, target: head.uri)
         } else {
-            out.put(String(RouteTable.pathAndQuery(of: head.uri)))
+            out.requestLine(method: head.method.rawValue, target: String(RouteTable.pathAndQuery(of: head.uri)))
         }
-        out.put(" HTTP/1.1\r\n")
         let replacingTraceContext = request.trace?.replacesHeaders ?? false
         var s = RequestFields()
         for (name, value) in head.headers {
             switch kind(of: name) {
             case .endToEnd:
                 if !skipping.isEmpty && skipping.contains(name.lowercased()) { continue }
-                out.putField(name, value)
+                out.field(name, value)
             case .traceContext:
-                if !replacingTraceContext { out.putField(name, value) }
+                if !replacingTraceContext { out.field(name, value) }
             case .contentLength:
                 guard head.method != .TRACE else { continue }
                 s.hasContentLength = true
-                out.putField(name, value)
+                out.field(name, value)
             case .connection:
                 s.connectionOptions.append(contentsOf: connectionOptions(value))
             case .hopByHop, .xForwardedProto:
                 continue
             case .te:
-                if value.lowercased().contains("trailers") { out.put("te: trailers\r\n") }
+                if value.lowercased().contains("trailers") { out.field("te", "trailers") }
             case .transferEncoding:
                 if value.lowercased().contains("chunked") { s.chunked = true }
             case .xForwardedFor:
@@ -204,12 +218,10 @@ enum HeaderRewriting {
                 s.via = s.via.map { "\($0), \(value)" } ?? value
             }
         }
-        if let requestID = request.requestID { out.putField("x-request-id", requestID) }
+        if let requestID = request.requestID { out.field("x-request-id", requestID) }
         if let trace = request.trace, trace.replacesHeaders {
-            out.put("traceparent: ")
-            out.putTraceparent(trace.ids)
-            out.put("\r\n")
-            if let state = trace.tracestate { out.putField("tracestate", state) }
+            out.traceparent(trace.ids)
+            if let state = trace.tracestate { out.field("tracestate", state) }
         }
         var chunked = false
         if !s.hasContentLength && head.method != .TRACE {
@@ -217,26 +229,20 @@ enum HeaderRewriting {
             case .POST, .PUT, .PATCH: chunked = true
             default: chunked = s.chunked
             }
-            if chunked { out.put("transfer-encoding: chunked\r\n") }
+            if chunked { out.chunkedFraming() }
         }
         if let ip = request.clientIP {
-            out.put("x-forwarded-for: ")
-            if let existing = s.forwardedFor {
-                out.put(existing)
-                out.put(", ")
-            }
-            out.put(ip)
-            out.put("\r\n")
+            out.forwardedFor(existing: s.forwardedFor, client: ip)
         } else if let existing = s.forwardedFor {
-            out.putField("x-forwarded-for", existing)
+            out.field("x-forwarded-for", existing)
         }
-        out.put("x-forwarded-proto: http\r\n")
+        out.field("x-forwarded-proto", "http")
         if s.via == nil && head.version == .http1_1 {
-            out.put("via: 1.1 trellis\r\n")
+            out.field("via", "1.1 trellis")
         } else {
-            out.putField("via", viaValue(existing: s.via, version: head.version))
+            out.field("via", viaValue(existing: s.via, version: head.version))
         }
-        out.put("\r\n")
+        out.end()
         return (chunked, s.connectionOptions)
     }
 
@@ -401,12 +407,34 @@ enum HeaderRewriting {
     /// The fields sent to an HTTP/2 client for an upstream response: `:status` first, names
     /// lowercase, connection-specific headers gone (RFC 9113 §8.2.2), framing left to HTTP/2.
     static func http2Response(_ head: ResponseHead) -> [(name: String, value: String)] {
-        let s = scan(head.headers, extra: 2)
+        let headers = head.headers
         var fields: [(name: String, value: String)] = [(":status", String(head.status.code))]
-        fields.reserveCapacity(s.headers.count + 3)
-        for (name, value) in s.headers { fields.append((name.asciiLowercased, value)) }
-        if let forwardedFor = s.forwardedFor { fields.append(("x-forwarded-for", forwardedFor)) }
-        fields.append(("via", viaValue(existing: s.via, version: head.version)))
+        fields.reserveCapacity(headers.count + 3)
+        var forwardedFor: String?
+        var via: String?
+        var options: [Substring] = []
+        for (name, value) in headers {
+            switch kind(of: name) {
+            case .endToEnd, .traceContext, .contentLength:
+                fields.append((name.asciiLowercased, value))
+            case .connection:
+                options.append(contentsOf: connectionOptions(value))
+            case .hopByHop, .xForwardedProto, .transferEncoding:
+                continue
+            case .te:
+                if value.lowercased().contains("trailers") { fields.append(("te", "trailers")) }
+            case .xForwardedFor:
+                forwardedFor = forwardedFor.map { "\($0), \(value)" } ?? value
+            case .via:
+                via = via.map { "\($0), \(value)" } ?? value
+            }
+        }
+        if !options.isEmpty {
+            let named = Set(options.map { $0.lowercased() })
+            fields.removeAll { named.contains($0.name) }
+        }
+        if let forwardedFor { fields.append(("x-forwarded-for", forwardedFor)) }
+        fields.append(("via", viaValue(existing: via, version: head.version)))
         return fields
     }
 
@@ -461,7 +489,113 @@ extension HeadSink {
     }
 }
 
-struct HeadLength: HeadSink {
+/// What ``HeaderRewriting`` writes a request head into, field by field: HTTP/1 bytes (the two
+/// ``HeadSink``s) or an HTTP/2 field list (``HTTP2RequestFields``). `name`s given as static
+/// strings are lowercase.
+protocol RequestSink {
+    mutating func requestLine(method: String, target: String)
+    mutating func field(_ name: String, _ value: String)
+    mutating func field(_ name: StaticString, _ value: String)
+    mutating func field(_ name: StaticString, _ value: StaticString)
+    mutating func traceparent(_ ids: TraceIDs)
+    /// `x-forwarded-for`: what the request had, then the client's address.
+    mutating func forwardedFor(existing: String?, client: String)
+    /// The body goes in chunks (`transfer-encoding: chunked` in HTTP/1; HTTP/2 frames it itself).
+    mutating func chunkedFraming()
+    mutating func end()
+}
+
+/// HTTP/1.1 bytes: the request line, `name: value` lines, the empty line.
+extension RequestSink where Self: HeadSink {
+    mutating func requestLine(method: String, target: String) {
+        put(method)
+        put(" ")
+        put(target)
+        put(" HTTP/1.1\r\n")
+    }
+
+    mutating func field(_ name: String, _ value: String) { putField(name, value) }
+
+    mutating func field(_ name: StaticString, _ value: String) {
+        put(name)
+        put(": ")
+        put(value)
+        put("\r\n")
+    }
+
+    mutating func field(_ name: StaticString, _ value: StaticString) {
+        put(name)
+        put(": ")
+        put(value)
+        put("\r\n")
+    }
+
+    mutating func traceparent(_ ids: TraceIDs) {
+        put("traceparent: ")
+        putTraceparent(ids)
+        put("\r\n")
+    }
+
+    mutating func forwardedFor(existing: String?, client: String) {
+        put("x-forwarded-for: ")
+        if let existing {
+            put(existing)
+            put(", ")
+        }
+        put(client)
+        put("\r\n")
+    }
+
+    mutating func chunkedFraming() { put("transfer-encoding: chunked\r\n") }
+
+    mutating func end() { put("\r\n") }
+}
+
+/// An HTTP/2 request's fields: pseudo-headers first, names lowercase, `Host` as `:authority`,
+/// and no framing field but `Content-Length` (HTTP/2 frames bodies itself). The connection-specific fields never
+/// reach a sink (``HeaderRewriting`` drops them), `te` only as `trailers`.
+struct HTTP2RequestFields: RequestSink {
+    private(set) var fields: [(name: String, value: String)] = []
+    let authority: String?
+
+    init(authority: String?, capacity: Int) {
+        self.authority = authority
+        fields.reserveCapacity(capacity)
+    }
+
+    mutating func requestLine(method: String, target: String) {
+        fields.append((":method", method))
+        fields.append((":scheme", "http"))
+        if let authority { fields.append((":authority", authority)) }
+        fields.append((":path", target))
+    }
+
+    mutating func field(_ name: String, _ value: String) {
+        let lower = name.asciiLowercased
+        if lower == "host" || lower == "transfer-encoding" { return }
+        fields.append((lower, value))
+    }
+
+    mutating func field(_ name: StaticString, _ value: String) {
+        fields.append((name.description, value))
+    }
+
+    mutating func field(_ name: StaticString, _ value: StaticString) {
+        fields.append((name.description, value.description))
+    }
+
+    mutating func traceparent(_ ids: TraceIDs) { fields.append(("traceparent", TraceHeaders.traceparent(ids))) }
+
+    mutating func forwardedFor(existing: String?, client: String) {
+        fields.append(("x-forwarded-for", existing.map { $0 + ", " + client } ?? client))
+    }
+
+    mutating func chunkedFraming() {}
+
+    mutating func end() {}
+}
+
+struct HeadLength: HeadSink, RequestSink {
     private(set) var count = 0
 
     mutating func put(_ text: StaticString) { count += text.utf8CodeUnitCount }
@@ -472,7 +606,7 @@ struct HeadLength: HeadSink {
 
 /// Copies into memory reserved beforehand (at least what a ``HeadLength`` measured, or a proven
 /// bound); debug builds, and so the tests, check every piece against it.
-struct HeadMemory: HeadSink {
+struct HeadMemory: HeadSink, RequestSink {
     private let base: UnsafeMutableRawPointer
     private let capacity: Int
     private(set) var count = 0

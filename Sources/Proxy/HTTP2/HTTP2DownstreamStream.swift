@@ -123,8 +123,10 @@ final class HTTP2DownstreamStream: DownstreamStream {
         var method: String?
         var path: String?
         var authority: String?
-        var headers = HTTPHeaders()
-        headers.reserveCapacity(block.fields.count + 1)
+        // Collected as pairs and handed to `HTTPHeaders` at once: nghttp2 has checked every
+        // name (lowercase token characters), so `HTTPHeaders.add`'s check of each is not repeated.
+        var fields: [(String, String)] = []
+        fields.reserveCapacity(block.fields.count + 2)
         var cookies: [String] = []
         var hasHost = false
         var hasLength = false
@@ -142,18 +144,19 @@ final class HTTP2DownstreamStream: DownstreamStream {
             case "cookie": cookies.append(value)
             case "host":
                 hasHost = true
-                headers.add(name: name, value: value)
+                fields.append((name, value))
             case "content-length":
                 hasLength = true
-                headers.add(name: name, value: value)
-            default: headers.add(name: name, value: value)
+                fields.append((name, value))
+            default: fields.append((name, value))
             }
         }
         guard let method, let path else { return nil }
-        if !hasHost, let authority { headers.replaceOrAdd(name: "host", value: authority) }
-        if !cookies.isEmpty { headers.add(name: "cookie", value: cookies.joined(separator: "; ")) }
+        if !hasHost, let authority { fields.append(("host", authority)) }
+        if !cookies.isEmpty { fields.append(("cookie", cookies.joined(separator: "; "))) }
         // A body of unknown length goes to an HTTP/1 upstream chunked.
-        if !block.endStream && !hasLength { headers.add(name: "transfer-encoding", value: "chunked") }
+        if !block.endStream && !hasLength { fields.append(("transfer-encoding", "chunked")) }
+        let headers = HTTPHeaders(fields)
         return HTTPRequestHead(
             version: HTTPVersion(major: 2, minor: 0),
             method: HTTPMethod(rawValue: method),

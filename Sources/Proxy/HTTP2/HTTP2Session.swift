@@ -474,8 +474,11 @@ final class HTTP2Session {
     ) -> R {
         scratchBytes.removeAll(keepingCapacity: true)
         for field in fields {
-            scratchBytes.append(contentsOf: field.name.utf8)
-            scratchBytes.append(contentsOf: field.value.utf8)
+            // Copied as contiguous UTF-8 (a memcpy), not byte by byte through the generic path.
+            var name = field.name
+            var value = field.value
+            name.withUTF8 { scratchBytes.append(contentsOf: $0) }
+            value.withUTF8 { scratchBytes.append(contentsOf: $0) }
         }
         scratchBytes.append(0)  // never empty, so the base address exists
         scratchNV.removeAll(keepingCapacity: true)

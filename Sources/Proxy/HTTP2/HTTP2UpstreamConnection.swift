@@ -212,7 +212,7 @@ final class HTTP2UpstreamStream: UpstreamStream {
     private(set) var id: Int32?
     var exchange: ProxyExchange?
     let isReused: Bool
-    private var head: HTTPRequestHead?
+    private var head: UpstreamRequestHead?
     private var requestEnded = false
     private var responseEnded = false
     private var responseHeadSeen = false
@@ -238,7 +238,7 @@ final class HTTP2UpstreamStream: UpstreamStream {
     func send(_ part: UpstreamRequestPart, flush: Bool) {
         switch part {
         case .head(let requestHead):
-            head = requestHead.rewritten
+            head = requestHead
         case .body(let buffer):
             guard let id = id ?? submitHead(endStream: false) else { return }
             session.send(stream: id, buffer)
@@ -291,7 +291,8 @@ final class HTTP2UpstreamStream: UpstreamStream {
     private func submitHead(endStream: Bool) -> Int32? {
         guard let head, !abandoned else { return nil }
         self.head = nil
-        guard let id = connection.submit(self, headers: Self.requestFields(head), endStream: endStream) else {
+        let fields = HeaderRewriting.http2RequestFields(head)
+        guard let id = connection.submit(self, headers: fields, endStream: endStream) else {
             isClosed = true
             exchange?.upstreamClosed(error: HTTP2StreamError(code: 7, connectionClosed: true))
             return nil
@@ -313,11 +314,14 @@ final class HTTP2UpstreamStream: UpstreamStream {
             exchange.upstreamClosed(error: HTTPParserError.invalidStatus)
             return
         }
-        var headers = HTTPHeaders()
-        headers.reserveCapacity(block.fields.count)
+        // nghttp2 has checked every name: the pairs go to `HTTPHeaders` at once, without
+        // `HTTPHeaders.add`'s check of each.
+        var fields: [(String, String)] = []
+        fields.reserveCapacity(block.fields.count)
         for (name, value) in block.fields where name.utf8.first != UInt8(ascii: ":") {
-            headers.add(name: name, value: value)
+            fields.append((name, value))
         }
+        let headers = HTTPHeaders(fields)
         let head = HTTPResponseHead(
             version: HTTPVersion(major: 2, minor: 0),
             status: HTTPResponseStatus(statusCode: code),
@@ -358,26 +362,6 @@ final class HTTP2UpstreamStream: UpstreamStream {
         isClosed = true
         guard let exchange, !responseEnded else { return }
         exchange.upstreamClosed(error: error)
-    }
-
-    /// The request as HTTP/2 fields: pseudo-headers first (`:authority` from `Host`), names
-    /// lowercase, connection-specific headers left out (RFC 9113 §8.2.2; `te` only as `trailers`).
-    static func requestFields(_ head: HTTPRequestHead) -> [(name: String, value: String)] {
-        var fields: [(name: String, value: String)] = [
-            (":method", head.method.rawValue), (":scheme", "http"),
-        ]
-        fields.reserveCapacity(head.headers.count + 4)
-        if let host = head.headers.first(name: "host") { fields.append((":authority", host)) }
-        fields.append((":path", head.uri))
-        for (name, value) in head.headers {
-            let lower = name.asciiLowercased
-            switch lower {
-            case "host", "connection", "keep-alive", "proxy-connection", "transfer-encoding", "upgrade": continue
-            case "te": if value.lowercased().contains("trailers") { fields.append(("te", "trailers")) }
-            default: fields.append((lower, value))
-            }
-        }
-        return fields
     }
 }
 
