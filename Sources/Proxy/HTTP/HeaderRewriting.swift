@@ -439,8 +439,15 @@ enum HeaderRewriting {
     }
 
     private static func viaValue(existing: String?, version: HTTPVersion) -> String {
-        let entry = version == .http1_1 ? "1.1 trellis" : "\(version.major).\(version.minor) trellis"
-        return existing.map { "\($0), \(entry)" } ?? entry
+        // The versions every request has are constants, not formatted per request.
+        let entry =
+            switch (version.major, version.minor) {
+            case (1, 1): "1.1 trellis"
+            case (2, 0): "2.0 trellis"
+            case (1, 0): "1.0 trellis"
+            default: "\(version.major).\(version.minor) trellis"
+            }
+        return existing.map { $0 + ", " + entry } ?? entry
     }
 }
 
