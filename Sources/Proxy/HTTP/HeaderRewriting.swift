@@ -64,9 +64,10 @@ enum HeaderRewriting {
         return true
     }
 
-    /// What one pass over a head found.
+    /// What one pass over a head found. The fields passed on are kept as pairs, not `HTTPHeaders`:
+    /// their names came through a parser that checked them, and `HTTPHeaders.add` checks each again.
     private struct Scan {
-        var headers = HTTPHeaders()
+        var fields: [(name: String, value: String)] = []
         var chunked = false
         var hasContentLength = false
         var forwardedFor: String?
@@ -77,22 +78,22 @@ enum HeaderRewriting {
 
     private static func scan(_ headers: HTTPHeaders, extra: Int, replacingTraceContext: Bool = false) -> Scan {
         var s = Scan()
-        s.headers.reserveCapacity(headers.count + extra)
+        s.fields.reserveCapacity(headers.count + extra)
         for (name, value) in headers {
             switch kind(of: name) {
             case .endToEnd:
-                s.headers.add(name: name, value: value)
+                s.fields.append((name, value))
             case .traceContext:
-                if !replacingTraceContext { s.headers.add(name: name, value: value) }
+                if !replacingTraceContext { s.fields.append((name, value)) }
             case .contentLength:
                 s.hasContentLength = true
-                s.headers.add(name: name, value: value)
+                s.fields.append((name, value))
             case .connection:
                 s.connectionOptions.append(contentsOf: connectionOptions(value))
             case .hopByHop, .xForwardedProto:
                 continue
             case .te:
-                if value.lowercased().contains("trailers") { s.headers.add(name: "te", value: "trailers") }
+                if value.lowercased().contains("trailers") { s.fields.append(("te", "trailers")) }
             case .transferEncoding:
                 if value.lowercased().contains("chunked") { s.chunked = true }
             case .xForwardedFor:
@@ -101,7 +102,10 @@ enum HeaderRewriting {
                 s.via = s.via.map { "\($0), \(value)" } ?? value
             }
         }
-        for option in s.connectionOptions { s.headers.remove(name: String(option)) }
+        if !s.connectionOptions.isEmpty {
+            let named = Set(s.connectionOptions.map { $0.lowercased() })
+            s.fields.removeAll { named.contains($0.name.lowercased()) }
+        }
         return s
     }
 
@@ -116,24 +120,29 @@ enum HeaderRewriting {
     ) -> HTTPRequestHead {
         let replacing = trace?.replacesHeaders ?? false
         var s = scan(head.headers, extra: 7, replacingTraceContext: replacing)
-        if let requestID { s.headers.add(name: "x-request-id", value: requestID) }
+        if let requestID { s.fields.append(("x-request-id", requestID)) }
         if let trace, replacing {
-            s.headers.add(name: "traceparent", value: trace.traceparent)
-            if let state = trace.tracestate { s.headers.add(name: "tracestate", value: state) }
+            s.fields.append(("traceparent", trace.traceparent))
+            if let state = trace.tracestate { s.fields.append(("tracestate", state)) }
         }
-        if s.chunked && !s.hasContentLength { s.headers.add(name: "transfer-encoding", value: "chunked") }
+        if s.chunked && !s.hasContentLength { s.fields.append(("transfer-encoding", "chunked")) }
         if let ip = clientIP {
-            s.headers.add(name: "x-forwarded-for", value: s.forwardedFor.map { "\($0), \(ip)" } ?? ip)
+            s.fields.append(("x-forwarded-for", s.forwardedFor.map { "\($0), \(ip)" } ?? ip))
         } else if let existing = s.forwardedFor {
-            s.headers.add(name: "x-forwarded-for", value: existing)
+            s.fields.append(("x-forwarded-for", existing))
         }
-        s.headers.add(name: "x-forwarded-proto", value: "http")
-        s.headers.add(name: "via", value: viaValue(existing: s.via, version: head.version))
+        s.fields.append(("x-forwarded-proto", "http"))
+        s.fields.append(("via", viaValue(existing: s.via, version: head.version)))
         var uri = head.uri
         if !uri.hasPrefix("/") && uri != "*" {
             uri = String(RouteTable.pathAndQuery(of: uri))
         }
-        return HTTPRequestHead(version: .http1_1, method: head.method, uri: uri, headers: s.headers)
+        return HTTPRequestHead(
+            version: .http1_1,
+            method: head.method,
+            uri: uri,
+            headers: HTTPHeaders(s.fields.map { ($0.name, $0.value) })
+        )
     }
 
     /// Writes the HTTP/1.1 head sent upstream for a client's request, straight from its decoded
@@ -388,7 +397,7 @@ enum HeaderRewriting {
         out.put(" ")
         out.put(head.status.reasonPhrase)
         out.put("\r\n")
-        for (name, value) in s.headers { out.putField(name, value) }
+        for (name, value) in s.fields { out.putField(name, value) }
         if let forwardedFor = s.forwardedFor { out.putField("x-forwarded-for", forwardedFor) }
         out.putField("via", viaValue(existing: s.via, version: head.version))
         emitResponseEnd(framing, into: &out)
@@ -407,34 +416,12 @@ enum HeaderRewriting {
     /// The fields sent to an HTTP/2 client for an upstream response: `:status` first, names
     /// lowercase, connection-specific headers gone (RFC 9113 §8.2.2), framing left to HTTP/2.
     static func http2Response(_ head: ResponseHead) -> [(name: String, value: String)] {
-        let headers = head.headers
+        let s = scan(head.headers, extra: 2)
         var fields: [(name: String, value: String)] = [(":status", String(head.status.code))]
-        fields.reserveCapacity(headers.count + 3)
-        var forwardedFor: String?
-        var via: String?
-        var options: [Substring] = []
-        for (name, value) in headers {
-            switch kind(of: name) {
-            case .endToEnd, .traceContext, .contentLength:
-                fields.append((name.asciiLowercased, value))
-            case .connection:
-                options.append(contentsOf: connectionOptions(value))
-            case .hopByHop, .xForwardedProto, .transferEncoding:
-                continue
-            case .te:
-                if value.lowercased().contains("trailers") { fields.append(("te", "trailers")) }
-            case .xForwardedFor:
-                forwardedFor = forwardedFor.map { "\($0), \(value)" } ?? value
-            case .via:
-                via = via.map { "\($0), \(value)" } ?? value
-            }
-        }
-        if !options.isEmpty {
-            let named = Set(options.map { $0.lowercased() })
-            fields.removeAll { named.contains($0.name) }
-        }
-        if let forwardedFor { fields.append(("x-forwarded-for", forwardedFor)) }
-        fields.append(("via", viaValue(existing: via, version: head.version)))
+        fields.reserveCapacity(s.fields.count + 3)
+        for (name, value) in s.fields { fields.append((name.asciiLowercased, value)) }
+        if let forwardedFor = s.forwardedFor { fields.append(("x-forwarded-for", forwardedFor)) }
+        fields.append(("via", viaValue(existing: s.via, version: head.version)))
         return fields
     }
 
@@ -559,8 +546,9 @@ extension RequestSink where Self: HeadSink {
 }
 
 /// An HTTP/2 request's fields: pseudo-headers first, names lowercase, `Host` as `:authority`,
-/// and no framing field but `Content-Length` (HTTP/2 frames bodies itself). The connection-specific fields never
-/// reach a sink (``HeaderRewriting`` drops them), `te` only as `trailers`.
+/// and no framing field but `Content-Length` (HTTP/2 frames bodies itself: `chunkedFraming`
+/// writes nothing). The connection-specific fields never reach a sink (``HeaderRewriting`` drops
+/// them, `Transfer-Encoding` included), `te` only as `trailers`.
 struct HTTP2RequestFields: RequestSink {
     private(set) var fields: [(name: String, value: String)] = []
     let authority: String?
@@ -579,7 +567,7 @@ struct HTTP2RequestFields: RequestSink {
 
     mutating func field(_ name: String, _ value: String) {
         let lower = name.asciiLowercased
-        if lower == "host" || lower == "transfer-encoding" { return }
+        if lower == "host" { return }  // sent as `:authority`
         fields.append((lower, value))
     }
 
