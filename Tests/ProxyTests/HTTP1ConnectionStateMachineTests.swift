@@ -195,7 +195,12 @@ import Testing
     @Test func parseErrorsAreAnsweredInTheirTurn() {
         // Nothing being served: answered now.
         var idle = Machine(now: t0, draining: false)
-        guard case .reject(let error) = idle.parseError(.invalidHeaderToken, channelActive: true) else {
+        guard
+            case .reject(let error) = idle.parseError(
+                .badRequest("an invalid character in a field name"),
+                channelActive: true
+            )
+        else {
             Issue.record("expected a rejection")
             return
         }
@@ -204,7 +209,7 @@ import Testing
         // Mid-request (a bad chunk): the exchange answers if it can.
         var mid = Machine(now: t0, draining: false)
         _ = mid.received(head())
-        guard case .failExchange = mid.parseError(.invalidChunkSize, channelActive: true) else {
+        guard case .failExchange = mid.parseError(.badRequest("an invalid chunk size"), channelActive: true) else {
             Issue.record("expected the exchange to fail")
             return
         }
@@ -213,7 +218,7 @@ import Testing
         var pipelined = Machine(now: t0, draining: false)
         _ = pipelined.received(head("/one"))
         _ = pipelined.received(.end(nil))
-        let onError1 = pipelined.parseError(.headerOverflow, channelActive: true)
+        let onError1 = pipelined.parseError(.headerTooLarge("request head larger than 60 KiB"), channelActive: true)
         #expect(onError1 == .deferred)
         let reads5 = pipelined.readRequested(exchangeHoldsReads: false)
         #expect(!reads5)
@@ -231,9 +236,9 @@ import Testing
         // The client left mid-request: nobody to answer.
         var gone = Machine(now: t0, draining: false)
         _ = gone.received(head())
-        let onError2 = gone.parseError(.invalidEOFState, channelActive: true)
+        let onError2 = gone.parseError(.badRequest("an invalid chunk size"), channelActive: false)
         #expect(onError2 == .closeQuietly)
-        let onError3 = gone.parseError(.invalidChunkSize, channelActive: true)
+        let onError3 = gone.parseError(.badRequest("an invalid chunk size"), channelActive: true)
         #expect(onError3 == .none, "already closing")
     }
 

@@ -9,7 +9,7 @@ import NIOHTTP1
 /// field lines copied from its head (``HeaderRewriting/writeHTTP1Response``), bodies as they come,
 /// in chunks when the client's connection needs them framed.
 final class DownstreamHandler: ChannelDuplexHandler {
-    typealias InboundIn = HTTPServerRequestPart
+    typealias InboundIn = ByteBuffer
     typealias OutboundIn = ByteBuffer
     typealias OutboundOut = ByteBuffer
 
@@ -22,6 +22,8 @@ final class DownstreamHandler: ChannelDuplexHandler {
     private let listenerStats: ListenerStats
     private var context: ChannelHandlerContext?
     private var machine: HTTP1ConnectionStateMachine
+    /// Reads the requests from the connection's bytes.
+    private var parser: HTTP1RequestParser
     /// The exchange of the request being served.
     private var exchange: ProxyExchange?
     /// Whether the current response's body goes in chunks (it has no length and the client speaks
@@ -48,6 +50,7 @@ final class DownstreamHandler: ChannelDuplexHandler {
         accessLog: Bool,
         direction: TrafficDirection? = nil,
         timeouts: ConnectionTimeoutHandler?,
+        maxRequestHeadBytes: Int = ConnectionLimits().maxRequestHeaderBytes,
         originalDestination lookup: OriginalDestinationLookup? = nil
     ) {
         self.lookup = lookup
@@ -58,6 +61,7 @@ final class DownstreamHandler: ChannelDuplexHandler {
         self.direction = direction
         self.listenerStats = loop.stats.listener(listenerName)
         self.machine = HTTP1ConnectionStateMachine(now: loop.eventLoop.now, draining: loop.draining)
+        self.parser = HTTP1RequestParser(maxHeadBytes: maxRequestHeadBytes)
     }
 
     var isWritable: Bool { context?.channel.isWritable ?? false }
@@ -98,7 +102,18 @@ final class DownstreamHandler: ChannelDuplexHandler {
     }
 
     func channelRead(context: ChannelHandlerContext, data: NIOAny) {
-        perform(machine.received(unwrapInboundIn(data)))
+        var input = unwrapInboundIn(data)
+        while true {
+            let part: HTTPServerRequestPart?
+            do {
+                part = try parser.next(&input)
+            } catch {
+                parseFailed(error, context: context)
+                return
+            }
+            guard let part else { return }
+            perform(machine.received(part))
+        }
     }
 
     private func perform(_ action: HTTP1ConnectionStateMachine.PartAction) {
@@ -147,12 +162,16 @@ final class DownstreamHandler: ChannelDuplexHandler {
     }
 
     func errorCaught(context: ChannelHandlerContext, error: any Error) {
-        guard let parserError = error as? HTTPParserError else {
-            // I/O errors (reset by peer…): the connection is gone.
-            context.close(promise: nil)
-            return
-        }
-        switch machine.parseError(parserError, channelActive: context.channel.isActive) {
+        // I/O errors (reset by peer…): the connection is gone.
+        context.close(promise: nil)
+    }
+
+    /// A request that cannot be parsed: answered now, or in its turn behind those before it.
+    private func parseFailed(_ error: any Error, context: ChannelHandlerContext) {
+        let parseError = error as? HTTP1ParseError ?? HTTP1ParseError("\(error)")
+        let proxyError: ProxyError =
+            parseError.tooLarge ? .headerTooLarge(parseError.description) : .badRequest(parseError.description)
+        switch machine.parseError(proxyError, channelActive: context.channel.isActive) {
         case .closeQuietly:
             exchange?.downstreamClosed()
             exchange = nil

@@ -82,7 +82,7 @@ struct HTTP1ConnectionStateMachine {
         case none
     }
 
-    /// A request part from the decoder.
+    /// A request part from the parser (``HTTP1RequestParser``).
     mutating func received(_ part: HTTPServerRequestPart) -> PartAction {
         if state == .closing { return .none }
         // Pipelining: parts that arrive after the current request ended belong to the next
@@ -120,7 +120,7 @@ struct HTTP1ConnectionStateMachine {
             )
             return .startExchange(head)
         case (.head, .serving):
-            // The decoder delivers a head only after the previous request's end.
+            // The parser delivers a head only after the previous request's end.
             return .reject(.badRequest("a request head before the previous request ended"))
         case (.body(let buffer), .serving(let request)) where !request.ended:
             return .forwardBody(buffer)
@@ -269,17 +269,12 @@ struct HTTP1ConnectionStateMachine {
         case none
     }
 
-    mutating func parseError(_ error: HTTPParserError, channelActive: Bool) -> ParseErrorAction {
+    mutating func parseError(_ proxyError: ProxyError, channelActive: Bool) -> ParseErrorAction {
         if state == .closing { return .none }
-        if error == .invalidEOFState || !channelActive {
+        if !channelActive {
             state = .closing
             return .closeQuietly
         }
-        let proxyError: ProxyError =
-            switch error {
-            case .headerOverflow: .headerTooLarge("\(error)")
-            default: .badRequest("\(error)")
-            }
         if isServingUnendedRequest && queued.isEmpty { return .failExchange(proxyError) }
         if isBusy {
             pendingError = pendingError ?? proxyError

@@ -327,7 +327,11 @@ public final class ProxyServer: Service, Sendable {
             }
     }
 
-    /// The HTTP/1.1 pipeline: timeouts, the codec, the downstream handler (and so the middleware).
+    /// The HTTP/1.1 pipeline: timeouts, then the downstream handler (and so the middleware). The
+    /// handler parses requests itself (``HTTP1RequestParser``), queues pipelined ones (reads do
+    /// not stop and restart, two `epoll_ctl` calls, around every request) and writes responses
+    /// as bytes (an HTTP/1 upstream's head is relayed as it was received, checked by
+    /// ``HTTP1ResponseParser``).
     static func installHTTP(
         _ sync: ChannelPipeline.SynchronousOperations,
         listener: ListenerConfig,
@@ -342,22 +346,6 @@ public final class ProxyServer: Service, Sendable {
             onTimeout: { stats.record($0) }
         )
         try sync.addHandler(timeouts)
-        var decoderLimits = NIOHTTPDecoderLimitConfiguration()
-        decoderLimits.maxHeaderListSize = limits.maxRequestHeaderBytes
-        decoderLimits.maxHeaderFieldSize = limits.maxRequestHeaderBytes
-        // Only NIO's request decoder: DownstreamHandler queues pipelined requests itself (reads
-        // do not stop and restart, two epoll_ctl calls, around every request) and writes
-        // responses as bytes (an HTTP/1 upstream's head is relayed as it was received, checked by
-        // HTTP1ResponseParser).
-        try sync.addHandler(
-            ByteToMessageHandler(
-                HTTPRequestDecoder(
-                    leftOverBytesStrategy: .dropBytes,
-                    informationalResponseStrategy: .drop,
-                    limitConfiguration: decoderLimits
-                )
-            )
-        )
         try sync.addHandler(
             DownstreamHandler(
                 loop: loopContext,
@@ -365,6 +353,7 @@ public final class ProxyServer: Service, Sendable {
                 accessLog: listener.accessLog,
                 direction: listener.trafficDirection,
                 timeouts: timeouts,
+                maxRequestHeadBytes: limits.maxRequestHeaderBytes,
                 originalDestination: lookup
             )
         )

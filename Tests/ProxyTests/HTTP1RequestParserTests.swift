@@ -1,0 +1,190 @@
+import NIOCore
+import NIOHTTP1
+import Testing
+
+@testable import Proxy
+
+/// A client's HTTP/1 requests read from bytes, without a socket: the parts they become, every
+/// split of the input, what is refused (and that nothing after a refusal is read), the limit.
+@Suite struct HTTP1RequestParserTests {
+    typealias Parser = HTTP1RequestParser
+
+    /// What the parser makes of `chunks` fed one after another: a readable transcript.
+    private func transcript(_ chunks: [String], limit: Int = 60 * 1024) throws -> [String] {
+        var parser = Parser(maxHeadBytes: limit)
+        var out: [String] = []
+        var body = ""
+        func flush() {
+            if !body.isEmpty { out.append("body:\(body)") }
+            body = ""
+        }
+        for chunk in chunks {
+            var input = ByteBuffer(string: chunk)
+            while let part = try parser.next(&input) {
+                switch part {
+                case .head(let h):
+                    flush()
+                    let fields = h.headers.map { "\($0.name)=\($0.value)" }.joined(separator: ",")
+                    out.append("head:\(h.method.rawValue) \(h.uri) \(h.version) [\(fields)]")
+                case .body(let b):
+                    body += String(buffer: b)
+                case .end(let trailers):
+                    flush()
+                    out.append(
+                        "end"
+                            + (trailers.map { ":" + $0.map { "\($0.name)=\($0.value)" }.joined(separator: ",") } ?? "")
+                    )
+                }
+            }
+            #expect(input.readableBytes == 0, "input left unread")
+        }
+        flush()
+        return out
+    }
+
+    /// `text` cut at every byte: each split must read exactly as the whole.
+    private func everySplit(_ text: String) throws -> [String] {
+        let whole = try transcript([text])
+        let bytes = Array(text.utf8)
+        for cut in 1..<bytes.count {
+            let parts = [
+                String(decoding: bytes[..<cut], as: UTF8.self), String(decoding: bytes[cut...], as: UTF8.self),
+            ]
+            #expect(try transcript(parts) == whole, "split at \(cut)")
+        }
+        #expect(try transcript(bytes.map { String(decoding: [$0], as: UTF8.self) }) == whole, "byte by byte")
+        return whole
+    }
+
+    @Test func pipelinedRequestsWithAndWithoutBodies() throws {
+        let text =
+            "GET /a?x=1 HTTP/1.1\r\nHost: svc\r\nX-Two:  spaced value \t\r\n\r\n"
+            + "POST /b HTTP/1.1\r\nhost: svc\r\ncontent-length: 5\r\n\r\nhello"
+            + "PUT /c HTTP/1.0\r\nContent-Length: 0\r\n\r\n"
+        #expect(
+            try everySplit(text) == [
+                "head:GET /a?x=1 HTTP/1.1 [Host=svc,X-Two=spaced value]", "end",
+                "head:POST /b HTTP/1.1 [host=svc,content-length=5]", "body:hello", "end",
+                "head:PUT /c HTTP/1.0 [Content-Length=0]", "end",
+            ]
+        )
+    }
+
+    @Test func chunkedBodyWithTrailersAndBareLineFeeds() throws {
+        let text =
+            "POST /up HTTP/1.1\r\nHost: a\r\nTransfer-Encoding: chunked\r\n\r\n5;ext=1\r\nhello\r\n6\r\n world\r\n0\r\nx-sum: 9\r\n\r\n"
+            + "GET /next HTTP/1.1\nHost: a\n\n"
+        #expect(
+            try everySplit(text) == [
+                "head:POST /up HTTP/1.1 [Host=a,Transfer-Encoding=chunked]", "body:hello world", "end:x-sum=9",
+                "head:GET /next HTTP/1.1 [Host=a]", "end",
+            ]
+        )
+    }
+
+    @Test func emptyLinesBeforeARequestAreSkipped() throws {
+        #expect(
+            try everySplit("\r\n\r\nGET / HTTP/1.1\r\nHost: a\r\n\r\n\nGET /2 HTTP/1.1\r\nHost: a\r\n\r\n") == [
+                "head:GET / HTTP/1.1 [Host=a]", "end", "head:GET /2 HTTP/1.1 [Host=a]", "end",
+            ]
+        )
+    }
+
+    @Test func methodsAndTargets() throws {
+        for method in ["GET", "PUT", "POST", "HEAD", "PATCH", "DELETE", "OPTIONS", "PROPFIND", "M-SEARCH"] {
+            var parser = Parser(maxHeadBytes: 1024)
+            var input = ByteBuffer(string: "\(method) * HTTP/1.1\r\nHost: a\r\n\r\n")
+            guard case .head(let head) = try parser.next(&input) else {
+                Issue.record("no head for \(method)")
+                continue
+            }
+            #expect(head.method.rawValue == method)
+            #expect(head.method == HTTPMethod(rawValue: method), "the same value as NIO's decoder gives")
+        }
+        #expect(
+            try transcript(["GET http://alt.example/x?y=1 HTTP/1.1\r\nHost: a\r\n\r\n"]) == [
+                "head:GET http://alt.example/x?y=1 HTTP/1.1 [Host=a]", "end",
+            ]
+        )
+    }
+
+    @Test func whatCannotBeFramedOrReadIsRefused() {
+        let refused: [(String, String)] = [
+            ("GARBAGE\u{1} / NOPE\r\n\r\n", "not a request line"),
+            ("GET /\r\n\r\n", "not a request target"),
+            ("GET  / HTTP/1.1\r\n\r\n", "not a request target"),
+            ("GET /a b HTTP/1.1\r\n\r\n", "not HTTP/1.0 or HTTP/1.1"),
+            ("GET /\u{7F} HTTP/1.1\r\n\r\n", "not a request target"),
+            ("GET /caf\u{E9} HTTP/1.1\r\n\r\n", "not a request target"),
+            ("GET / HTTP/2.0\r\n\r\n", "not HTTP/1.0 or HTTP/1.1"),
+            ("GET / HTTP/1.1 \r\n\r\n", "not HTTP/1.0 or HTTP/1.1"),
+            ("GET / http/1.1\r\n\r\n", "not HTTP/1.0 or HTTP/1.1"),
+            ("POST / HTTP/1.1\r\nContent-Length: 6\r\nTransfer-Encoding: chunked\r\n\r\n", "both"),
+            ("POST / HTTP/1.1\r\nContent-Length: 5\r\nContent-Length: 6\r\n\r\n", "two different"),
+            ("POST / HTTP/1.1\r\nContent-Length: 12abc\r\n\r\n", "not a number"),
+            ("POST / HTTP/1.1\r\nContent-Length: +5\r\n\r\n", "not a number"),
+            ("POST / HTTP/1.1\r\nTransfer-Encoding: chunked, gzip\r\n\r\n", "unsupported Transfer-Encoding"),
+            ("POST / HTTP/1.0\r\nTransfer-Encoding: chunked\r\n\r\n", "HTTP/1.0"),
+            ("GET / HTTP/1.1\r\nHost: a\r\nHost: b\r\n\r\n", "more than one Host"),
+            ("GET / HTTP/1.1\r\nX: a\r\n folded\r\n\r\n", "obsolete line folding"),
+            ("GET / HTTP/1.1\r\nBad Name: a\r\n\r\n", "invalid character in a field name"),
+            ("GET / HTTP/1.1\r\nHost : a\r\n\r\n", "invalid character in a field name"),
+            ("GET / HTTP/1.1\r\nX: a\u{0}b\r\n\r\n", "control character"),
+            ("GET / HTTP/1.1\r\nX: a\rb\r\n\r\n", "control character"),
+            ("POST / HTTP/1.1\r\nTransfer-Encoding: chunked\r\n\r\nzz\r\nhello\r\n0\r\n\r\n", "without a size"),
+            ("POST / HTTP/1.1\r\nTransfer-Encoding: chunked\r\n\r\n3\r\nabcd\r\n", "longer than its size"),
+        ]
+        for (text, reason) in refused {
+            var parser = Parser(maxHeadBytes: 1024)
+            var input = ByteBuffer(string: text)
+            do {
+                while try parser.next(&input) != nil {}
+                Issue.record("accepted: \(text.debugDescription)")
+            } catch let error as HTTP1ParseError {
+                #expect(error.description.contains(reason), "\(text.debugDescription): \(error)")
+                #expect(!error.tooLarge)
+            } catch {
+                Issue.record("unexpected \(error)")
+            }
+        }
+    }
+
+    @Test func nothingAfterARefusalIsRead() throws {
+        // The classic CL.TE smuggling attempt: the request that rides in the body never surfaces.
+        var parser = Parser(maxHeadBytes: 1024)
+        var input = ByteBuffer(
+            string:
+                "POST / HTTP/1.1\r\nhost: a\r\ncontent-length: 6\r\ntransfer-encoding: chunked\r\n\r\n0\r\n\r\nGET /smuggled HTTP/1.1\r\nhost: a\r\n\r\n"
+        )
+        #expect(throws: HTTP1ParseError.self) { try parser.next(&input) }
+        #expect(parser.failed)
+        #expect(input.readableBytes == 0)
+        var more = ByteBuffer(string: "GET /after HTTP/1.1\r\nhost: a\r\n\r\n")
+        #expect(try parser.next(&more) == nil)
+        #expect(more.readableBytes == 0)
+    }
+
+    @Test func anOversizedHeadIsRefusedAsTooLargeWithoutGrowingForever() throws {
+        var parser = Parser(maxHeadBytes: 4096)
+        var input = ByteBuffer(string: "GET / HTTP/1.1\r\n")
+        #expect(try parser.next(&input) == nil)
+        let line = ByteBuffer(string: "x-filler: " + String(repeating: "a", count: 1000) + "\r\n")
+        var refused: HTTP1ParseError?
+        for _ in 0..<100 {  // 100 KB at most
+            var more = line
+            do {
+                _ = try parser.next(&more)
+            } catch let error as HTTP1ParseError {
+                refused = error
+                break
+            }
+        }
+        #expect(refused?.tooLarge == true)
+        #expect(refused?.description == "request head larger than 4 KiB")
+        // A head of exactly the limit is taken.
+        let head = "GET / HTTP/1.1\r\nx: "
+        let exact = head + String(repeating: "b", count: 4096 - head.utf8.count - 4) + "\r\n\r\n"
+        #expect(exact.utf8.count == 4096)
+        #expect(try transcript([exact], limit: 4096).count == 2)
+    }
+}
