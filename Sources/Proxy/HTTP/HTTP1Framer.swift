@@ -1,6 +1,12 @@
 import NIOCore
 import NIOHTTP1
 
+#if canImport(Glibc)
+import Glibc
+#elseif canImport(Darwin)
+import Darwin
+#endif
+
 /// A message that cannot be framed: the connection it came on cannot be trusted with anything
 /// more.
 struct HTTP1ParseError: Error, Equatable, CustomStringConvertible {
@@ -189,15 +195,14 @@ struct HTTP1Framer {
         let limit = headLimit
         let (end, lastLine) = input.withUnsafeReadableBytes { raw -> (Int?, Int) in
             let count = min(raw.count, limit)
+            guard let base = raw.baseAddress, from < count else { return (nil, from) }
             var lineStart = from
-            var i = from
-            while i < count {
-                if raw[i] == LF {
-                    let length = i - lineStart
-                    if length == 0 || (length == 1 && raw[lineStart] == CR) { return (i + 1, 0) }
-                    lineStart = i + 1
-                }
-                i += 1
+            // One line at a time: memchr finds each line feed.
+            while lineStart < count, let found = memchr(base + lineStart, Int32(LF), count - lineStart) {
+                let i = UnsafeRawPointer(found) - base
+                let length = i - lineStart
+                if length == 0 || (length == 1 && raw[lineStart] == CR) { return (i + 1, 0) }
+                lineStart = i + 1
             }
             return (nil, lineStart)
         }
@@ -268,10 +273,12 @@ struct HTTP1Framer {
         from start: Int,
         _ body: (UnsafeBufferPointer<UInt8>, UnsafeBufferPointer<UInt8>) throws -> Void
     ) throws {
+        guard let base = b.baseAddress else { return }
         var lineStart = start
         while lineStart < b.count {
-            var lineEnd = lineStart
-            while b[lineEnd] != LF { lineEnd += 1 }
+            // A checked section: every line ends with a line feed.
+            guard let found = memchr(base + lineStart, Int32(LF), b.count - lineStart) else { return }
+            var lineEnd = UnsafePointer<UInt8>(found.assumingMemoryBound(to: UInt8.self)) - base
             let next = lineEnd + 1
             if lineEnd > lineStart && b[lineEnd - 1] == CR { lineEnd -= 1 }
             if lineEnd == lineStart { return }  // the empty line

@@ -42,10 +42,9 @@ public final class RequestContext {
     /// For a passthrough cluster: the original destination as an endpoint of its own.
     var passthroughEndpoint: ClusterRuntime.EndpointRuntime?
 
-    /// A gRPC call (`content-type: application/grpc…`): its errors are gRPC statuses.
-    public var isGRPC: Bool {
-        head.headers.first(name: "content-type")?.hasPrefix("application/grpc") ?? false
-    }
+    /// A gRPC call (`content-type: application/grpc…` as the request arrived): its errors are
+    /// gRPC statuses. Read once: the exchange, the metrics, the log and the span all ask.
+    public let isGRPC: Bool
     /// The gRPC status the upstream answered with (response headers or trailers).
     public internal(set) var grpcStatus: Int?
 
@@ -82,6 +81,7 @@ public final class RequestContext {
         self.listenerStats = listenerStats
         self.originalDestination = originalDestination
         self.head = head
+        self.isGRPC = head.headers.first(name: "content-type")?.hasPrefix("application/grpc") ?? false
         self.clientIP = clientIP
         self.listenerName = listenerName
         self.remoteAddress = remoteAddress
