@@ -83,12 +83,6 @@ struct HTTP1Framer {
         return false
     }
 
-    /// Whether a body that lasts until the connection's end is being read.
-    var readsUntilClose: Bool {
-        if case .untilClose = state { return true }
-        return false
-    }
-
     /// Sets the body that follows the head just returned. Not called after a head that another
     /// head follows (an informational response): the framer waits for a head again.
     mutating func expect(_ body: Body) {

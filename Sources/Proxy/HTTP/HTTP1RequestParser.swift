@@ -25,9 +25,6 @@ struct HTTP1RequestParser {
         framer = HTTP1Framer(headLimit: maxHeadBytes, what: "request head")
     }
 
-    /// Whether no request is under way: nothing of one was received.
-    var isIdle: Bool { framer.isIdle }
-
     /// The next part found in `input` (what it uses is consumed), or nil when more bytes are needed.
     mutating func next(_ input: inout ByteBuffer) throws -> HTTPServerRequestPart? {
         if failed {
