@@ -189,11 +189,9 @@ struct HTTP1Framer {
         let limit = headLimit
         let (end, lastLine) = input.withUnsafeReadableBytes { raw -> (Int?, Int) in
             let count = min(raw.count, limit)
-            guard let base = raw.baseAddress, from < count else { return (nil, from) }
+            guard let base = raw.baseAddress else { return (nil, from) }
             var lineStart = from
-            // One line at a time: memchr finds each line feed.
-            while lineStart < count, let found = memchr(base + lineStart, Int32(LF), count - lineStart) {
-                let i = UnsafeRawPointer(found) - base
+            while let i = Self.lineFeed(base, from: lineStart, to: count) {
                 let length = i - lineStart
                 if length == 0 || (length == 1 && raw[lineStart] == CR) { return (i + 1, 0) }
                 lineStart = i + 1
@@ -207,6 +205,12 @@ struct HTTP1Framer {
         return end
     }
 
+    /// The index of the first line feed in `base[from..<to]` (memchr), or nil.
+    private static func lineFeed(_ base: UnsafeRawPointer, from: Int, to: Int) -> Int? {
+        guard from < to, let found = memchr(base + from, Int32(LF), to - from) else { return nil }
+        return UnsafeRawPointer(found) - base
+    }
+
     private static func sizeText(_ bytes: Int) -> String {
         bytes % 1024 == 0 ? "\(bytes / 1024) KiB" : "\(bytes) bytes"
     }
@@ -214,13 +218,8 @@ struct HTTP1Framer {
     /// The length of the line (with its end) at the start of `input`, or nil if incomplete.
     private func lineEnd(_ input: ByteBuffer) throws -> Int? {
         let end = input.withUnsafeReadableBytes { raw -> Int? in
-            let count = min(raw.count, Self.maxChunkLineBytes)
-            var i = 0
-            while i < count {
-                if raw[i] == LF { return i + 1 }
-                i += 1
-            }
-            return nil
+            guard let base = raw.baseAddress else { return nil }
+            return Self.lineFeed(base, from: 0, to: min(raw.count, Self.maxChunkLineBytes)).map { $0 + 1 }
         }
         if end == nil && input.readableBytes >= Self.maxChunkLineBytes {
             throw HTTP1ParseError("chunk-size line longer than \(Self.maxChunkLineBytes) bytes")
@@ -231,8 +230,7 @@ struct HTTP1Framer {
     /// The end of the start line at the beginning of a head section, without its CR, and where
     /// the field lines begin.
     static func startLine(_ b: UnsafeBufferPointer<UInt8>) -> (end: Int, fields: Int) {
-        var lineEnd = 0
-        while b[lineEnd] != LF { lineEnd += 1 }
+        let lineEnd = b.baseAddress.flatMap { lineFeed(UnsafeRawPointer($0), from: 0, to: b.count) } ?? b.count
         return (lineEnd > 0 && b[lineEnd - 1] == CR ? lineEnd - 1 : lineEnd, lineEnd + 1)
     }
 
@@ -271,8 +269,7 @@ struct HTTP1Framer {
         var lineStart = start
         while lineStart < b.count {
             // A checked section: every line ends with a line feed.
-            guard let found = memchr(base + lineStart, Int32(LF), b.count - lineStart) else { return }
-            var lineEnd = UnsafePointer<UInt8>(found.assumingMemoryBound(to: UInt8.self)) - base
+            guard var lineEnd = Self.lineFeed(UnsafeRawPointer(base), from: lineStart, to: b.count) else { return }
             let next = lineEnd + 1
             if lineEnd > lineStart && b[lineEnd - 1] == CR { lineEnd -= 1 }
             if lineEnd == lineStart { return }  // the empty line
