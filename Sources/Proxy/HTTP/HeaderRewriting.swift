@@ -619,11 +619,23 @@ struct HeadMemory: HeadSink, RequestSink {
         count += text.utf8CodeUnitCount
     }
 
+    /// Reads the string's bytes where they are: copying it into a `var` for `withUTF8` would
+    /// retain and release its storage once per field, and a request head has dozens of pieces.
     mutating func put(_ text: String) {
-        var text = text
+        let dest = base + count
+        let written = text.utf8.withContiguousStorageIfAvailable { utf8 -> Int in
+            assert(fits(utf8.count), "head larger than reserved")
+            if let start = utf8.baseAddress { dest.copyMemory(from: start, byteCount: utf8.count) }
+            return utf8.count
+        }
+        if let written {
+            count += written
+            return
+        }
+        var text = text  // not contiguous UTF-8 (a bridged string): made so once
         text.withUTF8 { utf8 in
             assert(fits(utf8.count), "head larger than reserved")
-            if let start = utf8.baseAddress { (base + count).copyMemory(from: start, byteCount: utf8.count) }
+            if let start = utf8.baseAddress { dest.copyMemory(from: start, byteCount: utf8.count) }
             count += utf8.count
         }
     }

@@ -60,8 +60,9 @@ final class UpstreamPool {
         }
         let idleTimeout = TimeAmount(cluster.config.pool.idleTimeout)
         let now = NIODeadline.now()
-        while !fresh, var stack = idle[endpoint.key], let candidate = stack.popLast() {
-            idle[endpoint.key] = stack
+        // In place (`idle[key]?.popLast()`): a copy of the stack taken out and put back would
+        // be a second reference, and the pop would copy every connection in it.
+        while !fresh, let candidate = idle[endpoint.key]?.popLast() {
             if candidate.isActive && now - candidate.idleSince < idleTimeout {
                 exchange.attach(candidate, try: exchange.currentTry)
                 return
@@ -209,24 +210,19 @@ final class UpstreamPool {
             connection.close()
             return
         }
-        var stack = idle[connection.poolKey, default: []]
-        guard stack.count < maxIdle else {
+        guard (idle[connection.poolKey]?.count ?? 0) < maxIdle else {
             connection.close()
             return
         }
         connection.idleSince = .now()
         connection.idleLimit = idleTimeout
-        stack.append(connection)
-        idle[connection.poolKey] = stack
+        idle[connection.poolKey, default: []].append(connection)  // in place, as in `acquire`
     }
 
     /// Forgets a connection that closed.
     func remove(_ connection: UpstreamConnection) {
-        guard var stack = idle[connection.poolKey], let i = stack.firstIndex(where: { $0 === connection }) else {
-            return
-        }
-        stack.remove(at: i)
-        idle[connection.poolKey] = stack
+        guard let i = idle[connection.poolKey]?.firstIndex(where: { $0 === connection }) else { return }
+        idle[connection.poolKey]?.remove(at: i)
     }
 
     private func sweep() {

@@ -101,6 +101,9 @@ final class LoopContext {
     }
 
     private var pendingFlushes: [ChannelHandlerContext] = []
+    /// The batch being flushed, swapped with ``pendingFlushes`` so that neither array is ever
+    /// copied or reallocated (a flush may ask for the next batch while this one runs).
+    private var flushing: [ChannelHandlerContext] = []
 
     /// Flushes `context` once the loop has handled the I/O events at hand, so that the writes of
     /// one busy loop iteration reach the kernel together (peers are woken once, not per write).
@@ -113,9 +116,9 @@ final class LoopContext {
     }
 
     private func flushPending() {
-        let contexts = pendingFlushes
-        pendingFlushes.removeAll(keepingCapacity: true)
-        for context in contexts { context.flush() }
+        swap(&pendingFlushes, &flushing)
+        for context in flushing { context.flush() }
+        flushing.removeAll(keepingCapacity: true)
     }
 
     /// The current snapshot and the chain built from it; rebuilds the chain when the store holds
