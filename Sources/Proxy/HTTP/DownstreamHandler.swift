@@ -249,18 +249,22 @@ final class DownstreamHandler: ChannelDuplexHandler {
         if action == .none { return }
         exchange = nil
         timeouts?.responseCompleted()
-        // The last chunk (and the trailers) of a chunked body.
-        var last = context.channel.allocator.buffer(capacity: chunkedResponse ? 5 : 0)
+        // The last chunk (and the trailers) of a chunked body; most responses have a length and
+        // allocate nothing here.
+        var last: ByteBuffer?
         if chunkedResponse {
             chunkedResponse = false
-            HeaderRewriting.writeLastChunk(trailers, into: &last)
+            var buffer = context.channel.allocator.buffer(capacity: 5)
+            HeaderRewriting.writeLastChunk(trailers, into: &buffer)
+            last = buffer
         }
         if action == .keepOpen {
-            if last.readableBytes > 0 { context.write(wrapOutboundOut(last), promise: nil) }
+            if let last { context.write(wrapOutboundOut(last), promise: nil) }
             loop.flushSoon(context)
         } else {
             // Closed once everything before it is written.
             let bound = NIOLoopBound(context, eventLoop: context.eventLoop)
+            let last = last ?? context.channel.allocator.buffer(capacity: 0)
             context.writeAndFlush(wrapOutboundOut(last)).whenComplete { _ in
                 bound.value.close(promise: nil)
             }

@@ -195,10 +195,12 @@ enum HeaderRewriting {
         into out: inout Sink
     ) -> (chunked: Bool, connectionOptions: [Substring]) {
         let head = request.head
-        if head.uri.utf8.first == UInt8(ascii: "/") || head.uri == "*" {
-            out.requestLine(method: head.method.rawValue, target: head.uri)
+        // Each of NIO's `HTTPRequestHead` getters is a call that returns a retained copy: read once.
+        let (method, uri, version) = (head.method, head.uri, head.version)
+        if uri.utf8.first == UInt8(ascii: "/") || uri == "*" {
+            out.requestLine(method: method.rawValue, target: uri)
         } else {
-            out.requestLine(method: head.method.rawValue, target: String(RouteTable.pathAndQuery(of: head.uri)))
+            out.requestLine(method: method.rawValue, target: String(RouteTable.pathAndQuery(of: uri)))
         }
         let replacingTraceContext = request.trace?.replacesHeaders ?? false
         var s = RequestFields()
@@ -210,7 +212,7 @@ enum HeaderRewriting {
             case .traceContext:
                 if !replacingTraceContext { out.field(name, value) }
             case .contentLength:
-                guard head.method != .TRACE else { continue }
+                guard method != .TRACE else { continue }
                 s.hasContentLength = true
                 out.field(name, value)
             case .connection:
@@ -233,8 +235,8 @@ enum HeaderRewriting {
             if let state = trace.tracestate { out.field("tracestate", state) }
         }
         var chunked = false
-        if !s.hasContentLength && head.method != .TRACE {
-            switch head.method {
+        if !s.hasContentLength && method != .TRACE {
+            switch method {
             case .POST, .PUT, .PATCH: chunked = true
             default: chunked = s.chunked
             }
@@ -246,10 +248,10 @@ enum HeaderRewriting {
             out.field("x-forwarded-for", existing)
         }
         out.field("x-forwarded-proto", "http")
-        if s.via == nil && head.version == .http1_1 {
+        if s.via == nil && version == .http1_1 {
             out.field("via", "1.1 trellis")
         } else {
-            out.field("via", viaValue(existing: s.via, version: head.version))
+            out.field("via", viaValue(existing: s.via, version: version))
         }
         out.end()
         return (chunked, s.connectionOptions)

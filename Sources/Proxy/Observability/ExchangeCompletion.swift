@@ -33,24 +33,25 @@ enum ExchangeCompletion {
                 )
             }
         }
+        // One call per stats object: each call from here retains and releases the object.
+        let status = request.responseStatus
         if let cluster = request.cluster {
-            if let status = request.responseStatus, request.error == nil || request.endpointIndex != nil {
-                cluster.stats.recordResponse(status)
-            }
-            if request.isGRPC, let status = request.error?.grpcStatus ?? request.grpcStatus {
-                cluster.stats.recordGRPC(status)
-            }
-            if request.endpointIndex != nil { cluster.stats.duration.recordNanoseconds(elapsed.nanoseconds) }
-            if let error = request.error { cluster.stats.recordError(error.token) }
-            cluster.stats.sentBytes.increment(by: request.requestBytes)
-            cluster.stats.receivedBytes.increment(by: request.responseBytes)
+            let error = request.error
+            cluster.stats.finished(
+                status: error == nil || request.endpointIndex != nil ? status : nil,
+                grpcStatus: request.isGRPC ? error?.grpcStatus ?? request.grpcStatus : nil,
+                upstreamNanoseconds: request.endpointIndex != nil ? elapsed.nanoseconds : nil,
+                error: error?.token,
+                sent: request.requestBytes,
+                received: request.responseBytes
+            )
         }
-        if let listener = request.listenerStats {
-            listener.duration.recordNanoseconds(elapsed.nanoseconds)
-            if let status = request.responseStatus { listener.recordResponse(status) }
-            listener.receivedBytes.increment(by: request.requestBytes)
-            listener.sentBytes.increment(by: request.responseBytes)
-        }
+        request.listenerStats?.finished(
+            status: status,
+            nanoseconds: elapsed.nanoseconds,
+            received: request.requestBytes,
+            sent: request.responseBytes
+        )
         for middleware in chain { middleware.onComplete(request) }
         request.trace?.finish(request, ends: loop.spanEnds)
         if accessLog, let log = loop.accessLog { self.log(request, elapsed: elapsed, to: log, loop: loop) }

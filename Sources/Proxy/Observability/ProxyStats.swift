@@ -134,6 +134,14 @@ final class ListenerStats: Sendable {
     }
 
     func recordResponse(_ status: HTTPResponseStatus) { responses.record(status) }
+
+    /// A finished request's figures, in one call from the data path.
+    func finished(status: HTTPResponseStatus?, nanoseconds: Int64, received: Int, sent: Int) {
+        duration.recordNanoseconds(nanoseconds)
+        if let status { responses.record(status) }
+        receivedBytes.increment(by: received)
+        sentBytes.increment(by: sent)
+    }
 }
 
 /// One counter per status class (`class`: `1xx`…`5xx`) next to a listener or cluster label.
@@ -290,4 +298,23 @@ final class ClusterStats: Sendable {
     }
 
     func recordResponse(_ status: HTTPResponseStatus) { requests.record(status) }
+
+    /// A finished request's figures, in one call from the data path: the status it got (nil when
+    /// no endpoint answered it and Trellis did), its gRPC status, its duration when it reached an
+    /// endpoint, the error token, and the body bytes each way.
+    func finished(
+        status: HTTPResponseStatus?,
+        grpcStatus: Int?,
+        upstreamNanoseconds: Int64?,
+        error: String?,
+        sent: Int,
+        received: Int
+    ) {
+        if let status { requests.record(status) }
+        if let grpcStatus { recordGRPC(grpcStatus) }
+        if let upstreamNanoseconds { duration.recordNanoseconds(upstreamNanoseconds) }
+        if let error { recordError(error) }
+        sentBytes.increment(by: sent)
+        receivedBytes.increment(by: received)
+    }
 }
