@@ -6,7 +6,7 @@ import NIOHTTP1
 /// opened on. It reads the responses of the exchange it serves with ``HTTP1ResponseParser`` (their
 /// heads stay bytes) and hands the exchange their parts; otherwise it sits idle in that loop's
 /// ``UpstreamPool``.
-final class UpstreamConnection: ChannelDuplexHandler {
+final class UpstreamConnection: ChannelDuplexHandler, BatchedFlush {
     typealias InboundIn = ByteBuffer
     typealias OutboundIn = ByteBuffer
     typealias OutboundOut = ByteBuffer
@@ -29,6 +29,11 @@ final class UpstreamConnection: ChannelDuplexHandler {
     /// Whether the current request's body goes in chunks.
     private var chunkedRequest = false
     private(set) var isClosed = false
+    /// Something was written and not flushed yet; and a flush is queued on the loop. A request's
+    /// head and end each ask for a flush soon, and the client's read ending flushes at once: the
+    /// flags make the later ones free instead of empty passes through the channel's pipeline.
+    private var unflushed = false
+    private var flushQueued = false
     /// What this connection counts in (`max_connections`, the connection metrics), until it is gone.
     var accounting = UpstreamConnectionAccounting()
 
@@ -71,35 +76,49 @@ final class UpstreamConnection: ChannelDuplexHandler {
             parser.requestIsHEAD = head.head.method == .HEAD
             var buffer = context.channel.allocator.buffer(capacity: 512)
             chunkedRequest = HeaderRewriting.writeHTTP1Request(head, into: &buffer)
-            context.write(wrapOutboundOut(buffer), promise: nil)
+            write(context, buffer)
         case .body(let buffer):
             if chunkedRequest {
                 guard buffer.readableBytes > 0 else { break }
                 let size = HeaderRewriting.chunkSizeLine(buffer.readableBytes, context.channel.allocator)
-                context.write(wrapOutboundOut(size), promise: nil)
-                context.write(wrapOutboundOut(buffer), promise: nil)
-                context.write(wrapOutboundOut(HeaderRewriting.lineEnd), promise: nil)
+                write(context, size)
+                write(context, buffer)
+                write(context, HeaderRewriting.lineEnd)
             } else {
-                context.write(wrapOutboundOut(buffer), promise: nil)
+                write(context, buffer)
             }
         case .end(let trailers):
             if chunkedRequest {
                 chunkedRequest = false
                 var last = context.channel.allocator.buffer(capacity: 5)
                 HeaderRewriting.writeLastChunk(trailers, into: &last)
-                context.write(wrapOutboundOut(last), promise: nil)
+                write(context, last)
             }
         }
-        if flush { context.flush() }
+        if flush { self.flush() }
+    }
+
+    private func write(_ context: ChannelHandlerContext, _ buffer: ByteBuffer) {
+        unflushed = true
+        context.write(wrapOutboundOut(buffer), promise: nil)
     }
 
     func flush() {
-        context?.flush()
+        guard unflushed, let context else { return }
+        unflushed = false
+        context.flush()
     }
 
     /// Flushes after the loop's current batch of I/O events.
     func flushSoon(_ loop: LoopContext) {
-        if let context { loop.flushSoon(context) }
+        guard unflushed, !flushQueued else { return }
+        flushQueued = true
+        loop.flushSoon(self)
+    }
+
+    func batchedFlush() {
+        flushQueued = false
+        flush()
     }
 
     func close() {
