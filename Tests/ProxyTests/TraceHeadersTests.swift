@@ -1,3 +1,4 @@
+import NIOCore
 import NIOHTTP1
 import Testing
 import W3CTraceContext
@@ -72,6 +73,49 @@ import W3CTraceContext
                 && incoming.ids.spanIDHex == "00f067aa0ba902b7"
         )
         #expect(incoming.state == "vendor=a")
+    }
+
+    /// The request context reads the headers once for the exchange: the caller's trace fields,
+    /// its request id (the first, unless empty: then the proxy makes one) and whether it is gRPC
+    /// (the first `content-type`), as the request arrived.
+    @Test func theRequestContextReadsWhatTheExchangeNeedsInOnePass() throws {
+        let head = HTTPRequestHead(
+            version: .http1_1,
+            method: .POST,
+            uri: "/pkg.Svc/Call",
+            headers: HTTPHeaders([
+                ("Host", "orders"), ("Content-Type", "application/grpc+proto"), ("content-type", "text/plain"),
+                ("X-Request-Id", "r-1"), ("x-request-id", "r-2"),
+                ("traceparent", "00-4bf92f3577b34da6a3ce929d0e0e4736-00f067aa0ba902b7-00"),
+            ])
+        )
+        let request = RequestContext(
+            head: head,
+            listenerName: "l",
+            remoteAddress: nil,
+            clientIP: nil,
+            startTime: .now()
+        )
+        #expect(request.isGRPC)
+        #expect(request.arrivedRequestID == "r-1")
+        let trace = try #require(request.arrivedTraceFields.context())
+        #expect(trace.w3c && trace.sampled == false && trace.ids.spanIDHex == "00f067aa0ba902b7")
+
+        let plain = RequestContext(
+            head: HTTPRequestHead(
+                version: .http1_1,
+                method: .GET,
+                uri: "/",
+                headers: HTTPHeaders([("x-request-id", ""), ("X-Request-ID", "later"), ("content-type", "text/plain")])
+            ),
+            listenerName: "l",
+            remoteAddress: nil,
+            clientIP: nil,
+            startTime: .now()
+        )
+        #expect(!plain.isGRPC)
+        #expect(plain.arrivedRequestID == nil, "an empty first id: the proxy makes one, as before")
+        #expect(!plain.arrivedTraceFields.any && plain.arrivedTraceFields.context() == nil)
     }
 
     @Test func b3IsReadAndBadHeadersStartANewTrace() throws {

@@ -66,7 +66,7 @@ final class ProxyExchange {
     func start() {
         // `x-request-id`: the client's, else a new one, sent upstream (also on a refusal's log line).
         var generatedID: String?
-        if let id = request.head.headers.first(name: "x-request-id"), !id.isEmpty {
+        if let id = request.arrivedRequestID {
             request.requestID = id
         } else {
             generatedID = RequestID.make(&loop.resources.rng)
@@ -74,7 +74,7 @@ final class ProxyExchange {
         }
         if let tracing = loop.tracing, tracing.traces(request.originalDestination) {
             request.trace = RequestTrace.start(
-                request.head.headers,
+                request.arrivedTraceFields,
                 method: request.head.method.rawValue,
                 direction: request.direction,
                 tracing: tracing,

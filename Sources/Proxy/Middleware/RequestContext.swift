@@ -66,6 +66,10 @@ public final class RequestContext {
     var firstByteNanos: Int64?
     /// The request's trace (tracing configured): its span and the context sent upstream.
     var trace: RequestTrace?
+    /// The client's `x-request-id` (its first, when not empty), as the request arrived.
+    private(set) var arrivedRequestID: String?
+    /// The trace fields (W3C, B3) the request arrived with.
+    let arrivedTraceFields: TraceHeaders.Fields
 
     init(
         head: HTTPRequestHead,
@@ -81,7 +85,28 @@ public final class RequestContext {
         self.listenerStats = listenerStats
         self.originalDestination = originalDestination
         self.head = head
-        self.isGRPC = head.headers.first(name: "content-type")?.hasPrefix("application/grpc") ?? false
+        // What the exchange asks of the headers as they arrived, in one pass over them.
+        var isGRPC = false
+        var contentTypeSeen = false
+        var requestIDSeen = false
+        var trace = TraceHeaders.Fields()
+        for (name, value) in head.headers {
+            if name.utf8.count == 12 {
+                if !contentTypeSeen && name.equalsIgnoringASCIICase("content-type") {
+                    contentTypeSeen = true
+                    isGRPC = value.hasPrefix("application/grpc")
+                    continue
+                }
+                if !requestIDSeen && name.equalsIgnoringASCIICase("x-request-id") {
+                    requestIDSeen = true
+                    if !value.isEmpty { arrivedRequestID = value }
+                    continue
+                }
+            }
+            trace.note(name, value)
+        }
+        self.isGRPC = isGRPC
+        self.arrivedTraceFields = trace
         self.clientIP = clientIP
         self.listenerName = listenerName
         self.remoteAddress = remoteAddress

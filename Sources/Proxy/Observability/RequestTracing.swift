@@ -82,16 +82,17 @@ struct RequestTrace {
     var traceID: String { ids.traceIDHex }
     var spanID: String? { extra?.span == nil ? nil : ids.spanIDHex }
 
-    /// Reads the caller's trace context, decides sampling and, when sampled, starts the span.
+    /// Reads the caller's trace context (its fields as the request arrived), decides sampling
+    /// and, when sampled, starts the span.
     static func start(
-        _ headers: HTTPHeaders,
+        _ fields: TraceHeaders.Fields,
         method: String,
         direction: TrafficDirection?,
         tracing: ProxyTracing,
         rng: inout FastRandom
     ) -> RequestTrace {
         let kind: SpanKind = direction == .outbound ? .client : .server
-        let incoming = TraceHeaders.incoming(headers)
+        let incoming = fields.context()
         let sampled =
             tracing.isRecording
             && (incoming?.sampled
@@ -249,14 +250,27 @@ enum TraceHeaders {
     /// One pass over the headers, comparing only names of the right length.
     /// `w3c`: the context came in `traceparent` (else from B3 headers).
     static func incoming(_ headers: HTTPHeaders) -> (ids: TraceIDs, state: String?, sampled: Bool?, w3c: Bool)? {
-        var parent: String?
-        var state: String?
-        var single: String?
-        var b3Trace: String?
-        var b3Span: String?
-        var b3Sampled: String?
-        var b3Debug = false
-        for (name, value) in headers {
+        var found = Fields()
+        for (name, value) in headers { found.note(name, value) }
+        return found.context()
+    }
+
+    /// The trace fields of a request, gathered while its headers are read once for other reasons
+    /// too (``RequestContext`` does): W3C Trace Context first, else B3 (single `b3` or the
+    /// `x-b3-*` headers).
+    struct Fields {
+        private var parent: String?
+        private var state: String?
+        private var single: String?
+        private var b3Trace: String?
+        private var b3Span: String?
+        private var b3Sampled: String?
+        private var b3Debug = false
+        /// Whether any trace field was seen (most requests of a new trace carry none).
+        private(set) var any = false
+
+        /// Notes `name: value` if it is a trace field, comparing only names of the right length.
+        mutating func note(_ name: String, _ value: String) {
             switch name.utf8.count {
             case 2 where name.equalsIgnoringASCIICase("b3"): single = single ?? value
             case 10:
@@ -264,40 +278,53 @@ enum TraceHeaders {
                     state = state.map { "\($0),\(value)" } ?? value
                 } else if name.equalsIgnoringASCIICase("x-b3-flags") {
                     b3Debug = value == "1"
+                } else {
+                    return
                 }
             case 11:
                 if name.equalsIgnoringASCIICase("traceparent") {
                     parent = parent ?? value
                 } else if name.equalsIgnoringASCIICase("x-b3-spanid") {
                     b3Span = b3Span ?? value
+                } else {
+                    return
                 }
             case 12:
                 if name.equalsIgnoringASCIICase("x-b3-traceid") {
                     b3Trace = b3Trace ?? value
                 } else if name.equalsIgnoringASCIICase("x-b3-sampled") {
                     b3Sampled = b3Sampled ?? value
+                } else {
+                    return
                 }
-            default: continue
+            default: return
             }
+            any = true
         }
-        if let parent {
-            guard let ids = ids(parsing: parent) else { return nil }
-            // A trace state is checked by the library (it alone parses its entries); a bad one
-            // makes the whole context unusable, as it would there.
-            if let state, !state.isEmpty,
-                (try? TraceContext(traceParentHeaderValue: parent, traceStateHeaderValue: state)) == nil
-            {
-                return nil
+
+        /// The caller's context from the fields noted; an invalid header counts as absent (a new
+        /// trace starts), as the W3C specification asks.
+        func context() -> (ids: TraceIDs, state: String?, sampled: Bool?, w3c: Bool)? {
+            guard any else { return nil }
+            if let parent {
+                guard let ids = TraceHeaders.ids(parsing: parent) else { return nil }
+                // A trace state is checked by the library (it alone parses its entries); a bad one
+                // makes the whole context unusable, as it would there.
+                if let state, !state.isEmpty,
+                    (try? TraceContext(traceParentHeaderValue: parent, traceStateHeaderValue: state)) == nil
+                {
+                    return nil
+                }
+                return (ids, state?.isEmpty == false ? state : nil, ids.sampled, true)
             }
-            return (ids, state?.isEmpty == false ? state : nil, ids.sampled, true)
-        }
-        if let single { return b3Single(single).map { ($0.ids, nil, $0.sampled, false) } }
-        if let b3Trace, let b3Span {
-            return b3(trace: b3Trace, span: b3Span, sampled: b3Debug ? "1" : b3Sampled).map {
-                ($0.ids, nil, $0.sampled, false)
+            if let single { return TraceHeaders.b3Single(single).map { ($0.ids, nil, $0.sampled, false) } }
+            if let b3Trace, let b3Span {
+                return TraceHeaders.b3(trace: b3Trace, span: b3Span, sampled: b3Debug ? "1" : b3Sampled).map {
+                    ($0.ids, nil, $0.sampled, false)
+                }
             }
+            return nil
         }
-        return nil
     }
 
     /// `00-{trace id}-{span id}-{flags}`, written in one allocation.
