@@ -188,6 +188,34 @@ import Testing
         #expect(try transcript([exact], limit: 4096).count == 2)
     }
 
+    /// The field-value check reads eight bytes at a time: against the byte-by-byte rule, for
+    /// seeded random values of every length up to 40 and every offset in a word, with each
+    /// kind of byte (HTAB, other controls, DEL, visible ASCII, obs-text) planted anywhere.
+    @Test func fieldValuesAreCheckedAsByteByByte() {
+        var rng = FastRandom(seed: 0xF1E1_D5)
+        let kinds: [[UInt8]] = [
+            [0x09], [0x00, 0x0A, 0x0D, 0x1F], [0x7F], [0x20, 0x41, 0x7E], [0x80, 0x9F, 0xA0, 0xFF],
+        ]
+        var refused = 0
+        for _ in 0..<4000 {
+            let length = Int.random(in: 0...40, using: &rng)
+            let offset = Int.random(in: 0..<8, using: &rng)
+            var bytes = (0..<(offset + length)).map { _ in UInt8.random(in: 0x20...0x7E, using: &rng) }
+            for _ in 0..<Int.random(in: 0...2, using: &rng) where length > 0 {
+                let kind = kinds.randomElement(using: &rng)!
+                bytes[offset + Int.random(in: 0..<length, using: &rng)] = kind.randomElement(using: &rng)!
+            }
+            let expected = bytes[offset...].allSatisfy(HTTP1Framer.isFieldValueByte)
+            bytes.append(0x00)  // past the end: never read (and an empty value still has storage)
+            let got = bytes.withUnsafeBufferPointer {
+                HTTP1Framer.isFieldValue($0.baseAddress!, from: offset, to: offset + length)
+            }
+            #expect(got == expected, "\(bytes[offset..<(offset + length)].map { String($0, radix: 16) })")
+            if !expected { refused += 1 }
+        }
+        #expect(refused > 500 && refused < 3500, "\(refused) of 4000 values refused")
+    }
+
     /// Seeded random mutations of valid requests (bytes flipped, inserted, deleted, lines
     /// duplicated), each fed whole and in random pieces: the parser never traps, never returns
     /// input unread, and reads the same parts (or the same error) however the bytes arrive.

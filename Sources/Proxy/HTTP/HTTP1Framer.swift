@@ -277,20 +277,22 @@ struct HTTP1Framer {
                 throw HTTP1ParseError("obsolete line folding in a field")
             }
             var colon = lineStart
-            while colon < lineEnd && b[colon] != UInt8(ascii: ":") {
-                guard isTokenByte(b[colon]) else {
+            while colon < lineEnd {
+                let c = base[colon]
+                if c == UInt8(ascii: ":") { break }
+                guard isTokenByte(c) else {
                     throw HTTP1ParseError(
                         "an invalid character in a field name: '\(printable(UnsafeBufferPointer(rebasing: b[lineStart..<lineEnd])))'"
                     )
                 }
-                colon += 1
+                colon &+= 1
             }
             guard colon < lineEnd, colon > lineStart else {
                 throw HTTP1ParseError(
                     "a field line without a name and a colon: '\(printable(UnsafeBufferPointer(rebasing: b[lineStart..<lineEnd])))'"
                 )
             }
-            for i in (colon + 1)..<lineEnd where !isFieldValueByte(b[i]) {
+            guard isFieldValue(base, from: colon + 1, to: lineEnd) else {
                 throw HTTP1ParseError(
                     "a control character in the value of '\(printable(UnsafeBufferPointer(rebasing: b[lineStart..<colon])))'"
                 )
@@ -403,13 +405,38 @@ struct HTTP1Framer {
 
     /// `tchar` (RFC 9110 §5.6.2).
     static func isTokenByte(_ b: UInt8) -> Bool {
-        if b < 64 { return (0x03FF_6CFA_0000_0000 as UInt64) >> UInt64(b) & 1 == 1 }
-        if b < 128 { return (0x57FF_FFFF_C7FF_FFFE as UInt64) >> UInt64(b - 64) & 1 == 1 }
+        if b < 64 { return (0x03FF_6CFA_0000_0000 as UInt64) &>> UInt64(b) & 1 == 1 }
+        if b < 128 { return (0x57FF_FFFF_C7FF_FFFE as UInt64) &>> UInt64(b &- 64) & 1 == 1 }
         return false
     }
 
     /// A byte allowed in a field value or reason phrase: HTAB, SP, VCHAR, obs-text.
     static func isFieldValueByte(_ b: UInt8) -> Bool { b == HT || (b >= 0x20 && b != 0x7F) }
+
+    /// Whether every byte from `from` up to `to` is ``isFieldValueByte(_:)``, eight at a time: a
+    /// word with no byte below 0x20 and none equal to 0x7F is fine as it is (the two tests may
+    /// flag a good word, never pass a bad one); a flagged word is checked byte by byte, since
+    /// HTAB, below 0x20, is allowed.
+    static func isFieldValue(_ p: UnsafePointer<UInt8>, from: Int, to: Int) -> Bool {
+        let ones: UInt64 = 0x0101_0101_0101_0101
+        let highs: UInt64 = 0x8080_8080_8080_8080
+        var i = from
+        while i &+ 8 <= to {
+            let w = UnsafeRawPointer(p + i).loadUnaligned(as: UInt64.self)
+            let below = (w &- 0x20 &* ones) & ~w & highs
+            let x = w ^ (0x7F &* ones)
+            let delete = (x &- ones) & ~x & highs
+            if below | delete != 0 {
+                for j in i..<(i &+ 8) where !isFieldValueByte(p[j]) { return false }
+            }
+            i &+= 8
+        }
+        while i < to {
+            if !isFieldValueByte(p[i]) { return false }
+            i &+= 1
+        }
+        return true
+    }
 
     /// At most 200 bytes of `bytes`, anything but printable ASCII shown as `?`: for errors.
     static func printable(_ bytes: UnsafeBufferPointer<UInt8>) -> String {
