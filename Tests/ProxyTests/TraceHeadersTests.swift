@@ -75,6 +75,29 @@ import W3CTraceContext
         #expect(incoming.state == "vendor=a")
     }
 
+    /// Ids are decoded eight hex digits at a time: against a plain decoder, for seeded random
+    /// 16-character texts, valid and with a stray byte (upper case, `g`, punctuation, a
+    /// control or non-ASCII byte) anywhere.
+    @Test func hexIdsAreDecodedAsDigitByDigit() {
+        var rng = FastRandom(seed: 0x4E8_16)
+        let digits = Array("0123456789abcdef".utf8)
+        let strays = Array("AFG:/ `g\u{0}\u{7F}".utf8) + [0x80, 0xB0, 0xE6, 0xFF]
+        var invalid = 0
+        for _ in 0..<5000 {
+            var text = (0..<16).map { _ in digits.randomElement(using: &rng)! }
+            if Bool.random(using: &rng) {
+                text[Int.random(in: 0..<16, using: &rng)] = strays.randomElement(using: &rng)!
+            }
+            let expected = UInt64(String(decoding: text, as: UTF8.self), radix: 16).flatMap {
+                text.allSatisfy(digits.contains) ? $0 : nil
+            }
+            let got = text.withUnsafeBufferPointer { TraceHeaders.hex16($0.baseAddress!) }
+            #expect(got == expected, "\(String(decoding: text, as: UTF8.self).debugDescription)")
+            if expected == nil { invalid += 1 }
+        }
+        #expect(invalid > 1500 && invalid < 3500)
+    }
+
     /// The request context reads the headers once for the exchange: the caller's trace fields,
     /// its request id (the first, unless empty: then the proxy makes one) and whether it is gRPC
     /// (the first `content-type`), as the request arrived.

@@ -74,7 +74,7 @@ final class ProxyExchange {
         }
         if let tracing = loop.tracing, tracing.traces(request.originalDestination) {
             request.trace = RequestTrace.start(
-                request.arrivedTraceFields,
+                request.arrivedTraceFields.context(),
                 method: request.head.method.rawValue,
                 direction: request.direction,
                 tracing: tracing,

@@ -82,17 +82,16 @@ struct RequestTrace {
     var traceID: String { ids.traceIDHex }
     var spanID: String? { extra?.span == nil ? nil : ids.spanIDHex }
 
-    /// Reads the caller's trace context (its fields as the request arrived), decides sampling
-    /// and, when sampled, starts the span.
+    /// Takes the caller's trace context (``TraceHeaders/Fields/context()`` of the fields the
+    /// request arrived with), decides sampling and, when sampled, starts the span.
     static func start(
-        _ fields: TraceHeaders.Fields,
+        _ incoming: (ids: TraceIDs, state: String?, sampled: Bool?, w3c: Bool)?,
         method: String,
         direction: TrafficDirection?,
         tracing: ProxyTracing,
         rng: inout FastRandom
     ) -> RequestTrace {
         let kind: SpanKind = direction == .outbound ? .client : .server
-        let incoming = fields.context()
         let sampled =
             tracing.isRecording
             && (incoming?.sampled
@@ -355,36 +354,66 @@ enum TraceHeaders {
     /// Trace Context level 1, the rules of `TraceContext(traceParentHeaderValue:)`) decoded in place,
     /// without copying the value.
     static func ids(parsing value: String) -> TraceIDs? {
+        // The bytes where they are (a `var` copy for `withUTF8` would retain the storage).
+        if let ids = value.utf8.withContiguousStorageIfAvailable(ids(parsing:)) { return ids }
         var value = value
-        return value.withUTF8 { p -> TraceIDs? in
-            guard p.count == 55, p[0] == UInt8(ascii: "0"), p[1] == UInt8(ascii: "0"), p[2] == UInt8(ascii: "-"),
-                p[35] == UInt8(ascii: "-"), p[52] == UInt8(ascii: "-"),
-                let high = hexValue(p, from: 3, digits: 16), let low = hexValue(p, from: 19, digits: 16),
-                let span = hexValue(p, from: 36, digits: 16), let flags = hexValue(p, from: 53, digits: 2),
-                high | low != 0, span != 0
-            else { return nil }
-            return TraceIDs(high: high, low: low, span: span, flags: UInt8(flags))
-        }
+        return value.withUTF8(ids(parsing:))
+    }
+
+    private static func ids(parsing p: UnsafeBufferPointer<UInt8>) -> TraceIDs? {
+        guard p.count == 55, let base = p.baseAddress, p[0] == UInt8(ascii: "0"), p[1] == UInt8(ascii: "0"),
+            p[2] == UInt8(ascii: "-"), p[35] == UInt8(ascii: "-"), p[52] == UInt8(ascii: "-"),
+            let high = hex16(base + 3), let low = hex16(base + 19), let span = hex16(base + 36),
+            let flags = hexValue(p, from: 53, digits: 2), high | low != 0, span != 0
+        else { return nil }
+        return TraceIDs(high: high, low: low, span: span, flags: UInt8(flags))
+    }
+
+    /// 16 lower-case hex digits at `p` as a number; nil on any other character.
+    static func hex16(_ p: UnsafePointer<UInt8>) -> UInt64? {
+        guard let high = hex8(p), let low = hex8(p + 8) else { return nil }
+        return UInt64(high) &<< 32 | UInt64(low)
+    }
+
+    /// 8 lower-case hex digits at `p`, decoded as one word: each byte's value is its low nibble,
+    /// plus 9 for a letter (bit 6 set); every value must be below 16 and the digits written back
+    /// from them must be the bytes read, which rules out anything but `0-9a-f`; then the nibbles
+    /// are packed, the first character the most significant.
+    static func hex8(_ p: UnsafePointer<UInt8>) -> UInt32? {
+        let ones: UInt64 = 0x0101_0101_0101_0101
+        let w = UnsafeRawPointer(p).loadUnaligned(as: UInt64.self).littleEndian
+        let nibbles = (w & (0x0F &* ones)) &+ ((w &>> 6) & ones) &* 9
+        let letters = ((nibbles &+ 6 &* ones) &>> 4) & ones  // 1 where the value is 10 or more
+        // Values above 15 are `g`–`o` (and others) written back as themselves: refused first.
+        guard nibbles & (0xF0 &* ones) == 0, nibbles &+ 0x30 &* ones &+ letters &* 0x27 == w else { return nil }
+        var x = nibbles.byteSwapped  // the first character in the top byte
+        x = (x | x &>> 4) & 0x00FF_00FF_00FF_00FF
+        x = (x | x &>> 8) & 0x0000_FFFF_0000_FFFF
+        x = (x | x &>> 16) & 0x0000_0000_FFFF_FFFF
+        return UInt32(truncatingIfNeeded: x)
     }
 
     /// The number written by `digits` lower-case hex digits of `text` from `offset`; nil on any
     /// other character.
     private static func hexValue(_ text: UnsafeBufferPointer<UInt8>, from offset: Int, digits: Int) -> UInt64? {
         var value: UInt64 = 0
-        for i in offset..<offset + digits {
-            guard let n = nibble(text[i]) else { return nil }
-            value = value << 4 | UInt64(n)
+        var i = offset
+        let end = offset + digits
+        while i < end {
+            // Two unsigned comparisons, no range pattern (which was not specialized).
+            let c = text[i]
+            let digit = c &- UInt8(ascii: "0")
+            let letter = c &- UInt8(ascii: "a")
+            if digit < 10 {
+                value = value &<< 4 | UInt64(digit)
+            } else if letter < 6 {
+                value = value &<< 4 | UInt64(letter &+ 10)
+            } else {
+                return nil
+            }
+            i &+= 1
         }
         return value
-    }
-
-    @inline(__always)
-    private static func nibble(_ c: UInt8) -> UInt8? {
-        switch c {
-        case UInt8(ascii: "0")...UInt8(ascii: "9"): c &- UInt8(ascii: "0")
-        case UInt8(ascii: "a")...UInt8(ascii: "f"): c &- UInt8(ascii: "a") &+ 10
-        default: nil
-        }
     }
 
     /// `b3: {traceid}-{spanid}[-{sampled}[-{parentspanid}]]`; a lone `0`/`1`/`d` carries only a
