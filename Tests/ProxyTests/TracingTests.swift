@@ -7,9 +7,9 @@ import ServiceLifecycle
 import Testing
 import TrellisPolicy
 import TrellisTestSupport
-import TrellisTracing
 
 @testable import Proxy
+@testable import TrellisTracing
 
 /// Distributed traces as a collector receives them: two proxies in a row (A's listener outbound,
 /// as the agent's on the calling machine; B's inbound, as the agent's on the serving one) export
@@ -319,5 +319,18 @@ struct TracingTests {
             // Exports time out after seconds; a request that waited for one would show it.
             #expect(slowest < .seconds(1), "\(slowest)")
         }
+    }
+}
+
+/// The span exporter's tasks (swift-otel's tracer, batch processor and exporter) run on a thread
+/// of their own, scheduled as a batch thread: woken by each span the event loop hands over, it
+/// never preempts the loop (on one core it did, twice per span).
+@Suite struct ExporterThreadTests {
+    @Test func theExportersTasksRunOnABatchThread() async throws {
+        let executor = BackgroundExecutor(logger: Logger(label: "test.exporter-thread"))
+        defer { executor.shutdown() }
+        let policy = await withTaskExecutorPreference(executor) { sched_getscheduler(0) }
+        #expect(policy == 3, "SCHED_BATCH")
+        #expect(sched_getscheduler(0) == 0, "the caller's thread is left as it was (SCHED_OTHER)")
     }
 }
