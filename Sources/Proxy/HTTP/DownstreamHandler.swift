@@ -8,7 +8,7 @@ import NIOHTTP1
 /// carries out its actions on the channel. Responses are written as bytes: an HTTP/1 upstream's
 /// field lines copied from its head (``HeaderRewriting/writeHTTP1Response``), bodies as they come,
 /// in chunks when the client's connection needs them framed.
-final class DownstreamHandler: ChannelDuplexHandler, BatchedFlush {
+final class DownstreamHandler: ChannelDuplexHandler {
     typealias InboundIn = ByteBuffer
     typealias OutboundIn = ByteBuffer
     typealias OutboundOut = ByteBuffer
@@ -226,8 +226,6 @@ final class DownstreamHandler: ChannelDuplexHandler, BatchedFlush {
         context?.flush()
     }
 
-    func batchedFlush() { context?.flush() }
-
     private func writeUnsentHead() {
         guard let head = unsentHead else { return }
         unsentHead = nil
@@ -262,7 +260,7 @@ final class DownstreamHandler: ChannelDuplexHandler, BatchedFlush {
         }
         if action == .keepOpen {
             if let last { context.write(wrapOutboundOut(last), promise: nil) }
-            loop.flushSoon(self)
+            loop.flushSoon(context)
         } else {
             // Closed once everything before it is written.
             let bound = NIOLoopBound(context, eventLoop: context.eventLoop)

@@ -6,7 +6,7 @@ import NIOHTTP1
 /// opened on. It reads the responses of the exchange it serves with ``HTTP1ResponseParser`` (their
 /// heads stay bytes) and hands the exchange their parts; otherwise it sits idle in that loop's
 /// ``UpstreamPool``.
-final class UpstreamConnection: ChannelDuplexHandler, BatchedFlush {
+final class UpstreamConnection: ChannelDuplexHandler {
     typealias InboundIn = ByteBuffer
     typealias OutboundIn = ByteBuffer
     typealias OutboundOut = ByteBuffer
@@ -29,11 +29,6 @@ final class UpstreamConnection: ChannelDuplexHandler, BatchedFlush {
     /// Whether the current request's body goes in chunks.
     private var chunkedRequest = false
     private(set) var isClosed = false
-    /// Something was written and not flushed yet; and a flush is queued on the loop. A request's
-    /// head and end each ask for a flush soon, and the client's read ending flushes at once: the
-    /// flags make the later ones free instead of empty passes through the channel's pipeline.
-    private var unflushed = false
-    private var flushQueued = false
     /// What this connection counts in (`max_connections`, the connection metrics), until it is gone.
     var accounting = UpstreamConnectionAccounting()
 
@@ -76,49 +71,35 @@ final class UpstreamConnection: ChannelDuplexHandler, BatchedFlush {
             parser.requestIsHEAD = head.head.method == .HEAD
             var buffer = context.channel.allocator.buffer(capacity: 512)
             chunkedRequest = HeaderRewriting.writeHTTP1Request(head, into: &buffer)
-            write(context, buffer)
+            context.write(wrapOutboundOut(buffer), promise: nil)
         case .body(let buffer):
             if chunkedRequest {
                 guard buffer.readableBytes > 0 else { break }
                 let size = HeaderRewriting.chunkSizeLine(buffer.readableBytes, context.channel.allocator)
-                write(context, size)
-                write(context, buffer)
-                write(context, HeaderRewriting.lineEnd)
+                context.write(wrapOutboundOut(size), promise: nil)
+                context.write(wrapOutboundOut(buffer), promise: nil)
+                context.write(wrapOutboundOut(HeaderRewriting.lineEnd), promise: nil)
             } else {
-                write(context, buffer)
+                context.write(wrapOutboundOut(buffer), promise: nil)
             }
         case .end(let trailers):
             if chunkedRequest {
                 chunkedRequest = false
                 var last = context.channel.allocator.buffer(capacity: 5)
                 HeaderRewriting.writeLastChunk(trailers, into: &last)
-                write(context, last)
+                context.write(wrapOutboundOut(last), promise: nil)
             }
         }
-        if flush { self.flush() }
-    }
-
-    private func write(_ context: ChannelHandlerContext, _ buffer: ByteBuffer) {
-        unflushed = true
-        context.write(wrapOutboundOut(buffer), promise: nil)
+        if flush { context.flush() }
     }
 
     func flush() {
-        guard unflushed, let context else { return }
-        unflushed = false
-        context.flush()
+        context?.flush()
     }
 
     /// Flushes after the loop's current batch of I/O events.
     func flushSoon(_ loop: LoopContext) {
-        guard unflushed, !flushQueued else { return }
-        flushQueued = true
-        loop.flushSoon(self)
-    }
-
-    func batchedFlush() {
-        flushQueued = false
-        flush()
+        if let context { loop.flushSoon(context) }
     }
 
     func close() {

@@ -100,15 +100,15 @@ final class LoopContext {
         return activity
     }
 
-    private var pendingFlushes: [any BatchedFlush] = []
+    private var pendingFlushes: [ChannelHandlerContext] = []
     /// The batch being flushed, swapped with ``pendingFlushes`` so that neither array is ever
     /// copied or reallocated (a flush may ask for the next batch while this one runs).
-    private var flushing: [any BatchedFlush] = []
+    private var flushing: [ChannelHandlerContext] = []
 
-    /// Flushes `connection` once the loop has handled the I/O events at hand, so that the writes of
+    /// Flushes `context` once the loop has handled the I/O events at hand, so that the writes of
     /// one busy loop iteration reach the kernel together (peers are woken once, not per write).
-    func flushSoon(_ connection: any BatchedFlush) {
-        pendingFlushes.append(connection)
+    func flushSoon(_ context: ChannelHandlerContext) {
+        pendingFlushes.append(context)
         if pendingFlushes.count == 1 {
             let bound = NIOLoopBound(self, eventLoop: eventLoop)
             eventLoop.execute { bound.value.flushPending() }
@@ -117,7 +117,7 @@ final class LoopContext {
 
     private func flushPending() {
         swap(&pendingFlushes, &flushing)
-        for connection in flushing { connection.batchedFlush() }
+        for context in flushing { context.flush() }
         flushing.removeAll(keepingCapacity: true)
     }
 
@@ -135,13 +135,6 @@ final class LoopContext {
 
 @available(*, unavailable)
 extension LoopContext: Sendable {}
-
-/// A connection whose writes ``LoopContext/flushSoon(_:)`` flushes at the end of the loop's
-/// iteration.
-protocol BatchedFlush: AnyObject {
-    /// Flushes what was written since the last flush (nothing when it was flushed meanwhile).
-    func batchedFlush()
-}
 
 /// An HTTP connection from a client (HTTP/1 or HTTP/2), as drain and `/ready`'s activity see it.
 protocol DownstreamConnection: AnyObject {
