@@ -23,8 +23,7 @@ enum HeaderRewriting {
     }
 
     private static func kind(of name: String) -> Kind {
-        var name = name
-        return name.withUTF8 { kind(of: $0) }
+        name.withUTF8Bytes { kind(of: $0) }
     }
 
     private static func kind(of bytes: UnsafeBufferPointer<UInt8>) -> Kind {
@@ -450,18 +449,27 @@ extension Substring {
 }
 
 extension String {
+    /// Calls `body` with the string's UTF-8 bytes where they are. `withUTF8` needs a `var` copy,
+    /// which retains and releases the storage each time; on the data path that is several times
+    /// per header. A string that is not contiguous UTF-8 (bridged) is made so once.
+    @inline(__always)
+    func withUTF8Bytes<R>(_ body: (UnsafeBufferPointer<UInt8>) throws -> R) rethrows -> R {
+        if let result = try utf8.withContiguousStorageIfAvailable(body) { return result }
+        var copy = self
+        return try copy.withUTF8(body)
+    }
+
     /// Whether the string equals `lowercase` ignoring ASCII case (a header name), without
     /// copying; `lowercase` must be lowercase ASCII.
     func equalsIgnoringASCIICase(_ lowercase: StaticString) -> Bool {
-        var s = self
-        return s.withUTF8 { HeaderRewriting.equalsLowercase($0, lowercase) }
+        guard utf8.count == lowercase.utf8CodeUnitCount else { return false }
+        return withUTF8Bytes { HeaderRewriting.equalsLowercase($0, lowercase) }
     }
 
     /// The string with ASCII letters lowercased; the string itself (no copy) when it has no
     /// uppercase ASCII letter, as header names on the wire mostly have not.
     var asciiLowercased: String {
-        var s = self
-        let hasUpper = s.withUTF8 { bytes in bytes.contains { $0 >= UInt8(ascii: "A") && $0 <= UInt8(ascii: "Z") } }
+        let hasUpper = withUTF8Bytes { bytes in bytes.contains { $0 >= UInt8(ascii: "A") && $0 <= UInt8(ascii: "Z") } }
         return hasUpper ? lowercased() : self
     }
 }
@@ -621,25 +629,15 @@ struct HeadMemory: HeadSink, RequestSink {
         count += text.utf8CodeUnitCount
     }
 
-    /// Reads the string's bytes where they are: copying it into a `var` for `withUTF8` would
-    /// retain and release its storage once per field, and a request head has dozens of pieces.
+    /// Reads the string's bytes where they are (``Swift/String/withUTF8Bytes(_:)``).
     mutating func put(_ text: String) {
-        let dest = base + count
-        let written = text.utf8.withContiguousStorageIfAvailable { utf8 -> Int in
-            assert(fits(utf8.count), "head larger than reserved")
+        let (dest, room) = (base + count, capacity - count)
+        let written = text.withUTF8Bytes { utf8 -> Int in
+            assert(utf8.count <= room, "head larger than reserved")
             if let start = utf8.baseAddress { dest.copyMemory(from: start, byteCount: utf8.count) }
             return utf8.count
         }
-        if let written {
-            count += written
-            return
-        }
-        var text = text  // not contiguous UTF-8 (a bridged string): made so once
-        text.withUTF8 { utf8 in
-            assert(fits(utf8.count), "head larger than reserved")
-            if let start = utf8.baseAddress { dest.copyMemory(from: start, byteCount: utf8.count) }
-            count += utf8.count
-        }
+        count += written
     }
 
     mutating func put(_ bytes: UnsafeRawBufferPointer) {

@@ -475,10 +475,8 @@ final class HTTP2Session {
         scratchBytes.removeAll(keepingCapacity: true)
         for field in fields {
             // Copied as contiguous UTF-8 (a memcpy), not byte by byte through the generic path.
-            var name = field.name
-            var value = field.value
-            name.withUTF8 { scratchBytes.append(contentsOf: $0) }
-            value.withUTF8 { scratchBytes.append(contentsOf: $0) }
+            field.name.withUTF8Bytes { scratchBytes.append(contentsOf: $0) }
+            field.value.withUTF8Bytes { scratchBytes.append(contentsOf: $0) }
         }
         scratchBytes.append(0)  // never empty, so the base address exists
         scratchNV.removeAll(keepingCapacity: true)

@@ -314,8 +314,7 @@ struct JSONLine {
             return
         }
         buffer.writeInteger(UInt8(ascii: "\""))
-        var text = value
-        text.withUTF8 { bytes in
+        value.withUTF8Bytes { bytes in
             var start = 0
             for (i, byte) in bytes.enumerated()
             where byte < 0x20 || byte == UInt8(ascii: "\"") || byte == UInt8(ascii: "\\") {

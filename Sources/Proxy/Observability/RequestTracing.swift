@@ -354,10 +354,7 @@ enum TraceHeaders {
     /// Trace Context level 1, the rules of `TraceContext(traceParentHeaderValue:)`) decoded in place,
     /// without copying the value.
     static func ids(parsing value: String) -> TraceIDs? {
-        // The bytes where they are (a `var` copy for `withUTF8` would retain the storage).
-        if let ids = value.utf8.withContiguousStorageIfAvailable(ids(parsing:)) { return ids }
-        var value = value
-        return value.withUTF8(ids(parsing:))
+        value.withUTF8Bytes(ids(parsing:))
     }
 
     private static func ids(parsing p: UnsafeBufferPointer<UInt8>) -> TraceIDs? {
