@@ -21,14 +21,7 @@ if [ "$(nproc)" -ge 2 ]; then PROXY_CPU=0; LOAD_CPU=1; else PROXY_CPU=0; LOAD_CP
 if [ "${SKIP_BUILD:-0}" != 1 ]; then bash "$root/scripts/build-release.sh" trellis-agent >/dev/null; fi
 trellis="$root/.build-static/release/trellis-agent"
 out=$(mktemp -d /tmp/trellis-h2bench.XXXXXX)
-pids=()
-cleanup() {
-  for p in "${pids[@]:-}"; do [ -n "$p" ] && kill "$p" 2>/dev/null || true; done
-  sleep 0.3
-  for p in "${pids[@]:-}"; do [ -n "$p" ] && kill -9 "$p" 2>/dev/null || true; done
-  rm -rf "$out"
-}
-trap cleanup EXIT
+. "$root/Benchmarks/tools/cleanup.sh"
 
 cat >"$out/upstream-h2.conf" <<CONF
 worker_processes 1;

@@ -24,14 +24,7 @@ if [ "${SKIP_BUILD:-0}" != 1 ]; then
 fi
 bin="$root/.build-static/release"
 out=$(mktemp -d /tmp/trellis-memory.XXXXXX)
-pids=()
-cleanup() {
-  for p in "${pids[@]:-}"; do [ -n "$p" ] && kill "$p" 2>/dev/null || true; done
-  sleep 0.3
-  for p in "${pids[@]:-}"; do [ -n "$p" ] && kill -9 "$p" 2>/dev/null || true; done
-  rm -rf "$out"
-}
-trap cleanup EXIT
+. "$root/Benchmarks/tools/cleanup.sh"
 # Each burst needs a descriptor per connection in the client and one or two in the proxy.
 hard=$(ulimit -Hn); [ "$hard" = unlimited ] && hard=65536
 ulimit -n "$hard"

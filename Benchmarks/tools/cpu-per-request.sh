@@ -16,14 +16,7 @@ for tool in wrk nginx haproxy envoy taskset nstat; do
 done
 [ "${SKIP_BUILD:-0}" = 1 ] || bash "$root/scripts/build-release.sh" trellis-agent >/dev/null
 out=$(mktemp -d /tmp/trellis-cpu.XXXXXX)
-pids=()
-cleanup() {
-  for p in "${pids[@]:-}"; do [ -n "$p" ] && kill "$p" 2>/dev/null || true; done
-  sleep 0.3
-  for p in "${pids[@]:-}"; do [ -n "$p" ] && kill -9 "$p" 2>/dev/null || true; done
-  rm -rf "$out"
-}
-trap cleanup EXIT
+. "$root/Benchmarks/tools/cleanup.sh"
 taskset -c 1 nginx -p "$out" -c "$bench/upstream-nginx.conf" &
 pids+=($!)
 sleep 0.5
