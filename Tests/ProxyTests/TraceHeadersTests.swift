@@ -8,6 +8,14 @@ import W3CTraceContext
 /// Reading and writing trace headers, without a tracer: what the data path does for every request
 /// when tracing is on, sampled or not.
 @Suite struct TraceHeadersTests {
+    /// The caller's context as the data path reads it: from the fields a request context noted
+    /// in its one pass over the headers.
+    static func incoming(_ headers: HTTPHeaders) -> TraceHeaders.Incoming? {
+        let head = HTTPRequestHead(version: .http1_1, method: .GET, uri: "/", headers: headers)
+        return RequestContext(head: head, listenerName: "l", remoteAddress: nil, clientIP: nil, startTime: .now())
+            .arrivedTraceFields.context()
+    }
+
     /// 50 random contexts with each of `flags`.
     static func randomContexts(seed: UInt64, flags: [TraceFlags]) -> [TraceContext] {
         var rng = FastRandom(seed: seed)
@@ -66,7 +74,7 @@ import W3CTraceContext
             ("TraceParent", "00-4bf92f3577b34da6a3ce929d0e0e4736-00f067aa0ba902b7-01"),
             ("TRACESTATE", "vendor=a"), ("X-Request-Id", "r"),
         ])
-        let incoming = try #require(TraceHeaders.incoming(headers))
+        let incoming = try #require(Self.incoming(headers))
         #expect(incoming.sampled == true)
         #expect(
             incoming.ids.traceIDHex == "4bf92f3577b34da6a3ce929d0e0e4736"
@@ -143,17 +151,17 @@ import W3CTraceContext
 
     @Test func b3IsReadAndBadHeadersStartANewTrace() throws {
         let multi = try #require(
-            TraceHeaders.incoming(
+            Self.incoming(
                 HTTPHeaders([
                     ("X-B3-TraceId", "A3CE929D0E0E4736"), ("X-B3-SpanId", "00f067aa0ba902b7"), ("X-B3-Sampled", "0"),
                 ])
             )
         )
         #expect(multi.ids.traceIDHex == "0000000000000000a3ce929d0e0e4736" && multi.sampled == false)
-        let deferred = try #require(TraceHeaders.incoming(HTTPHeaders([("b3", "a3ce929d0e0e4736-00f067aa0ba902b7")])))
+        let deferred = try #require(Self.incoming(HTTPHeaders([("b3", "a3ce929d0e0e4736-00f067aa0ba902b7")])))
         #expect(deferred.sampled == nil, "no decision: the proxy takes it")
         let debug = try #require(
-            TraceHeaders.incoming(
+            Self.incoming(
                 HTTPHeaders([
                     ("x-b3-traceid", "a3ce929d0e0e4736"), ("x-b3-spanid", "00f067aa0ba902b7"), ("x-b3-flags", "1"),
                 ])
@@ -165,7 +173,7 @@ import W3CTraceContext
             [("traceparent", "00-4bf92f3577b34da6a3ce929d0e0e4736-00f067aa0ba902b7")],  // no flags
             [("b3", "xyz-00f067aa0ba902b7-1")], [("b3", "1")], [("x-b3-traceid", "a3ce929d0e0e4736")],
         ] {
-            #expect(TraceHeaders.incoming(HTTPHeaders(bad)) == nil, "\(bad)")
+            #expect(Self.incoming(HTTPHeaders(bad)) == nil, "\(bad)")
         }
     }
 }

@@ -85,7 +85,7 @@ struct RequestTrace {
     /// Takes the caller's trace context (``TraceHeaders/Fields/context()`` of the fields the
     /// request arrived with), decides sampling and, when sampled, starts the span.
     static func start(
-        _ incoming: (ids: TraceIDs, state: String?, sampled: Bool?, w3c: Bool)?,
+        _ incoming: TraceHeaders.Incoming?,
         method: String,
         direction: TrafficDirection?,
         tracing: ProxyTracing,
@@ -246,13 +246,8 @@ struct RequestTrace {
 /// starts), as the W3C specification asks.
 enum TraceHeaders {
     /// The caller's context, and its sampling decision (nil: left to this proxy, as B3 allows).
-    /// One pass over the headers, comparing only names of the right length.
     /// `w3c`: the context came in `traceparent` (else from B3 headers).
-    static func incoming(_ headers: HTTPHeaders) -> (ids: TraceIDs, state: String?, sampled: Bool?, w3c: Bool)? {
-        var found = Fields()
-        for (name, value) in headers { found.note(name, value) }
-        return found.context()
-    }
+    typealias Incoming = (ids: TraceIDs, state: String?, sampled: Bool?, w3c: Bool)
 
     /// The trace fields of a request, gathered while its headers are read once for other reasons
     /// too (``RequestContext`` does): W3C Trace Context first, else B3 (single `b3` or the
@@ -303,7 +298,7 @@ enum TraceHeaders {
 
         /// The caller's context from the fields noted; an invalid header counts as absent (a new
         /// trace starts), as the W3C specification asks.
-        func context() -> (ids: TraceIDs, state: String?, sampled: Bool?, w3c: Bool)? {
+        func context() -> Incoming? {
             guard any else { return nil }
             if let parent {
                 guard let ids = TraceHeaders.ids(parsing: parent) else { return nil }
