@@ -43,8 +43,14 @@ swift build --build-tests
 # suite and the HTTP/2 floods and fuzzing (HTTP2AbuseTests) are heavy on a 2-core machine, and
 # would starve the timing-sensitive proxy suites if run alongside them; the streaming suite measures this process's peak RSS, which any suite running
 # beside it (floods of requests, pilots) inflates.
-echo "== swift test (all but RootTests, XDSScaleTests, HTTP2AbuseTests and StreamingAndPoolTests)"
-as_root swift test --skip-build --disable-xctest --skip "RootTests|XDSScaleTests|HTTP2AbuseTests|StreamingAndPoolTests"
+# The in-process data-path tests and the tests that start etcd, Envoy, pilots and agents run as
+# two groups: all at once they overloaded two cores, and tests that bound a response's time
+# (route timeouts, drains, eventual consistency) failed now and then for want of a core.
+skipped="RootTests|XDSScaleTests|HTTP2AbuseTests|StreamingAndPoolTests"
+echo "== swift test (ProxyTests, InterceptorTests; but $skipped)"
+as_root swift test --skip-build --disable-xctest --filter "^(ProxyTests|InterceptorTests)\." --skip "$skipped"
+echo "== swift test (AgentTests, PilotTests, EtcdTests, XDSTests; but $skipped)"
+as_root swift test --skip-build --disable-xctest --skip "^(ProxyTests|InterceptorTests)\.|$skipped"
 echo "== swift test (StreamingAndPoolTests: memory stays flat while streaming)"
 as_root swift test --skip-build --disable-xctest --filter "StreamingAndPoolTests"
 echo "== swift test (RootTests: namespaces, iptables, the agent binary, packages; XDSScaleTests; HTTP2AbuseTests)"

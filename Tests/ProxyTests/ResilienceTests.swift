@@ -561,16 +561,20 @@ import TrellisTestSupport
         defer { Task { await proxy.stop() } }
         // u0 fails about half of its requests (never 1000 in a row): only its rate gives it away.
         let client = try await TestHTTPClient.connect(port: proxy.port, group: group)
-        let deadline = ContinuousClock.now + .seconds(10)
+        // Bounded by time; the metric is read every 10 requests, so that on a loaded machine the
+        // requests (not the metric renderings) fill each 1 s interval's volume.
+        let deadline = ContinuousClock.now + .seconds(20)
         var n = 0
         while ContinuousClock.now < deadline {
             upstreams[0].failing(with: n % 2 == 0 ? 500 : nil)
             _ = try await client.request(.GET, "/")
             n += 1
-            if try await proxy.metric(
-                "trellis_outlier_ejections_total{cluster=\"pool\",reason=\"success_rate\"}",
-                group: group
-            ) == 1 {
+            if n % 10 == 0,
+                try await proxy.metric(
+                    "trellis_outlier_ejections_total{cluster=\"pool\",reason=\"success_rate\"}",
+                    group: group
+                ) == 1
+            {
                 break
             }
         }
