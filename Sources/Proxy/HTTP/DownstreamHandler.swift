@@ -221,7 +221,15 @@ final class DownstreamHandler: ChannelDuplexHandler {
         context.write(wrapOutboundOut(buffer), promise: nil)
     }
 
+    /// Flushes after the loop's current batch of I/O events (a response head still waiting for
+    /// its body goes out then, with what came of it).
     func flush() {
+        loop.flushSoon(self)
+    }
+
+    var flushQueued = false
+
+    func flushNow() {
         writeUnsentHead()
         context?.flush()
     }
@@ -260,7 +268,7 @@ final class DownstreamHandler: ChannelDuplexHandler {
         }
         if action == .keepOpen {
             if let last { context.write(wrapOutboundOut(last), promise: nil) }
-            loop.flushSoon(context)
+            loop.flushSoon(self)
         } else {
             // Closed once everything before it is written.
             let bound = NIOLoopBound(context, eventLoop: context.eventLoop)
@@ -313,7 +321,7 @@ final class DownstreamHandler: ChannelDuplexHandler {
 @available(*, unavailable)
 extension DownstreamHandler: Sendable {}
 
-extension DownstreamHandler: DownstreamConnection {
+extension DownstreamHandler: DownstreamConnection, BatchedFlush {
     var requestsInFlight: Int { machine.isBusy ? 1 : 0 }
 
     func stopDrain() {

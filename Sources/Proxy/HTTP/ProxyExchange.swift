@@ -108,6 +108,9 @@ final class ProxyExchange {
             requestID: generatedID,
             trace: request.trace
         )
+        // Room for the head, a body part and the end: kept too when the try goes to a reused
+        // connection (``attach(_:try:)``), and then the end is added without growing the array.
+        pending.reserveCapacity(3)
         pending.append(.head(upstreamHead))
         if request.retryPolicy != nil { retained = [.head(upstreamHead)] }
         if let delay = request.faultDelay {
@@ -218,7 +221,7 @@ final class ProxyExchange {
     }
 
     func downstreamReadComplete() {
-        if machine.phase == .streaming { upstream?.flush() }
+        if machine.phase == .streaming { upstream?.flushSoon(loop) }
     }
 
     func upstreamBecameWritable() {

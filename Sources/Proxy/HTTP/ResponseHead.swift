@@ -1,6 +1,12 @@
 import NIOCore
 import NIOHTTP1
 
+#if canImport(Glibc)
+import Glibc
+#elseif canImport(Darwin)
+import Darwin
+#endif
+
 /// An upstream's response head as the exchange passes it on, whatever the upstream spoke: an
 /// HTTP/1 upstream's header block as received (``RawResponseHead``: relayed to an HTTP/1 client
 /// without being decoded into strings and encoded again), or an HTTP/2 upstream's decoded fields.
@@ -96,20 +102,21 @@ struct RawResponseHead {
     }
 
     /// Each line of a checked block: its bytes without the line end, and the index of its colon.
+    /// The line feed and the colon are found with `memchr` (a block is mostly values, which
+    /// need no look at each byte here: the parser checked them).
     static func forEachLine(_ bytes: UnsafeBufferPointer<UInt8>, _ body: (Range<Int>, Int) -> Void) {
+        guard let base = bytes.baseAddress else { return }
+        let raw = UnsafeRawPointer(base)
         var start = 0
         let count = bytes.count
         while start < count {
-            var end = start
-            var colon = -1
-            while end < count && bytes[end] != 0x0A {
-                if colon < 0 && bytes[end] == UInt8(ascii: ":") { colon = end }
-                end += 1
+            let feed = memchr(raw + start, 0x0A, count - start).map { UnsafeRawPointer($0) - raw } ?? count
+            var end = feed
+            if end > start && base[end - 1] == 0x0D { end -= 1 }
+            if end > start, let colon = memchr(raw + start, Int32(UInt8(ascii: ":")), end - start) {
+                body(start..<end, UnsafeRawPointer(colon) - raw)
             }
-            let next = end + 1
-            if end > start && bytes[end - 1] == 0x0D { end -= 1 }
-            if colon >= 0 { body(start..<end, colon) }
-            start = next
+            start = feed + 1
         }
     }
 

@@ -11,7 +11,8 @@ final class UpstreamConnection: ChannelDuplexHandler {
     typealias OutboundIn = ByteBuffer
     typealias OutboundOut = ByteBuffer
 
-    let poolKey: String
+    /// The idle connections of its endpoint in its loop's pool, where it goes back after an exchange.
+    var idleStack: IdleStack
     let maxRequests: Int?
     /// The cluster's pool settings when the connection was made: idle connections kept per
     /// endpoint, and how long one may stay idle.
@@ -32,8 +33,8 @@ final class UpstreamConnection: ChannelDuplexHandler {
     /// What this connection counts in (`max_connections`, the connection metrics), until it is gone.
     var accounting = UpstreamConnectionAccounting()
 
-    init(poolKey: String, maxRequests: Int?, maxIdle: Int, idleTimeout: TimeAmount) {
-        self.poolKey = poolKey
+    init(idleStack: IdleStack, maxRequests: Int?, maxIdle: Int, idleTimeout: TimeAmount) {
+        self.idleStack = idleStack
         self.maxRequests = maxRequests
         self.maxIdle = maxIdle
         self.idleTimeout = idleTimeout
@@ -93,13 +94,15 @@ final class UpstreamConnection: ChannelDuplexHandler {
         if flush { context.flush() }
     }
 
-    func flush() {
+    var flushQueued = false
+
+    func flushNow() {
         context?.flush()
     }
 
     /// Flushes after the loop's current batch of I/O events.
     func flushSoon(_ loop: LoopContext) {
-        if let context { loop.flushSoon(context) }
+        loop.flushSoon(self)
     }
 
     func close() {
@@ -175,7 +178,7 @@ final class UpstreamConnection: ChannelDuplexHandler {
     }
 }
 
-extension UpstreamConnection: UpstreamStream {
+extension UpstreamConnection: UpstreamStream, BatchedFlush {
     /// Asked before the exchange sends its head: requests this connection carried before.
     var isReused: Bool { requestsServed > 0 }
 

@@ -9,7 +9,10 @@ import TrellisPolicy
 /// touches it; requests never wait for another loop.
 final class UpstreamPool {
     private let eventLoop: any EventLoop
-    private var idle: [String: [UpstreamConnection]] = [:]
+    /// The idle HTTP/1 connections per endpoint. A stack is an object, so that taking from it
+    /// is a lookup (no `modify` access, which allocated its coroutine frame, and no copy of the
+    /// array) and giving back needs none (a connection keeps the stack it came for).
+    private var idle: [String: IdleStack] = [:]
     /// HTTP/2 connections per endpoint, busy or idle (streams are multiplexed on them).
     private var multiplexed: [String: [HTTP2UpstreamConnection]] = [:]
     private var sweeper: RepeatedTask?
@@ -21,7 +24,7 @@ final class UpstreamPool {
         self.connector = UpstreamConnector(mark: mark)
     }
 
-    var idleCount: Int { idle.values.reduce(0) { $0 + $1.count } }
+    var idleCount: Int { idle.values.reduce(0) { $0 + $1.connections.count } }
 
     /// Starts the sweeper that closes connections idle for longer than their cluster allows.
     func startSweeping(every interval: TimeAmount = .seconds(1)) {
@@ -33,7 +36,11 @@ final class UpstreamPool {
 
     func shutdown() {
         sweeper?.cancel()
-        for connections in idle.values { for c in connections { c.close() } }
+        for stack in idle.values {
+            stack.isListed = false
+            for c in stack.connections { c.close() }
+            stack.connections.removeAll()
+        }
         idle.removeAll()
         for connections in multiplexed.values { for c in connections { c.close() } }
         multiplexed.removeAll()
@@ -58,18 +65,19 @@ final class UpstreamPool {
         case .http1, .downstream:
             break
         }
-        let idleTimeout = TimeAmount(cluster.config.pool.idleTimeout)
-        let now = NIODeadline.now()
-        // In place (`idle[key]?.popLast()`): a copy of the stack taken out and put back would
-        // be a second reference, and the pop would copy every connection in it.
-        while !fresh, let candidate = idle[endpoint.key]?.popLast() {
-            if candidate.isActive && now - candidate.idleSince < idleTimeout {
-                exchange.attach(candidate, try: exchange.currentTry)
-                return
+        let stack = idleStack(endpoint.key)
+        if !fresh && !stack.connections.isEmpty {
+            let idleTimeout = TimeAmount(cluster.config.pool.idleTimeout)
+            let now = NIODeadline.now()
+            while let candidate = stack.connections.popLast() {
+                if candidate.isActive && now - candidate.idleSince < idleTimeout {
+                    exchange.attach(candidate, try: exchange.currentTry)
+                    return
+                }
+                candidate.close()
             }
-            candidate.close()
         }
-        connect(endpoint: endpoint, cluster: cluster, for: exchange)
+        connect(endpoint: endpoint, cluster: cluster, for: exchange, stack: stack)
     }
 
     /// Circuit breakers: a request that would wait for yet another connection attempt, or open a
@@ -114,12 +122,24 @@ final class UpstreamPool {
         )
     }
 
-    private func connect(endpoint: ClusterRuntime.EndpointRuntime, cluster: ClusterRuntime, for exchange: ProxyExchange)
-    {
+    /// The idle stack of an endpoint (made, and listed, on first use).
+    private func idleStack(_ key: String) -> IdleStack {
+        if let stack = idle[key] { return stack }
+        let stack = IdleStack(key: key)
+        idle[key] = stack
+        return stack
+    }
+
+    private func connect(
+        endpoint: ClusterRuntime.EndpointRuntime,
+        cluster: ClusterRuntime,
+        for exchange: ProxyExchange,
+        stack: IdleStack
+    ) {
         guard admitConnection(cluster, for: exchange) else { return }
         let load = cluster.load
         let connection = UpstreamConnection(
-            poolKey: endpoint.key,
+            idleStack: stack,
             maxRequests: cluster.config.pool.maxRequestsPerConnection,
             maxIdle: cluster.config.pool.maxIdlePerEndpoint,
             idleTimeout: TimeAmount(cluster.config.pool.idleTimeout)
@@ -210,19 +230,26 @@ final class UpstreamPool {
             connection.close()
             return
         }
-        guard (idle[connection.poolKey]?.count ?? 0) < maxIdle else {
+        var stack = connection.idleStack
+        if !stack.isListed {
+            // The sweep dropped the endpoint's stack while this connection was busy.
+            stack = idleStack(stack.key)
+            connection.idleStack = stack
+        }
+        guard stack.connections.count < maxIdle else {
             connection.close()
             return
         }
         connection.idleSince = .now()
         connection.idleLimit = idleTimeout
-        idle[connection.poolKey, default: []].append(connection)  // in place, as in `acquire`
+        stack.connections.append(connection)
     }
 
     /// Forgets a connection that closed.
     func remove(_ connection: UpstreamConnection) {
-        guard let i = idle[connection.poolKey]?.firstIndex(where: { $0 === connection }) else { return }
-        idle[connection.poolKey]?.remove(at: i)
+        let stack = connection.idleStack
+        guard let i = stack.connections.firstIndex(where: { $0 === connection }) else { return }
+        stack.connections.remove(at: i)
     }
 
     private func sweep() {
@@ -239,18 +266,40 @@ final class UpstreamPool {
             multiplexed[key] = keep.isEmpty ? nil : keep
         }
         for (key, stack) in idle {
-            let keep = stack.filter { c in
-                if !c.isActive { return false }
+            var expired: [UpstreamConnection] = []
+            stack.connections.removeAll { c in
+                if !c.isActive { return true }
                 if let limit = c.idleLimit, now - c.idleSince >= limit {
-                    c.close()
-                    return false
+                    expired.append(c)
+                    return true
                 }
-                return true
+                return false
             }
-            idle[key] = keep.isEmpty ? nil : keep
+            // Closed once out of the stack: a close may call back into ``remove(_:)`` at once.
+            for c in expired { c.close() }
+            if stack.connections.isEmpty {
+                stack.isListed = false
+                idle[key] = nil
+            }
         }
     }
 }
+
+/// The idle connections of one loop to one endpoint, most recently used last.
+final class IdleStack {
+    let key: String
+    var connections: [UpstreamConnection] = []
+    /// Whether the pool still lists it (the sweep drops empty stacks; a busy connection whose
+    /// stack was dropped goes back to the endpoint's new one).
+    var isListed = true
+
+    init(key: String) {
+        self.key = key
+    }
+}
+
+@available(*, unavailable)
+extension IdleStack: Sendable {}
 
 @available(*, unavailable)
 extension UpstreamPool: Sendable {}

@@ -18,8 +18,21 @@ public final class RoutingMiddleware: ProxyMiddleware {
         self.loop = loop
     }
 
+    /// The table of the listener that asked last: a loop mostly serves one or two listeners, and
+    /// comparing a name is cheaper than hashing it.
+    private var lastListener: String?
+    private var lastTable: RouteTable?
+
+    private func table(_ listener: String) -> RouteTable? {
+        if let lastTable, listener == lastListener { return lastTable }
+        let table = snapshot.routeTables[listener]
+        lastListener = listener
+        lastTable = table
+        return table
+    }
+
     public func onRequest(_ request: RequestContext) -> ProxyError? {
-        guard var table = snapshot.routeTables[request.listenerName] else {
+        guard var table = table(request.listenerName) else {
             return .noRoute("listener '\(request.listenerName)' has no routes")
         }
         if !snapshot.portRouteTables.isEmpty, let port = request.originalDestination?.port,

@@ -100,15 +100,18 @@ final class LoopContext {
         return activity
     }
 
-    private var pendingFlushes: [ChannelHandlerContext] = []
+    private var pendingFlushes: [any BatchedFlush] = []
     /// The batch being flushed, swapped with ``pendingFlushes`` so that neither array is ever
     /// copied or reallocated (a flush may ask for the next batch while this one runs).
-    private var flushing: [ChannelHandlerContext] = []
+    private var flushing: [any BatchedFlush] = []
 
-    /// Flushes `context` once the loop has handled the I/O events at hand, so that the writes of
-    /// one busy loop iteration reach the kernel together (peers are woken once, not per write).
-    func flushSoon(_ context: ChannelHandlerContext) {
-        pendingFlushes.append(context)
+    /// Flushes `connection` once the loop has handled the I/O events at hand, so that the writes
+    /// of one busy loop iteration reach the kernel together (peers are woken once, not per write)
+    /// and a connection written to several times in it is flushed once.
+    func flushSoon(_ connection: any BatchedFlush) {
+        if connection.flushQueued { return }
+        connection.flushQueued = true
+        pendingFlushes.append(connection)
         if pendingFlushes.count == 1 {
             let bound = NIOLoopBound(self, eventLoop: eventLoop)
             eventLoop.execute { bound.value.flushPending() }
@@ -117,7 +120,11 @@ final class LoopContext {
 
     private func flushPending() {
         swap(&pendingFlushes, &flushing)
-        for context in flushing { context.flush() }
+        for connection in flushing {
+            // Cleared first: what it writes while flushing waits for the next batch.
+            connection.flushQueued = false
+            connection.flushNow()
+        }
         flushing.removeAll(keepingCapacity: true)
     }
 
@@ -144,4 +151,13 @@ protocol DownstreamConnection: AnyObject {
     func drain(quiet: TimeAmount) -> Bool
     /// Drain was called off: keep-alive again where the protocol allows.
     func stopDrain()
+}
+
+/// A connection whose writes its loop flushes once per batch of I/O events
+/// (``LoopContext/flushSoon(_:)``): HTTP/1 downstream and upstream connections.
+protocol BatchedFlush: AnyObject {
+    /// Whether it waits in the loop's batch (set and cleared by the loop only).
+    var flushQueued: Bool { get set }
+    /// Hands what was written to the socket now.
+    func flushNow()
 }

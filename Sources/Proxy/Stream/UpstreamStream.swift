@@ -14,8 +14,8 @@ protocol UpstreamStream: AnyObject {
     var isActive: Bool { get }
     var isWritable: Bool { get }
     func send(_ part: UpstreamRequestPart, flush: Bool)
-    func flush()
-    /// Flushes after the loop's current batch of I/O events.
+    /// Flushes after the loop's current batch of I/O events (an HTTP/2 stream whose HEADERS wait
+    /// for more of the request submits them now).
     func flushSoon(_ loop: LoopContext)
     /// The downstream became writable: let response bytes come again.
     func resumeReading()
