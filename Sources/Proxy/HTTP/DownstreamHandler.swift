@@ -21,6 +21,8 @@ final class DownstreamHandler: ChannelDuplexHandler {
     /// The listener's metrics (looked up once per connection).
     private let listenerStats: ListenerStats
     private var context: ChannelHandlerContext?
+    /// The channel's allocator, read once (each read through the channel retains and releases it).
+    private var allocator = ByteBufferAllocator()
     private var machine: HTTP1ConnectionStateMachine
     /// Reads the requests from the connection's bytes.
     private var parser: HTTP1RequestParser
@@ -35,8 +37,8 @@ final class DownstreamHandler: ChannelDuplexHandler {
     /// The largest first body part copied behind its head.
     private static let coalescedBodyBytes = 2048
 
-    /// The timers of this connection (same channel, same loop).
-    private let timeouts: ConnectionTimeoutHandler?
+    /// The idle and request-head timers of this connection.
+    private let timeouts: ConnectionTimeouts?
 
     /// Where a captured connection was going (looked up once, when it opened).
     private var originalDestination: SocketEndpoint?
@@ -49,7 +51,7 @@ final class DownstreamHandler: ChannelDuplexHandler {
         listenerName: String,
         accessLog: Bool,
         direction: TrafficDirection? = nil,
-        timeouts: ConnectionTimeoutHandler?,
+        timeouts: ConnectionTimeouts?,
         maxRequestHeadBytes: Int = ConnectionLimits().maxRequestHeaderBytes,
         originalDestination lookup: OriginalDestinationLookup? = nil
     ) {
@@ -68,12 +70,14 @@ final class DownstreamHandler: ChannelDuplexHandler {
 
     func handlerAdded(context: ChannelHandlerContext) {
         self.context = context
+        allocator = context.channel.allocator
         // Added after the protocol was sniffed: the channel is already active.
         if context.channel.isActive { opened(context) }
     }
 
     func handlerRemoved(context: ChannelHandlerContext) {
         self.context = nil
+        timeouts?.closed()
     }
 
     func channelActive(context: ChannelHandlerContext) {
@@ -87,13 +91,16 @@ final class DownstreamHandler: ChannelDuplexHandler {
         }
         remoteAddress = context.channel.remoteAddress
         clientIP = remoteAddress?.ipAddress
-        machine = HTTP1ConnectionStateMachine(now: context.eventLoop.now, draining: loop.draining)
+        let now = context.eventLoop.now
+        machine = HTTP1ConnectionStateMachine(now: now, draining: loop.draining)
+        timeouts?.opened(context: context, now: now)
         loop.opened(self)
         loop.stats.activeConnections.increment()
         loop.stats.totalConnections.increment()
     }
 
     func channelInactive(context: ChannelHandlerContext) {
+        timeouts?.closed()
         loop.closed(self)
         loop.stats.activeConnections.decrement()
         if machine.closed() { exchange?.downstreamClosed() }
@@ -103,6 +110,10 @@ final class DownstreamHandler: ChannelDuplexHandler {
 
     func channelRead(context: ChannelHandlerContext, data: NIOAny) {
         var input = unwrapInboundIn(data)
+        timeouts?.bytesReceived(now: context.eventLoop.now)
+        // Most heads arrive whole in one read and are parsed here; only a head still incomplete
+        // afterwards needs the (shorter) header timer.
+        defer { timeouts?.readParsed(context: context) }
         while true {
             let part: HTTPServerRequestPart?
             do {
@@ -253,16 +264,17 @@ final class DownstreamHandler: ChannelDuplexHandler {
     private func finishResponse(_ trailers: HTTPHeaders?, close: Bool) {
         guard let context else { return }
         writeUnsentHead()  // before the machine says closing, when writes stop
-        let action = machine.responseEnded(now: context.eventLoop.now, close: close)
+        let now = context.eventLoop.now
+        let action = machine.responseEnded(now: now, close: close)
         if action == .none { return }
         exchange = nil
-        timeouts?.responseCompleted()
+        timeouts?.responseCompleted(context: context, now: now)
         // The last chunk (and the trailers) of a chunked body; most responses have a length and
         // allocate nothing here.
         var last: ByteBuffer?
         if chunkedResponse {
             chunkedResponse = false
-            var buffer = context.channel.allocator.buffer(capacity: 5)
+            var buffer = allocator.buffer(capacity: 5)
             HeaderRewriting.writeLastChunk(trailers, into: &buffer)
             last = buffer
         }
@@ -272,7 +284,7 @@ final class DownstreamHandler: ChannelDuplexHandler {
         } else {
             // Closed once everything before it is written.
             let bound = NIOLoopBound(context, eventLoop: context.eventLoop)
-            let last = last ?? context.channel.allocator.buffer(capacity: 0)
+            let last = last ?? allocator.buffer(capacity: 0)
             context.writeAndFlush(wrapOutboundOut(last)).whenComplete { _ in
                 bound.value.close(promise: nil)
             }
@@ -290,7 +302,7 @@ final class DownstreamHandler: ChannelDuplexHandler {
     private func writeError(_ error: ProxyError, keepAlive: Bool, version: HTTPVersion, headRequest: Bool) {
         guard let context, !machine.isClosing else { return }
         chunkedResponse = false
-        var buffer = context.channel.allocator.buffer(capacity: 192)
+        var buffer = allocator.buffer(capacity: 192)
         buffer.writeStaticString(version == .http1_0 ? "HTTP/1.0 " : "HTTP/1.1 ")
         buffer.writeString("\(error.status.code) \(error.status.reasonPhrase)\r\n")
         buffer.writeStaticString("content-type: text/plain\r\ncontent-length: ")
@@ -332,22 +344,22 @@ extension DownstreamHandler: DownstreamConnection, BatchedFlush {
 extension DownstreamHandler: DownstreamStream {
     func informational(_ head: ResponseHead) {
         // An HTTP/1.0 client does not know 1xx responses (RFC 9110 §15.2).
-        guard let context, machine.requestVersion != .http1_0 else { return }
-        var buffer = context.channel.allocator.buffer(capacity: 32)
+        guard context != nil, machine.requestVersion != .http1_0 else { return }
+        var buffer = allocator.buffer(capacity: 32)
         buffer.writeString("HTTP/1.1 \(head.status.code) \(head.status.reasonPhrase)\r\n\r\n")
         write(buffer)
         flush()
     }
 
     func responseHead(_ head: ResponseHead, requestEnded: Bool) {
-        guard let context else { return }
+        guard context != nil else { return }
         let keepAlive = machine.responseHead(requestEnded: requestEnded, hasContentLength: head.hasContentLength)
         let version = machine.requestVersion
         let hasBody = !machine.requestIsHEAD && head.status.mayHaveResponseBody
         chunkedResponse = hasBody && !head.hasContentLength && version == .http1_1
         var capacity = 160 + (hasBody && head.hasContentLength ? Self.coalescedBodyBytes : 0)
         if case .raw(let raw) = head.fields { capacity += HeaderRewriting.responseHeadBound(raw) }
-        var buffer = context.channel.allocator.buffer(capacity: capacity)
+        var buffer = allocator.buffer(capacity: capacity)
         HeaderRewriting.writeHTTP1Response(
             head,
             requestVersion: version,
@@ -374,8 +386,8 @@ extension DownstreamHandler: DownstreamStream {
             return
         }
         writeUnsentHead()
-        guard buffer.readableBytes > 0, let context else { return }
-        write(HeaderRewriting.chunkSizeLine(buffer.readableBytes, context.channel.allocator))
+        guard buffer.readableBytes > 0, context != nil else { return }
+        write(HeaderRewriting.chunkSizeLine(buffer.readableBytes, allocator))
         write(buffer)
         write(HeaderRewriting.lineEnd)
     }

@@ -19,6 +19,8 @@ final class UpstreamConnection: ChannelDuplexHandler {
     let maxIdle: Int
     let idleTimeout: TimeAmount
     private(set) var context: ChannelHandlerContext?
+    /// The channel's allocator, read once (each read through the channel retains and releases it).
+    private var allocator = ByteBufferAllocator()
     /// The exchange being served; `nil` while idle.
     var exchange: ProxyExchange?
     weak var pool: UpstreamPool?
@@ -52,6 +54,7 @@ final class UpstreamConnection: ChannelDuplexHandler {
 
     func handlerAdded(context: ChannelHandlerContext) {
         self.context = context
+        allocator = context.channel.allocator
     }
 
     func handlerRemoved(context: ChannelHandlerContext) {
@@ -70,13 +73,13 @@ final class UpstreamConnection: ChannelDuplexHandler {
         case .head(let head):
             requestsServed += 1
             parser.requestIsHEAD = head.head.method == .HEAD
-            var buffer = context.channel.allocator.buffer(capacity: 512)
+            var buffer = allocator.buffer(capacity: 512)
             chunkedRequest = HeaderRewriting.writeHTTP1Request(head, into: &buffer)
             context.write(wrapOutboundOut(buffer), promise: nil)
         case .body(let buffer):
             if chunkedRequest {
                 guard buffer.readableBytes > 0 else { break }
-                let size = HeaderRewriting.chunkSizeLine(buffer.readableBytes, context.channel.allocator)
+                let size = HeaderRewriting.chunkSizeLine(buffer.readableBytes, allocator)
                 context.write(wrapOutboundOut(size), promise: nil)
                 context.write(wrapOutboundOut(buffer), promise: nil)
                 context.write(wrapOutboundOut(HeaderRewriting.lineEnd), promise: nil)
@@ -86,7 +89,7 @@ final class UpstreamConnection: ChannelDuplexHandler {
         case .end(let trailers):
             if chunkedRequest {
                 chunkedRequest = false
-                var last = context.channel.allocator.buffer(capacity: 5)
+                var last = allocator.buffer(capacity: 5)
                 HeaderRewriting.writeLastChunk(trailers, into: &last)
                 context.write(wrapOutboundOut(last), promise: nil)
             }

@@ -327,11 +327,11 @@ public final class ProxyServer: Service, Sendable {
             }
     }
 
-    /// The HTTP/1.1 pipeline: timeouts, then the downstream handler (and so the middleware). The
-    /// handler parses requests itself (``HTTP1RequestParser``), queues pipelined ones (reads do
-    /// not stop and restart, two `epoll_ctl` calls, around every request) and writes responses
-    /// as bytes (an HTTP/1 upstream's head is relayed as it was received, checked by
-    /// ``HTTP1ResponseParser``).
+    /// The HTTP/1.1 pipeline: one handler, the downstream handler (and so the middleware), which
+    /// keeps the connection's timers (``ConnectionTimeouts``), parses requests itself
+    /// (``HTTP1RequestParser``), queues pipelined ones (reads do not stop and restart, two
+    /// `epoll_ctl` calls, around every request) and writes responses as bytes (an HTTP/1
+    /// upstream's head is relayed as it was received, checked by ``HTTP1ResponseParser``).
     static func installHTTP(
         _ sync: ChannelPipeline.SynchronousOperations,
         listener: ListenerConfig,
@@ -340,12 +340,11 @@ public final class ProxyServer: Service, Sendable {
         lookup: OriginalDestinationLookup?
     ) throws {
         let limits = listener.limits
-        let timeouts = ConnectionTimeoutHandler(
+        let timeouts = ConnectionTimeouts(
             headerTimeout: limits.requestHeaderTimeout,
             idleTimeout: limits.idleTimeout,
             onTimeout: { stats.record($0) }
         )
-        try sync.addHandler(timeouts)
         try sync.addHandler(
             DownstreamHandler(
                 loop: loopContext,

@@ -1,18 +1,12 @@
 import NIOCore
 import TrellisPolicy
 
-/// Sits in front of the HTTP decoder of a downstream connection and enforces two timers:
+/// The two timers of a downstream HTTP/1 connection, kept by its ``DownstreamHandler`` (not a
+/// handler of its own: a pipeline hop on every read and read-complete cost more than the timers):
 /// - a connection with no request in progress is closed after the idle timeout;
 /// - once the first byte of a request arrives, its whole head must arrive within the header
 ///   timeout, or the client gets `408` (`request_timeout`) and the connection is closed.
-///
-/// The ``DownstreamHandler`` of the same channel tells it directly (same event loop, no pipeline
-/// event) when a head has been parsed and when a response has been completed.
-final class ConnectionTimeoutHandler: ChannelInboundHandler {
-    typealias InboundIn = ByteBuffer
-    typealias InboundOut = ByteBuffer
-    typealias OutboundOut = ByteBuffer
-
+final class ConnectionTimeouts {
     private var state = ConnectionTimeoutStateMachine()
     /// When the current phase (idle or reading a head) expires; `nil` while a request is served.
     private var deadline: NIODeadline?
@@ -31,58 +25,42 @@ final class ConnectionTimeoutHandler: ChannelInboundHandler {
         self.onTimeout = onTimeout
     }
 
-    func channelActive(context: ChannelHandlerContext) {
-        apply(state.connectionOpened())
+    /// The connection is open (`now`: its loop's clock, an embedded loop's in tests).
+    func opened(context: ChannelHandlerContext, now: NIODeadline) {
+        apply(state.connectionOpened(), now: now)
         armIfNeeded(context: context)
-        context.fireChannelActive()
     }
 
-    private var context: ChannelHandlerContext?
-
-    func handlerAdded(context: ChannelHandlerContext) {
-        self.context = context
-        if context.channel.isActive {
-            apply(state.connectionOpened())
-            armIfNeeded(context: context)
-        }
-    }
-
-    func handlerRemoved(context: ChannelHandlerContext) {
-        self.context = nil
+    func closed() {
         cancelTimer()
+        apply(state.closed(), now: nil)
     }
 
-    func channelInactive(context: ChannelHandlerContext) {
-        cancelTimer()
-        apply(state.closed())
-        context.fireChannelInactive()
+    /// Bytes arrived: a request may have begun (its head timer starts).
+    func bytesReceived(now: @autoclosure () -> NIODeadline) {
+        apply(state.bytesReceived(), now: now())
     }
 
-    func channelRead(context: ChannelHandlerContext, data: NIOAny) {
-        apply(state.bytesReceived())
-        context.fireChannelRead(data)
-        // Most heads arrive whole in one read and are parsed inside fireChannelRead; only a head
-        // still incomplete afterwards needs the (shorter) header timer.
+    /// Once the read was parsed: only a head still incomplete needs the (shorter) header timer.
+    func readParsed(context: ChannelHandlerContext) {
         armIfNeeded(context: context)
     }
 
     func requestHeadReceived() {
-        apply(state.headReceived())
+        apply(state.headReceived(), now: nil)
     }
 
-    func responseCompleted() {
-        apply(state.responseCompleted())
-        if let context { armIfNeeded(context: context) }
+    func responseCompleted(context: ChannelHandlerContext, now: NIODeadline) {
+        apply(state.responseCompleted(), now: now)
+        armIfNeeded(context: context)
     }
 
-    private func apply(_ action: ConnectionTimeoutStateMachine.TimerAction) {
-        // The loop's clock (an embedded loop's in tests).
-        let now = context?.eventLoop.now ?? .now()
+    private func apply(_ action: ConnectionTimeoutStateMachine.TimerAction, now: @autoclosure () -> NIODeadline?) {
         switch action {
         case .none: return
         case .cancel: deadline = nil
-        case .idle: deadline = now + idleTimeout
-        case .header: deadline = now + headerTimeout
+        case .idle: deadline = (now() ?? .now()) + idleTimeout
+        case .header: deadline = (now() ?? .now()) + headerTimeout
         }
     }
 
@@ -94,11 +72,11 @@ final class ConnectionTimeoutHandler: ChannelInboundHandler {
     }
 
     private func schedule(at when: NIODeadline, context: ChannelHandlerContext) {
-        let loopBound = NIOLoopBound(self, eventLoop: context.eventLoop)
-        let contextBound = NIOLoopBound(context, eventLoop: context.eventLoop)
+        let bound = NIOLoopBound((self, context), eventLoop: context.eventLoop)
         timerFiresAt = when
         timer = context.eventLoop.scheduleTask(deadline: when) {
-            loopBound.value.fire(context: contextBound.value)
+            let (timeouts, context) = bound.value
+            timeouts.fire(context: context)
         }
     }
 
@@ -129,7 +107,7 @@ final class ConnectionTimeoutHandler: ChannelInboundHandler {
                     + "x-trellis-error: \(error.token)\r\nconnection: close\r\n\r\n\(body)"
             )
             let contextBound = NIOLoopBound(context, eventLoop: context.eventLoop)
-            context.writeAndFlush(wrapOutboundOut(buffer)).whenComplete { _ in contextBound.value.close(promise: nil) }
+            context.writeAndFlush(NIOAny(buffer)).whenComplete { _ in contextBound.value.close(promise: nil) }
         case .ignore:
             return
         }
@@ -137,7 +115,7 @@ final class ConnectionTimeoutHandler: ChannelInboundHandler {
 }
 
 @available(*, unavailable)
-extension ConnectionTimeoutHandler: Sendable {}
+extension ConnectionTimeouts: Sendable {}
 
 /// Which timer a downstream connection runs: idle (no request), header (a request started, head
 /// incomplete), or none (a request is being served).
