@@ -66,7 +66,10 @@ final class DownstreamHandler: ChannelDuplexHandler {
         self.parser = HTTP1RequestParser(maxHeadBytes: maxRequestHeadBytes)
     }
 
-    var isWritable: Bool { context?.channel.isWritable ?? false }
+    /// The channel's writability as its last change said (asked several times per request:
+    /// reading it through the channel retains and releases the pipeline and the channel).
+    private var writable = true
+    var isWritable: Bool { context != nil && writable }
 
     func handlerAdded(context: ChannelHandlerContext) {
         self.context = context
@@ -100,6 +103,7 @@ final class DownstreamHandler: ChannelDuplexHandler {
     }
 
     func channelInactive(context: ChannelHandlerContext) {
+        writable = false
         timeouts?.closed()
         loop.closed(self)
         loop.stats.activeConnections.decrement()
@@ -168,7 +172,8 @@ final class DownstreamHandler: ChannelDuplexHandler {
     }
 
     func channelWritabilityChanged(context: ChannelHandlerContext) {
-        if context.channel.isWritable { exchange?.downstreamBecameWritable() }
+        writable = context.channel.isWritable
+        if writable { exchange?.downstreamBecameWritable() }
         context.fireChannelWritabilityChanged()
     }
 

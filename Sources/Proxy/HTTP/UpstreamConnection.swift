@@ -43,7 +43,10 @@ final class UpstreamConnection: ChannelDuplexHandler {
     }
 
     var isActive: Bool { !isClosed && (context?.channel.isActive ?? false) }
-    var isWritable: Bool { context?.channel.isWritable ?? false }
+    /// The channel's writability as its last change said (asked several times per request:
+    /// reading it through the channel retains and releases the pipeline and the channel).
+    private var writable = true
+    var isWritable: Bool { context != nil && writable }
 
     /// Whether it may go back to the pool after the current exchange.
     var canBeReused: Bool {
@@ -153,12 +156,14 @@ final class UpstreamConnection: ChannelDuplexHandler {
     }
 
     func channelWritabilityChanged(context: ChannelHandlerContext) {
-        if context.channel.isWritable { exchange?.upstreamBecameWritable() }
+        writable = context.channel.isWritable
+        if writable { exchange?.upstreamBecameWritable() }
         context.fireChannelWritabilityChanged()
     }
 
     func channelInactive(context: ChannelHandlerContext) {
         isClosed = true
+        writable = false
         pool?.remove(self)
         if let exchange {
             // A body that lasts until the connection's end ends now; anything else is cut short.
