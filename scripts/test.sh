@@ -53,5 +53,9 @@ echo "== swift test (AgentTests, PilotTests, EtcdTests, XDSTests; but $skipped)"
 as_root swift test --skip-build --disable-xctest --skip "^(ProxyTests|InterceptorTests)\.|$skipped"
 echo "== swift test (StreamingAndPoolTests: memory stays flat while streaming)"
 as_root swift test --skip-build --disable-xctest --filter "StreamingAndPoolTests"
-echo "== swift test (RootTests: namespaces, iptables, the agent binary, packages; XDSScaleTests; HTTP2AbuseTests)"
-as_root swift test --skip-build --disable-xctest --filter "RootTests|XDSScaleTests|HTTP2AbuseTests"
+echo "== swift test (RootTests: namespaces, iptables, the agent binary, packages; HTTP2AbuseTests)"
+as_root swift test --skip-build --disable-xctest --filter "RootTests|HTTP2AbuseTests"
+# Alone: a thousand grpcio threads on one channel; beside the root tests on two cores, streams
+# ran past their deadline and the cancellations that followed were a reset flood.
+echo "== swift test (XDSScaleTests: pilot with a thousand streams and nodes)"
+as_root swift test --skip-build --disable-xctest --filter "XDSScaleTests"

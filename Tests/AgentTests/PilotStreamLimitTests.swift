@@ -15,7 +15,8 @@ extension XDSScaleTests {
         let script = URL(fileURLWithPath: #filePath).deletingLastPathComponent().deletingLastPathComponent()
             .appendingPathComponent("Fixtures/grpc/ads_streams.py").path
         try await PilotHarness.run(store: try SQLiteRegistryStore()) { pilot in
-            let out = await Peers.command(["python3", script, "127.0.0.1:\(pilot.xdsPort)", "1000", "20"])
+            // Bounded at 40 s; done as soon as every stream is answered.
+            let out = await Peers.command(["python3", script, "127.0.0.1:\(pilot.xdsPort)", "1000", "40"])
             let line = out.stdout.split(separator: "\n").last.map(String.init) ?? ""
             #expect(line.contains(#""answered": 1000, "failed": {}"#), "\(out)")
         }

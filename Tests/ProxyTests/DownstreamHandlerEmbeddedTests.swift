@@ -8,7 +8,7 @@ import TrellisPolicy
 
 @testable import Proxy
 
-/// The HTTP/1 listener's real pipeline (timeouts, NIO's codec, ``DownstreamHandler`` and the
+/// The HTTP/1 listener's real pipeline (``DownstreamHandler`` with its parser, its timers and the
 /// middleware chain) on an `EmbeddedChannel`: the bytes a client would see, with the loop's time
 /// advanced instead of slept through.
 @Suite struct DownstreamHandlerEmbeddedTests {
@@ -67,6 +67,40 @@ import TrellisPolicy
 
     private func statusLines(_ text: String) -> [String] {
         text.split(whereSeparator: \.isNewline).filter { $0.hasPrefix("HTTP/1.") }.map(String.init)
+    }
+
+    /// Counts the flushes the loop asks of it; may write again while flushed.
+    private final class CountingFlush: BatchedFlush {
+        var flushQueued = false
+        var flushes = 0
+        var onFlush: (() -> Void)?
+        func flushNow() {
+            flushes += 1
+            let next = onFlush
+            onFlush = nil
+            next?()
+        }
+    }
+
+    @Test func aConnectionWrittenSeveralTimesInOneLoopIterationIsFlushedOnceAfterIt() throws {
+        let (channel, loop, context) = try makeChannel()
+        defer { _ = try? channel.finish() }
+        let a = CountingFlush()
+        let b = CountingFlush()
+        for _ in 0..<3 { context.flushSoon(a) }
+        context.flushSoon(b)
+        #expect(a.flushes == 0 && b.flushes == 0, "nothing is flushed before the iteration's events are handled")
+        loop.run()
+        #expect(a.flushes == 1)
+        #expect(b.flushes == 1)
+        // Written again while being flushed: flushed again in the next batch, not lost.
+        a.onFlush = { context.flushSoon(a) }
+        context.flushSoon(a)
+        loop.run()
+        #expect(a.flushes == 3)
+        loop.run()
+        #expect(a.flushes == 3)
+        #expect(!a.flushQueued && !b.flushQueued)
     }
 
     @Test func pipelinedRequestsAreAnsweredInOrderAndAMalformedOneInItsTurn() throws {
