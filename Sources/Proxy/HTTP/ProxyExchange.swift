@@ -179,7 +179,7 @@ final class ProxyExchange {
         let parts = pending
         pending.removeAll()
         for part in parts {
-            connection.send(part, flush: false)
+            connection.send(part)
             // An HTTP/2 connection that refused the stream (a GOAWAY just in) fails the try at
             // once, and the request may already be on its way elsewhere.
             guard upstream === connection else { return }
@@ -193,7 +193,7 @@ final class ProxyExchange {
         retain(.body(buffer), bytes: buffer.readableBytes)
         switch machine.phase {
         case .connecting: pending.append(.body(buffer))
-        case .streaming: upstream?.send(.body(buffer), flush: false)
+        case .streaming: upstream?.send(.body(buffer))
         case .backingOff, .finished: break  // kept in `retained` for the next try / answered early
         }
     }
@@ -204,7 +204,7 @@ final class ProxyExchange {
         switch machine.phase {
         case .connecting: pending.append(.end(trailers))
         case .streaming:
-            upstream?.send(.end(trailers), flush: false)
+            upstream?.send(.end(trailers))
             upstream?.flushSoon(loop)
         case .backingOff, .finished: break
         }

@@ -70,7 +70,7 @@ final class UpstreamConnection: ChannelDuplexHandler {
 
     /// Writes a request part as bytes: the head straight from the client's decoded head and the
     /// proxy's additions, bodies as they come or in chunks.
-    func send(_ part: UpstreamRequestPart, flush: Bool) {
+    func send(_ part: UpstreamRequestPart) {
         guard let context else { return }
         switch part {
         case .head(let head):
@@ -97,7 +97,6 @@ final class UpstreamConnection: ChannelDuplexHandler {
                 context.write(wrapOutboundOut(last), promise: nil)
             }
         }
-        if flush { context.flush() }
     }
 
     var flushQueued = false

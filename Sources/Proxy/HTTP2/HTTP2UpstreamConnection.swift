@@ -235,7 +235,7 @@ final class HTTP2UpstreamStream: UpstreamStream {
         connection.isChannelWritable && (id.map { session.queuedBytes(stream: $0) } ?? 0) < HTTP2Session.highWater
     }
 
-    func send(_ part: UpstreamRequestPart, flush: Bool) {
+    func send(_ part: UpstreamRequestPart) {
         switch part {
         case .head(let requestHead):
             head = requestHead
@@ -252,7 +252,6 @@ final class HTTP2UpstreamStream: UpstreamStream {
                 session.end(stream: id, trailers: trailerFields)
             }
         }
-        if flush { self.flush() }
     }
 
     func flush() {

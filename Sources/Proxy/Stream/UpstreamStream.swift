@@ -13,7 +13,8 @@ protocol UpstreamStream: AnyObject {
     var isReused: Bool { get }
     var isActive: Bool { get }
     var isWritable: Bool { get }
-    func send(_ part: UpstreamRequestPart, flush: Bool)
+    /// Writes a part; it reaches the socket with ``flushSoon(_:)``.
+    func send(_ part: UpstreamRequestPart)
     /// Flushes after the loop's current batch of I/O events (an HTTP/2 stream whose HEADERS wait
     /// for more of the request submits them now).
     func flushSoon(_ loop: LoopContext)
