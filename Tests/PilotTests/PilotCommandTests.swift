@@ -182,7 +182,12 @@ struct PilotCommandTests {
 
         // SIGTERM: a clean, prompt exit.
         kill(pilot.process.processIdentifier, SIGTERM)
-        #expect(await Peers.eventually(within: .seconds(5)) { !pilot.process.isRunning })
+        let exited = await Peers.eventually(within: .seconds(5)) { !pilot.process.isRunning }
+        // Asking a running process for its status would crash the whole test run.
+        guard exited else {
+            Issue.record("pilot still running 5 s after SIGTERM")
+            return
+        }
         #expect(pilot.process.terminationStatus == 0)
         #expect(FileManager.default.fileExists(atPath: dir.appendingPathComponent("state/pilot.db").path))
     }

@@ -14,11 +14,11 @@ import Testing
         _ uri: String = "/",
         version: HTTPVersion = .http1_1,
         _ headers: [(String, String)] = [("host", "a")]
-    ) -> HTTPServerRequestPart {
-        .head(HTTPRequestHead(version: version, method: .GET, uri: uri, headers: HTTPHeaders(headers)))
+    ) -> RequestPart {
+        .head(RequestHead(HTTPRequestHead(version: version, method: .GET, uri: uri, headers: HTTPHeaders(headers))))
     }
 
-    private func body(_ text: String) -> HTTPServerRequestPart {
+    private func body(_ text: String) -> RequestPart {
         .body(ByteBuffer(string: text))
     }
 
@@ -175,7 +175,7 @@ import Testing
             return
         }
         #expect(normalized.uri == "/x?y=1")
-        #expect(normalized.headers["host"] == ["alt.example:8080"])
+        #expect(normalized.fields.headers["host"] == ["alt.example:8080"])
         var bare = Machine(now: t0, draining: false)
         guard case .startExchange(let root) = bare.received(head("http://alt.example")) else {
             Issue.record("expected an exchange")

@@ -24,7 +24,7 @@ import Testing
                 switch part {
                 case .head(let h):
                     flush()
-                    let fields = h.headers.map { "\($0.name)=\($0.value)" }.joined(separator: ",")
+                    let fields = h.fields.headers.map { "\($0.name)=\($0.value)" }.joined(separator: ",")
                     out.append("head:\(h.method.rawValue) \(h.uri) \(h.version) [\(fields)]")
                 case .body(let b):
                     body += String(buffer: b)
@@ -239,7 +239,7 @@ import Testing
                     while let part = try parser.next(&input) {
                         switch part {
                         case .head(let h):
-                            out.append("head:\(h.method.rawValue) \(h.uri) \(h.version) \(h.headers.count)")
+                            out.append("head:\(h.method.rawValue) \(h.uri) \(h.version) \(h.fields.headers.count)")
                         case .body(let b): body += String(buffer: b)
                         case .end(let t):
                             out.append("body:\(body) end:\(t?.count ?? 0)")

@@ -140,7 +140,7 @@ import TrellisPolicy
         var rng = FastRandom(seed: 7)
         let balancer = LoadBalancer(cluster: cluster(.leastRequest, weights: [1, 1]), rng: &rng)
         for _ in 0..<10 { balancer.requestStarted(endpoint: 0) }
-        for _ in 0..<50 { #expect(balancer.pick(headers: HTTPHeaders(), clientIP: nil, rng: &rng) == 1) }
+        for _ in 0..<50 { #expect(balancer.pick(fields: RequestFields(HTTPHeaders()), clientIP: nil, rng: &rng) == 1) }
     }
 
     @Test func ringHashMovesOnlyTheKeysOfARemovedEndpoint() {
@@ -160,8 +160,8 @@ import TrellisPolicy
         var moved = 0
         for key in 0..<1000 {
             let headers = HTTPHeaders([("k", "key-\(key)")])
-            let before = all.pick(headers: headers, clientIP: nil, rng: &rng)!
-            let after = oneDown.pick(headers: headers, clientIP: nil, rng: &rng)!
+            let before = all.pick(fields: RequestFields(headers), clientIP: nil, rng: &rng)!
+            let after = oneDown.pick(fields: RequestFields(headers), clientIP: nil, rng: &rng)!
             #expect(after != 3)
             if before != 3 && before != after { moved += 1 }
         }
@@ -182,12 +182,14 @@ import TrellisPolicy
         var sourceEndpoints: Set<Int> = []
         for key in 0..<200 {
             let headers = HTTPHeaders([("cookie", "theme=dark; session=s-\(key); x=1")])
-            let first = byCookie.pick(headers: headers, clientIP: nil, rng: &rng)!
-            for _ in 0..<5 { #expect(byCookie.pick(headers: headers, clientIP: nil, rng: &rng) == first) }
+            let first = byCookie.pick(fields: RequestFields(headers), clientIP: nil, rng: &rng)!
+            for _ in 0..<5 { #expect(byCookie.pick(fields: RequestFields(headers), clientIP: nil, rng: &rng) == first) }
             cookieEndpoints.insert(first)
             let ip = "10.0.\(key / 250).\(key % 250)"
-            let source = bySource.pick(headers: HTTPHeaders(), clientIP: ip, rng: &rng)!
-            for _ in 0..<5 { #expect(bySource.pick(headers: HTTPHeaders(), clientIP: ip, rng: &rng) == source) }
+            let source = bySource.pick(fields: RequestFields(HTTPHeaders()), clientIP: ip, rng: &rng)!
+            for _ in 0..<5 {
+                #expect(bySource.pick(fields: RequestFields(HTTPHeaders()), clientIP: ip, rng: &rng) == source)
+            }
             sourceEndpoints.insert(source)
         }
         #expect(cookieEndpoints.count == 4 && sourceEndpoints.count == 4, "keys spread over every endpoint")
@@ -208,7 +210,7 @@ import TrellisPolicy
             )
             var counts = (0, 0)
             for _ in 0..<10_000 {
-                let pick = balancer.pick(headers: HTTPHeaders(), clientIP: nil, rng: &rng)!
+                let pick = balancer.pick(fields: RequestFields(HTTPHeaders()), clientIP: nil, rng: &rng)!
                 if pick < 2 { counts.0 += 1 } else { counts.1 += 1 }
             }
             return counts
@@ -235,7 +237,9 @@ import TrellisPolicy
             rng: &rng
         )
         var first = 0
-        for _ in 0..<10_000 where balancer.pick(headers: HTTPHeaders(), clientIP: nil, rng: &rng)! < 2 { first += 1 }
+        for _ in 0..<10_000 where balancer.pick(fields: RequestFields(HTTPHeaders()), clientIP: nil, rng: &rng)! < 2 {
+            first += 1
+        }
         #expect((4_700...5_300).contains(first), "\(first) of 10000 stayed")
     }
 }

@@ -5,14 +5,60 @@ import Tracing
 
 @testable import Proxy
 
-/// The HTTP/1.1 head sent upstream, written straight from the client's decoded head: the same
-/// fields ``HeaderRewriting/upstreamRequest(_:clientIP:requestID:trace:)`` makes, in wire form,
-/// with the body's framing.
+extension UpstreamRequestHead {
+    /// A test's head, its fields decoded (as an HTTP/2 client's are).
+    init(head: HTTPRequestHead, clientIP: String?, requestID: String? = nil, trace: RequestTrace? = nil) {
+        self.init(head: RequestHead(head), clientIP: clientIP, requestID: requestID, trace: trace)
+    }
+
+    /// The same head with its fields as an HTTP/1 client's arrive: raw lines, relayed as received.
+    var withRawFields: UpstreamRequestHead {
+        var block = ByteBuffer()
+        for (name, value) in head.fields.headers { block.writeString("\(name): \(value)\r\n") }
+        var copy = self
+        copy.head.fields = RequestFields(raw: block)
+        return copy
+    }
+}
+
+/// The HTTP/1.1 head sent upstream, written straight from the client's head: the same fields
+/// ``HeaderRewriting/upstreamRequest(_:clientIP:requestID:trace:)`` makes, in wire form, with the
+/// body's framing; an HTTP/1 client's field lines (raw) and decoded fields give the same bytes.
 @Suite struct UpstreamRequestWriterTests {
     private func written(_ request: UpstreamRequestHead) -> (text: String, chunked: Bool) {
         var out = ByteBuffer()
         let chunked = HeaderRewriting.writeHTTP1Request(request, into: &out)
+        var raw = ByteBuffer()
+        let rawChunked = HeaderRewriting.writeHTTP1Request(request.withRawFields, into: &raw)
+        #expect(raw == out && rawChunked == chunked, "raw lines: \(String(buffer: raw))")
         return (String(buffer: out), chunked)
+    }
+
+    /// An HTTP/1 client's head as the parser reads it goes upstream with its field lines as they
+    /// came (spacing and case kept), the hop-by-hop ones dropped, the proxy's own added.
+    @Test func anHTTP1ClientsFieldLinesAreRelayedAsReceived() throws {
+        var parser = HTTP1RequestParser(maxHeadBytes: 8192)
+        var input = ByteBuffer(
+            string: "GET /a HTTP/1.1\r\nHost:svc\r\nX-Two:  spaced  value\r\nConnection: X-Two\nAccept: */*\n"
+                + "Keep-Alive: 5\r\nUser-Agent: curl/8\r\n\r\n"
+        )
+        guard case .head(let head) = try parser.next(&input), case .raw = head.fields.storage else {
+            Issue.record("no raw head")
+            return
+        }
+        var out = ByteBuffer()
+        let chunked = HeaderRewriting.writeHTTP1Request(
+            UpstreamRequestHead(head: head, clientIP: "10.1.2.3", requestID: "r"),
+            into: &out
+        )
+        let text = String(buffer: out)
+        #expect(!chunked)
+        #expect(
+            text == "GET /a HTTP/1.1\r\nHost:svc\r\nAccept: */*\r\nUser-Agent: curl/8\r\nx-request-id: r\r\n"
+                + "x-forwarded-for: 10.1.2.3\r\nx-forwarded-proto: http\r\nvia: 1.1 trellis\r\n\r\n"
+        )
+        #expect(head.fields.first("user-agent") == "curl/8" && head.fields.first(name: "X-TWO") == "spaced  value")
+        #expect(head.fields.contains("accept") && !head.fields.contains("cookie"))
     }
 
     /// The same head as NIO's types would carry it: `upstreamRequest`'s fields in order.

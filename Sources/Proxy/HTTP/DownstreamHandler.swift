@@ -119,7 +119,7 @@ final class DownstreamHandler: ChannelDuplexHandler {
         // afterwards needs the (shorter) header timer.
         defer { timeouts?.readParsed(context: context) }
         while true {
-            let part: HTTPServerRequestPart?
+            let part: RequestPart?
             do {
                 part = try parser.next(&input)
             } catch {

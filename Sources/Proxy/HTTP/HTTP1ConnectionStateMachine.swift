@@ -30,7 +30,7 @@ struct HTTP1ConnectionStateMachine {
 
     private(set) var state: State
     /// Parts of pipelined requests that wait for the current response to finish.
-    private var queued = CircularBuffer<HTTPServerRequestPart>()
+    private var queued = CircularBuffer<RequestPart>()
     /// A parse error in a pipelined request, answered once the responses before it are done.
     private var pendingError: ProxyError?
     /// A read was asked for and not passed on (back-pressure); resumed by ``resumeReading(exchangeHoldsReads:)``.
@@ -73,7 +73,7 @@ struct HTTP1ConnectionStateMachine {
 
     enum PartAction: Equatable {
         /// Start an exchange for this head (already in origin form, see ``normalizedHead(_:)``).
-        case startExchange(HTTPRequestHead)
+        case startExchange(RequestHead)
         case forwardBody(ByteBuffer)
         case forwardEnd(HTTPHeaders?)
         /// Answer with this error and close (the head cannot be served).
@@ -83,7 +83,7 @@ struct HTTP1ConnectionStateMachine {
     }
 
     /// A request part from the parser (``HTTP1RequestParser``).
-    mutating func received(_ part: HTTPServerRequestPart) -> PartAction {
+    mutating func received(_ part: RequestPart) -> PartAction {
         if state == .closing { return .none }
         // Pipelining: parts that arrive after the current request ended belong to the next
         // request; they wait (and reads pause) until the current response is complete.
@@ -99,7 +99,7 @@ struct HTTP1ConnectionStateMachine {
         return false
     }
 
-    private mutating func process(_ part: HTTPServerRequestPart) -> PartAction {
+    private mutating func process(_ part: RequestPart) -> PartAction {
         switch (part, state) {
         case (_, .closing):
             return .none
@@ -109,7 +109,7 @@ struct HTTP1ConnectionStateMachine {
                     .badRequest("absolute-form request target without a host: '\(received.uri.prefix(200))'")
                 )
             }
-            let keepAlive = head.isKeepAlive
+            let keepAlive = head.keepAlive
             state = .serving(
                 Request(
                     version: head.version,
@@ -156,15 +156,17 @@ struct HTTP1ConnectionStateMachine {
     /// server expects: `Host: alt.example` (the received Host is ignored, RFC 9112 §3.2.2) and the
     /// origin-form target `/x`. Other targets are returned as they are; nil for an absolute-form
     /// target without a host.
-    static func normalizedHead(_ head: HTTPRequestHead) -> HTTPRequestHead? {
-        guard !head.uri.hasPrefix("/"), let scheme = head.uri.firstRange(of: "://") else { return head }
+    static func normalizedHead(_ head: RequestHead) -> RequestHead? {
+        guard head.uri.utf8.first != UInt8(ascii: "/"), let scheme = head.uri.firstRange(of: "://") else { return head }
         let rest = head.uri[scheme.upperBound...]
         let end = rest.firstIndex { $0 == "/" || $0 == "?" || $0 == "#" } ?? rest.endIndex
         var authority = rest[..<end]
         if let at = authority.lastIndex(of: "@") { authority = authority[authority.index(after: at)...] }
         guard !authority.isEmpty else { return nil }
         var normalized = head
-        normalized.headers.replaceOrAdd(name: "host", value: String(authority))
+        var headers = head.fields.headers
+        headers.replaceOrAdd(name: "host", value: String(authority))
+        normalized.fields = RequestFields(headers)
         let target = rest[end...]
         normalized.uri = target.hasPrefix("/") ? String(target) : "/" + target
         return normalized

@@ -26,7 +26,7 @@ struct HTTP1RequestParser {
     }
 
     /// The next part found in `input` (what it uses is consumed), or nil when more bytes are needed.
-    mutating func next(_ input: inout ByteBuffer) throws -> HTTPServerRequestPart? {
+    mutating func next(_ input: inout ByteBuffer) throws -> RequestPart? {
         if failed {
             input.moveReaderIndex(to: input.writerIndex)
             return nil
@@ -53,38 +53,39 @@ struct HTTP1RequestParser {
 
     // MARK: Heads
 
-    /// Checks a head and sets the framer for its body; nil for an empty line.
-    private mutating func head(_ bytes: ByteBuffer) throws -> HTTPRequestHead? {
+    /// Checks a head and sets the framer for its body; nil for an empty line. The field lines are
+    /// kept as received (copied out of the read buffer, which they would otherwise hold for the
+    /// whole exchange), not decoded into strings: they are relayed upstream as they are.
+    private mutating func head(_ bytes: ByteBuffer) throws -> RequestHead? {
         var framing = HTTP1Framer.Framing()
-        let parsed = try bytes.withUnsafeReadableBytes { raw -> (HTTPMethod, String, Int, [(String, String)])? in
+        let parsed = try bytes.withUnsafeReadableBytes { raw -> (HTTPMethod, String, Int, ByteBuffer)? in
             let b = raw.bindMemory(to: UInt8.self)
             let (lineEnd, fieldsStart) = HTTP1Framer.startLine(b)
             if lineEnd == 0 { return nil }
             let (method, uri, minor) = try Self.requestLine(UnsafeBufferPointer(rebasing: b[0..<lineEnd]))
-            var fields: [(String, String)] = []
-            fields.reserveCapacity(8)
             var hosts = 0
             try HTTP1Framer.fields(b, from: fieldsStart) { name, value in
-                try HTTP1Framer.frame(&framing, name: name, value: value, connection: false)
+                try HTTP1Framer.frame(&framing, name: name, value: value)
                 if name.count == 4 && HeaderRewriting.equalsLowercase(name, "host") {
                     hosts += 1
                     if hosts > 1 { throw HTTP1ParseError("more than one Host field") }
                 }
-                fields.append((String(decoding: name, as: UTF8.self), String(decoding: value, as: UTF8.self)))
             }
-            return (method, uri, minor, fields)
+            return (method, uri, minor, ByteBuffer(bytes: UnsafeRawBufferPointer(rebasing: raw[fieldsStart...])))
         }
-        guard let (method, uri, minor, fields) = parsed else { return nil }
+        guard let (method, uri, minor, block) = parsed else { return nil }
         if framing.transferEncoding && minor == 0 {
             throw HTTP1ParseError("Transfer-Encoding in an HTTP/1.0 request")
         }
         let body = try framing.body()
         framer.expect(body == .untilClose ? .none : body)
-        return HTTPRequestHead(
-            version: HTTPVersion(major: 1, minor: minor),
+        return RequestHead(
             method: method,
             uri: uri,
-            headers: HTTPHeaders(fields)
+            version: HTTPVersion(major: 1, minor: minor),
+            fields: RequestFields(raw: block),
+            // As NIO's `isKeepAlive`: HTTP/1.1 unless `close`, HTTP/1.0 only with `keep-alive`.
+            keepAlive: minor == 1 ? !framing.close : framing.keepAlive && !framing.close
         )
     }
 
@@ -150,3 +151,6 @@ struct HTTP1RequestParser {
 }
 
 private let SP: UInt8 = 0x20
+
+/// What ``HTTP1RequestParser`` reads: a head, body bytes, the end (with trailers).
+typealias RequestPart = HTTPPart<RequestHead, ByteBuffer>

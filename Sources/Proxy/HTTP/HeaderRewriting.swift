@@ -150,6 +150,27 @@ enum HeaderRewriting {
     /// PATCH has no length; a TRACE has no body). The head is measured, then copied into memory
     /// reserved once (``HeadSink``).
     static func writeHTTP1Request(_ request: UpstreamRequestHead, into out: inout ByteBuffer) -> Bool {
+        if case .raw(let block) = request.head.fields.storage {
+            // An HTTP/1 client's lines: written in one pass into memory reserved for a bound,
+            // and once more (rare) when its `Connection` names fields to drop.
+            let bound = rawRequestBound(request, block: block)
+            let start = out.writerIndex
+            var found: (chunked: Bool, connectionOptions: [Substring]) = (false, [])
+            out.writeWithUnsafeMutableBytes(minimumWritableBytes: bound) { raw in
+                var memory = HeadMemory(raw)
+                found = emitRequest(request, skipping: [], into: &memory)
+                return memory.count
+            }
+            guard !found.connectionOptions.isEmpty else { return found.chunked }
+            out.moveWriterIndex(to: start)
+            let skipping = found.connectionOptions.map { $0.lowercased() }
+            out.writeWithUnsafeMutableBytes(minimumWritableBytes: bound) { raw in
+                var memory = HeadMemory(raw)
+                _ = emitRequest(request, skipping: skipping, into: &memory)
+                return memory.count
+            }
+            return found.chunked
+        }
         var length = HeadLength()
         let found = emitRequest(request, skipping: [], into: &length)
         // Fields named in `Connection` are hop-by-hop too, wherever they came (rare).
@@ -162,8 +183,19 @@ enum HeaderRewriting {
         return found.chunked
     }
 
+    /// The most bytes ``emitRequest(_:skipping:into:)`` writes for raw field lines: a copied
+    /// line grows by at most its line end (a bare LF written as CRLF; `TE` written as
+    /// `te: trailers`, from a line of at least 12 bytes), so twice the block bounds the copied
+    /// lines and the values joined into `X-Forwarded-For` and `Via`; plus the request line and
+    /// what the proxy adds (its constant parts under 256 bytes).
+    static func rawRequestBound(_ request: UpstreamRequestHead, block: ByteBuffer) -> Int {
+        2 * block.readableBytes + request.head.method.rawValue.utf8.count + request.head.uri.utf8.count
+            + (request.clientIP?.utf8.count ?? 0) + (request.requestID?.utf8.count ?? 0)
+            + (request.trace?.tracestate?.utf8.count ?? 0) + 256
+    }
+
     /// What a request's fields said besides the ones passed on.
-    private struct RequestFields {
+    private struct PassedFields {
         var connectionOptions: [Substring] = []
         var chunked = false
         var hasContentLength = false
@@ -177,8 +209,8 @@ enum HeaderRewriting {
     /// connection-specific ones (RFC 9113 §8.2.2).
     static func http2RequestFields(_ request: UpstreamRequestHead) -> [(name: String, value: String)] {
         var fields = HTTP2RequestFields(
-            authority: request.head.headers.first(name: "host"),
-            capacity: request.head.headers.count + 10
+            authority: request.head.fields.first("host"),
+            capacity: 16
         )
         let found = emitRequest(request, skipping: [], into: &fields)
         guard !found.connectionOptions.isEmpty else { return fields.fields }
@@ -194,7 +226,6 @@ enum HeaderRewriting {
         into out: inout Sink
     ) -> (chunked: Bool, connectionOptions: [Substring]) {
         let head = request.head
-        // Each of NIO's `HTTPRequestHead` getters is a call that returns a retained copy: read once.
         let (method, uri, version) = (head.method, head.uri, head.version)
         if uri.utf8.first == UInt8(ascii: "/") || uri == "*" {
             out.requestLine(method: method.rawValue, target: uri)
@@ -202,29 +233,37 @@ enum HeaderRewriting {
             out.requestLine(method: method.rawValue, target: String(RouteTable.pathAndQuery(of: uri)))
         }
         let replacingTraceContext = request.trace?.replacesHeaders ?? false
-        var s = RequestFields()
-        for (name, value) in head.headers {
+        var s = PassedFields()
+        // An HTTP/1 client's field lines are copied as they came (``RequestFields``), never
+        // decoded; what is rewritten is read into strings.
+        head.fields.forEachLine { line, name, value in
             switch kind(of: name) {
             case .endToEnd:
-                if !skipping.isEmpty && skipping.contains(name.lowercased()) { continue }
-                out.field(name, value)
+                if !skipping.isEmpty && skipping.contains(String(decoding: name, as: UTF8.self).lowercased()) {
+                    return
+                }
+                out.field(line: line, name: name, value: value)
             case .traceContext:
-                if !replacingTraceContext { out.field(name, value) }
+                if !replacingTraceContext { out.field(line: line, name: name, value: value) }
             case .contentLength:
-                guard method != .TRACE else { continue }
+                guard method != .TRACE else { return }
                 s.hasContentLength = true
-                out.field(name, value)
+                out.field(line: line, name: name, value: value)
             case .connection:
-                s.connectionOptions.append(contentsOf: connectionOptions(value))
+                s.connectionOptions.append(contentsOf: connectionOptions(String(decoding: value, as: UTF8.self)))
             case .hopByHop, .xForwardedProto:
-                continue
+                return
             case .te:
-                if value.lowercased().contains("trailers") { out.field("te", "trailers") }
+                if String(decoding: value, as: UTF8.self).lowercased().contains("trailers") {
+                    out.field("te", "trailers")
+                }
             case .transferEncoding:
-                if value.lowercased().contains("chunked") { s.chunked = true }
+                if String(decoding: value, as: UTF8.self).lowercased().contains("chunked") { s.chunked = true }
             case .xForwardedFor:
+                let value = String(decoding: value, as: UTF8.self)
                 s.forwardedFor = s.forwardedFor.map { "\($0), \(value)" } ?? value
             case .via:
+                let value = String(decoding: value, as: UTF8.self)
                 s.via = s.via.map { "\($0), \(value)" } ?? value
             }
         }
@@ -499,6 +538,13 @@ extension HeadSink {
 protocol RequestSink {
     mutating func requestLine(method: String, target: String)
     mutating func field(_ name: String, _ value: String)
+    /// A client's field passed on: its line as received when there is one (HTTP/1), else its
+    /// name and value.
+    mutating func field(
+        line: UnsafeRawBufferPointer?,
+        name: UnsafeBufferPointer<UInt8>,
+        value: UnsafeBufferPointer<UInt8>
+    )
     mutating func field(_ name: StaticString, _ value: String)
     mutating func field(_ name: StaticString, _ value: StaticString)
     mutating func traceparent(_ ids: TraceIDs)
@@ -519,6 +565,21 @@ extension RequestSink where Self: HeadSink {
     }
 
     mutating func field(_ name: String, _ value: String) { putField(name, value) }
+
+    mutating func field(
+        line: UnsafeRawBufferPointer?,
+        name: UnsafeBufferPointer<UInt8>,
+        value: UnsafeBufferPointer<UInt8>
+    ) {
+        if let line {
+            put(line)
+        } else {
+            put(UnsafeRawBufferPointer(name))
+            put(": ")
+            put(UnsafeRawBufferPointer(value))
+        }
+        put("\r\n")
+    }
 
     mutating func field(_ name: StaticString, _ value: String) {
         put(name)
@@ -579,6 +640,14 @@ struct HTTP2RequestFields: RequestSink {
         let lower = name.asciiLowercased
         if lower == "host" { return }  // sent as `:authority`
         fields.append((lower, value))
+    }
+
+    mutating func field(
+        line: UnsafeRawBufferPointer?,
+        name: UnsafeBufferPointer<UInt8>,
+        value: UnsafeBufferPointer<UInt8>
+    ) {
+        field(String(decoding: name, as: UTF8.self), String(decoding: value, as: UTF8.self))
     }
 
     mutating func field(_ name: StaticString, _ value: String) {

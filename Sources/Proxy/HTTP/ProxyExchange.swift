@@ -44,14 +44,6 @@ final class ProxyExchange {
 
     var downstreamWritable: Bool { downstream.isWritable }
 
-    /// Whether the request announced a body (`content-length` above 0, or chunked).
-    private var requestHasBody: Bool {
-        let headers = request.head.headers
-        if headers.contains(name: "transfer-encoding") { return true }
-        if let length = headers.first(name: "content-length") { return length != "0" }
-        return false
-    }
-
     /// Whether the downstream handler should stop reading the request for now.
     var holdsDownstreamReads: Bool {
         switch machine.phase {
@@ -94,7 +86,7 @@ final class ProxyExchange {
             return
         }
         // A gRPC caller's own deadline (`grpc-timeout`) shortens the route's.
-        if request.isGRPC, let text = request.head.headers.first(name: "grpc-timeout"),
+        if request.isGRPC, let text = request.head.fields.first("grpc-timeout"),
             let deadline = Self.grpcTimeout(text)
         {
             request.timeout = min(request.timeout ?? deadline, deadline)
@@ -400,7 +392,7 @@ final class ProxyExchange {
     private func pickAnotherEndpoint(_ cluster: ClusterRuntime) {
         guard let balancer = request.balancer, let previous = request.endpointIndex, cluster.healthy.count > 1,
             let next = balancer.pickInService(
-                headers: request.head.headers,
+                fields: request.head.fields,
                 clientIP: request.clientIP,
                 rng: &loop.resources.rng,
                 avoiding: previous
@@ -455,7 +447,7 @@ final class ProxyExchange {
         request.responseStatus = error.status
         if downstream.accessLog { request.firstByteNanos = (NIODeadline.now() - request.startTime).nanoseconds }
         if let upstream { finish(upstream: upstream, reusable: false) } else { finishAccounting() }
-        downstream.respondWithError(error, requestEnded: requestEnded, requestHasBody: requestHasBody)
+        downstream.respondWithError(error, requestEnded: requestEnded, requestHasBody: request.announcesBody)
     }
 
     var isFinished: Bool { machine.phase == .finished }

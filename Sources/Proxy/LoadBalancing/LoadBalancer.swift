@@ -25,11 +25,11 @@ final class LoadBalancer {
     /// priority load: a level takes as much of the traffic as its available share of endpoints
     /// times the overprovisioning factor (1.4 by default) covers, the rest spills to the next), then an
     /// endpoint within it by the cluster's policy.
-    func pick<G: RandomNumberGenerator>(headers: HTTPHeaders, clientIP: String?, rng: inout G) -> Int? {
-        if cluster.levels.isEmpty { return pick(among: cluster.healthy, level: nil, headers, clientIP, &rng) }
+    func pick<G: RandomNumberGenerator>(fields: RequestFields, clientIP: String?, rng: inout G) -> Int? {
+        if cluster.levels.isEmpty { return pick(among: cluster.healthy, level: nil, fields, clientIP, &rng) }
         let level = chooseLevel(rng: &rng)
-        return pick(among: cluster.levels[level].healthy, level: level, headers, clientIP, &rng)
-            ?? pick(among: cluster.healthy, level: nil, headers, clientIP, &rng)
+        return pick(among: cluster.levels[level].healthy, level: level, fields, clientIP, &rng)
+            ?? pick(among: cluster.healthy, level: nil, fields, clientIP, &rng)
     }
 
     private func chooseLevel<G: RandomNumberGenerator>(rng: inout G) -> Int {
@@ -61,7 +61,7 @@ final class LoadBalancer {
     private func pick<G: RandomNumberGenerator>(
         among healthy: [Int],
         level: Int?,
-        _ headers: HTTPHeaders,
+        _ fields: RequestFields,
         _ clientIP: String?,
         _ rng: inout G
     ) -> Int? {
@@ -93,8 +93,8 @@ final class LoadBalancer {
         case .ringHash(let key, _):
             let value: String? =
                 switch key {
-                case .header(let name): headers.first(name: name)
-                case .cookie(let name): Self.cookie(name, in: headers)
+                case .header(let name): fields.first(name: name)
+                case .cookie(let name): Self.cookie(name, in: fields.headers)
                 case .sourceAddress: clientIP
                 }
             guard let value, let ring = cluster.ring else {
@@ -126,7 +126,7 @@ final class LoadBalancer {
     /// endpoints. `last` is the last pick made, for a caller that goes on anyway when every pick
     /// landed on one out of service (Envoy's panic mode); both `nil` when none is healthy.
     func pickInService<G: RandomNumberGenerator>(
-        headers: HTTPHeaders,
+        fields: RequestFields,
         clientIP: String?,
         rng: inout G,
         avoiding: Int? = nil
@@ -134,7 +134,7 @@ final class LoadBalancer {
         let now = NIODeadline.now().uptimeNanoseconds
         var last: Int?
         for _ in 0...(cluster.healthy.count * 2) {
-            guard let index = pick(headers: headers, clientIP: clientIP, rng: &rng) else { break }
+            guard let index = pick(fields: fields, clientIP: clientIP, rng: &rng) else { break }
             last = index
             if index != avoiding && cluster.isAvailable(index, now: now) { return (index, index) }
         }

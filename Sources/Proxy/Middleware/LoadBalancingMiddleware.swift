@@ -38,8 +38,8 @@ public final class LoadBalancingMiddleware: ProxyMiddleware {
         // hash that maps there), the request goes anyway rather than failing (panic mode).
         let picked =
             cluster.checksAvailability
-            ? balancer.pickInService(headers: request.head.headers, clientIP: request.clientIP, rng: &loop.rng).last
-            : balancer.pick(headers: request.head.headers, clientIP: request.clientIP, rng: &loop.rng)
+            ? balancer.pickInService(fields: request.head.fields, clientIP: request.clientIP, rng: &loop.rng).last
+            : balancer.pick(fields: request.head.fields, clientIP: request.clientIP, rng: &loop.rng)
         guard let index = picked else {
             return .noHealthyUpstream("cluster '\(cluster.config.name)'")
         }

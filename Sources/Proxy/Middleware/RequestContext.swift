@@ -5,8 +5,23 @@ import TrellisPolicy
 /// Everything the middleware chain knows about one request. It lives on the event loop that
 /// accepted the request and is never shared with another.
 public final class RequestContext {
-    /// The request head as it will be sent upstream; middleware may edit it.
-    public var head: HTTPRequestHead
+    /// The request head as it will be sent upstream, its fields as the client sent them
+    /// (``RequestFields``: an HTTP/1 client's are relayed without being decoded).
+    private(set) var head: RequestHead
+    /// The request head as NIO's type, which a middleware may edit (its fields are decoded
+    /// once it does, and the edited head is what goes upstream).
+    public var decodedHead: HTTPRequestHead {
+        get { head.decoded }
+        set {
+            head = RequestHead(newValue)
+            host = head.fields.first("host")
+            announcesBody = Self.announcesBody(head.fields)
+        }
+    }
+    /// The `Host` field's value (the first), read once for routing, the log and the span.
+    private(set) var host: String?
+    /// Whether the request announced a body (`content-length` above 0, or a transfer coding).
+    private(set) var announcesBody: Bool
     public let listenerName: String
     public let remoteAddress: SocketAddress?
     /// The client's IP address as text (for `X-Forwarded-For`), computed once per connection.
@@ -71,8 +86,31 @@ public final class RequestContext {
     /// The trace fields (W3C, B3) the request arrived with.
     let arrivedTraceFields: TraceHeaders.Fields
 
-    init(
+    /// An HTTP/2 client's request, a test's.
+    convenience init(
         head: HTTPRequestHead,
+        listenerName: String,
+        remoteAddress: SocketAddress?,
+        clientIP: String?,
+        startTime: NIODeadline,
+        originalDestination: SocketEndpoint? = nil,
+        direction: TrafficDirection? = nil,
+        listenerStats: ListenerStats? = nil
+    ) {
+        self.init(
+            head: RequestHead(head),
+            listenerName: listenerName,
+            remoteAddress: remoteAddress,
+            clientIP: clientIP,
+            startTime: startTime,
+            originalDestination: originalDestination,
+            direction: direction,
+            listenerStats: listenerStats
+        )
+    }
+
+    init(
+        head: RequestHead,
         listenerName: String,
         remoteAddress: SocketAddress?,
         clientIP: String?,
@@ -90,27 +128,67 @@ public final class RequestContext {
         var contentTypeSeen = false
         var requestIDSeen = false
         var trace = TraceHeaders.Fields()
-        for (name, value) in head.headers {
-            if name.utf8.count == 12 {
-                if !contentTypeSeen && name.equalsIgnoringASCIICase("content-type") {
-                    contentTypeSeen = true
-                    isGRPC = value.hasPrefix("application/grpc")
-                    continue
+        var arrivedRequestID: String?
+        var host: String?
+        var announcesBody = false
+        head.fields.forEach { name, value in
+            switch name.count {
+            case 4:
+                if host == nil && HeaderRewriting.equalsLowercase(name, "host") {
+                    host = String(decoding: value, as: UTF8.self)
+                    return
                 }
-                if !requestIDSeen && name.equalsIgnoringASCIICase("x-request-id") {
+            case 14:
+                if HeaderRewriting.equalsLowercase(name, "content-length") {
+                    if !(value.count == 1 && value[0] == UInt8(ascii: "0")) { announcesBody = true }
+                    return
+                }
+            case 17:
+                if HeaderRewriting.equalsLowercase(name, "transfer-encoding") {
+                    announcesBody = true
+                    return
+                }
+            default:
+                break
+            }
+            if name.count == 12 {
+                if !contentTypeSeen && HeaderRewriting.equalsLowercase(name, "content-type") {
+                    contentTypeSeen = true
+                    isGRPC = Self.hasPrefix(value, "application/grpc")
+                    return
+                }
+                if !requestIDSeen && HeaderRewriting.equalsLowercase(name, "x-request-id") {
                     requestIDSeen = true
-                    if !value.isEmpty { arrivedRequestID = value }
-                    continue
+                    if !value.isEmpty { arrivedRequestID = String(decoding: value, as: UTF8.self) }
+                    return
                 }
             }
             trace.note(name, value)
         }
+        self.arrivedRequestID = arrivedRequestID
+        self.host = host
+        self.announcesBody = announcesBody
         self.isGRPC = isGRPC
         self.arrivedTraceFields = trace
         self.clientIP = clientIP
         self.listenerName = listenerName
         self.remoteAddress = remoteAddress
         self.startTime = startTime
+    }
+}
+
+extension RequestContext {
+    fileprivate static func announcesBody(_ fields: RequestFields) -> Bool {
+        if fields.contains("transfer-encoding") { return true }
+        if let length = fields.first("content-length") { return length != "0" }
+        return false
+    }
+
+    fileprivate static func hasPrefix(_ bytes: UnsafeBufferPointer<UInt8>, _ prefix: StaticString) -> Bool {
+        guard bytes.count >= prefix.utf8CodeUnitCount else { return false }
+        let p = prefix.utf8Start
+        for i in 0..<prefix.utf8CodeUnitCount where bytes[i] != p[i] { return false }
+        return true
     }
 }
 

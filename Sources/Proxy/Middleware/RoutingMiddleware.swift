@@ -40,8 +40,8 @@ public final class RoutingMiddleware: ProxyMiddleware {
         {
             table = byPort
         }
-        guard let route = table.route(for: request.head) else {
-            return .noRoute("host '\(request.head.headers.first(name: "host") ?? "")' path '\(request.head.uri)'")
+        guard let route = table.route(for: request.head, host: request.host) else {
+            return .noRoute("host '\(request.host ?? "")' path '\(request.head.uri)'")
         }
         request.routeName = route.name
         request.timeout = route.target.timeout

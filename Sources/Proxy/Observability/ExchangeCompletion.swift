@@ -65,7 +65,7 @@ enum ExchangeCompletion {
         let version = r.head.version
         record.protocol = version.major == 2 ? "HTTP/2" : "HTTP/\(version.major).\(version.minor)"
         record.method = r.head.method.rawValue
-        record.authority = r.head.headers.first(name: "host")
+        record.authority = r.host
         record.path = r.head.uri
         record.status = status
         record.grpcStatus = r.isGRPC ? (r.error?.grpcStatus ?? r.grpcStatus) : nil
@@ -86,7 +86,7 @@ enum ExchangeCompletion {
         record.firstByteNanos = r.firstByteNanos
         record.bytesIn = r.requestBytes
         record.bytesOut = r.responseBytes
-        record.userAgent = r.head.headers.first(name: "user-agent")
+        record.userAgent = r.head.fields.first("user-agent")
         log.append(record)
     }
 }

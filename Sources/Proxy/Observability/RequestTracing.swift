@@ -163,14 +163,14 @@ struct RequestTrace {
             attributes.set("url.path", value: .string(target))
         }
         attributes.set("url.scheme", value: .string("http"))
-        if let authority = r.head.headers.first(name: "host") {
+        if let authority = r.host {
             let (host, port) = Self.split(authority)
             attributes.set("server.address", value: .string(host))
             if let port { attributes.set("server.port", value: .int64(port)) }
         }
         attributes.set("network.protocol.version", value: .string(Self.protocolVersion(r.head.version)))
         if let status { attributes.set("http.response.status_code", value: .int64(status)) }
-        if let agent = r.head.headers.first(name: "user-agent") {
+        if let agent = r.head.fields.first("user-agent") {
             attributes.set("user_agent.original", value: .string(agent))
         }
         if let ip = r.clientIP { attributes.set("client.address", value: .string(ip)) }
@@ -253,7 +253,12 @@ enum TraceHeaders {
     /// too (``RequestContext`` does): W3C Trace Context first, else B3 (single `b3` or the
     /// `x-b3-*` headers).
     struct Fields {
-        private var parent: String?
+        /// `traceparent`, read where it was received (no string made): its ids, or `invalid`.
+        private var parent: Parent?
+        enum Parent {
+            case ids(TraceIDs)
+            case invalid
+        }
         private var state: String?
         private var single: String?
         private var b3Trace: String?
@@ -263,31 +268,38 @@ enum TraceHeaders {
         /// Whether any trace field was seen (most requests of a new trace carry none).
         private(set) var any = false
 
-        /// Notes `name: value` if it is a trace field, comparing only names of the right length.
+        /// Notes `name: value` if it is a trace field.
         mutating func note(_ name: String, _ value: String) {
-            switch name.utf8.count {
-            case 2 where name.equalsIgnoringASCIICase("b3"): single = single ?? value
+            name.withUTF8Bytes { n in value.withUTF8Bytes { v in note(n, v) } }
+        }
+
+        /// Notes `name: value` if it is a trace field, comparing only names of the right length;
+        /// a string is made of a trace field's value alone.
+        mutating func note(_ name: UnsafeBufferPointer<UInt8>, _ value: UnsafeBufferPointer<UInt8>) {
+            func text() -> String { String(decoding: value, as: UTF8.self) }
+            switch name.count {
+            case 2 where HeaderRewriting.equalsLowercase(name, "b3"): single = single ?? text()
             case 10:
-                if name.equalsIgnoringASCIICase("tracestate") {
-                    state = state.map { "\($0),\(value)" } ?? value
-                } else if name.equalsIgnoringASCIICase("x-b3-flags") {
-                    b3Debug = value == "1"
+                if HeaderRewriting.equalsLowercase(name, "tracestate") {
+                    state = state.map { "\($0),\(text())" } ?? text()
+                } else if HeaderRewriting.equalsLowercase(name, "x-b3-flags") {
+                    b3Debug = value.count == 1 && value[0] == UInt8(ascii: "1")
                 } else {
                     return
                 }
             case 11:
-                if name.equalsIgnoringASCIICase("traceparent") {
-                    parent = parent ?? value
-                } else if name.equalsIgnoringASCIICase("x-b3-spanid") {
-                    b3Span = b3Span ?? value
+                if HeaderRewriting.equalsLowercase(name, "traceparent") {
+                    if parent == nil { parent = TraceHeaders.ids(parsing: value).map(Parent.ids) ?? .invalid }
+                } else if HeaderRewriting.equalsLowercase(name, "x-b3-spanid") {
+                    b3Span = b3Span ?? text()
                 } else {
                     return
                 }
             case 12:
-                if name.equalsIgnoringASCIICase("x-b3-traceid") {
-                    b3Trace = b3Trace ?? value
-                } else if name.equalsIgnoringASCIICase("x-b3-sampled") {
-                    b3Sampled = b3Sampled ?? value
+                if HeaderRewriting.equalsLowercase(name, "x-b3-traceid") {
+                    b3Trace = b3Trace ?? text()
+                } else if HeaderRewriting.equalsLowercase(name, "x-b3-sampled") {
+                    b3Sampled = b3Sampled ?? text()
                 } else {
                     return
                 }
@@ -301,11 +313,15 @@ enum TraceHeaders {
         func context() -> Incoming? {
             guard any else { return nil }
             if let parent {
-                guard let ids = TraceHeaders.ids(parsing: parent) else { return nil }
+                guard case .ids(let ids) = parent else { return nil }
                 // A trace state is checked by the library (it alone parses its entries); a bad one
-                // makes the whole context unusable, as it would there.
+                // makes the whole context unusable, as it would there. The `traceparent` given to
+                // it is the one received: a valid one is written back exactly from its ids.
                 if let state, !state.isEmpty,
-                    (try? TraceContext(traceParentHeaderValue: parent, traceStateHeaderValue: state)) == nil
+                    (try? TraceContext(
+                        traceParentHeaderValue: TraceHeaders.traceparent(ids),
+                        traceStateHeaderValue: state
+                    )) == nil
                 {
                     return nil
                 }
@@ -352,7 +368,7 @@ enum TraceHeaders {
         value.withUTF8Bytes(ids(parsing:))
     }
 
-    private static func ids(parsing p: UnsafeBufferPointer<UInt8>) -> TraceIDs? {
+    static func ids(parsing p: UnsafeBufferPointer<UInt8>) -> TraceIDs? {
         guard p.count == 55, let base = p.baseAddress, p[0] == UInt8(ascii: "0"), p[1] == UInt8(ascii: "0"),
             p[2] == UInt8(ascii: "-"), p[35] == UInt8(ascii: "-"), p[52] == UInt8(ascii: "-"),
             let high = hex16(base + 3), let low = hex16(base + 19), let span = hex16(base + 36),

@@ -73,7 +73,7 @@ final class RateLimiter: Sendable {
         case .clientAddress:
             return bucket(for: request.clientIP ?? "").take(now: now)
         case .header(let name):
-            return bucket(for: request.head.headers.first(name: name) ?? "").take(now: now)
+            return bucket(for: request.head.fields.first(name: name) ?? "").take(now: now)
         }
     }
 

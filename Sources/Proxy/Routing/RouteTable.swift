@@ -121,23 +121,27 @@ final class RouteTable: Sendable {
     }
 
     /// The first route of the matching virtual host that accepts this request, or `nil`.
-    func route(for head: HTTPRequestHead) -> CompiledRoute? {
-        guard let vhost = virtualHost(for: head.headers.first(name: "host")) else { return nil }
+    /// `host`: the request's `Host` (``RequestContext/host``).
+    func route(for head: RequestHead, host: String?) -> CompiledRoute? {
+        guard let vhost = virtualHost(for: host) else { return nil }
         let path = Self.path(of: head.uri)
         let method = head.method.rawValue
-        for route in vhost.routes where Self.matches(route, path: path, method: method, headers: head.headers) {
+        for route in vhost.routes where Self.matches(route, path: path, method: method, fields: head.fields) {
             return route
         }
         return nil
     }
 
-    private static func matches(_ route: CompiledRoute, path: Substring, method: String, headers: HTTPHeaders) -> Bool {
+    private static func matches(_ route: CompiledRoute, path: Substring, method: String, fields: RequestFields) -> Bool
+    {
         switch route.path {
         case .prefix(let p): if !path.utf8.starts(with: p.utf8) { return false }
         case .exact(let p): if !path.utf8.elementsEqual(p.utf8) { return false }
         case .regex(let r): if !r.wholeMatch(path) { return false }
         }
         if !route.methods.isEmpty && !route.methods.contains(method) { return false }
+        // Decoded only for a route that matches on fields.
+        let headers = route.headers.isEmpty ? HTTPHeaders() : fields.headers
         for condition in route.headers {
             let values = headers[condition.name]
             let holds: Bool

@@ -32,13 +32,13 @@ enum UpstreamRequestPart {
     case end(HTTPHeaders?)
 }
 
-/// The head sent upstream for a client's request: the client's head as decoded, and what the proxy
+/// The head sent upstream for a client's request: the client's head (its fields as received), and what the proxy
 /// adds or replaces (`X-Forwarded-*`, `Via`, a request id it made, its trace context), applied as
 /// it is written — straight into an HTTP/1 connection's buffer
 /// (``HeaderRewriting/writeHTTP1Request(_:into:)``), or as an HTTP/2 stream's fields
 /// (``rewritten``).
 struct UpstreamRequestHead {
-    var head: HTTPRequestHead
+    var head: RequestHead
     var clientIP: String?
     /// An `x-request-id` the proxy made (the request had none).
     var requestID: String?
@@ -46,6 +46,6 @@ struct UpstreamRequestHead {
 
     /// The head with the proxy's changes, as NIO's type (HTTP/2 upstreams, tests).
     var rewritten: HTTPRequestHead {
-        HeaderRewriting.upstreamRequest(head, clientIP: clientIP, requestID: requestID, trace: trace)
+        HeaderRewriting.upstreamRequest(head.decoded, clientIP: clientIP, requestID: requestID, trace: trace)
     }
 }
