@@ -145,7 +145,8 @@ final class DownstreamHandler: ChannelDuplexHandler {
                 startTime: .now(),
                 originalDestination: originalDestination,
                 direction: direction,
-                listenerStats: listenerStats
+                listenerStats: listenerStats,
+                readsTraceFields: loop.tracing != nil
             )
             let exchange = ProxyExchange(downstream: self, loop: loop, request: request, chain: chain)
             self.exchange = exchange

@@ -183,6 +183,13 @@ enum HeaderRewriting {
         return found.chunked
     }
 
+    /// Memory for the head ``writeHTTP1Request(_:into:)`` writes, reserved at once: the bound of
+    /// raw field lines, else a size most decoded heads fit in.
+    static func http1RequestCapacity(_ request: UpstreamRequestHead) -> Int {
+        if case .raw(let block) = request.head.fields.storage { return rawRequestBound(request, block: block) }
+        return 512
+    }
+
     /// The most bytes ``emitRequest(_:skipping:into:)`` writes for raw field lines: a copied
     /// line grows by at most its line end (a bare LF written as CRLF; `TE` written as
     /// `te: trailers`, from a line of at least 12 bytes), so twice the block bounds the copied

@@ -76,7 +76,7 @@ final class UpstreamConnection: ChannelDuplexHandler {
         case .head(let head):
             requestsServed += 1
             parser.requestIsHEAD = head.head.method == .HEAD
-            var buffer = allocator.buffer(capacity: 512)
+            var buffer = allocator.buffer(capacity: HeaderRewriting.http1RequestCapacity(head))
             chunkedRequest = HeaderRewriting.writeHTTP1Request(head, into: &buffer)
             context.write(wrapOutboundOut(buffer), promise: nil)
         case .body(let buffer):

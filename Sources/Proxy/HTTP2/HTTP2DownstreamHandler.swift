@@ -231,7 +231,8 @@ final class HTTP2DownstreamHandler: ChannelInboundHandler {
             startTime: .now(),
             originalDestination: originalDestination,
             direction: direction,
-            listenerStats: listenerStats
+            listenerStats: listenerStats,
+            readsTraceFields: loop.tracing != nil
         )
         let exchange = ProxyExchange(downstream: stream, loop: loop, request: request, chain: chain)
         stream.exchange = exchange

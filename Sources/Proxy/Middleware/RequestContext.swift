@@ -83,7 +83,7 @@ public final class RequestContext {
     var trace: RequestTrace?
     /// The client's `x-request-id` (its first, when not empty), as the request arrived.
     private(set) var arrivedRequestID: String?
-    /// The trace fields (W3C, B3) the request arrived with.
+    /// The trace fields (W3C, B3) the request arrived with (not read when this proxy does not trace).
     let arrivedTraceFields: TraceHeaders.Fields
 
     /// An HTTP/2 client's request, a test's.
@@ -95,7 +95,8 @@ public final class RequestContext {
         startTime: NIODeadline,
         originalDestination: SocketEndpoint? = nil,
         direction: TrafficDirection? = nil,
-        listenerStats: ListenerStats? = nil
+        listenerStats: ListenerStats? = nil,
+        readsTraceFields: Bool = true
     ) {
         self.init(
             head: RequestHead(head),
@@ -105,7 +106,8 @@ public final class RequestContext {
             startTime: startTime,
             originalDestination: originalDestination,
             direction: direction,
-            listenerStats: listenerStats
+            listenerStats: listenerStats,
+            readsTraceFields: readsTraceFields
         )
     }
 
@@ -117,7 +119,8 @@ public final class RequestContext {
         startTime: NIODeadline,
         originalDestination: SocketEndpoint? = nil,
         direction: TrafficDirection? = nil,
-        listenerStats: ListenerStats? = nil
+        listenerStats: ListenerStats? = nil,
+        readsTraceFields: Bool = true
     ) {
         self.direction = direction
         self.listenerStats = listenerStats
@@ -163,7 +166,7 @@ public final class RequestContext {
                     return
                 }
             }
-            trace.note(name, value)
+            if readsTraceFields { trace.note(name, value) }
         }
         self.arrivedRequestID = arrivedRequestID
         self.host = host
