@@ -5,9 +5,13 @@
 #   DURATION=10 CONNECTIONS=32 bash Benchmarks/gateway-http1.sh
 #
 # Upstream: nginx (../shared/bench/upstream-nginx.conf) on 127.0.0.1:18080. Each proxy listens on
-# its own loopback port and is driven by `wrk -t1 -cN -dS` in turn. On a 2-core machine the proxy
-# gets core 0 and wrk plus the upstream get core 1, so the load generator and the proxy never
-# share a core. Prints requests/s, p99 latency, Trellis's ratio to each peer, and Trellis's RSS.
+# its own loopback port; all four run at once (an idle proxy costs nothing) and are driven by
+# `wrk -t1 -cN -dS` in turn, round after round (ROUNDS), so that a machine whose speed drifts
+# during the run (a shared VM's does) slows every proxy alike instead of whichever came last.
+# On a 2-core machine the proxies get core 0 and wrk plus the upstream get core 1, so the load
+# generator and a proxy never share a core. Prints each proxy's best requests/s and its p99,
+# Trellis's ratio to each peer, the Trellis/HAProxy ratio of each round (the rounds' median is
+# the figure least moved by drift), and Trellis's RSS.
 set -euo pipefail
 here=$(cd "$(dirname "$0")" && pwd)
 root=$(cd "$here/.." && pwd)
@@ -60,47 +64,49 @@ start_proxy() {
   wait_port "$port"
 }
 
-measure() { # name port -> "rps p99ms"
-  local name=$1 port=$2
-  taskset -c "$LOAD_CPU" wrk -t1 -c"$CONNECTIONS" -d"${WARMUP}s" "http://127.0.0.1:$port/" >/dev/null 2>&1 || true
-  local best_rps=0 best_p99=0
-  for _ in $(seq 1 "$ROUNDS"); do
-    taskset -c "$LOAD_CPU" wrk -t1 -c"$CONNECTIONS" -d"${DURATION}s" --latency "http://127.0.0.1:$port/" >"$out/$name.wrk"
-    local rps p99
-    rps=$(awk '/Requests\/sec/ {print $2}' "$out/$name.wrk")
-    p99=$(awk '$1=="99%" {v=$2; if (v ~ /us$/) {sub(/us/,"",v); v=v/1000} else if (v ~ /ms$/) {sub(/ms/,"",v)} else if (v ~ /s$/) {sub(/s/,"",v); v=v*1000}; print v}' "$out/$name.wrk")
-    if awk -v a="$rps" -v b="$best_rps" 'BEGIN{exit !(a>b)}'; then best_rps=$rps; best_p99=$p99; fi
-    if grep -q "Non-2xx\|Socket errors" "$out/$name.wrk"; then grep "Non-2xx\|Socket errors" "$out/$name.wrk" >&2; fi
-  done
-  echo "$best_rps $best_p99"
+warm() { # port
+  taskset -c "$LOAD_CPU" wrk -t1 -c"$CONNECTIONS" -d"${WARMUP}s" "http://127.0.0.1:$1/" >/dev/null 2>&1 || true
+}
+
+declare -A RPS P99 PORT=([trellis]=18084 [envoy]=18081 [haproxy]=18082 [nginx]=18083)
+measure() { # name: one round; keeps the best requests/s (and its p99); this round's in LAST
+  local name=$1 rps p99
+  taskset -c "$LOAD_CPU" wrk -t1 -c"$CONNECTIONS" -d"${DURATION}s" --latency "http://127.0.0.1:${PORT[$name]}/" >"$out/$name.wrk"
+  rps=$(awk '/Requests\/sec/ {print $2}' "$out/$name.wrk")
+  p99=$(awk '$1=="99%" {v=$2; if (v ~ /us$/) {sub(/us/,"",v); v=v/1000} else if (v ~ /ms$/) {sub(/ms/,"",v)} else if (v ~ /s$/) {sub(/s/,"",v); v=v*1000}; print v}' "$out/$name.wrk")
+  if awk -v a="$rps" -v b="${RPS[$name]:-0}" 'BEGIN{exit !(a>b)}'; then RPS[$name]=$rps; P99[$name]=$p99; fi
+  if grep -q "Non-2xx\|Socket errors" "$out/$name.wrk"; then grep "Non-2xx\|Socket errors" "$out/$name.wrk" >&2; fi
+  LAST=$rps
 }
 
 rss_kb() { awk '/VmRSS/ {print $2}' "/proc/$1/status"; }
 
-declare -A RPS P99
 start_proxy trellis 18084 "$trellis" gateway --config "$root/examples/gateway.yaml" --event-loops 1 --log-level warning
+start_proxy envoy 18081 envoy -c "$bench/envoy.yaml" --concurrency 1 -l error
+start_proxy haproxy 18082 haproxy -f "$bench/haproxy.cfg"
+start_proxy nginx 18083 nginx -p "$out" -c "$bench/proxy-nginx.conf"
 tpid=$(cat "$out/trellis.pid")
 idle_rss=$(rss_kb "$tpid")
-# Sample RSS while wrk runs.
-( peak=0; for _ in $(seq 1 $(( (DURATION + WARMUP) * 10 ))); do
-    r=$(rss_kb "$tpid" 2>/dev/null || echo 0); [ "$r" -gt "$peak" ] && peak=$r; sleep 0.1; done; echo "$peak" >"$out/peak" ) &
+for name in trellis envoy haproxy nginx; do warm "${PORT[$name]}"; done
+# Trellis's RSS, sampled through the whole run.
+( peak=0; while kill -0 "$tpid" 2>/dev/null && [ ! -e "$out/done" ]; do
+    r=$(rss_kb "$tpid" 2>/dev/null || echo 0); [ "$r" -gt "$peak" ] && peak=$r; echo "$peak" >"$out/peak"; sleep 0.2; done ) &
 sampler=$!
-read -r RPS[trellis] P99[trellis] < <(measure trellis 18084)
+pairs=()
+for round in $(seq 1 "$ROUNDS"); do
+  measure trellis
+  t=$LAST
+  for name in envoy haproxy nginx; do
+    measure "$name"
+    if [ "$name" = haproxy ]; then pairs+=("$(awk -v t="$t" -v h="$LAST" 'BEGIN{ printf "%.2f", (h>0 ? t/h : 0) }')"); fi
+  done
+  echo "round $round: trellis $t, haproxy ratio ${pairs[-1]}x" >&2
+done
+touch "$out/done"
 wait "$sampler" || true
 load_rss=$(cat "$out/peak")
-kill "$tpid"
-
-start_proxy envoy 18081 envoy -c "$bench/envoy.yaml" --concurrency 1 -l error
-read -r RPS[envoy] P99[envoy] < <(measure envoy 18081)
-kill "$(cat "$out/envoy.pid")"
-
-start_proxy haproxy 18082 haproxy -f "$bench/haproxy.cfg"
-read -r RPS[haproxy] P99[haproxy] < <(measure haproxy 18082)
-kill "$(cat "$out/haproxy.pid")"
-
-start_proxy nginx 18083 nginx -p "$out" -c "$bench/proxy-nginx.conf"
-read -r RPS[nginx] P99[nginx] < <(measure nginx 18083)
-kill "$(cat "$out/nginx.pid")"
+for name in trellis envoy haproxy nginx; do kill "$(cat "$out/$name.pid")" 2>/dev/null || true; done
+median=$(printf '%s\n' "${pairs[@]}" | sort -n | awk '{v[NR]=$1} END {print (NR % 2 ? v[(NR+1)/2] : (v[NR/2]+v[NR/2+1])/2)}')
 
 echo
 echo "HTTP/1.1 gateway, 1 core per proxy, wrk -t1 -c$CONNECTIONS -d${DURATION}s, $(date -u +%Y-%m-%d), $(nproc) cores"
@@ -111,4 +117,5 @@ for name in trellis envoy haproxy nginx; do
   printf '| %-8s | %10.0f | %8.2f | %16s |\n' "$name" "${RPS[$name]}" "${P99[$name]}" "$ratio"
 done
 echo
+echo "Trellis/HAProxy by round: ${pairs[*]}; median ${median}x"
 echo "Trellis RSS: idle $((idle_rss / 1024)) MiB, under load (peak) $((load_rss / 1024)) MiB"

@@ -150,10 +150,10 @@ enum HeaderRewriting {
     /// PATCH has no length; a TRACE has no body). The head is measured, then copied into memory
     /// reserved once (``HeadSink``).
     static func writeHTTP1Request(_ request: UpstreamRequestHead, into out: inout ByteBuffer) -> Bool {
-        if case .raw(let block) = request.head.fields.storage {
+        if request.head.fields.isRaw {
             // An HTTP/1 client's lines: written in one pass into memory reserved for a bound,
             // and once more (rare) when its `Connection` names fields to drop.
-            let bound = rawRequestBound(request, block: block)
+            let bound = rawRequestBound(request)
             let start = out.writerIndex
             var found: (chunked: Bool, connectionOptions: [Substring]) = (false, [])
             out.writeWithUnsafeMutableBytes(minimumWritableBytes: bound) { raw in
@@ -186,7 +186,7 @@ enum HeaderRewriting {
     /// Memory for the head ``writeHTTP1Request(_:into:)`` writes, reserved at once: the bound of
     /// raw field lines, else a size most decoded heads fit in.
     static func http1RequestCapacity(_ request: UpstreamRequestHead) -> Int {
-        if case .raw(let block) = request.head.fields.storage { return rawRequestBound(request, block: block) }
+        if request.head.fields.isRaw { return rawRequestBound(request) }
         return 512
     }
 
@@ -195,8 +195,8 @@ enum HeaderRewriting {
     /// `te: trailers`, from a line of at least 12 bytes), so twice the block bounds the copied
     /// lines and the values joined into `X-Forwarded-For` and `Via`; plus the request line and
     /// what the proxy adds (its constant parts under 256 bytes).
-    static func rawRequestBound(_ request: UpstreamRequestHead, block: ByteBuffer) -> Int {
-        2 * block.readableBytes + request.head.method.rawValue.utf8.count + request.head.uri.utf8.count
+    static func rawRequestBound(_ request: UpstreamRequestHead) -> Int {
+        2 * request.head.fields.block.readableBytes + request.head.method.rawValue.utf8.count + request.head.uri.utf8.count
             + (request.clientIP?.utf8.count ?? 0) + (request.requestID?.utf8.count ?? 0)
             + (request.trace?.tracestate?.utf8.count ?? 0) + 256
     }

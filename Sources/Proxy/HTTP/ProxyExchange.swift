@@ -66,7 +66,7 @@ final class ProxyExchange {
         }
         if let tracing = loop.tracing, tracing.traces(request.originalDestination) {
             request.trace = RequestTrace.start(
-                request.arrivedTraceFields.context(),
+                request.arrivedTraceFields?.context(),
                 method: request.head.method.rawValue,
                 direction: request.direction,
                 tracing: tracing,

@@ -47,28 +47,35 @@ struct RequestHead: Equatable {
 /// decoded headers. Lookups on raw lines compare bytes and make a `String` only of the value
 /// asked for.
 struct RequestFields: Equatable {
-    enum Storage: Equatable {
-        case raw(ByteBuffer)
-        case decoded(HTTPHeaders)
+    /// The field lines when raw (empty when decoded). Two stored properties rather than an enum
+    /// with payloads: reading the lines in place then needs no copy of the buffer (a retain and
+    /// a release each time a field is looked up).
+    private(set) var block: ByteBuffer
+    /// The decoded fields; nil when raw.
+    private var decodedHeaders: HTTPHeaders?
+
+    init(raw block: ByteBuffer) {
+        self.block = block
+        self.decodedHeaders = nil
     }
 
-    private(set) var storage: Storage
+    init(_ headers: HTTPHeaders) {
+        self.block = ByteBuffer()
+        self.decodedHeaders = headers
+    }
 
-    init(raw block: ByteBuffer) { storage = .raw(block) }
-    init(_ headers: HTTPHeaders) { storage = .decoded(headers) }
+    /// Whether the fields are an HTTP/1 client's lines as received.
+    var isRaw: Bool { decodedHeaders == nil }
 
     /// The fields as NIO headers (decoded from raw lines on demand).
     var headers: HTTPHeaders {
-        switch storage {
-        case .decoded(let headers): return headers
-        case .raw:
-            var pairs: [(String, String)] = []
-            pairs.reserveCapacity(8)
-            forEach { name, value in
-                pairs.append((String(decoding: name, as: UTF8.self), String(decoding: value, as: UTF8.self)))
-            }
-            return HTTPHeaders(pairs)
+        if let decodedHeaders { return decodedHeaders }
+        var pairs: [(String, String)] = []
+        pairs.reserveCapacity(8)
+        forEach { name, value in
+            pairs.append((String(decoding: name, as: UTF8.self), String(decoding: value, as: UTF8.self)))
         }
+        return HTTPHeaders(pairs)
     }
 
     /// Calls `body` with each field's name and value (without surrounding whitespace), in order.
@@ -81,75 +88,62 @@ struct RequestFields: Equatable {
     func forEachLine(
         _ body: (UnsafeRawBufferPointer?, UnsafeBufferPointer<UInt8>, UnsafeBufferPointer<UInt8>) -> Void
     ) {
-        switch storage {
-        case .raw(let block):
-            block.withUnsafeReadableBytes { raw in
-                let bytes = raw.bindMemory(to: UInt8.self)
-                RawResponseHead.forEachLine(bytes) { line, colon in
-                    body(
-                        UnsafeRawBufferPointer(rebasing: raw[line]),
-                        UnsafeBufferPointer(rebasing: bytes[line.lowerBound..<colon]),
-                        UnsafeBufferPointer(
-                            rebasing: bytes[RawResponseHead.trimmed(bytes, colon + 1..<line.upperBound)]
-                        )
-                    )
-                }
-            }
-        case .decoded(let headers):
-            for (name, value) in headers {
+        if let decodedHeaders {
+            for (name, value) in decodedHeaders {
                 name.withUTF8Bytes { n in value.withUTF8Bytes { v in body(nil, n, v) } }
+            }
+            return
+        }
+        block.withUnsafeReadableBytes { raw in
+            let bytes = raw.bindMemory(to: UInt8.self)
+            RawResponseHead.forEachLine(bytes) { line, colon in
+                body(
+                    UnsafeRawBufferPointer(rebasing: raw[line]),
+                    UnsafeBufferPointer(rebasing: bytes[line.lowerBound..<colon]),
+                    UnsafeBufferPointer(
+                        rebasing: bytes[RawResponseHead.trimmed(bytes, colon + 1..<line.upperBound)]
+                    )
+                )
             }
         }
     }
 
     /// The first value of the field named `lowercase` (lowercase ASCII), without decoding the others.
     func first(_ lowercase: StaticString) -> String? {
-        switch storage {
-        case .decoded(let headers):
-            return headers.first(name: lowercase.description)
-        case .raw:
-            var found: String?
-            forEach { name, value in
-                if found == nil, HeaderRewriting.equalsLowercase(name, lowercase) {
-                    found = String(decoding: value, as: UTF8.self)
-                }
+        if let decodedHeaders { return decodedHeaders.first(name: lowercase.description) }
+        var found: String?
+        forEach { name, value in
+            if found == nil, HeaderRewriting.equalsLowercase(name, lowercase) {
+                found = String(decoding: value, as: UTF8.self)
             }
-            return found
         }
+        return found
     }
 
     /// Whether a field named `lowercase` (lowercase ASCII) is present.
     func contains(_ lowercase: StaticString) -> Bool {
-        switch storage {
-        case .decoded(let headers):
-            return headers.contains(name: lowercase.description)
-        case .raw:
-            var found = false
-            forEach { name, _ in
-                if !found, HeaderRewriting.equalsLowercase(name, lowercase) { found = true }
-            }
-            return found
+        if let decodedHeaders { return decodedHeaders.contains(name: lowercase.description) }
+        var found = false
+        forEach { name, _ in
+            if !found, HeaderRewriting.equalsLowercase(name, lowercase) { found = true }
         }
+        return found
     }
 
     /// The first value of the field named `name` (any case): a configured name (a rate limit's
     /// key, a hash policy's header).
     func first(name: String) -> String? {
-        switch storage {
-        case .decoded(let headers):
-            return headers.first(name: name)
-        case .raw:
-            let lowercase = name.lowercased()
-            var found: String?
-            lowercase.withUTF8Bytes { wanted in
-                forEach { name, value in
-                    if found == nil, Self.equals(name, lowercase: wanted) {
-                        found = String(decoding: value, as: UTF8.self)
-                    }
+        if let decodedHeaders { return decodedHeaders.first(name: name) }
+        let lowercase = name.lowercased()
+        var found: String?
+        lowercase.withUTF8Bytes { wanted in
+            forEach { name, value in
+                if found == nil, Self.equals(name, lowercase: wanted) {
+                    found = String(decoding: value, as: UTF8.self)
                 }
             }
-            return found
         }
+        return found
     }
 
     /// `bytes` equals `lowercase` ignoring ASCII case.
@@ -163,9 +157,7 @@ struct RequestFields: Equatable {
     }
 
     static func == (lhs: RequestFields, rhs: RequestFields) -> Bool {
-        switch (lhs.storage, rhs.storage) {
-        case (.raw(let a), .raw(let b)): return a == b
-        default: return lhs.headers == rhs.headers
-        }
+        if lhs.isRaw && rhs.isRaw { return lhs.block == rhs.block }
+        return lhs.headers == rhs.headers
     }
 }

@@ -83,8 +83,9 @@ public final class RequestContext {
     var trace: RequestTrace?
     /// The client's `x-request-id` (its first, when not empty), as the request arrived.
     private(set) var arrivedRequestID: String?
-    /// The trace fields (W3C, B3) the request arrived with (not read when this proxy does not trace).
-    let arrivedTraceFields: TraceHeaders.Fields
+    /// The trace fields (W3C, B3) the request arrived with: nil when it had none or this proxy does
+    /// not trace (a value of six optional strings: copying one costs a retain and release each).
+    let arrivedTraceFields: TraceHeaders.Fields?
 
     /// An HTTP/2 client's request, a test's.
     convenience init(
@@ -130,7 +131,7 @@ public final class RequestContext {
         var isGRPC = false
         var contentTypeSeen = false
         var requestIDSeen = false
-        var trace = TraceHeaders.Fields()
+        var trace: TraceHeaders.Fields? = readsTraceFields ? TraceHeaders.Fields() : nil
         var arrivedRequestID: String?
         var host: String?
         var announcesBody = false
@@ -166,13 +167,13 @@ public final class RequestContext {
                     return
                 }
             }
-            if readsTraceFields { trace.note(name, value) }
+            trace?.note(name, value)
         }
         self.arrivedRequestID = arrivedRequestID
         self.host = host
         self.announcesBody = announcesBody
         self.isGRPC = isGRPC
-        self.arrivedTraceFields = trace
+        self.arrivedTraceFields = trace?.any == true ? trace : nil
         self.clientIP = clientIP
         self.listenerName = listenerName
         self.remoteAddress = remoteAddress
