@@ -11,7 +11,10 @@
 # proxy's "off", and p50/p99 at a fixed ~1000 req/s (10 connections pausing 10 ms) with the p99
 # added to "off" and both sidecars' CPU per request at that rate; the access-log lines written and the spans received. With ROUNDS=n every
 # Trellis configuration runs n times, interleaved, and the best requests/s (with that run's
-# latency) is kept, as the machine's run-to-run noise (±4 %) is the size of what is measured.
+# latency) is kept, as the machine's run-to-run noise (±4 %) is the size of what is measured;
+# then each configuration is also compared with the "off" runs of its own round and the median
+# of those rounds printed (the machine's speed drifts by tens of percent between minutes, which
+# best-of figures from different minutes do not cancel).
 # ONLY="trellis off,trellis traces 1%" runs (and prints) only the configurations named.
 #   sudo bash Benchmarks/observability.sh        (DURATION=10, ROUNDS=1, SKIP_BUILD=1 to reuse the build)
 set -euo pipefail
@@ -53,7 +56,8 @@ receiver() { # starts it; sets rpid
 }
 receiver_count() { kill "$rpid" 2>/dev/null || true; wait "$rpid" 2>/dev/null || true; awk '/^received/ {print $2}' "$out/receiver.out"; }
 
-declare -A SAT P50 P99 CPU LINES SPANS
+declare -A SAT P50 P99 CPU LINES SPANS BYROUND
+round=1
 cpu_ticks() { local t=0 p; for p in "$@"; do t=$((t + $(awk '{print $14+$15}' "/proc/$p/stat"))); done; echo "$t"; }
 measure() { # name, the sidecars' pids (a later round replaces an earlier one's figures only with more requests/s)
   local name=$1 sat fixed t0 t1 cpu
@@ -63,6 +67,7 @@ measure() { # name, the sidecars' pids (a later round replaces an earlier one's 
   t0=$(cpu_ticks "$@")
   fixed=$(wrk_run -c10 -s "$out/pace.lua")
   t1=$(cpu_ticks "$@")
+  BYROUND["$name#$round"]=$(rps "$sat")
   # Both sidecars' CPU per request at the fixed rate (clock ticks of 10 ms over its requests).
   cpu=$(awk -v t=$((t1 - t0)) -v r="$(rps "$fixed")" -v d="$DURATION" 'BEGIN {printf "%.1f", t * 10000 / (r * d)}')
   if [ -n "${SAT[$name]:-}" ] && [ "$(rps "$sat")" -le "${SAT[$name]}" ]; then return 1; fi
@@ -186,7 +191,7 @@ printf 'capture: {inbound_ports: [9], agent_uid: 0}\n' >"$out/a-rules.yaml"
 printf 'capture: {inbound_ports: [8080], agent_uid: 0}\n' >"$out/b-rules.yaml"
 ip netns exec "$A" "$agent" rules install --config "$out/a-rules.yaml" >/dev/null
 ip netns exec "$B" "$agent" rules install --config "$out/b-rules.yaml" >/dev/null
-for _ in $(seq 1 "$ROUNDS"); do
+for round in $(seq 1 "$ROUNDS"); do
   trellis "trellis off" - -
   trellis "trellis logs 1%" 0.01 -
   trellis "trellis logs 100%" 1 -
@@ -197,6 +202,7 @@ for _ in $(seq 1 "$ROUNDS"); do
   trellis "trellis both 100%" 1 1
   trellis "trellis off again" - -
 done
+round=1
 # Envoy gets the same rules without the NFQUEUE gate (no reader for it), verified.
 for s in A B; do
   port=$([ $s = A ] && echo 9 || echo 8080)
@@ -227,3 +233,23 @@ for n in "trellis off" "trellis logs 1%" "trellis logs 100%" "trellis traces 0%"
   printf '| %-20s | %9s | %9s | %8s | %8s | %10s | %11s | %9s | %9s |\n' "$n" "${SAT[$n]}" "$vs" "${P50[$n]}" "${P99[$n]}" "$added" \
     "${CPU[$n]}" "${LINES[$n]}" "${SPANS[$n]}"
 done
+# Each configuration against the "off" runs of its own round (their mean when both ran): the
+# machine's speed drifts between rounds, a round's runs are minutes apart at most.
+if [ "$ROUNDS" -gt 1 ] && [ -n "${SAT[trellis off]:-}" ]; then
+  echo
+  echo "Against each round's own off runs (median over $ROUNDS rounds; each round's figures):"
+  for n in "trellis logs 1%" "trellis logs 100%" "trellis traces 0%" "trellis traces 1%" "trellis traces 100%" \
+    "trellis both 1%" "trellis both 100%" "trellis off again"; do
+    [ -n "${SAT[$n]:-}" ] || continue
+    vals=()
+    for r in $(seq 1 "$ROUNDS"); do
+      v=${BYROUND["$n#$r"]:-}; off=${BYROUND["trellis off#$r"]:-}; again=${BYROUND["trellis off again#$r"]:-}
+      [ -n "$v" ] && [ -n "$off" ] || continue
+      [ "$n" != "trellis off again" ] && [ -n "$again" ] && off=$(( (off + again) / 2 ))
+      vals+=("$(awk -v a="$v" -v b="$off" 'BEGIN {printf "%+.1f", (a/b-1)*100}')")
+    done
+    [ "${#vals[@]}" -gt 0 ] || continue
+    med=$(printf '%s\n' "${vals[@]}" | sort -g | awk '{v[NR]=$1} END {printf "%+.1f", (NR % 2 ? v[(NR+1)/2] : (v[NR/2]+v[NR/2+1])/2)}')
+    printf '  %-20s %7s%%   (%s)\n' "$n" "$med" "${vals[*]}"
+  done
+fi
