@@ -69,6 +69,36 @@ extension UpstreamRequestHead {
         return text + "\r\n"
     }
 
+    /// A middleware that edits the head (NIO's type) changes what goes upstream and what the
+    /// exchange reads of it (`Host`, whether a body was announced); the raw lines are dropped.
+    @Test func aMiddlewaresEditOfTheHeadIsWhatGoesUpstream() throws {
+        var parser = HTTP1RequestParser(maxHeadBytes: 8192)
+        var input = ByteBuffer(string: "GET /a HTTP/1.1\r\nHost: old\r\nX-Keep: 1\r\n\r\n")
+        guard case .head(let head) = try parser.next(&input) else {
+            Issue.record("no head")
+            return
+        }
+        let request = RequestContext(
+            head: head,
+            listenerName: "l",
+            remoteAddress: nil,
+            clientIP: nil,
+            startTime: .now()
+        )
+        #expect(request.host == "old" && !request.announcesBody && request.head.fields.isRaw)
+        var edited = request.decodedHead
+        edited.headers.replaceOrAdd(name: "Host", value: "new")
+        edited.headers.add(name: "Content-Length", value: "2")
+        request.decodedHead = edited
+        #expect(request.host == "new" && request.announcesBody && !request.head.fields.isRaw)
+        var out = ByteBuffer()
+        _ = HeaderRewriting.writeHTTP1Request(UpstreamRequestHead(head: request.head, clientIP: nil), into: &out)
+        #expect(
+            String(buffer: out) == "GET /a HTTP/1.1\r\nX-Keep: 1\r\nHost: new\r\nContent-Length: 2\r\n"
+                + "x-forwarded-proto: http\r\nvia: 1.1 trellis\r\n\r\n"
+        )
+    }
+
     @Test func hopByHopFieldsGoAndTheProxysAreAdded() {
         let head = HTTPRequestHead(
             version: .http1_1,
