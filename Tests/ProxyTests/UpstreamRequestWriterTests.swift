@@ -11,13 +11,26 @@ extension UpstreamRequestHead {
         self.init(head: RequestHead(head), clientIP: clientIP, requestID: requestID, trace: trace)
     }
 
+    /// A test's head as the data path holds it, in a request of its own.
+    init(head: RequestHead, clientIP: String?, requestID: String? = nil, trace: RequestTrace? = nil) {
+        let request = RequestContext(
+            head: head,
+            listenerName: "test",
+            remoteAddress: nil,
+            clientIP: clientIP,
+            startTime: .now()
+        )
+        request.trace = trace
+        self.init(request: request, requestID: requestID)
+    }
+
     /// The same head with its fields as an HTTP/1 client's arrive: raw lines, relayed as received.
     var withRawFields: UpstreamRequestHead {
         var block = ByteBuffer()
         for (name, value) in head.fields.headers { block.writeString("\(name): \(value)\r\n") }
-        var copy = self
-        copy.head.fields = RequestFields(raw: block)
-        return copy
+        var raw = head
+        raw.fields = RequestFields(raw: block)
+        return UpstreamRequestHead(head: raw, clientIP: clientIP, requestID: requestID, trace: trace)
     }
 }
 
@@ -92,7 +105,7 @@ extension UpstreamRequestHead {
         request.decodedHead = edited
         #expect(request.host == "new" && request.announcesBody && !request.head.fields.isRaw)
         var out = ByteBuffer()
-        _ = HeaderRewriting.writeHTTP1Request(UpstreamRequestHead(head: request.head, clientIP: nil), into: &out)
+        _ = HeaderRewriting.writeHTTP1Request(UpstreamRequestHead(request: request, requestID: nil), into: &out)
         #expect(
             String(buffer: out) == "GET /a HTTP/1.1\r\nX-Keep: 1\r\nHost: new\r\nContent-Length: 2\r\n"
                 + "x-forwarded-proto: http\r\nvia: 1.1 trellis\r\n\r\n"

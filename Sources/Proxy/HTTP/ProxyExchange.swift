@@ -94,12 +94,7 @@ final class ProxyExchange {
         if let timeout = request.timeout {
             deadlineSlot = loop.deadlines.register(self, timeout: TimeAmount(timeout), now: request.startTime)
         }
-        let upstreamHead = UpstreamRequestHead(
-            head: request.head,
-            clientIP: request.clientIP,
-            requestID: generatedID,
-            trace: request.trace
-        )
+        let upstreamHead = UpstreamRequestHead(request: request, requestID: generatedID)
         // Room for the head, a body part and the end: kept too when the try goes to a reused
         // connection (``attach(_:try:)``), and then the end is added without growing the array.
         pending.reserveCapacity(3)

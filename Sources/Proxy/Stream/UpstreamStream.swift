@@ -38,11 +38,15 @@ enum UpstreamRequestPart {
 /// (``HeaderRewriting/writeHTTP1Request(_:into:)``), or as an HTTP/2 stream's fields
 /// (``rewritten``).
 struct UpstreamRequestHead {
-    var head: RequestHead
-    var clientIP: String?
+    /// The request: its head (as the middleware left it), the client's address, its trace. A
+    /// reference, so that each copy of a part (pending, retained for a retry, sent) is one retain.
+    let request: RequestContext
     /// An `x-request-id` the proxy made (the request had none).
-    var requestID: String?
-    var trace: RequestTrace?
+    let requestID: String?
+
+    var head: RequestHead { request.head }
+    var clientIP: String? { request.clientIP }
+    var trace: RequestTrace? { request.trace }
 
     /// The head with the proxy's changes, as NIO's type (HTTP/2 upstreams, tests).
     var rewritten: HTTPRequestHead {

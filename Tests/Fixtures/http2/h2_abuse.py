@@ -186,7 +186,7 @@ def main():
         # Requests that stay open (no END_STREAM), past the advertised limit.
         batch = b"".join(frame(HEADERS, END_HEADERS, 1 + 2 * i, request(encoder)) for i in range(150))
         peer.send(batch, 150)
-        peer.read(2)
+        peer.read(5)  # returns at the close; a loaded machine may take longer than 2 s
     elif case == "oversized_headers":
         # 90 KB of header list, as HEADERS and CONTINUATION frames within the frame size.
         fields = request(encoder, extra=[("x-big", "b" * 15000)] * 6)
