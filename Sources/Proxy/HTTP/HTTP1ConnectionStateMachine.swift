@@ -115,7 +115,7 @@ struct HTTP1ConnectionStateMachine {
                     version: head.version,
                     clientWantsKeepAlive: keepAlive,
                     keepAlive: keepAlive,
-                    isHEAD: head.method == .HEAD
+                    isHEAD: head.method.isHEAD
                 )
             )
             return .startExchange(head)

@@ -254,7 +254,7 @@ enum HeaderRewriting {
             case .traceContext:
                 if !replacingTraceContext { out.field(line: line, name: name, value: value) }
             case .contentLength:
-                guard method != .TRACE else { return }
+                guard !method.isTRACE else { return }
                 s.hasContentLength = true
                 out.field(line: line, name: name, value: value)
             case .connection:
@@ -281,7 +281,7 @@ enum HeaderRewriting {
             if let state = trace.tracestate { out.field("tracestate", state) }
         }
         var chunked = false
-        if !s.hasContentLength && method != .TRACE {
+        if !s.hasContentLength && !method.isTRACE {
             switch method {
             case .POST, .PUT, .PATCH: chunked = true
             default: chunked = s.chunked

@@ -161,3 +161,17 @@ struct RequestFields: Equatable {
         return lhs.headers == rhs.headers
     }
 }
+
+extension HTTPMethod {
+    /// Whether this is HEAD, by the case alone (NIO's `==` compares the methods' names).
+    var isHEAD: Bool {
+        if case .HEAD = self { return true }
+        return false
+    }
+
+    /// Whether this is TRACE, by the case alone.
+    var isTRACE: Bool {
+        if case .TRACE = self { return true }
+        return false
+    }
+}

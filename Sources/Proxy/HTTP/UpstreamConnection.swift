@@ -75,7 +75,7 @@ final class UpstreamConnection: ChannelDuplexHandler {
         switch part {
         case .head(let head):
             requestsServed += 1
-            parser.requestIsHEAD = head.head.method == .HEAD
+            parser.requestIsHEAD = head.head.method.isHEAD
             var buffer = allocator.buffer(capacity: HeaderRewriting.http1RequestCapacity(head))
             chunkedRequest = HeaderRewriting.writeHTTP1Request(head, into: &buffer)
             context.write(wrapOutboundOut(buffer), promise: nil)
