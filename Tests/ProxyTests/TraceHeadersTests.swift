@@ -12,8 +12,14 @@ import W3CTraceContext
     /// in its one pass over the headers.
     static func incoming(_ headers: HTTPHeaders) -> TraceHeaders.Incoming? {
         let head = HTTPRequestHead(version: .http1_1, method: .GET, uri: "/", headers: headers)
-        return RequestContext(head: head, listenerName: "l", remoteAddress: nil, clientIP: nil, startTime: .now())
-            .arrivedTraceFields?.context()
+        return RequestContext(
+            head: RequestHead(head),
+            listenerName: "l",
+            remoteAddress: nil,
+            clientIP: nil,
+            startTime: .now()
+        )
+        .arrivedTraceFields?.context()
     }
 
     /// 50 random contexts with each of `flags`.
@@ -121,7 +127,7 @@ import W3CTraceContext
             ])
         )
         let request = RequestContext(
-            head: head,
+            head: RequestHead(head),
             listenerName: "l",
             remoteAddress: nil,
             clientIP: nil,
@@ -133,11 +139,15 @@ import W3CTraceContext
         #expect(trace.w3c && trace.sampled == false && trace.ids.spanIDHex == "00f067aa0ba902b7")
 
         let plain = RequestContext(
-            head: HTTPRequestHead(
-                version: .http1_1,
-                method: .GET,
-                uri: "/",
-                headers: HTTPHeaders([("x-request-id", ""), ("X-Request-ID", "later"), ("content-type", "text/plain")])
+            head: RequestHead(
+                HTTPRequestHead(
+                    version: .http1_1,
+                    method: .GET,
+                    uri: "/",
+                    headers: HTTPHeaders([
+                        ("x-request-id", ""), ("X-Request-ID", "later"), ("content-type", "text/plain"),
+                    ])
+                )
             ),
             listenerName: "l",
             remoteAddress: nil,

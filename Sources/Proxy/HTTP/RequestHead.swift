@@ -94,18 +94,7 @@ struct RequestFields: Equatable {
             }
             return
         }
-        block.withUnsafeReadableBytes { raw in
-            let bytes = raw.bindMemory(to: UInt8.self)
-            RawResponseHead.forEachLine(bytes) { line, colon in
-                body(
-                    UnsafeRawBufferPointer(rebasing: raw[line]),
-                    UnsafeBufferPointer(rebasing: bytes[line.lowerBound..<colon]),
-                    UnsafeBufferPointer(
-                        rebasing: bytes[RawResponseHead.trimmed(bytes, colon + 1..<line.upperBound)]
-                    )
-                )
-            }
-        }
+        RawResponseHead.forEachField(in: block) { line, name, value in body(line, name, value) }
     }
 
     /// The first value of the field named `lowercase` (lowercase ASCII), without decoding the others.

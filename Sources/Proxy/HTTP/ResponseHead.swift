@@ -89,14 +89,24 @@ struct RawResponseHead {
 
     /// Calls `body` with each field's name and value (without surrounding whitespace), in order.
     func forEachField(_ body: (UnsafeBufferPointer<UInt8>, UnsafeBufferPointer<UInt8>) -> Void) {
+        Self.forEachField(in: block) { _, name, value in body(name, value) }
+    }
+
+    /// Calls `body` with each field line of a checked block (without its line end), its name and
+    /// its value without surrounding whitespace: a response's block, or a request's
+    /// (``RequestFields``).
+    static func forEachField(
+        in block: ByteBuffer,
+        _ body: (UnsafeRawBufferPointer, UnsafeBufferPointer<UInt8>, UnsafeBufferPointer<UInt8>) -> Void
+    ) {
         block.withUnsafeReadableBytes { raw in
             let bytes = raw.bindMemory(to: UInt8.self)
-            RawResponseHead.forEachLine(bytes) { line, colon in
-                let name = UnsafeBufferPointer(rebasing: bytes[line.lowerBound..<colon])
-                let value = UnsafeBufferPointer(
-                    rebasing: bytes[RawResponseHead.trimmed(bytes, colon + 1..<line.upperBound)]
+            forEachLine(bytes) { line, colon in
+                body(
+                    UnsafeRawBufferPointer(rebasing: raw[line]),
+                    UnsafeBufferPointer(rebasing: bytes[line.lowerBound..<colon]),
+                    UnsafeBufferPointer(rebasing: bytes[trimmed(bytes, colon + 1..<line.upperBound)])
                 )
-                body(name, value)
             }
         }
     }

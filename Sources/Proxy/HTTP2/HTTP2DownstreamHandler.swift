@@ -224,7 +224,7 @@ final class HTTP2DownstreamHandler: ChannelInboundHandler {
         }
         let (_, chain) = loop.current()
         let request = RequestContext(
-            head: head,
+            head: RequestHead(head),
             listenerName: listenerName,
             remoteAddress: remoteAddress,
             clientIP: clientIP,

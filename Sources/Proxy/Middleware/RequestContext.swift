@@ -87,31 +87,6 @@ public final class RequestContext {
     /// not trace (a value of six optional strings: copying one costs a retain and release each).
     let arrivedTraceFields: TraceHeaders.Fields?
 
-    /// An HTTP/2 client's request, a test's.
-    convenience init(
-        head: HTTPRequestHead,
-        listenerName: String,
-        remoteAddress: SocketAddress?,
-        clientIP: String?,
-        startTime: NIODeadline,
-        originalDestination: SocketEndpoint? = nil,
-        direction: TrafficDirection? = nil,
-        listenerStats: ListenerStats? = nil,
-        readsTraceFields: Bool = true
-    ) {
-        self.init(
-            head: RequestHead(head),
-            listenerName: listenerName,
-            remoteAddress: remoteAddress,
-            clientIP: clientIP,
-            startTime: startTime,
-            originalDestination: originalDestination,
-            direction: direction,
-            listenerStats: listenerStats,
-            readsTraceFields: readsTraceFields
-        )
-    }
-
     init(
         head: RequestHead,
         listenerName: String,

@@ -268,11 +268,6 @@ enum TraceHeaders {
         /// Whether any trace field was seen (most requests of a new trace carry none).
         private(set) var any = false
 
-        /// Notes `name: value` if it is a trace field.
-        mutating func note(_ name: String, _ value: String) {
-            name.withUTF8Bytes { n in value.withUTF8Bytes { v in note(n, v) } }
-        }
-
         /// Notes `name: value` if it is a trace field, comparing only names of the right length;
         /// a string is made of a trace field's value alone.
         mutating func note(_ name: UnsafeBufferPointer<UInt8>, _ value: UnsafeBufferPointer<UInt8>) {
