@@ -32,7 +32,7 @@ extension XDSScaleTests {
             .appendingPathComponent("Fixtures/grpc/ads_streams.py").path
         let count = PilotServer.maxConcurrentStreams + 76
         try await PilotHarness.run(store: try SQLiteRegistryStore()) { pilot in
-            let out = await Peers.command(["python3", script, "127.0.0.1:\(pilot.xdsPort)", "\(count)", "25", "100"])
+            let out = await Peers.command(["python3", script, "127.0.0.1:\(pilot.xdsPort)", "\(count)", "40", "100"])
             let line = out.stdout.split(separator: "\n").last.map(String.init) ?? ""
             #expect(line.contains(#""answered": \#(count), "failed": {}"#), "\(out)")
         }
