@@ -263,7 +263,7 @@ enum HeaderRewriting {
                 return
             case .te:
                 if String(decoding: value, as: UTF8.self).lowercased().contains("trailers") {
-                    out.field("te", "trailers")
+                    out.field("te", constant: "trailers")
                 }
             case .transferEncoding:
                 if String(decoding: value, as: UTF8.self).lowercased().contains("chunked") { s.chunked = true }
@@ -293,9 +293,9 @@ enum HeaderRewriting {
         } else if let existing = s.forwardedFor {
             out.field("x-forwarded-for", existing)
         }
-        out.field("x-forwarded-proto", "http")
+        out.field("x-forwarded-proto", constant: "http")
         if s.via == nil && version == .http1_1 {
-            out.field("via", "1.1 trellis")
+            out.field("via", constant: "1.1 trellis")
         } else {
             out.field("via", viaValue(existing: s.via, version: version))
         }
@@ -441,9 +441,9 @@ enum HeaderRewriting {
         into out: inout Sink
     ) {
         out.put(framing.requestVersion == .http1_0 ? "HTTP/1.0 " : "HTTP/1.1 ")
-        out.put(String(head.status.code))
+        out.put(string: String(head.status.code))
         out.put(" ")
-        out.put(head.status.reasonPhrase)
+        out.put(string: head.status.reasonPhrase)
         out.put("\r\n")
         for (name, value) in s.fields { out.putField(name, value) }
         if let forwardedFor = s.forwardedFor { out.putField("x-forwarded-for", forwardedFor) }
@@ -526,16 +526,19 @@ extension String {
 /// one capacity check instead of one per piece.
 protocol HeadSink {
     mutating func put(_ text: StaticString)
-    mutating func put(_ text: String)
+    /// Labelled: a string literal given to an unlabelled `put` would be taken as a `String` (its
+    /// default type), and copying through `String` cost ~110 instructions a piece against a
+    /// `memcpy` of a `StaticString`'s bytes.
+    mutating func put(string text: String)
     mutating func put(_ bytes: UnsafeRawBufferPointer)
     mutating func putTraceparent(_ ids: TraceIDs)
 }
 
 extension HeadSink {
     mutating func putField(_ name: String, _ value: String) {
-        put(name)
+        put(string: name)
         put(": ")
-        put(value)
+        put(string: value)
         put("\r\n")
     }
 }
@@ -545,7 +548,6 @@ extension HeadSink {
 /// strings are lowercase.
 protocol RequestSink {
     mutating func requestLine(method: String, target: String)
-    mutating func field(_ name: String, _ value: String)
     /// A client's field passed on: its line as received when there is one (HTTP/1), else its
     /// name and value.
     mutating func field(
@@ -553,8 +555,10 @@ protocol RequestSink {
         name: UnsafeBufferPointer<UInt8>,
         value: UnsafeBufferPointer<UInt8>
     )
+    /// A field of the proxy's own. (No `String`-named variant, and the constant value labelled:
+    /// a string literal matches a `String` parameter before a `StaticString` one.)
     mutating func field(_ name: StaticString, _ value: String)
-    mutating func field(_ name: StaticString, _ value: StaticString)
+    mutating func field(_ name: StaticString, constant value: StaticString)
     mutating func traceparent(_ ids: TraceIDs)
     /// `x-forwarded-for`: what the request had, then the client's address.
     mutating func forwardedFor(existing: String?, client: String)
@@ -566,13 +570,11 @@ protocol RequestSink {
 /// HTTP/1.1 bytes: the request line, `name: value` lines, the empty line.
 extension RequestSink where Self: HeadSink {
     mutating func requestLine(method: String, target: String) {
-        put(method)
+        put(string: method)
         put(" ")
-        put(target)
+        put(string: target)
         put(" HTTP/1.1\r\n")
     }
-
-    mutating func field(_ name: String, _ value: String) { putField(name, value) }
 
     mutating func field(
         line: UnsafeRawBufferPointer?,
@@ -592,11 +594,11 @@ extension RequestSink where Self: HeadSink {
     mutating func field(_ name: StaticString, _ value: String) {
         put(name)
         put(": ")
-        put(value)
+        put(string: value)
         put("\r\n")
     }
 
-    mutating func field(_ name: StaticString, _ value: StaticString) {
+    mutating func field(_ name: StaticString, constant value: StaticString) {
         put(name)
         put(": ")
         put(value)
@@ -612,10 +614,10 @@ extension RequestSink where Self: HeadSink {
     mutating func forwardedFor(existing: String?, client: String) {
         put("x-forwarded-for: ")
         if let existing {
-            put(existing)
+            put(string: existing)
             put(", ")
         }
-        put(client)
+        put(string: client)
         put("\r\n")
     }
 
@@ -644,7 +646,7 @@ struct HTTP2RequestFields: RequestSink {
         fields.append((":path", target))
     }
 
-    mutating func field(_ name: String, _ value: String) {
+    private mutating func add(_ name: String, _ value: String) {
         let lower = name.asciiLowercased
         if lower == "host" { return }  // sent as `:authority`
         fields.append((lower, value))
@@ -655,14 +657,14 @@ struct HTTP2RequestFields: RequestSink {
         name: UnsafeBufferPointer<UInt8>,
         value: UnsafeBufferPointer<UInt8>
     ) {
-        field(String(decoding: name, as: UTF8.self), String(decoding: value, as: UTF8.self))
+        add(String(decoding: name, as: UTF8.self), String(decoding: value, as: UTF8.self))
     }
 
     mutating func field(_ name: StaticString, _ value: String) {
         fields.append((name.description, value))
     }
 
-    mutating func field(_ name: StaticString, _ value: StaticString) {
+    mutating func field(_ name: StaticString, constant value: StaticString) {
         fields.append((name.description, value.description))
     }
 
@@ -681,7 +683,7 @@ struct HeadLength: HeadSink, RequestSink {
     private(set) var count = 0
 
     mutating func put(_ text: StaticString) { count += text.utf8CodeUnitCount }
-    mutating func put(_ text: String) { count += text.utf8.count }
+    mutating func put(string text: String) { count += text.utf8.count }
     mutating func put(_ bytes: UnsafeRawBufferPointer) { count += bytes.count }
     mutating func putTraceparent(_ ids: TraceIDs) { count += TraceHeaders.traceparentLength }
 }
@@ -707,7 +709,7 @@ struct HeadMemory: HeadSink, RequestSink {
     }
 
     /// Reads the string's bytes where they are (``Swift/String/withUTF8Bytes(_:)``).
-    mutating func put(_ text: String) {
+    mutating func put(string text: String) {
         let (dest, room) = (base + count, capacity - count)
         let written = text.withUTF8Bytes { utf8 -> Int in
             assert(utf8.count <= room, "head larger than reserved")

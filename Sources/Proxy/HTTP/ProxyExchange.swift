@@ -17,6 +17,12 @@ final class ProxyExchange {
     private var machine = ExchangeStateMachine()
     /// The current try's upstream, while it streams.
     private var upstream: (any UpstreamStream)?
+    /// The head sent upstream (set by ``start()``), kept apart from the parts after it so that a
+    /// request whose connection is ready at once (a GET on a kept-alive one) allocates no array.
+    private var upstreamHead: UpstreamRequestHead?
+    /// Whether the current try has yet to send ``upstreamHead``.
+    private var headPending = false
+    /// Parts after the head that came while connecting (or all of them again, for another try).
     private var pending: [UpstreamRequestPart] = []
     private var requestEnded = false
     private var upstreamKeepAlive = false
@@ -24,8 +30,9 @@ final class ProxyExchange {
     private var deadlineSlot: Int?
 
     // Retries (only with a route retry policy).
-    /// Every request part so far, to send again on the next try; `nil` once the body outgrew
-    /// ``RetryPolicy/maxRetainedBodyBytes`` (then no retry).
+    /// Every request part after the head so far, to send again (after the head) on the next try;
+    /// `nil` when not kept, or once the body outgrew ``RetryPolicy/maxRetainedBodyBytes`` (then
+    /// no retry).
     private var retained: [UpstreamRequestPart]?
     private var retainedBytes = 0
     private var perTryTimer: Scheduled<Void>?
@@ -94,12 +101,9 @@ final class ProxyExchange {
         if let timeout = request.timeout {
             deadlineSlot = loop.deadlines.register(self, timeout: TimeAmount(timeout), now: request.startTime)
         }
-        let upstreamHead = UpstreamRequestHead(request: request, requestID: generatedID)
-        // Room for the head, a body part and the end: kept too when the try goes to a reused
-        // connection (``attach(_:try:)``), and then the end is added without growing the array.
-        pending.reserveCapacity(3)
-        pending.append(.head(upstreamHead))
-        if request.retryPolicy != nil { retained = [.head(upstreamHead)] }
+        upstreamHead = UpstreamRequestHead(request: request, requestID: generatedID)
+        headPending = true
+        if request.retryPolicy != nil { retained = [] }
         if let delay = request.faultDelay {
             // Injected delay: the request waits (its body held as while connecting), within the
             // route's timeout, then goes upstream.
@@ -162,6 +166,11 @@ final class ProxyExchange {
             retained = pending
             for case .body(let buffer) in pending { retainedBytes += buffer.readableBytes }
             if retainedBytes > RetryPolicy.maxRetainedBodyBytes { retained = nil }
+        }
+        if headPending, let head = upstreamHead {
+            headPending = false
+            connection.send(.head(head))
+            guard upstream === connection else { return }
         }
         let parts = pending
         pending.removeAll()
@@ -301,6 +310,7 @@ final class ProxyExchange {
             // Kept only for this: whatever arrives next goes to the new connection directly.
             retained = nil
         }
+        headPending = true
         pending = parts
         loop.pool.acquire(endpoint: endpoint, cluster: cluster, for: self, fresh: true)
         return true
@@ -379,6 +389,7 @@ final class ProxyExchange {
             respondLocally(error)
             return
         }
+        headPending = true
         pending = parts
         startTry(endpoint: endpoint, cluster: cluster)
     }
@@ -481,6 +492,7 @@ final class ProxyExchange {
     private func finishAccounting() {
         machine.finish()
         upstream = nil
+        headPending = false
         pending.removeAll()
         retained = nil
         cancelPerTryTimer()

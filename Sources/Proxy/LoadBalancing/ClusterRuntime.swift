@@ -5,12 +5,20 @@ import TrellisPolicy
 /// A cluster of the current snapshot, prepared for the hot path: endpoints with their socket
 /// addresses resolved where they are literals, the healthy subset, and the hash ring.
 final class ClusterRuntime: Sendable {
-    struct EndpointRuntime: Sendable {
+    /// A class: a request hands its endpoint to the pool and the exchange without copying the
+    /// endpoint's fields (each copy was a retain per string and address).
+    final class EndpointRuntime: Sendable {
         let config: Endpoint
         /// Pre-built for IP literals; `nil` for names, which are resolved at connect time.
         let socketAddress: SocketAddress?
         /// Identifies the endpoint in connection pools and in least-request counters.
         let key: String
+
+        init(config: Endpoint, socketAddress: SocketAddress?, key: String) {
+            self.config = config
+            self.socketAddress = socketAddress
+            self.key = key
+        }
     }
 
     let index: Int

@@ -40,15 +40,16 @@ public final class RoutingMiddleware: ProxyMiddleware {
         {
             table = byPort
         }
-        guard let route = table.route(for: request.head, host: request.host) else {
+        guard let route = table.route(for: request) else {
             return .noRoute("host '\(request.host ?? "")' path '\(request.head.uri)'")
         }
+        let target = route.target
         request.routeName = route.name
-        request.timeout = route.target.timeout
-        request.routeRateLimiter = route.target.rateLimiter
-        request.retryPolicy = route.target.retryPolicy
-        request.fault = route.target.fault
-        let clusterIndex = route.target.pickCluster(using: &loop.rng)
+        request.timeout = target.timeout
+        request.routeRateLimiter = target.rateLimiter
+        request.retryPolicy = target.retryPolicy
+        request.fault = target.fault
+        let clusterIndex = target.pickCluster(using: &loop.rng)
         let cluster = snapshot.clusters[clusterIndex]
         request.cluster = cluster
         request.clusterName = cluster.config.name

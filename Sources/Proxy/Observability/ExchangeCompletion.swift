@@ -14,14 +14,17 @@ enum ExchangeCompletion {
     static func finished(_ request: RequestContext, chain: [any ProxyMiddleware], accessLog: Bool, loop: LoopContext) {
         let now = NIODeadline.now()
         let elapsed = now - request.startTime
+        // Read once: each read of an optional error copies it (a call through its value witness).
+        let error = request.error
+        let status = request.responseStatus
         if let cluster = request.cluster, let detector = cluster.outlier, let policy = cluster.config.outlierDetection,
             let index = request.endpointIndex
         {
             // What the endpoint did: a 5xx answer, or a connection refused, reset or timed out.
             // Decisions of the proxy itself (overflow) and clients leaving say nothing about it.
             let failed: Bool? =
-                if let error = request.error { error.endpointFailed } else {
-                    (request.responseStatus?.code ?? 0) >= 500
+                if let error { error.endpointFailed } else {
+                    (status?.code ?? 0) >= 500
                 }
             if let failed {
                 detector.finished(
@@ -34,9 +37,7 @@ enum ExchangeCompletion {
             }
         }
         // One call per stats object: each call from here retains and releases the object.
-        let status = request.responseStatus
         if let cluster = request.cluster {
-            let error = request.error
             cluster.stats.finished(
                 status: error == nil || request.endpointIndex != nil ? status : nil,
                 grpcStatus: request.isGRPC ? error?.grpcStatus ?? request.grpcStatus : nil,

@@ -1,6 +1,12 @@
 import NIOHTTP1
 import TrellisPolicy
 
+#if canImport(Glibc)
+import Glibc
+#elseif canImport(Darwin)
+import Darwin
+#endif
+
 /// A listener's virtual hosts and routes, compiled for matching on the hot path.
 final class RouteTable: Sendable {
     /// A class: the route a request matched is handed on without copying its fields.
@@ -18,6 +24,14 @@ final class RouteTable: Sendable {
 
         let name: String
         let path: Path
+        /// The prefix or exact path as bytes (empty for a regex): matched against the request's
+        /// path bytes without a `String` operation.
+        let pathBytes: [UInt8]
+        /// Whether `path` is `.exact` (else a prefix, or a regex when `isRegex`).
+        let exactPath: Bool
+        /// Checked before `regex` is read: reading the optional copies the regex.
+        let isRegex: Bool
+        let regex: CompiledRegex?
         let methods: [String]
         let headers: [(name: String, kind: Header, invert: Bool)]
         let target: RouteTarget
@@ -31,6 +45,12 @@ final class RouteTable: Sendable {
         ) {
             self.name = name
             self.path = path
+            if case .regex = path { isRegex = true } else { isRegex = false }
+            switch path {
+            case .prefix(let p): (pathBytes, exactPath, regex) = (Array(p.utf8), false, nil)
+            case .exact(let p): (pathBytes, exactPath, regex) = (Array(p.utf8), true, nil)
+            case .regex(let r): (pathBytes, exactPath, regex) = ([], false, r)
+            }
             self.methods = methods
             self.headers = headers
             self.target = target
@@ -120,29 +140,50 @@ final class RouteTable: Sendable {
         return nil
     }
 
-    /// The first route of the matching virtual host that accepts this request, or `nil`.
-    /// `host`: the request's `Host` (``RequestContext/host``).
-    func route(for head: RequestHead, host: String?) -> CompiledRoute? {
-        guard let vhost = virtualHost(for: host) else { return nil }
-        let path = Self.path(of: head.uri)
-        let method = head.method.rawValue
-        for route in vhost.routes where Self.matches(route, path: path, method: method, fields: head.fields) {
-            return route
+    /// The first route of the matching virtual host that accepts this request, or `nil`. The
+    /// path is compared as bytes where the target's are (no Unicode normalisation, as Envoy
+    /// does); only what the routes ask about is read: the method's name for a route with
+    /// methods, the fields (decoded) for one with field conditions.
+    func route(for request: RequestContext) -> CompiledRoute? {
+        guard let vhost = virtualHost(for: request.host) else { return nil }
+        var target = request.head.uri
+        // Absolute-form (`http://host/p`) and `*` are rare: their path is found as a string first.
+        if target.utf8.first != UInt8(ascii: "/") { target = String(Self.path(of: target)) }
+        return target.withUTF8 { bytes in
+            let path = UnsafeBufferPointer(rebasing: bytes[..<Self.pathEnd(bytes)])
+            var method: String?
+            for route in vhost.routes where Self.matches(route, path) {
+                if !route.methods.isEmpty {
+                    let name = method ?? request.head.method.rawValue
+                    method = name
+                    if !route.methods.contains(name) { continue }
+                }
+                if !route.headers.isEmpty && !Self.matches(route.headers, request.head.fields.headers) { continue }
+                return route
+            }
+            return nil
         }
-        return nil
     }
 
-    private static func matches(_ route: CompiledRoute, path: Substring, method: String, fields: RequestFields) -> Bool
-    {
-        switch route.path {
-        case .prefix(let p): if !path.utf8.starts(with: p.utf8) { return false }
-        case .exact(let p): if !path.utf8.elementsEqual(p.utf8) { return false }
-        case .regex(let r): if !r.wholeMatch(path) { return false }
+    /// Where an origin-form target's path ends: at `?`, `#` or the end.
+    private static func pathEnd(_ b: UnsafeBufferPointer<UInt8>) -> Int {
+        b.firstIndex { $0 == UInt8(ascii: "?") || $0 == UInt8(ascii: "#") } ?? b.count
+    }
+
+    private static func matches(_ route: CompiledRoute, _ path: UnsafeBufferPointer<UInt8>) -> Bool {
+        if route.isRegex, let regex = route.regex {
+            return regex.wholeMatch(Substring(String(decoding: path, as: UTF8.self)))
         }
-        if !route.methods.isEmpty && !route.methods.contains(method) { return false }
-        // Decoded only for a route that matches on fields.
-        let headers = route.headers.isEmpty ? HTTPHeaders() : fields.headers
-        for condition in route.headers {
+        let n = route.pathBytes.count
+        guard route.exactPath ? path.count == n : path.count >= n else { return false }
+        return n == 0 || route.pathBytes.withUnsafeBufferPointer { memcmp($0.baseAddress!, path.baseAddress!, n) == 0 }
+    }
+
+    private static func matches(
+        _ conditions: [(name: String, kind: CompiledRoute.Header, invert: Bool)],
+        _ headers: HTTPHeaders
+    ) -> Bool {
+        for condition in conditions {
             let values = headers[condition.name]
             let holds: Bool
             switch condition.kind {
@@ -187,8 +228,9 @@ final class RouteTable: Sendable {
     }
 }
 
-/// Where a matched route sends the request: one of its clusters, chosen by weight.
-struct RouteTarget: Sendable {
+/// Where a matched route sends the request: one of its clusters, chosen by weight. A class: the
+/// routing middleware reads several of its fields per request without copying them all.
+final class RouteTarget: Sendable {
     let clusters: [(index: Int, weight: Int)]
     let totalWeight: Int
     let timeout: Duration?
