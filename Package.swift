@@ -72,6 +72,8 @@ let package = Package(
                 "CMalloc",
                 .product(name: "Logging", package: "swift-log"),
                 .product(name: "CoreMetrics", package: "swift-metrics"),
+                .product(name: "Prometheus", package: "swift-prometheus"),
+                .product(name: "Atomics", package: "swift-atomics"),
                 .product(name: "ServiceLifecycle", package: "swift-service-lifecycle"),
             ],
             swiftSettings: swiftSettings
@@ -303,6 +305,7 @@ let package = Package(
             name: "ProxyTests",
             dependencies: [
                 "Proxy",
+                "TrellisRuntime",
                 "TrellisPolicy",
                 "TrellisValues",
                 "TrellisTestSupport",

@@ -7,7 +7,6 @@ import Logging
 import Metrics
 import NIOCore
 import NIOPosix
-import Prometheus
 import Proxy
 import ServiceLifecycle
 import TrellisConfig
@@ -49,8 +48,8 @@ struct Gateway: AsyncParsableCommand {
             return
         }
 
-        let registry = PrometheusCollectorRegistry()
-        MetricsSystem.bootstrap(PrometheusMetricsFactory(registry: registry))
+        let metrics = TrellisMetricsFactory()
+        MetricsSystem.bootstrap(metrics)
         let stats = ProxyStats()
 
         let threads = eventLoops ?? System.coreCount
@@ -92,7 +91,7 @@ struct Gateway: AsyncParsableCommand {
             port: gateway.adminAddress.port,
             group: group,
             proxy: proxy,
-            renderMetrics: registry.text,
+            renderMetrics: metrics.text,
             logger: logger
         )
         let reloader = Reloader(

@@ -7,7 +7,6 @@ import Metrics
 import NIOConcurrencyHelpers
 import NIOCore
 import NIOPosix
-import Prometheus
 import Proxy
 import ServiceLifecycle
 import TrellisConfig
@@ -116,8 +115,8 @@ struct Run: AsyncParsableCommand {
             throw AgentCommandError("\(error)")
         }
 
-        let registry = PrometheusCollectorRegistry()
-        MetricsSystem.bootstrap(PrometheusMetricsFactory(registry: registry))
+        let metrics = TrellisMetricsFactory()
+        MetricsSystem.bootstrap(metrics)
         let stats = ProxyStats()
         let group = MultiThreadedEventLoopGroup(numberOfThreads: eventLoops ?? System.coreCount)
         let base: @Sendable (AgentConfig) -> ProxyConfig = {
@@ -221,7 +220,7 @@ struct Run: AsyncParsableCommand {
             path: controlSocket,
             controller: controller,
             group: group,
-            renderMetrics: registry.text,
+            renderMetrics: metrics.text,
             logger: logger
         )
         do {
@@ -265,7 +264,7 @@ struct Run: AsyncParsableCommand {
             port: agent.adminAddress.port,
             group: group,
             proxy: proxy,
-            renderMetrics: registry.text,
+            renderMetrics: metrics.text,
             dumpExtra: { controller.xdsState.map { (key: "xds", value: $0) } },
             logger: logger
         )

@@ -4,6 +4,7 @@ import NIOCore
 import NIOPosix
 import Prometheus
 import TrellisPolicy
+import TrellisRuntime
 
 @testable import Proxy
 
@@ -26,7 +27,9 @@ final class ProxyHarness: Sendable {
         tracing: ProxyTracing? = nil,
         registry: PrometheusCollectorRegistry = PrometheusCollectorRegistry()
     ) async throws -> ProxyHarness {
-        let stats = ProxyStats(factory: PrometheusMetricsFactory(registry: registry))
+        // The executables' factory: timers are its own histograms, rendered after the registry.
+        let metrics = TrellisMetricsFactory(registry: registry)
+        let stats = ProxyStats(factory: metrics)
         let snapshot = try ProxySnapshot(config, stats: stats)
         let logger =
             logger
@@ -49,11 +52,7 @@ final class ProxyHarness: Sendable {
             port: 0,
             group: group,
             proxy: server,
-            renderMetrics: {
-                var buffer: [UInt8] = []
-                registry.emit(into: &buffer)
-                return String(decoding: buffer, as: UTF8.self)
-            },
+            renderMetrics: metrics.text,
             logger: logger
         )
         let adminChannel = try await admin.bind()
