@@ -10,8 +10,8 @@
 # during the run (a shared VM's does) slows every proxy alike instead of whichever came last.
 # On a 2-core machine the proxies get core 0 and wrk plus the upstream get core 1, so the load
 # generator and a proxy never share a core. Prints each proxy's best requests/s and its p99,
-# Trellis's ratio to each peer, the Trellis/HAProxy ratio of each round (the rounds' median is
-# the figure least moved by drift), and Trellis's RSS.
+# Trellis's ratio to each peer, the Trellis/HAProxy ratio of each round (measured back to back,
+# in alternating order; the rounds' median is the figure least moved by drift), and Trellis's RSS.
 set -euo pipefail
 here=$(cd "$(dirname "$0")" && pwd)
 root=$(cd "$here/.." && pwd)
@@ -94,13 +94,15 @@ for name in trellis envoy haproxy nginx; do warm "${PORT[$name]}"; done
 sampler=$!
 pairs=()
 for round in $(seq 1 "$ROUNDS"); do
-  measure trellis
-  t=$LAST
-  for name in envoy haproxy nginx; do
+  # Trellis and HAProxy back to back, in the opposite order every other round: a drift in the
+  # machine's speed during a round then favours each of them in turn.
+  if [ $((round % 2)) = 1 ]; then order="trellis haproxy envoy nginx"; else order="nginx envoy haproxy trellis"; fi
+  for name in $order; do
     measure "$name"
-    if [ "$name" = haproxy ]; then pairs+=("$(awk -v t="$t" -v h="$LAST" 'BEGIN{ printf "%.2f", (h>0 ? t/h : 0) }')"); fi
+    case $name in trellis) t=$LAST ;; haproxy) h=$LAST ;; esac
   done
-  echo "round $round: trellis $t, haproxy ratio ${pairs[-1]}x" >&2
+  pairs+=("$(awk -v t="$t" -v h="$h" 'BEGIN{ printf "%.2f", (h>0 ? t/h : 0) }')")
+  echo "round $round: trellis $t, haproxy $h, ratio ${pairs[-1]}x" >&2
 done
 touch "$out/done"
 wait "$sampler" || true
