@@ -12,7 +12,7 @@ final class ProxyExchange {
     private let downstream: any DownstreamStream
     private let loop: LoopContext
     let request: RequestContext
-    private let chain: [any ProxyMiddleware]
+    private let chain: MiddlewareChain
     /// Where the exchange's tries stand (pure: ``ExchangeStateMachine``).
     private var machine = ExchangeStateMachine()
     /// The current try's upstream, while it streams.
@@ -42,7 +42,7 @@ final class ProxyExchange {
     /// When the current try began waiting for a connection (access log only).
     private var tryStartedAt: NIODeadline?
 
-    init(downstream: any DownstreamStream, loop: LoopContext, request: RequestContext, chain: [any ProxyMiddleware]) {
+    init(downstream: any DownstreamStream, loop: LoopContext, request: RequestContext, chain: MiddlewareChain) {
         self.downstream = downstream
         self.loop = loop
         self.request = request
@@ -80,7 +80,7 @@ final class ProxyExchange {
                 rng: &loop.resources.rng
             )
         }
-        for middleware in chain {
+        for middleware in chain.all {
             if let error = middleware.onRequest(request) {
                 respondLocally(error)
                 return
@@ -506,7 +506,7 @@ final class ProxyExchange {
             deadlineSlot = nil
             loop.deadlines.release(slot)
         }
-        ExchangeCompletion.finished(request, chain: chain, accessLog: downstream.accessLog, loop: loop)
+        ExchangeCompletion.finished(request, completing: chain.completing, accessLog: downstream.accessLog, loop: loop)
     }
 }
 

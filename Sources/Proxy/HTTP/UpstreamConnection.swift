@@ -42,7 +42,11 @@ final class UpstreamConnection: ChannelDuplexHandler {
         self.idleTimeout = idleTimeout
     }
 
-    var isActive: Bool { !isClosed && (context?.channel.isActive ?? false) }
+    /// Whether the channel is connected, as its events said: asked three times per request (the
+    /// exchange, the pool's release and its next acquire), and reading it through the channel
+    /// retained and released the pipeline and the channel each time.
+    private var connected = false
+    var isActive: Bool { connected && !isClosed }
     /// The channel's writability as its last change said (asked several times per request:
     /// reading it through the channel retains and releases the pipeline and the channel).
     private var writable = true
@@ -58,10 +62,17 @@ final class UpstreamConnection: ChannelDuplexHandler {
     func handlerAdded(context: ChannelHandlerContext) {
         self.context = context
         allocator = context.channel.allocator
+        connected = context.channel.isActive
+    }
+
+    func channelActive(context: ChannelHandlerContext) {
+        connected = true
+        context.fireChannelActive()
     }
 
     func handlerRemoved(context: ChannelHandlerContext) {
         self.context = nil
+        connected = false
         releaseLoad()
     }
 

@@ -12,11 +12,33 @@ public protocol ProxyMiddleware: AnyObject {
     /// Called in chain order for every request that started, however it ended (also after an
     /// earlier middleware rejected it).
     func onComplete(_ request: RequestContext)
+    /// Whether ``onComplete(_:)`` does anything: `true` unless a middleware says otherwise, so
+    /// that one that implements it is never skipped; a middleware that leaves `onComplete` out
+    /// may say `false` and is then not called when requests end (a call per middleware and
+    /// request fewer).
+    var observesCompletion: Bool { get }
 }
 
 extension ProxyMiddleware {
     public func onComplete(_ request: RequestContext) {}
+    public var observesCompletion: Bool { true }
 }
+
+/// A loop's middleware built from one snapshot: all of them in chain order for requests, and
+/// those that observe completion (``ProxyMiddleware/observesCompletion``) for their ends. A
+/// request keeps the chain it started with, also when a newer snapshot arrives meanwhile.
+final class MiddlewareChain {
+    let all: [any ProxyMiddleware]
+    let completing: [any ProxyMiddleware]
+
+    init(_ all: [any ProxyMiddleware]) {
+        self.all = all
+        self.completing = all.filter(\.observesCompletion)
+    }
+}
+
+@available(*, unavailable)
+extension MiddlewareChain: Sendable {}
 
 /// Builds a middleware from a snapshot, once per event loop.
 public protocol ProxyMiddlewareFactory: Sendable {

@@ -13,6 +13,9 @@ public final class RateLimitMiddleware: ProxyMiddleware {
         }
     }
 
+    /// Nothing to do when a request ends.
+    public var observesCompletion: Bool { false }
+
     public func onRequest(_ request: RequestContext) -> ProxyError? {
         let route = request.routeRateLimiter
         let cluster = request.cluster?.rateLimiter
@@ -78,6 +81,9 @@ public final class FaultInjectionMiddleware: ProxyMiddleware {
     init(loop: LoopResources) {
         self.loop = loop
     }
+
+    /// Nothing to do when a request ends.
+    public var observesCompletion: Bool { false }
 
     public func onRequest(_ request: RequestContext) -> ProxyError? {
         guard let fault = request.fault else { return nil }

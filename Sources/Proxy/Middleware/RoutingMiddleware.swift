@@ -31,6 +31,9 @@ public final class RoutingMiddleware: ProxyMiddleware {
         return table
     }
 
+    /// Nothing to do when a request ends.
+    public var observesCompletion: Bool { false }
+
     public func onRequest(_ request: RequestContext) -> ProxyError? {
         guard var table = table(request.listenerName) else {
             return .noRoute("listener '\(request.listenerName)' has no routes")

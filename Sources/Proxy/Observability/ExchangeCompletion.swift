@@ -11,7 +11,13 @@ import Glibc
 /// metrics count the answer, the middleware release what they hold, and the access log gets one
 /// line.
 enum ExchangeCompletion {
-    static func finished(_ request: RequestContext, chain: [any ProxyMiddleware], accessLog: Bool, loop: LoopContext) {
+    /// `completing`: the request's middleware that observe completion, in chain order.
+    static func finished(
+        _ request: RequestContext,
+        completing: [any ProxyMiddleware],
+        accessLog: Bool,
+        loop: LoopContext
+    ) {
         let now = NIODeadline.now()
         let elapsed = now - request.startTime
         // Read once: each read of an optional error copies it (a call through its value witness).
@@ -53,7 +59,7 @@ enum ExchangeCompletion {
             received: request.requestBytes,
             sent: request.responseBytes
         )
-        for middleware in chain { middleware.onComplete(request) }
+        for middleware in completing { middleware.onComplete(request) }
         request.trace?.finish(request, ends: loop.spanEnds)
         if accessLog, let log = loop.accessLog { self.log(request, elapsed: elapsed, to: log, loop: loop) }
     }

@@ -19,7 +19,7 @@ final class LoopContext {
     let deadlines: RequestDeadlines
     let resources = LoopResources()
     private(set) var snapshot: ProxySnapshot?
-    private(set) var chain: [any ProxyMiddleware] = []
+    private(set) var chain = MiddlewareChain([])
 
     init(
         eventLoop: any EventLoop,
@@ -130,11 +130,11 @@ final class LoopContext {
 
     /// The current snapshot and the chain built from it; rebuilds the chain when the store holds
     /// a newer snapshot than this loop last saw (one atomic load when nothing changed).
-    func current() -> (ProxySnapshot, [any ProxyMiddleware]) {
+    func current() -> (ProxySnapshot, MiddlewareChain) {
         let latest = store.snapshot
         if let snapshot, snapshot === latest { return (snapshot, chain) }
         resources.balancers = latest.clusters.map { LoadBalancer(cluster: $0, rng: &resources.rng) }
-        chain = factories.map { $0.makeMiddleware(latest, resources) }
+        chain = MiddlewareChain(factories.map { $0.makeMiddleware(latest, resources) })
         snapshot = latest
         return (latest, chain)
     }

@@ -25,7 +25,8 @@ final class ProxyHarness: Sendable {
         originalDestination: OriginalDestinationLookup? = nil,
         accessLog: AccessLogFile? = nil,
         tracing: ProxyTracing? = nil,
-        registry: PrometheusCollectorRegistry = PrometheusCollectorRegistry()
+        registry: PrometheusCollectorRegistry = PrometheusCollectorRegistry(),
+        middleware: [any ProxyMiddlewareFactory] = StandardMiddleware.chain
     ) async throws -> ProxyHarness {
         // The executables' factory: timers are its own histograms, rendered after the registry.
         let metrics = TrellisMetricsFactory(registry: registry)
@@ -42,6 +43,7 @@ final class ProxyHarness: Sendable {
             snapshot: snapshot,
             stats: stats,
             group: group,
+            middleware: middleware,
             originalDestination: originalDestination,
             accessLog: accessLog?.sink,
             tracing: tracing,
