@@ -71,16 +71,19 @@ struct EtcdClientTests {
             #expect(try await etcd.transaction("cas", compare: [compare], success: [put]).succeeded == false)
             #expect(try await etcd.get("/t/a")?.value == Array("10".utf8))
 
-            // A key on a lease lives while the lease is renewed and goes with it.
-            let lease = try await etcd.grantLease(ttl: 2)
+            // A key on a lease lives while the lease is renewed and goes with it. The TTL leaves
+            // room for a stalled machine: with 2 s, a put and a get that took a second each under
+            // the parallel suites' load (etcd syncs each write) let the lease run out before its
+            // first renewal.
+            let lease = try await etcd.grantLease(ttl: 4)
             try await etcd.put("/t/leased", Array("x".utf8), lease: lease.id)
             #expect(try await etcd.get("/t/leased")?.lease == lease.id)
-            for _ in 0..<3 {
+            for _ in 0..<6 {
                 try await Task.sleep(for: .seconds(1))
                 #expect(try await etcd.keepAlive(lease.id) != nil)
             }
-            #expect(try await etcd.get("/t/leased") != nil, "renewed for 3 s, past its 2 s TTL")
-            let gone = await Peers.eventually(within: .seconds(6)) { (try? await etcd.get("/t/leased")) == nil }
+            #expect(try await etcd.get("/t/leased") != nil, "renewed for 6 s, past its 4 s TTL")
+            let gone = await Peers.eventually(within: .seconds(12)) { (try? await etcd.get("/t/leased")) == nil }
             #expect(gone, "not renewed: etcd deletes it")
             #expect(try await etcd.keepAlive(lease.id) == nil, "a lease that ran out is reported gone")
             #expect(try await etcd.timeToLive(lease.id) == nil)
