@@ -103,8 +103,10 @@ struct AgentDrainNetnsTests {
         #expect(await Self.rulesInstalled(lab), "the running agent's rules are untouched")
         #expect(await agent.ctl("status").status == 0, "the running agent still answers")
 
-        // Drain with a slow request in flight: it completes, the drain reports it, exit 0.
-        let slow = Self.curl(lab, "http://\(lab.bAddress):8080/slow?ms=2000")
+        // Drain with a slow request in flight: it completes, the drain reports it, exit 0. (4 s:
+        // with 2 s, the status poll and the drain command, slowed by the parallel suites, once
+        // came after the request had ended.)
+        let slow = Self.curl(lab, "http://\(lab.bAddress):8080/slow?ms=4000")
         #expect(
             await Peers.eventually(within: .seconds(5)) {
                 (await agent.ctl("status", "--json")).stdout.contains(#""requests_in_flight" : 1"#)
@@ -115,7 +117,7 @@ struct AgentDrainNetnsTests {
         #expect(drain.stdout.contains("in flight:    1 requests"), "\(drain.stdout)")
         #expect(drain.stdout.contains("result:       drained"), "\(drain.stdout)")
         let slowAnswer = await slow.value
-        #expect(slowAnswer.0 == 0 && slowAnswer.1 == "legacy-b slow 2000\n", "\(slowAnswer)")
+        #expect(slowAnswer.0 == 0 && slowAnswer.1 == "legacy-b slow 4000\n", "\(slowAnswer)")
         #expect((await agent.ctl("status")).stdout.contains("node vm-a: draining"))
 
         // No gate here: new connections are still captured, served, and not kept alive.

@@ -233,8 +233,9 @@ enum HeaderRewriting {
         skipping: [String],
         into out: inout Sink
     ) -> (chunked: Bool, connectionOptions: [Substring]) {
-        let head = request.head
-        let (method, uri, version) = (head.method, head.uri, head.version)
+        // Field by field: a copy of the whole head is a retain per string and buffer in it.
+        let context = request.request
+        let (method, uri, version) = (context.head.method, context.head.uri, context.head.version)
         if uri.utf8.first == UInt8(ascii: "/") || uri == "*" {
             out.requestLine(method: method.rawValue, target: uri)
         } else {
@@ -244,7 +245,7 @@ enum HeaderRewriting {
         var s = PassedFields()
         // An HTTP/1 client's field lines are copied as they came (``RequestFields``), never
         // decoded; what is rewritten is read into strings.
-        head.fields.forEachLine { line, name, value in
+        context.head.fields.forEachLine { line, name, value in
             switch kind(of: name) {
             case .endToEnd:
                 if !skipping.isEmpty && skipping.contains(String(decoding: name, as: UTF8.self).lowercased()) {

@@ -24,8 +24,13 @@ final class LoadBalancer {
     /// or `nil` when no endpoint is healthy. With priorities, a level is chosen first (Envoy's
     /// priority load: a level takes as much of the traffic as its available share of endpoints
     /// times the overprovisioning factor (1.4 by default) covers, the rest spills to the next), then an
-    /// endpoint within it by the cluster's policy.
-    func pick<G: RandomNumberGenerator>(fields: RequestFields, clientIP: String?, rng: inout G) -> Int? {
+    /// endpoint within it by the cluster's policy. `fields` are read only by a ring hash on a
+    /// header or cookie (a copy of a request's fields is a retain per buffer in them).
+    func pick<G: RandomNumberGenerator>(
+        fields: @autoclosure () -> RequestFields,
+        clientIP: String?,
+        rng: inout G
+    ) -> Int? {
         if cluster.levels.isEmpty { return pick(among: cluster.healthy, level: nil, fields, clientIP, &rng) }
         let level = chooseLevel(rng: &rng)
         return pick(among: cluster.levels[level].healthy, level: level, fields, clientIP, &rng)
@@ -61,7 +66,7 @@ final class LoadBalancer {
     private func pick<G: RandomNumberGenerator>(
         among healthy: [Int],
         level: Int?,
-        _ fields: RequestFields,
+        _ fields: () -> RequestFields,
         _ clientIP: String?,
         _ rng: inout G
     ) -> Int? {
@@ -93,8 +98,8 @@ final class LoadBalancer {
         case .ringHash(let key, _):
             let value: String? =
                 switch key {
-                case .header(let name): fields.first(name: name)
-                case .cookie(let name): Self.cookie(name, in: fields.headers)
+                case .header(let name): fields().first(name: name)
+                case .cookie(let name): Self.cookie(name, in: fields().headers)
                 case .sourceAddress: clientIP
                 }
             guard let value, let ring = cluster.ring else {
@@ -126,7 +131,7 @@ final class LoadBalancer {
     /// endpoints. `last` is the last pick made, for a caller that goes on anyway when every pick
     /// landed on one out of service (Envoy's panic mode); both `nil` when none is healthy.
     func pickInService<G: RandomNumberGenerator>(
-        fields: RequestFields,
+        fields: @autoclosure () -> RequestFields,
         clientIP: String?,
         rng: inout G,
         avoiding: Int? = nil
@@ -134,7 +139,7 @@ final class LoadBalancer {
         let now = NIODeadline.now().uptimeNanoseconds
         var last: Int?
         for _ in 0...(cluster.healthy.count * 2) {
-            guard let index = pick(fields: fields, clientIP: clientIP, rng: &rng) else { break }
+            guard let index = pick(fields: fields(), clientIP: clientIP, rng: &rng) else { break }
             last = index
             if index != avoiding && cluster.isAvailable(index, now: now) { return (index, index) }
         }

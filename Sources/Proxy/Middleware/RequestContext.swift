@@ -87,8 +87,9 @@ public final class RequestContext {
     /// not trace (a value of six optional strings: copying one costs a retain and release each).
     let arrivedTraceFields: TraceHeaders.Fields?
 
+    /// `head` is consumed (taken over, not copied: a copy is a retain per string and buffer).
     init(
-        head: RequestHead,
+        head: consuming RequestHead,
         listenerName: String,
         remoteAddress: SocketAddress?,
         clientIP: String?,
@@ -101,7 +102,6 @@ public final class RequestContext {
         self.direction = direction
         self.listenerStats = listenerStats
         self.originalDestination = originalDestination
-        self.head = head
         // What the exchange asks of the headers as they arrived, in one pass over them.
         var isGRPC = false
         var contentTypeSeen = false
@@ -153,6 +153,7 @@ public final class RequestContext {
         self.listenerName = listenerName
         self.remoteAddress = remoteAddress
         self.startTime = startTime
+        self.head = head
     }
 }
 
