@@ -66,9 +66,9 @@ import TrellisTestSupport
                 #"{"service": "orders", "address": "127.0.0.1", "port": \#(ports.1), "service_port": 8080, "node": "vm-b2"}"#
             )
             var seen: Set<String> = []
-            _ = await Peers.eventually(within: .seconds(5)) {
+            _ = await Peers.eventually(within: .seconds(20)) {
                 seen.insert(await Self.get(outboundPort, host: "orders:8080").body)
-                return seen.count == 2
+                return seen.isSuperset(of: ["orders-1", "orders-2"])
             }
             #expect(seen == ["orders-1", "orders-2"])
 
@@ -262,8 +262,10 @@ import TrellisTestSupport
             _ = await pilot.register(
                 #"{"service": "orders", "address": "127.0.0.1", "port": \#(ports.0), "service_port": 8080, "node": "vm-b1"}"#
             )
+            // Bounds for a loaded machine: beside the other suites in CI the first sync once
+            // took more than 5 s (the requests went to the passthrough cluster meanwhile).
             #expect(
-                await Peers.eventually(within: .seconds(5)) {
+                await Peers.eventually(within: .seconds(20)) {
                     await Self.get(outboundPort, host: "orders:8080").body == "orders-1"
                 }
             )
@@ -275,9 +277,9 @@ import TrellisTestSupport
                 #"{"service": "orders", "address": "127.0.0.1", "port": \#(ports.1), "service_port": 8080, "node": "vm-b2"}"#
             )
             var seen: Set<String> = []
-            _ = await Peers.eventually(within: .seconds(5)) {
+            _ = await Peers.eventually(within: .seconds(20)) {
                 seen.insert(await Self.get(outboundPort, host: "orders:8080").body)
-                return seen.count == 2
+                return seen.isSuperset(of: ["orders-1", "orders-2"])
             }
             #expect(seen == ["orders-1", "orders-2"])
             #expect(client.current.lastNACK == nil)
