@@ -23,9 +23,9 @@ final class RouteTable: Sendable {
         }
 
         let name: String
-        let path: Path
-        /// The prefix or exact path as bytes (empty for a regex): matched against the request's
-        /// path bytes without a `String` operation.
+        /// The route's `Path`, kept as what the matcher reads: the prefix or exact path as bytes
+        /// (empty for a regex), compared with the request's path bytes without a `String`
+        /// operation.
         let pathBytes: [UInt8]
         /// Whether `path` is `.exact` (else a prefix, or a regex when `isRegex`).
         let exactPath: Bool
@@ -44,12 +44,10 @@ final class RouteTable: Sendable {
             target: RouteTarget
         ) {
             self.name = name
-            self.path = path
-            if case .regex = path { isRegex = true } else { isRegex = false }
             switch path {
-            case .prefix(let p): (pathBytes, exactPath, regex) = (Array(p.utf8), false, nil)
-            case .exact(let p): (pathBytes, exactPath, regex) = (Array(p.utf8), true, nil)
-            case .regex(let r): (pathBytes, exactPath, regex) = ([], false, r)
+            case .prefix(let p): (pathBytes, exactPath, isRegex, regex) = (Array(p.utf8), false, false, nil)
+            case .exact(let p): (pathBytes, exactPath, isRegex, regex) = (Array(p.utf8), true, false, nil)
+            case .regex(let r): (pathBytes, exactPath, isRegex, regex) = ([], false, true, r)
             }
             self.methods = methods
             self.headers = headers
