@@ -39,8 +39,6 @@ let package = Package(
         .package(url: "https://github.com/hummingbird-project/hummingbird.git", from: "2.28.1", traits: []),
         .package(url: "https://github.com/apple/swift-distributed-tracing.git", from: "1.7.3"),
         .package(url: "https://github.com/swift-otel/swift-w3c-trace-context.git", from: "1.0.0"),
-        // OTLP over gRPC only (grpc-swift-2 is here already); OTLP/HTTP would add async-http-client.
-        .package(url: "https://github.com/swift-otel/swift-otel.git", from: "1.6.0", traits: ["OTLPGRPC"]),
     ],
     targets: [
         // MARK: C libraries (Debian packages, see scripts/bootstrap.sh)
@@ -130,7 +128,8 @@ let package = Package(
             ],
             swiftSettings: swiftSettings
         ),
-        // The span exporter the executables run (swift-otel, OTLP/gRPC) for the data path's tracing.
+        // The tracer and span exporter the executables run for the data path (a swift-distributed-
+        // tracing `Tracer`, OTLP/gRPC over grpc-swift-2; see docs/architecture.md for why not swift-otel).
         .target(
             name: "TrellisTracing",
             dependencies: [
@@ -140,9 +139,12 @@ let package = Package(
                 .product(name: "Logging", package: "swift-log"),
                 .product(name: "NIOCore", package: "swift-nio"),
                 .product(name: "NIOPosix", package: "swift-nio"),
-                .product(name: "OTel", package: "swift-otel"),
+                .product(name: "CoreMetrics", package: "swift-metrics"),
+                .product(name: "GRPCCore", package: "grpc-swift-2"),
+                .product(name: "GRPCNIOTransportHTTP2", package: "grpc-swift-nio-transport"),
                 .product(name: "ServiceLifecycle", package: "swift-service-lifecycle"),
                 .product(name: "Tracing", package: "swift-distributed-tracing"),
+                .product(name: "W3CTraceContext", package: "swift-w3c-trace-context"),
             ],
             swiftSettings: swiftSettings
         ),

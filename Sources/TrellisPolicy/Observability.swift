@@ -69,17 +69,28 @@ public struct TracingSettings: Sendable, Hashable {
     public var sampleRate: Double
     /// The `service.name` of the exported spans (default: the executable's).
     public var serviceName: String?
+    /// gRPC metadata sent with every export (e.g. `authorization` for a collector that wants a
+    /// token), sorted by name.
+    public var headers: [String: String]
 
-    public init(collectorHost: String, collectorPort: Int, sampleRate: Double = 0.01, serviceName: String? = nil) {
+    public init(
+        collectorHost: String,
+        collectorPort: Int,
+        sampleRate: Double = 0.01,
+        serviceName: String? = nil,
+        headers: [String: String] = [:]
+    ) {
         self.collectorHost = collectorHost
         self.collectorPort = collectorPort
         self.sampleRate = sampleRate
         self.serviceName = serviceName
+        self.headers = headers
     }
 
-    /// `tracing: {collector: 127.0.0.1:4317, sample_rate: 0.01, service_name: orders-vm}`.
+    /// `tracing: {collector: 127.0.0.1:4317, sample_rate: 0.01, service_name: orders-vm,
+    /// headers: {authorization: Bearer …}}`.
     public static func decode(_ node: ConfigNode) throws(ConfigFileError) -> TracingSettings {
-        let keys = try node.mapping(allowed: ["collector", "sample_rate", "service_name"])
+        let keys = try node.mapping(allowed: ["collector", "sample_rate", "service_name", "headers"])
         let (host, port) = try keys.required("collector", in: node).endpoint()
         var settings = TracingSettings(collectorHost: host, collectorPort: port)
         if let n = keys["sample_rate"] {
@@ -95,6 +106,28 @@ public struct TracingSettings: Sendable, Hashable {
                 throw n.error("expected a name of at most 255 printable ASCII characters without spaces, got '\(name)'")
             }
             settings.serviceName = name
+        }
+        if let n = keys["headers"] {
+            let headers = try n.stringMap()
+            for (name, value) in headers.sorted(by: { $0.key < $1.key }) {
+                // gRPC metadata: a lower-case ASCII key, not one of gRPC's own; a value of
+                // printable ASCII (a binary `-bin` value is not supported here).
+                guard !name.isEmpty,
+                    name.allSatisfy({ "abcdefghijklmnopqrstuvwxyz0123456789-_.".contains($0) }),
+                    !name.hasPrefix("grpc-"), !name.hasSuffix("-bin"),
+                    !["te", "content-type", "user-agent"].contains(name)
+                else {
+                    throw n.error(
+                        "expected header names of lower-case letters, digits, '-', '_' and '.', not 'grpc-…', '…-bin', 'te', 'content-type' or 'user-agent', got '\(name)'"
+                    )
+                }
+                guard value.utf8.count <= 8192, value.utf8.allSatisfy({ $0 >= 0x20 && $0 < 0x7F }) else {
+                    throw n.error(
+                        "expected the value of header '\(name)' to be at most 8192 printable ASCII characters"
+                    )
+                }
+            }
+            settings.headers = headers
         }
         return settings
     }

@@ -56,6 +56,11 @@ struct RegistrarTests {
             traced.tracing
                 == TracingSettings(collectorHost: "::1", collectorPort: 4317, sampleRate: 0, serviceName: "vm-orders")
         )
+        let withToken = try AgentConfigLoader.parse(
+            yaml: "tracing: {collector: 127.0.0.1:4317, headers: {authorization: \"Bearer abc\", x-tenant: a}}\n",
+            file: "a.yaml"
+        )
+        #expect(withToken.tracing?.headers == ["authorization": "Bearer abc", "x-tenant": "a"])
     }
 
     /// The fail-open gate is on unless a file turns it off; the admin listener stays on loopback
@@ -128,6 +133,18 @@ struct RegistrarTests {
         ),
         ("tracing: {collector: 127.0.0.1:4317, service_name: \"my app\"}\n", "tracing.service_name: expected a name"),
         ("tracing: {collector: 127.0.0.1:4317, exporter: zipkin}\n", "tracing.exporter: unknown key 'exporter'"),
+        (
+            "tracing: {collector: 127.0.0.1:4317, headers: {Authorization: x}}\n",
+            "tracing.headers: expected header names of lower-case letters, digits, '-', '_' and '.'"
+        ),
+        (
+            "tracing: {collector: 127.0.0.1:4317, headers: {grpc-timeout: 1S}}\n",
+            "tracing.headers: expected header names of lower-case letters, digits, '-', '_' and '.', not 'grpc-…'"
+        ),
+        (
+            "tracing: {collector: 127.0.0.1:4317, headers: {authorization: \"a\\nb\"}}\n",
+            "tracing.headers: expected the value of header 'authorization' to be at most 8192 printable ASCII characters"
+        ),
     ])
     func badAgentFilesNameTheKeyAndWhatWasExpected(yaml: String, expected: String) {
         do {

@@ -13,7 +13,7 @@ import TrellisTestSupport
 
 /// Distributed traces as a collector receives them: two proxies in a row (A's listener outbound,
 /// as the agent's on the calling machine; B's inbound, as the agent's on the serving one) export
-/// their spans over OTLP/gRPC, through the swift-otel exporter the executables use, to a real
+/// their spans over OTLP/gRPC, through the exporter the executables use (TrellisTracing's `OTLPTracer`), to a real
 /// receiver (grpcio with PyPI opentelemetry-proto).
 @Suite(.disabled(if: OTLPReceiver.missing, "needs PyPI grpcio and opentelemetry-proto: run scripts/bootstrap.sh"))
 struct TracingTests {
@@ -97,8 +97,8 @@ struct TracingTests {
                 let a = try await ProxyHarness.start(configA, group: group, tracing: tracingA)
                 defer { Task { await a.stop() } }
                 let result = try await body(a.port, upstream)
-                // The proxies stop before their exporters, as in the agent: a proxy ends the
-                // spans it still batches (SpanEnds) when it shuts down.
+                // The proxies stop before their exporters, as in the agent: requests still in
+                // flight end their spans as they close.
                 await a.stop()
                 await b.stop()
                 return result
@@ -322,9 +322,8 @@ struct TracingTests {
     }
 }
 
-/// The span exporter's tasks (swift-otel's tracer, batch processor and exporter) run on a thread
-/// of their own, scheduled as a batch thread: woken by each span the event loop hands over, it
-/// never preempts the loop (on one core it did, twice per span).
+/// The span exporter's task and its gRPC connection run on a thread of their own, scheduled as a
+/// batch thread: woken to encode and send a batch, it never preempts the event loop.
 @Suite struct ExporterThreadTests {
     @Test func theExportersTasksRunOnABatchThread() async throws {
         let executor = BackgroundExecutor(logger: Logger(label: "test.exporter-thread"))

@@ -25,17 +25,20 @@ public final class OTLPReceiver: Sendable {
         .appendingPathComponent("Fixtures/otlp/receiver.py").path
 
     /// Starts the receiver and waits (up to 10 s) until it listens; `delayMs` answers each export
-    /// that much later. With `namespace`, it runs there (`ip netns exec`), on `host`.
+    /// that much later, `reject` answers it as a partial success rejecting up to that many of its
+    /// spans. With `namespace`, it runs there (`ip netns exec`), on `host`.
     public init(
         port: Int = Peers.freePort(),
         host: String = "127.0.0.1",
         namespace: String? = nil,
-        delayMs: Int = 0
+        delayMs: Int = 0,
+        reject: Int = 0
     ) async throws {
         self.port = port
         output = FileManager.default.temporaryDirectory.appendingPathComponent("otlp-\(getpid())-\(port).jsonl")
         let command = [
             "python3", Self.script, "--host", host, "--port", "\(port)", "--delay-ms", "\(delayMs)", "--seconds", "600",
+            "--reject", "\(reject)",
         ]
         child = try Peers.Child((namespace.map { ["ip", "netns", "exec", $0] } ?? []) + command, output: output)
         let listening = await Peers.eventually(within: .seconds(10)) { self.text.contains("listening \(port)") }

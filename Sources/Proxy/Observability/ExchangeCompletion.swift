@@ -60,7 +60,7 @@ enum ExchangeCompletion {
             sent: request.responseBytes
         )
         for middleware in completing { middleware.onComplete(request) }
-        request.trace?.finish(request, ends: loop.spanEnds)
+        request.trace?.finish(request)
         if accessLog, let log = loop.accessLog { self.log(request, elapsed: elapsed, to: log, loop: loop) }
     }
 

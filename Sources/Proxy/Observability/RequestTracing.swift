@@ -4,7 +4,7 @@ import NIOHTTP1
 public import Tracing
 import W3CTraceContext
 
-/// What the data path needs to trace requests: a tracer (the executable's, e.g. swift-otel's
+/// What the data path needs to trace requests: a tracer (the executable's, e.g. TrellisTracing's
 /// OTLP exporter; the library never bootstraps one) and the share of new traces to record.
 ///
 /// Sampling is decided here, before the tracer is asked for anything: a request that arrives
@@ -137,14 +137,15 @@ struct RequestTrace {
     }
 
     /// Ends the span with what the request became (HTTP semantic conventions, plus Trellis's own
-    /// `trellis.*` attributes), at this instant, through the loop's batch (``SpanEnds``).
+    /// `trellis.*` attributes), at this instant.
     ///
-    /// The attributes are written as `SpanAttribute` values into a dictionary sized once: each
-    /// costs the span a hash and, in the exporter, a nested protobuf message (swift-protobuf sizes
-    /// a nested message once per level above it), so only what the conventions ask for is set:
-    /// `network.protocol.name` is left out (it is `http`, which the conventions say not to
+    /// The attributes are gathered as a list and handed over as one: a span that takes a list
+    /// (``AttributeListSpan``, as TrellisTracing's do) keeps it as it is; any other gets
+    /// `SpanAttributes` (a dictionary: a hash per key, ~11,000 instructions for the fifteen of a
+    /// usual request). Each still costs the exporter two nested protobuf messages, so only what
+    /// the conventions ask for is set: `network.protocol.name` is left out (it is `http`, which the conventions say not to
     /// repeat), `client.port` too (opt-in), and the error token is in `error.type` alone.
-    func finish(_ r: RequestContext, ends: SpanEnds) {
+    func finish(_ r: RequestContext) {
         guard let span else { return }
         let now = DefaultTracerClock.now
         let status = r.responseStatus.map { Int64($0.code) }
@@ -152,8 +153,8 @@ struct RequestTrace {
         let service =
             r.cluster?.config.originalDestination == true ? nil : r.clusterName.flatMap(AccessLogRecord.service)
         span.operationName = service.map { method + " " + $0 } ?? method
-        var attributes = SpanAttributes()
-        attributes.reserveCapacity(Self.attributeCapacity)
+        var attributes = SpanAttributeList()
+        attributes.list.reserveCapacity(Self.attributeCapacity)
         attributes.set("http.request.method", value: .string(method))
         let target = r.head.uri
         if let question = target.utf8.firstIndex(of: UInt8(ascii: "?")) {
@@ -196,12 +197,18 @@ struct RequestTrace {
         if let cluster = r.clusterName { attributes.set("trellis.cluster", value: .string(cluster)) }
         if let id = r.requestID { attributes.set("trellis.request_id", value: .string(id)) }
         if r.retries > 0 { attributes.set("trellis.retries", value: .int64(Int64(r.retries))) }
-        span.attributes = attributes
+        if let span = span as? any AttributeListSpan {
+            span.setAttributes(attributes.list)
+        } else {
+            var dictionary = SpanAttributes()
+            for (key, value) in attributes.list { dictionary.set(key, value: value) }
+            span.attributes = dictionary
+        }
         if failed { span.setStatus(SpanStatus(code: .error, message: r.error?.token)) }
-        ends.end(span, at: now)
+        span.end(at: now)
     }
 
-    /// The most attributes ``finish(_:ends:)`` sets (a retried gRPC request that failed, with a
+    /// The most attributes ``finish(_:)`` sets (a retried gRPC request that failed, with a
     /// query).
     static let attributeCapacity = 21
 
@@ -239,6 +246,21 @@ struct RequestTrace {
         }
         return value <= 65535 ? value : nil
     }
+}
+
+/// A span that takes its attributes as a list of distinct keys, kept in the order given, instead
+/// of `SpanAttributes` (a dictionary, a hash of every key as it is set): what the data path
+/// sets on every recorded span. TrellisTracing's spans are such spans.
+public protocol AttributeListSpan: Span {
+    /// Replaces the span's attributes with `list` (each key once).
+    func setAttributes(_ list: [(key: String, value: SpanAttribute)])
+}
+
+/// The attributes ``RequestTrace/finish(_:)`` sets, in order.
+struct SpanAttributeList {
+    var list: [(key: String, value: SpanAttribute)] = []
+
+    mutating func set(_ key: String, value: SpanAttribute) { list.append((key, value)) }
 }
 
 /// The trace headers of a request: W3C Trace Context first, else B3 (single `b3` or the
@@ -522,34 +544,3 @@ final class TraceExtra {
 
 @available(*, unavailable)
 extension TraceExtra: Sendable {}
-
-/// The spans one event loop has finished, ended in a batch every few milliseconds instead of one
-/// by one: ending a span hands it to the exporter's task (swift-otel's batch processor reads an
-/// `AsyncStream`), and a hand-off per span woke that task per span. Each span keeps the instant
-/// its request finished.
-final class SpanEnds {
-    private let eventLoop: any EventLoop
-    /// Ended by a task scheduled when the first of them arrived.
-    private var pending: [(span: any Span, at: DefaultTracerClock.Instant)] = []
-    /// How long a finished span may wait for its batch.
-    static let delay = TimeAmount.milliseconds(20)
-
-    init(eventLoop: any EventLoop) { self.eventLoop = eventLoop }
-
-    func end(_ span: any Span, at instant: DefaultTracerClock.Instant) {
-        pending.append((span, instant))
-        guard pending.count == 1 else { return }
-        let bound = NIOLoopBound(self, eventLoop: eventLoop)
-        eventLoop.scheduleTask(in: Self.delay) { bound.value.endAll() }
-    }
-
-    /// Ends every pending span now (also at shutdown).
-    func endAll() {
-        let batch = pending
-        pending.removeAll(keepingCapacity: true)
-        for (span, instant) in batch { span.end(at: instant) }
-    }
-}
-
-@available(*, unavailable)
-extension SpanEnds: Sendable {}

@@ -13,8 +13,6 @@ final class LoopContext {
     let accessLog: LoopAccessLog?
     /// The tracer and sampling, when the process traces requests.
     let tracing: ProxyTracing?
-    /// This loop's finished spans, ended in batches.
-    let spanEnds: SpanEnds
     let pool: UpstreamPool
     let deadlines: RequestDeadlines
     let resources = LoopResources()
@@ -40,7 +38,6 @@ final class LoopContext {
         self.accessLog = accessLog.map { LoopAccessLog(sink: $0, eventLoop: eventLoop) }
         self.pool = UpstreamPool(eventLoop: eventLoop, mark: upstreamMark)
         self.deadlines = RequestDeadlines(eventLoop: eventLoop)
-        self.spanEnds = SpanEnds(eventLoop: eventLoop)
     }
 
     // MARK: Drain

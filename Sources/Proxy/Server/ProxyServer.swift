@@ -135,7 +135,6 @@ public final class ProxyServer: Service, Sendable {
             try? await bound.eventLoop.submit {
                 bound.value.pool.shutdown()
                 bound.value.deadlines.shutdown()
-                bound.value.spanEnds.endAll()
                 bound.value.accessLog?.flush()
             }.get()
         }

@@ -4,14 +4,18 @@ standard output (flushed), for the tests to read:
 
   {"service": ..., "trace_id": hex, "span_id": hex, "parent_span_id": hex or "",
    "name": ..., "kind": "SERVER"|"CLIENT"|..., "status": "OK"|"ERROR"|"UNSET",
-   "attributes": {key: value}}
+   "attributes": {key: value (a list for an array)}, "resource": {key: value}, "scope": name,
+   "status_message", "trace_state", "flags", "events": [{name, attributes}],
+   "links": [{trace_id, span_id, flags}], "duration_ms",
+   "headers": {the export's authorization and x-* metadata}}
 
 It prints "listening <port>" first. With --delay-ms, each export is answered that much later (a
-slow collector). With --count-only it prints nothing per span, only "received <spans> spans in
+slow collector). With --reject N, each export is answered with a partial success
+rejecting (up to) N of its spans. With --count-only it prints nothing per span, only "received <spans> spans in
 <exports> exports" when it stops (for benchmarks). It stops on SIGTERM or after --seconds
 (bounded).
 
-usage: receiver.py --port PORT [--host ADDRESS] [--delay-ms MS] [--count-only] [--seconds S]
+usage: receiver.py --port PORT [--host ADDRESS] [--delay-ms MS] [--reject N] [--count-only] [--seconds S]
 """
 import argparse
 import json
@@ -32,12 +36,15 @@ lock = threading.Lock()
 
 def value(any_value):
     kind = any_value.WhichOneof("value")
+    if kind == "array_value":
+        return [value(v) for v in any_value.array_value.values]
     return getattr(any_value, kind) if kind else None
 
 
 class Receiver(trace_service_pb2_grpc.TraceServiceServicer):
-    def __init__(self, delay, count_only):
+    def __init__(self, delay, count_only, reject=0):
         self.delay = delay
+        self.reject = reject
         self.count_only = count_only
         self.spans = 0
         self.exports = 0
@@ -52,6 +59,7 @@ class Receiver(trace_service_pb2_grpc.TraceServiceServicer):
                 self.exports += 1
             return trace_service_pb2.ExportTraceServiceResponse()
         lines = []
+        headers = {k: v for k, v in context.invocation_metadata() if k.startswith("x-") or k == "authorization"}
         for resource_spans in request.resource_spans:
             resource = {a.key: value(a.value) for a in resource_spans.resource.attributes}
             for scope_spans in resource_spans.scope_spans:
@@ -68,6 +76,20 @@ class Receiver(trace_service_pb2_grpc.TraceServiceServicer):
                                 "kind": KINDS.get(span.kind, str(span.kind)),
                                 "status": STATUS.get(span.status.code, str(span.status.code)),
                                 "attributes": {a.key: value(a.value) for a in span.attributes},
+                                "resource": resource,
+                                "headers": headers,
+                                "scope": scope_spans.scope.name,
+                                "status_message": span.status.message,
+                                "trace_state": span.trace_state,
+                                "flags": span.flags,
+                                "events": [
+                                    {"name": e.name, "attributes": {a.key: value(a.value) for a in e.attributes}}
+                                    for e in span.events
+                                ],
+                                "links": [
+                                    {"trace_id": l.trace_id.hex(), "span_id": l.span_id.hex(), "flags": l.flags}
+                                    for l in span.links
+                                ],
                                 "duration_ms": (span.end_time_unix_nano - span.start_time_unix_nano) / 1e6,
                             },
                             sort_keys=True,
@@ -77,6 +99,13 @@ class Receiver(trace_service_pb2_grpc.TraceServiceServicer):
             for line in lines:
                 print(line)
             sys.stdout.flush()
+        if self.reject:
+            n = min(self.reject, len(lines))
+            return trace_service_pb2.ExportTraceServiceResponse(
+                partial_success=trace_service_pb2.ExportTracePartialSuccess(
+                    rejected_spans=n, error_message=f"rejected {n} by the test"
+                )
+            )
         return trace_service_pb2.ExportTraceServiceResponse()
 
 
@@ -87,9 +116,10 @@ def main():
     parser.add_argument("--delay-ms", type=int, default=0)
     parser.add_argument("--count-only", action="store_true")
     parser.add_argument("--seconds", type=float, default=600)
+    parser.add_argument("--reject", type=int, default=0)
     args = parser.parse_args()
     server = grpc.server(futures.ThreadPoolExecutor(max_workers=4))
-    receiver = Receiver(args.delay_ms / 1000, args.count_only)
+    receiver = Receiver(args.delay_ms / 1000, args.count_only, args.reject)
     trace_service_pb2_grpc.add_TraceServiceServicer_to_server(receiver, server)
     port = server.add_insecure_port(f"{args.host}:{args.port}")
     server.start()

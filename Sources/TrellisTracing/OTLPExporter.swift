@@ -1,0 +1,201 @@
+import CoreMetrics
+import GRPCCore
+import GRPCNIOTransportHTTP2
+import Logging
+import NIOCore
+import ServiceLifecycle
+import Tracing
+import TrellisConfig
+
+/// Sends the spans of a ``SpanQueue`` to an OTLP/gRPC collector
+/// (`opentelemetry.proto.collector.trace.v1.TraceService/Export`), one batch at a time: when a
+/// full batch waits, else every `scheduleDelay`. A batch the collector does not take within
+/// `exportTimeout` (down, slow, refusing) is dropped and counted; nothing is retried, so a dead
+/// collector costs a batch and never grows memory past the queue's capacity.
+///
+/// Counted in `trellis_tracing_spans_total{result}`: `exported`, `failed` (the export failed or
+/// the collector rejected the span), `dropped` (the queue was full).
+struct OTLPExporter: Service {
+    let queue: SpanQueue
+    let collector: SocketEndpointTarget
+    /// The resource's attributes (`service.name` and the others), in this order.
+    let resource: [(String, String)]
+    /// Sent with every export (agent.yaml `tracing.headers`, e.g. a collector's token).
+    let headers: [String: String]
+    let scheduleDelay: Duration
+    let exportTimeout: Duration
+    /// How long the last export may take once a graceful shutdown starts.
+    let flushDeadline: Duration
+    let logger: Logger
+    /// Where the gRPC connection runs (the exporter's own thread, see ``BackgroundExecutor``).
+    let eventLoopGroup: any EventLoopGroup
+
+    static let method = MethodDescriptor(
+        fullyQualifiedService: "opentelemetry.proto.collector.trace.v1.TraceService",
+        method: "Export"
+    )
+    static let scope = (name: "trellis", version: TrellisVersion.current)
+
+    private let exported: Counter
+    private let failed: Counter
+    private let dropped: Counter
+
+    init(
+        queue: SpanQueue,
+        collector: SocketEndpointTarget,
+        resource: [(String, String)],
+        headers: [String: String] = [:],
+        scheduleDelay: Duration = .seconds(1),
+        exportTimeout: Duration = .seconds(5),
+        flushDeadline: Duration = .seconds(2),
+        logger: Logger,
+        eventLoopGroup: any EventLoopGroup,
+        metrics: any MetricsFactory = MetricsSystem.factory
+    ) {
+        self.queue = queue
+        self.collector = collector
+        self.resource = resource
+        self.headers = headers
+        self.scheduleDelay = scheduleDelay
+        self.exportTimeout = exportTimeout
+        self.flushDeadline = flushDeadline
+        self.logger = logger
+        self.eventLoopGroup = eventLoopGroup
+        func spans(_ result: String) -> Counter {
+            Counter(label: "trellis_tracing_spans_total", dimensions: [("result", result)], factory: metrics)
+        }
+        (exported, failed, dropped) = (spans("exported"), spans("failed"), spans("dropped"))
+    }
+
+    func run() async throws {
+        var config = HTTP2ClientTransport.Posix.Config.defaults
+        config.backoff = .init(initial: .milliseconds(200), max: .seconds(5), multiplier: 1.6, jitter: 0.2)
+        let client = GRPCClient(
+            transport: try HTTP2ClientTransport.Posix(
+                target: collector.target,
+                transportSecurity: .plaintext,
+                config: config,
+                eventLoopGroup: eventLoopGroup
+            )
+        )
+        let (queue, delay) = (queue, scheduleDelay)
+        await withDiscardingTaskGroup { group in
+            group.addTask { try? await client.runConnections() }
+            group.addTask {
+                while (try? await Task.sleep(for: delay)) != nil { queue.wakeExporter() }
+            }
+            var state = FailureState()
+            await withGracefulShutdownHandler {
+                for await _ in queue.wakeups { await sendAll(client, timeout: exportTimeout, state: &state) }
+            } onGracefulShutdown: {
+                queue.finish()
+            }
+            // What ended before the shutdown (the proxies stop first), within the deadline.
+            await sendAll(client, timeout: flushDeadline, state: &state, until: .now + flushDeadline)
+            client.beginGracefulShutdown()
+            group.cancelAll()
+        }
+    }
+
+    /// Whether the last export failed (so that a collector that stays down is logged once).
+    struct FailureState {
+        var failing = false
+    }
+
+    /// Sends batches until the queue is empty (or `deadline` passes).
+    func sendAll(
+        _ client: GRPCClient<HTTP2ClientTransport.Posix>,
+        timeout: Duration,
+        state: inout FailureState,
+        until deadline: ContinuousClock.Instant? = nil
+    ) async {
+        while deadline.map({ .now < $0 }) ?? true {
+            let batch = queue.take()
+            guard !batch.isEmpty else { break }
+            await send(batch, client, timeout: timeout, state: &state)
+        }
+        let lost = queue.takeDropped()
+        if lost > 0 {
+            dropped.increment(by: lost)
+            logger.warning(
+                "tracing: spans dropped, the export queue was full",
+                metadata: ["spans": "\(lost)", "queue.capacity": "\(queue.capacity)"]
+            )
+        }
+    }
+
+    func send(
+        _ batch: [OTLPSpan],
+        _ client: GRPCClient<HTTP2ClientTransport.Posix>,
+        timeout: Duration,
+        state: inout FailureState
+    ) async {
+        let request = OTLPTraceExport.request(
+            resource: resource.map { ($0.0, .string($0.1)) },
+            scope: Self.scope,
+            spans: batch.map(\.data)
+        )
+        var metadata = Metadata()
+        for (name, value) in headers.sorted(by: { $0.key < $1.key }) { metadata.addString(value, forKey: name) }
+        var options = CallOptions.defaults
+        options.timeout = timeout
+        do {
+            let response = try await client.unary(
+                request: ClientRequest(message: request, metadata: metadata),
+                descriptor: Self.method,
+                serializer: ExportRequestSerializer(),
+                deserializer: ExportResponseDeserializer(),
+                options: options
+            ) { try $0.message }
+            let rejected = Int(clamping: max(0, min(response.rejectedSpans, Int64(batch.count))))
+            exported.increment(by: batch.count - rejected)
+            if rejected > 0 {
+                failed.increment(by: rejected)
+                logger.warning(
+                    "tracing: the collector rejected spans",
+                    metadata: ["spans": "\(rejected)", "collector.message": "\(response.errorMessage)"]
+                )
+            }
+            if state.failing {
+                state.failing = false
+                logger.info("tracing: exporting to the collector again", metadata: ["collector": "\(collector)"])
+            }
+        } catch {
+            failed.increment(by: batch.count)
+            // Once per outage; each further batch lost to it is counted, and logged at debug.
+            logger.log(
+                level: state.failing ? .debug : .warning,
+                "tracing: could not export spans; they are dropped",
+                metadata: ["spans": "\(batch.count)", "collector": "\(collector)", "error": "\(error)"]
+            )
+            state.failing = true
+        }
+    }
+}
+
+/// The collector's address as grpc-swift's target.
+struct SocketEndpointTarget: Sendable, CustomStringConvertible {
+    let host: String
+    let port: Int
+
+    var target: any ResolvableTarget {
+        if host.contains(":") { return .ipv6(host: host, port: port) }
+        if host.split(separator: ".").count == 4, host.allSatisfy({ $0.isNumber || $0 == "." }) {
+            return .ipv4(host: host, port: port)
+        }
+        return .dns(host: host, port: port)
+    }
+
+    var description: String { host.contains(":") ? "[\(host)]:\(port)" : "\(host):\(port)" }
+}
+
+/// An export request is written by ``OTLPTraceExport`` already: its bytes are the message.
+struct ExportRequestSerializer: MessageSerializer {
+    func serialize<Bytes: GRPCContiguousBytes>(_ message: [UInt8]) throws -> Bytes { Bytes(message) }
+}
+
+struct ExportResponseDeserializer: MessageDeserializer {
+    func deserialize<Bytes: GRPCContiguousBytes>(_ bytes: Bytes) throws -> OTLPTraceExport.Response {
+        try bytes.withUnsafeBytes { try OTLPTraceExport.response($0) }
+    }
+}
