@@ -1,17 +1,29 @@
+import Glibc
 import Tracing
 
-/// The protocol-buffers wire format, written straight into one byte array: what an OTLP export
+/// The protocol-buffers wire format, written straight into one buffer: what an OTLP export
 /// request needs (varints, fixed-width numbers, length-delimited fields and nested messages).
 ///
 /// A nested message is written in place: its length is reserved as one byte and, when the message
 /// turns out longer than 127 bytes, the bytes after it move to make room for the longer varint.
 /// Every part of a message is therefore visited once (swift-protobuf, which swift-otel used, sizes
 /// a nested message once for each message around it: an attribute's value, five levels down in
-/// an export request, was sized six times).
-struct ProtobufWriter {
-    private(set) var bytes: [UInt8] = []
+/// an export request, was sized six times). The buffer is raw memory grown by doubling: a write
+/// is a bounds check and a store (an `Array` append checks uniqueness and capacity per byte).
+struct ProtobufWriter: ~Copyable {
+    private var base: UnsafeMutablePointer<UInt8>
+    private var capacity: Int
+    private(set) var count = 0
 
-    init(capacity: Int = 0) { bytes.reserveCapacity(capacity) }
+    init(capacity: Int = 256) {
+        self.capacity = max(capacity, 16)
+        base = .allocate(capacity: self.capacity)
+    }
+
+    deinit { base.deallocate() }
+
+    /// What was written.
+    var bytes: [UInt8] { Array(UnsafeBufferPointer(start: base, count: count)) }
 
     enum WireType: UInt8 {
         case varint = 0
@@ -20,23 +32,49 @@ struct ProtobufWriter {
         case fixed32 = 5
     }
 
+    /// Room for `n` more bytes.
+    @inline(__always)
+    private mutating func reserve(_ n: Int) {
+        if count &+ n > capacity { grow(count + n) }
+    }
+
+    private mutating func grow(_ needed: Int) {
+        let size = max(needed, capacity * 2)
+        let bigger = UnsafeMutablePointer<UInt8>.allocate(capacity: size)
+        bigger.update(from: base, count: count)
+        base.deallocate()
+        base = bigger
+        capacity = size
+    }
+
+    private mutating func append(_ bytes: UnsafeRawBufferPointer) {
+        guard let source = bytes.baseAddress, !bytes.isEmpty else { return }
+        reserve(bytes.count)
+        UnsafeMutableRawPointer(base + count).copyMemory(from: source, byteCount: bytes.count)
+        count &+= bytes.count
+    }
+
+    private mutating func append<T: FixedWidthInteger>(littleEndian value: T) {
+        reserve(MemoryLayout<T>.size)
+        UnsafeMutableRawPointer(base + count).storeBytes(of: value.littleEndian, as: T.self)
+        count &+= MemoryLayout<T>.size
+    }
+
     mutating func tag(_ field: Int, _ type: WireType) {
         varint(UInt64(field) << 3 | UInt64(type.rawValue))
     }
 
     mutating func varint(_ value: UInt64) {
-        if value < 0x80 {  // tags and most lengths
-            bytes.append(UInt8(truncatingIfNeeded: value))
-            return
-        }
+        reserve(10)
         var v = value
         while v >= 0x80 {
-            bytes.append(UInt8(truncatingIfNeeded: v) | 0x80)
+            base[count] = UInt8(truncatingIfNeeded: v) | 0x80
+            count &+= 1
             v >>= 7
         }
-        bytes.append(UInt8(v))
+        base[count] = UInt8(truncatingIfNeeded: v)
+        count &+= 1
     }
-
     /// The bytes `value` takes as a varint.
     static func varintSize(_ value: UInt64) -> Int {
         value == 0 ? 1 : (64 - value.leadingZeroBitCount + 6) / 7
@@ -61,29 +99,25 @@ struct ProtobufWriter {
     mutating func fixed64(_ field: Int, _ value: UInt64) {
         guard value != 0 else { return }
         tag(field, .fixed64)
-        withUnsafeBytes(of: value.littleEndian) { bytes.append(contentsOf: $0) }
+        append(littleEndian: value)
     }
 
     mutating func fixed32(_ field: Int, _ value: UInt32) {
         guard value != 0 else { return }
         tag(field, .fixed32)
-        withUnsafeBytes(of: value.littleEndian) { bytes.append(contentsOf: $0) }
+        append(littleEndian: value)
     }
 
     mutating func double(_ field: Int, _ value: Double) {
         tag(field, .fixed64)
-        withUnsafeBytes(of: value.bitPattern.littleEndian) { bytes.append(contentsOf: $0) }
+        append(littleEndian: value.bitPattern)
     }
 
     /// A string field; an empty one is left out (proto3).
     mutating func string(_ field: Int, _ value: String) {
         guard !value.isEmpty else { return }
         var value = value
-        value.withUTF8 { utf8 in
-            tag(field, .lengthDelimited)
-            varint(UInt64(utf8.count))
-            bytes.append(contentsOf: utf8)
-        }
+        presentString(field, value)
     }
 
     /// A string written even when empty (an attribute's value, whose presence matters).
@@ -92,36 +126,40 @@ struct ProtobufWriter {
         value.withUTF8 { utf8 in
             tag(field, .lengthDelimited)
             varint(UInt64(utf8.count))
-            bytes.append(contentsOf: utf8)
+            append(UnsafeRawBufferPointer(utf8))
         }
     }
 
-    /// `count` big-endian bytes of `value` (an id: 8 of a span id, 16 of a trace id in two
-    /// halves); an id of zero is left out.
+    /// An id, big-endian: a span id's 8 bytes (`low` nil), or a trace id's 16 in two halves; an
+    /// id of zero is left out.
     mutating func id(_ field: Int, _ high: UInt64, _ low: UInt64?) {
         guard high != 0 || (low ?? 0) != 0 else { return }
         tag(field, .lengthDelimited)
         varint(low == nil ? 8 : 16)
-        withUnsafeBytes(of: high.bigEndian) { bytes.append(contentsOf: $0) }
-        if let low { withUnsafeBytes(of: low.bigEndian) { bytes.append(contentsOf: $0) } }
+        append(littleEndian: high.byteSwapped)  // big-endian
+        if let low { append(littleEndian: low.byteSwapped) }
     }
 
     /// A nested message, written by `body`, with its length before it.
     mutating func message(_ field: Int, _ body: (inout ProtobufWriter) -> Void) {
         tag(field, .lengthDelimited)
-        let lengthAt = bytes.count
-        bytes.append(0)
+        reserve(1)
+        let lengthAt = count
+        count &+= 1
         body(&self)
-        let length = bytes.count - lengthAt - 1
+        let length = count - lengthAt - 1
         guard length >= 0x80 else {
-            bytes[lengthAt] = UInt8(length)
+            base[lengthAt] = UInt8(length)
             return
         }
-        let size = Self.varintSize(UInt64(length))
-        bytes.insert(contentsOf: repeatElement(0, count: size - 1), at: lengthAt + 1)
+        // Room for the longer length: the message moves up by the bytes it needs beyond one.
+        let extra = Self.varintSize(UInt64(length)) - 1
+        reserve(extra)
+        memmove(base + lengthAt + 1 + extra, base + lengthAt + 1, length)
+        count &+= extra
         var v = UInt64(length)
-        for i in 0..<size {
-            bytes[lengthAt + i] = UInt8(truncatingIfNeeded: v) | (i == size - 1 ? 0 : 0x80)
+        for i in 0...extra {
+            base[lengthAt + i] = UInt8(truncatingIfNeeded: v) | (i == extra ? 0 : 0x80)
             v >>= 7
         }
     }
