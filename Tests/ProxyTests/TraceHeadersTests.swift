@@ -19,7 +19,7 @@ import W3CTraceContext
             clientIP: nil,
             startTime: .now()
         )
-        .arrivedTraceFields?.context()
+        .arrivedTrace
     }
 
     /// 50 random contexts with each of `flags`.
@@ -135,7 +135,7 @@ import W3CTraceContext
         )
         #expect(request.isGRPC)
         #expect(request.arrivedRequestID == "r-1")
-        let trace = try #require(request.arrivedTraceFields?.context())
+        let trace = try #require(request.arrivedTrace)
         #expect(trace.w3c && trace.sampled == false && trace.ids.spanIDHex == "00f067aa0ba902b7")
 
         let plain = RequestContext(
@@ -156,7 +156,7 @@ import W3CTraceContext
         )
         #expect(!plain.isGRPC)
         #expect(plain.arrivedRequestID == nil, "an empty first id: the proxy makes one, as before")
-        #expect(plain.arrivedTraceFields == nil)
+        #expect(plain.arrivedTrace == nil)
     }
 
     @Test func b3IsReadAndBadHeadersStartANewTrace() throws {

@@ -73,7 +73,7 @@ final class ProxyExchange {
         }
         if let tracing = loop.tracing, tracing.traces(request.originalDestination) {
             request.trace = RequestTrace.start(
-                request.arrivedTraceFields?.context(),
+                request.arrivedTrace,
                 method: request.head.method.rawValue,
                 direction: request.direction,
                 tracing: tracing,

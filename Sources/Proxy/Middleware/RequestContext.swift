@@ -83,9 +83,9 @@ public final class RequestContext {
     var trace: RequestTrace?
     /// The client's `x-request-id` (its first, when not empty), as the request arrived.
     private(set) var arrivedRequestID: String?
-    /// The trace fields (W3C, B3) the request arrived with: nil when it had none or this proxy does
-    /// not trace (a value of six optional strings: copying one costs a retain and release each).
-    let arrivedTraceFields: TraceHeaders.Fields?
+    /// The trace context (W3C, B3) the request arrived with: nil when it had none, an invalid one
+    /// (a new trace starts), or this proxy does not trace.
+    let arrivedTrace: TraceHeaders.Incoming?
 
     /// `head` is consumed (taken over, not copied: a copy is a retain per string and buffer).
     init(
@@ -148,7 +148,7 @@ public final class RequestContext {
         self.host = host
         self.announcesBody = announcesBody
         self.isGRPC = isGRPC
-        self.arrivedTraceFields = trace?.any == true ? trace : nil
+        self.arrivedTrace = trace?.any == true ? trace?.context() : nil
         self.clientIP = clientIP
         self.listenerName = listenerName
         self.remoteAddress = remoteAddress

@@ -280,9 +280,12 @@ struct AccessLogRecord {
     /// The destination service of a cluster: the last part of a mesh cluster name
     /// (`outbound|8080|v2|orders` → `orders`), a gateway cluster's own name.
     static func service(_ cluster: String) -> String? {
-        guard let bar = cluster.lastIndex(of: "|") else { return cluster }
-        let name = cluster[cluster.index(after: bar)...]
-        return name.isEmpty ? nil : String(name)
+        // On the UTF-8 view: `String.lastIndex(of:)` walks back by grapheme clusters (~2,800
+        // instructions for an outbound cluster's name).
+        let utf8 = cluster.utf8
+        guard let bar = utf8.lastIndex(of: UInt8(ascii: "|")) else { return cluster }
+        let name = utf8[utf8.index(after: bar)...]
+        return name.isEmpty ? nil : String(Substring(name))
     }
 }
 
