@@ -14,7 +14,10 @@
 # latency) is kept, as the machine's run-to-run noise (±4 %) is the size of what is measured;
 # then each configuration is also compared with the "off" runs of its own round and the median
 # of those rounds printed (the machine's speed drifts by tens of percent between minutes, which
-# best-of figures from different minutes do not cancel).
+# best-of figures from different minutes do not cancel), both by requests/s and by the sidecars'
+# CPU time per request at saturation (their POSIX CPU clocks, ns: the scheduler's run time, which
+# leaves out the time the hypervisor ran other guests on the vCPU; with both sidecars keeping
+# core 0 busy, requests/s is the core's time over it).
 # ONLY="trellis off,trellis traces 1%" runs (and prints) only the configurations named.
 #   sudo bash Benchmarks/observability.sh        (DURATION=10, ROUNDS=1, SKIP_BUILD=1 to reuse the build)
 set -euo pipefail
@@ -56,20 +59,27 @@ receiver() { # starts it; sets rpid
 }
 receiver_count() { kill "$rpid" 2>/dev/null || true; wait "$rpid" 2>/dev/null || true; awk '/^received/ {print $2}' "$out/receiver.out"; }
 
-declare -A SAT P50 P99 CPU LINES SPANS BYROUND
+declare -A SAT P50 P99 CPU LINES SPANS BYROUND CPUROUND
 round=1
-cpu_ticks() { local t=0 p; for p in "$@"; do t=$((t + $(awk '{print $14+$15}' "/proc/$p/stat"))); done; echo "$t"; }
+# The CPU time the processes have used, in ns, all threads (their POSIX CPU clocks: the
+# scheduler's run time, which leaves out the time the hypervisor gave the vCPU to others).
+cpu_ns() { python3 -c 'import sys, time; print(sum(time.clock_gettime_ns(((~int(p)) << 3) | 2) for p in sys.argv[1:]))' "$@"; }
 measure() { # name, the sidecars' pids (a later round replaces an earlier one's figures only with more requests/s)
   local name=$1 sat fixed t0 t1 cpu
   shift
   wrk_run -c10 -d2s >/dev/null
+  s0=$(cpu_ns "$@")
   sat=$(wrk_run -c32)
-  t0=$(cpu_ticks "$@")
+  s1=$(cpu_ns "$@")
+  t0=$(cpu_ns "$@")
   fixed=$(wrk_run -c10 -s "$out/pace.lua")
-  t1=$(cpu_ticks "$@")
+  t1=$(cpu_ns "$@")
   BYROUND["$name#$round"]=$(rps "$sat")
-  # Both sidecars' CPU per request at the fixed rate (clock ticks of 10 ms over its requests).
-  cpu=$(awk -v t=$((t1 - t0)) -v r="$(rps "$fixed")" -v d="$DURATION" 'BEGIN {printf "%.1f", t * 10000 / (r * d)}')
+  # Both sidecars' CPU per request at saturation (ns): what the requests/s would be on a core
+  # the hypervisor did not share, as both sidecars keep core 0 busy.
+  CPUROUND["$name#$round"]=$(awk -v t=$((s1 - s0)) -v r="$(rps "$sat")" -v d="$DURATION" 'BEGIN {printf "%.0f", t / (r * d)}')
+  # Both sidecars' CPU per request at the fixed rate.
+  cpu=$(awk -v t=$((t1 - t0)) -v r="$(rps "$fixed")" -v d="$DURATION" 'BEGIN {printf "%.1f", t / 1000 / (r * d)}')
   if [ -n "${SAT[$name]:-}" ] && [ "$(rps "$sat")" -le "${SAT[$name]}" ]; then return 1; fi
   SAT[$name]=$(rps "$sat"); P50[$name]=$(field "$fixed" 50%); P99[$name]=$(field "$fixed" 99%); CPU[$name]=$cpu
   for r in "$sat" "$fixed"; do
@@ -237,19 +247,24 @@ done
 # machine's speed drifts between rounds, a round's runs are minutes apart at most.
 if [ "$ROUNDS" -gt 1 ] && [ -n "${SAT[trellis off]:-}" ]; then
   echo
-  echo "Against each round's own off runs (median over $ROUNDS rounds; each round's figures):"
+  echo "Against each round's own off runs (median over $ROUNDS rounds; each round's figures), by requests/s and by"
+  echo "the requests/s the sidecars' CPU per request at saturation allows (off's CPU per request / this one's):"
   for n in "trellis logs 1%" "trellis logs 100%" "trellis traces 0%" "trellis traces 1%" "trellis traces 100%" \
     "trellis both 1%" "trellis both 100%" "trellis off again"; do
     [ -n "${SAT[$n]:-}" ] || continue
-    vals=()
+    vals=() cvals=()
     for r in $(seq 1 "$ROUNDS"); do
       v=${BYROUND["$n#$r"]:-}; off=${BYROUND["trellis off#$r"]:-}; again=${BYROUND["trellis off again#$r"]:-}
       [ -n "$v" ] && [ -n "$off" ] || continue
       [ "$n" != "trellis off again" ] && [ -n "$again" ] && off=$(( (off + again) / 2 ))
       vals+=("$(awk -v a="$v" -v b="$off" 'BEGIN {printf "%+.1f", (a/b-1)*100}')")
+      c=${CPUROUND["$n#$r"]:-}; coff=${CPUROUND["trellis off#$r"]:-}; cagain=${CPUROUND["trellis off again#$r"]:-}
+      [ "$n" != "trellis off again" ] && [ -n "$cagain" ] && coff=$(( (coff + cagain) / 2 ))
+      cvals+=("$(awk -v a="$c" -v b="$coff" 'BEGIN {printf "%+.1f", (b/a-1)*100}')")
     done
     [ "${#vals[@]}" -gt 0 ] || continue
     med=$(printf '%s\n' "${vals[@]}" | sort -g | awk '{v[NR]=$1} END {printf "%+.1f", (NR % 2 ? v[(NR+1)/2] : (v[NR/2]+v[NR/2+1])/2)}')
-    printf '  %-20s %7s%%   (%s)\n' "$n" "$med" "${vals[*]}"
+    cmed=$(printf '%s\n' "${cvals[@]}" | sort -g | awk '{v[NR]=$1} END {printf "%+.1f", (NR % 2 ? v[(NR+1)/2] : (v[NR/2]+v[NR/2+1])/2)}')
+    printf '  %-20s rps %7s%%   (%s)   CPU %7s%%   (%s)\n' "$n" "$med" "${vals[*]}" "$cmed" "${cvals[*]}"
   done
 fi

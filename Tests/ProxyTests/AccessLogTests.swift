@@ -298,3 +298,44 @@ extension ISO8601DateFormatter {
         return formatter
     }()
 }
+
+/// A line as the writer makes it, read back by a JSON parser: every kind of value, and strings
+/// that must be escaped.
+@Suite struct JSONLineTests {
+    @Test func everyValueReadsBackAsWritten() throws {
+        var line = JSONLine(buffer: ByteBuffer())
+        let awkward = "quote \" backslash \\ newline \n tab \t cr \r bell \u{07} nul \u{00} é 😀"
+        line.time("time", timespec(tv_sec: 1_764_594_309, tv_nsec: 123_999_999))
+        line.field("text", awkward)
+        line.field("empty", "")
+        line.field("absent", nil as String?)
+        line.field("zero", 0)
+        line.field("negative", -42)
+        line.field("largest", Int.max)
+        line.field("smallest", Int.min)
+        line.field("none", nil as Int?)
+        line.milliseconds("ms", 1_234_567)
+        line.milliseconds("long_ms", 98_765_432_100)
+        line.milliseconds("no_ms", nil)
+        line.end()
+        let bytes = Data(line.buffer.readableBytesView)
+        #expect(bytes.last == UInt8(ascii: "\n"), "one line")
+        #expect(!bytes.dropLast().contains(UInt8(ascii: "\n")), "newlines inside values are escaped")
+        let object = try #require(try JSONSerialization.jsonObject(with: bytes) as? [String: Any])
+        #expect(object["time"] as? String == "2025-12-01T13:05:09.123Z")
+        #expect(object["text"] as? String == awkward)
+        #expect(object["empty"] as? String == "")
+        #expect(object["absent"] is NSNull)
+        #expect(object["zero"] as? Int == 0)
+        #expect(object["negative"] as? Int == -42)
+        #expect(object["largest"] as? Int == Int.max)
+        #expect((object["smallest"] as? NSNumber)?.int64Value == Int64.min)
+        #expect(object["none"] is NSNull)
+        #expect((object["ms"] as? NSNumber)?.doubleValue == 1.234)
+        #expect((object["long_ms"] as? NSNumber)?.doubleValue == 98765.432)
+        #expect(object["no_ms"] is NSNull)
+        let text = String(decoding: bytes, as: UTF8.self)
+        #expect(text.hasPrefix(#"{"time":"#) && text.contains(#""ms":1.234,"#), "\(text)")
+        #expect(text.contains(#"bell \u0007 nul \u0000"#), "\(text)")
+    }
+}
