@@ -254,7 +254,7 @@ struct TracingTests {
         let client = try await TestHTTPClient.connect(port: proxy.port, group: group)
         defer { Task { await client.close() } }
         #expect(try await client.request(.GET, "/recorded").status == .ok)
-        #expect(await receiver.spans(atLeast: 1).count == 1)
+        #expect(await receiver.spans(atLeast: 1, within: .seconds(20)).count == 1)
         await services.triggerGracefulShutdown()
         try await running.value
         let sampled = "00-4bf92f3577b34da6a3ce929d0e0e4736-00f067aa0ba902b7-01"

@@ -202,7 +202,10 @@ struct MeshEndToEndTests {
         #expect(requestID?.count == 36 && lineB?["request_id"] as? String == requestID)
         // One trace across both machines: A's client span under the caller's, B's server span
         // under A's, exported by each agent to the collector; the access logs name them.
-        let spans = await collector.spans(atLeast: 2).filter { $0["trace_id"] as? String == trace }
+        // Exported within 5 s (the exporter's delay), 20 s allowed beside the other suites.
+        let spans = await collector.spans(atLeast: 2, within: .seconds(20)).filter {
+            $0["trace_id"] as? String == trace
+        }
         let spanA = spans.first { $0["service"] as? String == "trellis-agent" && $0["kind"] as? String == "CLIENT" }
         let spanB = spans.first { $0["service"] as? String == "trellis-agent" && $0["kind"] as? String == "SERVER" }
         #expect(spans.count == 2, "\(spans)")
