@@ -17,7 +17,7 @@
 # "off", counting the event loop's thread, and every thread (the span exporter's and the log
 # writer's too). Before counting, a warm-up sends sampled requests and waits for an export, so
 # the exporter's first connection and the runtime's first type lookups are not counted; after
-# the last request it waits 1.5 s, so the export of the spans it made is. What the exporter and
+# the last request it waits 6 s, so the export of the spans it made is (every 5 s). What the exporter and
 # the writer do once a second (an export: ~1 million instructions, whatever it holds) weighs
 # ~15 times more here than on a saturated core, as valgrind runs ~700 requests a second, not
 # ~10,000: the real figure lies between the two counts, near the loop's. Kernel time (about half
@@ -75,12 +75,12 @@ run() { # config, hop (a, b or - for the default), threads (loop or all) -> inst
   for _ in $(seq 1 300); do curl -s -o /dev/null "$url/" && break; sleep 0.2; done
   curl -s -o /dev/null "$url/[1-200]"  # warm up
   if [ "$threads" = all ]; then
-    curl -s -o /dev/null -H "$(parent 01)" "$url/[1-20]"  # spans, and their export
-    sleep 1.5
+    curl -s -o /dev/null -H "$(parent 01)" "$url/[1-20]"  # spans, and their export (every 5 s)
+    sleep 6
   fi
   callgrind_control -i on "$vg" >/dev/null
   if [ "$hop" = b ] && grep -q '^tracing:' "$out/$cfg.yaml"; then requests b "$N"; else requests a "$N"; fi
-  [ "$threads" = all ] && sleep 1.5
+  [ "$threads" = all ] && sleep 6
   callgrind_control -i off "$vg" >/dev/null
   callgrind_control -d "$vg" >/dev/null
   sleep 1

@@ -162,8 +162,12 @@ final class LoopAccessLog {
     /// How long a line may wait for its batch.
     static let flushDelay = TimeAmount.milliseconds(100)
 
+    /// The sink's, read once (its settings are a struct of strings: a copy per request).
+    private let sampleRate: Double
+
     init(sink: AccessLog, eventLoop: any EventLoop) {
         self.sink = sink
+        self.sampleRate = sink.settings.sampleRate
         self.eventLoop = eventLoop
         self.buffer = ByteBufferAllocator().buffer(capacity: 4096)
     }
@@ -171,7 +175,7 @@ final class LoopAccessLog {
     /// Whether to log a request that ended this way: every refused or failed one (an error token or
     /// a 5xx), and the configured share of the others.
     func sampled(failed: Bool, rng: inout FastRandom) -> Bool {
-        let rate = sink.settings.sampleRate
+        let rate = sampleRate
         if failed || rate >= 1 { return true }
         if rate <= 0 { return false }
         return Double(rng.next() >> 11) * 0x1p-53 < rate
