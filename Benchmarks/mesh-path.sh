@@ -26,12 +26,6 @@ source "$root/Benchmarks/tools/netns-pair.sh"
 source "$root/Benchmarks/tools/mesh-sidecars.sh"
 netns_pair trellis-mesh 79 tmp
 
-cat >"$out/nginx.conf" <<NGINX
-worker_processes 1; daemon off; pid $out/nginx.pid; error_log $out/nginx.err;
-events { worker_connections 4096; }
-http { access_log off; server { listen 8080 backlog=4096; keepalive_requests 1000000;
-  location / { return 200 "hello world\n"; } } }
-NGINX
 # The proxies run as root and the client as nobody: uid 0's connections are never captured.
 cat >"$out/a.yaml" <<YAML
 node: vm-a
@@ -61,7 +55,7 @@ YAML
 envoy_sidecar a 19911 "$(hcm outbound passthrough)" >"$out/envoy-a.yaml"
 envoy_sidecar b 19912 "$(hcm inbound local)" >"$out/envoy-b.yaml"
 
-ip netns exec "$B" taskset -c 1 nginx -p "$out" -c "$out/nginx.conf" & pids+=($!)
+mesh_nginx
 sleep 0.5
 
 cpu_ticks() { awk '{print $14+$15}' "/proc/$1/stat"; }

@@ -41,13 +41,7 @@ use() { A=$1 B=$2 a_ip=$3 b_ip=$4 out=$5; }  # makes pair "$@" the one wrk_run a
 for pair in P1 P2; do
   declare -n p=$pair
   use "${p[@]}"
-  cat >"$out/nginx.conf" <<NGINX
-worker_processes 1; daemon off; pid $out/nginx.pid; error_log $out/nginx.err;
-events { worker_connections 4096; }
-http { access_log off; server { listen 8080 backlog=4096; keepalive_requests 1000000;
-  location / { return 200 "hello world\n"; } } }
-NGINX
-  ip netns exec "$B" taskset -c 1 nginx -p "$out" -c "$out/nginx.conf" & pids+=($!)
+  mesh_nginx
   printf 'capture: {inbound_ports: [9], agent_uid: 0}\n' >"$out/a-rules.yaml"
   printf 'capture: {inbound_ports: [8080], agent_uid: 0}\n' >"$out/b-rules.yaml"
   ip netns exec "$A" "$agent" rules install --config "$out/a-rules.yaml" >/dev/null

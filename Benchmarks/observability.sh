@@ -37,16 +37,10 @@ source "$root/Benchmarks/tools/netns-pair.sh"
 source "$root/Benchmarks/tools/mesh-sidecars.sh"
 netns_pair trellis-obs 83 tob
 
-cat >"$out/nginx.conf" <<NGINX
-worker_processes 1; daemon off; pid $out/nginx.pid; error_log $out/nginx.err;
-events { worker_connections 4096; }
-http { access_log off; server { listen 8080 backlog=4096; keepalive_requests 1000000;
-  location / { return 200 "hello world\n"; } } }
-NGINX
 cat >"$out/pace.lua" <<'LUA'
 function delay() return 10 end
 LUA
-ip netns exec "$B" taskset -c 1 nginx -p "$out" -c "$out/nginx.conf" & pids+=($!)
+mesh_nginx
 sleep 0.5
 
 

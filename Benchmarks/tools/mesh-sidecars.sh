@@ -3,12 +3,23 @@
 #
 #   wrk_run ARGS...        wrk -t1 --latency for DURATION seconds from A (core 1, as nobody) to
 #                          http://$b_ip:8080/
+#   mesh_nginx             the upstream: nginx (one worker, :8080, "hello world") in B on core 1,
+#                          its files in $out, its pid added to pids
 #   rps TEXT, field TEXT KEY, to_us 1.23ms
 #   envoy_sidecar a|b ADMIN_PORT HCM [CLUSTERS]
 #                          Envoy's config for A's outbound sidecar (:15001, ORIGINAL_DST) or B's
 #                          inbound one (:15006 -> 127.0.0.1:8080); HCM is the http_connection_manager
 #                          filter (indented for `filters:`), CLUSTERS more clusters.
 wrk_run() { ip netns exec "$A" taskset -c 1 runuser -u nobody -- wrk -t1 --latency -d"${DURATION}s" "$@" "http://$b_ip:8080/" 2>&1; }
+mesh_nginx() {
+  cat >"$out/nginx.conf" <<NGINX
+worker_processes 1; daemon off; pid $out/nginx.pid; error_log $out/nginx.err;
+events { worker_connections 4096; }
+http { access_log off; server { listen 8080 backlog=4096; keepalive_requests 1000000;
+  location / { return 200 "hello world\n"; } } }
+NGINX
+  ip netns exec "$B" taskset -c 1 nginx -p "$out" -c "$out/nginx.conf" & pids+=($!)
+}
 field() { awk -v k="$2" '$1==k {print $2}' <<<"$1"; }
 rps() { awk '/Requests\/sec/ {printf "%.0f", $2}' <<<"$1"; }
 to_us() { # wrk latency like 512.00us, 1.23ms, 2.00s -> microseconds
