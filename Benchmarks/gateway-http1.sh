@@ -12,6 +12,10 @@
 # generator and a proxy never share a core. Prints each proxy's best requests/s and its p99,
 # Trellis's ratio to each peer, the Trellis/HAProxy ratio of each round (measured back to back,
 # in alternating order; the rounds' median is the figure least moved by drift), and Trellis's RSS.
+# With SIDE=n, n more rounds drive Trellis and HAProxy at the same time, both on core 0 (two wrk
+# on core 1): the scheduler shares the core between them in the same seconds, so the ratio of
+# their requests/s is the ratio of their CPU per request, whatever the machine's speed that
+# minute (on this VM, speeds minutes apart differ by tens of percent).
 set -euo pipefail
 here=$(cd "$(dirname "$0")" && pwd)
 root=$(cd "$here/.." && pwd)
@@ -22,6 +26,7 @@ DURATION=${DURATION:-10}
 CONNECTIONS=${CONNECTIONS:-32}
 WARMUP=${WARMUP:-2}
 ROUNDS=${ROUNDS:-1}
+SIDE=${SIDE:-0}
 out=$(mktemp -d /tmp/trellis-bench.XXXXXX)
 
 for f in upstream-nginx.conf envoy.yaml haproxy.cfg proxy-nginx.conf; do
@@ -104,6 +109,26 @@ for round in $(seq 1 "$ROUNDS"); do
   pairs+=("$(awk -v t="$t" -v h="$h" 'BEGIN{ printf "%.2f", (h>0 ? t/h : 0) }')")
   echo "round $round: trellis $t, haproxy $h, ratio ${pairs[-1]}x" >&2
 done
+# A process's CPU time in ns, all threads (its POSIX CPU clock).
+cpu_ns() { python3 -c 'import sys, time; print(time.clock_gettime_ns(((~int(sys.argv[1])) << 3) | 2))' "$1"; }
+side=() shares=() perCPU=()
+for round in $(seq 1 "$SIDE"); do
+  c0t=$(cpu_ns "$(cat "$out/trellis.pid")") c0h=$(cpu_ns "$(cat "$out/haproxy.pid")")
+  taskset -c "$LOAD_CPU" wrk -t1 -c"$CONNECTIONS" -d"${DURATION}s" "http://127.0.0.1:${PORT[trellis]}/" >"$out/side-t.wrk" &
+  wt=$!
+  taskset -c "$LOAD_CPU" wrk -t1 -c"$CONNECTIONS" -d"${DURATION}s" "http://127.0.0.1:${PORT[haproxy]}/" >"$out/side-h.wrk" &
+  wh=$!
+  wait "$wt" "$wh"
+  c1t=$(cpu_ns "$(cat "$out/trellis.pid")") c1h=$(cpu_ns "$(cat "$out/haproxy.pid")")
+  # Each one's share of the CPU time the two used: the comparison holds when they are even.
+  shares+=("$(awk -v t=$((c1t - c0t)) -v h=$((c1h - c0h)) 'BEGIN{ printf "%.0f/%.0f", 100*t/(t+h), 100*h/(t+h) }')")
+  # Requests per CPU-second, Trellis's over HAProxy's: the ratio with the shares evened out.
+  perCPU+=("$(awk -v t="$t" -v h="$h" -v ct=$((c1t - c0t)) -v ch=$((c1h - c0h)) 'BEGIN{ printf "%.2f", (t/ct)/(h/ch) }')")
+  t=$(awk '/Requests\/sec/ {print $2}' "$out/side-t.wrk") h=$(awk '/Requests\/sec/ {print $2}' "$out/side-h.wrk")
+  grep -h "Non-2xx\|Socket errors" "$out/side-t.wrk" "$out/side-h.wrk" >&2 || true
+  side+=("$(awk -v t="$t" -v h="$h" 'BEGIN{ printf "%.2f", (h>0 ? t/h : 0) }')")
+  echo "side by side $round: trellis $t, haproxy $h, ratio ${side[-1]}x, CPU % trellis/haproxy ${shares[-1]}, per CPU-second ${perCPU[-1]}x" >&2
+done
 touch "$out/done"
 wait "$sampler" || true
 load_rss=$(cat "$out/peak")
@@ -120,4 +145,11 @@ for name in trellis envoy haproxy nginx; do
 done
 echo
 echo "Trellis/HAProxy by round: ${pairs[*]}; median ${median}x"
+if [ "$SIDE" -gt 0 ]; then
+  side_median=$(printf '%s\n' "${side[@]}" | sort -n | awk '{v[NR]=$1} END {print (NR % 2 ? v[(NR+1)/2] : (v[NR/2]+v[NR/2+1])/2)}')
+  echo "Trellis/HAProxy side by side (both on core 0 at once): ${side[*]}; median ${side_median}x"
+  echo "  their shares of the CPU time used, Trellis/HAProxy %: ${shares[*]}"
+  cpu_median=$(printf '%s\n' "${perCPU[@]}" | sort -n | awk '{v[NR]=$1} END {print (NR % 2 ? v[(NR+1)/2] : (v[NR/2]+v[NR/2+1])/2)}')
+  echo "  requests per CPU-second, Trellis/HAProxy: ${perCPU[*]}; median ${cpu_median}x"
+fi
 echo "Trellis RSS: idle $((idle_rss / 1024)) MiB, under load (peak) $((load_rss / 1024)) MiB"
