@@ -36,6 +36,8 @@ cleanup() {
   rm -rf "${P1[4]}" "${P2[4]}"
 }
 trap cleanup EXIT
+# The processes' CPU time in ns, all threads (their POSIX CPU clocks).
+cpu_ns() { python3 -c 'import sys, time; print(sum(time.clock_gettime_ns(((~int(p)) << 3) | 2) for p in sys.argv[1:]))' "$@"; }
 use() { A=$1 B=$2 a_ip=$3 b_ip=$4 out=$5; }  # makes pair "$@" the one wrk_run and the rest act on
 
 for pair in P1 P2; do
@@ -99,9 +101,9 @@ check_pair() { # pair: both sidecars carried its run
 echo "Side by side on the mesh path: two namespace pairs at once, their four sidecars on core 0, wrk -t1 -c32 and nginx per pair on core 1;"
 echo "one pair off, the other with access log ${LOGS} and tracing ${TRACES}; ${DURATION}s per round, swapped each round; $(date -u +%F)"
 echo
-printf '| %5s | %-9s | %12s | %12s | %8s |\n' round "configured" "off rps" "config rps" "config"
-printf '|%s|%s|%s|%s|%s|\n' ------- ----------- -------------- -------------- ----------
-ratios=()
+printf '| %5s | %-9s | %12s | %12s | %8s | %9s | %8s |\n' round "configured" "off rps" "config rps" "config" "CPU %" "per CPU"
+printf '|%s|%s|%s|%s|%s|%s|%s|\n' ------- ----------- -------------- -------------- ---------- ----------- ----------
+ratios=() pers=()
 for round in $(seq 1 "$ROUNDS"); do
   if [ $((round % 2)) = 1 ]; then off=P1 on=P2; else off=P2 on=P1; fi
   agents=()
@@ -112,9 +114,11 @@ for round in $(seq 1 "$ROUNDS"); do
   use "${po[@]}"; DURATION=2 wrk_run -c32 >/dev/null & w1=$!
   use "${pc[@]}"; DURATION=2 wrk_run -c32 >/dev/null & w2=$!
   wait "$w1" "$w2" || true
+  c0off=$(cpu_ns "${agents[0]}" "${agents[1]}") c0on=$(cpu_ns "${agents[2]}" "${agents[3]}")
   use "${po[@]}"; wrk_run -c32 >"${po[4]}/wrk.out" & w1=$!
   use "${pc[@]}"; wrk_run -c32 >"${pc[4]}/wrk.out" & w2=$!
   wait "$w1" "$w2"
+  c1off=$(cpu_ns "${agents[0]}" "${agents[1]}") c1on=$(cpu_ns "${agents[2]}" "${agents[3]}")
   r_off=$(rps "$(cat "${po[4]}/wrk.out")") r_on=$(rps "$(cat "${pc[4]}/wrk.out")")
   check_pair "$off"; check_pair "$on"
   for f in "${po[4]}/wrk.out" "${pc[4]}/wrk.out"; do
@@ -124,9 +128,16 @@ for round in $(seq 1 "$ROUNDS"); do
   rm -f "${po[4]}"/*.sock "${pc[4]}"/*.sock
   ratio=$(awk -v a="$r_on" -v b="$r_off" 'BEGIN {printf "%+.1f", (a/b-1)*100}')
   ratios+=("$ratio")
-  printf '| %5s | %-9s | %12s | %12s | %7s%% |\n' "$round" "$on" "$r_off" "$r_on" "$ratio"
+  # Requests per CPU-second of the configured pair's sidecars over the other's: the same with
+  # the two pairs' shares of the core evened out.
+  share=$(awk -v a=$((c1on - c0on)) -v b=$((c1off - c0off)) 'BEGIN {printf "%.0f/%.0f", 100*b/(a+b), 100*a/(a+b)}')
+  per=$(awk -v a="$r_on" -v b="$r_off" -v ca=$((c1on - c0on)) -v cb=$((c1off - c0off)) 'BEGIN {printf "%+.1f", ((a/ca)/(b/cb)-1)*100}')
+  pers+=("$per")
+  printf '| %5s | %-9s | %12s | %12s | %7s%% | %9s | %7s%% |\n' "$round" "$on" "$r_off" "$r_on" "$ratio" "$share" "$per"
   unset -n po pc
 done
 med=$(printf '%s\n' "${ratios[@]}" | sort -g | awk '{v[NR]=$1} END {printf "%+.1f", (NR % 2 ? v[(NR+1)/2] : (v[NR/2]+v[NR/2+1])/2)}')
 echo
 echo "Access log ${LOGS} and tracing ${TRACES} against off, side by side: median ${med}% requests/s over $ROUNDS rounds (${ratios[*]})"
+pmed=$(printf '%s\n' "${pers[@]}" | sort -g | awk '{v[NR]=$1} END {printf "%+.1f", (NR % 2 ? v[(NR+1)/2] : (v[NR/2]+v[NR/2+1])/2)}')
+echo "  per CPU-second of the sidecars (\"CPU %\": off's share / the configured pair's): median ${pmed}% (${pers[*]})"
