@@ -87,15 +87,6 @@ struct ProtobufWriter: ~Copyable {
         varint(value)
     }
 
-    /// An `int64` field: two's complement, so a negative number takes ten bytes.
-    mutating func int64(_ field: Int, _ value: Int64) {
-        uint64(field, UInt64(bitPattern: value))
-    }
-
-    mutating func bool(_ field: Int, _ value: Bool) {
-        uint64(field, value ? 1 : 0)
-    }
-
     mutating func fixed64(_ field: Int, _ value: UInt64) {
         guard value != 0 else { return }
         tag(field, .fixed64)

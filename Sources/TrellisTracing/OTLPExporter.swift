@@ -21,9 +21,9 @@ struct OTLPExporter: Service {
     let queue: SpanQueue
     let collector: SocketEndpointTarget
     /// The resource's attributes (`service.name` and the others), in this order.
-    let resource: [(String, String)]
+    let resource: [(String, SpanAttribute)]
     /// Sent with every export (agent.yaml `tracing.headers`, e.g. a collector's token).
-    let headers: [String: String]
+    let metadata: Metadata
     let scheduleDelay: Duration
     let exportTimeout: Duration
     /// How long the last export may take once a graceful shutdown starts.
@@ -56,8 +56,10 @@ struct OTLPExporter: Service {
     ) {
         self.queue = queue
         self.collector = collector
-        self.resource = resource
-        self.headers = headers
+        self.resource = resource.map { ($0.0, .string($0.1)) }
+        var metadata = Metadata()
+        for (name, value) in headers.sorted(by: { $0.key < $1.key }) { metadata.addString(value, forKey: name) }
+        self.metadata = metadata
         self.scheduleDelay = scheduleDelay
         self.exportTimeout = exportTimeout
         self.flushDeadline = flushDeadline
@@ -133,12 +135,10 @@ struct OTLPExporter: Service {
         state: inout FailureState
     ) async {
         let request = OTLPTraceExport.request(
-            resource: resource.map { ($0.0, .string($0.1)) },
+            resource: resource,
             scope: Self.scope,
             spans: batch.map(\.data)
         )
-        var metadata = Metadata()
-        for (name, value) in headers.sorted(by: { $0.key < $1.key }) { metadata.addString(value, forKey: name) }
         var options = CallOptions.defaults
         options.timeout = timeout
         do {

@@ -134,27 +134,18 @@ struct OTLPSpanContext: Sendable, Hashable {
             out[0] = UInt8(ascii: "0")
             out[1] = UInt8(ascii: "0")
             out[2] = UInt8(ascii: "-")
-            Self.hex(traceHigh, 16, into: out, at: 3)
-            Self.hex(traceLow, 16, into: out, at: 19)
+            HexText.write(traceHigh, 16, into: out, at: 3)
+            HexText.write(traceLow, 16, into: out, at: 19)
             out[35] = UInt8(ascii: "-")
-            Self.hex(spanID, 16, into: out, at: 36)
+            HexText.write(spanID, 16, into: out, at: 36)
             out[52] = UInt8(ascii: "-")
-            Self.hex(UInt64(flags), 2, into: out, at: 53)
+            HexText.write(UInt64(flags), 2, into: out, at: 53)
             return 55
         }
     }
 
     /// OTLP's `flags` of a link to this context: the W3C flags, and that it is (or not) remote.
     var otlpFlags: UInt32 { UInt32(flags) | 0x100 | (isRemote ? 0x200 : 0) }
-
-    private static func hex(_ value: UInt64, _ digits: Int, into out: UnsafeMutableBufferPointer<UInt8>, at offset: Int)
-    {
-        let alphabet: StaticString = "0123456789abcdef"
-        for i in 0..<digits {
-            let nibble = Int(truncatingIfNeeded: value >> (UInt64(digits - 1 - i) * 4)) & 0xF
-            out[offset + i] = alphabet.utf8Start[nibble]
-        }
-    }
 }
 
 enum OTLPSpanContextKey: ServiceContextKey {

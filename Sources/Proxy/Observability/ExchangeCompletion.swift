@@ -70,12 +70,7 @@ enum ExchangeCompletion {
         guard log.sampled(failed: r.error != nil || (status ?? 0) >= 500, rng: &loop.resources.rng) else { return }
         var record = AccessLogRecord(listener: r.listenerName, elapsed: elapsed)
         let version = r.head.version
-        switch (version.major, version.minor) {
-        case (1, 1): record.protocol = "HTTP/1.1"
-        case (2, _): record.protocol = "HTTP/2"
-        case (1, 0): record.protocol = "HTTP/1.0"
-        default: record.protocol = "HTTP/\(version.major).\(version.minor)"
-        }
+        record.protocol = "HTTP/" + RequestTrace.protocolVersion(version)
         record.method = r.head.method.rawValue
         record.authority = r.host
         record.path = r.head.uri

@@ -1,9 +1,14 @@
 /// Numbers as lower-case hex written straight into a buffer (trace ids, request ids).
-enum HexText {
+public enum HexText {
     /// The low `digits` nibbles of `value`, most significant first: two digits per byte from a
     /// table (a static string: no lazy initialisation to check).
     @inline(__always)
-    static func write(_ value: UInt64, _ digits: Int, into out: UnsafeMutableBufferPointer<UInt8>, at offset: Int) {
+    public static func write(
+        _ value: UInt64,
+        _ digits: Int,
+        into out: UnsafeMutableBufferPointer<UInt8>,
+        at offset: Int
+    ) {
         let table = pairs.utf8Start
         var v = value
         var i = offset + digits

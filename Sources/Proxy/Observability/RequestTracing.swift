@@ -212,7 +212,8 @@ struct RequestTrace {
     /// query).
     static let attributeCapacity = 21
 
-    private static func protocolVersion(_ version: HTTPVersion) -> String {
+    /// `1.1`, `1.0`, `2`: as OpenTelemetry writes `network.protocol.version` (and the access log, after `HTTP/`).
+    static func protocolVersion(_ version: HTTPVersion) -> String {
         switch (version.major, version.minor) {
         case (1, 1): "1.1"
         case (1, 0): "1.0"
