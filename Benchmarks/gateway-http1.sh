@@ -122,9 +122,10 @@ for round in $(seq 1 "$SIDE"); do
   c1t=$(cpu_ns "$(cat "$out/trellis.pid")") c1h=$(cpu_ns "$(cat "$out/haproxy.pid")")
   # Each one's share of the CPU time the two used: the comparison holds when they are even.
   shares+=("$(awk -v t=$((c1t - c0t)) -v h=$((c1h - c0h)) 'BEGIN{ printf "%.0f/%.0f", 100*t/(t+h), 100*h/(t+h) }')")
-  # Requests per CPU-second, Trellis's over HAProxy's: the ratio with the shares evened out.
-  perCPU+=("$(awk -v t="$t" -v h="$h" -v ct=$((c1t - c0t)) -v ch=$((c1h - c0h)) 'BEGIN{ printf "%.2f", (t/ct)/(h/ch) }')")
   t=$(awk '/Requests\/sec/ {print $2}' "$out/side-t.wrk") h=$(awk '/Requests\/sec/ {print $2}' "$out/side-h.wrk")
+  # Requests per CPU-second, Trellis's over HAProxy's: the ratio with the shares evened out (this
+  # round's requests/s over this round's CPU time).
+  perCPU+=("$(awk -v t="$t" -v h="$h" -v ct=$((c1t - c0t)) -v ch=$((c1h - c0h)) 'BEGIN{ printf "%.2f", (t/ct)/(h/ch) }')")
   grep -h "Non-2xx\|Socket errors" "$out/side-t.wrk" "$out/side-h.wrk" >&2 || true
   side+=("$(awk -v t="$t" -v h="$h" 'BEGIN{ printf "%.2f", (h>0 ? t/h : 0) }')")
   echo "side by side $round: trellis $t, haproxy $h, ratio ${side[-1]}x, CPU % trellis/haproxy ${shares[-1]}, per CPU-second ${perCPU[-1]}x" >&2

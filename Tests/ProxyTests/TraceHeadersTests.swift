@@ -10,7 +10,9 @@ import W3CTraceContext
 @Suite struct TraceHeadersTests {
     /// The caller's context as the data path reads it: from the fields a request context noted
     /// in its one pass over the headers.
-    static func incoming(_ headers: HTTPHeaders) -> TraceHeaders.Incoming? {
+    static func incoming(_ headers: HTTPHeaders) -> TraceHeaders.Incoming? { request(headers).arrivedTrace }
+
+    static func request(_ headers: HTTPHeaders) -> RequestContext {
         let head = HTTPRequestHead(version: .http1_1, method: .GET, uri: "/", headers: headers)
         return RequestContext(
             head: RequestHead(head),
@@ -19,7 +21,6 @@ import W3CTraceContext
             clientIP: nil,
             startTime: .now()
         )
-        .arrivedTrace
     }
 
     /// 50 random contexts with each of `flags`.
@@ -80,13 +81,14 @@ import W3CTraceContext
             ("TraceParent", "00-4bf92f3577b34da6a3ce929d0e0e4736-00f067aa0ba902b7-01"),
             ("TRACESTATE", "vendor=a"), ("X-Request-Id", "r"),
         ])
-        let incoming = try #require(Self.incoming(headers))
+        let request = Self.request(headers)
+        let incoming = try #require(request.arrivedTrace)
         #expect(incoming.sampled == true)
         #expect(
             incoming.ids.traceIDHex == "4bf92f3577b34da6a3ce929d0e0e4736"
                 && incoming.ids.spanIDHex == "00f067aa0ba902b7"
         )
-        #expect(incoming.state == "vendor=a")
+        #expect(request.arrivedTraceState == "vendor=a")
     }
 
     /// Ids are decoded eight hex digits at a time: against a plain decoder, for seeded random

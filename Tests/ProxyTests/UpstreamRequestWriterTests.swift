@@ -49,6 +49,43 @@ extension UpstreamRequestHead {
 
     /// An HTTP/1 client's head as the parser reads it goes upstream with its field lines as they
     /// came (spacing and case kept), the hop-by-hop ones dropped, the proxy's own added.
+    /// Header names are compared with the names the proxy knows eight bytes at a time: against a
+    /// byte-by-byte comparison, for names of every length the proxy knows, each byte in either
+    /// case or replaced by a neighbour of the letters (`@`, `[`, `` ` ``, `{`), a control or a
+    /// non-ASCII byte (seeded random texts).
+    @Test func headerNamesCompareAsByteByByte() {
+        func reference(_ bytes: [UInt8], _ lowercase: StaticString) -> Bool {
+            let expected = Array(UnsafeBufferPointer(start: lowercase.utf8Start, count: lowercase.utf8CodeUnitCount))
+            return bytes.count == expected.count
+                && zip(bytes, expected).allSatisfy { b, e in (b >= 0x41 && b <= 0x5A ? b | 0x20 : b) == e }
+        }
+        let names: [StaticString] = [
+            "te", "via", "host", "upgrade", "trailer", "connection", "tracestate", "keep-alive", "traceparent",
+            "x-request-id", "content-type", "content-length", "x-forwarded-for", "proxy-connection",
+            "transfer-encoding", "x-forwarded-proto", "proxy-authenticate", "proxy-authorization",
+        ]
+        let strays = Array("@[`{-_0Z".utf8) + [0x00, 0x0D, 0x60, 0x7F, 0x80, 0xC1, 0xDA, 0xFF]
+        var rng = FastRandom(seed: 0xCA5E)
+        var matches = 0
+        for _ in 0..<400 {
+            for name in names {
+                var bytes = Array(UnsafeBufferPointer(start: name.utf8Start, count: name.utf8CodeUnitCount))
+                for i in bytes.indices where Bool.random(using: &rng) && bytes[i] >= 0x61 && bytes[i] <= 0x7A {
+                    bytes[i] -= 0x20
+                }
+                if Int.random(in: 0..<3, using: &rng) == 0 {
+                    bytes[Int.random(in: 0..<bytes.count, using: &rng)] = strays.randomElement(using: &rng)!
+                }
+                let got = bytes.withUnsafeBufferPointer { HeaderRewriting.equalsLowercase($0, name) }
+                #expect(got == reference(bytes, name), "\(bytes) against \(name)")
+                if got { matches += 1 }
+            }
+        }
+        // Every word of a name holds each kind of byte in turn, matching or not.
+        #expect(matches > 400 * names.count / 2 && matches < 400 * names.count)
+        #expect(["", "a"].allSatisfy { text in Array(text.utf8).withUnsafeBufferPointer { !HeaderRewriting.equalsLowercase($0, "te") } })
+    }
+
     @Test func anHTTP1ClientsFieldLinesAreRelayedAsReceived() throws {
         var parser = HTTP1RequestParser(maxHeadBytes: 8192)
         var input = ByteBuffer(

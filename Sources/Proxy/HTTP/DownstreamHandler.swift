@@ -363,7 +363,10 @@ extension DownstreamHandler: DownstreamStream {
         let version = machine.requestVersion
         let hasBody = !machine.requestIsHEAD && head.status.mayHaveResponseBody
         chunkedResponse = hasBody && !head.hasContentLength && version == .http1_1
-        var capacity = 160 + (hasBody && head.hasContentLength ? Self.coalescedBodyBytes : 0)
+        // Room for a short body behind the head, as long as it announced: allocating the most
+        // (2 KiB, 4 KiB once rounded) for every response was a malloc too large for the
+        // allocator's per-thread cache, each time.
+        var capacity = 160 + (hasBody ? min(head.contentLength ?? 0, Self.coalescedBodyBytes) : 0)
         if case .raw(let raw) = head.fields { capacity += HeaderRewriting.responseHeadBound(raw) }
         var buffer = allocator.buffer(capacity: capacity)
         HeaderRewriting.writeHTTP1Response(

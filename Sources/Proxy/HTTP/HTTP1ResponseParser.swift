@@ -96,7 +96,7 @@ struct HTTP1ResponseParser {
             status: status,
             version: version,
             keepAlive: keepAlive,
-            hasContentLength: framing.contentLength != nil,
+            contentLength: framing.contentLength,
             fields: .raw(raw)
         )
     }

@@ -52,15 +52,49 @@ enum HeaderRewriting {
     }
 
     /// `bytes` equals `lowercase` ignoring ASCII case; `lowercase` must be lowercase ASCII.
+    /// Names of eight bytes or more are compared eight at a time (the last word overlapping the
+    /// one before when the length is not a multiple of eight): what every header name costs.
     static func equalsLowercase(_ bytes: UnsafeBufferPointer<UInt8>, _ lowercase: StaticString) -> Bool {
-        guard bytes.count == lowercase.utf8CodeUnitCount else { return false }
-        let expected = lowercase.utf8Start
-        for i in 0..<bytes.count {
-            let b = bytes[i]
-            let lower = b >= UInt8(ascii: "A") && b <= UInt8(ascii: "Z") ? b | 0x20 : b
-            if lower != expected[i] { return false }
+        let count = lowercase.utf8CodeUnitCount
+        guard bytes.count == count else { return false }
+        guard let base = bytes.baseAddress else { return true }
+        let expected = UnsafeRawPointer(lowercase.utf8Start)
+        guard count >= 8 else {
+            for i in 0..<count where asciiLowercased(base[i]) != expected.load(fromByteOffset: i, as: UInt8.self) {
+                return false
+            }
+            return true
         }
-        return true
+        let raw = UnsafeRawPointer(base)
+        var i = 0
+        while true {
+            let offset = min(i, count &- 8)
+            let word = raw.loadUnaligned(fromByteOffset: offset, as: UInt64.self)
+            guard asciiLowercased(word) == expected.loadUnaligned(fromByteOffset: offset, as: UInt64.self) else {
+                return false
+            }
+            i &+= 8
+            if i >= count { return true }
+        }
+    }
+
+    @inline(__always)
+    private static func asciiLowercased(_ b: UInt8) -> UInt8 {
+        b >= UInt8(ascii: "A") && b <= UInt8(ascii: "Z") ? b | 0x20 : b
+    }
+
+    /// Each byte of `w` from `A` to `Z` made lower case, the others left as they are: with the
+    /// top bit of each byte masked off, adding 0x3F sets it from `A` (0x41) up and adding 0x25
+    /// from `[` (0x5B) up, never carrying into the next byte; bytes of 0x80 and more are left out.
+    @inline(__always)
+    static func asciiLowercased(_ w: UInt64) -> UInt64 {
+        let ones: UInt64 = 0x0101_0101_0101_0101
+        let highs: UInt64 = 0x8080_8080_8080_8080
+        let low7 = w & ~highs
+        let fromA = low7 &+ 0x3F &* ones
+        let pastZ = low7 &+ 0x25 &* ones
+        let upper = fromA & ~pastZ & ~w & highs
+        return w | upper &>> 2
     }
 
     /// What one pass over a head found. The fields passed on are kept as pairs, not `HTTPHeaders`:

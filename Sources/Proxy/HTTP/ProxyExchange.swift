@@ -74,7 +74,8 @@ final class ProxyExchange {
         if let tracing = loop.tracing, tracing.traces(request.originalDestination) {
             request.trace = RequestTrace.start(
                 request.arrivedTrace,
-                method: request.head.method.rawValue,
+                state: request.arrivedTraceState,
+                method: request.head.method,
                 direction: request.direction,
                 tracing: tracing,
                 rng: &loop.resources.rng

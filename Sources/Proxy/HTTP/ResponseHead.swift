@@ -16,7 +16,9 @@ struct ResponseHead {
     var version: HTTPVersion
     /// Whether the upstream's HTTP/1 connection can carry another request after this response.
     var keepAlive: Bool
-    var hasContentLength: Bool
+    /// The body's length as `Content-Length` gives it (nil: chunked, or until the connection ends).
+    var contentLength: Int?
+    var hasContentLength: Bool { contentLength != nil }
     var fields: Fields
 
     enum Fields {
@@ -24,11 +26,11 @@ struct ResponseHead {
         case decoded(HTTPHeaders)
     }
 
-    init(status: HTTPResponseStatus, version: HTTPVersion, keepAlive: Bool, hasContentLength: Bool, fields: Fields) {
+    init(status: HTTPResponseStatus, version: HTTPVersion, keepAlive: Bool, contentLength: Int?, fields: Fields) {
         self.status = status
         self.version = version
         self.keepAlive = keepAlive
-        self.hasContentLength = hasContentLength
+        self.contentLength = contentLength
         self.fields = fields
     }
 
@@ -38,7 +40,8 @@ struct ResponseHead {
             status: head.status,
             version: head.version,
             keepAlive: head.isKeepAlive,
-            hasContentLength: head.headers.contains(name: "content-length"),
+            // Present is what frames the body (nghttp2 checked the value); 0 if it were not a number.
+            contentLength: head.headers.first(name: "content-length").map { Int($0) ?? 0 },
             fields: .decoded(head.headers)
         )
     }

@@ -86,6 +86,8 @@ public final class RequestContext {
     /// The trace context (W3C, B3) the request arrived with: nil when it had none, an invalid one
     /// (a new trace starts), or this proxy does not trace.
     let arrivedTrace: TraceHeaders.Incoming?
+    /// The `tracestate` that came with ``arrivedTrace`` (W3C), checked, when not empty.
+    let arrivedTraceState: String?
 
     /// `head` is consumed (taken over, not copied: a copy is a retain per string and buffer).
     init(
@@ -148,7 +150,13 @@ public final class RequestContext {
         self.host = host
         self.announcesBody = announcesBody
         self.isGRPC = isGRPC
-        self.arrivedTrace = trace?.any == true ? trace?.context() : nil
+        if let trace, trace.any, let (incoming, state) = trace.context() {
+            self.arrivedTrace = incoming
+            self.arrivedTraceState = state
+        } else {
+            self.arrivedTrace = nil
+            self.arrivedTraceState = nil
+        }
         self.clientIP = clientIP
         self.listenerName = listenerName
         self.remoteAddress = remoteAddress

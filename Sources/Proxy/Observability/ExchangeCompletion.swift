@@ -61,13 +61,16 @@ enum ExchangeCompletion {
         )
         for middleware in completing { middleware.onComplete(request) }
         request.trace?.finish(request)
-        if accessLog, let log = loop.accessLog { self.log(request, elapsed: elapsed, to: log, loop: loop) }
+        if accessLog, let log = loop.accessLog,
+            log.sampled(failed: error != nil || (status?.code ?? 0) >= 500, rng: &loop.resources.rng)
+        {
+            self.log(request, elapsed: elapsed, to: log)
+        }
     }
 
     /// The request's access-log line (fields documented in docs/observability.md).
-    private static func log(_ r: RequestContext, elapsed: TimeAmount, to log: LoopAccessLog, loop: LoopContext) {
+    private static func log(_ r: RequestContext, elapsed: TimeAmount, to log: LoopAccessLog) {
         let status = r.responseStatus.map { Int($0.code) }
-        guard log.sampled(failed: r.error != nil || (status ?? 0) >= 500, rng: &loop.resources.rng) else { return }
         var record = AccessLogRecord(listener: r.listenerName, elapsed: elapsed)
         let version = r.head.version
         record.protocol = "HTTP/" + RequestTrace.protocolVersion(version)

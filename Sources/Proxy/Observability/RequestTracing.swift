@@ -83,31 +83,32 @@ struct RequestTrace {
     var spanID: String? { extra?.span == nil ? nil : ids.spanIDHex }
 
     /// Takes the caller's trace context (``TraceHeaders/Fields/context()`` of the fields the
-    /// request arrived with), decides sampling and, when sampled, starts the span.
+    /// request arrived with, and its `tracestate`), decides sampling and, when sampled, starts the
+    /// span (named after `method`).
     static func start(
         _ incoming: TraceHeaders.Incoming?,
-        method: String,
+        state: String?,
+        method: HTTPMethod,
         direction: TrafficDirection?,
         tracing: ProxyTracing,
         rng: inout FastRandom
     ) -> RequestTrace {
         let kind: SpanKind = direction == .outbound ? .client : .server
-        let sampled =
-            tracing.isRecording
-            && (incoming?.sampled
-                ?? (tracing.sampleRate >= 1
-                    || (tracing.sampleRate > 0 && Double(rng.next() >> 11) * 0x1p-53 < tracing.sampleRate)))
+        let sampled: Bool
+        if !tracing.isRecording {
+            sampled = false
+        } else if let decided = incoming?.sampled {
+            sampled = decided
+        } else {
+            sampled =
+                tracing.sampleRate >= 1
+                || (tracing.sampleRate > 0 && Double(rng.next() >> 11) * 0x1p-53 < tracing.sampleRate)
+        }
         guard sampled else {
             // Not recorded: the caller's context goes on unchanged (its decision too, also when
             // this proxy stopped recording), or a new unsampled one.
-            if let ids = incoming?.ids {
-                return RequestTrace(
-                    span: nil,
-                    ids: ids,
-                    state: incoming?.state,
-                    kind: kind,
-                    replacesHeaders: incoming?.w3c != true
-                )
+            if let incoming {
+                return RequestTrace(span: nil, ids: incoming.ids, state: state, kind: kind, replacesHeaders: !incoming.w3c)
             }
             return RequestTrace(span: nil, ids: .random(&rng), state: nil, kind: kind, replacesHeaders: true)
         }
@@ -116,10 +117,15 @@ struct RequestTrace {
         if let incoming {
             var parent = incoming.ids
             parent.flags |= TraceIDs.sampledFlag
-            let carrier = TraceCarrier(traceparent: TraceHeaders.traceparent(parent), tracestate: incoming.state)
+            let carrier = TraceCarrier(traceparent: TraceHeaders.traceparent(parent), tracestate: state)
             tracing.tracer.extract(carrier, into: &parentContext, using: TraceCarrier.Extract())
         }
-        let span = tracing.tracer.startSpan(method, context: parentContext, ofKind: kind, at: DefaultTracerClock.now)
+        let span = tracing.tracer.startSpan(
+            method.rawValue,
+            context: parentContext,
+            ofKind: kind,
+            at: DefaultTracerClock.now
+        )
         var outgoing = TraceCarrier()
         tracing.tracer.inject(span.context, into: &outgoing, using: TraceCarrier.Inject())
         // The tracer's own context, as it will be sent: the ids logged are the exported ones. A
@@ -130,7 +136,7 @@ struct RequestTrace {
         return RequestTrace(
             span: span,
             ids: incoming?.ids ?? .random(&rng),
-            state: incoming?.state,
+            state: state,
             kind: kind,
             replacesHeaders: true
         )
@@ -269,11 +275,11 @@ struct SpanAttributeList {
 /// starts), as the W3C specification asks.
 enum TraceHeaders {
     /// The caller's context, and its sampling decision (nil: left to this proxy, as B3 allows).
-    /// `w3c`: the context came in `traceparent` (else from B3 headers). A struct, read field by
-    /// field: a tuple in an optional was copied whole (~190 instructions) at every read.
+    /// `w3c`: the context came in `traceparent` (else from B3 headers). Plain integers, copied
+    /// without a retain: the caller's `tracestate` (rare) is kept beside it, in
+    /// ``RequestContext/arrivedTraceState``.
     struct Incoming {
         var ids: TraceIDs
-        var state: String?
         var sampled: Bool?
         var w3c: Bool
     }
@@ -350,9 +356,9 @@ enum TraceHeaders {
             any = true
         }
 
-        /// The caller's context from the fields noted; an invalid header counts as absent (a new
-        /// trace starts), as the W3C specification asks.
-        func context() -> Incoming? {
+        /// The caller's context from the fields noted, with its `tracestate` (W3C only); an
+        /// invalid header counts as absent (a new trace starts), as the W3C specification asks.
+        func context() -> (incoming: Incoming, state: String?)? {
             guard any else { return nil }
             if let parent {
                 guard case .ids(let ids) = parent else { return nil }
@@ -367,15 +373,15 @@ enum TraceHeaders {
                 {
                     return nil
                 }
-                return Incoming(ids: ids, state: state?.isEmpty == false ? state : nil, sampled: ids.sampled, w3c: true)
+                return (Incoming(ids: ids, sampled: ids.sampled, w3c: true), state?.isEmpty == false ? state : nil)
             }
             guard let b3 else { return nil }
             if let single = b3.single {
-                return TraceHeaders.b3Single(single).map { Incoming(ids: $0.ids, sampled: $0.sampled, w3c: false) }
+                return TraceHeaders.b3Single(single).map { (Incoming(ids: $0.ids, sampled: $0.sampled, w3c: false), nil) }
             }
             if let trace = b3.trace, let span = b3.span {
                 return TraceHeaders.b3(trace: trace, span: span, sampled: b3.debug ? "1" : b3.sampled).map {
-                    Incoming(ids: $0.ids, sampled: $0.sampled, w3c: false)
+                    (Incoming(ids: $0.ids, sampled: $0.sampled, w3c: false), nil)
                 }
             }
             return nil
@@ -423,6 +429,7 @@ enum TraceHeaders {
     }
 
     /// 16 lower-case hex digits at `p` as a number; nil on any other character.
+    @inline(__always)
     static func hex16(_ p: UnsafePointer<UInt8>) -> UInt64? {
         guard let high = hex8(p), let low = hex8(p + 8) else { return nil }
         return UInt64(high) &<< 32 | UInt64(low)
@@ -432,6 +439,7 @@ enum TraceHeaders {
     /// plus 9 for a letter (bit 6 set); every value must be below 16 and the digits written back
     /// from them must be the bytes read, which rules out anything but `0-9a-f`; then the nibbles
     /// are packed, the first character the most significant.
+    @inline(__always)
     static func hex8(_ p: UnsafePointer<UInt8>) -> UInt32? {
         let ones: UInt64 = 0x0101_0101_0101_0101
         let w = UnsafeRawPointer(p).loadUnaligned(as: UInt64.self).littleEndian
