@@ -83,7 +83,11 @@ extension UpstreamRequestHead {
         }
         // Every word of a name holds each kind of byte in turn, matching or not.
         #expect(matches > 400 * names.count / 2 && matches < 400 * names.count)
-        #expect(["", "a"].allSatisfy { text in Array(text.utf8).withUnsafeBufferPointer { !HeaderRewriting.equalsLowercase($0, "te") } })
+        #expect(
+            ["", "a"].allSatisfy { text in
+                Array(text.utf8).withUnsafeBufferPointer { !HeaderRewriting.equalsLowercase($0, "te") }
+            }
+        )
     }
 
     @Test func anHTTP1ClientsFieldLinesAreRelayedAsReceived() throws {

@@ -108,7 +108,13 @@ struct RequestTrace {
             // Not recorded: the caller's context goes on unchanged (its decision too, also when
             // this proxy stopped recording), or a new unsampled one.
             if let incoming {
-                return RequestTrace(span: nil, ids: incoming.ids, state: state, kind: kind, replacesHeaders: !incoming.w3c)
+                return RequestTrace(
+                    span: nil,
+                    ids: incoming.ids,
+                    state: state,
+                    kind: kind,
+                    replacesHeaders: !incoming.w3c
+                )
             }
             return RequestTrace(span: nil, ids: .random(&rng), state: nil, kind: kind, replacesHeaders: true)
         }
@@ -377,7 +383,9 @@ enum TraceHeaders {
             }
             guard let b3 else { return nil }
             if let single = b3.single {
-                return TraceHeaders.b3Single(single).map { (Incoming(ids: $0.ids, sampled: $0.sampled, w3c: false), nil) }
+                return TraceHeaders.b3Single(single).map {
+                    (Incoming(ids: $0.ids, sampled: $0.sampled, w3c: false), nil)
+                }
             }
             if let trace = b3.trace, let span = b3.span {
                 return TraceHeaders.b3(trace: trace, span: span, sampled: b3.debug ? "1" : b3.sampled).map {
