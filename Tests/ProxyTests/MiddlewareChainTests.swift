@@ -85,5 +85,11 @@ import TrellisPolicy
         #expect(chain.all.count == 6)
         let names = chain.completing.map { "\(type(of: $0))" }
         #expect(names == ["CircuitBreakerMiddleware", "LoadBalancingMiddleware", "Counting"])
+        // A chain other than the standard one goes through its array; the standard one is called
+        // through its types, the same observers at the end.
+        #expect(!chain.isStandard)
+        let standard = MiddlewareChain(StandardMiddleware.chain.map { $0.makeMiddleware(snapshot, resources) })
+        #expect(standard.isStandard)
+        #expect(standard.completing.map { "\(type(of: $0))" } == ["CircuitBreakerMiddleware", "LoadBalancingMiddleware"])
     }
 }

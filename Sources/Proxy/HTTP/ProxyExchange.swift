@@ -81,11 +81,9 @@ final class ProxyExchange {
                 rng: &loop.resources.rng
             )
         }
-        for middleware in chain.all {
-            if let error = middleware.onRequest(request) {
-                respondLocally(error)
-                return
-            }
+        if let error = chain.onRequest(request) {
+            respondLocally(error)
+            return
         }
         guard let cluster = request.cluster,
             let endpoint = request.passthroughEndpoint ?? request.endpointIndex.map({ cluster.endpoints[$0] })
@@ -507,7 +505,7 @@ final class ProxyExchange {
             deadlineSlot = nil
             loop.deadlines.release(slot)
         }
-        ExchangeCompletion.finished(request, completing: chain.completing, accessLog: downstream.accessLog, loop: loop)
+        ExchangeCompletion.finished(request, completing: chain, accessLog: downstream.accessLog, loop: loop)
     }
 }
 

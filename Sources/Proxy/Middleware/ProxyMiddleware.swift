@@ -27,13 +27,74 @@ extension ProxyMiddleware {
 /// A loop's middleware built from one snapshot: all of them in chain order for requests, and
 /// those that observe completion (``ProxyMiddleware/observesCompletion``) for their ends. A
 /// request keeps the chain it started with, also when a newer snapshot arrives meanwhile.
+///
+/// The standard chain (``StandardMiddleware/chain``, what the agent and the gateway run) is
+/// called through its concrete types: walking an array of existentials retains and releases
+/// each middleware for each request, and hides their code from the optimizer. Any other chain
+/// goes through ``all`` in order; both ways call the same middleware in the same order.
 final class MiddlewareChain {
     let all: [any ProxyMiddleware]
     let completing: [any ProxyMiddleware]
+    /// The standard chain's middleware, when ``all`` is exactly it (the same objects, which
+    /// ``all`` keeps alive: unmanaged here, so that calling them retains nothing).
+    private let standard: Standard?
+
+    private struct Standard {
+        let routing: Unmanaged<RoutingMiddleware>
+        let rateLimit: Unmanaged<RateLimitMiddleware>
+        let fault: Unmanaged<FaultInjectionMiddleware>
+        let breaker: Unmanaged<CircuitBreakerMiddleware>
+        let balancing: Unmanaged<LoadBalancingMiddleware>
+
+        init?(_ all: [any ProxyMiddleware]) {
+            guard all.count == 5, let routing = all[0] as? RoutingMiddleware,
+                let rateLimit = all[1] as? RateLimitMiddleware, let fault = all[2] as? FaultInjectionMiddleware,
+                let breaker = all[3] as? CircuitBreakerMiddleware, let balancing = all[4] as? LoadBalancingMiddleware
+            else { return nil }
+            self.routing = .passUnretained(routing)
+            self.rateLimit = .passUnretained(rateLimit)
+            self.fault = .passUnretained(fault)
+            self.breaker = .passUnretained(breaker)
+            self.balancing = .passUnretained(balancing)
+        }
+    }
 
     init(_ all: [any ProxyMiddleware]) {
         self.all = all
         self.completing = all.filter(\.observesCompletion)
+        self.standard = Standard(all)
+    }
+
+    /// Whether the standard chain is called through its concrete types (for tests).
+    var isStandard: Bool { standard != nil }
+
+    /// Each middleware's ``ProxyMiddleware/onRequest(_:)`` in order, up to the first error.
+    func onRequest(_ request: RequestContext) -> ProxyError? {
+        if let standard {
+            return withExtendedLifetime(self) {
+                if let error = standard.routing._withUnsafeGuaranteedRef({ $0.onRequest(request) }) { return error }
+                if let error = standard.rateLimit._withUnsafeGuaranteedRef({ $0.onRequest(request) }) { return error }
+                if let error = standard.fault._withUnsafeGuaranteedRef({ $0.onRequest(request) }) { return error }
+                if let error = standard.breaker._withUnsafeGuaranteedRef({ $0.onRequest(request) }) { return error }
+                return standard.balancing._withUnsafeGuaranteedRef { $0.onRequest(request) }
+            }
+        }
+        for middleware in all {
+            if let error = middleware.onRequest(request) { return error }
+        }
+        return nil
+    }
+
+    /// ``ProxyMiddleware/onComplete(_:)`` of those that observe completion, in order.
+    func onComplete(_ request: RequestContext) {
+        if let standard {
+            withExtendedLifetime(self) {
+                standard.breaker._withUnsafeGuaranteedRef { $0.onComplete(request) }
+                standard.balancing._withUnsafeGuaranteedRef { $0.onComplete(request) }
+            }
+            return
+        }
+        for middleware in completing { middleware.onComplete(request) }
     }
 }
 

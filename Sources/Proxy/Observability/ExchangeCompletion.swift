@@ -11,10 +11,10 @@ import Glibc
 /// metrics count the answer, the middleware release what they hold, and the access log gets one
 /// line.
 enum ExchangeCompletion {
-    /// `completing`: the request's middleware that observe completion, in chain order.
+    /// `completing`: the request's chain, whose middleware that observe completion are told.
     static func finished(
         _ request: RequestContext,
-        completing: [any ProxyMiddleware],
+        completing: MiddlewareChain,
         accessLog: Bool,
         loop: LoopContext
     ) {
@@ -59,7 +59,7 @@ enum ExchangeCompletion {
             received: request.requestBytes,
             sent: request.responseBytes
         )
-        for middleware in completing { middleware.onComplete(request) }
+        completing.onComplete(request)
         request.trace?.finish(request)
         if accessLog, let log = loop.accessLog,
             log.sampled(failed: error != nil || (status?.code ?? 0) >= 500, rng: &loop.resources.rng)
