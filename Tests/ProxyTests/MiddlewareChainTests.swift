@@ -90,6 +90,8 @@ import TrellisPolicy
         #expect(!chain.isStandard)
         let standard = MiddlewareChain(StandardMiddleware.chain.map { $0.makeMiddleware(snapshot, resources) })
         #expect(standard.isStandard)
-        #expect(standard.completing.map { "\(type(of: $0))" } == ["CircuitBreakerMiddleware", "LoadBalancingMiddleware"])
+        #expect(
+            standard.completing.map { "\(type(of: $0))" } == ["CircuitBreakerMiddleware", "LoadBalancingMiddleware"]
+        )
     }
 }
