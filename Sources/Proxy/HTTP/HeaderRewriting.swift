@@ -52,15 +52,22 @@ enum HeaderRewriting {
     }
 
     /// `bytes` equals `lowercase` ignoring ASCII case; `lowercase` must be lowercase ASCII.
-    /// Names of eight bytes or more are compared eight at a time (the last word overlapping the
-    /// one before when the length is not a multiple of eight): what every header name costs.
+    /// Inlined up to the first byte, where most names of the right length already differ; the
+    /// rest of a name of eight bytes or more is compared eight bytes at a time (the last word
+    /// overlapping the one before when the length is not a multiple of eight).
+    @inline(__always)
     static func equalsLowercase(_ bytes: UnsafeBufferPointer<UInt8>, _ lowercase: StaticString) -> Bool {
         let count = lowercase.utf8CodeUnitCount
         guard bytes.count == count else { return false }
-        guard let base = bytes.baseAddress else { return true }
-        let expected = UnsafeRawPointer(lowercase.utf8Start)
+        guard count > 0, let base = bytes.baseAddress else { return true }
+        guard asciiLowercased(base[0]) == lowercase.utf8Start[0] else { return false }
+        return equalsLowercase(base, UnsafeRawPointer(lowercase.utf8Start), count: count)
+    }
+
+    private static func equalsLowercase(_ base: UnsafePointer<UInt8>, _ expected: UnsafeRawPointer, count: Int) -> Bool
+    {
         guard count >= 8 else {
-            for i in 0..<count where asciiLowercased(base[i]) != expected.load(fromByteOffset: i, as: UInt8.self) {
+            for i in 1..<count where asciiLowercased(base[i]) != expected.load(fromByteOffset: i, as: UInt8.self) {
                 return false
             }
             return true
