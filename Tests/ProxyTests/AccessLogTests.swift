@@ -143,6 +143,10 @@ import TrellisTestSupport
         #expect(ttfb > 0 && ttfb <= duration)
         let cut = try #require(lines[2]["duration_ms"] as? Double)
         #expect(cut >= 500 && cut < 1900)
+        // Connect time: the first request opened its upstream connection; the slow one took it
+        // idle from the pool, handed over at once (0: no wait, no connect).
+        #expect(((first["upstream_connect_ms"] as? NSNumber)?.doubleValue ?? 0) > 0)
+        #expect((lines[2]["upstream_connect_ms"] as? NSNumber)?.doubleValue == 0)
         let time = try #require(first["time"] as? String)
         let started = try #require(ISO8601DateFormatter.withMilliseconds.date(from: time))
         #expect(abs(started.timeIntervalSinceNow) < 60)

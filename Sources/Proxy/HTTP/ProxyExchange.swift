@@ -41,6 +41,8 @@ final class ProxyExchange {
     private var retrySlot: ClusterLoad?
     /// When the current try began waiting for a connection (access log only).
     private var tryStartedAt: NIODeadline?
+    /// Inside the pool's `acquire`: a connection attached now was idle in the pool.
+    private var acquiring = false
 
     init(downstream: any DownstreamStream, loop: LoopContext, request: RequestContext, chain: MiddlewareChain) {
         self.downstream = downstream
@@ -119,7 +121,6 @@ final class ProxyExchange {
 
     private func startTry(endpoint: ClusterRuntime.EndpointRuntime, cluster: ClusterRuntime) {
         machine.tryStarted()
-        if downstream.accessLog { tryStartedAt = .now() }
         if let perTry = request.retryPolicy?.perTryTimeout {
             let bound = NIOLoopBound(self, eventLoop: loop.eventLoop)
             let attempt = machine.tries
@@ -127,7 +128,14 @@ final class ProxyExchange {
                 bound.value.perTryTimedOut(attempt: attempt)
             }
         }
+        // The access log's connect time: none for an idle pooled connection handed over at once
+        // (no wait, no connect: 0, without reading the clock); otherwise from here to the
+        // connection being ready.
+        tryStartedAt = nil
+        acquiring = true
         loop.pool.acquire(endpoint: endpoint, cluster: cluster, for: self)
+        acquiring = false
+        if downstream.accessLog && machine.phase == .connecting && !machine.attached { tryStartedAt = .now() }
     }
 
     /// A circuit breaker refused the connection this exchange needed.
@@ -158,7 +166,11 @@ final class ProxyExchange {
         }
         upstream = connection
         connection.exchange = self
-        if let tryStartedAt { request.upstreamConnectNanos = (NIODeadline.now() - tryStartedAt).nanoseconds }
+        if acquiring {
+            request.upstreamConnectNanos = 0
+        } else if let tryStartedAt {
+            request.upstreamConnectNanos = (NIODeadline.now() - tryStartedAt).nanoseconds
+        }
         // A reused keep-alive connection may have been closed by the upstream a moment ago (its
         // idle timeout, a drain): keep what is sent, to send it again on a new connection.
         if machine.maySendAgain && retained == nil && retainedBytes == 0 {
