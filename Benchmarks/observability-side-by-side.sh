@@ -61,13 +61,9 @@ served() { # requests the agent in namespace $1 received (0: none)
 start_pair() { # pair, logs (or -), traces (or -): starts its two agents, appends their pids to `agents`
   declare -n p=$1
   use "${p[@]}"
-  local s extra port
+  local s
+  mesh_agent_configs "$2" "$3"
   for s in a b; do
-    extra=""
-    [ "$2" != - ] && extra+=$'\n'"access_log: {output: $out/$s-access.log, sample_rate: $2}"
-    [ "$3" != - ] && extra+=$'\n'"tracing: {collector: \"$b_ip:4317\", sample_rate: $3}"
-    port=$([ $s = a ] && echo 9 || echo 8080)
-    printf 'node: vm-%s\ncapture: {inbound_ports: [%s], agent_uid: 0}%s\n' "$s" "$port" "$extra" >"$out/$s.yaml"
     local ns=$([ $s = a ] && echo "$A" || echo "$B")
     ip netns exec "$ns" taskset -c 0 "$agent" run --config "$out/$s.yaml" --event-loops 1 --keep-rules \
       --control-socket "$out/$s.sock" --log-level warning >"$out/agent-$s.log" 2>&1 & agents+=($!); pids+=($!)

@@ -85,16 +85,10 @@ lines() { cat "$out"/*-access.log 2>/dev/null | wc -l; }
 wanted() { [ -z "${ONLY:-}" ] || [[ ",$ONLY," == *",$1,"* ]]; }
 
 trellis() { # name, access-log rate (or -), trace rate (or -)
-  local name=$1 log=$2 trace=$3 extra="" ta tb
+  local name=$1 log=$2 trace=$3 ta tb
   wanted "$name" || return 0
   rm -f "$out"/*-access.log
-  for s in a b; do
-    extra=""
-    [ "$log" != - ] && extra+=$'\n'"access_log: {output: $out/$s-access.log, sample_rate: $log}"
-    [ "$trace" != - ] && extra+=$'\n'"tracing: {collector: \"$b_ip:4317\", sample_rate: $trace}"
-    port=$([ $s = a ] && echo 9 || echo 8080)
-    printf 'node: vm-%s\ncapture: {inbound_ports: [%s], agent_uid: 0}%s\n' "$s" "$port" "$extra" >"$out/$s.yaml"
-  done
+  mesh_agent_configs "$log" "$trace"
   [ "$trace" != - ] && receiver
   ip netns exec "$A" taskset -c 0 "$agent" run --config "$out/a.yaml" --event-loops 1 --keep-rules \
     --control-socket "$out/a.sock" --log-level warning >"$out/agent-a.log" 2>&1 & ta=$!; pids+=($ta)

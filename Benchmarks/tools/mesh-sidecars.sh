@@ -20,6 +20,19 @@ http { access_log off; server { listen 8080 backlog=4096; keepalive_requests 100
 NGINX
   ip netns exec "$B" taskset -c 1 nginx -p "$out" -c "$out/nginx.conf" & pids+=($!)
 }
+# The agents' agent.yaml, "$out/a.yaml" (client side, capture of port 9) and "$out/b.yaml" (server
+# side, port 8080), with an access log at rate $1 and tracing to B's collector at rate $2 ("-":
+# off), each log to "$out/<side>-access.log".
+mesh_agent_configs() {
+  local s extra port
+  for s in a b; do
+    extra=""
+    [ "$1" != - ] && extra+=$'\n'"access_log: {output: $out/$s-access.log, sample_rate: $1}"
+    [ "$2" != - ] && extra+=$'\n'"tracing: {collector: \"$b_ip:4317\", sample_rate: $2}"
+    port=$([ $s = a ] && echo 9 || echo 8080)
+    printf 'node: vm-%s\ncapture: {inbound_ports: [%s], agent_uid: 0}%s\n' "$s" "$port" "$extra" >"$out/$s.yaml"
+  done
+}
 field() { awk -v k="$2" '$1==k {print $2}' <<<"$1"; }
 rps() { awk '/Requests\/sec/ {printf "%.0f", $2}' <<<"$1"; }
 to_us() { # wrk latency like 512.00us, 1.23ms, 2.00s -> microseconds
