@@ -11,12 +11,16 @@ import TrellisConfig
 /// (`opentelemetry.proto.collector.trace.v1.TraceService/Export`), one batch at a time: when a
 /// full batch (512) waits, else every `scheduleDelay` (5 s, OpenTelemetry's default for a batch
 /// span processor: an export costs ~1 million instructions whatever it holds, so at 1 % sampling
-/// an export a second was a share of the core worth measuring). A batch the collector does not take within
-/// `exportTimeout` (down, slow, refusing) is dropped and counted; nothing is retried, so a dead
-/// collector costs a batch and never grows memory past the queue's capacity.
+/// an export a second was a share of the core worth measuring). Each export is given
+/// `exportTimeout`. A batch that fails with one of the codes OTLP calls transient (unavailable,
+/// deadline exceeded, aborted, cancelled, out of range, data loss: a collector restarting, slow
+/// or not reachable yet) is kept and sent again first at the next export, up to ``maxTries``
+/// tries in all (so a collector away for ~10 s loses nothing); any other failure, or the last
+/// try, drops it. While a batch is kept nothing else is sent, and the queue goes on filling up
+/// to its capacity: a dead collector never grows memory.
 ///
-/// Counted in `trellis_tracing_spans_total{result}`: `exported`, `failed` (the export failed or
-/// the collector rejected the span), `dropped` (the queue was full).
+/// Counted in `trellis_tracing_spans_total{result}`: `exported`, `failed` (the export failed for
+/// good or the collector rejected the span), `dropped` (the queue was full).
 struct OTLPExporter: Service {
     let queue: SpanQueue
     let collector: SocketEndpointTarget
@@ -95,28 +99,47 @@ struct OTLPExporter: Service {
                 queue.finish()
             }
             // What ended before the shutdown (the proxies stop first), within the deadline.
-            await sendAll(client, timeout: flushDeadline, state: &state, until: .now + flushDeadline)
+            await sendAll(client, timeout: flushDeadline, state: &state, until: .now + flushDeadline, final: true)
             client.beginGracefulShutdown()
             group.cancelAll()
         }
     }
 
-    /// Whether the last export failed (so that a collector that stays down is logged once).
+    /// Tries of one batch, the first included, when each fails with a transient code.
+    static let maxTries = 3
+
+    /// Whether the last export failed (so that a collector that stays down is logged once), and
+    /// the batch kept for the next export after a transient failure.
     struct FailureState {
         var failing = false
+        var kept: [OTLPSpan] = []
+        /// Tries `kept` has had.
+        var keptTries = 0
     }
 
-    /// Sends batches until the queue is empty (or `deadline` passes).
+    /// Sends the batch kept from a transient failure, then batches until the queue is empty (or
+    /// `deadline` passes, or an export fails). `final` (the flush at shutdown) keeps nothing.
     func sendAll(
         _ client: GRPCClient<HTTP2ClientTransport.Posix>,
         timeout: Duration,
         state: inout FailureState,
-        until deadline: ContinuousClock.Instant? = nil
+        until deadline: ContinuousClock.Instant? = nil,
+        final: Bool = false
     ) async {
-        while deadline.map({ .now < $0 }) ?? true {
+        var delivered = true
+        if !state.kept.isEmpty {
+            let (batch, tries) = (state.kept, state.keptTries)
+            (state.kept, state.keptTries) = ([], 0)
+            delivered = await send(batch, client, timeout: timeout, state: &state, tries: tries, final: final)
+        }
+        while delivered || final, deadline.map({ .now < $0 }) ?? true {
             let batch = queue.take()
             guard !batch.isEmpty else { break }
-            await send(batch, client, timeout: timeout, state: &state)
+            delivered = await send(batch, client, timeout: timeout, state: &state, final: final)
+        }
+        if final, !state.kept.isEmpty {
+            failed.increment(by: state.kept.count)
+            state.kept = []
         }
         let lost = queue.takeDropped()
         if lost > 0 {
@@ -128,12 +151,17 @@ struct OTLPExporter: Service {
         }
     }
 
+    /// Exports `batch`, which had `tries` before; whether the collector answered. A batch that
+    /// failed with a transient code and has tries left is kept in `state` (unless `final`).
+    @discardableResult
     func send(
         _ batch: [OTLPSpan],
         _ client: GRPCClient<HTTP2ClientTransport.Posix>,
         timeout: Duration,
-        state: inout FailureState
-    ) async {
+        state: inout FailureState,
+        tries: Int = 0,
+        final: Bool = false
+    ) async -> Bool {
         let request = OTLPTraceExport.request(
             resource: resource,
             scope: Self.scope,
@@ -162,15 +190,37 @@ struct OTLPExporter: Service {
                 state.failing = false
                 logger.info("tracing: exporting to the collector again", metadata: ["collector": "\(collector)"])
             }
+            return true
         } catch {
-            failed.increment(by: batch.count)
-            // Once per outage; each further batch lost to it is counted, and logged at debug.
+            let keep = !final && tries + 1 < Self.maxTries && Self.isTransient(error)
+            if keep {
+                (state.kept, state.keptTries) = (batch, tries + 1)
+            } else {
+                failed.increment(by: batch.count)
+            }
+            // Once per outage; each further failure is logged at debug (and a dropped batch counted).
             logger.log(
                 level: state.failing ? .debug : .warning,
-                "tracing: could not export spans; they are dropped",
-                metadata: ["spans": "\(batch.count)", "collector": "\(collector)", "error": "\(error)"]
+                keep
+                    ? "tracing: could not export spans; they are sent again with the next export"
+                    : "tracing: could not export spans; they are dropped",
+                metadata: [
+                    "spans": "\(batch.count)", "collector": "\(collector)", "error": "\(error)",
+                    "tries": "\(tries + 1)",
+                ]
             )
             state.failing = true
+            return false
+        }
+    }
+
+    /// The gRPC codes OTLP/gRPC retries (the specification's "retryable" list; resource exhausted
+    /// only with a retry delay from the server, which a collector rarely sends: not retried).
+    static func isTransient(_ error: any Error) -> Bool {
+        guard let error = error as? RPCError else { return false }
+        switch error.code {
+        case .unavailable, .deadlineExceeded, .aborted, .cancelled, .outOfRange, .dataLoss: return true
+        default: return false
         }
     }
 }

@@ -1,6 +1,7 @@
 import CoreMetrics
 import Foundation
 import Logging
+import NIOPosix
 import ServiceLifecycle
 import Testing
 import Tracing
@@ -187,6 +188,95 @@ struct OTLPTracerTests {
         let text = metrics.text()
         #expect(text.contains(#"trellis_tracing_spans_total{result="exported"} 2"#), "\(text)")
         #expect(text.contains(#"trellis_tracing_spans_total{result="failed"} 1"#), "\(text)")
+    }
+}
+
+/// The exporter against a collector that refuses exports: what OTLP calls transient is sent
+/// again, at most three times in all; anything else is dropped at once. Counted either way.
+@Suite(.disabled(if: OTLPReceiver.missing, "needs PyPI grpcio and opentelemetry-proto: run scripts/bootstrap.sh"))
+struct OTLPExportRetryTests {
+    /// Runs `body` with an exporter that exports every 50 ms to `port`, then stops it.
+    func withExporter(
+        port: Int,
+        metrics: TrellisMetricsFactory,
+        _ body: (OTLPTracer) async throws -> Void
+    )
+        async throws
+    {
+        let queue = SpanQueue(capacity: 100, batchSize: 10)
+        let exporter = OTLPExporter(
+            queue: queue,
+            collector: SocketEndpointTarget(host: "127.0.0.1", port: port),
+            resource: [("service.name", "orders")],
+            scheduleDelay: .milliseconds(50),
+            logger: OTLPTracerTests.logger,
+            eventLoopGroup: MultiThreadedEventLoopGroup.singleton,
+            metrics: metrics
+        )
+        let services = ServiceGroup(services: [exporter], logger: OTLPTracerTests.logger)
+        let running = Task { try await services.run() }
+        do {
+            try await body(OTLPTracer(queue: queue))
+        } catch {
+            await services.triggerGracefulShutdown()
+            _ = try? await running.value
+            throw error
+        }
+        await services.triggerGracefulShutdown()
+        try await running.value
+    }
+
+    func names(_ spans: [[String: Any]]) -> [String] { spans.compactMap { $0["name"] as? String }.sorted() }
+
+    @Test func aBatchRefusedAsUnavailableIsSentAgain() async throws {
+        let receiver = try await OTLPReceiver(fail: 2)
+        defer { receiver.stop() }
+        let metrics = TrellisMetricsFactory()
+        var received: [[String: Any]] = []
+        try await withExporter(port: receiver.port, metrics: metrics) { tracer in
+            for i in 0..<3 { tracer.startSpan("op \(i)", context: .topLevel, ofKind: .server).end() }
+            received = await receiver.spans(atLeast: 3)
+        }
+        #expect(receiver.refused == 2)
+        #expect(names(received) == ["op 0", "op 1", "op 2"], "each once, on the third try")
+        let text = metrics.text()
+        #expect(text.contains(#"trellis_tracing_spans_total{result="exported"} 3"#), "\(text)")
+        #expect(text.contains(#"trellis_tracing_spans_total{result="failed"} 0"#), "\(text)")
+    }
+
+    @Test func aBatchIsDroppedAfterThreeTries() async throws {
+        let receiver = try await OTLPReceiver(fail: 3)
+        defer { receiver.stop() }
+        let metrics = TrellisMetricsFactory()
+        try await withExporter(port: receiver.port, metrics: metrics) { tracer in
+            for i in 0..<2 { tracer.startSpan("lost \(i)", context: .topLevel, ofKind: .server).end() }
+            #expect(await Peers.eventually(within: .seconds(10)) { receiver.refused == 3 })
+            // The next batch is the next span alone: the refused one is not tried a fourth time.
+            tracer.startSpan("later", context: .topLevel, ofKind: .server).end()
+            _ = await receiver.spans(atLeast: 1)
+        }
+        #expect(receiver.refused == 3)
+        #expect(names(receiver.spans) == ["later"])
+        let text = metrics.text()
+        #expect(text.contains(#"trellis_tracing_spans_total{result="failed"} 2"#), "\(text)")
+        #expect(text.contains(#"trellis_tracing_spans_total{result="exported"} 1"#), "\(text)")
+    }
+
+    @Test func aBatchRefusedForGoodIsNotSentAgain() async throws {
+        let receiver = try await OTLPReceiver(fail: 1, failCode: "INVALID_ARGUMENT")
+        defer { receiver.stop() }
+        let metrics = TrellisMetricsFactory()
+        try await withExporter(port: receiver.port, metrics: metrics) { tracer in
+            for i in 0..<2 { tracer.startSpan("lost \(i)", context: .topLevel, ofKind: .server).end() }
+            #expect(await Peers.eventually(within: .seconds(10)) { receiver.refused == 1 })
+            tracer.startSpan("later", context: .topLevel, ofKind: .server).end()
+            _ = await receiver.spans(atLeast: 1)
+        }
+        #expect(receiver.refused == 1)
+        #expect(names(receiver.spans) == ["later"])
+        let text = metrics.text()
+        #expect(text.contains(#"trellis_tracing_spans_total{result="failed"} 2"#), "\(text)")
+        #expect(text.contains(#"trellis_tracing_spans_total{result="exported"} 1"#), "\(text)")
     }
 }
 

@@ -26,19 +26,22 @@ public final class OTLPReceiver: Sendable {
 
     /// Starts the receiver and waits (up to 10 s) until it listens; `delayMs` answers each export
     /// that much later, `reject` answers it as a partial success rejecting up to that many of its
-    /// spans. With `namespace`, it runs there (`ip netns exec`), on `host`.
+    /// spans, `fail` refuses the first that many exports with the gRPC status `failCode` (a name:
+    /// `UNAVAILABLE`, `INVALID_ARGUMENT`...). With `namespace`, it runs there (`ip netns exec`), on `host`.
     public init(
         port: Int = Peers.freePort(),
         host: String = "127.0.0.1",
         namespace: String? = nil,
         delayMs: Int = 0,
-        reject: Int = 0
+        reject: Int = 0,
+        fail: Int = 0,
+        failCode: String = "UNAVAILABLE"
     ) async throws {
         self.port = port
         output = FileManager.default.temporaryDirectory.appendingPathComponent("otlp-\(getpid())-\(port).jsonl")
         let command = [
             "python3", Self.script, "--host", host, "--port", "\(port)", "--delay-ms", "\(delayMs)", "--seconds", "600",
-            "--reject", "\(reject)",
+            "--reject", "\(reject)", "--fail", "\(fail)", "--fail-code", failCode,
         ]
         child = try Peers.Child((namespace.map { ["ip", "netns", "exec", $0] } ?? []) + command, output: output)
         let listening = await Peers.eventually(within: .seconds(10)) { self.text.contains("listening \(port)") }
@@ -47,6 +50,9 @@ public final class OTLPReceiver: Sendable {
             throw ReceiverError(output: text)
         }
     }
+
+    /// Exports refused so far (`fail`).
+    public var refused: Int { text.split(separator: "\n").count { $0.hasPrefix("refused export") } }
 
     private var text: String { (try? String(contentsOf: output, encoding: .utf8)) ?? "" }
 
@@ -58,10 +64,14 @@ public final class OTLPReceiver: Sendable {
         }
     }
 
-    /// The spans received once there are at least `count` (waiting up to `timeout`).
-    public func spans(atLeast count: Int, within timeout: Duration = .seconds(10)) async -> [[String: Any]] {
-        _ = await Peers.eventually(within: timeout) { self.spans.count >= count }
-        return spans
+    /// The spans received (those `matching`) once there are at least `count` (waiting up to `timeout`).
+    public func spans(
+        atLeast count: Int,
+        within timeout: Duration = .seconds(10),
+        matching: ([String: Any]) -> Bool = { _ in true }
+    ) async -> [[String: Any]] {
+        _ = await Peers.eventually(within: timeout) { self.spans.count(where: matching) >= count }
+        return spans.filter(matching)
     }
 
     public func stop() {

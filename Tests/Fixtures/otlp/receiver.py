@@ -11,11 +11,14 @@ standard output (flushed), for the tests to read:
 
 It prints "listening <port>" first. With --delay-ms, each export is answered that much later (a
 slow collector). With --reject N, each export is answered with a partial success
-rejecting (up to) N of its spans. With --count-only it prints nothing per span, only "received <spans> spans in
+rejecting (up to) N of its spans. With --fail N, the first N exports are refused with the gRPC
+status --fail-code (UNAVAILABLE unless given: a collector restarting), printing "refused export
+<n>" for each. With --count-only it prints nothing per span, only "received <spans> spans in
 <exports> exports" when it stops (for benchmarks). It stops on SIGTERM or after --seconds
 (bounded).
 
-usage: receiver.py --port PORT [--host ADDRESS] [--delay-ms MS] [--reject N] [--count-only] [--seconds S]
+usage: receiver.py --port PORT [--host ADDRESS] [--delay-ms MS] [--reject N] [--fail N [--fail-code CODE]]
+                   [--count-only] [--seconds S]
 """
 import argparse
 import json
@@ -42,8 +45,11 @@ def value(any_value):
 
 
 class Receiver(trace_service_pb2_grpc.TraceServiceServicer):
-    def __init__(self, delay, count_only, reject=0):
+    def __init__(self, delay, count_only, reject=0, fail=0, fail_code=grpc.StatusCode.UNAVAILABLE):
         self.delay = delay
+        self.fail = fail
+        self.fail_code = fail_code
+        self.refused = 0
         self.reject = reject
         self.count_only = count_only
         self.spans = 0
@@ -52,6 +58,13 @@ class Receiver(trace_service_pb2_grpc.TraceServiceServicer):
     def Export(self, request, context):
         if self.delay:
             time.sleep(self.delay)
+        with lock:
+            refuse = self.refused < self.fail
+            if refuse:
+                self.refused += 1
+                print(f"refused export {self.refused}", flush=True)
+        if refuse:
+            context.abort(self.fail_code, "refused by the test")
         if self.count_only:
             n = sum(len(s.spans) for r in request.resource_spans for s in r.scope_spans)
             with lock:
@@ -117,9 +130,13 @@ def main():
     parser.add_argument("--count-only", action="store_true")
     parser.add_argument("--seconds", type=float, default=600)
     parser.add_argument("--reject", type=int, default=0)
+    parser.add_argument("--fail", type=int, default=0)
+    parser.add_argument("--fail-code", default="UNAVAILABLE", choices=[c.name for c in grpc.StatusCode])
     args = parser.parse_args()
     server = grpc.server(futures.ThreadPoolExecutor(max_workers=4))
-    receiver = Receiver(args.delay_ms / 1000, args.count_only, args.reject)
+    receiver = Receiver(
+        args.delay_ms / 1000, args.count_only, args.reject, args.fail, grpc.StatusCode[args.fail_code]
+    )
     trace_service_pb2_grpc.add_TraceServiceServicer_to_server(receiver, server)
     port = server.add_insecure_port(f"{args.host}:{args.port}")
     server.start()
