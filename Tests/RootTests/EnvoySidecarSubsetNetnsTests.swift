@@ -35,9 +35,11 @@ struct EnvoySidecarSubsetNetnsTests {
                 await lab.exec("hub", ["curl", "-sf", "\(api)/healthz"]).status == 0
             }
         )
+        // Registered by hand, not renewed: a TTL longer than the test (the default, 30 s, ran out
+        // once in CI while the 2,000 requests were still going, and v1's went to no endpoint).
         for (vm, version) in [("vm-b", "v1"), ("vm-c", "v2")] {
             let body = """
-                {"service": "orders", "address": "\(lab.ip(vm))", "port": 8080, "node": "\(vm)", "labels": {"version": "\(version)"}}
+                {"service": "orders", "address": "\(lab.ip(vm))", "port": 8080, "node": "\(vm)", "labels": {"version": "\(version)"}, "ttl_seconds": 600}
                 """
             let out = await lab.exec(
                 "hub",
