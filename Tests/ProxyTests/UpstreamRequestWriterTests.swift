@@ -5,14 +5,19 @@ import Tracing
 
 @testable import Proxy
 
+extension RequestID {
+    /// An id as the proxy makes them, its digits all different.
+    static let test = RequestID(high: 0x0123_4567_89ab_4def, low: 0x8123_4567_89ab_cdef)
+}
+
 extension UpstreamRequestHead {
     /// A test's head, its fields decoded (as an HTTP/2 client's are).
-    init(head: HTTPRequestHead, clientIP: String?, requestID: String? = nil, trace: RequestTrace? = nil) {
+    init(head: HTTPRequestHead, clientIP: String?, requestID: RequestID? = nil, trace: RequestTrace? = nil) {
         self.init(head: RequestHead(head), clientIP: clientIP, requestID: requestID, trace: trace)
     }
 
     /// A test's head as the data path holds it, in a request of its own.
-    init(head: RequestHead, clientIP: String?, requestID: String? = nil, trace: RequestTrace? = nil) {
+    init(head: RequestHead, clientIP: String?, requestID: RequestID? = nil, trace: RequestTrace? = nil) {
         let request = RequestContext(
             head: head,
             listenerName: "test",
@@ -21,7 +26,8 @@ extension UpstreamRequestHead {
             startTime: .now()
         )
         request.trace = trace
-        self.init(request: request, requestID: requestID)
+        request.generatedRequestID = requestID
+        self.init(request: request)
     }
 
     /// The same head with its fields as an HTTP/1 client's arrive: raw lines, relayed as received.
@@ -102,17 +108,34 @@ extension UpstreamRequestHead {
         }
         var out = ByteBuffer()
         let chunked = HeaderRewriting.writeHTTP1Request(
-            UpstreamRequestHead(head: head, clientIP: "10.1.2.3", requestID: "r"),
+            UpstreamRequestHead(head: head, clientIP: "10.1.2.3", requestID: .test),
             into: &out
         )
         let text = String(buffer: out)
         #expect(!chunked)
         #expect(
-            text == "GET /a HTTP/1.1\r\nHost:svc\r\nAccept: */*\r\nUser-Agent: curl/8\r\nx-request-id: r\r\n"
+            text == "GET /a HTTP/1.1\r\nHost:svc\r\nAccept: */*\r\nUser-Agent: curl/8\r\n"
+                + "x-request-id: 01234567-89ab-4def-8123-456789abcdef\r\n"
                 + "x-forwarded-for: 10.1.2.3\r\nx-forwarded-proto: http\r\nvia: 1.1 trellis\r\n\r\n"
         )
         #expect(head.fields.first("user-agent") == "curl/8" && head.fields.first(name: "X-TWO") == "spaced  value")
         #expect(head.fields.contains("accept") && !head.fields.contains("cookie"))
+    }
+
+    /// The ids the proxy makes: UUID text (8-4-4-4-12 lower-case hex digits), version 4,
+    /// variant 10, different each time.
+    @Test func requestIDsAreVersion4UUIDs() {
+        #expect(RequestID.test.text == "01234567-89ab-4def-8123-456789abcdef")
+        var rng = FastRandom()
+        var seen: Set<String> = []
+        for _ in 0..<1000 {
+            let text = RequestID.make(&rng).text
+            let parts = text.split(separator: "-", omittingEmptySubsequences: false).map(\.count)
+            #expect(parts == [8, 4, 4, 4, 12] && text.allSatisfy { $0 == "-" || $0.isHexDigit && !$0.isUppercase })
+            #expect(text.dropFirst(14).first == "4" && "89ab".contains(text.dropFirst(19).first ?? "x"), "\(text)")
+            seen.insert(text)
+        }
+        #expect(seen.count == 1000)
     }
 
     /// The same head as NIO's types would carry it: `upstreamRequest`'s fields in order.
@@ -146,7 +169,7 @@ extension UpstreamRequestHead {
         request.decodedHead = edited
         #expect(request.host == "new" && request.announcesBody && !request.head.fields.isRaw)
         var out = ByteBuffer()
-        _ = HeaderRewriting.writeHTTP1Request(UpstreamRequestHead(request: request, requestID: nil), into: &out)
+        _ = HeaderRewriting.writeHTTP1Request(UpstreamRequestHead(request: request), into: &out)
         #expect(
             String(buffer: out) == "GET /a HTTP/1.1\r\nX-Keep: 1\r\nHost: new\r\nContent-Length: 2\r\n"
                 + "x-forwarded-proto: http\r\nvia: 1.1 trellis\r\n\r\n"
@@ -166,12 +189,12 @@ extension UpstreamRequestHead {
                 "traceparent": "00-0af7651916cd43dd8448eb211c80319c-b7ad6b7169203331-01",
             ]
         )
-        let request = UpstreamRequestHead(head: head, clientIP: "127.0.0.9", requestID: "rid-1", trace: nil)
+        let request = UpstreamRequestHead(head: head, clientIP: "127.0.0.9", requestID: .test, trace: nil)
         let (text, chunked) = written(request)
         #expect(!chunked)
         #expect(
             text == "GET /a?b=1 HTTP/1.1\r\nHost: example.com\r\nte: trailers\r\nAccept: */*\r\n"
-                + "traceparent: 00-0af7651916cd43dd8448eb211c80319c-b7ad6b7169203331-01\r\nx-request-id: rid-1\r\n"
+                + "traceparent: 00-0af7651916cd43dd8448eb211c80319c-b7ad6b7169203331-01\r\nx-request-id: 01234567-89ab-4def-8123-456789abcdef\r\n"
                 + "x-forwarded-for: 10.0.0.1, 127.0.0.9\r\nx-forwarded-proto: http\r\nvia: 1.0 edge, 1.1 trellis\r\n\r\n"
         )
         #expect(text == viaNIO(request))
@@ -289,7 +312,7 @@ extension UpstreamRequestHead {
                     ]
                 ),
                 clientIP: "127.0.0.9",
-                requestID: "rid-1"
+                requestID: .test
             ),
             UpstreamRequestHead(
                 head: HTTPRequestHead(
@@ -314,7 +337,8 @@ extension UpstreamRequestHead {
         #expect(
             http2(requests[0]) == [
                 ":method: GET", ":scheme: http", ":authority: example.com", ":path: /a?b=1", "te: trailers",
-                "accept: */*", "x-request-id: rid-1", "x-forwarded-for: 10.0.0.1, 127.0.0.9", "x-forwarded-proto: http",
+                "accept: */*", "x-request-id: 01234567-89ab-4def-8123-456789abcdef",
+                "x-forwarded-for: 10.0.0.1, 127.0.0.9", "x-forwarded-proto: http",
                 "via: 1.0 edge, 1.1 trellis",
             ]
         )

@@ -14,12 +14,9 @@ final class DownstreamHandler: ChannelDuplexHandler {
     typealias OutboundOut = ByteBuffer
 
     private let loop: LoopContext
-    private let listenerName: String
     let accessLog: Bool
-    /// The listener's traffic direction: the kind of span a traced request gets.
-    private let direction: TrafficDirection?
-    /// The listener's metrics (looked up once per connection).
-    private let listenerStats: ListenerStats
+    /// The listener, and once it opened the connection's addresses: what its requests share.
+    private var connection: ClientConnection
     private var context: ChannelHandlerContext?
     /// The channel's allocator, read once (each read through the channel retains and releases it).
     private var allocator = ByteBufferAllocator()
@@ -41,10 +38,7 @@ final class DownstreamHandler: ChannelDuplexHandler {
     private let timeouts: ConnectionTimeouts?
 
     /// Where a captured connection was going (looked up once, when it opened).
-    private var originalDestination: SocketEndpoint?
     private let lookup: OriginalDestinationLookup?
-    private var remoteAddress: SocketAddress?
-    private var clientIP: String?
 
     init(
         loop: LoopContext,
@@ -58,10 +52,13 @@ final class DownstreamHandler: ChannelDuplexHandler {
         self.lookup = lookup
         self.loop = loop
         self.timeouts = timeouts
-        self.listenerName = listenerName
         self.accessLog = accessLog
-        self.direction = direction
-        self.listenerStats = loop.stats.listener(listenerName)
+        // The listener's metrics looked up once per connection.
+        self.connection = ClientConnection(
+            listenerName: listenerName,
+            direction: direction,
+            listenerStats: loop.stats.listener(listenerName)
+        )
         self.machine = HTTP1ConnectionStateMachine(now: loop.eventLoop.now, draining: loop.draining)
         self.parser = HTTP1RequestParser(maxHeadBytes: maxRequestHeadBytes)
     }
@@ -89,11 +86,14 @@ final class DownstreamHandler: ChannelDuplexHandler {
     }
 
     private func opened(_ context: ChannelHandlerContext) {
+        var originalDestination: SocketEndpoint?
         if let lookup, let address = lookup(context.channel), let ip = address.ipAddress, let port = address.port {
             originalDestination = SocketEndpoint(host: ip, port: port)
         }
-        remoteAddress = context.channel.remoteAddress
-        clientIP = remoteAddress?.ipAddress
+        connection = connection.opened(
+            remoteAddress: context.channel.remoteAddress,
+            originalDestination: originalDestination
+        )
         let now = context.eventLoop.now
         machine = HTTP1ConnectionStateMachine(now: now, draining: loop.draining)
         timeouts?.opened(context: context, now: now)
@@ -139,13 +139,8 @@ final class DownstreamHandler: ChannelDuplexHandler {
             let (_, chain) = loop.current()
             let request = RequestContext(
                 head: head,
-                listenerName: listenerName,
-                remoteAddress: remoteAddress,
-                clientIP: clientIP,
+                connection: connection,
                 startTime: .now(),
-                originalDestination: originalDestination,
-                direction: direction,
-                listenerStats: listenerStats,
                 readsTraceFields: loop.tracing != nil
             )
             let exchange = ProxyExchange(downstream: self, loop: loop, request: request, chain: chain)
@@ -208,12 +203,12 @@ final class DownstreamHandler: ChannelDuplexHandler {
         loop.stats.record(proxyError)
         if accessLog, let log = loop.accessLog {
             // Refused before it could be parsed (malformed, headers too large or too slow).
-            var record = AccessLogRecord(listener: listenerName, elapsed: .zero)
+            var record = AccessLogRecord(listener: connection.listenerName, elapsed: .zero)
             record.protocol = "HTTP/1.1"
             record.status = Int(proxyError.status.code)
             record.error = proxyError.token
-            record.source = remoteAddress
-            record.originalDestination = originalDestination?.description
+            record.source = connection.remoteAddress
+            record.originalDestination = connection.originalDestination?.description
             log.append(record)
         }
         writeError(proxyError, keepAlive: false, version: .http1_1, headRequest: false)

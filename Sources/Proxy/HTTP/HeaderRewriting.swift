@@ -239,7 +239,7 @@ enum HeaderRewriting {
     static func rawRequestBound(_ request: UpstreamRequestHead) -> Int {
         2 * request.head.fields.block.readableBytes + request.head.method.rawValue.utf8.count
             + request.head.uri.utf8.count
-            + (request.clientIP?.utf8.count ?? 0) + (request.requestID?.utf8.count ?? 0)
+            + (request.clientIP?.utf8.count ?? 0) + (request.requestID == nil ? 0 : RequestID.length)
             + (request.trace?.tracestate?.utf8.count ?? 0) + 256
     }
 
@@ -317,7 +317,7 @@ enum HeaderRewriting {
                 s.via = s.via.map { "\($0), \(value)" } ?? value
             }
         }
-        if let requestID = request.requestID { out.field("x-request-id", requestID) }
+        if let requestID = request.requestID { out.requestID(requestID) }
         if let trace = request.trace, trace.replacesHeaders {
             out.traceparent(trace.ids)
             if let state = trace.tracestate { out.field("tracestate", state) }
@@ -574,6 +574,7 @@ protocol HeadSink {
     mutating func put(string text: String)
     mutating func put(_ bytes: UnsafeRawBufferPointer)
     mutating func putTraceparent(_ ids: TraceIDs)
+    mutating func putRequestID(_ id: RequestID)
 }
 
 extension HeadSink {
@@ -602,6 +603,8 @@ protocol RequestSink {
     mutating func field(_ name: StaticString, _ value: String)
     mutating func field(_ name: StaticString, constant value: StaticString)
     mutating func traceparent(_ ids: TraceIDs)
+    /// `x-request-id`, one the proxy made.
+    mutating func requestID(_ id: RequestID)
     /// `x-forwarded-for`: what the request had, then the client's address.
     mutating func forwardedFor(existing: String?, client: String)
     /// The body goes in chunks (`transfer-encoding: chunked` in HTTP/1; HTTP/2 frames it itself).
@@ -650,6 +653,12 @@ extension RequestSink where Self: HeadSink {
     mutating func traceparent(_ ids: TraceIDs) {
         put("traceparent: ")
         putTraceparent(ids)
+        put("\r\n")
+    }
+
+    mutating func requestID(_ id: RequestID) {
+        put("x-request-id: ")
+        putRequestID(id)
         put("\r\n")
     }
 
@@ -712,6 +721,8 @@ struct HTTP2RequestFields: RequestSink {
 
     mutating func traceparent(_ ids: TraceIDs) { fields.append(("traceparent", TraceHeaders.traceparent(ids))) }
 
+    mutating func requestID(_ id: RequestID) { fields.append(("x-request-id", id.text)) }
+
     mutating func forwardedFor(existing: String?, client: String) {
         fields.append(("x-forwarded-for", existing.map { $0 + ", " + client } ?? client))
     }
@@ -728,6 +739,7 @@ struct HeadLength: HeadSink, RequestSink {
     mutating func put(string text: String) { count += text.utf8.count }
     mutating func put(_ bytes: UnsafeRawBufferPointer) { count += bytes.count }
     mutating func putTraceparent(_ ids: TraceIDs) { count += TraceHeaders.traceparentLength }
+    mutating func putRequestID(_ id: RequestID) { count += RequestID.length }
 }
 
 /// Copies into memory reserved beforehand (at least what a ``HeadLength`` measured, or a proven
@@ -777,5 +789,16 @@ struct HeadMemory: HeadSink, RequestSink {
             )
         )
         count += TraceHeaders.traceparentLength
+    }
+
+    mutating func putRequestID(_ id: RequestID) {
+        assert(fits(RequestID.length), "head larger than reserved")
+        id.write(
+            into: UnsafeMutableBufferPointer(
+                start: (base + count).assumingMemoryBound(to: UInt8.self),
+                count: RequestID.length
+            )
+        )
+        count += RequestID.length
     }
 }

@@ -66,13 +66,7 @@ final class ProxyExchange {
 
     func start() {
         // `x-request-id`: the client's, else a new one, sent upstream (also on a refusal's log line).
-        var generatedID: String?
-        if let id = request.arrivedRequestID {
-            request.requestID = id
-        } else {
-            generatedID = RequestID.make(&loop.resources.rng)
-            request.requestID = generatedID
-        }
+        if request.arrivedRequestID == nil { request.generatedRequestID = RequestID.make(&loop.resources.rng) }
         if let tracing = loop.tracing, tracing.traces(request.originalDestination) {
             request.trace = RequestTrace.start(
                 request.arrivedTrace,
@@ -102,9 +96,9 @@ final class ProxyExchange {
         if let timeout = request.timeout {
             deadlineSlot = loop.deadlines.register(self, timeout: TimeAmount(timeout), now: request.startTime)
         }
-        upstreamHead = UpstreamRequestHead(request: request, requestID: generatedID)
+        upstreamHead = UpstreamRequestHead(request: request)
         headPending = true
-        if request.retryPolicy != nil { retained = [] }
+        if request.hasRetryPolicy { retained = [] }
         if let delay = request.faultDelay {
             // Injected delay: the request waits (its body held as while connecting), within the
             // route's timeout, then goes upstream.
@@ -121,7 +115,7 @@ final class ProxyExchange {
 
     private func startTry(endpoint: ClusterRuntime.EndpointRuntime, cluster: ClusterRuntime) {
         machine.tryStarted()
-        if let perTry = request.retryPolicy?.perTryTimeout {
+        if request.hasRetryPolicy, let perTry = request.retryPolicy?.perTryTimeout {
             let bound = NIOLoopBound(self, eventLoop: loop.eventLoop)
             let attempt = machine.tries
             perTryTimer = loop.eventLoop.scheduleTask(in: TimeAmount(perTry)) {
@@ -249,7 +243,7 @@ final class ProxyExchange {
             downstream.informational(head)
         case .head(let head):
             if request.isGRPC { request.grpcStatus = head.first(name: "grpc-status").flatMap { Int($0) } }
-            if let policy = request.retryPolicy {
+            if request.hasRetryPolicy, let policy = request.retryPolicy {
                 let failure = ProxyError.upstreamReset("")  // not sent: the answer goes out if no retry
                 if policy.retries(status: Int(head.status.code)) {
                     if retry(after: .status(Int(head.status.code)), failure) { return }
@@ -317,7 +311,7 @@ final class ProxyExchange {
         upstream.exchange = nil
         upstream.release(reusable: false)
         self.upstream = nil
-        if request.retryPolicy == nil {
+        if !request.hasRetryPolicy {
             // Kept only for this: whatever arrives next goes to the new connection directly.
             retained = nil
         }
@@ -355,7 +349,9 @@ final class ProxyExchange {
     /// Starts another try after `failure` if the route's policy, the budget and the circuit
     /// breaker allow it; returns whether it did (otherwise the caller answers with `failure`).
     private func retry(after failure: TryFailure, _ error: ProxyError) -> Bool {
-        guard let policy = request.retryPolicy, let cluster = request.cluster else { return false }
+        guard request.hasRetryPolicy, let policy = request.retryPolicy, let cluster = request.cluster else {
+            return false
+        }
         let decision = machine.retryDecision(requestRetained: retained != nil, idempotent: isIdempotent)
         guard decision.allows(policy, after: failure) else { return false }
         if retrySlot == nil {

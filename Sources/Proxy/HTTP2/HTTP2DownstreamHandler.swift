@@ -12,18 +12,12 @@ final class HTTP2DownstreamHandler: ChannelInboundHandler {
     typealias OutboundOut = ByteBuffer
 
     let loop: LoopContext
-    let listenerName: String
     let accessLog: Bool
-    /// The listener's traffic direction: the kind of span a traced request gets.
-    private let direction: TrafficDirection?
-    /// The listener's metrics (looked up once per connection).
-    private let listenerStats: ListenerStats
+    /// The listener, and once it opened the connection's addresses: what its requests share.
+    private var connection: ClientConnection
     let session: HTTP2Session
     private var streams: [Int32: HTTP2DownstreamStream] = [:]
     private var context: ChannelHandlerContext?
-    private var remoteAddress: SocketAddress?
-    private var clientIP: String?
-    private var originalDestination: SocketEndpoint?
     private let lookup: OriginalDestinationLookup?
     private let idleTimeout: TimeAmount
     private var idleTimer: Scheduled<Void>?
@@ -44,10 +38,13 @@ final class HTTP2DownstreamHandler: ChannelInboundHandler {
         originalDestination lookup: OriginalDestinationLookup?
     ) {
         self.loop = loop
-        self.listenerName = listenerName
         self.accessLog = accessLog
-        self.direction = direction
-        self.listenerStats = loop.stats.listener(listenerName)
+        // The listener's metrics looked up once per connection.
+        self.connection = ClientConnection(
+            listenerName: listenerName,
+            direction: direction,
+            listenerStats: loop.stats.listener(listenerName)
+        )
         self.idleTimeout = idleTimeout
         self.lookup = lookup
         self.session = HTTP2Session(role: .server, settings: settings)
@@ -76,11 +73,14 @@ final class HTTP2DownstreamHandler: ChannelInboundHandler {
     private func opened(_ context: ChannelHandlerContext) {
         guard !isOpen else { return }
         isOpen = true
+        var originalDestination: SocketEndpoint?
         if let lookup, let address = lookup(context.channel), let ip = address.ipAddress, let port = address.port {
             originalDestination = SocketEndpoint(host: ip, port: port)
         }
-        remoteAddress = context.channel.remoteAddress
-        clientIP = remoteAddress?.ipAddress
+        connection = connection.opened(
+            remoteAddress: context.channel.remoteAddress,
+            originalDestination: originalDestination
+        )
         loop.opened(self)
         loop.stats.activeConnections.increment()
         loop.stats.totalConnections.increment()
@@ -225,13 +225,8 @@ final class HTTP2DownstreamHandler: ChannelInboundHandler {
         let (_, chain) = loop.current()
         let request = RequestContext(
             head: RequestHead(head),
-            listenerName: listenerName,
-            remoteAddress: remoteAddress,
-            clientIP: clientIP,
+            connection: connection,
             startTime: .now(),
-            originalDestination: originalDestination,
-            direction: direction,
-            listenerStats: listenerStats,
             readsTraceFields: loop.tracing != nil
         )
         let exchange = ProxyExchange(downstream: stream, loop: loop, request: request, chain: chain)

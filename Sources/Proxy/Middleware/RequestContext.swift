@@ -22,34 +22,40 @@ public final class RequestContext {
     private(set) var host: String?
     /// Whether the request announced a body (`content-length` above 0, or a transfer coding).
     private(set) var announcesBody: Bool
-    public let listenerName: String
-    public let remoteAddress: SocketAddress?
+    /// The connection the request came on (what its requests share).
+    let connection: ClientConnection
+    public var listenerName: String { connection.listenerName }
+    public var remoteAddress: SocketAddress? { connection.remoteAddress }
     /// The client's IP address as text (for `X-Forwarded-For`), computed once per connection.
-    public let clientIP: String?
+    public var clientIP: String? { connection.clientIP }
     public let startTime: NIODeadline
     /// Where the connection was going before it was captured (capture listeners only).
-    public let originalDestination: SocketEndpoint?
+    public var originalDestination: SocketEndpoint? { connection.originalDestination }
     /// The listener's traffic direction (the agent's outbound listener records client spans).
-    public let direction: TrafficDirection?
+    public var direction: TrafficDirection? { connection.direction }
     /// The listener's metrics.
-    let listenerStats: ListenerStats?
+    var listenerStats: ListenerStats? { connection.listenerStats }
 
-    /// Set by routing.
-    public internal(set) var routeName: String?
+    /// Set by routing: what the matched route does (one reference; its parts are read through it).
+    var routeTarget: RouteTarget?
+    public var routeName: String? { routeTarget?.routeName }
+    /// Set by routing (the route's), shortened by a gRPC caller's own deadline.
     public internal(set) var timeout: Duration?
-    /// Set by routing: the route's rate limit, if it has one.
-    var routeRateLimiter: RateLimiter?
-    /// Set by routing: the route's retry policy, if it has one.
-    var retryPolicy: RetryPolicy?
-    /// Set by routing: the route's fault injection, if it has one.
-    var fault: FaultInjection?
+    /// The route's rate limit, if it has one.
+    var routeRateLimiter: RateLimiter? { routeTarget?.rateLimiter }
+    /// The route's retry policy, if it has one.
+    var retryPolicy: RetryPolicy? { routeTarget?.retryPolicy }
+    /// Whether the route has a retry policy (asked without copying the policy).
+    var hasRetryPolicy: Bool { routeTarget?.hasRetryPolicy ?? false }
+    /// The route's fault injection, if it has one.
+    var fault: FaultInjection? { routeTarget?.fault }
     /// Set by fault injection: how long to hold the request before it goes upstream.
     var faultDelay: Duration?
     /// Set by the circuit breaker: the cluster load whose request count this request holds.
     var heldRequestSlot: ClusterLoad?
     /// Set by routing: the cluster picked among the route's weighted clusters.
-    public internal(set) var clusterName: String?
     var cluster: ClusterRuntime?
+    public var clusterName: String? { cluster?.config.name }
     var balancer: LoadBalancer?
     /// Set by load balancing.
     public internal(set) var endpoint: SocketEndpoint?
@@ -69,8 +75,11 @@ public final class RequestContext {
     public internal(set) var error: ProxyError?
     public internal(set) var requestBytes = 0
     public internal(set) var responseBytes = 0
-    /// `x-request-id`: the client's, or one the proxy made (and sent upstream).
-    public internal(set) var requestID: String?
+    /// `x-request-id`: the client's, or one the proxy made (and sent upstream) once the
+    /// exchange started.
+    public var requestID: String? { arrivedRequestID ?? generatedRequestID?.text }
+    /// The id the proxy made, the request having none.
+    var generatedRequestID: RequestID?
     /// Tries that followed the first one (route retries and a resend on a fresh connection).
     public internal(set) var retries = 0
     /// From the start of the try that was answered to its upstream connection being ready (pool
@@ -89,8 +98,8 @@ public final class RequestContext {
     /// The `tracestate` that came with ``arrivedTrace`` (W3C), checked, when not empty.
     let arrivedTraceState: String?
 
-    /// `head` is consumed (taken over, not copied: a copy is a retain per string and buffer).
-    init(
+    /// A request on its own connection (tests).
+    convenience init(
         head: consuming RequestHead,
         listenerName: String,
         remoteAddress: SocketAddress?,
@@ -101,9 +110,29 @@ public final class RequestContext {
         listenerStats: ListenerStats? = nil,
         readsTraceFields: Bool = true
     ) {
-        self.direction = direction
-        self.listenerStats = listenerStats
-        self.originalDestination = originalDestination
+        self.init(
+            head: head,
+            connection: ClientConnection(
+                listenerName: listenerName,
+                direction: direction,
+                listenerStats: listenerStats,
+                remoteAddress: remoteAddress,
+                clientIP: clientIP,
+                originalDestination: originalDestination
+            ),
+            startTime: startTime,
+            readsTraceFields: readsTraceFields
+        )
+    }
+
+    /// `head` is consumed (taken over, not copied: a copy is a retain per string and buffer).
+    init(
+        head: consuming RequestHead,
+        connection: ClientConnection,
+        startTime: NIODeadline,
+        readsTraceFields: Bool = true
+    ) {
+        self.connection = connection
         // What the exchange asks of the headers as they arrived, in one pass over them.
         var isGRPC = false
         var contentTypeSeen = false
@@ -157,13 +186,56 @@ public final class RequestContext {
             self.arrivedTrace = nil
             self.arrivedTraceState = nil
         }
-        self.clientIP = clientIP
-        self.listenerName = listenerName
-        self.remoteAddress = remoteAddress
         self.startTime = startTime
         self.head = head
     }
 }
+
+/// What every request on one downstream connection shares, made once when it opens: a request
+/// holds one reference to it, not one per string and object in it.
+final class ClientConnection {
+    let listenerName: String
+    /// The listener's traffic direction (the agent's outbound listener records client spans).
+    let direction: TrafficDirection?
+    /// The listener's metrics.
+    let listenerStats: ListenerStats?
+    let remoteAddress: SocketAddress?
+    /// The client's IP address as text (for `X-Forwarded-For`).
+    let clientIP: String?
+    /// Where the connection was going before it was captured (capture listeners only).
+    let originalDestination: SocketEndpoint?
+
+    init(
+        listenerName: String,
+        direction: TrafficDirection?,
+        listenerStats: ListenerStats?,
+        remoteAddress: SocketAddress? = nil,
+        clientIP: String? = nil,
+        originalDestination: SocketEndpoint? = nil
+    ) {
+        self.listenerName = listenerName
+        self.direction = direction
+        self.listenerStats = listenerStats
+        self.remoteAddress = remoteAddress
+        self.clientIP = clientIP
+        self.originalDestination = originalDestination
+    }
+
+    /// The same listener's, for a connection from `remoteAddress` to `originalDestination`.
+    func opened(remoteAddress: SocketAddress?, originalDestination: SocketEndpoint?) -> ClientConnection {
+        ClientConnection(
+            listenerName: listenerName,
+            direction: direction,
+            listenerStats: listenerStats,
+            remoteAddress: remoteAddress,
+            clientIP: remoteAddress?.ipAddress,
+            originalDestination: originalDestination
+        )
+    }
+}
+
+@available(*, unavailable)
+extension ClientConnection: Sendable {}
 
 extension RequestContext {
     fileprivate static func announcesBody(_ fields: RequestFields) -> Bool {

@@ -47,15 +47,9 @@ public final class RoutingMiddleware: ProxyMiddleware {
             return .noRoute("host '\(request.host ?? "")' path '\(request.head.uri)'")
         }
         let target = route.target
-        request.routeName = route.name
+        request.routeTarget = target
         request.timeout = target.timeout
-        request.routeRateLimiter = target.rateLimiter
-        request.retryPolicy = target.retryPolicy
-        request.fault = target.fault
-        let clusterIndex = target.pickCluster(using: &loop.rng)
-        let cluster = snapshot.clusters[clusterIndex]
-        request.cluster = cluster
-        request.clusterName = cluster.config.name
+        request.cluster = snapshot.clusters[target.pickCluster(using: &loop.rng)]
         return nil
     }
 }

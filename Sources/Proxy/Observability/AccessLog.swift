@@ -476,23 +476,40 @@ extension timespec {
     }
 }
 
-/// Request ids the proxy makes for requests that come without one: random (version 4) UUIDs.
-enum RequestID {
-    static func make(_ rng: inout FastRandom) -> String {
-        let high = (rng.next() & 0xFFFF_FFFF_FFFF_0FFF) | 0x0000_0000_0000_4000  // version 4
-        let low = (rng.next() & 0x3FFF_FFFF_FFFF_FFFF) | 0x8000_0000_0000_0000  // variant 10
-        return String(unsafeUninitializedCapacity: 36) { out in
-            // 8-4-4-4-12 hex digits
-            HexText.write(high >> 32, 8, into: out, at: 0)
-            out[8] = UInt8(ascii: "-")
-            HexText.write(high >> 16, 4, into: out, at: 9)
-            out[13] = UInt8(ascii: "-")
-            HexText.write(high, 4, into: out, at: 14)
-            out[18] = UInt8(ascii: "-")
-            HexText.write(low >> 48, 4, into: out, at: 19)
-            out[23] = UInt8(ascii: "-")
-            HexText.write(low, 12, into: out, at: 24)
-            return 36
+/// A request id the proxy made for a request that came without one: a random (version 4) UUID,
+/// kept as its two numbers and written straight into the upstream head; text only for a log
+/// line or a span (a 36-byte `String` is an allocation per request).
+struct RequestID: Equatable {
+    let high: UInt64
+    let low: UInt64
+
+    static let length = 36
+
+    static func make(_ rng: inout FastRandom) -> RequestID {
+        RequestID(
+            high: (rng.next() & 0xFFFF_FFFF_FFFF_0FFF) | 0x0000_0000_0000_4000,  // version 4
+            low: (rng.next() & 0x3FFF_FFFF_FFFF_FFFF) | 0x8000_0000_0000_0000  // variant 10
+        )
+    }
+
+    /// 8-4-4-4-12 hex digits into `out` (``length`` bytes).
+    @inline(__always)
+    func write(into out: UnsafeMutableBufferPointer<UInt8>) {
+        HexText.write(high >> 32, 8, into: out, at: 0)
+        out[8] = UInt8(ascii: "-")
+        HexText.write(high >> 16, 4, into: out, at: 9)
+        out[13] = UInt8(ascii: "-")
+        HexText.write(high, 4, into: out, at: 14)
+        out[18] = UInt8(ascii: "-")
+        HexText.write(low >> 48, 4, into: out, at: 19)
+        out[23] = UInt8(ascii: "-")
+        HexText.write(low, 12, into: out, at: 24)
+    }
+
+    var text: String {
+        String(unsafeUninitializedCapacity: Self.length) { out in
+            write(into: out)
+            return Self.length
         }
     }
 }

@@ -235,11 +235,14 @@ final class RouteTarget: Sendable {
     let routeName: String
     let rateLimiter: RateLimiter?
     let retryPolicy: RetryPolicy?
+    /// Whether there is a retry policy (asked per request; reading the policy copies it).
+    let hasRetryPolicy: Bool
     let fault: FaultInjection?
 
     init(route: Route, clusterIndex: [String: Int], rateLimiter: RateLimiter? = nil) {
         self.rateLimiter = rateLimiter
         self.retryPolicy = route.action.retryPolicy
+        self.hasRetryPolicy = route.action.retryPolicy != nil
         self.fault = route.action.fault
         self.clusters = route.action.clusters.compactMap { target in
             clusterIndex[target.name].map { (index: $0, weight: target.weight) }

@@ -41,15 +41,15 @@ struct UpstreamRequestHead {
     /// The request: its head (as the middleware left it), the client's address, its trace. A
     /// reference, so that each copy of a part (pending, retained for a retry, sent) is one retain.
     let request: RequestContext
-    /// An `x-request-id` the proxy made (the request had none).
-    let requestID: String?
 
     var head: RequestHead { request.head }
+    /// An `x-request-id` the proxy made (the request had none).
+    var requestID: RequestID? { request.generatedRequestID }
     var clientIP: String? { request.clientIP }
     var trace: RequestTrace? { request.trace }
 
     /// The head with the proxy's changes, as NIO's type (HTTP/2 upstreams, tests).
     var rewritten: HTTPRequestHead {
-        HeaderRewriting.upstreamRequest(head.decoded, clientIP: clientIP, requestID: requestID, trace: trace)
+        HeaderRewriting.upstreamRequest(head.decoded, clientIP: clientIP, requestID: requestID?.text, trace: trace)
     }
 }
