@@ -18,6 +18,9 @@ public struct PilotServer: Service {
         public var debounce: Duration = .milliseconds(100)
         /// How often expired leases are looked for.
         public var leaseSweepInterval: Duration = .seconds(1)
+        /// Concurrent xDS streams per HTTP/2 connection, advertised (``PilotServer/maxConcurrentStreams``;
+        /// tests lower it to exercise the limit without a thousand streams).
+        public var maxConcurrentStreams = PilotServer.maxConcurrentStreams
 
         public init() {}
     }
@@ -68,7 +71,7 @@ public struct PilotServer: Service {
         // The stream limit is advertised, so that a client queues streams beyond it instead of
         // having its whole connection torn down at the 101st (NIOHTTP2's unadvertised default).
         var transportConfig = HTTP2ServerTransport.Posix.Config.defaults
-        transportConfig.http2.maxConcurrentStreams = Self.maxConcurrentStreams
+        transportConfig.http2.maxConcurrentStreams = configuration.maxConcurrentStreams
         let grpc = GRPCServer(
             transport: HTTP2ServerTransport.Posix(
                 address: .ipv4(host: configuration.xdsHost, port: configuration.xdsPort),

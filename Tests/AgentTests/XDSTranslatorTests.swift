@@ -289,8 +289,8 @@ import XDS
 
 /// Scale: run apart from the other suites (scripts/test.sh), so that its memory does not show in
 /// the streaming tests' measurements of the process's RSS. Its tests run one at a time: beside the
-/// 100,000-endpoint translation and the other thousand-stream test, the 1,100-stream test saw
-/// 165 streams pass their 25 s deadline (now 40 s, as for the other) in CI (two cores shared by 2,100 Python threads).
+/// 100,000-endpoint translation and the other thousand-stream test, the stream-limit test saw
+/// 165 streams pass their 25 s deadline in CI (two cores shared by 2,100 Python threads).
 @Suite(.serialized) struct XDSScaleTests {
     /// 100,000 endpoints in one assignment: translated whole, each one kept with its health.
     @Test func aHundredThousandEndpointsTranslate() throws {

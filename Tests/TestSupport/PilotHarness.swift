@@ -23,6 +23,7 @@ public struct PilotHarness {
         httpPort: Int = Peers.freePort(),
         debounce: Duration = .milliseconds(50),
         leaseSweepInterval: Duration = .milliseconds(200),
+        maxConcurrentStreams: Int = PilotServer.maxConcurrentStreams,
         _ body: (PilotHarness) async throws -> T
     ) async throws -> T {
         var configuration = PilotServer.Configuration()
@@ -32,6 +33,7 @@ public struct PilotHarness {
         configuration.httpPort = httpPort
         configuration.debounce = debounce
         configuration.leaseSweepInterval = leaseSweepInterval
+        configuration.maxConcurrentStreams = maxConcurrentStreams
         var logger = Logger(label: "test.pilot")
         logger.logLevel = .critical
         let prometheus = PrometheusCollectorRegistry()
