@@ -244,35 +244,21 @@ struct OTLPExportRetryTests {
         #expect(text.contains(#"trellis_tracing_spans_total{result="failed"} 0"#), "\(text)")
     }
 
-    @Test func aBatchIsDroppedAfterThreeTries() async throws {
-        let receiver = try await OTLPReceiver(fail: 3)
+    /// Dropped after three tries when each is refused as unavailable (transient), after one when
+    /// refused as an invalid argument (not transient); counted as failed either way.
+    @Test(arguments: [(refusals: 3, code: "UNAVAILABLE"), (refusals: 1, code: "INVALID_ARGUMENT")])
+    func aRefusedBatchIsDropped(refusals: Int, code: String) async throws {
+        let receiver = try await OTLPReceiver(fail: refusals, failCode: code)
         defer { receiver.stop() }
         let metrics = TrellisMetricsFactory()
         try await withExporter(port: receiver.port, metrics: metrics) { tracer in
             for i in 0..<2 { tracer.startSpan("lost \(i)", context: .topLevel, ofKind: .server).end() }
-            #expect(await Peers.eventually(within: .seconds(10)) { receiver.refused == 3 })
-            // The next batch is the next span alone: the refused one is not tried a fourth time.
+            #expect(await Peers.eventually(within: .seconds(10)) { receiver.refused == refusals })
+            // The next batch is the next span alone: the refused one is not tried again.
             tracer.startSpan("later", context: .topLevel, ofKind: .server).end()
             _ = await receiver.spans(atLeast: 1)
         }
-        #expect(receiver.refused == 3)
-        #expect(names(receiver.spans) == ["later"])
-        let text = metrics.text()
-        #expect(text.contains(#"trellis_tracing_spans_total{result="failed"} 2"#), "\(text)")
-        #expect(text.contains(#"trellis_tracing_spans_total{result="exported"} 1"#), "\(text)")
-    }
-
-    @Test func aBatchRefusedForGoodIsNotSentAgain() async throws {
-        let receiver = try await OTLPReceiver(fail: 1, failCode: "INVALID_ARGUMENT")
-        defer { receiver.stop() }
-        let metrics = TrellisMetricsFactory()
-        try await withExporter(port: receiver.port, metrics: metrics) { tracer in
-            for i in 0..<2 { tracer.startSpan("lost \(i)", context: .topLevel, ofKind: .server).end() }
-            #expect(await Peers.eventually(within: .seconds(10)) { receiver.refused == 1 })
-            tracer.startSpan("later", context: .topLevel, ofKind: .server).end()
-            _ = await receiver.spans(atLeast: 1)
-        }
-        #expect(receiver.refused == 1)
+        #expect(receiver.refused == refusals)
         #expect(names(receiver.spans) == ["later"])
         let text = metrics.text()
         #expect(text.contains(#"trellis_tracing_spans_total{result="failed"} 2"#), "\(text)")
