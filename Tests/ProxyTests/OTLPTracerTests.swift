@@ -45,11 +45,17 @@ struct OTLPTracerTests {
             metrics: metrics
         )
         let tracer = try #require(tracing.tracer as? OTLPTracer)
-        let services = ServiceGroup(services: [exporter], logger: Self.logger)
+        return try await Self.running(exporter) { try await body(tracer) }
+    }
+
+    /// Runs `body` while `exporter` runs, then stops it (it sends what it still holds), also
+    /// when `body` throws.
+    static func running<T>(_ exporter: some Service, _ body: () async throws -> T) async throws -> T {
+        let services = ServiceGroup(services: [exporter], logger: logger)
         let running = Task { try await services.run() }
         let result: T
         do {
-            result = try await body(tracer)
+            result = try await body()
         } catch {
             await services.triggerGracefulShutdown()
             _ = try? await running.value
@@ -213,17 +219,7 @@ struct OTLPExportRetryTests {
             eventLoopGroup: MultiThreadedEventLoopGroup.singleton,
             metrics: metrics
         )
-        let services = ServiceGroup(services: [exporter], logger: OTLPTracerTests.logger)
-        let running = Task { try await services.run() }
-        do {
-            try await body(OTLPTracer(queue: queue))
-        } catch {
-            await services.triggerGracefulShutdown()
-            _ = try? await running.value
-            throw error
-        }
-        await services.triggerGracefulShutdown()
-        try await running.value
+        try await OTLPTracerTests.running(exporter) { try await body(OTLPTracer(queue: queue)) }
     }
 
     func names(_ spans: [[String: Any]]) -> [String] { spans.compactMap { $0["name"] as? String }.sorted() }
