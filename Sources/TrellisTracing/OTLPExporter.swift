@@ -137,10 +137,6 @@ struct OTLPExporter: Service {
             guard !batch.isEmpty else { break }
             delivered = await send(batch, client, timeout: timeout, state: &state, final: final)
         }
-        if final, !state.kept.isEmpty {
-            failed.increment(by: state.kept.count)
-            state.kept = []
-        }
         let lost = queue.takeDropped()
         if lost > 0 {
             dropped.increment(by: lost)

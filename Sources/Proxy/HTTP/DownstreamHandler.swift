@@ -86,14 +86,7 @@ final class DownstreamHandler: ChannelDuplexHandler {
     }
 
     private func opened(_ context: ChannelHandlerContext) {
-        var originalDestination: SocketEndpoint?
-        if let lookup, let address = lookup(context.channel), let ip = address.ipAddress, let port = address.port {
-            originalDestination = SocketEndpoint(host: ip, port: port)
-        }
-        connection = connection.opened(
-            remoteAddress: context.channel.remoteAddress,
-            originalDestination: originalDestination
-        )
+        connection = connection.opened(context.channel, originalDestination: lookup)
         let now = context.eventLoop.now
         machine = HTTP1ConnectionStateMachine(now: now, draining: loop.draining)
         timeouts?.opened(context: context, now: now)

@@ -73,14 +73,7 @@ final class HTTP2DownstreamHandler: ChannelInboundHandler {
     private func opened(_ context: ChannelHandlerContext) {
         guard !isOpen else { return }
         isOpen = true
-        var originalDestination: SocketEndpoint?
-        if let lookup, let address = lookup(context.channel), let ip = address.ipAddress, let port = address.port {
-            originalDestination = SocketEndpoint(host: ip, port: port)
-        }
-        connection = connection.opened(
-            remoteAddress: context.channel.remoteAddress,
-            originalDestination: originalDestination
-        )
+        connection = connection.opened(context.channel, originalDestination: lookup)
         loop.opened(self)
         loop.stats.activeConnections.increment()
         loop.stats.totalConnections.increment()

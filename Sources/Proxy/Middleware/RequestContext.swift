@@ -221,9 +221,15 @@ final class ClientConnection {
         self.originalDestination = originalDestination
     }
 
-    /// The same listener's, for a connection from `remoteAddress` to `originalDestination`.
-    func opened(remoteAddress: SocketAddress?, originalDestination: SocketEndpoint?) -> ClientConnection {
-        ClientConnection(
+    /// The same listener's, for `channel` once it is open: its peer's address and, with `lookup`
+    /// (capture listeners), where the connection was going before it was captured.
+    func opened(_ channel: any Channel, originalDestination lookup: OriginalDestinationLookup?) -> ClientConnection {
+        var originalDestination: SocketEndpoint?
+        if let lookup, let address = lookup(channel), let ip = address.ipAddress, let port = address.port {
+            originalDestination = SocketEndpoint(host: ip, port: port)
+        }
+        let remoteAddress = channel.remoteAddress
+        return ClientConnection(
             listenerName: listenerName,
             direction: direction,
             listenerStats: listenerStats,
