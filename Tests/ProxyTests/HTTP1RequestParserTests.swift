@@ -216,6 +216,35 @@ import Testing
         #expect(refused > 500 && refused < 3500, "\(refused) of 4000 values refused")
     }
 
+    /// A field name's end is found eight bytes at a time: against the byte-by-byte rule (`tchar`,
+    /// RFC 9110), for every byte value planted at every place of names of every length up to
+    /// 20, in a line that ends with CRLF or with the readable bytes.
+    @Test func fieldNameEndsAreFoundAsByteByByte() {
+        var checked = 0
+        // Names of the common bytes, and of rarer `tchar`s too.
+        for base in [Array("Content-Length-X9".utf8), Array("x_b3.Sampled!#~".utf8)] {
+            for length in 1...20 {
+                for place in 0..<length {
+                    for byte in UInt8.min...UInt8.max {
+                        var name = (0..<length).map { base[$0 % base.count] }
+                        name[place] = byte
+                        let expected = name.firstIndex { !HTTP1Framer.isTokenByte($0) } ?? length
+                        for line in [name + Array(": v\r\n".utf8), name] {
+                            let got = line.withUnsafeBufferPointer {
+                                HTTP1Framer.tokenEnd($0.baseAddress!, from: 0, to: length, readable: line.count)
+                            }
+                            if got != expected {
+                                Issue.record("byte \(byte) at \(place) of \(length): \(got), expected \(expected)")
+                            }
+                            checked += 1
+                        }
+                    }
+                }
+            }
+        }
+        #expect(checked == 2 * 2 * 256 * (1...20).reduce(0, +))
+    }
+
     /// Seeded random mutations of valid requests (bytes flipped, inserted, deleted, lines
     /// duplicated), each fed whole and in random pieces: the parser never traps, never returns
     /// input unread, and reads the same parts (or the same error) however the bytes arrive.

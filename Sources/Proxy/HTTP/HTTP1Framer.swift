@@ -276,16 +276,11 @@ struct HTTP1Framer {
             if b[lineStart] == SP || b[lineStart] == HT {
                 throw HTTP1ParseError("obsolete line folding in a field")
             }
-            var colon = lineStart
-            while colon < lineEnd {
-                let c = base[colon]
-                if c == UInt8(ascii: ":") { break }
-                guard isTokenByte(c) else {
-                    throw HTTP1ParseError(
-                        "an invalid character in a field name: '\(printable(UnsafeBufferPointer(rebasing: b[lineStart..<lineEnd])))'"
-                    )
-                }
-                colon &+= 1
+            let colon = tokenEnd(base, from: lineStart, to: lineEnd, readable: b.count)
+            if colon < lineEnd && base[colon] != UInt8(ascii: ":") {
+                throw HTTP1ParseError(
+                    "an invalid character in a field name: '\(printable(UnsafeBufferPointer(rebasing: b[lineStart..<lineEnd])))'"
+                )
             }
             guard colon < lineEnd, colon > lineStart else {
                 throw HTTP1ParseError(
@@ -408,6 +403,45 @@ struct HTTP1Framer {
         if b < 64 { return (0x03FF_6CFA_0000_0000 as UInt64) &>> UInt64(b) & 1 == 1 }
         if b < 128 { return (0x57FF_FFFF_C7FF_FFFE as UInt64) &>> UInt64(b &- 64) & 1 == 1 }
         return false
+    }
+
+    /// The index of the first byte from `from` that is not a `tchar`, at most `to`: where a field
+    /// name ends (at its colon, if the line is well formed). Eight bytes at a time while they lie
+    /// within the `readable` bytes: a word of letters, digits and `-` (what names are made of)
+    /// passes at once; from the first other byte on (the colon, or a rarer `tchar` such as `_`),
+    /// byte by byte. A line ends with CR or LF, neither a `tchar`, so no word is taken past the
+    /// line's end.
+    @inline(__always)
+    static func tokenEnd(_ p: UnsafePointer<UInt8>, from: Int, to: Int, readable: Int) -> Int {
+        var i = from
+        while i &+ 8 <= readable {
+            let common = commonTokenBytes(UnsafeRawPointer(p + i).loadUnaligned(as: UInt64.self))
+            if common != 0x8080_8080_8080_8080 {
+                i &+= (~common & 0x8080_8080_8080_8080).trailingZeroBitCount &>> 3
+                break
+            }
+            i &+= 8
+        }
+        while i < to && isTokenByte(p[i]) { i &+= 1 }
+        return min(i, to)
+    }
+
+    /// 0x80 in each byte of `w` that is an ASCII letter, digit or `-`, 0 in the others. Range
+    /// checks on the low seven bits of each byte (no carry crosses a byte), then bytes from 0x80
+    /// up are cleared; letters are folded to lowercase first (which maps no other byte into
+    /// `a`–`z`).
+    @inline(__always)
+    static func commonTokenBytes(_ w: UInt64) -> UInt64 {
+        let ones: UInt64 = 0x0101_0101_0101_0101
+        let highs: UInt64 = 0x8080_8080_8080_8080
+        let low = w & ~highs
+        @inline(__always) func within(_ x: UInt64, _ lo: UInt64, _ hi: UInt64) -> UInt64 {
+            (x &+ (0x80 &- lo) &* ones) & ~(x &+ (0x7F &- hi) &* ones)
+        }
+        let letters = within(low | 0x20 &* ones, 0x61, 0x7A)
+        let digits = within(low, 0x30, 0x39)
+        let dash = within(low, 0x2D, 0x2D)
+        return (letters | digits | dash) & ~w & highs
     }
 
     /// A byte allowed in a field value or reason phrase: HTAB, SP, VCHAR, obs-text.
