@@ -229,15 +229,63 @@ import Testing
         var parser = Parser()
         var input = ByteBuffer(string: text)
         guard case .head(let head) = try parser.next(&input) else { return "no head" }
-        var out = ByteBuffer()
-        HeaderRewriting.writeHTTP1Response(
-            head,
-            requestVersion: requestVersion,
-            keepAlive: keepAlive,
-            chunked: chunked,
-            into: &out
+        func written(_ head: ResponseHead) -> String {
+            var out = ByteBuffer()
+            HeaderRewriting.writeHTTP1Response(
+                head,
+                requestVersion: requestVersion,
+                keepAlive: keepAlive,
+                chunked: chunked,
+                into: &out
+            )
+            return String(buffer: out)
+        }
+        // The lines between those the parser marked are copied in one piece: the same head as
+        // when each line is looked at.
+        var lineByLine = head
+        if case .raw(var raw) = head.fields {
+            raw.plan = .lineByLine
+            lineByLine.fields = .raw(raw)
+        }
+        let text = written(head)
+        #expect(text == written(lineByLine))
+        return text
+    }
+
+    /// The parser notes the lines not relayed as they came (up to three): the others are copied
+    /// in one piece.
+    @Test func theLinesBetweenSpecialOnesAreCopiedWhole() throws {
+        func plan(_ text: String) throws -> RawResponseHead.CopyPlan? {
+            var parser = Parser()
+            var input = ByteBuffer(string: text)
+            guard case .head(let head) = try parser.next(&input), case .raw(let raw) = head.fields else { return nil }
+            return raw.plan
+        }
+        let nginx =
+            "HTTP/1.1 200 OK\r\nServer: nginx/1.22.1\r\nDate: Wed, 02 Dec 2026 02:00:00 GMT\r\n"
+            + "Content-Type: text/plain\r\nContent-Length: 12\r\nConnection: keep-alive\r\n\r\n"
+        #expect(try plan(nginx)?.count == 1)
+        #expect(
+            try relayed(nginx) == "HTTP/1.1 200 OK\r\nServer: nginx/1.22.1\r\nDate: Wed, 02 Dec 2026 02:00:00 GMT\r\n"
+                + "Content-Type: text/plain\r\nContent-Length: 12\r\nvia: 1.1 trellis\r\n\r\n"
         )
-        return String(buffer: out)
+        let three =
+            "HTTP/1.1 200 OK\r\nKeep-Alive: timeout=5\r\nA: 1\nB: 2\r\nTE: trailers\r\nContent-Length: 0\r\n\r\n"
+        #expect(try plan(three)?.count == 3)
+        #expect(
+            try relayed(three)
+                == "HTTP/1.1 200 OK\r\nA: 1\r\nB: 2\r\nte: trailers\r\nContent-Length: 0\r\nvia: 1.1 trellis\r\n\r\n"
+        )
+        let four =
+            "HTTP/1.1 200 OK\r\nUpgrade: x\r\nA: 1\r\nTrailer: t\r\nProxy-Authenticate: b\r\nKeep-Alive: 1\r\n\r\n"
+        #expect(try plan(four)?.count == -1)
+        #expect(try relayed(four) == "HTTP/1.1 200 OK\r\nA: 1\r\nvia: 1.1 trellis\r\n\r\n")
+        let named = "HTTP/1.1 200 OK\r\nX-Hop: 1\r\nConnection: x-hop\r\nContent-Length: 0\r\n\r\n"
+        #expect(try plan(named)?.count == -1)
+        #expect(try relayed(named) == "HTTP/1.1 200 OK\r\nContent-Length: 0\r\nvia: 1.1 trellis\r\n\r\n")
+        let plain = "HTTP/1.1 204 No Content\r\nX-A: 1\r\nX-B: 2\r\n\r\n"
+        #expect(try plan(plain)?.count == 0)
+        #expect(try relayed(plain) == "HTTP/1.1 204 No Content\r\nX-A: 1\r\nX-B: 2\r\nvia: 1.1 trellis\r\n\r\n")
     }
 
     @Test func hopByHopFieldsGoAndTheRestIsCopiedByteForByte() throws {

@@ -258,12 +258,22 @@ struct HTTP1Framer {
         }
     }
 
-    /// Checks each field line from `start` up to the empty line, calling `body` with its name and
-    /// trimmed value.
+    /// Where a field line lies in its section: from `start` to `end` (before its CR or LF), the
+    /// next line from `next`.
+    struct LineExtent {
+        var start: Int
+        var end: Int
+        var next: Int
+        /// Whether the line ends with CRLF (not a bare LF).
+        var endsWithCRLF: Bool { next &- end == 2 }
+    }
+
+    /// Checks each field line from `start` up to the empty line, calling `body` with its name,
+    /// trimmed value and extent.
     static func fields(
         _ b: UnsafeBufferPointer<UInt8>,
         from start: Int,
-        _ body: (UnsafeBufferPointer<UInt8>, UnsafeBufferPointer<UInt8>) throws -> Void
+        _ body: (UnsafeBufferPointer<UInt8>, UnsafeBufferPointer<UInt8>, LineExtent) throws -> Void
     ) throws {
         guard let base = b.baseAddress else { return }
         var lineStart = start
@@ -293,7 +303,11 @@ struct HTTP1Framer {
                 )
             }
             let value = RawResponseHead.trimmed(b, (colon + 1)..<lineEnd)
-            try body(UnsafeBufferPointer(rebasing: b[lineStart..<colon]), UnsafeBufferPointer(rebasing: b[value]))
+            try body(
+                UnsafeBufferPointer(rebasing: b[lineStart..<colon]),
+                UnsafeBufferPointer(rebasing: b[value]),
+                LineExtent(start: lineStart, end: lineEnd, next: next)
+            )
             lineStart = next
         }
     }
@@ -378,7 +392,7 @@ struct HTTP1Framer {
     private static func trailers(_ section: ByteBuffer) throws -> HTTPHeaders? {
         var headers = HTTPHeaders()
         try section.withUnsafeReadableBytes { raw in
-            try fields(raw.bindMemory(to: UInt8.self), from: 0) { name, value in
+            try fields(raw.bindMemory(to: UInt8.self), from: 0) { name, value, _ in
                 headers.add(name: String(decoding: name, as: UTF8.self), value: String(decoding: value, as: UTF8.self))
             }
         }

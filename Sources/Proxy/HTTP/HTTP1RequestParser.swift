@@ -64,7 +64,7 @@ struct HTTP1RequestParser {
             if lineEnd == 0 { return nil }
             let (method, uri, minor) = try Self.requestLine(UnsafeBufferPointer(rebasing: b[0..<lineEnd]))
             var hosts = 0
-            try HTTP1Framer.fields(b, from: fieldsStart) { name, value in
+            try HTTP1Framer.fields(b, from: fieldsStart) { name, value, _ in
                 try HTTP1Framer.frame(&framing, name: name, value: value)
                 if name.count == 4 && HeaderRewriting.equalsLowercase(name, "host") {
                     hosts += 1

@@ -60,15 +60,21 @@ struct HTTP1ResponseParser {
     /// Checks a head (status line, fields, the empty line) and sets the framer for its body.
     private mutating func head(_ bytes: ByteBuffer) throws -> ResponseHead {
         var framing = HTTP1Framer.Framing()
+        var plan = RawResponseHead.CopyPlan.passing
         let (versionMinor, code, textEnd) = try bytes.withUnsafeReadableBytes { raw in
             let b = raw.bindMemory(to: UInt8.self)
             let (statusEnd, fields) = HTTP1Framer.startLine(b)
             let (minor, code) = try Self.statusLine(UnsafeBufferPointer(rebasing: b[0..<statusEnd]))
-            try HTTP1Framer.fields(b, from: fields) { name, value in
+            try HTTP1Framer.fields(b, from: fields) { name, value, line in
                 try HTTP1Framer.frame(&framing, name: name, value: value)
+                if !line.endsWithCRLF || !HeaderRewriting.copiesResponseField(name) {
+                    plan.special(line.start &- fields..<line.next &- fields)
+                }
             }
             return (minor, code, statusEnd)
         }
+        // Fields named in `Connection` are dropped too (rare): each line is looked at.
+        if !framing.options.isEmpty { plan = .lineByLine }
         let body = try framing.body()
         let version = HTTPVersion(major: 1, minor: versionMinor)
         var keepAlive = versionMinor == 1 ? !framing.close : framing.keepAlive && !framing.close
@@ -90,7 +96,8 @@ struct HTTP1ResponseParser {
             block: bytes.getSlice(at: bytes.readerIndex + textEnd, length: bytes.readableBytes - textEnd)!
                 .trimmingHeadLine(),
             connectionOptions: framing.options,
-            chunked: framing.chunked
+            chunked: framing.chunked,
+            plan: plan
         )
         return ResponseHead(
             status: status,

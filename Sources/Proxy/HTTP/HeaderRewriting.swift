@@ -444,35 +444,64 @@ enum HeaderRewriting {
         raw.statusText.withUnsafeReadableBytes { out.put($0) }
         out.put("\r\n")
         // The upstream's field lines as received but for the hop-by-hop ones (and those its
-        // `Connection` names), `Transfer-Encoding` (framed again) and `TE` (only `trailers`).
+        // `Connection` names), `Transfer-Encoding` (framed again) and `TE` (only `trailers`). Where
+        // the parser found which lines those are, the lines between are copied in one piece.
         raw.block.withUnsafeReadableBytes { rawBytes in
-            let bytes = rawBytes.bindMemory(to: UInt8.self)
-            RawResponseHead.forEachLine(bytes) { line, colon in
-                let name = UnsafeBufferPointer(rebasing: bytes[line.lowerBound..<colon])
-                switch kind(of: name) {
-                case .endToEnd, .traceContext, .contentLength, .xForwardedFor, .via:
-                    if !raw.connectionOptions.isEmpty,
-                        raw.connectionOptions.contains(where: {
-                            String(decoding: name, as: UTF8.self).lowercased() == $0
-                        })
-                    {
-                        return
-                    }
-                    out.put(UnsafeRawBufferPointer(rebasing: rawBytes[line]))
-                    out.put("\r\n")
-                case .te:
-                    let value = String(
-                        decoding: UnsafeBufferPointer(rebasing: bytes[(colon + 1)..<line.upperBound]),
-                        as: UTF8.self
-                    )
-                    if value.lowercased().contains("trailers") { out.put("te: trailers\r\n") }
-                case .connection, .hopByHop, .xForwardedProto, .transferEncoding:
-                    return
-                }
+            let plan = raw.plan
+            guard plan.count >= 0 else {
+                emitResponseLines(rawBytes, raw, into: &out)
+                return
             }
+            var copied = 0
+            for i in 0..<Int(plan.count) {
+                let line = plan.line(i)
+                out.put(UnsafeRawBufferPointer(rebasing: rawBytes[copied..<line.lowerBound]))
+                emitResponseLines(UnsafeRawBufferPointer(rebasing: rawBytes[line]), raw, into: &out)
+                copied = line.upperBound
+            }
+            out.put(UnsafeRawBufferPointer(rebasing: rawBytes[copied...]))
         }
         out.put(head.version.minor == 0 ? "via: 1.0 trellis\r\n" : "via: 1.1 trellis\r\n")
         emitResponseEnd(framing, into: &out)
+    }
+
+    /// Whether a response field named `name` is relayed to an HTTP/1 client as it came (unless
+    /// `Connection` names it): what ``emitResponseLines(_:_:into:)`` copies.
+    static func copiesResponseField(_ name: UnsafeBufferPointer<UInt8>) -> Bool {
+        switch kind(of: name) {
+        case .endToEnd, .traceContext, .contentLength, .xForwardedFor, .via: true
+        case .te, .connection, .hopByHop, .xForwardedProto, .transferEncoding: false
+        }
+    }
+
+    /// The field lines of `block` (whole lines of a checked response block) as relayed to an
+    /// HTTP/1 client, each looked at.
+    private static func emitResponseLines<Sink: HeadSink>(
+        _ block: UnsafeRawBufferPointer,
+        _ raw: RawResponseHead,
+        into out: inout Sink
+    ) {
+        let bytes = block.bindMemory(to: UInt8.self)
+        RawResponseHead.forEachLine(bytes) { line, colon in
+            let name = UnsafeBufferPointer(rebasing: bytes[line.lowerBound..<colon])
+            if copiesResponseField(name) {
+                if !raw.connectionOptions.isEmpty,
+                    raw.connectionOptions.contains(where: {
+                        String(decoding: name, as: UTF8.self).lowercased() == $0
+                    })
+                {
+                    return
+                }
+                out.put(UnsafeRawBufferPointer(rebasing: block[line]))
+                out.put("\r\n")
+            } else if case .te = kind(of: name) {
+                let value = String(
+                    decoding: UnsafeBufferPointer(rebasing: bytes[(colon + 1)..<line.upperBound]),
+                    as: UTF8.self
+                )
+                if value.lowercased().contains("trailers") { out.put("te: trailers\r\n") }
+            }
+        }
     }
 
     /// An HTTP/2 upstream's response for an HTTP/1 client: its fields as scanned.

@@ -89,6 +89,56 @@ struct RawResponseHead {
     var connectionOptions: [String] = []
     /// Whether the body is chunked (`Transfer-Encoding` ends with `chunked`).
     var chunked = false
+    /// Which lines the parser found that are not relayed as they came: without it, each line
+    /// is looked at again.
+    var plan = CopyPlan.lineByLine
+
+    /// The field lines that are not relayed to a client as they came (hop-by-hop, framing and
+    /// `TE` fields, a line ending with a bare LF), found while the parser checked the block, up
+    /// to three of them: the lines between are copied in one piece, without being looked at
+    /// again. More than three, or fields named in `Connection`: ``lineByLine``.
+    struct CopyPlan: Equatable {
+        /// The number of special lines, -1 for line by line.
+        private(set) var count: Int8
+        /// Their ranges in the block (each with its line end), in order.
+        private var ranges: (UInt16, UInt16, UInt16, UInt16, UInt16, UInt16) = (0, 0, 0, 0, 0, 0)
+
+        /// Every line relayed as it came, so far.
+        static let passing = CopyPlan(count: 0)
+        /// Each line looked at when relayed.
+        static let lineByLine = CopyPlan(count: -1)
+
+        private init(count: Int8) { self.count = count }
+
+        /// Notes a special line (its range in the block, which is smaller than 64 KiB).
+        mutating func special(_ line: Range<Int>) {
+            let (lower, upper) = (
+                UInt16(truncatingIfNeeded: line.lowerBound), UInt16(truncatingIfNeeded: line.upperBound)
+            )
+            switch count {
+            case 0: (ranges.0, ranges.1) = (lower, upper)
+            case 1: (ranges.2, ranges.3) = (lower, upper)
+            case 2: (ranges.4, ranges.5) = (lower, upper)
+            default:
+                count = -1
+                return
+            }
+            count += 1
+        }
+
+        /// The special line `i` (below ``count``).
+        func line(_ i: Int) -> Range<Int> {
+            switch i {
+            case 0: Int(ranges.0)..<Int(ranges.1)
+            case 1: Int(ranges.2)..<Int(ranges.3)
+            default: Int(ranges.4)..<Int(ranges.5)
+            }
+        }
+
+        static func == (lhs: CopyPlan, rhs: CopyPlan) -> Bool {
+            lhs.count == rhs.count && (0..<max(Int(lhs.count), 0)).allSatisfy { lhs.line($0) == rhs.line($0) }
+        }
+    }
 
     /// Calls `body` with each field's name and value (without surrounding whitespace), in order.
     func forEachField(_ body: (UnsafeBufferPointer<UInt8>, UnsafeBufferPointer<UInt8>) -> Void) {
