@@ -242,6 +242,12 @@ final class DownstreamHandler: ChannelDuplexHandler {
     private func writeUnsentHead() {
         guard let head = unsentHead else { return }
         unsentHead = nil
+        writeHead(head)
+    }
+
+    /// Writes a response head (with what was coalesced behind it), its buffer to be used again.
+    private func writeHead(_ head: ByteBuffer) {
+        loop.heads.recycle(head)
         write(head)
     }
 
@@ -356,7 +362,7 @@ extension DownstreamHandler: DownstreamStream {
         // allocator's per-thread cache, each time.
         var capacity = 160 + (hasBody ? min(head.contentLength ?? 0, Self.coalescedBodyBytes) : 0)
         if case .raw(let raw) = head.fields { capacity += HeaderRewriting.responseHeadBound(raw) }
-        var buffer = allocator.buffer(capacity: capacity)
+        var buffer = loop.heads.buffer(capacity: capacity)
         HeaderRewriting.writeHTTP1Response(
             head,
             requestVersion: version,
@@ -374,10 +380,10 @@ extension DownstreamHandler: DownstreamStream {
                 unsentHead = nil
                 if buffer.readableBytes <= Self.coalescedBodyBytes {
                     head.writeImmutableBuffer(buffer)
-                    write(head)
+                    writeHead(head)
                     return
                 }
-                write(head)
+                writeHead(head)
             }
             write(buffer)
             return

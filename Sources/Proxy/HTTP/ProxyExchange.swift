@@ -23,7 +23,7 @@ final class ProxyExchange {
     /// Whether the current try has yet to send ``upstreamHead``.
     private var headPending = false
     /// Parts after the head that came while connecting (or all of them again, for another try).
-    private var pending: [UpstreamRequestPart] = []
+    private var pending = RequestParts()
     private var requestEnded = false
     private var upstreamKeepAlive = false
     /// The slot of this exchange in its loop's ``RequestDeadlines``, while it has one.
@@ -33,7 +33,7 @@ final class ProxyExchange {
     /// Every request part after the head so far, to send again (after the head) on the next try;
     /// `nil` when not kept, or once the body outgrew ``RetryPolicy/maxRetainedBodyBytes`` (then
     /// no retry).
-    private var retained: [UpstreamRequestPart]?
+    private var retained: RequestParts?
     private var retainedBytes = 0
     private var perTryTimer: Scheduled<Void>?
     private var backoffTimer: Scheduled<Void>?
@@ -98,7 +98,7 @@ final class ProxyExchange {
         }
         upstreamHead = UpstreamRequestHead(request: request)
         headPending = true
-        if request.hasRetryPolicy { retained = [] }
+        if request.hasRetryPolicy { retained = RequestParts() }
         if let delay = request.faultDelay {
             // Injected delay: the request waits (its body held as while connecting), within the
             // route's timeout, then goes upstream.
@@ -169,7 +169,7 @@ final class ProxyExchange {
         // idle timeout, a drain): keep what is sent, to send it again on a new connection.
         if machine.maySendAgain && retained == nil && retainedBytes == 0 {
             retained = pending
-            for case .body(let buffer) in pending { retainedBytes += buffer.readableBytes }
+            retainedBytes = pending.bodyBytes
             if retainedBytes > RetryPolicy.maxRetainedBodyBytes { retained = nil }
         }
         if headPending, let head = upstreamHead {
@@ -178,11 +178,15 @@ final class ProxyExchange {
             guard upstream === connection else { return }
         }
         let parts = pending
-        pending.removeAll()
-        for part in parts {
-            connection.send(part)
+        pending = RequestParts()
+        for buffer in parts.bodies {
+            connection.send(.body(buffer))
             // An HTTP/2 connection that refused the stream (a GOAWAY just in) fails the try at
             // once, and the request may already be on its way elsewhere.
+            guard upstream === connection else { return }
+        }
+        if parts.ended {
+            connection.send(.end(parts.trailers))
             guard upstream === connection else { return }
         }
         connection.flushSoon(loop)
@@ -191,9 +195,9 @@ final class ProxyExchange {
 
     func requestBody(_ buffer: ByteBuffer) {
         request.requestBytes += buffer.readableBytes
-        retain(.body(buffer), bytes: buffer.readableBytes)
+        if retained != nil { retain(body: buffer) }
         switch machine.phase {
-        case .connecting: pending.append(.body(buffer))
+        case .connecting: pending.bodies.append(buffer)
         case .streaming: upstream?.send(.body(buffer))
         case .backingOff, .finished: break  // kept in `retained` for the next try / answered early
         }
@@ -201,9 +205,9 @@ final class ProxyExchange {
 
     func requestEnd(_ trailers: HTTPHeaders?) {
         requestEnded = true
-        retain(.end(trailers), bytes: 0)
+        retained?.end(trailers)
         switch machine.phase {
-        case .connecting: pending.append(.end(trailers))
+        case .connecting: pending.end(trailers)
         case .streaming:
             upstream?.send(.end(trailers))
             upstream?.flushSoon(loop)
@@ -211,13 +215,12 @@ final class ProxyExchange {
         }
     }
 
-    private func retain(_ part: UpstreamRequestPart, bytes: Int) {
-        guard retained != nil else { return }
-        retainedBytes += bytes
+    private func retain(body buffer: ByteBuffer) {
+        retainedBytes += buffer.readableBytes
         if retainedBytes > RetryPolicy.maxRetainedBodyBytes {
             retained = nil
         } else {
-            retained!.append(part)
+            retained?.bodies.append(buffer)
         }
     }
 
@@ -500,7 +503,7 @@ final class ProxyExchange {
         machine.finish()
         upstream = nil
         headPending = false
-        pending.removeAll()
+        pending = RequestParts()
         retained = nil
         cancelPerTryTimer()
         backoffTimer?.cancel()
@@ -519,3 +522,18 @@ final class ProxyExchange {
 
 @available(*, unavailable)
 extension ProxyExchange: Sendable {}
+
+/// A request's parts after its head, in order: its body's buffers, then its end (with trailers).
+/// The end is a flag, not an element: a request without a body (most) needs no array.
+struct RequestParts {
+    var bodies: [ByteBuffer] = []
+    private(set) var ended = false
+    private(set) var trailers: HTTPHeaders?
+
+    var bodyBytes: Int { bodies.reduce(0) { $0 + $1.readableBytes } }
+
+    mutating func end(_ trailers: HTTPHeaders?) {
+        ended = true
+        self.trailers = trailers
+    }
+}

@@ -35,7 +35,11 @@ final class UpstreamConnection: ChannelDuplexHandler {
     /// What this connection counts in (`max_connections`, the connection metrics), until it is gone.
     var accounting = UpstreamConnectionAccounting()
 
-    init(idleStack: IdleStack, maxRequests: Int?, maxIdle: Int, idleTimeout: TimeAmount) {
+    /// The loop's buffers for request heads.
+    private let heads: HeadBufferRing
+
+    init(idleStack: IdleStack, maxRequests: Int?, maxIdle: Int, idleTimeout: TimeAmount, heads: HeadBufferRing) {
+        self.heads = heads
         self.idleStack = idleStack
         self.maxRequests = maxRequests
         self.maxIdle = maxIdle
@@ -87,8 +91,9 @@ final class UpstreamConnection: ChannelDuplexHandler {
         case .head(let head):
             requestsServed += 1
             parser.requestIsHEAD = head.head.method.isHEAD
-            var buffer = allocator.buffer(capacity: HeaderRewriting.http1RequestCapacity(head))
+            var buffer = heads.buffer(capacity: HeaderRewriting.http1RequestCapacity(head))
             chunkedRequest = HeaderRewriting.writeHTTP1Request(head, into: &buffer)
+            heads.recycle(buffer)
             context.write(wrapOutboundOut(buffer), promise: nil)
         case .body(let buffer):
             if chunkedRequest {

@@ -19,7 +19,11 @@ final class UpstreamPool {
     /// Every upstream socket gets the agent's mark (which the capture rules let through).
     private let connector: UpstreamConnector
 
-    init(eventLoop: any EventLoop, mark: UInt32? = nil) {
+    /// The loop's buffers for request heads (see ``HeadBufferRing``).
+    let heads: HeadBufferRing
+
+    init(eventLoop: any EventLoop, mark: UInt32? = nil, heads: HeadBufferRing = HeadBufferRing()) {
+        self.heads = heads
         self.eventLoop = eventLoop
         self.connector = UpstreamConnector(mark: mark)
     }
@@ -142,7 +146,8 @@ final class UpstreamPool {
             idleStack: stack,
             maxRequests: cluster.config.pool.maxRequestsPerConnection,
             maxIdle: cluster.config.pool.maxIdlePerEndpoint,
-            idleTimeout: TimeAmount(cluster.config.pool.idleTimeout)
+            idleTimeout: TimeAmount(cluster.config.pool.idleTimeout),
+            heads: heads
         )
         connection.accounting.load = load
         connection.pool = self

@@ -14,6 +14,8 @@ final class LoopContext {
     /// The tracer and sampling, when the process traces requests.
     let tracing: ProxyTracing?
     let pool: UpstreamPool
+    /// Buffers for the heads this loop writes, used again (requests, through the pool, and responses).
+    let heads = HeadBufferRing()
     let deadlines: RequestDeadlines
     let resources = LoopResources()
     private(set) var snapshot: ProxySnapshot?
@@ -36,7 +38,7 @@ final class LoopContext {
         self.stats = stats
         self.logger = logger
         self.accessLog = accessLog.map { LoopAccessLog(sink: $0, eventLoop: eventLoop) }
-        self.pool = UpstreamPool(eventLoop: eventLoop, mark: upstreamMark)
+        self.pool = UpstreamPool(eventLoop: eventLoop, mark: upstreamMark, heads: heads)
         self.deadlines = RequestDeadlines(eventLoop: eventLoop)
     }
 
