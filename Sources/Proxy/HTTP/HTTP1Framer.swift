@@ -341,6 +341,15 @@ struct HTTP1Framer {
             }
             f.chunked = true
         case 10 where connection && HeaderRewriting.equalsLowercase(name, "connection"):
+            // The usual values whole, before the general list.
+            if HeaderRewriting.equalsLowercase(value, "keep-alive") {
+                f.keepAlive = true
+                return
+            }
+            if HeaderRewriting.equalsLowercase(value, "close") {
+                f.close = true
+                return
+            }
             var start = 0
             while start <= value.count {
                 let end = value[start...].firstIndex(of: UInt8(ascii: ",")) ?? value.count

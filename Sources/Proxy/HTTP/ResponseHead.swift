@@ -184,6 +184,7 @@ struct RawResponseHead {
     }
 
     /// `range` without leading and trailing spaces and tabs.
+    @inline(__always)
     static func trimmed(_ bytes: UnsafeBufferPointer<UInt8>, _ range: Range<Int>) -> Range<Int> {
         var lower = range.lowerBound
         var upper = range.upperBound
