@@ -216,6 +216,49 @@ import Testing
         #expect(refused > 500 && refused < 3500, "\(refused) of 4000 values refused")
     }
 
+    /// The parser indexes the field lines it checked (start, colon, value, end): every pass over
+    /// them reads the same lines, names and values as a search of the lines would, in order.
+    @Test func indexedFieldLinesReadAsSearchedOnes() throws {
+        func seen(_ fields: RequestFields) -> [String] {
+            var out: [String] = []
+            fields.forEachLine { line, name, value in
+                let text = line.map { String(decoding: $0, as: UTF8.self) } ?? "-"
+                out.append("\(text)|\(String(decoding: name, as: UTF8.self))|\(String(decoding: value, as: UTF8.self))")
+            }
+            return out
+        }
+        let manyLines = (0..<70).map { "X-\($0): \($0)\r\n" }.joined()
+        let heads = [
+            "GET / HTTP/1.1\r\nHost: a\r\n\r\n",
+            "GET /x HTTP/1.1\r\nHost:b\r\nX-Odd:  Va lue \t\r\nX-Empty:\r\nX-Spaces:   \r\nAccept: */*\n\r\n",
+            "POST /p HTTP/1.1\nHost: c\nContent-Length: 2\ntraceparent: 00-4bf92f3577b34da6a3ce929d0e0e4736-00f067aa0ba902b7-01\n\nok",
+            "GET / HTTP/1.0\r\n\r\n",
+            "GET / HTTP/1.1\r\nHost: d\r\n" + manyLines + "\r\n",
+        ]
+        for text in heads {
+            var parser = HTTP1RequestParser(maxHeadBytes: 64 * 1024)
+            var input = ByteBuffer(string: text)
+            guard case .head(let head) = try parser.next(&input) else {
+                Issue.record("no head in \(text)")
+                continue
+            }
+            let searched = RequestFields(raw: head.fields.lines)
+            #expect(seen(head.fields) == seen(searched))
+            #expect(head.fields == searched)
+            #expect(head.fields.first("host") == searched.first("host"))
+        }
+        // The values as the parser trimmed them.
+        var parser = HTTP1RequestParser(maxHeadBytes: 4096)
+        var input = ByteBuffer(string: heads[1])
+        guard case .head(let head) = try parser.next(&input) else { return }
+        #expect(
+            seen(head.fields) == [
+                "Host:b|Host|b", "X-Odd:  Va lue \t|X-Odd|Va lue", "X-Empty:|X-Empty|", "X-Spaces:   |X-Spaces|",
+                "Accept: */*|Accept|*/*",
+            ]
+        )
+    }
+
     /// A field name's end is found eight bytes at a time: against the byte-by-byte rule (`tchar`,
     /// RFC 9110), for every byte value planted at every place of names of every length up to
     /// 20, in a line that ends with CRLF or with the readable bytes.

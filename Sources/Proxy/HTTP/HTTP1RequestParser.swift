@@ -19,6 +19,9 @@ struct HTTP1RequestParser {
     private var framer: HTTP1Framer
     /// Set once a request could not be parsed: what follows is dropped unread.
     private(set) var failed = false
+    /// Where the last head's field lines lie, gathered while they are checked; kept, so that its
+    /// memory serves every head of the connection.
+    private let index = RequestFields.LineIndex()
 
     /// `maxHeadBytes` bounds the request line and fields together (and a trailer section).
     init(maxHeadBytes: Int) {
@@ -58,22 +61,37 @@ struct HTTP1RequestParser {
     /// whole exchange), not decoded into strings: they are relayed upstream as they are.
     private mutating func head(_ bytes: ByteBuffer) throws -> RequestHead? {
         var framing = HTTP1Framer.Framing()
-        let parsed = try bytes.withUnsafeReadableBytes { raw -> (HTTPMethod, String, Int, ByteBuffer)? in
+        index.removeAll()
+        let parsed = try bytes.withUnsafeReadableBytes { raw -> (HTTPMethod, String, Int, RequestFields)? in
             let b = raw.bindMemory(to: UInt8.self)
             let (lineEnd, fieldsStart) = HTTP1Framer.startLine(b)
             if lineEnd == 0 { return nil }
             let (method, uri, minor) = try Self.requestLine(UnsafeBufferPointer(rebasing: b[0..<lineEnd]))
             var hosts = 0
-            try HTTP1Framer.fields(b, from: fieldsStart) { name, value, _ in
+            guard let base = b.baseAddress else { return nil }
+            try HTTP1Framer.fields(b, from: fieldsStart) { name, value, line in
                 try HTTP1Framer.frame(&framing, name: name, value: value)
                 if name.count == 4 && HeaderRewriting.equalsLowercase(name, "host") {
                     hosts += 1
                     if hosts > 1 { throw HTTP1ParseError("more than one Host field") }
                 }
+                // Offsets in the copied lines, which start at `fieldsStart`.
+                let valueStart = (value.baseAddress.map { $0 - base } ?? line.end) &- fieldsStart
+                index.append(
+                    start: line.start &- fieldsStart,
+                    colon: line.start &+ name.count &- fieldsStart,
+                    valueStart: valueStart,
+                    valueEnd: valueStart &+ value.count,
+                    end: line.end &- fieldsStart
+                )
             }
-            return (method, uri, minor, ByteBuffer(bytes: UnsafeRawBufferPointer(rebasing: raw[fieldsStart...])))
+            let lines = UnsafeRawBufferPointer(rebasing: raw[fieldsStart...])
+            let fields =
+                index.overflowed
+                ? RequestFields(raw: ByteBuffer(bytes: lines)) : RequestFields(raw: lines, index: index)
+            return (method, uri, minor, fields)
         }
-        guard let (method, uri, minor, block) = parsed else { return nil }
+        guard let (method, uri, minor, fields) = parsed else { return nil }
         if framing.transferEncoding && minor == 0 {
             throw HTTP1ParseError("Transfer-Encoding in an HTTP/1.0 request")
         }
@@ -83,7 +101,7 @@ struct HTTP1RequestParser {
             method: method,
             uri: uri,
             version: HTTPVersion(major: 1, minor: minor),
-            fields: RequestFields(raw: block),
+            fields: fields,
             // As NIO's `isKeepAlive`: HTTP/1.1 unless `close`, HTTP/1.0 only with `keep-alive`.
             keepAlive: minor == 1 ? !framing.close : framing.keepAlive && !framing.close
         )

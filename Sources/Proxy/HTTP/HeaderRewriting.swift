@@ -237,7 +237,7 @@ enum HeaderRewriting {
     /// lines and the values joined into `X-Forwarded-For` and `Via`; plus the request line and
     /// what the proxy adds (its constant parts under 256 bytes).
     static func rawRequestBound(_ request: UpstreamRequestHead) -> Int {
-        2 * request.head.fields.block.readableBytes + request.head.method.rawValue.utf8.count
+        2 * request.head.fields.rawBytes + request.head.method.rawValue.utf8.count
             + request.head.uri.utf8.count
             + (request.clientIP?.utf8.count ?? 0) + (request.requestID == nil ? 0 : RequestID.length)
             + (request.trace?.tracestate?.utf8.count ?? 0) + 256

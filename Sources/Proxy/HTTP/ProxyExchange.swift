@@ -68,14 +68,7 @@ final class ProxyExchange {
         // `x-request-id`: the client's, else a new one, sent upstream (also on a refusal's log line).
         if request.arrivedRequestID == nil { request.generatedRequestID = RequestID.make(&loop.resources.rng) }
         if let tracing = loop.tracing, tracing.traces(request.originalDestination) {
-            request.trace = RequestTrace.start(
-                request.arrivedTrace,
-                state: request.arrivedTraceState,
-                method: request.head.method,
-                direction: request.direction,
-                tracing: tracing,
-                rng: &loop.resources.rng
-            )
+            request.trace = RequestTrace.start(request, tracing: tracing, rng: &loop.resources.rng)
         }
         if let error = chain.onRequest(request) {
             respondLocally(error)

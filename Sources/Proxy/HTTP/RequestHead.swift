@@ -47,21 +47,82 @@ struct RequestHead: Equatable {
 /// decoded headers. Lookups on raw lines compare bytes and make a `String` only of the value
 /// asked for.
 struct RequestFields: Equatable {
-    /// The field lines when raw (empty when decoded). Two stored properties rather than an enum
-    /// with payloads: reading the lines in place then needs no copy of the buffer (a retain and
-    /// a release each time a field is looked up).
-    private(set) var block: ByteBuffer
+    /// The field lines when raw (empty when decoded), followed by their index when the parser
+    /// made one (see ``init(raw:index:)``). Two stored properties rather than an enum with
+    /// payloads: reading the lines in place then needs no copy of the buffer (a retain and a
+    /// release each time a field is looked up).
+    private var block: ByteBuffer
     /// The decoded fields; nil when raw.
     private var decodedHeaders: HTTPHeaders?
+    /// How many bytes of ``block`` are field lines; -1 when the block has no index after them.
+    private var indexStart: Int32 = -1
 
+    /// Lines found without an index: each pass looks for their ends and colons again.
     init(raw block: ByteBuffer) {
         self.block = block
         self.decodedHeaders = nil
     }
 
+    /// Lines as ``HTTP1RequestParser`` checked them, with where each lies (``LineIndex``): the
+    /// passes over them (the request's facts, the head sent upstream) search nothing again.
+    init(raw lines: UnsafeRawBufferPointer, index: LineIndex) {
+        var block = ByteBufferAllocator().buffer(capacity: lines.count + index.byteCount)
+        block.writeBytes(lines)
+        index.write(into: &block)
+        self.block = block
+        self.decodedHeaders = nil
+        self.indexStart = Int32(lines.count)
+    }
+
     init(_ headers: HTTPHeaders) {
         self.block = ByteBuffer()
         self.decodedHeaders = headers
+    }
+
+    /// The bytes of the field lines as received (0 when decoded).
+    var rawBytes: Int { indexStart < 0 ? block.readableBytes : Int(indexStart) }
+
+    /// Where each field line of a head lies: its start, colon, value (without surrounding
+    /// whitespace) and end (before CR or LF), as offsets in the lines. Gathered by the parser in
+    /// memory it keeps for the connection (no allocation per request) and stored after the lines;
+    /// a head of more than ``maxLines`` lines is not indexed (its index would outweigh it).
+    final class LineIndex {
+        static let maxLines = 64
+        private static let perLine = 5
+        private let offsets = UnsafeMutablePointer<UInt32>.allocate(capacity: maxLines * perLine)
+        /// Offsets written.
+        private var count = 0
+        /// More lines than ``maxLines``.
+        private(set) var overflowed = false
+
+        init() {}
+        deinit { offsets.deallocate() }
+
+        var byteCount: Int { count &* 4 }
+
+        func removeAll() {
+            count = 0
+            overflowed = false
+        }
+
+        @inline(__always)
+        func append(start: Int, colon: Int, valueStart: Int, valueEnd: Int, end: Int) {
+            guard count < Self.maxLines &* Self.perLine else {
+                overflowed = true
+                return
+            }
+            let p = offsets + count
+            p[0] = UInt32(truncatingIfNeeded: start)
+            p[1] = UInt32(truncatingIfNeeded: colon)
+            p[2] = UInt32(truncatingIfNeeded: valueStart)
+            p[3] = UInt32(truncatingIfNeeded: valueEnd)
+            p[4] = UInt32(truncatingIfNeeded: end)
+            count &+= Self.perLine
+        }
+
+        func write(into buffer: inout ByteBuffer) {
+            buffer.writeBytes(UnsafeRawBufferPointer(start: offsets, count: byteCount))
+        }
     }
 
     /// Whether the fields are an HTTP/1 client's lines as received.
@@ -94,7 +155,28 @@ struct RequestFields: Equatable {
             }
             return
         }
-        RawResponseHead.forEachField(in: block) { line, name, value in body(line, name, value) }
+        guard indexStart >= 0 else {
+            RawResponseHead.forEachField(in: block) { line, name, value in body(line, name, value) }
+            return
+        }
+        let linesEnd = Int(indexStart)
+        block.withUnsafeReadableBytes { raw in
+            let bytes = raw.bindMemory(to: UInt8.self)
+            var entry = linesEnd
+            while entry &+ 20 <= raw.count {
+                let start = Int(raw.loadUnaligned(fromByteOffset: entry, as: UInt32.self))
+                let colon = Int(raw.loadUnaligned(fromByteOffset: entry &+ 4, as: UInt32.self))
+                let valueStart = Int(raw.loadUnaligned(fromByteOffset: entry &+ 8, as: UInt32.self))
+                let valueEnd = Int(raw.loadUnaligned(fromByteOffset: entry &+ 12, as: UInt32.self))
+                let end = Int(raw.loadUnaligned(fromByteOffset: entry &+ 16, as: UInt32.self))
+                body(
+                    UnsafeRawBufferPointer(rebasing: raw[start..<end]),
+                    UnsafeBufferPointer(rebasing: bytes[start..<colon]),
+                    UnsafeBufferPointer(rebasing: bytes[valueStart..<valueEnd])
+                )
+                entry &+= 20
+            }
+        }
     }
 
     /// The first value of the field named `lowercase` (lowercase ASCII), without decoding the others.
@@ -145,8 +227,11 @@ struct RequestFields: Equatable {
         return true
     }
 
+    /// The field lines as received (without their index), e.g. to compare.
+    var lines: ByteBuffer { indexStart < 0 ? block : block.getSlice(at: block.readerIndex, length: rawBytes)! }
+
     static func == (lhs: RequestFields, rhs: RequestFields) -> Bool {
-        if lhs.isRaw && rhs.isRaw { return lhs.block == rhs.block }
+        if lhs.isRaw && rhs.isRaw { return lhs.lines == rhs.lines }
         return lhs.headers == rhs.headers
     }
 }
@@ -164,3 +249,6 @@ extension HTTPMethod {
         return false
     }
 }
+
+@available(*, unavailable)
+extension RequestFields.LineIndex: Sendable {}

@@ -137,7 +137,7 @@ public final class RequestContext {
         var isGRPC = false
         var contentTypeSeen = false
         var requestIDSeen = false
-        var trace: TraceHeaders.Fields? = readsTraceFields ? TraceHeaders.Fields() : nil
+        var trace = TraceHeaders.Fields()
         var arrivedRequestID: String?
         var host: String?
         var announcesBody = false
@@ -173,13 +173,13 @@ public final class RequestContext {
                     return
                 }
             }
-            trace?.note(name, value)
+            if readsTraceFields && TraceHeaders.Fields.mayNote(length: name.count) { trace.note(name, value) }
         }
         self.arrivedRequestID = arrivedRequestID
         self.host = host
         self.announcesBody = announcesBody
         self.isGRPC = isGRPC
-        if let trace, trace.any, let (incoming, state) = trace.context() {
+        if trace.any, let (incoming, state) = trace.context() {
             self.arrivedTrace = incoming
             self.arrivedTraceState = state
         } else {

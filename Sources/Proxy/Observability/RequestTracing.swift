@@ -82,18 +82,13 @@ struct RequestTrace {
     var traceID: String { ids.traceIDHex }
     var spanID: String? { extra?.span == nil ? nil : ids.spanIDHex }
 
-    /// Takes the caller's trace context (``TraceHeaders/Fields/context()`` of the fields the
-    /// request arrived with, and its `tracestate`), decides sampling and, when sampled, starts the
-    /// span (named after `method`).
-    static func start(
-        _ incoming: TraceHeaders.Incoming?,
-        state: String?,
-        method: HTTPMethod,
-        direction: TrafficDirection?,
-        tracing: ProxyTracing,
-        rng: inout FastRandom
-    ) -> RequestTrace {
-        let kind: SpanKind = direction == .outbound ? .client : .server
+    /// Takes the caller's trace context (the request's ``RequestContext/arrivedTrace`` and
+    /// ``RequestContext/arrivedTraceState``), decides sampling and, when sampled, starts the span
+    /// (named after the method). Reads of the request only what the decision needs (a copy of
+    /// its method or trace state is a retain).
+    static func start(_ request: RequestContext, tracing: ProxyTracing, rng: inout FastRandom) -> RequestTrace {
+        let incoming = request.arrivedTrace
+        let kind: SpanKind = request.direction == .outbound ? .client : .server
         let sampled: Bool
         if !tracing.isRecording {
             sampled = false
@@ -111,7 +106,7 @@ struct RequestTrace {
                 return RequestTrace(
                     span: nil,
                     ids: incoming.ids,
-                    state: state,
+                    state: request.arrivedTraceState,
                     kind: kind,
                     replacesHeaders: !incoming.w3c
                 )
@@ -119,6 +114,7 @@ struct RequestTrace {
             return RequestTrace(span: nil, ids: .random(&rng), state: nil, kind: kind, replacesHeaders: true)
         }
         // The caller's context with the decision taken (a B3 caller may leave it to the receiver).
+        let state = request.arrivedTraceState
         var parentContext = InstrumentationContext.topLevel
         if let incoming {
             var parent = incoming.ids
@@ -127,7 +123,7 @@ struct RequestTrace {
             tracing.tracer.extract(carrier, into: &parentContext, using: TraceCarrier.Extract())
         }
         let span = tracing.tracer.startSpan(
-            method.rawValue,
+            request.head.method.rawValue,
             context: parentContext,
             ofKind: kind,
             at: DefaultTracerClock.now
@@ -292,22 +288,20 @@ enum TraceHeaders {
 
     /// The trace fields of a request, gathered while its headers are read once for other reasons
     /// too (``RequestContext`` does): W3C Trace Context first, else B3 (single `b3` or the
-    /// `x-b3-*` headers).
+    /// `x-b3-*` headers). Plain values but for one optional reference to what is rarer
+    /// (`tracestate`, B3), so that holding and copying it costs no retain for most requests.
     struct Fields {
-        /// `traceparent`, read where it was received (no string made): its ids, or `invalid`.
-        private var parent: Parent?
-        enum Parent {
-            case ids(TraceIDs)
-            case invalid
-        }
-        private var state: String?
-        /// B3's fields, rarer than W3C's: held apart, so that a request without them copies and
-        /// destroys one empty reference, not four strings.
-        private var b3: B3?
+        /// `traceparent`'s ids, read where it was received (no string made).
+        private var parent: TraceIDs?
+        /// A `traceparent` was received and is invalid.
+        private var invalidParent = false
+        /// `tracestate` and B3's fields, when any came.
+        private var rare: Rare?
         /// Whether any trace field was seen (most requests of a new trace carry none).
         private(set) var any = false
 
-        final class B3 {
+        final class Rare {
+            var state: String?
             var single: String?
             var trace: String?
             var span: String?
@@ -315,11 +309,18 @@ enum TraceHeaders {
             var debug = false
         }
 
-        private mutating func b3Fields() -> B3 {
-            if let b3 { return b3 }
-            let fields = B3()
-            b3 = fields
+        private mutating func rareFields() -> Rare {
+            if let rare { return rare }
+            let fields = Rare()
+            rare = fields
             return fields
+        }
+
+        /// Whether a field name of `length` bytes may be a trace field (2, 10, 11 or 12): the
+        /// others need no call to ``note(_:_:)``.
+        @inline(__always)
+        static func mayNote(length: Int) -> Bool {
+            length < 16 && (1 &<< length) & 0b1_1100_0000_0100 != 0
         }
 
         /// Notes `name: value` if it is a trace field, comparing only names of the right length;
@@ -328,31 +329,35 @@ enum TraceHeaders {
             func text() -> String { String(decoding: value, as: UTF8.self) }
             switch name.count {
             case 2 where HeaderRewriting.equalsLowercase(name, "b3"):
-                let b3 = b3Fields()
+                let b3 = rareFields()
                 b3.single = b3.single ?? text()
             case 10:
                 if HeaderRewriting.equalsLowercase(name, "tracestate") {
-                    state = state.map { "\($0),\(text())" } ?? text()
+                    let rare = rareFields()
+                    rare.state = rare.state.map { "\($0),\(text())" } ?? text()
                 } else if HeaderRewriting.equalsLowercase(name, "x-b3-flags") {
-                    b3Fields().debug = value.count == 1 && value[0] == UInt8(ascii: "1")
+                    rareFields().debug = value.count == 1 && value[0] == UInt8(ascii: "1")
                 } else {
                     return
                 }
             case 11:
                 if HeaderRewriting.equalsLowercase(name, "traceparent") {
-                    if parent == nil { parent = TraceHeaders.ids(parsing: value).map(Parent.ids) ?? .invalid }
+                    if parent == nil && !invalidParent {
+                        parent = TraceHeaders.ids(parsing: value)
+                        invalidParent = parent == nil
+                    }
                 } else if HeaderRewriting.equalsLowercase(name, "x-b3-spanid") {
-                    let b3 = b3Fields()
+                    let b3 = rareFields()
                     b3.span = b3.span ?? text()
                 } else {
                     return
                 }
             case 12:
                 if HeaderRewriting.equalsLowercase(name, "x-b3-traceid") {
-                    let b3 = b3Fields()
+                    let b3 = rareFields()
                     b3.trace = b3.trace ?? text()
                 } else if HeaderRewriting.equalsLowercase(name, "x-b3-sampled") {
-                    let b3 = b3Fields()
+                    let b3 = rareFields()
                     b3.sampled = b3.sampled ?? text()
                 } else {
                     return
@@ -366,11 +371,12 @@ enum TraceHeaders {
         /// invalid header counts as absent (a new trace starts), as the W3C specification asks.
         func context() -> (incoming: Incoming, state: String?)? {
             guard any else { return nil }
-            if let parent {
-                guard case .ids(let ids) = parent else { return nil }
+            if invalidParent { return nil }
+            if let ids = parent {
                 // A trace state is checked by the library (it alone parses its entries); a bad one
                 // makes the whole context unusable, as it would there. The `traceparent` given to
                 // it is the one received: a valid one is written back exactly from its ids.
+                let state = rare?.state
                 if let state, !state.isEmpty,
                     (try? TraceContext(
                         traceParentHeaderValue: TraceHeaders.traceparent(ids),
@@ -381,7 +387,7 @@ enum TraceHeaders {
                 }
                 return (Incoming(ids: ids, sampled: ids.sampled, w3c: true), state?.isEmpty == false ? state : nil)
             }
-            guard let b3 else { return nil }
+            guard let b3 = rare else { return nil }
             if let single = b3.single {
                 return TraceHeaders.b3Single(single).map {
                     (Incoming(ids: $0.ids, sampled: $0.sampled, w3c: false), nil)
