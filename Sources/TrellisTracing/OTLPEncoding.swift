@@ -107,7 +107,6 @@ struct ProtobufWriter: ~Copyable {
     /// A string field; an empty one is left out (proto3).
     mutating func string(_ field: Int, _ value: String) {
         guard !value.isEmpty else { return }
-        var value = value
         presentString(field, value)
     }
 

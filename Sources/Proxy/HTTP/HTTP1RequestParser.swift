@@ -19,13 +19,14 @@ struct HTTP1RequestParser {
     private var framer: HTTP1Framer
     /// Set once a request could not be parsed: what follows is dropped unread.
     private(set) var failed = false
-    /// Where the last head's field lines lie, gathered while they are checked; kept, so that its
-    /// memory serves every head of the connection.
-    private let index = RequestFields.LineIndex()
+    /// Where a head's field lines lie, gathered while they are checked and copied with them:
+    /// memory used again for every head (an event loop's parsers share one).
+    private let index: RequestFields.LineIndex
 
     /// `maxHeadBytes` bounds the request line and fields together (and a trailer section).
-    init(maxHeadBytes: Int) {
+    init(maxHeadBytes: Int, index: RequestFields.LineIndex = RequestFields.LineIndex()) {
         framer = HTTP1Framer(headLimit: maxHeadBytes, what: "request head")
+        self.index = index
     }
 
     /// The next part found in `input` (what it uses is consumed), or nil when more bytes are needed.

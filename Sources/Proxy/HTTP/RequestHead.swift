@@ -84,8 +84,9 @@ struct RequestFields: Equatable {
 
     /// Where each field line of a head lies: its start, colon, value (without surrounding
     /// whitespace) and end (before CR or LF), as offsets in the lines. Gathered by the parser in
-    /// memory it keeps for the connection (no allocation per request) and stored after the lines;
-    /// a head of more than ``maxLines`` lines is not indexed (its index would outweigh it).
+    /// memory its event loop keeps (no allocation per request or connection) and stored after
+    /// the lines; a head of more than ``maxLines`` lines is not indexed (its index would
+    /// outweigh it).
     final class LineIndex {
         static let maxLines = 64
         private static let perLine = 5

@@ -16,6 +16,9 @@ final class LoopContext {
     let pool: UpstreamPool
     /// Buffers for the heads this loop writes, used again (requests, through the pool, and responses).
     let heads = HeadBufferRing()
+    /// Where a request head's field lines lie, for the parser that is reading one (each head is
+    /// parsed whole before the next, so the loop's parsers share it).
+    let lineIndex = RequestFields.LineIndex()
     let deadlines: RequestDeadlines
     let resources = LoopResources()
     private(set) var snapshot: ProxySnapshot?
