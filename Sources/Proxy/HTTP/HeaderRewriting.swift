@@ -468,7 +468,11 @@ enum HeaderRewriting {
     /// Whether a response field named `name` is relayed to an HTTP/1 client as it came (unless
     /// `Connection` names it): what ``emitResponseLines(_:_:into:)`` copies.
     static func copiesResponseField(_ name: UnsafeBufferPointer<UInt8>) -> Bool {
-        switch kind(of: name) {
+        copiesResponseField(kind(of: name))
+    }
+
+    private static func copiesResponseField(_ kind: Kind) -> Bool {
+        switch kind {
         case .endToEnd, .traceContext, .contentLength, .xForwardedFor, .via: true
         case .te, .connection, .hopByHop, .xForwardedProto, .transferEncoding: false
         }
@@ -484,7 +488,8 @@ enum HeaderRewriting {
         let bytes = block.bindMemory(to: UInt8.self)
         RawResponseHead.forEachLine(bytes) { line, colon in
             let name = UnsafeBufferPointer(rebasing: bytes[line.lowerBound..<colon])
-            if copiesResponseField(name) {
+            let kind = kind(of: name)
+            if copiesResponseField(kind) {
                 if !raw.connectionOptions.isEmpty,
                     raw.connectionOptions.contains(where: {
                         String(decoding: name, as: UTF8.self).lowercased() == $0
@@ -494,7 +499,7 @@ enum HeaderRewriting {
                 }
                 out.put(UnsafeRawBufferPointer(rebasing: block[line]))
                 out.put("\r\n")
-            } else if case .te = kind(of: name) {
+            } else if case .te = kind {
                 let value = String(
                     decoding: UnsafeBufferPointer(rebasing: bytes[(colon + 1)..<line.upperBound]),
                     as: UTF8.self

@@ -97,7 +97,7 @@ struct RawResponseHead {
     /// `TE` fields, a line ending with a bare LF), found while the parser checked the block, up
     /// to three of them: the lines between are copied in one piece, without being looked at
     /// again. More than three, or fields named in `Connection`: ``lineByLine``.
-    struct CopyPlan: Equatable {
+    struct CopyPlan {
         /// The number of special lines, -1 for line by line.
         private(set) var count: Int8
         /// Their ranges in the block (each with its line end), in order.
@@ -133,10 +133,6 @@ struct RawResponseHead {
             case 1: Int(ranges.2)..<Int(ranges.3)
             default: Int(ranges.4)..<Int(ranges.5)
             }
-        }
-
-        static func == (lhs: CopyPlan, rhs: CopyPlan) -> Bool {
-            lhs.count == rhs.count && (0..<max(Int(lhs.count), 0)).allSatisfy { lhs.line($0) == rhs.line($0) }
         }
     }
 

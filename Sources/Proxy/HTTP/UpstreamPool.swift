@@ -22,7 +22,7 @@ final class UpstreamPool {
     /// The loop's buffers for request heads (see ``HeadBufferRing``).
     let heads: HeadBufferRing
 
-    init(eventLoop: any EventLoop, mark: UInt32? = nil, heads: HeadBufferRing = HeadBufferRing()) {
+    init(eventLoop: any EventLoop, mark: UInt32? = nil, heads: HeadBufferRing) {
         self.heads = heads
         self.eventLoop = eventLoop
         self.connector = UpstreamConnector(mark: mark)
