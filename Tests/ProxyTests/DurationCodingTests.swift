@@ -1,4 +1,5 @@
 import Foundation
+import NIOCore
 import Testing
 import TrellisValues
 
@@ -24,6 +25,20 @@ import TrellisValues
             let duration = Duration.nanoseconds(nanos)
             #expect(DurationText.parse(DurationText.format(duration)) == duration)
         }
+    }
+
+    /// What the event loop's timers get for a configured duration: whole nanoseconds, towards
+    /// zero, clamped where a `TimeAmount` ends.
+    @Test(
+        arguments: [
+            (Duration.seconds(15), 15_000_000_000), (.milliseconds(1500), 1_500_000_000), (.nanoseconds(7), 7),
+            (.zero, 0), (.nanoseconds(-3), -3), (.seconds(-2) - .nanoseconds(1), -2_000_000_001),
+            (Duration(secondsComponent: 1, attosecondsComponent: 999_999_999), 1_000_000_000),
+            (.seconds(Int64.max), Int64.max), (.seconds(Int64.min), Int64.min),
+        ] as [(Duration, Int64)]
+    )
+    func timersGetWholeNanoseconds(duration: Duration, nanoseconds: Int64) {
+        #expect(TimeAmount(truncating: duration).nanoseconds == nanoseconds)
     }
 
     @Test func configurationJSONCarriesDurationText() throws {

@@ -206,14 +206,38 @@ import Testing
                 bytes[offset + Int.random(in: 0..<length, using: &rng)] = kind.randomElement(using: &rng)!
             }
             let expected = bytes[offset...].allSatisfy(HTTP1Framer.isFieldValueByte)
-            bytes.append(0x00)  // past the end: never read (and an empty value still has storage)
+            // Past the end: bytes of any kind, read in a word with the last value bytes or not
+            // at all, never counted (and an empty value still has storage).
+            bytes.append(0x00)
+            for _ in 0..<Int.random(in: 0...8, using: &rng) {
+                bytes.append(kinds.randomElement(using: &rng)!.randomElement(using: &rng)!)
+            }
             let got = bytes.withUnsafeBufferPointer {
-                HTTP1Framer.isFieldValue($0.baseAddress!, from: offset, to: offset + length)
+                HTTP1Framer.isFieldValue($0.baseAddress!, from: offset, to: offset + length, readable: $0.count)
             }
             #expect(got == expected, "\(bytes[offset..<(offset + length)].map { String($0, radix: 16) })")
             if !expected { refused += 1 }
         }
         #expect(refused > 500 && refused < 3500, "\(refused) of 4000 values refused")
+    }
+
+    /// The framing fields are the only names of the lengths the parsers call `frame` for.
+    @Test func framingFieldsAreOfTheLengthsLookedAt() throws {
+        for name in ["Content-Length", "Transfer-Encoding", "Connection"] {
+            #expect(HTTP1Framer.mayFrame(length: name.utf8.count), "\(name)")
+        }
+        var parser = HTTP1RequestParser(maxHeadBytes: 4096)
+        var input = ByteBuffer(string: "POST / HTTP/1.1\r\nHost: a\r\nCONTENT-LENGTH: 2\r\nConnection: close\r\n\r\nok")
+        guard case .head(let head) = try parser.next(&input) else {
+            Issue.record("no head")
+            return
+        }
+        #expect(!head.keepAlive)
+        guard case .body(let body) = try parser.next(&input) else {
+            Issue.record("no body")
+            return
+        }
+        #expect(String(buffer: body) == "ok")
     }
 
     /// The parser indexes the field lines it checked (start, colon, value, end): every pass over

@@ -288,6 +288,39 @@ import TrellisTestSupport
         #expect(a.requestCount == 3)
     }
 
+    /// Idle connections are kept per endpoint address: round robin over three endpoints reuses
+    /// one connection to each, and so do the endpoints of a new configuration with the same
+    /// addresses (new objects for the same keys).
+    @Test func pooledConnectionsAreKeptPerEndpointAcrossConfigurations() async throws {
+        let loop = MultiThreadedEventLoopGroup(numberOfThreads: 1)
+        var upstreams: [TestUpstream] = []
+        for name in ["alpha", "beta", "gamma"] {
+            upstreams.append(try await TestUpstream.start(name: name, group: group))
+        }
+        defer { for u in upstreams { Task { await u.stop() } } }
+        let config = { (lb: LoadBalancingPolicy) in
+            gatewayConfig(
+                virtualHosts: catchAll("all"),
+                clusters: [ClusterConfig(name: "all", loadBalancing: lb, endpoints: upstreams.map { endpoint($0) })]
+            )
+        }
+        let proxy = try await ProxyHarness.start(config(.roundRobin), group: loop)
+        do {
+            for _ in 0..<9 { #expect(try await TestHTTPClient.get(port: proxy.port, "/", group: group).status == .ok) }
+            #expect(upstreams.map(\.requestCount) == [3, 3, 3])
+            try await proxy.apply(config(.random))
+            for _ in 0..<30 { #expect(try await TestHTTPClient.get(port: proxy.port, "/", group: group).status == .ok) }
+            #expect(upstreams.map(\.requestCount).reduce(0, +) == 39)
+            #expect(upstreams.map(\.connections) == [1, 1, 1])
+        } catch {
+            await proxy.stop()
+            try await loop.shutdownGracefully()
+            throw error
+        }
+        await proxy.stop()
+        try await loop.shutdownGracefully()
+    }
+
     /// Pools are per event loop, the limit is for the whole proxy: on one loop, the one
     /// connection allowed serves every request in turn.
     @Test func connectionsBeyondMaxConnectionsOverflowAndPooledOnesAreReused() async throws {

@@ -60,7 +60,11 @@ final class DownstreamHandler: ChannelDuplexHandler {
             listenerStats: loop.stats.listener(listenerName)
         )
         self.machine = HTTP1ConnectionStateMachine(now: loop.eventLoop.now, draining: loop.draining)
-        self.parser = HTTP1RequestParser(maxHeadBytes: maxRequestHeadBytes, index: loop.lineIndex)
+        self.parser = HTTP1RequestParser(
+            maxHeadBytes: maxRequestHeadBytes,
+            index: loop.lineIndex,
+            blocks: loop.fieldBlocks
+        )
     }
 
     /// The channel's writability as its last change said (asked several times per request:

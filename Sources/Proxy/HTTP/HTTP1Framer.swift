@@ -297,7 +297,7 @@ struct HTTP1Framer {
                     "a field line without a name and a colon: '\(printable(UnsafeBufferPointer(rebasing: b[lineStart..<lineEnd])))'"
                 )
             }
-            guard isFieldValue(base, from: colon + 1, to: lineEnd) else {
+            guard isFieldValue(base, from: colon + 1, to: lineEnd, readable: b.count) else {
                 throw HTTP1ParseError(
                     "a control character in the value of '\(printable(UnsafeBufferPointer(rebasing: b[lineStart..<colon])))'"
                 )
@@ -311,6 +311,12 @@ struct HTTP1Framer {
             lineStart = next
         }
     }
+
+    /// Whether a field name of this length may be one ``frame(_:name:value:connection:)``
+    /// notes (`Connection`, `Content-Length`, `Transfer-Encoding`): the call is spared for the
+    /// others.
+    @inline(__always)
+    static func mayFrame(length: Int) -> Bool { length == 14 || length == 10 || length == 17 }
 
     /// Notes what a field says about framing and, when `connection` is set, about the
     /// connection (`close`, `keep-alive` and the options it lists).
@@ -473,25 +479,42 @@ struct HTTP1Framer {
     /// Whether every byte from `from` up to `to` is ``isFieldValueByte(_:)``, eight at a time: a
     /// word with no byte below 0x20 and none equal to 0x7F is fine as it is (the two tests may
     /// flag a good word, never pass a bad one); a flagged word is checked byte by byte, since
-    /// HTAB, below 0x20, is allowed.
-    static func isFieldValue(_ p: UnsafePointer<UInt8>, from: Int, to: Int) -> Bool {
-        let ones: UInt64 = 0x0101_0101_0101_0101
-        let highs: UInt64 = 0x8080_8080_8080_8080
+    /// HTAB, below 0x20, is allowed. The last bytes too are one word: the last eight, overlapping
+    /// the word before, or, for a value of fewer than eight bytes, the word from its start when
+    /// it lies within the `readable` bytes, the bytes past `to` taken as visible ASCII.
+    static func isFieldValue(_ p: UnsafePointer<UInt8>, from: Int, to: Int, readable: Int) -> Bool {
         var i = from
         while i &+ 8 <= to {
-            let w = UnsafeRawPointer(p + i).loadUnaligned(as: UInt64.self)
-            let below = (w &- 0x20 &* ones) & ~w & highs
-            let x = w ^ (0x7F &* ones)
-            let delete = (x &- ones) & ~x & highs
-            if below | delete != 0 {
-                for j in i..<(i &+ 8) where !isFieldValueByte(p[j]) { return false }
-            }
+            if !isFieldValueWord(UnsafeRawPointer(p + i).loadUnaligned(as: UInt64.self), p, i, i &+ 8) { return false }
             i &+= 8
+        }
+        guard i < to else { return true }
+        if to &- from >= 8 {
+            return isFieldValueWord(UnsafeRawPointer(p + (to &- 8)).loadUnaligned(as: UInt64.self), p, to &- 8, to)
+        }
+        if i &+ 8 <= readable {
+            let keep: UInt64 = (1 &<< UInt64((to &- i) &* 8)) &- 1
+            let w = UnsafeRawPointer(p + i).loadUnaligned(as: UInt64.self).littleEndian
+            return isFieldValueWord((w & keep) | (0x4141_4141_4141_4141 & ~keep), p, i, to)
         }
         while i < to {
             if !isFieldValueByte(p[i]) { return false }
             i &+= 1
         }
+        return true
+    }
+
+    /// Whether a word of value bytes (`p[from..<to]`, at most eight, the rest of `w` visible) is
+    /// all ``isFieldValueByte(_:)``: at once when no byte is below 0x20 or 0x7F, else byte by byte.
+    @inline(__always)
+    private static func isFieldValueWord(_ w: UInt64, _ p: UnsafePointer<UInt8>, _ from: Int, _ to: Int) -> Bool {
+        let ones: UInt64 = 0x0101_0101_0101_0101
+        let highs: UInt64 = 0x8080_8080_8080_8080
+        let below = (w &- 0x20 &* ones) & ~w & highs
+        let x = w ^ (0x7F &* ones)
+        let delete = (x &- ones) & ~x & highs
+        guard below | delete != 0 else { return true }
+        for j in from..<to where !isFieldValueByte(p[j]) { return false }
         return true
     }
 

@@ -22,11 +22,18 @@ struct HTTP1RequestParser {
     /// Where a head's field lines lie, gathered while they are checked and copied with them:
     /// memory used again for every head (an event loop's parsers share one).
     private let index: RequestFields.LineIndex
+    /// The buffers the lines are copied into (the loop's, used again once their exchange ends).
+    private let blocks: RequestFields.BlockStack
 
     /// `maxHeadBytes` bounds the request line and fields together (and a trailer section).
-    init(maxHeadBytes: Int, index: RequestFields.LineIndex = RequestFields.LineIndex()) {
+    init(
+        maxHeadBytes: Int,
+        index: RequestFields.LineIndex = RequestFields.LineIndex(),
+        blocks: RequestFields.BlockStack = RequestFields.BlockStack()
+    ) {
         framer = HTTP1Framer(headLimit: maxHeadBytes, what: "request head")
         self.index = index
+        self.blocks = blocks
     }
 
     /// The next part found in `input` (what it uses is consumed), or nil when more bytes are needed.
@@ -71,7 +78,9 @@ struct HTTP1RequestParser {
             var hosts = 0
             guard let base = b.baseAddress else { return nil }
             try HTTP1Framer.fields(b, from: fieldsStart) { name, value, line in
-                try HTTP1Framer.frame(&framing, name: name, value: value)
+                if HTTP1Framer.mayFrame(length: name.count) {
+                    try HTTP1Framer.frame(&framing, name: name, value: value)
+                }
                 if name.count == 4 && HeaderRewriting.equalsLowercase(name, "host") {
                     hosts += 1
                     if hosts > 1 { throw HTTP1ParseError("more than one Host field") }
@@ -89,7 +98,7 @@ struct HTTP1RequestParser {
             let lines = UnsafeRawBufferPointer(rebasing: raw[fieldsStart...])
             let fields =
                 index.overflowed
-                ? RequestFields(raw: ByteBuffer(bytes: lines)) : RequestFields(raw: lines, index: index)
+                ? RequestFields(raw: ByteBuffer(bytes: lines)) : RequestFields(raw: lines, index: index, blocks: blocks)
             return (method, uri, minor, fields)
         }
         guard let (method, uri, minor, fields) = parsed else { return nil }

@@ -66,7 +66,9 @@ struct HTTP1ResponseParser {
             let (statusEnd, fields) = HTTP1Framer.startLine(b)
             let (minor, code) = try Self.statusLine(UnsafeBufferPointer(rebasing: b[0..<statusEnd]))
             try HTTP1Framer.fields(b, from: fields) { name, value, line in
-                try HTTP1Framer.frame(&framing, name: name, value: value)
+                if HTTP1Framer.mayFrame(length: name.count) {
+                    try HTTP1Framer.frame(&framing, name: name, value: value)
+                }
                 if !line.endsWithCRLF || !HeaderRewriting.copiesResponseField(name) {
                     plan.special(line.start &- fields..<line.next &- fields)
                 }

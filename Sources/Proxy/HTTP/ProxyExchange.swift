@@ -87,7 +87,11 @@ final class ProxyExchange {
             request.timeout = min(request.timeout ?? deadline, deadline)
         }
         if let timeout = request.timeout {
-            deadlineSlot = loop.deadlines.register(self, timeout: TimeAmount(timeout), now: request.startTime)
+            deadlineSlot = loop.deadlines.register(
+                self,
+                timeout: TimeAmount(truncating: timeout),
+                now: request.startTime
+            )
         }
         upstreamHead = UpstreamRequestHead(request: request)
         headPending = true
@@ -96,7 +100,7 @@ final class ProxyExchange {
             // Injected delay: the request waits (its body held as while connecting), within the
             // route's timeout, then goes upstream.
             let bound = NIOLoopBound(self, eventLoop: loop.eventLoop)
-            loop.eventLoop.scheduleTask(in: TimeAmount(delay)) {
+            loop.eventLoop.scheduleTask(in: TimeAmount(truncating: delay)) {
                 let exchange = bound.value
                 guard exchange.machine.phase == .connecting, !exchange.machine.attached else { return }
                 exchange.startTry(endpoint: endpoint, cluster: cluster)
@@ -111,7 +115,7 @@ final class ProxyExchange {
         if request.hasRetryPolicy, let perTry = request.retryPolicy?.perTryTimeout {
             let bound = NIOLoopBound(self, eventLoop: loop.eventLoop)
             let attempt = machine.tries
-            perTryTimer = loop.eventLoop.scheduleTask(in: TimeAmount(perTry)) {
+            perTryTimer = loop.eventLoop.scheduleTask(in: TimeAmount(truncating: perTry)) {
                 bound.value.perTryTimedOut(attempt: attempt)
             }
         }
@@ -375,8 +379,10 @@ final class ProxyExchange {
         let retryNumber = machine.retrying()
         request.retries += 1
         pickAnotherEndpoint(cluster)
-        let ceiling = TimeAmount(Backoff.ceiling(base: policy.backoffBase, max: policy.backoffMax, retry: retryNumber))
-            .nanoseconds
+        let ceiling = TimeAmount(
+            truncating: Backoff.ceiling(base: policy.backoffBase, max: policy.backoffMax, retry: retryNumber)
+        )
+        .nanoseconds
         let wait = TimeAmount.nanoseconds(ceiling > 0 ? Int64.random(in: 0...ceiling) : 0)
         let bound = NIOLoopBound(self, eventLoop: loop.eventLoop)
         backoffTimer = loop.eventLoop.scheduleTask(in: wait) { bound.value.tryAgain(error) }

@@ -43,9 +43,9 @@ struct RequestHead: Equatable {
 }
 
 /// A request's header fields: the field lines of an HTTP/1 head as received and checked by
-/// ``HTTP1RequestParser`` (each ending with CRLF or a bare LF, without the empty line), or NIO's
-/// decoded headers. Lookups on raw lines compare bytes and make a `String` only of the value
-/// asked for.
+/// ``HTTP1RequestParser`` (each ending with CRLF or a bare LF; from the parser, the empty line
+/// after them too), or NIO's decoded headers. Lookups on raw lines compare bytes and make a
+/// `String` only of the value asked for.
 struct RequestFields: Equatable {
     /// The field lines when raw (empty when decoded), followed by their index when the parser
     /// made one (see ``init(raw:index:)``). Two stored properties rather than an enum with
@@ -65,8 +65,9 @@ struct RequestFields: Equatable {
 
     /// Lines as ``HTTP1RequestParser`` checked them, with where each lies (``LineIndex``): the
     /// passes over them (the request's facts, the head sent upstream) search nothing again.
-    init(raw lines: UnsafeRawBufferPointer, index: LineIndex) {
-        var block = ByteBufferAllocator().buffer(capacity: lines.count + index.byteCount)
+    /// The lines and their index go into a buffer from `blocks` (see ``BlockStack``).
+    init(raw lines: UnsafeRawBufferPointer, index: LineIndex, blocks: BlockStack) {
+        var block = blocks.buffer(capacity: lines.count + index.byteCount)
         block.writeBytes(lines)
         index.write(into: &block)
         self.block = block
@@ -123,6 +124,43 @@ struct RequestFields: Equatable {
 
         func write(into buffer: inout ByteBuffer) {
             buffer.writeBytes(UnsafeRawBufferPointer(start: offsets, count: byteCount))
+        }
+    }
+
+    /// The buffers a loop's parser copies field lines and their index into
+    /// (``init(raw:index:blocks:)``), given back when their exchange finishes
+    /// (``giveBack(_:)``) and used again for a later request's lines: an allocation and a free
+    /// fewer per request. A buffer given back while something still holds its request is never
+    /// written over: `clear(minimumCapacity:)` gives the next request new memory then. Last in,
+    /// first out (the memory touched last); at most ``kept`` buffers of at most ``largestKept``
+    /// bytes each.
+    ///
+    /// Touched only on its event loop.
+    final class BlockStack {
+        static let kept = 64
+        static let largestKept = 4 * 1024
+        private var stack: [ByteBuffer] = []
+        private let allocator = ByteBufferAllocator()
+
+        init() { stack.reserveCapacity(Self.kept) }
+
+        /// How many buffers are kept.
+        var count: Int { stack.count }
+
+        /// An empty buffer of at least `capacity` bytes: the last one given back when it is free.
+        func buffer(capacity: Int) -> ByteBuffer {
+            guard var kept = stack.popLast() else { return allocator.buffer(capacity: capacity) }
+            kept.clear(minimumCapacity: capacity)
+            return kept
+        }
+
+        /// Keeps the buffer of `fields` when it came from a stack (indexed raw lines), to be used
+        /// again once nothing else holds it.
+        func giveBack(_ fields: RequestFields) {
+            guard fields.indexStart >= 0, fields.decodedHeaders == nil, fields.block.capacity <= Self.largestKept,
+                stack.count < Self.kept
+            else { return }
+            stack.append(fields.block)
         }
     }
 
@@ -253,3 +291,6 @@ extension HTTPMethod {
 
 @available(*, unavailable)
 extension RequestFields.LineIndex: Sendable {}
+
+@available(*, unavailable)
+extension RequestFields.BlockStack: Sendable {}

@@ -13,6 +13,11 @@ final class UpstreamPool {
     /// is a lookup (no `modify` access, which allocated its coroutine frame, and no copy of the
     /// array) and giving back needs none (a connection keeps the stack it came for).
     private var idle: [String: IdleStack] = [:]
+    /// The stacks last looked up, by endpoint object, in eight slots chosen by the object's
+    /// address: a request to an endpoint seen recently finds its stack without hashing the
+    /// endpoint's key. A slot holds its endpoint, so no other object takes that address while
+    /// the slot names it; a stack the sweep dropped is looked up again.
+    private var recent = [(endpoint: ClusterRuntime.EndpointRuntime, stack: IdleStack)?](repeating: nil, count: 8)
     /// HTTP/2 connections per endpoint, busy or idle (streams are multiplexed on them).
     private var multiplexed: [String: [HTTP2UpstreamConnection]] = [:]
     private var sweeper: RepeatedTask?
@@ -46,6 +51,7 @@ final class UpstreamPool {
             stack.connections.removeAll()
         }
         idle.removeAll()
+        for i in recent.indices { recent[i] = nil }
         for connections in multiplexed.values { for c in connections { c.close() } }
         multiplexed.removeAll()
     }
@@ -69,9 +75,9 @@ final class UpstreamPool {
         case .http1, .downstream:
             break
         }
-        let stack = idleStack(endpoint.key)
+        let stack = idleStack(endpoint)
         if !fresh && !stack.connections.isEmpty {
-            let idleTimeout = TimeAmount(cluster.config.pool.idleTimeout)
+            let idleTimeout = TimeAmount(truncating: cluster.config.pool.idleTimeout)
             let now = NIODeadline.now()
             while let candidate = stack.connections.popLast() {
                 if candidate.isActive && now - candidate.idleSince < idleTimeout {
@@ -111,7 +117,7 @@ final class UpstreamPool {
 
     /// A client bootstrap for one connection to the cluster's endpoints.
     private func bootstrap(_ cluster: ClusterRuntime) -> ClientBootstrap {
-        connector.bootstrap(on: eventLoop, connectTimeout: TimeAmount(cluster.config.connectTimeout))
+        connector.bootstrap(on: eventLoop, connectTimeout: TimeAmount(truncating: cluster.config.connectTimeout))
     }
 
     private func connect(
@@ -126,7 +132,17 @@ final class UpstreamPool {
         )
     }
 
-    /// The idle stack of an endpoint (made, and listed, on first use).
+    /// The idle stack of an endpoint, from the recent slots when there.
+    private func idleStack(_ endpoint: ClusterRuntime.EndpointRuntime) -> IdleStack {
+        let address = UInt(bitPattern: ObjectIdentifier(endpoint))
+        let slot = Int(truncatingIfNeeded: (address &* 0x9E37_79B9_7F4A_7C15) &>> 61)
+        if let entry = recent[slot], entry.endpoint === endpoint, entry.stack.isListed { return entry.stack }
+        let stack = idleStack(endpoint.key)
+        recent[slot] = (endpoint, stack)
+        return stack
+    }
+
+    /// The idle stack of an endpoint key (made, and listed, on first use).
     private func idleStack(_ key: String) -> IdleStack {
         if let stack = idle[key] { return stack }
         let stack = IdleStack(key: key)
@@ -146,7 +162,7 @@ final class UpstreamPool {
             idleStack: stack,
             maxRequests: cluster.config.pool.maxRequestsPerConnection,
             maxIdle: cluster.config.pool.maxIdlePerEndpoint,
-            idleTimeout: TimeAmount(cluster.config.pool.idleTimeout),
+            idleTimeout: TimeAmount(truncating: cluster.config.pool.idleTimeout),
             heads: heads
         )
         connection.accounting.load = load
@@ -193,7 +209,7 @@ final class UpstreamPool {
         let load = cluster.load
         let connection = HTTP2UpstreamConnection(
             poolKey: endpoint.key,
-            idleTimeout: TimeAmount(cluster.config.pool.idleTimeout)
+            idleTimeout: TimeAmount(truncating: cluster.config.pool.idleTimeout)
         )
         connection.accounting.load = load
         connection.pool = self

@@ -66,6 +66,8 @@ enum ExchangeCompletion {
         {
             self.log(request, elapsed: elapsed, to: log)
         }
+        // The request's field lines are read no more: their buffer serves a later request.
+        loop.fieldBlocks.giveBack(request.head.fields)
     }
 
     /// The request's access-log line (fields documented in docs/observability.md).

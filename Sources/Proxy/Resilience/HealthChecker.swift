@@ -95,10 +95,10 @@ final class HealthChecker: Sendable {
             let host = endpoint.config.address
             let clusterName = cluster.config.name
             // Spread the first probes over a tenth of the interval, then every interval.
-            let jitter = Int64.random(in: 0...max(0, TimeAmount(check.interval).nanoseconds / 10))
+            let jitter = Int64.random(in: 0...max(0, TimeAmount(truncating: check.interval).nanoseconds / 10))
             let task = loop.scheduleRepeatedAsyncTask(
                 initialDelay: .nanoseconds(jitter),
-                delay: TimeAmount(check.interval)
+                delay: TimeAmount(truncating: check.interval)
             ) { [weak self] _ -> EventLoopFuture<Void> in
                 guard let self else { return loop.makeSucceededVoidFuture() }
                 return self.probe(check, target: target, host: host, cluster: clusterName, on: loop).map { good in
@@ -161,7 +161,10 @@ final class HealthChecker: Sendable {
         on loop: any EventLoop
     ) -> EventLoopFuture<Bool> {
         let result = loop.makePromise(of: Bool.self)
-        var bootstrap = UpstreamConnector(mark: mark).bootstrap(on: loop, connectTimeout: TimeAmount(check.timeout))
+        var bootstrap = UpstreamConnector(mark: mark).bootstrap(
+            on: loop,
+            connectTimeout: TimeAmount(truncating: check.timeout)
+        )
         if case .http(let path, let hostHeader, let expected) = check.kind {
             bootstrap = bootstrap.channelInitializer { channel in
                 channel.eventLoop.makeCompletedFuture {
@@ -178,7 +181,7 @@ final class HealthChecker: Sendable {
             }
         }
         let connected = UpstreamConnector.connect(bootstrap, to: target, host: host.host, port: host.port)
-        let deadline = loop.scheduleTask(in: TimeAmount(check.timeout)) { result.succeed(false) }
+        let deadline = loop.scheduleTask(in: TimeAmount(truncating: check.timeout)) { result.succeed(false) }
         connected.whenComplete { outcome in
             switch outcome {
             case .failure: result.succeed(false)

@@ -105,7 +105,7 @@ final class OutlierDetector: Sendable {
             let all = cluster.outlierRecords
             var out = all.filter { $0.isEjected(now: now) }.count
             let allowed = max(1, all.count * policy.maxEjectionPercent / 100)
-            let interval = UInt64(TimeAmount(policy.interval).nanoseconds)
+            let interval = UInt64(TimeAmount(truncating: policy.interval).nanoseconds)
             var ejected = 0
             for record in candidates where !record.isEjected(now: now) && out < allowed {
                 let until = record.history.withLockedValue { history -> UInt64 in
@@ -114,8 +114,8 @@ final class OutlierDetector: Sendable {
                         history.ejections = max(0, history.ejections - Int((now - history.lastEnd) / interval))
                     }
                     history.ejections += 1
-                    let base = UInt64(TimeAmount(policy.baseEjectionTime).nanoseconds)
-                    let cap = max(base, UInt64(TimeAmount(policy.maxEjectionTime).nanoseconds))
+                    let base = UInt64(TimeAmount(truncating: policy.baseEjectionTime).nanoseconds)
+                    let cap = max(base, UInt64(TimeAmount(truncating: policy.maxEjectionTime).nanoseconds))
                     let until = now + min(base * UInt64(history.ejections), cap)
                     history.lastEnd = until
                     return until
@@ -135,7 +135,7 @@ final class OutlierDetector: Sendable {
         now: UInt64
     ) {
         let due = nextJudgement.load(ordering: .relaxed)
-        let interval = UInt64(TimeAmount(policy.interval).nanoseconds)
+        let interval = UInt64(TimeAmount(truncating: policy.interval).nanoseconds)
         if due == 0 {
             _ = nextJudgement.compareExchange(expected: 0, desired: now + interval, ordering: .relaxed)
             return

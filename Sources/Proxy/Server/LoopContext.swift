@@ -19,6 +19,8 @@ final class LoopContext {
     /// Where a request head's field lines lie, for the parser that is reading one (each head is
     /// parsed whole before the next, so the loop's parsers share it).
     let lineIndex = RequestFields.LineIndex()
+    /// The buffers request field lines are kept in, given back as exchanges finish.
+    let fieldBlocks = RequestFields.BlockStack()
     let deadlines: RequestDeadlines
     let resources = LoopResources()
     private(set) var snapshot: ProxySnapshot?

@@ -286,7 +286,7 @@ public final class ProxyServer: Service, Sendable {
                                 accessLog: listener.accessLog,
                                 direction: listener.trafficDirection,
                                 settings: HTTP2Session.Settings(),
-                                idleTimeout: TimeAmount(listener.limits.idleTimeout),
+                                idleTimeout: TimeAmount(truncating: listener.limits.idleTimeout),
                                 originalDestination: lookup
                             )
                         )
@@ -295,7 +295,7 @@ public final class ProxyServer: Service, Sendable {
                         // A gateway listener: HTTP/1, or h2c with prior knowledge.
                         try channel.pipeline.syncOperations.addHandler(
                             ProtocolSniffer(
-                                timeout: TimeAmount(listener.limits.idleTimeout),
+                                timeout: TimeAmount(truncating: listener.limits.idleTimeout),
                                 installHTTP: { context in try install(context.pipeline.syncOperations) },
                                 installHTTP2: { context in try installHTTP2(context.pipeline.syncOperations) },
                                 relay: nil,
@@ -307,7 +307,7 @@ public final class ProxyServer: Service, Sendable {
                     }
                     try channel.pipeline.syncOperations.addHandler(
                         ProtocolSniffer(
-                            timeout: TimeAmount(transparent.sniffTimeout),
+                            timeout: TimeAmount(truncating: transparent.sniffTimeout),
                             installHTTP: { context in try install(context.pipeline.syncOperations) },
                             installHTTP2: { context in try installHTTP2(context.pipeline.syncOperations) },
                             relay: TCPRelay.Starter(
