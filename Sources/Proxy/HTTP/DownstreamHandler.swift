@@ -133,7 +133,7 @@ final class DownstreamHandler: ChannelDuplexHandler {
         case .startExchange(let head):
             timeouts?.requestHeadReceived()
             loop.stats.downstreamRequests.increment()
-            let (_, chain) = loop.current()
+            let chain = loop.currentChain()
             let request = RequestContext(
                 head: head,
                 connection: connection,

@@ -215,7 +215,7 @@ final class HTTP2DownstreamHandler: ChannelInboundHandler {
             )
             return
         }
-        let (_, chain) = loop.current()
+        let chain = loop.currentChain()
         let request = RequestContext(
             head: RequestHead(head),
             connection: connection,

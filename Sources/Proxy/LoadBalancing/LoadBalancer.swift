@@ -28,7 +28,7 @@ final class LoadBalancer {
     /// header or cookie (a copy of a request's fields is a retain per buffer in them).
     func pick<G: RandomNumberGenerator>(
         fields: @autoclosure () -> RequestFields,
-        clientIP: String?,
+        clientIP: @autoclosure () -> String?,
         rng: inout G
     ) -> Int? {
         if cluster.levels.isEmpty { return pick(among: cluster.healthy, level: nil, fields, clientIP, &rng) }
@@ -67,7 +67,7 @@ final class LoadBalancer {
         among healthy: [Int],
         level: Int?,
         _ fields: () -> RequestFields,
-        _ clientIP: String?,
+        _ clientIP: () -> String?,
         _ rng: inout G
     ) -> Int? {
         guard !healthy.isEmpty else { return nil }
@@ -100,7 +100,7 @@ final class LoadBalancer {
                 switch key {
                 case .header(let name): fields().first(name: name)
                 case .cookie(let name): Self.cookie(name, in: fields().headers)
-                case .sourceAddress: clientIP
+                case .sourceAddress: clientIP()
                 }
             guard let value, let ring = cluster.ring else {
                 return healthy[Int.random(in: 0..<healthy.count, using: &rng)]
@@ -132,14 +132,14 @@ final class LoadBalancer {
     /// landed on one out of service (Envoy's panic mode); both `nil` when none is healthy.
     func pickInService<G: RandomNumberGenerator>(
         fields: @autoclosure () -> RequestFields,
-        clientIP: String?,
+        clientIP: @autoclosure () -> String?,
         rng: inout G,
         avoiding: Int? = nil
     ) -> (inService: Int?, last: Int?) {
         let now = NIODeadline.now().uptimeNanoseconds
         var last: Int?
         for _ in 0...(cluster.healthy.count * 2) {
-            guard let index = pick(fields: fields(), clientIP: clientIP, rng: &rng) else { break }
+            guard let index = pick(fields: fields(), clientIP: clientIP(), rng: &rng) else { break }
             last = index
             if index != avoiding && cluster.isAvailable(index, now: now) { return (index, index) }
         }

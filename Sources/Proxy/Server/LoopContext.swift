@@ -132,15 +132,21 @@ final class LoopContext {
         flushing.removeAll(keepingCapacity: true)
     }
 
-    /// The current snapshot and the chain built from it; rebuilds the chain when the store holds
-    /// a newer snapshot than this loop last saw (one atomic load when nothing changed).
-    func current() -> (ProxySnapshot, MiddlewareChain) {
+    /// The store's ``ProxyConfigStore/version`` when this loop last looked at its snapshot.
+    private var seenVersion = -1
+
+    /// The middleware chain of the current snapshot; rebuilt when the store holds a newer
+    /// snapshot than this loop last saw (one atomic load of an integer when nothing changed).
+    func currentChain() -> MiddlewareChain {
+        let version = store.version
+        if version == seenVersion { return chain }
+        seenVersion = version
         let latest = store.snapshot
-        if let snapshot, snapshot === latest { return (snapshot, chain) }
+        if let snapshot, snapshot === latest { return chain }
         resources.balancers = latest.clusters.map { LoadBalancer(cluster: $0, rng: &resources.rng) }
         chain = MiddlewareChain(factories.map { $0.makeMiddleware(latest, resources) })
         snapshot = latest
-        return (latest, chain)
+        return chain
     }
 }
 

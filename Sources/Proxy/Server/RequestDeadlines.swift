@@ -74,9 +74,9 @@ final class RequestDeadlines {
         free.append(slot)
     }
 
+    /// Read in place (a copy of the slot would retain its exchange).
     private func isLive(_ entry: Entry) -> Bool {
-        let s = slots[entry.slot]
-        return s.exchange != nil && s.generation == entry.generation
+        slots[entry.slot].generation == entry.generation && slots[entry.slot].exchange != nil
     }
 
     private func arm(at deadline: NIODeadline) {
