@@ -100,22 +100,39 @@ import TrellisTestSupport
         let loops = MultiThreadedEventLoopGroup(numberOfThreads: 4)
         let a = try await TestUpstream.start(name: "alpha", group: group)
         defer { Task { await a.stop() } }
-        let proxy = try await ProxyHarness.start(
-            gatewayConfig(
-                virtualHosts: catchAll("alpha"),
-                clusters: [
-                    ClusterConfig(
-                        name: "alpha",
-                        endpoints: [endpoint(a)],
-                        rateLimit: RateLimit(requestsPerSecond: 50, burst: 10)
-                    )
-                ]
-            ),
-            group: loops
+        let config = alphaGateway(a, rateLimit: RateLimit(requestsPerSecond: 50, burst: 10))
+        try await withProxy(config, loops: loops) { proxy in try await measureRate(proxy, upstream: a) }
+    }
+
+    /// A gateway sending every request to cluster `alpha`: `upstream`, with these limits.
+    private func alphaGateway(
+        _ upstream: TestUpstream,
+        rateLimit: RateLimit? = nil,
+        circuitBreakers: CircuitBreakers? = nil
+    ) -> ProxyConfig {
+        gatewayConfig(
+            virtualHosts: catchAll("alpha"),
+            clusters: [
+                ClusterConfig(
+                    name: "alpha",
+                    endpoints: [endpoint(upstream)],
+                    circuitBreakers: circuitBreakers,
+                    rateLimit: rateLimit
+                )
+            ]
         )
-        // The proxy stops before its loops do (a deferred Task could race them).
+    }
+
+    /// Runs `body` with a proxy on its own event loops, then stops the proxy before the loops (a
+    /// deferred Task could race them), whether `body` returned or threw.
+    private func withProxy(
+        _ config: ProxyConfig,
+        loops: MultiThreadedEventLoopGroup,
+        _ body: (ProxyHarness) async throws -> Void
+    ) async throws {
+        let proxy = try await ProxyHarness.start(config, group: loops)
         do {
-            try await measureRate(proxy, upstream: a)
+            try await body(proxy)
         } catch {
             await proxy.stop()
             try await loops.shutdownGracefully()
@@ -254,16 +271,7 @@ import TrellisTestSupport
         let a = try await TestUpstream.start(name: "alpha", group: group)
         defer { Task { await a.stop() } }
         let proxy = try await ProxyHarness.start(
-            gatewayConfig(
-                virtualHosts: catchAll("alpha"),
-                clusters: [
-                    ClusterConfig(
-                        name: "alpha",
-                        endpoints: [endpoint(a)],
-                        circuitBreakers: CircuitBreakers(maxRequests: 2)
-                    )
-                ]
-            ),
+            alphaGateway(a, circuitBreakers: CircuitBreakers(maxRequests: 2)),
             group: group
         )
         defer { Task { await proxy.stop() } }
@@ -304,21 +312,14 @@ import TrellisTestSupport
                 clusters: [ClusterConfig(name: "all", loadBalancing: lb, endpoints: upstreams.map { endpoint($0) })]
             )
         }
-        let proxy = try await ProxyHarness.start(config(.roundRobin), group: loop)
-        do {
+        try await withProxy(config(.roundRobin), loops: loop) { proxy in
             for _ in 0..<9 { #expect(try await TestHTTPClient.get(port: proxy.port, "/", group: group).status == .ok) }
             #expect(upstreams.map(\.requestCount) == [3, 3, 3])
             try await proxy.apply(config(.random))
             for _ in 0..<30 { #expect(try await TestHTTPClient.get(port: proxy.port, "/", group: group).status == .ok) }
             #expect(upstreams.map(\.requestCount).reduce(0, +) == 39)
             #expect(upstreams.map(\.connections) == [1, 1, 1])
-        } catch {
-            await proxy.stop()
-            try await loop.shutdownGracefully()
-            throw error
         }
-        await proxy.stop()
-        try await loop.shutdownGracefully()
     }
 
     /// Pools are per event loop, the limit is for the whole proxy: on one loop, the one
@@ -327,20 +328,8 @@ import TrellisTestSupport
         let loop = MultiThreadedEventLoopGroup(numberOfThreads: 1)
         let a = try await TestUpstream.start(name: "alpha", group: group)
         defer { Task { await a.stop() } }
-        let proxy = try await ProxyHarness.start(
-            gatewayConfig(
-                virtualHosts: catchAll("alpha"),
-                clusters: [
-                    ClusterConfig(
-                        name: "alpha",
-                        endpoints: [endpoint(a)],
-                        circuitBreakers: CircuitBreakers(maxConnections: 1)
-                    )
-                ]
-            ),
-            group: loop
-        )
-        do {
+        let config = alphaGateway(a, circuitBreakers: CircuitBreakers(maxConnections: 1))
+        try await withProxy(config, loops: loop) { proxy in
             let slow = Task { try await TestHTTPClient.get(port: proxy.port, "/delay/1000", group: group).status }
             #expect(await Peers.eventually(within: .seconds(3)) { a.requestCount == 1 })
             let second = try await TestHTTPClient.get(port: proxy.port, "/", group: group)
@@ -358,29 +347,14 @@ import TrellisTestSupport
                     group: group
                 ) == 1
             )
-        } catch {
-            await proxy.stop()
-            try await loop.shutdownGracefully()
-            throw error
         }
-        await proxy.stop()
-        try await loop.shutdownGracefully()
     }
 
     @Test func noPendingRequestsAllowedMeansNoNewConnection() async throws {
         let a = try await TestUpstream.start(name: "alpha", group: group)
         defer { Task { await a.stop() } }
         let proxy = try await ProxyHarness.start(
-            gatewayConfig(
-                virtualHosts: catchAll("alpha"),
-                clusters: [
-                    ClusterConfig(
-                        name: "alpha",
-                        endpoints: [endpoint(a)],
-                        circuitBreakers: CircuitBreakers(maxPendingRequests: 0)
-                    )
-                ]
-            ),
+            alphaGateway(a, circuitBreakers: CircuitBreakers(maxPendingRequests: 0)),
             group: group
         )
         defer { Task { await proxy.stop() } }
