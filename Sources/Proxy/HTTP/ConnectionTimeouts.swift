@@ -170,9 +170,10 @@ struct ConnectionTimeoutStateMachine {
 
 extension TimeAmount {
     /// The duration in whole nanoseconds (towards zero; clamped past ±292 years). From
-    /// `attoseconds`, not `components`: the request path converts a route's timeout and a pool's
-    /// idle limit for every request, and `components` costs three times as much (a 128-bit
-    /// division into seconds, then the multiplication back).
+    /// `attoseconds`, not `components` as NIO's own `TimeAmount(_:)` does (which also clamps past
+    /// either end to the largest amount): the request path converts a route's timeout for
+    /// every request, and `components` costs three times as much (a 128-bit division into
+    /// seconds, then the multiplication back).
     init(truncating duration: Duration) {
         self = .nanoseconds(Int64(clamping: duration.attoseconds / 1_000_000_000))
     }

@@ -48,7 +48,7 @@ struct RequestHead: Equatable {
 /// `String` only of the value asked for.
 struct RequestFields: Equatable {
     /// The field lines when raw (empty when decoded), followed by their index when the parser
-    /// made one (see ``init(raw:index:)``). Two stored properties rather than an enum with
+    /// made one (see ``init(raw:index:blocks:)``). Two stored properties rather than an enum with
     /// payloads: reading the lines in place then needs no copy of the buffer (a retain and a
     /// release each time a field is looked up).
     private var block: ByteBuffer
@@ -157,9 +157,9 @@ struct RequestFields: Equatable {
         /// Keeps the buffer of `fields` when it came from a stack (indexed raw lines), to be used
         /// again once nothing else holds it.
         func giveBack(_ fields: RequestFields) {
-            guard fields.indexStart >= 0, fields.decodedHeaders == nil, fields.block.capacity <= Self.largestKept,
-                stack.count < Self.kept
-            else { return }
+            guard fields.indexStart >= 0, fields.block.capacity <= Self.largestKept, stack.count < Self.kept else {
+                return
+            }
             stack.append(fields.block)
         }
     }

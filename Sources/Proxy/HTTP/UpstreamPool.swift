@@ -77,7 +77,7 @@ final class UpstreamPool {
         }
         let stack = idleStack(endpoint)
         if !fresh && !stack.connections.isEmpty {
-            let idleTimeout = TimeAmount(truncating: cluster.config.pool.idleTimeout)
+            let idleTimeout = cluster.poolIdleTimeout
             let now = NIODeadline.now()
             while let candidate = stack.connections.popLast() {
                 if candidate.isActive && now - candidate.idleSince < idleTimeout {
@@ -162,7 +162,7 @@ final class UpstreamPool {
             idleStack: stack,
             maxRequests: cluster.config.pool.maxRequestsPerConnection,
             maxIdle: cluster.config.pool.maxIdlePerEndpoint,
-            idleTimeout: TimeAmount(truncating: cluster.config.pool.idleTimeout),
+            idleTimeout: cluster.poolIdleTimeout,
             heads: heads
         )
         connection.accounting.load = load
@@ -209,7 +209,7 @@ final class UpstreamPool {
         let load = cluster.load
         let connection = HTTP2UpstreamConnection(
             poolKey: endpoint.key,
-            idleTimeout: TimeAmount(truncating: cluster.config.pool.idleTimeout)
+            idleTimeout: cluster.poolIdleTimeout
         )
         connection.accounting.load = load
         connection.pool = self

@@ -42,6 +42,8 @@ final class ClusterRuntime: Sendable {
     let outlierRecords: [EndpointRecord]
     /// With active health checks: each endpoint's record, by endpoint index.
     let healthRecords: [EndpointHealth]
+    /// `config.pool.idleTimeout` for the loop's timers, converted once (the pool asks per request).
+    let poolIdleTimeout: TimeAmount
 
     init(
         index: Int,
@@ -53,6 +55,7 @@ final class ClusterRuntime: Sendable {
         health: [EndpointHealth]? = nil
     ) {
         self.healthRecords = health ?? []
+        self.poolIdleTimeout = TimeAmount(truncating: config.pool.idleTimeout)
         self.index = index
         self.config = config
         self.load = load
